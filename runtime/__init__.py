@@ -1,0 +1,11 @@
+"""Lean HUSE runtime: standard library, numpy and Pillow at import; backends load lazily.
+
+    from huse.runtime import Classifier
+    clf = Classifier("bundle/")
+    clf.classify(images=["shoe.jpg"], titles=["Leather ankle boots"])
+"""
+
+from huse.runtime.classifier import Classifier, Embeddings
+from huse.runtime.errors import HuseError
+
+__all__ = ["Classifier", "Embeddings", "HuseError"]

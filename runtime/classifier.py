@@ -1,0 +1,224 @@
+"""The Python API: `Classifier(bundle).classify(images=..., titles=...)`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from huse.runtime.backends import resolve_backend, runner_class
+from huse.runtime.bundle import load_manifest
+from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import Hierarchy
+from huse.runtime.preprocess import ImageInput, ImageSpec, load_image
+from huse.runtime.tokenizer import load_tokenizer, normalise_title
+
+log = logging.getLogger("huse.runtime")
+
+MODES = ("auto", "fused", "image", "text")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Embeddings:
+    """Universal embeddings (L2-normalised rows). Rows of failed items are NaN and listed in `errors`."""
+
+    vectors: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+class Classifier:
+    """Classifies products from a photo, a title, or both, with a bundle from `huse-export`.
+
+    Args:
+        bundle: the bundle directory.
+        backend: "auto" (TensorRT, else onnxruntime CUDA, else CPU), "onnxruntime" or "tensorrt".
+        precision: "fp32", "fp16" or "int8"; the bundle must contain it.
+        device: "cpu" or "cuda" for onnxruntime; None lets `backend` decide.
+        batch_size: items per model call; larger inputs are split.
+        threads: onnxruntime intra-op threads (None: all cores).
+        verify: check every bundle file's sha256 before loading (on by default).
+    """
+
+    def __init__(self, bundle: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
+                 batch_size: int = 64, threads: int | None = None, verify: bool = True):
+        self.bundle = Path(bundle)
+        self.manifest = load_manifest(self.bundle, verify=verify)
+        m = self.manifest
+        if precision not in m["models"]:
+            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. "
+                            f"Create them with `huse-export {self.bundle} --{precision}`")
+        self.precision = precision
+        self.labels: list[str] = m["labels"]
+        self.hierarchy = Hierarchy(self.labels)
+        self.image_spec = ImageSpec.from_dict(m["preprocessing"])
+        self.tokenizer = load_tokenizer(m["tokenizer"], self.bundle)
+        self.fusion_weight = float(m["fusion"]["image_weight"])
+        self.batch_size = int(batch_size)
+        self.threads = threads
+        self.backend, self.device, reason = resolve_backend(backend, device)
+        log.info("huse Classifier: %s on %s, %s (%s)", self.backend, self.device, precision, reason)
+        self._runners: dict[str, Any] = {}
+
+    # -- lifetime --------------------------------------------------------------------
+    def _runner(self, graph: str):
+        if graph not in self._runners:
+            cls = runner_class(self.backend)
+            onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
+            if self.backend == "onnxruntime":
+                runner = cls(onnx_file, device=self.device, threads=self.threads)
+            else:
+                runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
+            runner.activate()
+            self._runners[graph] = runner
+        return self._runners[graph]
+
+    def close(self) -> None:
+        for r in self._runners.values():
+            r.deactivate()
+        self._runners.clear()
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- inputs ----------------------------------------------------------------------
+    def _images(self, images: Sequence[ImageInput | None]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        arrays, errors = {}, {}
+        for i, img in enumerate(images):
+            if img is None:
+                continue
+            try:
+                arrays[i] = load_image(img, self.image_spec)
+            except HuseError as e:
+                errors[i] = str(e)
+        return arrays, errors
+
+    def _titles(self, titles: Sequence[str | bytes | None]) -> tuple[dict[int, str], dict[int, str]]:
+        texts, errors = {}, {}
+        for i, t in enumerate(titles):
+            try:
+                text = normalise_title(t)
+            except HuseError as e:
+                errors[i] = str(e)
+                continue
+            if text is not None:
+                texts[i] = text
+        return texts, errors
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `graph` over any number of items in chunks of batch_size."""
+        n = len(next(iter(feeds.values())))
+        runner = self._runner(graph)
+        parts = [runner.infer({k: v[s:s + self.batch_size] for k, v in feeds.items()})
+                 for s in range(0, n, self.batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    # -- API -------------------------------------------------------------------------
+    def classify(self, images: Sequence[ImageInput | None] | None = None,
+                 titles: Sequence[str | bytes | None] | None = None,
+                 top_k: int = 5, mode: str = "auto") -> list[dict[str, Any]]:
+        """Classify items from images, titles or both.
+
+        Args:
+            images: one image per item (path, bytes, PIL image, uint8 array) or None.
+            titles: one title per item, or None.
+            top_k: how many leaf classes to return per item.
+            mode: "auto" (fused where an item has both, else what it has), "fused", "image" or "text".
+        Returns:
+            One dict per item, in input order: {"index", "mode", "top_k": [{"label", "score"}],
+            "path": [{"level", "label", "score"}]} — or {"index", "error"} for an item that
+            could not be classified; an item whose image failed but whose title is usable is
+            classified by its title with a "warning".
+        """
+        if mode not in MODES:
+            raise HuseError(f"mode {mode!r} is not one of {list(MODES)}")
+        if images is None and titles is None:
+            raise HuseError("classify needs images, titles or both")
+        n = len(images if images is not None else titles)
+        if images is not None and titles is not None and len(images) != len(titles):
+            raise HuseError(f"got {len(images)} images but {len(titles)} titles; pass one of each per item (None for missing)")
+        use_img = images is not None and mode in ("auto", "fused", "image")
+        use_txt = titles is not None and mode in ("auto", "fused", "text")
+        img, img_err = self._images(images) if use_img else ({}, {})
+        txt, txt_err = self._titles(titles) if use_txt else ({}, {})
+
+        results: list[dict[str, Any]] = [{"index": i} for i in range(n)]
+        groups: dict[str, list[int]] = {"fused": [], "image": [], "text": []}
+        for i in range(n):
+            has_i, has_t = i in img, i in txt
+            if mode == "fused" and not (has_i and has_t):
+                results[i]["error"] = img_err.get(i) or txt_err.get(i) or "fused mode needs both an image and a title"
+            elif has_i and has_t:
+                groups["fused"].append(i)
+            elif has_i:
+                groups["image"].append(i)
+            elif has_t:
+                groups["text"].append(i)
+                if i in img_err:
+                    results[i]["warning"] = f"{img_err[i]}; classified by title only"
+            else:
+                results[i]["error"] = (img_err.get(i) or txt_err.get(i)
+                                       or f"item {i} has no usable {'title' if mode == 'text' else 'image' if mode == 'image' else 'image or title'}")
+
+        for group, idx in groups.items():
+            if not idx:
+                continue
+            probs = self._probs(group, [img[i] for i in idx] if group != "text" else None,
+                                [txt[i] for i in idx] if group != "image" else None)
+            for row, i in enumerate(idx):
+                results[i].update(self._describe(probs[row], top_k, group))
+        return results
+
+    def _probs(self, group: str, images: list[np.ndarray] | None, titles: list[str] | None) -> np.ndarray:
+        feeds: dict[str, np.ndarray] = {}
+        if images is not None:
+            feeds["image"] = np.stack(images)
+        if titles is not None:
+            feeds.update(self.tokenizer.inputs(titles))
+        out = self._run(group, feeds)
+        return out["probs"] if group == "fused" else softmax(out["logits"])
+
+    def _describe(self, p: np.ndarray, top_k: int, mode: str) -> dict[str, Any]:
+        order = np.argsort(-p, kind="stable")[:top_k]
+        return {"mode": mode,
+                "top_k": [{"label": self.labels[j], "score": float(p[j])} for j in order],
+                "path": [{"level": k + 1, "label": label, "score": s} for k, (label, s) in enumerate(self.hierarchy.path(p))]}
+
+    def predict_proba(self, images: Sequence[ImageInput] | None = None, titles: Sequence[str] | None = None) -> np.ndarray:
+        """Leaf probabilities (N, C) for clean inputs (raises on the first bad item); for evaluation."""
+        group = "fused" if images is not None and titles is not None else "image" if images is not None else "text"
+        arrays = [load_image(x, self.image_spec) for x in images] if images is not None else None
+        texts = [normalise_title(t) or "" for t in titles] if titles is not None else None
+        return self._probs(group, arrays, texts)
+
+    def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
+        """Universal image embeddings (N, D); a bad image gives a NaN row and an entry in `errors`."""
+        arrays, errors = self._images(images)
+        return self._embed("image", len(images), arrays, errors, lambda idx: {"image": np.stack([arrays[i] for i in idx])})
+
+    def embed_text(self, titles: Sequence[str | bytes | None]) -> Embeddings:
+        """Universal text embeddings (N, D); an empty or bad title gives a NaN row and an entry in `errors`."""
+        texts, errors = self._titles(titles)
+        for i in range(len(titles)):
+            if i not in texts and i not in errors:
+                errors[i] = f"item {i}: title is empty"
+        return self._embed("text", len(titles), texts, errors, lambda idx: self.tokenizer.inputs([texts[i] for i in idx]))
+
+    def _embed(self, graph: str, n: int, ok: dict, errors: dict[int, str], make_feeds) -> Embeddings:
+        dim = int(self.manifest["embedding_dim"])
+        vectors = np.full((n, dim), np.nan, dtype=np.float32)
+        idx = sorted(ok)
+        if idx:
+            vectors[idx] = self._run(graph, make_feeds(idx))["embedding"]
+        return Embeddings(vectors, errors)

@@ -1,0 +1,141 @@
+"""Title normalisation and tokenisation: the one implementation used by training and serving.
+
+Two tokenizers, chosen by the bundle's "tokenizer" spec:
+- "word": the original HUSE word-index vocabulary (a JSON list of words; id 0 = padding,
+  id 1 = out-of-vocabulary). Pure Python + numpy.
+- "wordpiece": MiniLM's tokenizer.json, run by the `tokenizers` library (extra `minilm`).
+
+Documented normalisations: bytes are decoded as UTF-8 with invalid sequences replaced
+(U+FFFD); text is NFKC-normalised; only the first `max_chars` characters are read (a
+10,000-character title costs the same as a 500-character one); tokens past `max_len` are
+dropped. An empty or whitespace-only title is treated as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from huse.runtime._lazy import lazy_import
+from huse.runtime.errors import HuseError
+
+PAD_ID, OOV_ID = 0, 1
+MAX_CHARS = 512
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def normalise_title(title: str | bytes | None) -> str | None:
+    """Return the normalised title, or None when there is no usable text.
+
+    Args:
+        title: the raw title (str, UTF-8 bytes, or None).
+    Returns:
+        NFKC-normalised, whitespace-collapsed text capped at MAX_CHARS, or None if empty.
+    """
+    if title is None:
+        return None
+    if isinstance(title, bytes):
+        title = title.decode("utf-8", errors="replace")
+    if not isinstance(title, str):
+        raise HuseError(f"title must be text; got {type(title).__name__}")
+    text = " ".join(unicodedata.normalize("NFKC", title[: MAX_CHARS * 2]).split())[:MAX_CHARS]
+    return text or None
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (letters and digits in any script)."""
+    return _WORD.findall(text.lower())
+
+
+class WordTokenizer:
+    """The original HUSE text encoder's tokenizer: word -> index, padded to `max_len`.
+
+    Args:
+        vocab: words in id order, starting at id 2 (0 = padding, 1 = out-of-vocabulary).
+        max_len: sequence length of the text graph.
+    """
+
+    kind = "word"
+
+    def __init__(self, vocab: list[str], max_len: int = 24):
+        self.vocab = list(vocab)
+        self.max_len = int(max_len)
+        self.index = {w: i + 2 for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def build(cls, titles: list[str], max_len: int = 24, min_count: int = 1, max_words: int = 20000) -> "WordTokenizer":
+        """Build a vocabulary from training titles (most frequent first, ties alphabetical)."""
+        counts: dict[str, int] = {}
+        for t in titles:
+            for w in words(normalise_title(t) or ""):
+                counts[w] = counts.get(w, 0) + 1
+        ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(ranked[:max_words], max_len)
+
+    def encode(self, titles: list[str]) -> np.ndarray:
+        """Encode normalised titles into int32 ids (N, max_len)."""
+        ids = np.zeros((len(titles), self.max_len), dtype=np.int32)
+        for row, text in enumerate(titles):
+            toks = [self.index.get(w, OOV_ID) for w in words(text)][: self.max_len]
+            ids[row, : len(toks)] = toks
+        return ids
+
+    def inputs(self, titles: list[str]) -> dict[str, np.ndarray]:
+        return {"input_ids": self.encode(titles)}
+
+    def spec(self, vocab_file: str = "vocab.json") -> dict[str, Any]:
+        return {"type": self.kind, "vocab_file": vocab_file, "max_len": self.max_len,
+                "pad_id": PAD_ID, "oov_id": OOV_ID, "lowercase": True, "max_chars": MAX_CHARS}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.vocab, ensure_ascii=False))
+
+
+class WordPieceTokenizer:
+    """MiniLM's WordPiece tokenizer via the `tokenizers` library (no torch).
+
+    Args:
+        tokenizer_file: path of a Hugging Face tokenizer.json.
+        max_len: sequence length of the text graph (titles are short; 32 covers them).
+    """
+
+    kind = "wordpiece"
+
+    def __init__(self, tokenizer_file: str | Path, max_len: int = 32):
+        tokenizers = lazy_import("tokenizers", "minilm")
+        self.tokenizer_file = Path(tokenizer_file)
+        self.max_len = int(max_len)
+        self._tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        self._tok.enable_truncation(max_length=self.max_len)
+        self._tok.enable_padding(length=self.max_len)
+
+    def inputs(self, titles: list[str]) -> dict[str, np.ndarray]:
+        enc = self._tok.encode_batch(list(titles))
+        return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int32),
+                "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int32)}
+
+    def spec(self, vocab_file: str = "tokenizer.json") -> dict[str, Any]:
+        return {"type": self.kind, "vocab_file": vocab_file, "max_len": self.max_len, "max_chars": MAX_CHARS}
+
+    def save(self, path: Path) -> None:
+        Path(path).write_bytes(self.tokenizer_file.read_bytes())
+
+
+def load_tokenizer(spec: dict[str, Any], folder: str | Path) -> WordTokenizer | WordPieceTokenizer:
+    """Build the tokenizer a bundle's manifest describes.
+
+    Args:
+        spec: the manifest's "tokenizer" entry.
+        folder: the bundle directory holding spec["vocab_file"].
+    """
+    path = Path(folder) / spec["vocab_file"]
+    if spec["type"] == "word":
+        return WordTokenizer(json.loads(path.read_text(encoding="utf-8")), spec["max_len"])
+    if spec["type"] == "wordpiece":
+        return WordPieceTokenizer(path, spec["max_len"])
+    raise HuseError(f"Unknown tokenizer type {spec['type']!r} in the bundle; known: ['word', 'wordpiece']")
