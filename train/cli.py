@@ -1,0 +1,101 @@
+"""`huse-train`: a thin click layer over huse.train."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from huse.runtime.cli import run_cli
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", "data", type=click.Path(dir_okay=False), help="Catalog CSV/JSONL: image,name,classes[,product_id,split].")
+@click.option("--dataset", type=click.Choice(["fashion-products"]), help="A built-in dataset instead of --data.")
+@click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the catalog's folder).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
+@click.option("--backbone", default="efficientnet_lite0", help="Image backbone (see `huse list backbones`).")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
+@click.option("--image-size", default=64, help="Square input size of the image graph.")
+@click.option("--fine-tune", is_flag=True, help="Train the backbone too (slow on CPU; features are not cached).")
+@click.option("--text-encoder", type=click.Choice(["cnn", "minilm"]), default="cnn", help="Word CNN trained from scratch, or pretrained frozen MiniLM.")
+@click.option("--embed-dim", default=512, help="Dimension D of the universal embedding.")
+@click.option("--epochs", default=10)
+@click.option("--batch-size", default=256)
+@click.option("--lr", default=1e-3)
+@click.option("--alpha", default=1.0, help="Classification loss weight.")
+@click.option("--beta", default=1.0, help="Semantic-graph loss weight.")
+@click.option("--gamma", default=0.2, help="Cross-modal gap loss weight.")
+@click.option("--margin", "zeta", default=0.7, help="Semantic-graph margin zeta.")
+@click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
+@click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--seed", default=0)
+@click.option("--train-size", type=int, help="fashion-products: products in train (default: all 55,000).")
+@click.option("--val-size", default=5000, help="fashion-products: products in val.")
+@click.option("--test-size", type=int, help="fashion-products: products in test (default: all 10,000).")
+@click.option("--fmnist-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST .gz files.")
+def main(**o) -> None:
+    """Train a HUSE model on a catalog or a built-in dataset into a run directory."""
+    run_cli(lambda: _train(o))
+
+
+def _train(o: dict) -> None:
+    from huse.runtime.errors import HuseError
+    from huse.train.data import load_builtin, load_catalog_dataset
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    if bool(o["data"]) == bool(o["dataset"]):
+        raise HuseError("pass exactly one of --data CATALOG or --dataset NAME")
+    if o["dataset"]:
+        ds = load_builtin(o["dataset"], fmnist_dir=o["fmnist_dir"], train_size=o["train_size"], val_size=o["val_size"],
+                          test_size=o["test_size"], seed=o["seed"])
+    else:
+        ds = load_catalog_dataset(o["data"], o["images"], skip_bad_rows=o["skip_bad_rows"], seed=o["seed"])
+    click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
+    for s in ds.skipped[:10]:
+        click.echo(f"  skipped row {s['row']}: {s['reason']}")
+    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
+                    embed_dim=o["embed_dim"], text_encoder=o["text_encoder"])
+    tc = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"],
+                     gamma=o["gamma"], margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"])
+    metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
+    click.echo(format_metrics(metrics))
+    click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")
+
+
+def format_metrics(metrics: dict) -> str:
+    """A small accuracy table: split x mode, top-1 / top-5 and top-1 per hierarchy level."""
+    lines = [f"{'split':6} {'mode':6} {'top1':>7} {'top5':>7}  per-level top1", "-" * 52]
+    for split in ("val", "test"):
+        for mode, r in metrics.get(split, {}).items():
+            levels = " ".join(f"L{k}={v:.3f}" for k, v in r["levels"].items())
+            lines.append(f"{split:6} {mode:6} {r['top1']:7.4f} {r['top5']:7.4f}  {levels}")
+    lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}")
+    return "\n".join(lines)
+
+
+
+@click.group()
+def data() -> None:
+    """Built-in datasets."""
+
+
+@data.command("export")
+@click.argument("name", type=click.Choice(["fashion-products"]))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--limit", type=int, help="Write only the first N products of each split.")
+@click.option("--fmnist-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST .gz files.")
+def export_data(name: str, out: str, limit: int | None, fmnist_dir: str | None) -> None:
+    """Write a built-in dataset as catalog.csv + PNG images (real photos, generated titles)."""
+    def body():
+        from huse.train.fashion import export_catalog
+
+        path = export_catalog(out, fmnist_dir, limit=limit)
+        click.echo(f"wrote {path}")
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Training data: catalogs and the built-in dataset, validated and split by product."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from huse.runtime.catalog import read_catalog
+from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import canonical
+from huse.runtime.preprocess import decode_image
+from huse.runtime.tokenizer import normalise_title
+
+DATASETS = ("fashion-products",)
+
+
+@dataclass
+class Dataset:
+    """Items for training; `images[i]` is a path or a uint8 array, decoded by huse.runtime.preprocess."""
+
+    images: list[Any]
+    titles: list[str]
+    classes: list[str]
+    product_ids: list[str]
+    splits: list[str]
+    source: dict[str, Any]  # how to load it again (recorded in the run for export)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # rows left out, with the reason
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.asarray([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def split_sizes(self) -> dict[str, int]:
+        return {s: int((np.asarray(self.splits) == s).sum()) for s in ("train", "val", "test")}
+
+
+def _assign_split(group: str, seed: int, val_frac: float, test_frac: float) -> str:
+    # A hash of (seed, product) — not a shuffle — so adding rows never moves old products.
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, skip_bad_rows: bool = False,
+                         seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> Dataset:
+    """Read, validate and split a catalog.
+
+    Splits come from the `split` column where every row has one; otherwise each product
+    (product_id, else the normalised title) goes wholly to train, val or test, seeded.
+
+    Args:
+        path: catalog CSV/JSONL with image, name, classes (+ product_id, split).
+        images: folder relative image paths resolve against (default: the catalog's folder).
+        skip_bad_rows: skip and count bad rows instead of stopping at the first.
+        seed, val_frac, test_frac: the split.
+    Raises:
+        HuseError: for a bad row (file, row, what is wrong) unless skip_bad_rows.
+    """
+    records = read_catalog(path, images, require=("classes",))
+    ds = Dataset([], [], [], [], [], {"catalog": str(Path(path).resolve()),
+                                      "images": str(Path(images).resolve()) if images else None,
+                                      "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
+    for r in records:
+        try:
+            if r.classes is None:
+                raise HuseError("empty class")
+            cls = canonical(r.classes)
+            if r.image is None:
+                raise HuseError("no image")
+            decode_image(r.image)  # the training pass decodes it again; this finds bad files up front
+        except HuseError as e:
+            if not skip_bad_rows:
+                raise HuseError(f"{path}, row {r.row}: {e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
+            ds.skipped.append({"row": r.row, "image": r.image, "reason": str(e)})
+            continue
+        title = normalise_title(r.name) or ""
+        group = r.product_id or title.lower()
+        ds.images.append(r.image)
+        ds.titles.append(title)
+        ds.classes.append(cls)
+        ds.product_ids.append(group)
+        ds.splits.append(r.split or "")
+    if not ds.images:
+        raise HuseError(f"{path}: no usable rows ({len(ds.skipped)} skipped)")
+    if not all(ds.splits):
+        # A product's split must be unanimous: decide per group, never per image.
+        ds.splits = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids]
+    _check_groups(ds, path)
+    return ds
+
+
+def _check_groups(ds: Dataset, path: str | Path) -> None:
+    seen: dict[str, str] = {}
+    for g, s in zip(ds.product_ids, ds.splits):
+        if seen.setdefault(g, s) != s:
+            raise HuseError(f"{path}: product {g!r} has rows in both {seen[g]!r} and {s!r}; "
+                            "a product's images and title must stay in one split")
+    if not len(ds.indices("train")):
+        raise HuseError(f"{path}: the train split is empty; add rows or fix the split column")
+
+
+def load_builtin(name: str, *, fmnist_dir: str | None = None, train_size: int | None = None, val_size: int = 5000,
+                 test_size: int | None = None, seed: int = 0) -> Dataset:
+    """Load a built-in dataset by name (see DATASETS)."""
+    if name != "fashion-products":
+        raise HuseError(f"Dataset {name!r} not found; available datasets = {list(DATASETS)}")
+    from huse.train.fashion import load_fashion_products
+
+    fp = load_fashion_products(fmnist_dir, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
+    source = {"dataset": name, "fmnist_dir": fmnist_dir, "train_size": train_size, "val_size": val_size,
+              "test_size": test_size, "seed": seed}
+    return Dataset(list(fp.images), fp.titles, fp.classes, fp.product_ids, fp.splits, source)
+
+
+def load_source(source: dict[str, Any], skip_bad_rows: bool = True) -> Dataset:
+    """Load the dataset a run recorded (export uses it for parity checks and calibration)."""
+    if "dataset" in source:
+        return load_builtin(source["dataset"], fmnist_dir=source.get("fmnist_dir"), train_size=source.get("train_size"),
+                            val_size=source.get("val_size", 5000), test_size=source.get("test_size"), seed=source.get("seed", 0))
+    return load_catalog_dataset(source["catalog"], source.get("images"), skip_bad_rows=skip_bad_rows,
+                                seed=source.get("seed", 0), val_frac=source.get("val_frac", 0.1),
+                                test_frac=source.get("test_frac", 0.1))

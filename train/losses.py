@@ -1,0 +1,61 @@
+"""The three HUSE losses (arXiv 1911.05978, section 3).
+
+total = alpha * classification + beta * semantic graph + gamma * cross-modal gap
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_distance_matrix(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - cos between rows of L2-normalised `u` and `v` (default `u`), shape (N, M)."""
+    v = u if v is None else v
+    return 1.0 - u @ v.t()
+
+
+def classification_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the shared classifier on each modality's embedding, summed."""
+    return F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)
+
+
+def semantic_graph_loss(emb: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor, margin: float) -> torch.Tensor:
+    """Make embedding distances follow class distances, locally.
+
+    For each pair (i, j) in the batch, with d_ij the cosine distance of their embeddings and
+    A_ij the distance of their classes, the loss is (d_ij - A_ij)^2 where both A_ij < margin
+    and d_ij < margin, else 0; averaged over all N^2 pairs. Pairs of far-apart classes are
+    left to the classification loss; only the neighbourhood structure is imposed.
+
+    Args:
+        emb: (N, D) L2-normalised embeddings.
+        labels: (N,) class indices.
+        class_dist: (C, C) class distances A.
+        margin: zeta.
+    """
+    d = cosine_distance_matrix(emb)
+    a = class_dist[labels][:, labels]
+    mask = ((a < margin) & (d < margin)).to(emb.dtype)
+    return (mask * (d - a) ** 2).sum() / (emb.shape[0] ** 2)
+
+
+def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Cross-modal gap: mean cosine distance between each item's image and text embeddings."""
+    return (1.0 - (image_emb * text_emb).sum(dim=-1)).mean()
+
+
+def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor, text_logits: torch.Tensor,
+              labels: torch.Tensor, class_dist: torch.Tensor, *, alpha: float, beta: float, gamma: float,
+              margin: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of the three losses, and each part for logging.
+
+    The graph loss is applied to each modality's embeddings and averaged.
+    """
+    cls = classification_loss(image_logits, text_logits, labels)
+    graph = 0.5 * (semantic_graph_loss(image_emb, labels, class_dist, margin)
+                   + semantic_graph_loss(text_emb, labels, class_dist, margin))
+    gap = gap_loss(image_emb, text_emb)
+    total = alpha * cls + beta * graph + gamma * gap
+    parts = {"loss": total, "cls": cls, "graph": graph, "gap": gap}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
