@@ -31,9 +31,9 @@ TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 
 def _can_build() -> tuple[bool, str]:
     try:
-        from huse.export.engine import engine_support
+        from huse.runtime.backends.trt.builder import engine_support
     except Exception as e:  # the [export] extra is missing
-        return False, f"huse.export.engine unavailable ({e})"
+        return False, f"huse.runtime.backends.trt.builder unavailable ({e})"
     return engine_support()
 
 
@@ -161,7 +161,7 @@ def built(tmp_path_factory):
     import onnx
     import onnxruntime as ort
 
-    from huse.export.engine import build_engine
+    from huse.runtime.backends.trt.builder import build_engine
 
     root = tmp_path_factory.mktemp("trt")
     onnx_path = root / "fused.onnx"
@@ -254,7 +254,7 @@ def test_engine_from_another_tensorrt_is_refused(built, tmp_path):
 @pytest.mark.gpu
 @needs_trt_gpu
 def test_load_or_build_builds_once_then_reuses(built, tmp_path):
-    from huse.export.engine import build_engine
+    from huse.runtime.backends.trt.builder import build_engine
 
     onnx_path, _, _, session = built
     calls = []

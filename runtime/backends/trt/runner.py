@@ -34,11 +34,11 @@ from huse.runtime.errors import HuseError
 
 REBUILD_HINT = (
     "rebuild the engine from the bundle's ONNX on this machine "
-    "(huse.export.engine.build_engine, or load_or_build with an engine cache directory)"
+    "(huse.runtime.backends.trt.builder.build_engine, or load_or_build with an engine cache directory)"
 )
 
 
-# -- small file helpers shared with huse.export.engine -------------------------------------------
+# -- small file helpers shared with huse.runtime.backends.trt.builder -------------------------------------------
 
 
 def file_sha256(path: str | Path) -> str:
@@ -253,7 +253,7 @@ class _CudaGraph:
 
 
 class TrtRunner(BaseRunner):
-    """Run a TensorRT engine file built by `huse.export.engine.build_engine`.
+    """Run a TensorRT engine file built by `huse.runtime.backends.trt.builder.build_engine`.
 
     Args:
         path: the serialised engine (`.engine`).
@@ -287,6 +287,40 @@ class TrtRunner(BaseRunner):
         self.device = device
         self._lock = threading.Lock()
         self._clear()
+
+    @classmethod
+    def for_bundle(cls, bundle: str | Path, manifest: Mapping, graph: str, precision: str, *,
+                   cache_dir: str | Path | None = None, **kwargs) -> "TrtRunner":
+        """The runner for one graph of a bundle on this machine.
+
+        Uses the bundle's engine for (graph, precision) when it was built for this TensorRT
+        version and GPU; otherwise the engine cache (keyed by TensorRT version, GPU, precision,
+        profile and ONNX hash), building into it from the bundle's ONNX when a TensorRT builder
+        is installed, as onnxruntime's TensorRT provider and jetson-inference do.
+
+        Args:
+            bundle: the bundle directory.
+            manifest: its verified manifest.
+            graph: "image", "text" or "fused".
+            precision: "fp32", "fp16" or "int8".
+            cache_dir: engine cache (default: $HUSE_ENGINE_CACHE or ~/.cache/huse/engines).
+        """
+        from huse.runtime.backends.trt.builder import build_engine, engine_support
+
+        bundle = Path(bundle)
+        trt_version = lazy_import("tensorrt", "trt").__version__
+        _, _, info = gpu_status()
+        for entry in manifest.get("engines", []):
+            if (entry.get("graph"), entry.get("precision"), entry.get("tensorrt_version"), entry.get("compute_capability")) \
+                    == (graph, precision, trt_version, info.get("compute_capability")):
+                return cls(bundle / entry["file"], manifest_entry=entry, **kwargs)
+        onnx_name = manifest["models"][precision][graph]
+        cache = Path(cache_dir or os.environ.get("HUSE_ENGINE_CACHE") or Path.home() / ".cache" / "huse" / "engines")
+        can_build, _ = engine_support()
+        build = (lambda o, e, **kw: build_engine(o, e, precision=precision, **kw)) if can_build else None
+        path, entry = load_or_build(bundle / onnx_name, cache, precision=precision, build=build,
+                                    onnx_sha256=manifest["files"].get(onnx_name), timing_cache=cache / "timing.cache")
+        return cls(path, manifest_entry=entry, **kwargs)
 
     def _clear(self) -> None:
         self._cuda = None
@@ -598,7 +632,7 @@ def load_or_build(
     """Return the cached engine for this machine, building it from the bundle's ONNX if needed.
 
     The runtime must not import the export package, so the builder is passed in: give
-    `build=huse.export.engine.build_engine` where a TensorRT builder is installed (a Jetson with
+    `build=huse.runtime.backends.trt.builder.build_engine` where a TensorRT builder is installed (a Jetson with
     JetPack, a GPU server). Without one, a missing engine is an error that says so.
 
     Args:
@@ -628,7 +662,7 @@ def load_or_build(
     if build is None:
         raise HuseError(
             f"no TensorRT engine for {onnx_path} in {cache_dir} for TensorRT {trt.__version__} on {info['name']}, "
-            "and no builder was given; pass build=huse.export.engine.build_engine "
+            "and no builder was given; pass build=huse.runtime.backends.trt.builder.build_engine "
             "(needs the full TensorRT with its ONNX parser: pip install 'huse-edge[export,trt]')"
         )
     os.makedirs(cache_dir, exist_ok=True)

@@ -14,7 +14,7 @@ from onnx import TensorProto as T  # noqa: E402
 from onnx import helper as h  # noqa: E402
 from onnx import numpy_helper as nh  # noqa: E402
 
-from huse.export.engine import build_engine, detect_precision, engine_support  # noqa: E402
+from huse.runtime.backends.trt.builder import build_engine, detect_precision, engine_support  # noqa: E402
 from huse.runtime.backends.trt.gpu import gpu_status, load_cudart  # noqa: E402
 from huse.runtime.backends.trt.runner import read_sidecar  # noqa: E402
 from huse.runtime.errors import HuseError  # noqa: E402

@@ -20,7 +20,6 @@ import json
 import os
 from pathlib import Path
 
-from huse.export.trt_compat import assert_trt_compat
 from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.trt.gpu import TRT_EXTRA_HINT, gpu_status
 from huse.runtime.backends.trt.runner import sidecar_path
@@ -104,7 +103,7 @@ def build_engine(
     timing_cache: str | Path | None = None,
     dla_core: int | None = None,
     tf32: bool = False,
-    check: bool = True,
+    precision: str | None = None,
 ) -> dict:
     """Build a serialised TensorRT engine from an ONNX file and describe it.
 
@@ -122,8 +121,9 @@ def build_engine(
         tf32: let fp32 convolutions/matmuls use TF32 tensor cores (Ampere and newer, Jetson Orin
             included). TensorRT turns it on by default; huse turns it off so an "fp32" engine
             computes in fp32 and matches onnxruntime to 1e-3. Use the fp16/int8 variants for speed.
-        check: run `assert_trt_compat` first, so an incompatible graph fails with node names
-            before TensorRT's parser runs.
+        precision: the bundle precision of the graph; None reads it from the graph (needs onnx).
+            `huse-export` runs the static compatibility check (huse.export.trt_compat) before
+            calling this, so an incompatible graph fails with node names first.
     Returns:
         The manifest entry: {file, sha256, precision, tensorrt_version, gpu_name,
         compute_capability, profile: {input: {min, opt, max}}, dla_core}.
@@ -139,11 +139,9 @@ def build_engine(
     supported, reason = engine_support()
     if not supported:
         raise HuseError(f"cannot build a TensorRT engine from {onnx_path}: {reason}")
-    onnx = lazy_import("onnx", "export")
-    model = onnx.load(str(onnx_path), load_external_data=False)  # only the graph is needed here
-    if check:
-        assert_trt_compat(onnx_path)
-    precision = detect_precision(model)
+    if precision is None:
+        onnx = lazy_import("onnx", "export")
+        precision = detect_precision(onnx.load(str(onnx_path), load_external_data=False))
     trt = importlib.import_module("tensorrt")
     _, _, gpu = gpu_status()
 

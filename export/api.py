@@ -1,0 +1,210 @@
+"""`huse-export`: a run (or an existing bundle) -> a verified, self-describing bundle.
+
+1. fp32 graphs (image, text, fused) exported from the torch model, each compared with torch
+   on real test inputs through Polygraphy (max abs difference <= 1e-4, else refused);
+2. optional fp16 / int8 variants, each passing an accuracy gate on held-out products;
+3. a static TensorRT-compatibility check of every graph;
+4. TensorRT engines where TensorRT and a GPU are usable (skipped with the reason elsewhere);
+5. manifest.json with labels, hierarchy, preprocessing, tokenizer, fusion weight, accuracy,
+   tool versions and the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from huse.runtime.bundle import MANIFEST, load_manifest, write_manifest
+from huse.runtime.errors import HuseError
+from huse.runtime.preprocess import ImageSpec, load_image
+from huse.runtime.tokenizer import load_tokenizer, normalise_title
+
+log = logging.getLogger("huse.export")
+
+GRAPHS = ("image", "text", "fused")
+PARITY_ATOL = 1e-4
+
+
+@dataclass
+class ExportOptions:
+    fp16: bool = False
+    int8: bool = False
+    calib_size: int = 512  # training-split products used to calibrate INT8
+    calib_method: str = "entropy"
+    int8_exclude: tuple[str, ...] = ()
+    quantizer: str = "ort"
+    accuracy_gate: bool = True
+    eval_size: int = 2000  # held-out products the accuracy gate runs on (0: the whole split)
+    engine: str = "auto"  # auto: build where possible; require: fail without; skip
+    batch: tuple[int, int, int] = (1, 8, 64)
+    workspace_mib: int | None = None
+    dla_core: int | None = None
+    force: bool = False
+    parity_atol: float = PARITY_ATOL
+    say: Callable[[str], None] = field(default=print, repr=False)
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("huse-edge", "torch", "onnx", "onnxruntime", "polygraphy", "onnxconverter-common", "numpy", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Real inputs from the run's data, through the runtime's own preprocessing and tokenizer
+
+
+class EvalData:
+    """Real products of one split, preprocessed exactly as the runtime does.
+
+    Args:
+        source: the data source recorded in the run / bundle.
+        split: "train", "val" or "test".
+        n: at most this many products (seeded choice; 0 or None: all).
+        spec, tokenizer: the bundle's preprocessing and tokenizer.
+        labels: the bundle's labels (class index order).
+    """
+
+    def __init__(self, source: dict[str, Any], split: str, n: int | None, spec: ImageSpec, tokenizer, labels: list[str]):
+        from huse.train.data import load_source
+
+        ds = load_source(source)
+        idx = ds.indices(split)
+        if not len(idx) and split == "test":  # a small catalog may have no test products
+            split, idx = "val", ds.indices("val")
+        if not len(idx):
+            raise HuseError(f"the run's data has no {split!r} split to evaluate on")
+        self.split = split
+        if n and len(idx) > n:
+            idx = np.sort(np.random.default_rng(0).choice(idx, n, replace=False))
+        self.images = np.stack([load_image(ds.images[i], spec) for i in idx])
+        self.text = tokenizer.inputs([normalise_title(ds.titles[i]) or "" for i in idx])
+        self.labels = np.asarray([labels.index(ds.classes[i]) for i in idx])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def feeds(self, inputs: list[str], batch: int = 64, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+        arrays = {"image": self.images, **self.text}
+        n = len(self) if limit is None else min(limit, len(self))
+        return [{k: arrays[k][s:min(s + batch, n)] for k in inputs} for s in range(0, n, batch)]
+
+
+def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> np.ndarray:
+    from huse.runtime.backends.onnxrt.runner import OnnxrtRunner
+
+    with OnnxrtRunner(path) as r:
+        return np.concatenate([r.infer(f)[output] for f in feeds])
+
+
+# ----------------------------------------------------------------------------------------
+# fp32 bundle from a training run
+
+
+def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
+    """Export the run's model into a new bundle directory (written to OUT.partial, then renamed)."""
+    from huse.export.graphs import check_parity, export_onnx, graph_specs
+    from huse.train.trainer import load_run
+
+    model, cfg = load_run(run)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    spec = ImageSpec.from_dict(cfg["preprocessing"])
+    tok_spec = cfg["tokenizer"]
+    shutil.copy(run / tok_spec["vocab_file"], tmp / tok_spec["vocab_file"])
+    tokenizer = load_tokenizer(tok_spec, tmp)
+    weight = cfg["fusion"]["image_weight"]
+    data = EvalData(cfg["data"], "test", 64, spec, tokenizer, cfg["labels"])
+    split = data.split
+    parity = {}
+    for name, g in graph_specs(model, weight).items():
+        path = tmp / f"{name}.onnx"
+        feeds = data.feeds(g["inputs"], batch=32)
+        feeds.append({k: v[:7] for k, v in feeds[0].items()})  # an odd batch proves the dynamic axis
+        export_onnx(g["module"], feeds[0], g["inputs"], g["outputs"], path)
+        parity[name] = check_parity(g["module"], path, feeds, g["inputs"], g["outputs"], opts.parity_atol)
+        opts.say(f"  {name}.onnx: max |onnxruntime - torch| = {parity[name]:.2e} on {len(data)} real {split} products "
+                 f"(limit {opts.parity_atol:g})")
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "labels": cfg["labels"],
+        "hierarchy": {"separator": "<", "depth": max(len(l.split("<")) for l in cfg["labels"])},
+        "embedding_dim": model.cfg.embed_dim,
+        "preprocessing": spec.to_dict(),
+        "tokenizer": tok_spec,
+        "fusion": {"image_weight": weight, "rule": "w * softmax(image logits) + (1 - w) * softmax(text logits)"},
+        "models": {"fp32": {g: f"{g}.onnx" for g in GRAPHS}},
+        "graphs": {g: {"inputs": s["inputs"], "outputs": s["outputs"]} for g, s in graph_specs(model, weight).items()},
+        "parity": {"reference": "torch eager", "atol": opts.parity_atol, "max_abs_diff": parity},
+        "model": {k: cfg["model"][k] for k in ("backbone", "image_size", "text_encoder", "embed_dim")},
+        "metrics": _run_metrics(run),
+        "data": cfg["data"],
+        "engines": [],
+        "versions": tool_versions(),
+    }
+    write_manifest(tmp, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return load_manifest(out)
+
+
+def _run_metrics(run: Path) -> dict[str, Any]:
+    p = run / "metrics.json"
+    if not p.is_file():
+        return {}
+    m = json.loads(p.read_text())
+    return {s: {mode: r["top1"] for mode, r in m[s].items()} for s in ("val", "test") if s in m}
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+
+
+def export(src: str | Path, out: str | Path | None = None, opts: ExportOptions | None = None) -> dict[str, Any]:
+    """Export a run to a bundle, or add precisions/engines to an existing bundle.
+
+    Args:
+        src: a training run directory or a bundle directory.
+        out: the bundle directory (default: src itself when src is a bundle).
+        opts: what to produce.
+    Returns:
+        The final manifest.
+    Raises:
+        HuseError: parity, accuracy gate, compatibility or engine failures, with the figures.
+    """
+    opts = opts or ExportOptions()
+    src = Path(src)
+    if (src / MANIFEST).is_file():
+        bundle = Path(out) if out else src
+        if bundle != src:
+            if bundle.exists() and not opts.force:
+                raise HuseError(f"{bundle} exists; pass --force to replace it")
+            shutil.rmtree(bundle, ignore_errors=True)
+            shutil.copytree(src, bundle)
+        manifest = load_manifest(bundle)
+    else:
+        if out is None:
+            raise HuseError("exporting a run needs --out BUNDLE_DIR")
+        bundle = Path(out)
+        if bundle.exists() and not opts.force:
+            raise HuseError(f"{bundle} exists; pass --force to replace it, or export into a new folder")
+        opts.say(f"exporting {src} -> {bundle}")
+        manifest = export_fp32(src, bundle, opts)
+    from huse.export.finish import finish_bundle
+
+    return finish_bundle(bundle, manifest, opts)

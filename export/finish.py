@@ -1,0 +1,148 @@
+"""Precision variants with accuracy gates, the TensorRT compatibility check, and engines."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from huse.runtime.bundle import load_manifest, write_manifest
+from huse.runtime.classifier import softmax
+from huse.runtime.errors import HuseError
+from huse.runtime.preprocess import ImageSpec
+from huse.runtime.tokenizer import load_tokenizer
+
+GRAPHS = ("image", "text", "fused")
+
+
+def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data) -> dict[str, np.ndarray]:
+    """Probabilities per mode (image, text, fused) of one precision's graphs on `data`."""
+    from huse.export.api import run_graph
+
+    out = {}
+    for g in GRAPHS:
+        feeds = data.feeds(graphs[g]["inputs"])
+        if g == "fused":
+            out[g] = run_graph(bundle / models[g], feeds, "probs")
+        else:
+            out[g] = softmax(run_graph(bundle / models[g], feeds, "logits"))
+    return out
+
+
+def _make_variant(bundle: Path, manifest: dict[str, Any], precision: str, opts, calib) -> dict[str, Any]:
+    from huse.export.precision import convert_fp16, quantize_int8
+
+    info = {}
+    for g in GRAPHS:
+        src, dst = bundle / manifest["models"]["fp32"][g], bundle / precision / f"{g}.onnx"
+        if precision == "fp16":
+            info[g] = convert_fp16(src, dst)
+        else:
+            feeds = calib.feeds(manifest["graphs"][g]["inputs"], batch=64)
+            info[g] = quantize_int8(src, dst, feeds, method=opts.calib_method, exclude_nodes=opts.int8_exclude,
+                                    quantizer=opts.quantizer)
+    return info
+
+
+def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any]:
+    """Add the requested precisions (gated), check TensorRT compatibility, build engines, rewrite the manifest."""
+    from huse.export.api import EvalData
+    from huse.export.precision import accuracy_gate
+
+    say = opts.say
+    wanted = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on]
+    if wanted:
+        spec = ImageSpec.from_dict(manifest["preprocessing"])
+        tokenizer = load_tokenizer(manifest["tokenizer"], bundle)
+        evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"])
+        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"]) if opts.int8 else None
+        say(f"accuracy gate on {len(evald)} held-out {evald.split} products"
+            + (f"; INT8 calibration on {len(calib)} train products ({opts.calib_method})" if calib else ""))
+        ref = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald)
+        fp32_size = sum((bundle / f).stat().st_size for f in manifest["models"]["fp32"].values())
+        manifest.setdefault("accuracy", {})
+        for precision in wanted:
+            shutil.rmtree(bundle / precision, ignore_errors=True)
+            info = _make_variant(bundle, manifest, precision, opts, calib)
+            models = {g: f"{precision}/{g}.onnx" for g in GRAPHS}
+            cand = _predict(bundle, models, manifest["graphs"], evald)
+            gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision) for mode in GRAPHS}
+            size = sum((bundle / f).stat().st_size for f in models.values())
+            for mode in GRAPHS:
+                gt = gates[mode]
+                say(f"  {precision} {mode:6}: top-1 {gt['cand_accuracy']:.2f}% vs fp32 {gt['ref_accuracy']:.2f}% "
+                    f"(drop {gt['drop_points']:+.2f} pts), agreement {gt['agreement']:.2f}%")
+            say(f"  {precision} size: {size / 1e6:.1f} MB = {100 * size / fp32_size:.1f}% of fp32")
+            gate = gates["fused"]
+            if not gate["passed"]:
+                if opts.accuracy_gate:
+                    shutil.rmtree(bundle / precision, ignore_errors=True)
+                    raise HuseError(f"{precision} accuracy gate failed (fused mode): {gate['message']}; "
+                                    f"the {precision} model was not added. --no-accuracy-gate overrides")
+                say(f"  WARNING: {precision} accuracy gate failed and was overridden: {gate['message']}")
+            manifest["models"][precision] = models
+            manifest["accuracy"][precision] = {
+                "gate": "fused", "passed": bool(gate["passed"]), "split": evald.split, "n": len(evald),
+                "size_ratio_vs_fp32": size / fp32_size,
+                "modes": {m: {k: gates[m][k] for k in ("agreement", "ref_accuracy", "cand_accuracy", "drop_points", "passed")}
+                          for m in GRAPHS},
+                "conversion": {g: _jsonable(i) for g, i in info.items()},
+            }
+    manifest["trt_compat"] = _check_compat(bundle, manifest, say)
+    manifest["engines"] = _engines(bundle, manifest, opts)
+    manifest.pop("files", None)
+    for key in ("format", "format_version"):
+        manifest.pop(key, None)
+    write_manifest(bundle, manifest)
+    return load_manifest(bundle)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _check_compat(bundle: Path, manifest: dict[str, Any], say) -> dict[str, Any]:
+    from huse.export.trt_compat import assert_trt_compat
+
+    checked = []
+    for precision, models in manifest["models"].items():
+        for g, f in models.items():
+            assert_trt_compat(bundle / f)
+            checked.append(f)
+    say(f"TensorRT compatibility (static check, TensorRT 10 and 11 operator sets): {len(checked)} graphs pass")
+    return {"tensorrt_versions": ["10", "11"], "checked": checked, "passed": True}
+
+
+def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any]]:
+    from huse.runtime.backends.trt.builder import DEFAULT_WORKSPACE_MIB, build_engine, engine_support
+
+    if opts.engine == "skip":
+        return manifest.get("engines", [])
+    ok, reason = engine_support()
+    if not ok:
+        if opts.engine == "require":
+            raise HuseError(f"TensorRT engines were required (--engine require) but cannot be built here: {reason}")
+        opts.say(f"TensorRT engines skipped: {reason}. The ONNX files are complete; build engines on the target "
+                 "with `huse-export BUNDLE --engine require` (or let the runtime build them on first use)")
+        return manifest.get("engines", [])
+    engines = []
+    folder = bundle / "engines"
+    for precision, models in manifest["models"].items():
+        for g, f in models.items():
+            entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=opts.batch,
+                                 workspace_mib=opts.workspace_mib or DEFAULT_WORKSPACE_MIB,
+                                 timing_cache=folder / "timing.cache", dla_core=opts.dla_core, precision=precision)
+            entry.update(file=f"engines/{precision}-{g}.engine", graph=g)
+            engines.append(entry)
+            opts.say(f"  engine {entry['file']}: TensorRT {entry['tensorrt_version']} on {entry['gpu_name']}")
+    return engines

@@ -1,0 +1,148 @@
+"""The three bundle graphs as torch modules, their ONNX export, and the parity check.
+
+image.onnx : image (N,3,H,W) float32           -> embedding (N,D), logits (N,C)
+text.onnx  : input_ids (N,L) int32 [+ attention_mask (N,L) int32 for MiniLM] -> embedding, logits
+fused.onnx : image + text inputs                 -> probs (N,C), image_embedding, text_embedding
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from huse.runtime.errors import HuseError
+from huse.train.model import HUSE
+
+OPSET = 17  # TensorRT 10 and 11 parse opset 17; Q/DQ needs >= 13
+
+
+class ImageGraph(nn.Module):
+    def __init__(self, model: HUSE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        emb = self.model.embed_image(image)
+        return emb, self.model.classifier(emb)
+
+
+class TextGraph(nn.Module):
+    def __init__(self, model: HUSE):
+        super().__init__()
+        self.model = model
+        self.uses_mask = model.cfg.text_encoder == "minilm"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        emb = self.model.embed_text(input_ids, attention_mask)
+        return emb, self.model.classifier(emb)
+
+
+class FusedGraph(nn.Module):
+    def __init__(self, model: HUSE, image_weight: float):
+        super().__init__()
+        self.model = model
+        self.image_weight = float(image_weight)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        ie = self.model.embed_image(image)
+        te = self.model.embed_text(input_ids, attention_mask)
+        probs = self.model.fuse(self.model.classifier(ie), self.model.classifier(te), self.image_weight)
+        return probs, ie, te
+
+
+def graph_specs(model: HUSE, image_weight: float) -> dict[str, dict[str, Any]]:
+    """Module, input names and output names of each bundle graph."""
+    text_inputs = ["input_ids", "attention_mask"] if model.cfg.text_encoder == "minilm" else ["input_ids"]
+    return {
+        "image": {"module": ImageGraph(model), "inputs": ["image"], "outputs": ["embedding", "logits"]},
+        "text": {"module": TextGraph(model), "inputs": text_inputs, "outputs": ["embedding", "logits"]},
+        "fused": {"module": FusedGraph(model, image_weight), "inputs": ["image"] + text_inputs,
+                  "outputs": ["probs", "image_embedding", "text_embedding"]},
+    }
+
+
+def export_onnx(module: nn.Module, example: dict[str, np.ndarray], inputs: list[str], outputs: list[str], path: Path) -> None:
+    """Export one graph with a dynamic batch axis (the legacy exporter, opset 17, no external data)."""
+    args = tuple(torch.from_numpy(example[n]) for n in inputs)
+    dynamic = {n: {0: "batch"} for n in inputs + outputs}
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter warns that it is deprecated and about traced shape
+        # arithmetic (our pads are constants by design); neither is actionable here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
+
+
+class _TorchRunner:
+    """A Polygraphy runner over a torch module (Polygraphy's PytRunner is not usable on CPU)."""
+
+    def __new__(cls, module: nn.Module, inputs: list[str], outputs: list[str], name: str, example: dict[str, np.ndarray]):
+        from polygraphy.backend.base import BaseRunner
+
+        class TorchRunner(BaseRunner):
+            def __init__(self):
+                super().__init__(name=name)
+
+            def activate_impl(self):
+                pass
+
+            def deactivate_impl(self):
+                pass
+
+            def get_input_metadata_impl(self):
+                from polygraphy.common import TensorMetadata
+
+                # Polygraphy hands each runner only the inputs its metadata names.
+                meta = TensorMetadata()
+                for n in inputs:
+                    meta.add(n, example[n].dtype, (None,) + example[n].shape[1:])
+                return meta
+
+            def infer_impl(self, feed_dict):
+                import time
+
+                start = time.perf_counter()
+                with torch.no_grad():
+                    out = module(*(torch.from_numpy(feed_dict[n]) for n in inputs))
+                self.inference_time = time.perf_counter() - start
+                return {n: t.numpy() for n, t in zip(outputs, out)}
+
+        return TorchRunner()
+
+
+def check_parity(module: nn.Module, onnx_path: Path, feeds: list[dict[str, np.ndarray]], inputs: list[str],
+                 outputs: list[str], atol: float) -> float:
+    """Compare torch and onnxruntime on real inputs with Polygraphy's Comparator.
+
+    Args:
+        module: the torch graph.
+        onnx_path: its exported ONNX.
+        feeds: real input batches.
+        atol: the largest allowed absolute difference on any output.
+    Returns:
+        The max absolute difference seen.
+    Raises:
+        HuseError: when it exceeds atol, with the figure.
+    """
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    runners = [_TorchRunner(module, inputs, outputs, "torch", feeds[0]),
+               OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxruntime")]
+    results = Comparator.run(runners, data_loader=feeds)
+    ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0))
+    (_, torch_iters), (_, ort_iters) = results
+    worst = max(float(np.abs(np.asarray(t[n], np.float64) - np.asarray(o[n], np.float64)).max())
+                for t, o in zip(torch_iters, ort_iters) for n in outputs)
+    if not ok or worst > atol:
+        raise HuseError(f"{onnx_path.name}: onnxruntime differs from torch by up to {worst:.3g} (> {atol:g}) "
+                        "on real test inputs; the export is refused")
+    return worst
