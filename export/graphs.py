@@ -131,14 +131,14 @@ def check_parity(module: nn.Module, onnx_path: Path, feeds: list[dict[str, np.nd
         HuseError: when it exceeds atol, with the figure.
     """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     runners = [_TorchRunner(module, inputs, outputs, "torch", feeds[0]),
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxruntime")]
     results = Comparator.run(runners, data_loader=feeds)
-    ok = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0))
+    ok = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
     (_, torch_iters), (_, ort_iters) = results
     worst = max(float(np.abs(np.asarray(t[n], np.float64) - np.asarray(o[n], np.float64)).max())
                 for t, o in zip(torch_iters, ort_iters) for n in outputs)

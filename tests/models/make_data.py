@@ -1,0 +1,50 @@
+"""Tiny generated catalogs for tests (Polygraphy's tests/models habit): no downloads.
+
+Four classes under a 3-level hierarchy. Each image is a 32x32 PNG whose colour and stripe
+pattern depend on the class (plus noise); each title names its class noun, a shared noun, or
+nothing, so both modalities carry signal and neither is perfect.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASSES = {
+    "clothing<tops<t-shirts": ((200, 40, 40), ["tee", "t-shirt"]),
+    "clothing<tops<shirts": ((40, 160, 40), ["shirt", "button-down"]),
+    "shoes<boots<ankle boots": ((40, 40, 200), ["boots", "booties"]),
+    "bags<handbags<handbags": ((200, 200, 40), ["handbag", "tote"]),
+}
+
+
+def make_image(cls_index: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    colour = np.asarray(list(CLASSES.values())[cls_index][0], dtype=np.float64)
+    img = np.ones((size, size, 3)) * colour
+    img[:, :: 2 + cls_index] *= 0.5  # class-specific stripes
+    img += rng.normal(0, 25, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
+    """Write folder/catalog.csv + folder/images/*.png and return the catalog path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    rng, prng = np.random.default_rng(seed), random.Random(seed)
+    path = folder / "catalog.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id"])
+        for c, (cls, (_, nouns)) in enumerate(CLASSES.items()):
+            for i in range(per_class):
+                name = f"img_{c}_{i}.png"
+                Image.fromarray(make_image(c, rng)).save(folder / "images" / name)
+                u = prng.random()
+                noun = prng.choice(nouns) if u < 0.6 else ("item" if u < 0.8 else "")
+                title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {prng.choice(['black', 'navy'])} {noun}".strip()
+                w.writerow([f"images/{name}", title, cls, f"p{c}-{i}"])
+    return path

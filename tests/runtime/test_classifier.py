@@ -1,0 +1,125 @@
+"""The Classifier API on a tiny real bundle: modes, bad items, hierarchy scores, embeddings."""
+
+from __future__ import annotations
+
+import io
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from huse.runtime import Classifier, HuseError
+
+
+def _rows(catalog):
+    with open(catalog) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_bundle):
+    with Classifier(tiny_bundle, backend="onnxruntime", batch_size=16) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def items(tiny_catalog):
+    rows = _rows(tiny_catalog)[::10]
+    return [str(tiny_catalog.parent / r["image"]) for r in rows], [r["name"] for r in rows]
+
+
+@pytest.mark.parametrize("mode", ["image", "text", "fused"])
+def test_each_mode_returns_ranked_probabilities(clf, items, mode):
+    images, titles = items
+    out = clf.classify(images=images, titles=titles, mode=mode, top_k=3)
+    assert len(out) == len(images)
+    for r in out:
+        assert "error" not in r, r
+        assert r["mode"] == mode
+        scores = [t["score"] for t in r["top_k"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 3
+        assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_modes_follow_what_each_item_has(clf, items):
+    images, titles = items
+    out = clf.classify(images=[images[0], None, images[2]], titles=[titles[0], titles[1], None])
+    assert [r["mode"] for r in out] == ["fused", "text", "image"]
+
+
+def test_parent_score_is_sum_of_children(clf, items):
+    images, titles = items
+    probs = clf.predict_proba(images=images[:4], titles=titles[:4])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    for p in probs:
+        for k in range(1, clf.hierarchy.depth):
+            parents, children = clf.hierarchy.level_probs(p, k), clf.hierarchy.level_probs(p, k + 1)
+            np.testing.assert_allclose(parents.sum(), children.sum(), atol=1e-6)
+    r = clf.classify(images=images[:1], titles=titles[:1])[0]
+    path = r["path"]
+    assert [p["level"] for p in path] == [1, 2, 3]
+    assert path[0]["score"] >= path[1]["score"] >= path[2]["score"]
+    assert path[2]["label"].startswith(path[1]["label"] + "<")
+
+
+def test_one_bad_item_never_fails_the_batch(clf, items, tmp_path):
+    images, titles = items
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 128))
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    batch_images = [images[0], str(corrupt), str(tmp_path / "missing.jpg"), buf.getvalue(), b"not an image", images[1]]
+    batch_titles = [titles[0], None, "", None, "Acme black tee", "x" * 10_000]
+    out = clf.classify(images=batch_images, titles=batch_titles)
+    assert "error" not in out[0] and out[0]["mode"] == "fused"
+    assert "corrupt.png" in out[1]["error"]
+    assert "missing.jpg" in out[2]["error"]
+    assert out[3]["mode"] == "image"  # RGBA composited on white, documented
+    assert out[4]["mode"] == "text" and "could not be decoded" in out[4]["warning"]
+    assert out[5]["mode"] == "fused"  # 10,000 characters are capped, not an error
+
+
+def test_non_utf8_title_is_normalised(clf):
+    out = clf.classify(titles=[b"Acme \xff\xfe tee"], mode="text")
+    assert out[0]["mode"] == "text"
+
+
+def test_embeddings_are_unit_norm_and_failures_are_nan(clf, items):
+    images, titles = items
+    e = clf.embed_image(images[:3] + [b"junk"])
+    assert e.vectors.shape == (4, clf.manifest["embedding_dim"])
+    np.testing.assert_allclose(np.linalg.norm(e.vectors[:3], axis=1), 1.0, atol=1e-5)
+    assert np.isnan(e.vectors[3]).all() and 3 in e.errors
+    t = clf.embed_text([titles[0], "", None])
+    np.testing.assert_allclose(np.linalg.norm(t.vectors[0]), 1.0, atol=1e-5)
+    assert set(t.errors) == {1, 2}
+
+
+def test_batches_do_not_change_results(tiny_bundle, items):
+    images, titles = items
+    with Classifier(tiny_bundle, backend="onnxruntime", batch_size=3) as small, \
+            Classifier(tiny_bundle, backend="onnxruntime", batch_size=64) as big:
+        np.testing.assert_allclose(small.predict_proba(images, titles), big.predict_proba(images, titles), atol=1e-6)
+
+
+def test_clear_errors_for_wrong_use(tiny_bundle):
+    with pytest.raises(HuseError, match="no 'int8' models"):
+        Classifier(tiny_bundle, precision="int8")
+    with pytest.raises(HuseError, match="available backends"):
+        Classifier(tiny_bundle, backend="tflite")
+    c = Classifier(tiny_bundle, backend="onnxruntime")
+    with pytest.raises(HuseError, match="2 images but 1 titles"):
+        c.classify(images=[b"a", b"b"], titles=["x"])
+    with pytest.raises(HuseError, match="needs images, titles or both"):
+        c.classify()
+
+
+def test_auto_backend_falls_back_to_cpu_with_a_reason(tiny_bundle, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="huse.runtime"):
+        c = Classifier(tiny_bundle)
+    assert (c.backend, c.device) == ("onnxruntime", "cpu")
+    assert "not tensorrt" in caplog.text

@@ -1,0 +1,104 @@
+"""Catalog validation (bad rows name the file and row) and product-level splits."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+
+from huse.runtime.errors import HuseError
+from huse.train.data import load_catalog_dataset
+
+
+def _copy(tiny_catalog, tmp_path):
+    folder = tmp_path / "cat"
+    shutil.copytree(tiny_catalog.parent, folder)
+    return folder / "catalog.csv"
+
+
+def _append(path, row):
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow(row)
+    return sum(1 for _ in open(path)) - 1  # the data row number of the appended row
+
+
+@pytest.mark.parametrize("row,expected", [
+    (["images/nope.png", "Acme tee", "clothing<tops<t-shirts", "x1"], "does not exist"),
+    (["images/img_0_0.png", "Acme tee", "", "x2"], "empty class"),
+    (["images/img_0_0.png", "Acme tee", "clothing<<t-shirts", "x3"], "empty level"),
+    (["images/corrupt.png", "Acme tee", "clothing<tops<t-shirts", "x4"], "could not be decoded"),
+])
+def test_bad_row_stops_training_naming_file_and_row(tiny_catalog, tmp_path, row, expected):
+    path = _copy(tiny_catalog, tmp_path)
+    (path.parent / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    n = _append(path, row)
+    with pytest.raises(HuseError) as e:
+        load_catalog_dataset(path)
+    msg = str(e.value)
+    assert f"{path}, row {n}" in msg and expected in msg and "--skip-bad-rows" in msg
+
+
+def test_skip_bad_rows_counts_them(tiny_catalog, tmp_path):
+    path = _copy(tiny_catalog, tmp_path)
+    good = sum(1 for _ in open(path)) - 1
+    _append(path, ["images/nope.png", "Acme tee", "clothing<tops<t-shirts", "x1"])
+    _append(path, ["images/img_0_0.png", "Acme tee", "", "x2"])
+    ds = load_catalog_dataset(path, skip_bad_rows=True)
+    assert len(ds.images) == good
+    assert [s["row"] for s in ds.skipped] == [good + 1, good + 2]
+
+
+@pytest.mark.parametrize("header,expected", [("image,name,classes,colour", "unknown column 'colour'"),
+                                             ("image,name,classes,name", "appears twice")])
+def test_bad_header(tmp_path, header, expected):
+    path = tmp_path / "c.csv"
+    path.write_text(header + "\n")
+    with pytest.raises(HuseError, match=expected):
+        load_catalog_dataset(path)
+
+
+def test_split_is_by_product_never_by_image(tiny_catalog, tmp_path):
+    path = _copy(tiny_catalog, tmp_path)
+    # Every product gets 3 more images: a split by image would scatter them.
+    rows = list(csv.DictReader(open(path)))
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        for r in rows:
+            for _ in range(3):
+                w.writerow([r["image"], r["name"], r["classes"], r["product_id"]])
+    ds = load_catalog_dataset(path, seed=3)
+    split_of = {}
+    for pid, s in zip(ds.product_ids, ds.splits):
+        assert split_of.setdefault(pid, s) == s
+    assert set(ds.splits) == {"train", "val", "test"}
+    # Seeded: the same seed gives the same split, another seed another one.
+    assert load_catalog_dataset(path, seed=3).splits == ds.splits
+    assert load_catalog_dataset(path, seed=4).splits != ds.splits
+
+
+def test_without_product_id_titles_group_products(tmp_path, tiny_catalog):
+    path = tmp_path / "c.csv"
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes"])
+        for r in rows:
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"]])
+    ds = load_catalog_dataset(path)
+    split_of = {}
+    for title, s in zip(ds.titles, ds.splits):
+        assert split_of.setdefault(title.lower(), s) == s
+
+
+def test_split_column_is_respected_and_conflicts_refused(tmp_path, tiny_catalog):
+    path = tmp_path / "c.csv"
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(rows):
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"], ["train", "val", "test"][i % 3]])
+        w.writerow([str(tiny_catalog.parent / rows[0]["image"]), "x", rows[0]["classes"], rows[0]["product_id"], "test"])
+    with pytest.raises(HuseError, match="both 'train' and 'test'"):
+        load_catalog_dataset(path)
