@@ -78,6 +78,10 @@ def load_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise HuseError(f"{path} is not valid JSON ({e.msg}); re-export the bundle") from None
+    except UnicodeDecodeError as e:  # a corrupted (binary) file: still one clear error
+        raise HuseError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-export the bundle") from None
+    if not isinstance(manifest, dict):
+        raise HuseError(f"{path} holds a JSON {type(manifest).__name__}, not an object; re-export the bundle")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise HuseError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
                         f"{FORMAT!r} v{FORMAT_VERSION}; re-export the bundle with this huse-edge version")

@@ -19,7 +19,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Record:
-    """One catalog row. `row` is the 1-based data row (the CSV header is not counted)."""
+    """One catalog row.
+
+    `row` is the 1-based data row as every error about the file counts it: CSV records after
+    the header, JSONL lines; blank lines are counted, so the number points at the same place.
+    """
 
     row: int
     image: str | None  # resolved path, or None when the row has no image
@@ -49,14 +53,14 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
         rows = _read_jsonl(path)
     else:
         rows = _read_csv(path)
-    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    present = set().union(*(r.keys() for _, r in rows)) if rows else set()
     missing = [c for c in require if c not in present]
     if missing:
         raise HuseError(f"{path}: column(s) {missing} are required; the file has {sorted(present)}")
     if not ({"image", "name"} & present) and rows:
         raise HuseError(f"{path}: needs an 'image' or a 'name' column (or both); found {sorted(present)}")
     out = []
-    for i, r in enumerate(rows, start=1):
+    for i, r in rows:
         img = (r.get("image") or "").strip() or None
         if img is not None and not Path(img).is_absolute():
             img = str(base / img)
@@ -78,9 +82,12 @@ def _check_header(path: Path, header: list[str]) -> None:
         seen.add(col)
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+# Row numbers travel with the rows, so a value error found later (bad split, bad class) names
+# the same row as a structural one found while reading. utf-8-sig drops the byte-order mark
+# that Excel's "CSV UTF-8" writes, which would otherwise glue itself to the first column name.
+def _read_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
     try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.reader(f)
             header = [h.strip() for h in next(reader, [])]
             _check_header(path, header)
@@ -91,15 +98,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
                 if len(values) != len(header):
                     raise HuseError(f"{path}, row {i}: has {len(values)} fields, the header has {len(header)}; "
                                     "quote titles that contain commas")
-                rows.append(dict(zip(header, values)))
+                rows.append((i, dict(zip(header, values))))
             return rows
     except csv.Error as e:
         raise HuseError(f"{path}: not a valid CSV ({e})") from None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, str]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, str]]]:
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -110,5 +117,5 @@ def _read_jsonl(path: Path) -> list[dict[str, str]]:
             if not isinstance(obj, dict):
                 raise HuseError(f"{path}, row {i}: expected a JSON object")
             _check_header(path, list(obj))
-            rows.append({k: (None if v is None else str(v)) for k, v in obj.items()})
+            rows.append((i, {k: (None if v is None else str(v)) for k, v in obj.items()}))
     return rows

@@ -16,7 +16,7 @@ def tiny_catalog(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_catalog, tmp_path_factory) -> Path:
-    """A HUSE run over the tiny CNN backbone, 3 epochs: seconds, every code path."""
+    """A HUSE run over the tiny CNN backbone: seconds, every code path."""
     from huse.train.data import load_catalog_dataset
     from huse.train.model import HuseConfig
     from huse.train.trainer import TrainConfig, Trainer
@@ -24,7 +24,7 @@ def tiny_run(tiny_catalog, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     ds = load_catalog_dataset(tiny_catalog)
     Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
-            TrainConfig(epochs=3, batch_size=32)).fit(progress=False)
+            TrainConfig(epochs=20, batch_size=32, lr=3e-3)).fit(progress=False)
     return out
 
 

@@ -1,0 +1,311 @@
+"""Image decoding and preprocessing: every documented normalisation and refusal.
+
+All images are made here with Pillow/numpy; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from huse.runtime.errors import HuseError
+from huse.runtime.preprocess import ImageSpec, decode_image, load_image, preprocess
+
+# fp32 normalisation: x * float32(1/255) then (x - mean) / std, all in float32;
+# compared with the float64 formula, a few ulps of a value of order 1.
+FP32_ATOL = 1e-6
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _pixels(img: Image.Image) -> list:
+    assert img.mode == "RGB"
+    return np.asarray(img).tolist()
+
+
+def _expected(rgb, mean=MEAN, std=STD) -> np.ndarray:
+    return (np.asarray(rgb, np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
+
+
+# --- normalisations -------------------------------------------------------------------------
+
+def test_rgb_pixel_maps_to_normalised_value():
+    arr = np.array([[[0, 128, 255], [10, 20, 30]],
+                    [[255, 255, 255], [1, 2, 3]]], dtype=np.uint8)
+    spec = ImageSpec(size=(2, 2), mean=MEAN, std=STD)
+    x = load_image(_png(Image.fromarray(arr, "RGB")), spec)
+    assert x.dtype == np.float32
+    assert x.shape == (3, 2, 2)
+    assert x.flags["C_CONTIGUOUS"]
+    for r in range(2):
+        for c in range(2):
+            np.testing.assert_allclose(x[:, r, c], _expected(arr[r, c]), rtol=0, atol=FP32_ATOL)
+
+
+def test_rgb_image_is_passed_through_unchanged():
+    arr = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = decode_image(_png(Image.fromarray(arr, "RGB")))
+    assert out.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(out), arr)
+
+
+def test_resize_gives_spec_shape_and_keeps_a_uniform_colour():
+    spec = ImageSpec(size=(4, 6), mean=MEAN, std=STD, resize="bicubic")
+    x = load_image(Image.new("RGB", (17, 9), (200, 50, 25)), spec)
+    assert x.shape == (3, 4, 6)
+    assert x.dtype == np.float32
+    assert x.flags["C_CONTIGUOUS"]
+    expected = _expected((200, 50, 25))
+    for ch in range(3):
+        np.testing.assert_allclose(x[ch], np.full((4, 6), expected[ch]), rtol=0, atol=FP32_ATOL)
+
+
+def test_preprocess_channel_order_is_rgb_in_nchw():
+    img = Image.new("RGB", (3, 2), (255, 0, 0))
+    x = preprocess(img, ImageSpec(size=(2, 3), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
+    assert x.shape == (3, 2, 3)
+    np.testing.assert_array_equal(x[0], np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(x[1], np.zeros((2, 3), np.float32))
+    np.testing.assert_array_equal(x[2], np.zeros((2, 3), np.float32))
+
+
+def test_rgba_is_composited_on_white():
+    arr = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [0, 0, 0, 128]]], dtype=np.uint8)
+    out = decode_image(_png(Image.fromarray(arr, "RGBA")))
+    px = _pixels(out)
+    assert px[0][0] == [255, 255, 255]  # fully transparent red -> white, not red or black
+    assert px[0][1] == [0, 0, 255]  # opaque stays as it is
+    # half-transparent black over white is mid grey (Pillow's integer blend: within 1)
+    assert all(abs(v - 127) <= 1 for v in px[0][2])
+
+
+def test_la_is_composited_on_white():
+    arr = np.array([[[0, 0], [40, 255]]], dtype=np.uint8)
+    img = Image.fromarray(arr, "LA")
+    assert img.mode == "LA"
+    assert _pixels(decode_image(_png(img))) == [[[255, 255, 255], [40, 40, 40]]]
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    img = Image.new("P", (2, 1))
+    img.putpalette([10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6))
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    data = _png(img, transparency=0)  # palette index 0 is fully transparent
+    assert Image.open(io.BytesIO(data)).mode == "P"
+    assert _pixels(decode_image(data)) == [[[255, 255, 255], [200, 100, 50]]]
+
+
+def test_16bit_greyscale_is_scaled_by_its_range():
+    a = np.array([[100, 1100], [600, 350]], dtype=np.uint16)
+    data = _png(Image.fromarray(a))
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = decode_image(data)
+    # (v - 100) * 255 / 1000, rounded: 0, 255, 127.5 -> 128, 63.75 -> 64
+    assert _pixels(out) == [[[0, 0, 0], [255, 255, 255]], [[128, 128, 128], [64, 64, 64]]]
+
+
+def test_32bit_int_greyscale_is_scaled_by_its_range():
+    img = Image.fromarray(np.array([[-1000, 0, 1000]], dtype=np.int32))
+    assert img.mode == "I"
+    assert _pixels(decode_image(img)) == [[[0, 0, 0], [128, 128, 128], [255, 255, 255]]]
+
+
+def test_float_greyscale_is_scaled_by_its_range():
+    img = Image.fromarray(np.array([[0.5, 0.75, 1.5]], dtype=np.float32))
+    assert img.mode == "F"
+    # (0.75 - 0.5) / 1.0 * 255 = 63.75 -> 64
+    assert _pixels(decode_image(img)) == [[[0, 0, 0], [64, 64, 64], [255, 255, 255]]]
+
+
+def test_constant_wide_greyscale_becomes_black_not_nan():
+    img = Image.fromarray(np.full((2, 2), 777, dtype=np.int32))
+    assert _pixels(decode_image(img)) == [[[0, 0, 0]] * 2] * 2
+
+
+def test_cmyk_is_converted_to_rgb():
+    img = Image.new("CMYK", (2, 1))
+    img.putpixel((0, 0), (0, 255, 255, 0))  # no cyan, full magenta+yellow: red
+    img.putpixel((1, 0), (0, 0, 0, 0))  # no ink: white
+    assert _pixels(decode_image(img)) == [[[255, 0, 0], [255, 255, 255]]]
+
+
+def test_greyscale_becomes_rgb_with_equal_channels():
+    arr = np.array([[0, 77, 255]], dtype=np.uint8)
+    out = decode_image(_png(Image.fromarray(arr, "L")))
+    assert _pixels(out) == [[[0, 0, 0], [77, 77, 77], [255, 255, 255]]]
+
+
+def test_bilevel_becomes_rgb_with_equal_channels():
+    img = Image.new("1", (2, 1))
+    img.putpixel((1, 0), 1)
+    data = _png(img)
+    assert Image.open(io.BytesIO(data)).mode == "1"
+    assert _pixels(decode_image(data)) == [[[0, 0, 0], [255, 255, 255]]]
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (2, 1))
+    img.putpixel((0, 0), (255, 0, 0))
+    img.putpixel((1, 0), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    out = decode_image(_png(img, exif=exif))
+    assert out.size == (1, 2)  # (width, height): the 2x1 image now stands upright
+    assert _pixels(out) == [[[255, 0, 0]], [[0, 0, 255]]]  # left pixel ends on top
+
+
+def test_no_exif_keeps_orientation():
+    out = decode_image(_png(Image.new("RGB", (2, 1))))
+    assert out.size == (2, 1)
+
+
+# --- arrays ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 4, 1), (3, 4, 3), (3, 4, 4)])
+def test_uint8_arrays_are_accepted(shape):
+    arr = np.full(shape, 90, dtype=np.uint8)
+    if len(shape) == 3 and shape[2] == 4:
+        arr[..., 3] = 255  # opaque, so the composite keeps the value
+    out = decode_image(arr)
+    assert out.size == (4, 3)
+    assert _pixels(out) == [[[90, 90, 90]] * 4] * 3
+
+
+def test_transparent_rgba_array_becomes_white():
+    arr = np.zeros((1, 1, 4), dtype=np.uint8)
+    assert _pixels(decode_image(arr)) == [[[255, 255, 255]]]
+
+
+@pytest.mark.parametrize("arr", [
+    np.zeros((3, 4, 3), dtype=np.float32),
+    np.zeros((3, 4, 3), dtype=np.uint16),
+    np.zeros((3, 4, 3), dtype=np.int64),
+    np.zeros((3, 4, 2), dtype=np.uint8),
+    np.zeros((2, 3, 4, 3), dtype=np.uint8),
+    np.zeros((5,), dtype=np.uint8),
+], ids=["float32", "uint16", "int64", "2-channels", "4-dims", "1-dim"])
+def test_other_arrays_are_refused(arr):
+    with pytest.raises(HuseError, match="uint8 HxW, HxWx1, HxWx3 or HxWx4") as e:
+        decode_image(arr)
+    assert str(arr.dtype) in str(e.value)
+    assert str(arr.shape) in str(e.value)
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", [np.zeros((0, 5), dtype=np.uint8), Image.new("RGB", (0, 0))],
+                         ids=["array", "pillow"])
+def test_zero_size_is_refused_naming_the_item(source):
+    with pytest.raises(HuseError) as e:
+        decode_image(source)
+    msg = str(e.value)
+    assert "zero size" in msg
+    assert f"<{type(source).__name__}>" in msg
+
+
+def test_over_max_pixels_is_refused_before_decoding(tmp_path):
+    # A header that says 100x100, then no pixel data: decoding would fail with a
+    # different error, so getting the cap error proves the check comes first.
+    data = _png(Image.new("L", (100, 100), 7))
+    path = tmp_path / "huge.png"
+    path.write_bytes(data[:60])
+    with pytest.raises(HuseError) as e:
+        decode_image(path, max_pixels=50)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "100x100 = 10000 pixels" in msg
+    assert "cap of 50" in msg
+    assert "raise max_pixels" in msg
+
+
+def test_max_pixels_from_spec_is_used_by_load_image(tmp_path):
+    path = tmp_path / "ok.png"
+    path.write_bytes(_png(Image.new("RGB", (10, 10))))
+    spec = ImageSpec(size=(2, 2), mean=MEAN, std=STD, max_pixels=99)
+    with pytest.raises(HuseError, match="cap of 99"):
+        load_image(path, spec)
+    assert load_image(path, ImageSpec(size=(2, 2), mean=MEAN, std=STD, max_pixels=100)).shape == (3, 2, 2)
+
+
+def test_image_at_max_pixels_is_accepted():
+    assert decode_image(np.zeros((5, 10), np.uint8), max_pixels=50).size == (10, 5)
+
+
+def test_truncated_png_file_is_refused_naming_it(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = _png(Image.fromarray(arr, "RGB"))
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HuseError) as e:
+        decode_image(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "could not be decoded" in msg
+    assert "check that the file is a complete JPEG/PNG/WebP image" in msg
+
+
+def test_corrupt_png_bytes_are_refused():
+    arr = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = bytearray(_png(Image.fromarray(arr, "RGB")))
+    data[60:80] = b"\x00" * 20  # inside the compressed pixel data
+    with pytest.raises(HuseError, match="<bytes> could not be decoded.*complete JPEG/PNG/WebP"):
+        decode_image(bytes(data))
+
+
+def test_random_bytes_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "noise.jpg"
+    path.write_bytes(np.random.default_rng(3).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    with pytest.raises(HuseError) as e:
+        decode_image(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "check that the file is a complete JPEG/PNG/WebP image" in msg
+
+
+def test_random_bytes_are_refused():
+    with pytest.raises(HuseError, match="<bytes> could not be decoded"):
+        decode_image(b"not an image at all")
+
+
+def test_missing_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "nowhere" / "missing.png"
+    with pytest.raises(HuseError, match="does not exist") as e:
+        decode_image(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(HuseError, match="does not exist"):
+        decode_image(str(path))
+
+
+# --- ImageSpec ------------------------------------------------------------------------------
+
+def test_image_spec_round_trips_through_dict():
+    spec = ImageSpec(size=(224, 200), mean=MEAN, std=STD, resize="bicubic", max_pixels=1234)
+    d = spec.to_dict()
+    assert d["size"] == [224, 200] and d["mean"] == list(MEAN) and d["std"] == list(STD)
+    assert ImageSpec.from_dict(json.loads(json.dumps(d))) == spec
+
+
+def test_image_spec_defaults_fill_missing_keys():
+    spec = ImageSpec.from_dict({"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]})
+    assert spec == ImageSpec(size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1))
+    assert spec.resize == "bilinear"
+
+
+def test_unknown_resize_is_refused_listing_known():
+    d = ImageSpec(size=(8, 8), mean=MEAN, std=STD).to_dict()
+    d["resize"] = "lanczos5"
+    with pytest.raises(HuseError, match="lanczos5") as e:
+        ImageSpec.from_dict(d)
+    assert "['bicubic', 'bilinear', 'nearest']" in str(e.value)
