@@ -90,6 +90,35 @@ def _machine_line(machine: dict) -> str:
     return "; ".join(parts + versions)
 
 
+def _headline_lines(result: dict) -> list[str]:
+    """The numbers people look for first: e2e speedup vs PyTorch, batch-1 latency, import time, scaling."""
+    lines = []
+    h = result.get("headline") or {}
+    if h.get("status") == "ok":
+        lines += ["## Headline", "",
+                  f"- Fused end-to-end (decode + preprocess + tokenise + model + postprocess) at batch {h['batch']}: "
+                  f"onnxruntime {h['onnxruntime_items_s']:.0f} items/s vs PyTorch eager {h['torch_items_s']:.0f} items/s, "
+                  f"**{h['speedup_median']:.2f}x** (median of {h['rounds']} interleaved rounds; range "
+                  f"{h['speedup_min']:.2f}x-{h['speedup_max']:.2f}x)."]
+    b1 = [r for r in _ok(result.get("results", [])) if r.get("batch") == 1 and r.get("kind") == "e2e"
+          and r.get("mode") == "fused" and r.get("precision") == "fp32"]
+    for r in b1:
+        lat = r["latency_ms"]
+        lines.append(f"- Batch-1 fused end-to-end, {r['backend']}: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms.")
+    it = result.get("import_time")
+    if it:
+        lines.append(f"- `import huse.runtime`: median {it['median_s'] * 1000:.0f} ms over {it['repeats']} fresh processes "
+                     f"(range {it['min_s'] * 1000:.0f}-{it['max_s'] * 1000:.0f} ms); imports torch: {it['imports_torch']}.")
+    conc = result.get("concurrency") or []
+    if conc:
+        by = {}
+        for c in conc:
+            by.setdefault(c["backend"], []).append(f"{c['callers']}: {c['items_s']:.0f}")
+        for backend, parts in by.items():
+            lines.append(f"- Fused e2e batch 8 throughput (items/s) by concurrent callers, {backend}: {', '.join(parts)}.")
+    return lines + [""] if lines else []
+
+
 def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
     """A readable report: machine, latency/throughput table with speedup vs PyTorch, accuracy,
     memory, efficiency, and what was not measured.
@@ -107,6 +136,7 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
     if result.get("created"):
         lines += [f"Measured {result['created']}.", ""]
 
+    lines += _headline_lines(result)
     rows = sorted(_ok(result.get("results", [])), key=_sort_key)
     if rows:
         repeats = config.get("repeats")
@@ -160,13 +190,15 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
 
     memory = result.get("memory") or []
     if memory:
-        lines += ["## Memory", ""]
+        lines += ["## Memory and cold start", "",
+                  "Peak RSS and cold start (process start to first result) of a fresh process classifying one product.", ""]
         body = [
-            [str(m.get("backend")), str(m.get("precision")), str(m.get("mode", "-")),
-             _fmt(m.get("peak_rss_mib"), ".0f"), _fmt(m.get("gpu_memory_mib"), ".0f")]
+            [str(m.get("backend")), str(m.get("precision")), _fmt(m.get("size_mib"), ".1f"),
+             _fmt(m.get("peak_rss_mib"), ".0f"), _fmt(m.get("gpu_memory_mib"), ".0f"),
+             _fmt(m.get("cold_start_s"), ".2f", " s") + (f" (range {m['cold_start_spread_s']:.2f} s)" if m.get("cold_start_spread_s") is not None else "")]
             for m in memory
         ]
-        lines += _table(["backend", "precision", "mode", "peak RSS MiB", "GPU MiB"], body)
+        lines += _table(["backend", "precision", "on disk MiB", "peak RSS MiB", "GPU MiB", "cold start"], body)
         lines.append("")
 
     eff = result.get("efficiency") or {}
@@ -194,7 +226,7 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
     if skipped:
         lines += ["## Not measured", ""]
         lines += [
-            f"- {'/'.join(str(x) for x in config_key(r))}: {r.get('status')}"
+            f"- {'/'.join(str(x) for x in config_key(r) if x is not None)}: {r.get('status')}"
             + (f" ({r['reason']})" if r.get("reason") else "")
             for r in skipped
         ]
@@ -203,7 +235,7 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
 
 
 def _default_device(backend: str) -> str:
-    return "gpu" if backend == "trt" else "cpu"
+    return "gpu" if backend in ("tensorrt", "trt") or backend.endswith("-cuda") else "cpu"
 
 
 def build_efficiency(

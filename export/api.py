@@ -153,6 +153,7 @@ def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
         "model": {k: cfg["model"][k] for k in ("backbone", "image_size", "text_encoder", "embed_dim")},
         "metrics": _run_metrics(run),
         "data": cfg["data"],
+        "source_run": str(run.resolve()),  # the torch model, for benchmarks' PyTorch baseline
         "engines": [],
         "versions": tool_versions(),
     }

@@ -171,7 +171,7 @@ def build_model(cfg: HuseConfig, backbone_weights: str | None = None, load_pretr
     elif cfg.text_encoder == "minilm":
         from huse.train.minilm import MiniLM, load_minilm
 
-        text = load_minilm() if load_pretrained else MiniLM.from_config()
+        text = load_minilm() if load_pretrained else MiniLM()
         text.requires_grad_(False)
     else:
         raise HuseError(f"Text encoder {cfg.text_encoder!r} not found; available text encoders = ['cnn', 'minilm']")

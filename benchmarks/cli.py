@@ -1,0 +1,84 @@
+"""`huse-bench BUNDLE` and `huse-bench compare A.json B.json`: a thin click layer."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from huse.runtime.cli import run_cli
+
+
+class _DefaultRun(click.Group):
+    """`huse-bench BUNDLE ...` means `huse-bench run BUNDLE ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultRun, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Benchmark a bundle against the PyTorch baseline, or compare two benchmark results."""
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(","))
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="bench-results", type=click.Path(file_okay=False), help="Folder for result.json, result.md, PNGs.")
+@click.option("--batches", default="1,8,32,128", help="Comma-separated batch sizes.")
+@click.option("--modes", default="image,text,fused")
+@click.option("--precisions", help="Comma-separated (default: every precision in the bundle).")
+@click.option("--repeats", default=3, help="Interleaved rounds per configuration (their spread is reported).")
+@click.option("--seconds", default=0.5, help="Time budget of one configuration in one round.")
+@click.option("--eval-size", default=1000, help="Held-out products for the accuracy of each configuration.")
+@click.option("--threads", type=int, help="Intra-op threads for onnxruntime and torch (default: all cores).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Training run for the PyTorch baseline (default: the bundle's source run).")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch baseline.")
+@click.option("--torch-compile", is_flag=True, help="Also measure torch.compile (minutes of compilation on small CPUs).")
+@click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurements.")
+def run(bundle, out, batches, modes, precisions, repeats, seconds, eval_size, threads, run_dir, no_torch, torch_compile,
+        no_cold_start) -> None:
+    """Measure latency, throughput, memory and accuracy of BUNDLE on every available backend."""
+    def body():
+        from huse.benchmarks.report import to_markdown
+        from huse.benchmarks.suite import BenchConfig, import_time, run_suite, write_outputs
+
+        cfg = BenchConfig(batches=_ints(batches), modes=tuple(modes.split(",")),
+                          precisions=tuple(precisions.split(",")) if precisions else None, repeats=repeats,
+                          seconds=seconds, eval_size=eval_size, threads=threads, run=run_dir, torch_baseline=not no_torch,
+                          torch_compile=torch_compile, cold_start=not no_cold_start)
+        result = run_suite(bundle, cfg)
+        result["import_time"] = import_time()
+        files = write_outputs(result, out)
+        click.echo(to_markdown(result))
+        click.echo(f"wrote {', '.join(str(f) for f in files)}")
+    run_cli(body)
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, dir_okay=False))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False))
+@click.option("--floor", default=0.05, show_default=True, help="Smallest slowdown flagged, whatever the spread.")
+@click.option("--all", "show_all", is_flag=True, help="Show unchanged configurations too.")
+def compare(a, b, floor, show_all) -> None:
+    """Ratios B/A per configuration; exit 1 when B regressed by more than the measured spread."""
+    def body():
+        from huse.benchmarks.compare import compare as cmp, format_compare, load_result, machine_mismatch
+
+        ra, rb = load_result(a), load_result(b)
+        for warning in machine_mismatch(ra, rb):
+            click.echo(f"warning: {warning}", err=True)
+        rows = cmp(ra, rb, floor=floor)
+        click.echo(format_compare(rows, only_changes=not show_all))
+        if any(r.regression for r in rows):
+            sys.exit(1)
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()

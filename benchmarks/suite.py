@@ -1,0 +1,379 @@
+"""`huse-bench BUNDLE`: latency, throughput, memory and accuracy across backends, precisions,
+batch sizes and modes, with the PyTorch eager model measured side by side in the same process.
+
+Every configuration is timed in `repeats` interleaved rounds (round r of every configuration
+runs before round r+1 of any), so slow drift of a noisy machine spreads over all of them
+instead of biasing whichever ran last; the spread of the per-round medians is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from huse.benchmarks import stats
+from huse.benchmarks.compare import SCHEMA
+from huse.benchmarks.machine import machine_info, matmul_peak_flops
+from huse.runtime.backends import resolve_backend
+from huse.runtime.bundle import load_manifest
+from huse.runtime.classifier import Classifier
+from huse.runtime.errors import HuseError
+
+log = logging.getLogger("huse.bench")
+MODES = ("image", "text", "fused")
+
+
+@dataclass
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 8, 32, 128)
+    modes: tuple[str, ...] = MODES
+    precisions: tuple[str, ...] | None = None  # None: every precision in the bundle
+    kinds: tuple[str, ...] = ("model", "e2e")
+    repeats: int = 3
+    seconds: float = 0.5  # time budget of one configuration in one round
+    headline_batch: int = 64  # the e2e fused comparison with PyTorch the README reports
+    headline_repeats: int = 7
+    eval_size: int = 1000  # held-out products for accuracy per configuration
+    concurrency: tuple[int, ...] = (1, 2, 4)
+    threads: int | None = None
+    torch_baseline: bool = True
+    torch_compile: bool = False  # minutes of compilation on 2 cores; opt in
+    cold_start: bool = True
+    run: str | None = None  # training run for the torch baseline (default: the bundle's source run)
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# Baseline: the same Classifier pipeline with the torch model where the ONNX graphs were
+
+
+class _TorchGraph:
+    """A runner over one torch graph module (same `infer` contract as the runtime's runners)."""
+
+    def __init__(self, module, inputs: list[str], outputs: list[str]):
+        self.module, self.inputs, self.outputs = module.eval(), inputs, outputs
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(*(torch.from_numpy(feed[n]) for n in self.inputs))
+        return {n: t.numpy() for n, t in zip(self.outputs, out)}
+
+    def deactivate(self) -> None:
+        pass
+
+
+class TorchClassifier(Classifier):
+    """The PyTorch eager baseline: identical decode, preprocessing, tokeniser and postprocessing;
+    only the model call differs. `compile=True` wraps each graph in torch.compile."""
+
+    def __init__(self, bundle: Path, run: Path, compile: bool = False, threads: int | None = None, **kw):
+        import torch
+
+        from huse.export.graphs import graph_specs
+        from huse.train.trainer import load_run
+
+        super().__init__(bundle, backend="onnxruntime", **kw)
+        if threads:
+            torch.set_num_threads(threads)
+        model, cfg = load_run(run)
+        self.backend, self.device = "torch", "cpu"
+        for name, g in graph_specs(model, self.fusion_weight).items():
+            module = torch.compile(g["module"]) if compile else g["module"]
+            self._runners[name] = _TorchGraph(module, g["inputs"], g["outputs"])
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+
+
+class BenchData:
+    """Held-out products as PNG files on disk (for e2e) and as ready arrays (for model-only)."""
+
+    def __init__(self, manifest: dict[str, Any], clf: Classifier, n: int, folder: Path):
+        from PIL import Image
+
+        from huse.train.data import load_source
+
+        ds = load_source(manifest["data"])
+        idx = ds.indices("test")
+        idx = idx if len(idx) else ds.indices("val")
+        idx = np.sort(np.random.default_rng(0).choice(idx, min(n, len(idx)), replace=False))
+        self.paths, self.titles = [], []
+        for i in idx:
+            img = ds.images[i]
+            if isinstance(img, np.ndarray):
+                path = folder / f"{i}.png"
+                Image.fromarray(img).save(path)
+                img = str(path)
+            self.paths.append(img)
+            self.titles.append(ds.titles[i])
+        self.labels = np.asarray([manifest["labels"].index(ds.classes[i]) for i in idx])
+        self.arrays = np.stack([a for a in clf._images(self.paths)[0].values()])
+        self.text = clf.tokenizer.inputs(self.titles)
+
+    def take(self, start: int, batch: int) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+        sel = [(start + k) % len(self.paths) for k in range(batch)]
+        feeds = {"image": self.arrays[sel], **{k: v[sel] for k, v in self.text.items()}}
+        return [self.paths[s] for s in sel], [self.titles[s] for s in sel], feeds
+
+
+def _call(clf: Classifier, kind: str, mode: str, data: BenchData, batch: int) -> Callable[[], object]:
+    paths, titles, feeds = data.take(0, batch)
+    if kind == "e2e":
+        images = paths if mode in ("image", "fused") else None
+        texts = titles if mode in ("text", "fused") else None
+        return lambda: clf.classify(images=images, titles=texts, mode=mode)
+    runner = clf._runner(mode)
+    inputs = clf.manifest["graphs"][mode]["inputs"]
+    feed = {k: feeds[k] for k in inputs}
+    return lambda: runner.infer(feed)
+
+
+# ----------------------------------------------------------------------------------------
+# The suite
+
+
+def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tuple[dict[tuple[str, str], Classifier], list[dict]]:
+    """One Classifier per available (backend, precision); unavailable ones become skipped rows."""
+    out, skipped = {}, []
+    precisions = cfg.precisions or tuple(sorted(manifest["models"]))
+    backends = [("onnxruntime", "cpu")]
+    for backend, device in (("onnxruntime", "cuda"), ("tensorrt", "cuda")):
+        name, dev, reason = resolve_backend("auto", device)
+        if (name, dev) == (backend, device) or (backend == "onnxruntime" and "onnxruntime on cuda" in reason):
+            backends.append((backend, device))
+        else:
+            skipped.append({"backend": f"{backend}-{device}", "reason": reason})
+    for backend, device in backends:
+        for p in precisions:
+            if p not in manifest["models"]:
+                skipped.append({"backend": backend, "precision": p, "reason": f"bundle has no {p} models"})
+                continue
+            label = backend if device == "cpu" or backend == "tensorrt" else f"{backend}-cuda"
+            out[(label, p)] = Classifier(bundle, backend=backend, precision=p, device=device, threads=cfg.threads,
+                                         batch_size=max(max(cfg.batches), cfg.headline_batch))
+    if cfg.torch_baseline:
+        run = Path(cfg.run or manifest.get("source_run") or "")
+        if not (run / "model.safetensors").is_file():
+            skipped.append({"backend": "torch", "reason": f"training run {run} not found; pass --run RUN"})
+        else:
+            out[("torch", "fp32")] = TorchClassifier(bundle, run, threads=cfg.threads,
+                                                     batch_size=max(max(cfg.batches), cfg.headline_batch))
+            if cfg.torch_compile:
+                out[("torch-compile", "fp32")] = TorchClassifier(bundle, run, compile=True, threads=cfg.threads,
+                                                                 batch_size=max(max(cfg.batches), cfg.headline_batch))
+    return out, skipped
+
+
+def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, Any]:
+    """Measure a bundle; returns the result dict (schema in huse.benchmarks.compare)."""
+    from tqdm.auto import tqdm
+
+    from huse.benchmarks.flops import count_flops
+    from huse.benchmarks.report import build_efficiency
+
+    cfg = cfg or BenchConfig()
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
+    started = time.time()
+    clfs, skipped = _classifiers(bundle, manifest, cfg)
+    any_clf = next(iter(clfs.values()))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = BenchData(manifest, any_clf, cfg.eval_size, Path(tmp))
+        configs = [(b, p, m, k, n) for (b, p) in clfs for k in cfg.kinds for m in cfg.modes for n in cfg.batches]
+        calls = {c: _call(clfs[c[:2]], c[3], c[2], data, c[4]) for c in configs}
+        samples: dict[tuple, list[np.ndarray]] = {c: [] for c in configs}
+        bar = tqdm(total=cfg.repeats * len(configs) + cfg.headline_repeats, desc="huse-bench", unit="cfg",
+                   disable=not cfg.progress, mininterval=2)
+        for _ in range(cfg.repeats):
+            for c in configs:
+                samples[c].append(stats.time_fn(calls[c], warmup=2, min_iters=3, min_seconds=0.1,
+                                                max_seconds=cfg.seconds, rel_ci=None))
+                bar.update(1)
+        headline = _headline(clfs, data, cfg, bar)
+        bar.close()
+        results = [_row(c, samples[c]) for c in configs]
+        results += [{"backend": s["backend"], "precision": s.get("precision"), "mode": None, "kind": None, "batch": None,
+                     "status": "skipped", "reason": s["reason"]} for s in skipped]
+        concurrency = _concurrency(clfs, data, cfg)
+        accuracy = _accuracy(clfs, data)
+    for c in clfs.values():
+        c.close()
+    flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1}) for m in cfg.modes}
+    peaks = {"cpu": matmul_peak_flops(seconds=1.0)}
+    result = {
+        "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "config": {"bundle": str(bundle), "backends": sorted({b for b, _ in clfs}),
+                   "precisions": sorted({p for _, p in clfs}), "modes": list(cfg.modes), "batches": list(cfg.batches),
+                   "kinds": list(cfg.kinds), "repeats": cfg.repeats, "seconds_per_round": cfg.seconds,
+                   "threads": cfg.threads or os.cpu_count(), "eval_size": len(data.labels)},
+        "results": results,
+        "headline": headline,
+        "concurrency": concurrency,
+        "accuracy": accuracy,
+        "memory": _memory(bundle, manifest, cfg),
+        "efficiency": {"peaks": peaks, "flops": flops},
+    }
+    result["efficiency"]["rows"] = build_efficiency(results, {m: f["flops_per_item"] for m, f in flops.items()},
+                                                    {"cpu": peaks["cpu"]})
+    result["config"]["wall_seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def _row(c: tuple, repeats: list[np.ndarray]) -> dict[str, Any]:
+    backend, precision, mode, kind, batch = c
+    allsamples = np.concatenate(repeats)
+    return {"backend": backend, "precision": precision, "mode": mode, "kind": kind, "batch": batch, "status": "ok",
+            "reason": None, "latency_ms": stats.summarize(allsamples, scale=1e3),
+            "repeat_spread": stats.repeat_summary(repeats, scale=1e3),
+            "throughput_items_s": stats.throughput(batch * len(allsamples), float(allsamples.sum()))}
+
+
+def _headline(clfs: dict, data: BenchData, cfg: BenchConfig, bar) -> dict[str, Any]:
+    """Fused end-to-end at the headline batch: onnxruntime CPU vs PyTorch eager, interleaved rounds."""
+    if ("torch", "fp32") not in clfs:
+        return {"status": "skipped", "reason": "no PyTorch baseline (training run not found)"}
+    ours = _call(clfs[("onnxruntime", "fp32")], "e2e", "fused", data, cfg.headline_batch)
+    base = _call(clfs[("torch", "fp32")], "e2e", "fused", data, cfg.headline_batch)
+    o_rounds, b_rounds, ratios = [], [], []
+    for _ in range(cfg.headline_repeats):
+        o = stats.time_fn(ours, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
+        b = stats.time_fn(base, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
+        o_rounds.append(o)
+        b_rounds.append(b)
+        ratios.append(float(np.median(b) / np.median(o)))
+        bar.update(1)
+    n = cfg.headline_batch
+    o_all, b_all = np.concatenate(o_rounds), np.concatenate(b_rounds)
+    return {"status": "ok", "mode": "fused", "kind": "e2e", "batch": n,
+            "onnxruntime_items_s": n / float(np.median(o_all)), "torch_items_s": n / float(np.median(b_all)),
+            "speedup_median": float(np.median(ratios)), "speedup_min": float(min(ratios)), "speedup_max": float(max(ratios)),
+            "rounds": len(ratios), "onnxruntime_latency_ms": stats.summarize(o_all, scale=1e3),
+            "torch_latency_ms": stats.summarize(b_all, scale=1e3)}
+
+
+def _concurrency(clfs: dict, data: BenchData, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Fused e2e throughput at batch 8 with 1..N threads calling the same Classifier."""
+    out = []
+    for (backend, precision), clf in clfs.items():
+        if precision != "fp32":
+            continue
+        fn = _call(clf, "e2e", "fused", data, 8)
+        for callers in cfg.concurrency:
+            out.append({"backend": backend, "precision": precision, "mode": "fused", "kind": "e2e", "batch": 8,
+                        "callers": callers, "items_s": stats.concurrent_throughput(fn, 8, callers, seconds=1.0)})
+    return out
+
+
+def _accuracy(clfs: dict, data: BenchData) -> list[dict[str, Any]]:
+    ref: dict[str, np.ndarray] = {}
+    rows = []
+    for (backend, precision), clf in sorted(clfs.items(), key=lambda kv: kv[0][1] != "fp32"):
+        for mode in MODES:
+            feeds_img = data.paths if mode != "text" else None
+            feeds_txt = data.titles if mode != "image" else None
+            p = clf.predict_proba(images=feeds_img, titles=feeds_txt)
+            row = {"backend": backend, "precision": precision, "mode": mode, "n": len(data.labels),
+                   "top1": float((p.argmax(1) == data.labels).mean())}
+            key = f"{backend}:{mode}"
+            if precision == "fp32":
+                ref[key] = p
+            elif key in ref:
+                row["top1_agreement"] = float((p.argmax(1) == ref[key].argmax(1)).mean())
+                row["max_abs_diff"] = float(np.abs(p - ref[key]).max())
+            rows.append(row)
+    return rows
+
+
+_COLD = """
+import sys, time
+t0 = time.perf_counter()
+{imports}
+clf = {make}
+clf.classify(images=[{image!r}], titles=[{title!r}])
+t1 = time.perf_counter()
+# VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report the parent's peak.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(t1 - t0, int(hwm) / 1024, "torch" in sys.modules)
+"""
+
+
+def _memory(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Size on disk, and cold start + peak RSS of a fresh process classifying one product."""
+    rows = []
+    from huse.train.data import load_source
+    from PIL import Image
+
+    ds = load_source(manifest["data"])
+    i = int(ds.indices("test")[0]) if len(ds.indices("test")) else 0
+    tmp = Path(tempfile.mkdtemp())
+    img = ds.images[i]
+    if isinstance(img, np.ndarray):
+        Image.fromarray(img).save(tmp / "x.png")
+        img = str(tmp / "x.png")
+    for precision, models in sorted(manifest["models"].items()):
+        size = sum((bundle / f).stat().st_size for f in models.values())
+        row = {"backend": "onnxruntime", "precision": precision, "mode": "all", "size_mib": size / 2**20}
+        if cfg.cold_start:
+            code = _COLD.format(imports="from huse.runtime import Classifier",
+                                make=f"Classifier({str(bundle)!r}, backend='onnxruntime', precision={precision!r})",
+                                image=img, title=ds.titles[i])
+            row.update(_cold(code))
+        rows.append(row)
+    run = Path(cfg.run or manifest.get("source_run") or "")
+    if cfg.cold_start and cfg.torch_baseline and (run / "model.safetensors").is_file():
+        code = _COLD.format(imports="from huse.benchmarks.suite import TorchClassifier",
+                            make=f"TorchClassifier({str(bundle)!r}, {str(run)!r})", image=img, title=ds.titles[i])
+        rows.append({"backend": "torch", "precision": "fp32", "mode": "all",
+                     "size_mib": (run / "model.safetensors").stat().st_size / 2**20, **_cold(code)})
+    return rows
+
+
+def _cold(code: str, repeats: int = 3) -> dict[str, Any]:
+    times, rss = [], []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            return {"cold_start_error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+        t, r, torch_loaded = out.stdout.split()
+        times.append(float(t))
+        rss.append(float(r))
+    return {"cold_start_s": float(np.median(times)), "cold_start_spread_s": float(max(times) - min(times)),
+            "peak_rss_mib": float(np.median(rss)), "imports_torch": torch_loaded == "True"}
+
+
+def import_time(repeats: int = 7) -> dict[str, Any]:
+    """Wall time of `import huse.runtime` in fresh processes (median and range)."""
+    code = "import time; t = time.perf_counter(); import huse.runtime, sys; print(time.perf_counter() - t, 'torch' in sys.modules)"
+    times, torch_loaded = [], False
+    for _ in range(repeats):
+        t, tl = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        times.append(float(t))
+        torch_loaded |= tl == "True"
+    return {"median_s": float(np.median(times)), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "imports_torch": torch_loaded}
+
+
+def write_outputs(result: dict[str, Any], out: str | Path) -> list[Path]:
+    """result.json, result.md and PNG plots in `out`."""
+    from huse.benchmarks.report import plot, to_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    (out / "result.md").write_text(to_markdown(result))
+    return [out / "result.json", out / "result.md"] + plot(result, out)
