@@ -1,0 +1,66 @@
+"""huse-bench end to end on the tiny bundle: schema, baseline side by side, outputs, compare CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from click.testing import CliRunner
+
+
+@pytest.fixture(scope="module")
+def result(tiny_bundle):
+    from huse.benchmarks.suite import BenchConfig, run_suite
+
+    cfg = BenchConfig(batches=(1, 4), repeats=2, seconds=0.05, headline_batch=8, headline_repeats=2, eval_size=24,
+                      concurrency=(1, 2), cold_start=False, progress=False)
+    return run_suite(tiny_bundle, cfg)
+
+
+def test_every_configuration_is_measured_beside_the_baseline(result):
+    ok = [r for r in result["results"] if r["status"] == "ok"]
+    keys = {(r["backend"], r["mode"], r["kind"], r["batch"]) for r in ok}
+    for backend in ("onnxruntime", "torch"):
+        for mode in ("image", "text", "fused"):
+            for kind in ("model", "e2e"):
+                for batch in (1, 4):
+                    assert (backend, mode, kind, batch) in keys
+    for r in ok:
+        lat = r["latency_ms"]
+        assert lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"] and lat["n"] >= 2  # one sample per round at least
+        assert r["repeat_spread"]["n_repeats"] == 2 and r["throughput_items_s"] > 0
+    skipped = [r for r in result["results"] if r["status"] == "skipped"]
+    assert any(r["backend"].startswith("tensorrt") for r in skipped)  # no GPU here, said so
+
+
+def test_headline_and_accuracy_compare_like_with_like(result):
+    h = result["headline"]
+    assert h["status"] == "ok" and h["batch"] == 8 and h["rounds"] == 2
+    assert h["speedup_min"] <= h["speedup_median"] <= h["speedup_max"]
+    acc = {(a["backend"], a["mode"]): a["top1"] for a in result["accuracy"]}
+    for mode in ("image", "text", "fused"):
+        # Same weights, same inputs: onnxruntime and torch must classify alike.
+        assert acc[("onnxruntime", mode)] == pytest.approx(acc[("torch", mode)], abs=1 / 24 + 1e-9)
+    assert result["efficiency"]["flops"]["image"]["flops_per_item"] > 0
+    assert [c["callers"] for c in result["concurrency"] if c["backend"] == "onnxruntime"] == [1, 2]
+
+
+def test_outputs_and_compare_flag_an_injected_slowdown(result, tmp_path):
+    from huse.benchmarks.cli import main
+    from huse.benchmarks.suite import write_outputs
+
+    files = write_outputs(result, tmp_path / "a")
+    assert all(f.stat().st_size > 0 for f in files) and any(f.suffix == ".png" for f in files)
+    md = (tmp_path / "a" / "result.md").read_text()
+    assert "## Headline" in md and "vs PyTorch eager" in md
+    slower = copy.deepcopy(result)
+    row = next(r for r in slower["results"] if r["status"] == "ok" and r["backend"] == "onnxruntime")
+    for k in ("p50", "p99"):
+        row["latency_ms"][k] *= 1.2 * (1 + (row["repeat_spread"].get("spread") or 0))
+    row["throughput_items_s"] /= 1.2 * (1 + (row["repeat_spread"].get("spread") or 0))
+    (tmp_path / "b.json").write_text(json.dumps(slower))
+    same = CliRunner().invoke(main, ["compare", str(tmp_path / "a" / "result.json"), str(tmp_path / "a" / "result.json")])
+    assert same.exit_code == 0, same.output
+    flagged = CliRunner().invoke(main, ["compare", str(tmp_path / "a" / "result.json"), str(tmp_path / "b.json")])
+    assert flagged.exit_code == 1 and "REGRESSION" in flagged.output.upper()
