@@ -30,6 +30,7 @@ import numpy as np
 from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.backends.trt.gpu import TRT_EXTRA_HINT, cuda_error_text, gpu_status, load_cudart
+from huse.runtime.bundle import sha256_file
 from huse.runtime.errors import HuseError
 
 REBUILD_HINT = (
@@ -39,15 +40,6 @@ REBUILD_HINT = (
 
 
 # -- small file helpers shared with huse.runtime.backends.trt.builder -------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file, read in chunks (engines can be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -413,7 +405,7 @@ class TrtRunner(BaseRunner):
                 f"TensorRT engine {self.path} was built with {' and '.join(found)}; an engine only runs on the "
                 f"TensorRT version and GPU architecture it was built for: {REBUILD_HINT}"
             )
-        if entry.get("sha256") and entry["sha256"] != file_sha256(self.path):
+        if entry.get("sha256") and entry["sha256"] != sha256_file(self.path):
             raise HuseError(f"TensorRT engine {self.path} does not match the sha256 in its manifest entry; {REBUILD_HINT}")
 
     # -- buffers, contexts, graphs -----------------------------------------------------------------
@@ -651,13 +643,13 @@ def load_or_build(
     usable, reason, info = gpu_status(device)
     if not usable:
         raise HuseError(f"cannot load or build a TensorRT engine for {onnx_path}: {reason}")
-    onnx_sha256 = onnx_sha256 or file_sha256(onnx_path)
+    onnx_sha256 = onnx_sha256 or sha256_file(onnx_path)
     engine_path = engine_cache_path(
         cache_dir, trt.__version__, info["name"], info["compute_capability"], precision, tuple(batch), onnx_sha256=onnx_sha256
     )
     entry = read_sidecar(engine_path)
     # A hit needs the engine and its description, and they must agree (no half-written files).
-    if engine_path.is_file() and entry and entry.get("sha256") == file_sha256(engine_path):
+    if engine_path.is_file() and entry and entry.get("sha256") == sha256_file(engine_path):
         return engine_path, entry
     if build is None:
         raise HuseError(
