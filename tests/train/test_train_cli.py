@@ -1,0 +1,42 @@
+"""huse-train and huse-export from the command line, on the tiny catalog."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+
+def test_train_cli_fine_tune_and_class_distance_options(tiny_catalog, tmp_path):
+    from huse.train.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(out), "--backbone", "tiny", "--image-size", "32",
+                                  "--fine-tune", "--epochs", "1", "--batch-size", "32", "--embed-dim", "32"])
+    assert r.exit_code == 0, r.output
+    assert "split by product" in r.output and "fused" in r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["freeze_backbone"] is False and cfg["train"]["epochs"] == 1
+    assert not (out / "cache").exists()  # fine-tuning runs the backbone on every batch: nothing cached
+
+
+def test_train_cli_errors_are_one_line(tmp_path):
+    from huse.train.cli import main
+
+    r = CliRunner().invoke(main, ["--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and r.output.strip() == "error: pass exactly one of --data CATALOG or --dataset NAME"
+    r = CliRunner().invoke(main, ["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_every_command_has_help():
+    from huse.benchmarks.cli import main as bench
+    from huse.export.cli import main as export
+    from huse.runtime.cli import main as huse
+    from huse.train.cli import main as train
+
+    for cmd, args in ((huse, []), (huse, ["classify"]), (huse, ["info"]), (huse, ["data", "export"]), (huse, ["doctor"]),
+                      (huse, ["train"]), (huse, ["export"]), (huse, ["bench"]), (train, []), (export, []), (bench, ["run"]),
+                      (bench, ["compare"])):
+        r = CliRunner().invoke(cmd, [*args, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
