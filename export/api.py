@@ -37,7 +37,7 @@ class ExportOptions:
     fp16: bool = False
     int8: bool = False
     calib_size: int = 512  # training-split products used to calibrate INT8
-    calib_method: str = "entropy"
+    calib_method: str | None = None  # None: percentile, which measured best here (export/precision.py)
     int8_exclude: tuple[str, ...] = ()
     quantizer: str = "ort"
     accuracy_gate: bool = True

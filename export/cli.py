@@ -21,8 +21,10 @@ def _batch(value: str) -> tuple[int, int, int]:
 @click.option("--fp16", is_flag=True, help="Add FP16 graphs (float32 IO), gated on top-1 agreement >= 99.9%.")
 @click.option("--int8", is_flag=True, help="Add INT8 Q/DQ graphs, gated on top-1 drop <= 0.5 points and agreement >= 99%.")
 @click.option("--calib-size", default=512, help="Train-split products used for INT8 calibration.")
-@click.option("--calib-method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy")
-@click.option("--int8-exclude", multiple=True, help="ONNX node names to keep in float (repeatable).")
+@click.option("--calib-method", type=click.Choice(["entropy", "percentile", "minmax"]),
+              help="Activation range method (default: percentile for onnxruntime, minmax for modelopt: measured best).")
+@click.option("--int8-exclude", multiple=True, help="ONNX node names to keep in float (repeatable); default: "
+              "the fewest early convolutions (+ the shared classifier) that pass the gate, found by measurement.")
 @click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default="ort", help="onnxruntime.quantization, or nvidia-modelopt when installed.")
 @click.option("--eval-size", default=2000, help="Held-out products for the accuracy gate (0: the whole split).")
 @click.option("--no-accuracy-gate", is_flag=True, help="Keep a precision even when its gate fails (reported, not silent).")

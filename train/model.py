@@ -80,8 +80,11 @@ class FeatureNorm(nn.Module):
         self.register_buffer("inv_std", torch.ones(dim))
 
     def set_stats(self, feats: torch.Tensor) -> None:
+        std = feats.std(0)
         self.mean.copy_(feats.mean(0))
-        self.inv_std.copy_(1.0 / (feats.std(0) + 1e-6))
+        # A feature that never varies in training carries no signal: weight 0, not 1/eps
+        # (a 1e6 constant would amplify float noise and overflow FP16).
+        self.inv_std.copy_(torch.where(std > 1e-4, 1.0 / std.clamp_min(1e-4), torch.zeros_like(std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) * self.inv_std
