@@ -27,7 +27,6 @@ from huse.benchmarks.machine import machine_info, matmul_peak_flops
 from huse.runtime.backends import resolve_backend
 from huse.runtime.bundle import load_manifest
 from huse.runtime.classifier import Classifier
-from huse.runtime.errors import HuseError
 
 log = logging.getLogger("huse.bench")
 MODES = ("image", "text", "fused")

@@ -19,11 +19,10 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -131,10 +130,13 @@ def extract_image_features(model: HUSE, ds: Dataset, spec: ImageSpec, cache: Pat
     if path.is_file():
         return load_file(str(path))["features"]
     feats = []
+    # channels_last: ~25% faster depthwise/pointwise convolutions on CPU, same numbers.
+    backbone = model.backbone.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for s in tqdm(range(0, len(ds.images), batch), desc="image features", unit="batch", mininterval=2):
             x = torch.from_numpy(np.stack([load_image(img, spec) for img in ds.images[s:s + batch]]))
-            feats.append(model.image_features(x))
+            feats.append(backbone(x.contiguous(memory_format=torch.channels_last)))
+    model.backbone.to(memory_format=torch.contiguous_format)
     out = torch.cat(feats)
     cache.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic({"features": out}, path)
