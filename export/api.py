@@ -116,7 +116,7 @@ def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> np
 
 def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
     """Export the run's model into a new bundle directory (written to OUT.partial, then renamed)."""
-    from huse.export.graphs import check_parity, export_onnx, graph_specs
+    from huse.export.graphs import check_parity, export_onnx, graph_specs, optimize_onnx
     from huse.train.trainer import load_run
 
     model, cfg = load_run(run)
@@ -136,6 +136,7 @@ def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
         feeds = data.feeds(g["inputs"], batch=32)
         feeds.append({k: v[:7] for k, v in feeds[0].items()})  # an odd batch proves the dynamic axis
         export_onnx(g["module"], feeds[0], g["inputs"], g["outputs"], path)
+        optimize_onnx(path)  # the graph that is verified is the graph that ships
         parity[name] = check_parity(g["module"], path, feeds, g["inputs"], g["outputs"], opts.parity_atol)
         opts.say(f"  {name}.onnx: max |onnxruntime - torch| = {parity[name]:.2e} on {len(data)} real {split} products "
                  f"(limit {opts.parity_atol:g})")
