@@ -35,7 +35,7 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
         {"backend": "onnxrt", "precision": "int8", "mode": "image", "n": 1000,
          "top1": 0.84,                            # fraction correct on the labelled set
          "top1_agreement": 0.99,                  # optional: same top-1 as the fp32 reference
-         "max_abs_diff": 0.39}                    # optional: largest logit change vs fp32
+         "max_abs_diff": 0.39}                    # optional: largest probability change vs fp32
       ],
       "memory": [                                 # model load + run high-water marks
         {"backend": "onnxrt", "precision": "fp32", "mode": "image",

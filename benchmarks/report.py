@@ -185,7 +185,7 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
             for a in accuracy
         ]
         lines += _table(["backend", "precision", "mode", "n", "top-1", "top-1 agreement vs fp32",
-                         "max logit diff"], body)
+                         "max prob diff"], body)
         lines.append("")
 
     memory = result.get("memory") or []
