@@ -34,7 +34,7 @@ demo: setup data
 	$(BIN)/huse-export $(RUN) --out $(BUNDLE) --fp16 --int8 --force
 	$(BIN)/huse data export fashion-products data/fashion-products --limit 200
 	$(BIN)/huse classify $(BUNDLE) --data data/fashion-products/catalog.csv --out data/predictions.jsonl --show 5
-	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --out bench-results/accuracy.json
+	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --precisions fp32 --out bench-results/accuracy.json
 	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32 --repeats 3 --eval-size 500
 
 test: setup
