@@ -389,8 +389,8 @@ def _quantize_ort(src: Path, dst: Path, feeds, method: str, exclude: tuple[str, 
                 calibrate_method=methods[method],
                 extra_options={"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128,
                                "percentile": percentile})
-            calibrator.collect_data(_FeedReader(feeds))
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its histogram progress
+                calibrator.collect_data(_FeedReader(feeds))
                 _save_ranges(calibrator.compute_data(), cache)
             del calibrator
             q.quantize_static(
