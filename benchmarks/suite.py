@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,7 +50,6 @@ class BenchConfig:
     cold_start: bool = True
     run: str | None = None  # training run for the torch baseline (default: the bundle's source run)
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from huse.runtime.bundle import MANIFEST, load_manifest, write_manifest
 from huse.runtime.errors import HuseError
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
-
-log = logging.getLogger("huse.export")
 
 GRAPHS = ("image", "text", "fused")
 PARITY_ATOL = 1e-4
