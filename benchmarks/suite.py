@@ -208,6 +208,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                      "status": "skipped", "reason": s["reason"]} for s in skipped]
         concurrency = _concurrency(clfs, data, cfg)
         accuracy = _accuracy(clfs, data)
+        memory = _memory(bundle, manifest, cfg, data.paths[0], data.titles[0])
     for c in clfs.values():
         c.close()
     flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1}) for m in cfg.modes}
@@ -223,7 +224,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         "headline": headline,
         "concurrency": concurrency,
         "accuracy": accuracy,
-        "memory": _memory(bundle, manifest, cfg),
+        "memory": memory,
         "efficiency": {"peaks": peaks, "flops": flops},
     }
     result["efficiency"]["rows"] = build_efficiency(results, {m: f["flops_per_item"] for m, f in flops.items()},
@@ -310,32 +311,22 @@ print(t1 - t0, int(hwm) / 1024, "torch" in sys.modules)
 """
 
 
-def _memory(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
+def _memory(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig, img: str, title: str) -> list[dict[str, Any]]:
     """Size on disk, and cold start + peak RSS of a fresh process classifying one product."""
     rows = []
-    from huse.train.data import load_source
-    from PIL import Image
-
-    ds = load_source(manifest["data"])
-    i = int(ds.indices("test")[0]) if len(ds.indices("test")) else 0
-    tmp = Path(tempfile.mkdtemp())
-    img = ds.images[i]
-    if isinstance(img, np.ndarray):
-        Image.fromarray(img).save(tmp / "x.png")
-        img = str(tmp / "x.png")
     for precision, models in sorted(manifest["models"].items()):
         size = sum((bundle / f).stat().st_size for f in models.values())
         row = {"backend": "onnxruntime", "precision": precision, "mode": "all", "size_mib": size / 2**20}
         if cfg.cold_start:
             code = _COLD.format(imports="from huse.runtime import Classifier",
                                 make=f"Classifier({str(bundle)!r}, backend='onnxruntime', precision={precision!r})",
-                                image=img, title=ds.titles[i])
+                                image=img, title=title)
             row.update(_cold(code))
         rows.append(row)
     run = Path(cfg.run or manifest.get("source_run") or "")
     if cfg.cold_start and cfg.torch_baseline and (run / "model.safetensors").is_file():
         code = _COLD.format(imports="from huse.benchmarks.suite import TorchClassifier",
-                            make=f"TorchClassifier({str(bundle)!r}, {str(run)!r})", image=img, title=ds.titles[i])
+                            make=f"TorchClassifier({str(bundle)!r}, {str(run)!r})", image=img, title=title)
         rows.append({"backend": "torch", "precision": "fp32", "mode": "all",
                      "size_mib": (run / "model.safetensors").stat().st_size / 2**20, **_cold(code)})
     return rows
