@@ -27,6 +27,7 @@ from huse.benchmarks.machine import machine_info, matmul_peak_flops
 from huse.runtime.backends import resolve_backend
 from huse.runtime.bundle import load_manifest
 from huse.runtime.classifier import Classifier
+from huse.runtime.errors import HuseError
 
 log = logging.getLogger("huse.bench")
 MODES = ("image", "text", "fused")
@@ -196,19 +197,27 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         samples: dict[tuple, list[np.ndarray]] = {c: [] for c in configs}
         bar = tqdm(total=cfg.repeats * len(configs) + cfg.headline_repeats, desc="huse-bench", unit="cfg",
                    disable=not cfg.progress, mininterval=2)
+        errors: dict[tuple, str] = {}
         for _ in range(cfg.repeats):
             for c in configs:
-                samples[c].append(stats.time_fn(calls[c], warmup=2, min_iters=3, min_seconds=0.1,
-                                                max_seconds=cfg.seconds, rel_ci=None))
+                if c not in errors:
+                    try:
+                        samples[c].append(stats.time_fn(calls[c], warmup=2, min_iters=3, min_seconds=0.1,
+                                                        max_seconds=cfg.seconds, rel_ci=None))
+                    except HuseError as e:  # e.g. a batch above a TensorRT profile's max: one row, not the run
+                        errors[c] = str(e)
                 bar.update(1)
         headline = _headline(clfs, data, cfg, bar)
         bar.close()
-        results = [_row(c, samples[c]) for c in configs]
+        results = [_row(c, samples[c]) if c not in errors else
+                   {**dict(zip(("backend", "precision", "mode", "kind", "batch"), c)), "status": "error", "reason": errors[c]}
+                   for c in configs]
         results += [{"backend": s["backend"], "precision": s.get("precision"), "mode": None, "kind": None, "batch": None,
                      "status": "skipped", "reason": s["reason"]} for s in skipped]
         concurrency = _concurrency(clfs, data, cfg)
         accuracy = _accuracy(clfs, data)
         memory = _memory(bundle, manifest, cfg, data.paths[0], data.titles[0])
+        gpu_phases = _gpu_phases(clfs, data, cfg)
     for c in clfs.values():
         c.close()
     flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1}) for m in cfg.modes}
@@ -225,6 +234,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         "concurrency": concurrency,
         "accuracy": accuracy,
         "memory": memory,
+        "gpu_phases": gpu_phases,
         "efficiency": {"peaks": peaks, "flops": flops},
     }
     result["efficiency"]["rows"] = build_efficiency(results, {m: f["flops_per_item"] for m, f in flops.items()},
@@ -295,6 +305,40 @@ def _accuracy(clfs: dict, data: BenchData) -> list[dict[str, Any]]:
                 row["top1_agreement"] = float((p.argmax(1) == ref[key].argmax(1)).mean())
                 row["max_abs_diff"] = float(np.abs(p - ref[key]).max())
             rows.append(row)
+    return rows
+
+
+def _gpu_phases(clfs: dict, data: BenchData, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """TensorRT only: host-to-device, compute and device-to-host times from CUDA events, with and
+    without a captured CUDA graph, and the GPU memory each engine holds. Empty without TensorRT."""
+    from huse.benchmarks.machine import gpu_memory_mib
+
+    rows = []
+    for (backend, precision), clf in clfs.items():
+        if backend != "tensorrt":
+            continue
+        from huse.runtime.backends.trt.runner import TrtRunner
+
+        for mode in cfg.modes:
+            inputs = clf.manifest["graphs"][mode]["inputs"]
+            for batch in cfg.batches:
+                feed = {k: v for k, v in data.take(0, batch)[2].items() if k in inputs}
+                for graphs in (False, True):
+                    row = {"backend": backend, "precision": precision, "mode": mode, "batch": batch, "cuda_graph": graphs}
+                    try:
+                        before = gpu_memory_mib()
+                        runner = TrtRunner.for_bundle(clf.bundle, clf.manifest, mode, precision,
+                                                      cuda_graph_batches=(batch,) if graphs else ())
+                        with runner:
+                            after = gpu_memory_mib()
+                            for _ in range(3):
+                                runner.infer_phases(feed)
+                            phases = [runner.infer_phases(feed)[1] for _ in range(20)]
+                        row.update({k: float(np.median([p[k] for p in phases])) for k in phases[0]})
+                        row["gpu_memory_mib"] = after - before if after is not None and before is not None else None
+                    except HuseError as e:
+                        row.update(status="error", reason=str(e))
+                    rows.append(row)
     return rows
 
 

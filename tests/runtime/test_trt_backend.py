@@ -270,3 +270,20 @@ def test_load_or_build_builds_once_then_reuses(built, tmp_path):
     with TrtRunner(again_path, manifest_entry=again_entry) as runner:
         feed = make_feed(2, seed=7)
         assert_matches_onnxruntime(session, feed, runner.infer(feed), TOLERANCE["fp32"])
+
+
+@pytest.mark.gpu
+@needs_trt_gpu
+def test_infer_phases_times_each_phase_and_returns_the_same_outputs(built):
+    _, engine_path, _, _ = built
+    feed = make_feed(4, seed=42)
+    with TrtRunner(engine_path) as plain, TrtRunner(engine_path, cuda_graph_batches=(4,)) as graphed:
+        reference = plain.infer(feed)
+        out, phases = plain.infer_phases(feed)
+        assert set(phases) == {"h2d_ms", "compute_ms", "d2h_ms"} and all(v >= 0 for v in phases.values())
+        assert phases["compute_ms"] > 0
+        out_g, phases_g = graphed.infer_phases(feed)
+        assert set(phases_g) == {"graph_ms"} and phases_g["graph_ms"] > 0
+        for name in reference:
+            np.testing.assert_allclose(out[name], reference[name], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(out_g[name], reference[name], rtol=1e-6, atol=1e-6)

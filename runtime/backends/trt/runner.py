@@ -136,6 +136,20 @@ class _CudaPython:
     def graph_destroy(self, graph_exec) -> None:
         self._call("cudaGraphExecDestroy", self.rt.cudaGraphExecDestroy(graph_exec))
 
+    def event_create(self):
+        return self._call("cudaEventCreate", self.rt.cudaEventCreate())
+
+    def event_record(self, event, stream) -> None:
+        self._call("cudaEventRecord", self.rt.cudaEventRecord(event, stream))
+
+    def event_ms(self, start, end) -> float:
+        """Milliseconds between two recorded events (waits for `end`)."""
+        self._call("cudaEventSynchronize", self.rt.cudaEventSynchronize(end))
+        return float(self._call("cudaEventElapsedTime", self.rt.cudaEventElapsedTime(start, end)))
+
+    def event_destroy(self, event) -> None:
+        self._call("cudaEventDestroy", self.rt.cudaEventDestroy(event))
+
 
 class _PyCuda:
     """pycuda driver API, on the device's primary context (the one TensorRT's runtime API uses)."""
@@ -191,6 +205,19 @@ class _PyCuda:
 
     def sync(self, stream) -> None:
         stream.synchronize()
+
+    def event_create(self):
+        return self.drv.Event()
+
+    def event_record(self, event, stream) -> None:
+        event.record(stream)
+
+    def event_ms(self, start, end) -> float:
+        end.synchronize()
+        return float(start.time_till(end))
+
+    def event_destroy(self, event) -> None:
+        pass  # destroyed with the Python object
 
 
 def make_cuda_binding(kind: str = "auto", device: int = 0):
@@ -556,6 +583,49 @@ class TrtRunner(BaseRunner):
                 self._enqueue(self._context, batch, shapes)
             self._cuda.sync(self._stream)
             return {name: self._host_view(self._io[name], shape).copy() for name, shape in shapes.items()}
+
+
+    def infer_phases(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """`infer`, timed on the GPU with CUDA events: host-to-device, compute, device-to-host (ms).
+
+        With a captured CUDA graph for this batch size the three run as one launch, reported as
+        "graph_ms". Host-side copies into the page-locked buffers are not included.
+        """
+        self._require_active()
+        arrays, batch = self._validate(feed)
+        cuda, stream = self._cuda, self._stream
+        with self._lock, cuda.bound():
+            for name, arr in arrays.items():
+                np.copyto(self._host_view(self._io[name], arr.shape), arr)
+            events = [cuda.event_create() for _ in range(4)]
+            try:
+                graph = self._graphs.get(batch)
+                if graph is not None:
+                    cuda.event_record(events[0], stream)
+                    cuda.graph_launch(graph.graph_exec, stream)
+                    cuda.event_record(events[1], stream)
+                    shapes, phases = graph.output_shapes, {"graph_ms": cuda.event_ms(events[0], events[1])}
+                else:
+                    shapes = self._set_batch(self._context, batch)
+                    cuda.event_record(events[0], stream)
+                    for t in self._io.values():
+                        if t.is_input:
+                            cuda.h2d(t.device, self._host_view(t, (batch, *t.max_shape[1:])), stream)
+                    cuda.event_record(events[1], stream)
+                    if not self._context.execute_async_v3(cuda.stream_handle(stream)):
+                        raise HuseError(f"TensorRT execute_async_v3 failed for {self.path} at batch {batch} (see its log)")
+                    cuda.event_record(events[2], stream)
+                    for name, shape in shapes.items():
+                        cuda.d2h(self._host_view(self._io[name], shape), self._io[name].device, stream)
+                    cuda.event_record(events[3], stream)
+                    phases = {"h2d_ms": cuda.event_ms(events[0], events[1]),
+                              "compute_ms": cuda.event_ms(events[1], events[2]),
+                              "d2h_ms": cuda.event_ms(events[2], events[3])}
+                cuda.sync(stream)
+            finally:
+                for e in events:
+                    cuda.event_destroy(e)
+            return {name: self._host_view(self._io[name], shape).copy() for name, shape in shapes.items()}, phases
 
 
 # -- engine cache ------------------------------------------------------------------------------------
