@@ -201,6 +201,16 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
         lines += _table(["backend", "precision", "on disk MiB", "peak RSS MiB", "GPU MiB", "cold start"], body)
         lines.append("")
 
+    phases = [p for p in result.get("gpu_phases") or [] if p.get("status") != "error"]
+    if phases:
+        lines += ["## GPU phases (CUDA events, median of 20 calls)", ""]
+        body = [[p["backend"], p["precision"], p["mode"], str(p["batch"]), "yes" if p["cuda_graph"] else "no",
+                 _fmt(p.get("h2d_ms"), ".3f"), _fmt(p.get("compute_ms"), ".3f"), _fmt(p.get("d2h_ms"), ".3f"),
+                 _fmt(p.get("graph_ms"), ".3f"), _fmt(p.get("gpu_memory_mib"), ".0f")] for p in phases]
+        lines += _table(["backend", "precision", "mode", "batch", "CUDA graph", "H2D ms", "compute ms", "D2H ms",
+                         "graph ms", "engine GPU MiB"], body)
+        lines.append("")
+
     eff = result.get("efficiency") or {}
     if eff.get("rows") or eff.get("peaks"):
         lines += ["## Efficiency", ""]
