@@ -107,9 +107,7 @@ class BenchData:
         from huse.train.data import load_source
 
         ds = load_source(manifest["data"])
-        idx = ds.indices("test")
-        idx = idx if len(idx) else ds.indices("val")
-        idx = np.sort(np.random.default_rng(0).choice(idx, min(n, len(idx)), replace=False))
+        _, idx = ds.heldout("test", n)
         self.paths, self.titles = [], []
         for i in idx:
             img = ds.images[i]
@@ -148,6 +146,7 @@ def _call(clf: Classifier, kind: str, mode: str, data: BenchData, batch: int) ->
 def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tuple[dict[tuple[str, str], Classifier], list[dict]]:
     """One Classifier per available (backend, precision); unavailable ones become skipped rows."""
     out, skipped = {}, []
+    batch_size = max(max(cfg.batches), cfg.headline_batch)
     precisions = cfg.precisions or tuple(sorted(manifest["models"]))
     backends = [("onnxruntime", "cpu")]
     for backend, device in (("onnxruntime", "cuda"), ("tensorrt", "cuda")):
@@ -163,17 +162,17 @@ def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tu
                 continue
             label = backend if device == "cpu" or backend == "tensorrt" else f"{backend}-cuda"
             out[(label, p)] = Classifier(bundle, backend=backend, precision=p, device=device, threads=cfg.threads,
-                                         batch_size=max(max(cfg.batches), cfg.headline_batch))
+                                         batch_size=batch_size)
     if cfg.torch_baseline:
         run = Path(cfg.run or manifest.get("source_run") or "")
         if not (run / "model.safetensors").is_file():
             skipped.append({"backend": "torch", "reason": f"training run {run} not found; pass --run RUN"})
         else:
             out[("torch", "fp32")] = TorchClassifier(bundle, run, threads=cfg.threads,
-                                                     batch_size=max(max(cfg.batches), cfg.headline_batch))
+                                                     batch_size=batch_size)
             if cfg.torch_compile:
                 out[("torch-compile", "fp32")] = TorchClassifier(bundle, run, compile=True, threads=cfg.threads,
-                                                                 batch_size=max(max(cfg.batches), cfg.headline_batch))
+                                                                 batch_size=batch_size)
     return out, skipped
 
 

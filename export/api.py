@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from huse.runtime.bundle import MANIFEST, load_manifest, write_manifest
+from huse.runtime.bundle import MANIFEST, load_manifest, package_versions, write_manifest
 from huse.runtime.errors import HuseError
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
@@ -48,18 +48,6 @@ class ExportOptions:
     say: Callable[[str], None] = field(default=print, repr=False)
 
 
-def tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("huse-edge", "torch", "onnx", "onnxruntime", "polygraphy", "onnxconverter-common", "numpy", "tensorrt"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # Real inputs from the run's data, through the runtime's own preprocessing and tokenizer
 
@@ -79,14 +67,7 @@ class EvalData:
         from huse.train.data import load_source
 
         ds = load_source(source)
-        idx = ds.indices(split)
-        if not len(idx) and split == "test":  # a small catalog may have no test products
-            split, idx = "val", ds.indices("val")
-        if not len(idx):
-            raise HuseError(f"the run's data has no {split!r} split to evaluate on")
-        self.split = split
-        if n and len(idx) > n:
-            idx = np.sort(np.random.default_rng(0).choice(idx, n, replace=False))
+        self.split, idx = ds.heldout(split, n)
         self.images = np.stack([load_image(ds.images[i], spec) for i in idx])
         self.text = tokenizer.inputs([normalise_title(ds.titles[i]) or "" for i in idx])
         self.labels = np.asarray([labels.index(ds.classes[i]) for i in idx])
@@ -94,10 +75,9 @@ class EvalData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def feeds(self, inputs: list[str], batch: int = 64, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    def feeds(self, inputs: list[str], batch: int = 64) -> list[dict[str, np.ndarray]]:
         arrays = {"image": self.images, **self.text}
-        n = len(self) if limit is None else min(limit, len(self))
-        return [{k: arrays[k][s:min(s + batch, n)] for k in inputs} for s in range(0, n, batch)]
+        return [{k: arrays[k][s:s + batch] for k in inputs} for s in range(0, len(self), batch)]
 
 
 def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> np.ndarray:
@@ -153,7 +133,8 @@ def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
         "data": cfg["data"],
         "source_run": str(run.resolve()),  # the torch model, for benchmarks' PyTorch baseline
         "engines": [],
-        "versions": tool_versions(),
+        "versions": package_versions("huse-edge", "torch", "onnx", "onnxruntime", "polygraphy",
+                                     "onnxconverter-common", "numpy", "tensorrt"),
     }
     write_manifest(tmp, manifest)
     if out.exists():

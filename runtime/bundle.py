@@ -31,6 +31,19 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the named distributions (absent ones are left out), for manifests."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON so that a reader never sees a half-written file (write, fsync, rename)."""
     path = Path(path)

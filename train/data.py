@@ -33,6 +33,20 @@ class Dataset:
     def indices(self, split: str) -> np.ndarray:
         return np.asarray([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
 
+    def heldout(self, split: str, n: int | None, seed: int = 0) -> tuple[str, np.ndarray]:
+        """A seeded sample of at most `n` products of `split` (0 or None: all), sorted.
+
+        A catalog too small to have test products falls back to val. Returns (split used, indices).
+        """
+        idx = self.indices(split)
+        if not len(idx) and split == "test":
+            split, idx = "val", self.indices("val")
+        if not len(idx):
+            raise HuseError(f"the run's data has no {split!r} split to evaluate on")
+        if n and len(idx) > n:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, n, replace=False))
+        return split, idx
+
     def split_sizes(self) -> dict[str, int]:
         return {s: int((np.asarray(self.splits) == s).sum()) for s in ("train", "val", "test")}
 

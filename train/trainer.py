@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from huse.runtime.bundle import write_json_atomic
+from huse.runtime.bundle import package_versions, write_json_atomic
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.preprocess import ImageSpec, load_image
@@ -66,16 +66,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metada
 
 
 def versions() -> dict[str, str]:
-    import PIL
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-    try:
-        from importlib.metadata import version
-
-        out["huse-edge"] = version("huse-edge")
-    except Exception:
-        pass
-    return out
+    return {"python": platform.python_version(), **package_versions("huse-edge", "torch", "numpy", "pillow")}
 
 
 def class_distances(hierarchy: Hierarchy, kind: str) -> np.ndarray:
