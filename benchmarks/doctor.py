@@ -37,7 +37,11 @@ def environment() -> dict[str, Any]:
     try:
         import onnxruntime as ort
 
-        env["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+        from huse.runtime.backends.onnxrt.runner import cuda_provider_status
+
+        cuda_ok, cuda_why = cuda_provider_status()
+        env["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers(),
+                              "cuda": {"usable": cuda_ok, "reason": cuda_why}}
     except ImportError as e:
         env["onnxruntime"] = {"error": f"{e}; pip install 'huse-edge[ort]'"}
     ok, why = engine_support()

@@ -25,13 +25,9 @@ def runner_class(name: str):
 
 
 def _ort_cuda_usable() -> tuple[bool, str]:
-    try:
-        import onnxruntime as ort
-    except Exception as e:
-        return False, f"onnxruntime is not importable ({e})"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False, "onnxruntime has no CUDAExecutionProvider (CPU-only onnxruntime installed)"
-    return True, "onnxruntime CUDAExecutionProvider available"
+    from huse.runtime.backends.onnxrt.runner import cuda_provider_status
+
+    return cuda_provider_status()
 
 
 def _trt_usable() -> tuple[bool, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,51 @@ import numpy as np
 from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.errors import HuseError
+
+
+# A one-node ONNX model (Identity on a float[1], opset 13, IR 7): enough to ask onnxruntime
+# whether its CUDA provider really starts, without shipping the `onnx` package in the runtime.
+# tests/runtime/test_onnxrt_cuda.py rebuilds it with onnx and checks these bytes.
+PROBE_MODEL = (b'\x08\x07\x12\x00:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08'
+               b'\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r')
+
+CUDA_HINT = ("onnxruntime-gpu needs a GPU, its driver and the CUDA/cuDNN libraries it was built for "
+             "(https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements); "
+             "or use device='cpu'")
+
+
+def _cuda_active(session) -> bool:
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
+@functools.cache
+def cuda_provider_status() -> tuple[bool, str]:
+    """Whether onnxruntime's CUDA provider actually runs here.
+
+    Being listed by `get_available_providers()` is not enough: onnxruntime-gpu lists CUDA on
+    any machine, and when the GPU, driver or CUDA libraries are missing a session silently
+    falls back to the CPU. So this opens a one-node session on CUDA and checks which
+    providers it kept. Cached: the answer does not change within a process.
+
+    Returns:
+        (usable, reason).
+    """
+    try:
+        import onnxruntime as ort
+    except Exception as e:
+        return False, f"onnxruntime is not importable ({e})"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "onnxruntime has no CUDAExecutionProvider (CPU-only onnxruntime installed)"
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(PROBE_MODEL, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as e:
+        return False, f"onnxruntime's CUDA provider failed to start ({type(e).__name__}: {e}); {CUDA_HINT}"
+    if not _cuda_active(session):
+        return False, ("onnxruntime lists CUDAExecutionProvider but could not start it (it fell back to the CPU; "
+                       f"its log above says which library is missing); {CUDA_HINT}")
+    return True, "onnxruntime CUDAExecutionProvider starts"
 
 
 class OnnxrtRunner(BaseRunner):
@@ -43,9 +89,15 @@ class OnnxrtRunner(BaseRunner):
                                 "or use device='cpu'")
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:
             raise HuseError(f"onnxruntime could not load {self.path} ({e})") from None
+        if self.device == "cuda" and not _cuda_active(session):
+            # onnxruntime falls back to the CPU without raising; running on, every number
+            # reported as "cuda" would be a CPU number.
+            raise HuseError(f"onnxruntime could not start its CUDA provider for {self.path} "
+                            f"(providers in use: {session.get_providers()}); {CUDA_HINT}")
+        self.session = session
         super().activate()
 
     def deactivate(self) -> None:
