@@ -15,6 +15,7 @@ Documented normalisations of awkward inputs (each item either normalises or fail
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from huse.runtime.errors import HuseError
 
@@ -107,7 +108,8 @@ def decode_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
             raise HuseError(f"it has {w}x{h} = {w * h} pixels, over the cap of {max_pixels}; "
                             "resize it first or raise max_pixels")
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
     except HuseError as e:
         raise HuseError(f"image {name}: {e}") from None
@@ -133,21 +135,38 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+@functools.lru_cache(maxsize=16)
+def _lookup(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: for each channel, `(v / 255 - mean) / std` of every 8-bit value v.
+
+    The same float32 operations, in the same order, as normalising each pixel directly, so
+    the result is bit-identical (tests/runtime/test_preprocess.py checks it); done once per
+    value instead of once per pixel, and written straight into CHW order.
+    """
+    v = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
+    return np.stack([(v - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)])
+
+
 def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     """Resize and normalise one decoded RGB image.
+
+    Each channel becomes `(pixel / 255 - mean) / std` in float32.
 
     Args:
         img: an RGB image from `decode_image`.
         spec: the bundle's preprocessing spec.
     Returns:
-        float32 array (3, H, W).
+        float32 array (3, H, W), C-contiguous.
     """
     h, w = spec.size
     if img.size != (w, h):
         img = img.resize((w, h), _RESAMPLE[spec.resize])
-    x = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
-    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    pixels = np.asarray(img)  # (H, W, 3) uint8
+    table = _lookup(tuple(spec.mean), tuple(spec.std))
+    out = np.empty((3, h, w), np.float32)
+    for c in range(3):
+        table[c].take(pixels[:, :, c], out=out[c])
+    return out
 
 
 def load_image(source: ImageInput, spec: ImageSpec) -> np.ndarray:

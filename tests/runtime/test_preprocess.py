@@ -309,3 +309,16 @@ def test_unknown_resize_is_refused_listing_known():
     with pytest.raises(HuseError, match="lanczos5") as e:
         ImageSpec.from_dict(d)
     assert "['bicubic', 'bilinear', 'nearest']" in str(e.value)
+
+
+def test_lookup_normalisation_is_bit_identical_to_the_formula():
+    """The per-value table must equal normalising each pixel directly, to the last bit."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    for mean, std in [(MEAN, STD), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), ((0.1, 0.7, 0.33), (0.9, 0.05, 1.7))]:
+        spec = ImageSpec(size=(9, 11), mean=mean, std=std)
+        direct = np.asarray(arr, np.float32) * np.float32(1.0 / 255.0)
+        direct = ((direct - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1)
+        got = preprocess(Image.fromarray(arr, "RGB"), spec)
+        assert got.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(got, direct)
