@@ -24,7 +24,7 @@ import numpy as np
 from huse.benchmarks import stats
 from huse.benchmarks.compare import SCHEMA
 from huse.benchmarks.machine import machine_info, matmul_peak_flops
-from huse.runtime.backends import resolve_backend
+from huse.runtime.backends import gpu_backends
 from huse.runtime.bundle import load_manifest
 from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
@@ -149,12 +149,11 @@ def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tu
     batch_size = max(max(cfg.batches), cfg.headline_batch)
     precisions = cfg.precisions or tuple(sorted(manifest["models"]))
     backends = [("onnxruntime", "cpu")]
-    for backend, device in (("onnxruntime", "cuda"), ("tensorrt", "cuda")):
-        name, dev, reason = resolve_backend("auto", device)
-        if (name, dev) == (backend, device) or (backend == "onnxruntime" and "onnxruntime on cuda" in reason):
-            backends.append((backend, device))
+    for label, (usable, reason) in gpu_backends().items():
+        if usable:
+            backends.append(("tensorrt", "cuda") if label == "tensorrt" else ("onnxruntime", "cuda"))
         else:
-            skipped.append({"backend": f"{backend}-{device}", "reason": reason})
+            skipped.append({"backend": label, "reason": reason})
     for backend, device in backends:
         for p in precisions:
             if p not in manifest["models"]:

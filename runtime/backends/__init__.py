@@ -24,12 +24,6 @@ def runner_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def _ort_cuda_usable() -> tuple[bool, str]:
-    from huse.runtime.backends.onnxrt.runner import cuda_provider_status
-
-    return cuda_provider_status()
-
-
 def _trt_usable() -> tuple[bool, str]:
     try:
         from huse.runtime.backends.trt.gpu import gpu_status
@@ -43,6 +37,17 @@ def _trt_usable() -> tuple[bool, str]:
     except Exception as e:
         return False, f"tensorrt is not importable ({type(e).__name__}: {e}); pip install 'huse-edge[trt]' (JetPack ships it)"
     return True, "TensorRT and a usable GPU found"
+
+
+def gpu_backends() -> dict[str, tuple[bool, str]]:
+    """Each GPU backend huse can run, with whether it is usable here and why (or why not).
+
+    Returns:
+        {"tensorrt": (usable, reason), "onnxruntime-cuda": (usable, reason)}.
+    """
+    from huse.runtime.backends.onnxrt.runner import cuda_provider_status
+
+    return {"tensorrt": _trt_usable(), "onnxruntime-cuda": cuda_provider_status()}
 
 
 def resolve_backend(backend: str = "auto", device: str | None = None) -> tuple[str, str, str]:
@@ -63,12 +68,13 @@ def resolve_backend(backend: str = "auto", device: str | None = None) -> tuple[s
         return backend, dev, "requested"
     reasons = []
     if device in (None, "cuda"):
-        ok, why = _trt_usable()
+        status = gpu_backends()
+        ok, why = status["tensorrt"]
         if ok:
             log.info("backend auto -> tensorrt (%s)", why)
             return "tensorrt", "cuda", why
         reasons.append(f"not tensorrt: {why}")
-        ok, why = _ort_cuda_usable()
+        ok, why = status["onnxruntime-cuda"]
         if ok:
             reason = "; ".join(reasons + [why])
             log.info("backend auto -> onnxruntime on cuda (%s)", reason)

@@ -30,8 +30,13 @@ def test_every_configuration_is_measured_beside_the_baseline(result):
         lat = r["latency_ms"]
         assert lat["min"] <= lat["p50"] <= lat["p99"] <= lat["max"] and lat["n"] >= 2  # one sample per round at least
         assert r["repeat_spread"]["n_repeats"] == 2 and r["throughput_items_s"] > 0
-    skipped = [r for r in result["results"] if r["status"] == "skipped"]
-    assert any(r["backend"].startswith("tensorrt") for r in skipped)  # no GPU here, said so
+    from huse.runtime.backends import gpu_backends
+
+    skipped = {r["backend"]: r["reason"] for r in result["results"] if r["status"] == "skipped"}
+    measured = {r["backend"] for r in ok}
+    for label, (usable, reason) in gpu_backends().items():  # each GPU backend: measured, or skipped with its own reason
+        assert (label in measured) == usable
+        assert (skipped.get(label) == reason) == (not usable)
 
 
 def test_headline_and_accuracy_compare_like_with_like(result):
