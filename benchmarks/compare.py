@@ -6,16 +6,16 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
     {
       "schema": "huse-bench/1",
       "created": "2026-11-20T10:00:00Z",          # ISO 8601, UTC
-      "machine": {...},                           # machine.machine_info()
-      "config": {                                 # what was asked for; free-form beyond these
-        "bundle": "path", "bundle_sha256": "...",
-        "backends": ["onnxrt", "trt", "torch"], "precisions": ["fp32", "fp16", "int8"],
-        "modes": ["image", "text", "multimodal"], "batches": [1, 8, 32],
-        "repeats": 3, "warmup": 5, "min_seconds": 1.0, "max_seconds": 10.0, "threads": 2
+      "machine": {...},                           # machine.machine_info(): CPU, cores, GPU, driver, libraries
+      "config": {                                 # what was asked for
+        "bundle": "path", "backends": ["onnxruntime", "torch"], "precisions": ["fp32", "fp16", "int8"],
+        "modes": ["image", "text", "fused"], "batches": [1, 8, 32, 128], "kinds": ["model", "e2e"],
+        "repeats": 3, "seconds_per_round": 0.5, "threads": 2, "eval_size": 1000, "wall_seconds": 149.0
       },
-      "results": [                                # one row per measured configuration
+      "results": [                                # one row per configuration
         {
-          "backend": "onnxrt",                    # "torch" rows are the PyTorch eager baseline
+          "backend": "onnxruntime",               # also "onnxruntime-cuda", "tensorrt"; "torch" rows are the
+                                                  #   PyTorch eager baseline, "torch-compile" its compiled form
           "precision": "fp32",
           "mode": "image",                        # which towers/inputs the call exercises
           "kind": "model",                        # "model": backend.infer on ready tensors;
@@ -23,30 +23,36 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
           "batch": 8,
           "status": "ok",                         # or "skipped"/"error" with "reason"; such
           "reason": null,                         #   rows carry no numbers and are not compared
-          "latency_ms": {...},                    # stats.summarize(all samples, scale=1e3)
+          "latency_ms": {...},                    # stats.summarize(all samples, scale=1e3): min, mean, p50..p99, max
           "repeat_spread": {...},                 # stats.repeat_summary(repeats, scale=1e3)
-          "throughput_items_s": 123.4,            # batch * calls / total time (stats.throughput)
-          "concurrent_throughput_items_s": {"4": 150.0},   # optional: callers -> items/s
-          "peak_rss_mib": 310.2,                  # optional
-          "gpu_memory_mib": null                  # optional; null without a GPU
+          "throughput_items_s": 123.4             # batch * calls / total time (stats.throughput)
         }
       ],
+      "headline": {"speedup_median": 2.1, "speedup_min": 1.9, "speedup_max": 2.4, "rounds": 7, ...},
+                                                  # fused e2e at batch 64, onnxruntime vs torch, interleaved
+      "concurrency": [{"backend", "precision", "mode", "kind", "batch", "callers", "items_s"}],
       "accuracy": [                               # one row per backend/precision/mode measured
-        {"backend": "onnxrt", "precision": "int8", "mode": "image", "n": 1000,
+        {"backend": "onnxruntime", "precision": "int8", "mode": "image", "n": 1000,
          "top1": 0.84,                            # fraction correct on the labelled set
          "top1_agreement": 0.99,                  # optional: same top-1 as the fp32 reference
          "max_abs_diff": 0.39}                    # optional: largest probability change vs fp32
       ],
-      "memory": [                                 # model load + run high-water marks
-        {"backend": "onnxrt", "precision": "fp32", "mode": "image",
-         "peak_rss_mib": 300.0, "gpu_memory_mib": null}
+      "memory": [                                 # per backend/precision: files and a fresh process
+        {"backend": "onnxruntime", "precision": "fp32", "mode": "all", "size_mib": 52.2, "files": ["fused", ...],
+         "cold_start_s": 0.43, "cold_start_spread_s": 0.05, "peak_rss_mib": 127.0, "imports_torch": false,
+         "gpu_memory_mib": null}                  # that process's GPU memory (nvidia-smi); null on CPU
+      ],
+      "gpu_phases": [                             # TensorRT only: CUDA-event phases, with and without a CUDA graph
+        {"backend": "tensorrt", "precision": "fp16", "mode": "image", "batch": 8, "cuda_graph": false,
+         "h2d_ms": 0.1, "compute_ms": 0.9, "d2h_ms": 0.02, "gpu_memory_mib": 40.0}   # "graph_ms" with a graph
       ],
       "efficiency": {                             # report.build_efficiency(...) fills "rows"
         "peaks": {"cpu": {...}},                  # machine.matmul_peak_flops(); "gpu" if measured
         "flops": {"image": {...}},                # flops.count_flops per mode
         "rows": [{"backend", "precision", "mode", "kind", "batch", "device",
                   "flops_per_item", "achieved_flop_s", "peak_flop_s", "fraction_of_peak"}]
-      }
+      },
+      "import_time": {"median_s": 0.13, "min_s": 0.12, "max_s": 0.15, "repeats": 7, "imports_torch": false}
     }
 
 A configuration is identified by (backend, precision, mode, kind, batch). `compare` matches those

@@ -214,7 +214,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                      "status": "skipped", "reason": s["reason"]} for s in skipped]
         concurrency = _concurrency(clfs, data, cfg)
         accuracy = _accuracy(clfs, data)
-        memory = _memory(bundle, manifest, cfg, data.paths[0], data.titles[0])
+        memory = _memory(clfs, bundle, manifest, cfg, data.paths[0], data.titles[0])
         gpu_phases = _gpu_phases(clfs, data, cfg)
     for c in clfs.values():
         c.close()
@@ -341,7 +341,7 @@ def _gpu_phases(clfs: dict, data: BenchData, cfg: BenchConfig) -> list[dict[str,
 
 
 _COLD = """
-import sys, time
+import os, sys, time
 t0 = time.perf_counter()
 {imports}
 clf = {make}
@@ -349,42 +349,56 @@ clf.classify(images=[{image!r}], titles=[{title!r}])
 t1 = time.perf_counter()
 # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report the parent's peak.
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(t1 - t0, int(hwm) / 1024, "torch" in sys.modules)
+gpu = {gpu}
+print(t1 - t0, int(hwm) / 1024, "torch" in sys.modules, gpu)
 """
+# This process's GPU memory (nvidia-smi per process), for the GPU backends' fresh processes.
+_COLD_GPU = "__import__('huse.benchmarks.machine', fromlist=['gpu_memory_mib']).gpu_memory_mib(os.getpid())"
 
 
-def _memory(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig, img: str, title: str) -> list[dict[str, Any]]:
-    """Size on disk, and cold start + peak RSS of a fresh process classifying one product."""
+def _memory(clfs: dict, bundle: Path, manifest: dict[str, Any], cfg: BenchConfig, img: str,
+            title: str) -> list[dict[str, Any]]:
+    """Per measured (backend, precision): size on disk of the model files it ran (ONNX graphs,
+    or TensorRT engines as built on this GPU), and the cold start, peak RSS and GPU memory of a
+    fresh process classifying one product. TensorRT's cold start loads the engines this run
+    built and cached; it does not include building them."""
     rows = []
-    for precision, models in sorted(manifest["models"].items()):
-        size = sum((bundle / f).stat().st_size for f in models.values())
-        row = {"backend": "onnxruntime", "precision": precision, "mode": "all", "size_mib": size / 2**20}
+    for (label, precision), clf in clfs.items():
+        if label.startswith("torch"):
+            continue
+        files = {graph: Path(r.path) for graph, r in clf._runners.items()}
+        row = {"backend": label, "precision": precision, "mode": "all",
+               "size_mib": sum(f.stat().st_size for f in files.values() if f.is_file()) / 2**20,
+               "files": sorted(files)}
         if cfg.cold_start:
             code = _COLD.format(imports="from huse.runtime import Classifier",
-                                make=f"Classifier({str(bundle)!r}, backend='onnxruntime', precision={precision!r})",
-                                image=img, title=title)
+                                make=f"Classifier({str(bundle)!r}, backend={clf.backend!r}, device={clf.device!r}, "
+                                     f"precision={precision!r})",
+                                image=img, title=title, gpu=_COLD_GPU if clf.device == "cuda" else "None")
             row.update(_cold(code))
         rows.append(row)
     run = Path(cfg.run or manifest.get("source_run") or "")
     if cfg.cold_start and cfg.torch_baseline and (run / "model.safetensors").is_file():
         code = _COLD.format(imports="from huse.benchmarks.suite import TorchClassifier",
-                            make=f"TorchClassifier({str(bundle)!r}, {str(run)!r})", image=img, title=title)
+                            make=f"TorchClassifier({str(bundle)!r}, {str(run)!r})", image=img, title=title, gpu="None")
         rows.append({"backend": "torch", "precision": "fp32", "mode": "all",
                      "size_mib": (run / "model.safetensors").stat().st_size / 2**20, **_cold(code)})
     return rows
 
 
 def _cold(code: str, repeats: int = 3) -> dict[str, Any]:
-    times, rss = [], []
+    times, rss, gpu = [], [], []
     for _ in range(repeats):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if out.returncode:
             return {"cold_start_error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
-        t, r, torch_loaded = out.stdout.split()
+        t, r, torch_loaded, g = out.stdout.split()[-4:]
         times.append(float(t))
         rss.append(float(r))
+        gpu.append(None if g == "None" else float(g))
     return {"cold_start_s": float(np.median(times)), "cold_start_spread_s": float(max(times) - min(times)),
-            "peak_rss_mib": float(np.median(rss)), "imports_torch": torch_loaded == "True"}
+            "peak_rss_mib": float(np.median(rss)), "imports_torch": torch_loaded == "True",
+            "gpu_memory_mib": None if None in gpu else float(np.median(gpu))}
 
 
 def import_time(repeats: int = 7) -> dict[str, Any]:

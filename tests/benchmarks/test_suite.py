@@ -69,3 +69,25 @@ def test_outputs_and_compare_flag_an_injected_slowdown(result, tmp_path):
     assert same.exit_code == 0, same.output
     flagged = CliRunner().invoke(main, ["compare", str(tmp_path / "a" / "result.json"), str(tmp_path / "b.json")])
     assert flagged.exit_code == 1 and "REGRESSION" in flagged.output.upper()
+
+
+def test_memory_rows_measure_a_fresh_process_per_backend(tiny_bundle, tiny_catalog):
+    """Size on disk of the graphs a backend ran, and a fresh process's cold start without torch."""
+    from pathlib import Path
+
+    from huse.benchmarks.suite import BenchConfig, _memory
+    from huse.runtime import Classifier
+    from huse.runtime.bundle import load_manifest
+
+    manifest = load_manifest(tiny_bundle)
+    img = next((Path(tiny_catalog).parent / "images").glob("*.png"))
+    with Classifier(tiny_bundle, backend="onnxruntime", device="cpu") as clf:
+        clf.classify(images=[str(img)], titles=["red shirt"])  # opens the fused graph only
+        rows = _memory({("onnxruntime", "fp32"): clf}, Path(tiny_bundle), manifest,
+                       BenchConfig(torch_baseline=False), str(img), "red shirt")
+    (row,) = rows
+    assert row["backend"] == "onnxruntime" and row["files"] == ["fused"]
+    assert row["size_mib"] == pytest.approx((Path(tiny_bundle) / manifest["models"]["fp32"]["fused"]).stat().st_size / 2**20)
+    assert "cold_start_error" not in row, row
+    assert 0 < row["cold_start_s"] < 60 and row["peak_rss_mib"] > 20
+    assert row["imports_torch"] is False and row["gpu_memory_mib"] is None

@@ -96,6 +96,17 @@ def test_unknown_cuda_binding_lists_the_known_ones():
         make_cuda_binding("cupy")
 
 
+def test_cuda_python_results_of_an_unexpected_length_are_refused():
+    """cuda-python 11 returns three values from cudaGraphInstantiate; that must not become a None graph."""
+    from huse.runtime.backends.trt.runner import _CudaPython
+
+    cuda = _CudaPython(cudart=None, device=0)  # success codes never reach the bindings
+    assert cuda._call("cudaMalloc", (0, 1234)) == 1234
+    assert cuda._call("cudaFree", (0,)) is None
+    with pytest.raises(HuseError, match="cudaGraphInstantiate returned 2 values; huse needs cuda-python 12"):
+        cuda._call("cudaGraphInstantiate", (0, object(), b""))
+
+
 @pytest.mark.skipif(CAN_BUILD, reason="TensorRT and a GPU are present")
 def test_load_or_build_without_gpu_or_tensorrt_says_why(tmp_path):
     onnx_file = tmp_path / "image.onnx"

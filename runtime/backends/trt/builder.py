@@ -180,8 +180,12 @@ def build_engine(
         timing_cache = Path(timing_cache)
         blob = timing_cache.read_bytes() if timing_cache.is_file() else b""  # empty: a new cache
         cache = config.create_timing_cache(blob)
-        # ignore_mismatch=False: a cache from another GPU/TensorRT is refused, not mixed in.
-        config.set_timing_cache(cache, False)
+        # ignore_mismatch=False: a cache from another GPU/TensorRT is refused, not mixed in;
+        # then the build starts from an empty cache, which the build fills and we save.
+        if config.set_timing_cache(cache, False) is False:  # C++ returns bool; never act on a None
+            logger.log(trt.Logger.WARNING, f"timing cache {timing_cache} is from another GPU or TensorRT; starting a new one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, False)
 
     if dla_core is not None:
         if not 0 <= dla_core < builder.num_DLA_cores:
@@ -204,8 +208,8 @@ def build_engine(
     with contextlib.suppress(FileNotFoundError):
         sidecar_path(engine_path).unlink()  # an old description must never sit next to a new engine
     _write_atomic(engine_path, data)
-    if cache is not None:
-        _write_atomic(timing_cache, memoryview(cache.serialize()))
+    if cache is not None:  # the config's cache, as Polygraphy saves it: it holds what this build timed
+        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
 
     entry = {
         "file": engine_path.name,

@@ -76,7 +76,10 @@ class _CudaPython:
         if int(result[0]) != 0:
             raise HuseError(f"CUDA call {what} failed on GPU {self.device}: {cuda_error_text(self.rt, result[0])}")
         rest = result[1:]
-        return rest[0] if len(rest) == 1 else None
+        if len(rest) > 1:  # e.g. cuda-python 11's three-value cudaGraphInstantiate: never hand back None
+            raise HuseError(f"CUDA call {what} returned {len(rest)} values; huse needs cuda-python 12 or newer "
+                            "(pip install 'huse-edge[trt]')")
+        return rest[0] if rest else None
 
     @contextlib.contextmanager
     def bound(self):
@@ -368,6 +371,9 @@ class TrtRunner(BaseRunner):
             with self._cuda.bound():
                 self._logger = trt.Logger(trt.Logger.WARNING)
                 self._runtime = trt.Runtime(self._logger)
+                entry = self.manifest_entry if self.manifest_entry is not None else read_sidecar(self.path)
+                if entry and entry.get("dla_core") is not None:  # a DLA engine runs on the core it was built for
+                    self._runtime.DLA_core = int(entry["dla_core"])
                 self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
                 if self._engine is None:
                     raise HuseError(
@@ -453,7 +459,9 @@ class TrtRunner(BaseRunner):
                 else:
                     shape_min = shape_max = shape
                 self._io[name].min_shape, self._io[name].max_shape = shape_min, shape_max
-                context.set_input_shape(name, shape_max)
+                if not context.set_input_shape(name, shape_max):
+                    raise HuseError(f"TensorRT refused the profile's max shape {shape_max} for input '{name}' of "
+                                    f"{self.path}; {REBUILD_HINT}")
         for t in self._io.values():  # output sizes follow from the inputs at their max shapes
             if not t.is_input:
                 t.max_shape = t.min_shape = tuple(context.get_tensor_shape(t.name))
