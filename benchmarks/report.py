@@ -26,16 +26,22 @@ def _sort_key(row: dict) -> tuple:
     # Rows that are compared with each other sit together: same mode/kind/batch, baseline first.
     return (
         str(row.get("mode")), str(row.get("kind")), row.get("batch") or 0,
-        row.get("backend") != BASELINE_BACKEND, str(row.get("backend")),
+        row.get("backend") not in (BASELINE_BACKEND, f"{BASELINE_BACKEND}-cuda"), str(row.get("backend")),
         _PRECISION_ORDER.get(row.get("precision"), len(_PRECISION_ORDER)), str(row.get("precision")),
     )
+
+
+def baseline_for(backend: str, baseline: str = BASELINE_BACKEND) -> str:
+    """The baseline backend on the same device: "torch" for CPU rows, "torch-cuda" for GPU rows."""
+    return baseline if _default_device(str(backend)) == "cpu" else f"{baseline}-cuda"
 
 
 def baseline_row(result: dict, row: dict, baseline: str = BASELINE_BACKEND) -> dict | None:
     """The PyTorch eager row a configuration's speedup is quoted against.
 
-    Same mode, kind and batch, backend `baseline`; fp32 preferred (the reference precision),
-    else the row with the same precision.
+    Same device (`baseline_for`), mode, kind and batch; fp32 preferred (the reference
+    precision), else the row with the same precision. A GPU backend is never quoted against
+    the CPU baseline.
 
     Args:
         result: the whole result.
@@ -44,6 +50,7 @@ def baseline_row(result: dict, row: dict, baseline: str = BASELINE_BACKEND) -> d
     Returns:
         The baseline row, or None if the baseline did not run that configuration.
     """
+    baseline = baseline_for(row.get("backend"), baseline)
     candidates = [
         r for r in _ok(result.get("results", []))
         if r.get("backend") == baseline
@@ -146,7 +153,8 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
             "Latency in ms per call (one batch). Spread: how much the medians of "
             + (f"{repeats} " if repeats else "")
             + "repeated runs differed, relative; differences smaller than it are noise. "
-            + f"Speedup: {baseline} eager p50 / this p50 at the same mode, kind and batch.",
+            + f"Speedup: {baseline} eager p50 / this p50 at the same mode, kind and batch, on the same device "
+            + f"({baseline} for CPU rows, {baseline}-cuda for GPU rows).",
             "",
         ]
         body = []
@@ -164,7 +172,7 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
                 _fmt(lat.get("p50")), _fmt(lat.get("p99")),
                 _fmt(None if spread is None else 100 * spread, ".1f", "%"),
                 _fmt(r.get("throughput_items_s"), ".4g"),
-                ("baseline" if r.get("backend") == baseline else _fmt(speedup, ".2f", "x")),
+                ("baseline" if r.get("backend") == baseline_for(r.get("backend"), baseline) else _fmt(speedup, ".2f", "x")),
                 _fmt(None if acc is None else 100 * acc.get("top1", math.nan), ".1f", "%"),
             ])
         lines += _table(

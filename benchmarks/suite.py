@@ -58,27 +58,43 @@ class BenchConfig:
 
 
 class _TorchGraph:
-    """A runner over one torch graph module (same `infer` contract as the runtime's runners)."""
+    """A runner over one torch graph module (same `infer` contract as the runtime's runners).
+    On CUDA the copy to the GPU and back is part of each call, as it is for the GPU runtimes."""
 
-    def __init__(self, module, inputs: list[str], outputs: list[str]):
-        self.module, self.inputs, self.outputs = module.eval(), inputs, outputs
+    def __init__(self, module, inputs: list[str], outputs: list[str], device: str = "cpu"):
+        self.module, self.inputs, self.outputs, self.device = module.eval(), inputs, outputs, device
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            out = self.module(*(torch.from_numpy(feed[n]) for n in self.inputs))
-        return {n: t.numpy() for n, t in zip(self.outputs, out)}
+            out = self.module(*(torch.from_numpy(feed[n]).to(self.device) for n in self.inputs))
+            return {n: t.cpu().numpy() for n, t in zip(self.outputs, out)}  # .cpu() waits for the GPU
 
     def deactivate(self) -> None:
         pass
 
 
+def torch_cuda_status() -> tuple[bool, str]:
+    """Whether the PyTorch baseline can also run on a GPU here (a CUDA build of torch and a GPU)."""
+    try:
+        import torch
+    except ImportError as e:
+        return False, f"torch is not importable ({e})"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return False, f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
+    return True, f"torch on {torch.cuda.get_device_name(0)}"
+
+
 class TorchClassifier(Classifier):
     """The PyTorch eager baseline: identical decode, preprocessing, tokeniser and postprocessing;
-    only the model call differs. `compile=True` wraps each graph in torch.compile."""
+    only the model call differs. `compile=True` wraps each graph in torch.compile; `device="cuda"`
+    is the baseline for the GPU backends (same device, same inputs)."""
 
-    def __init__(self, bundle: Path, run: Path, compile: bool = False, threads: int | None = None, **kw):
+    def __init__(self, bundle: Path, run: Path, compile: bool = False, threads: int | None = None,
+                 device: str = "cpu", **kw):
         import torch
 
         from huse.export.graphs import graph_specs
@@ -88,10 +104,11 @@ class TorchClassifier(Classifier):
         if threads:
             torch.set_num_threads(threads)
         model, cfg = load_run(run)
-        self.backend, self.device = "torch", "cpu"
+        model.to(device)
+        self.backend, self.device = "torch", device
         for name, g in graph_specs(model, self.fusion_weight).items():
             module = torch.compile(g["module"]) if compile else g["module"]
-            self._runners[name] = _TorchGraph(module, g["inputs"], g["outputs"])
+            self._runners[name] = _TorchGraph(module, g["inputs"], g["outputs"], device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,11 +184,19 @@ def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tu
         if not (run / "model.safetensors").is_file():
             skipped.append({"backend": "torch", "reason": f"training run {run} not found; pass --run RUN"})
         else:
-            out[("torch", "fp32")] = TorchClassifier(bundle, run, threads=cfg.threads,
-                                                     batch_size=batch_size)
-            if cfg.torch_compile:
-                out[("torch-compile", "fp32")] = TorchClassifier(bundle, run, compile=True, threads=cfg.threads,
-                                                                 batch_size=batch_size)
+            devices = ["cpu"]
+            cuda_ok, cuda_why = torch_cuda_status()
+            if cuda_ok:
+                devices.append("cuda")
+            else:
+                skipped.append({"backend": "torch-cuda", "reason": cuda_why})
+            for device in devices:
+                suffix = "-cuda" if device == "cuda" else ""
+                out[(f"torch{suffix}", "fp32")] = TorchClassifier(bundle, run, threads=cfg.threads, device=device,
+                                                                  batch_size=batch_size)
+                if cfg.torch_compile:
+                    out[(f"torch-compile{suffix}", "fp32")] = TorchClassifier(
+                        bundle, run, compile=True, threads=cfg.threads, device=device, batch_size=batch_size)
     return out, skipped
 
 

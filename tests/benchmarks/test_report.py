@@ -85,3 +85,20 @@ def test_plot_leaves_out_figures_without_data(tmp_path, synthetic):
     result["efficiency"] = {}
     assert {p.name for p in plot(result, tmp_path)} == {"latency_vs_batch.png",
                                                         "throughput_vs_batch.png"}
+
+
+def test_gpu_rows_are_quoted_against_the_gpu_baseline_only(synthetic):
+    """A GPU backend's speedup is against torch on the GPU (same device), never against CPU torch."""
+    from tests.benchmarks.conftest import make_row
+
+    result = synthetic()
+    trt = {**make_row("onnxrt", "fp32", "image", "model", 8), "backend": "tensorrt"}  # 2.0 units
+    torch_cuda = {**make_row("onnxrt", "int8", "image", "model", 8), "backend": "torch-cuda", "precision": "fp32"}  # 1.5
+    result["results"] += [trt]
+    rows = {tuple(r[:5]): r for r in _table_rows(to_markdown(result))}
+    assert rows[("tensorrt", "fp32", "image", "model", "8")][9] == "-"  # CPU torch (4.0 units) is not its baseline
+    result["results"] += [torch_cuda]
+    rows = {tuple(r[:5]): r for r in _table_rows(to_markdown(result))}
+    assert rows[("tensorrt", "fp32", "image", "model", "8")][9] == f"{1.5 / 2.0:.2f}x"
+    assert rows[("torch-cuda", "fp32", "image", "model", "8")][9] == "baseline"
+    assert rows[("onnxrt", "fp32", "image", "model", "8")][9] == f"{4.0 / 2.0:.2f}x"  # CPU rows: CPU torch

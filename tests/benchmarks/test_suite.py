@@ -34,7 +34,10 @@ def test_every_configuration_is_measured_beside_the_baseline(result):
 
     skipped = {r["backend"]: r["reason"] for r in result["results"] if r["status"] == "skipped"}
     measured = {r["backend"] for r in ok}
-    for label, (usable, reason) in gpu_backends().items():  # each GPU backend: measured, or skipped with its own reason
+    from huse.benchmarks.suite import torch_cuda_status
+
+    status = {**gpu_backends(), "torch-cuda": torch_cuda_status()}
+    for label, (usable, reason) in status.items():  # each GPU backend: measured, or skipped with its own reason
         assert (label in measured) == usable
         assert (skipped.get(label) == reason) == (not usable)
 
@@ -91,3 +94,19 @@ def test_memory_rows_measure_a_fresh_process_per_backend(tiny_bundle, tiny_catal
     assert "cold_start_error" not in row, row
     assert 0 < row["cold_start_s"] < 60 and row["peak_rss_mib"] > 20
     assert row["imports_torch"] is False and row["gpu_memory_mib"] is None
+
+
+@pytest.mark.gpu
+def test_torch_cuda_baseline_matches_the_cpu_baseline(tiny_bundle, tiny_run):
+    """Atol 1e-4 on probabilities: the same fp32 model on two devices (cuDNN may reorder sums)."""
+    import numpy as np
+
+    from huse.benchmarks.suite import TorchClassifier, torch_cuda_status
+
+    ok, why = torch_cuda_status()
+    if not ok:
+        pytest.skip(why)
+    titles = ["red cotton shirt", "leather boots", "a bag"]
+    cpu = TorchClassifier(tiny_bundle, tiny_run)
+    gpu = TorchClassifier(tiny_bundle, tiny_run, device="cuda")
+    np.testing.assert_allclose(gpu.predict_proba(titles=titles), cpu.predict_proba(titles=titles), atol=1e-4)
