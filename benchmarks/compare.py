@@ -47,7 +47,8 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
          "h2d_ms": 0.1, "compute_ms": 0.9, "d2h_ms": 0.02, "gpu_memory_mib": 40.0}   # "graph_ms" with a graph
       ],
       "efficiency": {                             # report.build_efficiency(...) fills "rows"
-        "peaks": {"cpu": {...}},                  # machine.matmul_peak_flops(); "gpu" if measured
+        "peaks": {"cpu": {...}},                  # machine.matmul_peak_flops(); "gpu:fp32"/"gpu:fp16"/"gpu:int8"
+                                                  #   from machine.gpu_matmul_peak_flops() with a CUDA torch
         "flops": {"image": {...}},                # flops.count_flops per mode
         "rows": [{"backend", "precision", "mode", "kind", "batch", "device",
                   "flops_per_item", "achieved_flop_s", "peak_flop_s", "fraction_of_peak"}]

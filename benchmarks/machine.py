@@ -454,3 +454,62 @@ def matmul_peak_flops(seconds: float = 1.0, n: int = 1024, dtype: str = "float32
         "iterations": int(samples.size),
         "blas_threads": threads,
     }
+
+
+def gpu_matmul_peak_flops(seconds: float = 1.0, n: int = 4096) -> dict[str, dict] | None:
+    """Measure GPU 0's practical peak FLOP/s per precision on square matmuls, through torch.
+
+    The GPU counterpart of `matmul_peak_flops`, so GPU rows get a "fraction of peak" too.
+    float32 with TF32 off (what an fp32 engine computes: huse builds them without TF32),
+    float16 (tensor cores), and int8 (`torch._int_mm`, int32 accumulation) where this torch
+    and GPU have it. Timed with CUDA events around back-to-back calls.
+
+    Args:
+        seconds: rough time budget per precision.
+        n: matrix size (4096 keeps a large GPU busy; still fine on a Jetson).
+    Returns:
+        {"fp32": {...}, "fp16": {...}, "int8": {...}} with the `matmul_peak_flops` keys
+        ("flop_s", "n", "dtype", "iterations"), or None without a CUDA build of torch and a GPU.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return None
+    peaks: dict[str, dict] = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("int8", torch.int8)):
+            try:
+                if dtype == torch.int8:
+                    a = torch.randint(-8, 8, (n, n), dtype=dtype, device="cuda")
+                    b = torch.randint(-8, 8, (n, n), dtype=dtype, device="cuda")
+                    call = lambda: torch._int_mm(a, b)  # noqa: E731
+                else:
+                    a = torch.randn(n, n, dtype=dtype, device="cuda")
+                    b = torch.randn(n, n, dtype=dtype, device="cuda")
+                    call = lambda: a @ b  # noqa: E731
+                call()
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                iters, best = 1, float("inf")
+                spent = 0.0
+                while spent < seconds:
+                    start.record()
+                    for _ in range(iters):
+                        call()
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end)
+                    best = min(best, ms / 1e3 / iters)
+                    spent += ms / 1e3
+                    iters = min(iters * 2, 64)
+                peaks[name] = {"flop_s": 2.0 * n**3 / best, "n": n, "dtype": str(dtype).replace("torch.", ""),
+                               "iterations": iters}
+            except Exception as e:  # e.g. no int8 matmul kernel for this GPU/torch: that peak is not measured
+                peaks[name] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return peaks

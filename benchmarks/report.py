@@ -33,7 +33,7 @@ def _sort_key(row: dict) -> tuple:
 
 def baseline_for(backend: str, baseline: str = BASELINE_BACKEND) -> str:
     """The baseline backend on the same device: "torch" for CPU rows, "torch-cuda" for GPU rows."""
-    return baseline if _default_device(str(backend)) == "cpu" else f"{baseline}-cuda"
+    return baseline if backend_device(str(backend)) == "cpu" else f"{baseline}-cuda"
 
 
 def baseline_row(result: dict, row: dict, baseline: str = BASELINE_BACKEND) -> dict | None:
@@ -252,7 +252,7 @@ def to_markdown(result: dict, *, baseline: str = BASELINE_BACKEND) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _default_device(backend: str) -> str:
+def backend_device(backend: str) -> str:
     return "gpu" if backend in ("tensorrt", "trt") or backend.endswith("-cuda") else "cpu"
 
 
@@ -261,7 +261,7 @@ def build_efficiency(
     flops_per_item: dict[str, float],
     peaks: dict[str, float | dict],
     *,
-    device_of: Callable[[str], str] = _default_device,
+    device_of: Callable[[str], str] = backend_device,
     kinds: tuple[str, ...] = ("model",),
 ) -> list[dict]:
     """Achieved FLOP/s and fraction of the measured peak for each measured configuration.
@@ -269,8 +269,10 @@ def build_efficiency(
     Args:
         results: the result's "results" rows.
         flops_per_item: mode -> `count_flops(...)["flops_per_item"]` of the graph that mode runs.
-        peaks: device -> peak FLOP/s, or a `matmul_peak_flops()` dict; a row whose device has
-            no peak is left out (a CPU matmul peak says nothing about a GPU).
+        peaks: device or "device:precision" -> peak FLOP/s, or a `matmul_peak_flops()` dict;
+            a row uses its "device:precision" peak when there is one (GPU: "gpu:fp16" for fp16
+            engines), else its device's; a row whose device has no peak is left out (a CPU
+            matmul peak says nothing about a GPU).
         device_of: backend -> device name ("trt" runs on "gpu", the rest on "cpu").
         kinds: which kinds to include; "model" by default, because e2e time includes decoding
             and tokenising that the FLOP count does not.
@@ -282,7 +284,7 @@ def build_efficiency(
     for r in _ok(results):
         mode, tput = r.get("mode"), r.get("throughput_items_s")
         device = device_of(r.get("backend"))
-        peak = peaks.get(device)
+        peak = peaks.get(f"{device}:{r.get('precision')}") or peaks.get(device)
         peak = peak.get("flop_s") if isinstance(peak, dict) else peak
         if r.get("kind") not in kinds or mode not in flops_per_item or not tput or not peak:
             continue

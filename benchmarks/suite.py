@@ -23,7 +23,7 @@ import numpy as np
 
 from huse.benchmarks import stats
 from huse.benchmarks.compare import SCHEMA
-from huse.benchmarks.machine import machine_info, matmul_peak_flops
+from huse.benchmarks.machine import gpu_matmul_peak_flops, machine_info, matmul_peak_flops
 from huse.runtime.backends import gpu_backends
 from huse.runtime.bundle import load_manifest
 from huse.runtime.classifier import Classifier
@@ -205,7 +205,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
     from tqdm.auto import tqdm
 
     from huse.benchmarks.flops import count_flops
-    from huse.benchmarks.report import build_efficiency
+    from huse.benchmarks.report import backend_device, build_efficiency
 
     cfg = cfg or BenchConfig()
     bundle = Path(bundle)
@@ -245,6 +245,9 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         c.close()
     flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1}) for m in cfg.modes}
     peaks = {"cpu": matmul_peak_flops(seconds=1.0)}
+    if any(backend_device(b) == "gpu" for b, _ in clfs):
+        gpu = gpu_matmul_peak_flops(seconds=1.0)  # through a CUDA torch; None without one
+        peaks.update({f"gpu:{p}": v for p, v in (gpu or {}).items() if "flop_s" in v})
     result = {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
@@ -260,8 +263,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         "gpu_phases": gpu_phases,
         "efficiency": {"peaks": peaks, "flops": flops},
     }
-    result["efficiency"]["rows"] = build_efficiency(results, {m: f["flops_per_item"] for m, f in flops.items()},
-                                                    {"cpu": peaks["cpu"]})
+    result["efficiency"]["rows"] = build_efficiency(results, {m: f["flops_per_item"] for m, f in flops.items()}, peaks)
     result["config"]["wall_seconds"] = round(time.time() - started, 1)
     return result
 

@@ -102,3 +102,36 @@ def test_gpu_rows_are_quoted_against_the_gpu_baseline_only(synthetic):
     assert rows[("tensorrt", "fp32", "image", "model", "8")][9] == f"{1.5 / 2.0:.2f}x"
     assert rows[("torch-cuda", "fp32", "image", "model", "8")][9] == "baseline"
     assert rows[("onnxrt", "fp32", "image", "model", "8")][9] == f"{4.0 / 2.0:.2f}x"  # CPU rows: CPU torch
+
+
+def test_gpu_rows_use_the_peak_of_their_precision():
+    from tests.benchmarks.conftest import make_row
+
+    fp16 = {**make_row("onnxrt", "fp16", "image", "model", 8), "backend": "tensorrt"}
+    int8 = {**make_row("onnxrt", "int8", "image", "model", 8), "backend": "tensorrt"}
+    cpu = make_row("onnxrt", "fp16", "image", "model", 8)
+    peaks = {"cpu": 1e11, "gpu:fp32": 2e13, "gpu:fp16": 4e14}
+    rows = {(r["device"], r["precision"]): r for r in build_efficiency([fp16, int8, cpu], {"image": 1e9}, peaks)}
+    assert rows[("gpu", "fp16")]["peak_flop_s"] == 4e14
+    assert ("gpu", "int8") not in rows  # no int8 peak and no plain "gpu" one: left out, not divided by another
+    assert rows[("cpu", "fp16")]["peak_flop_s"] == 1e11  # the CPU has one peak for every precision
+
+
+def test_gpu_matmul_peak_is_none_without_a_cuda_torch():
+    torch = pytest.importorskip("torch")
+    from huse.benchmarks.machine import gpu_matmul_peak_flops
+
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is usable here")
+    assert gpu_matmul_peak_flops(seconds=0.01) is None
+
+
+@pytest.mark.gpu
+def test_gpu_matmul_peak_measures_fp32_and_fp16():
+    torch = pytest.importorskip("torch")
+    from huse.benchmarks.machine import gpu_matmul_peak_flops
+
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        pytest.skip(f"torch {torch.__version__} has no usable CUDA GPU")
+    peaks = gpu_matmul_peak_flops(seconds=0.2, n=2048)
+    assert peaks["fp32"]["flop_s"] > 1e11 and peaks["fp16"]["flop_s"] > peaks["fp32"]["flop_s"]
