@@ -28,8 +28,12 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
           "throughput_items_s": 123.4             # batch * calls / total time (stats.throughput)
         }
       ],
-      "headline": {"speedup_median": 2.1, "speedup_min": 1.9, "speedup_max": 2.4, "rounds": 7, ...},
-                                                  # fused e2e at batch 64, onnxruntime vs torch, interleaved
+      "headline": {"backend": "onnxruntime", "precision": "fp32", "baseline": "torch", "batch": 64,
+                   "items_s": 820.0, "baseline_items_s": 400.0,
+                   "speedup_median": 2.1, "speedup_min": 1.9, "speedup_max": 2.4, "rounds": 7, ...},
+                                                  # fused e2e, onnxruntime CPU vs torch, interleaved rounds
+      "gpu_headline": {...},                      # the same for the fastest GPU backend vs torch-cuda,
+                                                  #   or {"status": "skipped", "reason": ...}
       "concurrency": [{"backend", "precision", "mode", "kind", "batch", "callers", "items_s"}],
       "accuracy": [                               # one row per backend/precision/mode measured
         {"backend": "onnxruntime", "precision": "int8", "mode": "image", "n": 1000,

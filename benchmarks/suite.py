@@ -218,8 +218,10 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         configs = [(b, p, m, k, n) for (b, p) in clfs for k in cfg.kinds for m in cfg.modes for n in cfg.batches]
         calls = {c: _call(clfs[c[:2]], c[3], c[2], data, c[4]) for c in configs}
         samples: dict[tuple, list[np.ndarray]] = {c: [] for c in configs}
-        bar = tqdm(total=cfg.repeats * len(configs) + cfg.headline_repeats, desc="huse-bench", unit="cfg",
-                   disable=not cfg.progress, mininterval=2)
+        gpu_ours = next((c for c in _GPU_HEADLINE_CANDIDATES if c in clfs), None)
+        gpu_pair = (gpu_ours, ("torch-cuda", "fp32")) if gpu_ours and ("torch-cuda", "fp32") in clfs else None
+        bar = tqdm(total=cfg.repeats * len(configs) + cfg.headline_repeats * (2 if gpu_pair else 1), desc="huse-bench",
+                   unit="cfg", disable=not cfg.progress, mininterval=2)
         errors: dict[tuple, str] = {}
         for _ in range(cfg.repeats):
             for c in configs:
@@ -230,7 +232,9 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                     except HuseError as e:  # e.g. a batch above a TensorRT profile's max: one row, not the run
                         errors[c] = str(e)
                 bar.update(1)
-        headline = _headline(clfs, data, cfg, bar)
+        headline = _headline(clfs, data, cfg, bar, *_CPU_HEADLINE)
+        gpu_headline = (_headline(clfs, data, cfg, bar, *gpu_pair) if gpu_pair else
+                        {"status": "skipped", "reason": "needs a GPU backend and a CUDA torch (torch-cuda) in the same run"})
         bar.close()
         results = [_row(c, samples[c]) if c not in errors else
                    {**dict(zip(("backend", "precision", "mode", "kind", "batch"), c)), "status": "error", "reason": errors[c]}
@@ -257,6 +261,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                    "threads": cfg.threads or os.cpu_count(), "eval_size": len(data.labels)},
         "results": results,
         "headline": headline,
+        "gpu_headline": gpu_headline,
         "concurrency": concurrency,
         "accuracy": accuracy,
         "memory": memory,
@@ -277,27 +282,36 @@ def _row(c: tuple, repeats: list[np.ndarray]) -> dict[str, Any]:
             "throughput_items_s": stats.throughput(batch * len(allsamples), float(allsamples.sum()))}
 
 
-def _headline(clfs: dict, data: BenchData, cfg: BenchConfig, bar) -> dict[str, Any]:
-    """Fused end-to-end at the headline batch: onnxruntime CPU vs PyTorch eager, interleaved rounds."""
-    if ("torch", "fp32") not in clfs:
-        return {"status": "skipped", "reason": "no PyTorch baseline (training run not found)"}
-    ours = _call(clfs[("onnxruntime", "fp32")], "e2e", "fused", data, cfg.headline_batch)
-    base = _call(clfs[("torch", "fp32")], "e2e", "fused", data, cfg.headline_batch)
+# Headline pairs: (ours, baseline); the GPU one uses the fastest GPU configuration present.
+_CPU_HEADLINE = (("onnxruntime", "fp32"), ("torch", "fp32"))
+_GPU_HEADLINE_CANDIDATES = (("tensorrt", "fp16"), ("tensorrt", "fp32"), ("onnxruntime-cuda", "fp32"))
+
+
+def _headline(clfs: dict, data: BenchData, cfg: BenchConfig, bar, ours: tuple[str, str],
+              base: tuple[str, str]) -> dict[str, Any]:
+    """Fused end-to-end at the headline batch, `ours` vs the PyTorch eager `base` on the same
+    device, in interleaved rounds (the ratio of each round's medians; their median and range)."""
+    if ours not in clfs or base not in clfs:
+        missing = [f"{b}/{p}" for b, p in (ours, base) if (b, p) not in clfs]
+        return {"status": "skipped", "reason": f"not measured here: {', '.join(missing)}"}
+    fn_ours = _call(clfs[ours], "e2e", "fused", data, cfg.headline_batch)
+    fn_base = _call(clfs[base], "e2e", "fused", data, cfg.headline_batch)
     o_rounds, b_rounds, ratios = [], [], []
     for _ in range(cfg.headline_repeats):
-        o = stats.time_fn(ours, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
-        b = stats.time_fn(base, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
+        o = stats.time_fn(fn_ours, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
+        b = stats.time_fn(fn_base, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
         o_rounds.append(o)
         b_rounds.append(b)
         ratios.append(float(np.median(b) / np.median(o)))
         bar.update(1)
     n = cfg.headline_batch
     o_all, b_all = np.concatenate(o_rounds), np.concatenate(b_rounds)
-    return {"status": "ok", "mode": "fused", "kind": "e2e", "batch": n,
-            "onnxruntime_items_s": n / float(np.median(o_all)), "torch_items_s": n / float(np.median(b_all)),
+    return {"status": "ok", "backend": ours[0], "precision": ours[1], "baseline": base[0],
+            "mode": "fused", "kind": "e2e", "batch": n,
+            "items_s": n / float(np.median(o_all)), "baseline_items_s": n / float(np.median(b_all)),
             "speedup_median": float(np.median(ratios)), "speedup_min": float(min(ratios)), "speedup_max": float(max(ratios)),
-            "rounds": len(ratios), "onnxruntime_latency_ms": stats.summarize(o_all, scale=1e3),
-            "torch_latency_ms": stats.summarize(b_all, scale=1e3)}
+            "rounds": len(ratios), "latency_ms": stats.summarize(o_all, scale=1e3),
+            "baseline_latency_ms": stats.summarize(b_all, scale=1e3)}
 
 
 def _concurrency(clfs: dict, data: BenchData, cfg: BenchConfig) -> list[dict[str, Any]]:

@@ -135,3 +135,17 @@ def test_gpu_matmul_peak_measures_fp32_and_fp16():
         pytest.skip(f"torch {torch.__version__} has no usable CUDA GPU")
     peaks = gpu_matmul_peak_flops(seconds=0.2, n=2048)
     assert peaks["fp32"]["flop_s"] > 1e11 and peaks["fp16"]["flop_s"] > peaks["fp32"]["flop_s"]
+
+
+def test_headline_lines_name_each_pair(synthetic):
+    result = synthetic()
+    common = {"status": "ok", "precision": "fp32", "mode": "fused", "kind": "e2e", "batch": 64, "rounds": 7,
+              "speedup_median": 2.1, "speedup_min": 1.9, "speedup_max": 2.4}
+    result["headline"] = {**common, "backend": "onnxruntime", "baseline": "torch", "items_s": 840, "baseline_items_s": 400}
+    result["gpu_headline"] = {"status": "skipped", "reason": "no GPU"}
+    md = to_markdown(result)
+    assert "onnxruntime fp32 840 items/s vs PyTorch eager 400 items/s, **2.10x**" in md
+    assert "CUDA" not in md.split("## Headline")[1].split("\n## ")[0]
+    result["gpu_headline"] = {**common, "backend": "tensorrt", "precision": "fp16", "baseline": "torch-cuda",
+                              "items_s": 9000, "baseline_items_s": 1500, "speedup_median": 6.0}
+    assert "tensorrt fp16 9000 items/s vs PyTorch eager on CUDA 1500 items/s, **6.00x**" in to_markdown(result)

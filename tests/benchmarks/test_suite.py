@@ -46,6 +46,13 @@ def test_headline_and_accuracy_compare_like_with_like(result):
     h = result["headline"]
     assert h["status"] == "ok" and h["batch"] == 8 and h["rounds"] == 2
     assert h["speedup_min"] <= h["speedup_median"] <= h["speedup_max"]
+    assert (h["backend"], h["precision"], h["baseline"]) == ("onnxruntime", "fp32", "torch")
+    assert h["items_s"] / h["baseline_items_s"] == pytest.approx(
+        h["baseline_latency_ms"]["p50"] / h["latency_ms"]["p50"], rel=1e-6)
+    g = result["gpu_headline"]
+    measured = {r["backend"] for r in result["results"] if r["status"] == "ok"}
+    if "torch-cuda" not in measured:  # no GPU pair here: said so, not invented
+        assert g["status"] == "skipped" and "torch-cuda" in g["reason"]
     acc = {(a["backend"], a["mode"]): a["top1"] for a in result["accuracy"]}
     for mode in ("image", "text", "fused"):
         # Same weights, same inputs: onnxruntime and torch must classify alike.
