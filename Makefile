@@ -31,11 +31,11 @@ data:
 
 demo: setup data
 	$(BIN)/huse-train $(TRAIN_ARGS) --out $(RUN) $(if $(wildcard $(RUN)/state.json),--resume,)
-	$(BIN)/huse-export $(RUN) --out $(BUNDLE) --fp16 --int8 --force
+	$(BIN)/huse-export $(RUN) --out $(BUNDLE) --fp16 --int8 --int8-cpu --force
 	$(BIN)/huse data export fashion-products data/fashion-products --limit 200
 	$(BIN)/huse classify $(BUNDLE) --data data/fashion-products/catalog.csv --out data/predictions.jsonl --show 5
-	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --precisions fp32 --out bench-results/accuracy.json
-	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32 --repeats 3 --eval-size 500
+	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --precisions fp32,int8-cpu --out bench-results/accuracy.json
+	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32,int8-cpu --repeats 3 --eval-size 500
 
 test: setup
 	@# The real photos let one test check the default model's FP16/INT8 gates; without them it skips.

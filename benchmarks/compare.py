@@ -32,6 +32,7 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
                    "items_s": 820.0, "baseline_items_s": 400.0,
                    "speedup_median": 2.1, "speedup_min": 1.9, "speedup_max": 2.4, "rounds": 7, ...},
                                                   # fused e2e, onnxruntime CPU vs torch, interleaved rounds
+      "cpu_int8_headline": {...},                 # the same for onnxruntime int8-cpu vs torch fp32
       "gpu_headline": {...},                      # the same for the fastest GPU backend vs torch-cuda,
                                                   #   or {"status": "skipped", "reason": ...}
       "concurrency": [{"backend", "precision", "mode", "kind", "batch", "callers", "items_s"}],

@@ -15,7 +15,7 @@ from huse.runtime._lazy import lazy_import
 
 
 # Reference precision first, then by how far each strays from it.
-_PRECISION_ORDER = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "int8": 4, "fp8": 5, "int4": 6}
+_PRECISION_ORDER = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "int8": 4, "int8-cpu": 5, "fp8": 6, "int4": 7}
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -100,7 +100,7 @@ def _machine_line(machine: dict) -> str:
 def _headline_lines(result: dict) -> list[str]:
     """The numbers people look for first: e2e speedup vs PyTorch, batch-1 latency, import time, scaling."""
     lines = []
-    for key in ("headline", "gpu_headline"):
+    for key in ("headline", "cpu_int8_headline", "gpu_headline"):
         h = result.get(key) or {}
         if h.get("status") != "ok":
             continue
@@ -424,7 +424,7 @@ def plot(result: dict, out_dir: str | Path, *, baseline: str = BASELINE_BACKEND)
     if accuracy:
         modes = sorted({str(a.get("mode")) for a in accuracy})
         fig, axes = _grid(len(modes))
-        markers = {"fp32": "o", "fp16": "s", "int8": "^"}
+        markers = {"fp32": "o", "fp16": "s", "int8": "^", "int8-cpu": "v"}
         for ax, mode in zip(axes, modes):
             plotted = False
             for a in accuracy:

@@ -25,7 +25,7 @@ from huse.benchmarks import stats
 from huse.benchmarks.compare import SCHEMA
 from huse.benchmarks.machine import gpu_matmul_peak_flops, machine_info, matmul_peak_flops
 from huse.runtime.backends import gpu_backends
-from huse.runtime.bundle import load_manifest
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
 from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
 
@@ -172,11 +172,13 @@ def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tu
         else:
             skipped.append({"backend": label, "reason": reason})
     for backend, device in backends:
+        label = backend if device == "cpu" or backend == "tensorrt" else f"{backend}-cuda"
         for p in precisions:
             if p not in manifest["models"]:
-                skipped.append({"backend": backend, "precision": p, "reason": f"bundle has no {p} models"})
+                skipped.append({"backend": label, "precision": p, "reason": f"bundle has no {p} models"})
                 continue
-            label = backend if device == "cpu" or backend == "tensorrt" else f"{backend}-cuda"
+            if p in CPU_ONLY_PRECISIONS and device != "cpu":
+                continue  # its graphs are for onnxruntime's CPU kernels only
             out[(label, p)] = Classifier(bundle, backend=backend, precision=p, device=device, threads=cfg.threads,
                                          batch_size=batch_size)
     if cfg.torch_baseline:
@@ -220,7 +222,9 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         samples: dict[tuple, list[np.ndarray]] = {c: [] for c in configs}
         gpu_ours = next((c for c in _GPU_HEADLINE_CANDIDATES if c in clfs), None)
         gpu_pair = (gpu_ours, ("torch-cuda", "fp32")) if gpu_ours and ("torch-cuda", "fp32") in clfs else None
-        bar = tqdm(total=cfg.repeats * len(configs) + cfg.headline_repeats * (2 if gpu_pair else 1), desc="huse-bench",
+        int8_pair = _CPU_INT8_HEADLINE if all(c in clfs for c in _CPU_INT8_HEADLINE) else None
+        n_headlines = 1 + bool(int8_pair) + bool(gpu_pair)
+        bar = tqdm(total=cfg.repeats * len(configs) + cfg.headline_repeats * n_headlines, desc="huse-bench",
                    unit="cfg", disable=not cfg.progress, mininterval=2)
         errors: dict[tuple, str] = {}
         for _ in range(cfg.repeats):
@@ -233,6 +237,8 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                         errors[c] = str(e)
                 bar.update(1)
         headline = _headline(clfs, data, cfg, bar, *_CPU_HEADLINE)
+        int8_headline = (_headline(clfs, data, cfg, bar, *int8_pair) if int8_pair else
+                         {"status": "skipped", "reason": "no int8-cpu graphs in the bundle (huse-export --int8-cpu)"})
         gpu_headline = (_headline(clfs, data, cfg, bar, *gpu_pair) if gpu_pair else
                         {"status": "skipped", "reason": "needs a GPU backend and a CUDA torch (torch-cuda) in the same run"})
         bar.close()
@@ -261,6 +267,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                    "threads": cfg.threads or os.cpu_count(), "eval_size": len(data.labels)},
         "results": results,
         "headline": headline,
+        "cpu_int8_headline": int8_headline,
         "gpu_headline": gpu_headline,
         "concurrency": concurrency,
         "accuracy": accuracy,
@@ -282,8 +289,10 @@ def _row(c: tuple, repeats: list[np.ndarray]) -> dict[str, Any]:
             "throughput_items_s": stats.throughput(batch * len(allsamples), float(allsamples.sum()))}
 
 
-# Headline pairs: (ours, baseline); the GPU one uses the fastest GPU configuration present.
+# Headline pairs: (ours, baseline). The bar is fp32 against fp32; the CPU INT8 line says what the
+# accuracy-gated int8-cpu graphs add; the GPU one uses the fastest GPU configuration present.
 _CPU_HEADLINE = (("onnxruntime", "fp32"), ("torch", "fp32"))
+_CPU_INT8_HEADLINE = (("onnxruntime", "int8-cpu"), ("torch", "fp32"))
 _GPU_HEADLINE_CANDIDATES = (("tensorrt", "fp16"), ("tensorrt", "fp32"), ("onnxruntime-cuda", "fp32"))
 
 

@@ -33,6 +33,7 @@ PARITY_ATOL = 1e-4
 class ExportOptions:
     fp16: bool = False
     int8: bool = False
+    int8_cpu: bool = False  # INT8 for onnxruntime's CPU kernels (uint8 activations); not for TensorRT
     calib_size: int = 512  # training-split products used to calibrate INT8
     calib_method: str | None = None  # None: percentile, which measured best here (export/precision.py)
     int8_exclude: tuple[str, ...] = ()

@@ -20,6 +20,8 @@ def _batch(value: str) -> tuple[int, int, int]:
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle directory (default: SRC when SRC is a bundle).")
 @click.option("--fp16", is_flag=True, help="Add FP16 graphs (float32 IO), gated on top-1 agreement >= 99.9%.")
 @click.option("--int8", is_flag=True, help="Add INT8 Q/DQ graphs, gated on top-1 drop <= 0.5 points and agreement >= 99%.")
+@click.option("--int8-cpu", is_flag=True, help="Add INT8 graphs for onnxruntime on CPUs (uint8 activations: faster "
+              "there, not for TensorRT), with the same gate.")
 @click.option("--calib-size", default=512, help="Train-split products used for INT8 calibration.")
 @click.option("--calib-method", type=click.Choice(["entropy", "percentile", "minmax"]),
               help="Activation range method (default: percentile for onnxruntime, minmax for modelopt: measured best).")
@@ -34,13 +36,13 @@ def _batch(value: str) -> tuple[int, int, int]:
 @click.option("--workspace-mib", type=int, help="TensorRT builder workspace (default 1024: fits Jetson Orin Nano).")
 @click.option("--dla-core", type=int, help="Build for this DLA core with GPU fallback (Jetson AGX Orin / Orin NX).")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def main(src, out, fp16, int8, calib_size, calib_method, int8_exclude, quantizer, eval_size, no_accuracy_gate,
+def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude, quantizer, eval_size, no_accuracy_gate,
          engine, batch, workspace_mib, dla_core, force) -> None:
     """Export a training run (or extend a bundle) into a verified ONNX/TensorRT bundle."""
     def body():
         from huse.export.api import ExportOptions, export
 
-        opts = ExportOptions(fp16=fp16, int8=int8, calib_size=calib_size, calib_method=calib_method,
+        opts = ExportOptions(fp16=fp16, int8=int8, int8_cpu=int8_cpu, calib_size=calib_size, calib_method=calib_method,
                              int8_exclude=tuple(int8_exclude), quantizer=quantizer, accuracy_gate=not no_accuracy_gate,
                              eval_size=eval_size, engine=engine, batch=_batch(batch), workspace_mib=workspace_mib,
                              dla_core=dla_core, force=force, say=click.echo)

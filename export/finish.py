@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from huse.runtime.bundle import load_manifest, write_manifest
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest, write_manifest
 from huse.runtime.classifier import softmax
 from huse.runtime.errors import HuseError
 from huse.runtime.preprocess import ImageSpec
@@ -54,24 +54,29 @@ def _fp16_variant(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {g: convert_fp16(bundle / manifest["models"]["fp32"][g], bundle / "fp16" / f"{g}.onnx") for g in GRAPHS}
 
 
-def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, ref, say) -> dict[str, Any]:
-    from huse.export.precision import accuracy_gate, quantize_int8
+def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, ref, say,
+                  precision: str = "int8") -> dict[str, Any]:
+    """INT8 graphs in `precision`'s folder: "int8" in TensorRT's Q/DQ form, "int8-cpu" for onnxruntime's CPU
+    kernels; either walks the float-convs ladder and keeps the first rung that passes the fused gate."""
+    from huse.export.precision import accuracy_gate, quantize_int8, quantize_int8_cpu
 
     def quantize(g: str, float_convs: int) -> dict[str, Any]:
         src = bundle / manifest["models"]["fp32"][g]
-        return quantize_int8(src, bundle / "int8" / f"{g}.onnx", calib.feeds(manifest["graphs"][g]["inputs"], batch=64),
-                             method=opts.calib_method, exclude_nodes=_exclusions(src, float_convs, opts.int8_exclude),
-                             quantizer=opts.quantizer)
+        dst, feeds = bundle / precision / f"{g}.onnx", calib.feeds(manifest["graphs"][g]["inputs"], batch=64)
+        exclude = _exclusions(src, float_convs, opts.int8_exclude)
+        if precision == "int8-cpu":
+            return quantize_int8_cpu(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude)
+        return quantize_int8(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude, quantizer=opts.quantizer)
 
     ladder = (0,) if opts.int8_exclude else INT8_FLOAT_CONVS
     attempts = []
     for k in ladder:
         quantize("fused", k)
-        probs = run_graph_probs(bundle / "int8" / "fused.onnx", manifest["graphs"]["fused"]["inputs"], evald, "fused")
-        gate = accuracy_gate(ref["fused"], probs, evald.labels, precision="int8")
+        probs = run_graph_probs(bundle / precision / "fused.onnx", manifest["graphs"]["fused"]["inputs"], evald, "fused")
+        gate = accuracy_gate(ref["fused"], probs, evald.labels, precision=precision)
         attempts.append({"float_convs": k, "agreement": gate["agreement"], "drop_points": gate["drop_points"],
                          "passed": bool(gate["passed"])})
-        say(f"  int8 with the first {k} convs in float: fused agreement {gate['agreement']:.2f}%, "
+        say(f"  {precision} with the first {k} convs in float: fused agreement {gate['agreement']:.2f}%, "
             f"drop {gate['drop_points']:+.2f} pts -> {'pass' if gate['passed'] else 'fail'}")
         if gate["passed"]:
             break
@@ -93,12 +98,13 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
     from huse.export.precision import accuracy_gate
 
     say = opts.say
-    wanted = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8)) if on]
+    wanted = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8), ("int8-cpu", opts.int8_cpu)) if on]
+    needs_calib = opts.int8 or opts.int8_cpu
     if wanted:
         spec = ImageSpec.from_dict(manifest["preprocessing"])
         tokenizer = load_tokenizer(manifest["tokenizer"], bundle)
         evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"])
-        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"]) if opts.int8 else None
+        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"]) if needs_calib else None
         say(f"accuracy gate on {len(evald)} held-out {evald.split} products"
             + (f"; INT8 calibration on {len(calib)} train products ({opts.calib_method or 'percentile'})" if calib else ""))
         ref = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald)
@@ -107,7 +113,7 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
         for precision in wanted:
             shutil.rmtree(bundle / precision, ignore_errors=True)
             info = (_fp16_variant(bundle, manifest) if precision == "fp16"
-                    else _int8_variant(bundle, manifest, opts, calib, evald, ref, say))
+                    else _int8_variant(bundle, manifest, opts, calib, evald, ref, say, precision))
             models = {g: f"{precision}/{g}.onnx" for g in GRAPHS}
             cand = _predict(bundle, models, manifest["graphs"], evald)
             gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision) for mode in GRAPHS}
@@ -158,6 +164,8 @@ def _check_compat(bundle: Path, manifest: dict[str, Any], say) -> dict[str, Any]
 
     checked = []
     for precision, models in manifest["models"].items():
+        if precision in CPU_ONLY_PRECISIONS:  # written for onnxruntime's CPU kernels, never built by TensorRT
+            continue
         for g, f in models.items():
             assert_trt_compat(bundle / f)
             checked.append(f)
@@ -180,6 +188,8 @@ def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any
     engines = []
     folder = bundle / "engines"
     for precision, models in manifest["models"].items():
+        if precision in CPU_ONLY_PRECISIONS:
+            continue
         for g, f in models.items():
             entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=opts.batch,
                                  workspace_mib=opts.workspace_mib or DEFAULT_WORKSPACE_MIB,

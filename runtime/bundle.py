@@ -19,6 +19,9 @@ from typing import Any
 from huse.runtime.errors import HuseError
 
 MANIFEST = "manifest.json"
+# Precisions whose graphs only onnxruntime's CPU kernels take (uint8 activations with zero points): never
+# handed to TensorRT or a GPU provider.
+CPU_ONLY_PRECISIONS = ("int8-cpu",)
 FORMAT = "huse-bundle"
 FORMAT_VERSION = 1
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from huse.runtime.backends import resolve_backend, runner_class
-from huse.runtime.bundle import load_manifest
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.preprocess import ImageInput, ImageSpec, load_image
@@ -41,7 +41,8 @@ class Classifier:
     Args:
         bundle: the bundle directory.
         backend: "auto" (TensorRT, else onnxruntime CUDA, else CPU), "onnxruntime" or "tensorrt".
-        precision: "fp32", "fp16" or "int8"; the bundle must contain it.
+        precision: "fp32", "fp16", "int8" (TensorRT's Q/DQ form) or "int8-cpu" (onnxruntime on CPUs
+            only; "auto" then picks the CPU); the bundle must contain it.
         device: "cpu" or "cuda" for onnxruntime; None lets `backend` decide.
         batch_size: items per model call; larger inputs are split.
         threads: onnxruntime intra-op threads (None: all cores).
@@ -64,6 +65,11 @@ class Classifier:
         self.fusion_weight = float(m["fusion"]["image_weight"])
         self.batch_size = int(batch_size)
         self.threads = threads
+        if precision in CPU_ONLY_PRECISIONS:
+            if backend == "tensorrt" or device == "cuda":
+                raise HuseError(f"{precision!r} graphs are for onnxruntime on CPUs (uint8 activations that TensorRT "
+                                f"and the GPU providers do not take); use precision='int8' or 'fp16' on a GPU")
+            device = "cpu"
         self.backend, self.device, reason = resolve_backend(backend, device)
         log.info("huse Classifier: %s on %s, %s (%s)", self.backend, self.device, precision, reason)
         self._runners: dict[str, Any] = {}

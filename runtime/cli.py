@@ -77,7 +77,8 @@ def main(verbose: bool) -> None:
 @click.option("--mode", type=click.Choice(["auto", "fused", "image", "text"]), default="auto", help="Which inputs to use.")
 @click.option("--top-k", default=5)
 @click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
+              help="int8: TensorRT's Q/DQ form; int8-cpu: onnxruntime on CPUs only (faster there).")
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--show", default=0, help="Also print the first N predictions.")

@@ -49,6 +49,8 @@ def test_headline_and_accuracy_compare_like_with_like(result):
     assert (h["backend"], h["precision"], h["baseline"]) == ("onnxruntime", "fp32", "torch")
     assert h["items_s"] / h["baseline_items_s"] == pytest.approx(
         h["baseline_latency_ms"]["p50"] / h["latency_ms"]["p50"], rel=1e-6)
+    assert result["cpu_int8_headline"] == {"status": "skipped",
+                                           "reason": "no int8-cpu graphs in the bundle (huse-export --int8-cpu)"}
     g = result["gpu_headline"]
     measured = {r["backend"] for r in result["results"] if r["status"] == "ok"}
     if "torch-cuda" not in measured:  # no GPU pair here: said so, not invented

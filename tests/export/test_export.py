@@ -81,6 +81,28 @@ def test_fp16_and_int8_variants_are_gated_and_recorded(tiny_bundle, tmp_path):
         assert out[0]["mode"] == "text"
 
 
+def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_path):
+    from huse.export.api import ExportOptions, export
+    from huse.runtime import Classifier
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    said = []
+    m = export(bundle, None, ExportOptions(int8_cpu=True, calib_size=64, eval_size=0, engine="skip",
+                                           accuracy_gate=False, say=said.append))
+    assert set(m["models"]) == {"fp32", "int8-cpu"}
+    conv = m["accuracy"]["int8-cpu"]["conversion"]
+    assert conv["image"]["activations"] == "uint8, asymmetric" and conv["fused"]["attempts"]
+    assert any(s.startswith("  int8-cpu with the first 0 convs in float") for s in said)
+    # The TensorRT check never sees its graphs (TensorRT does not take uint8 zero points).
+    assert not any(f.startswith("int8-cpu/") for f in m["trt_compat"]["checked"])
+    with Classifier(bundle, precision="int8-cpu") as clf:  # auto: the CPU, whatever GPU is present
+        assert (clf.backend, clf.device) == ("onnxruntime", "cpu")
+        assert clf.classify(titles=["Acme black tee"], mode="text")[0]["mode"] == "text"
+    with pytest.raises(HuseError, match="'int8-cpu' graphs are for onnxruntime on CPUs"):
+        Classifier(bundle, backend="tensorrt", precision="int8-cpu")
+
+
 def test_failed_gate_stops_the_export_and_keeps_nothing(tiny_bundle, tmp_path, monkeypatch):
     import huse.export.precision as precision
     from huse.export.api import ExportOptions, export

@@ -413,3 +413,31 @@ def test_gate_rejects_unknown_precision_and_mismatched_shapes():
         P.accuracy_gate(probs, probs, labels, precision="bf16")
     with pytest.raises(HuseError, match="N, C"):
         P.accuracy_gate(probs, probs[:5], labels, precision="int8")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# INT8 for onnxruntime's CPU kernels
+
+
+def test_int8_cpu_graph_has_uint8_activations_and_stays_close(graphs, tmp_path):
+    """uint8 activations with zero points (what onnxruntime's u8s8 CPU kernels take), int8 per-channel weights,
+    Conv/Clip/Add quantised and the towers float; same 0.1 embedding bound as the TensorRT form (see above)."""
+    info = P.quantize_int8_cpu(graphs["image"], tmp_path / "cpu8.onnx", _image_feeds(), method="minmax")
+    m = onnx.load(info["path"])
+    consts = _consts(m)
+    q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    assert q and all(consts[n.input[2]].dtype == np.uint8 for n in q)
+    consts_dq = [consts[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts]
+    assert [w.shape for w in consts_dq if w.dtype == np.int8] == [(16, 3, 3, 3), (32, 16, 3, 3)]  # the 2 Convs
+    assert all(w.dtype in (np.int8, np.int32) for w in consts_dq)  # int32: the Convs' biases; the Gemms stay float
+    assert info["quantized_node_names"] and info["activations"] == "uint8, asymmetric"
+    assert any("zero point uint8" in p for p in P.trt_qdq_problems(m))  # not a graph for TensorRT
+    x = _images(64, 99)
+    ref, out = _run(graphs["image"], {"image": x}), _run(info["path"], {"image": x})
+    assert np.abs(out["embedding"] - ref["embedding"]).max() < 0.1
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_cpu_unknown_excluded_node_raises(graphs, tmp_path):
+    with pytest.raises(HuseError, match="no_such_conv"):
+        P.quantize_int8_cpu(graphs["image"], tmp_path / "x.onnx", _image_feeds(1), exclude_nodes=["no_such_conv"])
