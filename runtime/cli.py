@@ -142,8 +142,15 @@ def info(bundle) -> None:
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
                    f"fusion image weight {m['fusion']['image_weight']}")
-        for p, acc in m.get("accuracy", {}).items():
-            click.echo(f"accuracy {p}: {json.dumps(acc)}")
+        for p, acc in m.get("accuracy", {}).items():  # the whole record is in manifest.json
+            modes = acc.get("modes", {})
+            figures = ", ".join(f"{mode} {modes[mode]['agreement']:.2f}%" for mode in ("fused", "image", "text")
+                                if mode in modes)
+            fused = modes.get("fused", {})
+            click.echo(f"{p}: gate {'passed' if acc.get('passed') else 'FAILED (overridden)'} on {acc.get('n')} "
+                       f"{acc.get('split')} products; top-1 agreement with fp32: {figures}; fused top-1 "
+                       f"{fused.get('cand_accuracy', float('nan')):.2f}% vs {fused.get('ref_accuracy', float('nan')):.2f}%; "
+                       f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32")
         click.echo(f"{len(m['files'])} files verified (sha256)")
     run_cli(body)
 

@@ -101,6 +101,15 @@ def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_
         assert clf.classify(titles=["Acme black tee"], mode="text")[0]["mode"] == "text"
     with pytest.raises(HuseError, match="'int8-cpu' graphs are for onnxruntime on CPUs"):
         Classifier(bundle, backend="tensorrt", precision="int8-cpu")
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    info = CliRunner().invoke(main, ["info", str(bundle)])
+    fused = m["accuracy"]["int8-cpu"]["modes"]["fused"]
+    assert info.exit_code == 0, info.output
+    assert (f"int8-cpu: gate {'passed' if fused['passed'] else 'FAILED (overridden)'} on "
+            f"{m['accuracy']['int8-cpu']['n']} test products; top-1 agreement with fp32: fused {fused['agreement']:.2f}%") in info.output
 
 
 def test_failed_gate_stops_the_export_and_keeps_nothing(tiny_bundle, tmp_path, monkeypatch):
