@@ -26,7 +26,7 @@ def _sort_key(row: dict) -> tuple:
     # Rows that are compared with each other sit together: same mode/kind/batch, baseline first.
     return (
         str(row.get("mode")), str(row.get("kind")), row.get("batch") or 0,
-        row.get("backend") not in (BASELINE_BACKEND, f"{BASELINE_BACKEND}-cuda"), str(row.get("backend")),
+        row.get("backend") != baseline_for(row.get("backend")), str(row.get("backend")),
         _PRECISION_ORDER.get(row.get("precision"), len(_PRECISION_ORDER)), str(row.get("precision")),
     )
 

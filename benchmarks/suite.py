@@ -165,14 +165,14 @@ def _classifiers(bundle: Path, manifest: dict[str, Any], cfg: BenchConfig) -> tu
     out, skipped = {}, []
     batch_size = max(max(cfg.batches), cfg.headline_batch)
     precisions = cfg.precisions or tuple(sorted(manifest["models"]))
-    backends = [("onnxruntime", "cpu")]
+    # (row label, backend, device); the labels of the GPU ones are gpu_backends()'s keys.
+    backends = [("onnxruntime", "onnxruntime", "cpu")]
     for label, (usable, reason) in gpu_backends().items():
         if usable:
-            backends.append(("tensorrt", "cuda") if label == "tensorrt" else ("onnxruntime", "cuda"))
+            backends.append((label, "tensorrt" if label == "tensorrt" else "onnxruntime", "cuda"))
         else:
             skipped.append({"backend": label, "reason": reason})
-    for backend, device in backends:
-        label = backend if device == "cpu" or backend == "tensorrt" else f"{backend}-cuda"
+    for label, backend, device in backends:
         for p in precisions:
             if p not in manifest["models"]:
                 skipped.append({"backend": label, "precision": p, "reason": f"bundle has no {p} models"})

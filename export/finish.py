@@ -99,12 +99,11 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
 
     say = opts.say
     wanted = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8), ("int8-cpu", opts.int8_cpu)) if on]
-    needs_calib = opts.int8 or opts.int8_cpu
     if wanted:
         spec = ImageSpec.from_dict(manifest["preprocessing"])
         tokenizer = load_tokenizer(manifest["tokenizer"], bundle)
         evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"])
-        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"]) if needs_calib else None
+        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"]) if {"int8", "int8-cpu"} & set(wanted) else None
         say(f"accuracy gate on {len(evald)} held-out {evald.split} products"
             + (f"; INT8 calibration on {len(calib)} train products ({opts.calib_method or 'percentile'})" if calib else ""))
         ref = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald)

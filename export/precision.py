@@ -319,10 +319,16 @@ def quantize_int8(
     if problems:
         raise HuseError(f"The {quantizer} quantizer wrote {dst} with Q/DQ that TensorRT would not accept as "
                         f"intended: {'; '.join(problems[:5])}; report this with the quantizer's version")
+    return _describe_quantized(src, dst, quantized, method=method, exclude=exclude, quantizer=quantizer)
+
+
+def _describe_quantized(src: Path, dst: Path, quantized, *, method: str, exclude: tuple[str, ...],
+                        **extra) -> dict[str, Any]:
+    """The info dict both INT8 forms return (see `quantize_int8`); `extra` adds their own keys."""
     names = _quantized_node_names(quantized)
     size, src_size = dst.stat().st_size, src.stat().st_size
     return {"path": str(dst), "size_bytes": size, "src_size_bytes": src_size, "size_ratio": size / src_size,
-            "method": method, "quantizer": quantizer, "quantized_nodes": len(names),
+            "method": method, **extra, "quantized_nodes": len(names),
             "quantized_node_names": names, "excluded_nodes": list(exclude),
             "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node)}
 
@@ -332,7 +338,7 @@ def quantize_int8(
 # wants, its CPU provider is 5x slower than FP32 (measured: image graph, batch 64, 307 vs 65 ms). Quantising
 # Conv and the ops around it (ReLU6 as Clip, the residual Add) lets it chain QLinearConv kernels through the
 # backbone; the towers, the L2 normalisation and the classifier stay float (quantising those too cost 15
-# points of top-1 agreement). Measured on the default recipe (fused graph, batch 64, 2 cores): 37 ms vs 60 ms
+# points of top-1 agreement). Measured on the default recipe (fused graph, batch 64, 2 cores, minmax): 37 ms vs 60 ms
 # for FP32, agreement 99.50% and drop -0.10 points with the first 10 Convs in float (all Convs: 95.9%).
 CPU_INT8_OP_TYPES = ("Conv", "Clip", "Add")
 
@@ -367,22 +373,18 @@ def quantize_int8_cpu(
         raise HuseError(f"Calibration method {method!r} not found; available methods = {list(CALIBRATION_METHODS)}")
     onnx = _import("onnx")
     q = _import("onnxruntime.quantization")
-    methods = {"entropy": q.CalibrationMethod.Entropy, "percentile": q.CalibrationMethod.Percentile,
-               "minmax": q.CalibrationMethod.MinMax}
     src, dst = Path(src), Path(dst)
     feeds = _check_feeds(_load(src), calib_feeds)
     exclude = tuple(exclude_nodes)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="huse-int8-cpu-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        q.quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # as in _quantize_ort
-        _check_node_names(onnx.load(str(pre)), exclude, what="exclude from INT8")
+        pre = _ort_pre_process(src, Path(tmp), exclude)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 q.quantize_static(
                     str(pre), str(dst), _FeedReader(feeds), quant_format=q.QuantFormat.QDQ, per_channel=True,
                     activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                    calibrate_method=methods[method], op_types_to_quantize=list(CPU_INT8_OP_TYPES),
+                    calibrate_method=_ort_method(q, method), op_types_to_quantize=list(CPU_INT8_OP_TYPES),
                     nodes_to_exclude=list(exclude), extra_options={"CalibPercentile": percentile})
         except Exception as e:
             raise HuseError(f"onnxruntime CPU INT8 quantisation of {src} failed ({type(e).__name__}: {e}); "
@@ -390,12 +392,7 @@ def quantize_int8_cpu(
     quantized = onnx.load(str(dst))
     _keep_outputs_float(quantized)
     onnx.save(quantized, str(dst))
-    names = _quantized_node_names(quantized)
-    size, src_size = dst.stat().st_size, src.stat().st_size
-    return {"path": str(dst), "size_bytes": size, "src_size_bytes": src_size, "size_ratio": size / src_size,
-            "method": method, "activations": "uint8, asymmetric", "quantized_nodes": len(names),
-            "quantized_node_names": names, "excluded_nodes": list(exclude),
-            "qdq_nodes": sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in quantized.graph.node)}
+    return _describe_quantized(src, dst, quantized, method=method, exclude=exclude, activations="uint8, asymmetric")
 
 
 def _keep_outputs_float(model) -> None:
@@ -438,18 +435,30 @@ class _FeedReader:
         self._it = iter(self._feeds)
 
 
+def _ort_method(q, method: str):
+    """onnxruntime's CalibrationMethod for one of CALIBRATION_METHODS."""
+    return {"entropy": q.CalibrationMethod.Entropy, "percentile": q.CalibrationMethod.Percentile,
+            "minmax": q.CalibrationMethod.MinMax}[method]
+
+
+def _ort_pre_process(src: Path, tmp: Path, exclude: tuple[str, ...]) -> Path:
+    """onnxruntime's quantisation pre-processing into `tmp`/pre.onnx, after checking `exclude` names.
+
+    It folds the constant pad arithmetic the exporter leaves in front of every 'SAME' conv and stores shapes,
+    so the quantizer sees plain Pad -> Conv. Symbolic shape inference is skipped: it fails on
+    EfficientNet-Lite0, and ONNX's own shape inference suffices with only the batch axis dynamic.
+    """
+    pre = tmp / "pre.onnx"
+    _import("onnxruntime.quantization").quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    _check_node_names(_import("onnx").load(str(pre)), exclude, what="exclude from INT8")
+    return pre
+
+
 def _quantize_ort(src: Path, dst: Path, feeds, method: str, exclude: tuple[str, ...], percentile: float):
     onnx = _import("onnx")
     q = _import("onnxruntime.quantization")
-    methods = {"entropy": q.CalibrationMethod.Entropy, "percentile": q.CalibrationMethod.Percentile,
-               "minmax": q.CalibrationMethod.MinMax}
     with tempfile.TemporaryDirectory(prefix="huse-int8-") as tmp:
-        pre, cache = Path(tmp) / "pre.onnx", Path(tmp) / "ranges.json"
-        # Pre-processing folds the constant pad arithmetic the exporter leaves in front of every 'SAME' conv and
-        # stores shapes, so the quantizer sees plain Pad -> Conv. Symbolic shape inference is skipped: it fails
-        # on EfficientNet-Lite0, and ONNX's own shape inference suffices with only the batch axis dynamic.
-        q.quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        _check_node_names(onnx.load(str(pre)), exclude, what="exclude from INT8")
+        pre, cache = _ort_pre_process(src, Path(tmp), exclude), Path(tmp) / "ranges.json"
         try:
             # Calibrate here rather than inside quantize_static: quantize_static gives the entropy calibrator
             # 128 histogram bins and 128 quantised bins, which leaves the KL search one candidate (the full
@@ -457,7 +466,7 @@ def _quantize_ort(src: Path, dst: Path, feeds, method: str, exclude: tuple[str, 
             # entropy calibration uses 2048 bins for 128 quantised levels; so do we.
             calibrator = q.create_calibrator(
                 pre, list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=methods[method],
+                calibrate_method=_ort_method(q, method),
                 extra_options={"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128,
                                "percentile": percentile})
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its histogram progress
@@ -468,7 +477,7 @@ def _quantize_ort(src: Path, dst: Path, feeds, method: str, exclude: tuple[str, 
                 str(pre), str(dst), None, calibration_cache_path=str(cache),
                 quant_format=q.QuantFormat.QDQ, per_channel=True,
                 activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
-                calibrate_method=methods[method], op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                calibrate_method=_ort_method(q, method), op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                 nodes_to_exclude=list(exclude),
                 extra_options={
                     "ActivationSymmetric": True,  # zero point 0: what TensorRT's INT8 expects

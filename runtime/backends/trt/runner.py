@@ -359,7 +359,8 @@ class TrtRunner(BaseRunner):
         usable, reason, info = gpu_status(self.device)
         if not usable:  # never construct trt.Runtime without a GPU: it can crash the process
             raise HuseError(f"cannot run TensorRT engine {self.path}: {reason}")
-        self._check_built_for(info)
+        entry = self.manifest_entry if self.manifest_entry is not None else read_sidecar(self.path)
+        self._check_built_for(info, entry)
         self._cuda = make_cuda_binding(self.binding, self.device)
         if self.cuda_graph_batches and not self._cuda.supports_graphs:
             raise HuseError(
@@ -371,7 +372,6 @@ class TrtRunner(BaseRunner):
             with self._cuda.bound():
                 self._logger = trt.Logger(trt.Logger.WARNING)
                 self._runtime = trt.Runtime(self._logger)
-                entry = self.manifest_entry if self.manifest_entry is not None else read_sidecar(self.path)
                 if entry and entry.get("dla_core") is not None:  # a DLA engine runs on the core it was built for
                     self._runtime.DLA_core = int(entry["dla_core"])
                 self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -420,8 +420,7 @@ class TrtRunner(BaseRunner):
                 cuda.stream_destroy(self._stream)
         self._clear()
 
-    def _check_built_for(self, info: dict) -> None:
-        entry = self.manifest_entry if self.manifest_entry is not None else read_sidecar(self.path)
+    def _check_built_for(self, info: dict, entry: dict | None) -> None:
         if entry is None:
             return  # nothing to compare with: deserialize_cuda_engine still refuses foreign engines
         here_trt, here_cc = self._trt.__version__, info.get("compute_capability")
