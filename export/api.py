@@ -126,6 +126,9 @@ def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
         "preprocessing": spec.to_dict(),
         "tokenizer": tok_spec,
         "fusion": {"image_weight": weight, "rule": "w * softmax(image logits) + (1 - w) * softmax(text logits)"},
+        # Temperatures fitted on val by the training run; runs from before calibration get 1 (none).
+        "calibration": {"temperature": cfg.get("calibration", {}).get("temperature", {m: 1.0 for m in GRAPHS}),
+                        "rule": "p -> p^(1/T) renormalised, per mode (image/text: softmax(logits / T))"},
         "models": {"fp32": {g: f"{g}.onnx" for g in GRAPHS}},
         "graphs": {g: {"inputs": s["inputs"], "outputs": s["outputs"]} for g, s in graph_specs(model, weight).items()},
         "parity": {"reference": "torch eager", "atol": opts.parity_atol, "max_abs_diff": parity},

@@ -27,6 +27,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def temperature_scale(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Calibrated probabilities: p^(1/T) renormalised (for a softmax, softmax(logits / T)).
+
+    The one calibration rule: training fits T on validation with it, the runtime applies it.
+    """
+    if temperature == 1.0:
+        return p
+    return softmax(np.log(np.clip(p.astype(np.float64), 1e-12, None)) / temperature)
+
+
 @dataclass
 class Embeddings:
     """Universal embeddings (L2-normalised rows). Rows of failed items are NaN and listed in `errors`."""
@@ -63,6 +73,8 @@ class Classifier:
         self.image_spec = ImageSpec.from_dict(m["preprocessing"])
         self.tokenizer = load_tokenizer(m["tokenizer"], self.bundle)
         self.fusion_weight = float(m["fusion"]["image_weight"])
+        # Per-mode temperatures fitted on validation (scores are calibrated: see huse.train.baselines).
+        self.temperature = {k: float(v) for k, v in m.get("calibration", {}).get("temperature", {}).items()}
         self.batch_size = int(batch_size)
         self.threads = threads
         if precision in CPU_ONLY_PRECISIONS:
@@ -193,7 +205,8 @@ class Classifier:
         if titles is not None:
             feeds.update(self.tokenizer.inputs(titles))
         out = self._run(group, feeds)
-        return out["probs"] if group == "fused" else softmax(out["logits"])
+        return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
+                                 self.temperature.get(group, 1.0))
 
     def _describe(self, p: np.ndarray, top_k: int, mode: str) -> dict[str, Any]:
         order = np.argsort(-p, kind="stable")[:top_k]

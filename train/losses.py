@@ -1,6 +1,11 @@
-"""The three HUSE losses (arXiv 1911.05978, section 3).
+"""The three HUSE losses (arXiv 1911.05978, section 3), plus an instance-level term for retrieval.
 
-total = alpha * classification + beta * semantic graph + gamma * cross-modal gap
+total = alpha * classification + beta * semantic graph + gamma * cross-modal gap + delta * instance
+
+The paper's losses pull every item toward its class's place in the space and nothing keeps two
+products of one class apart, so "find this product" fails. The instance term is the InfoNCE
+form of the gap loss, as CLIP trains: each image must pick its own product's title out of the
+batch's titles, and each title its product's images.
 """
 
 from __future__ import annotations
@@ -45,12 +50,31 @@ def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return (1.0 - (image_emb * text_emb).sum(dim=-1)).mean()
 
 
+def instance_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, product: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between the batch's image and title embeddings.
+
+    Items of the same product (several photos of one product share its title) are all
+    positives: the target of each row is uniform over them.
+
+    Args:
+        image_emb, text_emb: (N, D) L2-normalised embeddings of the same N items.
+        product: (N,) product indices.
+        tau: temperature.
+    """
+    logits = image_emb @ text_emb.t() / tau
+    pos = (product[:, None] == product[None, :]).to(logits.dtype)
+    target = pos / pos.sum(1, keepdim=True)  # pos is symmetric, so this serves both directions
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor, text_logits: torch.Tensor,
               labels: torch.Tensor, class_dist: torch.Tensor, *, alpha: float, beta: float, gamma: float,
-              margin: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of the three losses, and each part for logging.
+              margin: float, delta: float = 0.0, tau: float = 0.1,
+              product: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted sum of the losses, and each part for logging.
 
-    The graph loss is applied to each modality's embeddings and averaged.
+    The graph loss is applied to each modality's embeddings and averaged. `product` (N,) is
+    needed when delta > 0.
     """
     cls = classification_loss(image_logits, text_logits, labels)
     graph = 0.5 * (semantic_graph_loss(image_emb, labels, class_dist, margin)
@@ -58,4 +82,8 @@ def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: tor
     gap = gap_loss(image_emb, text_emb)
     total = alpha * cls + beta * graph + gamma * gap
     parts = {"loss": total, "cls": cls, "graph": graph, "gap": gap}
+    if delta:
+        inst = instance_loss(image_emb, text_emb, product, tau)
+        total = total + delta * inst
+        parts.update(loss=total, instance=inst)
     return total, {k: float(v.detach()) for k, v in parts.items()}

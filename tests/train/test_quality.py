@@ -1,0 +1,131 @@
+"""Every run checks itself: baselines, calibration, early stopping, the adaptive defaults, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from huse.train.baselines import (expected_calibration_error, fit_temperature, logistic_baselines, selective_accuracy)
+from huse.runtime.classifier import temperature_scale
+
+
+def test_logistic_baselines_fit_separable_features_and_average_for_fused():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    img = rng.normal(size=(120, 8)) + 4 * np.eye(3, 8)[y]  # class signal in the first 3 dims
+    txt = [f"item {['red', 'green', 'blue'][c]} {i}" for i, c in enumerate(y)]
+    train, test = np.arange(0, 120, 2), np.arange(1, 120, 2)
+    p = logistic_baselines(img, txt, y, 4, train, {"test": test})["test"]  # 4 classes, one never seen
+    for mode in ("image", "text"):
+        assert (p[mode].argmax(1) == y[test]).mean() > 0.95
+        assert p[mode].shape == (60, 4) and np.allclose(p[mode][:, 3], 0) and np.allclose(p[mode].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(p["fused"], 0.5 * (p["image"] + p["text"]))
+
+
+def test_temperature_is_recovered_and_calibration_gets_better():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4000, 5)) * 3
+    true = temperature_scale(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 1.0)
+    y = np.array([rng.choice(5, p=row) for row in true])  # labels drawn from the true probabilities
+    overconfident = temperature_scale(true, 0.4)  # what an overfitted model reports
+    t = fit_temperature(overconfident, y)
+    assert 2.2 < t < 2.9  # 1 / 0.4 = 2.5
+    before = expected_calibration_error(overconfident, y)
+    after = expected_calibration_error(temperature_scale(overconfident, t), y)
+    assert before > 0.1 and after < 0.03
+
+
+def test_selective_accuracy_accepts_the_most_confident_share():
+    p = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45]])
+    y = np.array([0, 0, 1, 1])  # the two confident ones are right, the others wrong
+    cov = selective_accuracy(p, y, coverages=(0.5, 1.0))
+    assert cov["0.50"] == {"accuracy": 1.0, "threshold": pytest.approx(0.8)}
+    assert cov["1.00"]["accuracy"] == 0.5
+
+
+def test_unseen_word_rate_chooses_the_text_encoder():
+    from huse.train.trainer import OPEN_VOCABULARY_RATE, unseen_word_rate
+
+    train = ["black leather boots", "navy cotton tee"]
+    assert unseen_word_rate(train, ["Navy leather tee"]) == 0.0
+    assert unseen_word_rate(train, ["merino henley", "navy tee"]) == 0.5
+    assert OPEN_VOCABULARY_RATE < 0.5
+
+
+def test_open_vocabulary_titles_never_use_training_words():
+    import random
+
+    from huse.train.fashion import (BRANDS, CLASSES, COLOURS, MATERIALS, OPEN_BRANDS, OPEN_MATERIALS, OPEN_NOUNS, SEASONS,
+                                    SHARED_NOUNS, STYLES, make_title)
+
+    closed = {w for ws in (BRANDS, MATERIALS, COLOURS, STYLES, SEASONS, *(c[1] for c in CLASSES), *SHARED_NOUNS.values())
+              for p in ws for w in p.lower().split()}
+    opened = {w for ws in (OPEN_BRANDS, OPEN_MATERIALS, *OPEN_NOUNS) for p in ws for w in p.lower().split()}
+    assert not closed & opened
+    rng = random.Random(0)
+    titles = [make_title(k % 10, rng, open_vocab=True) for k in range(300)]
+    assert sum(any(w in t.lower().split() for w in opened) for t in titles) > 200  # most name a new brand/noun
+
+
+def _trainer(ds, out, **tc):
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    return Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32, max_len=8),
+                   TrainConfig(batch_size=32, **tc))
+
+
+def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert set(m["baseline"][split]) == {"image", "text", "fused"}
+    assert m["verdict"]["huse_beats_baseline_on_val"] == (not m["verdict"]["worse_modes"])
+    cal = m["calibration"]
+    assert set(cal["temperature"]) == {"image", "text", "fused"} and all(t > 0 for t in cal["temperature"].values())
+    assert set(cal["coverage"]["fused"]) == {"0.50", "0.80", "0.95"}
+    best = min(m["history"], key=lambda h: h["val_loss"])
+    assert m["best_epoch"] == best["epoch"]
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["calibration"]["temperature"] == cal["temperature"]
+
+
+def test_early_stopping_stops_after_patience(tiny_catalog, tmp_path):
+    from huse.train.data import load_catalog_dataset
+
+    ds = load_catalog_dataset(tiny_catalog)
+    m = _trainer(ds, tmp_path / "run", epochs=200, patience=1, lr=3e-3).fit(progress=False)
+    # patience is at least 3 epochs: the run ends 3 epochs after its best one, long before 200
+    assert m["epochs_run"] == m["best_epoch"] + 3 < 200
+
+
+def test_resume_is_bit_exact(tiny_catalog, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from huse.train.data import load_catalog_dataset
+    from huse.train.trainer import Trainer
+
+    ds = load_catalog_dataset(tiny_catalog)
+    whole = _trainer(ds, tmp_path / "whole", epochs=4, patience=0).fit(progress=False)
+
+    save = Trainer._save_checkpoint
+
+    def killed_after_epoch_2(self):
+        save(self)
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # the process dies right after its second checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", killed_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(ds, tmp_path / "cut", epochs=4, patience=0).fit(progress=False)
+    monkeypatch.undo()
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig
+
+    resumed = Trainer(ds, tmp_path / "cut", HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32,
+                                                       max_len=8), TrainConfig(batch_size=32, epochs=4, patience=0),
+                      resume=True).fit(progress=False)
+    assert resumed["history"] == whole["history"]  # every loss and val figure, to the last bit
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
