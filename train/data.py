@@ -15,7 +15,7 @@ from huse.runtime.hierarchy import canonical
 from huse.runtime.preprocess import decode_image
 from huse.runtime.tokenizer import normalise_title
 
-DATASETS = ("fashion-products",)
+DATASETS = ("fashion-products", "fashion-products-open")
 
 
 @dataclass
@@ -118,11 +118,12 @@ def _check_groups(ds: Dataset, path: str | Path) -> None:
 def load_builtin(name: str, *, fmnist_dir: str | None = None, train_size: int | None = None, val_size: int = 5000,
                  test_size: int | None = None, seed: int = 0) -> Dataset:
     """Load a built-in dataset by name (see DATASETS)."""
-    if name != "fashion-products":
+    if name not in DATASETS:
         raise HuseError(f"Dataset {name!r} not found; available datasets = {list(DATASETS)}")
     from huse.train.fashion import load_fashion_products
 
-    fp = load_fashion_products(fmnist_dir, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed)
+    fp = load_fashion_products(fmnist_dir, train_size=train_size, val_size=val_size, test_size=test_size, seed=seed,
+                               open_vocab=name == "fashion-products-open")
     source = {"dataset": name, "fmnist_dir": fmnist_dir, "train_size": train_size, "val_size": val_size,
               "test_size": test_size, "seed": seed}
     return Dataset(list(fp.images), fp.titles, fp.classes, fp.product_ids, fp.splits, source)

@@ -5,6 +5,12 @@ installed by the Debian package `dataset-fashion-mnist`. The titles are generate
 a seeded template generator, honestly imperfect so that neither modality alone suffices:
 a share of titles names no product at all ("Nordic Studio autumn edit 4411") and a share uses
 a noun that neighbouring classes share ("top", "knit", "shoe").
+
+`fashion-products-open` is the same photos and splits with an open vocabulary: val and test
+titles (new products) take their brands, materials and product nouns from lists that never
+occur in training titles ("Greywood merino henley"), as a real catalog's new products do.
+Val is open too, so that what is chosen on it (the text encoder, early stopping) sees what
+test will. Training titles are those of `fashion-products`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,24 @@ MATERIALS = ["cotton", "organic cotton", "wool-blend", "linen", "recycled", "sof
 STYLES = ["classic", "relaxed", "slim", "everyday", "vintage", "modern", "essential", "signature"]
 SEASONS = ["autumn edit", "spring drop", "summer capsule", "winter line", "new season", "archive"]
 
+# Open vocabulary (fashion-products-open): per class, nouns that never occur in training titles,
+# and brands and materials that never do either.
+OPEN_NOUNS = [
+    ["henley", "raglan", "ringer", "muscle singlet"],
+    ["cargo pants", "culottes", "khakis", "palazzo pants"],
+    ["cardigan", "turtleneck", "hoodie", "fleece"],
+    ["gown", "shift frock", "pinafore", "maxi frock"],
+    ["anorak", "peacoat", "duffle", "windbreaker"],
+    ["espadrilles", "mules", "gladiators", "thongs"],
+    ["blouse", "polo", "chambray", "camp collar"],
+    ["plimsolls", "kicks", "runners", "high-tops"],
+    ["clutch", "satchel", "purse", "hobo"],
+    ["chukkas", "jodhpurs", "galoshes", "wellingtons"],
+]
+OPEN_BRANDS = ["Greywood", "Saltmarsh", "Velora", "Kinfolk", "Arden Vale", "Mistral", "Quarry Lane", "Tidewater",
+               "Bellhaven", "Corvid", "Elmstead", "Foxglove", "Ravelin", "Stonebridge", "Yarrow"]
+OPEN_MATERIALS = ["merino", "cashmere", "denim", "corduroy", "suede", "tweed", "jersey", "seersucker"]
+
 # Fixed settings of the generator, chosen once so that text-only top-1 on the test split is
 # 70-80% with the default recipe (README); do not change them, results depend on them.
 P_NO_NOUN = 0.19  # the title names no product at all
@@ -61,9 +85,11 @@ P_SHARED_NOUN = 0.12  # the title uses a noun shared with neighbouring classes
 TITLE_SEED = 1911_05978
 
 
-def make_title(label: int, rng: random.Random) -> str:
-    """One product title for a Fashion-MNIST label."""
-    brand, colour = rng.choice(BRANDS), rng.choice(COLOURS)
+def make_title(label: int, rng: random.Random, open_vocab: bool = False) -> str:
+    """One product title for a Fashion-MNIST label (`open_vocab`: brands, materials and nouns never seen in training)."""
+    brands, materials, nouns = (OPEN_BRANDS, OPEN_MATERIALS, OPEN_NOUNS[label]) if open_vocab else (
+        BRANDS, MATERIALS, CLASSES[label][1])
+    brand, colour = rng.choice(brands), rng.choice(COLOURS)
     u = rng.random()
     if u < P_NO_NOUN:
         return rng.choice([f"{brand} {rng.choice(SEASONS)} {rng.randint(1000, 9999)}",
@@ -73,8 +99,8 @@ def make_title(label: int, rng: random.Random) -> str:
         group = rng.choice([g for g, members in SHARED_GROUPS.items() if label in members] or [CLASSES[label][2]])
         noun = rng.choice(SHARED_NOUNS[group])
     else:
-        noun = rng.choice(CLASSES[label][1])
-    material, style = rng.choice(MATERIALS), rng.choice(STYLES)
+        noun = rng.choice(nouns)
+    material, style = rng.choice(materials), rng.choice(STYLES)
     return rng.choice([f"{brand} {colour} {material} {noun}", f"{style.title()} {noun} in {colour} by {brand}",
                        f"{brand} {style} {noun} - {colour}", f"{colour.title()} {material} {noun} | {brand}"])
 
@@ -110,7 +136,7 @@ class FashionProducts:
 
 
 def load_fashion_products(fmnist: str | Path | None = None, train_size: int | None = None, val_size: int = 5000,
-                          test_size: int | None = None, seed: int = 0) -> FashionProducts:
+                          test_size: int | None = None, seed: int = 0, open_vocab: bool = False) -> FashionProducts:
     """Load fashion-products with its splits.
 
     Every photo is its own product. train/val come from Fashion-MNIST's training set (split by
@@ -123,6 +149,7 @@ def load_fashion_products(fmnist: str | Path | None = None, train_size: int | No
         val_size: products in val.
         test_size: products in test (None: all 10,000).
         seed: split seed.
+        open_vocab: val and test titles from the open vocabulary (fashion-products-open).
     """
     folder = fmnist_dir(fmnist)
     tr_x, tr_y = _read_idx(folder / "train-images-idx3-ubyte.gz"), _read_idx(folder / "train-labels-idx1-ubyte.gz")
@@ -140,14 +167,15 @@ def load_fashion_products(fmnist: str | Path | None = None, train_size: int | No
             # Seeded by product id, so a product's title never depends on split sizes.
             rng = random.Random(f"{TITLE_SEED}-{pid}")
             images.append(xs[i])
-            titles.append(make_title(int(ys[i]), rng))
+            titles.append(make_title(int(ys[i]), rng, open_vocab and split != "train"))
             classes.append(CLASSES[int(ys[i])][0])
             pids.append(pid)
             splits.append(split)
     return FashionProducts(np.stack(images), titles, classes, pids, splits)
 
 
-def export_catalog(out: str | Path, fmnist: str | Path | None = None, limit: int | None = None, seed: int = 0) -> Path:
+def export_catalog(out: str | Path, fmnist: str | Path | None = None, limit: int | None = None, seed: int = 0,
+                   open_vocab: bool = False) -> Path:
     """Write fashion-products as `catalog.csv` + PNG images, so users see the format on real files.
 
     Args:
@@ -160,7 +188,7 @@ def export_catalog(out: str | Path, fmnist: str | Path | None = None, limit: int
 
     from PIL import Image
 
-    ds = load_fashion_products(fmnist, seed=seed)
+    ds = load_fashion_products(fmnist, seed=seed, open_vocab=open_vocab)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
