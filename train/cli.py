@@ -10,21 +10,32 @@ from huse.runtime.cli import run_cli
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--data", "data", type=click.Path(dir_okay=False), help="Catalog CSV/JSONL: image,name,classes[,product_id,split].")
-@click.option("--dataset", type=click.Choice(["fashion-products"]), help="A built-in dataset instead of --data.")
+@click.option("--dataset", type=click.Choice(["fashion-products", "fashion-products-open"]),
+              help="A built-in dataset instead of --data (-open: val/test titles use words never seen in training).")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the catalog's folder).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
-@click.option("--backbone", default="efficientnet_lite0", help="Image backbone (see `huse list backbones`).")
+@click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
 @click.option("--image-size", default=64, help="Square input size of the image graph.")
 @click.option("--fine-tune", is_flag=True, help="Train the backbone too (slow on CPU; features are not cached).")
-@click.option("--text-encoder", type=click.Choice(["cnn", "minilm"]), default="cnn", help="Word CNN trained from scratch, or pretrained frozen MiniLM.")
+@click.option("--text-encoder", type=click.Choice(["auto", "cnn", "minilm"]), default="auto",
+              help="Word CNN trained from scratch, or pretrained frozen MiniLM; auto: MiniLM when more than 10% of the "
+                   "val titles' words never occur in training titles (open vocabulary), else the word CNN.")
+@click.option("--arch", type=click.Choice(["auto", "paper"]), default="auto",
+              help="Tower sizes: paper (image 5x512, text 2x512, dropout 0.15), or auto: the paper's above "
+                   "20,000 training items, smaller towers with more dropout below (README, 'Model quality').")
 @click.option("--embed-dim", default=512, help="Dimension D of the universal embedding.")
-@click.option("--epochs", default=10)
+@click.option("--epochs", type=int, help="Exactly this many epochs (default: a budget of max(2,000 steps, 10 epochs) "
+                                          "with early stopping on val loss; the best epoch is kept).")
+@click.option("--patience", type=int, help="Steps (at least 3 epochs) without a better val loss before stopping; 0: never. "
+                                            "[default: TrainConfig.patience]")
 @click.option("--batch-size", default=256)
 @click.option("--lr", default=1e-3)
 @click.option("--alpha", default=1.0, help="Classification loss weight.")
 @click.option("--beta", default=1.0, help="Semantic-graph loss weight.")
 @click.option("--gamma", default=0.2, help="Cross-modal gap loss weight.")
+@click.option("--delta", type=float, help="Instance-level contrastive (InfoNCE) weight between image and title "
+                                                    "embeddings, for finding products; 0: the paper's losses only. [default: TrainConfig.delta]")
 @click.option("--margin", "zeta", default=0.7, help="Semantic-graph margin zeta.")
 @click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
@@ -56,24 +67,41 @@ def _train(o: dict) -> None:
     for s in ds.skipped[:10]:
         click.echo(f"  skipped row {s['row']}: {s['reason']}")
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
-                    embed_dim=o["embed_dim"], text_encoder=o["text_encoder"])
-    tc = TrainConfig(epochs=o["epochs"], batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"],
-                     gamma=o["gamma"], margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"])
+                    embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"])
+    # Options without a CLI default take TrainConfig's: one copy of each default.
+    given = {k: o[k] for k in ("epochs", "patience", "delta") if o[k] is not None}
+    tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
+                     margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")
 
 
 def format_metrics(metrics: dict) -> str:
-    """A small accuracy table: split x mode, top-1 / top-5 and top-1 per hierarchy level."""
-    lines = [f"{'split':6} {'mode':6} {'top1':>7} {'top5':>7}  per-level top1", "-" * 52]
+    """HUSE beside the logistic-regression baseline (split x mode), calibration, and a plain verdict."""
+    lines = [f"{'split':5} {'mode':6} {'HUSE top1':>9} {'baseline':>9} {'top5':>7}  per-level top1", "-" * 64]
     for split in ("val", "test"):
         for mode, r in metrics.get(split, {}).items():
+            base = metrics["baseline"][split][mode]["top1"]
             levels = " ".join(f"L{k}={v:.3f}" for k, v in r["levels"].items())
-            lines.append(f"{split:6} {mode:6} {r['top1']:7.4f} {r['top5']:7.4f}  {levels}")
-    lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}")
+            lines.append(f"{split:5} {mode:6} {r['top1']:9.4f} {base:9.4f} {r['top5']:7.4f}  {levels}")
+    cal = metrics["calibration"]
+    cov = cal["coverage"]["fused"]
+    lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}; best epoch "
+                 f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']} "
+                 f"({100 * metrics['text_encoder']['val_unseen_word_rate']:.0f}% of val title words unseen in training)")
+    lines.append(f"fused calibration ({cal['split']}): ECE {cal['ece_before']['fused']:.3f} -> {cal['ece_after']['fused']:.3f} "
+                 f"(temperature {cal['temperature']['fused']}); accuracy at coverage "
+                 + ", ".join(f"{100 * float(c):.0f}%: {v['accuracy']:.3f} (p>={v['threshold']:.2f})" for c, v in cov.items()))
+    worse = metrics["verdict"]["worse_modes"]
+    if worse:
+        lines.append("WARNING: HUSE is worse than a logistic regression on the same features on val in "
+                     + ", ".join(f"{m} ({v['huse']:.3f} < {v['baseline']:.3f})" for m, v in worse.items())
+                     + ". Try: more data per class; --text-encoder minilm for titles with new words; --arch auto "
+                       "(smaller towers); or use the baseline's modality alone.")
+    else:
+        lines.append("HUSE beats the logistic-regression baseline on val in every mode.")
     return "\n".join(lines)
-
 
 
 @click.group()
@@ -82,7 +110,7 @@ def data() -> None:
 
 
 @data.command("export")
-@click.argument("name", type=click.Choice(["fashion-products"]))
+@click.argument("name", type=click.Choice(["fashion-products", "fashion-products-open"]))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--limit", type=int, help="Write only the first N products of each split.")
 @click.option("--fmnist-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST .gz files.")
@@ -91,7 +119,7 @@ def export_data(name: str, out: str, limit: int | None, fmnist_dir: str | None) 
     def body():
         from huse.train.fashion import export_catalog
 
-        path = export_catalog(out, fmnist_dir, limit=limit)
+        path = export_catalog(out, fmnist_dir, limit=limit, open_vocab=name == "fashion-products-open")
         click.echo(f"wrote {path}")
     run_cli(body)
 

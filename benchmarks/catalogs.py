@@ -1,0 +1,131 @@
+"""Real development catalogs beyond fashion-products, converted to the catalog CSV format.
+
+    python -m huse.benchmarks.catalogs phosphor-icons data/phosphor-icons   # ~1 min, needs npm
+
+`phosphor-icons`: the Phosphor icon set (npm `@phosphor-icons/core@2.1.1`, MIT). Each icon is a
+product with a real name ("shopping-cart-simple" -> "shopping cart simple") and six "photos",
+the same icon drawn in six visual styles (thin, light, regular, bold, fill, duotone), rasterised
+to PNG. Its class is a two-level path from the two taxonomies the icon authors assigned: the
+Figma category, then the first of its `categories` ("office & editing<design"). Pairs with fewer
+than `MIN_PRODUCTS` icons are left out, and at most `MAX_PRODUCTS` icons per class are kept, so
+the catalog is the size of a small shop: about 2,300 images of 390 products in 32 classes.
+Products go wholly to train, val or test (seeded hash of the name), so every test product and
+most of its name's words were never seen in training.
+
+The package is fetched with `npm pack` (the registry's ordinary client) into a cache folder;
+SVGs are rasterised with resvg-py (`pip install resvg-py`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import subprocess
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import click
+
+from huse.runtime.cli import run_cli
+from huse.runtime.errors import HuseError
+
+PHOSPHOR = "@phosphor-icons/core@2.1.1"
+WEIGHTS = ("thin", "light", "regular", "bold", "fill", "duotone")
+MIN_PRODUCTS = 8  # a class needs enough products to have some in each split
+MAX_PRODUCTS = 16  # the size of a small shop, and no class dominates
+RASTER = 96  # px; the model's default input is 64x64
+SPLIT = (0.6, 0.15)  # train, val fractions by product; the rest is test
+
+# The Figma categories, as the package's enum spells them (the key in its JS source -> label).
+_ENTRY = re.compile(r'name: "([^"]+)",\s*pascal_name: "[^"]+",\s*(?:alias: \{[^}]*\},\s*)?'
+                    r'categories: \[([^\]]*)\],\s*figma_category: a\.(\w+)')
+
+
+def _fetch(spec: str, cache: Path) -> Path:
+    """Unpack an npm package into `cache` (once) and return its folder."""
+    folder = cache / spec.replace("/", "_").replace("@", "")
+    if (folder / "package").is_dir():
+        return folder / "package"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        name = subprocess.run(["npm", "pack", spec, "--silent"], cwd=folder, check=True, capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1]
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise HuseError(f"could not download {spec} with `npm pack` ({e}); install Node.js/npm") from None
+    with tarfile.open(folder / name) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "package"
+
+
+def _enum(src: str, var: str) -> dict[str, str]:
+    """KEY -> label of one of the bundle's string enums, e.g. `i.OFFICE = "office & editing"`."""
+    m = re.search(r"\(\(i\) => \((.*?), i\)\)\(" + var + r" \|\| \{\}\)", src)
+    return dict(re.findall(r'i\.(\w+) = "([^"]+)"', m.group(1)))
+
+
+def _split(name: str, seed: int) -> str:
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") / 2**64
+    return "train" if u < SPLIT[0] else "val" if u < SPLIT[0] + SPLIT[1] else "test"
+
+
+def phosphor_icons(out: str | Path, cache: str | Path | None = None, seed: int = 0) -> Path:
+    """Write the phosphor-icons catalog (catalog.csv + images/) and return the CSV's path."""
+    try:
+        import resvg_py
+    except ImportError as e:
+        raise HuseError(f"rasterising SVG needs resvg-py ({e}); pip install resvg-py") from None
+    from PIL import Image
+    import io
+
+    out = Path(out)
+    pkg = _fetch(PHOSPHOR, Path(cache) if cache else out / ".cache")
+    src = (pkg / "dist" / "index.mjs").read_text(encoding="utf-8")
+    figma, cats = _enum(src, "a"), _enum(src, "e")
+    icons = []
+    for name, categories, fig in _ENTRY.findall(src):
+        first = categories.split(",")[0].strip().split(".")[-1]
+        icons.append((name, f"{figma[fig]}<{cats[first]}"))
+    sizes = Counter(c for _, c in icons)
+    per_class: dict[str, list[str]] = defaultdict(list)
+    for name, cls in sorted(icons, key=lambda x: hashlib.sha256(f"pick:{seed}:{x[0]}".encode()).hexdigest()):
+        if sizes[cls] >= MIN_PRODUCTS and len(per_class[cls]) < MAX_PRODUCTS:
+            per_class[cls].append(name)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    path = out / "catalog.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for cls in sorted(per_class):
+            for name in sorted(per_class[cls]):
+                for weight in WEIGHTS:
+                    svg = pkg / "assets" / weight / (f"{name}.svg" if weight == "regular" else f"{name}-{weight}.svg")
+                    rel = f"images/{name}-{weight}.png"
+                    png = bytes(resvg_py.svg_to_bytes(svg_path=str(svg), width=RASTER, height=RASTER))
+                    Image.open(io.BytesIO(png)).save(out / rel)
+                    w.writerow([rel, name.replace("-", " "), cls, name, _split(name, seed)])
+    return path
+
+
+CATALOGS = {"phosphor-icons": phosphor_icons}
+
+
+@click.command()
+@click.argument("name", type=click.Choice(sorted(CATALOGS)))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--cache", type=click.Path(file_okay=False), help="Where downloaded packages are kept (default: OUT/.cache).")
+@click.option("--seed", default=0, help="Split seed.")
+def main(name: str, out: str, cache: str | None, seed: int) -> None:
+    """Write a real development catalog as catalog.csv + PNG images."""
+    def body():
+        path = CATALOGS[name](out, cache, seed)
+        rows = list(csv.DictReader(open(path, encoding="utf-8")))
+        splits = Counter(r["split"] for r in rows)
+        click.echo(f"wrote {path}: {len(rows)} images of {len({r['product_id'] for r in rows})} products in "
+                   f"{len({r['classes'] for r in rows})} classes; images per split {dict(splits)}")
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()

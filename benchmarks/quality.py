@@ -1,0 +1,98 @@
+"""Model quality across catalogs: the default recipe against the logistic-regression baselines.
+
+    python -m huse.benchmarks.quality --out bench-results/quality \\
+        --catalog phosphor-icons=data/phosphor-icons/catalog.csv --dataset fashion-products-open --dataset fashion-products
+
+Each catalog is trained with `huse-train`'s defaults (plus any `--train-arg`), exactly as a user
+would run it, and the table compares HUSE with the baselines every run fits on the same split
+and features (huse.train.baselines), on the held-out test products: top-1 per mode, the
+differences, and the fused ECE after calibration. `--train-arg` applies to every catalog, e.g.
+`--train-arg=--arch=paper` to measure the paper's towers. Runs that already finished in the
+work folder are reused. Writes quality.json and quality.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from huse.runtime.cli import run_cli
+from huse.runtime.errors import HuseError
+
+MODES = ("fused", "image", "text")
+
+
+def train_default(name: str, args: list[str], run: Path) -> dict:
+    """Run `huse-train` (its defaults + args) into `run` unless it already finished; return metrics.json."""
+    if not (run / "metrics.json").is_file():
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "huse.train.cli", *args, "--out", str(run)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise HuseError(f"training {name} failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        (run / "wall_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    return json.loads((run / "metrics.json").read_text())
+
+
+def summarise(name: str, m: dict) -> dict:
+    t, b = m["test"], m["baseline"]["test"]
+    row = {"catalog": name, "split_sizes": m["split_sizes"], "text_encoder": m["text_encoder"]["chosen"],
+           "val_unseen_word_rate": m["text_encoder"]["val_unseen_word_rate"], "best_epoch": m["best_epoch"],
+           "epochs_run": m["epochs_run"], "ece_fused_before": m["calibration"]["ece_before"]["fused"],
+           "ece_fused_after": m["calibration"]["ece_after"]["fused"]}
+    for mode in MODES:
+        row[f"huse_{mode}"], row[f"baseline_{mode}"] = t[mode]["top1"], b[mode]["top1"]
+        row[f"diff_{mode}"] = t[mode]["top1"] - b[mode]["top1"]
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| catalog | test products | text encoder | HUSE fused | LR fused | HUSE image | LR image | HUSE text | LR text | fused ECE (calibrated) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["catalog"], str(r["split_sizes"]["test"]), r["text_encoder"]]
+        for mode in MODES:
+            cells += [f"**{100 * r[f'huse_{mode}']:.1f}%** ({100 * r[f'diff_{mode}']:+.1f})", f"{100 * r[f'baseline_{mode}']:.1f}%"]
+        cells.append(f"{r['ece_fused_before']:.3f} ({r['ece_fused_after']:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--catalog", "catalogs", multiple=True, help="NAME=catalog.csv (repeatable).")
+@click.option("--dataset", "datasets", multiple=True, help="A built-in dataset (repeatable).")
+@click.option("--train-size", type=int, help="Built-in datasets: products in train (default: all).")
+@click.option("--train-arg", "train_args", multiple=True, help="An extra huse-train argument for every run (repeatable).")
+@click.option("--work", default="runs/quality", type=click.Path(file_okay=False), help="Where the runs go (reused).")
+@click.option("--out", default="bench-results/quality", type=click.Path(file_okay=False))
+def main(catalogs, datasets, train_size, train_args, work, out) -> None:
+    """Train the default recipe on several catalogs and compare it with the baselines."""
+    def body():
+        jobs = []
+        for spec in catalogs:
+            name, _, path = spec.partition("=")
+            jobs.append((name, ["--data", path]))
+        for d in datasets:
+            jobs.append((d, ["--dataset", d] + (["--train-size", str(train_size)] if train_size else [])))
+        if not jobs:
+            raise HuseError("nothing to measure: pass --catalog NAME=CSV and/or --dataset NAME")
+        tag = "-".join(a.strip("-").replace("=", "") for a in train_args) or "default"
+        rows = []
+        for name, args in jobs:
+            click.echo(f"{name}: training ({tag}) ...", err=True)
+            rows.append(summarise(name, train_default(name, [*args, *train_args], Path(work) / tag / name)))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"quality-{tag}.json").write_text(json.dumps({"recipe": tag, "rows": rows}, indent=2))
+        table = markdown(rows)
+        (Path(out) / f"quality-{tag}.md").write_text(table + "\n")
+        click.echo(table)
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()
