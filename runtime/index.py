@@ -551,7 +551,45 @@ class Index:
             raise HuseError(f"catalog {data} has no rows to index")
         with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
             vecs, excluded = _embed_records(clf, records, 0, progress)
-            dim, w = int(clf.manifest["embedding_dim"]), float(clf.fusion_weight)
+        return cls.from_embeddings(bundle, records, vecs, out, kind=kind, max_memory=max_memory, precision=precision,
+                                   excluded=excluded, threads=threads, progress=progress, overwrite=overwrite)
+
+    @classmethod
+    def from_embeddings(cls, bundle: str | Path, records: Sequence[Any], vectors: dict[str, np.ndarray], out: str | Path,
+                        kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32",
+                        excluded: list[dict] | None = None, threads: int | None = None, progress: bool = True,
+                        overwrite: bool = False) -> "Index":
+        """Write an index directory from embeddings already computed with `bundle` (the second half of `build`).
+
+        Args:
+            records: one catalog Record (or an object with row, product_id, name, image, classes) per row.
+            vectors: {"image": (N, D), "text": (N, D)} float32, L2-normalised; NaN rows are left out
+                of that modality (list why in `excluded`, else "embedding is not finite" is recorded).
+            Others: as for `build`.
+        Returns:
+            The opened Index.
+        """
+        from huse.runtime.bundle import load_manifest
+
+        if kind not in KINDS:
+            raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        bm = load_manifest(bundle, verify=False)
+        dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
+        vecs = {m: np.asarray(vectors[m], np.float32) for m in MODALITIES}
+        if any(v.shape != (len(records), dim) for v in vecs.values()):
+            raise HuseError(f"embeddings must be ({len(records)}, {dim}) per modality; got "
+                            f"{ {m: v.shape for m, v in vecs.items()} }")
+        excluded = list(excluded or [])
+        listed = {(e["item"], e["modality"]) for e in excluded}
+        for m in MODALITIES:
+            for i in np.flatnonzero(~np.isfinite(vecs[m]).all(1)):
+                if (int(i), m) not in listed:
+                    r = records[i]
+                    excluded.append({"item": int(i), "row": r.row, "product_id": r.product_id, "modality": m,
+                                     "error": "embedding is not finite"})
         n_max = max(int(np.isfinite(v).all(1).sum()) for v in vecs.values())
         if kind == "auto":
             kind = choose_kind(n_max, dim, max_memory)
