@@ -80,5 +80,10 @@ def compare(a, b, floor, show_all) -> None:
     run_cli(body)
 
 
+from huse.benchmarks.retrieval import main as _retrieval  # noqa: E402  (light at import: torch only inside the backbone baseline)
+
+main.add_command(_retrieval, "retrieval")
+
+
 if __name__ == "__main__":
     main()

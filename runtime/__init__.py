@@ -7,5 +7,6 @@
 
 from huse.runtime.classifier import Classifier, Embeddings
 from huse.runtime.errors import HuseError
+from huse.runtime.index import Hit, Index
 
-__all__ = ["Classifier", "Embeddings", "HuseError"]
+__all__ = ["Classifier", "Embeddings", "HuseError", "Hit", "Index"]

@@ -155,5 +155,145 @@ def info(bundle) -> None:
     run_cli(body)
 
 
+# -- retrieval: `huse index build|add|remove|info` and `huse search` (issue 10) --------------------------
+@main.group("index")
+def index_group() -> None:
+    """Build, update and inspect a retrieval index (needs `pip install 'huse-edge[index]'`)."""
+
+
+@index_group.command("build", context_settings={"show_default": True})
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL (image, name, classes, product_id).")
+@click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf"]), default="auto",
+              help="auto: exact for small catalogs, else HNSW or IVF-SQ8 by size and --max-memory.")
+@click.option("--max-memory", default="4G", help="RAM budget for the whole index (both modalities).")
+@click.option("--precision", default="fp32", help="Bundle precision used to embed (fp32, fp16, int8-cpu, ...).")
+@click.option("--batch-size", default=64)
+@click.option("--threads", type=int, help="onnxruntime and FAISS threads (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
+def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite) -> None:
+    """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
+    def body():
+        from huse.runtime.index import Index
+
+        idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
+                          batch_size=batch_size, threads=threads, overwrite=overwrite)
+        _echo_index(idx)
+    run_cli(body)
+
+
+@index_group.command("add")
+@click.argument("index", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL of the products to add.")
+@click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against.")
+@click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
+def index_add(index, data, images, bundle) -> None:
+    """Add the products of a catalog to INDEX without a rebuild."""
+    def body():
+        from huse.runtime.index import Index
+
+        idx = Index.open(index, bundle=bundle)
+        r = idx.add(data, images=images)
+        click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
+                   f"listed in {index}/excluded.jsonl)")
+        _echo_index(idx)
+    run_cli(body)
+
+
+@index_group.command("remove")
+@click.argument("index", type=click.Path(file_okay=False))
+@click.option("--product-id", "product_ids", multiple=True, required=True, help="A product to remove (repeatable).")
+def index_remove(index, product_ids) -> None:
+    """Remove every item of the given products from INDEX (HNSW: tombstones, never returned)."""
+    def body():
+        from huse.runtime.index import Index
+
+        idx = Index.open(index, bundle=None)
+        r = idx.remove(product_ids)
+        click.echo(f"removed {r['removed']} items ({idx.manifest['removal']})")
+        if r["unknown"]:
+            click.echo(f"not in the index (or already removed): {', '.join(r['unknown'])}", err=True)
+    run_cli(body)
+
+
+@index_group.command("info")
+@click.argument("index", type=click.Path(file_okay=False))
+def index_info(index) -> None:
+    """Show what INDEX holds and verify every file."""
+    def body():
+        from huse.runtime.index import Index
+
+        idx = Index.open(index, bundle=None)
+        n = idx.verify_all()
+        _echo_index(idx)
+        click.echo(f"{n} files verified (sha256)")
+    run_cli(body)
+
+
+def _echo_index(idx) -> None:
+    info = idx.info()
+    c = info["counts"]
+    click.echo(f"index {info['folder']}: {c['items']} items ({c['removed']} removed), kind {info['kind']}, dim {info['dim']}, "
+               f"{info['precision']}; bundle {info['bundle']['path']} ({info['bundle']['fingerprint'][:12]})")
+    for mod, m in info["modalities"].items():
+        recall = "n/a" if m["recall_at_10"] is None else f"{m['recall_at_10']:.3f}"
+        click.echo(f"  {mod}: {m['count']} vectors, {m['factory']}, params {m['search_params'] or 'exact'}, "
+                   f"recall@10 vs exact {recall}" + (f", {m['tombstones']} tombstones" if m.get("tombstones") else ""))
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("index", type=click.Path(file_okay=False))
+@click.option("--text", help="Query title.")
+@click.option("--image", type=click.Path(dir_okay=False), help="Query photo (with --text: a fused query).")
+@click.option("--batch", type=click.Path(dir_okay=False), help="CSV/JSONL of queries (columns image and/or name).")
+@click.option("--target", type=click.Choice(["image", "text", "product"]), default="image",
+              help="What is searched: product photos, product titles, or products (best of both).")
+@click.option("--filter", "prefix", help="Only products under this hierarchy prefix, e.g. 'clothing<tops'.")
+@click.option("-k", "k", default=10, help="Hits per query.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the hits as JSONL (one object per query).")
+@click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
+@click.option("--threads", type=int, help="FAISS threads.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the index files used (trusted, read-only media).")
+def search(index, text, image, batch, target, prefix, k, out, bundle, threads, no_verify) -> None:
+    """Search INDEX by title, photo or both and print ranked products."""
+    def body():
+        from huse.runtime.index import Index
+
+        if batch:
+            if text or image:
+                raise HuseError("give --batch or --text/--image, not both")
+            from huse.runtime.catalog import read_catalog
+
+            recs = read_catalog(batch)
+            texts, images, labels = [r.name for r in recs], [r.image for r in recs], [f"row {r.row}" for r in recs]
+        elif text or image:
+            texts, images, labels = [text], [image], ["query"]
+        else:
+            raise HuseError("search needs --text, --image (both: a fused query) or --batch FILE")
+        idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads)
+        results = idx.search(texts=texts if any(t is not None for t in texts) else None,
+                             images=images if any(i is not None for i in images) else None,
+                             k=k, target=target, filter=prefix)
+        f = open(out, "w", encoding="utf-8") if out else None
+        try:
+            for label, q_text, q_image, hits in zip(labels, texts, images, results):
+                if f is not None:
+                    f.write(json.dumps({"query": label, "text": q_text, "image": q_image,
+                                        "hits": [h.to_dict() for h in hits]}, ensure_ascii=False) + "\n")
+                if f is None or len(results) == 1:
+                    click.echo(f"{label}: {q_text or ''} {q_image or ''}".rstrip())
+                    for rank, h in enumerate(hits, 1):
+                        click.echo(f"  {rank:2d}. {h.score:.4f} {h.product_id or '-'} row {h.row} [{h.modality}] "
+                                   f"{h.name!r} {h.classes or ''} {h.image or ''}".rstrip())
+        finally:
+            if f is not None:
+                f.close()
+        if out:
+            click.echo(f"{len(results)} queries -> {out}")
+    run_cli(body)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,878 @@
+"""Product retrieval: a self-describing FAISS index over a catalog's universal embeddings.
+
+    from huse.runtime import Index
+    Index.build("bundle/", "catalog.csv", "idx/")              # embeds with the lean runtime
+    idx = Index.open("idx/")                                    # the bundle recorded in the manifest
+    idx.search(texts=["black leather ankle boots"], k=10, target="image", filter="shoes<boots")
+
+HUSE puts photos and titles in one L2-normalised space, so any query modality can search any
+target. There is one FAISS index per target modality (image, text); `target="product"` searches
+both and keeps one hit per product_id (the best of its photos and title). A query with both a
+photo and a title is the fused query: normalise(w * image + (1 - w) * text), w being the
+bundle's fusion weight.
+
+Index kinds (`kind="auto"` chooses, autofaiss's rule of thumb: by vector count and memory):
+- flat: `IDMap2,Flat`, exact inner product. Small catalogs (< FLAT_MAX vectors), or when asked.
+- hnsw: `IDMap2,HNSW32`, a graph; fast and accurate while it fits the memory budget.
+- ivf:  `IVF{nlist},SQ8`, 8-bit codes (a quarter of the memory) searched over `nprobe` lists, the
+  max(RERANK * k, RERANK_MIN) best candidates re-scored exactly from the float vectors (memory-mapped from disk).
+Search parameters (efSearch, nprobe) are tuned at build time against exact search on a sample of
+queries until recall@10 >= TARGET_RECALL; the measured figure is in the manifest.
+
+Directory layout (every file's sha256 is in manifest.json and checked before the file is used;
+no pickle anywhere):
+- manifest.json: bundle path and fingerprint (sha256 of the bundle's manifest.json), precision,
+  dim, fusion weight, kind, per-modality factory string, search parameters, recall, counts.
+- items.jsonl (+ items.offsets.npy): one JSON object per item (row, product_id, name, image,
+  classes), read by seeking to the hits only, so opening a 200k-item index reads no item text.
+- items.class.npy, items.product.npy, items.mods.npy, items.alive.npy: per-item class code,
+  product code, which modalities are indexed (bit 1 image, 2 text), and the tombstone mask.
+- {image,text}.faiss (faiss.write_index; read memory-mapped), {image,text}.vectors.npy (float32,
+  NaN for rows not in that index; memory-mapped, read only for re-ranking, exact fallback, re-tuning).
+- excluded.jsonl: the rows left out of a modality (failed or missing photo/title) and why.
+
+Removal: flat and ivf delete the vectors from the FAISS index (`remove_ids`); FAISS's HNSW cannot
+delete, so a removed item there is a tombstone that an IDSelector filters out at search time (and
+the exact fallback skips): a removed product is never a hit. Rebuild to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from huse.runtime.bundle import MANIFEST, package_versions, sha256_file, write_json_atomic
+from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import SEPARATOR, canonical
+
+__all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS"]
+
+FORMAT = "huse-index"
+FORMAT_VERSION = 1
+KINDS = ("auto", "flat", "hnsw", "ivf")
+TARGETS = ("image", "text", "product")
+MODALITIES = ("image", "text")
+MOD_BIT = {"image": 1, "text": 2}
+FLAT_MAX = 50_000  # exact search of 50k 512-d vectors is ~2 ms per query on 2 cores: fast enough, no tuning
+HNSW_M = 32  # graph degree: FAISS's usual choice for 0.95+ recall on 512-d embeddings
+HNSW_EF_CONSTRUCTION = 40  # recall@10 0.999 at efSearch 32 on 50k clustered 512-d vectors (TOOLCHAIN.md)
+RERANK = 4  # ivf: candidates re-scored exactly per hit wanted...
+RERANK_MIN = 32  # ...and at least this many: 8-bit codes reorder near-duplicates (same product, other photo)
+TARGET_RECALL = 0.95  # recall@10 vs exact that tuning must reach
+TUNE_QUERIES = 500  # queries in the tuning sample
+EXACT_FALLBACK = 4096  # a filter that leaves at most this many rows is searched exactly over them
+EMBED_CHUNK = 256
+
+
+def _faiss():
+    from huse.runtime._lazy import lazy_import
+
+    return lazy_import("faiss", "index")
+
+
+# -- choosing an index ------------------------------------------------------------------
+def parse_memory(value: str | int | float) -> int:
+    """'4G', '512M', '1.5GiB' or a byte count -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    s = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in scale:
+            return int(float(s[:-1]) * scale[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise HuseError(f"memory budget {value!r} is not a size; use e.g. 512M, 4G or a byte count") from None
+
+
+def _nlist(n: int) -> int:
+    # autofaiss: about 4 * sqrt(n) lists (a power of two), each trained on >= 39 points
+    nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))
+    return int(max(1, min(nlist, 65536, n // 39 or 1)))
+
+
+def memory_estimate(kind: str, n: int, dim: int) -> int:
+    """Bytes of RAM one modality's index of `n` vectors needs (ids included)."""
+    if kind == "flat":
+        return n * (dim * 4 + 8)
+    if kind == "hnsw":
+        return n * (dim * 4 + 8 + HNSW_M * 2 * 4 + 16)  # vectors + ~2M level-0 links + level bookkeeping
+    if kind == "ivf":
+        return n * (dim + 8) + _nlist(n) * dim * 4  # 8-bit codes + ids + centroids (floats re-ranked from disk)
+    raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
+
+
+def choose_kind(n: int, dim: int, max_memory: str | int = "4G", modalities: int = 2) -> str:
+    """The index kind for `n` vectors per modality within a memory budget for the whole index.
+
+    Like autofaiss: exact below FLAT_MAX vectors; else a graph (HNSW) while it fits the budget,
+    else an inverted file with 8-bit codes; a budget nothing fits is an error that says what would.
+    """
+    budget = parse_memory(max_memory)
+    fits = {k: modalities * memory_estimate(k, n, dim) <= budget for k in ("flat", "hnsw", "ivf")}
+    if n < FLAT_MAX and fits["flat"]:
+        return "flat"
+    for kind in ("hnsw", "ivf"):
+        if fits[kind]:
+            return kind
+    need = modalities * memory_estimate("ivf", n, dim)
+    raise HuseError(f"{n} vectors of dim {dim} in {modalities} modalities need at least {need / 2**20:.0f} MiB "
+                    f"(ivf, 8-bit codes); the budget is {budget / 2**20:.0f} MiB. Raise --max-memory")
+
+
+def _factory(kind: str, n: int) -> str:
+    return {"flat": "IDMap2,Flat", "hnsw": f"IDMap2,HNSW{HNSW_M}", "ivf": f"IVF{_nlist(n)},SQ8"}[kind]
+
+
+# -- results -------------------------------------------------------------------------------
+@dataclass
+class Hit:
+    """One search result. `item` is the position in the index's item table; `row` the catalog row."""
+
+    item: int
+    row: int | None
+    product_id: str | None
+    name: str | None
+    image: str | None
+    classes: str | None
+    score: float
+    modality: str  # the index it came from (image or text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    end = "\n" if done >= total else ""
+    print(f"\r{what}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of each query over (vectors, ids); -1 / -inf pad when fewer."""
+    k_eff = min(k, len(ids))
+    scores_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    ids_out = np.full((len(queries), k), -1, dtype=np.int64)
+    if k_eff == 0:
+        return scores_out, ids_out
+    for s in range(0, len(queries), 64):  # bounds the (64, n) score block
+        sc = queries[s:s + 64] @ vectors.T
+        part = np.argpartition(-sc, k_eff - 1, axis=1)[:, :k_eff]
+        top = np.take_along_axis(sc, part, 1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        scores_out[s:s + 64, :k_eff] = np.take_along_axis(top, order, 1)
+        ids_out[s:s + 64, :k_eff] = ids[np.take_along_axis(part, order, 1)]
+    return scores_out, ids_out
+
+
+# -- the FAISS side: build, tune, search one modality --------------------------------------
+def _build_faiss(kind: str, vectors: np.ndarray, ids: np.ndarray, dim: int, seed: int = 0):
+    faiss = _faiss()
+    factory = _factory(kind, len(ids))
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if kind == "ivf":
+        rng = np.random.default_rng(seed)
+        sample = vectors[rng.choice(len(vectors), min(len(vectors), 256 * _nlist(len(ids))), replace=False)]
+        index.train(np.ascontiguousarray(sample))
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors), ids)
+    return index, factory
+
+
+def _search_params(kind: str, params: dict, selector=None):
+    faiss = _faiss()
+    if kind == "hnsw":
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params["efSearch"]))
+    if kind == "ivf":
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params["nprobe"]))
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def _ann(index, kind: str, params: dict, queries: np.ndarray, k: int, vectors: np.ndarray | None, selector=None):
+    """FAISS search; ivf re-scores RERANK * k candidates exactly from the float vectors."""
+    kk = max(k * RERANK, RERANK_MIN) if kind == "ivf" else k
+    if kind == "hnsw":  # efSearch must be >= k for k results
+        params = {**params, "efSearch": max(int(params["efSearch"]), kk)}
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), kk,
+                               params=_search_params(kind, params, selector))
+    if kind == "ivf" and vectors is not None:
+        safe = np.where(ids >= 0, ids, 0)
+        exact = np.einsum("qd,qkd->qk", queries, np.asarray(vectors[safe.ravel()]).reshape(*ids.shape, -1))
+        exact = np.where(ids >= 0, exact, -np.inf)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)
+        ids = np.where(np.isfinite(scores), ids, -1)
+    return scores, ids
+
+
+def _tune(index, kind: str, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
+          k: int = 10) -> tuple[dict, float | None]:
+    """The cheapest efSearch/nprobe whose recall@k vs exact reaches TARGET_RECALL on `queries`."""
+    if kind == "flat" or not len(ids):
+        return {}, 1.0 if len(ids) else None
+    k = min(k, len(ids))
+    _, truth = _exact_topk(queries, vectors, ids, k)
+
+    def recall(params: dict) -> float:
+        _, got = _ann(index, kind, params, queries, k, _Dense(vectors, ids))
+        return float(np.mean([len(set(g[g >= 0]) & set(t)) / k for g, t in zip(got, truth)]))
+
+    if kind == "hnsw":
+        grid = [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    else:
+        nlist = index.nlist
+        grid = [{"nprobe": p} for p in sorted({min(2 ** i, nlist) for i in range(17)})]
+    best = None
+    for params in grid:
+        r = recall(params)
+        best = (params, r)
+        if r >= TARGET_RECALL:
+            break
+    return best[0], best[1]
+
+
+class _Dense:
+    """Rows of a compact (n_indexed, D) array addressed by item position (for tuning before writing)."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray):
+        self.vectors = vectors
+        self.pos = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+        self.pos[ids] = np.arange(len(ids))
+
+    def __getitem__(self, positions):
+        return self.vectors[self.pos[positions]]
+
+
+# -- the index --------------------------------------------------------------------------------
+class Index:
+    """A retrieval index over a catalog's universal embeddings; use `Index.build` or `Index.open`.
+
+    Args (of `open`):
+        folder: the index directory.
+        bundle: the bundle to embed queries with (default: the path recorded at build); its
+            fingerprint must match the one the index was built with.
+        verify: check each file's sha256 before it is first used (lazily: a search on the image
+            index never reads or hashes the text index).
+        threads: FAISS OpenMP threads (None: FAISS's default, all cores).
+    """
+
+    def __init__(self, folder: Path, manifest: dict, bundle: Path | None, verify: bool, threads: int | None):
+        self.folder = folder
+        self.manifest = manifest
+        self.bundle = bundle
+        self.verify = verify
+        self.kind: str = manifest["kind"]
+        self.dim: int = int(manifest["dim"])
+        self.fusion_weight = float(manifest["fusion_image_weight"])
+        self.classes: list[str] = manifest["classes"]
+        self._verified: set[str] = set()
+        self._faiss: dict[str, Any] = {}
+        self._vectors: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._classifier = None
+        if threads:
+            _faiss().omp_set_num_threads(int(threads))
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | Path, bundle: str | Path | None = None, verify: bool = True,
+             threads: int | None = None) -> "Index":
+        """Open an index directory (see the class docstring)."""
+        folder = Path(folder)
+        manifest = _load_index_manifest(folder)
+        recorded = manifest["bundle"]
+        if bundle is None:
+            bundle = Path(recorded["path"]) if recorded.get("path") else None
+            if bundle is not None and not (bundle / MANIFEST).is_file():
+                bundle = None  # moved: texts/images queries will ask for it; vector queries still work
+        if bundle is not None:
+            bundle = Path(bundle)
+            found = _bundle_fingerprint(bundle)
+            if found != recorded["fingerprint"]:
+                raise HuseError(f"bundle {bundle} (fingerprint {found[:16]}) is not the bundle index {folder} was built "
+                                f"with (fingerprint {recorded['fingerprint'][:16]}, from {recorded.get('path')}); "
+                                "query with that bundle or rebuild the index with `huse index build`")
+        return cls(folder, manifest, bundle, verify, threads)
+
+    def _file(self, name: str) -> Path:
+        path = self.folder / name
+        if name not in self.manifest["files"]:
+            raise HuseError(f"index {self.folder}: {name} is not listed in its manifest; rebuild the index")
+        if self.verify and name not in self._verified:
+            if not path.is_file():
+                raise HuseError(f"index {self.folder}: file {name} listed in the manifest is missing; rebuild the index")
+            if sha256_file(path) != self.manifest["files"][name]:
+                raise HuseError(f"index {self.folder}: file {name} does not match its sha256 in the manifest "
+                                "(changed or corrupted); refusing to use it. Rebuild the index or restore the file")
+            self._verified.add(name)
+        return path
+
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self._file(name), allow_pickle=False)
+        return self._arrays[name]
+
+    def _index(self, mod: str):
+        if mod not in self._faiss:
+            faiss = _faiss()
+            path = str(self._file(f"{mod}.faiss"))
+            # Read-only memory maps: the flat/HNSW codes and the IVF lists stay on disk until touched.
+            flag = faiss.IO_FLAG_MMAP if self.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+            try:
+                self._faiss[mod] = faiss.read_index(path, flag)
+            except RuntimeError:
+                self._faiss[mod] = faiss.read_index(path)
+        return self._faiss[mod]
+
+    def _vectors_of(self, mod: str) -> np.ndarray:
+        if mod not in self._vectors:
+            self._vectors[mod] = np.load(self._file(f"{mod}.vectors.npy"), mmap_mode="r", allow_pickle=False)
+        return self._vectors[mod]
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["items"])
+
+    # -- searching --------------------------------------------------------------------------
+    def embed_queries(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None) -> np.ndarray:
+        """Query vectors (Q, D): image, text, or the fused normalise(w * image + (1 - w) * text) where a query has both."""
+        if texts is None and images is None:
+            raise HuseError("search needs texts, images or both")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise HuseError(f"got {len(images)} images but {len(texts)} texts; pass one of each per query (None for missing)")
+        clf = self._embedder()
+        n = len(texts if texts is not None else images)
+        img = np.full((n, self.dim), np.nan, np.float32)
+        txt = np.full((n, self.dim), np.nan, np.float32)
+        errors: dict[int, str] = {}
+        if images is not None:
+            idx = [i for i, x in enumerate(images) if x is not None]
+            e = clf.embed_image([images[i] for i in idx])
+            img[idx] = e.vectors
+            errors.update({idx[j]: f"image: {msg}" for j, msg in e.errors.items()})
+        if texts is not None:
+            idx = [i for i, x in enumerate(texts) if x is not None]
+            e = clf.embed_text([texts[i] for i in idx])
+            txt[idx] = e.vectors
+            for j, msg in e.errors.items():
+                errors[idx[j]] = errors.get(idx[j], "") + ("; " if idx[j] in errors else "") + f"title: {msg}"
+        ok_i, ok_t = np.isfinite(img).all(1), np.isfinite(txt).all(1)
+        w = self.fusion_weight
+        q = np.where((ok_i & ok_t)[:, None], w * np.nan_to_num(img) + (1 - w) * np.nan_to_num(txt),
+                     np.where(ok_i[:, None], np.nan_to_num(img), np.nan_to_num(txt)))
+        bad = ~(ok_i | ok_t)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise HuseError(f"query {i} has no usable image or text ({errors.get(i, 'nothing given')}); "
+                            f"{int(bad.sum())} of {n} queries failed")
+        return _normalise(q.astype(np.float32))
+
+    def _embedder(self):
+        if self._classifier is None:
+            if self.bundle is None:
+                raise HuseError(f"index {self.folder} was built with bundle {self.manifest['bundle'].get('path')}, which is "
+                                "not there any more; pass the bundle (`--bundle` / Index.open(..., bundle=...))")
+            from huse.runtime.classifier import Classifier
+
+            self._classifier = Classifier(self.bundle, precision=self.manifest["precision"], verify=self.verify)
+        return self._classifier
+
+    def search(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None, k: int = 10,
+               target: str = "image", filter: str | None = None) -> list[list[Hit]]:
+        """Search by title, photo or both (fused), one query per position.
+
+        Args:
+            texts: query titles (None entries where a query has only a photo).
+            images: query photos (paths, bytes, PIL images, arrays; None where a query has only a title).
+            k: hits per query (fewer when the index, or the filter, holds fewer).
+            target: "image" (product photos), "text" (product titles) or "product" (one hit per
+                product_id, the best of its photos and title).
+            filter: a hierarchy prefix, e.g. "clothing<tops": only products of that subtree.
+        Returns:
+            Per query, its hits best first.
+        """
+        return self.search_vectors(self.embed_queries(texts=texts, images=images), k=k, target=target, filter=filter)
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10, target: str = "image",
+                       filter: str | None = None) -> list[list[Hit]]:
+        """`search` for query embeddings already computed (Q, D), L2-normalised."""
+        if target not in TARGETS:
+            raise HuseError(f"target {target!r} is not one of {list(TARGETS)}")
+        if k < 1:
+            raise HuseError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise HuseError(f"query vectors have dim {queries.shape[1]}; the index holds dim {self.dim}")
+        allowed = self._allowed(filter)
+        if target != "product":
+            scores, ids = self._search_mod(target, queries, k, allowed)
+            return [self._hits(s, i, target) for s, i in zip(scores, ids)]
+        return self._search_products(queries, k, allowed)
+
+    def _allowed(self, filter: str | None) -> np.ndarray | None:
+        """Mask of items a search may return (alive and under the filter), None when all may."""
+        alive = self._array("items.alive.npy").astype(bool)
+        mask = None if alive.all() else alive
+        if filter:
+            prefix = canonical(filter)
+            codes = [i for i, c in enumerate(self.classes) if c == prefix or c.startswith(prefix + SEPARATOR)]
+            if not codes:
+                roots = sorted({c.split(SEPARATOR)[0] for c in self.classes})
+                raise HuseError(f"filter {filter!r} matches no class in index {self.folder}; top-level classes: {roots}")
+            under = np.isin(self._array("items.class.npy"), codes)
+            mask = under if mask is None else mask & under
+        return mask
+
+    def _search_mod(self, mod: str, queries: np.ndarray, k: int, allowed: np.ndarray | None):
+        info = self.manifest["modalities"][mod]
+        if info["count"] == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        cand = None
+        if allowed is not None:
+            cand = np.flatnonzero(allowed & ((self._array("items.mods.npy") & MOD_BIT[mod]) > 0))
+            if len(cand) <= EXACT_FALLBACK:
+                return _exact_topk(queries, np.asarray(self._vectors_of(mod)[cand]), cand, k)
+        selector, keep = None, None
+        if allowed is not None:
+            keep = np.packbits(allowed, bitorder="little")
+            selector = _faiss().IDSelectorBitmap(len(allowed), _faiss().swig_ptr(keep))
+        vecs = self._vectors_of(mod) if self.kind == "ivf" else None
+        scores, ids = _ann(self._index(mod), self.kind, info["search_params"], queries, k, vecs, selector)
+        del keep
+        # A graph search under a selective filter can come back short: answer those queries exactly.
+        n_possible = min(k, info["count"] - self._removed_in(mod) if cand is None else len(cand))
+        short = np.flatnonzero((ids >= 0).sum(1) < n_possible)
+        if len(short):
+            if cand is None:
+                cand = np.flatnonzero(self._array("items.alive.npy").astype(bool)
+                                      & ((self._array("items.mods.npy") & MOD_BIT[mod]) > 0))
+            s2, i2 = _exact_topk(queries[short], np.asarray(self._vectors_of(mod)[cand]), cand, k)
+            scores[short], ids[short] = s2, i2
+        return scores, ids
+
+    def _removed_in(self, mod: str) -> int:
+        return int(self.manifest["modalities"][mod].get("tombstones", 0))
+
+    def _search_products(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[list[Hit]]:
+        product = self._array("items.product.npy")
+        mods = [m for m in MODALITIES if self.manifest["modalities"][m]["count"]]
+        total = sum(self.manifest["modalities"][m]["count"] for m in mods)
+        out = []
+        for q in queries:
+            kk = min(4 * k, total) or 1
+            while True:
+                best: dict[int, tuple[float, int, str]] = {}
+                for m in mods:
+                    scores, ids = self._search_mod(m, q[None], kk, allowed)
+                    for s, i in zip(scores[0], ids[0]):
+                        if i >= 0 and (product[i] not in best or s > best[product[i]][0]):
+                            best[product[i]] = (float(s), int(i), m)
+                if len(best) >= k or kk >= total:
+                    break
+                kk = min(2 * kk, total)
+            ranked = sorted(best.values(), key=lambda t: -t[0])[:k]
+            items = self._items([i for _, i, _ in ranked])
+            out.append([Hit(item=i, score=s, modality=m, **items[i]) for s, i, m in ranked])
+        return out
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, mod: str) -> list[Hit]:
+        keep = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0]
+        items = self._items([i for _, i in keep])
+        return [Hit(item=i, score=s, modality=mod, **items[i]) for s, i in keep]
+
+    def _items(self, positions: list[int]) -> dict[int, dict]:
+        """Item records of the given positions, read by seeking (the table is never loaded whole)."""
+        offsets = self._array("items.offsets.npy")
+        out = {}
+        with open(self._file("items.jsonl"), "rb") as f:
+            for p in sorted(set(positions)):
+                f.seek(int(offsets[p]))
+                rec = json.loads(f.read(int(offsets[p + 1] - offsets[p])))
+                out[p] = {key: rec.get(key) for key in ("row", "product_id", "name", "image", "classes")}
+        return out
+
+    def items(self) -> list[dict]:
+        """Every item record in position order (the whole table; for tools and tests)."""
+        return _read_items(self.folder, self._file("items.jsonl"))
+
+    def excluded(self) -> list[dict]:
+        """Rows left out of a modality's index: {"item", "row", "product_id", "modality", "error"}."""
+        path = self._file("excluded.jsonl")
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # -- building and changing -----------------------------------------------------------------
+    @classmethod
+    def build(cls, bundle: str | Path, data: str | Path | Sequence[Any], out: str | Path, images: str | Path | None = None,
+              kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32", batch_size: int = 64,
+              threads: int | None = None, progress: bool = True, overwrite: bool = False) -> "Index":
+        """Embed every product of a catalog and write an index directory.
+
+        Args:
+            bundle: the bundle (from `huse-export`) whose embeddings are indexed and queried.
+            data: a catalog file (CSV/JSONL, as `huse classify` reads) or a list of catalog Records.
+            out: the index directory to write (must not exist unless `overwrite`).
+            images: folder that relative image paths resolve against.
+            kind: "auto", "flat", "hnsw" or "ivf" (see the module docstring).
+            max_memory: RAM budget for the whole index (both modalities), e.g. "4G".
+            precision: the bundle precision used to embed ("fp32", "fp16", "int8-cpu", ...).
+            batch_size, threads: passed to the Classifier (and threads to FAISS).
+            progress: print a progress line to stderr.
+            overwrite: replace an existing directory.
+        Returns:
+            The opened Index.
+        """
+        from huse.runtime.classifier import Classifier
+
+        if kind not in KINDS:
+            raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        if threads:
+            _faiss().omp_set_num_threads(int(threads))
+        else:
+            _faiss()  # fail on a missing extra before minutes of embedding
+        records = _records(data, images)
+        if not records:
+            raise HuseError(f"catalog {data} has no rows to index")
+        with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
+            vecs, excluded = _embed_records(clf, records, 0, progress)
+        return cls.from_embeddings(bundle, records, vecs, out, kind=kind, max_memory=max_memory, precision=precision,
+                                   excluded=excluded, threads=threads, progress=progress, overwrite=overwrite)
+
+    @classmethod
+    def from_embeddings(cls, bundle: str | Path, records: Sequence[Any], vectors: dict[str, np.ndarray], out: str | Path,
+                        kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32",
+                        excluded: list[dict] | None = None, threads: int | None = None, progress: bool = True,
+                        overwrite: bool = False) -> "Index":
+        """Write an index directory from embeddings already computed with `bundle` (the second half of `build`).
+
+        Args:
+            records: one catalog Record (or an object with row, product_id, name, image, classes) per row.
+            vectors: {"image": (N, D), "text": (N, D)} float32, L2-normalised; NaN rows are left out
+                of that modality (list why in `excluded`, else "embedding is not finite" is recorded).
+            Others: as for `build`.
+        Returns:
+            The opened Index.
+        """
+        from huse.runtime.bundle import load_manifest
+
+        if kind not in KINDS:
+            raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        bm = load_manifest(bundle, verify=False)
+        dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
+        vecs = {m: np.asarray(vectors[m], np.float32) for m in MODALITIES}
+        if any(v.shape != (len(records), dim) for v in vecs.values()):
+            raise HuseError(f"embeddings must be ({len(records)}, {dim}) per modality; got "
+                            f"{ {m: v.shape for m, v in vecs.items()} }")
+        excluded = list(excluded or [])
+        listed = {(e["item"], e["modality"]) for e in excluded}
+        for m in MODALITIES:
+            for i in np.flatnonzero(~np.isfinite(vecs[m]).all(1)):
+                if (int(i), m) not in listed:
+                    r = records[i]
+                    excluded.append({"item": int(i), "row": r.row, "product_id": r.product_id, "modality": m,
+                                     "error": "embedding is not finite"})
+        n_max = max(int(np.isfinite(v).all(1).sum()) for v in vecs.values())
+        if kind == "auto":
+            kind = choose_kind(n_max, dim, max_memory)
+        classes = sorted({canonical(r.classes) for r in records if r.classes})
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+        try:
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "bundle": {"path": str(Path(bundle).resolve()), "fingerprint": _bundle_fingerprint(bundle)},
+                        "precision": precision, "dim": dim, "fusion_image_weight": w, "kind": kind,
+                        "max_memory": parse_memory(max_memory), "classes": classes,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions("huse-edge", "faiss-cpu", "numpy"),
+                        "removal": _REMOVAL[kind], "modalities": {}}
+            _write_items(tmp, records, classes, vecs, previous=None)
+            _write_excluded(tmp, excluded, append_to=None)
+            for mod in MODALITIES:
+                manifest["modalities"][mod] = _write_modality(tmp, mod, kind, vecs[mod], dim, progress)
+            _finish(tmp, manifest)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(out, bundle=bundle, threads=threads)
+
+    def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True) -> dict:
+        """Embed and add products from another catalog; the index keeps its kind and tuned parameters.
+
+        Returns:
+            {"added": items, "image": vectors added, "text": vectors added, "excluded": rows left out}.
+        """
+        records = _records(data, images)
+        n0 = len(self)
+        clf = self._embedder()
+        vecs, excluded = _embed_records(clf, records, n0, progress)
+        previous = self.items()
+        classes = sorted(set(self.classes) | {canonical(r.classes) for r in records if r.classes})
+        m = self.manifest
+        _write_items(self.folder, records, classes, vecs, previous=(previous, self))
+        _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
+        added = {}
+        for mod in MODALITIES:
+            new = np.isfinite(vecs[mod]).all(1)
+            old_vecs = np.load(self._file(f"{mod}.vectors.npy"), allow_pickle=False)
+            allv = np.concatenate([old_vecs, vecs[mod]])
+            _save_npy(self.folder / f"{mod}.vectors.npy", allv)
+            index = _read_writable(self._file(f"{mod}.faiss"))
+            ids = np.flatnonzero(new).astype(np.int64) + n0
+            if len(ids):
+                if self.kind == "ivf" and not index.is_trained:
+                    index, _ = _build_faiss("ivf", allv[ids], ids, self.dim)
+                else:
+                    index.add_with_ids(np.ascontiguousarray(vecs[mod][new]), ids)
+            _write_index(index, self.folder / f"{mod}.faiss")
+            info = m["modalities"][mod]
+            info["count"] += len(ids)
+            added[mod] = len(ids)
+        m["classes"] = classes
+        _finish(self.folder, m)
+        self._reload()
+        return {"added": len(records), **added, "excluded": len(excluded)}
+
+    def remove(self, product_ids: Sequence[str]) -> dict:
+        """Remove every item of the given product_ids (see the module docstring for what each kind does).
+
+        Returns:
+            {"removed": items removed, "unknown": product_ids not in the index (or already removed)}.
+        """
+        wanted = {str(p) for p in product_ids}
+        items = self.items()
+        alive = self._array("items.alive.npy").copy()
+        positions = np.asarray([i for i, it in enumerate(items) if it.get("product_id") in wanted and alive[i]], np.int64)
+        found = {items[i]["product_id"] for i in positions}
+        if len(positions):
+            alive[positions] = 0
+            _save_npy(self.folder / "items.alive.npy", alive)
+            mods = self._array("items.mods.npy")
+            for mod in MODALITIES:
+                in_mod = positions[(mods[positions] & MOD_BIT[mod]) > 0]
+                info = self.manifest["modalities"][mod]
+                if not len(in_mod):
+                    continue
+                if self.kind == "hnsw":  # FAISS's HNSW cannot delete: a tombstone, filtered at search time
+                    info["tombstones"] = info.get("tombstones", 0) + len(in_mod)
+                else:
+                    index = _read_writable(self._file(f"{mod}.faiss"))
+                    index.remove_ids(_faiss().IDSelectorBatch(in_mod))
+                    _write_index(index, self.folder / f"{mod}.faiss")
+                    info["count"] -= len(in_mod)
+            _finish(self.folder, self.manifest)
+            self._reload()
+        return {"removed": int(len(positions)), "unknown": sorted(wanted - found)}
+
+    def _reload(self) -> None:
+        self.manifest = _load_index_manifest(self.folder)
+        self.classes = self.manifest["classes"]
+        self._verified.clear()
+        self._faiss.clear()
+        self._vectors.clear()
+        self._arrays.clear()
+
+    def info(self) -> dict[str, Any]:
+        """A summary of the manifest (counts, kind, per-modality factory, parameters, recall)."""
+        m = self.manifest
+        return {"folder": str(self.folder), "kind": self.kind, "dim": self.dim, "precision": m["precision"],
+                "bundle": m["bundle"], "counts": m["counts"], "removal": m["removal"],
+                "modalities": {k: {f: v.get(f) for f in ("count", "factory", "search_params", "recall_at_10", "tombstones")}
+                               for k, v in m["modalities"].items()}}
+
+    def verify_all(self) -> int:
+        """Check every file's sha256 now; returns how many files were checked."""
+        for name in self.manifest["files"]:
+            self._file(name)
+        return len(self.manifest["files"])
+
+    def close(self) -> None:
+        if self._classifier is not None:
+            self._classifier.close()
+            self._classifier = None
+        self._faiss.clear()
+        self._vectors.clear()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_REMOVAL = {
+    "flat": "remove_ids: vectors are deleted from the FAISS index",
+    "ivf": "remove_ids: vectors are deleted from the inverted lists",
+    "hnsw": "tombstones: FAISS's HNSW cannot delete; removed items are filtered out at search time (rebuild to reclaim)",
+}
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _bundle_fingerprint(bundle: str | Path) -> str:
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise HuseError(f"{bundle} is not a huse bundle: {MANIFEST} is missing")
+    return sha256_file(path)
+
+
+def _load_index_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise HuseError(f"{folder} is not a huse index: {MANIFEST} is missing; create one with `huse index build`")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HuseError(f"{path} is not a valid manifest ({e}); rebuild the index") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+        raise HuseError(f"{path} is not a {FORMAT!r} v{FORMAT_VERSION} manifest; rebuild the index with `huse index build`")
+    return m
+
+
+def _finish(folder: Path, manifest: dict) -> None:
+    """Counts and the sha256 of every file, then manifest.json (written last, atomically)."""
+    alive = np.load(folder / "items.alive.npy", allow_pickle=False)
+    manifest["counts"] = {"items": int(len(alive)), "removed": int((alive == 0).sum()),
+                          **{m: int(manifest["modalities"][m]["count"] - manifest["modalities"][m].get("tombstones", 0))
+                             for m in MODALITIES}}
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+                         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)  # an old memory map of the file stays valid
+
+
+def _write_index(index, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _faiss().write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def _read_writable(path: Path):
+    return _faiss().read_index(str(path))
+
+
+def _records(data, images) -> list:
+    if isinstance(data, (str, Path)):
+        from huse.runtime.catalog import read_catalog
+
+        return read_catalog(data, images)
+    return list(data)
+
+
+def _embed_records(clf, records: list, start: int, progress: bool) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Image and text embeddings of every record (NaN rows where missing or failed) and the exclusions."""
+    n, dim = len(records), int(clf.manifest["embedding_dim"])
+    vecs = {m: np.full((n, dim), np.nan, np.float32) for m in MODALITIES}
+    excluded = []
+    for s in range(0, n, EMBED_CHUNK):
+        chunk = records[s:s + EMBED_CHUNK]
+        with_img = [i for i, r in enumerate(chunk) if r.image]
+        e_img = clf.embed_image([chunk[i].image for i in with_img])
+        vecs["image"][[s + i for i in with_img]] = e_img.vectors
+        e_txt = clf.embed_text([r.name for r in chunk])
+        vecs["text"][s:s + len(chunk)] = e_txt.vectors
+        img_err = {with_img[j]: msg for j, msg in e_img.errors.items()}
+        for i, r in enumerate(chunk):
+            for mod, err in (("image", img_err.get(i) or (None if r.image else "no image")), ("text", e_txt.errors.get(i))):
+                if err is None and not np.isfinite(vecs[mod][s + i]).all():
+                    err = "embedding is not finite"
+                if err is not None:
+                    vecs[mod][s + i] = np.nan
+                    excluded.append({"item": start + s + i, "row": r.row, "product_id": r.product_id,
+                                     "modality": mod, "error": err})
+        if progress:
+            _progress(min(s + EMBED_CHUNK, n), n, "embedding products")
+    return vecs, excluded
+
+
+def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous) -> None:
+    """Item table: items.jsonl + byte offsets, and the per-item code arrays (appended to `previous`)."""
+    code = {c: i for i, c in enumerate(classes)}
+    if previous is None:
+        old_items, old_alive, old_mods = [], np.zeros(0, np.uint8), np.zeros(0, np.uint8)
+    else:
+        old_items, index = previous
+        old_alive, old_mods = index._array("items.alive.npy"), index._array("items.mods.npy")
+    new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name, "image": r.image,
+                  "classes": canonical(r.classes) if r.classes else None} for r in records]
+    all_items = old_items + new_items
+    product = np.empty(len(all_items), np.int32)
+    # Codes by first appearance (stable for old items); an item without product_id is a product of its own.
+    codes: dict[str, int] = {}
+    for i, it in enumerate(all_items):
+        key = it.get("product_id") or f"\0{i}"
+        product[i] = codes.setdefault(key, len(codes))
+    cls = np.asarray([code[it["classes"]] if it.get("classes") else -1 for it in all_items], np.int32)
+    mods = np.zeros(len(new_items), np.uint8)
+    for m in MODALITIES:
+        mods |= np.where(np.isfinite(vecs[m]).all(1), MOD_BIT[m], 0).astype(np.uint8)
+    offsets = [0]
+    tmp = folder / "items.jsonl.tmp"
+    with open(tmp, "wb") as f:
+        for it in all_items:
+            line = (json.dumps(it, ensure_ascii=False) + "\n").encode("utf-8")
+            f.write(line)
+            offsets.append(offsets[-1] + len(line))
+    os.replace(tmp, folder / "items.jsonl")
+    _save_npy(folder / "items.offsets.npy", np.asarray(offsets, np.int64))
+    _save_npy(folder / "items.class.npy", cls)
+    _save_npy(folder / "items.product.npy", product)
+    _save_npy(folder / "items.mods.npy", np.concatenate([old_mods, mods]))
+    _save_npy(folder / "items.alive.npy", np.concatenate([old_alive, np.ones(len(new_items), np.uint8)]))
+
+
+def _read_items(folder: Path, path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_excluded(folder: Path, excluded: list[dict], append_to: Path | None) -> None:
+    old = append_to.read_text(encoding="utf-8") if append_to is not None else ""
+    tmp = folder / "excluded.jsonl.tmp"
+    tmp.write_text(old + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in excluded), encoding="utf-8")
+    os.replace(tmp, folder / "excluded.jsonl")
+
+
+def _write_modality(folder: Path, mod: str, kind: str, vectors: np.ndarray, dim: int, progress: bool) -> dict:
+    ok = np.isfinite(vectors).all(1)
+    ids = np.flatnonzero(ok).astype(np.int64)
+    dense = np.ascontiguousarray(vectors[ok])
+    t = time.perf_counter()
+    index, factory = _build_faiss(kind, dense, ids, dim)
+    build_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    queries = dense[rng.choice(len(dense), min(TUNE_QUERIES, len(dense)), replace=False)] if len(dense) else dense
+    if len(queries):  # perturbed copies: a query is rarely an indexed vector itself
+        queries = _normalise(queries + rng.normal(0, 0.05, queries.shape).astype(np.float32))
+    params, recall = _tune(index, kind, dense, ids, queries)
+    if progress:
+        print(f"{mod}: {len(ids)} vectors, {factory}, {params or 'exact'}, recall@10 vs exact "
+              f"{'n/a' if recall is None else f'{recall:.3f}'}", file=sys.stderr)
+    _save_npy(folder / f"{mod}.vectors.npy", vectors)
+    _write_index(index, folder / f"{mod}.faiss")
+    return {"count": int(len(ids)), "factory": factory, "search_params": params, "recall_at_10": recall,
+            "tuned_on": int(len(queries)), "build_seconds": round(build_s, 3), "tombstones": 0,
+            "index_bytes": (folder / f"{mod}.faiss").stat().st_size}

@@ -1,0 +1,214 @@
+"""Retrieval index: build/search round trip, cross-modal search, filters, add/remove, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not installed")
+
+from huse.runtime import HuseError, Index  # noqa: E402
+from huse.runtime.catalog import read_catalog  # noqa: E402
+from huse.runtime.index import choose_kind, parse_memory  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def flat_index(tiny_bundle, tiny_catalog, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "flat"
+    Index.build(tiny_bundle, tiny_catalog, out, kind="flat", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(tiny_catalog):
+    return read_catalog(tiny_catalog)
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_own_photo_is_its_own_nearest_image(flat_index, records):
+    idx = Index.open(flat_index)
+    sample = records[::17]
+    hits = idx.search(images=[r.image for r in sample], k=3, target="image")
+    for r, h in zip(sample, hits):
+        assert h[0].row == r.row and h[0].product_id == r.product_id, (r, h[0])
+        assert h[0].score == pytest.approx(1.0, abs=1e-4)
+        assert h[0].score >= h[1].score >= h[2].score
+    m = idx.manifest
+    assert m["kind"] == "flat" and m["counts"]["items"] == len(records) and m["modalities"]["image"]["recall_at_10"] == 1.0
+
+
+def test_cross_modal_title_finds_photos_of_its_class(flat_index, records):
+    idx = Index.open(flat_index)
+    queries = ["Acme black boots", "Birch navy tee", "Cobalt black handbag", "Acme navy shirt"]
+    want = ["shoes<boots<ankle boots", "clothing<tops<t-shirts", "bags<handbags<handbags", "clothing<tops<shirts"]
+    precision = [np.mean([h.classes == w for h in hits]) for w, hits in
+                 zip(want, idx.search(texts=queries, k=10, target="image"))]
+    assert np.mean(precision) >= 0.7, precision
+    # and a photo finds titles of its class
+    img_hits = idx.search(images=[r.image for r in records[::10]], k=5, target="text")
+    agree = np.mean([h.classes == r.classes for r, hits in zip(records[::10], img_hits) for h in hits])
+    assert agree >= 0.7, agree
+
+
+def test_fused_query_and_product_target(flat_index, records):
+    idx = Index.open(flat_index)
+    r = records[5]
+    img, txt = idx.embed_queries(images=[r.image]), idx.embed_queries(texts=[r.name])
+    w = idx.fusion_weight
+    want = w * img + (1 - w) * txt
+    want /= np.linalg.norm(want)
+    np.testing.assert_allclose(idx.embed_queries(images=[r.image], texts=[r.name]), want, atol=1e-6)
+    fused = idx.search(images=[r.image], texts=[r.name], k=5, target="image")[0]
+    assert [h.item for h in fused] == [h.item for h in idx.search_vectors(want, k=5, target="image")[0]]
+    products = idx.search(texts=[r.name], k=20, target="product")[0]
+    ids = [h.product_id for h in products]
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert {h.modality for h in products} <= {"image", "text"}
+
+
+def test_filter_restricts_to_hierarchy_prefix(flat_index, records):
+    idx = Index.open(flat_index)
+    hits = idx.search(texts=["Acme black boots"], k=50, target="image", filter="clothing<tops")[0]
+    n_tops = sum(r.classes.startswith("clothing<tops<") for r in records)
+    assert len(hits) == min(50, n_tops) and all(h.classes.startswith("clothing<tops<") for h in hits)
+    with pytest.raises(HuseError, match="matches no class"):
+        idx.search(texts=["x"], k=5, filter="furniture")
+
+
+def test_k_larger_than_index(flat_index, records):
+    idx = Index.open(flat_index)
+    hits = idx.search(texts=["Acme black tee"], k=10_000, target="image")[0]
+    assert len(hits) == len(records) and len({h.item for h in hits}) == len(records)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_add_and_remove_never_returns_a_removed_product(kind, tiny_bundle, tiny_catalog, records, tmp_path):
+    first, rest = tmp_path / "first.csv", tmp_path / "rest.csv"
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    for path, part in ((first, rows[::2]), (rest, rows[1::2])):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(part)
+    idx = Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind=kind, progress=False)
+    assert idx.kind == kind and len(idx) == len(rows[::2])
+    r = idx.add(rest, images=tiny_catalog.parent, progress=False)
+    assert r["added"] == len(rows[1::2]) and len(idx) == len(rows)
+    idx = Index.open(tmp_path / "idx")  # what was written, not the in-memory object
+    added = next(x for x in records if x.product_id == rows[1]["product_id"])
+    assert idx.search(images=[added.image], k=1)[0][0].product_id == added.product_id
+
+    gone = [rows[0]["product_id"], rows[1]["product_id"], rows[2]["product_id"]]
+    out = idx.remove(gone + ["no-such-product"])
+    assert out == {"removed": 3, "unknown": ["no-such-product"]}
+    idx = Index.open(tmp_path / "idx")
+    queries = [x.image for x in records if x.product_id in gone]
+    for target in ("image", "text", "product"):
+        for hits in idx.search(images=queries, k=len(rows), target=target):
+            assert not {h.product_id for h in hits} & set(gone), (kind, target)
+            assert len(hits) == len(rows) - 3
+    hits = idx.search(images=queries, k=5, target="image", filter="shoes")
+    assert all(not {h.product_id for h in hs} & set(gone) for hs in hits)
+    assert idx.manifest["counts"]["removed"] == 3 and idx.manifest["counts"]["image"] == len(rows) - 3
+    if kind == "hnsw":
+        assert idx.manifest["modalities"]["image"]["tombstones"] == 3
+
+
+def test_refuses_a_mismatched_bundle(flat_index, tiny_bundle, tmp_path):
+    other = _copy(tiny_bundle, tmp_path)
+    m = json.loads((other / "manifest.json").read_text())
+    m["fusion"]["image_weight"] = 0.123
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(HuseError) as e:
+        Index.open(flat_index, bundle=other)
+    fp_index = json.loads((flat_index / "manifest.json").read_text())["bundle"]["fingerprint"][:16]
+    assert fp_index in str(e.value) and str(other) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["image.faiss", "items.jsonl", "items.class.npy"])
+def test_refuses_a_tampered_file_naming_it(flat_index, tmp_path, name):
+    idx_dir = _copy(flat_index, tmp_path)
+    data = bytearray((idx_dir / name).read_bytes())
+    data[-3] ^= 0x01
+    (idx_dir / name).write_bytes(bytes(data))
+    with pytest.raises(HuseError, match=name.replace(".", r"\.")):
+        idx = Index.open(idx_dir)  # files are checked when first used: a search that reads them all
+        idx.search(texts=["Acme black tee"], k=3, target="image")
+        idx.search(texts=["Acme black tee"], k=3, target="image", filter="clothing")
+
+
+def test_failed_rows_are_excluded_and_listed(tiny_bundle, tiny_catalog, tmp_path):
+    rows = list(csv.DictReader(open(tiny_catalog)))[:12]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[0]["image"] = str(tmp_path / "broken.png")
+    rows[1]["image"] = str(tmp_path / "missing.png")
+    rows[2]["name"] = ""
+    rows[3]["image"] = ""
+    path = tmp_path / "cat.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    idx = Index.build(tiny_bundle, path, tmp_path / "idx", images=tiny_catalog.parent, progress=False)
+    excluded = {(e["row"], e["modality"]) for e in idx.excluded()}
+    assert excluded == {(1, "image"), (2, "image"), (3, "text"), (4, "image")}
+    assert idx.manifest["counts"]["image"] == 9 and idx.manifest["counts"]["text"] == 11
+    hits = idx.search(texts=["Acme black tee"], k=100, target="image")[0]
+    assert len(hits) == 9 and not {h.row for h in hits} & {1, 2, 4}
+    assert all(np.isfinite(h.score) for h in hits)
+
+
+def test_choose_kind_by_size_and_memory():
+    assert choose_kind(10_000, 512) == "flat"
+    assert choose_kind(200_000, 512, "4G") == "hnsw"
+    assert choose_kind(200_000, 512, "300M") == "ivf"  # HNSW (2 x ~440 MB) does not fit, 8-bit codes do
+    with pytest.raises(HuseError, match="max-memory"):
+        choose_kind(200_000, 512, "10M")
+    assert parse_memory("1.5G") == 3 * 2**29 and parse_memory("512MiB") == 512 * 2**20
+
+
+def test_cli_build_search_info_remove(tiny_bundle, tiny_catalog, records, tmp_path):
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    cli = CliRunner()
+    r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--data", str(tiny_catalog), "--out", str(tmp_path / "idx")])
+    assert r.exit_code == 0, r.output
+    q = records[7]
+    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--image", q.image, "-k", "3", "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 0, r.output
+    out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert out[0]["hits"][0]["product_id"] == q.product_id and len(out[0]["hits"]) == 3
+    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--text", "Acme black tee", "--filter", "bags", "--target", "product"])
+    assert r.exit_code == 0 and "bags<handbags<handbags" in r.output and "clothing" not in r.output, r.output
+    r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx"), "--product-id", q.product_id])
+    assert r.exit_code == 0 and "removed 1 items" in r.output, r.output
+    r = cli.invoke(main, ["index", "info", str(tmp_path / "idx")])
+    assert r.exit_code == 0 and "1 removed" in r.output and "files verified" in r.output, r.output
+    r = cli.invoke(main, ["search", str(tmp_path / "idx")])
+    assert r.exit_code == 1 and r.output.startswith("error: search needs"), r.output
+
+
+def test_search_from_a_fresh_process_never_imports_torch(flat_index, records):
+    code = f"""
+import sys
+from huse.runtime import Index
+hits = Index.open({str(flat_index)!r}).search(images=[{records[0].image!r}], texts=["Acme black tee"], k=3, target="product")
+assert len(hits[0]) == 3, hits
+print(sorted(m for m in ("torch", "huse.train", "huse.export", "onnx") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
