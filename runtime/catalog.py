@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -159,7 +160,7 @@ def _text(row: int, col: str, value: Any, *, allow_int: bool = False) -> tuple[s
     return value, None
 
 
-def _record(row: int, values: dict[str, Any], base: Path) -> Record:
+def _record(row: int, values: dict[str, Any], base: str) -> Record:
     """One Record from raw cell values; the first bad cell becomes the row's error."""
     cells: dict[str, str | None] = {}
     for col in COLUMNS:
@@ -168,8 +169,9 @@ def _record(row: int, values: dict[str, Any], base: Path) -> Record:
             return Record(row=row, image=None, name=None, error=err)
         cells[col] = v
     img = (cells["image"] or "").strip() or None
-    if img is not None and not Path(img).is_absolute():
-        img = str(base / img)
+    if img is not None and not os.path.isabs(img):
+        # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
+        img = os.path.join(base, img)
     split = (cells["split"] or "").strip().lower() or None
     if split is not None and split not in SPLITS:
         return Record(row=row, image=img, name=cells["name"] or None,
@@ -207,7 +209,7 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
     """
     path = Path(path)
     _check_file(path)
-    base = Path(images) if images is not None else path.parent
+    base = str(images) if images is not None else str(path.parent)
     fmt = _format(path)
     if fmt == "parquet":
         yield from _iter_parquet(path, base, shard)
@@ -229,16 +231,18 @@ def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):
     header, data_start = _csv_header(path, encoding)
     if not header:
         return
-    pos = data_start if offset is None else offset
-    consumed = [pos]
+    consumed = [data_start if offset is None else offset]
 
     def feed():
-        for _, end, line in _byte_lines(path, encoding, pos):
+        lines = _byte_lines(path, encoding, offset or 0)
+        if offset is None:
+            next(lines)  # the header (read from the start: UTF-16 has no byte offsets)
+        for _, end, line in lines:
             consumed[0] = end
             yield line
 
     reader = csv.reader(feed())
-    row, start = first_row, pos
+    row, start = first_row, consumed[0]
     while True:
         try:
             values = next(reader)
@@ -280,7 +284,7 @@ def _jsonl_rows(path: Path, encoding: str, offset: int | None, first_row: int):
         row += 1
 
 
-def _iter_parquet(path: Path, base: Path, shard: Shard | None) -> Iterator[Record]:
+def _iter_parquet(path: Path, base: str, shard: Shard | None) -> Iterator[Record]:
     pq = lazy_import("pyarrow.parquet", "scale")
     try:
         f = pq.ParquetFile(path)
