@@ -110,7 +110,8 @@ class BulkResult:
     shards_resumed: int = 0
     shards_retried: int = 0
     rows_done_now: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call
+    work_seconds: float = 0.0  # from the model being loaded (local) or the actors being asked (Ray) to the end
     backend: str = ""
     first_image_error: str | None = None
     known: int = 0  # rows with classes that were classified
@@ -118,7 +119,8 @@ class BulkResult:
 
     @property
     def items_per_s(self) -> float:
-        return self.rows_done_now / self.seconds if self.seconds else 0.0
+        t = self.work_seconds or self.seconds
+        return self.rows_done_now / t if t else 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -512,7 +514,7 @@ def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progres
     result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
     workers = default_workers(job.threads) if job.workers is None else job.workers
     prefetch = _Prefetcher(clf, workers, job.mode)
-    n_shards = 0
+    n_shards, t0 = 0, time.perf_counter()
     try:
         for shard, records in _shards(job, done):
             if job.max_shards is not None and n_shards >= job.max_shards:
@@ -522,6 +524,7 @@ def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progres
             result.rows_done_now += len(rows)
             progress.update(len(rows))
             n_shards += 1
+        result.work_seconds = time.perf_counter() - t0
     finally:
         prefetch.close()
         clf.close()
@@ -570,13 +573,15 @@ def _run_ray(job: BulkJob, output: _Output, done: set[int], progress: _Progress,
     gpu = 1 if job.device == "cuda" else 0
     ds = ds.map_batches(RayShardWorker, fn_constructor_kwargs={"job": spec, "folder": str(output.partial.resolve())},
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=job.actors),
-                        num_cpus=job.threads or 1, num_gpus=gpu, max_restarts=2, max_task_retries=2)
+                        num_cpus=job.threads or 1, num_gpus=gpu)  # Ray Data restarts a dead actor and retries its shard
     result.backend = f"ray ({job.actors} actors, {job.precision})"
+    t0 = time.perf_counter()
     for row in ds.iter_rows():
         entry = json.loads(row["entry"])
         output.add(entry)
         result.rows_done_now += entry["count"]
         progress.update(entry["count"])
+    result.work_seconds = time.perf_counter() - t0
 
 
 def run_bulk(job: BulkJob) -> BulkResult:
