@@ -566,6 +566,8 @@ def _run_ray(job: BulkJob, output: _Output, done: set[int], progress: _Progress,
         shards = shards[:job.max_shards]
     if not shards:
         return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = job.progress  # ours counts rows; Ray's would interleave with it
     items = [asdict(s) for s in shards]
     spec = {k: v for k, v in asdict(job).items() if k != "classifier"}
     spec["progress"] = False
