@@ -1,20 +1,37 @@
-"""Reading product catalogs (CSV or JSONL with columns image, name, classes, ...).
+"""Reading product catalogs (CSV, JSONL or Parquet with columns image, name, classes, ...).
 
-Shared by training (`huse-train`) and serving (`huse classify`), so both read a catalog the
-same way and report a bad row the same way: file, row number, what is wrong.
+Shared by training (`huse-train`) and serving (`huse classify`/`huse embed`), so both read a
+catalog the same way and name a bad row the same way: file, row number, column, what is wrong.
+
+`iter_catalog` streams Records in bounded memory: a malformed value (a list where text belongs,
+an undecodable byte, a lone surrogate) becomes that row's `error`, never an aborted file;
+only file-level problems (missing file, unknown/duplicate columns, a wrong encoding found in
+the first 64 KiB) raise. `read_catalog` is the list form training uses; it stops at the first
+bad row, as training always has. `plan_shards` finds where every block of N records starts
+(a byte offset for CSV/JSONL), so a worker can read its block without parsing the file before it.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
+from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
+
+__all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "plan_shards", "count_rows"]
 
 COLUMNS = ("image", "name", "classes", "product_id", "split")
 SPLITS = ("train", "val", "test")
+# csv's default field cap (128 KiB) rejects the whole file at the first long title; a field
+# this large is only ever an unclosed quote swallowing the rest of the file.
+MAX_FIELD = 64 * 1024 * 1024
+SNIFF_BYTES = 64 * 1024
 
 
 @dataclass
@@ -22,7 +39,9 @@ class Record:
     """One catalog row.
 
     `row` is the 1-based data row as every error about the file counts it: CSV records after
-    the header, JSONL lines; blank lines are counted, so the number points at the same place.
+    the header, JSONL lines, Parquet rows; blank lines are counted, so the number points at the
+    same place. `error` says what is wrong with the row ("row 7, column name: ..."); the other
+    fields of such a row may be None.
     """
 
     row: int
@@ -31,45 +50,31 @@ class Record:
     classes: str | None = None
     product_id: str | None = None
     split: str | None = None
+    error: str | None = None
 
 
-def read_catalog(path: str | Path, images: str | Path | None = None, *, require: tuple[str, ...] = ()) -> list[Record]:
-    """Read a catalog file.
+@dataclass(frozen=True)
+class Shard:
+    """Records [start, start + count) of a catalog (0-based record positions).
 
-    Args:
-        path: a .csv or .jsonl file.
-        images: folder that relative image paths resolve against (default: the file's folder).
-        require: columns that must be present (e.g. ("classes",) for training).
-    Returns:
-        One Record per data row, in file order.
-    Raises:
-        HuseError: unknown, duplicate or missing columns, or an unreadable file, naming it.
+    offset: byte offset of the first record (CSV/JSONL); first_row: its row number.
     """
-    path = Path(path)
+
+    index: int
+    start: int
+    count: int
+    offset: int
+    first_row: int
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "csv")
+
+
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise HuseError(f"catalog {path} does not exist")
-    base = Path(images) if images is not None else path.parent
-    if path.suffix.lower() == ".jsonl":
-        rows = _read_jsonl(path)
-    else:
-        rows = _read_csv(path)
-    present = set().union(*(r.keys() for _, r in rows)) if rows else set()
-    missing = [c for c in require if c not in present]
-    if missing:
-        raise HuseError(f"{path}: column(s) {missing} are required; the file has {sorted(present)}")
-    if not ({"image", "name"} & present) and rows:
-        raise HuseError(f"{path}: needs an 'image' or a 'name' column (or both); found {sorted(present)}")
-    out = []
-    for i, r in rows:
-        img = (r.get("image") or "").strip() or None
-        if img is not None and not Path(img).is_absolute():
-            img = str(base / img)
-        split = (r.get("split") or "").strip().lower() or None
-        if split is not None and split not in SPLITS:
-            raise HuseError(f"{path}, row {i}: split {split!r} is not one of {list(SPLITS)}")
-        out.append(Record(row=i, image=img, name=r.get("name") or None, classes=(r.get("classes") or "").strip() or None,
-                          product_id=(r.get("product_id") or "").strip() or None, split=split))
-    return out
 
 
 def _check_header(path: Path, header: list[str]) -> None:
@@ -82,40 +87,316 @@ def _check_header(path: Path, header: list[str]) -> None:
         seen.add(col)
 
 
-# Row numbers travel with the rows, so a value error found later (bad split, bad class) names
-# the same row as a structural one found while reading. utf-8-sig drops the byte-order mark
-# that Excel's "CSV UTF-8" writes, which would otherwise glue itself to the first column name.
-def _read_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
+def _check_columns(path: Path, present: set[str]) -> None:
+    if present and not ({"image", "name"} & present):
+        raise HuseError(f"{path}: needs an 'image' or a 'name' column (or both); found {sorted(present)}")
+
+
+def _sniff_encoding(path: Path, encoding: str | None) -> str:
+    """The codec to read `path` with; refuses a file whose start is clearly another encoding.
+
+    Without `--encoding`, catalogs are UTF-8 (a byte-order mark is dropped). UTF-16 (BOM or NUL
+    bytes) and Latin-1/Windows-1252 (bytes that are not UTF-8) would be garbled silently, so
+    they are named here with the option that reads them.
+    """
+    if encoding is not None:
+        try:
+            return codecs.lookup(encoding).name
+        except LookupError:
+            raise HuseError(f"unknown encoding {encoding!r}; e.g. utf-8, latin-1, cp1252, utf-16") from None
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in head:
+        raise HuseError(f"catalog {path} looks like UTF-16 (byte-order mark or NUL bytes), not UTF-8; "
+                        "pass --encoding utf-16 (or convert it to UTF-8)")
     try:
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader, [])]
-            _check_header(path, header)
-            rows = []
-            for i, values in enumerate(reader, start=1):
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    raise HuseError(f"{path}, row {i}: has {len(values)} fields, the header has {len(header)}; "
-                                    "quote titles that contain commas")
-                rows.append((i, dict(zip(header, values))))
-            return rows
-    except csv.Error as e:
-        raise HuseError(f"{path}: not a valid CSV ({e})") from None
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut by the sample's end
+            line = head[: e.start].count(b"\n") + 1
+            raise HuseError(f"catalog {path} is not UTF-8 (byte 0x{head[e.start]:02x} on line {line}); it looks like "
+                            "Latin-1/Windows-1252: pass --encoding latin-1 (or cp1252), or convert it to UTF-8") from None
+    return "utf-8-sig"
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, str]]]:
-    rows = []
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def _byte_lines(path: Path, encoding: str, offset: int) -> Iterator[tuple[int, int, str]]:
+    """(start offset, end offset, decoded line) from byte `offset`. Undecodable bytes become
+    lone surrogates (surrogateescape), which `_text` turns into that row's error."""
+    decoder = "utf-8" if encoding == "utf-8-sig" else encoding
+    if "\n".encode(decoder) != b"\n":  # UTF-16/32: newlines are not single bytes, no offsets
+        if offset:
+            raise HuseError(f"{encoding} catalogs cannot be read from an offset (needed by --engine ray); "
+                            "convert the catalog to UTF-8")
+        with open(path, encoding=encoding, errors="surrogateescape", newline="") as f:
+            for line in f:
+                yield 0, 0, line
+        return
+    with open(path, "rb") as f:
+        f.seek(offset)
+        pos = offset
+        for raw in f:
+            end = pos + len(raw)
+            if pos == 0 and encoding == "utf-8-sig" and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]  # Excel's "CSV UTF-8" starts with a byte-order mark
+            yield pos, end, raw.decode(decoder, errors="surrogateescape")
+            pos = end
+
+
+def _text(row: int, col: str, value: Any, *, allow_int: bool = False) -> tuple[str | None, str | None]:
+    """(value, None) or (None, error) for one cell: text, or None when empty."""
+    if value is None:
+        return None, None
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None, f"row {row}, column {col}: expected text, got a JSON {type(value).__name__} ({str(value)[:40]!r})"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        what = (f"undecodable byte 0x{ord(bad) - 0xDC00:02x} (is the file UTF-8? see --encoding)"
+                if 0xDC80 <= ord(bad) <= 0xDCFF else f"a lone surrogate U+{ord(bad):04X}")
+        return None, f"row {row}, column {col}: invalid text, {what}"
+    return value, None
+
+
+def _record(row: int, values: dict[str, Any], base: str) -> Record:
+    """One Record from raw cell values; the first bad cell becomes the row's error."""
+    cells: dict[str, str | None] = {}
+    for col in COLUMNS:
+        v, err = _text(row, col, values.get(col), allow_int=col == "product_id")
+        if err:
+            return Record(row=row, image=None, name=None, error=err)
+        cells[col] = v
+    img = (cells["image"] or "").strip() or None
+    if img is not None and not os.path.isabs(img):
+        # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
+        img = os.path.join(base, img)
+    split = (cells["split"] or "").strip().lower() or None
+    if split is not None and split not in SPLITS:
+        return Record(row=row, image=img, name=cells["name"] or None,
+                      error=f"row {row}: split {split!r} is not one of {list(SPLITS)}")
+    return Record(row=row, image=img, name=cells["name"] or None, classes=(cells["classes"] or "").strip() or None,
+                  product_id=(cells["product_id"] or "").strip() or None, split=split)
+
+
+# -- CSV ---------------------------------------------------------------------------------
+def _csv_header(path: Path, encoding: str) -> tuple[list[str], int]:
+    """(header, byte offset of the first data record)."""
+    for _, end, line in _byte_lines(path, encoding, 0):
+        header = [h.strip() for h in next(csv.reader([line]), [])]
+        _check_header(path, header)
+        _check_columns(path, set(header))
+        return header, end
+    return [], 0
+
+
+# -- public ------------------------------------------------------------------------------
+def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding: str | None = None,
+                 shard: Shard | None = None) -> Iterator[Record]:
+    """Stream a catalog's rows in file order, in bounded memory.
+
+    Args:
+        path: a .csv, .jsonl or .parquet file.
+        images: folder that relative image paths resolve against (default: the file's folder).
+        encoding: the text encoding of a CSV/JSONL (default UTF-8; UTF-16 and Latin-1 are detected
+            and named in the error).
+        shard: read only this block (from `plan_shards`), starting at its byte offset.
+    Yields:
+        One Record per data row; a row with a malformed value has `error` set.
+    Raises:
+        HuseError: a missing file, unknown or duplicate columns, a wrong encoding.
+    """
+    path = Path(path)
+    _check_file(path)
+    base = str(images) if images is not None else str(path.parent)
+    fmt = _format(path)
+    if fmt == "parquet":
+        yield from _iter_parquet(path, base, shard)
+        return
+    enc = _sniff_encoding(path, encoding)
+    offset, first_row = (shard.offset, shard.first_row) if shard else (None, 1)
+    rows = _jsonl_rows(path, enc, offset, first_row) if fmt == "jsonl" else _csv_records(path, enc, offset, first_row)
+    n = 0
+    for row, _, values, err in rows:
+        if shard is not None and n >= shard.count:
+            return
+        n += 1
+        yield Record(row=row, image=None, name=None, error=err) if err else _record(row, values, base)
+
+
+def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):
+    """(row, byte offset where the record starts, values, error) per CSV record."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
+    header, data_start = _csv_header(path, encoding)
+    if not header:
+        return
+    consumed = [data_start if offset is None else offset]
+
+    def feed():
+        lines = _byte_lines(path, encoding, offset or 0)
+        if offset is None:
+            next(lines)  # the header (read from the start: UTF-16 has no byte offsets)
+        for _, end, line in lines:
+            consumed[0] = end
+            yield line
+
+    reader = csv.reader(feed())
+    row, start = first_row, consumed[0]
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # an unclosed quote past MAX_FIELD: nothing after it can be trusted
+            raise HuseError(f"{path}, row {row}: not valid CSV ({e}); is a quote left open?") from None
+        if values:
+            err = None if len(values) == len(header) else (
+                f"row {row}: has {len(values)} fields, the header has {len(header)}; quote titles that contain commas")
+            yield row, start, (dict(zip(header, values)) if err is None else None), err
+        row += 1
+        start = consumed[0]  # csv.reader reads no further than the record it returns
+
+
+def _jsonl_rows(path: Path, encoding: str, offset: int | None, first_row: int):
+    header_checked: set[str] = set()
+    row = first_row
+    for pos, _, line in _byte_lines(path, encoding, offset or 0):
+        if line.strip():
+            err, values = None, None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise HuseError(f"{path}, row {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise HuseError(f"{path}, row {i}: expected a JSON object")
-            _check_header(path, list(obj))
-            rows.append((i, {k: (None if v is None else str(v)) for k, v in obj.items()}))
-    return rows
+                err = f"row {row}: not valid JSON ({e.msg})"
+            else:
+                if not isinstance(obj, dict):
+                    err = f"row {row}: expected a JSON object"
+                else:
+                    unknown = [k for k in obj if k not in COLUMNS]
+                    if unknown:
+                        # Same rule as a CSV header: a misspelt column must not silently read as empty.
+                        raise HuseError(f"{path}, row {row}: unknown column {unknown[0]!r}; known columns are {list(COLUMNS)}")
+                    if set(obj) - header_checked:
+                        header_checked |= set(obj)
+                        _check_columns(path, header_checked)
+                    values = obj
+            yield row, pos, values, err
+        row += 1
+
+
+def _iter_parquet(path: Path, base: str, shard: Shard | None) -> Iterator[Record]:
+    pq = lazy_import("pyarrow.parquet", "scale")
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:
+        raise HuseError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    names = list(f.schema_arrow.names)
+    _check_header(path, names)
+    _check_columns(path, set(names))
+    start, count = (shard.start, shard.count) if shard else (0, f.metadata.num_rows)
+    # Skip whole row groups before the shard's start without reading them.
+    groups, first, seen = [], 0, 0
+    for g in range(f.metadata.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if seen + n > start:
+            if not groups:
+                first = seen
+            groups.append(g)
+        seen += n
+    if not groups:
+        return
+    row = first
+    for batch in f.iter_batches(batch_size=4096, row_groups=groups):
+        for values in batch.to_pylist():
+            row += 1
+            if row - 1 < start:
+                continue
+            if row - 1 >= start + count:
+                return
+            yield _record(row, values, base)
+
+
+def read_catalog(path: str | Path, images: str | Path | None = None, *, require: tuple[str, ...] = (),
+                 encoding: str | None = None) -> list[Record]:
+    """Read a whole catalog file (for training: it stops at the first bad row).
+
+    Args:
+        path: a .csv, .jsonl or .parquet file.
+        images: folder that relative image paths resolve against (default: the file's folder).
+        require: columns that must be present (e.g. ("classes",) for training).
+        encoding: see `iter_catalog`.
+    Returns:
+        One Record per data row, in file order.
+    Raises:
+        HuseError: unknown, duplicate or missing columns, an unreadable file or a bad row, naming them.
+    """
+    path = Path(path)
+    records = []
+    for r in iter_catalog(path, images, encoding=encoding):
+        if r.error:
+            raise HuseError(f"{path}, {r.error}")
+        records.append(r)
+    if require:
+        present = _present_columns(path, encoding)
+        missing = [c for c in require if c not in present]
+        if missing:
+            raise HuseError(f"{path}: column(s) {missing} are required; the file has {sorted(present)}")
+    return records
+
+
+def _present_columns(path: Path, encoding: str | None) -> set[str]:
+    fmt = _format(path)
+    if fmt == "csv":
+        return set(_csv_header(path, _sniff_encoding(path, encoding))[0])
+    if fmt == "parquet":
+        return set(lazy_import("pyarrow.parquet", "scale").ParquetFile(path).schema_arrow.names)
+    present: set[str] = set()
+    for _, _, values, _ in _jsonl_rows(path, _sniff_encoding(path, encoding), None, 1):
+        present |= set(values or {})
+    return present
+
+
+def count_rows(path: str | Path) -> int:
+    """About how many rows a catalog has, cheaply (for a progress bar's total): Parquet's row
+    count, else the number of newlines (a CSV's header and quoted line breaks make it approximate)."""
+    path = Path(path)
+    if _format(path) == "parquet":
+        return lazy_import("pyarrow.parquet", "scale").ParquetFile(path).metadata.num_rows
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    n += last != b"\n"
+    return max(0, n - (_format(path) == "csv"))
+
+
+def plan_shards(path: str | Path, shard_rows: int, *, encoding: str | None = None) -> list[Shard]:
+    """Split a catalog into blocks of `shard_rows` records, with where each block starts.
+
+    One pass over the file (CSV is parsed, so quoted line breaks are handled; nothing is
+    decoded or kept), so any worker can then read its block by seeking to its offset.
+    """
+    path = Path(path)
+    _check_file(path)
+    if _format(path) == "parquet":
+        n = lazy_import("pyarrow.parquet", "scale").ParquetFile(path).metadata.num_rows
+        return [Shard(k, s, min(shard_rows, n - s), 0, s + 1) for k, s in enumerate(range(0, n, shard_rows))]
+    enc = _sniff_encoding(path, encoding)
+    rows = _jsonl_rows_offsets(path, enc) if _format(path) == "jsonl" else _csv_records(path, enc, None, 1)
+    shards: list[Shard] = []
+    n = 0
+    for row, pos, _, _ in rows:
+        if n % shard_rows == 0:
+            shards.append(Shard(len(shards), n, 0, pos, row))
+        n += 1
+    return [Shard(s.index, s.start, min(shard_rows, n - s.start), s.offset, s.first_row) for s in shards]
+
+
+def _jsonl_rows_offsets(path: Path, encoding: str):
+    """(row, offset) of each non-blank JSONL line, without parsing it."""
+    row = 1
+    for pos, _, line in _byte_lines(path, encoding, 0):
+        if line.strip():
+            yield row, pos, None, None
+        row += 1

@@ -45,6 +45,20 @@ class Embeddings:
     errors: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass
+class Decoded:
+    """Images already decoded and preprocessed by `Classifier.decode`: `classify` and
+    `embed_image` accept it in place of `images`, so a caller can decode in its own threads
+    (huse.runtime.bulk overlaps decoding with inference this way)."""
+
+    n: int
+    arrays: dict[int, np.ndarray]
+    errors: dict[int, str]
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class Classifier:
     """Classifies products from a photo, a title, or both, with a bundle from `huse-export`.
 
@@ -56,11 +70,14 @@ class Classifier:
         device: "cpu" or "cuda" for onnxruntime; None lets `backend` decide.
         batch_size: items per model call; larger inputs are split.
         threads: onnxruntime intra-op threads (None: all cores).
+        spinning: onnxruntime's intra-op thread spinning (None: its default, on); off costs a
+            little alone and saves a lot when other work shares the cores (TOOLCHAIN.md).
         verify: check every bundle file's sha256 before loading (on by default).
     """
 
     def __init__(self, bundle: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
-                 batch_size: int = 64, threads: int | None = None, verify: bool = True):
+                 batch_size: int = 64, threads: int | None = None, verify: bool = True,
+                 spinning: bool | None = None):
         self.bundle = Path(bundle)
         self.manifest = load_manifest(self.bundle, verify=verify)
         m = self.manifest
@@ -77,6 +94,7 @@ class Classifier:
         self.temperature = {k: float(v) for k, v in m.get("calibration", {}).get("temperature", {}).items()}
         self.batch_size = int(batch_size)
         self.threads = threads
+        self.spinning = spinning
         if precision in CPU_ONLY_PRECISIONS:
             if backend == "tensorrt" or device == "cuda":
                 raise HuseError(f"{precision!r} graphs are for onnxruntime on CPUs (uint8 activations that TensorRT "
@@ -92,7 +110,7 @@ class Classifier:
             cls = runner_class(self.backend)
             onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
             if self.backend == "onnxruntime":
-                runner = cls(onnx_file, device=self.device, threads=self.threads)
+                runner = cls(onnx_file, device=self.device, threads=self.threads, spinning=self.spinning)
             else:
                 runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
             runner.activate()
@@ -111,7 +129,13 @@ class Classifier:
         self.close()
 
     # -- inputs ----------------------------------------------------------------------
-    def _images(self, images: Sequence[ImageInput | None]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    def decode(self, images: Sequence[ImageInput | None]) -> Decoded:
+        """Decode and preprocess images (thread-safe); bad ones are listed in `errors` by index."""
+        return Decoded(len(images), *self._images(images))
+
+    def _images(self, images: Sequence[ImageInput | None] | Decoded) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        if isinstance(images, Decoded):
+            return images.arrays, images.errors
         arrays, errors = {}, {}
         for i, img in enumerate(images):
             if img is None:
@@ -149,7 +173,7 @@ class Classifier:
         """Classify items from images, titles or both.
 
         Args:
-            images: one image per item (path, bytes, PIL image, uint8 array) or None.
+            images: one image per item (path, bytes, PIL image, uint8 array) or None; or a `Decoded`.
             titles: one title per item, or None.
             top_k: how many leaf classes to return per item.
             mode: "auto" (fused where an item has both, else what it has), "fused", "image" or "text".

@@ -69,61 +69,117 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
+def _bulk_options(fn):
+    """The options `huse classify` and `huse embed` share (one copy, applied to both)."""
+    options = [
+        click.argument("bundle", type=click.Path(file_okay=False)),
+        click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+                     help="Products CSV, JSONL or Parquet with image and/or name columns."),
+        click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder)."),
+        click.option("--encoding", help="Text encoding of a CSV/JSONL catalog (default UTF-8; e.g. latin-1, cp1252, utf-16)."),
+        click.option("--out", required=True, type=click.Path(),
+                     help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes a .jsonl file for small jobs."),
+        click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", help="Shard file format."),
+        click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
+                     help="int8: TensorRT's Q/DQ form; int8-cpu: onnxruntime on CPUs only (faster there)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), help="onnxruntime device (default: what --backend picks)."),
+        click.option("--batch-size", default=64, help="Items per model call."),
+        click.option("--shard-rows", default=10_000, help="Rows per output shard: the unit of --resume and of Ray work."),
+        click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores; per actor with Ray: 1)."),
+        click.option("--workers", type=int, help="Image decode threads, prefetching the next batch (default: sized with --threads to the cores; 0: no pool)."),
+        click.option("--spin/--no-spin", default=False, help="onnxruntime thread spinning (off: it costs far more than it gains when cores are shared)."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards are verified and kept."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", help="local threads, or Ray Data actors."),
+        click.option("--address", help="Ray cluster (ray://HOST:PORT or auto); default: a local Ray instance."),
+        click.option("--actors", default=2, help="Ray actors, one Classifier each (--engine ray)."),
+        click.option("--max-error-rate", default=0.05, help="Exit 1 when more than this fraction of rows failed."),
+        click.option("--progress/--no-progress", default=True, help="Progress bar on stderr."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
 @main.command(context_settings={"show_default": True})
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Products CSV/JSONL with image and/or name columns.")
-@click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions, one JSON object per row (JSONL).")
+@_bulk_options
 @click.option("--mode", type=click.Choice(["auto", "fused", "image", "text"]), default="auto", help="Which inputs to use.")
-@click.option("--top-k", default=5)
-@click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
-              help="int8: TensorRT's Q/DQ form; int8-cpu: onnxruntime on CPUs only (faster there).")
-@click.option("--batch-size", default=64)
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--top-k", default=5, help="Leaf classes per prediction.")
+@click.option("--min-confidence", default=0.0, help="Mark predictions whose top-1 score is below this `needs_review` (kept, not dropped).")
 @click.option("--show", default=0, help="Also print the first N predictions.")
-def classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show) -> None:
-    """Classify every product in a catalog file with a bundle; bad rows are reported, never dropped."""
-    run_cli(lambda: _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show))
+def classify(show, **kw) -> None:
+    """Classify every product in a catalog; bad rows get an `error`, never dropped.
+
+    Streams the catalog, decodes images in a thread pool while the model runs, writes sharded
+    output and resumes after a kill (--resume).
+    """
+    run_cli(lambda: _bulk("classify", show=show, **kw))
 
 
-def _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show=0) -> None:
-    from huse.runtime.catalog import read_catalog
-    from huse.runtime.classifier import Classifier
-    from huse.runtime.hierarchy import canonical
+@main.command(context_settings={"show_default": True})
+@_bulk_options
+@click.option("--mode", type=click.Choice(["auto", "image", "text"]), default="auto",
+              help="auto: the image's embedding, else the title's (with a warning).")
+def embed(**kw) -> None:
+    """Universal embeddings of every product in a catalog: .npy shards + a metadata table per shard."""
+    run_cli(lambda: _bulk("embed", **kw))
 
-    records = read_catalog(data, images)
-    clf = Classifier(bundle, backend=backend, precision=precision, batch_size=batch_size, threads=threads)
-    n_err = n_known = n_right = 0
-    with clf, open(out, "w", encoding="utf-8") as f:
-        for s in range(0, len(records), 1024):  # chunks bound memory on million-row catalogs
-            chunk = records[s:s + 1024]
-            results = clf.classify(images=[r.image for r in chunk], titles=[r.name for r in chunk], top_k=top_k, mode=mode)
-            for r, res in zip(chunk, results):
-                res.pop("index")
-                row = {"row": r.row, "image": r.image, "name": r.name, **res}
-                if r.product_id:
-                    row["product_id"] = r.product_id
-                if "error" in res:
-                    n_err += 1
-                elif r.classes:
-                    n_known += 1
-                    n_right += res["top_k"][0]["label"] == canonical(r.classes)
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                if show > 0:
-                    show -= 1
-                    click.echo(_describe_row(row, r.classes))
-    msg = f"classified {len(records) - n_err}/{len(records)} rows with {clf.backend} ({clf.device}, {precision}) -> {out}"
-    if n_err:
-        msg += f"; {n_err} rows failed (see their 'error' field)"
-    if n_known:
-        msg += f"; top-1 accuracy on rows with classes: {n_right / n_known:.4f}"
+
+def _bulk(task, *, bundle, data, images, encoding, out, fmt, backend, precision, device, batch_size, shard_rows,
+          threads, workers, spin, resume, engine, address, actors, max_error_rate, progress, mode,
+          top_k=5, min_confidence=0.0, show=0) -> None:
+    from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
+
+    if not 0.0 <= max_error_rate <= 1.0:
+        raise HuseError(f"--max-error-rate must be between 0 and 1; got {max_error_rate}")
+    job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding, mode=mode,
+                  top_k=top_k, min_confidence=min_confidence, batch_size=batch_size, shard_rows=shard_rows, format=fmt,
+                  precision=precision, backend=backend, device=device, threads=threads, spinning=spin,
+                  workers=workers, engine=engine, address=address, actors=actors, resume=resume, progress=progress)
+    r = run_bulk(job)
+    verb = "classified" if task == "classify" else "embedded"
+    msg = (f"{verb} {r.classified}/{r.rows} rows with {r.backend} -> {r.out}; {r.errors} with errors, "
+           f"{r.warnings} with warnings")
+    if task == "classify" and min_confidence > 0:
+        msg += f", {r.needs_review} need review (top-1 < {min_confidence})"
+    if r.shards_resumed:
+        msg += f"; {r.shards_resumed} of {r.shards} shards kept from the interrupted run"
+    if r.shards_retried:
+        msg += f"; {r.shards_retried} shards retried"
+    if r.rows_done_now:
+        msg += f"; {r.items_per_s:.0f} items/s"
+    if r.known:
+        msg += f"; top-1 accuracy on rows with classes: {r.right / r.known:.4f}"
     click.echo(msg)
+    if r.rows and r.image_failures >= max(1, r.rows // 2):
+        click.echo(f"warning: the image of {r.image_failures} of {r.rows} rows could not be used (first: "
+                   f"{r.first_image_error}); is --images right?", err=True)
+    if show > 0 and task == "classify":
+        for row in _first_rows(r.out, show, read_predictions):
+            click.echo(_describe_row(row, row.get("classes")))
+    if r.rows and r.errors / r.rows > max_error_rate:
+        raise HuseError(f"{r.errors} of {r.rows} rows failed ({100 * r.errors / r.rows:.1f}% > --max-error-rate "
+                        f"{100 * max_error_rate:g}%); see their 'error' field in {r.out}")
+
+
+def _first_rows(out, n: int, read_predictions) -> list[dict]:
+    from pathlib import Path
+
+    out = Path(out)
+    if out.is_file():
+        rows = []
+        with open(out, encoding="utf-8") as f:
+            for line in f:
+                if len(rows) >= n:
+                    break
+                rows.append(json.loads(line))
+        return rows
+    return read_predictions(out)[:n]
 
 
 def _describe_row(row: dict, truth: str | None) -> str:
     head = f"row {row['row']}: {row['name']!r}"
-    if "error" in row:
+    if row.get("error"):
         return f"{head} -> error: {row['error']}"
     best = row["top_k"][0]
     path = " > ".join(f"{p['label'].split('<')[-1]} {p['score']:.2f}" for p in row["path"])

@@ -211,3 +211,119 @@ def test_header_only_csv_is_empty(tmp_path):
     path = tmp_path / "cat.csv"
     path.write_text("image,name,classes\n", encoding="utf-8")
     assert read_catalog(path) == []
+
+
+# -- streaming and per-row errors (issue 11/12): a bad value is that row's error, never the file's
+
+from huse.runtime.catalog import count_rows, iter_catalog, plan_shards  # noqa: E402
+
+
+def test_malformed_jsonl_values_are_row_errors_naming_row_and_column(tmp_path):
+    path = tmp_path / "cat.jsonl"
+    lines = ['{"image": "a.jpg", "name": "ok"}', '{"name": ["a", "list"]}', '{"name": "x", "image": 7}',
+             '{"name": true}', '{"name": "\\ud800 lone"}', '{"name": "b",}', '["c"]', '{"name": "ok", "product_id": 42}']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recs = list(iter_catalog(path))
+    assert [r.row for r in recs] == list(range(1, 9))  # every row answered, in order
+    errors = {r.row: r.error for r in recs}
+    assert errors[1] is None and errors[8] is None and recs[7].product_id == "42"
+    assert errors[2].startswith("row 2, column name: expected text, got a JSON list")
+    assert errors[3].startswith("row 3, column image: expected text, got a JSON int")
+    assert errors[4].startswith("row 4, column name: expected text, got a JSON bool")
+    assert errors[5].startswith("row 5, column name: invalid text, a lone surrogate U+D800")
+    assert errors[6].startswith("row 6: not valid JSON")
+    assert errors[7] == "row 7: expected a JSON object"
+
+
+def test_a_1mb_title_is_read_not_the_files_failure(tmp_path):
+    path = tmp_path / "cat.csv"
+    path.write_text(f"image,name\na.jpg,{'x' * 1_000_000}\nb.jpg,tee\n", encoding="utf-8")
+    recs = list(iter_catalog(path))
+    assert [len(r.name) for r in recs] == [1_000_000, 3] and not any(r.error for r in recs)
+
+
+def test_wrong_field_count_is_a_row_error_when_streaming(tmp_path):
+    path = tmp_path / "cat.csv"
+    path.write_text("image,name\na.jpg,tee\nb.jpg,Shirt, red\nc.jpg,hat\n", encoding="utf-8")
+    recs = list(iter_catalog(path))
+    assert [r.error is None for r in recs] == [True, False, True] and "row 2:" in recs[1].error
+
+
+def test_latin1_and_utf16_are_detected_and_read_with_encoding(tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,name\na.jpg,Café crème\n".encode("latin-1"))
+    with pytest.raises(HuseError, match="not UTF-8 .*byte 0xe9 on line 2.*--encoding latin-1"):
+        list(iter_catalog(latin))
+    assert [r.name for r in iter_catalog(latin, encoding="latin-1")] == ["Café crème"]
+    utf16 = tmp_path / "u16.csv"
+    utf16.write_text("image,name\na.jpg,Tee 東京\n", encoding="utf-16")
+    with pytest.raises(HuseError, match="looks like UTF-16.*--encoding utf-16"):
+        list(iter_catalog(utf16))
+    assert [r.name for r in iter_catalog(utf16, encoding="utf-16")] == ["Tee 東京"]
+
+
+def test_bad_bytes_past_the_sniffed_start_are_row_errors(tmp_path):
+    path = tmp_path / "cat.csv"
+    good = "".join(f"{i}.jpg,tee {i}\n" for i in range(5000))  # > 64 KiB of clean UTF-8 first
+    path.write_bytes(b"image,name\n" + good.encode() + b"z.jpg,caf\xe9\nlast.jpg,ok\n")
+    recs = list(iter_catalog(path))
+    assert len(recs) == 5002
+    assert recs[5000].error.startswith("row 5001, column name: invalid text, undecodable byte 0xe9")
+    assert recs[5001].error is None and recs[5001].name == "ok"
+
+
+def test_parquet_reads_like_csv(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    csv_path = tmp_path / "cat.csv"
+    csv_path.write_text(CSV_TEXT, encoding="utf-8")
+    table = pa.Table.from_pylist([{k: (v or None) for k, v in r.items()} for r in ROWS])
+    pq.write_table(table, tmp_path / "cat.parquet")
+    assert read_catalog(tmp_path / "cat.parquet") == read_catalog(csv_path)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_shards_read_from_their_offsets_equal_the_stream(tmp_path, fmt):
+    rows = [{"image": f"{i}.jpg", "name": f'tee "{i}",\nline two' if i % 7 == 0 else f"tee {i}"} for i in range(103)]
+    path = tmp_path / f"cat.{fmt}"
+    if fmt == "csv":
+        import csv as _csv
+
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = _csv.DictWriter(f, ["image", "name"])
+            w.writeheader()
+            w.writerows(rows)
+            f.write("\n")  # a blank line still counts as a row
+            w.writerow({"image": "last.jpg", "name": "last"})
+    elif fmt == "jsonl":
+        _write_jsonl(path, rows)
+        with open(path, "a") as f:
+            f.write("\n" + json.dumps({"image": "last.jpg", "name": "last"}) + "\n")
+    else:
+        pq = pytest.importorskip("pyarrow.parquet")
+        pa = pytest.importorskip("pyarrow")
+        pq.write_table(pa.Table.from_pylist(rows + [{"image": "last.jpg", "name": "last"}]), path, row_group_size=16)
+    whole = list(iter_catalog(path))
+    shards = plan_shards(path, 10)
+    assert [s.count for s in shards] == [10] * 10 + [4]
+    assert [r for s in shards for r in iter_catalog(path, shard=s)] == whole
+    assert whole[-1].name == "last" and count_rows(path) >= len(whole) - 1
+
+
+def test_streaming_memory_does_not_grow_with_rows(tmp_path):
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        path = tmp_path / f"{n}.csv"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("image,name,classes\n")
+            for i in range(n):
+                f.write(f"img/{i}.jpg,Acme navy tee number {i},clothing<tops<t-shirts\n")
+        tracemalloc.start()
+        assert sum(1 for _ in iter_catalog(path)) == n
+        p = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return p
+
+    small, large = peak(5_000), peak(50_000)
+    assert large < 1.2 * small + 100_000, (small, large)  # a list of 50k Records alone is ~15 MB

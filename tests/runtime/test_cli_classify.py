@@ -1,33 +1,155 @@
-"""`huse classify` end to end: every row is written, bad rows carry their error."""
+"""`huse classify` / `huse embed` end to end: every row is answered, misuse is one line + exit 1."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
+from huse.runtime.bulk import read_embeddings, read_predictions
 from huse.runtime.cli import main
 
 
-def test_classify_writes_every_row(tiny_bundle, tiny_catalog, tmp_path):
+@pytest.fixture
+def catalog(tiny_catalog, tmp_path):
     folder = tmp_path / "cat"
     shutil.copytree(tiny_catalog.parent, folder)
-    lines = (folder / "catalog.csv").read_text().splitlines()
+    return folder / "catalog.csv"
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_classify_writes_every_row(tiny_bundle, catalog, tmp_path):
+    lines = catalog.read_text().splitlines()
     lines.append("images/does_not_exist.png,Acme black tee,clothing<tops<t-shirts,p-missing")
-    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "preds.jsonl"
-    r = CliRunner().invoke(main, ["classify", str(tiny_bundle), "--data", str(folder / "catalog.csv"), "--out", str(out),
-                                  "--mode", "image"])
+    catalog.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "preds.jsonl"  # one JSONL file for small jobs
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", out, "--mode", "image", "--no-progress")
     assert r.exit_code == 0, r.output
     preds = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(preds) == len(lines) - 1
-    assert "does_not_exist.png" in preds[-1]["error"]
-    assert "1 rows failed" in r.output and "top-1 accuracy" in r.output
+    assert [p["row"] for p in preds] == list(range(1, len(lines)))
+    assert "does_not_exist.png" in preds[-1]["error"] and preds[-1]["error"].startswith(f"row {len(lines) - 1}:")
+    assert "1 with errors" in r.output and "top-1 accuracy" in r.output
+    assert not (tmp_path / "preds.jsonl.shards").exists()
+
+
+def test_classify_parquet_shards_match_jsonl(tiny_bundle, catalog, tmp_path):
+    base = ["classify", tiny_bundle, "--data", catalog, "--shard-rows", 50, "--batch-size", 16, "--no-progress"]
+    assert _run(*base, "--out", tmp_path / "pq").exit_code == 0
+    r = _run(*base, "--out", tmp_path / "js", "--format", "jsonl")
+    assert r.exit_code == 0, r.output
+    pq, js = read_predictions(tmp_path / "pq"), read_predictions(tmp_path / "js")
+    assert len(pq) == 120 and sorted(p.name for p in (tmp_path / "pq").iterdir()) == [
+        "_SUCCESS", "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [p["label"] for p in pq] == [p["label"] for p in js]
+    assert [p["top_k"] for p in pq] == [p["top_k"] for p in js]
+    m = json.loads((tmp_path / "pq" / "_manifest.json").read_text())
+    assert [(e["start"], e["count"], e["rows"]) for e in m["shards"].values()] == [
+        (0, 50, [1, 50]), (50, 50, [51, 100]), (100, 20, [101, 120])]
+
+
+def test_min_confidence_marks_rows_for_review_and_keeps_them(tiny_bundle, catalog, tmp_path):
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "o", "--min-confidence", 0.999,
+             "--no-progress")
+    assert r.exit_code == 0, r.output
+    preds = read_predictions(tmp_path / "o")
+    assert len(preds) == 120
+    flagged = [p for p in preds if p["needs_review"]]
+    assert flagged and all(p["score"] < 0.999 for p in flagged)
+    assert all(p["score"] >= 0.999 for p in preds if not p["needs_review"])
+    assert f"{len(flagged)} need review" in r.output
+
+
+def test_embed_writes_npy_and_metadata_shards(tiny_bundle, catalog, tmp_path):
+    from huse.runtime import Classifier
+
+    r = _run("embed", tiny_bundle, "--data", catalog, "--out", tmp_path / "emb", "--shard-rows", 64, "--no-progress")
+    assert r.exit_code == 0, r.output
+    vecs, meta = read_embeddings(tmp_path / "emb")
+    assert vecs.shape[0] == 120 and [m["row"] for m in meta] == list(range(1, 121))
+    assert {m["modality"] for m in meta} == {"image"}
+    with Classifier(tiny_bundle) as clf:
+        ref = clf.embed_image([m["image"] for m in meta[:64]]).vectors
+    np.testing.assert_array_equal(vecs[:64], ref)  # same batches -> the same bits
+
+
+def test_wrong_images_folder_warns_and_counts(tiny_bundle, catalog, tmp_path):
+    r = _run("classify", tiny_bundle, "--data", catalog, "--images", tmp_path / "nowhere", "--out", tmp_path / "o",
+             "--no-progress")
+    assert r.exit_code == 0, r.output  # titles saved every row
+    assert "120 with warnings" in r.output
+    assert "could not be used" in r.output and "--images" in r.output
+
+
+def test_max_error_rate_exits_1_with_counts(tiny_bundle, catalog, tmp_path):
+    r = _run("classify", tiny_bundle, "--data", catalog, "--images", tmp_path / "nowhere", "--mode", "image",
+             "--out", tmp_path / "o", "--no-progress")
+    assert r.exit_code == 1
+    assert "120 of 120 rows failed" in r.output and "--max-error-rate" in r.output
+    assert len(read_predictions(tmp_path / "o")) == 120  # the output is still complete, errors inspectable
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--batch-size", "-5"], "--batch-size must be a positive integer"),
+    (["--top-k", "0"], "--top-k must be a positive integer"),
+    (["--shard-rows", "0"], "--shard-rows must be a positive integer"),
+    (["--min-confidence", "2"], "--min-confidence must be between 0 and 1"),
+    (["--max-error-rate", "-1"], "--max-error-rate must be between 0 and 1"),
+])
+def test_bad_options_are_one_line_and_exit_1(tiny_bundle, catalog, tmp_path, args, says):
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "o", *args)
+    assert r.exit_code == 1 and r.output.startswith("error: ") and says in r.output
+    assert r.output.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_out_equal_to_or_containing_the_catalog_is_refused(tiny_bundle, catalog):
+    before = catalog.read_bytes()
+    for out in (catalog, catalog.parent):
+        r = _run("classify", tiny_bundle, "--data", catalog, "--out", out)
+        assert r.exit_code == 1 and "would replace or contain the catalog" in r.output
+    assert catalog.read_bytes() == before
+
+
+def test_out_in_a_missing_folder_is_created(tiny_bundle, catalog, tmp_path):
+    out = tmp_path / "a" / "b" / "preds"
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", out, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert (out / "_SUCCESS").is_file()
+
+
+def test_previous_complete_output_survives_until_the_new_one_is_complete(tiny_bundle, catalog, tmp_path):
+    import csv
+
+    rows = list(csv.DictReader(open(catalog, newline="")))
+    data = catalog.with_suffix(".jsonl")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    base = ["classify", tiny_bundle, "--data", data, "--out", out, "--shard-rows", 40, "--no-progress"]
+    assert _run(*base).exit_code == 0
+    first = read_predictions(out)
+    rows[100]["price"] = "9.99"  # a misspelt column fails the file at row 101, after two shards
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _run(*base)
+    assert r.exit_code == 1 and "row 101: unknown column 'price'" in r.output
+    assert read_predictions(out) == first
+
+
+def test_a_folder_that_is_not_a_huse_output_is_refused(tiny_bundle, catalog, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "mine")
+    assert r.exit_code == 1 and "not a huse output folder" in r.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_huse_error_is_one_line_and_exit_1(tmp_path):
-    r = CliRunner().invoke(main, ["classify", str(tmp_path), "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")])
+    r = _run("classify", tmp_path, "--data", tmp_path / "x.csv", "--out", tmp_path / "o")
     assert r.exit_code == 1
     assert r.output.startswith("error: ") and "Traceback" not in r.output
 

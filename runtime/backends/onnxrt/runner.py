@@ -64,14 +64,19 @@ class OnnxrtRunner(BaseRunner):
         path: the .onnx file.
         device: "cpu" or "cuda" (CUDAExecutionProvider, CPU fallback for unsupported ops).
         threads: intra-op threads; None lets onnxruntime use every core.
+        spinning: intra-op threads spin while waiting for work (None: onnxruntime's default, on).
+            Off when other threads share the cores: measured on 2 cores with a busy neighbour,
+            1,555 items/s off vs 1,063 on (alone: 2,324 vs 2,433).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 spinning: bool | None = None):
         super().__init__(path)
         self.device = device
         self.threads = threads
+        self.spinning = spinning
         self.session = None
 
     def activate(self) -> None:
@@ -82,6 +87,8 @@ class OnnxrtRunner(BaseRunner):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
+        if self.spinning is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -1,0 +1,725 @@
+"""Bulk classify/embed of whole catalogs: streaming, sharded, resumable; locally or on Ray Data.
+
+    run_bulk(BulkJob(bundle="bundles/mine", data="catalog.csv", out="preds/", task="classify"))
+
+Layout of an output directory (the clip-retrieval / autofaiss habit):
+
+    part-00000.parquet        classify: one prediction row per catalog row (or .jsonl, --format jsonl)
+    part-00000.npy            embed: float32 (n, dim) vectors, NaN rows where the row failed
+    part-00000.parquet        embed: row, product_id, image, name, classes, modality, warning, error
+    _manifest.json            settings, and per finished shard: row range, counts, sha256 of its files
+    _SUCCESS                  written last: the output is complete
+
+Shard k holds catalog records [k * shard_rows, (k + 1) * shard_rows). Work happens in
+`OUT.partial/`; a shard's files are written to temporary names and renamed, then listed in the
+manifest (itself replaced atomically), so a killed job never leaves a half shard that looks
+finished. `resume=True` verifies the listed shards' sha256, keeps them and redoes the rest.
+Only when every shard is done does `OUT.partial` replace `OUT`, so a previous complete output
+stays valid until then. Batches never cross shards, so a shard redone is bit-identical.
+
+`process_batch` (records -> rows [+ vectors]) is the engine-agnostic unit: the local engine
+runs it with a decode thread pool that prefetches the next batch while the model runs; the Ray
+engine runs it in a `map_batches` actor per worker. A Spark `predict_batch_udf` would wrap the
+same function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from huse.runtime._lazy import lazy_import
+from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
+from huse.runtime.classifier import Classifier, Decoded
+from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import canonical
+
+__all__ = ["BulkJob", "BulkResult", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
+
+TASKS = ("classify", "embed")
+FORMATS = ("parquet", "jsonl")
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+LAYOUT_VERSION = 1
+
+
+@dataclass
+class BulkJob:
+    """Everything a bulk run needs. The fields marked (output) decide the output bytes: a resume
+    with any of them changed is refused."""
+
+    bundle: str
+    data: str
+    out: str
+    task: str = "classify"  # (output) classify or embed
+    images: str | None = None  # (output) folder image paths resolve against
+    encoding: str | None = None
+    mode: str = "auto"  # (output) auto/fused/image/text; embed: auto/image/text
+    top_k: int = 5  # (output)
+    min_confidence: float = 0.0  # (output) top-1 score below it -> needs_review
+    batch_size: int = 64  # (output) items per model call; batches never cross shards
+    shard_rows: int = 10_000  # (output) rows per shard: the unit of resume and of work on Ray
+    format: str = "parquet"  # (output) parquet or jsonl
+    precision: str = "fp32"  # (output)
+    backend: str = "auto"
+    device: str | None = None
+    threads: int | None = None  # onnxruntime intra-op threads per process (or per Ray actor)
+    spinning: bool = False  # onnxruntime thread spinning: off, see OnnxrtRunner
+    workers: int | None = None  # decode threads (None: sized with `threads` to the cores)
+    engine: str = "local"  # local or ray
+    address: str | None = None  # Ray cluster; None starts a local instance
+    actors: int = 2  # Ray actors (each holds one Classifier)
+    resume: bool = False
+    progress: bool = True
+    max_shards: int | None = None  # stop after this many shards (tests and benchmarks of kill/resume)
+    classifier: Callable[[], Classifier] | None = field(default=None, repr=False)  # local engine: e.g. a torch baseline
+
+    OUTPUT_FIELDS = ("task", "images", "mode", "top_k", "min_confidence", "batch_size", "shard_rows", "format",
+                     "precision")
+
+    def settings(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.OUTPUT_FIELDS}
+        d["images"] = str(Path(self.images).resolve()) if self.images else None
+        d["data"] = str(Path(self.data).resolve())
+        return d
+
+
+@dataclass
+class BulkResult:
+    """What a run did. rows: catalog rows; redone: rows processed in this run (not resumed)."""
+
+    out: Path
+    rows: int = 0
+    classified: int = 0
+    errors: int = 0
+    warnings: int = 0
+    needs_review: int = 0
+    image_failures: int = 0  # rows whose image could not be used (a title may have saved them)
+    shards: int = 0
+    shards_resumed: int = 0
+    shards_retried: int = 0
+    rows_done_now: int = 0
+    seconds: float = 0.0  # the whole call
+    work_seconds: float = 0.0  # from the model being loaded (local) or the actors being asked (Ray) to the end
+    backend: str = ""
+    first_image_error: str | None = None
+    known: int = 0  # rows with classes that were classified
+    right: int = 0  # of those, top-1 == classes
+
+    @property
+    def items_per_s(self) -> float:
+        t = self.work_seconds or self.seconds
+        return self.rows_done_now / t if t else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# The per-batch function
+
+
+def _row_error(row: int, msg: str) -> str:
+    """Name the catalog row, never the index inside a model call ("item 3 has no ..." -> "row 1500 has no ...")."""
+    if msg.startswith("row "):
+        return msg
+    m = re.match(r"item \d+(: | )", msg)
+    if m:
+        return f"row {row}{m.group(1)}{msg[m.end():]}"
+    return f"row {row}: {msg}"
+
+
+def _valid(records: list[Record]) -> tuple[list[int], dict[int, str]]:
+    """Indices of usable records and the errors of the others (catalog errors, bad classes)."""
+    ok, errors = [], {}
+    for i, r in enumerate(records):
+        if r.error:
+            errors[i] = r.error
+            continue
+        if r.classes:
+            try:
+                canonical(r.classes)
+            except HuseError as e:
+                errors[i] = f"row {r.row}, column classes: {e}"
+                continue
+        ok.append(i)
+    return ok, errors
+
+
+def _base_row(r: Record) -> dict[str, Any]:
+    return {"row": r.row, "product_id": r.product_id, "image": r.image, "name": r.name, "classes": r.classes}
+
+
+def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
+                  decoded: Decoded | None = None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+    """The engine-agnostic unit of bulk work: catalog records -> output rows (+ embeddings).
+
+    Args:
+        clf: the Classifier (one per process or actor).
+        records: the batch, in catalog order.
+        job: task, mode, top_k, min_confidence.
+        decoded: the images of `records` already decoded (`clf.decode([r.image ...])`), or None.
+    Returns:
+        (rows, vectors): one dict per record, in order, each with an `error` (and no
+        prediction) or a prediction; vectors (n, dim) float32 for embed (NaN for failed rows).
+    """
+    ok, errors = _valid(records)
+    use = [records[i] for i in ok]
+    images = None
+    if job.mode != "text":
+        if decoded is not None:
+            images = Decoded(len(ok), {j: decoded.arrays[i] for j, i in enumerate(ok) if i in decoded.arrays},
+                             {j: decoded.errors[i] for j, i in enumerate(ok) if i in decoded.errors})
+        else:
+            images = [r.image for r in use]
+    titles = [r.name for r in use] if job.mode != "image" else None
+    rows = [_base_row(r) for r in records]
+    for i, e in errors.items():
+        rows[i]["error"] = e
+    if job.task == "classify":
+        results = clf.classify(images=images, titles=titles, top_k=job.top_k, mode=job.mode) if use else []
+        for i, res in zip(ok, results):
+            row = rows[i]
+            if "error" in res:
+                row["error"] = _row_error(records[i].row, res["error"])
+                continue
+            best = res["top_k"][0]
+            row.update(mode=res["mode"], label=best["label"], score=best["score"], top_k=res["top_k"], path=res["path"],
+                       needs_review=bool(best["score"] < job.min_confidence))
+            if "warning" in res:
+                row["warning"] = _row_error(records[i].row, res["warning"])
+        return rows, None
+    # embed: the image embedding where the image works, else the title's (auto), with a warning
+    dim = int(clf.manifest["embedding_dim"])
+    vectors = np.full((len(records), dim), np.nan, dtype=np.float32)
+    img_vec = clf.embed_image(images) if images is not None and use else None
+    need_text = [j for j in range(len(use)) if img_vec is None or j in img_vec.errors]
+    txt_vec = clf.embed_text([titles[j] for j in need_text]) if titles is not None and need_text else None
+    txt_pos = {j: k for k, j in enumerate(need_text)}
+    for j, i in enumerate(ok):
+        row, r = rows[i], records[i]
+        if img_vec is not None and j not in img_vec.errors:
+            vectors[i], row["modality"] = img_vec.vectors[j], "image"
+        elif txt_vec is not None and txt_pos[j] not in txt_vec.errors:
+            vectors[i], row["modality"] = txt_vec.vectors[txt_pos[j]], "text"
+            if img_vec is not None and r.image is not None:
+                row["warning"] = _row_error(r.row, f"{img_vec.errors[j]}; embedded by title only")
+        else:
+            msg = (img_vec.errors.get(j) if img_vec is not None else None) or (
+                txt_vec.errors.get(txt_pos[j]) if txt_vec is not None else None) or "no usable image or title"
+            row["error"] = _row_error(r.row, msg if r.image or r.name else "has no image or title")
+    return rows, vectors
+
+
+# ------------------------------------------------------------------------------------------
+# Shard files
+
+
+def _schema(task: str):
+    pa = lazy_import("pyarrow", "scale")
+    base = [("row", pa.int64()), ("product_id", pa.string()), ("image", pa.string()), ("name", pa.string()),
+            ("classes", pa.string())]
+    if task == "classify":
+        base += [("mode", pa.string()), ("label", pa.string()), ("score", pa.float64()), ("needs_review", pa.bool_()),
+                 ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+                 ("path", pa.list_(pa.struct([("level", pa.int64()), ("label", pa.string()), ("score", pa.float64())])))]
+    else:
+        base += [("modality", pa.string())]
+    return pa.schema(base + [("warning", pa.string()), ("error", pa.string())])
+
+
+def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str) -> bytes:
+    if fmt == "jsonl":
+        return "".join(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n"
+                       for r in rows).encode("utf-8")
+    pa = lazy_import("pyarrow", "scale")
+    pq = lazy_import("pyarrow.parquet", "scale")
+    schema = _schema(task)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _npy_bytes(vectors: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(k: int) -> str:
+    return f"part-{k:05d}"
+
+
+def write_shard(folder: Path, shard: Shard, rows: list[dict[str, Any]], vectors: np.ndarray | None,
+                job: BulkJob, retried: bool = False) -> dict[str, Any]:
+    """Write one shard's files (temp name + rename each) and return its manifest entry."""
+    name = shard_name(shard.index)
+    files = {f"{name}.{job.format}": _table_bytes(rows, job.task, job.format)}
+    if vectors is not None:
+        files[f"{name}.npy"] = _npy_bytes(vectors)
+    for fname, data in files.items():
+        _write_atomic(folder / fname, data)
+    return {"shard": shard.index, "start": shard.start, "count": len(rows),
+            "rows": [rows[0]["row"], rows[-1]["row"]] if rows else [],
+            "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in files.items()},
+            **_counts(rows), "retried": retried}
+
+
+def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    warn = [r["warning"] for r in rows if r.get("warning")]
+    # Rows whose image could not be used (a title may have saved them): many mean a wrong --images.
+    img_fail = [r.get("warning") or r.get("error") for r in rows
+                if r.get("image") and "image" in (r.get("warning") or r.get("error") or "")]
+    known = [r for r in rows if r.get("classes") and r.get("label")]
+    return {"errors": sum(r.get("error") is not None for r in rows), "warnings": len(warn),
+            "known": len(known), "right": sum(r["label"] == canonical(r["classes"]) for r in known),
+            "needs_review": sum(bool(r.get("needs_review")) for r in rows),
+            "image_failures": len(img_fail), "first_image_error": img_fail[0] if img_fail else None}
+
+
+# ------------------------------------------------------------------------------------------
+# Output directory: staging, manifest, resume, final swap
+
+
+class _Output:
+    """OUT.partial while working; OUT once complete. The manifest lists only verified shards."""
+
+    def __init__(self, job: BulkJob):
+        self.job = job
+        self.out = Path(job.out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.manifest: dict[str, Any] = {}
+
+    def _check_target(self) -> None:
+        _check_not_input(self.out, self.job)
+        if self.out.exists() and not (self.out / MANIFEST).is_file() and (
+                self.out.is_file() or any(self.out.iterdir())):
+            raise HuseError(f"--out {self.out} exists and is not a huse output folder; choose another path "
+                            "(a previous output of huse classify/embed is replaced only when the new one is complete)")
+
+    def open(self) -> set[int]:
+        """Prepare OUT.partial; returns the shards already done (resume)."""
+        self._check_target()
+        settings = self.job.settings()
+        if self.partial.exists():
+            if not self.job.resume:
+                raise HuseError(f"{self.partial} holds an interrupted run; pass --resume to continue it, "
+                                "or delete it to start over")
+            old = self._load(self.partial)
+            self._same_settings(old, settings)
+            self.manifest = old
+            return self._verify()
+        if self.job.resume and (self.out / SUCCESS).is_file():
+            old = self._load(self.out)
+            self._same_settings(old, settings)
+            self.manifest, self.partial = old, self.out  # complete already: nothing to redo
+            return {int(k) for k in old["shards"]}
+        self.partial.mkdir(parents=True)
+        self.manifest = {"layout": LAYOUT_VERSION, "settings": settings, "shards": {}, "complete": False}
+        self._save()
+        return set()
+
+    def _load(self, folder: Path) -> dict[str, Any]:
+        try:
+            return json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise HuseError(f"{folder / MANIFEST} is unreadable ({e}); delete {folder} to start over") from None
+
+    def _same_settings(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        diff = {k: (old.get("settings", {}).get(k), v) for k, v in new.items() if old.get("settings", {}).get(k) != v}
+        if diff:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise HuseError(f"--resume with other settings than the interrupted run ({what}); rerun with the same "
+                            f"options, or delete {self.partial} to start over")
+
+    def _verify(self) -> set[int]:
+        """Keep the listed shards whose files match their sha256; delete everything else."""
+        good, keep = {}, {MANIFEST}
+        for k, entry in self.manifest["shards"].items():
+            if all((self.partial / f).is_file() and _sha256(self.partial / f) == h for f, h in entry["files"].items()):
+                good[k] = entry
+                keep |= set(entry["files"])
+        for p in self.partial.iterdir():
+            if p.name not in keep:  # temp files and shards of the run that was killed mid-write
+                p.unlink()
+        self.manifest["shards"] = good
+        self._save()
+        return {int(k) for k in good}
+
+    def _save(self) -> None:
+        _write_atomic(self.partial / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.manifest["shards"][str(entry["shard"])] = entry
+        self._save()
+
+    def finish(self, totals: dict[str, Any]) -> Path:
+        if self.partial == self.out:
+            return self.out
+        self.manifest["complete"] = True
+        self.manifest["totals"] = totals
+        self._save()
+        (self.partial / SUCCESS).write_text(json.dumps(totals) + "\n")
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.partial, self.out)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.partial, self.out)
+        return self.out
+
+
+# ------------------------------------------------------------------------------------------
+# Engines
+
+
+def _shards(job: BulkJob, done: set[int]) -> Iterator[tuple[Shard, list[Record]]]:
+    """Stream (shard, records) in catalog order; finished shards are parsed past, not kept."""
+    k, n, buf = 0, 0, []
+    for rec in iter_catalog(job.data, job.images, encoding=job.encoding):
+        if k not in done:
+            buf.append(rec)
+        n += 1
+        if n == (k + 1) * job.shard_rows:
+            if k not in done:
+                yield Shard(k, k * job.shard_rows, len(buf), 0, buf[0].row), buf
+            k, buf = k + 1, []
+    if buf:
+        yield Shard(k, k * job.shard_rows, len(buf), 0, buf[0].row), buf
+
+
+def default_workers(threads: int | None) -> int:
+    """Decode threads: on a small CPU one (onnxruntime keeps the rest), else a quarter of the cores."""
+    cores = os.cpu_count() or 1
+    return max(1, (cores - 1) // 4) if threads is None else max(1, cores - threads)
+
+
+class _Prefetcher:
+    """Decodes batch i+1 in a thread pool (split across the workers) while batch i runs."""
+
+    def __init__(self, clf: Classifier, workers: int, mode: str):
+        self.clf, self.workers = clf, workers
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="huse-decode") if workers > 0 and mode != "text" else None
+
+    def submit(self, records: list[Record]) -> list[Future] | None:
+        if self.pool is None:
+            return None
+        images = [r.image if not r.error else None for r in records]
+        step = -(-len(images) // self.workers)
+        return [self.pool.submit(self.clf.decode, images[s:s + step]) for s in range(0, len(images), step)]
+
+    @staticmethod
+    def result(futures: list[Future] | None, n: int) -> Decoded | None:
+        if futures is None:
+            return None
+        arrays, errors, off = {}, {}, 0
+        for f in futures:
+            d = f.result()
+            arrays.update({off + i: a for i, a in d.arrays.items()})
+            errors.update({off + i: e for i, e in d.errors.items()})
+            off += d.n
+        return Decoded(n, arrays, errors)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob,
+              prefetch: _Prefetcher | None = None) -> tuple[list[dict], np.ndarray | None]:
+    """All batches of one shard through `process_batch`, decoding batch i+1 while batch i runs."""
+    batches = [records[s:s + job.batch_size] for s in range(0, len(records), job.batch_size)]
+    rows, vecs = [], []
+    pending = prefetch.submit(batches[0]) if prefetch and batches else None
+    for b, batch in enumerate(batches):
+        decoded = _Prefetcher.result(pending, len(batch)) if prefetch else None
+        pending = prefetch.submit(batches[b + 1]) if prefetch and b + 1 < len(batches) else None
+        r, v = process_batch(clf, batch, job, decoded)
+        rows += r
+        if v is not None:
+            vecs.append(v)
+    return rows, (np.concatenate(vecs) if vecs else None)
+
+
+class _Progress:
+    """tqdm on stderr when installed, else one line per shard with items/s and ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, unit: str):
+        self.total, self.done, self.t0, self.enabled, self.bar = total, initial, time.perf_counter(), enabled, None
+        self.start = initial
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                                smoothing=0.1)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        dt = time.perf_counter() - self.t0
+        rate = (self.done - self.start) / dt if dt else 0.0
+        eta = (self.total - self.done) / rate if rate and self.total > self.done else 0.0
+        print(f"{self.done}/{self.total} rows, {rate:.0f} items/s, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _make_classifier(job: BulkJob, threads: int | None) -> Classifier:
+    if job.classifier is not None:
+        return job.classifier()
+    return Classifier(job.bundle, backend=job.backend, precision=job.precision, device=job.device,
+                      batch_size=job.batch_size, threads=threads, spinning=job.spinning)
+
+
+def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:
+    clf = _make_classifier(job, job.threads)
+    result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
+    workers = default_workers(job.threads) if job.workers is None else job.workers
+    prefetch = _Prefetcher(clf, workers, job.mode)
+    n_shards, t0 = 0, time.perf_counter()
+    try:
+        for shard, records in _shards(job, done):
+            if job.max_shards is not None and n_shards >= job.max_shards:
+                break
+            rows, vectors = run_shard(clf, shard, records, job, prefetch)
+            output.add(write_shard(output.partial, shard, rows, vectors, job))
+            result.rows_done_now += len(rows)
+            progress.update(len(rows))
+            n_shards += 1
+        result.work_seconds = time.perf_counter() - t0
+    finally:
+        prefetch.close()
+        clf.close()
+
+
+class RayShardWorker:
+    """A Ray Data actor: one Classifier (its bundle verified against its sha256 manifest here,
+    on the worker), `run_shard` on each shard descriptor, the shard written to the shared output."""
+
+    def __init__(self, job: dict[str, Any], folder: str):
+        self.job = BulkJob(**job)
+        self.folder = Path(folder)
+        self.clf = _make_classifier(self.job, self.job.threads or 1)
+        self.prefetch = _Prefetcher(self.clf, self.job.workers if self.job.workers is not None else 1, self.job.mode)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entries = []
+        for i in range(len(batch["index"])):
+            shard = Shard(*(int(batch[k][i]) for k in ("index", "start", "count", "offset", "first_row")))
+            # Temp files of an earlier attempt at this shard mean Ray retried it.
+            retried = any(self.folder.glob(f".{shard_name(shard.index)}.*.tmp-*"))
+            records = list(iter_catalog(self.job.data, self.job.images, encoding=self.job.encoding, shard=shard))
+            rows, vectors = run_shard(self.clf, shard, records, self.job, self.prefetch)
+            entries.append(json.dumps(write_shard(self.folder, shard, rows, vectors, self.job, retried=retried)))
+        return {"entry": np.asarray(entries, dtype=object)}
+
+
+def _run_ray(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:
+    ray = lazy_import("ray", "scale")
+    lazy_import("ray.data", "scale")
+    if not ray.is_initialized():
+        if job.address:
+            ray.init(address=job.address, log_to_driver=False)
+        else:  # a local instance on loopback, no dashboard
+            ray.init(num_cpus=max(job.actors, 1), include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+    shards = [s for s in plan_shards(job.data, job.shard_rows, encoding=job.encoding) if s.index not in done]
+    if job.max_shards is not None:
+        shards = shards[:job.max_shards]
+    if not shards:
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = job.progress  # ours counts rows; Ray's would interleave with it
+    items = [asdict(s) for s in shards]
+    spec = {k: v for k, v in asdict(job).items() if k != "classifier"}
+    spec["progress"] = False
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard: every actor gets work
+    gpu = 1 if job.device == "cuda" else 0
+    ds = ds.map_batches(RayShardWorker, fn_constructor_kwargs={"job": spec, "folder": str(output.partial.resolve())},
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=job.actors),
+                        num_cpus=job.threads or 1, num_gpus=gpu)  # Ray Data restarts a dead actor and retries its shard
+    result.backend = f"ray ({job.actors} actors, {job.precision})"
+    t0 = time.perf_counter()
+    for row in ds.iter_rows():
+        entry = json.loads(row["entry"])
+        output.add(entry)
+        result.rows_done_now += entry["count"]
+        progress.update(entry["count"])
+    result.work_seconds = time.perf_counter() - t0
+
+
+def run_bulk(job: BulkJob) -> BulkResult:
+    """Classify or embed a whole catalog into a sharded output folder (see the module docstring).
+
+    Args:
+        job: the bundle, catalog, output folder and settings.
+    Returns:
+        The counts (rows, classified, errors, warnings, needs_review, shards resumed/retried) and speed.
+    Raises:
+        HuseError: bad settings, an output path that would destroy something, a mismatched resume.
+    """
+    _check_job(job)
+    target = Path(job.out)
+    single = target.suffix.lower() == ".jsonl"
+    if single:  # one JSONL file for small jobs: shards in OUT.shards, joined and renamed at the end
+        if job.task != "classify":
+            raise HuseError("huse embed writes a folder (.npy + metadata shards); give --out a folder name")
+        _check_not_input(target, job)
+        if target.is_dir():
+            raise HuseError(f"--out {target} is a folder; give a .jsonl file name or a folder name without .jsonl")
+        job = replace(job, out=str(target.with_name(target.name + ".shards")), format="jsonl")
+    t0 = time.perf_counter()
+    output = _Output(job)
+    done = output.open()
+    result = BulkResult(out=Path(job.out), shards_resumed=len(done))
+    if output.partial != output.out:  # not already complete
+        initial = sum(e["count"] for e in output.manifest["shards"].values())
+        progress = _Progress(count_rows(job.data), initial, job.progress, "rows")
+        try:
+            (_run_ray if job.engine == "ray" else _run_local)(job, output, done, progress, result)
+        finally:
+            progress.close()
+    result.seconds = time.perf_counter() - t0
+    entries = sorted(output.manifest["shards"].values(), key=lambda e: e["shard"])
+    result.shards = len(entries)
+    result.rows = sum(e["count"] for e in entries)
+    result.errors = sum(e["errors"] for e in entries)
+    result.warnings = sum(e["warnings"] for e in entries)
+    result.needs_review = sum(e["needs_review"] for e in entries)
+    result.image_failures = sum(e["image_failures"] for e in entries)
+    result.shards_retried = sum(bool(e.get("retried")) for e in entries)
+    result.first_image_error = next((e["first_image_error"] for e in entries if e.get("first_image_error")), None)
+    result.known = sum(e.get("known", 0) for e in entries)
+    result.right = sum(e.get("right", 0) for e in entries)
+    result.classified = result.rows - result.errors
+    if job.max_shards is None or output.partial == output.out:
+        result.out = output.finish({"rows": result.rows, "errors": result.errors, "warnings": result.warnings,
+                                    "needs_review": result.needs_review, "shards": result.shards})
+    else:
+        result.out = output.partial
+    if single and result.out == Path(job.out):
+        result.out = _join_jsonl(result.out, target)
+    return result
+
+
+def _check_not_input(out: Path, job: BulkJob) -> None:
+    data, out = Path(job.data).resolve(), out.resolve()
+    if out == data or out in data.parents:
+        raise HuseError(f"--out {out} would replace or contain the catalog {job.data}; choose another path")
+    if job.images and out == Path(job.images).resolve():
+        raise HuseError(f"--out {out} is the images folder; choose another path")
+
+
+def _join_jsonl(folder: Path, target: Path) -> Path:
+    """The shards of a complete output, in order, as one file (temp + rename), then the folder goes."""
+    m = _complete(folder)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
+            for fname in e["files"]:
+                with open(folder / fname, "rb") as part:
+                    shutil.copyfileobj(part, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    shutil.rmtree(folder)
+    return target
+
+
+def _check_job(job: BulkJob) -> None:
+    if job.task not in TASKS:
+        raise HuseError(f"task {job.task!r} is not one of {list(TASKS)}")
+    if job.format not in FORMATS:
+        raise HuseError(f"--format {job.format!r} is not one of {list(FORMATS)}")
+    for name in ("batch_size", "top_k", "shard_rows", "actors"):
+        v = getattr(job, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise HuseError(f"--{name.replace('_', '-')} must be a positive integer; got {v!r}")
+    if job.workers is not None and job.workers < 0:
+        raise HuseError(f"--workers must be 0 (decode on the calling thread) or more; got {job.workers}")
+    if job.threads is not None and job.threads <= 0:
+        raise HuseError(f"--threads must be a positive integer; got {job.threads}")
+    if not 0.0 <= job.min_confidence <= 1.0:
+        raise HuseError(f"--min-confidence must be between 0 and 1; got {job.min_confidence}")
+    modes = ("auto", "fused", "image", "text") if job.task == "classify" else ("auto", "image", "text")
+    if job.mode not in modes:
+        raise HuseError(f"--mode {job.mode!r} is not one of {list(modes)} for {job.task}")
+    if job.engine not in ("local", "ray"):
+        raise HuseError(f"--engine {job.engine!r} is not one of ['local', 'ray']")
+    if not Path(job.data).is_file():
+        raise HuseError(f"catalog {job.data} does not exist")
+    if not Path(job.bundle).is_dir():
+        raise HuseError(f"bundle {job.bundle} is not a folder; create one with `huse-export RUN --out BUNDLE`")
+
+
+# ------------------------------------------------------------------------------------------
+# Reading outputs back
+
+
+def _complete(folder: Path) -> dict[str, Any]:
+    if not (folder / SUCCESS).is_file():
+        raise HuseError(f"{folder} is not a complete huse output ({SUCCESS} missing)")
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
+    """All prediction rows of a complete output, in catalog order (for small outputs and tests)."""
+    folder = Path(folder)
+    m = _complete(folder)
+    rows = []
+    for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
+        for fname in e["files"]:
+            if fname.endswith(".jsonl"):
+                rows += [json.loads(l) for l in (folder / fname).read_text(encoding="utf-8").splitlines()]
+            elif fname.endswith(".parquet"):
+                pq = lazy_import("pyarrow.parquet", "scale")
+                rows += pq.read_table(folder / fname).to_pylist()
+    return rows
+
+
+def read_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(vectors, metadata rows) of a complete embed output, in catalog order."""
+    folder = Path(folder)
+    m = _complete(folder)
+    vecs = [np.load(folder / f, allow_pickle=False) for e in sorted(m["shards"].values(), key=lambda e: e["shard"])
+            for f in e["files"] if f.endswith(".npy")]
+    dim = vecs[0].shape[1] if vecs else 0
+    return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), read_predictions(folder)

@@ -1,0 +1,148 @@
+"""Bulk classify/embed: kill -9 + --resume is identical, bad rows are answered, Ray matches local, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from huse.runtime.bulk import BulkJob, read_embeddings, read_predictions, run_bulk
+
+
+@pytest.fixture(scope="module")
+def big_catalog(tiny_catalog, tmp_path_factory) -> Path:
+    """The tiny catalog's 120 products repeated to 2,400 rows (images shared), for runs long enough to kill."""
+    folder = tmp_path_factory.mktemp("big")
+    shutil.copytree(tiny_catalog.parent / "images", folder / "images")
+    lines = tiny_catalog.read_text().splitlines()
+    (folder / "catalog.csv").write_text("\n".join([lines[0]] + lines[1:] * 20) + "\n")
+    return folder / "catalog.csv"
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "huse.runtime.cli", *map(str, args)]
+
+
+def test_kill_9_then_resume_is_identical_and_redoes_only_in_flight_shards(tiny_bundle, big_catalog, tmp_path):
+    args = ["embed", tiny_bundle, "--data", big_catalog, "--shard-rows", 100, "--batch-size", 32, "--no-progress",
+            "--threads", 1]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(*args, "--out", ref), check=True, capture_output=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cli(*args, "--out", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = tmp_path / "out.partial" / "_manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = json.loads(manifest.read_text())["shards"]
+    assert 3 <= len(kept) < 24, "the run finished before it could be killed"
+    stamps = {f: os.stat(tmp_path / "out.partial" / f).st_mtime_ns for e in kept.values() for f in e["files"]}
+    r = subprocess.run(_cli(*args, "--out", out), capture_output=True, text=True)
+    assert r.returncode == 1 and "--resume" in r.stderr  # never silently thrown away
+    r = subprocess.run(_cli(*args, "--out", out, "--resume"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(kept)} of 24 shards kept" in r.stdout
+    for f, ns in stamps.items():  # finished shards were verified and kept, not redone
+        assert os.stat(out / f).st_mtime_ns == ns
+    (v1, m1), (v2, m2) = read_embeddings(ref), read_embeddings(out)
+    assert v1.tobytes() == v2.tobytes() and m1 == m2  # bit for bit
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def test_resume_with_other_settings_is_refused(tiny_bundle, big_catalog, tmp_path):
+    job = BulkJob(bundle=str(tiny_bundle), data=str(big_catalog), out=str(tmp_path / "o"), shard_rows=500,
+                  progress=False, max_shards=1)
+    run_bulk(job)
+    job.top_k, job.max_shards, job.resume = 3, None, True
+    with pytest.raises(Exception, match=r"--resume with other settings .*top_k 5 -> 3"):
+        run_bulk(job)
+
+
+def test_bad_row_corpus_every_row_answered(tiny_bundle, tiny_catalog, tmp_path):
+    img = str(next((tiny_catalog.parent / "images").glob("*.png")))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(Path(img).read_bytes()[:60])
+    rows = [
+        {"image": img, "name": "Acme black tee", "classes": "clothing<tops<t-shirts"},
+        {"image": img, "name": "Acme black tee", "classes": "shoes<<boots"},
+        {"image": img, "name": "\ud800"},
+        {"image": img, "name": ["a", "list"]},
+        {"image": 7, "name": "tee"},
+        {"name": True},
+        {"image": str(broken), "name": "Acme navy boots"},
+        {"image": str(broken)},
+        {"image": str(tmp_path / "missing.png")},
+        {},
+        {"image": img, "name": "x" * 1_000_000},
+        {"image": img, "split": "holdout"},
+    ]
+    data = tmp_path / "bad.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.write('{"name": "cut\n')
+    res = run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(data), out=str(tmp_path / "o"), batch_size=4,
+                           progress=False))
+    preds = read_predictions(tmp_path / "o")
+    assert [p["row"] for p in preds] == list(range(1, 14)) and res.rows == 13
+    by_row = {p["row"]: p for p in preds}
+    ok = {1, 7, 11}
+    for row, p in by_row.items():
+        if row in ok:
+            assert p["error"] is None and p["label"], p
+        else:
+            assert p["error"].startswith(f"row {row}"), p  # names the catalog row, never a chunk index
+            assert p["label"] is None
+    assert "column classes" in by_row[2]["error"] and "column name" in by_row[3]["error"]
+    assert "column image" in by_row[5]["error"] and "broken.png" in by_row[7]["warning"]
+    assert res.errors == 10 and res.warnings == 1
+
+
+def test_bulk_never_imports_torch(tiny_bundle, tiny_catalog, tmp_path):
+    code = f"""
+import sys
+from huse.runtime.bulk import BulkJob, run_bulk
+r = run_bulk(BulkJob(bundle={str(tiny_bundle)!r}, data={str(tiny_catalog)!r}, out={str(tmp_path / 'o')!r}, progress=False))
+assert r.rows == 120, r
+print(sorted(m for m in ("torch", "onnx", "huse.train", "huse.export", "ray") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the whole session: starting one costs seconds."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_ray_engine_matches_local_exactly(ray_instance, tiny_bundle, big_catalog, tmp_path, task):
+    common = dict(bundle=str(tiny_bundle), data=str(big_catalog), task=task, shard_rows=600, batch_size=64,
+                  progress=False, threads=1)
+    local = run_bulk(BulkJob(out=str(tmp_path / "local"), **common))
+    ray = run_bulk(BulkJob(out=str(tmp_path / "ray"), engine="ray", actors=2, **common))
+    assert ray.rows == local.rows == 2400 and ray.errors == local.errors == 0
+    if task == "embed":
+        (v1, m1), (v2, m2) = read_embeddings(tmp_path / "local"), read_embeddings(tmp_path / "ray")
+        assert v1.tobytes() == v2.tobytes() and m1 == m2
+    else:
+        assert read_predictions(tmp_path / "local") == read_predictions(tmp_path / "ray")
+    ml, mr = (json.loads((tmp_path / d / "_manifest.json").read_text()) for d in ("local", "ray"))
+    assert [e["files"] for e in ml["shards"].values()] == [mr["shards"][k]["files"] for k in ml["shards"]]
