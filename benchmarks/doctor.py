@@ -28,7 +28,7 @@ from huse.runtime.errors import HuseError
 def environment() -> dict[str, Any]:
     """What this machine has, for each backend, with the reason when something is missing."""
     from huse.runtime.backends import resolve_backend
-    from huse.runtime.backends.trt.builder import engine_support
+    from huse.runtime.backends.trt.loader import engine_support
     from huse.runtime.backends.trt.gpu import gpu_status
 
     usable, reason, info = gpu_status()
@@ -59,7 +59,7 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000) -> dict[s
     from polygraphy.comparator import Comparator
 
     from huse.export.api import EvalData
-    from huse.runtime.backends.trt.builder import build_engine, engine_support
+    from huse.runtime.backends.trt.loader import build_engine, engine_support
     from huse.runtime.bundle import load_manifest
     from huse.runtime.preprocess import ImageSpec
     from huse.runtime.tokenizer import load_tokenizer
