@@ -178,7 +178,7 @@ def built(tmp_path_factory):
     onnx_path = root / "fused.onnx"
     onnx.save(fused_model(), onnx_path)
     engine_path = root / "fused.fp32.engine"
-    entry = loader.build_engine(onnx_path, engine_path, batch=(1, 4, 8))
+    entry = loader.build_engine(onnx_path, engine_path, precision="fp32", batch=(1, 4, 8))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return onnx_path, engine_path, entry, session
 

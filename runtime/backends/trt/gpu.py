@@ -1,13 +1,7 @@
-"""The CUDA side of the TensorRT backend, through cuda-python only.
-
-`gpu_status` says whether a GPU is usable without touching TensorRT: constructing
-`tensorrt.Runtime`/`tensorrt.Builder` without a GPU can crash the process, while cuda-python
-answers a missing driver with an error code (`cudaErrorInsufficientDriver`, 35). `Cuda` is the
-one adapter the runner uses: the handful of runtime-API calls it needs, each checked.
-
-Why cuda-python and not pycuda: it installs as a wheel (pycuda compiles against libcuda), it
-captures CUDA graphs, and its error codes make the no-GPU probe safe. JetPack 6 pairs with
-cuda-python 12.x (`cuda.cudart`); newer releases expose `cuda.bindings.runtime`.
+"""The CUDA side of the TensorRT backend, through cuda-python only (a wheel everywhere, CUDA graphs;
+pycuda compiles against libcuda and cannot capture graphs). `gpu_status` asks for a GPU without
+touching TensorRT, whose Runtime/Builder can crash the process when there is none; cuda-python
+answers with an error code (35, cudaErrorInsufficientDriver). `Cuda` is the runner's one adapter.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ TRT_EXTRA_HINT = "pip install 'huse-edge[trt]' (on Jetson, TensorRT comes from J
 
 
 def load_cudart() -> ModuleType | None:
-    """cuda-python's runtime bindings (`cuda.bindings.runtime`, else 12.x's `cuda.cudart`), or None."""
+    """cuda-python's runtime bindings (`cuda.bindings.runtime`, else JetPack 6's 12.x `cuda.cudart`), or None."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)
@@ -47,12 +41,10 @@ def _error_text(cudart: ModuleType, err) -> str:
 def gpu_status(device: int = 0) -> tuple[bool, str, dict]:
     """Say whether CUDA device `device` is usable, without touching TensorRT. Never raises.
 
-    Args:
-        device: CUDA device ordinal.
     Returns:
-        (usable, reason, info): `reason` is one line (the GPU when usable, what is missing and what
-        to do otherwise); `info` holds `binding`, `device` and, when usable, `name`,
-        `compute_capability` ("8.7"), `integrated`, `total_memory_mib`, `device_count`.
+        (usable, reason, info): `reason` is one line (the GPU, or what is missing and what to do);
+        `info` holds `binding`, `device` and, when usable, `name`, `compute_capability` ("8.7"),
+        `integrated`, `total_memory_mib`, `device_count`.
     """
     cudart = load_cudart()
     if cudart is None:
@@ -76,13 +68,8 @@ def gpu_status(device: int = 0) -> tuple[bool, str, dict]:
 
 
 class Cuda:
-    """The CUDA runtime calls the TensorRT runner makes, on one device. Every call is checked.
-
-    Args:
-        device: CUDA device ordinal.
-    Raises:
-        HuseError: cuda-python is not installed (naming the `trt` extra).
-    """
+    """The CUDA runtime calls the TensorRT runner makes on device `device`, each checked.
+    Raises HuseError naming the `trt` extra when cuda-python is not installed."""
 
     def __init__(self, device: int = 0):
         self.rt = load_cudart()

@@ -1,11 +1,8 @@
-"""Making TensorRT engines: build from ONNX, describe (sidecar), cache per machine.
+"""Making TensorRT engines: build from ONNX with Polygraphy's loaders, describe (sidecar), cache.
 
-Polygraphy's loaders do the building (`NetworkFromOnnxPath`, `CreateConfig`,
-`EngineBytesFromNetwork`). The network is always strongly typed, so precision comes from the ONNX
-graph: float32 tensors run in fp32, float16 in fp16, Q/DQ pairs in int8. That is the only mode
-TensorRT 11 has (no FP16/INT8 builder flags or calibrators) and an opt-in on TensorRT 10 (Jetson
-Orin on JetPack 6), so one path builds on both. Engines are tied to the TensorRT version and GPU
-they were built on; the sidecar `<engine>.json` records both for `TrtRunner` to check.
+Networks are strongly typed, so precision comes from the ONNX graph (float16 tensors, Q/DQ pairs):
+the only mode TensorRT 11 has and an opt-in on TensorRT 10 (JetPack 6), so one path builds on
+both. An engine is tied to its TensorRT version and GPU; `<engine>.json` records both.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from huse.runtime.backends.trt.gpu import TRT_EXTRA_HINT, gpu_status
 from huse.runtime.bundle import sha256_file, write_atomic
 from huse.runtime.errors import HuseError
 
-__all__ = ["DEFAULT_WORKSPACE_MIB", "REBUILD_HINT", "build_engine", "detect_precision", "engine_cache_path",
+__all__ = ["DEFAULT_WORKSPACE_MIB", "REBUILD_HINT", "build_engine", "engine_cache_path",
            "engine_support", "load_or_build", "read_sidecar", "sidecar_path"]
 
 # Builder scratch memory (MemoryPoolType.WORKSPACE). Jetson Orin Nano 8 GB shares its memory
@@ -77,39 +74,20 @@ def engine_support() -> tuple[bool, str]:
     return True, f"TensorRT {version} on {info['name']} (compute capability {info['compute_capability']})"
 
 
-def detect_precision(model) -> str:
-    """The bundle precision an ONNX graph (`onnx.ModelProto`) expresses: "int8" (any Q/DQ node),
-    else "fp16" (a float16 initializer, value or Cast), else "fp32"."""
-    fp16 = lazy_import("onnx", "export").TensorProto.FLOAT16
-    graph = model.graph
-    if {n.op_type for n in graph.node} & {"QuantizeLinear", "DequantizeLinear"}:
-        return "int8"
-    values = [*graph.value_info, *graph.input, *graph.output]
-    if (any(i.data_type == fp16 for i in graph.initializer)
-            or any(v.type.tensor_type.elem_type == fp16 for v in values)
-            or any(n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute) for n in graph.node)):
-        return "fp16"
-    return "fp32"
-
-
-def build_engine(onnx_path: str | Path, engine_path: str | Path, *, batch: tuple[int, int, int] = (1, 8, 64),
-                 workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache: str | Path | None = None,
-                 dla_core: int | None = None, tf32: bool = False, precision: str | None = None) -> dict:
+def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
+                 batch: tuple[int, int, int] = (1, 8, 64), workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache: str | Path | None = None,
+                 dla_core: int | None = None, tf32: bool = False) -> dict:
     """Build a serialised TensorRT engine from an ONNX file and describe it.
 
     Args:
-        onnx_path: the bundle's `image.onnx` / `text.onnx` / `fused.onnx` (any precision variant).
+        onnx_path: the bundle's image/text/fused ONNX (any precision variant).
         engine_path: where to write the engine; `<engine_path>.json` gets the returned entry.
+        precision: the bundle precision the graph expresses ("fp32", "fp16", "int8"), for the entry.
         batch: (min, opt, max) batch of the optimization profile; other input dims must be static.
-        workspace_mib: builder workspace limit in MiB (see DEFAULT_WORKSPACE_MIB).
-        timing_cache: a timing-cache file to reuse and extend (rebuilds skip tactic timing for
-            layers seen before), or None.
-        dla_core: run on this DLA core, falling back to the GPU for layers DLA cannot run; None for
-            GPU only. Jetson Orin Nano has no DLA. (Polygraphy's CreateConfig always picks core 0.)
-        tf32: let fp32 convolutions/matmuls use TF32 tensor cores. Off, so an "fp32" engine matches
-            onnxruntime to 1e-3; use the fp16/int8 variants for speed.
-        precision: the bundle precision of the graph; None reads it from the graph (needs onnx).
-            `huse-export` runs the static check (huse.export.trt_compat) before calling this.
+        workspace_mib: builder workspace limit in MiB.
+        timing_cache: a timing-cache file to reuse and extend, or None.
+        dla_core: this DLA core with GPU fallback, or None (Polygraphy's CreateConfig only does core 0).
+        tf32: allow TF32 in fp32 layers; off so an "fp32" engine matches onnxruntime to 1e-3.
     Returns:
         The manifest entry: {file, sha256, precision, tensorrt_version, gpu_name,
         compute_capability, profile: {input: {min, opt, max}}, dla_core}.
@@ -125,8 +103,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, batch: tuple
     supported, reason = engine_support()
     if not supported:
         raise HuseError(f"cannot build a TensorRT engine from {onnx_path}: {reason}")
-    if precision is None:
-        precision = detect_precision(lazy_import("onnx", "export").load(str(onnx_path), load_external_data=False))
     trt = importlib.import_module("tensorrt")
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig, Profile
     from polygraphy.exception import PolygraphyException
@@ -185,18 +161,13 @@ def engine_cache_path(cache_dir: str | Path, trt_version: str, gpu_name: str, co
                       precision: str, profile: Mapping | tuple | list, *, onnx_sha256: str | None = None) -> Path:
     """Where the engine for one (model, TensorRT, GPU, precision, profile) combination is cached.
 
-    An engine is only valid for the TensorRT version and GPU it was built on, so each is part of
-    the key (as in onnxruntime's TensorRT EP engine cache and jetson-inference).
+    An engine only runs on the TensorRT version and GPU it was built on, so both are in the key
+    (as in onnxruntime's TensorRT EP cache), with the profile (`(min, opt, max)` or per input) and
+    the ONNX file's sha256, so a changed model never reuses an engine.
 
-    Args:
-        cache_dir: the cache directory.
-        trt_version, gpu_name, compute_capability: e.g. "10.3.0", "Orin", "8.7".
-        precision: "fp32", "fp16" or "int8".
-        profile: the batch profile `(min, opt, max)` or the `{input: {min, opt, max}}` mapping.
-        onnx_sha256: the source ONNX file's sha256, so a changed model never reuses an engine.
     Returns:
         `cache_dir/<precision>_trt<version>_sm<cc>_<gpu>_<hash>.engine`: readable parts for
-        people, a hash over every part (profile and model included) for uniqueness.
+        people, a hash over every part for uniqueness.
     """
     key = json.dumps({"trt": str(trt_version), "gpu": str(gpu_name), "cc": str(compute_capability),
                       "precision": str(precision), "profile": profile, "onnx": onnx_sha256},
@@ -212,12 +183,10 @@ def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: st
     """Return the cached engine for this machine, building it from the bundle's ONNX if needed.
 
     Args:
-        onnx_path: the bundle's ONNX file for this precision.
+        onnx_path: the bundle's ONNX file for `precision` ("fp32", "fp16" or "int8").
         cache_dir: engine cache directory (created when building).
-        precision: "fp32", "fp16" or "int8" (the bundle variant; part of the cache key).
         batch: (min, opt, max) batch of the optimization profile.
         onnx_sha256: the ONNX file's sha256 when the manifest already has it (else computed).
-        device: CUDA device ordinal.
         **build_kwargs: passed to `build_engine` (workspace_mib, timing_cache, dla_core, ...).
     Returns:
         (engine_path, manifest_entry) for `TrtRunner(engine_path, manifest_entry=entry)`.

@@ -43,11 +43,9 @@ class TrtRunner(BaseRunner):
 
     Args:
         path: the serialised engine (`.engine`).
-        manifest_entry: the bundle manifest's entry for this engine (tensorrt_version,
-            compute_capability, sha256, ...). When None, the `<engine>.json` sidecar is used;
-            when neither exists, only TensorRT's own deserialisation check remains.
-        cuda_graph_batches: batch sizes to capture as CUDA graphs at activation (each costs one
-            extra execution context of device memory); other batch sizes run normally.
+        manifest_entry: the engine's manifest entry (tensorrt_version, compute_capability, sha256);
+            None reads the `<engine>.json` sidecar; without either only TensorRT's own check remains.
+        cuda_graph_batches: batch sizes to capture as CUDA graphs (one execution context each).
         device: CUDA device ordinal.
     Raises:
         HuseError: tensorrt is not installed (naming the `trt` extra).
@@ -74,16 +72,9 @@ class TrtRunner(BaseRunner):
                    cache_dir: str | Path | None = None, **kwargs) -> "TrtRunner":
         """The runner for one graph of a bundle on this machine.
 
-        Uses the bundle's engine for (graph, precision) when it was built for this TensorRT
-        version and GPU; otherwise the engine cache (`loader.load_or_build`), building into it
-        from the bundle's ONNX, as onnxruntime's TensorRT provider and jetson-inference do.
-
-        Args:
-            bundle: the bundle directory.
-            manifest: its verified manifest.
-            graph: "image", "text" or "fused".
-            precision: "fp32", "fp16" or "int8".
-            cache_dir: engine cache (default: $HUSE_ENGINE_CACHE or ~/.cache/huse/engines).
+        The bundle's engine for (graph, precision) when built for this TensorRT and GPU, else the
+        engine cache (`loader.load_or_build`; `cache_dir` defaults to $HUSE_ENGINE_CACHE or
+        ~/.cache/huse/engines), building from the bundle's ONNX as onnxruntime's TensorRT EP does.
         """
         bundle = Path(bundle)
         here = (lazy_import("tensorrt", "trt").__version__, gpu_status()[2].get("compute_capability"))
@@ -132,25 +123,22 @@ class TrtRunner(BaseRunner):
     def deactivate_impl(self) -> None:
         """Destroy graphs, contexts, engine, buffers and stream (in that order)."""
         with self._lock:
-            cuda = self._cuda
-            if cuda is not None:
+            cuda, stream = self._cuda, self._stream
+            if stream is not None:
                 cuda.bind()
-                if self._stream is not None:
-                    cuda("cudaStreamSynchronize", self._stream)
-                for _, graph_exec, _ in self._graphs.values():
-                    cuda("cudaGraphExecDestroy", graph_exec)
-                # TensorRT objects go before the memory their tensor addresses point at.
-                self._graphs.clear()
-                self._context = self._engine = None
-                for t in self._io.values():
-                    if t.device:
-                        cuda("cudaFree", t.device)
-                    if t.host is not None:
-                        cuda("cudaFreeHost", t.host.ctypes.data)
-                if self._stream is not None:
-                    cuda("cudaStreamDestroy", self._stream)
-            self._cuda = self._stream = None
-            self._io = {}
+                cuda("cudaStreamSynchronize", stream)
+            for _, graph_exec, _ in self._graphs.values():
+                cuda("cudaGraphExecDestroy", graph_exec)
+            # TensorRT objects go before the memory their tensor addresses point at.
+            self._graphs, self._context, self._engine = {}, None, None
+            for t in self._io.values():
+                if t.device:
+                    cuda("cudaFree", t.device)
+                if t.host is not None:
+                    cuda("cudaFreeHost", t.host.ctypes.data)
+            if stream is not None:
+                cuda("cudaStreamDestroy", stream)
+            self._cuda, self._stream, self._io = None, None, {}
 
     def _check_built_for(self, info: dict, entry: dict | None) -> None:
         if entry is None:
@@ -269,24 +257,22 @@ class TrtRunner(BaseRunner):
         expected = self.input_names
         if sorted(feed) != sorted(expected):
             raise HuseError(f"TensorRT engine {self.path.name} takes inputs {expected}; got {sorted(feed)}")
-        arrays, batch = {}, None
+        arrays = {}
         for name in expected:
             t, arr = self._io[name], np.asarray(feed[name])
-            if arr.dtype != t.dtype:
-                # float64 -> float32 and int64 -> int32 are fine; float -> int would hide a bug.
-                if not np.can_cast(arr.dtype, t.dtype, casting="same_kind"):
-                    raise HuseError(f"input '{name}' is {arr.dtype}; the engine takes {t.dtype}")
-                arr = arr.astype(t.dtype)
-            if arr.ndim != len(t.max_shape) or arr.shape[1:] != t.max_shape[1:]:
-                raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes "
-                                f"(batch, {', '.join(map(str, t.max_shape[1:]))})")
-            if batch is not None and arr.shape[0] != batch:
-                raise HuseError(f"inputs have different batch sizes ({batch} and {arr.shape[0]} for '{name}')")
-            batch = arr.shape[0]
-            if not t.min_shape[0] <= batch <= t.max_shape[0]:
-                raise HuseError(f"batch {batch} is outside the engine's profile {t.min_shape[0]}..{t.max_shape[0]}; "
-                                "split the batch, or rebuild with a larger max batch")
-            arrays[name] = np.ascontiguousarray(arr)
+            # float64 -> float32 and int64 -> int32 are fine; float -> int would hide a bug.
+            if not np.can_cast(arr.dtype, t.dtype, casting="same_kind"):
+                raise HuseError(f"input '{name}' is {arr.dtype}; the engine takes {t.dtype}")
+            if arr.shape[1:] != t.max_shape[1:] or arr.ndim != len(t.max_shape):
+                raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes (batch, {', '.join(map(str, t.max_shape[1:]))})")
+            arrays[name] = np.ascontiguousarray(arr, dtype=t.dtype)
+        batch = {len(a) for a in arrays.values()}
+        if len(batch) > 1:
+            raise HuseError(f"inputs have different batch sizes {sorted(batch)}: {[a.shape for a in arrays.values()]}")
+        (batch,), t = batch, self._io[expected[0]]
+        if not t.min_shape[0] <= batch <= t.max_shape[0]:
+            raise HuseError(f"batch {batch} is outside the engine's profile {t.min_shape[0]}..{t.max_shape[0]}; "
+                            "split the batch, or rebuild with a larger max batch")
         return arrays, batch
 
     def _run(self, feed: dict[str, np.ndarray], events=None) -> tuple[dict[str, np.ndarray], bool]:
