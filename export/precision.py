@@ -26,9 +26,6 @@ INT8 percentile, all 55 Conv/Gemm          26.2%  0.21        8.55        71.09%
 INT8 minmax, all                           26.2%  0.21        8.13        71.68%     14.84  fail
 INT8 entropy, all                          26.2%  0.23        9.95        22.66%     60.35  fail
 INT8 percentile, stem + classifier float   26.3%  0.21        8.12        71.88%     14.65  fail
-INT8 percentile, first 22 Convs float      28.8%  0.022       1.02        99.22%     0.20   pass
-INT8 minmax, first 22 Convs float          28.8%  0.022       1.21        98.44%     0.00   fail
-INT8 entropy, first 22 Convs float         28.8%  0.21        9.26        43.75%     39.45  fail
 =========================================  =====  ==========  ==========  =========  =====  ====
 
 What the numbers say:
@@ -38,9 +35,10 @@ What the numbers say:
   belongs on the TensorRT engine with >= 1000 images.
 - INT8 is hurt by the early layers, not by the stem or the classifier alone: this backbone amplifies small input
   changes on these photos (Gaussian noise of 0.3 grey levels flips 1.8% of top-1; rounding the input to the
-  int8 grid alone flips 0.8%), so rounding errors of the first blocks reach the features. Keeping the first 22 of
-  49 Convs in float (`sensitive_nodes(model, first_convs=22)["first_conv"]`) passes the gate and the 30% size
-  bar (percentile with the first 4 float: 98.05% agreement, 0.59 drop; first 10: 98.63%, 0.20 drop).
+  int8 grid alone flips 0.8%), so rounding errors of the first blocks reach the features. Keeping the first
+  Convs in float (`sensitive_nodes(model, first_convs=k)["first_conv"]`) fixes it; how many depends on the model
+  and data, so the export measures it: it walks `huse.export.finish.INT8_FLOAT_CONVS` and keeps the first k that
+  passes the gate (the measured rungs are noted there and every attempt is recorded in the manifest).
 - onnxruntime's entropy calibration (with 2048 bins, as TensorRT's) gives the ReLU6 outputs that feed the
   depthwise convs a range of 0.38 where minmax gives 6.0: the smallest candidate its KL search allows. It is the
   worst choice here, and percentile (99.999) is the default for that reason.
@@ -568,8 +566,8 @@ def sensitive_nodes(model, first_convs: int = 1) -> dict[str, list[str]]:
         model: an `onnx.ModelProto` or a path to one with a `logits` or `probs` output.
         first_convs: how many Convs to name from the start of each input's path. 1 names the stem; measured on
             EfficientNet-Lite0 at 64x64 the early layers are where INT8 hurts (quantising the stem alone flips
-            2% of top-1, block 0's depthwise conv alone 5%), and keeping the first 22 Convs in float was what
-            passed the INT8 gate (see the measurements at the top of this module).
+            2% of top-1, block 0's depthwise conv alone 5%); the export measures how many to keep in float
+            (`huse.export.finish.INT8_FLOAT_CONVS`).
     Returns:
         {"first_conv": [...], "classifier": [...]}: node names. `first_conv` has the first `first_convs` Convs
         downstream of each graph input that reaches one (the image stem; the text Conv1d); `classifier` has the
