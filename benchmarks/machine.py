@@ -435,7 +435,7 @@ def matmul_peak_flops(seconds: float = 1.0, n: int = 1024, dtype: str = "float32
     call()
     call()
     samples = time_fn(
-        call, warmup=0, min_iters=3, min_seconds=seconds, max_seconds=2 * seconds, rel_ci=None
+        call, warmup=0, min_iters=3, min_seconds=seconds, max_seconds=2 * seconds
     )
     flop = 2.0 * n**3
     threads = None

@@ -53,7 +53,7 @@ def compare_encoders(train_size: int = 10000, val_size: int = 2000, test_size: i
             for enc, clf in clfs.items():
                 batch_titles = titles[:batch]
                 samples[enc].append(stats.time_fn(lambda: clf.classify(titles=batch_titles, mode="text"), warmup=2,
-                                                  min_iters=3, max_seconds=2.0, rel_ci=None))
+                                                  min_iters=3, max_seconds=2.0))
         for enc in clfs:
             out["encoders"][enc]["latency_ms"][str(batch)] = {
                 **stats.summarize(np.concatenate(samples[enc]), scale=1e3),
