@@ -405,7 +405,7 @@ hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()
 gpu = {gpu}
 print(t1 - t0, int(hwm) / 1024, "torch" in sys.modules, gpu)
 """
-# This process's GPU memory (nvidia-smi per process), for the GPU backends' fresh processes.
+# This process's GPU memory (NVML, per process), for the GPU backends' fresh processes.
 _COLD_GPU = "__import__('huse.benchmarks.machine', fromlist=['gpu_memory_mib']).gpu_memory_mib(os.getpid())"
 
 
