@@ -45,7 +45,7 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
       "memory": [                                 # per backend/precision: files and a fresh process
         {"backend": "onnxruntime", "precision": "fp32", "mode": "all", "size_mib": 52.2, "files": ["fused", ...],
          "cold_start_s": 0.43, "cold_start_spread_s": 0.05, "peak_rss_mib": 127.0, "imports_torch": false,
-         "gpu_memory_mib": null}                  # that process's GPU memory (nvidia-smi); null on CPU
+         "gpu_memory_mib": null}                  # that process's GPU memory (NVML); null on CPU
       ],
       "gpu_phases": [                             # TensorRT only: CUDA-event phases, with and without a CUDA graph
         {"backend": "tensorrt", "precision": "fp16", "mode": "image", "batch": 8, "cuda_graph": false,

@@ -88,3 +88,25 @@ def test_a_stage_with_its_extra_installed_has_plain_help():
 
     r = CliRunner().invoke(main, ["export", "--help"])
     assert r.exit_code == 0 and "not installed here" not in r.output
+
+
+@pytest.mark.parametrize("package", ["huse.runtime", "huse.train", "huse.export", "huse.benchmarks"])
+def test_every_package_states_what_it_exports_and_each_name_resolves(package):
+    pytest.importorskip("torch")  # huse.train and huse.export's names need the [train]/[export] extras
+    import importlib
+
+    mod = importlib.import_module(package)
+    assert mod.__all__ == sorted(set(mod.__all__))
+    for name in mod.__all__:
+        assert getattr(mod, name) is not None, f"{package}.{name}"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mod.nope
+
+
+def test_stage_packages_import_nothing_heavy_until_a_name_is_used():
+    import subprocess
+
+    code = ("import sys, huse.train, huse.export, huse.benchmarks, huse.train.cli\n"
+            "print([m for m in ('torch', 'onnx', 'onnxruntime', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

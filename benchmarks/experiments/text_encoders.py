@@ -1,6 +1,9 @@
 """Which text encoder should be the default? Word CNN (trained) vs MiniLM (pretrained, frozen).
 
-    python -m huse.benchmarks.text_encoders --out bench-results/text_encoders.json
+    python benchmarks/experiments/text_encoders.py --out benchmarks/results/cpu-2core/text_encoders.json
+
+A one-off experiment (it decided the default text encoder), kept outside the installed package
+so its committed result stays reproducible.
 
 Trains HUSE twice on the same fashion-products subset (same image side: the tiny CNN, so the
 comparison is about text), exports both, and measures on held-out products: text-only top-1
