@@ -1,9 +1,7 @@
 """Running a TensorRT engine (TensorRT 10/11 named-tensor API): lifetime and inference only.
 
-Per engine the runner keeps page-locked host buffers and device buffers sized for the profile's
-max batch, one CUDA stream, and optionally one CUDA graph per fixed batch size. A lock makes
-`infer` safe to call from several threads (calls are serialised: one stream, one set of buffers).
-Nothing here imports tensorrt or cuda-python at module import; `TrtRunner(...)` does.
+Per engine: page-locked host and device buffers for the profile's max batch, one CUDA stream,
+optional CUDA graphs per batch size, and a lock that serialises `infer` across threads.
 """
 
 from __future__ import annotations
@@ -88,8 +86,6 @@ class TrtRunner(BaseRunner):
                                     onnx_sha256=manifest["files"].get(onnx_name))
         return cls(path, manifest_entry=entry, **kwargs)
 
-    # -- lifetime ------------------------------------------------------------------------------
-
     def activate_impl(self) -> None:
         """Check the engine fits this machine, deserialise it, allocate buffers, capture graphs."""
         if not self.path.is_file():
@@ -156,10 +152,8 @@ class TrtRunner(BaseRunner):
         if entry.get("sha256") and entry["sha256"] != sha256_file(self.path):
             raise HuseError(f"TensorRT engine {self.path} does not match the sha256 in its manifest entry; {REBUILD_HINT}")
 
-    # -- buffers, contexts, graphs -------------------------------------------------------------
-
     def _allocate(self, context) -> None:
-        """Read the IO tensors, allocate host/device buffers for the profile's max batch, bind them."""
+        """Read the IO tensors, allocate host/device buffers for the profile's max batch, bind them to `context`."""
         trt, engine = self._trt, self._engine
         for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
             t = _IOTensor(name, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
@@ -182,18 +176,15 @@ class TrtRunner(BaseRunner):
             nbytes = max(1, int(np.prod(t.max_shape)) * t.dtype.itemsize)
             t.host = self._cuda.host_alloc(nbytes)
             t.device = int(self._cuda("cudaMalloc", nbytes))
-        self._bind(context)
+            context.set_tensor_address(t.name, t.device)
 
     def _new_context(self):
         context = self._engine.create_execution_context()
         if context is None:
             raise HuseError(f"TensorRT could not create an execution context for {self.path} (out of GPU memory?)")
-        return context
-
-    def _bind(self, context) -> None:
-        # Every context points at the same buffers: calls are serialised by the lock.
-        for t in self._io.values():
+        for t in self._io.values():  # every context points at the same buffers: the lock serialises calls
             context.set_tensor_address(t.name, t.device)
+        return context
 
     def _set_batch(self, context, batch: int) -> dict[str, tuple[int, ...]]:
         for t in self._io.values():
@@ -233,15 +224,12 @@ class TrtRunner(BaseRunner):
             raise HuseError(f"CUDA graph batch {batch} is outside the engine's profile "
                             f"{first.min_shape[0]}..{first.max_shape[0]}; pick batch sizes inside it")
         context = self._new_context()
-        self._bind(context)
         shapes = self._set_batch(context, batch)
         # TensorRT's CUDA-graph recipe: enqueue once after setting shapes so deferred,
         # shape-dependent setup runs outside the capture, then capture on a non-default stream.
         self._enqueue(context, batch, shapes)
         self._cuda("cudaStreamSynchronize", self._stream)
         return context, self._cuda.capture(self._stream, lambda: self._enqueue(context, batch, shapes)), shapes
-
-    # -- inference -----------------------------------------------------------------------------
 
     @property
     def input_names(self) -> list[str]:
