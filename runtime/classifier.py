@@ -55,8 +55,10 @@ class Classifier:
         self.manifest = load_manifest(self.bundle, verify=verify)
         m = self.manifest
         if precision not in m["models"]:
-            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. "
-                            f"Create them with `huse-export {self.bundle} --{precision}`")
+            made_by = {"fp16": "--fp16", "int8": "--int8", "int8-cpu": "--int8-cpu"}  # huse-export's variant flags
+            hint = (f"Create them with `huse-export {self.bundle} {made_by[precision]}`" if precision in made_by
+                    else f"precisions huse makes are {['fp32', *made_by]}")
+            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. {hint}")
         self.precision = precision
         self.labels: list[str] = m["labels"]
         self.hierarchy = Hierarchy(self.labels)

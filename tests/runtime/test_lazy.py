@@ -110,3 +110,4 @@ def test_stage_packages_import_nothing_heavy_until_a_name_is_used():
             "print([m for m in ('torch', 'onnx', 'onnxruntime', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
