@@ -45,7 +45,7 @@ and by `report.to_markdown`/`report.plot`. Times are milliseconds, memory MiB, r
       "memory": [                                 # per backend/precision: files and a fresh process
         {"backend": "onnxruntime", "precision": "fp32", "mode": "all", "size_mib": 52.2, "files": ["fused", ...],
          "cold_start_s": 0.43, "cold_start_spread_s": 0.05, "peak_rss_mib": 127.0, "imports_torch": false,
-         "gpu_memory_mib": null}                  # that process's GPU memory (nvidia-smi); null on CPU
+         "gpu_memory_mib": null}                  # that process's GPU memory (NVML); null on CPU
       ],
       "gpu_phases": [                             # TensorRT only: CUDA-event phases, with and without a CUDA graph
         {"backend": "tensorrt", "precision": "fp16", "mode": "image", "batch": 8, "cuda_graph": false,
@@ -91,11 +91,12 @@ def _latency(key: str):
     return get
 
 
-# metric -> (value getter, whether higher is better, repeat_spread field holding its noise)
+# metric -> (value getter, whether higher is better, repeat_spread field holding its noise).
+# Throughput is derived from the same calls as the median latency, so it shares the median's noise.
 METRICS = {
     "p50_ms": (_latency("p50"), False, "spread"),
     "p99_ms": (_latency("p99"), False, "p99_spread"),
-    "throughput_items_s": (lambda r: r.get("throughput_items_s"), True, "throughput_spread"),
+    "throughput_items_s": (lambda r: r.get("throughput_items_s"), True, "spread"),
 }
 
 
@@ -151,10 +152,7 @@ def _sort_key(key: tuple) -> tuple:
 
 
 def _spread(row: dict, field: str) -> float:
-    spread = row.get("repeat_spread") or {}
-    # Throughput is derived from the same calls as the median latency, so without a spread of
-    # its own it is as noisy as the median.
-    value = spread.get(field, spread.get("spread")) if field == "throughput_spread" else spread.get(field)
+    value = (row.get("repeat_spread") or {}).get(field)
     return float(value) if value is not None and math.isfinite(value) else 0.0
 
 

@@ -1,27 +1,30 @@
-"""What machine a benchmark ran on, how much memory it used, and what its CPU can do at best.
+"""What machine a benchmark ran on, how much GPU memory it used, and what its CPU can do at best.
 
 Every huse-bench result carries `machine_info()`, because a latency means nothing without the
-CPU, core count, thread settings, BLAS and library versions it was measured with. Nothing here
-fails when an optional library or a GPU is absent: the field is None instead. Optional libraries
+CPU, core count, thread settings, BLAS and library versions it was measured with. CPU and memory
+come from psutil, BLAS thread pools from threadpoolctl (both in the [bench] extra), the GPU from
+NVIDIA's NVML (nvidia-ml-py) or the runtime's cuda-python probe. Nothing here fails when a GPU
+or GPU library is absent: the field is None instead. Optional libraries
 are found through their package metadata, so recording torch's version does not import torch and
 recording TensorRT's does not load its native libraries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from huse.benchmarks.stats import time_fn
+from huse.runtime._lazy import lazy_import
+from huse.runtime.backends.trt.gpu import gpu_status, load_cudart
+from huse.runtime.bundle import package_versions
 
 # Library -> (distribution names to look up, module to import as a fallback). TensorRT and
 # onnxruntime ship under several distribution names; on Jetson TensorRT comes from JetPack
@@ -99,38 +102,24 @@ def _read_text(path: str) -> str | None:
 
 
 def _cpu_info() -> dict:
-    model, flags, physical = None, set(), None
-    cpuinfo = _read_text("/proc/cpuinfo") or ""
-    cores = set()
-    phys_id = None
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
+    psutil = lazy_import("psutil", "bench")
+    model, flags = None, set()
+    # Model name and feature flags have no portable API (psutil has neither): read them as the kernel lists them.
+    for line in (_read_text("/proc/cpuinfo") or "").splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
         if key in ("model name", "Model", "Hardware", "cpu model") and model is None:
             model = value
         elif key in ("flags", "Features") and not flags:
             flags = set(value.split())
-        elif key == "physical id":
-            phys_id = value
-        elif key == "core id":
-            cores.add((phys_id, value))
-    if cores:
-        physical = len(cores)
     try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or physical
-    except ImportError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on macOS/Windows
+        affinity = len(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # not on macOS
         affinity = None
     return {
         "model": model or platform.processor() or platform.machine() or None,
         "arch": platform.machine(),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": physical,
+        "logical_cores": psutil.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
         "affinity_cores": affinity,
         # A container's CPU quota caps throughput below what the core count suggests.
         "cgroup_cpu_limit": _cgroup_cpu_limit(),
@@ -151,30 +140,14 @@ def _cgroup_cpu_limit() -> float | None:
 
 
 def _memory_info() -> dict:
-    total = available = None
-    try:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        total, available = vm.total / 2**20, vm.available / 2**20
-    except ImportError:
-        for line in (_read_text("/proc/meminfo") or "").splitlines():
-            key, _, value = line.partition(":")
-            if key in ("MemTotal", "MemAvailable"):
-                mib = int(value.split()[0]) / 1024  # reported in kB
-                if key == "MemTotal":
-                    total = mib
-                else:
-                    available = mib
-    return {"total_mib": total, "available_mib": available}
+    vm = lazy_import("psutil", "bench").virtual_memory()
+    return {"total_mib": vm.total / 2**20, "available_mib": vm.available / 2**20}
 
 
 def _version(dists: tuple[str, ...], module: str | None) -> str | None:
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    found = package_versions(*dists)
+    if found:
+        return next(iter(found.values()))
     if module is None:
         return None
     try:
@@ -207,91 +180,55 @@ def _blas_info() -> dict:
         }
     except Exception:
         pass
-    try:
-        import threadpoolctl
-
-        info["threadpools"] = [
-            {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads",
-                                   "threading_layer", "architecture")}
-            for p in threadpoolctl.threadpool_info()
-        ]
-    except ImportError:
-        pass
+    info["threadpools"] = [
+        {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "threading_layer", "architecture")}
+        for p in lazy_import("threadpoolctl", "bench").threadpool_info()
+    ]
     return info
 
 
-def _nvidia_smi(query: str, *extra: str) -> list[list[str]] | None:
-    """Rows of `nvidia-smi --query-...` as stripped strings, or None if it is absent or fails."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
+@contextlib.contextmanager
+def _nvml():
+    """NVIDIA's management library (nvidia-ml-py), initialised; None where there is no NVIDIA driver.
+
+    NVML reads the driver's counters without creating a CUDA context (a context alone holds
+    hundreds of MiB and would pollute a memory figure). Jetson has no NVML.
+    """
     try:
-        out = subprocess.run(
-            [exe, query, *extra, "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=15, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-    return rows or None
-
-
-def _cudart():
-    """cuda-python's runtime module (13.x and 12.x layouts), or None."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except Exception:
-            continue
-    return None
-
-
-def _ok(err) -> bool:
-    return int(err) == 0  # cudaSuccess
+        import pynvml
+    except ImportError:
+        yield None
+        return
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver / library: no NVIDIA GPU to describe
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _gpu_info() -> dict | None:
-    rows = _nvidia_smi("--query-gpu=name,driver_version,memory.total")
-    if rows:
-        name, driver, total = (rows[0] + [None, None, None])[:3]
-        return {
-            "name": name,
-            "driver": driver,
-            "memory_total_mib": _to_float(total),
-            "count": len(rows),
-            "source": "nvidia-smi",
-        }
-    cudart = _cudart()
-    if cudart is not None:
-        try:
-            # Without a GPU these return cudaErrorInsufficientDriver / NoDevice rather than crash.
-            err, count = cudart.cudaGetDeviceCount()
-            if _ok(err) and count > 0:
-                err, prop = cudart.cudaGetDeviceProperties(0)
-                err_d, driver = cudart.cudaDriverGetVersion()
-                if _ok(err):
-                    name = prop.name
-                    if isinstance(name, bytes):
-                        name = name.split(b"\x00")[0].decode(errors="replace")
-                    return {
-                        "name": name,
-                        "driver": _cuda_version_str(driver) if _ok(err_d) else None,
-                        "memory_total_mib": prop.totalGlobalMem / 2**20,
-                        "count": count,
-                        "source": "cuda-python",
-                    }
-        except Exception:
-            pass
+    with _nvml() as nvml:
+        if nvml is not None and nvml.nvmlDeviceGetCount() > 0:
+            handle = nvml.nvmlDeviceGetHandleByIndex(0)
+            name = nvml.nvmlDeviceGetName(handle)
+            driver = nvml.nvmlSystemGetDriverVersion()
+            return {"name": name.decode() if isinstance(name, bytes) else name,
+                    "driver": driver.decode() if isinstance(driver, bytes) else driver,
+                    "memory_total_mib": nvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20,
+                    "count": nvml.nvmlDeviceGetCount(), "source": "nvml"}
+    usable, _, info = gpu_status()  # the runtime's probe (cuda-python): Jetson, or no nvidia-ml-py
+    if usable:
+        return {"name": info["name"], "driver": (_cuda_versions() or {}).get("driver"),
+                "memory_total_mib": info["total_memory_mib"], "count": info["device_count"], "source": "cuda-python"}
     tegra = _read_text("/etc/nv_tegra_release")
     if tegra:
-        # Jetson: integrated GPU sharing system memory; nvidia-smi is absent on older JetPacks.
-        return {
-            "name": _read_text("/proc/device-tree/model") or "NVIDIA Tegra",
-            "driver": tegra.splitlines()[0],
-            "memory_total_mib": None,
-            "count": 1,
-            "source": "tegra",
-        }
+        # Jetson: integrated GPU sharing system memory, no NVML.
+        return {"name": _read_text("/proc/device-tree/model") or "NVIDIA Tegra", "driver": tegra.splitlines()[0],
+                "memory_total_mib": None, "count": 1, "source": "tegra"}
     return None
 
 
@@ -300,111 +237,41 @@ def _cuda_version_str(v: int) -> str:
 
 
 def _cuda_versions() -> dict | None:
-    cudart = _cudart()
+    cudart = load_cudart()
     if cudart is None:
         return None
     out = {"runtime": None, "driver": None}
     try:
         err, v = cudart.cudaRuntimeGetVersion()
-        if _ok(err):
+        if int(err) == 0:
             out["runtime"] = _cuda_version_str(v)
         err, v = cudart.cudaDriverGetVersion()
-        if _ok(err) and v > 0:
+        if int(err) == 0 and v > 0:
             out["driver"] = _cuda_version_str(v)
     except Exception:
         pass
     return out
 
 
-def _to_float(s: str | None) -> float | None:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return None
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    The peak only grows over a process's life; call `reset_peak_rss()` before a configuration
-    (or run each configuration in its own process) to attribute it to one configuration.
-
-    Returns:
-        The high-water mark of resident memory (getrusage ru_maxrss), in MiB.
-    """
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS mark to its current RSS (Linux >= 4.0), so the next
-    `peak_rss_mib()` measures only what ran since.
-
-    Returns:
-        True if the kernel accepted the reset; False elsewhere (then use one process per
-        configuration to get per-configuration peaks).
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # CLEAR_REFS_MM_HIWATER_RSS
-        return True
-    except OSError:
-        return False
-
-
-def current_rss_mib() -> float | None:
-    """Resident memory of this process now, in MiB, or None where it cannot be read.
-
-    Returns:
-        Current RSS in MiB.
-    """
-    statm = _read_text("/proc/self/statm")
-    if statm:
-        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return None
-
-
 def gpu_memory_mib(pid: int | None = None) -> float | None:
-    """GPU memory in use, in MiB, or None without a usable NVIDIA GPU.
-
-    Reads nvidia-smi, which does not create a CUDA context here (a context alone holds hundreds
-    of MiB and would pollute the figure). Without nvidia-smi it falls back to cuda-python's
-    cudaMemGetInfo, which does create one in this process. On Jetson the GPU shares system
-    memory, so the RSS figures are the ones that matter.
+    """GPU memory in use on device 0, in MiB, from NVML; None without an NVIDIA driver and
+    nvidia-ml-py (on Jetson the GPU shares system memory, so the RSS figures are the ones that matter).
 
     Args:
-        pid: report only this process's usage (nvidia-smi --query-compute-apps; may be empty
-            inside containers whose PID namespace differs); None for the whole device 0 in use,
-            which includes other processes: subtract a reading taken before loading the model.
-
+        pid: only this process's usage (may be empty inside containers whose PID namespace
+            differs); None for the whole device, which includes other processes: subtract a
+            reading taken before loading the model.
     Returns:
         MiB in use, or None.
     """
-    if pid is not None:
-        rows = _nvidia_smi("--query-compute-apps=pid,used_memory")
-        if rows is None:
+    with _nvml() as nvml:
+        if nvml is None or nvml.nvmlDeviceGetCount() == 0:
             return None
-        used = [_to_float(r[1]) for r in rows if len(r) > 1 and r[0] == str(pid)]
-        return sum(u for u in used if u is not None) if used else 0.0
-    rows = _nvidia_smi("--query-gpu=memory.used")
-    if rows:
-        return _to_float(rows[0][0])
-    cudart = _cudart()
-    if cudart is None:
-        return None
-    try:
-        err, free, total = cudart.cudaMemGetInfo()
-        return (total - free) / 2**20 if _ok(err) else None
-    except Exception:
-        return None
+        handle = nvml.nvmlDeviceGetHandleByIndex(0)
+        if pid is None:
+            return nvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+        procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        return sum((p.usedGpuMemory or 0) for p in procs if p.pid == pid) / 2**20
 
 
 def matmul_peak_flops(seconds: float = 1.0, n: int = 1024, dtype: str = "float32") -> dict:
@@ -435,17 +302,11 @@ def matmul_peak_flops(seconds: float = 1.0, n: int = 1024, dtype: str = "float32
     call()
     call()
     samples = time_fn(
-        call, warmup=0, min_iters=3, min_seconds=seconds, max_seconds=2 * seconds, rel_ci=None
+        call, warmup=0, min_iters=3, min_seconds=seconds, max_seconds=2 * seconds
     )
     flop = 2.0 * n**3
-    threads = None
-    try:
-        import threadpoolctl
-
-        pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
-        threads = pools[0]["num_threads"] if pools else None
-    except ImportError:
-        pass
+    pools = [p for p in lazy_import("threadpoolctl", "bench").threadpool_info() if p.get("user_api") == "blas"]
+    threads = pools[0]["num_threads"] if pools else None
     return {
         "flop_s": flop / float(samples.min()),
         "flop_s_p50": flop / float(np.median(samples)),

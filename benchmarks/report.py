@@ -106,10 +106,9 @@ def _headline_lines(result: dict) -> list[str]:
             continue
         if not lines:
             lines += ["## Headline", ""]
-        # Results written before the GPU headline existed name the CPU pair in their keys.
-        ours = f"{h.get('backend', 'onnxruntime')} {h.get('precision', 'fp32')}"
-        base = {"torch": "PyTorch eager", "torch-cuda": "PyTorch eager on CUDA"}.get(h.get("baseline", "torch"))
-        items, base_items = h.get("items_s", h.get("onnxruntime_items_s")), h.get("baseline_items_s", h.get("torch_items_s"))
+        ours = f"{h['backend']} {h['precision']}"
+        base = {"torch": "PyTorch eager", "torch-cuda": "PyTorch eager on CUDA"}.get(h["baseline"], h["baseline"])
+        items, base_items = h["items_s"], h["baseline_items_s"]
         lines.append(f"- Fused end-to-end (decode + preprocess + tokenise + model + postprocess) at batch {h['batch']}: "
                      f"{ours} {items:.0f} items/s vs {base} {base_items:.0f} items/s, "
                      f"**{h['speedup_median']:.2f}x** (median of {h['rounds']} interleaved rounds; range "

@@ -1,4 +1,4 @@
-"""Timing and statistics for huse-bench: adaptive timing loops, percentiles, repeat spread.
+"""Timing and statistics for huse-bench: bounded timing loops, percentiles, repeat spread.
 
 The machines these numbers come from are shared and noisy, so the suite reports what survives
 noise: percentiles rather than means, ratios between configurations measured side by side, and the
@@ -9,7 +9,6 @@ Everything here takes plain callables and arrays; nothing imports a backend.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,16 +27,14 @@ def time_fn(
     min_seconds: float = 1.0,
     max_seconds: float = 10.0,
     max_iters: int | None = None,
-    rel_ci: float | None = 0.01,
     clock: Callable[[], float] = time.perf_counter,
 ) -> np.ndarray:
-    """Time `fn()` call by call until the median is stable or the time budget is spent.
+    """Time `fn()` call by call for at least `min_iters` calls and `min_seconds`, like trtexec's
+    `--iterations`/`--duration`.
 
     Runs `warmup` untimed calls (first calls pay for lazy allocation, autotuning, page faults),
-    then timed calls until all of these hold: at least `min_iters` samples, at least
-    `min_seconds` spent timing, and the 95% confidence interval of the median (from order
-    statistics, no distribution assumed) narrower than `rel_ci` of the median on either side.
-    `max_seconds` and `max_iters` stop it regardless, so a noisy machine costs bounded time.
+    then timed calls until both minimums hold. `max_seconds` and `max_iters` stop it regardless,
+    so a slow call costs bounded time. Noise is handled by the callers (interleaved repeats).
 
     `fn` must block until its work is done: for an asynchronous GPU backend, synchronise the
     stream inside `fn`, or the samples measure only the launch.
@@ -51,9 +48,6 @@ def time_fn(
             call in flight when it runs out is finished (and kept), and one timed call is always
             made, so the total can exceed it by the length of about two calls.
         max_iters: most timed samples, or None for no limit.
-        rel_ci: stop once the median's 95% confidence half-width is below this fraction of the
-            median (with the minima met); None times for exactly `min_seconds`/`min_iters`, like
-            trtexec's `--duration`/`--iterations`.
         clock: the time source in seconds (injectable so tests can drive a fake clock).
 
     Returns:
@@ -74,9 +68,6 @@ def time_fn(
 
     samples: list[float] = []
     timing_start = clock()
-    # The stability check sorts all samples; doing it at geometrically spaced counts keeps the
-    # total cost linear instead of quadratic in the number of samples.
-    next_check = min_iters
     while True:
         t0 = clock()
         fn()
@@ -85,42 +76,9 @@ def time_fn(
         n = len(samples)
         if t1 >= deadline or (max_iters is not None and n >= max_iters):
             break
-        if n < min_iters or t1 - timing_start < min_seconds:
-            continue
-        if rel_ci is None:
+        if n >= min_iters and t1 - timing_start >= min_seconds:
             break
-        if n >= next_check:
-            next_check = max(n + 1, int(n * 1.25))
-            if median_ci_halfwidth(samples) <= rel_ci:
-                break
     return np.asarray(samples, dtype=np.float64)
-
-
-def median_ci_halfwidth(samples: Sequence[float] | np.ndarray) -> float:
-    """Half-width of a 95% confidence interval of the median, relative to the median.
-
-    Uses the distribution-free order-statistic interval (ranks n/2 -+ 1.96*sqrt(n)/2), which
-    suits latency samples: skewed, with a long tail, never normal.
-
-    Args:
-        samples: at least one sample.
-    Returns:
-        (upper - lower) / (2 * median); inf when the median is 0 or too few samples to bound it.
-    """
-    x = np.sort(np.asarray(samples, dtype=np.float64))
-    n = x.size
-    if n < 2:
-        return math.inf
-    half = 1.96 * math.sqrt(n) / 2
-    lo = int(math.floor(n / 2 - half))
-    hi = int(math.ceil(n / 2 + half))
-    if lo < 0 or hi > n - 1:
-        # Too few samples for the interval to fall inside the data.
-        return math.inf
-    med = float(np.median(x))
-    if med <= 0:
-        return math.inf
-    return float(x[hi] - x[lo]) / (2 * med)
 
 
 def summarize(samples: Sequence[float] | np.ndarray, *, scale: float = 1.0) -> dict:

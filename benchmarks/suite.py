@@ -9,7 +9,6 @@ instead of biasing whichever ran last; the spread of the per-round medians is re
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -25,11 +24,11 @@ from huse.benchmarks import stats
 from huse.benchmarks.compare import SCHEMA
 from huse.benchmarks.machine import gpu_matmul_peak_flops, machine_info, matmul_peak_flops
 from huse.runtime.backends import gpu_backends
+from huse.runtime.backends.base import BaseRunner
 from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
 from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
 
-log = logging.getLogger("huse.bench")
 MODES = ("image", "text", "fused")
 
 
@@ -57,22 +56,25 @@ class BenchConfig:
 # Baseline: the same Classifier pipeline with the torch model where the ONNX graphs were
 
 
-class _TorchGraph:
-    """A runner over one torch graph module (same `infer` contract as the runtime's runners).
+class _TorchGraph(BaseRunner):
+    """A runner over one torch graph module (the runtime's runner contract and lifetime).
     On CUDA the copy to the GPU and back is part of each call, as it is for the GPU runtimes."""
 
-    def __init__(self, module, inputs: list[str], outputs: list[str], device: str = "cpu"):
+    name = "torch"
+
+    def __init__(self, path: Path, module, inputs: list[str], outputs: list[str], device: str = "cpu"):
+        super().__init__(path)
         self.module, self.inputs, self.outputs, self.device = module.eval(), inputs, outputs, device
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def activate_impl(self) -> None:
+        pass  # the module is built and on its device already
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
             out = self.module(*(torch.from_numpy(feed[n]).to(self.device) for n in self.inputs))
             return {n: t.cpu().numpy() for n, t in zip(self.outputs, out)}  # .cpu() waits for the GPU
-
-    def deactivate(self) -> None:
-        pass
 
 
 def torch_cuda_status() -> tuple[bool, str]:
@@ -108,7 +110,8 @@ class TorchClassifier(Classifier):
         self.backend, self.device = "torch", device
         for name, g in graph_specs(model, self.fusion_weight).items():
             module = torch.compile(g["module"]) if compile else g["module"]
-            self._runners[name] = _TorchGraph(module, g["inputs"], g["outputs"], device)
+            self._runners[name] = _TorchGraph(Path(run) / "model.safetensors", module, g["inputs"], g["outputs"], device)
+            self._runners[name].activate()
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ class BenchData:
             self.paths.append(img)
             self.titles.append(ds.titles[i])
         self.labels = np.asarray([manifest["labels"].index(ds.classes[i]) for i in idx])
-        self.arrays = np.stack([a for a in clf._images(self.paths)[0].values()])
+        self.arrays = clf.preprocess_images(self.paths)
         self.text = clf.tokenizer.inputs(self.titles)
 
     def take(self, start: int, batch: int) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
@@ -150,10 +153,10 @@ def _call(clf: Classifier, kind: str, mode: str, data: BenchData, batch: int) ->
         images = paths if mode in ("image", "fused") else None
         texts = titles if mode in ("text", "fused") else None
         return lambda: clf.classify(images=images, titles=texts, mode=mode)
-    runner = clf._runner(mode)
     inputs = clf.manifest["graphs"][mode]["inputs"]
     feed = {k: feeds[k] for k in inputs}
-    return lambda: runner.infer(feed)
+    clf.run_graph(mode, feed)  # load the runner outside the timed calls
+    return lambda: clf.run_graph(mode, feed)
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
                 if c not in errors:
                     try:
                         samples[c].append(stats.time_fn(calls[c], warmup=2, min_iters=3, min_seconds=0.1,
-                                                        max_seconds=cfg.seconds, rel_ci=None))
+                                                        max_seconds=cfg.seconds))
                     except HuseError as e:  # e.g. a batch above a TensorRT profile's max: one row, not the run
                         errors[c] = str(e)
                 bar.update(1)
@@ -307,8 +310,8 @@ def _headline(clfs: dict, data: BenchData, cfg: BenchConfig, bar, ours: tuple[st
     fn_base = _call(clfs[base], "e2e", "fused", data, cfg.headline_batch)
     o_rounds, b_rounds, ratios = [], [], []
     for _ in range(cfg.headline_repeats):
-        o = stats.time_fn(fn_ours, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
-        b = stats.time_fn(fn_base, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0, rel_ci=None)
+        o = stats.time_fn(fn_ours, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0)
+        b = stats.time_fn(fn_base, warmup=1, min_iters=3, min_seconds=0.5, max_seconds=3.0)
         o_rounds.append(o)
         b_rounds.append(b)
         ratios.append(float(np.median(b) / np.median(o)))
@@ -402,7 +405,7 @@ hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()
 gpu = {gpu}
 print(t1 - t0, int(hwm) / 1024, "torch" in sys.modules, gpu)
 """
-# This process's GPU memory (nvidia-smi per process), for the GPU backends' fresh processes.
+# This process's GPU memory (NVML, per process), for the GPU backends' fresh processes.
 _COLD_GPU = "__import__('huse.benchmarks.machine', fromlist=['gpu_memory_mib']).gpu_memory_mib(os.getpid())"
 
 
@@ -416,7 +419,7 @@ def _memory(clfs: dict, bundle: Path, manifest: dict[str, Any], cfg: BenchConfig
     for (label, precision), clf in clfs.items():
         if label.startswith("torch"):
             continue
-        files = {graph: Path(r.path) for graph, r in clf._runners.items()}
+        files = clf.loaded_files
         row = {"backend": label, "precision": precision, "mode": "all",
                "size_mib": sum(f.stat().st_size for f in files.values() if f.is_file()) / 2**20,
                "files": sorted(files)}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from huse.export.onnx_graph import producers_consumers, strip_unused_opsets
 from huse.runtime.errors import HuseError
 from huse.train.model import HUSE
 
@@ -155,6 +156,7 @@ def optimize_onnx(path: Path) -> None:
     (hardware independent, unlike the EXTENDED/ALL levels); then every zero Pad that feeds a
     Conv is folded into the Conv's own begin/end pads. TF-style "SAME" padding otherwise leaves
     Pads that onnxruntime's NCHWc layout cannot take, and each forces a layout round trip.
+    Last, the opset imports the optimiser declares but no node uses are dropped.
     """
     import onnx
     import onnxruntime as ort
@@ -168,6 +170,7 @@ def optimize_onnx(path: Path) -> None:
     model = onnx.load(str(tmp))
     tmp.unlink()
     fold_pads_into_convs(model)
+    strip_unused_opsets(model)
     onnx.save(model, str(path))
 
 
@@ -177,10 +180,7 @@ def fold_pads_into_convs(model) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    _, consumers = producers_consumers(graph)
     outputs = {o.name for o in graph.output}
     folded = []
     for pad in graph.node:

@@ -26,9 +26,6 @@ INT8 percentile, all 55 Conv/Gemm          26.2%  0.21        8.55        71.09%
 INT8 minmax, all                           26.2%  0.21        8.13        71.68%     14.84  fail
 INT8 entropy, all                          26.2%  0.23        9.95        22.66%     60.35  fail
 INT8 percentile, stem + classifier float   26.3%  0.21        8.12        71.88%     14.65  fail
-INT8 percentile, first 22 Convs float      28.8%  0.022       1.02        99.22%     0.20   pass
-INT8 minmax, first 22 Convs float          28.8%  0.022       1.21        98.44%     0.00   fail
-INT8 entropy, first 22 Convs float         28.8%  0.21        9.26        43.75%     39.45  fail
 =========================================  =====  ==========  ==========  =========  =====  ====
 
 What the numbers say:
@@ -38,9 +35,10 @@ What the numbers say:
   belongs on the TensorRT engine with >= 1000 images.
 - INT8 is hurt by the early layers, not by the stem or the classifier alone: this backbone amplifies small input
   changes on these photos (Gaussian noise of 0.3 grey levels flips 1.8% of top-1; rounding the input to the
-  int8 grid alone flips 0.8%), so rounding errors of the first blocks reach the features. Keeping the first 22 of
-  49 Convs in float (`sensitive_nodes(model, first_convs=22)["first_conv"]`) passes the gate and the 30% size
-  bar (percentile with the first 4 float: 98.05% agreement, 0.59 drop; first 10: 98.63%, 0.20 drop).
+  int8 grid alone flips 0.8%), so rounding errors of the first blocks reach the features. Keeping the first
+  Convs in float (`sensitive_nodes(model, first_convs=k)["first_conv"]`) fixes it; how many depends on the model
+  and data, so the export measures it: it walks `huse.export.finish.INT8_FLOAT_CONVS` and keeps the first k that
+  passes the gate (the measured rungs are noted there and every attempt is recorded in the manifest).
 - onnxruntime's entropy calibration (with 2048 bins, as TensorRT's) gives the ReLU6 outputs that feed the
   depthwise convs a range of 0.38 where minmax gives 6.0: the smallest candidate its KL search allows. It is the
   worst choice here, and percentile (99.999) is the default for that reason.
@@ -59,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from huse.export.onnx_graph import producers_consumers
+from huse.export.trt_compat import qdq_issues
 from huse.runtime.errors import HuseError
 
 # ---------------------------------------------------------------------------------------
@@ -198,11 +198,7 @@ def fp16_pattern_nodes(model, pattern: str) -> list[str]:
     if pattern == "reductions":
         return [n.name for n in graph.node
                 if n.op_type in ("ReduceSum", "ReduceMean", "ReduceMax", "GlobalAveragePool")]
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = producers_consumers(graph)
     found: set[str] = set()
     for n in graph.node:
         # The norm's start: ReduceL2(x), or ReduceSumSquare(x), or ReduceSum(Pow(x, 2) | Mul(x, x)).
@@ -315,10 +311,10 @@ def quantize_int8(
         quantized = _quantize_modelopt(src, dst, feeds, method, exclude)
     _keep_outputs_float(quantized)
     onnx.save(quantized, str(dst))
-    problems = trt_qdq_problems(quantized)
+    problems = qdq_issues(quantized)
     if problems:
         raise HuseError(f"The {quantizer} quantizer wrote {dst} with Q/DQ that TensorRT would not accept as "
-                        f"intended: {'; '.join(problems[:5])}; report this with the quantizer's version")
+                        f"intended: {'; '.join(map(str, problems[:5]))}; report this with the quantizer's version")
     return _describe_quantized(src, dst, quantized, method=method, exclude=exclude, quantizer=quantizer)
 
 
@@ -404,7 +400,7 @@ def _keep_outputs_float(model) -> None:
     float value the L2 normalisation computed.
     """
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
+    producers, _ = producers_consumers(graph)
     for out in graph.output:
         dq = producers.get(out.name)
         if dq is None or dq.op_type != "DequantizeLinear":
@@ -544,59 +540,8 @@ def _quantize_modelopt(src: Path, dst: Path, feeds, method: str, exclude: tuple[
     return onnx.load(str(dst))
 
 
-def trt_qdq_problems(model) -> list[str]:
-    """List the ways a Q/DQ graph departs from the INT8 form TensorRT accepts (empty when it conforms).
-
-    Checks: opset >= 13; every zero point is int8 and 0; every weight (initializer) DequantizeLinear with
-    more than one output channel has per-channel scales (`axis` set, 1-D scale); activation scales are scalars.
-
-    Args:
-        model: an `onnx.ModelProto` or a path to one.
-    Returns:
-        human-readable problems, one per offending node.
-    """
-    onnx = _import("onnx")
-    from onnx import numpy_helper
-
-    if not isinstance(model, onnx.ModelProto):
-        model = _load(Path(model))
-    problems = []
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        problems.append(f"opset {opset} < 13 (per-channel QuantizeLinear needs 13)")
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    for n in model.graph.node:
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        scale = consts.get(n.input[1])
-        zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        if zp is None:
-            # Without a zero point, QuantizeLinear writes uint8 unless output_dtype says int8 (opset 21); a
-            # DequantizeLinear takes its input's type, which its QuantizeLinear or int8 weight decides.
-            attrs = {a.name: a.i for a in n.attribute}
-            if n.op_type == "QuantizeLinear" and attrs.get("output_dtype") != onnx.TensorProto.INT8:
-                problems.append(f"{n.name}: no zero point, so uint8 output")
-        elif zp.dtype != np.int8 or np.any(zp != 0):
-            problems.append(f"{n.name}: zero point {zp.dtype} {zp.ravel()[:3]}, wanted int8 0")
-        is_weight = n.input[0] in consts  # int8 weight -> DQ, or float weight -> Q -> DQ
-        if is_weight and n.op_type == "DequantizeLinear" and consts[n.input[0]].dtype != np.int8:
-            problems.append(f"{n.name}: weight stored as {consts[n.input[0]].dtype}, wanted int8")
-        if scale is None:
-            problems.append(f"{n.name}: scale is not a constant")
-        elif is_weight:
-            w = consts[n.input[0]]
-            if scale.size == 1 and w.ndim > 1 and w.shape[0] > 1:
-                problems.append(f"{n.name}: per-tensor weight scale, wanted per-output-channel")
-        elif scale.size != 1:
-            problems.append(f"{n.name}: activation scale has {scale.size} values, wanted one per tensor")
-    return problems
-
-
 def _quantized_node_names(model) -> list[str]:
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers, _ = producers_consumers(model.graph)
 
     def from_dq(name: str) -> bool:
         p = producers.get(name)
@@ -621,8 +566,8 @@ def sensitive_nodes(model, first_convs: int = 1) -> dict[str, list[str]]:
         model: an `onnx.ModelProto` or a path to one with a `logits` or `probs` output.
         first_convs: how many Convs to name from the start of each input's path. 1 names the stem; measured on
             EfficientNet-Lite0 at 64x64 the early layers are where INT8 hurts (quantising the stem alone flips
-            2% of top-1, block 0's depthwise conv alone 5%), and keeping the first 22 Convs in float was what
-            passed the INT8 gate (see the measurements at the top of this module).
+            2% of top-1, block 0's depthwise conv alone 5%); the export measures how many to keep in float
+            (`huse.export.finish.INT8_FLOAT_CONVS`).
     Returns:
         {"first_conv": [...], "classifier": [...]}: node names. `first_conv` has the first `first_convs` Convs
         downstream of each graph input that reaches one (the image stem; the text Conv1d); `classifier` has the
@@ -636,11 +581,7 @@ def sensitive_nodes(model, first_convs: int = 1) -> dict[str, list[str]]:
     targets = [t for t in ("logits", "probs") if t in outputs]
     if not targets:
         raise HuseError(f"sensitive_nodes needs a graph with a 'logits' or 'probs' output; found outputs {outputs}")
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = producers_consumers(graph)
     order = {id(n): k for k, n in enumerate(graph.node)}
 
     classifier, seen = [], set()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from huse.export.onnx_graph import producers_consumers
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 
@@ -167,8 +168,7 @@ class _Scope:
         self.parent = parent
         self.types: dict[str, int] = {}
         self.consts: dict[str, object] = {}  # name -> TensorProto (initializer or Constant value)
-        self.producers: dict[str, object] = {}
-        self.consumers: dict[str, list[tuple[object, int]]] = {}
+        self.producers, self.consumers = producers_consumers(graph)
         for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 self.types[vi.name] = vi.type.tensor_type.elem_type
@@ -176,11 +176,6 @@ class _Scope:
             self.types[init.name] = init.data_type
             self.consts[init.name] = init
         for node in graph.node:
-            for out in node.output:
-                self.producers[out] = node
-            for i, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((node, i))
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx_mod.AttributeProto.TENSOR:
@@ -270,13 +265,18 @@ def _check_qdq(onnx_mod, node, label: str, scope: _Scope) -> list[CompatIssue]:
     if not is_weight and not is_q:  # DQ(Q(constant weight)) -- the fake-quantized-weight pattern
         producer = scope.producer(src)
         is_weight = producer is not None and producer.op_type == "QuantizeLinear" and scope.const(producer.input[0]) is not None
-    if scale_size <= 1:
-        return issues
     if not is_weight:
-        issue(f"activation scale has {scale_size} values; TensorRT takes per-tensor activation scales")
+        if scale_size > 1:
+            issue(f"activation scale has {scale_size} values; TensorRT takes per-tensor activation scales")
         return issues
     weight = scope.const(src) if scope.const(src) is not None else scope.const(scope.producer(src).input[0])
     rank = len(weight.dims)
+    if scale_size <= 1:
+        # TensorRT runs it, but one scale for every output channel costs the accuracy huse's gates
+        # are set for: its int8 variants (and TensorRT's own Q/DQ guide) use per-channel weights.
+        if rank > 1 and weight.dims[0] > 1:
+            issue("per-tensor weight scale; huse's int8 form uses per-output-channel weight scales")
+        return issues
     axis = _attr(node, "axis", 1)
     axis = axis + rank if axis < 0 else axis
     expected = _output_channel_axis(node, scope, rank)
@@ -291,11 +291,13 @@ def _check_qdq(onnx_mod, node, label: str, scope: _Scope) -> list[CompatIssue]:
 def _output_channel_axis(node, scope: _Scope, rank: int) -> tuple[int, str] | None:
     """(axis, consumer op) of the weight's output channels, or None when no weight consumer is found."""
     tensor = node.output[0]
-    consumers = scope.consumers.get(tensor, [])
+    reads = [(c, tensor) for c in scope.consumers.get(tensor, [])]  # (consumer, the tensor it reads)
     if node.op_type == "QuantizeLinear":  # Q(weight) -> DQ -> consumer
-        consumers = [c for dq, _ in consumers if dq.op_type == "DequantizeLinear" for c in scope.consumers.get(dq.output[0], [])]
-    for consumer, index in consumers:
-        if _WEIGHT_INPUT.get(consumer.op_type) != index:
+        reads = [(c, dq.output[0]) for dq, _ in reads if dq.op_type == "DequantizeLinear"
+                 for c in scope.consumers.get(dq.output[0], [])]
+    for consumer, read in reads:
+        index = _WEIGHT_INPUT.get(consumer.op_type)
+        if index is None or len(consumer.input) <= index or consumer.input[index] != read:
             continue
         if consumer.op_type == "Conv":
             return 0, "Conv"
@@ -438,6 +440,15 @@ def check_trt_compat(model: "str | Path | onnx.ModelProto", trt_versions: tuple[
     issues.extend(_check_batch_axis(proto.graph, scope))
     _walk(onnx_mod, proto.graph, scope, tables, issues)
     return issues
+
+
+def qdq_issues(model: "str | Path | onnx.ModelProto") -> list[CompatIssue]:
+    """Only the opset and Q/DQ rules of `check_trt_compat`: what a quantiser's output must meet.
+
+    `huse.export.precision.quantize_int8` checks its own output with this, so the quantiser and
+    the compatibility check hold one copy of what TensorRT takes in a Q/DQ graph.
+    """
+    return [i for i in check_trt_compat(model) if i.rule in ("opset", "qdq")]
 
 
 def assert_trt_compat(model: "str | Path | onnx.ModelProto", trt_versions: tuple[str, ...] = ("10", "11")) -> None:

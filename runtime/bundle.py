@@ -47,15 +47,25 @@ def package_versions(*names: str) -> dict[str, str]:
     return out
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (write, fsync, rename)."""
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write a file so that a reader never sees half of it (write next to it, fsync, rename).
+
+    Args:
+        path: the target file.
+        data: bytes, or text (written as UTF-8).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a reader never sees a half-written file (`write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:

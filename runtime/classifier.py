@@ -82,8 +82,10 @@ class Classifier:
         self.manifest = load_manifest(self.bundle, verify=verify)
         m = self.manifest
         if precision not in m["models"]:
-            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. "
-                            f"Create them with `huse-export {self.bundle} --{precision}`")
+            made_by = {"fp16": "--fp16", "int8": "--int8", "int8-cpu": "--int8-cpu"}  # huse-export's variant flags
+            hint = (f"Create them with `huse-export {self.bundle} {made_by[precision]}`" if precision in made_by
+                    else f"precisions huse makes are {['fp32', *made_by]}")
+            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. {hint}")
         self.precision = precision
         self.labels: list[str] = m["labels"]
         self.hierarchy = Hierarchy(self.labels)
@@ -265,3 +267,25 @@ class Classifier:
         if idx:
             vectors[idx] = self._run(graph, make_feeds(idx))["embedding"]
         return Embeddings(vectors, errors)
+
+    # -- one stage at a time (what huse-bench times) -----------------------------------
+    def preprocess_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """The image graph's input for `images`: decoded, resized and normalised, stacked (N, 3, H, W).
+
+        Raises:
+            HuseError: an image cannot be read (naming it).
+        """
+        arrays, errors = self._images(images)
+        if errors:
+            raise HuseError(next(iter(errors.values())))
+        return np.stack([arrays[i] for i in range(len(images))])
+
+    def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one bundle graph ("image", "text" or "fused") on prepared feeds as one batch: the model
+        stage alone, without decoding, tokenising or post-processing. The runner loads on first use."""
+        return self._runner(graph).infer(feeds)
+
+    @property
+    def loaded_files(self) -> dict[str, Path]:
+        """Graph -> the model file its runner loaded (an ONNX file, or a TensorRT engine), for graphs run so far."""
+        return {graph: Path(r.path) for graph, r in self._runners.items()}

@@ -7,6 +7,7 @@ Subcommands from other stages (train, export, bench, data) are imported only whe
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -26,42 +27,75 @@ def run_cli(fn: Callable[[], None]) -> None:
         sys.exit(1)
 
 
-class LazyGroup(click.Group):
-    """A click group whose subcommands are imported when used (the click docs' LazyGroup)."""
+def _extra_line(name: str, extra: str, err: BaseException | None = None) -> str:
+    found = f" ({type(err).__name__}: {err})" if err is not None else ""
+    return f"`huse {name}` needs the {extra} extra{found}; pip install 'huse-edge[{extra}]'"
 
-    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported when used (the click docs' LazyGroup).
+
+    Each lazy command names the extra it needs and a module that extra installs. An ImportError
+    while loading or running the command (e.g. `huse train` without torch) becomes one line that
+    names the extra, exit code 1; `--help` still works and says when the extra is missing.
+
+    Args:
+        lazy: command name -> (module:attr, extra, module the extra installs or None, help).
+    """
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str, str | None, str]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lazy = lazy or {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(list(super().list_commands(ctx)) + list(self.lazy))
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.lazy:
-            target, help_text = self.lazy[name]
-            module, attr = target.split(":")
+    def get_command(self, ctx: click.Context | None, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        target, extra, probe, help_text = self.lazy[name]
+        module, attr = target.split(":")
+        try:
+            cmd = getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            if (e.name or "").startswith("huse"):  # our own module is missing: a bug, not an extra
+                raise
+
+            @click.command(name=name, help=f"{help_text}. {_extra_line(name, extra)}.", context_settings={"ignore_unknown_options": True})
+            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+            def cmd(args, _e=e):
+                click.echo(f"error: {_extra_line(name, extra, _e)}", err=True)
+                sys.exit(1)
+            return cmd
+        if probe is not None and not _installed(probe) and "not installed here" not in (cmd.help or ""):
+            cmd.help = f"{_extra_line(name, extra)} (not installed here: {probe} is missing).\n\n{cmd.help or ''}"
+        invoke = cmd.invoke
+
+        def guarded(ctx: click.Context):  # the stage imports its heavy modules only when it runs
             try:
-                return getattr(importlib.import_module(module), attr)
+                return invoke(ctx)
             except ImportError as e:
-                # The stage is not installed: a stub that says which extra brings it.
-                extra = module.split(".")[1]
-                @click.command(name=name, help=f"{help_text} (needs `pip install 'huse-edge[{extra}]'`)",
-                               context_settings={"ignore_unknown_options": True})
-                @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-                def missing(args, _e=e, _extra=extra):
-                    click.echo(f"error: `huse {name}` needs the {_extra} extra ({_e}); "
-                               f"pip install 'huse-edge[{_extra}]'", err=True)
-                    sys.exit(1)
-                return missing
-        return super().get_command(ctx, name)
+                if (e.name or "").startswith("huse"):
+                    raise
+                click.echo(f"error: {_extra_line(name, extra, e)}", err=True)
+                sys.exit(1)
+        cmd.invoke = guarded
+        return cmd
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, lazy={
-    "train": ("huse.train.cli:main", "Train a HUSE model"),
-    "export": ("huse.export.cli:main", "Export a run to an ONNX bundle"),
-    "bench": ("huse.benchmarks.cli:main", "Benchmark a bundle"),
-    "data": ("huse.train.cli:data", "Built-in datasets"),
-    "doctor": ("huse.benchmarks.doctor:main", "Check the environment; --gpu runs the GPU acceptance"),
+    "train": ("huse.train.cli:main", "train", "torch", "Train a HUSE model"),
+    "export": ("huse.export.cli:main", "export", "onnx", "Export a run to an ONNX bundle"),
+    "bench": ("huse.benchmarks.cli:main", "bench", "psutil", "Benchmark a bundle"),
+    "data": ("huse.train.cli:data", "train", None, "Built-in datasets"),  # Fashion-MNIST to PNGs: numpy + Pillow
+    "doctor": ("huse.runtime.doctor:main", "bench,export,trt", None, "Check the environment; --gpu runs the GPU acceptance"),
 })
 @click.option("-v", "--verbose", is_flag=True, help="Log backend choices and progress.")
 def main(verbose: bool) -> None:
@@ -349,6 +383,14 @@ def search(index, text, image, batch, target, prefix, k, out, bundle, threads, n
         if out:
             click.echo(f"{len(results)} queries -> {out}")
     run_cli(body)
+
+def _stage_entry(name: str) -> Callable[[], None]:
+    def entry() -> None:  # `huse-NAME ARGS` is `huse NAME ARGS`, with the same extra handling
+        main.get_command(None, name).main(prog_name=f"huse-{name}")
+    return entry
+
+
+train_main, export_main, bench_main = _stage_entry("train"), _stage_entry("export"), _stage_entry("bench")
 
 
 if __name__ == "__main__":

@@ -11,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from huse.benchmarks.machine import (
-    current_rss_mib,
-    gpu_memory_mib,
-    machine_info,
-    matmul_peak_flops,
-    peak_rss_mib,
-    reset_peak_rss,
-)
+from huse.benchmarks.machine import gpu_memory_mib, machine_info, matmul_peak_flops
 
 
 def test_machine_info_is_json_and_describes_this_process():
     info = machine_info()
     json.dumps(info)  # goes into the result file as is
-    assert info["cpu"]["logical_cores"] >= 1
+    assert info["cpu"]["logical_cores"] >= info["cpu"]["physical_cores"] >= 1
+    assert 0 < info["memory"]["available_mib"] <= info["memory"]["total_mib"]
     assert info["libraries"]["numpy"] == np.__version__
     assert info["python"]["executable"] == sys.executable
     assert set(info) >= {"cpu", "memory", "os", "libraries", "blas", "gpu", "threads_env"}
@@ -46,18 +40,6 @@ def test_machine_info_does_not_import_torch():
 def test_no_gpu_gives_none_not_an_error():
     assert gpu_memory_mib() is None
     assert machine_info()["gpu"] is None
-
-
-def test_peak_rss_sees_an_allocation_and_can_be_reset():
-    if not reset_peak_rss():
-        pytest.skip("this kernel does not allow resetting the peak RSS (/proc/self/clear_refs)")
-    before = peak_rss_mib()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    assert peak_rss_mib() >= before + 60
-    del block
-    assert reset_peak_rss()
-    assert peak_rss_mib() < before + 32
-    assert current_rss_mib() > 0
 
 
 def test_matmul_peak_flops_reports_a_consistent_rate():

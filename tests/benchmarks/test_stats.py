@@ -10,7 +10,6 @@ import pytest
 
 from huse.benchmarks.stats import (
     concurrent_throughput,
-    median_ci_halfwidth,
     repeat_summary,
     summarize,
     throughput,
@@ -58,23 +57,12 @@ def test_summarize_rejects_empty_samples():
         summarize([])
 
 
-def test_time_fn_stops_when_minimums_met_and_samples_are_stable():
-    # Every call takes exactly 1/8 s: after 1 s of timing (8 calls) and min_iters 5 the median's
-    # interval has zero width, so it stops there.
-    clock = FakeClock(lambda i: 0.125)
-    s = time_fn(clock.fn, warmup=3, min_iters=5, min_seconds=1.0, max_seconds=100, clock=clock)
-    assert len(s) == 8
-    assert np.all(s == 0.125)
-    assert clock.calls == 3 + 8  # warmup calls happen but are not returned
-
-
-def test_time_fn_keeps_going_while_noisy_until_max_seconds():
-    # Alternating 1/8 s and 1/2 s calls never give a tight median, so max_seconds must end it.
+def test_time_fn_stops_when_both_minimums_are_met_even_when_noisy():
+    # Alternating 1/8 s and 1/2 s calls: no stability rule, so it stops at min_seconds / min_iters.
     clock = FakeClock(lambda i: 0.125 if i % 2 else 0.5)
-    s = time_fn(clock.fn, warmup=0, min_iters=5, min_seconds=0.5, max_seconds=10.0, clock=clock)
-    assert clock.now >= 10.0
-    assert clock.now <= 10.0 + 0.5  # at most the call in flight overruns
-    assert len(s) > 5
+    s = time_fn(clock.fn, warmup=3, min_iters=4, min_seconds=2.0, max_seconds=100, clock=clock)
+    assert clock.calls == 3 + len(s)  # warmup calls happen but are not returned
+    assert len(s) >= 4 and 2.0 <= float(np.sum(s)) <= 2.5
 
 
 def test_time_fn_max_seconds_beats_min_iters_and_includes_warmup():
@@ -92,14 +80,9 @@ def test_time_fn_always_returns_a_sample():
     assert len(s) == 1 and s[0] == 5.0
 
 
-def test_time_fn_fixed_duration_mode_and_max_iters():
-    clock = FakeClock(lambda i: 0.125 if i % 2 else 0.5)
-    s = time_fn(clock.fn, warmup=0, min_iters=4, min_seconds=2.0, max_seconds=100, rel_ci=None,
-                clock=clock)
-    assert 2.0 <= clock.now <= 2.5 and len(s) >= 4  # stopped at min_seconds despite the noise
+def test_time_fn_max_iters():
     clock = FakeClock(lambda i: 0.125)
-    s = time_fn(clock.fn, warmup=0, min_iters=1, min_seconds=50, max_seconds=100, max_iters=7,
-                clock=clock)
+    s = time_fn(clock.fn, warmup=0, min_iters=1, min_seconds=50, max_seconds=100, max_iters=7, clock=clock)
     assert len(s) == 7
 
 
@@ -110,14 +93,6 @@ def test_time_fn_real_clock_respects_max_seconds():
     # Generous bound: the point is that min_seconds=30 did not win.
     assert time.perf_counter() - start < 5
     assert np.all(s >= 0.002)
-
-
-def test_median_ci_needs_enough_samples_and_shrinks_with_more():
-    rng = np.random.default_rng(0)
-    assert median_ci_halfwidth([1.0, 1.0]) == float("inf")
-    few = median_ci_halfwidth(1 + 0.1 * rng.random(20))
-    many = median_ci_halfwidth(1 + 0.1 * rng.random(2000))
-    assert many < few
 
 
 def test_repeat_summary_reports_relative_spread_of_medians():

@@ -133,7 +133,7 @@ def test_failed_gate_stops_the_export_and_keeps_nothing(tiny_bundle, tmp_path, m
 
 def test_engine_require_fails_clearly_without_a_gpu(tiny_bundle, tmp_path):
     from huse.export.api import ExportOptions, export
-    from huse.runtime.backends.trt.builder import engine_support
+    from huse.runtime.backends.trt.loader import engine_support
 
     if engine_support()[0]:
         pytest.skip("a GPU with TensorRT is present: the engine would be built")

@@ -15,6 +15,7 @@ pytest.importorskip("onnxconverter_common")
 
 import torch.nn.functional as F
 from huse.export import precision as P
+from huse.export.trt_compat import qdq_issues
 from huse.runtime.errors import HuseError
 from onnx import numpy_helper
 from torch import nn
@@ -223,7 +224,7 @@ def test_int8_graph_is_tensorrt_style_qdq(graphs, tmp_path):
         assert consts[n.input[1]].size == 1, n.name
     # Biases stay float: TensorRT's DequantizeLinear takes no int32 input.
     assert not any(a.dtype == np.int32 for a in consts.values())
-    assert info["quantized_nodes"] == 5 and P.trt_qdq_problems(m) == []
+    assert info["quantized_nodes"] == 5 and qdq_issues(m) == []
     assert info["size_ratio"] <= 0.35  # int8 weights; the bundle bar (30%) is for the real model
 
 
@@ -241,9 +242,9 @@ def test_trt_qdq_check_catches_asymmetric_and_per_tensor_weights():
         [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
          numpy_helper.from_array(np.array(128, np.uint8), "zp_u8"),
          numpy_helper.from_array(np.array(0, np.int8), "zp_i8")])
-    problems = P.trt_qdq_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert any(p.startswith("q_x: zero point uint8") for p in problems)
-    assert any(p.startswith("dq_w: per-tensor weight scale") for p in problems)
+    problems = {(i.node, i.why) for i in qdq_issues(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))}
+    assert any(node == "q_x" and "UINT8" in why for node, why in problems)
+    assert any(node == "dq_w" and why.startswith("per-tensor weight scale") for node, why in problems)
 
 
 def test_int8_text_graph_leaves_the_embedding_lookup_alone(graphs, tmp_path):
@@ -431,7 +432,7 @@ def test_int8_cpu_graph_has_uint8_activations_and_stays_close(graphs, tmp_path):
     assert [w.shape for w in consts_dq if w.dtype == np.int8] == [(16, 3, 3, 3), (32, 16, 3, 3)]  # the 2 Convs
     assert all(w.dtype in (np.int8, np.int32) for w in consts_dq)  # int32: the Convs' biases; the Gemms stay float
     assert info["quantized_node_names"] and info["activations"] == "uint8, asymmetric"
-    assert any("zero point uint8" in p for p in P.trt_qdq_problems(m))  # not a graph for TensorRT
+    assert any("UINT8" in i.why for i in qdq_issues(m))  # not a graph for TensorRT
     x = _images(64, 99)
     ref, out = _run(graphs["image"], {"image": x}), _run(info["path"], {"image": x})
     assert np.abs(out["embedding"] - ref["embedding"]).max() < 0.1

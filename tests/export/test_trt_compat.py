@@ -296,3 +296,34 @@ def test_onnxruntime_qdq_needs_quantize_bias_false(tmp_path):
     default = check_trt_compat(quantize({}))
     assert default and all(i.rule == "qdq" and "INT32" in i.why for i in default)
     assert check_trt_compat(quantize({"QuantizeBias": False})) == []
+
+
+def test_unused_opset_domains_are_stripped_and_used_ones_kept():
+    from huse.export.onnx_graph import strip_unused_opsets
+
+    m = image_tower()
+    m.graph.node.append(h.make_node("Gelu", ["logits"], ["gelu_out"], name="ms_gelu", domain="com.microsoft"))
+    for domain in ("com.microsoft.nchwc", "org.pytorch.aten", "ai.onnx.training", "com.microsoft"):
+        m.opset_import.append(h.make_opsetid(domain, 1))
+    assert strip_unused_opsets(m) == ["ai.onnx.training", "com.microsoft.nchwc", "org.pytorch.aten"]
+    assert sorted(o.domain for o in m.opset_import) == ["", "com.microsoft"]  # used by ms_gelu; default stays
+    assert strip_unused_opsets(m) == []
+
+
+def test_producers_consumers_reads_each_node_once():
+    from huse.export.onnx_graph import producers_consumers
+
+    graph = h.make_graph([h.make_node("Mul", ["x", "x"], ["sq"], name="sq"), h.make_node("Relu", ["sq"], ["y"], name="r")],
+                         "g", [h.make_tensor_value_info("x", T.FLOAT, [1])], [h.make_tensor_value_info("y", T.FLOAT, [1])])
+    producers, consumers = producers_consumers(graph)
+    assert producers["sq"].name == "sq" and producers["y"].name == "r" and "x" not in producers
+    assert [n.name for n in consumers["x"]] == ["sq"] and [n.name for n in consumers["sq"]] == ["r"]
+
+
+def test_exported_bundle_graphs_import_only_the_domains_they_use(tiny_bundle):
+    """onnxruntime's optimiser declares com.microsoft.nchwc & co.; the exported files must not."""
+    for path in sorted(tiny_bundle.rglob("*.onnx")):
+        m = onnx.load(str(path), load_external_data=False)
+        used = {n.domain or "" for n in m.graph.node} | {""}
+        declared = {o.domain if o.domain != "ai.onnx" else "" for o in m.opset_import}
+        assert declared <= used, (path.name, sorted(declared - used))

@@ -8,18 +8,15 @@ import shutil
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from huse.runtime.backends.trt.gpu import gpu_status
-from huse.runtime.backends.trt.runner import (
-    TrtRunner,
-    engine_cache_path,
-    load_or_build,
-    make_cuda_binding,
-    sidecar_path,
-)
+from huse.runtime.backends.trt import loader
+from huse.runtime.backends.trt.gpu import Cuda, gpu_status
+from huse.runtime.backends.trt.loader import engine_cache_path, load_or_build, sidecar_path
+from huse.runtime.backends.trt.runner import TrtRunner
 from huse.runtime.errors import HuseError
 
 # Parity tolerance by precision, stated next to it (torch2trt's habit). Only fp32 is built here.
@@ -31,9 +28,9 @@ TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 
 def _can_build() -> tuple[bool, str]:
     try:
-        from huse.runtime.backends.trt.builder import engine_support
+        from huse.runtime.backends.trt.loader import engine_support
     except Exception as e:  # the [export] extra is missing
-        return False, f"huse.runtime.backends.trt.builder unavailable ({e})"
+        return False, f"huse.runtime.backends.trt.loader unavailable ({e})"
     return engine_support()
 
 
@@ -52,8 +49,8 @@ def test_runner_without_tensorrt_names_the_trt_extra(tmp_path):
 
 def test_runner_modules_import_no_heavy_dependency():
     code = (
-        "import sys, huse.runtime.backends.trt.runner, huse.runtime.backends.trt.gpu\n"
-        "heavy = ['tensorrt', 'cuda', 'pycuda', 'onnx', 'onnxruntime', 'torch']\n"
+        "import sys, huse.runtime.backends.trt.runner, huse.runtime.backends.trt.loader, huse.runtime.backends.trt.gpu\n"
+        "heavy = ['tensorrt', 'cuda', 'polygraphy', 'onnx', 'onnxruntime', 'torch']\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -91,20 +88,25 @@ def test_engine_cache_path_changes_with_every_key_part(tmp_path):
     assert engine_cache_path(tmp_path, **{**base, "profile": mapping}) not in paths
 
 
-def test_unknown_cuda_binding_lists_the_known_ones():
-    with pytest.raises(HuseError, match=r"known bindings are \['auto', 'cuda-python', 'pycuda'\]"):
-        make_cuda_binding("cupy")
-
-
-def test_cuda_python_results_of_an_unexpected_length_are_refused():
+def test_cuda_results_of_an_unexpected_length_are_refused():
     """cuda-python 11 returns three values from cudaGraphInstantiate; that must not become a None graph."""
-    from huse.runtime.backends.trt.runner import _CudaPython
-
-    cuda = _CudaPython(cudart=None, device=0)  # success codes never reach the bindings
-    assert cuda._call("cudaMalloc", (0, 1234)) == 1234
-    assert cuda._call("cudaFree", (0,)) is None
+    cuda = Cuda.__new__(Cuda)  # the result check only: success codes never reach a driver
+    cuda.device, cuda.rt = 0, SimpleNamespace(cudaMalloc=lambda n: (0, 1234), cudaFree=lambda p: (0,),
+                                              cudaGraphInstantiate=lambda g, f: (0, object(), b""))
+    assert cuda("cudaMalloc", 8) == 1234
+    assert cuda("cudaFree", 1234) is None
     with pytest.raises(HuseError, match="cudaGraphInstantiate returned 2 values; huse needs cuda-python 12"):
-        cuda._call("cudaGraphInstantiate", (0, object(), b""))
+        cuda("cudaGraphInstantiate", None, 0)
+
+
+def test_runner_is_refused_before_activation(tmp_path):
+    """Every runner's infer checks that it is active (BaseRunner's template method)."""
+    from huse.runtime.backends.base import BaseRunner
+    from huse.runtime.backends.onnxrt.runner import OnnxrtRunner
+
+    for runner in (OnnxrtRunner(tmp_path / "m.onnx"), BaseRunner(tmp_path / "m.engine")):
+        with pytest.raises(HuseError, match="is not active"):
+            runner.infer({"x": np.zeros(1, np.float32)})
 
 
 @pytest.mark.skipif(CAN_BUILD, reason="TensorRT and a GPU are present")
@@ -172,13 +174,11 @@ def built(tmp_path_factory):
     import onnx
     import onnxruntime as ort
 
-    from huse.runtime.backends.trt.builder import build_engine
-
     root = tmp_path_factory.mktemp("trt")
     onnx_path = root / "fused.onnx"
     onnx.save(fused_model(), onnx_path)
     engine_path = root / "fused.fp32.engine"
-    entry = build_engine(onnx_path, engine_path, batch=(1, 4, 8))
+    entry = loader.build_engine(onnx_path, engine_path, precision="fp32", batch=(1, 4, 8))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return onnx_path, engine_path, entry, session
 
@@ -264,19 +264,19 @@ def test_engine_from_another_tensorrt_is_refused(built, tmp_path):
 
 @pytest.mark.gpu
 @needs_trt_gpu
-def test_load_or_build_builds_once_then_reuses(built, tmp_path):
-    from huse.runtime.backends.trt.builder import build_engine
-
+def test_load_or_build_builds_once_then_reuses(built, tmp_path, monkeypatch):
     onnx_path, _, _, session = built
     calls = []
+    build_engine = loader.build_engine
 
     def counting_build(*args, **kwargs):
         calls.append(args)
         return build_engine(*args, **kwargs)
 
+    monkeypatch.setattr(loader, "build_engine", counting_build)
     cache = tmp_path / "cache"
-    first_path, first_entry = load_or_build(onnx_path, cache, precision="fp32", batch=(1, 2, 4), build=counting_build)
-    again_path, again_entry = load_or_build(onnx_path, cache, precision="fp32", batch=(1, 2, 4), build=counting_build)
+    first_path, first_entry = load_or_build(onnx_path, cache, precision="fp32", batch=(1, 2, 4))
+    again_path, again_entry = load_or_build(onnx_path, cache, precision="fp32", batch=(1, 2, 4))
     assert len(calls) == 1 and first_path == again_path and first_entry == again_entry
     with TrtRunner(again_path, manifest_entry=again_entry) as runner:
         feed = make_feed(2, seed=7)

@@ -11,6 +11,8 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.errors import HuseError
 
+__all__ = ["OnnxrtRunner", "cuda_provider_status"]
+
 
 # A one-node ONNX model (Identity on a float[1], opset 13, IR 7): enough to ask onnxruntime
 # whether its CUDA provider really starts, without shipping the `onnx` package in the runtime.
@@ -79,7 +81,7 @@ class OnnxrtRunner(BaseRunner):
         self.spinning = spinning
         self.session = None
 
-    def activate(self) -> None:
+    def activate_impl(self) -> None:
         ort = lazy_import("onnxruntime", "ort")
         opts = ort.SessionOptions()
         # Full graph optimisation: ORT_DISABLE_ALL is 2-3x slower on these models.
@@ -105,11 +107,9 @@ class OnnxrtRunner(BaseRunner):
             raise HuseError(f"onnxruntime could not start its CUDA provider for {self.path} "
                             f"(providers in use: {session.get_providers()}); {CUDA_HINT}")
         self.session = session
-        super().activate()
 
-    def deactivate(self) -> None:
+    def deactivate_impl(self) -> None:
         self.session = None
-        super().deactivate()
 
     @property
     def input_names(self) -> list[str]:
@@ -119,6 +119,6 @@ class OnnxrtRunner(BaseRunner):
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session.run(None, feed)
         return dict(zip(self.output_names, outputs))

@@ -1,7 +1,6 @@
-"""`huse doctor [--gpu BUNDLE]`: check the environment; on a GPU or Jetson, run the acceptance once.
+"""The one-time GPU acceptance behind `huse doctor --gpu BUNDLE` (on an NVIDIA GPU or a Jetson).
 
-Without --gpu it reports what this machine can run (backends, GPU, TensorRT, CUDA bindings).
-With --gpu BUNDLE it builds FP32/FP16/INT8 engines from the bundle's ONNX, compares each with
+It builds FP32/FP16/INT8 engines from the bundle's ONNX, compares each with
 onnxruntime on held-out products through Polygraphy (max abs difference, top-1 agreement),
 runs the gpu-marked tests and a TensorRT latency measurement, and writes one JSON report.
 On a machine without a usable GPU it says why and exits 1: it never reports a GPU result it
@@ -10,56 +9,39 @@ did not measure.
 
 from __future__ import annotations
 
-import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
-from huse.runtime.cli import run_cli
 from huse.runtime.errors import HuseError
 
-
-def environment() -> dict[str, Any]:
-    """What this machine has, for each backend, with the reason when something is missing."""
-    from huse.runtime.backends import resolve_backend
-    from huse.runtime.backends.trt.builder import engine_support
-    from huse.runtime.backends.trt.gpu import gpu_status
-
-    usable, reason, info = gpu_status()
-    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
-                           "jetson": Path("/etc/nv_tegra_release").exists(), "gpu": {"usable": usable, "reason": reason, **info}}
-    try:
-        import onnxruntime as ort
-
-        from huse.runtime.backends.onnxrt.runner import cuda_provider_status
-
-        cuda_ok, cuda_why = cuda_provider_status()
-        env["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers(),
-                              "cuda": {"usable": cuda_ok, "reason": cuda_why}}
-    except ImportError as e:
-        env["onnxruntime"] = {"error": f"{e}; pip install 'huse-edge[ort]'"}
-    ok, why = engine_support()
-    env["tensorrt_build"] = {"supported": ok, "reason": why}
-    backend, device, why = resolve_backend("auto")
-    env["auto_backend"] = {"backend": backend, "device": device, "reason": why}
-    return env
+__all__ = ["gpu_acceptance"]
 
 
-def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000) -> dict[str, Any]:
-    """Engines for every precision, Polygraphy comparison with onnxruntime, gpu tests, latency."""
+def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000, environment: dict | None = None) -> dict[str, Any]:
+    """Engines for every precision, Polygraphy comparison with onnxruntime, gpu tests, latency.
+
+    Args:
+        bundle: the bundle directory.
+        out_dir: where engines, the timing cache and the benchmark result go.
+        eval_size: held-out products for the comparison.
+        environment: `huse.runtime.doctor.environment()` as already read, recorded in the report.
+    Returns:
+        The report dict (`huse doctor --gpu` writes it as report.json).
+    Raises:
+        HuseError: no usable GPU and TensorRT here (with the reason).
+    """
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator
 
     from huse.export.api import EvalData
-    from huse.runtime.backends.trt.builder import build_engine, engine_support
+    from huse.runtime.backends.trt.loader import build_engine, engine_support
     from huse.runtime.bundle import load_manifest
     from huse.runtime.preprocess import ImageSpec
     from huse.runtime.tokenizer import load_tokenizer
@@ -70,7 +52,11 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000) -> dict[s
     m = load_manifest(bundle)
     data = EvalData(m["data"], "test", eval_size, ImageSpec.from_dict(m["preprocessing"]),
                     load_tokenizer(m["tokenizer"], bundle), m["labels"])
-    report: dict[str, Any] = {"bundle": str(bundle), "environment": environment(), "engines": [], "comparisons": []}
+    if environment is None:
+        from huse.runtime.doctor import environment as read_environment
+
+        environment = read_environment()
+    report: dict[str, Any] = {"bundle": str(bundle), "environment": environment, "engines": [], "comparisons": []}
     for precision, models in sorted(m["models"].items()):
         for graph, onnx_file in models.items():
             engine = out_dir / f"{precision}-{graph}.engine"
@@ -102,30 +88,3 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000) -> dict[s
                             "--batches", "1,8,64", "--no-cold-start"], capture_output=True, text=True)
     report["benchmark"] = {"returncode": bench.returncode, "result": str(out_dir / "bench" / "result.json")}
     return report
-
-
-@click.command()
-@click.option("--gpu", "bundle", type=click.Path(exists=True, file_okay=False),
-              help="Run the GPU acceptance on this bundle (needs an NVIDIA GPU or Jetson with TensorRT).")
-@click.option("--out", default="gpu-acceptance", type=click.Path(file_okay=False), show_default=True)
-@click.option("--eval-size", default=1000, show_default=True)
-def main(bundle, out, eval_size) -> None:
-    """Check this machine; with --gpu BUNDLE, run the one-time GPU acceptance and write a report."""
-    def body():
-        env = environment()
-        click.echo(json.dumps(env, indent=1))
-        if bundle is None:
-            return
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        report = gpu_acceptance(Path(bundle), out_dir, eval_size)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-        for c in report["comparisons"]:
-            click.echo(f"{c['precision']:5} {c['graph']:6} max|trt-ort| {c['max_abs_diff']:.3g}  "
-                       f"top-1 agreement {100 * c['top1_agreement']:.2f}%  top-1 {100 * c['top1_tensorrt']:.2f}%")
-        click.echo(f"report: {out_dir / 'report.json'}")
-    run_cli(body)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,9 @@
 """Which text encoder should be the default? Word CNN (trained) vs MiniLM (pretrained, frozen).
 
-    python -m huse.benchmarks.text_encoders --out bench-results/text_encoders.json
+    python benchmarks/experiments/text_encoders.py --out benchmarks/results/cpu-2core/text_encoders.json
+
+A one-off experiment (it decided the default text encoder), kept outside the installed package
+so its committed result stays reproducible.
 
 Trains HUSE twice on the same fashion-products subset (same image side: the tiny CNN, so the
 comparison is about text), exports both, and measures on held-out products: text-only top-1
@@ -53,7 +56,7 @@ def compare_encoders(train_size: int = 10000, val_size: int = 2000, test_size: i
             for enc, clf in clfs.items():
                 batch_titles = titles[:batch]
                 samples[enc].append(stats.time_fn(lambda: clf.classify(titles=batch_titles, mode="text"), warmup=2,
-                                                  min_iters=3, max_seconds=2.0, rel_ci=None))
+                                                  min_iters=3, max_seconds=2.0))
         for enc in clfs:
             out["encoders"][enc]["latency_ms"][str(batch)] = {
                 **stats.summarize(np.concatenate(samples[enc]), scale=1e3),

@@ -1,0 +1,75 @@
+"""`huse doctor [--gpu BUNDLE]`: what this machine can run, and why the rest cannot.
+
+Without --gpu it reports the backends, the GPU, TensorRT and the CUDA binding, each with the
+reason when something is missing; it needs only the core install. With --gpu BUNDLE it runs the
+one-time GPU acceptance (`huse.benchmarks.acceptance`: engines for every precision, Polygraphy
+parity with onnxruntime, the gpu-marked tests, a latency run) and writes one JSON report. On a
+machine without a usable GPU it says why and exits 1: it never reports a GPU result it did not measure.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import click
+
+from huse.runtime._lazy import lazy_import
+from huse.runtime.cli import run_cli
+
+__all__ = ["environment", "main"]
+
+
+def environment() -> dict[str, Any]:
+    """What this machine has, for each backend, with the reason when something is missing."""
+    from huse.runtime.backends import resolve_backend
+    from huse.runtime.backends.onnxrt.runner import cuda_provider_status
+    from huse.runtime.backends.trt.gpu import gpu_status
+    from huse.runtime.backends.trt.loader import engine_support
+
+    usable, reason, info = gpu_status()
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
+                           "jetson": Path("/etc/nv_tegra_release").exists(), "gpu": {"usable": usable, "reason": reason, **info}}
+    try:
+        import onnxruntime as ort
+
+        cuda_ok, cuda_why = cuda_provider_status()
+        env["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers(),
+                              "cuda": {"usable": cuda_ok, "reason": cuda_why}}
+    except ImportError as e:
+        env["onnxruntime"] = {"error": f"{e}; pip install 'huse-edge[ort]'"}
+    ok, why = engine_support()
+    env["tensorrt_build"] = {"supported": ok, "reason": why}
+    backend, device, why = resolve_backend("auto")
+    env["auto_backend"] = {"backend": backend, "device": device, "reason": why}
+    return env
+
+
+@click.command()
+@click.option("--gpu", "bundle", type=click.Path(exists=True, file_okay=False),
+              help="Run the GPU acceptance on this bundle (needs an NVIDIA GPU or Jetson with TensorRT).")
+@click.option("--out", default="gpu-acceptance", type=click.Path(file_okay=False), show_default=True)
+@click.option("--eval-size", default=1000, show_default=True)
+def main(bundle, out, eval_size) -> None:
+    """Check this machine; with --gpu BUNDLE, run the one-time GPU acceptance and write a report."""
+    def body():
+        env = environment()
+        click.echo(json.dumps(env, indent=1))
+        if bundle is None:
+            return
+        acceptance = lazy_import("huse.benchmarks.acceptance", "bench,export,trt")
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        report = acceptance.gpu_acceptance(Path(bundle), out_dir, eval_size, env)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+        for c in report["comparisons"]:
+            click.echo(f"{c['precision']:5} {c['graph']:6} max|trt-ort| {c['max_abs_diff']:.3g}  "
+                       f"top-1 agreement {100 * c['top1_agreement']:.2f}%  top-1 {100 * c['top1_tensorrt']:.2f}%")
+        click.echo(f"report: {out_dir / 'report.json'}")
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()
