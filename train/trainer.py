@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from huse.runtime.bundle import package_versions, write_json_atomic
+from huse.runtime.bundle import package_versions, write_atomic, write_json_atomic
 from huse.runtime.classifier import temperature_scale
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
@@ -71,12 +70,8 @@ class TrainConfig:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors so that a killed run never leaves a broken file (write + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write safetensors so that a killed run never leaves a broken file (huse.runtime.bundle.write_atomic)."""
+    write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def versions() -> dict[str, str]:

@@ -119,7 +119,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_catalog, tmp_p
     def killed(*a, **k):
         raise KeyboardInterrupt  # the process dies while writing the next checkpoint
 
-    monkeypatch.setattr(trainer_mod, "save_file", killed)
+    monkeypatch.setattr(trainer_mod, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         mk(2, True).fit(progress=False)
     monkeypatch.undo()
