@@ -82,18 +82,23 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--show", default=0, help="Also print the first N predictions.")
-def classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the bundle unless its manifest is signed by one.")
+def classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show, trusted_keys) -> None:
     """Classify every product in a catalog file with a bundle; bad rows are reported, never dropped."""
-    run_cli(lambda: _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show))
+    run_cli(lambda: _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show,
+                              trusted_keys))
 
 
-def _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show=0) -> None:
+def _classify(bundle, data, images, out, mode, top_k, backend, precision, batch_size, threads, show=0,
+              trusted_keys=()) -> None:
     from huse.runtime.catalog import read_catalog
     from huse.runtime.classifier import Classifier
     from huse.runtime.hierarchy import canonical
 
     records = read_catalog(data, images)
-    clf = Classifier(bundle, backend=backend, precision=precision, batch_size=batch_size, threads=threads)
+    clf = Classifier(bundle, backend=backend, precision=precision, batch_size=batch_size, threads=threads,
+                     trusted_keys=list(trusted_keys) or None)
     n_err = n_known = n_right = 0
     with clf, open(out, "w", encoding="utf-8") as f:
         for s in range(0, len(records), 1024):  # chunks bound memory on million-row catalogs
@@ -128,6 +133,20 @@ def _describe_row(row: dict, truth: str | None) -> str:
     best = row["top_k"][0]
     path = " > ".join(f"{p['label'].split('<')[-1]} {p['score']:.2f}" for p in row["path"])
     return f"{head} -> {best['label']} ({best['score']:.2f}, {row['mode']}) [{path}]" + (f"  truth: {truth}" if truth else "")
+
+
+@main.command()
+@click.argument("stem", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing keypair.")
+def keygen(stem, force) -> None:
+    """Write an Ed25519 keypair STEM.key (private, 0600) + STEM.pub for signed bundles."""
+    def body():
+        from huse.runtime.signing import write_keypair
+
+        priv, pub = write_keypair(stem, force=force)
+        click.echo(f"wrote {priv} (private: keep it on the build machine; `huse-export BUNDLE --sign {priv}`) "
+                   f"and {pub} (public: give it to devices; `huse classify --trusted-key {pub}`)")
+    run_cli(body)
 
 
 @main.command()

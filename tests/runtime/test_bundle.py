@@ -27,8 +27,19 @@ def bundle(tmp_path):
     (folder / "vocab.json").write_text('["red", "shirt"]')
     (folder / "fp32" / "fused.onnx").write_bytes(bytes(range(256)) * 10)
     (folder / "engines" / "orin" / "fused.plan").write_bytes(b"\x00engine")
-    write_manifest(folder, {"labels": ["a<b", "c"], "models": {"fp32": {"fused": "fp32/fused.onnx"}}})
+    write_manifest(folder, _fields())
     return folder
+
+
+def _fields(**change):
+    """The manifest fields the runtime relies on (what export writes), with `change` applied."""
+    m = {"labels": ["a<b", "c"], "embedding_dim": 8,
+         "preprocessing": {"size": [4, 4], "mean": [0.5] * 3, "std": [0.5] * 3},
+         "tokenizer": {"type": "word", "vocab_file": "vocab.json", "max_len": 4},
+         "fusion": {"image_weight": 0.5}, "models": {"fp32": {"fused": "fp32/fused.onnx"}},
+         "engines": [{"file": "engines/orin/fused.plan", "graph": "fused", "precision": "fp32"}]}
+    m.update(change)
+    return m
 
 
 def test_write_manifest_hashes_every_file_including_nested(bundle):
@@ -42,7 +53,7 @@ def test_write_manifest_hashes_every_file_including_nested(bundle):
 
 
 def test_write_manifest_returns_what_it_wrote(bundle):
-    returned = write_manifest(bundle, {"labels": ["x"]})
+    returned = write_manifest(bundle, _fields(labels=["x"]))
     assert returned == json.loads((bundle / MANIFEST).read_text())
     assert MANIFEST not in returned["files"]  # the manifest does not hash itself
 
