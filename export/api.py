@@ -149,11 +149,33 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     return load_manifest(tmp)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle `tmp` into place at `out` (replacing an old one only now)."""
+    """Put the finished bundle `tmp` in place at `out`, replacing an old one only now.
+
+    The old and new folders are swapped atomically where the kernel can (so `out` always holds
+    a complete bundle); elsewhere there is a moment between two renames when `out` is absent
+    and the old bundle sits at OUT.old-PID."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old bundle
+        return
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
+    out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
 

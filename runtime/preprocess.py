@@ -26,6 +26,7 @@ Documented normalisations of awkward inputs (each item either normalises or fail
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -130,7 +131,7 @@ def confine_path(base: str | Path, path: str | Path) -> Path:
     return Path(base) / text
 
 
-def _open(source: ImageInput, max_pixels: int) -> Image.Image:
+def _open(source: ImageInput, max_pixels: int, stack: contextlib.ExitStack) -> Image.Image:
     if not isinstance(source, (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
         raise HuseError(f"an image must be a file path, encoded bytes, a PIL image or a uint8 array; "
                         f"got {type(source).__name__}")
@@ -141,11 +142,12 @@ def _open(source: ImageInput, max_pixels: int) -> Image.Image:
             raise HuseError(f"array image must be uint8 HxW, HxWx1, HxWx3 or HxWx4; got {source.dtype} {source.shape}")
         arr = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
         return Image.fromarray(arr)
-    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else None
-    fp = io.BytesIO(data) if data is not None else str(source)
-    if data is None and not Path(source).is_file():
-        raise HuseError(f"image file {source} does not exist")
-    return Image.open(fp)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(source)))
+    if not Path(source).is_file():
+        raise HuseError(f"image file {source} {'is not a file' if Path(source).exists() else 'does not exist'}")
+    # Our own file object, closed when decoding ends: Pillow keeps multi-frame files open otherwise.
+    return Image.open(stack.enter_context(open(source, "rb")))
 
 
 # warnings.catch_warnings changes process-wide state; decodes that record warnings take turns.
@@ -178,6 +180,8 @@ def decode_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, max_b
             return _decode(source, name, max_pixels, max_bytes, draft_size)
         finally:
             for w in caught:
+                if issubclass(w.category, (ResourceWarning, DeprecationWarning)):
+                    continue  # about Python or Pillow, not about the image
                 text = f"image {name}: {w.category.__name__}: {w.message}"
                 if text not in warnings_out:
                     warnings_out.append(text)
@@ -186,30 +190,38 @@ def decode_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, max_b
 def _decode(source: ImageInput, name: str, max_pixels: int, max_bytes: int,
             draft_size: tuple[int, int] | None) -> Image.Image:
     try:
-        img = _open(source, max_pixels)
-        w, h = img.size
-        if w == 0 or h == 0:
-            raise HuseError("it has zero size")
-        if w * h > max_pixels:
-            raise HuseError(f"it has {w}x{h} = {w * h} pixels, over the cap of {max_pixels}; "
-                            "resize it first or raise max_pixels")
-        if draft_size and img.format == "JPEG":
-            side = max(draft_size)  # both sides, so an EXIF rotation still leaves enough pixels
-            img.draft(None, (side, side))
-        w, h = img.size
-        need = w * h * (_DECODE_BYTES.get(img.mode, 4) + _CONVERT_BYTES.get(img.mode, 3))
-        if need > max_bytes:
-            raise HuseError(f"decoding it ({w}x{h}, mode {img.mode}) would take about {need / 2**20:.0f} MiB, over "
-                            f"the cap of {max_bytes / 2**20:.0f} MiB; resize it first or raise max_bytes")
-        img.load()
-        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
-            img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        with contextlib.ExitStack() as stack:
+            return _decode_open(source, max_pixels, max_bytes, draft_size, stack)
     except HuseError as e:
         raise HuseError(f"image {name}: {e}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise HuseError(f"image {name} could not be decoded ({type(e).__name__}: {e}); "
                         "check that the file is a complete JPEG/PNG/WebP image") from None
+
+
+def _decode_open(source: ImageInput, max_pixels: int, max_bytes: int, draft_size: tuple[int, int] | None,
+                 stack: contextlib.ExitStack) -> Image.Image:
+    img = _open(source, max_pixels, stack)
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise HuseError("it has zero size")
+    if w * h > max_pixels:
+        raise HuseError(f"it has {w}x{h} = {w * h} pixels, over the cap of {max_pixels}; "
+                        "resize it first or raise max_pixels")
+    if draft_size and img.format == "JPEG":
+        side = max(draft_size)  # both sides, so an EXIF rotation still leaves enough pixels
+        img.draft(None, (side, side))
+    w, h = img.size
+    need = w * h * (_DECODE_BYTES.get(img.mode, 4) + _CONVERT_BYTES.get(img.mode, 3))
+    if need > max_bytes:
+        raise HuseError(f"decoding it ({w}x{h}, mode {img.mode}) would take about {need / 2**20:.0f} MiB, over "
+                        f"the cap of {max_bytes / 2**20:.0f} MiB; resize it first or raise max_bytes")
+    img.load()
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
