@@ -225,7 +225,11 @@ class Classifier:
             One dict per item, in input order: {"index", "mode", "top_k": [{"label", "score"}],
             "path": [{"level", "label", "score"}]} — or {"index", "error"} for an item that
             could not be classified; an item whose image failed but whose title is usable is
-            classified by its title with a "warning".
+            classified by its title with a "warning", and an image Pillow warned about (corrupt
+            EXIF, ...) is classified with a "warning" naming the file.
+        Raises:
+            HuseError: for the call as a whole: a lone string/path instead of a list, top_k not a
+                positive integer, unequal lengths, an unknown mode.
         """
         if mode not in MODES:
             raise HuseError(f"mode {mode!r} is not one of {list(MODES)}")
