@@ -6,12 +6,18 @@
 3. a static TensorRT-compatibility check of every graph;
 4. TensorRT engines where TensorRT and a GPU are usable (skipped with the reason elsewhere);
 5. manifest.json with labels, hierarchy, preprocessing, tokenizer, fusion weight, accuracy,
-   tool versions and the sha256 of every file.
+   tool versions and the sha256 of every file (signed with Ed25519 by `sign`).
+
+Nothing half-made is ever left under the bundle's name: a new bundle (from a run, or a copy to
+another --out) is built in OUT.partial and renamed into place when complete, so a failed gate or
+a kill leaves no bundle; precisions added to an existing bundle replace its manifest last
+(export/finish.py), so it stays valid until then.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ class ExportOptions:
     workspace_mib: int | None = None
     dla_core: int | None = None
     force: bool = False
+    sign: str | Path | None = None  # Ed25519 private key (PEM) to sign manifest.json with
     parity_atol: float = PARITY_ATOL
     say: Callable[[str], None] = field(default=print, repr=False)
 
@@ -92,13 +99,13 @@ def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> np
 # fp32 bundle from a training run
 
 
-def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
-    """Export the run's model into a new bundle directory (written to OUT.partial, then renamed)."""
+def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
+    """Export the run's model into the new bundle directory `tmp` (the caller renames it into place)."""
+    from huse.export.finish import stamp_labels
     from huse.export.graphs import check_parity, export_onnx, graph_specs, optimize_onnx
     from huse.train.trainer import load_run
 
     model, cfg = load_run(run)
-    tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     spec = ImageSpec.from_dict(cfg["preprocessing"])
@@ -115,6 +122,7 @@ def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
         feeds.append({k: v[:7] for k, v in feeds[0].items()})  # an odd batch proves the dynamic axis
         export_onnx(g["module"], feeds[0], g["inputs"], g["outputs"], path)
         optimize_onnx(path)  # the graph that is verified is the graph that ships
+        stamp_labels(path, cfg["labels"])
         parity[name] = check_parity(g["module"], path, feeds, g["inputs"], g["outputs"], opts.parity_atol)
         opts.say(f"  {name}.onnx: max |onnxruntime - torch| = {parity[name]:.2e} on {len(data)} real {split} products "
                  f"(limit {opts.parity_atol:g})")
@@ -141,10 +149,38 @@ def export_fp32(run: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
                                      "onnxconverter-common", "numpy", "tensorrt"),
     }
     write_manifest(tmp, manifest)
-    if out.exists():
-        shutil.rmtree(out)
+    return load_manifest(tmp)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the finished bundle `tmp` in place at `out`, replacing an old one only now.
+
+    The old and new folders are swapped atomically where the kernel can (so `out` always holds
+    a complete bundle); elsewhere there is a moment between two renames when `out` is absent
+    and the old bundle sits at OUT.old-PID."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old bundle
+        return
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    out.rename(old)
     tmp.rename(out)
-    return load_manifest(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_metrics(run: Path) -> dict[str, Any]:
@@ -171,16 +207,25 @@ def export(src: str | Path, out: str | Path | None = None, opts: ExportOptions |
     Raises:
         HuseError: parity, accuracy gate, compatibility or engine failures, with the figures.
     """
+    from huse.export.finish import finish_bundle
+
     opts = opts or ExportOptions()
     src = Path(src)
+    if opts.sign is not None:  # a bad key fails now, not after minutes of export
+        from huse.runtime.signing import check_signing_key
+
+        check_signing_key(opts.sign)
     if (src / MANIFEST).is_file():
         bundle = Path(out) if out else src
-        if bundle != src:
-            if bundle.exists() and not opts.force:
-                raise HuseError(f"{bundle} exists; pass --force to replace it")
-            shutil.rmtree(bundle, ignore_errors=True)
-            shutil.copytree(src, bundle)
-        manifest = load_manifest(bundle)
+        if bundle.resolve() == src.resolve():  # in place: atomic, the manifest is replaced last
+            return finish_bundle(src, load_manifest(src), opts)
+        if bundle.exists() and not opts.force:
+            raise HuseError(f"{bundle} exists; pass --force to replace it")
+        tmp = bundle.with_name(bundle.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        load_manifest(src)  # copy only a bundle that verifies
+        shutil.copytree(src, tmp)
+        manifest = load_manifest(tmp)
     else:
         if out is None:
             raise HuseError("exporting a run needs --out BUNDLE_DIR")
@@ -188,7 +233,12 @@ def export(src: str | Path, out: str | Path | None = None, opts: ExportOptions |
         if bundle.exists() and not opts.force:
             raise HuseError(f"{bundle} exists; pass --force to replace it, or export into a new folder")
         opts.say(f"exporting {src} -> {bundle}")
-        manifest = export_fp32(src, bundle, opts)
-    from huse.export.finish import finish_bundle
-
-    return finish_bundle(bundle, manifest, opts)
+        tmp = bundle.with_name(bundle.name + ".partial")
+        manifest = export_fp32(src, tmp, opts)
+    try:
+        finish_bundle(tmp, manifest, opts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed gate keeps nothing
+        raise
+    _publish(tmp, bundle)
+    return load_manifest(bundle)

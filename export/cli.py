@@ -36,8 +36,10 @@ def _batch(value: str) -> tuple[int, int, int]:
 @click.option("--workspace-mib", type=int, help="TensorRT builder workspace (default 1024: fits Jetson Orin Nano).")
 @click.option("--dla-core", type=int, help="Build for this DLA core with GPU fallback (Jetson AGX Orin / Orin NX).")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--sign", "sign", type=click.Path(dir_okay=False), help="Sign manifest.json with this Ed25519 private "
+              "key (PEM, from `huse keygen`), as manifest.sig; needs the sign extra.")
 def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude, quantizer, eval_size, no_accuracy_gate,
-         engine, batch, workspace_mib, dla_core, force) -> None:
+         engine, batch, workspace_mib, dla_core, force, sign) -> None:
     """Export a training run (or extend a bundle) into a verified ONNX/TensorRT bundle."""
     def body():
         from huse.export.api import ExportOptions, export
@@ -45,10 +47,11 @@ def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude,
         opts = ExportOptions(fp16=fp16, int8=int8, int8_cpu=int8_cpu, calib_size=calib_size, calib_method=calib_method,
                              int8_exclude=tuple(int8_exclude), quantizer=quantizer, accuracy_gate=not no_accuracy_gate,
                              eval_size=eval_size, engine=engine, batch=_batch(batch), workspace_mib=workspace_mib,
-                             dla_core=dla_core, force=force, say=click.echo)
+                             dla_core=dla_core, force=force, sign=sign, say=click.echo)
         manifest = export(src, out, opts)
         click.echo(f"bundle ready: {out or src} (precisions: {', '.join(sorted(manifest['models']))}; "
-                   f"{len(manifest['files'])} files, sha256 in manifest.json)")
+                   f"{len(manifest['files'])} files, sha256 in manifest.json"
+                   + ("; signed: manifest.sig)" if sign else ")"))
     run_cli(body)
 
 

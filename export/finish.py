@@ -1,4 +1,10 @@
-"""Precision variants with accuracy gates, the TensorRT compatibility check, and engines."""
+"""Precision variants with accuracy gates, the TensorRT compatibility check, and engines.
+
+Adding to a bundle is atomic: new graphs and engines go into folders the current manifest does
+not use (`fp16/`, or `fp16.v2/` when `fp16/` is live), the new manifest replaces the old one in
+one rename, and only then are superseded folders deleted. Killed at any point, the folder holds
+the old bundle or the new one, plus unlisted leftovers that the next export removes first.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest, write_manifest
+from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, LABELS_METADATA_KEY, MANIFEST, labels_sha256, load_manifest,
+                                 write_manifest)
 from huse.runtime.classifier import softmax
 from huse.runtime.errors import HuseError
 from huse.runtime.preprocess import ImageSpec
@@ -48,21 +55,59 @@ def _exclusions(src: Path, float_convs: int, explicit: tuple[str, ...]) -> list[
     return s["first_conv"] + s["classifier"]
 
 
-def _fp16_variant(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def stamp_labels(path: Path, labels: list[str]) -> None:
+    """Record the label list's sha256 in the graph's ONNX metadata, so that the runtime refuses a
+    manifest whose labels were renamed or reordered even when the bundle is not signed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    digest = labels_sha256(labels)
+    if props.get(LABELS_METADATA_KEY) == digest:
+        return
+    onnx.helper.set_model_props(model, {**props, LABELS_METADATA_KEY: digest})
+    onnx.save(model, str(path))
+
+
+def _leftovers(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Delete what a killed export left: files the manifest does not list, then empty folders."""
+    from huse.runtime.signing import SIGNATURE
+
+    keep = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
+    for p in sorted(bundle.rglob("*"), reverse=True):  # children before their folders
+        rel = p.relative_to(bundle).as_posix()
+        if p.is_symlink() or p.is_file():
+            if rel not in keep:
+                p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+
+
+def _fresh_folder(bundle: Path, manifest: dict[str, Any], name: str) -> str:
+    """`name`, or `name.v2` when the live manifest uses `name`: new files never overwrite live ones."""
+    live = {f.split("/")[0] for f in manifest.get("files", {})}
+    folder = name if name not in live else f"{name}.v2"
+    shutil.rmtree(bundle / folder, ignore_errors=True)
+    return folder
+
+
+def _fp16_variant(bundle: Path, manifest: dict[str, Any], folder: str = "fp16") -> dict[str, Any]:
     from huse.export.precision import convert_fp16
 
-    return {g: convert_fp16(bundle / manifest["models"]["fp32"][g], bundle / "fp16" / f"{g}.onnx") for g in GRAPHS}
+    return {g: convert_fp16(bundle / manifest["models"]["fp32"][g], bundle / folder / f"{g}.onnx") for g in GRAPHS}
 
 
 def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, ref, say,
-                  precision: str = "int8") -> dict[str, Any]:
+                  precision: str = "int8", folder: str | None = None) -> dict[str, Any]:
     """INT8 graphs in `precision`'s folder: "int8" in TensorRT's Q/DQ form, "int8-cpu" for onnxruntime's CPU
     kernels; either walks the float-convs ladder and keeps the first rung that passes the fused gate."""
     from huse.export.precision import accuracy_gate, quantize_int8, quantize_int8_cpu
 
+    folder = folder or precision
+
     def quantize(g: str, float_convs: int) -> dict[str, Any]:
         src = bundle / manifest["models"]["fp32"][g]
-        dst, feeds = bundle / precision / f"{g}.onnx", calib.feeds(manifest["graphs"][g]["inputs"], batch=64)
+        dst, feeds = bundle / folder / f"{g}.onnx", calib.feeds(manifest["graphs"][g]["inputs"], batch=64)
         exclude = _exclusions(src, float_convs, opts.int8_exclude)
         if precision == "int8-cpu":
             return quantize_int8_cpu(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude)
@@ -72,7 +117,7 @@ def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, re
     attempts = []
     for k in ladder:
         quantize("fused", k)
-        probs = run_graph_probs(bundle / precision / "fused.onnx", manifest["graphs"]["fused"]["inputs"], evald, "fused")
+        probs = run_graph_probs(bundle / folder / "fused.onnx", manifest["graphs"]["fused"]["inputs"], evald, "fused")
         gate = accuracy_gate(ref["fused"], probs, evald.labels, precision=precision)
         attempts.append({"float_convs": k, "agreement": gate["agreement"], "drop_points": gate["drop_points"],
                          "passed": bool(gate["passed"])})
@@ -98,6 +143,8 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
     from huse.export.precision import accuracy_gate
 
     say = opts.say
+    _leftovers(bundle, manifest)
+    superseded: set[str] = set()  # folders the new manifest stops using: deleted once it is in place
     wanted = [p for p, on in (("fp16", opts.fp16), ("int8", opts.int8), ("int8-cpu", opts.int8_cpu)) if on]
     if wanted:
         spec = ImageSpec.from_dict(manifest["preprocessing"])
@@ -110,10 +157,12 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
         fp32_size = sum((bundle / f).stat().st_size for f in manifest["models"]["fp32"].values())
         manifest.setdefault("accuracy", {})
         for precision in wanted:
-            shutil.rmtree(bundle / precision, ignore_errors=True)
-            info = (_fp16_variant(bundle, manifest) if precision == "fp16"
-                    else _int8_variant(bundle, manifest, opts, calib, evald, ref, say, precision))
-            models = {g: f"{precision}/{g}.onnx" for g in GRAPHS}
+            folder = _fresh_folder(bundle, manifest, precision)
+            info = (_fp16_variant(bundle, manifest, folder) if precision == "fp16"
+                    else _int8_variant(bundle, manifest, opts, calib, evald, ref, say, precision, folder))
+            models = {g: f"{folder}/{g}.onnx" for g in GRAPHS}
+            for f in models.values():
+                stamp_labels(bundle / f, manifest["labels"])
             cand = _predict(bundle, models, manifest["graphs"], evald)
             gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision) for mode in GRAPHS}
             size = sum((bundle / f).stat().st_size for f in models.values())
@@ -125,10 +174,12 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
             gate = gates["fused"]
             if not gate["passed"]:
                 if opts.accuracy_gate:
-                    shutil.rmtree(bundle / precision, ignore_errors=True)
+                    shutil.rmtree(bundle / folder, ignore_errors=True)
                     raise HuseError(f"{precision} accuracy gate failed (fused mode): {gate['message']}; "
-                                    f"the {precision} model was not added. --no-accuracy-gate overrides")
+                                    f"the {precision} model was not added and the bundle is unchanged. "
+                                    f"`huse-export ... --{precision} --no-accuracy-gate` keeps it anyway")
                 say(f"  WARNING: {precision} accuracy gate failed and was overridden: {gate['message']}")
+            superseded |= {f.split("/")[0] for f in manifest["models"].get(precision, {}).values()}
             manifest["models"][precision] = models
             manifest["accuracy"][precision] = {
                 "gate": "fused", "passed": bool(gate["passed"]), "split": evald.split, "n": len(evald),
@@ -138,11 +189,18 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
                 "conversion": {g: _jsonable(i) for g, i in info.items()},
             }
     manifest["trt_compat"] = _check_compat(bundle, manifest, say)
+    old_engines = {e["file"].split("/")[0] for e in manifest.get("engines", [])}
     manifest["engines"] = _engines(bundle, manifest, opts)
+    if old_engines - {e["file"].split("/")[0] for e in manifest["engines"]}:
+        superseded |= old_engines
+    live = {f.split("/")[0] for p in manifest["models"].values() for f in p.values()}
+    superseded -= live | {e["file"].split("/")[0] for e in manifest["engines"]} | {manifest["tokenizer"]["vocab_file"]}
     manifest.pop("files", None)
     for key in ("format", "format_version"):
         manifest.pop(key, None)
-    write_manifest(bundle, manifest)
+    write_manifest(bundle, manifest, exclude=sorted(superseded), sign_key=getattr(opts, "sign", None))
+    for name in superseded:  # the new manifest is in place: the old folders are unreferenced
+        shutil.rmtree(bundle / name, ignore_errors=True)
     return load_manifest(bundle)
 
 
@@ -185,7 +243,12 @@ def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any
                  "with `huse-export BUNDLE --engine require` (or let the runtime build them on first use)")
         return manifest.get("engines", [])
     engines = []
-    folder = bundle / "engines"
+    name = _fresh_folder(bundle, manifest, "engines")
+    folder = bundle / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in {e["file"].split("/")[0] for e in manifest.get("engines", [])}:  # reuse the timing cache
+        if (bundle / old / "timing.cache").is_file():
+            shutil.copy(bundle / old / "timing.cache", folder / "timing.cache")
     for precision, models in manifest["models"].items():
         if precision in CPU_ONLY_PRECISIONS:
             continue
@@ -193,7 +256,7 @@ def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any
             entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=opts.batch,
                                  workspace_mib=opts.workspace_mib or DEFAULT_WORKSPACE_MIB,
                                  timing_cache=folder / "timing.cache", dla_core=opts.dla_core, precision=precision)
-            entry.update(file=f"engines/{precision}-{g}.engine", graph=g)
+            entry.update(file=f"{name}/{precision}-{g}.engine", graph=g)
             engines.append(entry)
             opts.say(f"  engine {entry['file']}: TensorRT {entry['tensorrt_version']} on {entry['gpu_name']}")
     return engines

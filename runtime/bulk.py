@@ -82,6 +82,7 @@ class BulkJob:
     actors: int = 2  # Ray actors (each holds one Classifier)
     resume: bool = False
     progress: bool = True
+    trusted_keys: tuple[str, ...] = ()  # Ed25519 public keys: refuse the bundle unless signed by one (also on Ray workers)
     max_shards: int | None = None  # stop after this many shards (tests and benchmarks of kill/resume)
     classifier: Callable[[], Classifier] | None = field(default=None, repr=False)  # local engine: e.g. a torch baseline
 
@@ -506,7 +507,8 @@ def _make_classifier(job: BulkJob, threads: int | None) -> Classifier:
     if job.classifier is not None:
         return job.classifier()
     return Classifier(job.bundle, backend=job.backend, precision=job.precision, device=job.device,
-                      batch_size=job.batch_size, threads=threads, spinning=job.spinning)
+                      batch_size=job.batch_size, threads=threads, spinning=job.spinning,
+                      trusted_keys=list(job.trusted_keys) or None)
 
 
 def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:

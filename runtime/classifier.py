@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from huse.runtime.backends import resolve_backend, runner_class
-from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, check_graph, load_manifest
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.preprocess import ImageInput, ImageSpec, load_image
@@ -19,6 +22,42 @@ from huse.runtime.tokenizer import load_tokenizer, normalise_title
 log = logging.getLogger("huse.runtime")
 
 MODES = ("auto", "fused", "image", "text")
+# Precisions `huse-export BUNDLE --<precision>` can add to a bundle (the flag is the name).
+EXPORT_FLAGS = ("fp16", "int8", "int8-cpu")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise HuseError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _per_item(value: Any, name: str) -> Any:
+    """A list with one entry per item; a lone string/path/image would otherwise be iterated item by character."""
+    if value is None or isinstance(value, Decoded):
+        return value
+    if isinstance(value, (str, bytes, bytearray, os.PathLike, dict)) or not hasattr(value, "__len__") \
+            or not hasattr(value, "__getitem__"):
+        raise HuseError(f"{name}= takes a list with one entry per item (None for a missing one), got a "
+                        f"{type(value).__name__}; for one item pass [{name[:-1]}]")
+    return value
+
+
+def _guarded(method):
+    """Count the call as in flight, so that close() waits for it instead of pulling the sessions from under it."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            if self._closing:
+                raise HuseError("this Classifier is being closed (close() was called); create a new one to classify")
+            self._active += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._idle.notify_all()
+    return wrapper
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -54,6 +93,7 @@ class Decoded:
     n: int
     arrays: dict[int, np.ndarray]
     errors: dict[int, str]
+    warnings: dict[int, str] = field(default_factory=dict)  # Pillow's, naming the file
 
     def __len__(self) -> int:
         return self.n
@@ -73,19 +113,26 @@ class Classifier:
         spinning: onnxruntime's intra-op thread spinning (None: its default, on); off costs a
             little alone and saves a lot when other work shares the cores (TOOLCHAIN.md).
         verify: check every bundle file's sha256 before loading (on by default).
+        trusted_keys: Ed25519 public key files (PEM); when given, an unsigned or badly signed
+            bundle is refused (extra `sign`). None: unsigned bundles load.
+
+    One Classifier may be shared by threads. `close()` waits for the calls in flight, refuses
+    calls that start while it waits, then releases the sessions; a later call loads them again.
     """
 
     def __init__(self, bundle: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
                  batch_size: int = 64, threads: int | None = None, verify: bool = True,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, trusted_keys: Sequence[str | Path] | None = None):
         self.bundle = Path(bundle)
-        self.manifest = load_manifest(self.bundle, verify=verify)
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        if device not in (None, "cpu", "cuda"):
+            raise HuseError(f"device {device!r} is not one of [None, 'cpu', 'cuda']")
+        self.manifest = load_manifest(self.bundle, verify=verify, trusted_keys=trusted_keys)
         m = self.manifest
         if precision not in m["models"]:
-            made_by = {"fp16": "--fp16", "int8": "--int8", "int8-cpu": "--int8-cpu"}  # huse-export's variant flags
-            hint = (f"Create them with `huse-export {self.bundle} {made_by[precision]}`" if precision in made_by
-                    else f"precisions huse makes are {['fp32', *made_by]}")
-            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. {hint}")
+            how = (f"Create them with `huse-export {self.bundle} --{precision}`" if precision in EXPORT_FLAGS
+                   else f"huse-export can add {list(EXPORT_FLAGS)} (e.g. `huse-export {self.bundle} --fp16`)")
+            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. {how}")
         self.precision = precision
         self.labels: list[str] = m["labels"]
         self.hierarchy = Hierarchy(self.labels)
@@ -94,7 +141,6 @@ class Classifier:
         self.fusion_weight = float(m["fusion"]["image_weight"])
         # Per-mode temperatures fitted on validation (scores are calibrated: see huse.train.baselines).
         self.temperature = {k: float(v) for k, v in m.get("calibration", {}).get("temperature", {}).items()}
-        self.batch_size = int(batch_size)
         self.threads = threads
         self.spinning = spinning
         if precision in CPU_ONLY_PRECISIONS:
@@ -103,26 +149,53 @@ class Classifier:
                                 f"and the GPU providers do not take); use precision='int8' or 'fp16' on a GPU")
             device = "cpu"
         self.backend, self.device, reason = resolve_backend(backend, device)
+        if device == "cuda" and self.backend == "onnxruntime":
+            from huse.runtime.backends.onnxrt.runner import cuda_provider_status
+
+            ok, why = cuda_provider_status() if self.device == "cuda" else (False, reason)
+            if not ok:  # never a silent CPU run when a GPU was asked for
+                raise HuseError(f"device='cuda' was asked for but no GPU backend is usable here ({why}); "
+                                "use device='cpu' (or leave device=None to pick the best available)")
         log.info("huse Classifier: %s on %s, %s (%s)", self.backend, self.device, precision, reason)
         self._runners: dict[str, Any] = {}
+        self._lock = threading.Lock()  # guards _runners, _active, _closing
+        self._idle = threading.Condition(self._lock)
+        self._active, self._closing = 0, False
 
     # -- lifetime --------------------------------------------------------------------
     def _runner(self, graph: str):
-        if graph not in self._runners:
-            cls = runner_class(self.backend)
-            onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
-            if self.backend == "onnxruntime":
-                runner = cls(onnx_file, device=self.device, threads=self.threads, spinning=self.spinning)
-            else:
-                runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
-            runner.activate()
-            self._runners[graph] = runner
-        return self._runners[graph]
+        with self._lock:
+            if graph not in self._runners:
+                cls = runner_class(self.backend)
+                onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
+                if self.backend == "onnxruntime":
+                    runner = cls(onnx_file, device=self.device, threads=self.threads, spinning=self.spinning)
+                else:
+                    runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
+                runner.activate()
+                if self.backend == "onnxruntime":  # the manifest must describe this graph before it runs
+                    s = runner.session
+                    try:
+                        check_graph(self.manifest, graph, {i.name: i.shape for i in s.get_inputs()},
+                                    {o.name: o.shape for o in s.get_outputs()},
+                                    dict(s.get_modelmeta().custom_metadata_map), str(onnx_file))
+                    except HuseError:
+                        runner.deactivate()
+                        raise
+                self._runners[graph] = runner
+            return self._runners[graph]
 
     def close(self) -> None:
-        for r in self._runners.values():
-            r.deactivate()
-        self._runners.clear()
+        """Release the sessions, after the calls in flight on other threads finish."""
+        with self._lock:
+            self._closing = True
+            try:
+                self._idle.wait_for(lambda: self._active == 0)
+                for r in self._runners.values():
+                    r.deactivate()
+                self._runners.clear()
+            finally:
+                self._closing = False
 
     def __enter__(self) -> "Classifier":
         return self
@@ -133,19 +206,27 @@ class Classifier:
     # -- inputs ----------------------------------------------------------------------
     def decode(self, images: Sequence[ImageInput | None]) -> Decoded:
         """Decode and preprocess images (thread-safe); bad ones are listed in `errors` by index."""
-        return Decoded(len(images), *self._images(images))
+        warnings: dict[int, str] = {}
+        arrays, errors = self._images(images, warnings)
+        return Decoded(len(images), arrays, errors, warnings)
 
-    def _images(self, images: Sequence[ImageInput | None] | Decoded) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    def _images(self, images: Sequence[ImageInput | None] | Decoded, warnings: dict[int, str] | None = None
+                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
         if isinstance(images, Decoded):
+            if warnings is not None:
+                warnings.update(images.warnings)
             return images.arrays, images.errors
         arrays, errors = {}, {}
         for i, img in enumerate(images):
             if img is None:
                 continue
+            said: list[str] = []
             try:
-                arrays[i] = load_image(img, self.image_spec)
+                arrays[i] = load_image(img, self.image_spec, warnings=said)
             except HuseError as e:
                 errors[i] = str(e)
+            if said and warnings is not None:
+                warnings[i] = "; ".join(said)
         return arrays, errors
 
     def _titles(self, titles: Sequence[str | bytes | None]) -> tuple[dict[int, str], dict[int, str]]:
@@ -169,6 +250,7 @@ class Classifier:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     # -- API -------------------------------------------------------------------------
+    @_guarded
     def classify(self, images: Sequence[ImageInput | None] | None = None,
                  titles: Sequence[str | bytes | None] | None = None,
                  top_k: int = 5, mode: str = "auto") -> list[dict[str, Any]]:
@@ -183,10 +265,16 @@ class Classifier:
             One dict per item, in input order: {"index", "mode", "top_k": [{"label", "score"}],
             "path": [{"level", "label", "score"}]} — or {"index", "error"} for an item that
             could not be classified; an item whose image failed but whose title is usable is
-            classified by its title with a "warning".
+            classified by its title with a "warning", and an image Pillow warned about (corrupt
+            EXIF, ...) is classified with a "warning" naming the file.
+        Raises:
+            HuseError: for the call as a whole: a lone string/path instead of a list, top_k not a
+                positive integer, unequal lengths, an unknown mode.
         """
         if mode not in MODES:
             raise HuseError(f"mode {mode!r} is not one of {list(MODES)}")
+        top_k = _positive_int(top_k, "top_k")
+        images, titles = _per_item(images, "images"), _per_item(titles, "titles")
         if images is None and titles is None:
             raise HuseError("classify needs images, titles or both")
         n = len(images if images is not None else titles)
@@ -194,7 +282,8 @@ class Classifier:
             raise HuseError(f"got {len(images)} images but {len(titles)} titles; pass one of each per item (None for missing)")
         use_img = images is not None and mode in ("auto", "fused", "image")
         use_txt = titles is not None and mode in ("auto", "fused", "text")
-        img, img_err = self._images(images) if use_img else ({}, {})
+        img_warn: dict[int, str] = {}
+        img, img_err = self._images(images, img_warn) if use_img else ({}, {})
         txt, txt_err = self._titles(titles) if use_txt else ({}, {})
 
         results: list[dict[str, Any]] = [{"index": i} for i in range(n)]
@@ -222,6 +311,9 @@ class Classifier:
                                 [txt[i] for i in idx] if group != "image" else None)
             for row, i in enumerate(idx):
                 results[i].update(self._describe(probs[row], top_k, group))
+        for i, w in img_warn.items():  # e.g. corrupt EXIF: classified, but the user should know
+            if i in img and "error" not in results[i]:
+                results[i]["warning"] = w
         return results
 
     def _probs(self, group: str, images: list[np.ndarray] | None, titles: list[str] | None) -> np.ndarray:
@@ -240,6 +332,7 @@ class Classifier:
                 "top_k": [{"label": self.labels[j], "score": float(p[j])} for j in order],
                 "path": [{"level": k + 1, "label": label, "score": s} for k, (label, s) in enumerate(self.hierarchy.path(p))]}
 
+    @_guarded
     def predict_proba(self, images: Sequence[ImageInput] | None = None, titles: Sequence[str] | None = None) -> np.ndarray:
         """Leaf probabilities (N, C) for clean inputs (raises on the first bad item); for evaluation."""
         group = "fused" if images is not None and titles is not None else "image" if images is not None else "text"
@@ -247,14 +340,16 @@ class Classifier:
         texts = [normalise_title(t) or "" for t in titles] if titles is not None else None
         return self._probs(group, arrays, texts)
 
+    @_guarded
     def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
         """Universal image embeddings (N, D); a bad image gives a NaN row and an entry in `errors`."""
-        arrays, errors = self._images(images)
+        arrays, errors = self._images(_per_item(images, "images"))
         return self._embed("image", len(images), arrays, errors, lambda idx: {"image": np.stack([arrays[i] for i in idx])})
 
+    @_guarded
     def embed_text(self, titles: Sequence[str | bytes | None]) -> Embeddings:
         """Universal text embeddings (N, D); an empty or bad title gives a NaN row and an entry in `errors`."""
-        texts, errors = self._titles(titles)
+        texts, errors = self._titles(_per_item(titles, "titles"))
         for i in range(len(titles)):
             if i not in texts and i not in errors:
                 errors[i] = f"item {i}: title is empty"

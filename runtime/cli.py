@@ -129,6 +129,8 @@ def _bulk_options(fn):
         click.option("--actors", default=2, help="Ray actors, one Classifier each (--engine ray)."),
         click.option("--max-error-rate", default=0.05, help="Exit 1 when more than this fraction of rows failed."),
         click.option("--progress/--no-progress", default=True, help="Progress bar on stderr."),
+        click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+                     help="Ed25519 public key (PEM, repeatable): refuse the bundle unless its manifest is signed by one."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -160,7 +162,7 @@ def embed(**kw) -> None:
 
 
 def _bulk(task, *, bundle, data, images, encoding, out, fmt, backend, precision, device, batch_size, shard_rows,
-          threads, workers, spin, resume, engine, address, actors, max_error_rate, progress, mode,
+          threads, workers, spin, resume, engine, address, actors, max_error_rate, progress, mode, trusted_keys=(),
           top_k=5, min_confidence=0.0, show=0) -> None:
     from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
 
@@ -169,7 +171,8 @@ def _bulk(task, *, bundle, data, images, encoding, out, fmt, backend, precision,
     job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding, mode=mode,
                   top_k=top_k, min_confidence=min_confidence, batch_size=batch_size, shard_rows=shard_rows, format=fmt,
                   precision=precision, backend=backend, device=device, threads=threads, spinning=spin,
-                  workers=workers, engine=engine, address=address, actors=actors, resume=resume, progress=progress)
+                  workers=workers, engine=engine, address=address, actors=actors, resume=resume, progress=progress,
+                  trusted_keys=tuple(trusted_keys))
     r = run_bulk(job)
     verb = "classified" if task == "classify" else "embedded"
     msg = (f"{verb} {r.classified}/{r.rows} rows with {r.backend} -> {r.out}; {r.errors} with errors, "
@@ -218,6 +221,20 @@ def _describe_row(row: dict, truth: str | None) -> str:
     best = row["top_k"][0]
     path = " > ".join(f"{p['label'].split('<')[-1]} {p['score']:.2f}" for p in row["path"])
     return f"{head} -> {best['label']} ({best['score']:.2f}, {row['mode']}) [{path}]" + (f"  truth: {truth}" if truth else "")
+
+
+@main.command()
+@click.argument("stem", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing keypair.")
+def keygen(stem, force) -> None:
+    """Write an Ed25519 keypair STEM.key (private, 0600) + STEM.pub for signed bundles."""
+    def body():
+        from huse.runtime.signing import write_keypair
+
+        priv, pub = write_keypair(stem, force=force)
+        click.echo(f"wrote {priv} (private: keep it on the build machine; `huse-export BUNDLE --sign {priv}`) "
+                   f"and {pub} (public: give it to devices; `huse classify --trusted-key {pub}`)")
+    run_cli(body)
 
 
 @main.command()

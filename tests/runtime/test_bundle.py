@@ -27,8 +27,19 @@ def bundle(tmp_path):
     (folder / "vocab.json").write_text('["red", "shirt"]')
     (folder / "fp32" / "fused.onnx").write_bytes(bytes(range(256)) * 10)
     (folder / "engines" / "orin" / "fused.plan").write_bytes(b"\x00engine")
-    write_manifest(folder, {"labels": ["a<b", "c"], "models": {"fp32": {"fused": "fp32/fused.onnx"}}})
+    write_manifest(folder, _fields())
     return folder
+
+
+def _fields(**change):
+    """The manifest fields the runtime relies on (what export writes), with `change` applied."""
+    m = {"labels": ["a<b", "c"], "embedding_dim": 8,
+         "preprocessing": {"size": [4, 4], "mean": [0.5] * 3, "std": [0.5] * 3},
+         "tokenizer": {"type": "word", "vocab_file": "vocab.json", "max_len": 4},
+         "fusion": {"image_weight": 0.5}, "models": {"fp32": {"fused": "fp32/fused.onnx"}},
+         "engines": [{"file": "engines/orin/fused.plan", "graph": "fused", "precision": "fp32"}]}
+    m.update(change)
+    return m
 
 
 def test_write_manifest_hashes_every_file_including_nested(bundle):
@@ -42,7 +53,7 @@ def test_write_manifest_hashes_every_file_including_nested(bundle):
 
 
 def test_write_manifest_returns_what_it_wrote(bundle):
-    returned = write_manifest(bundle, {"labels": ["x"]})
+    returned = write_manifest(bundle, _fields(labels=["x"]))
     assert returned == json.loads((bundle / MANIFEST).read_text())
     assert MANIFEST not in returned["files"]  # the manifest does not hash itself
 
@@ -140,3 +151,102 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 5000  # > 1 MiB: more than one read chunk
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+# --- paths, schema, graph checks -------------------------------------------------------------
+
+from huse.runtime.bundle import bundle_path, check_graph, labels_sha256, LABELS_METADATA_KEY  # noqa: E402
+
+
+@pytest.mark.parametrize("name, why", [("/etc/passwd", "is an absolute path"), ("C:/x.onnx", "is an absolute path"),
+                                       ("../x.onnx", "leaves the bundle folder"), ("a/../../x", "leaves the bundle"),
+                                       ("a\\x.onnx", "leaves the bundle"), ("a//b", "leaves the bundle"),
+                                       (7, "is not a file name"), ("", "is not a file name")])
+def test_bundle_path_refuses_paths_that_leave_the_bundle(tmp_path, name, why):
+    with pytest.raises(HuseError, match=f"manifest field models.fp32.image = {name!r} {why}".replace("\\", "\\\\")
+                       .replace("(", "\\(").replace(")", "\\)").replace(".", "\\.")):
+        bundle_path(tmp_path, name, "models.fp32.image")
+
+
+def test_bundle_path_accepts_nested_relative_paths(tmp_path):
+    assert bundle_path(tmp_path, "fp16.v2/image.onnx", "x") == tmp_path / "fp16.v2" / "image.onnx"
+
+
+def test_referenced_file_must_be_listed(bundle):
+    m = json.loads((bundle / MANIFEST).read_text())
+    del m["files"]["engines/orin/fused.plan"]
+    (bundle / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(HuseError, match=r"engines\[0\].file = 'engines/orin/fused.plan' is not listed"):
+        load_manifest(bundle)
+
+
+def test_write_manifest_leaves_out_excluded_folders(bundle):
+    m = write_manifest(bundle, _fields(engines=[]), exclude=["engines"])
+    assert set(m["files"]) == {"vocab.json", "fp32/fused.onnx"}
+
+
+GRAPH_OK = dict(inputs={"image": [None, 3, 4, 4], "input_ids": ["batch", 4]},
+                outputs={"probs": ["batch", 2], "image_embedding": ["batch", 8], "text_embedding": ["batch", 8]})
+
+
+def test_check_graph_accepts_a_matching_graph(bundle):
+    m = load_manifest(bundle)
+    check_graph(m, "fused", **GRAPH_OK, metadata={LABELS_METADATA_KEY: labels_sha256(m["labels"])}, where="f.onnx")
+    check_graph(m, "fused", **GRAPH_OK, metadata={}, where="f.onnx")  # bundles from before the digest
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"outputs": {**GRAPH_OK["outputs"], "probs": ["batch", 3]}}, "labels"),
+    ({"outputs": {**GRAPH_OK["outputs"], "text_embedding": ["batch", 16]}}, "embedding_dim"),
+    ({"inputs": {**GRAPH_OK["inputs"], "image": [None, 3, 8, 8]}}, "preprocessing.size"),
+    ({"inputs": {**GRAPH_OK["inputs"], "input_ids": [None, 5]}}, "tokenizer.max_len"),
+    ({"metadata": {LABELS_METADATA_KEY: labels_sha256(["c", "a<b"])}}, "labels"),
+])
+def test_check_graph_names_the_field_that_disagrees(bundle, change, field):
+    m = load_manifest(bundle)
+    kw = {**GRAPH_OK, "metadata": {}, **change}
+    with pytest.raises(HuseError, match=rf"manifest field {field} = .* does not match graph f.onnx"):
+        check_graph(m, "fused", where="f.onnx", **kw)
+
+
+# --- signatures ---------------------------------------------------------------------------------
+
+def test_signed_manifest_verifies_and_any_change_is_refused(bundle, tmp_path):
+    from huse.runtime.signing import verify_signature, write_keypair
+
+    priv, pub = write_keypair(tmp_path / "k")
+    write_manifest(bundle, _fields(), sign_key=priv)
+    assert load_manifest(bundle, trusted_keys=[pub])["labels"] == ["a<b", "c"]
+    data = (bundle / MANIFEST).read_bytes()
+    assert verify_signature(bundle, data, [pub]) is not None
+    assert verify_signature(bundle, data, None) is None  # no keys: no check
+    with pytest.raises(HuseError, match="bad signature: manifest.json was changed after it was signed"):
+        verify_signature(bundle, data.replace(b'"c"', b'"d"'), [pub])
+
+
+def test_unsigned_rewrite_removes_the_stale_signature(bundle, tmp_path):
+    from huse.runtime.signing import SIGNATURE, write_keypair
+
+    priv, pub = write_keypair(tmp_path / "k")
+    write_manifest(bundle, _fields(), sign_key=priv)
+    assert (bundle / SIGNATURE).exists()
+    write_manifest(bundle, _fields(labels=["x", "y"]))
+    assert not (bundle / SIGNATURE).exists()
+    with pytest.raises(HuseError, match="is not signed"):
+        load_manifest(bundle, trusted_keys=[pub])
+
+
+def test_signature_file_holds_the_new_signature_before_the_manifest_changes(bundle, tmp_path):
+    """What makes a killed signed export safe: the old and new manifests both verify mid-way."""
+    import hashlib
+
+    from huse.runtime.signing import SIGNATURE, add_signature, write_keypair
+
+    priv, pub = write_keypair(tmp_path / "k")
+    write_manifest(bundle, _fields(), sign_key=priv)
+    old = (bundle / MANIFEST).read_bytes()
+    new = old.replace(b'"c"', b'"d"')
+    add_signature(bundle, new, priv)
+    sigs = json.loads((bundle / SIGNATURE).read_text())["signatures"]
+    assert set(sigs) == {hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest()}
+    load_manifest(bundle, trusted_keys=[pub])  # still the old manifest on disk: verifies

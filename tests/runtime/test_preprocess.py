@@ -299,8 +299,10 @@ def test_image_spec_round_trips_through_dict():
 
 def test_image_spec_defaults_fill_missing_keys():
     spec = ImageSpec.from_dict({"size": [8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]})
-    assert spec == ImageSpec(size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1))
+    # A manifest without jpeg_draft predates draft decoding: its model saw full JPEG decodes.
+    assert spec == ImageSpec(size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1), jpeg_draft=False)
     assert spec.resize == "bilinear"
+    assert ImageSpec(size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1)).jpeg_draft  # new specs (training) draft
 
 
 def test_unknown_resize_is_refused_listing_known():
@@ -322,3 +324,109 @@ def test_lookup_normalisation_is_bit_identical_to_the_formula():
         got = preprocess(Image.fromarray(arr, "RGB"), spec)
         assert got.flags["C_CONTIGUOUS"]
         np.testing.assert_array_equal(got, direct)
+
+
+# --- memory caps, draft decoding, warnings, confinement -------------------------------------
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def test_16bit_image_under_the_pixel_cap_is_refused_by_the_byte_cap():
+    # 4000x4000 16-bit: 16 MP, far under the 50 MP pixel cap, yet ~110 MiB to decode and convert.
+    data = _png(Image.fromarray(np.zeros((4000, 4000), np.uint16)))
+    assert len(data) < 200_000
+    with pytest.raises(HuseError, match=r"<bytes>: decoding it \(4000x4000, mode I;16\) would take about 107 MiB, "
+                                        r"over the cap of 64 MiB"):
+        decode_image(data, max_bytes=64 * 2**20)
+    assert decode_image(data, max_bytes=128 * 2**20).size == (4000, 4000)
+
+
+def test_default_byte_cap_refuses_a_16bit_7000_square_png(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((7000, 7000), np.uint16)).save(path)
+    with pytest.raises(HuseError, match="over the cap of 256 MiB") as e:
+        load_image(path, ImageSpec(size=(8, 8), mean=MEAN, std=STD))
+    assert str(path) in str(e.value)
+
+
+def test_16bit_chunked_scaling_matches_the_whole_image_formula():
+    a = np.random.default_rng(4).integers(0, 65536, (600, 7), dtype=np.uint16)  # > one 256-row band
+    out = np.asarray(decode_image(Image.fromarray(a)))[..., 0]
+    lo, hi = float(a.min()), float(a.max())
+    np.testing.assert_array_equal(out, np.round((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).astype(np.uint8))
+
+
+def test_large_jpeg_is_draft_decoded_when_the_spec_says_so():
+    data = _jpeg(Image.new("RGB", (1600, 1200), (30, 120, 200)))
+    full = decode_image(data)
+    assert full.size == (1600, 1200)
+    # draft picks the largest reduction (1/2, 1/4, 1/8) that keeps both sides >= 64x64's longest side
+    small = decode_image(data, draft_size=(64, 64))
+    assert small.size == (200, 150)
+    x = load_image(data, ImageSpec(size=(64, 64), mean=MEAN, std=STD))  # jpeg_draft on by default
+    np.testing.assert_allclose(x[:, 10, 10], _expected((30, 120, 200)), atol=0.05)
+    # a PNG is never drafted
+    assert decode_image(_png(Image.new("RGB", (1600, 1200))), draft_size=(64, 64)).size == (1600, 1200)
+
+
+def test_draft_never_goes_below_the_target_even_when_rotated():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the 1600x400 image stands 400x1600
+    data = _jpeg(Image.new("RGB", (1600, 400), (0, 0, 0)), exif=exif)
+    img = decode_image(data, draft_size=(300, 100))
+    assert img.size[0] >= 100 and img.size[1] >= 300
+    assert img.size[1] > img.size[0]  # rotation still applied
+
+
+def _corrupt_exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "Acme camera maker"  # Make: an ASCII tag whose value lives past the IFD
+    good = exif.tobytes()
+    # Claim far more bytes for the tag's value than the EXIF block holds: Pillow warns and skips it.
+    order = "little" if good[6:8] == b"II" else "big"  # after the "Exif\0\0" header
+    bad = bytearray(good)
+    at = bad.find((0x010F).to_bytes(2, order))
+    bad[at + 4:at + 8] = (100000).to_bytes(4, order)  # the entry's count
+    return _jpeg(Image.new("RGB", (8, 8), (10, 20, 30)), exif=bytes(bad))
+
+
+def test_pillow_warning_becomes_the_items_warning_naming_it(tmp_path):
+    path = tmp_path / "odd exif.jpg"
+    path.write_bytes(_corrupt_exif_jpeg())
+    said: list[str] = []
+    x = load_image(path, ImageSpec(size=(8, 8), mean=MEAN, std=STD), warnings=said)
+    assert x.shape == (3, 8, 8)
+    assert said and all(w.startswith(f"image {path}: UserWarning:") for w in said)
+    assert "Skipping tag 271" in " ".join(said)  # the EXIF Make tag
+
+
+@pytest.mark.parametrize("bad, why", [("/etc/hostname", "is absolute"), ("../secret.png", "climbs out with '..'"),
+                                      ("a/../../b.png", "climbs out"), ("C:\\x.png", "is absolute"),
+                                      ("a\\..\\..\\b.png", "climbs out"), ("", "is empty")])
+def test_confine_path_refuses_escapes(tmp_path, bad, why):
+    with pytest.raises(HuseError, match="image reads are confined to") as e:
+        from huse.runtime.preprocess import confine_path
+
+        confine_path(tmp_path, bad)
+    assert why in str(e.value) and repr(bad) in str(e.value)
+
+
+def test_confine_path_refuses_a_link_out_and_keeps_paths_inside(tmp_path):
+    from huse.runtime.preprocess import confine_path
+
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "images" / "out").symlink_to(tmp_path)
+    assert confine_path(tmp_path / "images", "sub/a.png") == tmp_path / "images" / "sub" / "a.png"
+    assert confine_path(tmp_path / "images", "./sub/../sub/a.png".replace("../sub/", "")) == tmp_path / "images" / "./sub/a.png"
+    with pytest.raises(HuseError, match="through a link"):
+        confine_path(tmp_path / "images", "out/catalog.csv")
+
+
+@pytest.mark.parametrize("item", [7, {"path": "a.png"}, 3.5, ["a.png"]], ids=["int", "dict", "float", "list"])
+def test_other_input_types_are_refused_as_the_items_error(item):
+    with pytest.raises(HuseError, match=f"an image must be a file path, encoded bytes, a PIL image or a uint8 array; "
+                                        f"got {type(item).__name__}"):
+        decode_image(item)
