@@ -152,11 +152,30 @@ def convert_fp16(
         raise HuseError(f"FP16 conversion of {src} failed ({type(e).__name__}: {e}); "
                         "check the graph with `polygraphy inspect model` or keep the failing op in FP32 "
                         "with keep_fp32_ops") from e
+    _retype_float_casts(converted, set(blocked))
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(converted, str(dst))
     size, src_size = dst.stat().st_size, src.stat().st_size
     return {"path": str(dst), "size_bytes": size, "src_size_bytes": src_size, "size_ratio": size / src_size,
             "blocked_ops": list(asked), "blocked_nodes": blocked, "large_constant_nodes": out_of_range}
+
+
+def _retype_float_casts(model, blocked: set[str]) -> None:
+    """Make converted Cast-to-float32 nodes cast to float16, as their (converted) outputs now declare.
+
+    onnxconverter-common retypes a Cast's output but not its `to` attribute, so a graph that casts an
+    integer tensor to float (MiniLM's attention mask) no longer loads: "Type (tensor(float16)) of output
+    arg ... does not match expected type (tensor(float))". Blocked (FP32) nodes keep their Casts.
+    """
+    from onnx import TensorProto
+
+    declared = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    for n in model.graph.node:
+        if n.op_type != "Cast" or n.name in blocked or declared.get(n.output[0]) != TensorProto.FLOAT16:
+            continue
+        for a in n.attribute:
+            if a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.FLOAT16
 
 
 # onnxconverter-common clamps every converted constant to +-1e4 (its max_finite_val; FP16 itself ends at 65504).

@@ -212,6 +212,9 @@ def validate_manifest(manifest: dict[str, Any], path: Path) -> None:
     fusion = manifest.get("fusion")
     w = fusion.get("image_weight") if isinstance(fusion, dict) else None
     need(is_num(w) and 0 <= w <= 1, "fusion.image_weight", "a number in [0, 1]", w)
+    temps = manifest.get("calibration", {}).get("temperature", {}) if isinstance(manifest.get("calibration", {}), dict) else None
+    need(isinstance(temps, dict) and all(k in GRAPH_NAMES and is_num(t) and t > 0 for k, t in temps.items()),
+         "calibration.temperature", f"an object {{mode: positive number}} with modes among {list(GRAPH_NAMES)}", temps)
     models = manifest.get("models")
     need(isinstance(models, dict) and models, "models", "an object {precision: {graph: file}}", models)
     for precision, graphs in models.items():

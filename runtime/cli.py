@@ -249,6 +249,9 @@ def info(bundle) -> None:
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
                    f"fusion image weight {m['fusion']['image_weight']}")
+        temps = m.get("calibration", {}).get("temperature", {})
+        if temps:
+            click.echo("calibration temperatures (fitted on val): " + ", ".join(f"{k} {v:g}" for k, v in temps.items()))
         for p, acc in m.get("accuracy", {}).items():  # the whole record is in manifest.json
             modes = acc.get("modes", {})
             figures = ", ".join(f"{mode} {modes[mode]['agreement']:.2f}%" for mode in ("fused", "image", "text")

@@ -51,7 +51,7 @@ class HuseConfig:
 # Below this many training items the paper's 5 x 512 image tower memorises the training set
 # within a few epochs (phosphor-icons, 1,600 images: train loss 0.5, val image top-1 20%).
 PAPER_MIN_ITEMS = 20000
-SMALL_TOWERS = {"image_layers": 1, "text_layers": 1, "dropout": 0.5}
+SMALL_TOWERS = {"image_layers": 1, "text_layers": 0, "dropout": 0.5}
 
 
 def resolve_arch(cfg: HuseConfig, n_train: int) -> None:

@@ -24,7 +24,8 @@ from huse.benchmarks import stats
 from huse.runtime.cli import run_cli
 
 
-def compare_encoders(train_size: int = 10000, val_size: int = 2000, test_size: int = 3000, epochs: int = 10,
+def compare_encoders(train_size: int = 10000, val_size: int = 2000, test_size: int = 3000, epochs: int | None = 10,
+                     dataset: str = "fashion-products",
                      work: Path | None = None, rounds: int = 5) -> dict:
     from huse.export.api import ExportOptions, export
     from huse.runtime import Classifier
@@ -33,15 +34,15 @@ def compare_encoders(train_size: int = 10000, val_size: int = 2000, test_size: i
     from huse.train.trainer import TrainConfig, Trainer
 
     work = Path(work or tempfile.mkdtemp())
-    ds = load_builtin("fashion-products", train_size=train_size, val_size=val_size, test_size=test_size)
+    ds = load_builtin(dataset, train_size=train_size, val_size=val_size, test_size=test_size)
     test = ds.indices("test")
     titles = [ds.titles[i] for i in test]
-    out = {"train_size": train_size, "test_size": len(test), "epochs": epochs, "encoders": {}}
+    out = {"dataset": dataset, "train_size": train_size, "test_size": len(test), "epochs": epochs, "encoders": {}}
     clfs = {}
     for enc in ("cnn", "minilm"):
         run, bundle = work / f"run-{enc}", work / f"bundle-{enc}"
         metrics = Trainer(ds, run, HuseConfig(num_classes=0, backbone="tiny", image_size=32, text_encoder=enc),
-                          TrainConfig(epochs=epochs)).fit()
+                          TrainConfig(epochs=epochs or None)).fit()
         export(run, bundle, ExportOptions(engine="skip", force=True, say=lambda s: None))
         clf = Classifier(bundle, backend="onnxruntime", batch_size=64)
         y = np.asarray([clf.labels.index(ds.classes[i]) for i in test])
@@ -70,11 +71,13 @@ def compare_encoders(train_size: int = 10000, val_size: int = 2000, test_size: i
 @click.option("--out", default="bench-results/text_encoders.json", type=click.Path(dir_okay=False), show_default=True)
 @click.option("--train-size", default=10000, show_default=True)
 @click.option("--test-size", default=3000, show_default=True)
-@click.option("--epochs", default=10, show_default=True)
-def main(out, train_size, test_size, epochs) -> None:
+@click.option("--epochs", default=10, show_default=True, help="0: huse-train's default (a step budget, early stopping).")
+@click.option("--dataset", type=click.Choice(["fashion-products", "fashion-products-open"]), default="fashion-products",
+              show_default=True, help="-open: test titles use words never seen in training.")
+def main(out, train_size, test_size, epochs, dataset) -> None:
     """Measure word CNN vs MiniLM text encoders: held-out text-only top-1 and latency."""
     def body():
-        r = compare_encoders(train_size=train_size, test_size=test_size, epochs=epochs)
+        r = compare_encoders(train_size=train_size, test_size=test_size, epochs=epochs, dataset=dataset)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(r, indent=1))
         click.echo(f"{'encoder':8} {'text top-1':>10} {'b1 p50 ms':>10} {'b64 p50 ms':>11} {'text.onnx MiB':>14}")
