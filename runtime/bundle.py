@@ -92,7 +92,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any], exclude: Sequen
     Returns:
         The manifest as written.
     """
-    from huse.runtime.signing import SIGNATURE
+    from huse.runtime.signing import SIGNATURE, write_signed_manifest
 
     folder = Path(folder)
     skip = {MANIFEST, SIGNATURE, *exclude}
@@ -102,16 +102,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any], exclude: Sequen
         if p.is_file() and rel.split("/")[0] not in skip and not p.name.endswith(".tmp"):
             files[rel] = sha256_file(p)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    data = _json_bytes(manifest)
-    if sign_key is not None or (folder / SIGNATURE).exists():
-        from huse.runtime import signing
-
-        if sign_key is not None:
-            signing.add_signature(folder, data, sign_key)
-        write_atomic(folder / MANIFEST, data)
-        signing.drop_signatures_except(folder, data)
-    else:
-        write_atomic(folder / MANIFEST, data)
+    write_signed_manifest(folder, _json_bytes(manifest), sign_key)
     return manifest
 
 

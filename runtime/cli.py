@@ -280,13 +280,15 @@ def index_group() -> None:
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime and FAISS threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
-def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite) -> None:
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
+def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, sign_key) -> None:
     """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
-                          batch_size=batch_size, threads=threads, overwrite=overwrite)
+                          batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key)
         _echo_index(idx)
     run_cli(body)
 
@@ -296,13 +298,16 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL of the products to add.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
-def index_add(index, data, images, bundle) -> None:
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
+                   "signature (trusted-key searches then refuse it until it is re-signed).")
+def index_add(index, data, images, bundle, sign_key) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=bundle)
-        r = idx.add(data, images=images)
+        r = idx.add(data, images=images, sign_key=sign_key)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)")
         _echo_index(idx)
@@ -312,13 +317,16 @@ def index_add(index, data, images, bundle) -> None:
 @index_group.command("remove")
 @click.argument("index", type=click.Path(file_okay=False))
 @click.option("--product-id", "product_ids", multiple=True, required=True, help="A product to remove (repeatable).")
-def index_remove(index, product_ids) -> None:
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
+                   "signature (trusted-key searches then refuse it until it is re-signed).")
+def index_remove(index, product_ids, sign_key) -> None:
     """Remove every item of the given products from INDEX (HNSW: tombstones, never returned)."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=None)
-        r = idx.remove(product_ids)
+        r = idx.remove(product_ids, sign_key=sign_key)
         click.echo(f"removed {r['removed']} items ({idx.manifest['removal']})")
         if r["unknown"]:
             click.echo(f"not in the index (or already removed): {', '.join(r['unknown'])}", err=True)
@@ -327,15 +335,17 @@ def index_remove(index, product_ids) -> None:
 
 @index_group.command("info")
 @click.argument("index", type=click.Path(file_okay=False))
-def index_info(index) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the index (and its bundle) unless signed by one.")
+def index_info(index, trusted_keys) -> None:
     """Show what INDEX holds and verify every file."""
     def body():
         from huse.runtime.index import Index
 
-        idx = Index.open(index, bundle=None)
+        idx = Index.open(index, bundle=None, trusted_keys=list(trusted_keys) or None)
         n = idx.verify_all()
         _echo_index(idx)
-        click.echo(f"{n} files verified (sha256)")
+        click.echo(f"{n} files verified (sha256)" + (", manifest signature verified" if trusted_keys else ""))
     run_cli(body)
 
 
@@ -363,7 +373,9 @@ def _echo_index(idx) -> None:
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
 @click.option("--threads", type=int, help="FAISS threads.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the index files used (trusted, read-only media).")
-def search(index, text, image, batch, target, prefix, k, out, bundle, threads, no_verify) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the index (and its bundle) unless signed by one.")
+def search(index, text, image, batch, target, prefix, k, out, bundle, threads, no_verify, trusted_keys) -> None:
     """Search INDEX by title, photo or both and print ranked products."""
     def body():
         from huse.runtime.index import Index
@@ -379,7 +391,11 @@ def search(index, text, image, batch, target, prefix, k, out, bundle, threads, n
             texts, images, labels = [text], [image], ["query"]
         else:
             raise HuseError("search needs --text, --image (both: a fused query) or --batch FILE")
-        idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads)
+        if no_verify and trusted_keys:
+            raise HuseError("--no-verify and --trusted-key contradict each other: a signature vouches for files only "
+                            "through their sha256; drop --no-verify")
+        idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
+                         trusted_keys=list(trusted_keys) or None)
         results = idx.search(texts=texts if any(t is not None for t in texts) else None,
                              images=images if any(i is not None for i in images) else None,
                              k=k, target=target, filter=prefix)
