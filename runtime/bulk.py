@@ -65,6 +65,7 @@ class BulkJob:
     task: str = "classify"  # (output) classify or embed
     images: str | None = None  # (output) folder image paths resolve against
     encoding: str | None = None
+    confine_images: bool = False  # (output) refuse image paths that could leave `images` (third-party catalogs)
     mode: str = "auto"  # (output) auto/fused/image/text; embed: auto/image/text
     top_k: int = 5  # (output)
     min_confidence: float = 0.0  # (output) top-1 score below it -> needs_review
@@ -92,6 +93,8 @@ class BulkJob:
     def settings(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.OUTPUT_FIELDS}
         d["images"] = str(Path(self.images).resolve()) if self.images else None
+        if self.confine_images:  # only when on, so runs from before the option still resume
+            d["confine_images"] = True
         d["data"] = str(Path(self.data).resolve())
         return d
 
@@ -414,7 +417,7 @@ class _Output:
 def _shards(job: BulkJob, done: set[int]) -> Iterator[tuple[Shard, list[Record]]]:
     """Stream (shard, records) in catalog order; finished shards are parsed past, not kept."""
     k, n, buf = 0, 0, []
-    for rec in iter_catalog(job.data, job.images, encoding=job.encoding):
+    for rec in iter_catalog(job.data, job.images, encoding=job.encoding, confine=job.confine_images):
         if k not in done:
             buf.append(rec)
         n += 1
@@ -565,7 +568,8 @@ class RayShardWorker:
             shard = Shard(*(int(batch[k][i]) for k in ("index", "start", "count", "offset", "first_row")))
             # Temp files of an earlier attempt at this shard mean Ray retried it.
             retried = any(self.folder.glob(f".{shard_name(shard.index)}.*.tmp-*"))
-            records = list(iter_catalog(self.job.data, self.job.images, encoding=self.job.encoding, shard=shard))
+            records = list(iter_catalog(self.job.data, self.job.images, encoding=self.job.encoding, shard=shard,
+                                        confine=self.job.confine_images))
             rows, vectors = run_shard(self.clf, shard, records, self.job, self.prefetch)
             entries.append(json.dumps(write_shard(self.folder, shard, rows, vectors, self.job, retried=retried)))
         return {"entry": np.asarray(entries, dtype=object)}

@@ -111,6 +111,11 @@ def _bulk_options(fn):
                      help="Products CSV, JSONL or Parquet with image and/or name columns."),
         click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder)."),
         click.option("--encoding", help="Text encoding of a CSV/JSONL catalog (default UTF-8; e.g. latin-1, cp1252, utf-16)."),
+        click.option("--confine-images", is_flag=True,
+                     help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or "
+                          "resolve through a link outside --images (default: the catalog's folder); such a row gets "
+                          "an error naming it and its image is never read. Off by default: your own catalog may name "
+                          "images anywhere."),
         click.option("--out", required=True, type=click.Path(),
                      help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes a .jsonl file for small jobs."),
         click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", help="Shard file format."),
@@ -161,14 +166,15 @@ def embed(**kw) -> None:
     run_cli(lambda: _bulk("embed", **kw))
 
 
-def _bulk(task, *, bundle, data, images, encoding, out, fmt, backend, precision, device, batch_size, shard_rows,
+def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, backend, precision, device, batch_size, shard_rows,
           threads, workers, spin, resume, engine, address, actors, max_error_rate, progress, mode, trusted_keys=(),
           top_k=5, min_confidence=0.0, show=0) -> None:
     from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
 
     if not 0.0 <= max_error_rate <= 1.0:
         raise HuseError(f"--max-error-rate must be between 0 and 1; got {max_error_rate}")
-    job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding, mode=mode,
+    job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding,
+                  confine_images=confine_images, mode=mode,
                   top_k=top_k, min_confidence=min_confidence, batch_size=batch_size, shard_rows=shard_rows, format=fmt,
                   precision=precision, backend=backend, device=device, threads=threads, spinning=spin,
                   workers=workers, engine=engine, address=address, actors=actors, resume=resume, progress=progress,
@@ -280,15 +286,21 @@ def index_group() -> None:
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime and FAISS threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
+@click.option("--confine-images", is_flag=True,
+              help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or resolve "
+                   "through a link outside --images; such a row is left out of the index and listed in "
+                   "excluded.jsonl with the reason. Off by default.")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
-def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, sign_key) -> None:
+def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, confine_images,
+                sign_key) -> None:
     """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
-                          batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key)
+                          batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
+                          confine_images=confine_images)
         _echo_index(idx)
     run_cli(body)
 
@@ -298,16 +310,20 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL of the products to add.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
+@click.option("--confine-images", is_flag=True,
+              help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or resolve "
+                   "through a link outside --images; such a row is left out of the index and listed in "
+                   "excluded.jsonl with the reason. Off by default.")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
                    "signature (trusted-key searches then refuse it until it is re-signed).")
-def index_add(index, data, images, bundle, sign_key) -> None:
+def index_add(index, data, images, bundle, confine_images, sign_key) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=bundle)
-        r = idx.add(data, images=images, sign_key=sign_key)
+        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)")
         _echo_index(idx)

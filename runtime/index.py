@@ -535,7 +535,7 @@ class Index:
     def build(cls, bundle: str | Path, data: str | Path | Sequence[Any], out: str | Path, images: str | Path | None = None,
               kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32", batch_size: int = 64,
               threads: int | None = None, progress: bool = True, overwrite: bool = False,
-              sign_key: str | Path | None = None) -> "Index":
+              sign_key: str | Path | None = None, confine_images: bool = False) -> "Index":
         """Embed every product of a catalog and write an index directory.
 
         Args:
@@ -550,6 +550,8 @@ class Index:
             progress: print a progress line to stderr.
             overwrite: replace an existing directory.
             sign_key: an Ed25519 private key file (PEM): sign the index's manifest (see the module docstring).
+            confine_images: refuse image paths that could leave `images` (absolute, `..`, a link out);
+                such a row is left out and listed in excluded.jsonl. For catalogs from third parties.
         Returns:
             The opened Index.
         """
@@ -565,7 +567,7 @@ class Index:
             _faiss().omp_set_num_threads(int(threads))
         else:
             _faiss()  # fail on a missing extra before minutes of embedding
-        records = _records(data, images)
+        records = _records(data, images, confine_images)
         if not records:
             raise HuseError(f"catalog {data} has no rows to index")
         with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
@@ -636,16 +638,17 @@ class Index:
         return cls.open(out, bundle=bundle, threads=threads)  # trusted keys are the opener's choice
 
     def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True,
-            sign_key: str | Path | None = None) -> dict:
+            sign_key: str | Path | None = None, confine_images: bool = False) -> dict:
         """Embed and add products from another catalog; the index keeps its kind and tuned parameters.
 
         With `sign_key` the updated manifest is re-signed; without it a signature is dropped.
+        `confine_images` as for `build`.
 
         Returns:
             {"added": items, "image": vectors added, "text": vectors added, "excluded": rows left out}.
         """
         _check_sign_key(sign_key)
-        records = _records(data, images)
+        records = _records(data, images, confine_images)
         n0 = len(self)
         clf = self._embedder()
         vecs, excluded = _embed_records(clf, records, n0, progress)
@@ -817,11 +820,13 @@ def _read_writable(path: Path):
     return _faiss().read_index(str(path))
 
 
-def _records(data, images) -> list:
+def _records(data, images, confine: bool = False) -> list:
+    """Catalog Records; a bad row (malformed value, or an image path refused by `confine`) keeps its
+    `error` and is left out of both modalities (listed in excluded.jsonl), never a failed build."""
     if isinstance(data, (str, Path)):
-        from huse.runtime.catalog import read_catalog
+        from huse.runtime.catalog import iter_catalog
 
-        return read_catalog(data, images)
+        return list(iter_catalog(data, images, confine=confine))
     return list(data)
 
 
@@ -832,14 +837,16 @@ def _embed_records(clf, records: list, start: int, progress: bool) -> tuple[dict
     excluded = []
     for s in range(0, n, EMBED_CHUNK):
         chunk = records[s:s + EMBED_CHUNK]
-        with_img = [i for i, r in enumerate(chunk) if r.image]
+        with_img = [i for i, r in enumerate(chunk) if r.image and not getattr(r, "error", None)]
         e_img = clf.embed_image([chunk[i].image for i in with_img])
         vecs["image"][[s + i for i in with_img]] = e_img.vectors
-        e_txt = clf.embed_text([r.name for r in chunk])
+        e_txt = clf.embed_text([None if getattr(r, "error", None) else r.name for r in chunk])
         vecs["text"][s:s + len(chunk)] = e_txt.vectors
         img_err = {with_img[j]: msg for j, msg in e_img.errors.items()}
         for i, r in enumerate(chunk):
-            for mod, err in (("image", img_err.get(i) or (None if r.image else "no image")), ("text", e_txt.errors.get(i))):
+            row_err = getattr(r, "error", None)  # the catalog's own error for the row wins
+            for mod, err in (("image", row_err or img_err.get(i) or (None if r.image else "no image")),
+                             ("text", row_err or e_txt.errors.get(i))):
                 if err is None and not np.isfinite(vecs[mod][s + i]).all():
                     err = "embedding is not finite"
                 if err is not None:
