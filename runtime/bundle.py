@@ -265,11 +265,13 @@ def load_manifest(folder: str | Path, verify: bool = True, trusted_keys: Sequenc
             raise HuseError(f"bundle {folder}: manifest field {field} = {name!r} is not listed in the manifest's files "
                             "(no sha256 to verify it against); refusing the bundle. Re-export it")
     if verify:
+        from huse.runtime.stamps import sha256_matches  # each file version hashed once (runtime/stamps.py)
+
         for name, digest in files.items():
             f = folder / name
             if not f.is_file():
                 raise HuseError(f"bundle {folder}: file {name} listed in the manifest is missing; re-export the bundle")
-            if sha256_file(f) != digest:
+            if not sha256_matches(f, digest):
                 raise HuseError(f"bundle {folder}: file {name} does not match its sha256 in the manifest "
                                 "(changed or corrupted); refusing to load it. Re-export or restore the file")
     return manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import shutil
 import subprocess
@@ -324,3 +325,57 @@ def test_cli_signed_index_and_trusted_search(signed_index, tiny_bundle, tiny_cat
     r = cli.invoke(main, ["index", "build", str(bundle), "--data", str(tiny_catalog), "--out", str(tmp_path / "x"),
                           "--sign", str(tmp_path / "missing.key")])
     assert r.exit_code == 1 and "signing key" in r.output and not (tmp_path / "x").exists(), r.output
+
+
+# --- fresh-process search: each index file version is hashed once (runtime/stamps.py) ---------------------
+@pytest.fixture
+def stamps(tmp_path, monkeypatch):
+    """A private stamp folder; files are stamped however young (RACY_SECONDS 0), and a hash counter."""
+    import huse.runtime.stamps as stamps_mod
+
+    monkeypatch.setenv("HUSE_CACHE_DIR", str(tmp_path / "stamps"))
+    monkeypatch.delenv("HUSE_VERIFY_CACHE", raising=False)
+    monkeypatch.setattr(stamps_mod, "RACY_SECONDS", 0.0)
+    hashed: list[str] = []
+    real = stamps_mod.sha256_file
+    monkeypatch.setattr(stamps_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    return hashed
+
+
+def test_fresh_opens_hash_each_file_once_and_a_changed_file_again(flat_index, records, tmp_path, stamps):
+    idx_dir = _copy(flat_index, tmp_path)
+    query = dict(images=[records[3].image], k=3, target="image")
+    assert Index.open(idx_dir).search(**query)[0][0].row == records[3].row
+    assert "image.faiss" in stamps and "items.jsonl" in stamps
+    stamps.clear()
+    assert Index.open(idx_dir).search(**query)[0][0].row == records[3].row  # a new process would do the same
+    assert stamps == []  # only stat()s: nothing hashed
+    # Same size, mtime set back: the ctime still moves, so the file is hashed again and refused.
+    path = idx_dir / "image.faiss"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(HuseError, match=r"image\.faiss does not match its sha256"):
+        Index.open(idx_dir).search(**query)
+    assert stamps == ["image.faiss"]
+
+
+def test_stamps_are_off_when_asked_or_when_others_could_write_them(flat_index, tmp_path, stamps, monkeypatch):
+    from huse.runtime.stamps import stamp_dir
+
+    assert stamp_dir() == tmp_path / "stamps"
+    idx = Index.open(flat_index)
+    stamps.clear()
+    assert idx.verify_all() == len(idx.manifest["files"]) and sorted(stamps) == sorted(idx.manifest["files"])  # explicit: all hashed
+    monkeypatch.setenv("HUSE_VERIFY_CACHE", "0")
+    assert stamp_dir() is None
+    monkeypatch.delenv("HUSE_VERIFY_CACHE")
+    (tmp_path / "stamps").chmod(0o777)
+    assert stamp_dir() is None  # a folder others may write: stamps could be planted, so none are used
+    stamps.clear()
+    Index.open(flat_index).search(texts=["Acme black tee"], k=1)
+    Index.open(flat_index).search(texts=["Acme black tee"], k=1)
+    assert stamps.count("image.faiss") == 2
