@@ -181,7 +181,8 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
     if job.mode != "text":
         if decoded is not None:
             images = Decoded(len(ok), {j: decoded.arrays[i] for j, i in enumerate(ok) if i in decoded.arrays},
-                             {j: decoded.errors[i] for j, i in enumerate(ok) if i in decoded.errors})
+                             {j: decoded.errors[i] for j, i in enumerate(ok) if i in decoded.errors},
+                             {j: decoded.warnings[i] for j, i in enumerate(ok) if i in decoded.warnings})
         else:
             images = [r.image for r in use]
     titles = [r.name for r in use] if job.mode != "image" else None
@@ -453,13 +454,14 @@ class _Prefetcher:
     def result(futures: list[Future] | None, n: int) -> Decoded | None:
         if futures is None:
             return None
-        arrays, errors, off = {}, {}, 0
+        arrays, errors, warnings, off = {}, {}, {}, 0
         for f in futures:
             d = f.result()
             arrays.update({off + i: a for i, a in d.arrays.items()})
             errors.update({off + i: e for i, e in d.errors.items()})
+            warnings.update({off + i: w for i, w in d.warnings.items()})  # Pillow's, naming the file
             off += d.n
-        return Decoded(n, arrays, errors)
+        return Decoded(n, arrays, errors, warnings)
 
     def close(self) -> None:
         if self.pool is not None:
