@@ -65,6 +65,7 @@ class BulkJob:
     task: str = "classify"  # (output) classify or embed
     images: str | None = None  # (output) folder image paths resolve against
     encoding: str | None = None
+    confine_images: bool = False  # (output) refuse image paths that could leave `images` (third-party catalogs)
     mode: str = "auto"  # (output) auto/fused/image/text; embed: auto/image/text
     top_k: int = 5  # (output)
     min_confidence: float = 0.0  # (output) top-1 score below it -> needs_review
@@ -92,6 +93,8 @@ class BulkJob:
     def settings(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.OUTPUT_FIELDS}
         d["images"] = str(Path(self.images).resolve()) if self.images else None
+        if self.confine_images:  # only when on, so runs from before the option still resume
+            d["confine_images"] = True
         d["data"] = str(Path(self.data).resolve())
         return d
 
@@ -318,6 +321,7 @@ class _Output:
         self.out = Path(job.out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.manifest: dict[str, Any] = {}
+        self.created = False  # OUT.partial was made by this run (not a resumed one)
 
     def _check_target(self) -> None:
         _check_not_input(self.out, self.job)
@@ -344,6 +348,7 @@ class _Output:
             self.manifest, self.partial = old, self.out  # complete already: nothing to redo
             return {int(k) for k in old["shards"]}
         self.partial.mkdir(parents=True)
+        self.created = True
         self.manifest = {"layout": LAYOUT_VERSION, "settings": settings, "shards": {}, "complete": False}
         self._save()
         return set()
@@ -374,6 +379,12 @@ class _Output:
         self.manifest["shards"] = good
         self._save()
         return {int(k) for k in good}
+
+    def discard_if_empty(self) -> None:
+        """Remove OUT.partial if this run made it and finished no shard (e.g. the bundle was refused):
+        there is nothing to resume, and a leftover would make the corrected rerun ask for --resume."""
+        if self.created and not self.manifest.get("shards"):
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def _save(self) -> None:
         _write_atomic(self.partial / MANIFEST, json.dumps(self.manifest, indent=1).encode())
@@ -406,7 +417,7 @@ class _Output:
 def _shards(job: BulkJob, done: set[int]) -> Iterator[tuple[Shard, list[Record]]]:
     """Stream (shard, records) in catalog order; finished shards are parsed past, not kept."""
     k, n, buf = 0, 0, []
-    for rec in iter_catalog(job.data, job.images, encoding=job.encoding):
+    for rec in iter_catalog(job.data, job.images, encoding=job.encoding, confine=job.confine_images):
         if k not in done:
             buf.append(rec)
         n += 1
@@ -473,21 +484,29 @@ def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob
 
 
 class _Progress:
-    """tqdm on stderr when installed, else one line per shard with items/s and ETA."""
+    """tqdm on stderr when installed, else one line per shard with items/s and ETA.
+
+    The bar appears on `show()` (once the model is loaded), so a refused bundle's error is the
+    only thing on stderr: one line, as the CLI promises."""
 
     def __init__(self, total: int, initial: int, enabled: bool, unit: str):
         self.total, self.done, self.t0, self.enabled, self.bar = total, initial, time.perf_counter(), enabled, None
-        self.start = initial
-        if enabled:
-            try:
-                from tqdm import tqdm
+        self.start, self.unit, self.shown = initial, unit, False
 
-                self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                                smoothing=0.1)
-            except ImportError:
-                pass
+    def show(self) -> None:
+        if self.shown or not self.enabled:
+            return
+        self.shown = True
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.start, unit=self.unit, dynamic_ncols=True, file=sys.stderr,
+                            smoothing=0.1)
+        except ImportError:
+            pass
 
     def update(self, n: int) -> None:
+        self.show()
         self.done += n
         if not self.enabled:
             return
@@ -515,6 +534,7 @@ def _make_classifier(job: BulkJob, threads: int | None) -> Classifier:
 def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:
     clf = _make_classifier(job, job.threads)
     result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
+    progress.show()
     workers = default_workers(job.threads) if job.workers is None else job.workers
     prefetch = _Prefetcher(clf, workers, job.mode)
     n_shards, t0 = 0, time.perf_counter()
@@ -549,7 +569,8 @@ class RayShardWorker:
             shard = Shard(*(int(batch[k][i]) for k in ("index", "start", "count", "offset", "first_row")))
             # Temp files of an earlier attempt at this shard mean Ray retried it.
             retried = any(self.folder.glob(f".{shard_name(shard.index)}.*.tmp-*"))
-            records = list(iter_catalog(self.job.data, self.job.images, encoding=self.job.encoding, shard=shard))
+            records = list(iter_catalog(self.job.data, self.job.images, encoding=self.job.encoding, shard=shard,
+                                        confine=self.job.confine_images))
             rows, vectors = run_shard(self.clf, shard, records, self.job, self.prefetch)
             entries.append(json.dumps(write_shard(self.folder, shard, rows, vectors, self.job, retried=retried)))
         return {"entry": np.asarray(entries, dtype=object)}
@@ -580,6 +601,7 @@ def _run_ray(job: BulkJob, output: _Output, done: set[int], progress: _Progress,
                         batch_size=1, compute=ray.data.ActorPoolStrategy(size=job.actors),
                         num_cpus=job.threads or 1, num_gpus=gpu)  # Ray Data restarts a dead actor and retries its shard
     result.backend = f"ray ({job.actors} actors, {job.precision})"
+    progress.show()
     t0 = time.perf_counter()
     for row in ds.iter_rows():
         entry = json.loads(row["entry"])
@@ -618,6 +640,9 @@ def run_bulk(job: BulkJob) -> BulkResult:
         progress = _Progress(count_rows(job.data), initial, job.progress, "rows")
         try:
             (_run_ray if job.engine == "ray" else _run_local)(job, output, done, progress, result)
+        except BaseException:
+            output.discard_if_empty()
+            raise
         finally:
             progress.close()
     result.seconds = time.perf_counter() - t0

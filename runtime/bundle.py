@@ -92,7 +92,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any], exclude: Sequen
     Returns:
         The manifest as written.
     """
-    from huse.runtime.signing import SIGNATURE
+    from huse.runtime.signing import SIGNATURE, write_signed_manifest
 
     folder = Path(folder)
     skip = {MANIFEST, SIGNATURE, *exclude}
@@ -102,16 +102,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any], exclude: Sequen
         if p.is_file() and rel.split("/")[0] not in skip and not p.name.endswith(".tmp"):
             files[rel] = sha256_file(p)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    data = _json_bytes(manifest)
-    if sign_key is not None or (folder / SIGNATURE).exists():
-        from huse.runtime import signing
-
-        if sign_key is not None:
-            signing.add_signature(folder, data, sign_key)
-        write_atomic(folder / MANIFEST, data)
-        signing.drop_signatures_except(folder, data)
-    else:
-        write_atomic(folder / MANIFEST, data)
+    write_signed_manifest(folder, _json_bytes(manifest), sign_key)
     return manifest
 
 
@@ -277,11 +268,13 @@ def load_manifest(folder: str | Path, verify: bool = True, trusted_keys: Sequenc
             raise HuseError(f"bundle {folder}: manifest field {field} = {name!r} is not listed in the manifest's files "
                             "(no sha256 to verify it against); refusing the bundle. Re-export it")
     if verify:
+        from huse.runtime.stamps import sha256_matches  # each file version hashed once (runtime/stamps.py)
+
         for name, digest in files.items():
             f = folder / name
             if not f.is_file():
                 raise HuseError(f"bundle {folder}: file {name} listed in the manifest is missing; re-export the bundle")
-            if sha256_file(f) != digest:
+            if not sha256_matches(f, digest):
                 raise HuseError(f"bundle {folder}: file {name} does not match its sha256 in the manifest "
                                 "(changed or corrupted); refusing to load it. Re-export or restore the file")
     return manifest

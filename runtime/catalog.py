@@ -7,7 +7,9 @@ catalog the same way and name a bad row the same way: file, row number, column, 
 an undecodable byte, a lone surrogate) becomes that row's `error`, never an aborted file;
 only file-level problems (missing file, unknown/duplicate columns, a wrong encoding found in
 the first 64 KiB) raise. `read_catalog` is the list form training uses; it stops at the first
-bad row, as training always has. `plan_shards` finds where every block of N records starts
+bad row, as training always has. With `confine=True` (for catalogs from third parties) an image
+path that is absolute, climbs out with `..` or resolves through a link outside the images folder is
+that row's error (preprocess.confine_path); off by default. `plan_shards` finds where every block of N records starts
 (a byte offset for CSV/JSONL), so a worker can read its block without parsing the file before it.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Iterator
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
+from huse.runtime.preprocess import confine_path
 
 __all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "plan_shards", "count_rows"]
 
@@ -160,8 +163,9 @@ def _text(row: int, col: str, value: Any, *, allow_int: bool = False) -> tuple[s
     return value, None
 
 
-def _record(row: int, values: dict[str, Any], base: str) -> Record:
-    """One Record from raw cell values; the first bad cell becomes the row's error."""
+def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) -> Record:
+    """One Record from raw cell values; the first bad cell (or, with `confine`, an image path that
+    could leave `base`) becomes the row's error."""
     cells: dict[str, str | None] = {}
     for col in COLUMNS:
         v, err = _text(row, col, values.get(col), allow_int=col == "product_id")
@@ -169,6 +173,12 @@ def _record(row: int, values: dict[str, Any], base: str) -> Record:
             return Record(row=row, image=None, name=None, error=err)
         cells[col] = v
     img = (cells["image"] or "").strip() or None
+    if img is not None and confine:
+        try:
+            confine_path(base, img)
+        except HuseError as e:  # the row's other cells are kept for the output; its image is never read
+            return Record(row=row, image=None, name=cells["name"] or None, classes=(cells["classes"] or "").strip() or None,
+                          product_id=(cells["product_id"] or "").strip() or None, error=f"row {row}, column image: {e}")
     if img is not None and not os.path.isabs(img):
         # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
         img = os.path.join(base, img)
@@ -193,7 +203,7 @@ def _csv_header(path: Path, encoding: str) -> tuple[list[str], int]:
 
 # -- public ------------------------------------------------------------------------------
 def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding: str | None = None,
-                 shard: Shard | None = None) -> Iterator[Record]:
+                 shard: Shard | None = None, confine: bool = False) -> Iterator[Record]:
     """Stream a catalog's rows in file order, in bounded memory.
 
     Args:
@@ -202,6 +212,8 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
         encoding: the text encoding of a CSV/JSONL (default UTF-8; UTF-16 and Latin-1 are detected
             and named in the error).
         shard: read only this block (from `plan_shards`), starting at its byte offset.
+        confine: refuse image paths that could leave the images folder (absolute, `..`, a link
+            out): such a row gets an `error` naming it and its image is never read. Off by default.
     Yields:
         One Record per data row; a row with a malformed value has `error` set.
     Raises:
@@ -212,7 +224,7 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
     base = str(images) if images is not None else str(path.parent)
     fmt = _format(path)
     if fmt == "parquet":
-        yield from _iter_parquet(path, base, shard)
+        yield from _iter_parquet(path, base, shard, confine)
         return
     enc = _sniff_encoding(path, encoding)
     offset, first_row = (shard.offset, shard.first_row) if shard else (None, 1)
@@ -222,7 +234,7 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
         if shard is not None and n >= shard.count:
             return
         n += 1
-        yield Record(row=row, image=None, name=None, error=err) if err else _record(row, values, base)
+        yield Record(row=row, image=None, name=None, error=err) if err else _record(row, values, base, confine)
 
 
 def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):
@@ -284,7 +296,7 @@ def _jsonl_rows(path: Path, encoding: str, offset: int | None, first_row: int):
         row += 1
 
 
-def _iter_parquet(path: Path, base: str, shard: Shard | None) -> Iterator[Record]:
+def _iter_parquet(path: Path, base: str, shard: Shard | None, confine: bool) -> Iterator[Record]:
     pq = lazy_import("pyarrow.parquet", "scale")
     try:
         f = pq.ParquetFile(path)
@@ -313,18 +325,18 @@ def _iter_parquet(path: Path, base: str, shard: Shard | None) -> Iterator[Record
                 continue
             if row - 1 >= start + count:
                 return
-            yield _record(row, values, base)
+            yield _record(row, values, base, confine)
 
 
 def read_catalog(path: str | Path, images: str | Path | None = None, *, require: tuple[str, ...] = (),
-                 encoding: str | None = None) -> list[Record]:
+                 encoding: str | None = None, confine: bool = False) -> list[Record]:
     """Read a whole catalog file (for training: it stops at the first bad row).
 
     Args:
         path: a .csv, .jsonl or .parquet file.
         images: folder that relative image paths resolve against (default: the file's folder).
         require: columns that must be present (e.g. ("classes",) for training).
-        encoding: see `iter_catalog`.
+        encoding, confine: see `iter_catalog`.
     Returns:
         One Record per data row, in file order.
     Raises:
@@ -332,7 +344,7 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
     """
     path = Path(path)
     records = []
-    for r in iter_catalog(path, images, encoding=encoding):
+    for r in iter_catalog(path, images, encoding=encoding, confine=confine):
         if r.error:
             raise HuseError(f"{path}, {r.error}")
         records.append(r)

@@ -111,6 +111,11 @@ def _bulk_options(fn):
                      help="Products CSV, JSONL or Parquet with image and/or name columns."),
         click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder)."),
         click.option("--encoding", help="Text encoding of a CSV/JSONL catalog (default UTF-8; e.g. latin-1, cp1252, utf-16)."),
+        click.option("--confine-images", is_flag=True,
+                     help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or "
+                          "resolve through a link outside --images (default: the catalog's folder); such a row gets "
+                          "an error naming it and its image is never read. Off by default: your own catalog may name "
+                          "images anywhere."),
         click.option("--out", required=True, type=click.Path(),
                      help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes a .jsonl file for small jobs."),
         click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", help="Shard file format."),
@@ -161,14 +166,15 @@ def embed(**kw) -> None:
     run_cli(lambda: _bulk("embed", **kw))
 
 
-def _bulk(task, *, bundle, data, images, encoding, out, fmt, backend, precision, device, batch_size, shard_rows,
+def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, backend, precision, device, batch_size, shard_rows,
           threads, workers, spin, resume, engine, address, actors, max_error_rate, progress, mode, trusted_keys=(),
           top_k=5, min_confidence=0.0, show=0) -> None:
     from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
 
     if not 0.0 <= max_error_rate <= 1.0:
         raise HuseError(f"--max-error-rate must be between 0 and 1; got {max_error_rate}")
-    job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding, mode=mode,
+    job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding,
+                  confine_images=confine_images, mode=mode,
                   top_k=top_k, min_confidence=min_confidence, batch_size=batch_size, shard_rows=shard_rows, format=fmt,
                   precision=precision, backend=backend, device=device, threads=threads, spinning=spin,
                   workers=workers, engine=engine, address=address, actors=actors, resume=resume, progress=progress,
@@ -283,13 +289,21 @@ def index_group() -> None:
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime and FAISS threads (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index directory.")
-def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite) -> None:
+@click.option("--confine-images", is_flag=True,
+              help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or resolve "
+                   "through a link outside --images; such a row is left out of the index and listed in "
+                   "excluded.jsonl with the reason. Off by default.")
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
+def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, confine_images,
+                sign_key) -> None:
     """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
-                          batch_size=batch_size, threads=threads, overwrite=overwrite)
+                          batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
+                          confine_images=confine_images)
         _echo_index(idx)
     run_cli(body)
 
@@ -299,13 +313,20 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL of the products to add.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
-def index_add(index, data, images, bundle) -> None:
+@click.option("--confine-images", is_flag=True,
+              help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or resolve "
+                   "through a link outside --images; such a row is left out of the index and listed in "
+                   "excluded.jsonl with the reason. Off by default.")
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
+                   "signature (trusted-key searches then refuse it until it is re-signed).")
+def index_add(index, data, images, bundle, confine_images, sign_key) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=bundle)
-        r = idx.add(data, images=images)
+        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)")
         _echo_index(idx)
@@ -315,13 +336,16 @@ def index_add(index, data, images, bundle) -> None:
 @index_group.command("remove")
 @click.argument("index", type=click.Path(file_okay=False))
 @click.option("--product-id", "product_ids", multiple=True, required=True, help="A product to remove (repeatable).")
-def index_remove(index, product_ids) -> None:
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
+                   "signature (trusted-key searches then refuse it until it is re-signed).")
+def index_remove(index, product_ids, sign_key) -> None:
     """Remove every item of the given products from INDEX (HNSW: tombstones, never returned)."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=None)
-        r = idx.remove(product_ids)
+        r = idx.remove(product_ids, sign_key=sign_key)
         click.echo(f"removed {r['removed']} items ({idx.manifest['removal']})")
         if r["unknown"]:
             click.echo(f"not in the index (or already removed): {', '.join(r['unknown'])}", err=True)
@@ -330,15 +354,17 @@ def index_remove(index, product_ids) -> None:
 
 @index_group.command("info")
 @click.argument("index", type=click.Path(file_okay=False))
-def index_info(index) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the index (and its bundle) unless signed by one.")
+def index_info(index, trusted_keys) -> None:
     """Show what INDEX holds and verify every file."""
     def body():
         from huse.runtime.index import Index
 
-        idx = Index.open(index, bundle=None)
+        idx = Index.open(index, bundle=None, trusted_keys=list(trusted_keys) or None)
         n = idx.verify_all()
         _echo_index(idx)
-        click.echo(f"{n} files verified (sha256)")
+        click.echo(f"{n} files verified (sha256)" + (", manifest signature verified" if trusted_keys else ""))
     run_cli(body)
 
 
@@ -366,7 +392,9 @@ def _echo_index(idx) -> None:
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
 @click.option("--threads", type=int, help="FAISS threads.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the index files used (trusted, read-only media).")
-def search(index, text, image, batch, target, prefix, k, out, bundle, threads, no_verify) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the index (and its bundle) unless signed by one.")
+def search(index, text, image, batch, target, prefix, k, out, bundle, threads, no_verify, trusted_keys) -> None:
     """Search INDEX by title, photo or both and print ranked products."""
     def body():
         from huse.runtime.index import Index
@@ -382,7 +410,11 @@ def search(index, text, image, batch, target, prefix, k, out, bundle, threads, n
             texts, images, labels = [text], [image], ["query"]
         else:
             raise HuseError("search needs --text, --image (both: a fused query) or --batch FILE")
-        idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads)
+        if no_verify and trusted_keys:
+            raise HuseError("--no-verify and --trusted-key contradict each other: a signature vouches for files only "
+                            "through their sha256; drop --no-verify")
+        idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
+                         trusted_keys=list(trusted_keys) or None)
         results = idx.search(texts=texts if any(t is not None for t in texts) else None,
                              images=images if any(i is not None for i in images) else None,
                              k=k, target=target, filter=prefix)

@@ -19,8 +19,8 @@ Index kinds (`kind="auto"` chooses, autofaiss's rule of thumb: by vector count a
 Search parameters (efSearch, nprobe) are tuned at build time against exact search on a sample of
 queries until recall@10 >= TARGET_RECALL; the measured figure is in the manifest.
 
-Directory layout (every file's sha256 is in manifest.json and checked before the file is used;
-no pickle anywhere):
+Directory layout (every file's sha256 is in manifest.json and checked before the file is used,
+hashed once per file version and then trusted by a stamp: runtime/stamps.py; no pickle anywhere):
 - manifest.json: bundle path and fingerprint (sha256 of the bundle's manifest.json), precision,
   dim, fusion weight, kind, per-modality factory string, search parameters, recall, counts.
 - items.jsonl (+ items.offsets.npy): one JSON object per item (row, product_id, name, image,
@@ -30,6 +30,15 @@ no pickle anywhere):
 - {image,text}.faiss (faiss.write_index; read memory-mapped), {image,text}.vectors.npy (float32,
   NaN for rows not in that index; memory-mapped, read only for re-ranking, exact fallback, re-tuning).
 - excluded.jsonl: the rows left out of a modality (failed or missing photo/title) and why.
+
+Signing (issue 12): `build(..., sign_key=KEY)` / `huse index build ... --sign KEY` signs
+manifest.json with the bundles' Ed25519 scheme (runtime/signing.py, the one copy of the rule:
+manifest.sig beside it). The manifest holds every file's sha256 and the bundle's fingerprint, so
+the signature covers the whole index. `open(..., trusted_keys=[...])` / `huse search
+--trusted-key PUB` refuses an unsigned or badly signed index, verifies every file it uses, and
+opens the bundle with the same keys. `add`/`remove` re-sign with `sign_key`, else they drop the
+now-stale signature: the changed index is unsigned (a trusted-key open refuses it), never
+vouched for by a signature of other bytes.
 
 Removal: flat and ivf delete the vectors from the FAISS index (`remove_ids`); FAISS's HNSW cannot
 delete, so a removed item there is a tombstone that an IDSelector filters out at search time (and
@@ -51,9 +60,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from huse.runtime.bundle import MANIFEST, package_versions, sha256_file, write_json_atomic
+from huse.runtime.bundle import MANIFEST, package_versions, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
+from huse.runtime.stamps import sha256_matches
 
 __all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS"]
 
@@ -72,6 +82,7 @@ TARGET_RECALL = 0.95  # recall@10 vs exact that tuning must reach
 TUNE_QUERIES = 500  # queries in the tuning sample
 EXACT_FALLBACK = 4096  # a filter that leaves at most this many rows is searched exactly over them
 EMBED_CHUNK = 256
+SIGN_HINT = "huse index build BUNDLE --data CATALOG --out INDEX --sign KEY"
 
 
 def _faiss():
@@ -269,13 +280,18 @@ class Index:
         verify: check each file's sha256 before it is first used (lazily: a search on the image
             index never reads or hashes the text index).
         threads: FAISS OpenMP threads (None: FAISS's default, all cores).
+        trusted_keys: Ed25519 public key files (PEM): refuse the index unless its manifest is
+            signed by one, verify every file it uses (`verify` is forced on) and open the bundle
+            with the same keys. None: unsigned indexes open.
     """
 
-    def __init__(self, folder: Path, manifest: dict, bundle: Path | None, verify: bool, threads: int | None):
+    def __init__(self, folder: Path, manifest: dict, bundle: Path | None, verify: bool, threads: int | None,
+                 trusted_keys: Sequence[str | Path] | None = None):
         self.folder = folder
         self.manifest = manifest
         self.bundle = bundle
-        self.verify = verify
+        self.trusted_keys = list(trusted_keys) if trusted_keys else None
+        self.verify = verify or bool(self.trusted_keys)
         self.kind: str = manifest["kind"]
         self.dim: int = int(manifest["dim"])
         self.fusion_weight = float(manifest["fusion_image_weight"])
@@ -291,10 +307,10 @@ class Index:
     # -- opening --------------------------------------------------------------------------
     @classmethod
     def open(cls, folder: str | Path, bundle: str | Path | None = None, verify: bool = True,
-             threads: int | None = None) -> "Index":
+             threads: int | None = None, trusted_keys: Sequence[str | Path] | None = None) -> "Index":
         """Open an index directory (see the class docstring)."""
         folder = Path(folder)
-        manifest = _load_index_manifest(folder)
+        manifest = _load_index_manifest(folder, trusted_keys)
         recorded = manifest["bundle"]
         if bundle is None:
             bundle = Path(recorded["path"]) if recorded.get("path") else None
@@ -307,16 +323,23 @@ class Index:
                 raise HuseError(f"bundle {bundle} (fingerprint {found[:16]}) is not the bundle index {folder} was built "
                                 f"with (fingerprint {recorded['fingerprint'][:16]}, from {recorded.get('path')}); "
                                 "query with that bundle or rebuild the index with `huse index build`")
-        return cls(folder, manifest, bundle, verify, threads)
+        return cls(folder, manifest, bundle, verify, threads, trusted_keys)
 
-    def _file(self, name: str) -> Path:
+    def _file(self, name: str, use_stamps: bool = True) -> Path:
+        """FOLDER/NAME, its sha256 checked against the manifest the first time it is used.
+
+        A fresh process checks through runtime/stamps.py: each file version is hashed once and
+        stamped in a user cache, later opens only stat it. At 200,000 products hashing the ~0.5 GB
+        index of each target searched was most of a fresh `huse search`'s 1 s; a changed file
+        (new inode, size, mtime or ctime) is always hashed again.
+        """
         path = self.folder / name
         if name not in self.manifest["files"]:
             raise HuseError(f"index {self.folder}: {name} is not listed in its manifest; rebuild the index")
         if self.verify and name not in self._verified:
             if not path.is_file():
                 raise HuseError(f"index {self.folder}: file {name} listed in the manifest is missing; rebuild the index")
-            if sha256_file(path) != self.manifest["files"][name]:
+            if not sha256_matches(path, self.manifest["files"][name], use_stamps=use_stamps):
                 raise HuseError(f"index {self.folder}: file {name} does not match its sha256 in the manifest "
                                 "(changed or corrupted); refusing to use it. Rebuild the index or restore the file")
             self._verified.add(name)
@@ -388,7 +411,8 @@ class Index:
                                 "not there any more; pass the bundle (`--bundle` / Index.open(..., bundle=...))")
             from huse.runtime.classifier import Classifier
 
-            self._classifier = Classifier(self.bundle, precision=self.manifest["precision"], verify=self.verify)
+            self._classifier = Classifier(self.bundle, precision=self.manifest["precision"], verify=self.verify,
+                                          trusted_keys=self.trusted_keys)
         return self._classifier
 
     def search(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None, k: int = 10,
@@ -518,7 +542,8 @@ class Index:
     @classmethod
     def build(cls, bundle: str | Path, data: str | Path | Sequence[Any], out: str | Path, images: str | Path | None = None,
               kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32", batch_size: int = 64,
-              threads: int | None = None, progress: bool = True, overwrite: bool = False) -> "Index":
+              threads: int | None = None, progress: bool = True, overwrite: bool = False,
+              sign_key: str | Path | None = None, confine_images: bool = False) -> "Index":
         """Embed every product of a catalog and write an index directory.
 
         Args:
@@ -532,6 +557,9 @@ class Index:
             batch_size, threads: passed to the Classifier (and threads to FAISS).
             progress: print a progress line to stderr.
             overwrite: replace an existing directory.
+            sign_key: an Ed25519 private key file (PEM): sign the index's manifest (see the module docstring).
+            confine_images: refuse image paths that could leave `images` (absolute, `..`, a link out);
+                such a row is left out and listed in excluded.jsonl. For catalogs from third parties.
         Returns:
             The opened Index.
         """
@@ -542,23 +570,25 @@ class Index:
         out = Path(out)
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        _check_sign_key(sign_key)  # a bad key fails now, not after minutes of embedding
         if threads:
             _faiss().omp_set_num_threads(int(threads))
         else:
             _faiss()  # fail on a missing extra before minutes of embedding
-        records = _records(data, images)
+        records = _records(data, images, confine_images)
         if not records:
             raise HuseError(f"catalog {data} has no rows to index")
         with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
             vecs, excluded = _embed_records(clf, records, 0, progress)
         return cls.from_embeddings(bundle, records, vecs, out, kind=kind, max_memory=max_memory, precision=precision,
-                                   excluded=excluded, threads=threads, progress=progress, overwrite=overwrite)
+                                   excluded=excluded, threads=threads, progress=progress, overwrite=overwrite,
+                                   sign_key=sign_key)
 
     @classmethod
     def from_embeddings(cls, bundle: str | Path, records: Sequence[Any], vectors: dict[str, np.ndarray], out: str | Path,
                         kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32",
                         excluded: list[dict] | None = None, threads: int | None = None, progress: bool = True,
-                        overwrite: bool = False) -> "Index":
+                        overwrite: bool = False, sign_key: str | Path | None = None) -> "Index":
         """Write an index directory from embeddings already computed with `bundle` (the second half of `build`).
 
         Args:
@@ -606,22 +636,27 @@ class Index:
             _write_excluded(tmp, excluded, append_to=None)
             for mod in MODALITIES:
                 manifest["modalities"][mod] = _write_modality(tmp, mod, kind, vecs[mod], dim, progress)
-            _finish(tmp, manifest)
+            _finish(tmp, manifest, sign_key)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return cls.open(out, bundle=bundle, threads=threads)
+        return cls.open(out, bundle=bundle, threads=threads)  # trusted keys are the opener's choice
 
-    def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True) -> dict:
+    def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True,
+            sign_key: str | Path | None = None, confine_images: bool = False) -> dict:
         """Embed and add products from another catalog; the index keeps its kind and tuned parameters.
+
+        With `sign_key` the updated manifest is re-signed; without it a signature is dropped.
+        `confine_images` as for `build`.
 
         Returns:
             {"added": items, "image": vectors added, "text": vectors added, "excluded": rows left out}.
         """
-        records = _records(data, images)
+        _check_sign_key(sign_key)
+        records = _records(data, images, confine_images)
         n0 = len(self)
         clf = self._embedder()
         vecs, excluded = _embed_records(clf, records, n0, progress)
@@ -648,16 +683,19 @@ class Index:
             info["count"] += len(ids)
             added[mod] = len(ids)
         m["classes"] = classes
-        _finish(self.folder, m)
+        _finish(self.folder, m, sign_key)
         self._reload()
         return {"added": len(records), **added, "excluded": len(excluded)}
 
-    def remove(self, product_ids: Sequence[str]) -> dict:
+    def remove(self, product_ids: Sequence[str], sign_key: str | Path | None = None) -> dict:
         """Remove every item of the given product_ids (see the module docstring for what each kind does).
+
+        With `sign_key` the updated manifest is re-signed; without it a signature is dropped.
 
         Returns:
             {"removed": items removed, "unknown": product_ids not in the index (or already removed)}.
         """
+        _check_sign_key(sign_key)
         wanted = {str(p) for p in product_ids}
         items = self.items()
         alive = self._array("items.alive.npy").copy()
@@ -679,12 +717,12 @@ class Index:
                     index.remove_ids(_faiss().IDSelectorBatch(in_mod))
                     _write_index(index, self.folder / f"{mod}.faiss")
                     info["count"] -= len(in_mod)
-            _finish(self.folder, self.manifest)
+            _finish(self.folder, self.manifest, sign_key)
             self._reload()
         return {"removed": int(len(positions)), "unknown": sorted(wanted - found)}
 
     def _reload(self) -> None:
-        self.manifest = _load_index_manifest(self.folder)
+        self.manifest = _load_index_manifest(self.folder)  # written by this process: no signature to check
         self.classes = self.manifest["classes"]
         self._verified.clear()
         self._faiss.clear()
@@ -700,9 +738,14 @@ class Index:
                                for k, v in m["modalities"].items()}}
 
     def verify_all(self) -> int:
-        """Check every file's sha256 now; returns how many files were checked."""
-        for name in self.manifest["files"]:
-            self._file(name)
+        """Hash every file now (stamps are not trusted for this explicit check); returns how many files."""
+        self._verified.clear()
+        verify, self.verify = self.verify, True
+        try:
+            for name in self.manifest["files"]:
+                self._file(name, use_stamps=False)
+        finally:
+            self.verify = verify
         return len(self.manifest["files"])
 
     def close(self) -> None:
@@ -734,12 +777,24 @@ def _bundle_fingerprint(bundle: str | Path) -> str:
     return sha256_file(path)
 
 
-def _load_index_manifest(folder: Path) -> dict:
+def _check_sign_key(sign_key: str | Path | None) -> None:
+    if sign_key is not None:
+        from huse.runtime.signing import check_signing_key
+
+        check_signing_key(sign_key)
+
+
+def _load_index_manifest(folder: Path, trusted_keys: Sequence[str | Path] | None = None) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise HuseError(f"{folder} is not a huse index: {MANIFEST} is missing; create one with `huse index build`")
+    data = path.read_bytes()
+    if trusted_keys:  # the exact bytes parsed below, as bundles do
+        from huse.runtime.signing import verify_signature
+
+        verify_signature(folder, data, trusted_keys, what=f"index {MANIFEST}", sign_hint=SIGN_HINT)
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        m = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HuseError(f"{path} is not a valid manifest ({e}); rebuild the index") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
@@ -747,15 +802,18 @@ def _load_index_manifest(folder: Path) -> dict:
     return m
 
 
-def _finish(folder: Path, manifest: dict) -> None:
-    """Counts and the sha256 of every file, then manifest.json (written last, atomically)."""
+def _finish(folder: Path, manifest: dict, sign_key: str | Path | None = None) -> None:
+    """Counts and the sha256 of every file, then manifest.json (written last, atomically; signed with
+    `sign_key`, else any older signature is dropped: runtime/signing.py's `write_signed_manifest`)."""
+    from huse.runtime.signing import SIGNATURE, write_signed_manifest
+
     alive = np.load(folder / "items.alive.npy", allow_pickle=False)
     manifest["counts"] = {"items": int(len(alive)), "removed": int((alive == 0).sum()),
                           **{m: int(manifest["modalities"][m]["count"] - manifest["modalities"][m].get("tombstones", 0))
                              for m in MODALITIES}}
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
-    write_json_atomic(folder / MANIFEST, manifest)
+                         if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.endswith(".tmp")}
+    write_signed_manifest(folder, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"), sign_key)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -775,11 +833,13 @@ def _read_writable(path: Path):
     return _faiss().read_index(str(path))
 
 
-def _records(data, images) -> list:
+def _records(data, images, confine: bool = False) -> list:
+    """Catalog Records; a bad row (malformed value, or an image path refused by `confine`) keeps its
+    `error` and is left out of both modalities (listed in excluded.jsonl), never a failed build."""
     if isinstance(data, (str, Path)):
-        from huse.runtime.catalog import read_catalog
+        from huse.runtime.catalog import iter_catalog
 
-        return read_catalog(data, images)
+        return list(iter_catalog(data, images, confine=confine))
     return list(data)
 
 
@@ -790,14 +850,16 @@ def _embed_records(clf, records: list, start: int, progress: bool) -> tuple[dict
     excluded = []
     for s in range(0, n, EMBED_CHUNK):
         chunk = records[s:s + EMBED_CHUNK]
-        with_img = [i for i, r in enumerate(chunk) if r.image]
+        with_img = [i for i, r in enumerate(chunk) if r.image and not getattr(r, "error", None)]
         e_img = clf.embed_image([chunk[i].image for i in with_img])
         vecs["image"][[s + i for i in with_img]] = e_img.vectors
-        e_txt = clf.embed_text([r.name for r in chunk])
+        e_txt = clf.embed_text([None if getattr(r, "error", None) else r.name for r in chunk])
         vecs["text"][s:s + len(chunk)] = e_txt.vectors
         img_err = {with_img[j]: msg for j, msg in e_img.errors.items()}
         for i, r in enumerate(chunk):
-            for mod, err in (("image", img_err.get(i) or (None if r.image else "no image")), ("text", e_txt.errors.get(i))):
+            row_err = getattr(r, "error", None)  # the catalog's own error for the row wins
+            for mod, err in (("image", row_err or img_err.get(i) or (None if r.image else "no image")),
+                             ("text", row_err or e_txt.errors.get(i))):
                 if err is None and not np.isfinite(vecs[mod][s + i]).all():
                     err = "embedding is not finite"
                 if err is not None:

@@ -30,7 +30,7 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 
 __all__ = ["SIGNATURE", "write_keypair", "sign_manifest", "verify_signature", "key_id", "add_signature",
-           "drop_signatures_except", "check_signing_key"]
+           "drop_signatures_except", "check_signing_key", "write_signed_manifest"]
 
 SIGNATURE = "manifest.sig"
 ALGORITHM = "ed25519"
@@ -163,6 +163,24 @@ def drop_signatures_except(folder: str | Path, manifest_bytes: bytes) -> None:
         (folder / SIGNATURE).unlink(missing_ok=True)
 
 
+def write_signed_manifest(folder: str | Path, data: bytes, sign_key: str | Path | None = None) -> None:
+    """Replace FOLDER/manifest.json with `data`, keeping manifest.sig true to it (bundles and indexes).
+
+    With `sign_key` the new bytes are signed before they replace the manifest and the old
+    signature is dropped after, so a kill at any instant leaves a manifest that verifies.
+    Without it a signature of the old manifest is dropped: a stale signature would only ever
+    be a "bad signature", and an artifact changed by someone without the key is unsigned.
+    """
+    from huse.runtime.bundle import MANIFEST, write_atomic
+
+    folder = Path(folder)
+    if sign_key is not None:
+        add_signature(folder, data, sign_key)
+    write_atomic(folder / MANIFEST, data)
+    if sign_key is not None or (folder / SIGNATURE).exists():
+        drop_signatures_except(folder, data)
+
+
 def sign_manifest(folder: str | Path, private_key: str | Path) -> str:
     """Sign FOLDER/manifest.json as it is on disk; returns the key id."""
     from huse.runtime.bundle import MANIFEST
@@ -175,7 +193,8 @@ def sign_manifest(folder: str | Path, private_key: str | Path) -> str:
 
 
 def verify_signature(folder: str | Path, manifest_bytes: bytes, trusted_keys: Sequence[str | Path] | None,
-                     what: str = "manifest.json", sig_name: str = SIGNATURE) -> str | None:
+                     what: str = "manifest.json", sig_name: str = SIGNATURE,
+                     sign_hint: str = "huse-export BUNDLE --sign KEY") -> str | None:
     """Check that `manifest_bytes` carry a valid signature by one of `trusted_keys`.
 
     The one place signatures are checked: bundles (runtime/bundle.py) and retrieval indexes
@@ -187,6 +206,7 @@ def verify_signature(folder: str | Path, manifest_bytes: bytes, trusted_keys: Se
         trusted_keys: PEM public key files; None or empty: no check (unsigned artifacts load).
         what: the signed file's name, for messages.
         sig_name: the detached signature file in `folder`.
+        sign_hint: the command that signs this kind of artifact, for the "not signed" message.
     Returns:
         The key id that verified, or None when no keys were given.
     Raises:
@@ -201,7 +221,7 @@ def verify_signature(folder: str | Path, manifest_bytes: bytes, trusted_keys: Se
     path = folder / sig_name
     if not path.is_file():
         raise HuseError(f"{folder}: {what} is not signed ({sig_name} is missing) and trusted keys are configured; "
-                        "refusing it. Sign it with `huse-export BUNDLE --sign KEY`")
+                        f"refusing it. Sign it with `{sign_hint}`")
     sig = _read_sig(folder, sig_name)
     digest = hashlib.sha256(manifest_bytes).hexdigest()
     trusted_ids = {key_id(k): k for k in keys}

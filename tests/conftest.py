@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.models.make_data import make_catalog
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_stamp_cache(tmp_path_factory):
+    """Index verification stamps (runtime/stamps.py) go to a temporary folder, never the user's
+    ~/.cache; set in os.environ so subprocesses inherit it."""
+    old = os.environ.get("HUSE_CACHE_DIR")
+    os.environ["HUSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("huse-cache"))
+    yield
+    if old is None:
+        os.environ.pop("HUSE_CACHE_DIR", None)
+    else:
+        os.environ["HUSE_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

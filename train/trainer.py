@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from huse.runtime.bundle import package_versions, write_atomic, write_json_atomic
+from huse.runtime.bundle import package_versions, sha256_file, write_atomic, write_json_atomic
 from huse.runtime.classifier import temperature_scale
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
@@ -275,23 +276,47 @@ class Trainer:
         skip += ("text_encoder.",) if self.mc.text_encoder == "minilm" else ()
         return {k: v for k, v in self.model.state_dict().items() if not k.startswith(skip)}
 
+    # A checkpoint is three files; each is written atomically, but a kill between them used to leave
+    # epoch N's weights beside epoch N-1's optimizer and RNG state, and the resumed run drifted
+    # silently (tests/reliability/test_kill_train.py). So the two tensor files are staged as
+    # *.next, state.json (the commit point) records their sha256, and only then are they renamed
+    # into place; a resume finishes renames a kill interrupted.
+    CHECKPOINT_FILES = ("checkpoint.safetensors", "optimizer.safetensors")
+
     def _save_checkpoint(self) -> None:
-        save_safetensors_atomic(self._trainable_state(), self.out / "checkpoint.safetensors")
         opt = self.optimizer.state_dict()
         flat = {f"{pid}.{name}": (t if torch.is_tensor(t) else torch.tensor(t))
                 for pid, st in opt["state"].items() for name, t in st.items()}
         # The random states (dropout, shuffling) travel too, so a resumed run is bit-exact on CPU.
         flat["rng.torch"], flat["rng.shuffle"] = torch.get_rng_state(), self.gen.get_state()
-        save_safetensors_atomic(flat, self.out / "optimizer.safetensors")
-        # state.json last: it is what marks the checkpoint as complete.
+        digests = {}
+        for name, tensors in zip(self.CHECKPOINT_FILES, (self._trainable_state(), flat)):
+            save_safetensors_atomic(tensors, self.out / f"{name}.next")
+            digests[name] = sha256_file(self.out / f"{name}.next")
+        # state.json: what marks the checkpoint as complete, and which bytes it is.
         write_json_atomic(self.out / "state.json", {"epoch": self.epoch, "history": self.history, "best": self.best,
-                                                    "param_groups": opt["param_groups"]})
+                                                    "param_groups": opt["param_groups"], "files": digests})
+        for name in self.CHECKPOINT_FILES:
+            os.replace(self.out / f"{name}.next", self.out / name)
+
+    def _checkpoint_files(self, state: dict[str, Any]) -> None:
+        """Make the files state.json names current (finishing an interrupted rename), or refuse."""
+        for name, digest in state.get("files", {}).items():  # runs from before the digests: no check
+            path, staged = self.out / name, self.out / f"{name}.next"
+            if path.is_file() and sha256_file(path) == digest:
+                continue
+            if staged.is_file() and sha256_file(staged) == digest:
+                os.replace(staged, path)
+                continue
+            raise HuseError(f"--resume: {path} is not the checkpoint {self.out / 'state.json'} records (changed or "
+                            "damaged); start a new run with another --out")
 
     def _load_checkpoint(self) -> None:
         state_path = self.out / "state.json"
         if not state_path.is_file():
             raise HuseError(f"--resume: no checkpoint in {self.out} (state.json missing); start without --resume")
         state = json.loads(state_path.read_text())
+        self._checkpoint_files(state)
         mismatch = HuseError(f"--resume: the checkpoint in {self.out} does not fit this model or its options (was it "
                              f"trained with others? they are in {self.out / 'config.json'} once it finishes); resume with "
                              "the same options, or start a new run with another --out")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import shutil
 import subprocess
@@ -212,3 +213,169 @@ print(sorted(m for m in ("torch", "huse.train", "huse.export", "onnx") if m in s
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# --- signed indexes (issue 12): the bundles' Ed25519 scheme, one copy in runtime/signing.py ---------------
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    pytest.importorskip("cryptography", reason="the [sign] extra (cryptography) is not installed")
+    from huse.runtime.signing import write_keypair
+
+    folder = tmp_path_factory.mktemp("keys")
+    priv, pub = write_keypair(folder / "release")
+    other_priv, other_pub = write_keypair(folder / "other")
+    return {"priv": priv, "pub": pub, "other_priv": other_priv, "other_pub": other_pub}
+
+
+@pytest.fixture(scope="module")
+def signed_index(tiny_bundle, tiny_catalog, keys, tmp_path_factory) -> Path:
+    """A signed bundle and a signed index built with it (the index records the bundle's path)."""
+    from huse.runtime.signing import sign_manifest
+
+    folder = tmp_path_factory.mktemp("signed")
+    bundle = folder / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    sign_manifest(bundle, keys["priv"])
+    Index.build(bundle, tiny_catalog, folder / "idx", kind="flat", progress=False, sign_key=keys["priv"])
+    return folder / "idx"
+
+
+def test_signed_index_opens_with_its_key_and_unsigned_indexes_are_refused(signed_index, flat_index, keys, records):
+    assert (signed_index / "manifest.sig").is_file()
+    assert "manifest.sig" not in json.loads((signed_index / "manifest.json").read_text())["files"]
+    idx = Index.open(signed_index, trusted_keys=[keys["pub"]])
+    assert idx.search(images=[records[3].image], k=1)[0][0].row == records[3].row
+    assert Index.open(signed_index).search(images=[records[3].image], k=1)[0][0].row == records[3].row  # no keys: as before
+    with pytest.raises(HuseError, match=r"index manifest\.json is not signed .*huse index build .*--sign KEY"):
+        Index.open(flat_index, trusted_keys=[keys["pub"]])
+    with pytest.raises(HuseError, match=r"signed by key \w+, which is not among the trusted keys"):
+        Index.open(signed_index, trusted_keys=[keys["other_pub"]])
+
+
+@pytest.mark.parametrize("attack", ["relabel-manifest", "rehash-tampered-file", "drop-signature"])
+def test_signed_index_refuses_tampering(signed_index, keys, tmp_path, attack):
+    idx_dir = _copy(signed_index, tmp_path)
+    m = json.loads((idx_dir / "manifest.json").read_text())
+    if attack == "relabel-manifest":
+        m["classes"][0] = "clothing<tops<sweaters"
+        (idx_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+    elif attack == "rehash-tampered-file":  # change a file and its listed sha256: only the signature catches it
+        from huse.runtime.bundle import sha256_file
+
+        (idx_dir / "items.jsonl").write_text((idx_dir / "items.jsonl").read_text().replace("Acme", "Evil"))
+        m["files"]["items.jsonl"] = sha256_file(idx_dir / "items.jsonl")
+        (idx_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+    else:
+        (idx_dir / "manifest.sig").unlink()
+    want = r"is not signed" if attack == "drop-signature" else r"bad signature: index manifest\.json was changed"
+    with pytest.raises(HuseError, match=want):
+        Index.open(idx_dir, trusted_keys=[keys["pub"]])
+
+
+def test_trusted_index_opens_its_bundle_with_the_same_keys(tiny_bundle, tiny_catalog, keys, records, tmp_path):
+    # A signed index of an unsigned bundle: the index verifies, the bundle does not.
+    idx = Index.build(tiny_bundle, tiny_catalog, tmp_path / "idx", kind="flat", progress=False, sign_key=keys["priv"])
+    idx.close()
+    idx = Index.open(tmp_path / "idx", trusted_keys=[keys["pub"]])
+    q = np.asarray(idx._vectors_of("image")[3])[None]  # vector queries need no bundle
+    assert idx.search_vectors(q, k=1)[0][0].row == records[3].row
+    with pytest.raises(HuseError, match=rf"{tiny_bundle}: manifest\.json is not signed"):
+        idx.search(texts=["Acme black tee"], k=1)
+
+
+def test_add_and_remove_resign_or_drop_the_stale_signature(signed_index, keys, records, tiny_catalog, tmp_path):
+    idx_dir = _copy(signed_index, tmp_path)
+    bundle = signed_index.parent / "bundle"
+    gone = records[0].product_id
+    r = Index.open(idx_dir, bundle=bundle, trusted_keys=[keys["pub"]]).remove([gone], sign_key=keys["priv"])
+    assert r["removed"] == 1
+    idx = Index.open(idx_dir, bundle=bundle, trusted_keys=[keys["pub"]])  # re-signed: still trusted
+    assert gone not in {h.product_id for h in idx.search(images=[records[0].image], k=5)[0]}
+    sig = json.loads((idx_dir / "manifest.sig").read_text())
+    assert len(sig["signatures"]) == 1  # only the current manifest's signature is kept
+
+    Index.open(idx_dir, bundle=bundle).remove([records[1].product_id])  # no key: the signature is dropped
+    assert not (idx_dir / "manifest.sig").exists()
+    with pytest.raises(HuseError, match="is not signed"):
+        Index.open(idx_dir, trusted_keys=[keys["pub"]])
+    Index.open(idx_dir, bundle=bundle).add(tiny_catalog, progress=False, sign_key=keys["priv"])  # re-signed by add
+    assert len(Index.open(idx_dir, trusted_keys=[keys["pub"]])) == 2 * len(records)
+
+
+def test_cli_signed_index_and_trusted_search(signed_index, tiny_bundle, tiny_catalog, keys, records, tmp_path):
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    cli = CliRunner()
+    bundle = signed_index.parent / "bundle"
+    r = cli.invoke(main, ["index", "build", str(bundle), "--data", str(tiny_catalog), "--out", str(tmp_path / "idx"),
+                          "--kind", "flat", "--sign", str(keys["priv"])])
+    assert r.exit_code == 0, r.output
+    q = records[9]
+    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--image", q.image, "-k", "1", "--trusted-key", str(keys["pub"])])
+    assert r.exit_code == 0 and f"row {q.row}" in r.output, r.output
+    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--text", "tee", "--trusted-key", str(keys["other_pub"])])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "not among the trusted keys" in r.output, r.output
+    assert r.output.count("\n") == 1  # one line, no traceback
+    r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx"), "--product-id", q.product_id])
+    assert r.exit_code == 0, r.output
+    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--text", "tee", "--trusted-key", str(keys["pub"])])
+    assert r.exit_code == 1 and "is not signed" in r.output, r.output
+    r = cli.invoke(main, ["index", "build", str(bundle), "--data", str(tiny_catalog), "--out", str(tmp_path / "x"),
+                          "--sign", str(tmp_path / "missing.key")])
+    assert r.exit_code == 1 and "signing key" in r.output and not (tmp_path / "x").exists(), r.output
+
+
+# --- fresh-process search: each index file version is hashed once (runtime/stamps.py) ---------------------
+@pytest.fixture
+def stamps(tmp_path, monkeypatch):
+    """A private stamp folder; files are stamped however young (RACY_SECONDS 0), and a hash counter."""
+    import huse.runtime.stamps as stamps_mod
+
+    monkeypatch.setenv("HUSE_CACHE_DIR", str(tmp_path / "stamps"))
+    monkeypatch.delenv("HUSE_VERIFY_CACHE", raising=False)
+    monkeypatch.setattr(stamps_mod, "RACY_SECONDS", 0.0)
+    hashed: list[str] = []
+    real = stamps_mod.sha256_file
+    monkeypatch.setattr(stamps_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    return hashed
+
+
+def test_fresh_opens_hash_each_file_once_and_a_changed_file_again(flat_index, records, tmp_path, stamps):
+    idx_dir = _copy(flat_index, tmp_path)
+    query = dict(images=[records[3].image], k=3, target="image")
+    assert Index.open(idx_dir).search(**query)[0][0].row == records[3].row
+    assert "image.faiss" in stamps and "items.jsonl" in stamps
+    stamps.clear()
+    assert Index.open(idx_dir).search(**query)[0][0].row == records[3].row  # a new process would do the same
+    assert stamps == []  # only stat()s: nothing hashed
+    # Same size, mtime set back: the ctime still moves, so the file is hashed again and refused.
+    path = idx_dir / "image.faiss"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(HuseError, match=r"image\.faiss does not match its sha256"):
+        Index.open(idx_dir).search(**query)
+    assert stamps == ["image.faiss"]
+
+
+def test_stamps_are_off_when_asked_or_when_others_could_write_them(flat_index, tmp_path, stamps, monkeypatch):
+    from huse.runtime.stamps import stamp_dir
+
+    assert stamp_dir() == tmp_path / "stamps"
+    idx = Index.open(flat_index)
+    stamps.clear()
+    assert idx.verify_all() == len(idx.manifest["files"]) and sorted(stamps) == sorted(idx.manifest["files"])  # explicit: all hashed
+    monkeypatch.setenv("HUSE_VERIFY_CACHE", "0")
+    assert stamp_dir() is None
+    monkeypatch.delenv("HUSE_VERIFY_CACHE")
+    (tmp_path / "stamps").chmod(0o777)
+    assert stamp_dir() is None  # a folder others may write: stamps could be planted, so none are used
+    stamps.clear()
+    Index.open(flat_index).search(texts=["Acme black tee"], k=1)
+    Index.open(flat_index).search(texts=["Acme black tee"], k=1)
+    assert stamps.count("image.faiss") == 2
