@@ -4,8 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 BUNDLE ?= bundles/demo
-# Demo recipe (the README's numbers come from it): all 55,000 train products, 10 epochs.
-TRAIN_ARGS ?= --dataset fashion-products --epochs 10
+# Demo recipe (the README's numbers come from it): all 55,000 train products, huse-train's defaults.
+TRAIN_ARGS ?= --dataset fashion-products
 
 .PHONY: demo test setup data clean
 
@@ -34,6 +34,8 @@ demo: setup data
 	$(BIN)/huse-export $(RUN) --out $(BUNDLE) --fp16 --int8 --int8-cpu --force
 	$(BIN)/huse data export fashion-products data/fashion-products --limit 200
 	$(BIN)/huse classify $(BUNDLE) --data data/fashion-products/catalog.csv --out data/predictions.jsonl --show 5
+	$(BIN)/huse index build $(BUNDLE) --data data/fashion-products/catalog.csv --out data/index --overwrite
+	$(BIN)/huse search data/index --text "black leather ankle boots" -k 5
 	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --precisions fp32,int8-cpu --out bench-results/accuracy.json
 	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32,int8-cpu --repeats 3 --eval-size 500
 

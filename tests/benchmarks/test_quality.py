@@ -1,0 +1,57 @@
+"""The quality benchmark and the catalog converter, on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+
+def test_quality_benchmark_tabulates_huse_against_the_baseline(tiny_catalog, tmp_path):
+    from huse.benchmarks.quality import main
+
+    args = ["--catalog", f"tiny={tiny_catalog}", "--work", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    for a in ("--backbone=tiny", "--image-size=32", "--embed-dim=32", "--epochs=3", "--text-encoder=cnn"):
+        args += ["--train-arg", a]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads(next((tmp_path / "out").glob("quality-*.json")).read_text())
+    row = result["rows"][0]
+    assert row["catalog"] == "tiny" and row["text_encoder"] == "cnn"
+    for mode in ("fused", "image", "text"):
+        assert abs(row[f"diff_{mode}"] - (row[f"huse_{mode}"] - row[f"baseline_{mode}"])) < 1e-12
+    assert "| tiny |" in r.output
+    # A second run reuses the finished training run instead of training again.
+    stamp = (tmp_path / "runs" / result["recipe"] / "tiny" / "wall_s.txt").stat().st_mtime_ns
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert (tmp_path / "runs" / result["recipe"] / "tiny" / "wall_s.txt").stat().st_mtime_ns == stamp
+
+
+SOURCE = '''var t = 1, e = /* @__PURE__ */ ((i) => (i.ARROWS = "arrows", i.OFFICE = "office", i))(e || {}), a = /* @__PURE__ */ ((i) => (i.ARROWS = "arrows", i.OFFICE = "office & editing", i))(a || {});
+const n = [
+  {
+    name: "arrow-up",
+    pascal_name: "ArrowUp",
+    categories: [e.ARROWS],
+    figma_category: a.ARROWS,
+    tags: ["up"],
+  },
+  {
+    name: "pencil-simple",
+    pascal_name: "PencilSimple",
+    alias: { name: "pencil", pascal_name: "Pencil" },
+    categories: [e.OFFICE, e.ARROWS],
+    figma_category: a.OFFICE,
+    tags: ["write"],
+  },'''
+
+
+def test_phosphor_metadata_parses_into_two_level_classes():
+    from huse.benchmarks.catalogs import _ENTRY, _enum, _split
+
+    figma, cats = _enum(SOURCE, "a"), _enum(SOURCE, "e")
+    assert figma == {"ARROWS": "arrows", "OFFICE": "office & editing"} and cats["OFFICE"] == "office"
+    entries = _ENTRY.findall(SOURCE)
+    assert [(name, fig) for name, _, fig in entries] == [("arrow-up", "ARROWS"), ("pencil-simple", "OFFICE")]
+    assert entries[1][1].split(",")[0].strip() == "e.OFFICE"  # the first category is the second level
+    assert _split("arrow-up", 0) == _split("arrow-up", 0) in ("train", "val", "test")
