@@ -42,7 +42,6 @@ import click
 import numpy as np
 
 from huse.runtime.cli import run_cli
-from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 
 __all__ = ["rank", "recall_at_k", "map_at_k", "relevant_classes", "hierarchical_precision_at_k", "evaluate",

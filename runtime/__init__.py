@@ -9,4 +9,4 @@ from huse.runtime.classifier import Classifier, Embeddings
 from huse.runtime.errors import HuseError
 from huse.runtime.index import Hit, Index
 
-__all__ = ["Classifier", "Embeddings", "HuseError", "Hit", "Index"]
+__all__ = ["Classifier", "Embeddings", "Hit", "HuseError", "Index"]

@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from huse.runtime.errors import HuseError
+from huse.runtime.files import MANIFEST, json_bytes, sha256_file
 
-MANIFEST = "manifest.json"
 # Precisions whose graphs only onnxruntime's CPU kernels take (uint8 activations with zero points): never
 # handed to TensorRT or a GPU provider.
 CPU_ONLY_PRECISIONS = ("int8-cpu",)
 FORMAT = "huse-bundle"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -48,31 +39,6 @@ def package_versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write a file so that a reader never sees half of it (write next to it, fsync, rename).
-
-    Args:
-        path: the target file.
-        data: bytes, or text (written as UTF-8).
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON so that a reader never sees a half-written file (`write_atomic`)."""
-    write_atomic(path, _json_bytes(obj))
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any], exclude: Sequence[str] = (),
@@ -102,7 +68,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any], exclude: Sequen
         if p.is_file() and rel.split("/")[0] not in skip and not p.name.endswith(".tmp"):
             files[rel] = sha256_file(p)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    write_signed_manifest(folder, _json_bytes(manifest), sign_key)
+    write_signed_manifest(folder, json_bytes(manifest), sign_key)
     return manifest
 
 

@@ -60,7 +60,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from huse.runtime.bundle import MANIFEST, package_versions, sha256_file
+from huse.runtime.bundle import package_versions
+from huse.runtime.files import MANIFEST, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 from huse.runtime.stamps import sha256_matches
@@ -270,6 +271,16 @@ class _Dense:
 
 
 # -- the index --------------------------------------------------------------------------------
+def _check_target(kind: str, out: str | Path, overwrite: bool) -> Path:
+    """The checks a build makes before any work: a known kind, and no index overwritten by accident."""
+    if kind not in KINDS:
+        raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
 class Index:
     """A retrieval index over a catalog's universal embeddings; use `Index.build` or `Index.open`.
 
@@ -565,11 +576,7 @@ class Index:
         """
         from huse.runtime.classifier import Classifier
 
-        if kind not in KINDS:
-            raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
-        out = Path(out)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        out = _check_target(kind, out, overwrite)
         _check_sign_key(sign_key)  # a bad key fails now, not after minutes of embedding
         if threads:
             _faiss().omp_set_num_threads(int(threads))
@@ -601,11 +608,7 @@ class Index:
         """
         from huse.runtime.bundle import load_manifest
 
-        if kind not in KINDS:
-            raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
-        out = Path(out)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        out = _check_target(kind, out, overwrite)
         bm = load_manifest(bundle, verify=False)
         dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
         vecs = {m: np.asarray(vectors[m], np.float32) for m in MODALITIES}

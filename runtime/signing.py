@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
+from huse.runtime.files import MANIFEST, write_atomic, write_json_atomic
 
 __all__ = ["SIGNATURE", "write_keypair", "sign_manifest", "verify_signature", "key_id", "add_signature",
            "drop_signatures_except", "check_signing_key", "write_signed_manifest"]
@@ -130,8 +131,6 @@ def _read_sig(folder: Path, name: str = SIGNATURE) -> dict:
 
 
 def _write_sig(folder: Path, sig: dict) -> None:
-    from huse.runtime.bundle import write_json_atomic
-
     write_json_atomic(folder / SIGNATURE, sig)
 
 
@@ -171,8 +170,6 @@ def write_signed_manifest(folder: str | Path, data: bytes, sign_key: str | Path 
     Without it a signature of the old manifest is dropped: a stale signature would only ever
     be a "bad signature", and an artifact changed by someone without the key is unsigned.
     """
-    from huse.runtime.bundle import MANIFEST, write_atomic
-
     folder = Path(folder)
     if sign_key is not None:
         add_signature(folder, data, sign_key)
@@ -183,8 +180,6 @@ def write_signed_manifest(folder: str | Path, data: bytes, sign_key: str | Path 
 
 def sign_manifest(folder: str | Path, private_key: str | Path) -> str:
     """Sign FOLDER/manifest.json as it is on disk; returns the key id."""
-    from huse.runtime.bundle import MANIFEST
-
     folder = Path(folder)
     data = (folder / MANIFEST).read_bytes()
     kid = add_signature(folder, data, private_key)

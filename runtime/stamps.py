@@ -36,7 +36,7 @@ import stat
 import time
 from pathlib import Path
 
-from huse.runtime.bundle import sha256_file
+from huse.runtime.files import sha256_file
 
 __all__ = ["sha256_matches", "stamp_dir", "RACY_SECONDS"]
 

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from huse.runtime.bundle import package_versions, sha256_file, write_atomic, write_json_atomic
+from huse.runtime.bundle import package_versions
+from huse.runtime.files import sha256_file, write_atomic, write_json_atomic
 from huse.runtime.classifier import temperature_scale
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
@@ -71,7 +72,7 @@ class TrainConfig:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors so that a killed run never leaves a broken file (huse.runtime.bundle.write_atomic)."""
+    """Write safetensors so that a killed run never leaves a broken file (huse.runtime.files.write_atomic)."""
     write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from huse.runtime import Classifier, HuseError
-from huse.runtime.bundle import MANIFEST, sha256_file
+from huse.runtime.files import MANIFEST, sha256_file
 
 IMAGE = np.full((32, 32, 3), 120, np.uint8)
 

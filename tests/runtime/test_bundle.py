@@ -7,15 +7,8 @@ import json
 
 import pytest
 
-from huse.runtime.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    load_manifest,
-    sha256_file,
-    write_json_atomic,
-    write_manifest,
-)
+from huse.runtime.bundle import FORMAT, FORMAT_VERSION, load_manifest, write_manifest
+from huse.runtime.files import MANIFEST, sha256_file, write_json_atomic
 from huse.runtime.errors import HuseError
 
 

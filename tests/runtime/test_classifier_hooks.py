@@ -25,11 +25,3 @@ def test_stage_hooks_give_the_same_answer_as_classify(tiny_bundle, tiny_catalog)
         assert set(clf.loaded_files) == {"image"} and clf.loaded_files["image"].suffix == ".onnx"
         with pytest.raises(HuseError):
             clf.preprocess_images([str(tiny_catalog.parent / "no-such.png")])
-
-
-def test_a_missing_precision_suggests_a_real_export_flag(tiny_bundle):
-    with pytest.raises(HuseError, match=r"has no 'int8-cpu' models.*`huse-export .* --int8-cpu`"):
-        Classifier(tiny_bundle, precision="int8-cpu")
-    with pytest.raises(HuseError) as e:
-        Classifier(tiny_bundle, precision="fp64")
-    assert "--fp64" not in str(e.value) and "precisions huse makes are ['fp32', 'fp16', 'int8', 'int8-cpu']" in str(e.value)

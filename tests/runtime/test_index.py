@@ -260,7 +260,7 @@ def test_signed_index_refuses_tampering(signed_index, keys, tmp_path, attack):
         m["classes"][0] = "clothing<tops<sweaters"
         (idx_dir / "manifest.json").write_text(json.dumps(m, indent=2))
     elif attack == "rehash-tampered-file":  # change a file and its listed sha256: only the signature catches it
-        from huse.runtime.bundle import sha256_file
+        from huse.runtime.files import sha256_file
 
         (idx_dir / "items.jsonl").write_text((idx_dir / "items.jsonl").read_text().replace("Acme", "Evil"))
         m["files"]["items.jsonl"] = sha256_file(idx_dir / "items.jsonl")

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.trt.gpu import TRT_EXTRA_HINT, gpu_status
-from huse.runtime.bundle import sha256_file, write_atomic
+from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.errors import HuseError
 
 __all__ = ["DEFAULT_WORKSPACE_MIB", "REBUILD_HINT", "build_engine", "engine_cache_path",

@@ -19,7 +19,7 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.backends.trt.gpu import Cuda, gpu_status
 from huse.runtime.backends.trt.loader import REBUILD_HINT, load_or_build, read_sidecar
-from huse.runtime.bundle import sha256_file
+from huse.runtime.files import sha256_file
 from huse.runtime.errors import HuseError
 
 __all__ = ["TrtRunner"]

@@ -1,0 +1,45 @@
+"""Writing and hashing files: the one copy that bundles, indexes, signatures, bulk output and training use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Every artifact (bundle, index, bulk output) describes itself in this file.
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write a file so that a reader never sees half of it (write next to it, fsync, rename).
+
+    Args:
+        path: the target file.
+        data: bytes, or text (written as UTF-8).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a reader never sees a half-written file (`write_atomic`)."""
+    write_atomic(path, json_bytes(obj))
