@@ -21,9 +21,9 @@ from huse.runtime.cli import run_cli
 @click.option("--text-encoder", type=click.Choice(["auto", "cnn", "minilm"]), default="auto",
               help="Word CNN trained from scratch, or pretrained frozen MiniLM; auto: MiniLM when more than 10% of the "
                    "val titles' words never occur in training titles (open vocabulary), else the word CNN.")
-@click.option("--arch", type=click.Choice(["auto", "paper"]), default="auto",
-              help="Tower sizes: paper (image 5x512, text 2x512, dropout 0.15), or auto: the paper's above "
-                   "20,000 training items, smaller towers with more dropout below (README, 'Model quality').")
+@click.option("--arch", type=click.Choice(["compact", "paper"]), default="compact",
+              help="Tower sizes: compact (one 512-wide image layer, a linear text projection, dropout 0.5) or the "
+                   "paper's (image 5x512, text 2x512, dropout 0.15); README, 'Model quality'.")
 @click.option("--embed-dim", default=512, help="Dimension D of the universal embedding.")
 @click.option("--epochs", type=int, help="Exactly this many epochs (default: a budget of max(2,000 steps, 10 epochs) "
                                           "with early stopping on val loss; the best epoch is kept).")
@@ -97,7 +97,7 @@ def format_metrics(metrics: dict) -> str:
     if worse:
         lines.append("WARNING: HUSE is worse than a logistic regression on the same features on val in "
                      + ", ".join(f"{m} ({v['huse']:.3f} < {v['baseline']:.3f})" for m, v in worse.items())
-                     + ". Try: more data per class; --text-encoder minilm for titles with new words; --arch auto "
+                     + ". Try: more data per class; --text-encoder minilm for titles with new words; --arch compact "
                        "(smaller towers); or use the baseline's modality alone.")
     else:
         lines.append("HUSE beats the logistic-regression baseline on val in every mode.")

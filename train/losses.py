@@ -50,31 +50,44 @@ def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return (1.0 - (image_emb * text_emb).sum(dim=-1)).mean()
 
 
-def instance_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, product: torch.Tensor, tau: float) -> torch.Tensor:
-    """Symmetric InfoNCE between the batch's image and title embeddings.
-
-    Items of the same product (several photos of one product share its title) are all
-    positives: the target of each row is uniform over them.
-
-    Args:
-        image_emb, text_emb: (N, D) L2-normalised embeddings of the same N items.
-        product: (N,) product indices.
-        tau: temperature.
-    """
-    logits = image_emb @ text_emb.t() / tau
+def _info_nce(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between rows of `a` and `b`; items of the same product are all positives."""
+    logits = a @ b.t() / tau
     pos = (product[:, None] == product[None, :]).to(logits.dtype)
     target = pos / pos.sum(1, keepdim=True)  # pos is symmetric, so this serves both directions
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def instance_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, product: torch.Tensor, tau: float,
+                  image_view: torch.Tensor | None = None) -> torch.Tensor:
+    """Instance-level contrastive term: each image must pick its product's title out of the batch's
+    titles (and each title its product's images), CLIP's form of the gap loss.
+
+    With `image_view` (the same images through the tower again, under another dropout mask) each
+    image must also pick its other view out of the batch, as SimCSE does with dropout noise: the
+    class losses alone collapse a class's products onto one point, and "find this product"
+    needs them apart.
+
+    Args:
+        image_emb, text_emb: (N, D) L2-normalised embeddings of the same N items.
+        product: (N,) product indices.
+        tau: temperature.
+        image_view: (N, D) a second dropout view of image_emb, or None.
+    """
+    loss = _info_nce(image_emb, text_emb, product, tau)
+    if image_view is not None:
+        loss = 0.5 * (loss + _info_nce(image_emb, image_view, product, tau))
+    return loss
+
+
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor, text_logits: torch.Tensor,
               labels: torch.Tensor, class_dist: torch.Tensor, *, alpha: float, beta: float, gamma: float,
-              margin: float, delta: float = 0.0, tau: float = 0.1,
-              product: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              margin: float, delta: float = 0.0, tau: float = 0.1, product: torch.Tensor | None = None,
+              image_view: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the losses, and each part for logging.
 
     The graph loss is applied to each modality's embeddings and averaged. `product` (N,) is
-    needed when delta > 0.
+    needed when delta > 0; `image_view` is optional (see instance_loss).
     """
     cls = classification_loss(image_logits, text_logits, labels)
     graph = 0.5 * (semantic_graph_loss(image_emb, labels, class_dist, margin)
@@ -83,7 +96,7 @@ def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: tor
     total = alpha * cls + beta * graph + gamma * gap
     parts = {"loss": total, "cls": cls, "graph": graph, "gap": gap}
     if delta:
-        inst = instance_loss(image_emb, text_emb, product, tau)
+        inst = instance_loss(image_emb, text_emb, product, tau, image_view)
         total = total + delta * inst
         parts.update(loss=total, instance=inst)
     return total, {k: float(v.detach()) for k, v in parts.items()}

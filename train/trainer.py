@@ -54,7 +54,10 @@ class TrainConfig:
     alpha: float = 1.0  # classification loss weight
     beta: float = 1.0  # semantic-graph loss weight
     gamma: float = 0.2  # cross-modal gap loss weight (large values pull the towers to one mode)
-    delta: float = 0.0  # instance-level contrastive (InfoNCE) weight between image and title embeddings
+    # Instance-level contrastive (InfoNCE) weight: image vs title and image vs a second dropout view. 0.5
+    # took fashion-products' multi-view "same product" I->I R@1 from 0.16 to 0.38 at the same fused
+    # top-1 (97.2%); on phosphor-icons fused 72.3% vs 74.1% without, within one test-set standard error.
+    delta: float = 0.5
     tau: float = 0.1  # temperature of the instance-level contrastive term
     margin: float = 0.7  # zeta: hierarchy distances are 0 (same), 1/3 (siblings), 2/3, 1
     class_distance: str = "hierarchy"  # or "minilm": cosine distance of class-name embeddings
@@ -223,7 +226,7 @@ class Trainer:
         self.spec = ImageSpec(size=(model_cfg.image_size, model_cfg.image_size), mean=info.mean, std=info.std)
         self.split = {s: torch.from_numpy(ds.indices(s)) for s in ("train", "val", "test")}
         self.text_choice = choose_text_encoder(model_cfg, ds, self.split)
-        resolve_arch(model_cfg, len(self.split["train"]))
+        resolve_arch(model_cfg)
         if model_cfg.text_encoder == "minilm":
             from huse.train.minilm import minilm_tokenizer
 
@@ -364,7 +367,8 @@ class Trainer:
                 loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te), self.y[idx],
                                         self.class_dist, alpha=self.tc.alpha, beta=self.tc.beta, gamma=self.tc.gamma,
                                         margin=self.tc.margin, delta=self.tc.delta, tau=self.tc.tau,
-                                        product=self.product[idx])
+                                        product=self.product[idx],
+                                        image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

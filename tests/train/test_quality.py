@@ -129,3 +129,35 @@ def test_resume_is_bit_exact(tiny_catalog, tmp_path, monkeypatch):
     assert resumed["history"] == whole["history"]  # every loss and val figure, to the last bit
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_arch_presets_set_the_towers_and_custom_keeps_them():
+    from huse.runtime.errors import HuseError
+    from huse.train.model import HuseConfig, resolve_arch
+
+    cfg = HuseConfig(num_classes=3, arch="compact", image_layers=5)
+    resolve_arch(cfg)
+    assert (cfg.image_layers, cfg.text_layers, cfg.dropout) == (1, 0, 0.5)
+    cfg = HuseConfig(num_classes=3, arch="paper")
+    resolve_arch(cfg)
+    assert (cfg.image_layers, cfg.text_layers, cfg.dropout) == (5, 2, 0.15)
+    cfg = HuseConfig(num_classes=3, image_layers=3)
+    resolve_arch(cfg)
+    assert cfg.image_layers == 3
+    with pytest.raises(HuseError, match="available"):
+        resolve_arch(HuseConfig(num_classes=3, arch="huge"))
+
+
+def test_instance_loss_prefers_matching_pairs_and_treats_a_products_items_as_positives():
+    import torch
+
+    from huse.train.losses import instance_loss
+
+    e = torch.nn.functional.normalize(torch.eye(4), dim=1)
+    product = torch.tensor([0, 1, 2, 3])
+    matched = instance_loss(e, e, product, 0.1)
+    shuffled = instance_loss(e, e[[1, 0, 3, 2]], product, 0.1)
+    assert matched < 0.01 < shuffled
+    # items 0 and 1 are one product: pairing 0's image with 1's title is no longer a mistake
+    assert instance_loss(e, e[[1, 0, 2, 3]], torch.tensor([0, 0, 2, 3]), 0.1) < shuffled
+    assert instance_loss(e, e, product, 0.1, image_view=e) < 0.01
