@@ -97,8 +97,9 @@ def format_metrics(metrics: dict) -> str:
     if worse:
         lines.append("WARNING: HUSE is worse than a logistic regression on the same features on val in "
                      + ", ".join(f"{m} ({v['huse']:.3f} < {v['baseline']:.3f})" for m, v in worse.items())
-                     + ". Try: more data per class; --text-encoder minilm for titles with new words; --arch compact "
-                       "(smaller towers); or use the baseline's modality alone.")
+                     + f" ({metrics['split_sizes']['val']} val items: small val splits are noisy). Try: more data per class"
+                     + ("; --text-encoder minilm for titles with new words" if metrics["text_encoder"]["chosen"] == "cnn" else "")
+                     + "; or serve the baseline's modality alone.")
     else:
         lines.append("HUSE beats the logistic-regression baseline on val in every mode.")
     return "\n".join(lines)

@@ -173,8 +173,8 @@ def test_failed_rows_are_excluded_and_listed(tiny_bundle, tiny_catalog, tmp_path
 
 def test_choose_kind_by_size_and_memory():
     assert choose_kind(10_000, 512) == "flat"
-    assert choose_kind(200_000, 512, "4G") == "hnsw"
-    assert choose_kind(200_000, 512, "300M") == "ivf"  # HNSW (2 x ~440 MB) does not fit, 8-bit codes do
+    assert choose_kind(200_000, 512, "4G") == "ivf"  # not HNSW: cross-modal queries (runtime/index.py)
+    assert choose_kind(200_000, 512, "300M") == "ivf"  # 8-bit codes fit where float vectors would not
     with pytest.raises(HuseError, match="max-memory"):
         choose_kind(200_000, 512, "10M")
     assert parse_memory("1.5G") == 3 * 2**29 and parse_memory("512MiB") == 512 * 2**20
