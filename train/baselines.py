@@ -91,15 +91,20 @@ def _log(p: np.ndarray) -> np.ndarray:
     return np.log(np.clip(p, 1e-12, None))
 
 
+def nll(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log likelihood of the labels `y` under probabilities `p`."""
+    return float(-_log(p[np.arange(len(y)), y]).mean())
+
+
 def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
     """The temperature in [0.05, 20] minimising validation NLL (log grid, then a finer grid around the best)."""
-    def nll(t: float) -> float:
-        return float(-_log(temperature_scale(p, t)[np.arange(len(y)), y]).mean())
+    def nll_at(t: float) -> float:
+        return nll(temperature_scale(p, t), y)
 
     grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
-    best = min(grid, key=nll)
+    best = min(grid, key=nll_at)
     fine = best * np.exp(np.linspace(-0.1, 0.1, 21))
-    return float(min(fine, key=nll))
+    return float(min(fine, key=nll_at))
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:

@@ -34,7 +34,7 @@ from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import WordTokenizer, normalise_title, words
 from huse.train.backbones import backbone_info
-from huse.train.baselines import MODES, calibration_report, fit_temperature, logistic_baselines
+from huse.train.baselines import MODES, calibration_report, fit_temperature, logistic_baselines, nll
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 from huse.train.model import HUSE, HuseConfig, build_model, resolve_arch
@@ -459,8 +459,7 @@ def _calibrated_nll(p: np.ndarray, y: np.ndarray) -> float:
     improves (the model grows overconfident); after temperature scaling the loss measures how
     well the classes are ranked, not how confident the model is, and follows accuracy.
     """
-    q = temperature_scale(p, fit_temperature(p, y))
-    return float(-np.log(np.clip(q[np.arange(len(y)), y], 1e-12, None)).mean())
+    return nll(temperature_scale(p, fit_temperature(p, y)), y)
 
 
 def baseline_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
