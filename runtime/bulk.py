@@ -247,7 +247,7 @@ def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str) -> bytes:
     pa = lazy_import("pyarrow", "scale")
     pq = lazy_import("pyarrow.parquet", "scale")
     schema = _schema(task)
-    table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in schema.names}, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()

@@ -309,8 +309,8 @@ class Classifier:
                 continue
             probs = self._probs(group, [img[i] for i in idx] if group != "text" else None,
                                 [txt[i] for i in idx] if group != "image" else None)
-            for row, i in enumerate(idx):
-                results[i].update(self._describe(probs[row], top_k, group))
+            for i, described in zip(idx, self._describe(probs, top_k, group)):
+                results[i].update(described)
         for i, w in img_warn.items():  # e.g. corrupt EXIF: classified, but the user should know
             if i in img and "error" not in results[i]:
                 results[i]["warning"] = w
@@ -326,11 +326,15 @@ class Classifier:
         return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
                                  self.temperature.get(group, 1.0))
 
-    def _describe(self, p: np.ndarray, top_k: int, mode: str) -> dict[str, Any]:
-        order = np.argsort(-p, kind="stable")[:top_k]
-        return {"mode": mode,
-                "top_k": [{"label": self.labels[j], "score": float(p[j])} for j in order],
-                "path": [{"level": k + 1, "label": label, "score": s} for k, (label, s) in enumerate(self.hierarchy.path(p))]}
+    def _describe(self, probs: np.ndarray, top_k: int, mode: str) -> list[dict[str, Any]]:
+        """Top-k leaves and the top-down path of each row of probs (N, C), a batch at a time."""
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+        scores = np.take_along_axis(probs, order, axis=1).tolist()
+        labels = self.labels
+        return [{"mode": mode,
+                 "top_k": [{"label": labels[j], "score": s} for j, s in zip(o, sc)],
+                 "path": [{"level": k + 1, "label": label, "score": s} for k, (label, s) in enumerate(path)]}
+                for o, sc, path in zip(order.tolist(), scores, self.hierarchy.top_down(probs))]
 
     @_guarded
     def predict_proba(self, images: Sequence[ImageInput] | None = None, titles: Sequence[str] | None = None) -> np.ndarray:

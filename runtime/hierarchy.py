@@ -44,29 +44,41 @@ class Hierarchy:
                 if len(p) > k:
                     m[i, col[SEPARATOR.join(p[: k + 1])]] = 1.0
             self.levels.append((nodes, m))
+        # _parent[k][j] = index, among the nodes of level k, of the parent of node j of level k+1
+        self._parent = [np.zeros(0, dtype=np.int64)] + [
+            np.array([self.levels[k - 1][0].index(n.rsplit(SEPARATOR, 1)[0]) for n in self.levels[k][0]], dtype=np.int64)
+            for k in range(1, self.depth)]
 
     def level_probs(self, probs: np.ndarray, level: int) -> np.ndarray:
         """Scores of the nodes at `level` (1-based): each node is the sum of its leaves."""
         return probs @ self.levels[level - 1][1]
 
     def path(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        """Top-down path for one item: the best node at each level among the best parent's children.
+        """`top_down` for one item: probs (num_leaves,) -> [(node path, score), ...]."""
+        return self.top_down(np.asarray(probs)[None])[0]
+
+    def top_down(self, probs: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Top-down paths of a batch: the best node at each level among the best parent's children.
 
         Args:
-            probs: (num_leaves,) leaf probabilities.
+            probs: (N, num_leaves) leaf probabilities.
         Returns:
-            [(node path, score), ...] from the root level down to a leaf.
+            For each item, [(node path, score), ...] from the root level down to a leaf (ties go
+            to the first node in sorted order).
         """
-        out: list[tuple[str, float]] = []
-        prefix = ""
-        for nodes, m in self.levels:
+        n = len(probs)
+        out: list[list[tuple[str, float]]] = [[] for _ in range(n)]
+        alive, chosen = np.ones(n, dtype=bool), None
+        for k, (nodes, m) in enumerate(self.levels):
             scores = probs @ m
-            candidates = [i for i, n in enumerate(nodes) if not prefix or n.startswith(prefix + SEPARATOR)]
-            if not candidates:
-                break  # the chosen parent is itself a leaf
-            best = max(candidates, key=lambda i: scores[i])
-            out.append((nodes[best], float(scores[best])))
-            prefix = nodes[best]
+            if chosen is not None:  # only the children of the node chosen one level up
+                children = self._parent[k][None, :] == chosen[:, None]
+                alive &= children.any(axis=1)  # the chosen parent is itself a leaf: the path ends
+                scores = np.where(children, scores, -np.inf)
+            chosen = scores.argmax(axis=1)
+            best = scores[np.arange(n), chosen].tolist()
+            for i in np.flatnonzero(alive).tolist():
+                out[i].append((nodes[chosen[i]], best[i]))
         return out
 
     def distance_matrix(self) -> np.ndarray:

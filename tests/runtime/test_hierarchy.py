@@ -70,6 +70,15 @@ def test_path_stops_at_a_root_leaf(h):
     np.testing.assert_allclose(path[0][1], 0.7, rtol=0, atol=1e-12)
 
 
+def test_top_down_of_a_batch_is_each_row_s_path(h):
+    """Rows ending at different depths (root leaf, depth 2, depth 3) in one batch, as classify runs them."""
+    probs = np.array([[0.1, 0.35, 0.25, 0.3], [0.1, 0.1, 0.5, 0.3], [0.1, 0.1, 0.1, 0.7], [0.2, 0.2, 0.2, 0.4]])
+    paths = h.top_down(probs)
+    assert [[n for n, _ in p] for p in paths] == [["a", "a<b", "a<b<d"], ["a", "a<e"], ["f"], ["a", "a<b", "a<b<c"]]
+    for row, p in zip(probs, paths):
+        assert p == h.path(row)
+
+
 def test_distance_matrix_values(h):
     d = h.distance_matrix()
     assert d.shape == (4, 4) and d.dtype == np.float32
