@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -113,7 +114,13 @@ def kill_resume(bundle: str, catalog: Path, folder: Path, kills: int, shard_rows
         kept = sum(e["count"] for e in json.loads(manifest.read_text())["shards"].values()) if manifest.is_file() else 0
         r = subprocess.run(args + ["--out", str(dest), "--resume"], capture_output=True, text=True)
         vec, meta = read_embeddings(dest) if r.returncode == 0 else (None, None)
-        out.append({"kill": k, "rows_kept": kept, "rows_redone": len(ref_meta) - kept, "rc": r.returncode,
+        said = re.search(r"(\d+) of \d+ shards kept", r.stdout)
+        # One worker writes shards in order, so the rows redone are those of the one shard in flight at
+        # the kill: at most shard_rows, provided the resumed run kept every shard the manifest lists.
+        out.append({"kill": k, "rows_kept": kept, "shards_kept": int(said.group(1)) if said else 0,
+                    "kept_all_finished": (int(said.group(1)) if said else 0) * shard_rows == kept,
+                    "rows_left_after_kill": len(ref_meta) - kept, "rows_redone_at_most": shard_rows,
+                    "rc": r.returncode,
                     "identical": vec is not None and vec.tobytes() == ref_vec.tobytes() and meta == ref_meta})
         shutil.rmtree(dest, ignore_errors=True)
     return out
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
             shard_rows = max(50, sc["rows"] // 20)
             kills = kill_resume(a.bundle, catalog, tmp, sc["kills"], shard_rows)
             result["kill_resume"] = {"shard_rows": shard_rows, "runs": kills,
-                                     "all_identical": all(k["identical"] for k in kills)}
+                                     "all_identical": all(k["identical"] for k in kills),
+                                     "all_kept_finished_shards": all(k["kept_all_finished"] for k in kills)}
             print(f"kill -9 + resume: {sum(k['identical'] for k in kills)}/{len(kills)} identical", flush=True)
         if "ray" not in skip:
             shard_rows = max(64, sc["rows"] // 8)
