@@ -18,9 +18,9 @@ Only when every shard is done does `OUT.partial` replace `OUT`, so a previous co
 stays valid until then. Batches never cross shards, so a shard redone is bit-identical.
 
 `process_batch` (records -> rows [+ vectors]) is the engine-agnostic unit: the local engine
-runs it with a decode thread pool that prefetches the next batch while the model runs; the Ray
-engine runs it in a `map_batches` actor per worker. A Spark `predict_batch_udf` would wrap the
-same function.
+runs it with a thread pool that prepares the next batches (`prepare_batch`: decode, tokenise)
+while the model runs; the Ray engine runs it in a `map_batches` actor per worker. A Spark
+`predict_batch_udf` would wrap the same function.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,11 +42,11 @@ import numpy as np
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
-from huse.runtime.classifier import Classifier, Decoded
+from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import canonical
 
-__all__ = ["BulkJob", "BulkResult", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
+__all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
 
 TASKS = ("classify", "embed")
 FORMATS = ("parquet", "jsonl")
@@ -77,7 +78,7 @@ class BulkJob:
     device: str | None = None
     threads: int | None = None  # onnxruntime intra-op threads per process (or per Ray actor)
     spinning: bool = False  # onnxruntime thread spinning: off, see OnnxrtRunner
-    workers: int | None = None  # decode threads (None: sized with `threads` to the cores)
+    workers: int | None = None  # threads preparing batches: decode, tokenise (None: sized with `threads` to the cores)
     engine: str = "local"  # local or ray
     address: str | None = None  # Ray cluster; None starts a local instance
     actors: int = 2  # Ray actors (each holds one Classifier)
@@ -162,34 +163,49 @@ def _base_row(r: Record) -> dict[str, Any]:
     return {"row": r.row, "product_id": r.product_id, "image": r.image, "name": r.name, "classes": r.classes}
 
 
+@dataclass
+class Ready:
+    """A batch after `prepare_batch`: which records are usable, the others' errors, and the usable
+    ones made ready for the model (classify: a `Prepared`; embed: their decoded images)."""
+
+    ok: list[int]
+    errors: dict[int, str]
+    items: Prepared | Decoded | None
+
+
+def prepare_batch(clf: Classifier, records: list[Record], job: BulkJob) -> Ready:
+    """The CPU work of a batch before the model: validate, decode, stack, tokenise. Thread-safe and
+    runs no graph, so the local engine runs it for the next batch while the model runs this one."""
+    ok, errors = _valid(records)
+    use = [records[i] for i in ok]
+    images = [r.image for r in use] if job.mode != "text" else None
+    if not use:
+        return Ready(ok, errors, None)
+    if job.task == "classify":
+        return Ready(ok, errors, clf.prepare(images, [r.name for r in use] if job.mode != "image" else None, job.mode))
+    return Ready(ok, errors, clf.decode(images) if images is not None else None)
+
+
 def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
-                  decoded: Decoded | None = None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+                  ready: Ready | None = None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
     """The engine-agnostic unit of bulk work: catalog records -> output rows (+ embeddings).
 
     Args:
         clf: the Classifier (one per process or actor).
         records: the batch, in catalog order.
         job: task, mode, top_k, min_confidence.
-        decoded: the images of `records` already decoded (`clf.decode([r.image ...])`), or None.
+        ready: `prepare_batch(clf, records, job)` done already (in another thread), or None.
     Returns:
         (rows, vectors): one dict per record, in order, each with an `error` (and no
         prediction) or a prediction; vectors (n, dim) float32 for embed (NaN for failed rows).
     """
-    ok, errors = _valid(records)
-    use = [records[i] for i in ok]
-    images = None
-    if job.mode != "text":
-        if decoded is not None:
-            images = Decoded(len(ok), *({j: part[i] for j, i in enumerate(ok) if i in part}
-                                        for part in (decoded.arrays, decoded.errors, decoded.warnings)))
-        else:
-            images = [r.image for r in use]
-    titles = [r.name for r in use] if job.mode != "image" else None
+    ready = ready if ready is not None else prepare_batch(clf, records, job)
+    ok, use = ready.ok, [records[i] for i in ready.ok]
     rows = [_base_row(r) for r in records]
-    for i, e in errors.items():
+    for i, e in ready.errors.items():
         rows[i]["error"] = e
     if job.task == "classify":
-        results = clf.classify(images=images, titles=titles, top_k=job.top_k, mode=job.mode) if use else []
+        results = clf.classify_prepared(ready.items, top_k=job.top_k) if use else []
         for i, res in zip(ok, results):
             row = rows[i]
             if "error" in res:
@@ -201,6 +217,8 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
             if "warning" in res:
                 row["warning"] = _row_error(records[i].row, res["warning"])
         return rows, None
+    images = ready.items
+    titles = [r.name for r in use] if job.mode != "image" else None
     # embed: the image embedding where the image works, else the title's (auto), with a warning
     dim = int(clf.manifest["embedding_dim"])
     vectors = np.full((len(records), dim), np.nan, dtype=np.float32)
@@ -436,31 +454,24 @@ def default_workers(threads: int | None) -> int:
 
 
 class _Prefetcher:
-    """Decodes batch i+1 in a thread pool (split across the workers) while batch i runs."""
+    """Prepares (`prepare_batch`) the next batches in a thread pool while the model runs this one:
+    up to one batch per worker ahead, so memory stays at a few batches."""
 
-    def __init__(self, clf: Classifier, workers: int, mode: str):
-        self.clf, self.workers = clf, workers
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="huse-decode") if workers > 0 and mode != "text" else None
+    def __init__(self, clf: Classifier, workers: int, job: BulkJob):
+        self.clf, self.job, self.depth = clf, job, max(1, workers)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="huse-prepare") if workers > 0 else None
 
-    def submit(self, records: list[Record]) -> list[Future] | None:
+    def run(self, batches: list[list[Record]]) -> Iterator[tuple[list[Record], Ready | None]]:
+        """Each batch with its `Ready` (None without a pool: process_batch prepares it inline)."""
         if self.pool is None:
-            return None
-        images = [r.image if not r.error else None for r in records]
-        step = -(-len(images) // self.workers)
-        return [self.pool.submit(self.clf.decode, images[s:s + step]) for s in range(0, len(images), step)]
-
-    @staticmethod
-    def result(futures: list[Future] | None, n: int) -> Decoded | None:
-        if futures is None:
-            return None
-        arrays, errors, warnings, off = {}, {}, {}, 0
-        for f in futures:
-            d = f.result()
-            arrays.update({off + i: a for i, a in d.arrays.items()})
-            errors.update({off + i: e for i, e in d.errors.items()})
-            warnings.update({off + i: w for i, w in d.warnings.items()})
-            off += d.n
-        return Decoded(n, arrays, errors, warnings)
+            yield from ((b, None) for b in batches)
+            return
+        pending = deque(self.pool.submit(prepare_batch, self.clf, b, self.job) for b in batches[:self.depth])
+        for k, batch in enumerate(batches):
+            ready = pending.popleft().result()
+            if k + self.depth < len(batches):
+                pending.append(self.pool.submit(prepare_batch, self.clf, batches[k + self.depth], self.job))
+            yield batch, ready
 
     def close(self) -> None:
         if self.pool is not None:
@@ -469,14 +480,11 @@ class _Prefetcher:
 
 def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob,
               prefetch: _Prefetcher | None = None) -> tuple[list[dict], np.ndarray | None]:
-    """All batches of one shard through `process_batch`, decoding batch i+1 while batch i runs."""
+    """All batches of one shard through `process_batch`, preparing the next batches while one runs."""
     batches = [records[s:s + job.batch_size] for s in range(0, len(records), job.batch_size)]
     rows, vecs = [], []
-    pending = prefetch.submit(batches[0]) if prefetch and batches else None
-    for b, batch in enumerate(batches):
-        decoded = _Prefetcher.result(pending, len(batch)) if prefetch else None
-        pending = prefetch.submit(batches[b + 1]) if prefetch and b + 1 < len(batches) else None
-        r, v = process_batch(clf, batch, job, decoded)
+    for batch, ready in (prefetch.run(batches) if prefetch else ((b, None) for b in batches)):
+        r, v = process_batch(clf, batch, job, ready)
         rows += r
         if v is not None:
             vecs.append(v)
@@ -536,7 +544,7 @@ def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progres
     result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
     progress.show()
     workers = default_workers(job.threads) if job.workers is None else job.workers
-    prefetch = _Prefetcher(clf, workers, job.mode)
+    prefetch = _Prefetcher(clf, workers, job)
     n_shards, t0 = 0, time.perf_counter()
     try:
         for shard, records in _shards(job, done):
@@ -561,7 +569,7 @@ class RayShardWorker:
         self.job = BulkJob(**job)
         self.folder = Path(folder)
         self.clf = _make_classifier(self.job, self.job.threads or 1)
-        self.prefetch = _Prefetcher(self.clf, self.job.workers if self.job.workers is not None else 1, self.job.mode)
+        self.prefetch = _Prefetcher(self.clf, self.job.workers if self.job.workers is not None else 1, self.job)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entries = []

@@ -99,6 +99,20 @@ class Decoded:
         return self.n
 
 
+@dataclass
+class Prepared:
+    """Items made ready for the model by `Classifier.prepare` (decoded, stacked, tokenised; thread-safe):
+    `classify_prepared` then only runs the graphs and describes the results. huse.runtime.bulk
+    prepares the next batch in a worker thread while the model runs this one."""
+
+    results: list[dict[str, Any]]  # per item: {"index"}, plus the "error"/"warning" found while preparing
+    groups: dict[str, tuple[list[int], dict[str, np.ndarray]]]  # graph -> (item indices, its feeds)
+    warnings: dict[int, str]  # Pillow's, for items classified from their image
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
 class Classifier:
     """Classifies products from a photo, a title, or both, with a bundle from `huse-export`.
 
@@ -271,9 +285,18 @@ class Classifier:
             HuseError: for the call as a whole: a lone string/path instead of a list, top_k not a
                 positive integer, unequal lengths, an unknown mode.
         """
+        top_k = _positive_int(top_k, "top_k")
+        return self.classify_prepared(self.prepare(images, titles, mode), top_k)
+
+    def prepare(self, images: Sequence[ImageInput | None] | Decoded | None = None,
+                titles: Sequence[str | bytes | None] | None = None, mode: str = "auto") -> Prepared:
+        """The CPU work of `classify` before the model: decode, group by what each item has, stack, tokenise.
+
+        Thread-safe, and it runs no graph, so it can run in other threads while the model runs.
+        Arguments and errors as for `classify`.
+        """
         if mode not in MODES:
             raise HuseError(f"mode {mode!r} is not one of {list(MODES)}")
-        top_k = _positive_int(top_k, "top_k")
         images, titles = _per_item(images, "images"), _per_item(titles, "titles")
         if images is None and titles is None:
             raise HuseError("classify needs images, titles or both")
@@ -287,41 +310,48 @@ class Classifier:
         txt, txt_err = self._titles(titles) if use_txt else ({}, {})
 
         results: list[dict[str, Any]] = [{"index": i} for i in range(n)]
-        groups: dict[str, list[int]] = {"fused": [], "image": [], "text": []}
+        members: dict[str, list[int]] = {"fused": [], "image": [], "text": []}
         for i in range(n):
             has_i, has_t = i in img, i in txt
             if mode == "fused" and not (has_i and has_t):
                 results[i]["error"] = img_err.get(i) or txt_err.get(i) or "fused mode needs both an image and a title"
             elif has_i and has_t:
-                groups["fused"].append(i)
+                members["fused"].append(i)
             elif has_i:
-                groups["image"].append(i)
+                members["image"].append(i)
             elif has_t:
-                groups["text"].append(i)
+                members["text"].append(i)
                 if i in img_err:
                     results[i]["warning"] = f"{img_err[i]}; classified by title only"
             else:
                 results[i]["error"] = (img_err.get(i) or txt_err.get(i)
                                        or f"item {i} has no usable {'title' if mode == 'text' else 'image' if mode == 'image' else 'image or title'}")
+        groups = {}
+        for group, idx in members.items():
+            if idx:
+                feeds: dict[str, np.ndarray] = {}
+                if group != "text":
+                    feeds["image"] = np.stack([img[i] for i in idx])
+                if group != "image":
+                    feeds.update(self.tokenizer.inputs([txt[i] for i in idx]))
+                groups[group] = (idx, feeds)
+        return Prepared(results, groups, {i: w for i, w in img_warn.items() if i in img})
 
-        for group, idx in groups.items():
-            if not idx:
-                continue
-            probs = self._probs(group, [img[i] for i in idx] if group != "text" else None,
-                                [txt[i] for i in idx] if group != "image" else None)
-            for i, described in zip(idx, self._describe(probs, top_k, group)):
+    @_guarded
+    def classify_prepared(self, prepared: Prepared, top_k: int = 5) -> list[dict[str, Any]]:
+        """Run the graphs on items from `prepare` and describe them: `classify`'s result, in input order."""
+        top_k = _positive_int(top_k, "top_k")
+        results = [dict(r) for r in prepared.results]
+        for group, (idx, feeds) in prepared.groups.items():
+            for i, described in zip(idx, self._describe(self._probs(group, feeds), top_k, group)):
                 results[i].update(described)
-        for i, w in img_warn.items():  # e.g. corrupt EXIF: classified, but the user should know
-            if i in img and "error" not in results[i]:
+        for i, w in prepared.warnings.items():  # e.g. corrupt EXIF: classified, but the user should know
+            if "error" not in results[i]:
                 results[i]["warning"] = w
         return results
 
-    def _probs(self, group: str, images: list[np.ndarray] | None, titles: list[str] | None) -> np.ndarray:
-        feeds: dict[str, np.ndarray] = {}
-        if images is not None:
-            feeds["image"] = np.stack(images)
-        if titles is not None:
-            feeds.update(self.tokenizer.inputs(titles))
+    def _probs(self, group: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Calibrated leaf probabilities (N, C) of one graph on ready feeds."""
         out = self._run(group, feeds)
         return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
                                  self.temperature.get(group, 1.0))
@@ -340,9 +370,12 @@ class Classifier:
     def predict_proba(self, images: Sequence[ImageInput] | None = None, titles: Sequence[str] | None = None) -> np.ndarray:
         """Leaf probabilities (N, C) for clean inputs (raises on the first bad item); for evaluation."""
         group = "fused" if images is not None and titles is not None else "image" if images is not None else "text"
-        arrays = [load_image(x, self.image_spec) for x in images] if images is not None else None
-        texts = [normalise_title(t) or "" for t in titles] if titles is not None else None
-        return self._probs(group, arrays, texts)
+        feeds: dict[str, np.ndarray] = {}
+        if images is not None:
+            feeds["image"] = np.stack([load_image(x, self.image_spec) for x in images])
+        if titles is not None:
+            feeds.update(self.tokenizer.inputs([normalise_title(t) or "" for t in titles]))
+        return self._probs(group, feeds)
 
     @_guarded
     def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
