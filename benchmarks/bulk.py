@@ -6,7 +6,9 @@
 Measures, on a catalog of real fashion-products photos on disk (`huse data export`, repeated to
 `--rows` rows, images shared):
 1. model-only items/s at batch 64 (fused graph, ready arrays) vs the local engine end to end
-   (catalog -> decode pool -> model -> Parquet shards), per precision (fp32, int8-cpu);
+   (catalog -> prepare pool -> model -> Parquet shards), per precision (fp32, int8-cpu), interleaved
+   over 3 rounds, for the default thread layout and for one onnxruntime thread + the other cores
+   preparing; and each stage's cost per item on one core, which bounds end to end on this machine;
 2. the fastest gated precision vs the PyTorch eager model through the same engine and decode pool
    (the torch baseline of huse-bench, `huse.benchmarks.suite.TorchClassifier`, from the bundle's run);
 3. peak RSS of `huse classify` for two catalog sizes (subprocesses);
@@ -37,9 +39,9 @@ from huse.runtime.bundle import load_manifest
 from huse.runtime.catalog import iter_catalog
 from huse.runtime.classifier import Classifier
 
-SCALES = {  # rows, rss rows, kills, model iterations
-    "full": dict(rows=20_000, rss=(10_000, 100_000), kills=10, iters=50),
-    "tiny": dict(rows=600, rss=(300, 3_000), kills=2, iters=3),
+SCALES = {  # rows, rss rows, kills, model iterations, interleaved rounds of model-only vs end to end
+    "full": dict(rows=20_000, rss=(10_000, 100_000), kills=10, iters=50, rounds=3),
+    "tiny": dict(rows=600, rss=(300, 3_000), kills=2, iters=3, rounds=1),
 }
 
 
@@ -126,6 +128,68 @@ def kill_resume(bundle: str, catalog: Path, folder: Path, kills: int, shard_rows
     return out
 
 
+def compare_local(bundle: str, precision: str, catalog: Path, common: dict, tmp: Path, sc: dict,
+                  threads: int | None, workers: int | None) -> list[dict]:
+    """Model-only vs end to end, interleaved over `rounds` so drift hits both alike; medians and spreads.
+
+    Two thread layouts: "default" (onnxruntime gets the cores, the engine's default prepare pool) and,
+    on a machine with spare cores, "split" (one onnxruntime thread, the other cores preparing batches),
+    each compared with the model alone at the same onnxruntime threads."""
+    cores = os.cpu_count() or 1
+    layouts = {"default": (threads, workers)}
+    if threads is None and workers is None and cores > 1:
+        layouts["split"] = (1, cores - 1)
+    out = []
+    for name, (th, wk) in layouts.items():
+        model, e2e = [], []
+        for _ in range(sc["rounds"]):
+            model.append(model_only(bundle, precision, catalog, sc["iters"], th))
+            job = BulkJob(out=str(tmp / f"e2e-{precision}"), precision=precision, **dict(common, threads=th, workers=wk))
+            e2e.append(end_to_end(job)["items_s"])
+        ratios = [e / m for e, m in zip(e2e, model)]
+        out.append({"precision": precision, "config": name, "threads": th, "workers": wk,
+                    "model_items_s": float(np.median(model)), "e2e_items_s": float(np.median(e2e)),
+                    "e2e_vs_model": float(np.median(ratios)), "e2e_vs_model_range": [min(ratios), max(ratios)],
+                    "model_runs": model, "e2e_runs": e2e})
+        print(f"{precision} {name} (onnxruntime threads {th or 'all'}, prepare workers {wk or 'default'}): model "
+              f"{np.median(model):.0f} items/s, end to end {np.median(e2e):.0f} ({100 * np.median(ratios):.0f}%, "
+              f"{100 * min(ratios):.0f}-{100 * max(ratios):.0f}%)", flush=True)
+    return out
+
+
+def stage_costs(bundle: str, catalog: Path, precisions: list[str], common: dict, batches: int = 30) -> dict:
+    """Core-microseconds per item of each stage, one thread each: what the cores must share.
+
+    prepare: catalog batch -> model feeds (validate, decode, resize, normalise, stack, tokenise);
+    model_1t: the fused graph alone on one onnxruntime thread; finish: process_batch on a prepared
+    batch minus the model (post-processing, rows). With C cores end to end can be at most
+    C / (prepare + model_1t + finish) items/s, whatever the threading."""
+    from huse.runtime.bulk import prepare_batch, process_batch
+
+    recs = [r for _, r in zip(range(64 * batches), iter_catalog(catalog))]
+    chunks = [recs[s:s + 64] for s in range(0, len(recs), 64)]
+    out: dict = {"cores": os.cpu_count()}
+    for p in precisions:
+        job = BulkJob(out="unused", precision=p, **dict(common, threads=1))
+        with Classifier(bundle, precision=p, threads=1, spinning=False) as clf:
+            process_batch(clf, chunks[0], job)  # load the graph
+            t0 = time.perf_counter()
+            ready = [prepare_batch(clf, c, job) for c in chunks]
+            prep = (time.perf_counter() - t0) / len(recs)
+            t0 = time.perf_counter()
+            for c, r in zip(chunks, ready):
+                process_batch(clf, c, job, r)
+            rest = (time.perf_counter() - t0) / len(recs)
+        model = 1 / model_only(bundle, p, catalog, 20, 1)
+        cores = os.cpu_count() or 1
+        out[p] = {"prepare_us": prep * 1e6, "model_1t_us": model * 1e6, "finish_us": max(0.0, rest - model) * 1e6,
+                  "bound_items_s": cores / (prep + rest)}
+        print(f"{p}: per item prepare {prep * 1e6:.0f} us, model (1 thread) {model * 1e6:.0f} us, finish "
+              f"{max(0.0, rest - model) * 1e6:.0f} us -> at most {cores / (prep + rest):.0f} items/s on {cores} cores",
+              flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
@@ -149,13 +213,11 @@ def main(argv: list[str] | None = None) -> None:
                       threads=a.threads, workers=a.workers)
         rows = []
         for p in precisions:
-            m = model_only(a.bundle, p, catalog, sc["iters"], a.threads)
-            e = end_to_end(BulkJob(out=str(tmp / f"e2e-{p}"), precision=p, **common))
-            rows.append({"precision": p, "model_items_s": m, "e2e_items_s": e["items_s"], "e2e_vs_model": e["items_s"] / m,
-                         "errors": e["errors"]})
-            print(f"{p}: model {m:.0f} items/s, end to end {e['items_s']:.0f} ({100 * e['items_s'] / m:.0f}%)", flush=True)
+            rows += compare_local(a.bundle, p, catalog, common, tmp, sc, a.threads, a.workers)
         result["local"] = rows
-        gated = [r for r in rows if manifest.get("accuracy", {}).get(r["precision"], {}).get("passed", r["precision"] == "fp32")]
+        result["stage_costs"] = stage_costs(a.bundle, catalog, precisions, common)
+        gated = [r for r in rows if r["config"] == "default" and
+                 manifest.get("accuracy", {}).get(r["precision"], {}).get("passed", r["precision"] == "fp32")]
         best = max(gated, key=lambda r: r["e2e_items_s"])
         if "torch" not in skip:
             from huse.benchmarks.suite import TorchClassifier
