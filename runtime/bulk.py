@@ -33,7 +33,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -186,8 +186,8 @@ def prepare_batch(clf: Classifier, records: list[Record], job: BulkJob) -> Ready
     return Ready(ok, errors, clf.decode(images) if images is not None else None)
 
 
-def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
-                  ready: Ready | None = None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
+def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: Ready | None = None,
+                  probs: dict[str, np.ndarray] | None = None) -> tuple[list[dict[str, Any]], np.ndarray | None]:
     """The engine-agnostic unit of bulk work: catalog records -> output rows (+ embeddings).
 
     Args:
@@ -195,6 +195,7 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
         records: the batch, in catalog order.
         job: task, mode, top_k, min_confidence.
         ready: `prepare_batch(clf, records, job)` done already (in another thread), or None.
+        probs: classify: `clf.infer(ready.items)` done already, or None.
     Returns:
         (rows, vectors): one dict per record, in order, each with an `error` (and no
         prediction) or a prediction; vectors (n, dim) float32 for embed (NaN for failed rows).
@@ -205,7 +206,9 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob,
     for i, e in ready.errors.items():
         rows[i]["error"] = e
     if job.task == "classify":
-        results = clf.classify_prepared(ready.items, top_k=job.top_k) if use else []
+        if probs is None and use:
+            probs = clf.infer(ready.items)
+        results = clf.describe(ready.items, probs, top_k=job.top_k) if use else []
         for i, res in zip(ok, results):
             row = rows[i]
             if "error" in res:
@@ -455,17 +458,15 @@ def default_workers(threads: int | None) -> int:
 
 class _Prefetcher:
     """Prepares (`prepare_batch`) the next batches in a thread pool while the model runs this one:
-    up to one batch per worker ahead, so memory stays at a few batches."""
+    up to one batch per worker ahead, so memory stays at a few batches. `run_shard` also finishes
+    classify batches in the same pool."""
 
     def __init__(self, clf: Classifier, workers: int, job: BulkJob):
         self.clf, self.job, self.depth = clf, job, max(1, workers)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="huse-prepare") if workers > 0 else None
 
-    def run(self, batches: list[list[Record]]) -> Iterator[tuple[list[Record], Ready | None]]:
-        """Each batch with its `Ready` (None without a pool: process_batch prepares it inline)."""
-        if self.pool is None:
-            yield from ((b, None) for b in batches)
-            return
+    def run(self, batches: list[list[Record]]) -> Iterator[tuple[list[Record], Ready]]:
+        """Each batch with its `Ready`, in order."""
         pending = deque(self.pool.submit(prepare_batch, self.clf, b, self.job) for b in batches[:self.depth])
         for k, batch in enumerate(batches):
             ready = pending.popleft().result()
@@ -478,16 +479,34 @@ class _Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
 def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob,
               prefetch: _Prefetcher | None = None) -> tuple[list[dict], np.ndarray | None]:
-    """All batches of one shard through `process_batch`, preparing the next batches while one runs."""
+    """All batches of one shard through `process_batch`. With a prefetch pool, classify's calling
+    thread only runs the model (`clf.infer`): the pool prepares the next batches and finishes
+    (describes, builds the rows of) the last ones, a bounded number in flight, in order."""
     batches = [records[s:s + job.batch_size] for s in range(0, len(records), job.batch_size)]
-    rows, vecs = [], []
-    for batch, ready in (prefetch.run(batches) if prefetch else ((b, None) for b in batches)):
-        r, v = process_batch(clf, batch, job, ready)
-        rows += r
-        if v is not None:
-            vecs.append(v)
+    done = []
+    if prefetch is None or prefetch.pool is None:
+        done = [process_batch(clf, b, job) for b in batches]
+    else:
+        finishing: deque[Future] = deque()
+        for batch, ready in prefetch.run(batches):
+            if job.task == "classify":
+                probs = clf.infer(ready.items) if ready.items is not None else None
+                finishing.append(prefetch.pool.submit(process_batch, clf, batch, job, ready, probs))
+            else:  # embed runs its graphs inside process_batch: here, on this thread
+                finishing.append(_done(process_batch(clf, batch, job, ready)))
+            while len(finishing) > prefetch.depth:
+                done.append(finishing.popleft().result())
+        done += [f.result() for f in finishing]
+    rows = [r for rs, _ in done for r in rs]
+    vecs = [v for _, v in done if v is not None]
     return rows, (np.concatenate(vecs) if vecs else None)
 
 

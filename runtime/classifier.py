@@ -101,9 +101,11 @@ class Decoded:
 
 @dataclass
 class Prepared:
-    """Items made ready for the model by `Classifier.prepare` (decoded, stacked, tokenised; thread-safe):
-    `classify_prepared` then only runs the graphs and describes the results. huse.runtime.bulk
-    prepares the next batch in a worker thread while the model runs this one."""
+    """Items made ready for the model by `Classifier.prepare` (decoded, stacked, tokenised).
+
+    `classify` is `describe(prepared, infer(prepared))` after `prepare`; `prepare` and `describe`
+    run no graph and are thread-safe, so huse.runtime.bulk prepares the next batch and describes
+    the last one in other threads while the model runs this one."""
 
     results: list[dict[str, Any]]  # per item: {"index"}, plus the "error"/"warning" found while preparing
     groups: dict[str, tuple[list[int], dict[str, np.ndarray]]]  # graph -> (item indices, its feeds)
@@ -286,7 +288,8 @@ class Classifier:
                 positive integer, unequal lengths, an unknown mode.
         """
         top_k = _positive_int(top_k, "top_k")
-        return self.classify_prepared(self.prepare(images, titles, mode), top_k)
+        prepared = self.prepare(images, titles, mode)
+        return self.describe(prepared, self._infer(prepared), top_k)
 
     def prepare(self, images: Sequence[ImageInput | None] | Decoded | None = None,
                 titles: Sequence[str | bytes | None] | None = None, mode: str = "auto") -> Prepared:
@@ -338,12 +341,20 @@ class Classifier:
         return Prepared(results, groups, {i: w for i, w in img_warn.items() if i in img})
 
     @_guarded
-    def classify_prepared(self, prepared: Prepared, top_k: int = 5) -> list[dict[str, Any]]:
-        """Run the graphs on items from `prepare` and describe them: `classify`'s result, in input order."""
+    def infer(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """The model stage of `classify`: calibrated leaf probabilities (n, C) per group of `prepared`."""
+        return self._infer(prepared)
+
+    def _infer(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        return {group: self._probs(group, feeds) for group, (_, feeds) in prepared.groups.items()}
+
+    def describe(self, prepared: Prepared, probs: dict[str, np.ndarray], top_k: int = 5) -> list[dict[str, Any]]:
+        """The last stage of `classify`: top-k leaves and top-down paths of `infer`'s probabilities,
+        one dict per item in input order (thread-safe; runs no graph)."""
         top_k = _positive_int(top_k, "top_k")
         results = [dict(r) for r in prepared.results]
-        for group, (idx, feeds) in prepared.groups.items():
-            for i, described in zip(idx, self._describe(self._probs(group, feeds), top_k, group)):
+        for group, (idx, _) in prepared.groups.items():
+            for i, described in zip(idx, self._top_k_and_paths(probs[group], top_k, group)):
                 results[i].update(described)
         for i, w in prepared.warnings.items():  # e.g. corrupt EXIF: classified, but the user should know
             if "error" not in results[i]:
@@ -356,7 +367,7 @@ class Classifier:
         return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
                                  self.temperature.get(group, 1.0))
 
-    def _describe(self, probs: np.ndarray, top_k: int, mode: str) -> list[dict[str, Any]]:
+    def _top_k_and_paths(self, probs: np.ndarray, top_k: int, mode: str) -> list[dict[str, Any]]:
         """Top-k leaves and the top-down path of each row of probs (N, C), a batch at a time."""
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         scores = np.take_along_axis(probs, order, axis=1).tolist()
