@@ -110,6 +110,31 @@ def test_bad_row_corpus_every_row_answered(tiny_bundle, tiny_catalog, tmp_path):
     assert res.errors == 10 and res.warnings == 1
 
 
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_thread_layout_never_changes_the_output(tiny_bundle, tiny_catalog, tmp_path, task):
+    """Inline (no pool) vs 1 and 3 workers preparing and finishing batches: same rows in the same order,
+    including a batch whose rows all fail and a last, short batch."""
+    lines = tiny_catalog.read_text().splitlines()
+    data = tmp_path / "c.csv"
+    bad = [f"missing-{i}.png,,," for i in range(5)]  # a whole batch of 5 with no usable image or title
+    data.write_text("\n".join([lines[0]] + lines[1:31] + bad + lines[31:48]) + "\n")
+    (tmp_path / "images").symlink_to(tiny_catalog.parent / "images")
+    outs = []
+    for workers in (0, 1, 3):
+        out = tmp_path / f"o{workers}"
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(data), out=str(out), task=task, batch_size=5,
+                         shard_rows=20, workers=workers, threads=1, progress=False))
+        outs.append(read_predictions(out) if task == "classify" else read_embeddings(out))
+    if task == "classify":
+        assert len(outs[0]) == 52 and [p["row"] for p in outs[0]] == list(range(1, 53))
+        assert sum(p["error"] is not None for p in outs[0]) == 5
+        assert outs[0] == outs[1] == outs[2]
+    else:
+        (v0, m0), (v1, m1), (v3, m3) = outs
+        assert len(m0) == 52 and np.isnan(v0).all(axis=1).sum() == 5
+        assert v0.tobytes() == v1.tobytes() == v3.tobytes() and m0 == m1 == m3
+
+
 def test_bulk_never_imports_torch(tiny_bundle, tiny_catalog, tmp_path):
     code = f"""
 import sys
