@@ -24,6 +24,10 @@ def test_bundle_describes_itself(tiny_bundle):
     assert set(m["files"]) == {"image.onnx", "text.onnx", "fused.onnx", "vocab.json"}
     for graph, diff in m["parity"]["max_abs_diff"].items():
         assert diff <= 1e-4, graph  # fp32 parity tolerance of the export
+    assert m["graphs"]["image"]["outputs"] == ["embedding", "logits", "visual"]
+    assert m["visual_dim"] == 32  # the tiny backbone's pooled features
+    assert set(m["parity"]["per_output"]["image"]) == {"embedding", "logits", "visual"}
+    assert m["parity"]["per_output"]["image"]["visual"] <= 1e-4
     assert m["trt_compat"]["passed"]
 
 
@@ -43,12 +47,14 @@ def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
     model, cfg = load_run(tiny_run)
     feeds = [{"image": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}]
     path = tmp_path / "image.onnx"
-    export_onnx(ImageGraph(model), feeds[0], ["image"], ["embedding", "logits"], path)
-    assert check_parity(ImageGraph(model), path, feeds, ["image"], ["embedding", "logits"], atol=1e-4) <= 1e-4
+    outputs = ["embedding", "logits", "visual"]
+    export_onnx(ImageGraph(model), feeds[0], ["image"], outputs, path)
+    diffs = check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
+    assert set(diffs) == set(outputs) and max(diffs.values()) <= 1e-4
     with torch.no_grad():
         model.classifier.linear.bias += 1e-2  # the torch model moves; the ONNX file does not
-    with pytest.raises(HuseError, match=r"differs from torch by up to .* \(> 0.0001\)"):
-        check_parity(ImageGraph(model), path, feeds, ["image"], ["embedding", "logits"], atol=1e-4)
+    with pytest.raises(HuseError, match=r"differs from torch by up to .* \(> 0.0001\) on output 'logits'"):
+        check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
 
 
 def test_export_refuses_to_overwrite_without_force(tiny_run, tiny_bundle):
