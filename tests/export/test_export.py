@@ -57,6 +57,27 @@ def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
         check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
 
 
+def test_visual_output_is_the_centred_backbone_features_of_torch(tiny_run, tiny_bundle, tiny_catalog):
+    """Parity of the visual output with the torch model, computed here from the model's parts (fp32, 1e-5)."""
+    import torch.nn.functional as F
+
+    from huse.runtime import Classifier
+    from huse.runtime.catalog import read_catalog
+    from huse.train.trainer import load_run
+
+    model, _ = load_run(tiny_run)
+    model.eval()
+    photos = [r.image for r in read_catalog(tiny_catalog)[::11]]
+    with Classifier(tiny_bundle) as clf:
+        x = clf.preprocess_images(photos)
+        got = clf.embed_visual(photos).vectors
+        assert np.array_equal(got, clf.run_graph("image", {"image": x})["visual"])
+    with torch.no_grad():
+        want = F.normalize(model.image_features(torch.from_numpy(x)) - model.feature_norm.mean, dim=-1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
 def test_export_refuses_to_overwrite_without_force(tiny_run, tiny_bundle):
     from huse.export.api import ExportOptions, export
 
