@@ -90,10 +90,16 @@ class EvalData:
 
 
 def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> np.ndarray:
+    return run_graph_outputs(path, feeds, [output])[output]
+
+
+def run_graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[str]) -> dict[str, np.ndarray]:
+    """Several outputs of one graph over all feeds, in one pass."""
     from huse.runtime.backends.onnxrt.runner import OnnxrtRunner
 
     with OnnxrtRunner(path) as r:
-        return np.concatenate([r.infer(f)[output] for f in feeds])
+        parts = [r.infer(f) for f in feeds]
+    return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
 
 
 # ----------------------------------------------------------------------------------------

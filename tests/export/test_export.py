@@ -106,6 +106,21 @@ def test_fp16_and_int8_variants_are_gated_and_recorded(tiny_bundle, tmp_path):
     with Classifier(bundle, backend="onnxruntime", precision="int8") as clf:
         out = clf.classify(titles=["Acme black tee"], mode="text")
         assert out[0]["mode"] == "text"
+    # The visual output survives both conversions, and how far it moved is measured and recorded.
+    for p in ("fp16", "int8"):
+        v = m["accuracy"][p]["visual"]
+        assert v["n"] == m["accuracy"][p]["n"] and 0 <= v["nn_agreement"] <= 100 and v["min_cosine"] <= v["mean_cosine"]
+        assert any(s.startswith(f"  {p} visual: cosine to fp32") for s in said)
+    assert m["accuracy"]["fp16"]["visual"]["min_cosine"] > 0.999  # FP16 weights barely move a unit vector
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    with Classifier(bundle, backend="onnxruntime") as ref:
+        want = ref.embed_visual(images).vectors
+    for p, atol in (("fp16", 1e-2), ("int8", 0.2)):  # the tolerances of each precision's unit vectors
+        with Classifier(bundle, backend="onnxruntime", precision=p) as clf:
+            got = clf.embed_visual(images).vectors
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+        np.testing.assert_allclose(got, want, atol=atol)
 
 
 def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_path):
