@@ -38,11 +38,11 @@ class ImageGraph(nn.Module):
     def forward(self, image: torch.Tensor):
         feats = self.model.image_features(image)  # the backbone runs once for both vectors
         emb = self.model.embed_image_features(feats)
-        # Centred by the training-set mean (FeatureNorm's buffer), not standardised: on the fashion-products demo
-        # run (2,000 test products x 4 augmented views, /work/exp/visual_mix.py) same-product I->I R@1 was 0.495
-        # centred vs 0.430 standardised (class I->I R@1 0.889 vs 0.859). Dividing by the std gives the small
-        # early-stage features the weight of the last stage's; every step towards that lost instance recall:
-        # (x - mean) * inv_std**a gave 0.488 at a = 0.25, 0.481 at 0.5, 0.464 at 0.75.
+        # Centred by the training-set mean (FeatureNorm's buffer), not standardised: on the fashion-products
+        # demo run (2,000 test products x 4 views, benchmarks/retrieval.py's multiview_items) same-product
+        # I->I R@1 was 0.495 centred vs 0.430 standardised (class I->I R@1 0.889 vs 0.859). Dividing by the
+        # std gives the small early-stage features the weight of the last stage's; every step towards that
+        # lost instance recall: (x - mean) * inv_std**a gave 0.488 at a = 0.25, 0.481 at 0.5, 0.464 at 0.75.
         return emb, self.model.classifier(emb), F.normalize(feats - self.model.feature_norm.mean, dim=-1)
 
 

@@ -353,18 +353,18 @@ class Classifier:
 
     @_guarded
     def embed_visual(self, images: Sequence[ImageInput]) -> Embeddings:
-        """Visual-similarity vectors (N, visual_dim): the image graph's `visual` output, the frozen backbone's
-        pooled features centred by the training-set mean and L2-normalised. For "this same product / duplicates, from a photo";
-        the universal embedding (`embed_image`) is for "products of this kind" and cross-modal search.
-        A bad image gives a NaN row and an entry in `errors`.
+        """Visual-similarity vectors (N, visual_dim): the image graph's `visual` output, the frozen
+        backbone's pooled features centred by the training-set mean and L2-normalised. For "this same
+        product / duplicates, from a photo"; the universal embedding (`embed_image`) is for "products of
+        this kind" and cross-modal search. A bad image gives a NaN row and an entry in `errors`.
 
         Raises:
             HuseError: the bundle was exported before visual vectors (re-export it with this version).
         """
         dim = require_visual(self.manifest, self.bundle)
         arrays, errors = self._images(_per_item(images, "images"))
-        return self._embed("image", len(images), arrays, errors, lambda idx: {"image": np.stack([arrays[i] for i in idx])},
-                           {"visual": dim})["visual"]
+        return self._embed("image", len(images), arrays, errors,
+                           lambda idx: {"image": np.stack([arrays[i] for i in idx])}, {"visual": dim})["visual"]
 
     @_guarded
     def embed_image_visual(self, images: Sequence[ImageInput]) -> tuple[Embeddings, Embeddings]:
@@ -372,8 +372,8 @@ class Classifier:
         index of both spaces needs: the graph runs once, not twice)."""
         dims = {"embedding": int(self.manifest["embedding_dim"]), "visual": require_visual(self.manifest, self.bundle)}
         arrays, errors = self._images(_per_item(images, "images"))
-        out = self._embed("image", len(images), arrays, errors, lambda idx: {"image": np.stack([arrays[i] for i in idx])},
-                          dims)
+        out = self._embed("image", len(images), arrays, errors,
+                          lambda idx: {"image": np.stack([arrays[i] for i in idx])}, dims)
         return out["embedding"], out["visual"]
 
     @_guarded

@@ -372,7 +372,8 @@ def _echo_index(idx) -> None:
     info = idx.info()
     c = info["counts"]
     visual = f", visual dim {info['visual_dim']}" if info.get("visual_dim") else ""
-    click.echo(f"index {info['folder']}: {c['items']} items ({c['removed']} removed), kind {info['kind']}, dim {info['dim']}{visual}, "
+    click.echo(f"index {info['folder']}: {c['items']} items ({c['removed']} removed), kind {info['kind']}, "
+               f"dim {info['dim']}{visual}, "
                f"{info['precision']}; bundle {info['bundle']['path']} ({info['bundle']['fingerprint'][:12]})")
     for mod, m in info["modalities"].items():
         recall = "n/a" if m["recall_at_10"] is None else f"{m['recall_at_10']:.3f}"

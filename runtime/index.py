@@ -156,7 +156,8 @@ def choose_kind(n: int, dim: int, max_memory: str | int = "4G", modalities: int 
     if need["ivf"] <= budget:
         return "ivf"
     visual = f" and the visual index (dim {visual_dim})" if visual_dim else ""
-    raise HuseError(f"{n} vectors of dim {dim} in {modalities} modalities{visual} need at least {need['ivf'] / 2**20:.0f} MiB "
+    raise HuseError(f"{n} vectors of dim {dim} in {modalities} modalities{visual} need at least "
+                    f"{need['ivf'] / 2**20:.0f} MiB "
                     f"(ivf, 8-bit codes); the budget is {budget / 2**20:.0f} MiB. Raise --max-memory")
 
 

@@ -71,7 +71,8 @@ def test_the_manifest_must_describe_the_visual_output(source, visual_dim, why, o
     bundle = tmp_path / "b"
     shutil.copytree(old_bundle if source == "old" else tiny_bundle, bundle)
     _rewrite(bundle, visual_dim=visual_dim)
-    with Classifier(bundle) as clf, pytest.raises(HuseError, match=rf"manifest field visual_dim = {visual_dim} does not match graph .*{why}"):
+    want = rf"manifest field visual_dim = {visual_dim} does not match graph .*{why}"
+    with Classifier(bundle) as clf, pytest.raises(HuseError, match=want):
         clf.embed_image([records[0].image])
 
 
