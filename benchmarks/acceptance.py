@@ -72,11 +72,16 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000, environme
             key = "probs" if graph == "fused" else "logits"
             ref = np.concatenate([np.asarray(r[key]) for r in ort_iters])
             got = np.concatenate([np.asarray(r[key]) for r in trt_iters])
-            report["comparisons"].append({
-                "precision": precision, "graph": graph, "n": len(ref),
-                "max_abs_diff": float(np.abs(ref - got).max()),
-                "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
-                "top1_tensorrt": float((got.argmax(1) == data.labels[: len(got)]).mean())})
+            row = {"precision": precision, "graph": graph, "n": len(ref),
+                   "max_abs_diff": float(np.abs(ref - got).max()),
+                   "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+                   "top1_tensorrt": float((got.argmax(1) == data.labels[: len(got)]).mean())}
+            if "visual" in m["graphs"][graph]["outputs"]:  # the visual-similarity vectors (unit rows)
+                vr = np.concatenate([np.asarray(r["visual"]) for r in ort_iters])
+                vg = np.concatenate([np.asarray(r["visual"]) for r in trt_iters])
+                row.update(visual_max_abs_diff=float(np.abs(vr - vg).max()),
+                           visual_min_cosine=float((vr * vg).sum(1).min()))
+            report["comparisons"].append(row)
     tests_dir = Path(__file__).resolve().parents[1] / "tests"  # present in a source checkout
     if tests_dir.is_dir():
         tests = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", str(tests_dir)],

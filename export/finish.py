@@ -25,8 +25,18 @@ GRAPHS = ("image", "text", "fused")
 
 
 def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data) -> dict[str, np.ndarray]:
-    """Probabilities per mode (image, text, fused) of one precision's graphs on `data`."""
-    return {g: run_graph_probs(bundle / models[g], graphs[g]["inputs"], data, g) for g in GRAPHS}
+    """Probabilities per mode (image, text, fused) of one precision's graphs on `data`, and the image graph's
+    visual-similarity vectors as "visual" where it has them (from the same run)."""
+    from huse.export.api import run_graph_outputs
+
+    out = {}
+    for g in GRAPHS:
+        names = ["probs"] if g == "fused" else ["logits"] + (["visual"] if "visual" in graphs[g]["outputs"] else [])
+        res = run_graph_outputs(bundle / models[g], data.feeds(graphs[g]["inputs"]), names)
+        out[g] = res["probs"] if g == "fused" else softmax(res["logits"])
+        if "visual" in res:
+            out["visual"] = res["visual"]
+    return out
 
 
 # INT8 on EfficientNet-Lite0 at 64x64: the early convolutions are where rounding hurts. Measured on
@@ -146,7 +156,7 @@ def run_graph_probs(path: Path, inputs: list[str], data, graph: str) -> np.ndarr
 def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any]:
     """Add the requested precisions (gated), check TensorRT compatibility, build engines, rewrite the manifest."""
     from huse.export.api import EvalData
-    from huse.export.precision import accuracy_gate
+    from huse.export.precision import accuracy_gate, visual_agreement
 
     say = opts.say
     _leftovers(bundle, manifest)
@@ -176,6 +186,10 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
                 gt = gates[mode]
                 say(f"  {precision} {mode:6}: top-1 {gt['cand_accuracy']:.2f}% vs fp32 {gt['ref_accuracy']:.2f}% "
                     f"(drop {gt['drop_points']:+.2f} pts), agreement {gt['agreement']:.2f}%")
+            visual = visual_agreement(ref["visual"], cand["visual"]) if "visual" in ref else None
+            if visual is not None:
+                say(f"  {precision} visual: cosine to fp32 min {visual['min_cosine']:.4f} mean {visual['mean_cosine']:.4f}, "
+                    f"nearest other photo unchanged for {visual['nn_agreement']:.2f}%")
             say(f"  {precision} size: {size / 1e6:.1f} MB = {100 * size / fp32_size:.1f}% of fp32")
             gate = gates["fused"]
             if not gate["passed"]:
@@ -192,6 +206,7 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
                 "size_ratio_vs_fp32": size / fp32_size,
                 "modes": {m: {k: gates[m][k] for k in ("agreement", "ref_accuracy", "cand_accuracy", "drop_points", "passed")}
                           for m in GRAPHS},
+                **({"visual": visual} if visual is not None else {}),
                 "conversion": {g: _jsonable(i) for g, i in info.items()},
             }
     manifest["trt_compat"] = _check_compat(bundle, manifest, say)

@@ -5,7 +5,10 @@ tokenizer, fusion weight, models per precision, engines, tool versions) and the 
 every file. `load_manifest` refuses a bundle whose files are missing or changed, whose
 manifest fails the schema, names a path outside the bundle or a file it does not hash, or
 (with trusted keys) is unsigned or badly signed (runtime/signing.py). `check_graph` compares a
-loaded graph with the manifest (labels, embedding width, input size) before it runs.
+loaded graph with the manifest (labels, embedding width, visual width, input size) before it runs.
+
+manifest["visual_dim"]: the width of image.onnx's third output `visual`, the visual-similarity
+vector (export/graphs.py). Bundles exported before it have neither; `has_visual` tells them apart.
 
 Layout of manifest["models"]: {precision: {graph: file}} with precision in fp32/fp16/int8 and
 graph in image/text/fused. manifest["engines"]: a list of TensorRT engine entries.
@@ -150,6 +153,9 @@ def validate_manifest(manifest: dict[str, Any], path: Path) -> None:
     need(len(set(labels)) == len(labels), "labels", "unique", sorted({l for l in labels if labels.count(l) > 1}))
     need(is_int(manifest.get("embedding_dim")) and manifest["embedding_dim"] > 0, "embedding_dim", "a positive integer",
          manifest.get("embedding_dim"))
+    if "visual_dim" in manifest:
+        need(is_int(manifest["visual_dim"]) and manifest["visual_dim"] > 0, "visual_dim", "a positive integer",
+             manifest["visual_dim"])
     pre = manifest.get("preprocessing")
     need(isinstance(pre, dict), "preprocessing", "an object", pre)
     size = pre.get("size")
@@ -246,6 +252,20 @@ def load_manifest(folder: str | Path, verify: bool = True, trusted_keys: Sequenc
     return manifest
 
 
+def has_visual(manifest: dict[str, Any]) -> bool:
+    """Whether the bundle's image graph has the `visual` output (exported by a version that writes it)."""
+    return "visual_dim" in manifest
+
+
+def require_visual(manifest: dict[str, Any], bundle: str | Path) -> int:
+    """The bundle's visual width, or HuseError saying that the bundle predates visual vectors."""
+    if not has_visual(manifest):
+        raise HuseError(f"bundle {bundle} has no visual-similarity output (its image graph gives only the universal "
+                        "embedding and logits: it was exported before visual vectors existed). Re-export it with this "
+                        "huse-edge version (`huse-export RUN --out BUNDLE`) to search the visual space")
+    return int(manifest["visual_dim"])
+
+
 def check_graph(manifest: dict[str, Any], graph: str, inputs: dict[str, list], outputs: dict[str, list],
                 metadata: dict[str, str], where: str) -> None:
     """Check one loaded graph against the manifest, before it runs anything.
@@ -278,6 +298,12 @@ def check_graph(manifest: dict[str, Any], graph: str, inputs: dict[str, list], o
     for name, shape in outputs.items():
         if "embedding" in name and shape and isinstance(shape[-1], int) and shape[-1] != dim:
             fail("embedding_dim", dim, f"output {name} has width {shape[-1]}")
+    if graph == "image" and has_visual(manifest):
+        shape = outputs.get("visual")
+        if shape is None:
+            fail("visual_dim", manifest["visual_dim"], f"it has no output 'visual', only {sorted(outputs)}")
+        if shape and isinstance(shape[-1], int) and shape[-1] != manifest["visual_dim"]:
+            fail("visual_dim", manifest["visual_dim"], f"output visual has width {shape[-1]}")
     shape = inputs.get("image")
     if shape and len(shape) == 4 and all(isinstance(v, int) for v in shape[2:]):
         if list(shape[2:]) != list(manifest["preprocessing"]["size"]):

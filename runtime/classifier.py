@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from huse.runtime.backends import resolve_backend, runner_class
-from huse.runtime.bundle import CPU_ONLY_PRECISIONS, check_graph, load_manifest
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, check_graph, load_manifest, require_visual
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.preprocess import ImageInput, ImageSpec, load_image
@@ -392,7 +392,33 @@ class Classifier:
     def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
         """Universal image embeddings (N, D); a bad image gives a NaN row and an entry in `errors`."""
         arrays, errors = self._images(_per_item(images, "images"))
-        return self._embed("image", len(images), arrays, errors, lambda idx: {"image": np.stack([arrays[i] for i in idx])})
+        return self._embed("image", len(images), arrays, errors,
+                           lambda idx: {"image": np.stack([arrays[i] for i in idx])})["embedding"]
+
+    @_guarded
+    def embed_visual(self, images: Sequence[ImageInput]) -> Embeddings:
+        """Visual-similarity vectors (N, visual_dim): the image graph's `visual` output, the frozen
+        backbone's pooled features centred by the training-set mean and L2-normalised. For "this same
+        product / duplicates, from a photo"; the universal embedding (`embed_image`) is for "products of
+        this kind" and cross-modal search. A bad image gives a NaN row and an entry in `errors`.
+
+        Raises:
+            HuseError: the bundle was exported before visual vectors (re-export it with this version).
+        """
+        dim = require_visual(self.manifest, self.bundle)
+        arrays, errors = self._images(_per_item(images, "images"))
+        return self._embed("image", len(images), arrays, errors,
+                           lambda idx: {"image": np.stack([arrays[i] for i in idx])}, {"visual": dim})["visual"]
+
+    @_guarded
+    def embed_image_visual(self, images: Sequence[ImageInput]) -> tuple[Embeddings, Embeddings]:
+        """`embed_image` and `embed_visual` of the same photos from one run of the image graph (what an
+        index of both spaces needs: the graph runs once, not twice)."""
+        dims = {"embedding": int(self.manifest["embedding_dim"]), "visual": require_visual(self.manifest, self.bundle)}
+        arrays, errors = self._images(_per_item(images, "images"))
+        out = self._embed("image", len(images), arrays, errors,
+                          lambda idx: {"image": np.stack([arrays[i] for i in idx])}, dims)
+        return out["embedding"], out["visual"]
 
     @_guarded
     def embed_text(self, titles: Sequence[str | bytes | None]) -> Embeddings:
@@ -401,15 +427,23 @@ class Classifier:
         for i in range(len(titles)):
             if i not in texts and i not in errors:
                 errors[i] = f"item {i}: title is empty"
-        return self._embed("text", len(titles), texts, errors, lambda idx: self.tokenizer.inputs([texts[i] for i in idx]))
+        return self._embed("text", len(titles), texts, errors,
+                           lambda idx: self.tokenizer.inputs([texts[i] for i in idx]))["embedding"]
 
-    def _embed(self, graph: str, n: int, ok: dict, errors: dict[int, str], make_feeds) -> Embeddings:
-        dim = int(self.manifest["embedding_dim"])
-        vectors = np.full((n, dim), np.nan, dtype=np.float32)
+    def _embed(self, graph: str, n: int, ok: dict, errors: dict[int, str], make_feeds,
+               outputs: dict[str, int] | None = None) -> dict[str, Embeddings]:
+        """{output: Embeddings} of `graph`'s outputs (name: width; default the universal embedding)."""
+        outputs = outputs or {"embedding": int(self.manifest["embedding_dim"])}
+        vectors = {name: np.full((n, dim), np.nan, dtype=np.float32) for name, dim in outputs.items()}
         idx = sorted(ok)
         if idx:
-            vectors[idx] = self._run(graph, make_feeds(idx))["embedding"]
-        return Embeddings(vectors, errors)
+            out = self._run(graph, make_feeds(idx))
+            for name in outputs:
+                if name not in out:  # e.g. a TensorRT engine built from an older graph
+                    raise HuseError(f"the {graph} model of bundle {self.bundle} has no output {name!r} (it has "
+                                    f"{sorted(out)}); re-export the bundle with this huse-edge version")
+                vectors[name][idx] = out[name]
+        return {name: Embeddings(v, dict(errors)) for name, v in vectors.items()}
 
     # -- one stage at a time (what huse-bench times) -----------------------------------
     def preprocess_images(self, images: Sequence[ImageInput]) -> np.ndarray:

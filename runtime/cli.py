@@ -284,7 +284,7 @@ def index_group() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf"]), default="auto",
               help="auto: exact for small catalogs, else HNSW or IVF-SQ8 by size and --max-memory.")
-@click.option("--max-memory", default="4G", help="RAM budget for the whole index (both modalities).")
+@click.option("--max-memory", default="4G", help="RAM budget for the whole index (photos, titles and visual vectors).")
 @click.option("--precision", default="fp32", help="Bundle precision used to embed (fp32, fp16, int8-cpu, ...).")
 @click.option("--batch-size", default=64)
 @click.option("--threads", type=int, help="onnxruntime and FAISS threads (default: all cores).")
@@ -371,7 +371,9 @@ def index_info(index, trusted_keys) -> None:
 def _echo_index(idx) -> None:
     info = idx.info()
     c = info["counts"]
-    click.echo(f"index {info['folder']}: {c['items']} items ({c['removed']} removed), kind {info['kind']}, dim {info['dim']}, "
+    visual = f", visual dim {info['visual_dim']}" if info.get("visual_dim") else ""
+    click.echo(f"index {info['folder']}: {c['items']} items ({c['removed']} removed), kind {info['kind']}, "
+               f"dim {info['dim']}{visual}, "
                f"{info['precision']}; bundle {info['bundle']['path']} ({info['bundle']['fingerprint'][:12]})")
     for mod, m in info["modalities"].items():
         recall = "n/a" if m["recall_at_10"] is None else f"{m['recall_at_10']:.3f}"
@@ -386,6 +388,10 @@ def _echo_index(idx) -> None:
 @click.option("--batch", type=click.Path(dir_okay=False), help="CSV/JSONL of queries (columns image and/or name).")
 @click.option("--target", type=click.Choice(["image", "text", "product"]), default="image",
               help="What is searched: product photos, product titles, or products (best of both).")
+@click.option("--space", type=click.Choice(["universal", "visual"]), default="universal",
+              help="universal: products of this kind (class level; any query against any target, photo or "
+                   "title). visual: this same product or its duplicates, from a photo (--image, or the photos "
+                   "of --batch; --target image or product; an index built with a bundle that has visual vectors).")
 @click.option("--filter", "prefix", help="Only products under this hierarchy prefix, e.g. 'clothing<tops'.")
 @click.option("-k", "k", default=10, help="Hits per query.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the hits as JSONL (one object per query).")
@@ -394,7 +400,7 @@ def _echo_index(idx) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the index files used (trusted, read-only media).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM, repeatable): refuse the index (and its bundle) unless signed by one.")
-def search(index, text, image, batch, target, prefix, k, out, bundle, threads, no_verify, trusted_keys) -> None:
+def search(index, text, image, batch, target, space, prefix, k, out, bundle, threads, no_verify, trusted_keys) -> None:
     """Search INDEX by title, photo or both and print ranked products."""
     def body():
         from huse.runtime.index import Index
@@ -415,9 +421,11 @@ def search(index, text, image, batch, target, prefix, k, out, bundle, threads, n
                             "through their sha256; drop --no-verify")
         idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
                          trusted_keys=list(trusted_keys) or None)
-        results = idx.search(texts=texts if any(t is not None for t in texts) else None,
+        # A --batch file's titles are not queries in the visual space: its photos are.
+        use_texts = any(t is not None for t in texts) and not (batch and space == "visual")
+        results = idx.search(texts=texts if use_texts else None,
                              images=images if any(i is not None for i in images) else None,
-                             k=k, target=target, filter=prefix)
+                             k=k, target=target, filter=prefix, space=space)
         f = open(out, "w", encoding="utf-8") if out else None
         try:
             for label, q_text, q_image, hits in zip(labels, texts, images, results):

@@ -11,6 +11,13 @@ both and keeps one hit per product_id (the best of its photos and title). A quer
 photo and a title is the fused query: normalise(w * image + (1 - w) * text), w being the
 bundle's fusion weight.
 
+Two spaces (issue 10). The universal space is class-structured: it answers "products of this
+kind", from a photo or a title. It does not keep two products of one class apart well, so a
+bundle that has the visual-similarity output (export/graphs.py) also gets a third index,
+`visual`, over the same photo rows: the frozen backbone's pooled features, centred and
+L2-normalised. `search(images=..., space="visual")` answers "this same product / duplicates,
+from a photo" (target "image" or "product"); titles and fused queries have no visual vector.
+
 Index kinds (`kind="auto"` chooses, autofaiss's rule of thumb: by vector count and memory):
 - flat: `IDMap2,Flat`, exact inner product. Small catalogs (< FLAT_MAX vectors), or when asked.
 - hnsw: `IDMap2,HNSW32`, a graph; fast and accurate while it fits the memory budget.
@@ -27,8 +34,10 @@ hashed once per file version and then trusted by a stamp: runtime/stamps.py; no 
   classes), read by seeking to the hits only, so opening a 200k-item index reads no item text.
 - items.class.npy, items.product.npy, items.mods.npy, items.alive.npy: per-item class code,
   product code, which modalities are indexed (bit 1 image, 2 text), and the tombstone mask.
-- {image,text}.faiss (faiss.write_index; read memory-mapped), {image,text}.vectors.npy (float32,
-  NaN for rows not in that index; memory-mapped, read only for re-ranking, exact fallback, re-tuning).
+- {image,text,visual}.faiss (faiss.write_index; read memory-mapped), {image,text,visual}.vectors.npy
+  (float32, NaN for rows not in that index; memory-mapped, read only for re-ranking, exact fallback,
+  re-tuning). visual.* only when the bundle has the visual output; it holds exactly the image rows
+  (a photo whose universal or visual vector failed is in neither), in manifest["visual_dim"] dims.
 - excluded.jsonl: the rows left out of a modality (failed or missing photo/title) and why.
 
 Signing (issue 12): `build(..., sign_key=KEY)` / `huse index build ... --sign KEY` signs
@@ -60,13 +69,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from huse.runtime.bundle import package_versions
+from huse.runtime.bundle import has_visual, package_versions
 from huse.runtime.files import MANIFEST, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 from huse.runtime.stamps import sha256_matches
 
-__all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS"]
+__all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS", "SPACES"]
 
 FORMAT = "huse-index"
 FORMAT_VERSION = 1
@@ -74,6 +83,10 @@ KINDS = ("auto", "flat", "hnsw", "ivf")
 TARGETS = ("image", "text", "product")
 MODALITIES = ("image", "text")
 MOD_BIT = {"image": 1, "text": 2}
+SPACES = ("universal", "visual")
+# Each FAISS index and the modality whose rows it holds: the visual index covers the photo rows.
+ROWS_OF = {"image": "image", "text": "text", "visual": "image"}
+VISUAL_TARGETS = ("image", "product")  # a photo's visual vector searches photos, or products by their photos
 FLAT_MAX = 50_000  # exact search of 50k 512-d vectors is ~2 ms per query on 2 cores: fast enough, no tuning
 HNSW_M = 32  # graph degree: FAISS's usual choice for 0.95+ recall on 512-d embeddings
 HNSW_EF_CONSTRUCTION = 40  # recall@10 0.999 at efSearch 32 on 50k clustered 512-d vectors (TOOLCHAIN.md)
@@ -124,8 +137,9 @@ def memory_estimate(kind: str, n: int, dim: int) -> int:
     raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
 
 
-def choose_kind(n: int, dim: int, max_memory: str | int = "4G", modalities: int = 2) -> str:
-    """The index kind for `n` vectors per modality within a memory budget for the whole index.
+def choose_kind(n: int, dim: int, max_memory: str | int = "4G", modalities: int = 2, visual_dim: int = 0) -> str:
+    """The index kind for `n` vectors per modality within a memory budget for the whole index
+    (`modalities` indexes of width `dim`, plus the visual index of width `visual_dim` when not 0).
 
     Exact below FLAT_MAX vectors; above, an inverted file with 8-bit codes and exact re-ranking. Not a
     graph (HNSW), as autofaiss would pick while it fits: half of huse's queries are cross-modal (a
@@ -135,13 +149,15 @@ def choose_kind(n: int, dim: int, max_memory: str | int = "4G", modalities: int 
     A budget nothing fits is an error that says what would.
     """
     budget = parse_memory(max_memory)
-    fits = {k: modalities * memory_estimate(k, n, dim) <= budget for k in ("flat", "ivf")}
-    if n < FLAT_MAX and fits["flat"]:
+    widths = [dim] * modalities + ([visual_dim] if visual_dim else [])
+    need = {k: sum(memory_estimate(k, n, w) for w in widths) for k in ("flat", "ivf")}
+    if n < FLAT_MAX and need["flat"] <= budget:
         return "flat"
-    if fits["ivf"]:
+    if need["ivf"] <= budget:
         return "ivf"
-    need = modalities * memory_estimate("ivf", n, dim)
-    raise HuseError(f"{n} vectors of dim {dim} in {modalities} modalities need at least {need / 2**20:.0f} MiB "
+    visual = f" and the visual index (dim {visual_dim})" if visual_dim else ""
+    raise HuseError(f"{n} vectors of dim {dim} in {modalities} modalities{visual} need at least "
+                    f"{need['ivf'] / 2**20:.0f} MiB "
                     f"(ivf, 8-bit codes); the budget is {budget / 2**20:.0f} MiB. Raise --max-memory")
 
 
@@ -161,7 +177,7 @@ class Hit:
     image: str | None
     classes: str | None
     score: float
-    modality: str  # the index it came from (image or text)
+    modality: str  # the index it came from (image, text, or visual: a photo found in the visual space)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +190,15 @@ def _progress(done: int, total: int, what: str) -> None:
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _refuse_failed(ok: np.ndarray, errors: dict[int, str], what: str) -> None:
+    """HuseError naming the first query without a usable vector, and how many failed."""
+    bad = ~ok
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise HuseError(f"query {i} has no usable {what} ({errors.get(i, 'nothing given')}); "
+                        f"{int(bad.sum())} of {len(ok)} queries failed")
 
 
 def _exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -332,6 +357,7 @@ class Index:
         self.verify = verify or bool(self.trusted_keys)
         self.kind: str = manifest["kind"]
         self.dim: int = int(manifest["dim"])
+        self.visual_dim: int | None = int(manifest["visual_dim"]) if "visual_dim" in manifest else None
         self.fusion_weight = float(manifest["fusion_image_weight"])
         self.classes: list[str] = manifest["classes"]
         self._verified: set[str] = set()
@@ -408,15 +434,56 @@ class Index:
     def __len__(self) -> int:
         return int(self.manifest["counts"]["items"])
 
+    @property
+    def has_visual(self) -> bool:
+        """Whether the index holds visual-similarity vectors (built with a bundle that has them)."""
+        return "visual" in self.manifest["modalities"]
+
+    def _indexes(self) -> list[str]:
+        """The FAISS indexes this index holds: image and text, and visual when it has one."""
+        return list(self.manifest["modalities"])
+
+    def _width(self, name: str) -> int:
+        return self.visual_dim if name == "visual" else self.dim
+
+    def _check_space(self, space: str, target: str | None = None, texts: Sequence[Any] | None = None) -> None:
+        """Refuse what the visual space cannot answer, saying what is allowed."""
+        if space not in SPACES:
+            raise HuseError(f"space {space!r} is not one of {list(SPACES)}")
+        if space == "universal":
+            return
+        if texts is not None and any(t is not None for t in texts):
+            raise HuseError("space='visual' searches by photo only (images=...): a title, or a photo with a title (a "
+                            "fused query), has no visual vector. Search those in space='universal'")
+        if target is not None and target not in VISUAL_TARGETS:
+            raise HuseError(f"space='visual' searches product photos (target 'image') or products by their photos "
+                            f"(target 'product'), not target {target!r}: titles have no visual vectors. "
+                            "Use space='universal' for target 'text'")
+        if not self.has_visual:
+            raise HuseError(f"index {self.folder} has no visual vectors: it was built with a bundle exported before "
+                            "them (or from embeddings without them). Re-export the bundle with this huse-edge version "
+                            "(`huse-export RUN --out BUNDLE`) and rebuild the index (`huse index build BUNDLE --data "
+                            "CATALOG --out INDEX`) to search space='visual'; space='universal' works as it is")
+
     # -- searching --------------------------------------------------------------------------
-    def embed_queries(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None) -> np.ndarray:
-        """Query vectors (Q, D): image, text, or the fused normalise(w * image + (1 - w) * text) where a query has both."""
+    def embed_queries(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None,
+                      space: str = "universal") -> np.ndarray:
+        """Query vectors: (Q, D) universal ones, image, text, or the fused normalise(w * image + (1 - w) * text)
+        where a query has both; or with space="visual" (Q, visual_dim) visual vectors of photos."""
         if texts is None and images is None:
             raise HuseError("search needs texts, images or both")
+        self._check_space(space, texts=texts)
         if texts is not None and images is not None and len(texts) != len(images):
             raise HuseError(f"got {len(images)} images but {len(texts)} texts; pass one of each per query (None for missing)")
         clf = self._embedder()
         n = len(texts if texts is not None else images)
+        if space == "visual":
+            vis = np.full((n, self.visual_dim), np.nan, np.float32)
+            idx = [i for i, x in enumerate(images) if x is not None]
+            e = clf.embed_visual([images[i] for i in idx])
+            vis[idx] = e.vectors
+            _refuse_failed(np.isfinite(vis).all(1), {idx[j]: f"image: {msg}" for j, msg in e.errors.items()}, "image")
+            return _normalise(vis)
         img = np.full((n, self.dim), np.nan, np.float32)
         txt = np.full((n, self.dim), np.nan, np.float32)
         errors: dict[int, str] = {}
@@ -435,11 +502,7 @@ class Index:
         w = self.fusion_weight
         q = np.where((ok_i & ok_t)[:, None], w * np.nan_to_num(img) + (1 - w) * np.nan_to_num(txt),
                      np.where(ok_i[:, None], np.nan_to_num(img), np.nan_to_num(txt)))
-        bad = ~(ok_i | ok_t)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise HuseError(f"query {i} has no usable image or text ({errors.get(i, 'nothing given')}); "
-                            f"{int(bad.sum())} of {n} queries failed")
+        _refuse_failed(ok_i | ok_t, errors, "image or text")
         return _normalise(q.astype(np.float32))
 
     def _embedder(self):
@@ -454,7 +517,7 @@ class Index:
         return self._classifier
 
     def search(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None, k: int = 10,
-               target: str = "image", filter: str | None = None) -> list[list[Hit]]:
+               target: str = "image", filter: str | None = None, space: str = "universal") -> list[list[Hit]]:
         """Search by title, photo or both (fused), one query per position.
 
         Args:
@@ -464,26 +527,36 @@ class Index:
             target: "image" (product photos), "text" (product titles) or "product" (one hit per
                 product_id, the best of its photos and title).
             filter: a hierarchy prefix, e.g. "clothing<tops": only products of that subtree.
+            space: "universal" (the default): products of this kind, class level, any query modality against
+                any target. "visual": this same product or its duplicates, from a photo: photo-only queries
+                against target "image" or "product", in the visual-similarity index (an index built with a
+                bundle that has visual vectors). Anything else raises HuseError saying what is allowed.
         Returns:
             Per query, its hits best first.
         """
-        return self.search_vectors(self.embed_queries(texts=texts, images=images), k=k, target=target, filter=filter)
+        self._check_space(space, target, texts)
+        return self.search_vectors(self.embed_queries(texts=texts, images=images, space=space), k=k, target=target,
+                                   filter=filter, space=space)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, target: str = "image",
-                       filter: str | None = None) -> list[list[Hit]]:
-        """`search` for query embeddings already computed (Q, D), L2-normalised."""
+                       filter: str | None = None, space: str = "universal") -> list[list[Hit]]:
+        """`search` for query vectors already computed, L2-normalised: (Q, D) universal ones, or with
+        space="visual" (Q, visual_dim) visual ones (target "image" or "product")."""
         if target not in TARGETS:
             raise HuseError(f"target {target!r} is not one of {list(TARGETS)}")
+        self._check_space(space, target)
         if k < 1:
             raise HuseError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise HuseError(f"query vectors have dim {queries.shape[1]}; the index holds dim {self.dim}")
+        dim = self.visual_dim if space == "visual" else self.dim
+        if queries.shape[1] != dim:
+            raise HuseError(f"query vectors have dim {queries.shape[1]}; the index holds dim {dim} in space {space!r}")
         allowed = self._allowed(filter)
         if target != "product":
-            scores, ids = self._search_mod(target, queries, k, allowed)
-            return [self._hits(s, i, target) for s, i in zip(scores, ids)]
-        return self._search_products(queries, k, allowed)
+            name = "visual" if space == "visual" else target
+            scores, ids = self._search_mod(name, queries, k, allowed)
+            return [self._hits(s, i, name) for s, i in zip(scores, ids)]
+        return self._search_products(queries, k, allowed, ["visual"] if space == "visual" else list(MODALITIES))
 
     def _allowed(self, filter: str | None) -> np.ndarray | None:
         """Mask of items a search may return (alive and under the filter), None when all may."""
@@ -505,7 +578,7 @@ class Index:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         cand = None
         if allowed is not None:
-            cand = np.flatnonzero(allowed & ((self._array("items.mods.npy") & MOD_BIT[mod]) > 0))
+            cand = np.flatnonzero(allowed & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0))
             if len(cand) <= EXACT_FALLBACK:
                 return _exact_topk(queries, np.asarray(self._vectors_of(mod)[cand]), cand, k)
         selector, keep = None, None
@@ -521,7 +594,7 @@ class Index:
         if len(short):
             if cand is None:
                 cand = np.flatnonzero(self._array("items.alive.npy").astype(bool)
-                                      & ((self._array("items.mods.npy") & MOD_BIT[mod]) > 0))
+                                      & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0))
             s2, i2 = _exact_topk(queries[short], np.asarray(self._vectors_of(mod)[cand]), cand, k)
             scores[short], ids[short] = s2, i2
         return scores, ids
@@ -529,9 +602,10 @@ class Index:
     def _removed_in(self, mod: str) -> int:
         return int(self.manifest["modalities"][mod].get("tombstones", 0))
 
-    def _search_products(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[list[Hit]]:
+    def _search_products(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+                         indexes: list[str]) -> list[list[Hit]]:
         product = self._array("items.product.npy")
-        mods = [m for m in MODALITIES if self.manifest["modalities"][m]["count"]]
+        mods = [m for m in indexes if self.manifest["modalities"][m]["count"]]
         total = sum(self.manifest["modalities"][m]["count"] for m in mods)
         out = []
         for q in queries:
@@ -582,7 +656,8 @@ class Index:
               kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32", batch_size: int = 64,
               threads: int | None = None, progress: bool = True, overwrite: bool = False,
               sign_key: str | Path | None = None, confine_images: bool = False) -> "Index":
-        """Embed every product of a catalog and write an index directory.
+        """Embed every product of a catalog and write an index directory (with the visual index when the
+        bundle has visual vectors: see the module docstring).
 
         Args:
             bundle: the bundle (from `huse-export`) whose embeddings are indexed and queried.
@@ -590,7 +665,7 @@ class Index:
             out: the index directory to write (must not exist unless `overwrite`).
             images: folder that relative image paths resolve against.
             kind: "auto", "flat", "hnsw" or "ivf" (see the module docstring).
-            max_memory: RAM budget for the whole index (both modalities), e.g. "4G".
+            max_memory: RAM budget for the whole index (every FAISS index: image, text, visual), e.g. "4G".
             precision: the bundle precision used to embed ("fp32", "fp16", "int8-cpu", ...).
             batch_size, threads: passed to the Classifier (and threads to FAISS).
             progress: print a progress line to stderr.
@@ -613,7 +688,7 @@ class Index:
         if not records:
             raise HuseError(f"catalog {data} has no rows to index")
         with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
-            vecs, excluded = _embed_records(clf, records, 0, progress)
+            vecs, excluded = _embed_records(clf, records, 0, progress, visual=has_visual(clf.manifest))
         return cls.from_embeddings(bundle, records, vecs, out, kind=kind, max_memory=max_memory, precision=precision,
                                    excluded=excluded, threads=threads, progress=progress, overwrite=overwrite,
                                    sign_key=sign_key)
@@ -629,19 +704,26 @@ class Index:
             records: one catalog Record (or an object with row, product_id, name, image, classes) per row.
             vectors: {"image": (N, D), "text": (N, D)} float32, L2-normalised; NaN rows are left out
                 of that modality (list why in `excluded`, else "embedding is not finite" is recorded).
+                With "visual": (N, visual_dim) too (the bundle must have visual vectors), the visual index
+                is written; a photo whose image or visual row is NaN is left out of both.
             Others: as for `build`.
         Returns:
             The opened Index.
         """
-        from huse.runtime.bundle import load_manifest
+        from huse.runtime.bundle import load_manifest, require_visual
 
         out = _check_target(kind, out, overwrite)
         bm = load_manifest(bundle, verify=False)
         dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
-        vecs = {m: np.asarray(vectors[m], np.float32) for m in MODALITIES}
-        if any(v.shape != (len(records), dim) for v in vecs.values()):
-            raise HuseError(f"embeddings must be ({len(records)}, {dim}) per modality; got "
-                            f"{ {m: v.shape for m, v in vecs.items()} }")
+        names = [*MODALITIES, *(["visual"] if "visual" in vectors else [])]
+        width = {m: dim for m in MODALITIES}
+        if "visual" in vectors:
+            width["visual"] = require_visual(bm, bundle)
+        vecs = {m: np.asarray(vectors[m], np.float32) for m in names}
+        if any(v.shape != (len(records), width[m]) for m, v in vecs.items()):
+            raise HuseError(f"embeddings must be ({len(records)}, D) per modality with D = "
+                            f"{ {m: width[m] for m in names} }; got { {m: v.shape for m, v in vecs.items()} }")
+        _pair_visual(vecs)
         excluded = list(excluded or [])
         listed = {(e["item"], e["modality"]) for e in excluded}
         for m in MODALITIES:
@@ -652,7 +734,7 @@ class Index:
                                      "error": "embedding is not finite"})
         n_max = max(int(np.isfinite(v).all(1).sum()) for v in vecs.values())
         if kind == "auto":
-            kind = choose_kind(n_max, dim, max_memory)
+            kind = choose_kind(n_max, dim, max_memory, visual_dim=width.get("visual", 0))
         classes = sorted({canonical(r.classes) for r in records if r.classes})
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
         try:
@@ -662,11 +744,13 @@ class Index:
                         "max_memory": parse_memory(max_memory), "classes": classes,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions("huse-edge", "faiss-cpu", "numpy"),
                         "removal": _REMOVAL[kind], "modalities": {}}
+            if "visual" in vecs:
+                manifest["visual_dim"] = width["visual"]
             _write_items(tmp, records, classes, vecs, previous=None)
             _write_excluded(tmp, excluded, append_to=None)
-            for mod in MODALITIES:
-                others = np.concatenate([vecs[m] for m in MODALITIES if m != mod])
-                manifest["modalities"][mod] = _write_modality(tmp, mod, kind, vecs[mod], dim, progress, others)
+            for mod in names:  # the visual space has no cross-modal queries to tune for
+                others = np.concatenate([vecs[m] for m in MODALITIES if m != mod]) if mod in MODALITIES else None
+                manifest["modalities"][mod] = _write_modality(tmp, mod, kind, vecs[mod], width[mod], progress, others)
             _finish(tmp, manifest, sign_key)
             if out.exists():
                 shutil.rmtree(out)
@@ -684,20 +768,21 @@ class Index:
         `confine_images` as for `build`.
 
         Returns:
-            {"added": items, "image": vectors added, "text": vectors added, "excluded": rows left out}.
+            {"added": items, "image": vectors added, "text": vectors added, ["visual": vectors added,]
+            "excluded": rows left out}.
         """
         _check_sign_key(sign_key)
         records = _records(data, images, confine_images)
         n0 = len(self)
         clf = self._embedder()
-        vecs, excluded = _embed_records(clf, records, n0, progress)
+        vecs, excluded = _embed_records(clf, records, n0, progress, visual=self.has_visual)
         previous = self.items()
         classes = sorted(set(self.classes) | {canonical(r.classes) for r in records if r.classes})
         m = self.manifest
         _write_items(self.folder, records, classes, vecs, previous=(previous, self))
         _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
         added = {}
-        for mod in MODALITIES:
+        for mod in self._indexes():
             new = np.isfinite(vecs[mod]).all(1)
             old_vecs = np.load(self._file(f"{mod}.vectors.npy"), allow_pickle=False)
             allv = np.concatenate([old_vecs, vecs[mod]])
@@ -706,7 +791,7 @@ class Index:
             ids = np.flatnonzero(new).astype(np.int64) + n0
             if len(ids):
                 if self.kind == "ivf" and not index.is_trained:
-                    index, _ = _build_faiss("ivf", allv[ids], ids, self.dim)
+                    index, _ = _build_faiss("ivf", allv[ids], ids, self._width(mod))
                 else:
                     index.add_with_ids(np.ascontiguousarray(vecs[mod][new]), ids)
             _write_index(index, self.folder / f"{mod}.faiss")
@@ -736,8 +821,8 @@ class Index:
             alive[positions] = 0
             _save_npy(self.folder / "items.alive.npy", alive)
             mods = self._array("items.mods.npy")
-            for mod in MODALITIES:
-                in_mod = positions[(mods[positions] & MOD_BIT[mod]) > 0]
+            for mod in self._indexes():
+                in_mod = positions[(mods[positions] & MOD_BIT[ROWS_OF[mod]]) > 0]
                 info = self.manifest["modalities"][mod]
                 if not len(in_mod):
                     continue
@@ -763,7 +848,8 @@ class Index:
     def info(self) -> dict[str, Any]:
         """A summary of the manifest (counts, kind, per-modality factory, parameters, recall)."""
         m = self.manifest
-        return {"folder": str(self.folder), "kind": self.kind, "dim": self.dim, "precision": m["precision"],
+        return {"folder": str(self.folder), "kind": self.kind, "dim": self.dim, "visual_dim": self.visual_dim,
+                "precision": m["precision"],
                 "bundle": m["bundle"], "counts": m["counts"], "removal": m["removal"],
                 "modalities": {k: {f: v.get(f) for f in ("count", "factory", "search_params", "recall_at_10", "tombstones")}
                                for k, v in m["modalities"].items()}}
@@ -841,7 +927,7 @@ def _finish(folder: Path, manifest: dict, sign_key: str | Path | None = None) ->
     alive = np.load(folder / "items.alive.npy", allow_pickle=False)
     manifest["counts"] = {"items": int(len(alive)), "removed": int((alive == 0).sum()),
                           **{m: int(manifest["modalities"][m]["count"] - manifest["modalities"][m].get("tombstones", 0))
-                             for m in MODALITIES}}
+                             for m in manifest["modalities"]}}
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
                          if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.endswith(".tmp")}
     write_signed_manifest(folder, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"), sign_key)
@@ -874,16 +960,25 @@ def _records(data, images, confine: bool = False) -> list:
     return list(data)
 
 
-def _embed_records(clf, records: list, start: int, progress: bool) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Image and text embeddings of every record (NaN rows where missing or failed) and the exclusions."""
+def _embed_records(clf, records: list, start: int, progress: bool,
+                   visual: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Image and text embeddings of every record (NaN rows where missing or failed) and the exclusions;
+    with `visual`, the photos' visual vectors too, from the same run of the image graph."""
     n, dim = len(records), int(clf.manifest["embedding_dim"])
     vecs = {m: np.full((n, dim), np.nan, np.float32) for m in MODALITIES}
+    if visual:
+        vecs["visual"] = np.full((n, int(clf.manifest["visual_dim"])), np.nan, np.float32)
     excluded = []
     for s in range(0, n, EMBED_CHUNK):
         chunk = records[s:s + EMBED_CHUNK]
         with_img = [i for i, r in enumerate(chunk) if r.image and not getattr(r, "error", None)]
-        e_img = clf.embed_image([chunk[i].image for i in with_img])
-        vecs["image"][[s + i for i in with_img]] = e_img.vectors
+        rows = [s + i for i in with_img]
+        if visual:
+            e_img, e_vis = clf.embed_image_visual([chunk[i].image for i in with_img])
+            vecs["visual"][rows] = e_vis.vectors
+        else:
+            e_img = clf.embed_image([chunk[i].image for i in with_img])
+        vecs["image"][rows] = e_img.vectors
         e_txt = clf.embed_text([None if getattr(r, "error", None) else r.name for r in chunk])
         vecs["text"][s:s + len(chunk)] = e_txt.vectors
         img_err = {with_img[j]: msg for j, msg in e_img.errors.items()}
@@ -891,15 +986,31 @@ def _embed_records(clf, records: list, start: int, progress: bool) -> tuple[dict
             row_err = getattr(r, "error", None)  # the catalog's own error for the row wins
             for mod, err in (("image", row_err or img_err.get(i) or (None if r.image else "no image")),
                              ("text", row_err or e_txt.errors.get(i))):
-                if err is None and not np.isfinite(vecs[mod][s + i]).all():
+                held = [v for v in vecs if ROWS_OF[v] == mod]  # a photo's image and visual vectors go together
+                if err is None and not all(np.isfinite(vecs[v][s + i]).all() for v in held):
                     err = "embedding is not finite"
                 if err is not None:
-                    vecs[mod][s + i] = np.nan
+                    for v in held:
+                        vecs[v][s + i] = np.nan
                     excluded.append({"item": start + s + i, "row": r.row, "product_id": r.product_id,
                                      "modality": mod, "error": err})
         if progress:
             _progress(min(s + EMBED_CHUNK, n), n, "embedding products")
     return vecs, excluded
+
+
+def _pair_visual(vecs: dict[str, np.ndarray]) -> None:
+    """A photo is in the image and visual indexes or in neither (both come from one run of the image graph,
+    and the visual index shares the image rows' modality bit): NaN both rows where either is NaN, in place
+    (copying only an array that changes)."""
+    if "visual" not in vecs:
+        return
+    both = np.isfinite(vecs["image"]).all(1) & np.isfinite(vecs["visual"]).all(1)
+    for m in ("image", "visual"):
+        drop = ~both & np.isfinite(vecs[m]).all(1)
+        if drop.any():
+            vecs[m] = vecs[m].copy()
+            vecs[m][drop] = np.nan
 
 
 def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from huse.benchmarks.retrieval import (Items, evaluate, hierarchical_precision_at_k, map_at_k, multiview_items, rank,
-                                       recall_at_k, relevant_classes)
+from huse.benchmarks.retrieval import (Items, evaluate, hierarchical_precision_at_k, instance_bar, map_at_k,
+                                       multiview_items, rank, recall_at_k, relevant_classes)
 
 LABELS = ["a<x<1", "a<x<2", "a<y<3", "b<z<4"]
 
@@ -64,6 +64,16 @@ def test_multiview_keeps_products_and_changes_pixels():
     assert all(np.array_equal(a, b) for a, b in zip(mv.images, again.images))  # seeded
 
 
+def test_instance_bar_takes_huse_s_best_space_for_photo_to_photo():
+    mv = {"huse b": {"instance": {"I->I R@1": 0.31}}, "huse b (visual space)": {"instance": {"I->I R@1": 0.52}},
+          "frozen backbone": {"instance": {"I->I R@1": 0.50}}}
+    bar = instance_bar(mv, "b")
+    assert bar["huse_best_space"] == "visual" and bar["met"] and bar["huse"] == {"universal": 0.31, "visual": 0.52}
+    mv["huse b (visual space)"]["instance"]["I->I R@1"] = 0.49
+    assert not instance_bar(mv, "b")["met"]
+    assert instance_bar({"huse b": mv["huse b"]}, "b") is None  # no backbone row: no bar
+
+
 def test_benchmark_runs_at_a_tiny_scale(tiny_bundle, tiny_catalog, tmp_path):
     pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not installed")
     from huse.benchmarks.retrieval import run
@@ -72,6 +82,9 @@ def test_benchmark_runs_at_a_tiny_scale(tiny_bundle, tiny_catalog, tmp_path):
             out=tmp_path, cold_start=False)
     q = r["quality"][f"huse {tiny_bundle}"]
     assert q["I->I"]["R@1"] > r["quality"]["random"]["I->I"]["R@1"]
+    visual = r["multiview"][f"huse {tiny_bundle} (visual space)"]  # the lean runtime's visual vectors, photo->photo
+    assert set(visual) == {"I->I", "instance", "n"}
+    assert visual["instance"]["I->I R@1"] > r["multiview"]["random"]["instance"]["I->I R@1"]
     rows = r["speed"]["300"]
     assert [x["kind"] for x in rows] == ["flat", "hnsw", "ivf"]
     assert all(x["recall_at_10_vs_exact"] >= 0.9 for x in rows), rows

@@ -24,6 +24,10 @@ def test_bundle_describes_itself(tiny_bundle):
     assert set(m["files"]) == {"image.onnx", "text.onnx", "fused.onnx", "vocab.json"}
     for graph, diff in m["parity"]["max_abs_diff"].items():
         assert diff <= 1e-4, graph  # fp32 parity tolerance of the export
+    assert m["graphs"]["image"]["outputs"] == ["embedding", "logits", "visual"]
+    assert m["visual_dim"] == 32  # the tiny backbone's pooled features
+    assert set(m["parity"]["per_output"]["image"]) == {"embedding", "logits", "visual"}
+    assert m["parity"]["per_output"]["image"]["visual"] <= 1e-4
     assert m["trt_compat"]["passed"]
 
 
@@ -43,12 +47,35 @@ def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
     model, cfg = load_run(tiny_run)
     feeds = [{"image": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}]
     path = tmp_path / "image.onnx"
-    export_onnx(ImageGraph(model), feeds[0], ["image"], ["embedding", "logits"], path)
-    assert check_parity(ImageGraph(model), path, feeds, ["image"], ["embedding", "logits"], atol=1e-4) <= 1e-4
+    outputs = ["embedding", "logits", "visual"]
+    export_onnx(ImageGraph(model), feeds[0], ["image"], outputs, path)
+    diffs = check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
+    assert set(diffs) == set(outputs) and max(diffs.values()) <= 1e-4
     with torch.no_grad():
         model.classifier.linear.bias += 1e-2  # the torch model moves; the ONNX file does not
-    with pytest.raises(HuseError, match=r"differs from torch by up to .* \(> 0.0001\)"):
-        check_parity(ImageGraph(model), path, feeds, ["image"], ["embedding", "logits"], atol=1e-4)
+    with pytest.raises(HuseError, match=r"differs from torch by up to .* \(> 0.0001\) on output 'logits'"):
+        check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
+
+
+def test_visual_output_is_the_centred_backbone_features_of_torch(tiny_run, tiny_bundle, tiny_catalog):
+    """Parity of the visual output with the torch model, computed here from the model's parts (fp32, 1e-5)."""
+    import torch.nn.functional as F
+
+    from huse.runtime import Classifier
+    from huse.runtime.catalog import read_catalog
+    from huse.train.trainer import load_run
+
+    model, _ = load_run(tiny_run)
+    model.eval()
+    photos = [r.image for r in read_catalog(tiny_catalog)[::11]]
+    with Classifier(tiny_bundle) as clf:
+        x = clf.preprocess_images(photos)
+        got = clf.embed_visual(photos).vectors
+        assert np.array_equal(got, clf.run_graph("image", {"image": x})["visual"])
+    with torch.no_grad():
+        want = F.normalize(model.image_features(torch.from_numpy(x)) - model.feature_norm.mean, dim=-1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
 def test_export_refuses_to_overwrite_without_force(tiny_run, tiny_bundle):
@@ -79,6 +106,21 @@ def test_fp16_and_int8_variants_are_gated_and_recorded(tiny_bundle, tmp_path):
     with Classifier(bundle, backend="onnxruntime", precision="int8") as clf:
         out = clf.classify(titles=["Acme black tee"], mode="text")
         assert out[0]["mode"] == "text"
+    # The visual output survives both conversions, and how far it moved is measured and recorded.
+    for p in ("fp16", "int8"):
+        v = m["accuracy"][p]["visual"]
+        assert v["n"] == m["accuracy"][p]["n"] and 0 <= v["nn_agreement"] <= 100 and v["min_cosine"] <= v["mean_cosine"]
+        assert any(s.startswith(f"  {p} visual: cosine to fp32") for s in said)
+    assert m["accuracy"]["fp16"]["visual"]["min_cosine"] > 0.999  # FP16 weights barely move a unit vector
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    with Classifier(bundle, backend="onnxruntime") as ref:
+        want = ref.embed_visual(images).vectors
+    for p, atol in (("fp16", 1e-2), ("int8", 0.2)):  # the tolerances of each precision's unit vectors
+        with Classifier(bundle, backend="onnxruntime", precision=p) as clf:
+            got = clf.embed_visual(images).vectors
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+        np.testing.assert_allclose(got, want, atol=atol)
 
 
 def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_path):
