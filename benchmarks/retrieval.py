@@ -20,7 +20,8 @@ item itself is excluded), exact inner-product ranking, for I->I, I->T, T->I and 
 Rows: each bundle (through the lean runtime), random ranking, and the frozen backbone's own pooled
 features for I->I (`huse.train.backbones`, which imports torch: a baseline, not the runtime). On the
 multi-view catalog a bundle with visual vectors gets a second row, "(visual space)": I->I with
-`Classifier.embed_visual`, what `huse search --space visual` ranks by. The instance bar compares
+`Classifier.embed_visual` centred on the catalog (`centre_visual`), what `huse search --space visual`
+ranks by. The instance bar compares
 HUSE's best space for photo->photo with the frozen backbone (`instance_bar` in the results).
 
 Speed and size (`--scale N`, synthetic: the real embeddings duplicated with Gaussian perturbation
@@ -244,12 +245,13 @@ def embed_bundle(bundle: str | Path, items: Items, precision: str = "fp32", thre
     image graph) when the bundle has them."""
     from huse.runtime.bundle import has_visual
     from huse.runtime.classifier import Classifier
+    from huse.runtime.index import centre_visual
 
     with Classifier(bundle, backend="onnxruntime", precision=precision, batch_size=128, threads=threads) as clf:
         out = {"text": clf.embed_text(items.titles).vectors}
         if has_visual(clf.manifest):
             image, visual = clf.embed_image_visual(items.images)
-            out.update(image=image.vectors, visual=visual.vectors)
+            out.update(image=image.vectors, visual=centre_visual(visual.vectors)[0])  # as the visual index holds them
         else:
             out["image"] = clf.embed_image(items.images).vectors
         return out

@@ -47,9 +47,12 @@ def test_build_writes_a_visual_index_over_the_photo_rows(visual_index, tiny_bund
     assert set(m["modalities"]) == {"image", "text", "visual"}
     assert m["counts"]["visual"] == m["counts"]["image"] == len(records)
     assert {"visual.faiss", "visual.vectors.npy"} <= set(m["files"]) and m["modalities"]["visual"]["recall_at_10"] == 1.0
-    vectors = np.load(visual_index / "visual.vectors.npy")
-    with Classifier(tiny_bundle) as clf:  # the indexed vectors are the photos' embed_visual
-        np.testing.assert_allclose(vectors[:6], clf.embed_visual([r.image for r in records[:6]]).vectors, atol=1e-6)
+    vectors, centre = np.load(visual_index / "visual.vectors.npy"), np.load(visual_index / "visual.centre.npy")
+    assert "visual.centre.npy" in m["files"]
+    with Classifier(tiny_bundle) as clf:  # the indexed vectors: the photos' embed_visual centred on the catalog
+        raw = clf.embed_visual([r.image for r in records]).vectors
+    np.testing.assert_allclose(centre, raw.mean(0), atol=1e-6)
+    np.testing.assert_allclose(vectors, (raw - centre) / np.linalg.norm(raw - centre, axis=1, keepdims=True), atol=1e-5)
 
 
 def test_own_photo_is_its_nearest_visual_neighbour(visual_index, records):
@@ -150,12 +153,19 @@ def test_add_and_remove_keep_the_visual_index_consistent(kind, tiny_bundle, tiny
             w.writerows(part)
     idx = Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind=kind, progress=False)
     assert idx.manifest["counts"]["visual"] == len(rows[::2])
+    centre = np.load(tmp_path / "idx" / "visual.centre.npy")
     r = idx.add(rest, images=tiny_catalog.parent, progress=False)
     assert r["visual"] == r["image"] == len(rows[1::2])
     idx = Index.open(tmp_path / "idx")
     assert idx.manifest["counts"]["visual"] == idx.manifest["counts"]["image"] == len(rows)
     added = next(x for x in records if x.product_id == rows[1]["product_id"])
     assert idx.search(images=[added.image], k=1, space="visual")[0][0].product_id == added.product_id
+    # added photos are centred on the first catalog's mean, kept from the build (never recomputed)
+    assert np.array_equal(np.load(tmp_path / "idx" / "visual.centre.npy"), centre)
+    with Classifier(tiny_bundle) as clf:
+        raw = clf.embed_visual([added.image]).vectors[0] - centre
+    row = next(i for i, it in enumerate(idx.items()) if it["product_id"] == added.product_id)
+    np.testing.assert_allclose(np.load(tmp_path / "idx" / "visual.vectors.npy")[row], raw / np.linalg.norm(raw), atol=1e-5)
 
     gone = [rows[0]["product_id"], rows[1]["product_id"], rows[2]["product_id"]]
     assert idx.remove(gone)["removed"] == 3
