@@ -48,3 +48,15 @@ def make_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
                 title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {prng.choice(['black', 'navy'])} {noun}".strip()
                 w.writerow([f"images/{name}", title, cls, f"p{c}-{i}"])
     return path
+
+
+def split_catalog(catalog: Path, folder: Path) -> tuple[Path, Path, list[dict[str, str]]]:
+    """The catalog's even rows in folder/first.csv and odd rows in folder/rest.csv (a build, then an add)."""
+    rows = list(csv.DictReader(open(catalog, newline="")))
+    first, rest = folder / "first.csv", folder / "rest.csv"
+    for path, part in ((first, rows[::2]), (rest, rows[1::2])):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(part)
+    return first, rest, rows

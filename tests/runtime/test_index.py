@@ -16,20 +16,8 @@ import pytest
 pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not installed")
 
 from huse.runtime import HuseError, Index  # noqa: E402
-from huse.runtime.catalog import read_catalog  # noqa: E402
 from huse.runtime.index import choose_kind, parse_memory  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def flat_index(tiny_bundle, tiny_catalog, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("index") / "flat"
-    Index.build(tiny_bundle, tiny_catalog, out, kind="flat", progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def records(tiny_catalog):
-    return read_catalog(tiny_catalog)
+from tests.models.make_data import split_catalog  # noqa: E402
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -96,13 +84,7 @@ def test_k_larger_than_index(flat_index, records):
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_add_and_remove_never_returns_a_removed_product(kind, tiny_bundle, tiny_catalog, records, tmp_path):
-    first, rest = tmp_path / "first.csv", tmp_path / "rest.csv"
-    rows = list(csv.DictReader(open(tiny_catalog)))
-    for path, part in ((first, rows[::2]), (rest, rows[1::2])):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(part)
+    first, rest, rows = split_catalog(tiny_catalog, tmp_path)
     idx = Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind=kind, progress=False)
     assert idx.kind == kind and len(idx) == len(rows[::2])
     r = idx.add(rest, images=tiny_catalog.parent, progress=False)

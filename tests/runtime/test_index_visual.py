@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,20 +13,8 @@ pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not instal
 
 from huse.runtime import Classifier, HuseError, Index  # noqa: E402
 from huse.runtime.bundle import load_manifest  # noqa: E402
-from huse.runtime.catalog import read_catalog  # noqa: E402
 from tests.models.make_bundles import make_pre_visual_bundle  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def records(tiny_catalog):
-    return read_catalog(tiny_catalog)
-
-
-@pytest.fixture(scope="module")
-def visual_index(tiny_bundle, tiny_catalog, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("vindex") / "flat"
-    Index.build(tiny_bundle, tiny_catalog, out, kind="flat", progress=False)
-    return out
+from tests.models.make_data import split_catalog  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +27,14 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return tmp_path / src.name
 
 
-def test_build_writes_a_visual_index_over_the_photo_rows(visual_index, tiny_bundle, records):
-    idx = Index.open(visual_index)
+def test_build_writes_a_visual_index_over_the_photo_rows(flat_index, tiny_bundle, records):
+    idx = Index.open(flat_index)
     m = idx.manifest
     assert idx.has_visual and m["visual_dim"] == load_manifest(tiny_bundle)["visual_dim"] == 32
     assert set(m["modalities"]) == {"image", "text", "visual"}
     assert m["counts"]["visual"] == m["counts"]["image"] == len(records)
     assert {"visual.faiss", "visual.vectors.npy"} <= set(m["files"]) and m["modalities"]["visual"]["recall_at_10"] == 1.0
-    vectors, centre = np.load(visual_index / "visual.vectors.npy"), np.load(visual_index / "visual.centre.npy")
+    vectors, centre = np.load(flat_index / "visual.vectors.npy"), np.load(flat_index / "visual.centre.npy")
     assert "visual.centre.npy" in m["files"]
     with Classifier(tiny_bundle) as clf:  # the indexed vectors: the photos' embed_visual centred on the catalog
         raw = clf.embed_visual([r.image for r in records]).vectors
@@ -55,8 +42,8 @@ def test_build_writes_a_visual_index_over_the_photo_rows(visual_index, tiny_bund
     np.testing.assert_allclose(vectors, (raw - centre) / np.linalg.norm(raw - centre, axis=1, keepdims=True), atol=1e-5)
 
 
-def test_own_photo_is_its_nearest_visual_neighbour(visual_index, records):
-    idx = Index.open(visual_index)
+def test_own_photo_is_its_nearest_visual_neighbour(flat_index, records):
+    idx = Index.open(flat_index)
     sample = records[::7]
     for r, hits in zip(sample, idx.search(images=[r.image for r in sample], k=3, space="visual")):
         assert hits[0].row == r.row and hits[0].modality == "visual", (r, hits[0])
@@ -68,7 +55,7 @@ def test_own_photo_is_its_nearest_visual_neighbour(visual_index, records):
     assert len(hits) == 5 and all(h.classes.startswith("bags<") for h in hits)
 
 
-def test_a_changed_copy_of_a_photo_finds_its_original(visual_index, records):
+def test_a_changed_copy_of_a_photo_finds_its_original(flat_index, records):
     """The duplicate use: a brightened, slightly noisier copy of a catalog photo finds that photo first."""
     from PIL import Image
 
@@ -78,22 +65,22 @@ def test_a_changed_copy_of_a_photo_finds_its_original(visual_index, records):
     for r in sample:
         x = np.asarray(Image.open(r.image), np.float32) + 6 + rng.normal(0, 2, (32, 32, 3))
         copies.append(np.clip(x, 0, 255).astype(np.uint8))
-    hits = Index.open(visual_index).search(images=copies, k=1, space="visual")
+    hits = Index.open(flat_index).search(images=copies, k=1, space="visual")
     assert [h[0].row for h in hits] == [r.row for r in sample]
 
 
-def test_search_vectors_takes_visual_vectors_of_the_visual_width(visual_index):
-    idx = Index.open(visual_index)
-    q = np.load(visual_index / "visual.vectors.npy")[[3, 11]]
+def test_search_vectors_takes_visual_vectors_of_the_visual_width(flat_index):
+    idx = Index.open(flat_index)
+    q = np.load(flat_index / "visual.vectors.npy")[[3, 11]]
     assert [h[0].item for h in idx.search_vectors(q, k=2, space="visual")] == [3, 11]
     with pytest.raises(HuseError, match=r"query vectors have dim 32; the index holds dim 64 in space 'universal'"):
         idx.search_vectors(q, k=2)
     with pytest.raises(HuseError, match=r"query vectors have dim 64; the index holds dim 32 in space 'visual'"):
-        idx.search_vectors(np.load(visual_index / "image.vectors.npy")[[3]], k=2, space="visual")
+        idx.search_vectors(np.load(flat_index / "image.vectors.npy")[[3]], k=2, space="visual")
 
 
-def test_the_visual_space_refuses_what_it_cannot_answer(visual_index, records):
-    idx = Index.open(visual_index)
+def test_the_visual_space_refuses_what_it_cannot_answer(flat_index, records):
+    idx = Index.open(flat_index)
     photo = records[0].image
     assert idx.search(images=[photo], k=1)[0][0].modality == "image"  # the default stays universal
     with pytest.raises(HuseError, match=r"searches by photo only .*Search those in space='universal'"):
@@ -144,13 +131,7 @@ def test_from_embeddings_without_visual_vectors_refuses_the_visual_space(tiny_bu
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_add_and_remove_keep_the_visual_index_consistent(kind, tiny_bundle, tiny_catalog, records, tmp_path):
-    first, rest = tmp_path / "first.csv", tmp_path / "rest.csv"
-    rows = list(csv.DictReader(open(tiny_catalog)))
-    for path, part in ((first, rows[::2]), (rest, rows[1::2])):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(part)
+    first, rest, rows = split_catalog(tiny_catalog, tmp_path)
     idx = Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind=kind, progress=False)
     assert idx.manifest["counts"]["visual"] == len(rows[::2])
     centre = np.load(tmp_path / "idx" / "visual.centre.npy")
@@ -181,8 +162,8 @@ def test_add_and_remove_keep_the_visual_index_consistent(kind, tiny_bundle, tiny
 
 
 @pytest.mark.parametrize("name", ["visual.faiss", "visual.vectors.npy"])
-def test_a_tampered_visual_file_is_refused_naming_it(visual_index, records, tmp_path, name):
-    idx_dir = _copy(visual_index, tmp_path)
+def test_a_tampered_visual_file_is_refused_naming_it(flat_index, records, tmp_path, name):
+    idx_dir = _copy(flat_index, tmp_path)
     data = bytearray((idx_dir / name).read_bytes())
     data[-3] ^= 0x01
     (idx_dir / name).write_bytes(bytes(data))
@@ -193,24 +174,24 @@ def test_a_tampered_visual_file_is_refused_naming_it(visual_index, records, tmp_
         idx.search(images=[records[0].image], k=3, space="visual", filter="bags")  # ...a filtered one the vectors
 
 
-def test_cli_search_space(visual_index, records, tmp_path):
+def test_cli_search_space(flat_index, records, tmp_path):
     from click.testing import CliRunner
 
     from huse.runtime.cli import main
 
     cli = CliRunner()
     q = records[13]
-    r = cli.invoke(main, ["search", str(visual_index), "--image", q.image, "--space", "visual", "-k", "3"])
+    r = cli.invoke(main, ["search", str(flat_index), "--image", q.image, "--space", "visual", "-k", "3"])
     assert r.exit_code == 0, r.output
     first = r.output.splitlines()[1]
     assert f"{q.product_id} row {q.row} [visual]" in first, r.output
     batch = tmp_path / "q.csv"  # a batch file's titles are not visual queries: its photos are
     batch.write_text(f"image,name\n{q.image},Acme black tee\n")
-    r = cli.invoke(main, ["search", str(visual_index), "--batch", str(batch), "--space", "visual", "-k", "1",
+    r = cli.invoke(main, ["search", str(flat_index), "--batch", str(batch), "--space", "visual", "-k", "1",
                           "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o.jsonl").read_text())["hits"][0]["row"] == q.row
-    r = cli.invoke(main, ["search", str(visual_index), "--text", "Acme black tee", "--space", "visual"])
+    r = cli.invoke(main, ["search", str(flat_index), "--text", "Acme black tee", "--space", "visual"])
     assert r.exit_code == 1 and r.output.startswith("error: space='visual' searches by photo only"), r.output
     assert r.output.count("\n") == 1  # one line, no traceback
     r = cli.invoke(main, ["search", "--help"])

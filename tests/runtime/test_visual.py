@@ -10,13 +10,7 @@ import pytest
 
 from huse.runtime import Classifier, HuseError
 from huse.runtime.bundle import load_manifest, write_manifest
-from huse.runtime.catalog import read_catalog
 from tests.models.make_bundles import make_pre_visual_bundle
-
-
-@pytest.fixture(scope="module")
-def records(tiny_catalog):
-    return read_catalog(tiny_catalog)
 
 
 @pytest.fixture(scope="module")
