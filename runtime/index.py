@@ -15,8 +15,9 @@ Two spaces (issue 10). The universal space is class-structured: it answers "prod
 kind", from a photo or a title. It does not keep two products of one class apart well, so a
 bundle that has the visual-similarity output (export/graphs.py) also gets a third index,
 `visual`, over the same photo rows: the frozen backbone's pooled features, centred on the indexed
-catalog (its mean kept in visual.centre.npy for queries and later adds) and L2-normalised. `search(images=..., space="visual")` answers "this same product / duplicates,
-from a photo" (target "image" or "product"); titles and fused queries have no visual vector.
+catalog (its mean kept in visual.centre.npy for queries and later adds) and L2-normalised.
+`search(images=..., space="visual")` answers "this same product / duplicates, from a photo"
+(target "image" or "product"); titles and fused queries have no visual vector.
 
 Index kinds (`kind="auto"` chooses, autofaiss's rule of thumb: by vector count and memory):
 - flat: `IDMap2,Flat`, exact inner product. Small catalogs (< FLAT_MAX vectors), or when asked.
@@ -558,8 +559,9 @@ class Index:
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, target: str = "image",
                        filter: str | None = None, space: str = "universal") -> list[list[Hit]]:
-        """`search` for query vectors already computed, L2-normalised: (Q, D) universal ones, or with
-        space="visual" (Q, visual_dim) visual ones (target "image" or "product")."""
+        """`search` for query vectors already computed, as `embed_queries` returns them: (Q, D) universal
+        ones, L2-normalised, or with space="visual" (Q, visual_dim) visual ones centred on the indexed
+        catalog (`centre_visual`; target "image" or "product")."""
         if target not in TARGETS:
             raise HuseError(f"target {target!r} is not one of {list(TARGETS)}")
         self._check_space(space, target)
