@@ -78,7 +78,7 @@ class BulkJob:
     device: str | None = None
     threads: int | None = None  # onnxruntime intra-op threads per process (or per Ray actor)
     spinning: bool = False  # onnxruntime thread spinning: off, see OnnxrtRunner
-    workers: int | None = None  # threads preparing batches: decode, tokenise (None: sized with `threads` to the cores)
+    workers: int | None = None  # threads preparing batches (decode, tokenise); None: sized with `threads`
     engine: str = "local"  # local or ray
     address: str | None = None  # Ray cluster; None starts a local instance
     actors: int = 2  # Ray actors (each holds one Classifier)
