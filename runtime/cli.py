@@ -126,7 +126,9 @@ def _bulk_options(fn):
         click.option("--batch-size", default=64, help="Items per model call."),
         click.option("--shard-rows", default=10_000, help="Rows per output shard: the unit of --resume and of Ray work."),
         click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores; per actor with Ray: 1)."),
-        click.option("--workers", type=int, help="Image decode threads, prefetching the next batch (default: sized with --threads to the cores; 0: no pool)."),
+        click.option("--workers", type=int, help="Threads preparing the next batches (decode, tokenise) and describing "
+                     "finished ones while the model runs (default: sized with --threads to the cores; 0: no pool; "
+                     "Ray actors: 0 on CPU, 1 with --device cuda)."),
         click.option("--spin/--no-spin", default=False, help="onnxruntime thread spinning (off: it costs far more than it gains when cores are shared)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards are verified and kept."),
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", help="local threads, or Ray Data actors."),
