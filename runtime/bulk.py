@@ -491,11 +491,10 @@ def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob
     thread only runs the model (`clf.infer`): the pool prepares the next batches and finishes
     (describes, builds the rows of) the last ones, a bounded number in flight, in order."""
     batches = [records[s:s + job.batch_size] for s in range(0, len(records), job.batch_size)]
-    done = []
     if prefetch is None or prefetch.pool is None:
         done = [process_batch(clf, b, job) for b in batches]
     else:
-        finishing: deque[Future] = deque()
+        done, finishing = [], deque()
         for batch, ready in prefetch.run(batches):
             if job.task == "classify":
                 probs = clf.infer(ready.items) if ready.items is not None else None
