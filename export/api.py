@@ -109,7 +109,8 @@ def run_graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], outputs: l
 def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     """Export the run's model into the new bundle directory `tmp` (the caller renames it into place)."""
     from huse.export.finish import stamp_labels
-    from huse.export.graphs import check_parity, export_onnx, graph_specs, optimize_onnx
+    from huse.export.graphs import (VISUAL_FIT_PHOTOS, check_parity, export_onnx, fit_visual_whitening, graph_specs,
+                                    optimize_onnx)
     from huse.train.trainer import load_run
 
     model, cfg = load_run(run)
@@ -122,8 +123,13 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     weight = cfg["fusion"]["image_weight"]
     data = EvalData(cfg["data"], "test", 64, spec, tokenizer, cfg["labels"])
     split = data.split
+    photos = EvalData(cfg["data"], "train", VISUAL_FIT_PHOTOS, spec, tokenizer, cfg["labels"])
+    whitening = fit_visual_whitening(model, photos.images)
+    visual_dim = int(whitening.projection.shape[1])
+    opts.say(f"  visual vector: PCA-whitened to {visual_dim} dims, fitted on {len(photos)} {photos.split} photos")
+    specs = graph_specs(model, weight, whitening)
     parity = {}
-    for name, g in graph_specs(model, weight).items():
+    for name, g in specs.items():
         path = tmp / f"{name}.onnx"
         feeds = data.feeds(g["inputs"], batch=32)
         feeds.append({k: v[:7] for k, v in feeds[0].items()})  # an odd batch proves the dynamic axis
@@ -139,9 +145,12 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         "labels": cfg["labels"],
         "hierarchy": {"separator": "<", "depth": max(len(l.split("<")) for l in cfg["labels"])},
         "embedding_dim": model.cfg.embed_dim,
-        # Width of image.onnx's `visual` output (the backbone's pooled features); bundles without it
-        # predate visual vectors and the runtime asks for a re-export when one is wanted.
-        "visual_dim": int(model.feature_norm.mean.numel()),
+        # Width of image.onnx's `visual` output (the whitened backbone features, export/graphs.py); bundles
+        # without it predate visual vectors and the runtime asks for a re-export when one is wanted.
+        "visual_dim": visual_dim,
+        "visual": {"features": int(model.feature_norm.mean.numel()), "dims": visual_dim,
+                   "whitening": "PCA, 1 / sqrt(variance + mean variance)",
+                   "fitted_on": f"{len(photos)} {photos.split} photos"},
         "preprocessing": spec.to_dict(),
         "tokenizer": tok_spec,
         "fusion": {"image_weight": weight, "rule": "w * softmax(image logits) + (1 - w) * softmax(text logits)"},
@@ -149,7 +158,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         "calibration": {"temperature": cfg.get("calibration", {}).get("temperature", {m: 1.0 for m in GRAPHS}),
                         "rule": "p -> p^(1/T) renormalised, per mode (image/text: softmax(logits / T))"},
         "models": {"fp32": {g: f"{g}.onnx" for g in GRAPHS}},
-        "graphs": {g: {"inputs": s["inputs"], "outputs": s["outputs"]} for g, s in graph_specs(model, weight).items()},
+        "graphs": {g: {"inputs": s["inputs"], "outputs": s["outputs"]} for g, s in specs.items()},
         "parity": {"reference": "torch eager", "atol": opts.parity_atol,
                    "max_abs_diff": {g: max(d.values()) for g, d in parity.items()}, "per_output": parity},
         "model": {k: cfg["model"][k] for k in ("backbone", "image_size", "text_encoder", "embed_dim")},

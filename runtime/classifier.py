@@ -398,9 +398,9 @@ class Classifier:
     @_guarded
     def embed_visual(self, images: Sequence[ImageInput]) -> Embeddings:
         """Visual-similarity vectors (N, visual_dim): the image graph's `visual` output, the frozen
-        backbone's pooled features centred by the training-set mean and L2-normalised. For "this same
-        product / duplicates, from a photo"; the universal embedding (`embed_image`) is for "products of
-        this kind" and cross-modal search. A bad image gives a NaN row and an entry in `errors`.
+        backbone's pooled features centred, PCA-whitened and L2-normalised (export/graphs.py). For "this
+        same product / duplicates, from a photo"; the universal embedding (`embed_image`) is for "products
+        of this kind" and cross-modal search. A bad image gives a NaN row and an entry in `errors`.
 
         Raises:
             HuseError: the bundle was exported before visual vectors (re-export it with this version).

@@ -14,8 +14,9 @@ bundle's fusion weight.
 Two spaces (issue 10). The universal space is class-structured: it answers "products of this
 kind", from a photo or a title. It does not keep two products of one class apart well, so a
 bundle that has the visual-similarity output (export/graphs.py) also gets a third index,
-`visual`, over the same photo rows: the frozen backbone's pooled features, centred on the indexed
-catalog (its mean kept in visual.centre.npy for queries and later adds) and L2-normalised.
+`visual`, over the same photo rows: the frozen backbone's pooled features, PCA-whitened (the bundle's
+`visual` output, export/graphs.py), centred on the indexed catalog (its mean kept in visual.centre.npy
+for queries and later adds) and L2-normalised.
 `search(images=..., space="visual")` answers "this same product / duplicates, from a photo"
 (target "image" or "product"); titles and fused queries have no visual vector.
 

@@ -25,7 +25,8 @@ def test_bundle_describes_itself(tiny_bundle):
     for graph, diff in m["parity"]["max_abs_diff"].items():
         assert diff <= 1e-4, graph  # fp32 parity tolerance of the export
     assert m["graphs"]["image"]["outputs"] == ["embedding", "logits", "visual"]
-    assert m["visual_dim"] == 32  # the tiny backbone's pooled features
+    assert m["visual_dim"] == 32 == m["visual"]["features"]  # the tiny backbone's width, under 256 whitened dims
+    assert m["visual"]["fitted_on"].endswith("train photos")
     assert set(m["parity"]["per_output"]["image"]) == {"embedding", "logits", "visual"}
     assert m["parity"]["per_output"]["image"]["visual"] <= 1e-4
     assert m["trt_compat"]["passed"]
@@ -41,40 +42,51 @@ def test_graphs_have_a_dynamic_batch_axis(tiny_bundle):
 
 
 def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
-    from huse.export.graphs import ImageGraph, check_parity, export_onnx
+    from huse.export.graphs import check_parity, export_onnx, graph_specs
     from huse.train.trainer import load_run
 
     model, cfg = load_run(tiny_run)
+    image_graph = graph_specs(model, 0.5)["image"]["module"]
     feeds = [{"image": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}]
     path = tmp_path / "image.onnx"
     outputs = ["embedding", "logits", "visual"]
-    export_onnx(ImageGraph(model), feeds[0], ["image"], outputs, path)
-    diffs = check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
+    export_onnx(image_graph, feeds[0], ["image"], outputs, path)
+    diffs = check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
     assert set(diffs) == set(outputs) and max(diffs.values()) <= 1e-4
     with torch.no_grad():
         model.classifier.linear.bias += 1e-2  # the torch model moves; the ONNX file does not
     with pytest.raises(HuseError, match=r"differs from torch by up to .* \(> 0.0001\) on output 'logits'"):
-        check_parity(ImageGraph(model), path, feeds, ["image"], outputs, atol=1e-4)
+        check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
 
 
-def test_visual_output_is_the_centred_backbone_features_of_torch(tiny_run, tiny_bundle, tiny_catalog):
-    """Parity of the visual output with the torch model, computed here from the model's parts (fp32, 1e-5)."""
+def test_visual_output_is_the_whitened_centred_backbone_features_of_torch(tiny_run, tiny_bundle, tiny_catalog):
+    """The visual output, recomputed here from the model's parts: centred backbone features, L2-normalised,
+    PCA-whitened as fitted on the export's training photos, L2-normalised (fp32, 1e-5)."""
     import torch.nn.functional as F
 
+    from huse.export.api import EvalData
+    from huse.export.graphs import VISUAL_FIT_PHOTOS
     from huse.runtime import Classifier
     from huse.runtime.catalog import read_catalog
     from huse.train.trainer import load_run
 
-    model, _ = load_run(tiny_run)
+    model, cfg = load_run(tiny_run)
     model.eval()
     photos = [r.image for r in read_catalog(tiny_catalog)[::11]]
     with Classifier(tiny_bundle) as clf:
         x = clf.preprocess_images(photos)
         got = clf.embed_visual(photos).vectors
         assert np.array_equal(got, clf.run_graph("image", {"image": x})["visual"])
+        train = EvalData(cfg["data"], "train", VISUAL_FIT_PHOTOS, clf.image_spec, clf.tokenizer, cfg["labels"]).images
     with torch.no_grad():
-        want = F.normalize(model.image_features(torch.from_numpy(x)) - model.feature_norm.mean, dim=-1).numpy()
-    np.testing.assert_allclose(got, want, atol=1e-5)
+        def centred(images):
+            return F.normalize(model.image_features(torch.from_numpy(images)) - model.feature_norm.mean, dim=-1).numpy()
+        fit = centred(train).astype(np.float64)
+        mean = fit.mean(0)
+        _, s, vt = np.linalg.svd(fit - mean, full_matrices=False)
+        proj = vt.T / np.sqrt(s ** 2 + (s ** 2).mean())
+        want = (centred(x) - mean) @ proj
+    np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
