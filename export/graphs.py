@@ -54,7 +54,9 @@ class VisualWhitening(nn.Module):
         x = np.asarray(x, np.float64)
         mean = x.mean(0)
         _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-        d = min(dims, len(s))
+        if len(x) < 2 or not s.max() > 0:  # one photo, or all alike: nothing to whiten
+            return cls.identity(x.shape[1])
+        d = min(dims, len(s))  # weak components are not amplified: the shrinkage bounds their scale
         var = s[:d] ** 2
         proj = vt[:d].T / np.sqrt(var + var.mean())
         return cls(torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(proj.astype(np.float32)))

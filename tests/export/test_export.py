@@ -207,3 +207,20 @@ def test_tampered_bundle_is_refused(tiny_bundle, tmp_path):
     (bundle / "text.onnx").write_bytes(bytes(data))
     with pytest.raises(HuseError, match="text.onnx does not match its sha256"):
         Classifier(bundle)
+
+
+def test_visual_whitening_decorrelates_shrinks_and_degrades_to_identity():
+    from huse.export.graphs import VisualWhitening
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 16)) * np.linspace(5, 0.1, 16)  # anisotropic: a few strong directions
+    w = VisualWhitening.fit(x, dims=8)
+    assert tuple(w.projection.shape) == (16, 8)
+    p = (x - w.mean.numpy()) @ w.projection.numpy().astype(np.float64)
+    g = p.T @ p  # = diag(var / (var + mean var)): decorrelated, every component below 1, strongest largest
+    np.testing.assert_allclose(g - np.diag(np.diag(g)), 0, atol=1e-4)
+    assert np.all((np.diag(g) > 0) & (np.diag(g) < 1)) and np.all(np.diff(np.diag(g)) < 0)
+    out = w(torch.from_numpy(x[:5].astype(np.float32))).numpy()
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    single = VisualWhitening.fit(x[:1])  # one photo: nothing to whiten
+    assert torch.equal(single.projection, torch.eye(16)) and not single.mean.any()
