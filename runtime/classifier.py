@@ -111,9 +111,6 @@ class Prepared:
     groups: dict[str, tuple[list[int], dict[str, np.ndarray]]]  # graph -> (item indices, its feeds)
     warnings: dict[int, str]  # Pillow's, for items classified from their image
 
-    def __len__(self) -> int:
-        return len(self.results)
-
 
 class Classifier:
     """Classifies products from a photo, a title, or both, with a bundle from `huse-export`.
@@ -391,9 +388,7 @@ class Classifier:
     @_guarded
     def embed_image(self, images: Sequence[ImageInput]) -> Embeddings:
         """Universal image embeddings (N, D); a bad image gives a NaN row and an entry in `errors`."""
-        arrays, errors = self._images(_per_item(images, "images"))
-        return self._embed("image", len(images), arrays, errors,
-                           lambda idx: {"image": np.stack([arrays[i] for i in idx])})["embedding"]
+        return self._embed_images(images, {"embedding": int(self.manifest["embedding_dim"])})["embedding"]
 
     @_guarded
     def embed_visual(self, images: Sequence[ImageInput]) -> Embeddings:
@@ -405,19 +400,14 @@ class Classifier:
         Raises:
             HuseError: the bundle was exported before visual vectors (re-export it with this version).
         """
-        dim = require_visual(self.manifest, self.bundle)
-        arrays, errors = self._images(_per_item(images, "images"))
-        return self._embed("image", len(images), arrays, errors,
-                           lambda idx: {"image": np.stack([arrays[i] for i in idx])}, {"visual": dim})["visual"]
+        return self._embed_images(images, {"visual": require_visual(self.manifest, self.bundle)})["visual"]
 
     @_guarded
     def embed_image_visual(self, images: Sequence[ImageInput]) -> tuple[Embeddings, Embeddings]:
         """`embed_image` and `embed_visual` of the same photos from one run of the image graph (what an
         index of both spaces needs: the graph runs once, not twice)."""
-        dims = {"embedding": int(self.manifest["embedding_dim"]), "visual": require_visual(self.manifest, self.bundle)}
-        arrays, errors = self._images(_per_item(images, "images"))
-        out = self._embed("image", len(images), arrays, errors,
-                          lambda idx: {"image": np.stack([arrays[i] for i in idx])}, dims)
+        out = self._embed_images(images, {"embedding": int(self.manifest["embedding_dim"]),
+                                          "visual": require_visual(self.manifest, self.bundle)})
         return out["embedding"], out["visual"]
 
     @_guarded
@@ -429,6 +419,12 @@ class Classifier:
                 errors[i] = f"item {i}: title is empty"
         return self._embed("text", len(titles), texts, errors,
                            lambda idx: self.tokenizer.inputs([texts[i] for i in idx]))["embedding"]
+
+    def _embed_images(self, images: Sequence[ImageInput] | Decoded, outputs: dict[str, int]) -> dict[str, Embeddings]:
+        """{output: Embeddings} of the image graph's `outputs` (name: width), from one run of it."""
+        arrays, errors = self._images(_per_item(images, "images"))
+        return self._embed("image", len(images), arrays, errors,
+                           lambda idx: {"image": np.stack([arrays[i] for i in idx])}, outputs)
 
     def _embed(self, graph: str, n: int, ok: dict, errors: dict[int, str], make_feeds,
                outputs: dict[str, int] | None = None) -> dict[str, Embeddings]:
