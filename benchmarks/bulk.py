@@ -117,10 +117,11 @@ def kill_resume(bundle: str, catalog: Path, folder: Path, kills: int, shard_rows
         r = subprocess.run(args + ["--out", str(dest), "--resume"], capture_output=True, text=True)
         vec, meta = read_embeddings(dest) if r.returncode == 0 else (None, None)
         said = re.search(r"(\d+) of \d+ shards kept", r.stdout)
+        shards_kept = int(said.group(1)) if said else 0
         # One worker writes shards in order, so the rows redone are those of the one shard in flight at
         # the kill: at most shard_rows, provided the resumed run kept every shard the manifest lists.
-        out.append({"kill": k, "rows_kept": kept, "shards_kept": int(said.group(1)) if said else 0,
-                    "kept_all_finished": (int(said.group(1)) if said else 0) * shard_rows == kept,
+        out.append({"kill": k, "rows_kept": kept, "shards_kept": shards_kept,
+                    "kept_all_finished": shards_kept * shard_rows == kept,
                     "rows_left_after_kill": len(ref_meta) - kept, "rows_redone_at_most": shard_rows,
                     "rc": r.returncode,
                     "identical": vec is not None and vec.tobytes() == ref_vec.tobytes() and meta == ref_meta})
