@@ -1,0 +1,56 @@
+"""Tuning search parameters against exact search, and reading IVF lists into RAM or memory-mapped."""
+
+import math
+
+import numpy as np
+import pytest
+
+faiss = pytest.importorskip("faiss")
+
+from huse.runtime import index as index_module
+from huse.runtime.index import TARGET_RECALL, Index, _build_faiss, _tune, _tuning_queries
+
+
+def _clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    v = centres[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dim))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _recalls(index, kind, params, vectors, ids, queries, k=10):
+    _, truth = index_module._exact_topk(queries, vectors, ids, k)
+    _, got = index_module._ann(index, kind, params, queries, k, index_module._Dense(vectors, ids))
+    return np.asarray([len(set(g[g >= 0]) & set(t)) / k for g, t in zip(got, truth)])
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_tuning_picks_the_cheapest_setting_whose_lower_bound_reaches_the_target(kind):
+    vectors = _clustered(6000)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    index, _ = _build_faiss(kind, vectors, ids, vectors.shape[1])
+    queries = _tuning_queries(vectors, ids, cross=_clustered(300, seed=1))
+    params, recall = _tune(index, kind, vectors, ids, queries)
+    (name, value), = params.items()
+
+    def bound(v):
+        r = _recalls(index, kind, {name: v}, vectors, ids, queries)
+        return r.mean() - 2 * r.std() / math.sqrt(len(r))
+
+    assert bound(value) >= TARGET_RECALL
+    assert recall == pytest.approx(_recalls(index, kind, params, vectors, ids, queries).mean())
+    steps = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    before = [v for v in steps if v < value and (kind == "ivf" or v >= 16)]
+    if before:
+        assert bound(before[-1]) < TARGET_RECALL  # the setting before it did not reach the bar
+
+
+def test_ivf_lists_in_ram_or_memory_mapped_give_the_same_hits(tiny_bundle, tiny_catalog, records, tmp_path, monkeypatch):
+    Index.build(tiny_bundle, tiny_catalog, tmp_path / "idx", images=tiny_catalog.parent, kind="ivf", progress=False)
+    queries = [x.image for x in records[:6]]
+    in_ram = Index.open(tmp_path / "idx").search(images=queries, k=5, target="image")
+    monkeypatch.setattr(index_module, "IVF_MMAP_ABOVE", 0)
+    mapped = Index.open(tmp_path / "idx").search(images=queries, k=5, target="image")
+    assert [[(h.item, round(h.score, 5)) for h in hs] for hs in in_ram] == \
+        [[(h.item, round(h.score, 5)) for h in hs] for hs in mapped]
+    assert in_ram[0][0].image == records[0].image
