@@ -156,9 +156,9 @@ def choose_kind(n: int, dim: int, max_memory: str | int = "4G", modalities: int 
 
     Exact below FLAT_MAX vectors; above, an inverted file with 8-bit codes and exact re-ranking. Not a
     graph (HNSW), as autofaiss would pick while it fits: half of huse's queries are cross-modal (a
-    title searching photos), which land where no indexed vector is, and HNSW needed efSearch 2048 for
-    recall@10 0.95 on them (p50 2.3 ms, 8x exact) where IVF-SQ8 needed nprobe 8 (0.63 ms, 29x) on
-    200,000 products (benchmarks/results/cpu-2core/retrieval-speed). `--kind hnsw` is still there.
+    title searching photos), which land where no indexed vector is, and HNSW needed efSearch 1024 for
+    recall@10 0.95 on them (p50 1.5 ms, 10.6x exact) where IVF-SQ8 needed nprobe 96 (0.61 ms, 26x) on
+    200,000 products (benchmarks/results/cpu-2core/retrieval). `--kind hnsw` is still there.
     A budget nothing fits is an error that says what would.
     """
     budget = parse_memory(max_memory)
