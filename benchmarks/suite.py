@@ -80,14 +80,10 @@ class _TorchGraph(BaseRunner):
 def torch_cuda_status() -> tuple[bool, str]:
     """Whether the PyTorch baseline can also run on a GPU here (a CUDA build of torch and a GPU)."""
     try:
-        import torch
+        from huse.train.trainer import cuda_status
     except ImportError as e:
         return False, f"torch is not importable ({e})"
-    if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU-only build"
-    if not torch.cuda.is_available():
-        return False, f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
-    return True, f"torch on {torch.cuda.get_device_name(0)}"
+    return cuda_status()
 
 
 class TorchClassifier(Classifier):

@@ -17,7 +17,9 @@ from huse.runtime.cli import run_cli
 @click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
 @click.option("--image-size", default=64, help="Square input size of the image graph.")
-@click.option("--fine-tune", is_flag=True, help="Train the backbone too (slow on CPU; features are not cached).")
+@click.option("--fine-tune", is_flag=True, help="Train the backbone too (slow on CPU: use --device cuda; features are not cached).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="Where torch trains: cuda needs a CUDA build of torch and an NVIDIA GPU.")
 @click.option("--text-encoder", type=click.Choice(["auto", "cnn", "minilm"]), default="auto",
               help="Word CNN trained from scratch, or pretrained frozen MiniLM; auto: MiniLM when more than 10% of the "
                    "val titles' words never occur in training titles (open vocabulary), else the word CNN.")
@@ -71,7 +73,7 @@ def _train(o: dict) -> None:
     # Options without a CLI default take TrainConfig's: one copy of each default.
     given = {k: o[k] for k in ("epochs", "patience", "delta") if o[k] is not None}
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
-                     margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], **given)
+                     margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")

@@ -63,6 +63,7 @@ class TrainConfig:
     class_distance: str = "hierarchy"  # or "minilm": cosine distance of class-name embeddings
     seed: int = 0
     feature_batch: int = 128  # images per backbone call during feature extraction
+    device: str = "cpu"  # or "cuda": an NVIDIA GPU (where fine-tuning the backbone becomes practical)
 
     def total_epochs(self, steps_per_epoch: int) -> int:
         if self.epochs is not None:
@@ -77,6 +78,25 @@ class TrainConfig:
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write safetensors so that a killed run never leaves a broken file (huse.runtime.files.write_atomic)."""
     write_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+def cuda_status() -> tuple[bool, str]:
+    """Whether torch can use a GPU here (a CUDA build of torch and a GPU), and why not."""
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return False, f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
+    return True, f"torch on {torch.cuda.get_device_name(0)}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name not in ("cpu", "cuda"):
+        raise HuseError(f"device {name!r} not found; available devices = ['cpu', 'cuda']")
+    if name == "cuda":
+        ok, why = cuda_status()
+        if not ok:
+            raise HuseError(f"--device cuda: {why}; train with --device cpu, or install a CUDA build of torch")
+    return torch.device(name)
 
 
 def versions() -> dict[str, str]:
@@ -121,7 +141,7 @@ def choose_text_encoder(cfg: HuseConfig, ds: Dataset, split: dict[str, torch.Ten
 
 
 def _probs(logits: torch.Tensor) -> np.ndarray:
-    return logits.softmax(-1).numpy()
+    return logits.softmax(-1).cpu().numpy()
 
 
 def accuracy_report(probs: np.ndarray, y: np.ndarray, hierarchy: Hierarchy) -> dict[str, Any]:
@@ -159,12 +179,13 @@ def extract_image_features(model: HUSE, ds: Dataset, spec: ImageSpec, cache: Pat
     if path and path.is_file():
         return load_file(str(path))["features"]
     feats = []
+    device = next(model.backbone.parameters()).device
     # channels_last: ~25% faster depthwise/pointwise convolutions on CPU, same numbers.
     backbone = model.backbone.to(memory_format=torch.channels_last)
     with torch.no_grad():
         for s in tqdm(range(0, len(ds.images), batch), desc="image features", unit="batch", mininterval=2):
             x = torch.from_numpy(np.stack([load_image(img, spec) for img in ds.images[s:s + batch]]))
-            feats.append(backbone(x.contiguous(memory_format=torch.channels_last)))
+            feats.append(backbone(x.to(device).contiguous(memory_format=torch.channels_last)).cpu())
     model.backbone.to(memory_format=torch.contiguous_format)
     out = torch.cat(feats)
     if path:
@@ -185,10 +206,11 @@ def extract_text_features(model: HUSE, inputs: dict[str, torch.Tensor], cache: P
     path = cache / f"text-features-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["features"]
-    feats = []
+    feats, device = [], next(model.text_encoder.parameters()).device
     with torch.no_grad():
         for s in tqdm(range(0, len(ids), batch), desc="text features", unit="batch", mininterval=2):
-            feats.append(model.text_features(ids[s:s + batch], inputs["attention_mask"][s:s + batch]))
+            feats.append(model.text_features(ids[s:s + batch].to(device),
+                                             inputs["attention_mask"][s:s + batch].to(device)).cpu())
     out = torch.cat(feats)
     cache.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic({"features": out}, path)
@@ -238,8 +260,10 @@ class Trainer:
             model_cfg.vocab_size = len(self.tokenizer.vocab) + 2
         model_cfg.num_classes = len(self.labels)
         self.mc = model_cfg
-        self.model = build_model(model_cfg, backbone_weights)
-        self.class_dist = torch.from_numpy(class_distances(self.hierarchy, train_cfg.class_distance))
+        # Caches, labels and inputs stay on the CPU; each batch goes to the device.
+        self.device = resolve_device(train_cfg.device)
+        self.model = build_model(model_cfg, backbone_weights).to(self.device)
+        self.class_dist = torch.from_numpy(class_distances(self.hierarchy, train_cfg.class_distance)).to(self.device)
         self.text_inputs = encode_titles(self.tokenizer, ds.titles)
         self.epoch = 0
         self.best: dict[str, Any] = {"val_loss": math.inf, "epoch": 0}
@@ -266,13 +290,13 @@ class Trainer:
         if self.frozen:
             f = self.image_feats[idx]
         else:  # fine-tuning: the backbone runs on every batch
-            f = self.model.image_features(torch.from_numpy(np.stack([load_image(self.ds.images[i], self.spec) for i in idx.tolist()])))
-        return self.model.embed_image_features(f)
+            f = self.model.image_features(torch.from_numpy(np.stack([load_image(self.ds.images[i], self.spec) for i in idx.tolist()])).to(self.device))
+        return self.model.embed_image_features(f.to(self.device))
 
     def _text_emb(self, idx: torch.Tensor) -> torch.Tensor:
         if self.text_feats is not None:
-            return self.model.embed_text_features(self.text_feats[idx])
-        return self.model.embed_text(self.text_inputs["input_ids"][idx], None)
+            return self.model.embed_text_features(self.text_feats[idx].to(self.device))
+        return self.model.embed_text(self.text_inputs["input_ids"][idx].to(self.device), None)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -293,6 +317,8 @@ class Trainer:
                 for pid, st in opt["state"].items() for name, t in st.items()}
         # The random states (dropout, shuffling) travel too, so a resumed run is bit-exact on CPU.
         flat["rng.torch"], flat["rng.shuffle"] = torch.get_rng_state(), self.gen.get_state()
+        if self.device.type == "cuda":  # dropout on the GPU draws from its own generator
+            flat["rng.cuda"] = torch.cuda.get_rng_state()
         digests = {}
         for name, tensors in zip(self.CHECKPOINT_FILES, (self._trainable_state(), flat)):
             save_safetensors_atomic(tensors, self.out / f"{name}.next")
@@ -331,6 +357,9 @@ class Trainer:
             flat = load_file(str(self.out / "optimizer.safetensors"))
             torch.set_rng_state(flat.pop("rng.torch"))
             self.gen.set_state(flat.pop("rng.shuffle"))
+            cuda_rng = flat.pop("rng.cuda", None)
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
             opt_state: dict[int, dict[str, torch.Tensor]] = {}
             for key, t in flat.items():
                 pid, name = key.split(".", 1)
@@ -364,10 +393,10 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr(self.epoch * steps_per_epoch + s // self.tc.batch_size, total)
                 ie, te = self._image_emb(idx), self._text_emb(idx)
-                loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te), self.y[idx],
-                                        self.class_dist, alpha=self.tc.alpha, beta=self.tc.beta, gamma=self.tc.gamma,
-                                        margin=self.tc.margin, delta=self.tc.delta, tau=self.tc.tau,
-                                        product=self.product[idx],
+                loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te),
+                                        self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
+                                        beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
+                                        delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
                                         image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -414,7 +443,8 @@ class Trainer:
         if self.frozen:
             image = self.image_feats.numpy()
         else:  # fine-tuning: the baseline uses the pretrained backbone's features (not cached: a one-off)
-            image = extract_image_features(build_model(self.mc).eval(), self.ds, self.spec, None, self.tc.feature_batch).numpy()
+            image = extract_image_features(build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None,
+                                           self.tc.feature_batch).numpy()
         text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
         return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits)
 

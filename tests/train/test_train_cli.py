@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 
@@ -40,3 +41,41 @@ def test_every_command_has_help():
                       (bench, ["compare"])):
         r = CliRunner().invoke(cmd, [*args, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
+
+
+def test_train_on_cuda_without_a_gpu_says_why(tiny_catalog, tmp_path):
+    from huse.train.cli import main
+    from huse.train.trainer import cuda_status
+
+    ok, why = cuda_status()
+    if ok:
+        pytest.skip(f"a GPU is usable here ({why})")
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(tmp_path / "run"), "--backbone", "tiny",
+                                  "--device", "cuda", "--epochs", "1"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"--device cuda: {why}; train with --device cpu" in r.output
+
+
+@pytest.mark.gpu
+def test_fine_tuning_on_cuda_gives_a_run_the_cpu_loads(tiny_catalog, tmp_path):
+    """A GPU-trained run is an ordinary run: export and the CPU load it, and it predicts as it did on the GPU."""
+    import numpy as np
+    import torch
+
+    from huse.train.cli import main
+    from huse.train.trainer import cuda_status, load_run
+
+    ok, why = cuda_status()
+    if not ok:
+        pytest.skip(why)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(out), "--backbone", "tiny", "--image-size", "32",
+                                  "--fine-tune", "--device", "cuda", "--epochs", "2", "--batch-size", "32", "--embed-dim", "32"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["train"]["device"] == "cuda"
+    model, _ = load_run(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        cpu = model.embed_image(x).numpy()
+        gpu = model.to("cuda").embed_image(x.to("cuda")).cpu().numpy()
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
