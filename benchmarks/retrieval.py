@@ -322,18 +322,21 @@ class _Rec:
 def speed(bundle: str | Path, emb: dict[str, np.ndarray], items: Items, n: int, out_dir: Path,
           kinds=("flat", "hnsw", "ivf"), n_queries: int = 1000, n_single: int = 200, threads: int | None = None,
           cold_start: bool = True) -> list[dict[str, Any]]:
-    """Build each index kind over a synthetic catalog of `n` products and measure it (see the module docstring)."""
-    from huse.runtime.index import Index, _faiss
+    """Build each index kind over a synthetic catalog of `n` products and measure it (see the module docstring).
+    With visual vectors in `emb` the index holds the visual space too, as `huse index build` writes it, and
+    photo queries in that space are measured beside the universal ones (`visual_*` fields)."""
+    from huse.runtime.index import VISUAL_CENTRE, Index, _faiss, centre_visual
 
     if threads:
         _faiss().omp_set_num_threads(threads)
-    vecs = {m: synthetic_vectors(emb[m], n, seed=s) for s, m in enumerate(("image", "text"))}
+    vecs = {m: synthetic_vectors(emb[m], n, seed=s) for s, m in enumerate(("image", "text", "visual")) if m in emb}
     recs = [_Rec(i + 1, f"{items.product_ids[i % len(items.product_ids)]}#{i}", items.titles[i % len(items.titles)],
                  None, items.classes[i % len(items.classes)]) for i in range(n)]
     # Queries: fresh perturbations of real photos and titles (cross-modal queries included).
     queries = np.concatenate([synthetic_vectors(emb["image"], n_queries // 2, seed=10),
                               synthetic_vectors(emb["text"], n_queries - n_queries // 2, seed=11)])
     truth = rank(queries, vecs["image"], 10)
+    visual_queries = synthetic_vectors(emb["visual"], n_queries // 2, seed=12) if "visual" in vecs else None
     rows = []
     for kind in kinds:
         folder = out_dir / f"index-{kind}-{n}"
@@ -360,6 +363,9 @@ def speed(bundle: str | Path, emb: dict[str, np.ndarray], items: Items, n: int, 
                "dir_bytes_per_product": size / n, "batched_qps": round(qps, 1),
                "single_p50_ms": float(np.percentile(lat, 50)), "single_p99_ms": float(np.percentile(lat, 99)),
                "recall_at_10_vs_exact": recall, "tuned_recall_at_10": info["recall_at_10"]}
+        if visual_queries is not None:
+            row.update(visual_speed(idx, folder, centre_visual(visual_queries, np.load(folder / VISUAL_CENTRE))[0],
+                                    n_single))
         if cold_start:
             row["fresh_process"] = fresh_process_search(folder, items.titles[0] or "black boots", threads)
         rows.append(row)
@@ -369,6 +375,23 @@ def speed(bundle: str | Path, emb: dict[str, np.ndarray], items: Items, n: int, 
         if exact is not None:
             r["single_qps_vs_exact"] = exact["single_p50_ms"] / r["single_p50_ms"]
     return rows
+
+
+def visual_speed(idx, folder: Path, queries: np.ndarray, n_single: int) -> dict[str, Any]:
+    """Photo queries in the visual space (already centred on the index's catalog): single-query p50 and
+    recall@10 against exact search over the stored visual vectors."""
+    truth = rank(queries, np.load(folder / "visual.vectors.npy"), 10)
+    got = np.asarray([[h.item for h in hits] + [-1] * (10 - len(hits))
+                      for hits in idx.search_vectors(queries, k=10, space="visual")])
+    lat = []
+    for q in queries[:n_single]:
+        t = time.perf_counter()
+        idx.search_vectors(q[None], k=10, space="visual")
+        lat.append(1e3 * (time.perf_counter() - t))
+    info = idx.manifest["modalities"]["visual"]
+    return {"visual_search_params": info["search_params"], "visual_single_p50_ms": float(np.percentile(lat, 50)),
+            "visual_recall_at_10_vs_exact": float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)])),
+            "visual_index_bytes_per_product": info["index_bytes"] / max(info["count"], 1)}
 
 
 def fresh_process_search(folder: Path, text: str, threads: int | None = None) -> dict[str, Any]:
@@ -466,6 +489,11 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"{r['index_bytes_per_product']:.0f} | {r['batched_qps']:.0f} | {r['single_p50_ms']:.3f} | "
                          f"{r['single_p99_ms']:.3f} | {r['recall_at_10_vs_exact']:.3f} | {r.get('single_qps_vs_exact', float('nan')):.1f} | "
                          f"{fresh.get('wall_s', 'n/a')} |")
+        visual = [r for r in rows if "visual_single_p50_ms" in r]
+        if visual:
+            lines += ["", "| kind | visual space: params | index B/product | p50 ms | recall@10 |", "|---|---|---|---|---|"]
+            lines += [f"| {r['kind']} | {r['visual_search_params'] or 'exact'} | {r['visual_index_bytes_per_product']:.0f} | "
+                      f"{r['visual_single_p50_ms']:.3f} | {r['visual_recall_at_10_vs_exact']:.3f} |" for r in visual]
         lines.append("")
     return "\n".join(lines)
 

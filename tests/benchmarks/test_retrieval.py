@@ -88,4 +88,8 @@ def test_benchmark_runs_at_a_tiny_scale(tiny_bundle, tiny_catalog, tmp_path):
     rows = r["speed"]["300"]
     assert [x["kind"] for x in rows] == ["flat", "hnsw", "ivf"]
     assert all(x["recall_at_10_vs_exact"] >= 0.9 for x in rows), rows
+    # The visual space is indexed and searched too, as `huse index build` writes it for this bundle.
+    assert all(x["visual_recall_at_10_vs_exact"] >= 0.9 and x["visual_single_p50_ms"] > 0 for x in rows), rows
+    assert rows[0]["visual_recall_at_10_vs_exact"] == 1.0  # flat: exact
+    assert "visual space" in (tmp_path / "retrieval.md").read_text()
     assert (tmp_path / "retrieval.json").is_file() and (tmp_path / "retrieval.md").is_file()
