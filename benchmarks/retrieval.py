@@ -492,8 +492,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         visual = [r for r in rows if "visual_single_p50_ms" in r]
         if visual:
             lines += ["", "| kind | visual space: params | index B/product | p50 ms | recall@10 |", "|---|---|---|---|---|"]
-            lines += [f"| {r['kind']} | {r['visual_search_params'] or 'exact'} | {r['visual_index_bytes_per_product']:.0f} | "
-                      f"{r['visual_single_p50_ms']:.3f} | {r['visual_recall_at_10_vs_exact']:.3f} |" for r in visual]
+            lines += [f"| {r['kind']} | {r['visual_search_params'] or 'exact'} | "
+                      f"{r['visual_index_bytes_per_product']:.0f} | {r['visual_single_p50_ms']:.3f} | "
+                      f"{r['visual_recall_at_10_vs_exact']:.3f} |" for r in visual]
         lines.append("")
     return "\n".join(lines)
 

@@ -38,7 +38,8 @@ hashed once per file version and then trusted by a stamp: runtime/stamps.py; no 
   classes), read by seeking to the hits only, so opening a 200k-item index reads no item text.
 - items.class.npy, items.product.npy, items.mods.npy, items.alive.npy: per-item class code,
   product code, which modalities are indexed (bit 1 image, 2 text), and the tombstone mask.
-- {image,text,visual}.faiss (faiss.write_index; read memory-mapped, IVF lists into RAM below IVF_MMAP_ABOVE), {image,text,visual}.vectors.npy
+- {image,text,visual}.faiss (faiss.write_index; read memory-mapped, IVF lists into RAM up to IVF_MMAP_ABOVE),
+  {image,text,visual}.vectors.npy
   (float32, NaN for rows not in that index; memory-mapped, read only for re-ranking, exact fallback,
   re-tuning). visual.* only when the bundle has the visual output; it holds exactly the image rows
   (a photo whose universal or visual vector failed is in neither), in manifest["visual_dim"] dims;

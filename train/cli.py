@@ -17,7 +17,8 @@ from huse.runtime.cli import run_cli
 @click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
 @click.option("--image-size", default=64, help="Square input size of the image graph.")
-@click.option("--fine-tune", is_flag=True, help="Train the backbone too (slow on CPU: use --device cuda; features are not cached).")
+@click.option("--fine-tune", is_flag=True,
+              help="Train the backbone too (slow on CPU: use --device cuda; features are not cached).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Where torch trains: cuda needs a CUDA build of torch and an NVIDIA GPU.")
 @click.option("--text-encoder", type=click.Choice(["auto", "cnn", "minilm"]), default="auto",

@@ -290,7 +290,8 @@ class Trainer:
         if self.frozen:
             f = self.image_feats[idx]
         else:  # fine-tuning: the backbone runs on every batch
-            f = self.model.image_features(torch.from_numpy(np.stack([load_image(self.ds.images[i], self.spec) for i in idx.tolist()])).to(self.device))
+            x = torch.from_numpy(np.stack([load_image(self.ds.images[i], self.spec) for i in idx.tolist()]))
+            f = self.model.image_features(x.to(self.device))
         return self.model.embed_image_features(f.to(self.device))
 
     def _text_emb(self, idx: torch.Tensor) -> torch.Tensor:

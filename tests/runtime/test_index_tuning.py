@@ -45,7 +45,8 @@ def test_tuning_picks_the_cheapest_setting_whose_lower_bound_reaches_the_target(
         assert bound(before[-1]) < TARGET_RECALL  # the setting before it did not reach the bar
 
 
-def test_ivf_lists_in_ram_or_memory_mapped_give_the_same_hits(tiny_bundle, tiny_catalog, records, tmp_path, monkeypatch):
+def test_ivf_lists_in_ram_or_memory_mapped_give_the_same_hits(tiny_bundle, tiny_catalog, records, tmp_path,
+                                                              monkeypatch):
     Index.build(tiny_bundle, tiny_catalog, tmp_path / "idx", images=tiny_catalog.parent, kind="ivf", progress=False)
     queries = [x.image for x in records[:6]]
     in_ram = Index.open(tmp_path / "idx").search(images=queries, k=5, target="image")
