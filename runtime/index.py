@@ -583,12 +583,12 @@ class Index:
         if k < 1:
             raise HuseError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        dim = self.visual_dim if space == "visual" else self.dim
-        if queries.shape[1] != dim:
-            raise HuseError(f"query vectors have dim {queries.shape[1]}; the index holds dim {dim} in space {space!r}")
+        name = "visual" if space == "visual" else target
+        if queries.shape[1] != self._width(name):
+            raise HuseError(f"query vectors have dim {queries.shape[1]}; the index holds dim {self._width(name)} "
+                            f"in space {space!r}")
         allowed = self._allowed(filter)
         if target != "product":
-            name = "visual" if space == "visual" else target
             scores, ids = self._search_mod(name, queries, k, allowed)
             return [self._hits(s, i, name) for s, i in zip(scores, ids)]
         return self._search_products(queries, k, allowed, ["visual"] if space == "visual" else list(MODALITIES))
