@@ -345,17 +345,7 @@ def speed(bundle: str | Path, emb: dict[str, np.ndarray], items: Items, n: int, 
         build_s = time.perf_counter() - t
         idx = Index.open(folder, threads=threads)
         info = idx.manifest["modalities"]["image"]
-        idx.search_vectors(queries[:10], k=10)  # page in what a warm server holds
-        t = time.perf_counter()
-        batched = idx.search_vectors(queries, k=10)
-        qps = len(queries) / (time.perf_counter() - t)
-        lat = []
-        for q in queries[:n_single]:
-            t = time.perf_counter()
-            idx.search_vectors(q[None], k=10)
-            lat.append(1e3 * (time.perf_counter() - t))
-        got = np.asarray([[h.item for h in hits] + [-1] * (10 - len(hits)) for hits in batched])
-        recall = float(np.mean([len(set(g) & set(tr)) / 10 for g, tr in zip(got, truth)]))
+        qps, lat, recall = timed_search(idx, queries, truth, n_single)
         size = sum(p.stat().st_size for p in folder.iterdir())
         row = {"kind": kind, "n": n, "factory": info["factory"], "search_params": info["search_params"],
                "build_s": round(build_s, 2), "faiss_build_s": info["build_seconds"],
@@ -377,20 +367,31 @@ def speed(bundle: str | Path, emb: dict[str, np.ndarray], items: Items, n: int, 
     return rows
 
 
+def timed_search(idx, queries: np.ndarray, truth: np.ndarray, n_single: int,
+                 space: str = "universal") -> tuple[float, list[float], float]:
+    """Top-10 searches of `queries`: batched queries/s, single-query latencies (ms) of the first `n_single`,
+    and recall@10 against `truth` (exact search's items)."""
+    idx.search_vectors(queries[:10], k=10, space=space)  # page in what a warm server holds
+    t = time.perf_counter()
+    batched = idx.search_vectors(queries, k=10, space=space)
+    qps = len(queries) / (time.perf_counter() - t)
+    lat = []
+    for q in queries[:n_single]:
+        t = time.perf_counter()
+        idx.search_vectors(q[None], k=10, space=space)
+        lat.append(1e3 * (time.perf_counter() - t))
+    got = np.asarray([[h.item for h in hits] + [-1] * (10 - len(hits)) for hits in batched])
+    return qps, lat, float(np.mean([len(set(g) & set(tr)) / 10 for g, tr in zip(got, truth)]))
+
+
 def visual_speed(idx, folder: Path, queries: np.ndarray, n_single: int) -> dict[str, Any]:
     """Photo queries in the visual space (already centred on the index's catalog): single-query p50 and
     recall@10 against exact search over the stored visual vectors."""
     truth = rank(queries, np.load(folder / "visual.vectors.npy"), 10)
-    got = np.asarray([[h.item for h in hits] + [-1] * (10 - len(hits))
-                      for hits in idx.search_vectors(queries, k=10, space="visual")])
-    lat = []
-    for q in queries[:n_single]:
-        t = time.perf_counter()
-        idx.search_vectors(q[None], k=10, space="visual")
-        lat.append(1e3 * (time.perf_counter() - t))
+    _, lat, recall = timed_search(idx, queries, truth, n_single, space="visual")
     info = idx.manifest["modalities"]["visual"]
     return {"visual_search_params": info["search_params"], "visual_single_p50_ms": float(np.percentile(lat, 50)),
-            "visual_recall_at_10_vs_exact": float(np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth)])),
+            "visual_recall_at_10_vs_exact": recall,
             "visual_index_bytes_per_product": info["index_bytes"] / max(info["count"], 1)}
 
 
