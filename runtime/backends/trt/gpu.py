@@ -140,8 +140,9 @@ def _gpu_status(device: int) -> tuple[bool, str, dict]:
         return False, f"no usable NVIDIA GPU: {mismatch}", info
     try:
         err, count = cudart.cudaGetDeviceCount()
-    except RuntimeError as e:  # cuda-python 12.2-12.8 raise "Failed to dlopen libcuda.so.1" without a driver
-        return False, f"no usable NVIDIA GPU: no NVIDIA driver found (cuda-python: {e}); {NO_GPU_HINT}", info
+    except RuntimeError as e:  # cuda-python 12.2-12.8 raise "Failed to dlopen libcuda.so.1" (then "Function ... not found")
+        return (False, f"no usable NVIDIA GPU: no NVIDIA driver found (cuda-python {info['cuda_python']} could not load "
+                f"libcuda.so.1: {e}); {NO_GPU_HINT}", info)
     if int(err) != 0:  # 35: no driver (or one too old for this cuda-python); 100: driver, no GPU
         return False, f"no usable NVIDIA GPU: cudaGetDeviceCount returned {_error_text(cudart, err)}; {NO_GPU_HINT}", info
     if not 0 <= device < count:
