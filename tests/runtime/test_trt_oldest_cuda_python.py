@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,23 @@ def side_venv(request) -> tuple[str, Path]:
                                      (ROOT / "pyproject.toml").read_text()]).encode()).hexdigest()[:16]
     home = Path.home() / ".cache" / "huse" / "test-venvs"
     venv = home / f"cuda-python-{request.param}-{key}"
-    if not (venv / "complete").is_file():
+    for old in home.glob(f"cuda-python-{request.param}-*/complete"):  # pins or checkouts unused for a week
+        if old.parent != venv and time.time() - old.stat().st_mtime > 7 * 86400:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    if (venv / "complete").is_file():
+        (venv / "complete").touch()  # in use: keep
+    else:
         partial = home / f"{venv.name}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(partial)], check=True, capture_output=True, timeout=300)
-        python = partial / "bin" / "python"
-        _pip(python, *pins)
-        _pip(python, "--no-deps", "-e", str(ROOT))
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(partial)], check=True, capture_output=True, timeout=300)
+            python = partial / "bin" / "python"
+            _pip(python, *pins)
+            _pip(python, "--no-deps", "-e", str(ROOT))
+        except BaseException:  # a skip or failure leaves no half-built venv behind
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         (partial / "complete").write_text("\n".join(pins) + "\n")
         try:
             partial.rename(venv)  # a venv runs from anywhere through bin/python; readers never see half of one
