@@ -252,7 +252,8 @@ def _check_compat(bundle: Path, manifest: dict[str, Any], say) -> dict[str, Any]
 
 
 def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any]]:
-    from huse.runtime.backends.trt.loader import DEFAULT_BATCH, DEFAULT_WORKSPACE_MIB, DLA_PRECISIONS, build_engine, engine_support
+    from huse.runtime.backends.trt.loader import (DEFAULT_BATCH, DEFAULT_WORKSPACE_MIB, DLA_PRECISIONS, build_engine,
+                                                  engine_support)
 
     if opts.engine == "skip":
         return manifest.get("engines", [])

@@ -142,7 +142,8 @@ def test_load_or_build_keys_and_builds_for_the_device_asked_for(monkeypatch, tmp
     onnx_file = tmp_path / "image.onnx"
     onnx_file.write_bytes(b"graph")
     gpus = {0: ("NVIDIA A10", "8.6"), 1: ("NVIDIA H100", "9.0")}
-    monkeypatch.setattr(loader, "gpu_status", lambda d=0: (True, "", {"name": gpus[d][0], "compute_capability": gpus[d][1]}))
+    monkeypatch.setattr(loader, "gpu_status",
+                        lambda d=0: (True, "", {"name": gpus[d][0], "compute_capability": gpus[d][1]}))
     monkeypatch.setattr(loader, "import_tensorrt", lambda: SimpleNamespace(__version__="10.3.0"))
     calls = []
     monkeypatch.setattr(loader, "build_engine", lambda *a, **kw: calls.append(kw) or {"file": "x"})

@@ -105,7 +105,8 @@ def test_cuda_python_without_a_driver_falls_back_to_onnxruntime(side_venv):
 
     doctor = _run(python, "-m", "huse.runtime.cli", "doctor")
     assert doctor.returncode == 0 and "Traceback" not in doctor.stderr, doctor.stderr
-    assert doctor.stdout.strip().splitlines()[-1].startswith("backend: onnxruntime on cpu (not tensorrt: no usable NVIDIA GPU")
+    last = doctor.stdout.strip().splitlines()[-1]
+    assert last.startswith("backend: onnxruntime on cpu (not tensorrt: no usable NVIDIA GPU")
 
     # The TensorRT test modules import and skip with their reasons (onnx is absent there: the
     # builder module skips whole); -p no:cacheprovider keeps the checkout clean.

@@ -21,8 +21,8 @@ from huse.runtime.backends.trt.gpu import TRT_EXTRA_HINT, Cuda, gpu_status, impo
 from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.errors import HuseError
 
-__all__ = ["DEFAULT_BATCH", "DEFAULT_WORKSPACE_MIB", "DLA_PRECISIONS", "MIN_POLYGRAPHY", "REBUILD_HINT", "build_engine", "check_dla",
-           "dla_batch", "dla_in_tensorrt", "engine_cache_path", "engine_support", "load_or_build", "profile_shapes",
+__all__ = ["DEFAULT_BATCH", "DEFAULT_WORKSPACE_MIB", "DLA_PRECISIONS", "MIN_POLYGRAPHY", "REBUILD_HINT", "build_engine",
+           "check_dla", "dla_batch", "dla_in_tensorrt", "engine_cache_path", "engine_support", "load_or_build", "profile_shapes",
            "read_sidecar", "sidecar_path"]
 
 # Builder scratch memory (MemoryPoolType.WORKSPACE). Jetson Orin Nano 8 GB shares its memory
@@ -160,8 +160,8 @@ def profile_shapes(inputs, batch: tuple[int, int, int], source: str | Path = "th
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
-                 batch: tuple[int, int, int] = DEFAULT_BATCH, workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache: str | Path | None = None,
-                 dla_core: int | None = None, tf32: bool = False, device: int = 0) -> dict:
+                 batch: tuple[int, int, int] = DEFAULT_BATCH, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+                 timing_cache: str | Path | None = None, dla_core: int | None = None, tf32: bool = False, device: int = 0) -> dict:
     """Build a serialised TensorRT engine from an ONNX file and describe it.
 
     Args:
