@@ -253,7 +253,7 @@ def _check_compat(bundle: Path, manifest: dict[str, Any], say) -> dict[str, Any]
 
 def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any]]:
     from huse.runtime.backends.trt.loader import (DEFAULT_BATCH, DEFAULT_WORKSPACE_MIB, DLA_PRECISIONS, build_engine,
-                                                  engine_support)
+                                                  dla_batch, engine_support)
 
     if opts.engine == "skip":
         return manifest.get("engines", [])
@@ -276,8 +276,9 @@ def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any
             continue
         # DLA runs FP16/INT8 only (export.api refused a DLA export without either): FP32 stays on the GPU.
         dla = opts.dla_core if precision in DLA_PRECISIONS else None
+        batch = dla_batch(opts.batch) if dla is not None else opts.batch or DEFAULT_BATCH
         for g, f in models.items():
-            entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=opts.batch or DEFAULT_BATCH,
+            entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=batch,
                                  workspace_mib=opts.workspace_mib or DEFAULT_WORKSPACE_MIB,
                                  timing_cache=folder / "timing.cache", dla_core=dla, precision=precision)
             entry.update(file=f"{name}/{precision}-{g}.engine", graph=g)
