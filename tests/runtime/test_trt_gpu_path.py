@@ -261,3 +261,12 @@ def test_execute_gets_the_stream_object_as_tensorrt_samples_pass_it(tmp_path):
     context = SimpleNamespace(execute_async_v3=lambda **kw: seen.update(kw) or True)
     runner._enqueue(context, 2, {})
     assert seen == {"stream_handle": stream}
+
+
+def test_an_old_polygraphy_on_tensorrt_11_is_one_clear_error():
+    """What Polygraphy 0.49.x raises on TensorRT 11 becomes a HuseError naming both versions and the fix."""
+    pytest.importorskip("polygraphy")
+    error = AttributeError("'tensorrt.ILayer' object has no attribute 'precision_is_set'")
+    err = loader._api_mismatch(SimpleNamespace(__version__="11.4.0"), error)
+    assert isinstance(err, HuseError) and "TensorRT 11.4.0" in str(err) and "precision_is_set" in str(err)
+    assert "polygraphy >= 0.50.3" in str(err) and "huse-edge[export]" in str(err)

@@ -92,6 +92,15 @@ def engine_support(device: int = 0) -> tuple[bool, str]:
     return True, f"TensorRT {version} on {info['name']} (compute capability {info['compute_capability']})"
 
 
+def _api_mismatch(trt, error: AttributeError) -> HuseError:
+    """Polygraphy before 0.50.3 reaches for TensorRT APIs that 11.0 removed (layer.precision_is_set,
+    NetworkDefinitionCreationFlag.EXPLICIT_BATCH): name both versions instead of a traceback."""
+    polygraphy = importlib.import_module("polygraphy").__version__
+    return HuseError(f"polygraphy {polygraphy} called a TensorRT API that TensorRT {trt.__version__} does not have "
+                     f"({error}); huse needs polygraphy >= {'.'.join(map(str, MIN_POLYGRAPHY))} with TensorRT 11: "
+                     "pip install -U 'huse-edge[export]'")
+
+
 def dla_in_tensorrt(version: str) -> bool:
     """Whether TensorRT `version` has DLA at all on Linux (10.0-10.7, and 11.4.1 on; see DLA_DOCS)."""
     v = _version_tuple(version)
@@ -197,14 +206,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     from polygraphy.exception import PolygraphyException
 
     Cuda(device).bind()  # the builder times and builds on the calling thread's current device
-    # Polygraphy releases before 0.50.3 raise AttributeError on TensorRT 11 (removed APIs);
-    # engine_support refuses them, this keeps any such mismatch one clear line.
-    failures = (PolygraphyException, AttributeError)
     try:  # parse_from_file, so external weights resolve; the parser's errors are logged above
         builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
-    except failures as e:
-        raise HuseError(f"TensorRT's ONNX parser rejected {onnx_path} (its errors are logged above): "
-                        f"{type(e).__name__}: {e}") from None
+    except AttributeError as e:
+        raise _api_mismatch(trt, e) from None
+    except PolygraphyException as e:
+        raise HuseError(f"TensorRT's ONNX parser rejected {onnx_path} (its errors are logged above): {e}") from None
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     shapes = profile_shapes([(t.name, tuple(t.shape)) for t in inputs], (b_min, b_opt, b_max), onnx_path)
     profile = Profile()
@@ -234,9 +241,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     try:
         data = bytes(EngineBytesFromNetwork((builder, network, parser), config,
                                             save_timing_cache=str(timing_cache) if timing_cache else None)())
-    except failures as e:
-        raise HuseError(f"TensorRT could not build an engine from {onnx_path} ({type(e).__name__}: {e}; see its log "
-                        f"above); a larger workspace_mib than {workspace_mib} may help") from None
+    except AttributeError as e:
+        raise _api_mismatch(trt, e) from None
+    except PolygraphyException as e:
+        raise HuseError(f"TensorRT could not build an engine from {onnx_path} ({e}; see its log above); "
+                        f"a larger workspace_mib than {workspace_mib} may help") from None
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         sidecar_path(engine_path).unlink()  # an old description must never sit next to a new engine
