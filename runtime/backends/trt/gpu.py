@@ -1,7 +1,9 @@
 """The CUDA side of the TensorRT backend, through cuda-python only (a wheel everywhere, CUDA graphs;
 pycuda compiles against libcuda and cannot capture graphs). `gpu_status` asks for a GPU without
 touching TensorRT, whose Runtime/Builder can crash the process when there is none; cuda-python
-answers with an error code (35, cudaErrorInsufficientDriver). `Cuda` is the runner's one adapter.
+answers with an error code (35, cudaErrorInsufficientDriver), or raises (12.2-12.8 without
+libcuda.so.1), and both become an answer. A cuda-python built for a newer CUDA major than the
+driver supports is named with the pin that fits (`driver_mismatch`). `Cuda` is the runner's one adapter.
 """
 
 from __future__ import annotations
