@@ -48,9 +48,9 @@ class ExportOptions:
     accuracy_gate: bool = True
     eval_size: int = 2000  # held-out products the accuracy gate runs on (0: the whole split)
     engine: str = "auto"  # auto: build where possible; require: fail without; skip
-    batch: tuple[int, int, int] = (1, 8, 64)
+    batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max); None: 1:8:64 (8:8:8 on DLA)
     workspace_mib: int | None = None
-    dla_core: int | None = None
+    dla_core: int | None = None  # FP16/INT8 engines on this DLA core, fixed batch; FP32 stays on the GPU
     force: bool = False
     sign: str | Path | None = None  # Ed25519 private key (PEM) to sign manifest.json with
     parity_atol: float = PARITY_ATOL
@@ -204,6 +204,20 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_dla(src: Path, opts: ExportOptions) -> None:
+    """Refuse a DLA request DLA cannot run, before anything is exported or built (the loader's rule)."""
+    from huse.runtime.backends.trt.loader import check_dla
+
+    if opts.dla_core is None:
+        return
+    existing = set(load_manifest(src)["models"]) if (src / MANIFEST).is_file() else set()
+    asked = existing | {p for p, on in (("fp32", True), ("fp16", opts.fp16), ("int8", opts.int8)) if on}
+    batch = check_dla(opts.dla_core, asked, opts.batch)
+    if opts.batch is None:
+        opts.say(f"DLA core {opts.dla_core}: FP16/INT8 engines for a fixed batch of {batch[0]} (DLA has no "
+                 "dynamic shapes; choose with --batch N:N:N); FP32 engines stay on the GPU with 1:8:64")
+
+
 def _run_metrics(run: Path) -> dict[str, Any]:
     p = run / "metrics.json"
     if not p.is_file():
@@ -236,6 +250,7 @@ def export(src: str | Path, out: str | Path | None = None, opts: ExportOptions |
         from huse.runtime.signing import check_signing_key
 
         check_signing_key(opts.sign)
+    _check_dla(src, opts)  # a DLA request DLA cannot run fails now, before any export or build
     if (src / MANIFEST).is_file():
         bundle = Path(out) if out else src
         if bundle.resolve() == src.resolve():  # in place: atomic, the manifest is replaced last

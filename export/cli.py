@@ -7,7 +7,9 @@ import click
 from huse.runtime.cli import run_cli
 
 
-def _batch(value: str) -> tuple[int, int, int]:
+def _batch(value: str | None) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
     try:
         lo, opt, hi = (int(v) for v in value.split(":"))
     except ValueError:
@@ -32,9 +34,11 @@ def _batch(value: str) -> tuple[int, int, int]:
 @click.option("--no-accuracy-gate", is_flag=True, help="Keep a precision even when its gate fails (reported, not silent).")
 @click.option("--engine", type=click.Choice(["auto", "require", "skip"]), default="auto",
               help="TensorRT engines: build where TensorRT and a GPU are usable; require: fail otherwise.")
-@click.option("--batch", default="1:8:64", help="TensorRT optimisation profile MIN:OPT:MAX batch.")
+@click.option("--batch", help="TensorRT optimisation profile MIN:OPT:MAX batch (default 1:8:64; with --dla-core a "
+              "fixed N:N:N, default 8:8:8).")
 @click.option("--workspace-mib", type=int, help="TensorRT builder workspace (default 1024: fits Jetson Orin Nano).")
-@click.option("--dla-core", type=int, help="Build for this DLA core with GPU fallback (Jetson AGX Orin / Orin NX).")
+@click.option("--dla-core", type=int, help="Build the FP16/INT8 engines for this DLA core with GPU fallback (Jetson "
+              "AGX Orin / Orin NX; TensorRT 10.0-10.7 or 11.4.1+): needs --fp16 or --int8 and a fixed batch.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--sign", "sign", type=click.Path(dir_okay=False), help="Sign manifest.json with this Ed25519 private "
               "key (PEM, from `huse keygen`), as manifest.sig; needs the sign extra.")

@@ -252,7 +252,8 @@ def _check_compat(bundle: Path, manifest: dict[str, Any], say) -> dict[str, Any]
 
 
 def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any]]:
-    from huse.runtime.backends.trt.loader import DEFAULT_WORKSPACE_MIB, build_engine, engine_support
+    from huse.runtime.backends.trt.loader import (DEFAULT_BATCH, DEFAULT_WORKSPACE_MIB, DLA_PRECISIONS, build_engine,
+                                                  dla_batch, engine_support)
 
     if opts.engine == "skip":
         return manifest.get("engines", [])
@@ -273,11 +274,16 @@ def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any
     for precision, models in manifest["models"].items():
         if precision in CPU_ONLY_PRECISIONS:
             continue
+        # DLA runs FP16/INT8 only (export.api refused a DLA export without either): FP32 stays on the GPU.
+        dla = opts.dla_core if precision in DLA_PRECISIONS else None
+        batch = dla_batch(opts.batch) if dla is not None else opts.batch or DEFAULT_BATCH
         for g, f in models.items():
-            entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=opts.batch,
+            entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=batch,
                                  workspace_mib=opts.workspace_mib or DEFAULT_WORKSPACE_MIB,
-                                 timing_cache=folder / "timing.cache", dla_core=opts.dla_core, precision=precision)
+                                 timing_cache=folder / "timing.cache", dla_core=dla, precision=precision)
             entry.update(file=f"{name}/{precision}-{g}.engine", graph=g)
             engines.append(entry)
-            opts.say(f"  engine {entry['file']}: TensorRT {entry['tensorrt_version']} on {entry['gpu_name']}")
+            where = "" if dla is None else (f", DLA core {dla}: {entry['dla_layers']} layers on the DLA, "
+                                            f"{entry['gpu_layers']} on the GPU")
+            opts.say(f"  engine {entry['file']}: TensorRT {entry['tensorrt_version']} on {entry['gpu_name']}{where}")
     return engines

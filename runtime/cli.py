@@ -95,7 +95,7 @@ class LazyGroup(click.Group):
     "export": ("huse.export.cli:main", "export", "onnx", "Export a run to an ONNX bundle"),
     "bench": ("huse.benchmarks.cli:main", "bench", "psutil", "Benchmark a bundle"),
     "data": ("huse.train.cli:data", "train", None, "Built-in datasets"),  # Fashion-MNIST to PNGs: numpy + Pillow
-    "doctor": ("huse.runtime.doctor:main", "bench,export,trt", None, "Check the environment; --gpu runs the GPU acceptance"),
+    "doctor": ("huse.runtime.doctor:main", "bench,export", None, "Check the environment; --gpu runs the GPU acceptance"),
 })
 @click.option("-v", "--verbose", is_flag=True, help="Log backend choices and progress.")
 def main(verbose: bool) -> None:

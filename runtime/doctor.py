@@ -1,7 +1,10 @@
 """`huse doctor [--gpu BUNDLE]`: what this machine can run, and why the rest cannot.
 
-Without --gpu it reports the backends, the GPU, TensorRT and the CUDA binding, each with the
-reason when something is missing; it needs only the core install. With --gpu BUNDLE it runs the
+Without --gpu it reports the backends, the GPU, TensorRT and the CUDA binding (cuda-python, the
+CUDA version it was built for, the driver's), each with the reason when something is missing,
+and ends with one line naming the backend `auto` picks and why; it needs only the core install
+and exits 0 on any machine. With --gpu BUNDLE it prints the bundle's engines (DLA and GPU layer
+counts for DLA engines) and runs the
 one-time GPU acceptance (`huse.benchmarks.acceptance`: engines for every precision, Polygraphy
 parity with onnxruntime, the gpu-marked tests, a latency run) and writes one JSON report. On a
 machine without a usable GPU it says why and exits 1: it never reports a GPU result it did not measure.
@@ -19,7 +22,7 @@ import click
 from huse.runtime._lazy import lazy_import
 from huse.runtime.cli import run_cli
 
-__all__ = ["environment", "main"]
+__all__ = ["engine_lines", "environment", "main"]
 
 
 def environment() -> dict[str, Any]:
@@ -42,9 +45,35 @@ def environment() -> dict[str, Any]:
         env["onnxruntime"] = {"error": f"{e}; pip install 'huse-edge[ort]'"}
     ok, why = engine_support()
     env["tensorrt_build"] = {"supported": ok, "reason": why}
+    if info.get("binding"):
+        from huse.runtime.backends.trt.gpu import driver_mismatch
+
+        env["gpu"]["driver_mismatch"] = driver_mismatch(info)
     backend, device, why = resolve_backend("auto")
     env["auto_backend"] = {"backend": backend, "device": device, "reason": why}
     return env
+
+
+def engine_lines(manifest: dict) -> list[str]:
+    """One line per TensorRT engine of a bundle: what it was built for and, on DLA, where its layers run.
+
+    Args:
+        manifest: the bundle's manifest.
+    Returns:
+        Lines such as "fp16 image: TensorRT 10.3.0, Orin (8.7), batch 8..8, DLA core 0: 61 layers on
+        the DLA, 2 on the GPU"; one saying there are none when the bundle has no engines.
+    """
+    lines = []
+    for e in manifest.get("engines", []):
+        batches = sorted({(p["min"][0], p["max"][0]) for p in e.get("profile", {}).values()})
+        batch = ", ".join(f"{lo}..{hi}" for lo, hi in batches) or "fixed"
+        line = (f"{e.get('precision')} {e.get('graph')}: TensorRT {e.get('tensorrt_version')}, {e.get('gpu_name')} "
+                f"({e.get('compute_capability')}), batch {batch}")
+        if e.get("dla_core") is not None:
+            line += (f", DLA core {e['dla_core']}: {e.get('dla_layers', '?')} layers on the DLA, "
+                     f"{e.get('gpu_layers', '?')} on the GPU")
+        lines.append(line)
+    return lines or ["no TensorRT engines in this bundle (the runtime builds them on first use)"]
 
 
 @click.command()
@@ -57,9 +86,15 @@ def main(bundle, out, eval_size) -> None:
     def body():
         env = environment()
         click.echo(json.dumps(env, indent=1))
+        auto = env["auto_backend"]
+        click.echo(f"backend: {auto['backend']} on {auto['device']} ({auto['reason']})")
         if bundle is None:
             return
-        acceptance = lazy_import("huse.benchmarks.acceptance", "bench,export,trt")
+        from huse.runtime.bundle import load_manifest
+
+        for line in engine_lines(load_manifest(Path(bundle))):
+            click.echo(f"engine {line}")
+        acceptance = lazy_import("huse.benchmarks.acceptance", "bench,export")
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         report = acceptance.gpu_acceptance(Path(bundle), out_dir, eval_size, env)

@@ -26,16 +26,16 @@ def runner_class(name: str):
 
 def _trt_usable() -> tuple[bool, str]:
     try:
-        from huse.runtime.backends.trt.gpu import gpu_status
+        from huse.runtime.backends.trt.gpu import gpu_status, import_tensorrt
     except ImportError as e:
         return False, f"TensorRT backend unavailable ({e})"
-    usable, reason, _ = gpu_status()
+    usable, reason, _ = gpu_status()  # never raises: whatever cuda-python is installed, an answer
     if not usable:
         return False, reason
     try:
-        importlib.import_module("tensorrt")
-    except Exception as e:
-        return False, f"tensorrt is not importable ({type(e).__name__}: {e}); pip install 'huse-edge[trt]' (JetPack ships it)"
+        import_tensorrt()
+    except HuseError as e:
+        return False, str(e)
     return True, "TensorRT and a usable GPU found"
 
 

@@ -43,7 +43,7 @@ needs_trt_gpu = pytest.mark.skipif(not CAN_BUILD, reason=BUILD_REASON)
 
 @pytest.mark.skipif(TRT_INSTALLED, reason="tensorrt is installed here; this checks the missing-tensorrt message")
 def test_runner_without_tensorrt_names_the_trt_extra(tmp_path):
-    with pytest.raises(HuseError, match=r"huse-edge\[trt\]"):
+    with pytest.raises(HuseError, match=r"huse-edge\[trt-cu12\]. or .huse-edge\[trt-cu13\]"):
         TrtRunner(tmp_path / "model.engine")
 
 
@@ -113,7 +113,7 @@ def test_runner_is_refused_before_activation(tmp_path):
 def test_load_or_build_without_gpu_or_tensorrt_says_why(tmp_path):
     onnx_file = tmp_path / "image.onnx"
     onnx_file.write_bytes(b"not needed: the check comes first")
-    with pytest.raises(HuseError, match=r"huse-edge\[trt\]|no usable NVIDIA GPU"):
+    with pytest.raises(HuseError, match=r"huse-edge\[trt-cu1[23]\]|no usable NVIDIA GPU"):
         load_or_build(onnx_file, tmp_path / "cache", precision="fp32")
 
 

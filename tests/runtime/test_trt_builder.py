@@ -79,9 +79,9 @@ def test_no_cuda_binding_at_all_names_the_trt_extra(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
     usable, reason, info = gpu_status()
     assert usable is False and info["binding"] is None
-    assert "huse-edge[trt]" in reason
+    assert "huse-edge[trt-cu12]" in reason and "huse-edge[trt-cu13]" in reason
     supported, why = engine_support()
-    assert supported is False and "huse-edge[trt]" in why
+    assert supported is False and "huse-edge[trt-cu12]" in why
 
 
 @needs_no_gpu

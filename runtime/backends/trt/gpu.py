@@ -1,7 +1,9 @@
 """The CUDA side of the TensorRT backend, through cuda-python only (a wheel everywhere, CUDA graphs;
 pycuda compiles against libcuda and cannot capture graphs). `gpu_status` asks for a GPU without
 touching TensorRT, whose Runtime/Builder can crash the process when there is none; cuda-python
-answers with an error code (35, cudaErrorInsufficientDriver). `Cuda` is the runner's one adapter.
+answers with an error code (35, cudaErrorInsufficientDriver), or raises (12.2-12.8 without
+libcuda.so.1), and both become an answer. A cuda-python built for a newer CUDA major than the
+driver supports is named with the pin that fits (`driver_mismatch`). `Cuda` is the runner's one adapter.
 """
 
 from __future__ import annotations
@@ -9,16 +11,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib
+import importlib.metadata
 from types import ModuleType
 
 import numpy as np
 
 from huse.runtime.errors import HuseError
 
-__all__ = ["Cuda", "gpu_status", "load_cudart", "NO_GPU_HINT", "TRT_EXTRA_HINT"]
+__all__ = ["Cuda", "cuda_versions", "driver_mismatch", "gpu_status", "import_tensorrt", "load_cudart",
+           "NO_GPU_HINT", "TRT_EXTRA_HINT"]
 
 NO_GPU_HINT = "TensorRT needs an NVIDIA GPU and driver; use the onnxruntime backend on this machine"
-TRT_EXTRA_HINT = "pip install 'huse-edge[trt]' (on Jetson, TensorRT comes from JetPack; install only cuda-python)"
+# cuda-python per CUDA major, as the trt-cu12 / trt-cu13 extras pin it: a cuda-python built for
+# CUDA 13 needs a CUDA 13 driver. 12.2 is JetPack 6.0's CUDA, the oldest target huse supports.
+CUDA_PYTHON_PIN = {12: "cuda-python>=12.2.1,<13", 13: "cuda-python>=13,<14"}
+# The oldest Linux driver of each CUDA major (NVIDIA's CUDA toolkit release notes).
+MIN_DRIVER = {12: "525.60.13", 13: "580.65.06"}
+TRT_EXTRA_HINT = ("pip install 'huse-edge[trt-cu12]' or 'huse-edge[trt-cu13]', matching the CUDA version "
+                  "`nvidia-smi` shows (on Jetson, TensorRT comes from JetPack: install only "
+                  f"'{CUDA_PYTHON_PIN[12]}' on JetPack 6, '{CUDA_PYTHON_PIN[13]}' on JetPack 7)")
 
 
 def load_cudart() -> ModuleType | None:
@@ -31,6 +42,19 @@ def load_cudart() -> ModuleType | None:
     return None
 
 
+def import_tensorrt() -> ModuleType:
+    """The `tensorrt` module, or a HuseError that says which extra installs it.
+
+    Raises:
+        HuseError: tensorrt is not installed or does not load, naming the trt-cu12 / trt-cu13 extras.
+    """
+    try:
+        return importlib.import_module("tensorrt")
+    except Exception as e:  # ImportError, or a bindings wheel whose libraries are missing (OSError)
+        raise HuseError(f"tensorrt is needed here but could not be imported ({type(e).__name__}: {e}); "
+                        f"{TRT_EXTRA_HINT}") from e
+
+
 def _error_text(cudart: ModuleType, err) -> str:
     try:  # cudaGetErrorName/String work without a driver
         return f"{cudart.cudaGetErrorName(err)[1].decode()} ({int(err)}): {cudart.cudaGetErrorString(err)[1].decode()}"
@@ -38,19 +62,89 @@ def _error_text(cudart: ModuleType, err) -> str:
         return f"CUDA error {int(err)}"
 
 
+def _cuda_python_version() -> str | None:
+    for dist in ("cuda-python", "cuda-bindings"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None  # JetPack's system bindings carry no pip metadata
+
+
+def _version_text(v: int | None) -> str | None:
+    return None if not v else f"{v // 1000}.{v % 1000 // 10}"  # 12080 -> "12.8"
+
+
+def cuda_versions(cudart: ModuleType) -> dict:
+    """The CUDA versions that decide whether this cuda-python can talk to this driver. Never raises.
+
+    Returns:
+        {"cuda_python": package version or None, "cuda_runtime": the CUDA version the bindings were
+        built for ("13.4"), "cuda_driver": the CUDA version the driver supports ("12.8"), or None
+        when there is no driver (or this cuda-python cannot ask: 12.x before 12.9 raises
+        without libcuda.so.1)}.
+    """
+    versions = {"cuda_python": _cuda_python_version(), "cuda_runtime": None, "cuda_driver": None}
+    for key, call in (("cuda_runtime", "cudaRuntimeGetVersion"), ("cuda_driver", "cudaDriverGetVersion")):
+        try:
+            err, value = getattr(cudart, call)()
+            if int(err) == 0:
+                versions[key] = _version_text(int(value))  # the driver answers 0 when none is installed
+        except Exception:
+            pass
+    return versions
+
+
+def driver_mismatch(versions: dict) -> str | None:
+    """Say what to do when the installed cuda-python needs a newer driver than this machine has.
+
+    Args:
+        versions: `cuda_versions(...)`.
+    Returns:
+        One line naming both versions and the cuda-python (or extra) that matches the driver, or
+        None when they match or either is unknown.
+    """
+    runtime, driver = versions.get("cuda_runtime"), versions.get("cuda_driver")
+    if not runtime or not driver:
+        return None
+    need, have = int(runtime.split(".")[0]), int(driver.split(".")[0])
+    if have >= need:
+        return None
+    pkg = versions.get("cuda_python") or runtime
+    return (f"cuda-python {pkg} is built for CUDA {runtime} and needs a CUDA {need} driver "
+            f"({MIN_DRIVER.get(need, 'a newer one')} or newer), but this machine's driver supports CUDA {driver}: "
+            f"pip install '{CUDA_PYTHON_PIN.get(have, f'cuda-python<{need}')}' (or 'huse-edge[trt-cu{have}]'), "
+            "or upgrade the driver")
+
+
 def gpu_status(device: int = 0) -> tuple[bool, str, dict]:
     """Say whether CUDA device `device` is usable, without touching TensorRT. Never raises.
 
     Returns:
         (usable, reason, info): `reason` is one line (the GPU, or what is missing and what to do);
-        `info` holds `binding`, `device` and, when usable, `name`, `compute_capability` ("8.7"),
-        `integrated`, `total_memory_mib`, `device_count`.
+        `info` holds `binding`, `device`, the `cuda_versions` and, when usable, `name`,
+        `compute_capability` ("8.7"), `integrated`, `total_memory_mib`, `device_count`.
     """
+    try:
+        return _gpu_status(device)
+    except Exception as e:  # a binding that raises where it should return a code: still an answer
+        return (False, f"cuda-python could not query GPU {device} ({type(e).__name__}: {e}); {NO_GPU_HINT}",
+                {"binding": "cuda-python", "device": device})
+
+
+def _gpu_status(device: int) -> tuple[bool, str, dict]:
     cudart = load_cudart()
     if cudart is None:
         return False, f"cuda-python is not installed; {TRT_EXTRA_HINT}", {"binding": None, "device": device}
-    info: dict = {"binding": "cuda-python", "device": device}
-    err, count = cudart.cudaGetDeviceCount()
+    info: dict = {"binding": "cuda-python", "device": device, **cuda_versions(cudart)}
+    mismatch = driver_mismatch(info)
+    if mismatch:
+        return False, f"no usable NVIDIA GPU: {mismatch}", info
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except RuntimeError as e:  # cuda-python 12.2-12.8 raise "Failed to dlopen libcuda.so.1" (then "Function ... not found")
+        return (False, f"no usable NVIDIA GPU: no NVIDIA driver found (cuda-python {info['cuda_python']} could not load "
+                f"libcuda.so.1: {e}); {NO_GPU_HINT}", info)
     if int(err) != 0:  # 35: no driver (or one too old for this cuda-python); 100: driver, no GPU
         return False, f"no usable NVIDIA GPU: cudaGetDeviceCount returned {_error_text(cudart, err)}; {NO_GPU_HINT}", info
     if not 0 <= device < count:
@@ -64,7 +158,7 @@ def gpu_status(device: int = 0) -> tuple[bool, str, dict]:
     info.update(name=name, compute_capability=f"{prop.major}.{prop.minor}",
                 integrated=bool(prop.integrated),  # True on Jetson: host and GPU share memory
                 total_memory_mib=int(prop.totalGlobalMem) // 2**20, device_count=int(count))
-    return True, f"{name} (compute capability {info['compute_capability']}) via cuda-python", info
+    return True, f"GPU {device}: {name} (compute capability {info['compute_capability']}) via cuda-python", info
 
 
 class Cuda:

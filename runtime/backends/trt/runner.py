@@ -7,6 +7,7 @@ optional CUDA graphs per batch size, and a lock that serialises `infer` across t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -15,14 +16,15 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
-from huse.runtime.backends.trt.gpu import Cuda, gpu_status
+from huse.runtime.backends.trt.gpu import Cuda, gpu_status, import_tensorrt
 from huse.runtime.backends.trt.loader import REBUILD_HINT, load_or_build, read_sidecar
 from huse.runtime.files import sha256_file
 from huse.runtime.errors import HuseError
 
-__all__ = ["TrtRunner"]
+__all__ = ["TrtRunner", "describe_io"]
+
+log = logging.getLogger("huse.runtime")
 
 
 @dataclass
@@ -32,8 +34,59 @@ class _IOTensor:
     is_input: bool
     min_shape: tuple[int, ...] = ()
     max_shape: tuple[int, ...] = ()
+    dynamic: bool = False  # an input whose dim 0 is the batch (dynamic); a static one keeps its shape
     host: np.ndarray = None  # page-locked, uint8, sized for max_shape
     device: int = 0
+
+
+def _numpy_dtype(trt, name: str, trt_dtype, path) -> np.dtype:
+    try:
+        return np.dtype(trt.nptype(trt_dtype))
+    except TypeError:  # bf16, fp8, fp4, int4: numpy has no such type, so no host buffer can hold them
+        raise HuseError(f"tensor '{name}' of TensorRT engine {path} is {trt_dtype}, which has no numpy type; huse "
+                        "feeds and reads engines through numpy: export the graph with float32/float16/int32/int64 "
+                        "inputs and outputs (cast to bf16/fp8 inside the graph)") from None
+
+
+def describe_io(trt, engine, context, path) -> dict[str, _IOTensor]:
+    """The engine's IO tensors with their dtypes and shapes at the profile's largest batch.
+
+    Inputs whose dim 0 is dynamic take profile 0's max shape (set on `context`); outputs take
+    the shape TensorRT infers from it.
+
+    Args:
+        trt: the tensorrt module; engine, context: the engine and an execution context of it.
+        path: the engine file, for errors.
+    Returns:
+        name -> _IOTensor (no buffers yet), inputs and outputs in the engine's order.
+    Raises:
+        HuseError: an IO type numpy cannot hold (bf16, fp8), a refused shape, or a data-dependent
+            output shape (-1 after the inputs are set: a NonZero-like graph).
+    """
+    io = {}
+    for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
+        t = _IOTensor(name, _numpy_dtype(trt, name, engine.get_tensor_dtype(name), path),
+                      engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
+        io[name] = t
+        if t.is_input:
+            shape = tuple(engine.get_tensor_shape(name))
+            t.dynamic = bool(shape) and shape[0] < 0
+            if any(d < 0 for d in shape):  # dynamic: the build's profile 0 bounds it
+                low, _, high = engine.get_tensor_profile_shape(name, 0)
+                t.min_shape, t.max_shape = tuple(low), tuple(high)
+            else:
+                t.min_shape = t.max_shape = shape
+            if not context.set_input_shape(name, t.max_shape):
+                raise HuseError(f"TensorRT refused the profile's max shape {t.max_shape} for input '{name}' of "
+                                f"{path}; {REBUILD_HINT}")
+    for t in io.values():  # output sizes follow from the inputs at their max shapes
+        if not t.is_input:
+            t.max_shape = t.min_shape = tuple(context.get_tensor_shape(t.name))
+            if any(d < 0 for d in t.max_shape):
+                raise HuseError(f"output '{t.name}' of TensorRT engine {path} has a data-dependent shape "
+                                f"{t.max_shape} (known only after running, as after NonZero); huse sizes output "
+                                "buffers from the input shapes: export a graph whose output shapes follow from them")
+    return io
 
 
 class TrtRunner(BaseRunner):
@@ -46,7 +99,7 @@ class TrtRunner(BaseRunner):
         cuda_graph_batches: batch sizes to capture as CUDA graphs (one execution context each).
         device: CUDA device ordinal.
     Raises:
-        HuseError: tensorrt is not installed (naming the `trt` extra).
+        HuseError: tensorrt is not installed (naming the trt-cu12 / trt-cu13 extras).
     """
 
     name = "tensorrt"
@@ -54,7 +107,7 @@ class TrtRunner(BaseRunner):
     def __init__(self, path: str | Path, *, manifest_entry: Mapping | None = None,
                  cuda_graph_batches: Iterable[int] = (), device: int = 0):
         super().__init__(path)
-        self._trt = lazy_import("tensorrt", "trt")
+        self._trt = import_tensorrt()
         self.manifest_entry = dict(manifest_entry) if manifest_entry is not None else None
         self.cuda_graph_batches = tuple(sorted({int(b) for b in cuda_graph_batches}))
         self.device = device
@@ -67,24 +120,29 @@ class TrtRunner(BaseRunner):
 
     @classmethod
     def for_bundle(cls, bundle: str | Path, manifest: Mapping, graph: str, precision: str, *,
-                   cache_dir: str | Path | None = None, **kwargs) -> "TrtRunner":
+                   cache_dir: str | Path | None = None, device: int = 0, dla_core: int | None = None,
+                   **kwargs) -> "TrtRunner":
         """The runner for one graph of a bundle on this machine.
 
-        The bundle's engine for (graph, precision) when built for this TensorRT and GPU, else the
-        engine cache (`loader.load_or_build`; `cache_dir` defaults to $HUSE_ENGINE_CACHE or
-        ~/.cache/huse/engines), building from the bundle's ONNX as onnxruntime's TensorRT EP does.
+        The bundle's engine for (graph, precision, DLA core) when built for this TensorRT and the
+        GPU of `device`, else the engine cache (`loader.load_or_build`; `cache_dir` defaults to
+        $HUSE_ENGINE_CACHE or ~/.cache/huse/engines), building from the bundle's ONNX as
+        onnxruntime's TensorRT EP does.
         """
         bundle = Path(bundle)
-        here = (lazy_import("tensorrt", "trt").__version__, gpu_status()[2].get("compute_capability"))
+        usable, reason, info = gpu_status(device)
+        if not usable:
+            raise HuseError(f"cannot run the {precision} {graph} graph of {bundle} with TensorRT: {reason}")
+        here = (import_tensorrt().__version__, info.get("compute_capability"), dla_core)
         for entry in manifest.get("engines", []):
             if (entry.get("graph"), entry.get("precision")) == (graph, precision) \
-                    and (entry.get("tensorrt_version"), entry.get("compute_capability")) == here:
-                return cls(bundle / entry["file"], manifest_entry=entry, **kwargs)
+                    and (entry.get("tensorrt_version"), entry.get("compute_capability"), entry.get("dla_core")) == here:
+                return cls(bundle / entry["file"], manifest_entry=entry, device=device, **kwargs)
         onnx_name = manifest["models"][precision][graph]
         cache = Path(cache_dir or os.environ.get("HUSE_ENGINE_CACHE") or Path.home() / ".cache" / "huse" / "engines")
         path, entry = load_or_build(bundle / onnx_name, cache, precision=precision, timing_cache=cache / "timing.cache",
-                                    onnx_sha256=manifest["files"].get(onnx_name))
-        return cls(path, manifest_entry=entry, **kwargs)
+                                    onnx_sha256=manifest["files"].get(onnx_name), device=device, dla_core=dla_core)
+        return cls(path, manifest_entry=entry, device=device, **kwargs)
 
     def activate_impl(self) -> None:
         """Check the engine fits this machine, deserialise it, allocate buffers, capture graphs."""
@@ -109,8 +167,7 @@ class TrtRunner(BaseRunner):
             self._stream = self._cuda("cudaStreamCreateWithFlags", self._cuda.rt.cudaStreamNonBlocking)
             self._context = self._new_context()
             self._allocate(self._context)
-            for batch in self.cuda_graph_batches:
-                self._graphs[batch] = self._capture(batch)
+            self._capture_graphs()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.deactivate_impl()
@@ -154,24 +211,7 @@ class TrtRunner(BaseRunner):
 
     def _allocate(self, context) -> None:
         """Read the IO tensors, allocate host/device buffers for the profile's max batch, bind them to `context`."""
-        trt, engine = self._trt, self._engine
-        for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
-            t = _IOTensor(name, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
-                          engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
-            self._io[name] = t
-            if t.is_input:
-                shape = tuple(engine.get_tensor_shape(name))
-                if any(d < 0 for d in shape):  # dynamic: the build's profile 0 bounds it
-                    low, _, high = engine.get_tensor_profile_shape(name, 0)
-                    t.min_shape, t.max_shape = tuple(low), tuple(high)
-                else:
-                    t.min_shape = t.max_shape = shape
-                if not context.set_input_shape(name, t.max_shape):
-                    raise HuseError(f"TensorRT refused the profile's max shape {t.max_shape} for input '{name}' of "
-                                    f"{self.path}; {REBUILD_HINT}")
-        for t in self._io.values():  # output sizes follow from the inputs at their max shapes
-            if not t.is_input:
-                t.max_shape = t.min_shape = tuple(context.get_tensor_shape(t.name))
+        self._io = describe_io(self._trt, self._engine, context, self.path)
         for t in self._io.values():
             nbytes = max(1, int(np.prod(t.max_shape)) * t.dtype.itemsize)
             t.host = self._cuda.host_alloc(nbytes)
@@ -188,9 +228,18 @@ class TrtRunner(BaseRunner):
 
     def _set_batch(self, context, batch: int) -> dict[str, tuple[int, ...]]:
         for t in self._io.values():
-            if t.is_input and not context.set_input_shape(t.name, (batch, *t.max_shape[1:])):
+            if t.dynamic and not context.set_input_shape(t.name, (batch, *t.max_shape[1:])):
                 raise HuseError(f"TensorRT refused batch {batch} for input '{t.name}' of {self.path}")
         return {t.name: tuple(context.get_tensor_shape(t.name)) for t in self._io.values() if not t.is_input}
+
+    def _input_shape(self, t: _IOTensor, batch: int) -> tuple[int, ...]:
+        return (batch, *t.max_shape[1:]) if t.dynamic else t.max_shape
+
+    def _batch_range(self) -> tuple[int, int]:
+        """The batch sizes the engine takes: profile 0 of the dynamic inputs (a static engine: its one batch)."""
+        inputs = [t for t in self._io.values() if t.is_input]
+        t = next((t for t in inputs if t.dynamic), inputs[0])
+        return t.min_shape[0], t.max_shape[0]
 
     def _host_view(self, t: _IOTensor, shape: tuple[int, ...]) -> np.ndarray:
         nbytes = int(np.prod(shape)) * t.dtype.itemsize
@@ -207,10 +256,11 @@ class TrtRunner(BaseRunner):
         mark(0)
         for t in self._io.values():
             if t.is_input:
-                view = self._host_view(t, (batch, *t.max_shape[1:]))
+                view = self._host_view(t, self._input_shape(t, batch))
                 cuda.copy(t.device, view.ctypes.data, view.nbytes, True, stream)
         mark(1)
-        if not context.execute_async_v3(int(stream)):
+        # The stream object itself, as TensorRT's samples pass it: cuda-bindings 13 deprecates int() on it.
+        if not context.execute_async_v3(stream_handle=stream):
             raise HuseError(f"TensorRT execute_async_v3 failed for {self.path} at batch {batch} (see its log)")
         mark(2)
         for name, shape in output_shapes.items():
@@ -218,11 +268,23 @@ class TrtRunner(BaseRunner):
             cuda.copy(view.ctypes.data, self._io[name].device, view.nbytes, False, stream)
         mark(3)
 
+    def _capture_graphs(self) -> None:
+        """Capture a CUDA graph per requested batch; a batch whose capture fails runs without one
+        (as trtexec falls back), with a warning that says why."""
+        low, high = self._batch_range()
+        for batch in self.cuda_graph_batches:
+            if not low <= batch <= high:
+                raise HuseError(f"CUDA graph batch {batch} is outside the engine's profile {low}..{high}; "
+                                "pick batch sizes inside it")
+            try:
+                self._graphs[batch] = self._capture(batch)
+            except HuseError as e:
+                with contextlib.suppress(Exception):  # a failed capture leaves a non-sticky error: clear it
+                    self._cuda.rt.cudaGetLastError()
+                log.warning("CUDA graph capture for batch %d of %s failed (%s); that batch runs without a CUDA graph",
+                            batch, self.path, e)
+
     def _capture(self, batch: int) -> tuple[object, object, dict]:
-        first = next(t for t in self._io.values() if t.is_input)
-        if not first.min_shape[0] <= batch <= first.max_shape[0]:
-            raise HuseError(f"CUDA graph batch {batch} is outside the engine's profile "
-                            f"{first.min_shape[0]}..{first.max_shape[0]}; pick batch sizes inside it")
         context = self._new_context()
         shapes = self._set_batch(context, batch)
         # TensorRT's CUDA-graph recipe: enqueue once after setting shapes so deferred,
@@ -251,15 +313,17 @@ class TrtRunner(BaseRunner):
             # float64 -> float32 and int64 -> int32 are fine; float -> int would hide a bug.
             if not np.can_cast(arr.dtype, t.dtype, casting="same_kind"):
                 raise HuseError(f"input '{name}' is {arr.dtype}; the engine takes {t.dtype}")
+            if not t.dynamic and arr.shape != t.max_shape:
+                raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes exactly {t.max_shape}")
             if arr.shape[1:] != t.max_shape[1:] or arr.ndim != len(t.max_shape):
                 raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes (batch, {', '.join(map(str, t.max_shape[1:]))})")
             arrays[name] = np.ascontiguousarray(arr, dtype=t.dtype)
-        batch = {len(a) for a in arrays.values()}
+        batch = {len(arrays[t.name]) for t in self._io.values() if t.dynamic} or {len(arrays[expected[0]])}
         if len(batch) > 1:
             raise HuseError(f"inputs have different batch sizes {sorted(batch)}: {[a.shape for a in arrays.values()]}")
-        (batch,), t = batch, self._io[expected[0]]
-        if not t.min_shape[0] <= batch <= t.max_shape[0]:
-            raise HuseError(f"batch {batch} is outside the engine's profile {t.min_shape[0]}..{t.max_shape[0]}; "
+        (batch,), (low, high) = batch, self._batch_range()
+        if not low <= batch <= high:
+            raise HuseError(f"batch {batch} is outside the engine's profile {low}..{high}; "
                             "split the batch, or rebuild with a larger max batch")
         return arrays, batch
 
