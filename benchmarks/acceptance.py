@@ -42,7 +42,7 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000, environme
 
     from huse.export.api import EvalData
     from huse.runtime.backends.trt.loader import build_engine, engine_support
-    from huse.runtime.bundle import load_manifest
+    from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
     from huse.runtime.preprocess import ImageSpec
     from huse.runtime.tokenizer import load_tokenizer
 
@@ -58,6 +58,8 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000, environme
         environment = read_environment()
     report: dict[str, Any] = {"bundle": str(bundle), "environment": environment, "engines": [], "comparisons": []}
     for precision, models in sorted(m["models"].items()):
+        if precision in CPU_ONLY_PRECISIONS:  # uint8 graphs for onnxruntime's CPU kernels: TensorRT never runs them
+            continue
         for graph, onnx_file in models.items():
             engine = out_dir / f"{precision}-{graph}.engine"
             t = time.perf_counter()
