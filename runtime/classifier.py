@@ -173,7 +173,10 @@ class Classifier:
                 cls = runner_class(self.backend)
                 onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
                 if self.backend == "onnxruntime":
-                    runner = cls(onnx_file, device=self.device, threads=self.threads, spinning=self.spinning)
+                    from huse.runtime.backends.onnxrt.runner import graph_threads
+
+                    threads = graph_threads(graph, self.manifest.get("model", {}).get("text_encoder"), self.threads)
+                    runner = cls(onnx_file, device=self.device, threads=threads, spinning=self.spinning)
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
                 runner.activate()
