@@ -183,13 +183,15 @@ def stage_costs(bundle: str, catalog: Path, precisions: list[str], common: dict,
             for c, r in zip(chunks, ready):
                 process_batch(clf, c, job, r)
             rest = (time.perf_counter() - t0) / len(recs)
-            stages = stage_breakdown([Path(r.image) for r in recs[:256]], clf.image_spec, [r.name or "" for r in recs[:256]],
+            sample = recs[:256]
+            stages = stage_breakdown([Path(r.image) for r in sample], clf.image_spec, [r.name or "" for r in sample],
                                      clf.tokenizer, seconds=0.3)
         model = 1 / model_only(bundle, p, catalog, 20, 1)
         cores = os.cpu_count() or 1
         out[p] = {"prepare_us": prep * 1e6, "model_1t_us": model * 1e6, "finish_us": max(0.0, rest - model) * 1e6,
                   "bound_items_s": cores / (prep + rest), "prepare_stages_us": stages}
-        print(f"{p} prepare stages: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in stages.items()) + " us/item", flush=True)
+        print(f"{p} prepare stages: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in stages.items()) + " us/item",
+              flush=True)
         print(f"{p}: per item prepare {prep * 1e6:.0f} us, model (1 thread) {model * 1e6:.0f} us, finish "
               f"{max(0.0, rest - model) * 1e6:.0f} us -> at most {cores / (prep + rest):.0f} items/s on {cores} cores",
               flush=True)

@@ -301,7 +301,8 @@ def run(sc: dict, folder: Path, fashion_catalog: Path | None, photo_dirs: list[P
                 for draft in ((True, False) if name.startswith("jpeg") else (True,)):
                     spec = _spec(side, draft)
                     configs[f"prepare {name} @{side}{'' if draft else ' no-draft'}"] = (
-                        lambda files=files, spec=spec: per_item_us(lambda b: load_images(b, spec), files, sc["seconds"]))
+                        lambda files=files, spec=spec: per_item_us(lambda b: load_images(b, spec), files,
+                                                                   sc["seconds"]))
             if name != "fashion-png":
                 for side in (*INPUTS, None):
                     for dec, fn in decoders(side).items():
@@ -334,7 +335,8 @@ def run(sc: dict, folder: Path, fashion_catalog: Path | None, photo_dirs: list[P
     us = result["one_core_us"]
     fashion_us = us["prepare fashion-png @64"]["median"]
     ratio = us["prepare jpeg-800 @64"]["median"] / us["decode pillow jpeg-800 @64"]["median"]
-    result["checks"] = {"fashion_png_prepare_us": fashion_us, "fashion_png_prepare_ok": fashion_us <= BARS["fashion_png_prepare_us"],
+    result["checks"] = {"fashion_png_prepare_us": fashion_us,
+                        "fashion_png_prepare_ok": fashion_us <= BARS["fashion_png_prepare_us"],
                         "jpeg800_prepare_vs_draft_decode": ratio,
                         "jpeg800_ok": ratio <= BARS["jpeg800_prepare_vs_draft_decode"],
                         "items_s_per_core": {k.split(" ", 1)[1]: 1e6 / v["median"] for k, v in us.items()
@@ -361,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
                                                 for r in rows))
     c = res["checks"]
     print(f"bar: fashion PNG prepare {c['fashion_png_prepare_us']:.1f} us/item (<= 45: {c['fashion_png_prepare_ok']}); "
-          f"800 px JPEG @64 prepare / Pillow draft decode {c['jpeg800_prepare_vs_draft_decode']:.2f} (<= 1.3: {c['jpeg800_ok']}); "
+          f"800 px JPEG @64 prepare / Pillow draft decode {c['jpeg800_prepare_vs_draft_decode']:.2f} "
+          f"(<= 1.3: {c['jpeg800_ok']}); "
           f"batch == single: {all(res['parity_batch_vs_single'].values())}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
