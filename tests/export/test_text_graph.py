@@ -55,3 +55,13 @@ def test_word_cnn_text_session_runs_on_one_thread_and_the_image_graph_on_what_wa
         image = clf._runner("image").session.get_session_options()
     assert text.intra_op_num_threads == 1
     assert image.intra_op_num_threads == 2
+
+
+def test_only_the_word_cnn_text_graph_is_pinned_to_one_thread():
+    from huse.runtime.backends.onnxrt.runner import graph_threads
+
+    assert graph_threads("text", "cnn", None) == 1
+    assert graph_threads("text", "cnn", 4) == 1
+    assert graph_threads("text", "minilm", None) is None  # MiniLM has the arithmetic to share
+    assert graph_threads("text", "minilm", 3) == 3
+    assert graph_threads("fused", "cnn", 2) == 2 and graph_threads("image", "cnn", None) is None
