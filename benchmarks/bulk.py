@@ -68,7 +68,7 @@ def model_only(bundle: str, precision: str, catalog: Path, iters: int, threads: 
     recs = [r for _, r in zip(range(64), iter_catalog(catalog))]
     with Classifier(bundle, precision=precision, threads=threads, spinning=False) as clf:
         images = clf.decode([r.image for r in recs])
-        feed = {"image": np.stack([images.arrays[i] for i in range(64)]),
+        feed = {"image": images.array,
                 **clf.tokenizer.inputs([r.name or "" for r in recs])}
         runner = clf._runner("fused")  # the same hook huse-bench's model-only rows time
         feed = {k: feed[k] for k in clf.manifest["graphs"]["fused"]["inputs"]}
@@ -161,10 +161,12 @@ def compare_local(bundle: str, precision: str, catalog: Path, common: dict, tmp:
 def stage_costs(bundle: str, catalog: Path, precisions: list[str], common: dict, batches: int = 30) -> dict:
     """Core-microseconds per item of each stage, one thread each: what the cores must share.
 
-    prepare: catalog batch -> model feeds (validate, decode, resize, normalise, stack, tokenise);
+    prepare: catalog batch -> model feeds (validate, decode, resize, normalise, stack, tokenise), and
+    `prepare_stages_us`: its read, decode, resize, normalise and tokenise steps one at a time;
     model_1t: the fused graph alone on one onnxruntime thread; finish: process_batch on a prepared
     batch minus the model (post-processing, rows). With C cores end to end can be at most
     C / (prepare + model_1t + finish) items/s, whatever the threading."""
+    from huse.benchmarks.prepare import stage_breakdown
     from huse.runtime.bulk import prepare_batch, process_batch
 
     recs = [r for _, r in zip(range(64 * batches), iter_catalog(catalog))]
@@ -181,10 +183,15 @@ def stage_costs(bundle: str, catalog: Path, precisions: list[str], common: dict,
             for c, r in zip(chunks, ready):
                 process_batch(clf, c, job, r)
             rest = (time.perf_counter() - t0) / len(recs)
+            sample = recs[:256]
+            stages = stage_breakdown([Path(r.image) for r in sample], clf.image_spec, [r.name or "" for r in sample],
+                                     clf.tokenizer, seconds=0.3)
         model = 1 / model_only(bundle, p, catalog, 20, 1)
         cores = os.cpu_count() or 1
         out[p] = {"prepare_us": prep * 1e6, "model_1t_us": model * 1e6, "finish_us": max(0.0, rest - model) * 1e6,
-                  "bound_items_s": cores / (prep + rest)}
+                  "bound_items_s": cores / (prep + rest), "prepare_stages_us": stages}
+        print(f"{p} prepare stages: " + ", ".join(f"{k[:-3]} {v:.1f}" for k, v in stages.items()) + " us/item",
+              flush=True)
         print(f"{p}: per item prepare {prep * 1e6:.0f} us, model (1 thread) {model * 1e6:.0f} us, finish "
               f"{max(0.0, rest - model) * 1e6:.0f} us -> at most {cores / (prep + rest):.0f} items/s on {cores} cores",
               flush=True)

@@ -250,6 +250,7 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         accuracy = _accuracy(clfs, data)
         memory = _memory(clfs, bundle, manifest, cfg, data.paths[0], data.titles[0])
         gpu_phases = _gpu_phases(clfs, data, cfg)
+        stage_costs = stage_costs_one_core(bundle, manifest, data, cfg)
     for c in clfs.values():
         c.close()
     flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1}) for m in cfg.modes}
@@ -272,11 +273,46 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         "accuracy": accuracy,
         "memory": memory,
         "gpu_phases": gpu_phases,
+        "stage_costs": stage_costs,
         "efficiency": {"peaks": peaks, "flops": flops},
     }
     result["efficiency"]["rows"] = build_efficiency(results, {m: f["flops_per_item"] for m, f in flops.items()}, peaks)
     result["config"]["wall_seconds"] = round(time.time() - started, 1)
     return result
+
+
+def _us_per_item(fn: Callable[[], object], items: int, seconds: float = 0.3) -> float:
+    fn()  # warm
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n == 0:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n / items * 1e6
+
+
+def stage_costs_one_core(bundle: Path, manifest: dict[str, Any], data: BenchData, cfg: BenchConfig) -> dict[str, Any]:
+    """Microseconds per item of each stage of end-to-end classification on one thread, at the headline batch:
+    read, decode, resize, normalise, tokenise (benchmarks/prepare.py's breakdown of `prepare`), then per
+    onnxruntime CPU precision each graph alone on one intra-op thread, and describe (top-k and paths).
+    The next regression shows where it is; with C cores, end to end is at most C / (sum of the stages)."""
+    from huse.benchmarks.prepare import stage_breakdown
+
+    n = min(cfg.headline_batch, len(data.paths))
+    paths, titles, feeds = data.take(0, n)
+    out: dict[str, Any] = {"batch": n, "threads": 1}
+    with Classifier(bundle, backend="onnxruntime", device="cpu", threads=1, batch_size=n) as clf:
+        out["prepare"] = stage_breakdown([Path(p) for p in paths], clf.image_spec, titles, clf.tokenizer, seconds=0.3)
+    for p in [p for p in (cfg.precisions or sorted(manifest["models"])) if p in manifest["models"]]:
+        with Classifier(bundle, backend="onnxruntime", precision=p, device="cpu", threads=1, batch_size=n) as clf:
+            row = {}
+            for mode in cfg.modes:
+                feed = {k: feeds[k] for k in clf.manifest["graphs"][mode]["inputs"]}
+                row[f"model_{mode}_us"] = _us_per_item(lambda: clf.run_graph(mode, feed), n)
+            prepared = clf.prepare(paths, titles)
+            probs = clf.infer(prepared)
+            row["describe_us"] = _us_per_item(lambda: clf.describe(prepared, probs), n)
+            out[p] = row
+    return out
 
 
 def _row(c: tuple, repeats: list[np.ndarray]) -> dict[str, Any]:

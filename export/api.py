@@ -133,7 +133,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         path = tmp / f"{name}.onnx"
         feeds = data.feeds(g["inputs"], batch=32)
         feeds.append({k: v[:7] for k, v in feeds[0].items()})  # an odd batch proves the dynamic axis
-        export_onnx(g["module"], feeds[0], g["inputs"], g["outputs"], path)
+        export_onnx(g["export"], feeds[0], g["inputs"], g["outputs"], path)
         optimize_onnx(path)  # the graph that is verified is the graph that ships
         stamp_labels(path, cfg["labels"])
         parity[name] = check_parity(g["module"], path, feeds, g["inputs"], g["outputs"], opts.parity_atol)

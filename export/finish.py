@@ -48,7 +48,9 @@ INT8_FLOAT_CONVS = (0, 10, 22, 30)
 # MiniLM stays in float in INT8 bundles: quantising its MatMuls (per-tensor activations) cost 8 points
 # of fused top-1 agreement on phosphor-icons (91.96%) whatever the image rungs; the image backbone and
 # every tower are still quantised. Its FP16 form passes (100% text agreement).
-FLOAT_PREFIXES = {"minilm": ("/text_encoder/",)}
+# The word CNN's folded lookups (export/graphs.py FoldedWordCNN) add their Gathers' rows in float: INT8 there
+# would only put Q/DQ pairs around three Adds that have no multiply to speed up (int8-cpu quantises Add).
+FLOAT_PREFIXES = {"minilm": ("/text_encoder/",), "cnn": ("/text_encoder/Add",)}
 
 
 def _node_names(path: Path) -> set[str]:

@@ -16,7 +16,7 @@ from huse.runtime.backends import resolve_backend, runner_class
 from huse.runtime.bundle import CPU_ONLY_PRECISIONS, check_graph, load_manifest, require_visual
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
-from huse.runtime.preprocess import ImageInput, ImageSpec, load_image
+from huse.runtime.preprocess import ImageBatch, ImageInput, ImageSpec, load_images
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
 
 log = logging.getLogger("huse.runtime")
@@ -84,19 +84,10 @@ class Embeddings:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-@dataclass
-class Decoded:
-    """Images already decoded and preprocessed by `Classifier.decode`: `classify` and
-    `embed_image` accept it in place of `images`, so a caller can decode in its own threads
-    (huse.runtime.bulk overlaps decoding with inference this way)."""
-
-    n: int
-    arrays: dict[int, np.ndarray]
-    errors: dict[int, str]
-    warnings: dict[int, str] = field(default_factory=dict)  # Pillow's, naming the file
-
-    def __len__(self) -> int:
-        return self.n
+# Images already decoded and preprocessed by `Classifier.decode` (one normalised batch, per-item
+# errors and warnings): `classify`, `prepare` and `embed_image` accept it in place of `images`, so a
+# caller can decode in its own threads (huse.runtime.bulk overlaps decoding with inference this way).
+Decoded = ImageBatch
 
 
 @dataclass
@@ -182,7 +173,10 @@ class Classifier:
                 cls = runner_class(self.backend)
                 onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
                 if self.backend == "onnxruntime":
-                    runner = cls(onnx_file, device=self.device, threads=self.threads, spinning=self.spinning)
+                    from huse.runtime.backends.onnxrt.runner import graph_threads
+
+                    threads = graph_threads(graph, self.manifest.get("model", {}).get("text_encoder"), self.threads)
+                    runner = cls(onnx_file, device=self.device, threads=threads, spinning=self.spinning)
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
                 runner.activate()
@@ -219,28 +213,10 @@ class Classifier:
     # -- inputs ----------------------------------------------------------------------
     def decode(self, images: Sequence[ImageInput | None]) -> Decoded:
         """Decode and preprocess images (thread-safe); bad ones are listed in `errors` by index."""
-        warnings: dict[int, str] = {}
-        arrays, errors = self._images(images, warnings)
-        return Decoded(len(images), arrays, errors, warnings)
+        return self._images(images)
 
-    def _images(self, images: Sequence[ImageInput | None] | Decoded, warnings: dict[int, str] | None = None
-                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        if isinstance(images, Decoded):
-            if warnings is not None:
-                warnings.update(images.warnings)
-            return images.arrays, images.errors
-        arrays, errors = {}, {}
-        for i, img in enumerate(images):
-            if img is None:
-                continue
-            said: list[str] = []
-            try:
-                arrays[i] = load_image(img, self.image_spec, warnings=said)
-            except HuseError as e:
-                errors[i] = str(e)
-            if said and warnings is not None:
-                warnings[i] = "; ".join(said)
-        return arrays, errors
+    def _images(self, images: Sequence[ImageInput | None] | Decoded) -> Decoded:
+        return images if isinstance(images, ImageBatch) else load_images(images, self.image_spec)
 
     def _titles(self, titles: Sequence[str | bytes | None]) -> tuple[dict[int, str], dict[int, str]]:
         texts, errors = {}, {}
@@ -305,8 +281,8 @@ class Classifier:
             raise HuseError(f"got {len(images)} images but {len(titles)} titles; pass one of each per item (None for missing)")
         use_img = images is not None and mode in ("auto", "fused", "image")
         use_txt = titles is not None and mode in ("auto", "fused", "text")
-        img_warn: dict[int, str] = {}
-        img, img_err = self._images(images, img_warn) if use_img else ({}, {})
+        decoded = self._images(images) if use_img else None
+        img, img_err = (decoded.rows, decoded.errors) if decoded is not None else ({}, {})
         txt, txt_err = self._titles(titles) if use_txt else ({}, {})
 
         results: list[dict[str, Any]] = [{"index": i} for i in range(n)]
@@ -331,11 +307,12 @@ class Classifier:
             if idx:
                 feeds: dict[str, np.ndarray] = {}
                 if group != "text":
-                    feeds["image"] = np.stack([img[i] for i in idx])
+                    feeds["image"] = decoded.stack(idx)
                 if group != "image":
                     feeds.update(self.tokenizer.inputs([txt[i] for i in idx]))
                 groups[group] = (idx, feeds)
-        return Prepared(results, groups, {i: w for i, w in img_warn.items() if i in img})
+        warnings = {i: w for i, w in decoded.warnings.items() if i in img} if decoded is not None else {}
+        return Prepared(results, groups, warnings)
 
     @_guarded
     def infer(self, prepared: Prepared) -> dict[str, np.ndarray]:
@@ -380,7 +357,10 @@ class Classifier:
         group = "fused" if images is not None and titles is not None else "image" if images is not None else "text"
         feeds: dict[str, np.ndarray] = {}
         if images is not None:
-            feeds["image"] = np.stack([load_image(x, self.image_spec) for x in images])
+            decoded = load_images(images, self.image_spec, warnings=False)
+            if decoded.errors:
+                raise HuseError(next(iter(decoded.errors.values())))
+            feeds["image"] = decoded.array
         if titles is not None:
             feeds.update(self.tokenizer.inputs([normalise_title(t) or "" for t in titles]))
         return self._probs(group, feeds)
@@ -422,9 +402,9 @@ class Classifier:
 
     def _embed_images(self, images: Sequence[ImageInput] | Decoded, outputs: dict[str, int]) -> dict[str, Embeddings]:
         """{output: Embeddings} of the image graph's `outputs` (name: width), from one run of it."""
-        arrays, errors = self._images(_per_item(images, "images"))
-        return self._embed("image", len(images), arrays, errors,
-                           lambda idx: {"image": np.stack([arrays[i] for i in idx])}, outputs)
+        decoded = self._images(_per_item(images, "images"))
+        return self._embed("image", len(images), decoded.rows, decoded.errors,
+                           lambda idx: {"image": decoded.stack(idx)}, outputs)
 
     def _embed(self, graph: str, n: int, ok: dict, errors: dict[int, str], make_feeds,
                outputs: dict[str, int] | None = None) -> dict[str, Embeddings]:
@@ -448,10 +428,10 @@ class Classifier:
         Raises:
             HuseError: an image cannot be read (naming it).
         """
-        arrays, errors = self._images(images)
-        if errors:
-            raise HuseError(next(iter(errors.values())))
-        return np.stack([arrays[i] for i in range(len(images))])
+        decoded = self._images(images)
+        if decoded.errors:
+            raise HuseError(next(iter(decoded.errors.values())))
+        return decoded.array
 
     def run_graph(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one bundle graph ("image", "text" or "fused") on prepared feeds as one batch: the model

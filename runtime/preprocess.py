@@ -1,7 +1,12 @@
 """Image decoding and preprocessing: the one implementation used by training and serving.
 
-Training imports `decode_image` and `preprocess` from here, so the array a model saw in
-training is bit-for-bit the array it sees in serving (tests/runtime/test_parity.py).
+Training imports `load_image` from here and serving calls `load_images` (the same steps, a batch
+at a time), so the array a model saw in training is bit-for-bit the array it sees in serving
+(tests/runtime/test_parity.py, tests/runtime/test_preprocess.py).
+
+A batch costs about what Pillow's decoder costs: each image is resized (an L image as one plane) into
+one planar uint8 buffer, the EXIF parse is skipped for images that carry no orientation metadata, and
+the batch is normalised in one vectorised pass (benchmarks/prepare.py measures it against the decoder).
 
 Documented normalisations of awkward inputs (each item either normalises or fails alone):
 - EXIF orientation is applied.
@@ -16,8 +21,9 @@ Documented normalisations of awkward inputs (each item either normalises or fail
   spec's `jpeg_draft` is on and the target size allows it: 1/2, 1/4 or 1/8, never below the
   target. It changes pixel values slightly, so it is part of the spec that training and serving
   share (bundles made before it have no `jpeg_draft` key and decode JPEGs in full).
-- Pillow's warnings (corrupt EXIF, decompression bomb) are reported per item by `load_image`
-  (`warnings=`), naming the file, instead of going to stderr.
+- Pillow's warnings (corrupt EXIF, decompression bomb) are reported per item by `load_images` and
+  `load_image` (`warnings=`), naming the file, instead of going to stderr, without making
+  concurrent decodes take turns (`_WarningCapture`).
 - Zero-size or undecodable images, or inputs of another type, are refused with an error naming the item.
 
 `confine_path(base, path)` refuses absolute paths and `..` for catalogs from third parties
@@ -32,9 +38,9 @@ import os
 import re
 import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -149,8 +155,59 @@ def _open(source: ImageInput, max_pixels: int, stack: contextlib.ExitStack) -> I
     return Image.open(stack.enter_context(open(source, "rb")))
 
 
-# warnings.catch_warnings changes process-wide state; decodes that record warnings take turns.
-_WARNINGS_LOCK = threading.Lock()
+class _WarningCapture:
+    """Pillow's warnings, per item, without serialising decodes.
+
+    `warnings.catch_warnings` swaps process-wide state, so the decodes that recorded warnings used to
+    take turns under one lock: no two prepare threads could decode at once. Here the first decode that
+    wants warnings installs one dispatcher (filter "always", so a repeated warning is reported for every
+    file); each thread names its own list (a warning is emitted on the thread that decodes), and the last
+    decode out restores what was there before. Warnings from threads with no list go where they went.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards the install count, not the decodes
+        self._users = 0
+        self._saved: Any = None
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """While open, `item(said)` collects the current thread's warnings into `said`."""
+        with self._lock:
+            if self._users == 0:
+                self._saved = warnings.catch_warnings()
+                self._saved.__enter__()
+                self._forward = warnings.showwarning
+                warnings.simplefilter("always")
+                warnings.showwarning = self._show
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._saved.__exit__(None, None, None)
+                    self._saved = None
+
+    @contextlib.contextmanager
+    def item(self, said: list[str] | None):
+        self._local.said = said
+        try:
+            yield
+        finally:
+            self._local.said = None
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        said = getattr(self._local, "said", None)
+        if said is None:
+            self._forward(message, category, filename, lineno, file, line)
+        elif not issubclass(category, (ResourceWarning, DeprecationWarning)):  # about Python/Pillow, not the image
+            said.append(f"{category.__name__}: {message}")
+
+
+_CAPTURE = _WarningCapture()
 
 
 def decode_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -172,25 +229,31 @@ def decode_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, max_b
     """
     name = _describe(source)
     if warnings_out is None:
-        return _decode(source, name, max_pixels, max_bytes, draft_size)
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        return _decode(source, name, max_pixels, max_bytes, draft_size, rgb=True)
+    said: list[str] = []
+    with _CAPTURE.installed(), _CAPTURE.item(said):
         try:
-            return _decode(source, name, max_pixels, max_bytes, draft_size)
+            return _decode(source, name, max_pixels, max_bytes, draft_size, rgb=True)
         finally:
-            for w in caught:
-                if issubclass(w.category, (ResourceWarning, DeprecationWarning)):
-                    continue  # about Python or Pillow, not about the image
-                text = f"image {name}: {w.category.__name__}: {w.message}"
-                if text not in warnings_out:
-                    warnings_out.append(text)
+            _report(said, name, warnings_out)
+
+
+def _report(said: list[str], name: str, out: list[str]) -> None:
+    for w in said:
+        text = f"image {name}: {w}"
+        if text not in out:
+            out.append(text)
 
 
 def _decode(source: ImageInput, name: str, max_pixels: int, max_bytes: int,
-            draft_size: tuple[int, int] | None) -> Image.Image:
+            draft_size: tuple[int, int] | None, rgb: bool) -> Image.Image:
+    """The loaded, upright image (RGB when `rgb`, else RGB or L as decoded), errors naming the item."""
     try:
         with contextlib.ExitStack() as stack:
-            return _decode_open(source, max_pixels, max_bytes, draft_size, stack)
+            img = _decode_open(source, max_pixels, max_bytes, draft_size, stack)
+            # L stays L: resizing one plane and repeating it gives the same bytes as resizing its RGB
+            # copy (tests/runtime/test_preprocess.py), for a third of the work.
+            return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else _to_rgb(img)
     except HuseError as e:
         raise HuseError(f"image {name}: {e}") from None
     except Image.DecompressionBombError as e:
@@ -198,6 +261,11 @@ def _decode(source: ImageInput, name: str, max_pixels: int, max_bytes: int,
     except (OSError, ValueError, SyntaxError) as e:
         raise HuseError(f"image {name} could not be decoded ({type(e).__name__}: {e}); "
                         "check that the file is a complete JPEG/PNG/WebP image") from None
+
+
+# What Pillow's `getexif` reads an orientation from: an image with none of these is upright, and
+# building its Exif object (a fifth of a small PNG's decode) can be skipped.
+_ORIENTATION_SOURCES = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
 
 
 def _decode_open(source: ImageInput, max_pixels: int, max_bytes: int, draft_size: tuple[int, int] | None,
@@ -218,9 +286,10 @@ def _decode_open(source: ImageInput, max_pixels: int, max_bytes: int, draft_size
         raise HuseError(f"decoding it ({w}x{h}, mode {img.mode}) would take about {need / 2**20:.0f} MiB, over "
                         f"the cap of {max_bytes / 2**20:.0f} MiB; resize it first or raise max_bytes")
     img.load()
-    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
+    if (_ORIENTATION_SOURCES.intersection(img.info) or hasattr(img, "tag_v2")) and \
+            img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
         img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -244,11 +313,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Resize and normalise one decoded RGB image.
+def normalise(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
+    """Normalise a batch of 8-bit RGB images: (N, 3, H, W) uint8 -> (N, 3, H, W) float32.
 
     Each channel becomes `(pixel / 255 - mean) / std` in float32, the same float32 operations in
-    the same order for every pixel (tests/runtime/test_preprocess.py checks it to the last bit).
+    the same order for every pixel (tests/runtime/test_preprocess.py checks it to the last bit), so
+    a batch gives each image the bytes it gets alone. One pass per operation over the whole batch:
+    per image, numpy's fixed cost per call was a third of a small PNG's preparation.
+    """
+    out = np.multiply(pixels, np.float32(1.0 / 255.0), dtype=np.float32)
+    out -= np.asarray(spec.mean, np.float32)[:, None, None]
+    out /= np.asarray(spec.std, np.float32)[:, None, None]
+    return out
+
+
+def _resized(img: Image.Image, spec: ImageSpec, out: np.ndarray) -> None:
+    """Resize a decoded RGB or L image to the spec's size into `out` (3, H, W) uint8 (planar, so that the
+    batch's float passes run over contiguous memory and an L plane is three contiguous copies)."""
+    h, w = spec.size
+    if img.size != (w, h):
+        img = img.resize((w, h), _RESAMPLE[spec.resize])
+    a = np.asarray(img)
+    out[...] = a.transpose(2, 0, 1) if a.ndim == 3 else a
+
+
+def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Resize and normalise one decoded RGB image (see `normalise`).
 
     Args:
         img: an RGB image from `decode_image`.
@@ -256,24 +346,102 @@ def preprocess(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     Returns:
         float32 array (3, H, W), C-contiguous.
     """
-    h, w = spec.size
-    if img.size != (w, h):
-        img = img.resize((w, h), _RESAMPLE[spec.resize])
-    # CHW in uint8 first: the float32 passes then run over contiguous memory (2x faster than strided)
-    out = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)).astype(np.float32)
-    out *= np.float32(1.0 / 255.0)
-    out -= np.asarray(spec.mean, np.float32)[:, None, None]
-    out /= np.asarray(spec.std, np.float32)[:, None, None]
-    return out
+    pixels = np.empty((1, 3, *spec.size), np.uint8)
+    _resized(img, spec, pixels[0])
+    return normalise(pixels, spec)[0]
+
+
+@dataclass
+class ImageBatch:
+    """Images decoded and normalised together by `load_images`.
+
+    `array` holds one row per image that decoded, in input order; `rows` maps an input index to its
+    row. Items that were None appear nowhere; items that failed appear in `errors` only."""
+
+    n: int  # inputs, None included
+    array: np.ndarray  # (len(rows), 3, H, W) float32
+    rows: dict[int, int]
+    errors: dict[int, str]
+    warnings: dict[int, str] = field(default_factory=dict)  # Pillow's, naming the file
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def arrays(self) -> dict[int, np.ndarray]:
+        """Input index -> its (3, H, W) array (views of `array`)."""
+        return {i: self.array[r] for i, r in self.rows.items()}
+
+    def stack(self, items: list[int]) -> np.ndarray:
+        """The arrays of `items` (decoded ones, in this order) as one (len(items), 3, H, W) batch; no copy
+        when they are all the decoded images in input order, the usual case."""
+        rows = [self.rows[i] for i in items]
+        if rows == list(range(len(self.array))):
+            return self.array
+        return self.array[rows]
+
+
+def load_images(sources: Sequence[ImageInput | None], spec: ImageSpec, warnings: bool = True) -> ImageBatch:
+    """Decode, resize and normalise images into one batch: the path every image takes, in training
+    and serving (`load_image` is this for one image). A bad image is that item's error, never the batch's.
+
+    Each image is resized straight into one planar uint8 batch buffer; the batch is then normalised at once.
+
+    Args:
+        sources: the images (None for a missing one).
+        spec: the bundle's preprocessing spec (caps, draft decoding, size, normalisation).
+        warnings: collect Pillow's warnings per item (False: left to the warnings module).
+    Returns:
+        An `ImageBatch`.
+    """
+    pixels = np.empty((len(sources), 3, *spec.size), np.uint8)
+    draft = spec.size if spec.jpeg_draft else None
+    rows: dict[int, int] = {}
+    errors: dict[int, str] = {}
+    said: dict[int, str] = {}
+    with _CAPTURE.installed() if warnings else contextlib.nullcontext():
+        for i, source in enumerate(sources):
+            if source is None:
+                continue
+            found: list[str] | None = [] if warnings else None
+            try:
+                _load_into(source, spec, draft, found, pixels[len(rows)])
+                rows[i] = len(rows)
+            except HuseError as e:
+                errors[i] = str(e)
+            if found:
+                texts: list[str] = []
+                _report(found, _describe(source), texts)
+                said[i] = "; ".join(texts)
+    return ImageBatch(len(sources), normalise(pixels[:len(rows)], spec), rows, errors, said)
+
+
+def _load_into(source: ImageInput, spec: ImageSpec, draft: tuple[int, int] | None, said: list[str] | None,
+               out: np.ndarray) -> None:
+    """Decode one image and resize it into `out` (3, H, W) uint8; its Pillow warnings into `said`."""
+    with _CAPTURE.item(said):
+        img = _decode(source, _describe(source), spec.max_pixels, spec.max_bytes, draft, rgb=False)
+        _resized(img, spec, out)
 
 
 def load_image(source: ImageInput, spec: ImageSpec, warnings: list[str] | None = None) -> np.ndarray:
-    """`decode_image` then `preprocess`: the path every image takes, in training and serving.
+    """One image as `load_images` prepares it in a batch, to the same bytes.
 
     Args:
         source: the image.
         spec: the bundle's preprocessing spec (caps, draft decoding, size, normalisation).
         warnings: Pillow's warnings about this image are appended here (None: left to the warnings module).
+    Returns:
+        float32 array (3, H, W), C-contiguous.
+    Raises:
+        HuseError: naming the image, when it cannot be used.
     """
-    img = decode_image(source, spec.max_pixels, spec.max_bytes, spec.size if spec.jpeg_draft else None, warnings)
-    return preprocess(img, spec)
+    pixels = np.empty((1, 3, *spec.size), np.uint8)
+    said: list[str] | None = [] if warnings is not None else None
+    with _CAPTURE.installed() if warnings is not None else contextlib.nullcontext():
+        try:
+            _load_into(source, spec, spec.size if spec.jpeg_draft else None, said, pixels[0])
+        finally:
+            if said:
+                _report(said, _describe(source), warnings)
+    return normalise(pixels, spec)[0]

@@ -119,3 +119,14 @@ def test_torch_cuda_baseline_matches_the_cpu_baseline(tiny_bundle, tiny_run):
     cpu = TorchClassifier(tiny_bundle, tiny_run)
     gpu = TorchClassifier(tiny_bundle, tiny_run, device="cuda")
     np.testing.assert_allclose(gpu.predict_proba(titles=titles), cpu.predict_proba(titles=titles), atol=1e-4)
+
+
+def test_stage_costs_name_every_stage_on_one_thread(result):
+    sc = result["stage_costs"]
+    assert sc["threads"] == 1 and sc["batch"] == 8
+    assert set(sc["prepare"]) == {"read_us", "decode_us", "resize_us", "normalise_us", "prepare_us", "tokenise_us"}
+    for p in result["config"]["precisions"]:
+        if p in sc:
+            assert set(sc[p]) == {f"model_{m}_us" for m in result["config"]["modes"]} | {"describe_us"}
+            assert all(v > 0 for v in sc[p].values())
+    assert "fp32" in sc

@@ -24,9 +24,9 @@ def test_train_and_serve_inputs_are_identical(tiny_run, tiny_bundle):
     clf = Classifier(tiny_bundle, backend="onnxruntime")
     for i in range(0, len(ds.images), 17):
         train_img = load_image(ds.images[i], train_spec)  # what Trainer feeds the backbone
-        arrays, errors = clf._images([ds.images[i]])  # what the runtime feeds image.onnx
-        assert not errors
-        assert train_img.dtype == arrays[0].dtype and np.array_equal(train_img, arrays[0])
+        served = clf.decode([ds.images[i]])  # what the runtime feeds image.onnx
+        assert not served.errors
+        assert train_img.dtype == served.array.dtype and np.array_equal(train_img, served.array[0])
         train_ids = encode_titles(train_tok, [ds.titles[i]])["input_ids"].numpy()
         serve_ids = clf.tokenizer.inputs([normalise_title(ds.titles[i]) or ""])["input_ids"]
         assert np.array_equal(train_ids, serve_ids)

@@ -430,3 +430,100 @@ def test_other_input_types_are_refused_as_the_items_error(item):
     with pytest.raises(HuseError, match=f"an image must be a file path, encoded bytes, a PIL image or a uint8 array; "
                                         f"got {type(item).__name__}"):
         decode_image(item)
+
+
+# --- batches: the serving path gives each image the bytes training gives it alone -----------
+
+def _mixed_sources(tmp_path):
+    rng = np.random.default_rng(7)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(grey)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _jpeg(Image.fromarray(rng.integers(0, 256, (40, 90, 3), dtype=np.uint8), "RGB"), exif=exif)
+    rgba = rng.integers(0, 256, (30, 20, 4), dtype=np.uint8)
+    deep = Image.fromarray(rng.integers(0, 65536, (50, 30), dtype=np.uint16))
+    big_jpeg = _jpeg(Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8), "RGB"))
+    return [grey, rotated, None, _png(Image.fromarray(rgba, "RGBA")), b"not an image", deep, big_jpeg,
+            rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+
+
+@pytest.mark.parametrize("size, resize", [((64, 64), "bilinear"), ((24, 40), "bicubic"), ((64, 64), "nearest")])
+def test_batch_rows_are_bit_identical_to_single_images(tmp_path, size, resize):
+    from huse.runtime.preprocess import load_images
+
+    spec = ImageSpec(size=size, mean=MEAN, std=STD, resize=resize)
+    sources = _mixed_sources(tmp_path)
+    batch = load_images(sources, spec)
+    assert set(batch.errors) == {4} and "<bytes> could not be decoded" in batch.errors[4]
+    assert sorted(batch.rows) == [0, 1, 3, 5, 6, 7]  # None is neither a row nor an error
+    assert batch.array.shape == (6, 3, *size) and batch.array.dtype == np.float32
+    for i, row in batch.rows.items():
+        alone = load_image(sources[i], spec)  # what training computes, one image at a time
+        np.testing.assert_array_equal(batch.array[row], alone)
+        # and the long way round: decode to RGB, resize and normalise that one image
+        np.testing.assert_array_equal(alone, preprocess(decode_image(sources[i], draft_size=size), spec))
+    np.testing.assert_array_equal(batch.stack([1, 5]), batch.array[[1, 3]])
+    assert batch.stack(sorted(batch.rows)) is batch.array  # all of them, in order: no copy
+
+
+@pytest.mark.parametrize("resize", ["bilinear", "bicubic", "nearest"])
+def test_greyscale_resized_as_one_plane_equals_resizing_its_rgb_copy(resize):
+    """The fast path resizes L images as L: the bytes must equal resizing the RGB conversion."""
+    rng = np.random.default_rng(11)
+    for h, w in [(28, 28), (1, 5), (300, 17), (97, 203)]:
+        grey = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+        for size in [(64, 64), (224, 224), (13, 31)]:
+            spec = ImageSpec(size=size, mean=MEAN, std=STD, resize=resize)
+            np.testing.assert_array_equal(load_image(_png(grey), spec), preprocess(grey.convert("RGB"), spec))
+
+
+def test_xmp_orientation_is_applied():
+    """Images without EXIF skip the EXIF parse; an XMP orientation (which Pillow also reads) still counts."""
+    from PIL import PngImagePlugin
+
+    img = Image.new("RGB", (2, 1))
+    img.putpixel((0, 0), (255, 0, 0))
+    img.putpixel((1, 0), (0, 0, 255))
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+    out = decode_image(_png(img, pnginfo=info))
+    assert out.size == (1, 2)
+    assert _pixels(out) == [[[255, 0, 0]], [[0, 0, 255]]]
+
+
+def test_batch_warnings_name_their_item_and_leave_the_warnings_module_as_it_was(tmp_path):
+    import threading
+    import warnings as pywarnings
+
+    from huse.runtime.preprocess import load_images
+
+    bad = tmp_path / "odd exif.jpg"
+    bad.write_bytes(_corrupt_exif_jpeg())
+    good = tmp_path / "fine.png"
+    good.write_bytes(_png(Image.new("RGB", (8, 8), (1, 2, 3))))
+    spec = ImageSpec(size=(8, 8), mean=MEAN, std=STD)
+    before = (pywarnings.showwarning, list(pywarnings.filters))
+    results, failures = {}, []
+
+    def work(k):  # threads decoding at once, as the prepare pool does: each item keeps its own warnings
+        try:
+            for _ in range(20):
+                sources = [good, bad] if k % 2 else [bad, good, bad]
+                results.setdefault(k, []).append(load_images(sources, spec).warnings)
+        except Exception as e:  # pragma: no cover - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    for k, runs in results.items():
+        for said in runs:
+            assert sorted(said) == ([1] if k % 2 else [0, 2])
+            assert all(w.startswith(f"image {bad}: UserWarning:") and "Skipping tag 271" in w for w in said.values())
+    assert (pywarnings.showwarning, list(pywarnings.filters)) == before
+    with pytest.warns(UserWarning, match="Skipping tag 271"):  # uncollected, they reach the warnings module
+        load_images([bad], spec, warnings=False)
