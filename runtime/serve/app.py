@@ -158,7 +158,10 @@ class Server:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self.ready = True
-        log.info(json.dumps({"event": "ready", "models": list(MODELS), "instances": len(self.classifiers)}))
+        c = self.config
+        log.info(json.dumps({"event": "ready", "url": f"http://{c.host}:{c.port}", "models": list(MODELS),
+                             "precision": c.precision, "instances": len(self.classifiers), "max_batch": c.max_batch,
+                             "max_delay_ms": c.max_delay_ms, "search": self.index is not None}))
 
     async def stop(self) -> None:
         self.ready = False
@@ -549,8 +552,7 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] = ()) -> None:
     cfg = uvicorn.Config(app, host=config.host, port=config.port, loop=loop, http=http, log_level="warning",
                          access_log=False, timeout_graceful_shutdown=config.grace_s, lifespan="on",
                          limit_concurrency=config.max_connections, timeout_keep_alive=5)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    _log_json_lines()
     _raise_fd_limit()
     # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM it has already
     # handled gracefully must then end the process with 0, not as killed.
@@ -558,6 +560,17 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] = ()) -> None:
     uvicorn.Server(cfg).run()
     if server.failed:
         raise HuseError(f"the bundle could not be loaded: {server.failed}")
+
+
+def _log_json_lines() -> None:
+    """The server's own log: one JSON object per line on stderr (errors, readiness), nothing prefixed."""
+    if not any(getattr(h, "_huse_serve", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._huse_serve = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _importable(module: str) -> bool:
