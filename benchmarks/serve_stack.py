@@ -62,14 +62,14 @@ def make_app(stack: str):
             return Response(json.dumps(_answer(json.loads(await request.body()))), media_type="application/json")
         return Starlette(routes=[Route(PATH, infer, methods=["POST"])])
     from fastapi import FastAPI, Request
-    from fastapi.responses import Response
+    from fastapi.responses import Response as FastAPIResponse
 
     app = FastAPI()
     # FastAPI reads parameter annotations; this module's are postponed strings (`from __future__
     # import annotations`) naming locally imported classes, so each route gets the real class.
     if stack == "fastapi":
         async def infer_raw(request):
-            return Response(json.dumps(_answer(json.loads(await request.body()))), media_type="application/json")
+            return FastAPIResponse(json.dumps(_answer(json.loads(await request.body()))), media_type="application/json")
         infer_raw.__annotations__["request"] = Request
         app.post(PATH)(infer_raw)
         return app

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.batcher import Batcher, Instances, Overloaded
@@ -252,10 +250,9 @@ def _warm_up(clf) -> None:
     """Load every graph and run each once, so the first request pays no session start."""
     from PIL import Image
 
-    size = clf.image_spec.size if hasattr(clf.image_spec, "size") else 32
-    side = size[0] if isinstance(size, (list, tuple)) else int(size)
+    height, width = clf.image_spec.size
     buf = io.BytesIO()
-    Image.new("RGB", (side, side), (128, 128, 128)).save(buf, "PNG")
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buf, "PNG")
     png = buf.getvalue()
     clf.classify(images=[png, png, None], titles=["warm up", None, "warm up"])
     clf.embed_image([png])

@@ -16,7 +16,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.runtime.serve.conftest import post, post_json
@@ -40,7 +39,6 @@ def classify_body(images: list[bytes | None], titles: list[str | None] | None = 
 def metric(url: str, name: str, **labels) -> float:
     """A sample's value from /metrics (0 when absent)."""
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
         if m and m.group(1) == name and all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
