@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +166,92 @@ def test_model_classifies_requests_like_the_python_api(repo, tiny_bundle, tiny_c
     np.testing.assert_allclose(emb[1]["embedding"][:2], clf.embed_text(["navy shirt", "boots"]).vectors, atol=1e-6)
     assert np.isnan(emb[1]["embedding"][2]).all() and emb[1]["error"][2, 0]
     clf.close()
+
+
+# -- the repository in a real tritonserver -------------------------------------------------------------------------
+# PyTriton's wheel bundles tritonserver 2.51 with the Python backend (no onnxruntime or TensorRT backend), so the
+# `huse` and `huse_embed` models run here in Triton itself; the ONNX/plan models need NVIDIA's container.
+PYTRITON_VENV = Path(os.environ.get("HUSE_PYTRITON_VENV", Path.home() / ".cache" / "huse" / "pytriton-venv"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tritonserver_serves_the_python_models(repo, tiny_bundle, tiny_catalog, tmp_path):
+    """tritonserver loads `huse` and `huse_embed` from the repository, and tritonclient gets the Python API's answers."""
+    import sysconfig
+
+    import tritonclient.http as httpclient
+
+    from huse.runtime import Classifier
+
+    site = next(iter(PYTRITON_VENV.glob("lib/python3.*/site-packages")), None)
+    if site is None or not (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").is_file():
+        pytest.skip(f"no PyTriton venv at {PYTRITON_VENV} (`huse-bench serve` creates it; or set HUSE_PYTRITON_VENV)")
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if site.parent.name != f"python{version}":
+        pytest.skip(f"the PyTriton venv is for {site.parent.name}, this test runs {version}")
+    dist = site / "pytriton" / "tritonserver"
+    server = tmp_path / "tritonserver"
+    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python")
+    # The model imports this checkout's huse (not the copy installed in the venv): a namespace folder first on the path.
+    src = tmp_path / "src" / "huse"
+    src.mkdir(parents=True)
+    root = Path(__file__).resolve().parents[2]
+    for name in ("runtime", "export"):
+        (src / name).symlink_to(root / name)
+    env = {**os.environ, "PATH": f"{PYTRITON_VENV / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(src.parent),
+           "LD_LIBRARY_PATH": f"{site / 'nvidia_pytriton.libs'}:{sysconfig.get_config_var('LIBDIR')}"}
+    port = _free_port()
+    cmd = [str(server / "bin" / "tritonserver"), "--model-repository", str(repo), "--model-control-mode", "explicit",
+           "--load-model", "huse", "--load-model", "huse_embed", "--http-address", "127.0.0.1", "--http-port", str(port),
+           "--grpc-address", "127.0.0.1", "--grpc-port", str(_free_port()), "--allow-metrics", "false",
+           "--exit-timeout-secs", "2", "--backend-directory", str(server / "backends")]
+    log = open(tmp_path / "tritonserver.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.is_model_ready("huse") and client.is_model_ready("huse_embed"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            assert proc.poll() is None, (tmp_path / "tritonserver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "tritonserver.log").read_text()[-3000:]
+            time.sleep(0.5)
+        photos = sorted((tiny_catalog.parent / "images").glob("*.png"))[:2]
+        images = [p.read_bytes() for p in photos] + [b"", b"not a photo"]
+        titles = [b"Acme tee", b"", b"navy shirt", b"boots"]
+
+        def inputs():
+            tensors = []
+            for name, values in (("image", images), ("title", titles)):
+                t = httpclient.InferInput(name, [4, 1], "BYTES")
+                t.set_data_from_numpy(np.asarray(values, dtype=object).reshape(4, 1), binary_data=True)
+                tensors.append(t)
+            return tensors
+
+        got = client.infer("huse", inputs(), parameters={"top_k": 3})
+        clf = Classifier(tiny_bundle, threads=1)
+        want = clf.classify(images=[images[0], images[1], None, b"not a photo"],
+                            titles=["Acme tee", None, "navy shirt", "boots"], top_k=3)
+        assert [m.decode() for m in got.as_numpy("mode")[:, 0]] == [w["mode"] for w in want]
+        assert got.as_numpy("top_k_labels").shape == (4, 3)
+        for i, w in enumerate(want):
+            assert [s.decode() for s in got.as_numpy("top_k_labels")[i]] == [t["label"] for t in w["top_k"]]
+            np.testing.assert_allclose(got.as_numpy("top_k_scores")[i], [t["score"] for t in w["top_k"]], rtol=1e-5)
+        assert "title only" in got.as_numpy("warning")[3, 0].decode()  # the bad photo, classified by its title
+        emb = client.infer("huse_embed", inputs())
+        np.testing.assert_allclose(emb.as_numpy("embedding")[:2], clf.embed_image(images[:2]).vectors, atol=1e-5)
+        clf.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
