@@ -250,9 +250,10 @@ def keygen(stem, force) -> None:
 def info(bundle) -> None:
     """Show what a bundle holds (and verify its files)."""
     def body():
-        from huse.runtime.bundle import load_manifest
+        from huse.runtime.bundle import check_bundle_graphs, load_manifest
 
         m = load_manifest(bundle)
+        graphs = check_bundle_graphs(bundle, m)
         click.echo(f"bundle {bundle}: {len(m['labels'])} classes, embedding dim {m['embedding_dim']}")
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
@@ -269,7 +270,7 @@ def info(bundle) -> None:
                        f"{acc.get('split')} products; top-1 agreement with fp32: {figures}; fused top-1 "
                        f"{fused.get('cand_accuracy', float('nan')):.2f}% vs {fused.get('ref_accuracy', float('nan')):.2f}%; "
                        f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32")
-        click.echo(f"{len(m['files'])} files verified (sha256)")
+        click.echo(f"{len(m['files'])} files verified (sha256); labels match the stamp in {graphs} graphs")
     run_cli(body)
 
 
@@ -445,6 +446,51 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
         if out:
             click.echo(f"{len(results)} queries -> {out}")
     run_cli(body)
+
+# -- serving: `huse serve` (issue 18) -----------------------------------------------------------
+@main.command(context_settings={"show_default": True})
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--index", type=click.Path(file_okay=False), help="Also answer /v1/search from this index.")
+@click.option("--host", default="127.0.0.1", help="Address to bind; another than loopback needs --token-file or --insecure.")
+@click.option("--port", default=8000)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32")
+@click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt.")
+@click.option("--max-batch", default=64, help="Most items per model batch (1: batching off).")
+@click.option("--max-delay-ms", default=3.0, help="How long a batch may wait after its oldest request for more to join.")
+@click.option("--max-queue", default=1024, help="Most items admitted at once; beyond it requests get 503 + Retry-After.")
+@click.option("--instances", default=1, help="Model instances, each on its own thread (sessions of their own).")
+@click.option("--threads", type=int, help="onnxruntime threads per instance (default: cores / instances).")
+@click.option("--workers", type=int, help="Threads decoding/tokenising and writing answers (default: min(4, cores)).")
+@click.option("--max-body-mb", default=64.0, help="Largest request body (413 beyond).")
+@click.option("--max-items", default=256, help="Most items per request (413 beyond).")
+@click.option("--timeout", "timeout_s", default=30.0, help="Per-request deadline in seconds (504 and its work dropped beyond).")
+@click.option("--grace", "grace_s", default=30.0, help="On SIGTERM: seconds for in-flight requests to finish.")
+@click.option("--min-confidence", default=0.0, help="Top-1 below this sets needs_review.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token (a trusted network only).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the bundle and index unless signed by one.")
+def serve(bundle, token_file, **kw) -> None:
+    """Serve BUNDLE over HTTP: Open Inference Protocol (/v2, models huse and huse_embed; tritonclient
+    works) and JSON (/v1/classify, /v1/embed, /v1/search), with dynamic batching. Needs
+    `pip install 'huse-edge[serve]'`."""
+    def body():
+        from pathlib import Path
+
+        from huse.runtime.serve.app import ServeConfig, serve as run
+
+        token = None
+        if token_file:
+            try:
+                token = Path(token_file).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise HuseError(f"cannot read --token-file {token_file}: {e}") from None
+            if len(token) < 16:
+                raise HuseError(f"the token in {token_file} has {len(token)} characters; use at least 16 "
+                                f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > {token_file}`)")
+        run(ServeConfig(bundle=bundle, token=token, **kw))
+    run_cli(body)
+
 
 def _stage_entry(name: str) -> Callable[[], None]:
     def entry() -> None:  # `huse-NAME ARGS` is `huse NAME ARGS`, with the same extra handling
