@@ -8,8 +8,8 @@ creates; it never runs in the project's environment:
 
 The model is `huse` with the serving contract's tensors (image and title BYTES [N, 1] in; top_k_labels,
 top_k_scores, path_labels, path_scores, mode, needs_review, error, warning out), and the request code is the
-Triton repository's own Python-backend model (huse/export/triton_model/model.py: `classify_requests`), so the
-anchor and `huse-export --triton` answer alike. Every batch Triton hands over is counted; the counts go to
+Triton repository's own Python-backend model (huse/export/triton_model/model.py: `run_requests`, over
+`huse serve`'s model stages), so the anchor, `huse-export --triton` and `huse serve` answer alike. Every batch Triton hands over is counted; the counts go to
 --stats as JSON (rewritten twice a second) for the benchmark's batch-size distribution.
 """
 
@@ -53,17 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     from pytriton.triton import Triton, TritonConfig
 
     from huse.runtime import Classifier
+    from huse.runtime.serve.models import ClassifyModel
 
     model = _model_module()
     clf = Classifier(args.bundle, precision=args.precision, batch_size=args.max_batch, threads=args.threads,
                      spinning=False)
+    classify = ClassifyModel(clf)
     depth = clf.hierarchy.depth
     sizes: Counter[int] = Counter()
     lock = threading.Lock()
 
     def infer(requests):
         parsed = [(r.data.get("image"), r.data.get("title"), dict(r.parameters or {})) for r in requests]
-        outs = model.classify_requests(clf, parsed)
+        outs = model.run_requests(classify, parsed)
         with lock:
             sizes[sum(len(o["mode"]) for o in outs if "mode" in o)] += 1
         bad = [o["_error"] for o in outs if "_error" in o]

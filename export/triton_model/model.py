@@ -5,16 +5,19 @@ One file serves both models of the repository, chosen by the config parameter `t
   UTF-8; empty = no title), each [N, 1]; outputs `top_k_labels` BYTES [N, K], `top_k_scores` FP32
   [N, K], `path_labels` BYTES [N, L], `path_scores` FP32 [N, L] (L = hierarchy depth, "" / 0
   padding), `mode`, `error`, `warning` BYTES [N, 1] ("" when none) and `needs_review` BOOL [N, 1].
-  K is 5 unless the request parameter `top_k` says otherwise (at most the number of classes); `min_confidence` (request parameter,
-  else the config's) marks top-1 scores below it `needs_review`.
+  K is 5 unless the request parameter `top_k` says otherwise (at most the number of classes); `mode`
+  (auto, fused, image, text) as in `huse classify`; the config's `min_confidence` marks top-1 scores
+  below it `needs_review`.
 - `huse_embed` (embed): the same inputs; outputs `embedding` FP32 [N, D] (the photo's universal
-  embedding, else the title's, as `huse embed` does; NaN for a failed item) and `error` BYTES [N, 1].
+  embedding, else the title's, as `huse embed` does; NaN for a failed item; request parameter
+  `space` "visual": the photo's visual-similarity vector) and `error` BYTES [N, 1].
 
 It needs only the lean runtime in Triton's Python environment (`pip install 'huse-edge[ort]'`, or
-`huse-edge[trt]` with TensorRT on Jetson): no torch. Triton's dynamic batcher hands `execute` several
-requests; their items are classified as one batch. A bad item gets its own `error`; it never fails
-the other items or requests. The request helpers below are plain numpy, so the benchmark's PyTriton
-anchor (huse.benchmarks.pytriton_anchor) runs exactly this code around the same Classifier.
+`huse-edge[trt]` with TensorRT on Jetson): no torch, no web server. Triton's dynamic batcher hands
+`execute` several requests; their items run as one batch through `huse serve`'s own model stages and
+protocol helpers (huse.runtime.serve.models / .protocol), so both servers answer alike. A bad item gets
+its own `error`; it never fails the other items or requests. `run_requests` needs no Triton, so the
+benchmark's PyTriton anchor (huse.benchmarks.pytriton_anchor) runs exactly this code.
 """
 
 from __future__ import annotations
@@ -30,145 +33,55 @@ try:
 except ImportError:  # loaded outside Triton for its request helpers (the PyTriton anchor)
     pb_utils = None
 
-DEFAULT_TOP_K = 5
 # A request is (images, titles, parameters): images and titles are object arrays of bytes, [n, 1] or [n]
 # (None when the request has no such input), parameters the request's parameters as a dict.
 Request = tuple[Any, Any, dict[str, Any]]
 
 
-def _column(values: Any, n: int) -> list[bytes | None]:
-    """One BYTES input as a list of n entries, an empty element meaning "none"."""
+def _column(values: Any) -> list[bytes | None] | None:
+    """One BYTES input as a list with one entry per item, an empty element meaning "none"."""
     if values is None:
-        return [None] * n
-    flat = np.asarray(values, dtype=object).reshape(n, -1)[:, 0]
+        return None
+    flat = np.asarray(values, dtype=object)
+    flat = flat.reshape(len(flat), -1)[:, 0] if flat.ndim else flat.reshape(1)
     return [bytes(v) if v is not None and len(v) else None for v in flat]
 
 
-def _count(images: Any, titles: Any) -> int:
-    given = [np.asarray(v, dtype=object) for v in (images, titles) if v is not None]
-    if not given:
-        raise ValueError("a request needs an `image` or a `title` input")
-    n = len(given[0])
-    if any(len(g) != n for g in given):
-        raise ValueError(f"`image` has {len(given[0])} rows but `title` has {len(given[-1])}; send one of each per item")
-    return n
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer, str)) or not str(value).isdigit() \
-            or int(value) < 1:
-        raise ValueError(f"request parameter {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _text(values: list[str], n: int) -> np.ndarray:
-    return np.asarray([v.encode("utf-8") for v in values], dtype=object).reshape(n, -1)
-
-
-def classify_requests(clf, requests: list[Request], min_confidence: float = 0.0) -> list[dict[str, np.ndarray]]:
-    """Classify the items of several requests as one batch; one output dict per request.
+def run_requests(model, requests: list[Request]) -> list[dict[str, np.ndarray]]:
+    """Run several requests' items as one batch through `huse serve`'s own model stages.
 
     Args:
-        clf: a huse.runtime.Classifier.
+        model: a huse.runtime.serve.models ClassifyModel or EmbedModel (prepare / run / finish).
         requests: (images, titles, parameters) per request.
-        min_confidence: top-1 score below which `needs_review` is true, unless a request says otherwise.
     Returns:
-        Per request: its output arrays, or {"_error": message} for a request that is malformed as a whole.
+        Per request: output name -> array (the serving contract's tensors, from huse serve's protocol
+        helpers), or {"_error": message} for a request that is malformed as a whole (bad top_k, mode,
+        space; unequal inputs).
     """
-    depth = clf.hierarchy.depth
-    sizes, images, titles, asks, out = [], [], [], [], []
-    for imgs, txts, params in requests:
-        try:
-            n = _count(imgs, txts)
-            ask = (_positive_int(params.get("top_k", DEFAULT_TOP_K), "top_k"),
-                   float(params.get("min_confidence", min_confidence)))
-        except (TypeError, ValueError) as e:
-            sizes.append(None)
-            asks.append(str(e))
-            continue
-        sizes.append(n)
-        asks.append(ask)
-        images += _column(imgs, n)
-        titles += _column(txts, n)
-    results = []
-    if images:
-        has_image = any(v is not None for v in images)
-        # Titles go in whenever there are no photos, so that items with neither get their own error.
-        prepared = clf.prepare(images if has_image else None,
-                               titles if any(v is not None for v in titles) or not has_image else None)
-        k_max = max(a[0] for a in asks if isinstance(a, tuple))
-        results = clf.describe(prepared, clf.infer(prepared), top_k=k_max)
-    start = 0
-    for n, ask in zip(sizes, asks):
-        if n is None:
-            out.append({"_error": ask})
-            continue
-        (k, threshold), part = ask, results[start:start + n]
-        k = min(k, len(clf.labels))  # as Classifier.classify: never more classes than the bundle has
-        start += n
-        labels, scores = [[""] * k for _ in part], np.zeros((n, k), np.float32)
-        path_labels, path_scores = [[""] * depth for _ in part], np.zeros((n, depth), np.float32)
-        review = np.zeros((n, 1), bool)
-        for i, r in enumerate(part):
-            for j, t in enumerate(r.get("top_k", [])[:k]):
-                labels[i][j], scores[i, j] = t["label"], t["score"]
-            for j, p in enumerate(r.get("path", [])):
-                path_labels[i][j], path_scores[i, j] = p["label"], p["score"]
-            review[i, 0] = "error" not in r and r["top_k"][0]["score"] < threshold
-        out.append({
-            "top_k_labels": np.asarray([[s.encode("utf-8") for s in row] for row in labels], dtype=object).reshape(n, k),
-            "top_k_scores": scores,
-            "path_labels": np.asarray([[s.encode("utf-8") for s in row] for row in path_labels],
-                                      dtype=object).reshape(n, depth),
-            "path_scores": path_scores,
-            "mode": _text([r.get("mode", "") for r in part], n),
-            "needs_review": review,
-            "error": _text([r.get("error", "") for r in part], n),
-            "warning": _text([r.get("warning", "") for r in part], n),
-        })
-    return out
+    from huse.runtime.errors import HuseError
+    from huse.runtime.serve.models import ClassifyModel
+    from huse.runtime.serve.protocol import Items, classify_tensors, embed_tensors
 
-
-def embed_requests(clf, requests: list[Request]) -> list[dict[str, np.ndarray]]:
-    """Universal embeddings of several requests' items as one batch: the photo's, else the title's
-    (as `huse embed` does); a failed item gets a NaN row and an `error`. One output dict per request."""
-    dim = int(clf.manifest["embedding_dim"])
-    sizes, images, titles, out = [], [], [], []
-    for imgs, txts, _ in requests:
+    parts, out = [], []
+    for images, titles, params in requests:
+        images, titles = _column(images), _column(titles)
         try:
-            n = _count(imgs, txts)
-        except ValueError as e:
-            sizes.append(str(e))
-            continue
-        sizes.append(n)
-        images += _column(imgs, n)
-        titles += _column(txts, n)
-    vectors = np.full((len(images), dim), np.nan, np.float32)
-    errors = [""] * len(images)
-    with_image = [i for i, v in enumerate(images) if v is not None]
-    img = clf.embed_image([images[i] for i in with_image]) if with_image else None
-    for j, i in enumerate(with_image):
-        if j in img.errors:
-            errors[i] = img.errors[j]
-        else:
-            vectors[i] = img.vectors[j]
-    need_text = [i for i in range(len(images)) if np.isnan(vectors[i, 0]) and titles[i] is not None]
-    txt = clf.embed_text([titles[i] for i in need_text]) if need_text else None
-    for j, i in enumerate(need_text):
-        if j in txt.errors:
-            errors[i] = "; ".join(e for e in (errors[i], txt.errors[j]) if e)
-        else:
-            vectors[i], errors[i] = txt.vectors[j], ""
-    for i in range(len(images)):
-        if images[i] is None and titles[i] is None:
-            errors[i] = "the item has no image or title"
-    start = 0
-    for n in sizes:
-        if isinstance(n, str):
-            out.append({"_error": n})
-            continue
-        out.append({"embedding": vectors[start:start + n], "error": _text(errors[start:start + n], n)})
-        start += n
+            if images is not None and titles is not None and len(images) != len(titles):
+                raise HuseError(f"input image has {len(images)} rows but title has {len(titles)}; send one of each per item")
+            if images is None and titles is None:
+                raise HuseError("the request has neither an image nor a title input")
+            parts.append(model.prepare(Items(images, titles, params)))
+            out.append(None)
+        except HuseError as e:
+            out.append({"_error": str(e)})
+    answers = iter(model.finish(parts, model.run(model.clf, parts)) if parts else [])
+    classify = isinstance(model, ClassifyModel)
+    for i, o in enumerate(out):
+        if o is None:
+            answer = next(answers)
+            tensors = (classify_tensors(answer, model.clf.hierarchy.depth, model.min_confidence) if classify
+                       else embed_tensors(*answer))
+            out[i] = {name: array for name, (_, array) in tensors.items()}
     return out
 
 
@@ -187,19 +100,21 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         from huse.runtime import Classifier
+        from huse.runtime.serve.models import ClassifyModel, EmbedModel
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.task = params.get("task", "classify")
-        self.min_confidence = float(params.get("min_confidence", "0"))
+        task = params.get("task", "classify")
         # The bundle travels inside the repository; its path in the config is relative to this model's folder.
         bundle = os.path.join(args["model_repository"], params.get("bundle", "1/bundle"))
         threads = int(params["threads"]) if params.get("threads") else None
-        self.clf = Classifier(bundle, precision=params.get("precision", "fp32"), batch_size=int(config["max_batch_size"]),
-                              threads=threads, spinning=False)
+        clf = Classifier(bundle, precision=params.get("precision", "fp32"), batch_size=int(config["max_batch_size"]),
+                         threads=threads, spinning=False)
+        self.model = (ClassifyModel(clf, float(params.get("min_confidence", "0"))) if task == "classify"
+                      else EmbedModel(clf))
         # Warm up every graph (sessions load on first use), so the model turns ready only when it answers at speed.
-        photo = _blank_png(self.clf.image_spec.size)
-        self.clf.classify(images=[photo, photo, None], titles=["warm up", None, "warm up"])
+        photo = _blank_png(clf.image_spec.size)
+        clf.classify(images=[photo, photo, None], titles=["warm up", None, "warm up"])
 
     def execute(self, requests):
         parsed = []
@@ -208,12 +123,8 @@ class TritonPythonModel:
             title = pb_utils.get_input_tensor_by_name(r, "title")
             params = json.loads(r.parameters() or "{}")
             parsed.append((None if image is None else image.as_numpy(), None if title is None else title.as_numpy(), params))
-        if self.task == "classify":
-            outs = classify_requests(self.clf, parsed, self.min_confidence)
-        else:
-            outs = embed_requests(self.clf, parsed)
         responses = []
-        for out in outs:
+        for out in run_requests(self.model, parsed):
             if "_error" in out:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(out["_error"])))
             else:
@@ -222,4 +133,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.clf.close()
+        self.model.clf.close()

@@ -127,6 +127,7 @@ def load_model_py(repo):
 def test_model_classifies_requests_like_the_python_api(repo, tiny_bundle, tiny_catalog):
     """The Python-backend model's request code (what Triton's `execute` runs) against Classifier.classify."""
     from huse.runtime import Classifier
+    from huse.runtime.serve.models import ClassifyModel, EmbedModel
 
     model = load_model_py(repo)
     photos = sorted((tiny_catalog.parent / "images").glob("*.png"))[:3]
@@ -139,29 +140,27 @@ def test_model_classifies_requests_like_the_python_api(repo, tiny_bundle, tiny_c
     r2 = (np.asarray([[b""], [truncated], [b""]], dtype=object), np.asarray([[b"navy shirt"], [b"boots"], [b""]], dtype=object),
           {"top_k": 2})
     clf = Classifier(tiny_bundle, threads=1)
-    outs = model.classify_requests(clf, [r1, r2])
+    outs = model.run_requests(ClassifyModel(clf), [r1, r2])
     want = clf.classify(images=png + [None, truncated, None], titles=["Acme tee", "boots", "tote", "navy shirt", "boots", None])
     # K: 5 by default but never more than the classes (4 here), or the request's top_k
     assert outs[0]["top_k_labels"].shape == (3, 4) and outs[1]["top_k_labels"].shape == (3, 2)
     got = [(o, i) for o in outs for i in range(len(o["mode"]))]
     for (o, i), w in zip(got, want):
-        assert o["error"][i, 0].decode() == w.get("error", "")
         assert o["warning"][i, 0].decode() == w.get("warning", "")
         if "error" in w:
-            assert o["mode"][i, 0] == b"" and o["needs_review"][i, 0] == False  # noqa: E712
+            assert o["error"][i, 0] and o["mode"][i, 0] == b"" and o["needs_review"][i, 0] == False  # noqa: E712
             continue
         k = o["top_k_labels"].shape[1]
-        assert o["mode"][i, 0].decode() == w["mode"]
+        assert o["mode"][i, 0].decode() == w["mode"] and o["error"][i, 0] == b""
         assert [s.decode() for s in o["top_k_labels"][i]] == [t["label"] for t in w["top_k"][:k]]
         np.testing.assert_allclose(o["top_k_scores"][i], [t["score"] for t in w["top_k"][:k]], rtol=1e-6)
         assert [s.decode() for s in o["path_labels"][i] if s] == [p["label"] for p in w["path"]]
-    assert "warning" in want[4] and "title only" in want[4]["warning"]  # the truncated photo, classified by title
+    assert "warning" in want[4] and "title only" in want[4]["warning"]  # the truncated photo, classified by its title
     assert outs[1]["error"][2, 0]  # nothing to classify: an error for that item alone
-    review = model.classify_requests(clf, [(r1[0], r1[1], {"min_confidence": 1.01})])[0]["needs_review"]
-    assert review.all()
-    bad = model.classify_requests(clf, [(r1[0], r1[1], {"top_k": 0}), r1])
-    assert "top_k must be a positive integer" in bad[0]["_error"] and bad[1]["top_k_labels"].shape == (3, 4)
-    emb = model.embed_requests(clf, [r1, r2])
+    assert model.run_requests(ClassifyModel(clf, min_confidence=1.01), [r1])[0]["needs_review"].all()
+    bad = model.run_requests(ClassifyModel(clf), [(r1[0], r1[1], {"top_k": 0}), r1, (r1[0], r2[1][:2], {})])
+    assert "top_k" in bad[0]["_error"] and bad[1]["top_k_labels"].shape == (3, 4) and "rows" in bad[2]["_error"]
+    emb = model.run_requests(EmbedModel(clf), [r1, r2])
     np.testing.assert_allclose(emb[0]["embedding"], clf.embed_image(png).vectors, atol=1e-6)
     np.testing.assert_allclose(emb[1]["embedding"][:2], clf.embed_text(["navy shirt", "boots"]).vectors, atol=1e-6)
     assert np.isnan(emb[1]["embedding"][2]).all() and emb[1]["error"][2, 0]
@@ -183,8 +182,6 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_tritonserver_serves_the_python_models(repo, tiny_bundle, tiny_catalog, tmp_path):
     """tritonserver loads `huse` and `huse_embed` from the repository, and tritonclient gets the Python API's answers."""
-    import sysconfig
-
     import tritonclient.http as httpclient
 
     from huse.runtime import Classifier
@@ -199,14 +196,13 @@ def test_tritonserver_serves_the_python_models(repo, tiny_bundle, tiny_catalog, 
     server = tmp_path / "tritonserver"
     shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
     shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python")
-    # The model imports this checkout's huse (not the copy installed in the venv): a namespace folder first on the path.
-    src = tmp_path / "src" / "huse"
-    src.mkdir(parents=True)
-    root = Path(__file__).resolve().parents[2]
-    for name in ("runtime", "export"):
-        (src / name).symlink_to(root / name)
-    env = {**os.environ, "PATH": f"{PYTRITON_VENV / 'bin'}:{os.environ['PATH']}", "PYTHONPATH": str(src.parent),
-           "LD_LIBRARY_PATH": f"{site / 'nvidia_pytriton.libs'}:{sysconfig.get_config_var('LIBDIR')}"}
+    # The models import huse from the venv (Triton's Python stub does not read PYTHONPATH): this checkout's source
+    # is installed there when it changed, as `huse-bench serve` does.
+    from huse.benchmarks.serve import ServeBenchConfig, pytriton_python
+
+    _, env = pytriton_python(ServeBenchConfig(venv=str(PYTRITON_VENV), say=lambda s: None))
+    env = {**env, "PATH": f"{PYTRITON_VENV / 'bin'}:{os.environ['PATH']}",
+           "LD_LIBRARY_PATH": f"{site / 'nvidia_pytriton.libs'}:{env['LD_LIBRARY_PATH']}"}
     port = _free_port()
     cmd = [str(server / "bin" / "tritonserver"), "--model-repository", str(repo), "--model-control-mode", "explicit",
            "--load-model", "huse", "--load-model", "huse_embed", "--http-address", "127.0.0.1", "--http-port", str(port),
