@@ -204,9 +204,11 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[st
 
 def run_hey_rate(url: str, body: bytes, header_length: int, rate: float, seconds: float, timeout_s: float,
                  folder: Path) -> dict[str, Any]:
-    """Open-loop load at `rate` requests/s for `seconds`: hey's workers, each rate-limited (-q), 10 req/s per
-    worker so that a worker is never still waiting when its next request is due (up to 100 ms answers)."""
-    workers = max(1, min(2000, math.ceil(rate / 10)))
+    """Load at `rate` requests/s for `seconds` from hey's workers, each rate-limited (-q). A hey worker waits for
+    its answer before its next request, so there are enough workers for each to wait out a whole `timeout_s`
+    and still keep its pace (up to 2,000 connections): open loop as far as that bound allows. The rate
+    actually sent is reported next to the target."""
+    workers = max(1, min(2000, math.ceil(rate * timeout_s)))
     body_file = folder / "overload-body.bin"
     body_file.write_bytes(body)
     cmd = [_tool("hey"), "-z", f"{max(1, round(seconds))}s", "-c", str(workers), "-q", f"{rate / workers:.3f}",
@@ -322,10 +324,10 @@ class Server:
         except OSError:
             return None
         found = {}
-        for le, count in re.findall(rf'{BATCH_METRIC}_bucket{{[^}}]*model="huse"[^}}]*le="([^"]+)"[^}}]*}} ([\d.e+]+)',
-                                    text.decode()):
-            if le != "+Inf":
-                found[int(float(le))] = float(count)
+        for labels, count in re.findall(rf"^{BATCH_METRIC}_bucket{{([^}}]*)}} (\S+)$", text.decode(), re.MULTILINE):
+            tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if tags.get("model") == "huse" and tags.get("le") not in (None, "+Inf"):
+                found[int(float(tags["le"]))] = float(count)
         return found or None
 
     def rss(self) -> int:
@@ -497,16 +499,22 @@ def overload(bundle: str, cfg: ServeBenchConfig, sustainable: float, body: tuple
                 except OSError:
                     status = None
                 health.append((time.perf_counter() - t0, status))
-                rss.append(server.rss())
                 stop.wait(0.05)
 
-        poller = threading.Thread(target=poll_health, daemon=True)
-        poller.start()
+        def sample_rss() -> None:
+            while not stop.is_set():
+                rss.append(server.rss())
+                stop.wait(0.1)
+
+        pollers = [threading.Thread(target=f, daemon=True) for f in (poll_health, sample_rss)]
+        for t in pollers:
+            t.start()
         rate = cfg.overload_factor * sustainable
         load = run_hey_rate(f"http://127.0.0.1:{server.port}/v2/models/huse/infer", body[0], body[1], rate,
-                            cfg.overload_seconds, cfg.deadline_s + 5, folder)
+                            cfg.overload_seconds, cfg.deadline_s + 1, folder)
         stop.set()
-        poller.join()
+        for t in pollers:
+            t.join()
         after = [post_infer(server.port, *body) for _ in range(20)]
         normal = all(s == 200 and _top1(r) == expected and not _first(r, "error") for s, r in after)
         log = server.log_path.read_bytes()[logged_before:].decode("utf-8", "replace")
