@@ -9,8 +9,9 @@ creates; it never runs in the project's environment:
 The model is `huse` with the serving contract's tensors (image and title BYTES [N, 1] in; top_k_labels,
 top_k_scores, path_labels, path_scores, mode, needs_review, error, warning out), and the request code is the
 Triton repository's own Python-backend model (huse/export/triton_model/model.py: `run_requests`, over
-`huse serve`'s model stages), so the anchor, `huse-export --triton` and `huse serve` answer alike. Every batch Triton hands over is counted; the counts go to
---stats as JSON (rewritten twice a second) for the benchmark's batch-size distribution.
+`huse serve`'s model stages), so the anchor, `huse-export --triton` and `huse serve` answer alike. Every
+batch Triton hands over is counted; the counts go to --stats as JSON (rewritten twice a second) for the
+benchmark's batch-size distribution.
 """
 
 from __future__ import annotations

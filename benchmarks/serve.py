@@ -187,7 +187,8 @@ def _run_child(cmd: list[str], timeout: float) -> tuple[str, float, float]:
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
     """Closed-loop load: `concurrency` connections, each sending its next request when the last is answered."""
-    cmd = [_tool("wrk"), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script), url]
+    cmd = [_tool("wrk"), "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+           "-s", str(script), url]
     text, wall, cpu = _run_child(cmd, timeout=seconds + 60)
     m = re.search(r"HUSE_RESULT (\{.*\})", text)
     if m is None:
@@ -687,7 +688,8 @@ def run_serve_bench(bundle: str | Path, cfg: ServeBenchConfig, folder: str | Pat
         "offline_ceiling": {"throughput": statistics.median(c["throughput"] for c in ceilings),
                             "throughput_rounds": [c["throughput"] for c in ceilings], "batch": 64},
         "api_batch1": {"p50_ms": statistics.median(a["p50_ms"] for a in apis),
-                       "p50_ms_rounds": [a["p50_ms"] for a in apis], "p99_ms": statistics.median(a["p99_ms"] for a in apis)},
+                       "p50_ms_rounds": [a["p50_ms"] for a in apis],
+                       "p99_ms": statistics.median(a["p99_ms"] for a in apis)},
     }
     if cfg.overload_seconds and "batching" in cfg.systems:
         sustainable = max(r["throughput"] for r in result["systems"]["batching"])
@@ -731,7 +733,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     if result.get("overload"):
         o = result["overload"]
         lines += ["", f"Overload: {o['target_rate']:,.0f} req/s offered by hey ({o['load']['offered_rate']:,.0f} sent/s) "
-                      f"for {cfg['overload_seconds']:g} s, deadline {o['deadline_s']:g} s: statuses {o['load']['statuses']}, "
+                      f"for {cfg['overload_seconds']:g} s, deadline {o['deadline_s']:g} s: "
+                      f"statuses {o['load']['statuses']}, "
                       f"client errors {o['load']['client_errors'] or 'none'}, slowest {o['load']['slowest_s']} s; "
                       f"/v2/health/live max {o['health']['max_ms']:.1f} ms over {o['health']['polls']} polls; RSS "
                       f"{o['rss']['loaded_idle_mib']:.0f} MiB loaded-idle, peak {o['rss']['peak_mib']:.0f} MiB "

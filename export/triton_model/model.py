@@ -67,7 +67,8 @@ def run_requests(model, requests: list[Request]) -> list[dict[str, np.ndarray]]:
         images, titles = _column(images), _column(titles)
         try:
             if images is not None and titles is not None and len(images) != len(titles):
-                raise HuseError(f"input image has {len(images)} rows but title has {len(titles)}; send one of each per item")
+                raise HuseError(f"input image has {len(images)} rows but title has {len(titles)}; "
+                                "send one of each per item")
             if images is None and titles is None:
                 raise HuseError("the request has neither an image nor a title input")
             parts.append(model.prepare(Items(images, titles, params)))
@@ -122,7 +123,8 @@ class TritonPythonModel:
             image = pb_utils.get_input_tensor_by_name(r, "image")
             title = pb_utils.get_input_tensor_by_name(r, "title")
             params = json.loads(r.parameters() or "{}")
-            parsed.append((None if image is None else image.as_numpy(), None if title is None else title.as_numpy(), params))
+            parsed.append((None if image is None else image.as_numpy(),
+                           None if title is None else title.as_numpy(), params))
         responses = []
         for out in run_requests(self.model, parsed):
             if "_error" in out:
