@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import shutil
 import socket
@@ -251,3 +252,31 @@ def test_tritonserver_serves_the_python_models(repo, tiny_bundle, tiny_catalog, 
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_tensorrt_engines_become_plan_models(tiny_bundle, tmp_path):
+    """A bundle with TensorRT engines (built on a GPU elsewhere: the bytes here are a stand-in, never run) gets a
+    tensorrt_plan model per engine, on the GPU, batched up to the engine's profile, with its ONNX graph's tensors."""
+    from huse.export.triton import TritonOptions, write_repository
+    from huse.runtime.bundle import write_manifest
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "engines").mkdir()
+    (bundle / "engines" / "fp32-image.engine").write_bytes(b"serialised engine bytes")
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["engines"] = [{"file": "engines/fp32-image.engine", "graph": "image", "precision": "fp32",
+                     "tensorrt_version": "10.3.0", "gpu_name": "Orin", "profile": {"image": {
+                         "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}}}]
+    for key in ("files", "format", "format_version"):
+        m.pop(key)
+    write_manifest(bundle, m)
+    repo = tmp_path / "repo"
+    write_repository(bundle, repo, TritonOptions(max_batch=64))
+    plan, onnx_model = parse(repo / "image_fp32_trt" / "config.pbtxt"), parse(repo / "image_fp32" / "config.pbtxt")
+    assert plan.platform == "tensorrt_plan" and plan.max_batch_size == 16  # the engine's profile caps the batch
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(plan.instance_group[0].kind) == "KIND_GPU"
+    assert plan.input == onnx_model.input and plan.output == onnx_model.output
+    assert (repo / "image_fp32_trt" / "1" / "model.plan").read_bytes() == b"serialised engine bytes"
+    m = json.loads((repo / "manifest.json").read_text())
+    assert m["models"]["image_fp32_trt"]["tensorrt_version"] == "10.3.0"
