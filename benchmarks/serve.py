@@ -206,10 +206,10 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[st
 def run_hey_rate(url: str, body: bytes, header_length: int, rate: float, seconds: float, timeout_s: float,
                  folder: Path) -> dict[str, Any]:
     """Load at `rate` requests/s for `seconds` from hey's workers, each rate-limited (-q). A hey worker waits for
-    its answer before its next request, so there are enough workers for each to wait out a whole `timeout_s`
-    and still keep its pace (up to 2,000 connections): open loop as far as that bound allows. The rate
-    actually sent is reported next to the target."""
-    workers = max(1, min(2000, math.ceil(rate * timeout_s)))
+    its answer before its next request, so each is given 0.5 s per request: the offered rate holds while answers
+    (a 503 should be immediate) take less than that, and drops, as reported next to the target, when they take
+    longer. At most 2,000 workers (connections); `timeout_s` is the client's own timeout."""
+    workers = max(1, min(2000, math.ceil(rate * 0.5)))
     body_file = folder / "overload-body.bin"
     body_file.write_bytes(body)
     cmd = [_tool("hey"), "-z", f"{max(1, round(seconds))}s", "-c", str(workers), "-q", f"{rate / workers:.3f}",

@@ -44,7 +44,7 @@ def _batch(value: str) -> tuple[int, int, int]:
               "add is only read.")
 @click.option("--triton-precision", default="fp32", help="Precision the Python-backend models run.")
 @click.option("--triton-instances", default=1, help="instance_group count of every Triton model.")
-@click.option("--triton-delay-us", default=2000, help="Triton dynamic batcher's max_queue_delay_microseconds.")
+@click.option("--triton-delay-us", default=3000, help="Triton dynamic batcher's max_queue_delay_microseconds.")
 @click.option("--sign", "sign", type=click.Path(dir_okay=False), help="Sign manifest.json with this Ed25519 private "
               "key (PEM, from `huse keygen`), as manifest.sig; needs the sign extra.")
 def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude, quantizer, eval_size, no_accuracy_gate,

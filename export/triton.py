@@ -43,7 +43,7 @@ _TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16
 @dataclass
 class TritonOptions:
     max_batch: int = 64  # Triton's max_batch_size; the Classifier's batch size in the Python models
-    max_delay_us: int = 2000  # dynamic batcher's max_queue_delay_microseconds (huse serve's default delay)
+    max_delay_us: int = 3000  # dynamic batcher's max_queue_delay_microseconds (= huse serve's --max-delay-ms default)
     instances: int = 1  # instance_group count of every model
     precision: str = "fp32"  # what the Python models run (the ONNX/plan models cover every precision)
     force: bool = False
