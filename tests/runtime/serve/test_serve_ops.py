@@ -19,7 +19,7 @@ from tests.runtime.serve.test_serve_faults import metric
 
 
 def test_concurrent_single_item_requests_are_batched(start_server, tiny_catalog):
-    s = start_server("--max-delay-ms", "50")
+    s = start_server("--max-delay-ms", "50", "--instances", "2")
     rows = list(csv.DictReader(open(tiny_catalog)))[:16]
     bodies = [json.dumps({"items": [{"image": base64.b64encode((tiny_catalog.parent / r["image"]).read_bytes()).decode(),
                                      "title": r["name"]}]}).encode() for r in rows]
