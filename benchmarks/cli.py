@@ -80,6 +80,45 @@ def compare(a, b, floor, show_all) -> None:
     run_cli(body)
 
 
+@main.command(context_settings={"show_default": True})
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="bench-results/serve", type=click.Path(file_okay=False),
+              help="Folder for result.json, result.md, throughput_p99.png and the server logs.")
+@click.option("--concurrency", default="1,8,32,64,128", help="Comma-separated closed-loop concurrency levels.")
+@click.option("--seconds", default=10.0, help="Measured seconds per level.")
+@click.option("--warmup", default=3.0, help="Seconds of load before each server's first level (discarded).")
+@click.option("--rounds", default=3, help="Every system once per round; medians, and ratios with their range.")
+@click.option("--systems", default="max-batch-1,batching,triton", help="Which servers: max-batch-1, batching, triton.")
+@click.option("--precision", default="fp32")
+@click.option("--max-batch", default=64, help="Both batchers' largest batch.")
+@click.option("--max-delay-ms", default=3.0, help="Both batchers' longest wait for a batch to fill.")
+@click.option("--threads", type=int, help="onnxruntime threads of every server and the offline engine (default: all cores).")
+@click.option("--items", default=32, help="Distinct real products cycled through the requests.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Catalog with image,name columns (default: fashion-products, exported once into --out).")
+@click.option("--overload-seconds", default=30.0, help="Length of the overload run (0: skip it).")
+@click.option("--overload-factor", default=4.0, help="Overload rate as a multiple of the best sustained rate.")
+@click.option("--deadline", default=2.0, help="huse serve --timeout during the overload run (seconds).")
+@click.option("--venv", type=click.Path(file_okay=False), help="PyTriton venv (default ~/.cache/huse/pytriton-venv; "
+              "created on first use).")
+def serve(bundle, out, concurrency, seconds, warmup, rounds, systems, precision, max_batch, max_delay_ms, threads, items,
+          data, overload_seconds, overload_factor, deadline, venv) -> None:
+    """`huse serve` under load from wrk/hey on loopback, beside --max-batch 1, Triton (PyTriton) and the offline ceiling."""
+    def body():
+        from huse.benchmarks.serve import ServeBenchConfig, run_serve_bench, to_markdown, write_outputs
+
+        cfg = ServeBenchConfig(concurrency=_ints(concurrency), seconds=seconds, warmup=warmup, rounds=rounds,
+                               systems=tuple(systems.split(",")), precision=precision, max_batch=max_batch,
+                               max_delay_ms=max_delay_ms, threads=threads, items=items, data=data,
+                               overload_seconds=overload_seconds, overload_factor=overload_factor, deadline_s=deadline,
+                               venv=venv, say=click.echo)
+        result = run_serve_bench(bundle, cfg, out)
+        files = write_outputs(result, out)
+        click.echo(to_markdown(result))
+        click.echo(f"wrote {', '.join(str(f) for f in files)}")
+    run_cli(body)
+
+
 from huse.benchmarks.retrieval import main as _retrieval  # noqa: E402  (light at import: torch only inside the backbone baseline)
 
 main.add_command(_retrieval, "retrieval")

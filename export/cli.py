@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from huse.runtime.cli import run_cli
@@ -40,13 +42,28 @@ def _batch(value: str | None) -> tuple[int, int, int] | None:
 @click.option("--dla-core", type=int, help="Build the FP16/INT8 engines for this DLA core with GPU fallback (Jetson "
               "AGX Orin / Orin NX; TensorRT 10.0-10.7 or 11.4.1+): needs --fp16 or --int8 and a fixed batch.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--triton", "triton", type=click.Path(file_okay=False), help="Also write a Triton Inference Server model "
+              "repository here: the ONNX graphs and TensorRT plans, and Python-backend models `huse` and `huse_embed` "
+              "(the lean runtime on photo bytes and titles). Max batch: --batch's MAX. A bundle SRC with nothing to "
+              "add is only read.")
+@click.option("--triton-precision", default="fp32", help="Precision the Python-backend models run.")
+@click.option("--triton-instances", default=1, help="instance_group count of every Triton model.")
+@click.option("--triton-delay-us", default=3000, help="Triton dynamic batcher's max_queue_delay_microseconds.")
 @click.option("--sign", "sign", type=click.Path(dir_okay=False), help="Sign manifest.json with this Ed25519 private "
               "key (PEM, from `huse keygen`), as manifest.sig; needs the sign extra.")
 def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude, quantizer, eval_size, no_accuracy_gate,
-         engine, batch, workspace_mib, dla_core, force, sign) -> None:
-    """Export a training run (or extend a bundle) into a verified ONNX/TensorRT bundle."""
+         engine, batch, workspace_mib, dla_core, force, triton, triton_precision, triton_instances, triton_delay_us,
+         sign) -> None:
+    """Export a training run (or extend a bundle) into a verified ONNX/TensorRT bundle; --triton REPO also writes
+    a Triton model repository."""
     def body():
         from huse.export.api import ExportOptions, export
+        from huse.runtime.files import MANIFEST
+
+        nothing_to_add = not (out or fp16 or int8 or int8_cpu or sign or engine == "require")
+        if triton and nothing_to_add and (Path(src) / MANIFEST).is_file():
+            _triton(src)
+            return
 
         opts = ExportOptions(fp16=fp16, int8=int8, int8_cpu=int8_cpu, calib_size=calib_size, calib_method=calib_method,
                              int8_exclude=tuple(int8_exclude), quantizer=quantizer, accuracy_gate=not no_accuracy_gate,
@@ -56,6 +73,19 @@ def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude,
         click.echo(f"bundle ready: {out or src} (precisions: {', '.join(sorted(manifest['models']))}; "
                    f"{len(manifest['files'])} files, sha256 in manifest.json"
                    + ("; signed: manifest.sig)" if sign else ")"))
+        if triton:
+            _triton(out or src)
+
+    def _triton(bundle):
+        from huse.export.triton import TritonOptions, write_repository
+
+        repo = write_repository(bundle, triton, TritonOptions(max_batch=_batch(batch)[2], max_delay_us=triton_delay_us,
+                                                              instances=triton_instances, precision=triton_precision,
+                                                              force=force))
+        click.echo(f"Triton repository ready: {triton} (models: {', '.join(sorted(repo['models']))}; "
+                   f"{len(repo['files'])} files, sha256 in manifest.json). Serve it with "
+                   f"`tritonserver --model-repository {Path(triton).resolve()}` where huse-edge is installed in "
+                   "Triton's Python (README: Triton)")
     run_cli(body)
 
 

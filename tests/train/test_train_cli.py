@@ -38,7 +38,7 @@ def test_every_command_has_help():
 
     for cmd, args in ((huse, []), (huse, ["classify"]), (huse, ["info"]), (huse, ["data", "export"]), (huse, ["doctor"]),
                       (huse, ["train"]), (huse, ["export"]), (huse, ["bench"]), (train, []), (export, []), (bench, ["run"]),
-                      (bench, ["compare"])):
+                      (bench, ["compare"]), (bench, ["serve"])):
         r = CliRunner().invoke(cmd, [*args, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
 
