@@ -378,6 +378,19 @@ class ImageBatch:
         """Input index -> its (3, H, W) array (views of `array`)."""
         return {i: self.array[r] for i, r in self.rows.items()}
 
+    @classmethod
+    def concat(cls, batches: Sequence["ImageBatch"]) -> "ImageBatch":
+        """One batch holding the items of `batches` one after another (e.g. the photos of concurrent
+        requests to a server, embedded as one batch)."""
+        n = rows_before = 0
+        rows, errors, warnings = {}, {}, {}
+        for b in batches:
+            rows.update({n + i: rows_before + r for i, r in b.rows.items()})
+            errors.update({n + i: e for i, e in b.errors.items()})
+            warnings.update({n + i: w for i, w in b.warnings.items()})
+            n, rows_before = n + b.n, rows_before + len(b.array)
+        return cls(n, np.concatenate([b.array for b in batches]), rows, errors, warnings)
+
     def stack(self, items: list[int]) -> np.ndarray:
         """The arrays of `items` (decoded ones, in this order) as one (len(items), 3, H, W) batch; no copy
         when they are all the decoded images in input order, the usual case."""

@@ -107,10 +107,8 @@ class EmbedModel:
             if not mine:
                 continue
             offsets = np.cumsum([0] + [len(p) for _, p in mine]).tolist()
-            n = offsets[-1]
-            arrays = {off + i: a for off, (_, p) in zip(offsets, mine) for i, a in p.decoded.arrays.items()}
             errors = {off + i: e for off, (_, p) in zip(offsets, mine) for i, e in p.errors.items()}
-            decoded = Decoded(n, arrays, {})
+            decoded = Decoded.concat([p.decoded for _, p in mine])
             emb = clf.embed_visual(decoded) if space == "visual" else clf.embed_image(decoded)
             vectors = emb.vectors
             text = [(off + i, t) for off, (_, p) in zip(offsets, mine) for i, t in p.titles.items()]

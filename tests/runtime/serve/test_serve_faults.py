@@ -190,8 +190,8 @@ def test_full_queue_answers_503_with_retry_after(start_server):
 
 
 def test_deadline_answers_504_and_drops_the_work(start_server):
-    s = start_server("--timeout", "0.3", "--max-batch", "1")
-    slow = classify_body([png(1500, seed) for seed in range(3)])
+    s = start_server("--timeout", "0.15", "--max-batch", "1")
+    slow = classify_body([png(1500, seed) for seed in range(6)])  # ~0.45 s of decoding: 3x the deadline
     status, _, body = post(s.url + "/v1/classify", slow, None, 60)
     is_protocol_error(status, body, 504, "deadline")
     end = time.monotonic() + 30  # the photo already being decoded is finished, then thrown away
