@@ -446,6 +446,32 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
             click.echo(f"{len(results)} queries -> {out}")
     run_cli(body)
 
+# -- review: `huse review export` (issue 21; the review itself runs in `huse serve --review`) ---------------
+@main.group("review")
+def review_group() -> None:
+    """Work with the journal of a review (`huse serve BUNDLE --review PREDS --catalog CATALOG`)."""
+
+
+@review_group.command("export")
+@click.argument("journal", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The corrections catalog (CSV) to write.")
+def review_export(journal, out) -> None:
+    """Write the accepted and corrected rows of JOURNAL as a catalog huse-train reads.
+
+    Columns image,name,classes,product_id; the last decision per row counts; skipped rows are
+    left out. Image paths are as the reviewed catalog names them: train with --images set to its
+    images folder.
+    """
+    def body():
+        from huse.runtime.serve.review import export_corrections
+
+        r = export_corrections(journal, out)
+        click.echo(f"wrote {r['written']} reviewed rows to {r['out']} ({r['accept']} accepted, {r['correct']} "
+                   f"corrected; {r['skip']} skipped, left out)")
+        click.echo(f"train with: huse-train --data {r['out']} --images {r['images']}")
+    run_cli(body)
+
+
 def _stage_entry(name: str) -> Callable[[], None]:
     def entry() -> None:  # `huse-NAME ARGS` is `huse NAME ARGS`, with the same extra handling
         main.get_command(None, name).main(prog_name=f"huse-{name}")

@@ -1,0 +1,98 @@
+"""The routes behind the web page (static/index.html): what the page needs beside the /v1 API.
+
+GET /ui/config                 what this server offers (index, visual space, review, labels)
+GET /ui/item/{item}/image      an index item's photo as a thumbnail (?size=96|192|384)
+GET /ui/item/{item}/photo      an index item's photo as stored (the page searches from it)
+/ui/review/...                 the review queue (review.py), when started with --review
+
+Photos are looked up by item number in the server's own index, and read only from under the
+images folder the operator names (--images); a path never comes from a client.
+Starlette is imported when the routes are made, so this module imports with the core only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from huse.runtime.errors import HuseError
+from huse.runtime.serve.thumbs import Thumbnails, image_response
+
+__all__ = ["page_routes", "json_error", "read_json"]
+
+MAX_BODY = 64 * 1024  # a decision is a few hundred bytes
+
+
+def json_error(message: str, status: int):
+    """`{"error": message}` with `status`, the protocol's error form."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_json(request) -> Any:
+    """The request's JSON body, or a 400/413 JSONResponse saying what is wrong with it."""
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        return json_error(f"the body is {len(body)} bytes; at most {MAX_BODY} here", 413)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        return json_error(f"the request body is not valid JSON ({e}); send a JSON object", 400)
+
+
+def page_routes(labels: list[str], index=None, images: str | Path | None = None, review=None) -> list:
+    """The page's routes, to mount before the API (`create_app(extra_routes=...)`).
+
+    Args:
+        labels: the bundle's leaf classes (the page offers their prefixes as search filters).
+        index: the open `Index` the server searches, or None.
+        images: the folder product photos are served from (None: no photos are served).
+        review: a `ReviewQueue`, or None (its photos come from its catalog's images folder).
+    Returns:
+        A list of `starlette.routing.Route`.
+    """
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    thumbs = Thumbnails(images) if images is not None else None
+
+    def config(request):
+        return JSONResponse({
+            "index": index is not None, "visual": bool(index is not None and index.has_visual),
+            "items": len(index) if index is not None else 0, "photos": thumbs is not None,
+            "review": review is not None, "labels": labels})
+
+    def item_path(request) -> str | None:
+        if index is None:
+            raise HuseError("the server was started without --index")
+        item = int(request.path_params["item"])
+        if not 0 <= item < len(index):
+            raise HuseError(f"item {item} is not in the index (it holds {len(index)} items)")
+        return index.records([item])[item]["image"]
+
+    def item_image(request):
+        try:
+            path = item_path(request)
+        except HuseError as e:
+            return json_error(str(e), 404)
+        return image_response(thumbs, path, request.query_params.get("size"))
+
+    def item_photo(request):
+        try:
+            path = item_path(request)
+            if thumbs is None or path is None:
+                return image_response(thumbs, path, None)
+            data, media_type = thumbs.original(path)
+        except HuseError as e:
+            return json_error(str(e), 404)
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    routes = [Route("/ui/config", config), Route("/ui/item/{item:int}/image", item_image),
+              Route("/ui/item/{item:int}/photo", item_photo)]
+    if review is not None:
+        from huse.runtime.serve.review import review_routes
+
+        routes += review_routes(review, Thumbnails(review.images))
+    return routes
