@@ -111,6 +111,26 @@ class Prepared:
     groups: dict[str, tuple[list[int], dict[str, np.ndarray]]]  # graph -> (item indices, its feeds)
     warnings: dict[int, str]  # Pillow's, for items classified from their image
 
+    def __len__(self) -> int:
+        return len(self.results)
+
+    @classmethod
+    def merge(cls, parts: Sequence["Prepared"]) -> "Prepared":
+        """One Prepared holding the items of `parts` in order, each graph's feeds concatenated, so
+        that items prepared separately (e.g. by concurrent requests to a server) run as one batch.
+        `describe` of the merge gives the parts' results one after another."""
+        offsets = np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()
+        results = [r for p in parts for r in p.results]
+        groups: dict[str, tuple[list[int], dict[str, np.ndarray]]] = {}
+        for group in ("fused", "image", "text"):
+            present = [(off, p.groups[group]) for off, p in zip(offsets, parts) if group in p.groups]
+            if present:
+                idx = [off + i for off, (members, _) in present for i in members]
+                feeds = {k: np.concatenate([f[k] for _, (_, f) in present]) for k in present[0][1][1]}
+                groups[group] = (idx, feeds)
+        warnings = {off + i: w for off, p in zip(offsets, parts) for i, w in p.warnings.items()}
+        return cls(results, groups, warnings)
+
 
 class Classifier:
     """Classifies products from a photo, a title, or both, with a bundle from `huse-export`.

@@ -446,6 +446,59 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
             click.echo(f"{len(results)} queries -> {out}")
     run_cli(body)
 
+# -- serving: `huse serve` (issue 18) -----------------------------------------------------------
+@main.command(context_settings={"show_default": True})
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--index", type=click.Path(file_okay=False), help="Also answer /v1/search from this index.")
+@click.option("--host", default="127.0.0.1", help="Address to bind; another than loopback needs --token-file or --insecure.")
+@click.option("--port", default=8000)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32")
+@click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt.")
+@click.option("--max-batch", default=64, help="Most items per model batch (1: batching off).")
+@click.option("--max-delay-ms", default=3.0, help="How long a batch may wait after its oldest request for more to join.")
+@click.option("--max-queue", default=1024, help="Most items admitted at once; beyond it requests get 503 + Retry-After.")
+@click.option("--instances", default=1, help="Model instances, each on its own thread (sessions of their own).")
+@click.option("--threads", type=int, help="onnxruntime threads per instance (default: cores / instances).")
+@click.option("--workers", type=int, help="Threads decoding/tokenising and writing answers (default: min(4, cores)).")
+@click.option("--max-body-mb", default=64.0, help="Largest request body (413 beyond).")
+@click.option("--max-items", default=256, help="Most items per request (413 beyond).")
+@click.option("--timeout", "timeout_s", default=30.0, help="Per-request deadline in seconds (504 and its work dropped beyond).")
+@click.option("--grace", "grace_s", default=30.0, help="On SIGTERM: seconds for in-flight requests to finish.")
+@click.option("--min-confidence", default=0.0, help="Top-1 below this sets needs_review.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token (a trusted network only).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the bundle and index unless signed by one.")
+@click.option("--review", type=click.Path(), help="Review queue at /#review: PREDS from `huse classify "
+              "--min-confidence P` (JSONL file or shard folder); its needs_review rows, least confident first.")
+@click.option("--catalog", type=click.Path(dir_okay=False), help="The catalog PREDS was made from (with --review).")
+@click.option("--images", type=click.Path(file_okay=False), help="The only folder the page shows photos from "
+              "(review rows, search results) (default: --catalog's folder).")
+@click.option("--journal", type=click.Path(dir_okay=False), help="The review's decision journal (default: "
+              "PREDS.review.jsonl beside PREDS); reopening it continues the review.")
+def serve(bundle, token_file, review, catalog, images, journal, **kw) -> None:
+    """Serve BUNDLE over HTTP: Open Inference Protocol (/v2, models huse and huse_embed; tritonclient
+    works) and JSON (/v1/classify, /v1/embed, /v1/search), with dynamic batching. Needs
+    `pip install 'huse-edge[serve]'`."""
+    def body():
+        from pathlib import Path
+
+        from huse.runtime.serve.app import ServeConfig, serve as run
+        from huse.runtime.serve.page import page_for
+
+        token = None
+        if token_file:
+            try:
+                token = Path(token_file).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise HuseError(f"cannot read --token-file {token_file}: {e}") from None
+            if len(token) < 16:
+                raise HuseError(f"the token in {token_file} has {len(token)} characters; use at least 16 "
+                                f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > {token_file}`)")
+        run(ServeConfig(bundle=bundle, token=token, **kw), page_for(review, catalog, images, journal))
+    run_cli(body)
+
+
 # -- review: `huse review export` (issue 21; the review itself runs in `huse serve --review`) ---------------
 @main.group("review")
 def review_group() -> None:

@@ -186,6 +186,9 @@ def decode_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS, max_b
                     warnings_out.append(text)
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _decode(source: ImageInput, name: str, max_pixels: int, max_bytes: int,
             draft_size: tuple[int, int] | None) -> Image.Image:
     try:
@@ -196,7 +199,10 @@ def _decode(source: ImageInput, name: str, max_pixels: int, max_bytes: int,
     except Image.DecompressionBombError as e:
         raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise HuseError(f"image {name} could not be decoded ({type(e).__name__}: {e}); "
+        # Pillow names an in-memory file by its repr: an address that differs per process
+        # and tells a server's client nothing.
+        said = _OBJECT_REPR.sub("<bytes>", str(e))
+        raise HuseError(f"image {name} could not be decoded ({type(e).__name__}: {said}); "
                         "check that the file is a complete JPEG/PNG/WebP image") from None
 
 

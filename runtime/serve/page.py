@@ -13,14 +13,16 @@ Starlette is imported when the routes are made, so this module imports with the 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.thumbs import Thumbnails, image_response
 
-__all__ = ["page_routes", "json_error", "read_json"]
+__all__ = ["page_for", "page_routes", "json_error", "read_json"]
 
+log = logging.getLogger("huse.serve")
 MAX_BODY = 64 * 1024  # a decision is a few hundred bytes
 
 
@@ -95,4 +97,44 @@ def page_routes(labels: list[str], index=None, images: str | Path | None = None,
         from huse.runtime.serve.review import review_routes
 
         routes += review_routes(review, Thumbnails(review.images))
+    return routes
+
+
+def page_for(review: str | Path | None = None, catalog: str | Path | None = None, images: str | Path | None = None,
+             journal: str | Path | None = None):
+    """What `huse serve --review/--catalog/--images/--journal` mounts: a function of the loaded
+    server (its labels and index) that returns the page's routes (`serve(config, extra_routes=...)`).
+
+    Args:
+        review: PREDS from `huse classify` to review, or None.
+        catalog: the catalog PREDS was made from (needed with `review`).
+        images: the folder photos are served from (default: the catalog's folder, else none).
+        journal: the review journal (default: beside PREDS).
+    Returns:
+        server -> list of routes.
+    Raises:
+        HuseError: options that do not go together, before anything loads.
+    """
+    if review is not None and catalog is None:
+        raise HuseError("--review PREDS needs --catalog CATALOG, the catalog PREDS was made from "
+                        "(the review shows its photos and titles)")
+    if journal is not None and review is None:
+        raise HuseError("--journal is the journal of a review; give --review PREDS --catalog CATALOG too")
+    if catalog is not None and not Path(catalog).is_file():
+        raise HuseError(f"--catalog {catalog} does not exist")
+    if images is None and catalog is not None:
+        images = Path(catalog).parent
+    if images is not None and not Path(images).is_dir():
+        raise HuseError(f"--images {images} is not a folder")
+
+    def routes(server) -> list:
+        from huse.runtime.serve.review import ReviewQueue
+
+        labels = list(server.classifiers[0].labels)
+        queue = ReviewQueue(review, catalog, labels, journal=journal, images=images) if review is not None else None
+        if queue is not None:
+            p = queue.progress()
+            log.info(json.dumps({"event": "review", "rows": p["total"], "done": p["done"],
+                                 "journal": str(queue.journal.path)}))
+        return page_routes(labels, index=server.index, images=images, review=queue)
     return routes

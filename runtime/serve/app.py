@@ -1,0 +1,582 @@
+"""The ASGI app of `huse serve`: routes, auth, limits, metrics, readiness, graceful shutdown.
+
+It speaks the Open Inference Protocol (huse.runtime.serve.protocol) and the /v1 JSON API, and
+hands items to the dynamic batchers (huse.runtime.serve.batcher); it knows nothing about
+onnxruntime. Starlette and uvicorn are imported here, so `import huse.runtime.serve` and
+`huse serve --help` work without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from huse.runtime._lazy import lazy_import
+from huse.runtime.errors import HuseError
+from huse.runtime.serve.batcher import Batcher, Instances, Overloaded
+from huse.runtime.serve.models import ClassifyModel, EmbedModel
+from huse.runtime.serve.protocol import (CLASSIFY_MODEL, EMBED_MODEL, HEADER_LENGTH, MODELS, RequestError,
+                                         classify_parameters, classify_tensors, dumps, embed_parameters,
+                                         embed_tensors, encode_infer_response, model_metadata, parse_infer_request,
+                                         parse_json_body, parse_v1_items, Items)
+
+log = logging.getLogger("huse.serve")
+STATIC = Path(__file__).parent / "static"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Endpoints a load balancer or orchestrator probes without a token.
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+
+@dataclass
+class ServeConfig:
+    """Everything `huse serve` is started with (the CLI's options, one field each).
+
+    Defaults are the CLI's; see `huse serve --help` for what each does.
+    """
+
+    bundle: str
+    index: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    precision: str = "fp32"
+    backend: str = "auto"
+    max_batch: int = 64
+    # 3 ms: at low load a lone request pays at most this; under load the queue fills a batch
+    # before it expires, so it costs nothing there (the trade-off is measured by `huse-bench serve`).
+    max_delay_ms: float = 3.0
+    max_queue: int = 1024          # items admitted at once; beyond: 503 + Retry-After
+    instances: int = 1
+    threads: int | None = None     # onnxruntime threads per instance (None: cores / instances)
+    workers: int | None = None     # prepare/finish threads (None: min(4, cores))
+    max_body_mb: float = 64.0
+    max_items: int = 256           # items per request
+    timeout_s: float = 30.0        # per-request deadline
+    grace_s: float = 30.0          # SIGTERM: time for in-flight requests
+    min_confidence: float = 0.0
+    token: str | None = None       # bearer token (from --token-file)
+    insecure: bool = False
+    trusted_keys: Sequence[str] = field(default_factory=tuple)
+    max_connections: int = 4096
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None):
+    from starlette.responses import Response
+
+    return Response(dumps({"error": message}), status_code=status, headers=headers, media_type="application/json")
+
+
+def _log_error(kind: str, route: str, status: int, message: str, **extra) -> None:
+    """One structured (JSON) log line per error."""
+    log.error(json.dumps({"event": "error", "kind": kind, "route": route, "status": status, "error": message,
+                          "time": round(time.time(), 3), **extra}, ensure_ascii=False))
+
+
+class Metrics:
+    """Prometheus metrics of one server (a registry of its own, so tests can run several)."""
+
+    def __init__(self):
+        pc = lazy_import("prometheus_client", "serve")
+        self.pc = pc
+        self.registry = pc.CollectorRegistry()
+        r = self.registry
+        self.requests = pc.Counter("huse_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = pc.Histogram("huse_request_seconds", "Request latency by route", ["route"], registry=r,
+                                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.batch = pc.Histogram("huse_batch_items", "Items per model batch", ["model"], registry=r,
+                                  buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.items = pc.Counter("huse_items", "Items answered", ["model"], registry=r)
+        self.errors = pc.Counter("huse_errors", "Errors by kind (item: a per-item error in a 200)", ["kind"], registry=r)
+        self.queue = pc.Gauge("huse_queue_items", "Items admitted and not yet answered", ["model"], registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return self.pc.generate_latest(self.registry), self.pc.CONTENT_TYPE_LATEST
+
+
+class Server:
+    """The loaded state of `huse serve`: model instances, batchers, index, metrics, readiness.
+
+    Args:
+        config: the options.
+        classifiers: one per instance (Classifier objects, sessions not yet loaded).
+        index: an opened Index for /v1/search, or None.
+    """
+
+    def __init__(self, config: ServeConfig, classifiers: Sequence[Any], index: Any = None):
+        self.config = config
+        self.classifiers = list(classifiers)
+        self.index = index
+        self.depth = self.classifiers[0].hierarchy.depth
+        self.metrics = Metrics()
+        self.ready = False
+        self.failed: str | None = None
+        self.models = {CLASSIFY_MODEL: ClassifyModel(self.classifiers[0], config.min_confidence),
+                       EMBED_MODEL: EmbedModel(self.classifiers[0])}
+        self.batchers: dict[str, Batcher] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._search_thread: ThreadPoolExecutor | None = None
+        self._instances: Instances | None = None
+        self._warm: asyncio.Task | None = None
+
+    # -- lifetime --------------------------------------------------------------------
+    async def start(self) -> None:
+        c = self.config
+        workers = c.workers if c.workers is not None else min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="huse-prepare")
+        self._search_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-search")
+        self._instances = Instances(self.classifiers)
+        for name, model in self.models.items():
+            self.batchers[name] = b = Batcher(model, self._instances, self._pool, c.max_batch, c.max_delay_ms / 1000,
+                                              c.max_queue, on_batch=self.metrics.batch.labels(name).observe)
+            b.start()
+            self.metrics.queue.labels(name).set_function(lambda b=b: b.admitted)
+        # Loading and warming run off the event loop, so liveness answers meanwhile.
+        self._warm = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.gather(*(loop.run_in_executor(None, _warm_up, clf) for clf in self.classifiers))
+            if self.index is not None:
+                await loop.run_in_executor(self._search_thread, _warm_index, self.index)
+        except Exception as e:  # a bundle that cannot run: say so and stop, never serve half a model
+            self.failed = f"{type(e).__name__}: {e}"
+            _log_error("load", "startup", 0, self.failed)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.ready = True
+        log.info(json.dumps({"event": "ready", "models": list(MODELS), "instances": len(self.classifiers)}))
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._warm is not None and not self._warm.done():
+            self._warm.cancel()
+        for b in self.batchers.values():
+            await b.stop()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._close)
+
+    def _close(self) -> None:
+        for ex in (self._pool, self._search_thread):
+            if ex is not None:
+                ex.shutdown(wait=True)
+        if self._instances is not None:
+            self._instances.close()
+        for clf in self.classifiers:
+            clf.close()
+
+    # -- work ------------------------------------------------------------------------
+    async def run(self, request, model: str, items: Items) -> Any:
+        """Items through a model's batcher, within the request's deadline; a client that
+        disconnects while it waits has its queued items dropped."""
+        if not self.ready:
+            raise RequestError(f"model {model!r} is not ready yet (loading and warming up); retry shortly",
+                               status=503, retry_after=1)
+        work = asyncio.ensure_future(asyncio.wait_for(self.batchers[model].submit(items, len(items)),
+                                                      self.config.timeout_s))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if work not in done:
+            work.cancel()
+            raise ClientGone()
+        try:
+            result = work.result()
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request did not finish within its {self.config.timeout_s:g} s deadline "
+                               f"(--timeout); its work was dropped. The server is busy: retry later or with "
+                               f"fewer items", status=504) from None
+        except Overloaded as e:
+            raise RequestError(f"the server is at capacity ({e}); retry after 1 s", status=503, retry_after=1) from None
+        self.metrics.items.labels(model).inc(len(items))
+        return result
+
+    async def search(self, query: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        if self.index is None:
+            raise RequestError("this server was started without --index; /v1/search needs `huse serve BUNDLE --index IDX`",
+                               status=404)
+        if not self.ready:
+            raise RequestError("the index is not ready yet; retry shortly", status=503, retry_after=1)
+        queries = query.get("queries", [query])
+        if not isinstance(queries, list) or not queries:
+            raise RequestError('"queries" must be a non-empty list of {"image": base64, "title": str}')
+        items = parse_v1_items({"items": [{k: q.get(k) for k in ("image", "title") if k in q} if isinstance(q, dict)
+                                          else q for q in queries]}, self.config.max_items)
+        k, target, space, prefix = query.get("k", 10), query.get("target", "image"), query.get("space", "universal"), \
+            query.get("filter")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise RequestError(f"k is {k!r}; expected an integer from 1 to 1000")
+        texts = [t.decode("utf-8") if t is not None else None for t in items.titles]
+        images = items.images
+
+        def go():
+            hits = self.index.search(texts=texts if any(t is not None for t in texts) else None,
+                                     images=images if any(i is not None for i in images) else None,
+                                     k=k, target=target, filter=prefix, space=space)
+            return [[h.to_dict() for h in q] for q in hits]
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._search_thread, go), self.config.timeout_s)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client disconnects (the request body has been read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _warm_up(clf) -> None:
+    """Load every graph and run each once, so the first request pays no session start."""
+    from PIL import Image
+
+    size = clf.image_spec.size if hasattr(clf.image_spec, "size") else 32
+    side = size[0] if isinstance(size, (list, tuple)) else int(size)
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(buf, "PNG")
+    png = buf.getvalue()
+    clf.classify(images=[png, png, None], titles=["warm up", None, "warm up"])
+    clf.embed_image([png])
+    if clf.manifest.get("visual_dim"):
+        clf.embed_visual([png])
+
+
+def _warm_index(index) -> None:
+    index.search(texts=["warm up"], k=1)
+
+
+# -- the app ---------------------------------------------------------------------------------
+def create_app(server: Server, extra_routes: Sequence[Any] = ()):
+    """The Starlette app for a Server.
+
+    Args:
+        server: the loaded state (models, batchers, index).
+        extra_routes: Starlette routes mounted before the API (e.g. a review page's).
+    Returns:
+        An ASGI app (Starlette) wrapped in the auth, body-limit and metrics middleware.
+    """
+    lazy_import("starlette", "serve")
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Mount, Route
+
+    c = server.config
+
+    async def body_of(request: Request) -> bytes:
+        return await request.body()
+
+    async def server_metadata(request: Request):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            v = version("huse-edge")
+        except PackageNotFoundError:
+            v = "0"
+        return JSONResponse({"name": "huse", "version": v, "extensions": ["binary_tensor_data"]})
+
+    async def live(request: Request):
+        return Response(status_code=200)
+
+    async def ready(request: Request):
+        return Response(status_code=200 if server.ready else 503)
+
+    def model_name(request: Request) -> str:
+        name = request.path_params["model"]
+        if name not in MODELS:
+            raise RequestError(f"unknown model {name!r}; this server has {list(MODELS)}", status=404)
+        return name
+
+    async def metadata(request: Request):
+        return JSONResponse(model_metadata(model_name(request), server.depth))
+
+    async def model_ready(request: Request):
+        model_name(request)
+        return Response(status_code=200 if server.ready else 503)
+
+    async def infer(request: Request):
+        model = model_name(request)
+        req = parse_infer_request(await body_of(request), request.headers.get(HEADER_LENGTH), c.max_items)
+        if model == CLASSIFY_MODEL:
+            classify_parameters(req.items.parameters)  # a bad parameter is a 400 before any work
+            results = await server.run(request, model, req.items)
+            _count_item_errors(results)
+            tensors = classify_tensors(results, server.depth, c.min_confidence)
+        else:
+            embed_parameters(req.items.parameters)
+            vectors, errors = await server.run(request, model, req.items)
+            server.metrics.errors.labels("item").inc(len(errors))
+            tensors = embed_tensors(vectors, errors)
+        body, headers = encode_infer_response(model, tensors, req)
+        return Response(body, headers=headers)
+
+    def _count_item_errors(results):
+        failed = sum("error" in r for r in results)
+        if failed:
+            server.metrics.errors.labels("item").inc(failed)
+
+    async def v1_items(request: Request) -> Items:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _multipart(request, c.max_items)
+        return parse_v1_items(parse_json_body(await body_of(request)), c.max_items)
+
+    async def v1_classify(request: Request):
+        items = await v1_items(request)
+        classify_parameters(items.parameters)
+        results = await server.run(request, CLASSIFY_MODEL, items)
+        _count_item_errors(results)
+        if c.min_confidence > 0:
+            for r in results:
+                if "top_k" in r:
+                    r["needs_review"] = server.models[CLASSIFY_MODEL].needs_review(r)
+        return Response(dumps({"results": results}), media_type="application/json")
+
+    async def v1_embed(request: Request):
+        items = await v1_items(request)
+        embed_parameters(items.parameters)
+        vectors, errors = await server.run(request, EMBED_MODEL, items)
+        server.metrics.errors.labels("item").inc(len(errors))
+        results = [{"index": i, "error": errors[i]} if i in errors else {"index": i, "embedding": v}
+                   for i, v in enumerate(vectors.tolist())]
+        return Response(dumps({"results": results}), media_type="application/json")
+
+    async def v1_search(request: Request):
+        query = parse_json_body(await body_of(request))
+        if not isinstance(query, dict):
+            raise RequestError('expected a JSON object {"image": base64, "title": str, "k": 10, ...} or {"queries": [...]}')
+        hits = await server.search(query)
+        return Response(dumps({"results": [{"hits": h} for h in hits]}), media_type="application/json")
+
+    async def metrics(request: Request):
+        data, ctype = server.metrics.render()
+        return Response(data, media_type=ctype.split(";")[0], headers={"content-type": ctype})
+
+    def endpoint(path: str, fn):
+        """A route that answers its own errors and counts itself (latency, status)."""
+        async def wrapped(request: Request):
+            start = time.perf_counter()
+            try:
+                response = await fn(request)
+            except Exception as e:
+                response = respond_error(server, path, e)
+            server.metrics.requests.labels(path, str(response.status_code)).inc()
+            server.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            return response
+        return wrapped
+
+    table = [("/v2", server_metadata, ["GET"]), ("/v2/health/live", live, ["GET"]),
+             ("/v2/health/ready", ready, ["GET"]), ("/v2/models/{model}", metadata, ["GET"]),
+             ("/v2/models/{model}/ready", model_ready, ["GET"]), ("/v2/models/{model}/infer", infer, ["POST"]),
+             ("/v1/classify", v1_classify, ["POST"]), ("/v1/embed", v1_embed, ["POST"]),
+             ("/v1/search", v1_search, ["POST"]), ("/metrics", metrics, ["GET"])]
+    api = [Route(path, endpoint(path, fn), methods=methods) for path, fn, methods in table]
+    routes = list(extra_routes) + api
+    if (STATIC / "index.html").is_file():
+        from starlette.staticfiles import StaticFiles
+        routes.append(Mount("/", StaticFiles(directory=STATIC, html=True)))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    return Guard(app, server)
+
+
+async def _multipart(request, max_items: int) -> Items:
+    """A multipart upload: files `image` (repeatable), fields `title` (repeatable), `top_k`, `mode`, `space`."""
+    lazy_import("multipart", "serve")
+    form = await request.form(max_files=max_items, max_fields=max_items + 16)
+    try:
+        files = [await f.read() for f in form.getlist("image") if hasattr(f, "read")]
+        titles = [t for t in form.getlist("title") if isinstance(t, str)]
+        params: dict[str, Any] = {}
+        for key in ("top_k", "mode", "space"):
+            if key in form:
+                params[key] = int(form[key]) if key == "top_k" and str(form[key]).isdigit() else form[key]
+    finally:
+        await form.close()
+    if files and titles and len(files) != len(titles):
+        raise RequestError(f"the upload has {len(files)} images but {len(titles)} titles; send one title per image "
+                           f"(an empty title for none), or only images, or only titles")
+    n = max(len(files), len(titles))
+    if n == 0:
+        raise RequestError("the upload holds no 'image' files and no 'title' fields")
+    if n > max_items:
+        raise RequestError(f"the upload holds {n} items; this server takes at most {max_items} per request", status=413)
+    return Items([f or None for f in files] if files else None,
+                 [t.encode() if t else None for t in titles] if titles else None, params)
+
+
+class Guard:
+    """ASGI middleware around the app: bearer-token auth and the body-size limit, checked before
+    any route runs (the routes answer their own errors: `respond_error`)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+        self.token = server.config.token.encode() if server.config.token else None
+        self.max_body = int(server.config.max_body_mb * 1024 * 1024)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        refusal = None
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + self.token):
+                refusal = RequestError("missing or wrong bearer token; send 'Authorization: Bearer <token>' "
+                                       "(the server's --token-file)", status=401)
+        length = headers.get(b"content-length")
+        if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
+            refusal = RequestError(f"the request body is {length.decode(errors='replace')} bytes; this server takes "
+                                   f"at most {self.max_body} (--max-body-mb)", status=413)
+        if refusal is not None:
+            response = respond_error(self.server, scope["path"] if refusal.status == 401 else "limit", refusal)
+            if refusal.status == 401:
+                response.headers["www-authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        await self.app(scope, _capped(receive, self.max_body), send)
+
+
+def respond_error(server: Server, route: str, e: BaseException):
+    """The one place an error becomes a response: `{"error": ...}` with the protocol's status, a
+    metric and one JSON log line; an unexpected exception is a 500 whose traceback stays in the log."""
+    from starlette.responses import Response
+
+    if isinstance(e, ClientGone):
+        server.metrics.errors.labels("disconnected").inc()
+        return Response(status_code=499)  # nginx's "client closed request": uvicorn sends nothing
+    code, message, headers, extra = 500, "internal server error (logged on the server)", {}, {}
+    if isinstance(e, RequestError):
+        code, message = e.status, str(e)
+        if e.retry_after is not None:
+            headers["retry-after"] = str(e.retry_after)
+    elif isinstance(e, HuseError):
+        code, message = 400, str(e)
+    else:
+        extra = {"exception": f"{type(e).__name__}: {e}",
+                 "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
+    kind = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 503: "overloaded",
+            504: "deadline"}.get(code, "internal")
+    server.metrics.errors.labels(kind).inc()
+    if code not in (401, 503):  # a refused token or a full queue is not worth a line per request
+        _log_error(kind, route, code, message, **extra)
+    return _error(message, code, headers)
+
+
+def _capped(receive, limit: int):
+    """`receive` that refuses (413) a body growing past `limit` bytes, e.g. chunked without a Content-Length."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise RequestError(f"the request body passed {limit} bytes; this server takes at most that "
+                                   f"(--max-body-mb)", status=413)
+        return message
+    return wrapped
+
+
+# -- running it ------------------------------------------------------------------------------
+def load_server(config: ServeConfig) -> Server:
+    """Verify and open the bundle (one Classifier per instance) and the index: a bad bundle is a
+    HuseError here, before any port is opened."""
+    from huse.runtime.classifier import Classifier
+
+    c = config
+    if c.host not in LOOPBACK and not c.token and not c.insecure:
+        raise HuseError(f"--host {c.host} exposes the server beyond this machine; give --token-file FILE (clients "
+                        f"send 'Authorization: Bearer <token>') or, on a trusted network, --insecure")
+    for name, value in (("--max-batch", c.max_batch), ("--max-queue", c.max_queue), ("--instances", c.instances),
+                        ("--max-items", c.max_items)):
+        if value < 1:
+            raise HuseError(f"{name} must be at least 1; got {value}")
+    if c.max_delay_ms < 0 or c.timeout_s <= 0 or c.max_body_mb <= 0:
+        raise HuseError("--max-delay-ms must be >= 0, --timeout and --max-body-mb > 0")
+    if not 0.0 <= c.min_confidence <= 1.0:
+        raise HuseError(f"--min-confidence must be between 0 and 1; got {c.min_confidence}")
+    threads = c.threads or max(1, (os.cpu_count() or 1) // c.instances)
+    keys = list(c.trusted_keys) or None
+    classifiers = [Classifier(c.bundle, backend=c.backend, precision=c.precision, batch_size=max(c.max_batch, 1),
+                              threads=threads, spinning=False, trusted_keys=keys) for _ in range(c.instances)]
+    index = None
+    if c.index:
+        from huse.runtime.index import Index
+
+        index = Index.open(c.index, bundle=c.bundle, trusted_keys=keys)
+    return Server(c, classifiers, index)
+
+
+def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], Sequence[Any]] = ()) -> None:
+    """Run `huse serve` until SIGTERM or Ctrl+C: stop accepting, finish in-flight requests within
+    `grace_s`, exit 0.
+
+    Raises:
+        HuseError: a bad bundle, index or option (before the port opens), or a missing extra.
+    """
+    uvicorn = lazy_import("uvicorn", "serve")
+    server = load_server(config)
+    # routes that need the loaded server (the page's: its index and labels) come as a function of it
+    app = create_app(server, extra_routes(server) if callable(extra_routes) else extra_routes)
+    loop = "uvloop" if _importable("uvloop") else "asyncio"
+    http = "httptools" if _importable("httptools") else "h11"
+    cfg = uvicorn.Config(app, host=config.host, port=config.port, loop=loop, http=http, log_level="warning",
+                         access_log=False, timeout_graceful_shutdown=config.grace_s, lifespan="on",
+                         limit_concurrency=config.max_connections, timeout_keep_alive=5)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    _raise_fd_limit()
+    # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM it has already
+    # handled gracefully must then end the process with 0, not as killed.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(cfg).run()
+    if server.failed:
+        raise HuseError(f"the bundle could not be loaded: {server.failed}")
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:
+        return False
+
+
+def _raise_fd_limit() -> None:
+    """Each connection holds a file descriptor: take the hard limit, so a few thousand idle
+    clients cannot exhaust a soft limit of 1,024."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass

@@ -1,0 +1,202 @@
+"""The dynamic batcher: requests from concurrent clients merged into batches, as Triton's does.
+
+It knows nothing about HTTP. A request's items are prepared (decoded, tokenised) in a thread
+pool, then queued; a dispatcher takes the oldest queued request, waits for a free model
+instance, adds the requests queued behind it up to `max_batch` items (waiting at most
+`max_delay` after the oldest arrived for more to come), and runs the batch on that instance's
+own thread while it forms the next one. The event loop never decodes or runs a model.
+
+Admission is bounded: a request whose items would take the queue past `max_queue` is refused
+at once (`Overloaded`), never buffered. A caller that stops waiting (its deadline passed, its
+client disconnected: the awaiting task is cancelled) has its queued items dropped before they
+reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should answer 503 with Retry-After."""
+
+
+class Stages(Protocol):
+    """What a served model gives the batcher (huse.runtime.serve.models)."""
+
+    def prepare(self, payload: Any) -> Any: ...
+    def run(self, instance: Any, parts: Sequence[Any]) -> Any: ...
+    def finish(self, parts: Sequence[Any], out: Any) -> list[Any]: ...
+
+
+class Instances:
+    """Model instances (e.g. one Classifier each), each with its own thread; the batchers of
+    every served model share them, so `--instances N` bounds how many batches run at once.
+
+    Args:
+        engines: one object per instance, handed to `Stages.run`.
+    """
+
+    def __init__(self, engines: Sequence[Any]):
+        self.engines = list(engines)
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"huse-instance-{i}") for i in range(len(engines))]
+        self._free: asyncio.Queue | None = None
+
+    async def acquire(self) -> int:
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for i in range(len(self.engines)):
+                self._free.put_nowait(i)
+        return await self._free.get()
+
+    def release(self, i: int) -> None:
+        self._free.put_nowait(i)
+
+    async def call(self, i: int, fn: Callable, *args) -> Any:
+        """fn(engine i, *args) on instance i's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads[i], fn, self.engines[i], *args)
+
+    def close(self) -> None:
+        for t in self._threads:
+            t.shutdown(wait=True)
+
+
+@dataclass
+class _Entry:
+    part: Any
+    n: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Dynamic batching of one served model.
+
+    Args:
+        stages: the model's prepare / run / finish.
+        instances: the model instances (shared by the batchers of all served models).
+        pool: threads for prepare and finish.
+        max_batch: most items per batch (a larger request runs as its own batch).
+        max_delay: seconds a batch may wait after its oldest request arrived for more to join.
+        max_queue: most items admitted (being prepared or queued) at once.
+        on_batch: called with each batch's item count (metrics).
+    """
+
+    def __init__(self, stages: Stages, instances: Instances, pool: ThreadPoolExecutor, max_batch: int = 64,
+                 max_delay: float = 0.003, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None):
+        self.stages, self.instances, self.pool = stages, instances, pool
+        self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
+        self.on_batch = on_batch or (lambda n: None)
+        self.admitted = 0  # items being prepared, queued or run
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a model instance."""
+        return sum(e.n for e in self._queue)
+
+    def start(self) -> None:
+        self._arrived = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def stop(self) -> None:
+        """Finish the batches running, then stop (queued requests were drained by the server before)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, payload: Any, n: int) -> Any:
+        """Prepare `payload` (n items), queue it, and return its result when its batch is done.
+
+        Raises:
+            Overloaded: admitting n more items would exceed max_queue.
+            Whatever prepare, run or finish raised (e.g. a HuseError for the request as a whole).
+        """
+        if self.admitted + n > self.max_queue and self.admitted > 0:
+            raise Overloaded(f"{self.admitted} items are queued (--max-queue {self.max_queue})")
+        self.admitted += n
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        try:
+            part = await loop.run_in_executor(self.pool, self.stages.prepare, payload)
+            self._queue.append(_Entry(part, n, future))
+            self._arrived.set()
+            return await future
+        finally:
+            future.cancel()  # a caller that stopped waiting: the dispatcher skips its entry
+            self.admitted -= n
+
+    def _pop_live(self) -> _Entry | None:
+        while self._queue:
+            e = self._queue.popleft()
+            if not e.future.done():
+                return e
+        return None
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = self._pop_live()
+            if first is None:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            instance = await self.instances.acquire()
+            batch, n = [first], first.n
+            close_at = first.arrived + self.max_delay
+            while n < self.max_batch:
+                while self._queue and self._queue[0].future.done():
+                    self._queue.popleft()
+                if self._queue:
+                    if n + self._queue[0].n > self.max_batch:
+                        break  # the next request starts the next batch
+                    e = self._queue.popleft()
+                    batch.append(e)
+                    n += e.n
+                    continue
+                wait = close_at - time.monotonic()
+                if wait <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except asyncio.TimeoutError:
+                    break
+            batch = [e for e in batch if not e.future.done()]
+            if not batch:
+                self.instances.release(instance)
+                continue
+            task = loop.create_task(self._run(instance, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, instance: int, batch: list[_Entry]) -> None:
+        parts = [e.part for e in batch]
+        self.on_batch(sum(e.n for e in batch))
+        try:
+            try:
+                out = await self.instances.call(instance, self.stages.run, parts)
+            finally:
+                self.instances.release(instance)
+            results = await asyncio.get_running_loop().run_in_executor(self.pool, self.stages.finish, parts, out)
+        except Exception as exc:  # the whole batch failed: each of its requests gets the error
+            for e in batch:
+                if not e.future.done():
+                    e.future.set_exception(exc)
+            return
+        for e, r in zip(batch, results):
+            if not e.future.done():
+                e.future.set_result(r)

@@ -1,0 +1,125 @@
+"""What runs a batch of each served model: the `huse` (classify) and `huse_embed` (embed) models.
+
+Triton's Python backend splits a model into initialize / execute(requests) / finalize; here each
+model gives the batcher three stages over `Classifier`'s own: `prepare` (decode, tokenise: a
+thread pool), `run` (the graphs, on one model instance's thread, for the requests of a batch
+merged into one) and `finish` (top-k, paths: the pool again), one result per request. Nothing
+here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from huse.runtime.classifier import Classifier, Decoded, Prepared
+from huse.runtime.serve.protocol import Items, classify_parameters, embed_parameters
+
+
+@dataclass
+class EmbedPrepared:
+    """One embed request after decoding: its photos, and the titles of the items that have no usable photo."""
+
+    decoded: Decoded
+    titles: dict[int, bytes]  # item -> title, embedded by the text graph (universal space only)
+    errors: dict[int, str]    # items with nothing usable
+    space: str
+
+    def __len__(self) -> int:
+        return self.decoded.n
+
+
+class ClassifyModel:
+    """The `huse` model: `Classifier.classify` over the merged requests of a batch.
+
+    Args:
+        classifier: the instance whose thread-safe `prepare`/`describe` serve every instance.
+        min_confidence: top-1 below it sets `needs_review`.
+    """
+
+    def __init__(self, classifier: Classifier, min_confidence: float = 0.0):
+        self.clf = classifier
+        self.min_confidence = min_confidence
+
+    def prepare(self, items: Items) -> tuple[Prepared, int]:
+        """Decode and tokenise one request's items (thread-safe). Returns (prepared, its top_k)."""
+        top_k, mode = classify_parameters(items.parameters)
+        return self.clf.prepare(items.images, items.titles, mode), top_k
+
+    def run(self, clf: Classifier, parts: Sequence[tuple[Prepared, int]]) -> tuple[Prepared, dict[str, np.ndarray]]:
+        """The graphs, once for all the batch's requests (on `clf`'s instance thread)."""
+        merged = Prepared.merge([p for p, _ in parts])
+        return merged, clf.infer(merged)
+
+    def finish(self, parts: Sequence[tuple[Prepared, int]], out: tuple[Prepared, dict[str, np.ndarray]]
+               ) -> list[list[dict[str, Any]]]:
+        """Top-k and paths of the whole batch at once, then each request's results (its own top_k)."""
+        merged, probs = out
+        results = self.clf.describe(merged, probs, max(k for _, k in parts))
+        answers, start = [], 0
+        for prepared, k in parts:
+            mine = results[start:start + len(prepared)]
+            start += len(prepared)
+            for r in mine:
+                if "top_k" in r:
+                    r["top_k"] = r["top_k"][:k]
+            answers.append(mine)
+        return answers
+
+    def needs_review(self, result: dict[str, Any]) -> bool:
+        return "top_k" in result and result["top_k"][0]["score"] < self.min_confidence
+
+
+class EmbedModel:
+    """The `huse_embed` model: an item's photo embedding, else its title's (universal space), as
+    `huse embed` does; space "visual" takes photos only (`Classifier.embed_visual`)."""
+
+    def __init__(self, classifier: Classifier):
+        self.clf = classifier
+
+    def prepare(self, items: Items) -> EmbedPrepared:
+        space = embed_parameters(items.parameters)
+        n = len(items)
+        images = items.images if items.images is not None else [None] * n
+        titles = items.titles if items.titles is not None else [None] * n
+        decoded = self.clf.decode(images)
+        text, errors = {}, {}
+        for i in range(n):
+            if i in decoded.arrays:
+                continue
+            if space == "universal" and titles[i] is not None:
+                text[i] = titles[i]
+            else:
+                errors[i] = decoded.errors.get(i) or (f"item {i} has no photo; space 'visual' embeds photos only"
+                                                      if space == "visual" else f"item {i} has no photo or title")
+        return EmbedPrepared(decoded, text, errors, space)
+
+    def run(self, clf: Classifier, parts: Sequence[EmbedPrepared]) -> list[tuple[np.ndarray, dict[int, str]]]:
+        """Each space's graph once for the batch; returns (vectors, errors) per request."""
+        answers = []
+        for space in ("universal", "visual"):
+            mine = [(j, p) for j, p in enumerate(parts) if p.space == space]
+            if not mine:
+                continue
+            offsets = np.cumsum([0] + [len(p) for _, p in mine]).tolist()
+            n = offsets[-1]
+            arrays = {off + i: a for off, (_, p) in zip(offsets, mine) for i, a in p.decoded.arrays.items()}
+            errors = {off + i: e for off, (_, p) in zip(offsets, mine) for i, e in p.errors.items()}
+            decoded = Decoded(n, arrays, {})
+            emb = clf.embed_visual(decoded) if space == "visual" else clf.embed_image(decoded)
+            vectors = emb.vectors
+            text = [(off + i, t) for off, (_, p) in zip(offsets, mine) for i, t in p.titles.items()]
+            if text:
+                t_emb = clf.embed_text([t for _, t in text])
+                rows = [i for i, _ in text]
+                vectors[rows] = t_emb.vectors
+                errors.update({rows[j]: e for j, e in t_emb.errors.items()})
+            for (j, p), off in zip(mine, offsets):
+                answers.append((j, (vectors[off:off + len(p)],
+                                    {i - off: e for i, e in errors.items() if off <= i < off + len(p)})))
+        return [a for _, a in sorted(answers, key=lambda a: a[0])]
+
+    def finish(self, parts: Sequence[EmbedPrepared], out: list) -> list:
+        return out
