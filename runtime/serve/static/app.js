@@ -57,6 +57,7 @@ function blobToBase64(blob) {
 // ---------------------------------------------------------------- views
 function showView() {
   const review = location.hash === "#review" && config.review;
+  document.documentElement.classList.toggle("at-review", review);
   $("view-search").hidden = review;
   $("view-review").hidden = !review;
   $("tab-search").removeAttribute("aria-current");
@@ -108,7 +109,7 @@ function renderPrediction(r) {
   topk.replaceChildren();
   for (const p of r.path || []) {
     path.append(el("li", {"data-label": p.label, "data-score": String(p.score)},
-      el("span", {class: "name", title: p.label}, el("span", {class: "level", text: `level ${p.level}`}), leaf(p.label)),
+      el("span", {class: "name", title: p.label}, el("span", {class: "level", text: `level ${p.level}`}), " ", leaf(p.label)),
       bar(p.score), el("span", {class: "score", text: fmt(p.score)})));
   }
   for (const t of r.top_k || []) {
@@ -120,10 +121,9 @@ function renderPrediction(r) {
 async function runSearch(image, title) {
   const space = $("space").value;
   if (space === "visual" && !image) throw new Error("The visual space searches from a photo: add one, or use universal.");
-  const item = {};
-  if (image) item.image = image;
-  if (title && space !== "visual") item.title = title;  // the visual space takes photos only
-  const request = {items: [item], k: Number($("k").value) || 12, target: $("target").value, space: space};
+  const request = {k: Number($("k").value) || 12, target: $("target").value, space: space};
+  if (image) request.image = image;
+  if (title && space !== "visual") request.title = title;  // the visual space takes photos only
   const filter = $("filter").value.trim();
   if (filter) request.filter = filter;
   const res = await postJSON("/v1/search", request);
@@ -139,7 +139,8 @@ function renderHits(hits) {
     const photo = config.photos && h.image
       ? el("img", {src: `/ui/item/${h.item}/image?size=192`, alt: h.name || "product photo", loading: "lazy"})
       : el("span", {class: "nophoto", text: "no photo"});
-    const button = el("button", {type: "button", "data-item": String(h.item),
+    const button = el("button", {type: "button", "data-item": String(h.item), "data-classes": h.classes || "",
+                                 "data-score": String(h.score),
                                  "aria-label": `Search from ${h.name || "this product"}`},
       photo, el("div", {class: "hit-name", title: h.name || "", text: h.name || "(no title)"}),
       el("div", {class: "hit-class", title: h.classes || "", text: h.classes ? leaf(h.classes) : "—"}),
@@ -194,15 +195,25 @@ function initSearch() {
 
 // ---------------------------------------------------------------- review queue
 const Review = {
-  started: false, buffer: [], lastPos: -1, exhausted: false, fetching: null, current: null, busy: false,
+  started: false, statePromise: null, buffer: [], lastPos: -1, exhausted: false, fetching: null, current: null, busy: false,
   labels: [], matches: [], active: -1, timings: {firstItem: null, nextItem: []},
+
+  // Opened at #review: the queue is asked for at once, beside /ui/config, not after it.
+  preload() {
+    if (this.statePromise) return;
+    this.statePromise = api("/ui/review/state");
+    this.statePromise.catch(() => {});  // a server without --review: start() is never called
+    const first = this.fill(30);
+    if (first) first.catch(() => {});
+  },
 
   async start() {
     if (this.started) { this.focusCard(); return; }
     this.started = true;
     $("reviewer").value = localStorage.getItem("huse-reviewer") || "";
     try {
-      const [state] = await Promise.all([api("/ui/review/state"), this.fill(30)]);
+      this.preload();
+      const [state] = await Promise.all([this.statePromise, this.fetching]);
       this.labels = state.labels;
       this.showProgress(state.progress);
       await this.next();
@@ -219,7 +230,7 @@ const Review = {
     this.fetching = api(`/ui/review/items?after=${after}&limit=${limit}`).then((res) => {
       if (!res.items.length) this.exhausted = true;
       this.buffer.push(...res.items);
-      this.prefetch();
+      if (this.current) this.prefetch();
     }).finally(() => { this.fetching = null; });
     return this.fetching;
   },
@@ -236,8 +247,8 @@ const Review = {
     this.current = item;
     if (item) this.lastPos = item.pos;
     if (this.buffer.length < 10 && !this.exhausted) this.fill(30);
-    else this.prefetch();
     await this.render(item);
+    this.prefetch();  // after this row's photo: the next ones never delay it
   },
 
   async render(item) {
@@ -307,10 +318,12 @@ const Review = {
       setStatus("review-status", `Saved row ${e.row}: ${what}${earlier}`);
       $("recent").prepend(el("li", {class: "saved", "data-row": String(e.row)}, `row ${e.row} ${item.name || ""}: ${what} ✓ saved`));
       while ($("recent").children.length > 8) $("recent").lastChild.remove();
-      this.showProgress(res.progress);
       await this.next();
+      this.focusCard();  // also after a correction typed in the typeahead: the keys act on the next row
       performance.measure("huse:next-item", "huse:decide");
       this.timings.nextItem.push(performance.now() - started);
+      this.busy = false;
+      this.showProgress(res.progress);  // last: once the count moves, the next row takes keys
     } catch (err) {
       setStatus("review-status", `Not saved: ${err.message}`, true);
     } finally {
@@ -330,13 +343,20 @@ const Review = {
     const list = $("correct-list");
     list.replaceChildren(...this.matches.map((label, i) => {
       const li = el("li", {role: "option", id: `option-${i}`, "aria-selected": String(i === this.active), text: label});
-      li.addEventListener("mousedown", (e) => { e.preventDefault(); this.decide("correct", label); });
+      li.addEventListener("mousedown", (e) => { e.preventDefault(); this.choose(label); });
       return li;
     }));
     list.hidden = !this.matches.length;
     $("correct").setAttribute("aria-expanded", String(!!this.matches.length));
     if (this.active >= 0) $("correct").setAttribute("aria-activedescendant", `option-${this.active}`);
     else $("correct").removeAttribute("aria-activedescendant");
+  },
+
+  choose(label) {  // the typeahead is done: keys go to the review again at once
+    $("correct").value = "";
+    this.closeList();
+    this.focusCard();
+    this.decide("correct", label);
   },
 
   closeList() { this.matches = []; this.active = -1; this.drawList(); },
@@ -350,7 +370,7 @@ const Review = {
       this.drawList();
     } else if (e.key === "Enter") {
       e.preventDefault();
-      if (this.active >= 0) this.decide("correct", this.matches[this.active]);
+      if (this.active >= 0) this.choose(this.matches[this.active]);
     } else if (e.key === "Escape") {
       e.preventDefault();
       $("correct").value = "";
@@ -384,6 +404,7 @@ window.huseReview = Review;  // the browser tests read Review.timings
 
 // ---------------------------------------------------------------- start
 async function main() {
+  if (location.hash === "#review") Review.preload();
   try {
     config = await api("/ui/config");
   } catch (e) {
