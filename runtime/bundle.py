@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -266,6 +267,97 @@ def require_visual(manifest: dict[str, Any], bundle: str | Path) -> int:
     return int(manifest["visual_dim"])
 
 
+def check_labels_stamp(labels: list[str], metadata: dict[str, str], where: str) -> None:
+    """Refuse labels that differ from the ones the graph was exported with (its LABELS_METADATA_KEY).
+
+    Raises:
+        HuseError: naming the manifest field and the graph file.
+    """
+    digest = metadata.get(LABELS_METADATA_KEY)
+    if digest is not None and digest != labels_sha256(labels):
+        raise HuseError(f"bundle manifest field labels = [{len(labels)} labels, sha256 {labels_sha256(labels)[:12]}...] "
+                        f"does not match graph {where} (trained with labels of sha256 {digest[:12]}...: classes "
+                        "renamed, reordered or replaced); the manifest was edited or belongs to another model. "
+                        "Refusing it; re-export the bundle")
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int = 0, end: int | None = None):
+    """(field number, wire type, value) of a protobuf message: ints for varints, (start, end) spans
+    for length-delimited fields (not copied: a graph field can be hundreds of MB)."""
+    pos, end = start, len(buf) if end is None else end
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = (pos, pos + size), pos + size
+        elif wire in (1, 5):
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire}")
+        if pos > end:
+            raise ValueError("a field runs past the end")
+        yield field, wire, value
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's metadata_props without the onnx package: ModelProto field 14 holds
+    StringStringEntryProto(key = 1, value = 2) entries (onnx/onnx.proto), read straight off the
+    protobuf wire format of a memory-mapped file.
+
+    Raises:
+        HuseError: the file is not a readable ONNX model.
+    """
+    import mmap
+
+    path = Path(path)
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError("empty file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                for field, wire, value in _fields(buf):
+                    if field == 14 and wire == 2:
+                        entry = {k: bytes(buf[v[0]:v[1]]).decode("utf-8") for k, w, v in _fields(buf, *value)
+                                 if k in (1, 2) and w == 2}
+                        out[entry.get(1, "")] = entry.get(2, "")
+    except (OSError, ValueError) as e:
+        raise HuseError(f"{path} is not a readable ONNX model ({e}); re-export the bundle") from None
+    return out
+
+
+def check_bundle_graphs(folder: str | Path, manifest: dict[str, Any]) -> int:
+    """Check every ONNX graph's label stamp against the manifest's labels, without loading a
+    backend (what `huse info` does after `load_manifest`). Returns the number of graphs checked.
+
+    Raises:
+        HuseError: a graph exported with other labels (the manifest was relabelled).
+    """
+    n = 0
+    for precision, graphs in manifest["models"].items():
+        for graph, name in graphs.items():
+            if str(name).endswith(".onnx"):
+                check_labels_stamp(manifest["labels"], read_onnx_metadata(Path(folder) / name), str(Path(folder) / name))
+                n += 1
+    return n
+
+
 def check_graph(manifest: dict[str, Any], graph: str, inputs: dict[str, list], outputs: dict[str, list],
                 metadata: dict[str, str], where: str) -> None:
     """Check one loaded graph against the manifest, before it runs anything.
@@ -285,10 +377,7 @@ def check_graph(manifest: dict[str, Any], graph: str, inputs: dict[str, list], o
                         f"({graph_value}); the manifest was edited or belongs to another model. Refusing it; re-export the bundle")
 
     labels = manifest["labels"]
-    digest = metadata.get(LABELS_METADATA_KEY)
-    if digest is not None and digest != labels_sha256(labels):
-        fail("labels", f"[{len(labels)} labels, sha256 {labels_sha256(labels)[:12]}...]",
-             f"trained with labels of sha256 {digest[:12]}...: classes renamed, reordered or replaced")
+    check_labels_stamp(labels, metadata, where)
     width = len(labels)
     for name in ("logits", "probs", "image_logits", "text_logits"):
         shape = outputs.get(name)

@@ -250,9 +250,10 @@ def keygen(stem, force) -> None:
 def info(bundle) -> None:
     """Show what a bundle holds (and verify its files)."""
     def body():
-        from huse.runtime.bundle import load_manifest
+        from huse.runtime.bundle import check_bundle_graphs, load_manifest
 
         m = load_manifest(bundle)
+        graphs = check_bundle_graphs(bundle, m)
         click.echo(f"bundle {bundle}: {len(m['labels'])} classes, embedding dim {m['embedding_dim']}")
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
@@ -269,7 +270,7 @@ def info(bundle) -> None:
                        f"{acc.get('split')} products; top-1 agreement with fp32: {figures}; fused top-1 "
                        f"{fused.get('cand_accuracy', float('nan')):.2f}% vs {fused.get('ref_accuracy', float('nan')):.2f}%; "
                        f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32")
-        click.echo(f"{len(m['files'])} files verified (sha256)")
+        click.echo(f"{len(m['files'])} files verified (sha256); labels match the stamp in {graphs} graphs")
     run_cli(body)
 
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.batcher import Batcher, Instances, Overloaded
@@ -158,7 +156,10 @@ class Server:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self.ready = True
-        log.info(json.dumps({"event": "ready", "models": list(MODELS), "instances": len(self.classifiers)}))
+        c = self.config
+        log.info(json.dumps({"event": "ready", "url": f"http://{c.host}:{c.port}", "models": list(MODELS),
+                             "precision": c.precision, "instances": len(self.classifiers), "max_batch": c.max_batch,
+                             "max_delay_ms": c.max_delay_ms, "search": self.index is not None}))
 
     async def stop(self) -> None:
         self.ready = False
@@ -249,10 +250,9 @@ def _warm_up(clf) -> None:
     """Load every graph and run each once, so the first request pays no session start."""
     from PIL import Image
 
-    size = clf.image_spec.size if hasattr(clf.image_spec, "size") else 32
-    side = size[0] if isinstance(size, (list, tuple)) else int(size)
+    height, width = clf.image_spec.size
     buf = io.BytesIO()
-    Image.new("RGB", (side, side), (128, 128, 128)).save(buf, "PNG")
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buf, "PNG")
     png = buf.getvalue()
     clf.classify(images=[png, png, None], titles=["warm up", None, "warm up"])
     clf.embed_image([png])
@@ -550,8 +550,7 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     cfg = uvicorn.Config(app, host=config.host, port=config.port, loop=loop, http=http, log_level="warning",
                          access_log=False, timeout_graceful_shutdown=config.grace_s, lifespan="on",
                          limit_concurrency=config.max_connections, timeout_keep_alive=5)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    _log_json_lines()
     _raise_fd_limit()
     # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM it has already
     # handled gracefully must then end the process with 0, not as killed.
@@ -559,6 +558,17 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     uvicorn.Server(cfg).run()
     if server.failed:
         raise HuseError(f"the bundle could not be loaded: {server.failed}")
+
+
+def _log_json_lines() -> None:
+    """The server's own log: one JSON object per line on stderr (errors, readiness), nothing prefixed."""
+    if not any(getattr(h, "_huse_serve", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._huse_serve = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _importable(module: str) -> bool:

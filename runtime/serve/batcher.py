@@ -92,7 +92,7 @@ class Batcher:
         self.stages, self.instances, self.pool = stages, instances, pool
         self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
         self.on_batch = on_batch or (lambda n: None)
-        self.admitted = 0  # items being prepared, queued or run
+        self.admitted = 0  # items being prepared, queued or run (abandoned ones until their prepare ends)
         self._queue: collections.deque[_Entry] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -130,14 +130,23 @@ class Batcher:
         self.admitted += n
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        prepare = loop.run_in_executor(self.pool, self.stages.prepare, payload)
         try:
-            part = await loop.run_in_executor(self.pool, self.stages.prepare, payload)
+            part = await asyncio.shield(prepare)
             self._queue.append(_Entry(part, n, future))
             self._arrived.set()
             return await future
         finally:
             future.cancel()  # a caller that stopped waiting: the dispatcher skips its entry
-            self.admitted -= n
+            if prepare.done():
+                self.admitted -= n
+            else:  # a thread cannot be stopped: its items still hold their place until it ends
+                prepare.add_done_callback(lambda f: self._release(f, n))
+
+    def _release(self, prepare: asyncio.Future, n: int) -> None:
+        self.admitted -= n
+        if not prepare.cancelled():
+            prepare.exception()  # nobody waits for it any more; mark it seen
 
     def _pop_live(self) -> _Entry | None:
         while self._queue:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from huse.runtime.bundle import require_visual
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.serve.protocol import Items, classify_parameters, embed_parameters
 
@@ -81,6 +82,8 @@ class EmbedModel:
 
     def prepare(self, items: Items) -> EmbedPrepared:
         space = embed_parameters(items.parameters)
+        if space == "visual":  # refused for this request alone, not for the batch it would join
+            require_visual(self.clf.manifest, self.clf.bundle)
         n = len(items)
         images = items.images if items.images is not None else [None] * n
         titles = items.titles if items.titles is not None else [None] * n

@@ -152,6 +152,38 @@ def test_cli_refuses_a_tampered_bundle_in_one_line(bundle_copy, tmp_path):
     assert run.stderr.startswith("error: ") and "tokenizer.vocab_file" in run.stderr
 
 
+@pytest.mark.parametrize("edit", [_swap_labels, _rename_label], ids=["swapped", "renamed"])
+def test_huse_info_refuses_relabelled_manifest(bundle_copy, edit):
+    """`huse info` reads the graphs' label stamp (no backend needed) and refuses edited labels
+    instead of printing them as "files verified"."""
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    assert CliRunner().invoke(main, ["info", str(bundle_copy)]).exit_code == 0
+    _edit(bundle_copy, edit)
+    r = CliRunner().invoke(main, ["info", str(bundle_copy)])
+    assert r.exit_code == 1 and "files verified" not in r.output
+    assert r.output.startswith("error: bundle manifest field labels") and "image.onnx" in r.output
+
+
+def test_onnx_metadata_reader_agrees_with_onnx(tiny_bundle):
+    onnx = pytest.importorskip("onnx")
+    from huse.runtime.bundle import LABELS_METADATA_KEY, read_onnx_metadata
+
+    for f in sorted(tiny_bundle.glob("*.onnx")):
+        want = {p.key: p.value for p in onnx.load(str(f), load_external_data=False).metadata_props}
+        assert read_onnx_metadata(f) == want and LABELS_METADATA_KEY in want, f
+
+
+def test_onnx_metadata_reader_refuses_a_non_model(tmp_path):
+    from huse.runtime.bundle import read_onnx_metadata
+
+    (tmp_path / "x.onnx").write_bytes(b"\xff\xff\xff")
+    with pytest.raises(HuseError, match="not a readable ONNX model"):
+        read_onnx_metadata(tmp_path / "x.onnx")
+
+
 # --- signed bundles -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

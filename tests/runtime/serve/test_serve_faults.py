@@ -1,0 +1,250 @@
+"""Faults a network service meets, each against a real `huse serve` subprocess on loopback:
+a client that disconnects, huge and malformed bodies, wrong tensors, broken and bomb images,
+a full queue, a deadline, a thousand idle connections, SIGTERM under load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import resource
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from tests.runtime.serve.conftest import post, post_json
+
+
+def png(side: int, seed: int = 0) -> bytes:
+    """A noise PNG: side 1500 takes ~0.1-0.2 s to decode here, to keep the server busy."""
+    a = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def classify_body(images: list[bytes | None], titles: list[str | None] | None = None) -> bytes:
+    titles = titles or [None] * len(images)
+    return json.dumps({"items": [{k: v for k, v in (("image", base64.b64encode(i).decode() if i else None),
+                                                     ("title", t)) if v is not None}
+                                 for i, t in zip(images, titles)]}).encode()
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name and all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+            return float(m.group(3))
+    return 0.0
+
+
+def healthy(url: str) -> bool:
+    with urllib.request.urlopen(url + "/v2/health/ready", timeout=5) as r:
+        return r.status == 200
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + body)
+        chunks = []
+        while True:
+            try:
+                c = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not c:
+                break
+            chunks.append(c)
+        return b"".join(chunks)
+
+
+def is_protocol_error(status: int, body: bytes, want_status: int, needle: str) -> None:
+    assert status == want_status, body
+    err = json.loads(body)["error"]
+    assert needle in err and "Traceback" not in err, err
+
+
+def test_malformed_json_wrong_datatype_and_shape(server):
+    infer = server.url + "/v2/models/huse/infer"
+    is_protocol_error(*post(infer, b'{"inputs": [')[::2], 400, "not valid JSON")
+    is_protocol_error(*post(server.url + "/v1/classify", b"\xff\xfe garbage")[::2], 400, "not valid JSON")
+    fp32 = {"inputs": [{"name": "title", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    is_protocol_error(*post(infer, json.dumps(fp32).encode())[::2], 400, "datatype 'FP32'")
+    shape = {"inputs": [{"name": "title", "datatype": "BYTES", "shape": [2, 2], "data": ["a", "b", "c", "d"]}]}
+    is_protocol_error(*post(infer, json.dumps(shape).encode())[::2], 400, "expected [N] or [N, 1]")
+    count = {"inputs": [{"name": "title", "datatype": "BYTES", "shape": [3], "data": ["a"]}]}
+    is_protocol_error(*post(infer, json.dumps(count).encode())[::2], 400, "shape says 3")
+    unknown = {"inputs": [{"name": "photo", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
+    is_protocol_error(*post(infer, json.dumps(unknown).encode())[::2], 400, "unknown input 'photo'")
+    bad_b64 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}
+    is_protocol_error(*post(infer, json.dumps(bad_b64).encode())[::2], 400, "not base64")
+    binary = {"inputs": [{"name": "title", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 99}}]}
+    head = json.dumps(binary).encode()
+    status, _, body = post(infer, head + b"\x05\x00", {"Inference-Header-Content-Length": str(len(head))})
+    is_protocol_error(status, body, 400, "binary_data_size 99")
+    is_protocol_error(*post_json_raw(server.url + "/v1/classify", {"items": [{"title": "x"}], "mode": "both"}),
+                      400, "mode")
+    assert healthy(server.url)
+
+
+def post_json_raw(url, obj):
+    status, _, body = post(url, json.dumps(obj).encode())
+    return status, body
+
+
+def test_truncated_png_and_16bit_bomb_are_per_item_errors(server, tiny_catalog, tmp_path):
+    from tests.reliability.corpus import make_image_corpus
+
+    corpus = {p.name: p.read_bytes() for p in _corpus_files(tmp_path, make_image_corpus)}
+    good = (tiny_catalog.parent / "images" / "img_0_0.png").read_bytes()
+    truncated = good[: len(good) // 2]
+    bomb = corpus["deep-7000.png"]
+    status, out = post_json(server.url + "/v1/classify", json.loads(classify_body([truncated, bomb, good])))
+    assert status == 200, out
+    r = out["results"]
+    assert "error" in r[0] and "item" not in r[0].get("top_k", ""), r[0]
+    assert "error" in r[1] and ("pixels" in r[1]["error"] or "bytes" in r[1]["error"]), r[1]
+    assert "error" not in r[2] and r[2]["top_k"], r[2]
+    assert healthy(server.url)
+
+
+def _corpus_files(folder, make):
+    make(folder)
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def test_100mb_body_is_refused_without_reading_it(server):
+    size = 100 * 1024 * 1024
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    reply = raw_request(server.port, head, b"{" + b" " * 65536)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"--max-body-mb" in reply
+    # The same 100 MB streamed without a Content-Length (chunked): cut off at the limit.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\n"
+        reply = b""
+        try:
+            for _ in range(100):
+                s.sendall(chunk)
+            s.sendall(b"0\r\n\r\n")
+            reply = s.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered 413 and closed while we were still sending
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert healthy(server.url)
+    assert metric(server.url, "huse_errors_total", kind="too_large") >= 1
+
+
+def test_items_per_request_limit(start_server):
+    s = start_server("--max-items", "3")
+    status, _, body = post(s.url + "/v1/classify", classify_body([None] * 4, ["a", "b", "c", "d"]))
+    is_protocol_error(status, body, 413, "at most 3")
+
+
+def test_disconnected_client_has_its_queued_items_dropped(start_server):
+    """With one item per batch and slow photos, a request sent behind 12 others and abandoned by
+    its client never reaches the model: 12 batches run, not 13."""
+    s = start_server("--max-batch", "1")
+    slow = classify_body([png(1500, seed) for seed in range(1)])
+    with ThreadPoolExecutor(12) as pool:
+        busy = [pool.submit(post, s.url + "/v1/classify", slow, None, 120) for _ in range(12)]
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(slow) + slow)
+            time.sleep(0.2)
+        # a client that goes away halfway through sending its body
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"items\"")
+        assert [f.result()[0] for f in busy] == [200] * 12
+    time.sleep(0.3)
+    assert metric(s.url, "huse_batch_items_count", model="huse") == 12
+    assert metric(s.url, "huse_errors_total", kind="disconnected") == 1
+    assert healthy(s.url)
+
+
+def test_full_queue_answers_503_with_retry_after(start_server):
+    s = start_server("--max-batch", "1", "--max-queue", "2")
+    slow = classify_body([png(1500)])
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: post(s.url + "/v1/classify", slow, None, 120), range(10)))
+    statuses = sorted(a[0] for a in answers)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    refused = next(a for a in answers if a[0] == 503)
+    assert int(refused[1]["retry-after"]) >= 1 and "retry" in json.loads(refused[2])["error"]
+    assert healthy(s.url)
+
+
+def test_deadline_answers_504_and_drops_the_work(start_server):
+    s = start_server("--timeout", "0.3", "--max-batch", "1")
+    slow = classify_body([png(1500, seed) for seed in range(3)])
+    status, _, body = post(s.url + "/v1/classify", slow, None, 60)
+    is_protocol_error(status, body, 504, "deadline")
+    end = time.monotonic() + 30  # the photo already being decoded is finished, then thrown away
+    while metric(s.url, "huse_queue_items", model="huse") and time.monotonic() < end:
+        time.sleep(0.1)
+    assert metric(s.url, "huse_batch_items_count", model="huse") == 0  # it never reached the model
+    status, out = post_json(s.url + "/v1/classify", {"items": [{"title": "Acme black tee"}]})
+    assert status == 200 and out["results"][0]["top_k"]
+
+
+def test_thousand_idle_connections_do_not_block_service(server):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        start = time.monotonic()
+        status, out = post_json(server.url + "/v1/classify", {"items": [{"title": "Acme black tee"}]})
+        assert status == 200 and out["results"][0]["top_k"]
+        assert time.monotonic() - start < 5
+        assert healthy(server.url)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert healthy(server.url)
+
+
+def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server):
+    s = start_server("--max-batch", "4")
+    slow = classify_body([png(1000, seed) for seed in range(2)])
+    answered: list[tuple[float, float, int]] = []  # (sent, answered, status)
+    signalled = [float("inf")]
+
+    def client():
+        for _ in range(30):  # bounded
+            t = time.monotonic()
+            if t > signalled[0]:
+                return
+            try:
+                status, _, _ = post(s.url + "/v1/classify", slow, None, 60)
+            except OSError:
+                return  # refused: the server has stopped accepting
+            answered.append((t, time.monotonic(), status))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    signalled[0] = time.monotonic()
+    code = s.stop(timeout=60)
+    for t in threads:
+        t.join(60)
+    assert code == 0, s.output()
+    assert answered and all(status == 200 for *_, status in answered), answered
+    in_flight = [a for a in answered if a[0] < signalled[0] < a[1]]
+    assert in_flight, answered  # requests running at the signal were finished, not cut off
+    assert "Traceback" not in s.output()
