@@ -153,7 +153,8 @@ def read_journal(path: str | Path, repair: bool = False) -> tuple[dict[str, Any]
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
-        log.warning("journal %s: dropping an unfinished last line (%d bytes, never acknowledged)", path, len(data) - end)
+        log.warning("journal %s: dropping an unfinished last line (%d bytes, never acknowledged)", path,
+                    len(data) - end)
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(end)

@@ -31,7 +31,8 @@ function el(tag, attrs, ...children) {
 
 const leaf = (label) => label.split("<").pop();
 const pct = (score) => `${Math.max(0, Math.min(100, 100 * score)).toFixed(1)}%`;
-const fmt = (score) => (score == null ? "" : score.toFixed(2));
+// two decimals, but never "1.00" for a score short of 1: that is what needs_review is about
+const fmt = (score) => (score == null ? "" : score < 1 && score >= 0.995 ? "0.99+" : score.toFixed(2));
 
 function bar(score) {
   const span = el("span");
@@ -81,7 +82,10 @@ function setPhoto(blob) {
 
 async function runQuery() {
   const title = $("title").value.trim();
-  if (!Query.photo && !title) { setStatus("search-status", "Choose or drop a photo, type a title, or both.", true); return; }
+  if (!Query.photo && !title) {
+    setStatus("search-status", "Choose or drop a photo, type a title, or both.", true);
+    return;
+  }
   setStatus("search-status", "Working…");
   const image = Query.photo ? await blobToBase64(Query.photo) : null;
   const item = {};
@@ -109,18 +113,22 @@ function renderPrediction(r) {
   topk.replaceChildren();
   for (const p of r.path || []) {
     path.append(el("li", {"data-label": p.label, "data-score": String(p.score)},
-      el("span", {class: "name", title: p.label}, el("span", {class: "level", text: `level ${p.level}`}), " ", leaf(p.label)),
+      el("span", {class: "name", title: p.label},
+        el("span", {class: "level", text: `level ${p.level}`}), " ", leaf(p.label)),
       bar(p.score), el("span", {class: "score", text: fmt(p.score)})));
   }
   for (const t of r.top_k || []) {
     topk.append(el("li", {"data-label": t.label, "data-score": String(t.score)},
-      el("span", {class: "name", title: t.label, text: t.label}), bar(t.score), el("span", {class: "score", text: fmt(t.score)})));
+      el("span", {class: "name", title: t.label, text: t.label}), bar(t.score),
+      el("span", {class: "score", text: fmt(t.score)})));
   }
 }
 
 async function runSearch(image, title) {
   const space = $("space").value;
-  if (space === "visual" && !image) throw new Error("The visual space searches from a photo: add one, or use universal.");
+  if (space === "visual" && !image) {
+    throw new Error("The visual space searches from a photo: add one, or use universal.");
+  }
   const request = {k: Number($("k").value) || 12, target: $("target").value, space: space};
   if (image) request.image = image;
   if (title && space !== "visual") request.title = title;  // the visual space takes photos only
@@ -195,7 +203,8 @@ function initSearch() {
 
 // ---------------------------------------------------------------- review queue
 const Review = {
-  started: false, statePromise: null, buffer: [], lastPos: -1, exhausted: false, fetching: null, current: null, busy: false,
+  started: false, statePromise: null, buffer: [], lastPos: -1, exhausted: false, fetching: null, current: null,
+  busy: false,
   labels: [], matches: [], active: -1, timings: {firstItem: null, nextItem: []},
 
   // Opened at #review: the queue is asked for at once, beside /ui/config, not after it.
@@ -226,7 +235,8 @@ const Review = {
 
   fill(limit) {
     if (this.fetching || this.exhausted) return this.fetching;
-    const after = this.buffer.length ? this.buffer[this.buffer.length - 1].pos : Math.max(this.lastPos, this.current ? this.current.pos : -1);
+    // the server sends undecided rows after this position: the last one held, or the one shown
+    const after = this.buffer.length ? this.buffer[this.buffer.length - 1].pos : this.lastPos;
     this.fetching = api(`/ui/review/items?after=${after}&limit=${limit}`).then((res) => {
       if (!res.items.length) this.exhausted = true;
       this.buffer.push(...res.items);
@@ -264,7 +274,8 @@ const Review = {
     const choices = $("choices");
     choices.replaceChildren();
     item.top_k.forEach((t, i) => {
-      const b = el("button", {type: "button", "data-label": t.label, "aria-label": `Pick ${t.label}, score ${fmt(t.score)} (key ${i + 1})`},
+      const b = el("button", {type: "button", "data-label": t.label,
+                              "aria-label": `Pick ${t.label}, score ${fmt(t.score)} (key ${i + 1})`},
         el("span", {class: "key", text: String(i + 1)}), el("span", {class: "name", title: t.label, text: t.label}),
         bar(t.score), el("span", {class: "score", text: fmt(t.score)}));
       b.addEventListener("click", () => this.pick(i));
@@ -291,8 +302,8 @@ const Review = {
   showProgress(p) {
     $("review-progress").max = Math.max(1, p.total);
     $("review-progress").value = p.done;
-    $("progress-text").textContent =
-      `${p.done.toLocaleString()} done · ${p.left.toLocaleString()} left (accepted ${p.accept}, corrected ${p.correct}, skipped ${p.skip})`;
+    $("progress-text").textContent = `${p.done.toLocaleString()} done · ${p.left.toLocaleString()} left ` +
+      `(accepted ${p.accept}, corrected ${p.correct}, skipped ${p.skip})`;
   },
 
   pick(i) {
@@ -314,9 +325,12 @@ const Review = {
       const res = await postJSON("/ui/review/decide", body);
       const e = res.entry;
       const what = e.action === "skip" ? "skipped" : `${e.action === "accept" ? "accepted" : "corrected to"} ${e.label}`;
-      const earlier = res.previous ? ` (replaces an earlier decision: ${res.previous.action}${res.previous.reviewer ? " by " + res.previous.reviewer : ""})` : "";
+      const prev = res.previous;  // an earlier decision on this row (another reviewer's?): kept in the journal
+      const by = prev && prev.reviewer ? ` by ${prev.reviewer}` : "";
+      const earlier = prev ? ` (replaces an earlier decision: ${prev.action}${by})` : "";
       setStatus("review-status", `Saved row ${e.row}: ${what}${earlier}`);
-      $("recent").prepend(el("li", {class: "saved", "data-row": String(e.row)}, `row ${e.row} ${item.name || ""}: ${what} ✓ saved`));
+      $("recent").prepend(el("li", {class: "saved", "data-row": String(e.row)},
+                             `row ${e.row} ${item.name || ""}: ${what} ✓ saved`));
       while ($("recent").children.length > 8) $("recent").lastChild.remove();
       await this.next();
       this.focusCard();  // also after a correction typed in the typeahead: the keys act on the next row
@@ -334,7 +348,8 @@ const Review = {
   // typeahead over the hierarchy: every word typed must occur in the class path
   search(text) {
     const words = text.toLowerCase().split(/\s+/).filter(Boolean);
-    this.matches = words.length ? this.labels.filter((l) => words.every((w) => l.toLowerCase().includes(w))).slice(0, 12) : [];
+    const fits = (label) => words.every((w) => label.toLowerCase().includes(w));
+    this.matches = words.length ? this.labels.filter(fits).slice(0, 12) : [];
     this.active = this.matches.length ? 0 : -1;
     this.drawList();
   },
@@ -383,7 +398,10 @@ const Review = {
     if ($("view-review").hidden || e.ctrlKey || e.metaKey || e.altKey) return;
     const t = e.target;
     if (t === $("correct")) return this.onComboKey(e);
-    if (t === $("reviewer")) { if (e.key === "Enter" || e.key === "Escape") { e.preventDefault(); this.focusCard(); } return; }
+    if (t === $("reviewer")) {
+      if (e.key === "Enter" || e.key === "Escape") { e.preventDefault(); this.focusCard(); }
+      return;
+    }
     if (["INPUT", "SELECT", "TEXTAREA"].includes(t.tagName)) return;
     if (["BUTTON", "A"].includes(t.tagName) && (e.key === "Enter" || e.key === " ")) return;  // it acts itself
     if (e.key === "Enter") { e.preventDefault(); this.decide("accept"); }

@@ -84,6 +84,9 @@ def screenshot(browser, name: str, height: int = 900) -> Path:
     path = folder / f"{name}.png"
     browser.save_screenshot(str(path))
     browser.set_window_size(1200, 900)
+    from PIL import Image  # 128 colours: a few hundred KB become a small file for the README
+
+    Image.open(path).convert("RGB").quantize(colors=128).save(path, optimize=True)
     return path
 
 

@@ -33,7 +33,8 @@ def test_queue_lists_needs_review_rows_least_confident_first(preds, review_catal
         assert it.image == catalog[it.row].image.split("cat/")[-1]  # as the catalog names it: images/img_....png
         assert len(it.top_k) == 3 and it.top_k[0]["label"] == it.label
         assert q.image_path(it.row) == catalog[it.row].image
-    assert q.progress() == {"total": len(flagged), "done": 0, "left": len(flagged), "accept": 0, "correct": 0, "skip": 0}
+    assert q.progress() == {"total": len(flagged), "done": 0, "left": len(flagged),
+                            "accept": 0, "correct": 0, "skip": 0}
 
 
 def test_decisions_are_journalled_and_a_reopened_review_continues(preds, review_catalog, labels, tmp_path):
@@ -178,7 +179,8 @@ def test_export_writes_a_catalog_huse_train_reads(preds, review_catalog, labels,
     assert "wrote 2 reviewed rows" in r.output and f"--images {review_catalog.parent.resolve()}" in r.output
     records = read_catalog(out, images=review_catalog.parent, require=("classes",))
     expected = sorted([(a, a.label), (b, other)], key=lambda pair: pair[0].row)  # rows in catalog order
-    assert [(x.name, x.classes, x.product_id) for x in records] == [(it.name, lab, it.product_id) for it, lab in expected]
+    assert [(x.name, x.classes, x.product_id) for x in records] == [
+        (it.name, lab, it.product_id) for it, lab in expected]
     assert all(Path(x.image).is_file() for x in records)
     assert export_corrections(journal, tmp_path / "again.csv")["written"] == 2
 
