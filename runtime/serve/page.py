@@ -3,7 +3,7 @@
 GET /ui/config                 what this server offers (index, visual space, review, labels)
 GET /ui/item/{item}/image      an index item's photo as a thumbnail (?size=96|192|384)
 GET /ui/item/{item}/photo      an index item's photo as stored (the page searches from it)
-/ui/review/...                 the review queue (review.py), when started with --review
+/ui/review/...                 the review queue (review.py's ReviewQueue), when started with --review
 
 Photos are looked up by item number in the server's own index, and read only from under the
 images folder the operator names (--images); a path never comes from a client.
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from huse.runtime.errors import HuseError
-from huse.runtime.serve.thumbs import Thumbnails, image_response
+from huse.runtime.serve.review import ReviewQueue
+from huse.runtime.serve.thumbs import SIZES, Thumbnails
 
-__all__ = ["page_for", "page_routes", "json_error", "read_json"]
+__all__ = ["page_for", "page_routes", "review_routes", "image_response", "json_error", "read_json"]
 
 log = logging.getLogger("huse.serve")
 MAX_BODY = 64 * 1024  # a decision is a few hundred bytes
@@ -42,6 +44,91 @@ async def read_json(request) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         return json_error(f"the request body is not valid JSON ({e}); send a JSON object", 400)
+
+
+def image_response(thumbs: Thumbnails | None, path: str | Path | None, size: str | None):
+    """The Starlette response for a photo: the JPEG thumbnail, or a JSON error (404: no photo,
+    403: outside the images folder, 422: not a usable image, 400: a bad size)."""
+    from starlette.responses import Response
+
+    if thumbs is None:
+        return json_error("the server was started without --images, so it shows no photos; "
+                          "restart it with --images FOLDER (the catalog's images folder)", 404)
+    if path is None:
+        return json_error("this product has no photo", 404)
+    try:
+        n = int(size) if size else SIZES[1]
+    except ValueError:
+        n = -1
+    if n not in SIZES:
+        return json_error(f"size must be one of {list(SIZES)}; got {size!r}", 400)
+    try:
+        file = thumbs.confine(path)
+    except HuseError as e:
+        return json_error(str(e), 403)
+    try:
+        data = thumbs.get(file, n)
+    except HuseError as e:
+        return json_error(str(e), 422 if os.path.isfile(file) else 404)
+    # private: the photos are the operator's catalog, not for shared caches
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def review_routes(queue: ReviewQueue, thumbs: Thumbnails) -> list:
+    """The review API under /ui/review (Starlette routes; sync endpoints, and the fsync of a
+    decision, run in Starlette's thread pool, so the disk never blocks the event loop).
+
+    GET  /ui/review/state                   progress, labels, journal
+    GET  /ui/review/items?after=P&limit=N   the next undecided items
+    POST /ui/review/decide                  {"row", "action", "label"?, "reviewer"?} -> saved (after fsync)
+    GET  /ui/review/image/{row}?size=S      the row's photo as a thumbnail (from the images folder only)
+
+    Args:
+        queue: the ReviewQueue.
+        thumbs: a `Thumbnails` over the catalog's images folder.
+    Returns:
+        A list of `starlette.routing.Route`.
+    """
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+
+    def state(request):
+        return JSONResponse({"progress": queue.progress(), "labels": queue.labels, "journal": str(queue.journal.path),
+                             "catalog": str(queue.catalog)})
+
+    def items(request):
+        try:
+            after, limit = int(request.query_params.get("after", -1)), int(request.query_params.get("limit", 20))
+        except ValueError:
+            return json_error("after and limit must be integers", 400)
+        return JSONResponse({"items": [it.to_dict() for it in queue.page(after, limit)], "progress": queue.progress()})
+
+    async def decide(request):
+        body = await read_json(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            row = int(body["row"])
+            # the fsync runs in the thread pool: the event loop keeps serving while the disk works
+            return JSONResponse(await run_in_threadpool(queue.decide, row, str(body.get("action")), body.get("label"),
+                                                        body.get("reviewer")))
+        except (KeyError, TypeError, ValueError):
+            return json_error('a decision is {"row": int, "action": "accept"|"correct"|"skip", "label": str}', 400)
+        except HuseError as e:
+            return json_error(str(e), 400)
+
+    def image(request):
+        try:
+            path = queue.image_path(int(request.path_params["row"]))
+        except HuseError as e:
+            return json_error(str(e), 404)
+        return image_response(thumbs, path, request.query_params.get("size"))
+
+    return [Route("/ui/review/state", state), Route("/ui/review/items", items),
+            Route("/ui/review/decide", decide, methods=["POST"]),
+            Route("/ui/review/image/{row:int}", image)]
 
 
 def page_routes(labels: list[str], index=None, images: str | Path | None = None, review=None) -> list:
@@ -94,8 +181,6 @@ def page_routes(labels: list[str], index=None, images: str | Path | None = None,
     routes = [Route("/ui/config", config), Route("/ui/item/{item:int}/image", item_image),
               Route("/ui/item/{item:int}/photo", item_photo)]
     if review is not None:
-        from huse.runtime.serve.review import review_routes
-
         routes += review_routes(review, Thumbnails(review.images))
     return routes
 
@@ -128,8 +213,6 @@ def page_for(review: str | Path | None = None, catalog: str | Path | None = None
         raise HuseError(f"--images {images} is not a folder")
 
     def routes(server) -> list:
-        from huse.runtime.serve.review import ReviewQueue
-
         labels = list(server.classifiers[0].labels)
         queue = ReviewQueue(review, catalog, labels, journal=journal, images=images) if review is not None else None
         if queue is not None:

@@ -14,7 +14,7 @@ sha256, so a journal is never continued against a catalog that changed under it)
 as a catalog `huse-train` reads: image,name,classes,product_id, with the image paths as the
 catalog names them (train with `--images` set to the catalog's images folder).
 
-Starlette is imported only by `review_routes`, so the queue and the export need the core only.
+No HTTP here (the routes are in page.py), so the queue and the export need the core only.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from huse.runtime.errors import HuseError
 from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.hierarchy import canonical
 
-__all__ = ["ACTIONS", "ReviewItem", "Journal", "ReviewQueue", "export_corrections", "default_journal",
-           "review_routes"]
+__all__ = ["ACTIONS", "ReviewItem", "Journal", "ReviewQueue", "export_corrections", "default_journal"]
 
 log = logging.getLogger(__name__)
 
@@ -391,66 +390,3 @@ def export_corrections(journal: str | Path, out: str | Path) -> dict[str, Any]:
         raise HuseError(f"--out {out} is the journal itself; choose another file")
     write_atomic(out, buf.getvalue())
     return {"out": str(out), "written": counts["accept"] + counts["correct"], **counts, "images": header.get("images")}
-
-
-# ------------------------------------------------------------------------------------------
-# HTTP routes
-
-
-def review_routes(queue: ReviewQueue, thumbs) -> list:
-    """The review API under /ui/review (Starlette routes; sync endpoints, and the fsync of a
-    decision, run in Starlette's thread pool, so the disk never blocks the event loop).
-
-    GET  /ui/review/state                   progress, labels, journal
-    GET  /ui/review/items?after=P&limit=N   the next undecided items
-    POST /ui/review/decide                  {"row", "action", "label"?, "reviewer"?} -> saved (after fsync)
-    GET  /ui/review/image/{row}?size=S      the row's photo as a thumbnail (from the images folder only)
-
-    Args:
-        queue: the ReviewQueue.
-        thumbs: a `Thumbnails` over the catalog's images folder.
-    Returns:
-        A list of `starlette.routing.Route`.
-    """
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
-    from huse.runtime.serve.page import json_error, read_json
-    from huse.runtime.serve.thumbs import image_response
-
-    def state(request):
-        return JSONResponse({"progress": queue.progress(), "labels": queue.labels, "journal": str(queue.journal.path),
-                             "catalog": str(queue.catalog)})
-
-    def items(request):
-        try:
-            after, limit = int(request.query_params.get("after", -1)), int(request.query_params.get("limit", 20))
-        except ValueError:
-            return json_error("after and limit must be integers", 400)
-        return JSONResponse({"items": [it.to_dict() for it in queue.page(after, limit)], "progress": queue.progress()})
-
-    async def decide(request):
-        body = await read_json(request)
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            row = int(body["row"])
-            # the fsync runs in the thread pool: the event loop keeps serving while the disk works
-            return JSONResponse(await run_in_threadpool(queue.decide, row, str(body.get("action")), body.get("label"),
-                                                        body.get("reviewer")))
-        except (KeyError, TypeError, ValueError):
-            return json_error('a decision is {"row": int, "action": "accept"|"correct"|"skip", "label": str}', 400)
-        except HuseError as e:
-            return json_error(str(e), 400)
-
-    def image(request):
-        try:
-            path = queue.image_path(int(request.path_params["row"]))
-        except HuseError as e:
-            return json_error(str(e), 404)
-        return image_response(thumbs, path, request.query_params.get("size"))
-
-    return [Route("/ui/review/state", state), Route("/ui/review/items", items),
-            Route("/ui/review/decide", decide, methods=["POST"]),
-            Route("/ui/review/image/{row:int}", image)]

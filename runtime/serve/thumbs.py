@@ -20,7 +20,7 @@ from PIL import Image
 from huse.runtime.errors import HuseError
 from huse.runtime.preprocess import confine_path, decode_image
 
-__all__ = ["SIZES", "Thumbnails", "image_response"]
+__all__ = ["SIZES", "Thumbnails"]
 
 # The sizes the page asks for (a card, the review photo); a fixed set keeps the cache bounded.
 SIZES = (96, 192, 384)
@@ -110,33 +110,3 @@ class Thumbnails:
         decode_image(data)  # a usable image within the pixel and memory caps, or HuseError
         kind = Image.open(io.BytesIO(data)).format or "octet-stream"
         return data, f"image/{kind.lower()}" if kind != "octet-stream" else "application/octet-stream"
-
-
-def image_response(thumbs: Thumbnails | None, path: str | Path | None, size: str | None):
-    """The Starlette response for a photo: the JPEG thumbnail, or a JSON error (404: no photo,
-    403: outside the images folder, 422: not a usable image, 400: a bad size)."""
-    from starlette.responses import Response
-
-    from huse.runtime.serve.page import json_error
-
-    if thumbs is None:
-        return json_error("the server was started without --images, so it shows no photos; "
-                          "restart it with --images FOLDER (the catalog's images folder)", 404)
-    if path is None:
-        return json_error("this product has no photo", 404)
-    try:
-        n = int(size) if size else SIZES[1]
-    except ValueError:
-        n = -1
-    if n not in SIZES:
-        return json_error(f"size must be one of {list(SIZES)}; got {size!r}", 400)
-    try:
-        file = thumbs.confine(path)
-    except HuseError as e:
-        return json_error(str(e), 403)
-    try:
-        data = thumbs.get(file, n)
-    except HuseError as e:
-        return json_error(str(e), 422 if os.path.isfile(file) else 404)
-    # private: the photos are the operator's catalog, not for shared caches
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -1,6 +1,6 @@
 """Fixtures of the page and review tests: a catalog of our own, and `huse classify` output over it.
 
-Imported by the test modules that use them (conftest.py holds the server fixtures).
+conftest.py imports the fixtures; the test modules import the helpers.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ from click.testing import CliRunner
 
 from huse.runtime import Classifier, Index
 from huse.runtime.cli import main
-from tests.runtime.serve.page_fixtures import (big_catalog, browser, classify, labels, preds,  # noqa: F401 (fixtures)
-                                               review_catalog, screenshot)
+from tests.runtime.serve.page_fixtures import big_catalog, classify, screenshot
 
 WAIT = 30  # seconds a page may take to show something on this shared 2-core machine
 SCORE_TOL = 1e-5  # fp32 through the server vs the Python API

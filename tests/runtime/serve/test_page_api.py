@@ -18,7 +18,6 @@ from PIL import Image
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.thumbs import Thumbnails
 from tests.runtime.serve.conftest import ServerProcess, post
-from tests.runtime.serve.page_fixtures import labels, preds, review_catalog  # noqa: F401 (fixtures)
 
 
 def get(url: str) -> tuple[int, str, bytes]:

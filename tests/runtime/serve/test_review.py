@@ -14,7 +14,7 @@ from huse.runtime.catalog import read_catalog
 from huse.runtime.cli import main
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.review import ReviewQueue, default_journal, export_corrections, read_journal
-from tests.runtime.serve.page_fixtures import classify, labels, preds, review_catalog  # noqa: F401 (fixtures)
+from tests.runtime.serve.page_fixtures import classify
 
 
 def _pred_rows(path: Path) -> list[dict]:
