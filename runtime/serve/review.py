@@ -242,7 +242,9 @@ class ReviewQueue:
         preds: dict[int, dict[str, Any]] = {}
         for p in _prediction_rows(self.predictions):
             if p.get("needs_review") and not p.get("error") and p.get("top_k"):
-                preds[int(p["row"])] = p
+                # only what a reviewer sees: the queue of a million-row output stays small
+                preds[int(p["row"])] = {"name": p.get("name"), "label": p["label"], "score": p["score"],
+                                        "mode": p.get("mode"), "top_k": p["top_k"][:TOP]}
         if not preds:
             raise HuseError(f"no row of {self.predictions} is marked needs_review; classify with "
                             f"`huse classify BUNDLE --data CATALOG --out PREDS --min-confidence P` (rows whose "
