@@ -113,6 +113,9 @@ def test_truncated_png_and_16bit_bomb_are_per_item_errors(server, tiny_catalog, 
     assert "error" in r[0] and "item" not in r[0].get("top_k", ""), r[0]
     assert "error" in r[1] and ("pixels" in r[1]["error"] or "bytes" in r[1]["error"]), r[1]
     assert "error" not in r[2] and r[2]["top_k"], r[2]
+    # Requests carry bytes: a path sent as a photo is bytes that are not an image, never a file opened.
+    status, out = post_json(server.url + "/v1/classify", json.loads(classify_body([str(tiny_catalog).encode()])))
+    assert status == 200 and "could not be decoded" in out["results"][0]["error"], out
     assert healthy(server.url)
 
 
