@@ -71,7 +71,7 @@ def default_journal(predictions: str | Path) -> Path:
     """PREDS.review.jsonl beside the predictions, never inside them: `huse classify` replaces its
     output folder when it runs again, and the journal must outlive that."""
     p = Path(predictions)
-    return p.with_name(p.name.rstrip("/") + ".review.jsonl") if p.suffix != ".jsonl" else p.with_suffix(".review.jsonl")
+    return p.with_suffix(".review.jsonl") if p.suffix == ".jsonl" else p.with_name(p.name + ".review.jsonl")
 
 
 def _now() -> str:
@@ -297,7 +297,8 @@ class ReviewQueue:
             while self._cursor < len(self.items) and self.items[self._cursor].row in self._last:
                 self._cursor += 1
             out = []
-            for it in self.items[max(after + 1, self._cursor):]:
+            for pos in range(max(after + 1, self._cursor), len(self.items)):  # no copy of the queue per request
+                it = self.items[pos]
                 if it.row not in self._last:
                     out.append(it)
                     if len(out) == limit:
