@@ -1,6 +1,6 @@
 """The web page in a real browser (headless Chromium + Selenium) against a real `huse serve`.
 
-A person's path through it: upload a photo, type a title, read the class path and the nearest
+A person's path through it: upload or drop a photo, type a title, read the class path and the nearest
 products, filter, click a result; review rows with the mouse and with the keyboard alone, reload,
 export the corrections; the server killed (SIGKILL) right after a decision was acknowledged; and
 the first paint and next-item times with 10,000 rows to review, measured in the browser.
@@ -8,6 +8,7 @@ the first paint and next-item times with 10,000 rows to review, measured in the 
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
@@ -170,6 +171,25 @@ def test_clicking_a_result_searches_from_it(browser, search_server, tiny_catalog
     after = wait(browser, lambda d: hits(d) if hits(d) and hits(d) != first else None, what="a search from the result")
     assert after[0]["item"] == clicked["item"] and after[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert by_id(browser, "query-preview").is_displayed()
+
+
+def test_a_dropped_photo_is_the_query(browser, search_server, tiny_bundle, tiny_catalog):
+    photo = tiny_catalog.parent / list(csv.DictReader(open(tiny_catalog)))[40]["image"]
+    open_page(browser, search_server.url + "/")
+    wait(browser, lambda d: d.execute_script("return document.querySelectorAll('#prefixes option').length > 0"))
+    # a file dragged from the desktop: a real DataTransfer holding the PNG's bytes, dropped on the zone
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+        """, base64.b64encode(photo.read_bytes()).decode())
+    wait(browser, lambda d: by_id(d, "query-preview").is_displayed(), what="the dropped photo's preview")
+    run_query(browser)
+    with Classifier(tiny_bundle, backend="onnxruntime", threads=1) as clf:
+        want = clf.classify(images=[photo.read_bytes()])[0]
+    assert [li.get_attribute("data-label") for li in css(browser, "#topk li")] == [t["label"] for t in want["top_k"]]
+    assert by_id(browser, "pred-mode").text == "(image)"
 
 
 def test_every_control_has_a_label(browser, search_server):
