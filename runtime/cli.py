@@ -470,7 +470,14 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token (a trusted network only).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM, repeatable): refuse the bundle and index unless signed by one.")
-def serve(bundle, token_file, **kw) -> None:
+@click.option("--review", type=click.Path(), help="Review queue at /#review: PREDS from `huse classify "
+              "--min-confidence P` (JSONL file or shard folder); its needs_review rows, least confident first.")
+@click.option("--catalog", type=click.Path(dir_okay=False), help="The catalog PREDS was made from (with --review).")
+@click.option("--images", type=click.Path(file_okay=False), help="The only folder the page shows photos from "
+              "(review rows, search results) (default: --catalog's folder).")
+@click.option("--journal", type=click.Path(dir_okay=False), help="The review's decision journal (default: "
+              "PREDS.review.jsonl beside PREDS); reopening it continues the review.")
+def serve(bundle, token_file, review, catalog, images, journal, **kw) -> None:
     """Serve BUNDLE over HTTP: Open Inference Protocol (/v2, models huse and huse_embed; tritonclient
     works) and JSON (/v1/classify, /v1/embed, /v1/search), with dynamic batching. Needs
     `pip install 'huse-edge[serve]'`."""
@@ -478,6 +485,7 @@ def serve(bundle, token_file, **kw) -> None:
         from pathlib import Path
 
         from huse.runtime.serve.app import ServeConfig, serve as run
+        from huse.runtime.serve.page import page_for
 
         token = None
         if token_file:
@@ -488,7 +496,33 @@ def serve(bundle, token_file, **kw) -> None:
             if len(token) < 16:
                 raise HuseError(f"the token in {token_file} has {len(token)} characters; use at least 16 "
                                 f"(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > {token_file}`)")
-        run(ServeConfig(bundle=bundle, token=token, **kw))
+        run(ServeConfig(bundle=bundle, token=token, **kw), page_for(review, catalog, images, journal))
+    run_cli(body)
+
+
+# -- review: `huse review export` (issue 21; the review itself runs in `huse serve --review`) ---------------
+@main.group("review")
+def review_group() -> None:
+    """Work with the journal of a review (`huse serve BUNDLE --review PREDS --catalog CATALOG`)."""
+
+
+@review_group.command("export")
+@click.argument("journal", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The corrections catalog (CSV) to write.")
+def review_export(journal, out) -> None:
+    """Write the accepted and corrected rows of JOURNAL as a catalog huse-train reads.
+
+    Columns image,name,classes,product_id; the last decision per row counts; skipped rows are
+    left out. Image paths are as the reviewed catalog names them: train with --images set to its
+    images folder.
+    """
+    def body():
+        from huse.runtime.serve.review import export_corrections
+
+        r = export_corrections(journal, out)
+        click.echo(f"wrote {r['written']} reviewed rows to {r['out']} ({r['accept']} accepted, {r['correct']} "
+                   f"corrected; {r['skip']} skipped, left out)")
+        click.echo(f"train with: huse-train --data {r['out']} --images {r['images']}")
     run_cli(body)
 
 

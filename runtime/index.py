@@ -676,6 +676,19 @@ class Index:
                 out[p] = {key: rec.get(key) for key in ("row", "product_id", "name", "image", "classes")}
         return out
 
+    def records(self, positions: Sequence[int]) -> dict[int, dict]:
+        """Item records {row, product_id, name, image, classes} of the given positions, read by seeking.
+
+        Args:
+            positions: item positions, 0 <= p < len(self).
+        Returns:
+            position -> its record.
+        """
+        bad = [p for p in positions if not 0 <= int(p) < len(self)]
+        if bad:
+            raise HuseError(f"item {bad[0]} is not in the index (it holds {len(self)} items)")
+        return self._items([int(p) for p in positions])
+
     def items(self) -> list[dict]:
         """Every item record in position order (the whole table; for tools and tests)."""
         return _read_items(self.folder, self._file("items.jsonl"))

@@ -21,7 +21,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
@@ -534,7 +534,7 @@ def load_server(config: ServeConfig) -> Server:
     return Server(c, classifiers, index)
 
 
-def serve(config: ServeConfig, extra_routes: Sequence[Any] = ()) -> None:
+def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], Sequence[Any]] = ()) -> None:
     """Run `huse serve` until SIGTERM or Ctrl+C: stop accepting, finish in-flight requests within
     `grace_s`, exit 0.
 
@@ -543,7 +543,8 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] = ()) -> None:
     """
     uvicorn = lazy_import("uvicorn", "serve")
     server = load_server(config)
-    app = create_app(server, extra_routes)
+    # routes that need the loaded server (the page's: its index and labels) come as a function of it
+    app = create_app(server, extra_routes(server) if callable(extra_routes) else extra_routes)
     loop = "uvloop" if _importable("uvloop") else "asyncio"
     http = "httptools" if _importable("httptools") else "h11"
     cfg = uvicorn.Config(app, host=config.host, port=config.port, loop=loop, http=http, log_level="warning",

@@ -106,3 +106,7 @@ def post(url: str, body: bytes, headers: dict | None = None, timeout: float = 30
 def post_json(url: str, obj) -> tuple[int, dict]:
     status, _, body = post(url, json.dumps(obj).encode())
     return status, json.loads(body)
+
+
+# The page's and the review's fixtures (a catalog of our own, `huse classify` output, the browser).
+from tests.runtime.serve.page_fixtures import browser, labels, preds, review_catalog  # noqa: E402,F401

@@ -1,0 +1,112 @@
+"""Product photos for the page: thumbnails made on the fly from one images folder, and cached.
+
+The paths come from the server's own tables (the review's catalog, the index's items), never
+from a client; even so, every path is checked against the images folder with the catalog rule
+(`preprocess.confine_path`: no absolute path outside it, no `..`, no link out), because catalogs
+are third-party input. Decoding goes through `decode_image`, so the pixel and memory caps of
+classification apply to thumbnails too.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+from huse.runtime.errors import HuseError
+from huse.runtime.preprocess import confine_path, decode_image
+
+__all__ = ["SIZES", "Thumbnails"]
+
+# The sizes the page asks for (a card, the review photo); a fixed set keeps the cache bounded.
+SIZES = (96, 192, 384)
+
+
+class Thumbnails:
+    """JPEG thumbnails of the photos under one folder, in an LRU cache bounded in bytes.
+
+    Args:
+        root: the images folder; nothing outside it is ever read.
+        cache_bytes: the cache's budget (64 MiB: ~10,000 review-size thumbnails).
+    """
+
+    def __init__(self, root: str | Path, cache_bytes: int = 64 * 2**20):
+        self.root = Path(root)
+        self._real_root = self.root.resolve()
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def confine(self, path: str | Path) -> Path:
+        """`path` (absolute, or relative to the root) if it is a file under the root, else HuseError."""
+        text = os.fspath(path)
+        if os.path.isabs(text):
+            # An absolute path from our own tables (catalog readers resolve against the folder):
+            # made relative, so confine_path's rule decides, links included.
+            rel = os.path.relpath(os.path.abspath(text), os.path.abspath(self.root))
+            text = text if rel == ".." or rel.startswith(".." + os.sep) else rel
+        return confine_path(self.root, text)
+
+    def get(self, path: str | Path, size: int) -> bytes:
+        """A JPEG of the photo at `path`, at most `size` pixels on its longer side (never enlarged).
+
+        Args:
+            path: the photo, under the root.
+            size: one of SIZES.
+        Returns:
+            The JPEG bytes.
+        Raises:
+            HuseError: the path is outside the root, missing, or not a usable image.
+        """
+        if size not in SIZES:
+            raise HuseError(f"thumbnail size {size} is not one of {list(SIZES)}")
+        file = self.confine(path)
+        try:
+            st = os.stat(file)
+        except OSError:
+            raise HuseError(f"image {path} does not exist under {self.root}") from None
+        key = (os.path.realpath(file), size, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        img = decode_image(str(file), draft_size=(size, size))
+        img.thumbnail((size, size))
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=85)
+        data = out.getvalue()
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = data
+                self._used += len(data)
+            while self._used > self.cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._used -= len(old)
+        return data
+
+
+    def original(self, path: str | Path, max_bytes: int = 32 * 2**20) -> tuple[bytes, str]:
+        """The photo's file as stored, once it decodes within the caps (the page searches from it).
+
+        Args:
+            path: the photo, under the root.
+            max_bytes: refuse larger files.
+        Returns:
+            (bytes, media type).
+        """
+        file = self.confine(path)
+        if not os.path.isfile(file):
+            raise HuseError(f"image {path} does not exist under {self.root}")
+        if os.path.getsize(file) > max_bytes:
+            raise HuseError(f"image {path} is over {max_bytes // 2**20} MiB")
+        with open(file, "rb") as f:
+            data = f.read(max_bytes + 1)
+        decode_image(data)  # a usable image within the pixel and memory caps, or HuseError
+        kind = Image.open(io.BytesIO(data)).format or "octet-stream"
+        return data, f"image/{kind.lower()}" if kind != "octet-stream" else "application/octet-stream"
