@@ -79,9 +79,10 @@ def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude,
     def _triton(bundle):
         from huse.export.triton import TritonOptions, write_repository
 
-        repo = write_repository(bundle, triton, TritonOptions(max_batch=_batch(batch)[2], max_delay_us=triton_delay_us,
-                                                              instances=triton_instances, precision=triton_precision,
-                                                              force=force))
+        profile = _batch(batch)  # None: TritonOptions' default max batch (the MAX of the default 1:8:64)
+        opts = TritonOptions(max_delay_us=triton_delay_us, instances=triton_instances, precision=triton_precision,
+                             force=force, **({"max_batch": profile[2]} if profile else {}))
+        repo = write_repository(bundle, triton, opts)
         click.echo(f"Triton repository ready: {triton} (models: {', '.join(sorted(repo['models']))}; "
                    f"{len(repo['files'])} files, sha256 in manifest.json). Serve it with "
                    f"`tritonserver --model-repository {Path(triton).resolve()}` where huse-edge is installed in "
