@@ -11,7 +11,7 @@ import numpy as np
 
 from huse.runtime.catalog import read_catalog
 from huse.runtime.errors import HuseError
-from huse.runtime.hierarchy import canonical
+from huse.runtime.labels import join_paths, parse_paths
 from huse.runtime.preprocess import decode_image
 from huse.runtime.tokenizer import normalise_title
 
@@ -78,9 +78,10 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
                                       "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
     for r in records:
         try:
-            if r.classes is None:
-                raise HuseError("empty class")
-            cls = canonical(r.classes)
+            try:
+                cls = join_paths(parse_paths(r.classes))  # one path, or several separated by '|'
+            except HuseError as e:
+                raise HuseError(f"column classes: {e}") from None
             if r.image is None:
                 raise HuseError("no image")
             decode_image(r.image)  # the training pass decodes it again; this finds bad files up front
