@@ -113,12 +113,6 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _median(values: list) -> float:
-    import statistics
-
-    return statistics.median([v for v in values if v is not None] or [0.0])
-
-
 def _format_multilabel(metrics: dict) -> str:
     """format_metrics for a multi-label run: micro/macro-F1, mAP, subset accuracy beside the one-vs-rest baseline."""
     from huse.train.multilabel import format_table
@@ -128,8 +122,7 @@ def _format_multilabel(metrics: dict) -> str:
     lines.append(f"fusion image weight (chosen on val micro-F1): {metrics['fusion_image_weight']}; best epoch "
                  f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']}; "
                  f"labels per product (val) {metrics['labels_per_product'].get('val', 0):.2f}; baseline: one-vs-rest "
-                 "logistic regression, C per class by product-grouped CV (median image "
-                 f"{_median(c['image'])}, text {_median(c['text'])})")
+                 f"logistic regression, C by product-grouped CV (image {c['image']}, text {c['text']})")
     worse = metrics["verdict"]["worse_modes"]
     if worse:
         lines.append("WARNING: HUSE's micro-F1 is below the one-vs-rest logistic regression's on the same features on val in "

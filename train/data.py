@@ -87,7 +87,8 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
             decode_image(r.image)  # the training pass decodes it again; this finds bad files up front
         except HuseError as e:
             if not skip_bad_rows:
-                raise HuseError(f"{path}, row {r.row}: {e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
+                sep = ", " if str(e).startswith("column ") else ": "  # "row 7, column classes: ..."
+                raise HuseError(f"{path}, row {r.row}{sep}{e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
             ds.skipped.append({"row": r.row, "image": r.image, "reason": str(e)})
             continue
         title = normalise_title(r.name) or ""
