@@ -223,13 +223,14 @@ def _run_metrics(run: Path) -> dict[str, Any]:
 
 
 def _multilabel_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What a multi-label bundle's manifest adds (runtime/labels.py reads it): the task, the per-class
-    thresholds per mode tuned on val, and the fusion rule, which mixes sigmoids instead of softmaxes."""
+    """What a multi-label bundle's manifest adds (runtime/labels.py reads it): the task, the head's
+    activation, the per-class thresholds per mode tuned on val, and the fusion rule."""
+    act = cfg["model"].get("label_head", "sigmoid")
     return {"task": "multi-label",
-            "multilabel": {"thresholds": cfg["thresholds"], "path_separator": "|",
+            "multilabel": {"thresholds": cfg["thresholds"], "path_separator": "|", "activation": act,
                            "rule": "every class with probability >= its threshold; none: the best class alone"},
             "fusion": {"image_weight": cfg["fusion"]["image_weight"],
-                       "rule": "w * sigmoid(image logits) + (1 - w) * sigmoid(text logits)"}}
+                       "rule": f"w * {act}(image logits) + (1 - w) * {act}(text logits)"}}
 
 
 # ----------------------------------------------------------------------------------------

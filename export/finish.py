@@ -27,7 +27,8 @@ GRAPHS = ("image", "text", "fused")
 
 def _activation(manifest: dict[str, Any]):
     """Logits -> probabilities of the image and text graphs: a sigmoid per class for multi-label bundles."""
-    return sigmoid if manifest.get("task") == "multi-label" else softmax
+    multi = manifest.get("task") == "multi-label"
+    return sigmoid if multi and manifest["multilabel"].get("activation", "sigmoid") == "sigmoid" else softmax
 
 
 def _thresholds(manifest: dict[str, Any], mode: str) -> np.ndarray | None:

@@ -158,6 +158,7 @@ class Classifier:
         # Multi-label bundles (several class paths per product, runtime/labels.py): a sigmoid per class and
         # per-class thresholds per mode, tuned on val by training.
         self.multi_label = m.get("task") == "multi-label"
+        self._activation = sigmoid if m.get("multilabel", {}).get("activation", "sigmoid") == "sigmoid" else softmax
         self.thresholds = {k: np.asarray(v, dtype=np.float32)
                            for k, v in m.get("multilabel", {}).get("thresholds", {}).items()}
         self.threads = threads
@@ -370,8 +371,8 @@ class Classifier:
     def _probs(self, group: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Calibrated leaf probabilities (N, C) of one graph on ready feeds."""
         out = self._run(group, feeds)
-        if self.multi_label:  # independent per-class scores: no softmax, no temperature
-            return out["probs"] if group == "fused" else sigmoid(out["logits"])
+        if self.multi_label:  # per-class scores read against per-class thresholds: no temperature
+            return out["probs"] if group == "fused" else self._activation(out["logits"])
         return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
                                  self.temperature.get(group, 1.0))
 

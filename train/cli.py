@@ -43,6 +43,9 @@ from huse.runtime.cli import run_cli
 @click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
 @click.option("--multi-label", is_flag=True, help="A sigmoid per class and per-class thresholds, even if no product lists "
                                                 "several classes (a catalog whose 'classes' hold 'a<b|c<d' is multi-label without it).")
+@click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default="sigmoid",
+              help="Multi-label catalogs: a sigmoid per class, or a softmax trained on the multi-hot target "
+                   "spread over the product's classes.")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)
@@ -73,7 +76,7 @@ def _train(o: dict) -> None:
         click.echo(f"  skipped row {s['row']}: {s['reason']}")
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
-                    multi_label=o["multi_label"])
+                    multi_label=o["multi_label"], label_head=o["multi_label_head"])
     # Options without a CLI default take TrainConfig's: one copy of each default.
     given = {k: o[k] for k in ("epochs", "patience", "delta") if o[k] is not None}
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],

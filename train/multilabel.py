@@ -52,9 +52,17 @@ def multi_hot(classes: list[str], labels: list[str]) -> np.ndarray:
 # Loss
 
 
-def classification_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+HEADS = ("sigmoid", "softmax")
+
+
+def classification_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, targets: torch.Tensor,
+                        head: str = "sigmoid") -> torch.Tensor:
     """Binary cross-entropy of the shared layer's per-class sigmoids, summed over classes and
-    averaged over items, for each modality (the multi-label counterpart of two cross-entropies)."""
+    averaged over items, for each modality (the multi-label counterpart of two cross-entropies);
+    head "softmax": cross-entropy against the multi-hot target divided by its number of classes."""
+    if head == "softmax":
+        soft = targets / targets.sum(1, keepdim=True)
+        return F.cross_entropy(image_logits, soft) + F.cross_entropy(text_logits, soft)
     c = targets.shape[1]
     return c * (F.binary_cross_entropy_with_logits(image_logits, targets)
                 + F.binary_cross_entropy_with_logits(text_logits, targets))
@@ -191,17 +199,19 @@ def _fit_ovr(x, y: np.ndarray, c: float, start: np.ndarray | None = None) -> np.
     from scipy.optimize import minimize
     from scipy.special import expit
 
-    f, k = x.shape[1], y.shape[1]
+    n, f, k = x.shape[0], x.shape[1], y.shape[1]
 
     def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        # divided by C * n, as scikit-learn does, so that its stopping tolerance means the same here
         w, b = theta[:f * k].reshape(f, k), theta[f * k:]
         z = x @ w + b
-        r = c * (expit(z) - y)
-        value = c * float(np.sum(np.logaddexp(0.0, z) - y * z)) + 0.5 * float(np.sum(w * w))
-        return value, np.concatenate([(np.asarray(x.T @ r) + w).ravel(), r.sum(0)])
+        r = (expit(z) - y) / n
+        value = float(np.sum(np.logaddexp(0.0, z) - y * z)) / n + 0.5 * float(np.sum(w * w)) / (c * n)
+        return value, np.concatenate([(np.asarray(x.T @ r) + w / (c * n)).ravel(), r.sum(0)])
 
     theta = np.zeros(f * k + k) if start is None else start.ravel()
-    res = minimize(loss, theta, jac=True, method="L-BFGS-B", options={"maxiter": 2000})
+    res = minimize(loss, theta, jac=True, method="L-BFGS-B",
+                   options={"maxiter": 1000, "gtol": 1e-5, "ftol": 64 * np.finfo(float).eps})
     return res.x.reshape(f + 1, k)
 
 

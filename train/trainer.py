@@ -247,6 +247,8 @@ class Trainer:
         np.random.seed(train_cfg.seed)
         # Multi-label (several `|`-separated paths per product, or --multi-label): train/multilabel.py.
         self.multi = model_cfg.multi_label = bool(model_cfg.multi_label or is_multi_label(ds.classes))
+        if model_cfg.label_head not in multilabel.HEADS:
+            raise HuseError(f"multi-label head {model_cfg.label_head!r} not found; available = {list(multilabel.HEADS)}")
         self.labels = sorted({p for c in ds.classes for p in c.split(PATH_SEPARATOR)})
         self.hierarchy = Hierarchy(self.labels)
         self.y = (torch.from_numpy(multilabel.multi_hot(ds.classes, self.labels)) if self.multi
@@ -407,7 +409,8 @@ class Trainer:
                                         self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
                                         beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
                                         delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
-                                        image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None)
+                                        image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
+                                        head=self.mc.label_head)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -448,7 +451,7 @@ class Trainer:
         self.model.eval()
         idx = self.split[split]
         img, txt = [], []
-        probs = _sigmoid_probs if self.multi else _probs
+        probs = _sigmoid_probs if self.multi and self.mc.label_head == "sigmoid" else _probs
         for s in range(0, len(idx), 1024):
             b = idx[s:s + 1024]
             img.append(probs(self.model.classifier(self._image_emb(b))))
