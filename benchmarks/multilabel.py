@@ -13,7 +13,7 @@
    labels per product, beside the baseline's test figures from the run.
 
 Accuracy only, no timing: it can run on a busy machine. Runs and bundles already finished in the
-work folder are reused. Writes multilabel.json and multilabel.md.
+work folder are reused. Writes NAME.json and NAME.md.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def train(catalog: str, run: Path, args: tuple[str, ...] = ()) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def export(run: Path, bundle: Path) -> dict[str, dict]:
+def export(run: Path, bundle: Path, precisions: tuple[str, ...] = PRECISIONS) -> dict[str, dict]:
     """fp32 bundle, then each reduced precision added on its own; what each export said."""
     out: dict[str, dict] = {}
     if not (bundle / "manifest.json").is_file():
@@ -55,7 +55,7 @@ def export(run: Path, bundle: Path) -> dict[str, dict]:
         if p.returncode:
             raise HuseError(f"export failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
     models = json.loads((bundle / "manifest.json").read_text())["models"]
-    for precision in PRECISIONS:
+    for precision in precisions:
         if precision not in models:
             p = _run(["huse.export.cli", str(bundle), f"--{precision}", "--eval-size", "0", "--engine", "skip"])
             if p.returncode:  # refused: the one-line error says which gate failed and by how much
@@ -101,7 +101,9 @@ def through_runtime(bundle: Path, data: dict, precision: str) -> dict:
 @click.option("--out", default="benchmarks/results/cpu-2core/multilabel", type=click.Path(file_okay=False))
 @click.option("--train-arg", "train_args", multiple=True, help="An extra huse-train argument (repeatable; smoke runs only: "
                                                                "the figures are for the defaults).")
-def main(catalog: str, name: str, work: str, out: str, train_args: tuple[str, ...]) -> None:
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(PRECISIONS), default=PRECISIONS,
+              help="Reduced precisions to add and measure (repeatable).")
+def main(catalog: str, name: str, work: str, out: str, train_args: tuple[str, ...], precisions: tuple[str, ...]) -> None:
     """Train, export and measure the default multi-label recipe against the one-vs-rest baseline."""
     def body():
         from huse.train.data import load_catalog_dataset
@@ -113,14 +115,14 @@ def main(catalog: str, name: str, work: str, out: str, train_args: tuple[str, ..
         if m.get("task") != "multi-label":
             raise HuseError(f"{catalog} trained as single-label; a multi-label catalog lists several paths per product")
         click.echo(f"{name}: exporting ...", err=True)
-        exports = export(run, bundle)
+        exports = export(run, bundle, precisions)
         ds = load_catalog_dataset(catalog)
         idx = ds.indices("test")
         labels = json.loads((bundle / "manifest.json").read_text())["labels"]
         data = {"images": [ds.images[i] for i in idx], "titles": [ds.titles[i] for i in idx],
                 "y": multi_hot([ds.classes[i] for i in idx], labels)}
         models = json.loads((bundle / "manifest.json").read_text())["models"]
-        runtime = {p: through_runtime(bundle, data, p) for p in ("fp32", *PRECISIONS) if p in models}
+        runtime = {p: through_runtime(bundle, data, p) for p in ("fp32", *precisions) if p in models}
         t, b = m["test"]["fused"], m["baseline"]["test"]["fused"]
         fused = runtime["fp32"]
         bars = {
@@ -129,7 +131,7 @@ def main(catalog: str, name: str, work: str, out: str, train_args: tuple[str, ..
                          "passed": 100 * (fused["micro_f1"] - b["micro_f1"]) >= BARS["micro_f1_points_over_baseline"]},
             "map": {"huse": fused["map"], "baseline": b["map"], "points": 100 * (fused["map"] - b["map"]),
                     "passed": fused["map"] >= b["map"]},
-            "precisions": {p: exports[p] for p in PRECISIONS},
+            "precisions": exports,
         }
         result = {"catalog": name, "train_args": list(train_args), "split_sizes": m["split_sizes"], "labels": len(labels),
                   "labels_per_product": m["labels_per_product"], "text_encoder": m["text_encoder"]["chosen"],
@@ -138,9 +140,9 @@ def main(catalog: str, name: str, work: str, out: str, train_args: tuple[str, ..
                   "run_test": {"huse": m["test"], "baseline": m["baseline"]["test"]},
                   "runtime_test_fused": runtime, "bars": bars}
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "multilabel.json").write_text(json.dumps(result, indent=2))
+        (Path(out) / f"{name}.json").write_text(json.dumps(result, indent=2))
         table = markdown(result)
-        (Path(out) / "multilabel.md").write_text(table + "\n")
+        (Path(out) / f"{name}.md").write_text(table + "\n")
         click.echo(table)
     run_cli(body)
 
