@@ -104,3 +104,11 @@ def test_search_filter_matches_any_path(tiny_multi_bundle, tiny_multi_catalog, t
     both = [r for r in recs if SALE in r.classes and r.classes.startswith("clothing")]
     hits = idx.search(texts=["Acme sale tee"], k=500, target="image", filter="clothing")[0]
     assert {r.row for r in both} <= {h.row for h in hits}
+
+
+def test_top1_accuracy_benchmark_refuses_a_multi_label_bundle(tiny_multi_bundle):
+    from huse.benchmarks.accuracy import evaluate
+    from huse.runtime.errors import HuseError
+
+    with pytest.raises(HuseError, match="multi-label bundle.*huse.benchmarks.multilabel"):
+        evaluate(tiny_multi_bundle)
