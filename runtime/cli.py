@@ -258,7 +258,8 @@ def info(bundle) -> None:
         from huse.runtime.bundle import load_manifest
 
         m = load_manifest(bundle)
-        click.echo(f"bundle {bundle}: {len(m['labels'])} classes, embedding dim {m['embedding_dim']}")
+        task = " (multi-label: every class above its threshold)" if m.get("task") == "multi-label" else ""
+        click.echo(f"bundle {bundle}: {len(m['labels'])} classes{task}, embedding dim {m['embedding_dim']}")
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
                    f"fusion image weight {m['fusion']['image_weight']}")
