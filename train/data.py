@@ -24,7 +24,7 @@ class Dataset:
 
     images: list[Any]
     titles: list[str]
-    classes: list[str]
+    classes: list[str]  # canonical path per item; several sorted and joined with '|' (runtime/labels.join_paths)
     product_ids: list[str]
     splits: list[str]
     source: dict[str, Any]  # how to load it again (recorded in the run for export)
