@@ -31,10 +31,11 @@ def _activation(manifest: dict[str, Any]):
     return sigmoid if multi and manifest["multilabel"].get("activation", "sigmoid") == "sigmoid" else softmax
 
 
-def _thresholds(manifest: dict[str, Any], mode: str) -> np.ndarray | None:
-    """A multi-label bundle's per-class thresholds of `mode` (None for single-label bundles)."""
+def _thresholds(manifest: dict[str, Any], mode: str) -> dict[str, np.ndarray]:
+    """accuracy_gate's extra argument for a multi-label bundle: its per-class thresholds of `mode`
+    (nothing for single-label bundles, whose gate call stays as it was)."""
     t = manifest.get("multilabel", {}).get("thresholds", {}).get(mode)
-    return None if t is None else np.asarray(t, dtype=np.float32)
+    return {} if t is None else {"thresholds": np.asarray(t, dtype=np.float32)}
 
 
 def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data, activation=softmax) -> dict[str, np.ndarray]:
@@ -147,8 +148,7 @@ def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, re
     for k in ladder:
         quantize("fused", k)
         probs = run_graph_probs(bundle / folder / "fused.onnx", manifest["graphs"]["fused"]["inputs"], evald, "fused")
-        gate = accuracy_gate(ref["fused"], probs, evald.labels, precision=precision,
-                             thresholds=_thresholds(manifest, "fused"))
+        gate = accuracy_gate(ref["fused"], probs, evald.labels, precision=precision, **_thresholds(manifest, "fused"))
         attempts.append({"float_convs": k, "agreement": gate["agreement"], "drop_points": gate["drop_points"],
                          "passed": bool(gate["passed"])})
         say(f"  {precision} with the first {k} convs in float: fused agreement {gate['agreement']:.2f}%, "
@@ -196,11 +196,11 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
                 stamp_labels(bundle / f, manifest["labels"])
             cand = _predict(bundle, models, manifest["graphs"], evald, _activation(manifest))
             gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision,
-                                         thresholds=_thresholds(manifest, mode)) for mode in GRAPHS}
+                                         **_thresholds(manifest, mode)) for mode in GRAPHS}
             size = sum((bundle / f).stat().st_size for f in models.values())
             for mode in GRAPHS:
                 gt = gates[mode]
-                say(f"  {precision} {mode:6}: {gt['metric']} {gt['cand_accuracy']:.2f}% vs fp32 {gt['ref_accuracy']:.2f}% "
+                say(f"  {precision} {mode:6}: {gt.get('metric', 'top-1')} {gt['cand_accuracy']:.2f}% vs fp32 {gt['ref_accuracy']:.2f}% "
                     f"(drop {gt['drop_points']:+.2f} pts), agreement {gt['agreement']:.2f}%")
             visual = visual_agreement(ref["visual"], cand["visual"]) if "visual" in ref else None
             if visual is not None:
