@@ -17,6 +17,7 @@ import numpy as np
 
 from huse.runtime.classifier import Classifier
 from huse.runtime.cli import run_cli
+from huse.runtime.errors import HuseError
 
 BARS = {"fused_min": 0.96, "image_min": 0.90, "text_range": (0.70, 0.80)}
 
@@ -28,6 +29,9 @@ def evaluate(bundle: str | Path, precisions: list[str] | None = None, split: str
     from huse.train.trainer import accuracy_report
 
     manifest = load_manifest(bundle)
+    if manifest.get("task") == "multi-label":  # top-1 against one class per product means nothing there
+        raise HuseError(f"{bundle} is a multi-label bundle; measure its accuracy with `python -m "
+                        "huse.benchmarks.multilabel` (micro-F1, mAP through the runtime)")
     ds = load_source(manifest["data"])
     idx = ds.indices(split)
     images, titles = [ds.images[i] for i in idx], [ds.titles[i] for i in idx]

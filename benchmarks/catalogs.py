@@ -14,6 +14,9 @@ most of its name's words were never seen in training.
 
 The package is fetched with `npm pack` (the registry's ordinary client) into a cache folder;
 SVGs are rasterised with resvg-py (`pip install resvg-py`).
+
+`phosphor-icons-multi`: the same products, images and split, with every one of each icon's
+`categories` as its classes (multi-label, `|`-separated; README "Multi-label products").
 """
 
 from __future__ import annotations
@@ -108,7 +111,28 @@ def phosphor_icons(out: str | Path, cache: str | Path | None = None, seed: int =
     return path
 
 
-CATALOGS = {"phosphor-icons": phosphor_icons}
+def phosphor_icons_multi(out: str | Path, cache: str | Path | None = None, seed: int = 0) -> Path:
+    """Write phosphor-icons-multi (catalog.csv + images/) and return the CSV's path.
+
+    The same products, images and split as `phosphor_icons`, but each product lists EVERY one of its
+    `categories` as a class path ("design|editor"), as the icon authors assigned them: a real
+    multi-label catalog (1 to 4 categories per icon, 1.8 on average). The categories are one flat
+    taxonomy (the Figma category is another, assigned once per icon), so the paths have one level.
+    """
+    path = phosphor_icons(out, cache, seed)
+    src = (_fetch(PHOSPHOR, Path(cache) if cache else Path(out) / ".cache") / "dist" / "index.mjs").read_text(encoding="utf-8")
+    cats = _enum(src, "e")
+    every = {name: "|".join(sorted({cats[c.strip().split(".")[-1]] for c in categories.split(",")}))
+             for name, categories, _ in _ENTRY.findall(src)}
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "classes": every[r["product_id"]]} for r in rows)
+    return path
+
+
+CATALOGS = {"phosphor-icons": phosphor_icons, "phosphor-icons-multi": phosphor_icons_multi}
 
 
 @click.command()
@@ -123,7 +147,7 @@ def main(name: str, out: str, cache: str | None, seed: int) -> None:
         rows = list(csv.DictReader(open(path, encoding="utf-8")))
         splits = Counter(r["split"] for r in rows)
         click.echo(f"wrote {path}: {len(rows)} images of {len({r['product_id'] for r in rows})} products in "
-                   f"{len({r['classes'] for r in rows})} classes; images per split {dict(splits)}")
+                   f"{len({p for r in rows for p in r['classes'].split('|')})} classes; images per split {dict(splits)}")
     run_cli(body)
 
 

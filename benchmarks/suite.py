@@ -118,6 +118,9 @@ class BenchData:
     """Held-out products as PNG files on disk (for e2e) and as ready arrays (for model-only)."""
 
     def __init__(self, manifest: dict[str, Any], clf: Classifier, n: int, folder: Path):
+        if manifest.get("task") == "multi-label":  # top-1 against one class per product means nothing there
+            raise HuseError("huse-bench measures top-1 of single-label bundles; for a multi-label bundle run "
+                            "`python -m huse.benchmarks.multilabel` (micro-F1, mAP through the runtime)")
         from PIL import Image
 
         from huse.train.data import load_source

@@ -70,16 +70,23 @@ class EvalData:
         n: at most this many products (seeded choice; 0 or None: all).
         spec, tokenizer: the bundle's preprocessing and tokenizer.
         labels: the bundle's labels (class index order).
+        multi: a multi-label bundle: `labels` becomes the (n, C) multi-hot label sets.
     """
 
-    def __init__(self, source: dict[str, Any], split: str, n: int | None, spec: ImageSpec, tokenizer, labels: list[str]):
+    def __init__(self, source: dict[str, Any], split: str, n: int | None, spec: ImageSpec, tokenizer, labels: list[str],
+                 multi: bool = False):
         from huse.train.data import load_source
 
         ds = load_source(source)
         self.split, idx = ds.heldout(split, n)
         self.images = np.stack([load_image(ds.images[i], spec) for i in idx])
         self.text = tokenizer.inputs([normalise_title(ds.titles[i]) or "" for i in idx])
-        self.labels = np.asarray([labels.index(ds.classes[i]) for i in idx])
+        if multi:
+            from huse.train.multilabel import multi_hot
+
+            self.labels = multi_hot([ds.classes[i] for i in idx], labels)
+        else:
+            self.labels = np.asarray([labels.index(ds.classes[i]) for i in idx])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -121,9 +128,10 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     shutil.copy(run / tok_spec["vocab_file"], tmp / tok_spec["vocab_file"])
     tokenizer = load_tokenizer(tok_spec, tmp)
     weight = cfg["fusion"]["image_weight"]
-    data = EvalData(cfg["data"], "test", 64, spec, tokenizer, cfg["labels"])
+    multi = bool(cfg["model"].get("multi_label"))
+    data = EvalData(cfg["data"], "test", 64, spec, tokenizer, cfg["labels"], multi=multi)
     split = data.split
-    photos = EvalData(cfg["data"], "train", VISUAL_FIT_PHOTOS, spec, tokenizer, cfg["labels"])
+    photos = EvalData(cfg["data"], "train", VISUAL_FIT_PHOTOS, spec, tokenizer, cfg["labels"], multi=multi)
     whitening = fit_visual_whitening(model, photos.images)
     visual_dim = int(whitening.projection.shape[1])
     opts.say(f"  visual vector: PCA-whitened to {visual_dim} dims, fitted on {len(photos)} {photos.split} photos")
@@ -166,6 +174,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         "data": cfg["data"],
         "source_run": str(run.resolve()),  # the torch model, for benchmarks' PyTorch baseline
         "engines": [],
+        **(_multilabel_manifest(cfg) if multi else {}),
         "versions": package_versions("huse-edge", "torch", "onnx", "onnxruntime", "polygraphy",
                                      "onnxconverter-common", "numpy", "tensorrt"),
     }
@@ -223,7 +232,19 @@ def _run_metrics(run: Path) -> dict[str, Any]:
     if not p.is_file():
         return {}
     m = json.loads(p.read_text())
-    return {s: {mode: r["top1"] for mode, r in m[s].items()} for s in ("val", "test") if s in m}
+    key = "micro_f1" if m.get("task") == "multi-label" else "top1"
+    return {s: {mode: r[key] for mode, r in m[s].items()} for s in ("val", "test") if s in m}
+
+
+def _multilabel_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a multi-label bundle's manifest adds (runtime/labels.py reads it): the task, the head's
+    activation, the per-class thresholds per mode tuned on val, and the fusion rule."""
+    act = cfg["model"].get("label_head", "sigmoid")
+    return {"task": "multi-label",
+            "multilabel": {"thresholds": cfg["thresholds"], "path_separator": "|", "activation": act,
+                           "rule": "every class with probability >= its threshold; none: the best class alone"},
+            "fusion": {"image_weight": cfg["fusion"]["image_weight"],
+                       "rule": f"w * {act}(image logits) + (1 - w) * {act}(text logits)"}}
 
 
 # ----------------------------------------------------------------------------------------

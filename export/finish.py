@@ -18,13 +18,27 @@ from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, LABELS_METADATA_KEY, MANIF
                                  write_manifest)
 from huse.runtime.classifier import softmax
 from huse.runtime.errors import HuseError
+from huse.runtime.labels import sigmoid
 from huse.runtime.preprocess import ImageSpec
 from huse.runtime.tokenizer import load_tokenizer
 
 GRAPHS = ("image", "text", "fused")
 
 
-def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data) -> dict[str, np.ndarray]:
+def _activation(manifest: dict[str, Any]):
+    """Logits -> probabilities of the image and text graphs: a sigmoid per class for multi-label bundles."""
+    multi = manifest.get("task") == "multi-label"
+    return sigmoid if multi and manifest["multilabel"].get("activation", "sigmoid") == "sigmoid" else softmax
+
+
+def _thresholds(manifest: dict[str, Any], mode: str) -> dict[str, np.ndarray]:
+    """accuracy_gate's extra argument for a multi-label bundle: its per-class thresholds of `mode`
+    (nothing for single-label bundles, whose gate call stays as it was)."""
+    t = manifest.get("multilabel", {}).get("thresholds", {}).get(mode)
+    return {} if t is None else {"thresholds": np.asarray(t, dtype=np.float32)}
+
+
+def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data, activation=softmax) -> dict[str, np.ndarray]:
     """Probabilities per mode (image, text, fused) of one precision's graphs on `data`, and the image graph's
     visual-similarity vectors as "visual" where it has them (from the same run)."""
     from huse.export.api import run_graph_outputs
@@ -33,7 +47,7 @@ def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data)
     for g in GRAPHS:
         names = ["probs"] if g == "fused" else ["logits"] + (["visual"] if "visual" in graphs[g]["outputs"] else [])
         res = run_graph_outputs(bundle / models[g], data.feeds(graphs[g]["inputs"]), names)
-        out[g] = res["probs"] if g == "fused" else softmax(res["logits"])
+        out[g] = res["probs"] if g == "fused" else activation(res["logits"])
         if "visual" in res:
             out["visual"] = res["visual"]
     return out
@@ -136,7 +150,7 @@ def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, re
     for k in ladder:
         quantize("fused", k)
         probs = run_graph_probs(bundle / folder / "fused.onnx", manifest["graphs"]["fused"]["inputs"], evald, "fused")
-        gate = accuracy_gate(ref["fused"], probs, evald.labels, precision=precision)
+        gate = accuracy_gate(ref["fused"], probs, evald.labels, precision=precision, **_thresholds(manifest, "fused"))
         attempts.append({"float_convs": k, "agreement": gate["agreement"], "drop_points": gate["drop_points"],
                          "passed": bool(gate["passed"])})
         say(f"  {precision} with the first {k} convs in float: fused agreement {gate['agreement']:.2f}%, "
@@ -167,11 +181,12 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
     if wanted:
         spec = ImageSpec.from_dict(manifest["preprocessing"])
         tokenizer = load_tokenizer(manifest["tokenizer"], bundle)
-        evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"])
-        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"]) if {"int8", "int8-cpu"} & set(wanted) else None
+        multi = manifest.get("task") == "multi-label"
+        evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"], multi=multi)
+        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"], multi=multi) if {"int8", "int8-cpu"} & set(wanted) else None
         say(f"accuracy gate on {len(evald)} held-out {evald.split} products"
             + (f"; INT8 calibration on {len(calib)} train products ({opts.calib_method or 'percentile'})" if calib else ""))
-        ref = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald)
+        ref = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald, _activation(manifest))
         fp32_size = sum((bundle / f).stat().st_size for f in manifest["models"]["fp32"].values())
         manifest.setdefault("accuracy", {})
         for precision in wanted:
@@ -181,12 +196,13 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
             models = {g: f"{folder}/{g}.onnx" for g in GRAPHS}
             for f in models.values():
                 stamp_labels(bundle / f, manifest["labels"])
-            cand = _predict(bundle, models, manifest["graphs"], evald)
-            gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision) for mode in GRAPHS}
+            cand = _predict(bundle, models, manifest["graphs"], evald, _activation(manifest))
+            gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision,
+                                         **_thresholds(manifest, mode)) for mode in GRAPHS}
             size = sum((bundle / f).stat().st_size for f in models.values())
             for mode in GRAPHS:
                 gt = gates[mode]
-                say(f"  {precision} {mode:6}: top-1 {gt['cand_accuracy']:.2f}% vs fp32 {gt['ref_accuracy']:.2f}% "
+                say(f"  {precision} {mode:6}: {gt.get('metric', 'top-1')} {gt['cand_accuracy']:.2f}% vs fp32 {gt['ref_accuracy']:.2f}% "
                     f"(drop {gt['drop_points']:+.2f} pts), agreement {gt['agreement']:.2f}%")
             visual = visual_agreement(ref["visual"], cand["visual"]) if "visual" in ref else None
             if visual is not None:

@@ -643,7 +643,7 @@ PRECISIONS = ("fp16", "int8", "int8-cpu")
 
 
 def accuracy_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndarray, *,
-                  precision: str) -> dict[str, Any]:
+                  precision: str, thresholds: np.ndarray | None = None) -> dict[str, Any]:
     """Compare a reduced-precision candidate's predictions with the FP32 reference on labelled data.
 
     Bars: FP16 top-1 agreement >= 99.9 %; INT8 top-1 accuracy drop <= 0.5 points and agreement >= 99 %.
@@ -652,8 +652,10 @@ def accuracy_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndar
     Args:
         ref_probs: (N, C) FP32 probabilities or logits (only the arg-max is used).
         cand_probs: (N, C) candidate probabilities or logits.
-        labels: (N,) integer class labels.
+        labels: (N,) integer class labels, or (N, C) multi-hot label sets of a multi-label bundle (then
+            `multilabel_gate` decides, with `thresholds`).
         precision: "fp16", "int8" or "int8-cpu" (the INT8 bars): which bars apply.
+        thresholds: (C,) per-class thresholds of a multi-label bundle.
     Returns:
         dict with `precision`, `n`, `agreement` (%), `ref_accuracy` and `cand_accuracy` (%), `drop_points`
         (reference minus candidate, in percentage points), `passed`, `failures` (one line per failed bar) and
@@ -661,6 +663,8 @@ def accuracy_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndar
     """
     if precision not in PRECISIONS:
         raise HuseError(f"Precision {precision!r} not found; available precisions = {list(PRECISIONS)}")
+    if np.ndim(labels) == 2:
+        return multilabel_gate(ref_probs, cand_probs, labels, thresholds, precision=precision)
     ref, cand, labels = np.asarray(ref_probs), np.asarray(cand_probs), np.asarray(labels).reshape(-1)
     if ref.ndim != 2 or ref.shape != cand.shape or len(labels) != len(ref) or len(ref) == 0:
         raise HuseError(f"accuracy_gate needs (N, C) reference and candidate and (N,) labels with N > 0; "
@@ -688,7 +692,54 @@ def accuracy_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndar
         message = f"{name} accuracy gate passed: {summary}"
     return {"precision": precision, "n": len(ref), "agreement": agreement, "ref_accuracy": ref_acc,
             "cand_accuracy": cand_acc, "drop_points": drop, "passed": not failures, "failures": failures,
-            "message": message}
+            "message": message, "metric": "top-1"}
+
+
+def multilabel_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray | None, *,
+                    precision: str) -> dict[str, Any]:
+    """`accuracy_gate` for a multi-label bundle: the predicted label SETS (every class at or above its
+    threshold, runtime/labels.predict_sets) of candidate and FP32 are compared.
+
+    Bars, the single-label ones carried over: `agreement` is the mean Jaccard index of the two predicted
+    sets (%), FP16 >= 99.9 and INT8 >= 99; `drop_points` is the micro-F1 drop against the true sets, INT8
+    <= 0.5 points. Returns the same keys as `accuracy_gate` (`ref_accuracy`/`cand_accuracy`: micro-F1, %).
+    """
+    from huse.runtime.labels import predict_sets
+
+    ref, cand, y = np.asarray(ref_probs), np.asarray(cand_probs), np.asarray(labels) > 0
+    if thresholds is None or ref.shape != cand.shape or ref.shape != y.shape or len(ref) == 0:
+        raise HuseError(f"the multi-label accuracy gate needs (N, C) reference, candidate and label sets with N > 0 "
+                        f"and the bundle's thresholds; got {ref.shape}, {cand.shape}, {y.shape}, thresholds "
+                        f"{'missing' if thresholds is None else len(thresholds)}")
+    r, c = predict_sets(ref, thresholds), predict_sets(cand, thresholds)
+    union = (r | c).sum(1)
+    agreement = 100.0 * float(np.mean(np.where(union > 0, (r & c).sum(1) / np.maximum(union, 1), 1.0)))
+
+    def micro_f1(pred: np.ndarray) -> float:
+        tp, fp, fn = (pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()
+        return 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)
+
+    ref_f1, cand_f1 = micro_f1(r), micro_f1(c)
+    drop = ref_f1 - cand_f1
+    failures = []
+    min_agree = FP16_MIN_AGREEMENT if precision == "fp16" else INT8_MIN_AGREEMENT
+    if agreement < min_agree:
+        failures.append(f"label-set agreement (mean Jaccard) {agreement:.2f}% < {min_agree}% by "
+                        f"{min_agree - agreement:.2f} points")
+    if precision.startswith("int8") and drop > INT8_MAX_DROP:
+        failures.append(f"micro-F1 drop {drop:.2f} points > {INT8_MAX_DROP} allowed by {drop - INT8_MAX_DROP:.2f} points")
+    name = precision.upper()
+    summary = (f"{name} vs FP32 on {len(ref)} samples: label-set agreement {agreement:.2f}%, micro-F1 "
+               f"{cand_f1:.2f}% vs {ref_f1:.2f}% (drop {drop:.2f} points)")
+    if failures:
+        advice = ("keep more ops in FP32 (convert_fp16 keep_fp32_ops)" if precision == "fp16" else
+                  "try another calibration method, exclude sensitive_nodes(), or ship FP16")
+        message = f"{name} accuracy gate failed: {'; '.join(failures)}. {summary}. To fix: {advice}"
+    else:
+        message = f"{name} accuracy gate passed: {summary}"
+    return {"precision": precision, "n": len(ref), "agreement": agreement, "ref_accuracy": ref_f1,
+            "cand_accuracy": cand_f1, "drop_points": drop, "passed": not failures, "failures": failures,
+            "message": message, "metric": "micro-F1"}
 
 
 # The visual output is measured and recorded per precision, not gated. Its branch reads the float features

@@ -45,7 +45,7 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
-from huse.runtime.hierarchy import canonical as _canonical
+from huse.runtime.labels import parse_paths as _parse_paths
 
 __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
 
@@ -134,10 +134,10 @@ class BulkResult:
 
 
 @functools.lru_cache(maxsize=65536)
-def canonical(path: str) -> str:
-    """`hierarchy.canonical`, remembered: a catalog repeats a few hundred class paths over millions of rows,
+def parse_paths(cell: str) -> tuple[str, ...]:
+    """`labels.parse_paths`, remembered: a catalog repeats a few hundred class cells over millions of rows,
     and parsing each row's again was a tenth of a small PNG's preparation. Errors are not cached (raised anew)."""
-    return _canonical(path)
+    return _parse_paths(cell)
 
 
 def _row_error(row: int, msg: str) -> str:
@@ -159,7 +159,7 @@ def _valid(records: list[Record]) -> tuple[list[int], dict[int, str]]:
             continue
         if r.classes:
             try:
-                canonical(r.classes)
+                parse_paths(r.classes)  # one path, or several separated by '|' (runtime/labels.py)
             except HuseError as e:
                 errors[i] = f"row {r.row}, column classes: {e}"
                 continue
@@ -225,6 +225,10 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
             best = res["top_k"][0]
             row.update(mode=res["mode"], label=best["label"], score=best["score"], top_k=res["top_k"], path=res["path"],
                        needs_review=bool(best["score"] < job.min_confidence))
+            if "labels" in res:  # multi-label bundle: every predicted class, each reviewed on its own score
+                row["labels"] = [{"label": x["label"], "score": x["score"],
+                                  "needs_review": bool(x["score"] < job.min_confidence)} for x in res["labels"]]
+                row["needs_review"] = any(x["needs_review"] for x in row["labels"])
             if "warning" in res:
                 row["warning"] = _row_error(records[i].row, res["warning"])
         return rows, None
@@ -256,7 +260,12 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
 # Shard files
 
 
-def _schema(task: str):
+def _multi_label(bundle: str) -> bool:
+    """Whether a bundle is multi-label (its shards then carry a `labels` column)."""
+    return json.loads((Path(bundle) / "manifest.json").read_text()).get("task") == "multi-label"
+
+
+def _schema(task: str, multi_label: bool = False):
     pa = lazy_import("pyarrow", "scale")
     base = [("row", pa.int64()), ("product_id", pa.string()), ("image", pa.string()), ("name", pa.string()),
             ("classes", pa.string())]
@@ -264,18 +273,21 @@ def _schema(task: str):
         base += [("mode", pa.string()), ("label", pa.string()), ("score", pa.float64()), ("needs_review", pa.bool_()),
                  ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
                  ("path", pa.list_(pa.struct([("level", pa.int64()), ("label", pa.string()), ("score", pa.float64())])))]
+        if multi_label:
+            base += [("labels", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64()),
+                                                     ("needs_review", pa.bool_())])))]
     else:
         base += [("modality", pa.string())]
     return pa.schema(base + [("warning", pa.string()), ("error", pa.string())])
 
 
-def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str) -> bytes:
+def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str, multi_label: bool = False) -> bytes:
     if fmt == "jsonl":
         return "".join(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n"
                        for r in rows).encode("utf-8")
     pa = lazy_import("pyarrow", "scale")
     pq = lazy_import("pyarrow.parquet", "scale")
-    schema = _schema(task)
+    schema = _schema(task, multi_label)
     table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in schema.names}, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -315,7 +327,8 @@ def write_shard(folder: Path, shard: Shard, rows: list[dict[str, Any]], vectors:
                 job: BulkJob, retried: bool = False) -> dict[str, Any]:
     """Write one shard's files (temp name + rename each) and return its manifest entry."""
     name = shard_name(shard.index)
-    files = {f"{name}.{job.format}": _table_bytes(rows, job.task, job.format)}
+    multi = job.task == "classify" and _multi_label(job.bundle)
+    files = {f"{name}.{job.format}": _table_bytes(rows, job.task, job.format, multi)}
     if vectors is not None:
         files[f"{name}.npy"] = _npy_bytes(vectors)
     for fname, data in files.items():
@@ -333,7 +346,8 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 if r.get("image") and "image" in (r.get("warning") or r.get("error") or "")]
     known = [r for r in rows if r.get("classes") and r.get("label")]
     return {"errors": sum(r.get("error") is not None for r in rows), "warnings": len(warn),
-            "known": len(known), "right": sum(r["label"] == canonical(r["classes"]) for r in known),
+            # right: the top-1 label is one of the row's classes (for one path: equal to it)
+            "known": len(known), "right": sum(r["label"] in parse_paths(r["classes"]) for r in known),
             "needs_review": sum(bool(r.get("needs_review")) for r in rows),
             "image_failures": len(img_fail), "first_image_error": img_fail[0] if img_fail else None}
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
+from huse.runtime.labels import cell_text
 from huse.runtime.preprocess import confine_path
 
 __all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "plan_shards", "count_rows"]
@@ -168,7 +169,10 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
     could leave `base`) becomes the row's error."""
     cells: dict[str, str | None] = {}
     for col in COLUMNS:
-        v, err = _text(row, col, values.get(col), allow_int=col == "product_id")
+        value = values.get(col)
+        if col == "classes":  # several paths may come as a list (runtime/labels.py)
+            value = cell_text(value)
+        v, err = _text(row, col, value, allow_int=col == "product_id")
         if err:
             return Record(row=row, image=None, name=None, error=err)
         cells[col] = v

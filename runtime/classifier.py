@@ -16,6 +16,7 @@ from huse.runtime.backends import resolve_backend, runner_class
 from huse.runtime.bundle import CPU_ONLY_PRECISIONS, check_graph, load_manifest, require_visual
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
+from huse.runtime.labels import label_path, predict_sets, sigmoid
 from huse.runtime.preprocess import ImageBatch, ImageInput, ImageSpec, load_images
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
 
@@ -165,6 +166,12 @@ class Classifier:
         self.fusion_weight = float(m["fusion"]["image_weight"])
         # Per-mode temperatures fitted on validation (scores are calibrated: see huse.train.baselines).
         self.temperature = {k: float(v) for k, v in m.get("calibration", {}).get("temperature", {}).items()}
+        # Multi-label bundles (several class paths per product, runtime/labels.py): a sigmoid per class and
+        # per-class thresholds per mode, tuned on val by training.
+        self.multi_label = m.get("task") == "multi-label"
+        self._activation = sigmoid if m.get("multilabel", {}).get("activation", "sigmoid") == "sigmoid" else softmax
+        self.thresholds = {k: np.asarray(v, dtype=np.float32)
+                           for k, v in m.get("multilabel", {}).get("thresholds", {}).items()}
         self.threads = threads
         self.spinning = spinning
         if precision in CPU_ONLY_PRECISIONS:
@@ -272,7 +279,10 @@ class Classifier:
             mode: "auto" (fused where an item has both, else what it has), "fused", "image" or "text".
         Returns:
             One dict per item, in input order: {"index", "mode", "top_k": [{"label", "score"}],
-            "path": [{"level", "label", "score"}]} — or {"index", "error"} for an item that
+            "path": [{"level", "label", "score"}]}; a multi-label bundle adds "labels": [{"label",
+            "score", "threshold", "path"}], every class at or above its threshold, best first (the best
+            class alone if none is), and its "path" is the best label's path (scores per class are
+            independent sigmoids: a node's score is the best of its leaves) — or {"index", "error"} for an item that
             could not be classified; an item whose image failed but whose title is usable is
             classified by its title with a "warning", and an image Pillow warned about (corrupt
             EXIF, ...) is classified with a "warning" naming the file.
@@ -358,6 +368,8 @@ class Classifier:
     def _probs(self, group: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Calibrated leaf probabilities (N, C) of one graph on ready feeds."""
         out = self._run(group, feeds)
+        if self.multi_label:  # per-class scores read against per-class thresholds: no temperature
+            return out["probs"] if group == "fused" else self._activation(out["logits"])
         return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
                                  self.temperature.get(group, 1.0))
 
@@ -366,10 +378,24 @@ class Classifier:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         scores = np.take_along_axis(probs, order, axis=1).tolist()
         labels = self.labels
+        if self.multi_label:
+            return self._multilabel(probs, order, scores, mode)
         return [{"mode": mode,
                  "top_k": [{"label": labels[j], "score": s} for j, s in zip(o, sc)],
                  "path": [{"level": k + 1, "label": label, "score": s} for k, (label, s) in enumerate(path)]}
                 for o, sc, path in zip(order.tolist(), scores, self.hierarchy.top_down(probs))]
+
+    def _multilabel(self, probs: np.ndarray, order: list, scores: list, mode: str) -> list[dict[str, Any]]:
+        """`_top_k_and_paths` of a multi-label bundle: top-k, and every class at or above its threshold."""
+        thresholds = self.thresholds[mode]
+        out = []
+        for row, pred, o, sc in zip(probs, predict_sets(probs, thresholds), order.tolist(), scores):
+            chosen = sorted(np.flatnonzero(pred).tolist(), key=lambda j: -row[j])
+            described = [{"label": self.labels[j], "score": float(row[j]), "threshold": round(float(thresholds[j]), 4),
+                          "path": label_path(self.labels[j], row, self.labels)} for j in chosen]
+            out.append({"mode": mode, "top_k": [{"label": self.labels[j], "score": s} for j, s in zip(o, sc)],
+                        "path": described[0]["path"], "labels": described})
+        return out
 
     @_guarded
     def predict_proba(self, images: Sequence[ImageInput] | None = None, titles: Sequence[str] | None = None) -> np.ndarray:

@@ -148,7 +148,8 @@ def _bulk_options(fn):
 @_bulk_options
 @click.option("--mode", type=click.Choice(["auto", "fused", "image", "text"]), default="auto", help="Which inputs to use.")
 @click.option("--top-k", default=5, help="Leaf classes per prediction.")
-@click.option("--min-confidence", default=0.0, help="Mark predictions whose top-1 score is below this `needs_review` (kept, not dropped).")
+@click.option("--min-confidence", default=0.0, help="Mark predictions whose top-1 score is below this `needs_review` (kept, not dropped); "
+                                                 "multi-label bundles mark each label, and the row if any label is below.")
 @click.option("--show", default=0, help="Also print the first N predictions.")
 def classify(show, **kw) -> None:
     """Classify every product in a catalog; bad rows get an `error`, never dropped.
@@ -186,7 +187,7 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
     msg = (f"{verb} {r.classified}/{r.rows} rows with {r.backend} -> {r.out}; {r.errors} with errors, "
            f"{r.warnings} with warnings")
     if task == "classify" and min_confidence > 0:
-        msg += f", {r.needs_review} need review (top-1 < {min_confidence})"
+        msg += f", {r.needs_review} need review (top-1, or with a multi-label bundle any label, < {min_confidence})"
     if r.shards_resumed:
         msg += f"; {r.shards_resumed} of {r.shards} shards kept from the interrupted run"
     if r.shards_retried:
@@ -228,6 +229,10 @@ def _describe_row(row: dict, truth: str | None) -> str:
         return f"{head} -> error: {row['error']}"
     best = row["top_k"][0]
     path = " > ".join(f"{p['label'].split('<')[-1]} {p['score']:.2f}" for p in row["path"])
+    if row.get("labels"):  # multi-label bundle: every predicted class
+        chosen = ", ".join(f"{x['label']} {x['score']:.2f}" + (" (review)" if x.get("needs_review") else "")
+                           for x in row["labels"])
+        return f"{head} -> {chosen} ({row['mode']})" + (f"  truth: {truth}" if truth else "")
     return f"{head} -> {best['label']} ({best['score']:.2f}, {row['mode']}) [{path}]" + (f"  truth: {truth}" if truth else "")
 
 
@@ -254,7 +259,8 @@ def info(bundle) -> None:
 
         m = load_manifest(bundle)
         graphs = check_bundle_graphs(bundle, m)
-        click.echo(f"bundle {bundle}: {len(m['labels'])} classes, embedding dim {m['embedding_dim']}")
+        task = " (multi-label: every class above its threshold)" if m.get("task") == "multi-label" else ""
+        click.echo(f"bundle {bundle}: {len(m['labels'])} classes{task}, embedding dim {m['embedding_dim']}")
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
                    f"fusion image weight {m['fusion']['image_weight']}")

@@ -79,6 +79,7 @@ from huse.runtime.bundle import has_visual, package_versions
 from huse.runtime.files import MANIFEST, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
+from huse.runtime.labels import PATH_SEPARATOR, join_paths, matches_prefix, parse_paths
 from huse.runtime.stamps import sha256_matches
 
 __all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS", "SPACES"]
@@ -599,9 +600,10 @@ class Index:
         mask = None if alive.all() else alive
         if filter:
             prefix = canonical(filter)
-            codes = [i for i, c in enumerate(self.classes) if c == prefix or c.startswith(prefix + SEPARATOR)]
+            # a class code is a product's whole set of paths: it matches if any of its paths does
+            codes = [i for i, c in enumerate(self.classes) if matches_prefix(c, prefix)]
             if not codes:
-                roots = sorted({c.split(SEPARATOR)[0] for c in self.classes})
+                roots = sorted({p.split(SEPARATOR)[0] for c in self.classes for p in c.split(PATH_SEPARATOR)})
                 raise HuseError(f"filter {filter!r} matches no class in index {self.folder}; top-level classes: {roots}")
             under = np.isin(self._array("items.class.npy"), codes)
             mask = under if mask is None else mask & under
@@ -785,7 +787,7 @@ class Index:
         n_max = max(int(np.isfinite(v).all(1).sum()) for v in vecs.values())
         if kind == "auto":
             kind = choose_kind(n_max, dim, max_memory, visual_dim=width.get("visual", 0))
-        classes = sorted({canonical(r.classes) for r in records if r.classes})
+        classes = sorted({_classes(r.classes) for r in records if r.classes})
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
         try:
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -831,7 +833,7 @@ class Index:
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
         previous = self.items()
-        classes = sorted(set(self.classes) | {canonical(r.classes) for r in records if r.classes})
+        classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
         _write_items(self.folder, records, classes, vecs, previous=(previous, self))
         _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
@@ -1067,6 +1069,11 @@ def _pair_visual(vecs: dict[str, np.ndarray]) -> None:
             vecs[m][drop] = np.nan
 
 
+def _classes(cell: str | None) -> str | None:
+    """An item's classes as the index keeps them: its canonical paths joined with '|' (runtime/labels.py)."""
+    return join_paths(parse_paths(cell)) if cell else None
+
+
 def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous) -> None:
     """Item table: items.jsonl + byte offsets, and the per-item code arrays (appended to `previous`)."""
     code = {c: i for i, c in enumerate(classes)}
@@ -1076,7 +1083,7 @@ def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, pr
         old_items, index = previous
         old_alive, old_mods = index._array("items.alive.npy"), index._array("items.mods.npy")
     new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name, "image": r.image,
-                  "classes": canonical(r.classes) if r.classes else None} for r in records]
+                  "classes": _classes(r.classes)} for r in records]
     all_items = old_items + new_items
     product = np.empty(len(all_items), np.int32)
     # Codes by first appearance (stable for old items); an item without product_id is a product of its own.

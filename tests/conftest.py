@@ -49,3 +49,36 @@ def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export(tiny_run, out, ExportOptions(say=lambda s: None, engine="skip"))
     return out
+
+
+# -- multi-label (issue 22): several '|'-separated class paths per product -------------------
+@pytest.fixture(scope="session")
+def tiny_multi_catalog(tmp_path_factory) -> Path:
+    from tests.models.make_data import make_multilabel_catalog
+
+    return make_multilabel_catalog(tmp_path_factory.mktemp("multi-catalog"))
+
+
+@pytest.fixture(scope="session")
+def tiny_multi_run(tiny_multi_catalog, tmp_path_factory) -> Path:
+    """A multi-label run over the tiny CNN backbone (detected from the catalog, no flag)."""
+    from huse.train.data import load_catalog_dataset
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-multi"
+    ds = load_catalog_dataset(tiny_multi_catalog)
+    Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
+            TrainConfig(epochs=20, batch_size=32, lr=3e-3)).fit(progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_multi_bundle(tiny_multi_run, tmp_path_factory) -> Path:
+    """Its bundle with FP16 and INT8-CPU graphs, each through the multi-label gates."""
+    from huse.export.api import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-multi"
+    export(tiny_multi_run, out, ExportOptions(say=lambda s: None, engine="skip", fp16=True, int8_cpu=True,
+                                              calib_size=64, eval_size=0))
+    return out

@@ -11,7 +11,7 @@ import numpy as np
 
 from huse.runtime.catalog import read_catalog
 from huse.runtime.errors import HuseError
-from huse.runtime.hierarchy import canonical
+from huse.runtime.labels import join_paths, parse_paths
 from huse.runtime.preprocess import decode_image
 from huse.runtime.tokenizer import normalise_title
 
@@ -24,7 +24,7 @@ class Dataset:
 
     images: list[Any]
     titles: list[str]
-    classes: list[str]
+    classes: list[str]  # canonical path per item; several sorted and joined with '|' (runtime/labels.join_paths)
     product_ids: list[str]
     splits: list[str]
     source: dict[str, Any]  # how to load it again (recorded in the run for export)
@@ -78,15 +78,17 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
                                       "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
     for r in records:
         try:
-            if r.classes is None:
-                raise HuseError("empty class")
-            cls = canonical(r.classes)
+            try:
+                cls = join_paths(parse_paths(r.classes))  # one path, or several separated by '|'
+            except HuseError as e:
+                raise HuseError(f"column classes: {e}") from None
             if r.image is None:
                 raise HuseError("no image")
             decode_image(r.image)  # the training pass decodes it again; this finds bad files up front
         except HuseError as e:
             if not skip_bad_rows:
-                raise HuseError(f"{path}, row {r.row}: {e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
+                sep = ", " if str(e).startswith("column ") else ": "  # "row 7, column classes: ..."
+                raise HuseError(f"{path}, row {r.row}{sep}{e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
             ds.skipped.append({"row": r.row, "image": r.image, "reason": str(e)})
             continue
         title = normalise_title(r.name) or ""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import huse.train.multilabel as multilabel
+
 
 def cosine_distance_matrix(u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
     """1 - cos between rows of L2-normalised `u` and `v` (default `u`), shape (N, M)."""
@@ -35,12 +37,13 @@ def semantic_graph_loss(emb: torch.Tensor, labels: torch.Tensor, class_dist: tor
 
     Args:
         emb: (N, D) L2-normalised embeddings.
-        labels: (N,) class indices.
+        labels: (N,) class indices, or (N, C) multi-hot label sets (multi-label catalogs).
         class_dist: (C, C) class distances A.
         margin: zeta.
     """
     d = cosine_distance_matrix(emb)
-    a = class_dist[labels][:, labels]
+    # Multi-label (labels (N, C) multi-hot): the distance between the items' sets of paths.
+    a = class_dist[labels][:, labels] if labels.ndim == 1 else multilabel.set_distance(labels, class_dist)
     mask = ((a < margin) & (d < margin)).to(emb.dtype)
     return (mask * (d - a) ** 2).sum() / (emb.shape[0] ** 2)
 
@@ -83,13 +86,17 @@ def instance_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, product: torc
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor, text_logits: torch.Tensor,
               labels: torch.Tensor, class_dist: torch.Tensor, *, alpha: float, beta: float, gamma: float,
               margin: float, delta: float = 0.0, tau: float = 0.1, product: torch.Tensor | None = None,
-              image_view: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              image_view: torch.Tensor | None = None, head: str = "sigmoid") -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the losses, and each part for logging.
 
     The graph loss is applied to each modality's embeddings and averaged. `product` (N,) is
-    needed when delta > 0; `image_view` is optional (see instance_loss).
+    needed when delta > 0; `image_view` is optional (see instance_loss); `head` is the multi-label
+    head (train/multilabel.py) when `labels` are (N, C) multi-hot sets.
     """
-    cls = classification_loss(image_logits, text_logits, labels)
+    if labels.ndim == 1:
+        cls = classification_loss(image_logits, text_logits, labels)
+    else:  # multi-label: a sigmoid per class (train/multilabel.py)
+        cls = multilabel.classification_loss(image_logits, text_logits, labels, head)
     graph = 0.5 * (semantic_graph_loss(image_emb, labels, class_dist, margin)
                    + semantic_graph_loss(text_emb, labels, class_dist, margin))
     gap = gap_loss(image_emb, text_emb)

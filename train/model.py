@@ -42,10 +42,18 @@ class HuseConfig:
     conv_channels: int = 128  # word-CNN filters
     conv_kernel: int = 3  # word-CNN n-gram width
     text_feature_dim: int = 512  # word-CNN Dense output (MiniLM: 384)
+    # Several class paths per product (train/multilabel.py): a sigmoid per class instead of one softmax.
+    multi_label: bool = False
+    # Its head: "sigmoid" (a probability per class) or "softmax" (cross-entropy against the multi-hot
+    # target spread evenly over the product's classes; Mahajan et al. 2018 found it better for tags).
+    label_head: str = "sigmoid"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.multi_label:  # single-label runs' config.json stays what it always was
+            del d["multi_label"], d["label_head"]
+        return d
 
 
 # Tower presets. "paper": 5 x 512 image layers, 2 x 512 text layers, dropout 0.15. "compact" (huse-train's
@@ -177,6 +185,8 @@ class HUSE(nn.Module):
         return self.embed_text_features(self.text_features(input_ids, attention_mask))
 
     def fuse(self, image_logits: torch.Tensor, text_logits: torch.Tensor, image_weight: float) -> torch.Tensor:
+        if self.cfg.multi_label and self.cfg.label_head == "sigmoid":  # per-class probabilities, each in [0, 1]
+            return image_weight * image_logits.sigmoid() + (1.0 - image_weight) * text_logits.sigmoid()
         return image_weight * image_logits.softmax(-1) + (1.0 - image_weight) * text_logits.softmax(-1)
 
 

@@ -31,12 +31,14 @@ from huse.runtime.files import sha256_file, write_atomic, write_json_atomic
 from huse.runtime.classifier import temperature_scale
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
+from huse.runtime.labels import PATH_SEPARATOR, is_multi_label
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import WordTokenizer, normalise_title, words
 from huse.train.backbones import backbone_info
 from huse.train.baselines import MODES, calibration_report, fit_temperature, logistic_baselines, nll
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
+import huse.train.multilabel as multilabel
 from huse.train.model import HUSE, HuseConfig, build_model, resolve_arch
 
 
@@ -144,6 +146,10 @@ def _probs(logits: torch.Tensor) -> np.ndarray:
     return logits.softmax(-1).cpu().numpy()
 
 
+def _sigmoid_probs(logits: torch.Tensor) -> np.ndarray:
+    return logits.sigmoid().cpu().numpy()
+
+
 def accuracy_report(probs: np.ndarray, y: np.ndarray, hierarchy: Hierarchy) -> dict[str, Any]:
     """top-1/top-5 on leaves and top-1 per hierarchy level."""
     top5 = np.argsort(-probs, axis=1)[:, :5]
@@ -239,9 +245,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)
-        self.labels = sorted(set(ds.classes))
+        # Multi-label (several `|`-separated paths per product, or --multi-label): train/multilabel.py.
+        self.multi = model_cfg.multi_label = bool(model_cfg.multi_label or is_multi_label(ds.classes))
+        if model_cfg.label_head not in multilabel.HEADS:
+            raise HuseError(f"multi-label head {model_cfg.label_head!r} not found; available = {list(multilabel.HEADS)}")
+        self.labels = sorted({p for c in ds.classes for p in c.split(PATH_SEPARATOR)})
         self.hierarchy = Hierarchy(self.labels)
-        self.y = torch.tensor([self.labels.index(c) for c in ds.classes])
+        self.y = (torch.from_numpy(multilabel.multi_hot(ds.classes, self.labels)) if self.multi
+                  else torch.tensor([self.labels.index(c) for c in ds.classes]))
         # Product ids as integers: the instance-level loss treats all items of a product as positives.
         self.product = torch.from_numpy(np.unique(np.asarray(ds.product_ids), return_inverse=True)[1].astype(np.int64))
         info = backbone_info(model_cfg.backbone)
@@ -398,7 +409,8 @@ class Trainer:
                                         self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
                                         beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
                                         delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
-                                        image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None)
+                                        image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
+                                        head=self.mc.label_head)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -407,16 +419,23 @@ class Trainer:
                 bar.update(1)
             self.epoch += 1
             val = self.predict("val")
-            val_loss = _calibrated_nll(val["image"], val["y"]) + _calibrated_nll(val["text"], val["y"])
-            sums.update(epoch=self.epoch, step=self.epoch * steps_per_epoch, val_loss=val_loss,
-                        val_image_top1=accuracy_report(val["image"], val["y"], self.hierarchy)["top1"],
-                        val_text_top1=accuracy_report(val["text"], val["y"], self.hierarchy)["top1"])
+            if self.multi:  # threshold-free: 2 - val mAP of image and text (train/multilabel.py)
+                maps = [multilabel.mean_average_precision(val[m], val["y"]) for m in ("image", "text")]
+                val_loss = 2.0 - sum(maps)
+                sums.update(epoch=self.epoch, step=self.epoch * steps_per_epoch, val_loss=val_loss,
+                            val_image_map=maps[0], val_text_map=maps[1])
+            else:
+                val_loss = _calibrated_nll(val["image"], val["y"]) + _calibrated_nll(val["text"], val["y"])
+                sums.update(epoch=self.epoch, step=self.epoch * steps_per_epoch, val_loss=val_loss,
+                            val_image_top1=accuracy_report(val["image"], val["y"], self.hierarchy)["top1"],
+                            val_text_top1=accuracy_report(val["text"], val["y"], self.hierarchy)["top1"])
             self.history.append(sums)
             if val_loss < self.best["val_loss"]:
                 self.best = {"val_loss": val_loss, "epoch": self.epoch}
                 save_safetensors_atomic(self._trainable_state(), self.out / "best.safetensors")
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", val_loss=f"{val_loss:.3f}", val_img=f"{sums['val_image_top1']:.3f}",
-                            val_txt=f"{sums['val_text_top1']:.3f}")
+            shown = ("val_image_map", "val_text_map") if self.multi else ("val_image_top1", "val_text_top1")
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", val_loss=f"{val_loss:.3f}", val_img=f"{sums[shown[0]]:.3f}",
+                            val_txt=f"{sums[shown[1]]:.3f}")
             self._save_checkpoint()
         bar.close()
         # The best epoch's weights, not the last: early stopping's point.
@@ -432,10 +451,11 @@ class Trainer:
         self.model.eval()
         idx = self.split[split]
         img, txt = [], []
+        probs = _sigmoid_probs if self.multi and self.mc.label_head == "sigmoid" else _probs
         for s in range(0, len(idx), 1024):
             b = idx[s:s + 1024]
-            img.append(_probs(self.model.classifier(self._image_emb(b))))
-            txt.append(_probs(self.model.classifier(self._text_emb(b))))
+            img.append(probs(self.model.classifier(self._image_emb(b))))
+            txt.append(probs(self.model.classifier(self._text_emb(b))))
         return {"image": np.concatenate(img), "text": np.concatenate(txt), "y": self.y[idx].numpy()}
 
     def baselines(self) -> dict[str, dict[str, np.ndarray]]:
@@ -453,34 +473,65 @@ class Trainer:
         """Choose the fusion weight and temperatures on val; write metrics (HUSE beside the baselines),
         the confusion matrix and the final model."""
         val, test = self.predict("val"), self.predict("test") if len(self.split["test"]) else None
-        w = best_fusion_weight(val["image"], val["text"], val["y"])
+        choose = multilabel.best_fusion_weight if self.multi else best_fusion_weight
+        w = choose(val["image"], val["text"], val["y"])
         for pr in (val, test):
             if pr is not None:
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
-        base = self.baselines()
-        calibration = calibration_report(val, test, val["y"], test["y"] if test else None)
         metrics: dict[str, Any] = {"fusion_image_weight": w, "split_sizes": self.ds.split_sizes(), "text_encoder": self.text_choice,
                                    "skipped_rows": len(self.ds.skipped), "best_epoch": self.best["epoch"],
-                                   "epochs_run": self.epoch, "history": self.history, "calibration": calibration}
-        for name, pr in (("val", val), ("test", test)):
-            if pr is None:
-                continue
-            metrics[name] = {mode: accuracy_report(pr[mode], pr["y"], self.hierarchy) for mode in MODES}
-            metrics.setdefault("baseline", {})[name] = {mode: accuracy_report(base[name][mode], pr["y"], self.hierarchy)
-                                                        for mode in MODES}
-        metrics["verdict"] = baseline_verdict(metrics)
-        final = test or val
-        confusion_png(final["fused"], final["y"], self.labels, self.out / "confusion_matrix.png")
+                                   "epochs_run": self.epoch, "history": self.history}
+        if self.multi:
+            extra = self._evaluate_multilabel(val, test, metrics)
+        else:
+            base = self.baselines()
+            calibration = calibration_report(val, test, val["y"], test["y"] if test else None)
+            metrics["calibration"] = calibration
+            for name, pr in (("val", val), ("test", test)):
+                if pr is None:
+                    continue
+                metrics[name] = {mode: accuracy_report(pr[mode], pr["y"], self.hierarchy) for mode in MODES}
+                metrics.setdefault("baseline", {})[name] = {mode: accuracy_report(base[name][mode], pr["y"], self.hierarchy)
+                                                            for mode in MODES}
+            metrics["verdict"] = baseline_verdict(metrics)
+            final = test or val
+            confusion_png(final["fused"], final["y"], self.labels, self.out / "confusion_matrix.png")
+            extra = {"calibration": {"temperature": calibration["temperature"]}}
         save_safetensors_atomic(self.model.state_dict(), self.out / "model.safetensors")
         self.tokenizer.save(self.out / ("vocab.json" if self.mc.text_encoder == "cnn" else "tokenizer.json"))
         write_json_atomic(self.out / "config.json", {
             "model": self.mc.to_dict(), "train": asdict(self.tc), "labels": self.labels, "data": self.ds.source,
             "skipped": self.ds.skipped, "preprocessing": self.spec.to_dict(),
             "tokenizer": self.tokenizer.spec("vocab.json" if self.mc.text_encoder == "cnn" else "tokenizer.json"),
-            "fusion": {"image_weight": w}, "calibration": {"temperature": calibration["temperature"]},
+            "fusion": {"image_weight": w}, **extra,
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         write_json_atomic(self.out / "metrics.json", metrics)
         return metrics
+
+
+    def _evaluate_multilabel(self, val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None,
+                             metrics: dict[str, Any]) -> dict[str, Any]:
+        """Multi-label metrics of HUSE and the tuned one-vs-rest baseline into `metrics`; returns what
+        config.json adds (per-class thresholds per mode, tuned on val; no temperatures: the thresholds
+        are where the scores are read)."""
+        splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
+        image = self.image_feats.numpy() if self.frozen else extract_image_features(
+            build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None, self.tc.feature_batch).numpy()
+        text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
+        base, info = multilabel.ovr_baselines(image, text, self.y.numpy(), self.product.numpy(),
+                                              self.split["train"].numpy(), splits)
+        thresholds, reports = multilabel.evaluate(val, test, self.hierarchy)
+        base_val, base_test = ({**base[s], "y": pr["y"]} if pr is not None else None
+                               for s, pr in (("val", val), ("test", test)))
+        base_thresholds, base_reports = multilabel.evaluate(base_val, base_test, self.hierarchy)
+        metrics.update(task="multi-label", **reports, baseline=base_reports,
+                       baseline_info={**info, "thresholds": base_thresholds,
+                                      "model": "one-vs-rest logistic regression on the same frozen features"},
+                       thresholds=thresholds, labels_per_product={
+                           s: float(self.y[self.split[s]].sum(1).float().mean()) for s in splits})
+        metrics["verdict"] = multilabel.verdict(metrics)
+        return {"task": "multi-label", "thresholds": thresholds,
+                "calibration": {"temperature": {m: 1.0 for m in MODES}}}
 
 
 def _calibrated_nll(p: np.ndarray, y: np.ndarray) -> float:

@@ -60,3 +60,37 @@ def split_catalog(catalog: Path, folder: Path) -> tuple[Path, Path, list[dict[st
             w.writeheader()
             w.writerows(part)
     return first, rest, rows
+
+
+# Extra classes of the multi-label catalog: each product keeps its class above and may also be on
+# sale (its title usually says so) and/or a gift (its photo has a white corner), so each extra
+# class has a signal in one modality.
+SALE, GIFT = "sale<clearance", "gifts<for her"
+
+
+def make_multilabel_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
+    """Like `make_catalog`, with several `|`-separated class paths per product (about half have two or three)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    rng, prng = np.random.default_rng(seed), random.Random(seed)
+    path = folder / "catalog.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id"])
+        for c, (cls, (_, nouns)) in enumerate(CLASSES.items()):
+            for i in range(per_class):
+                paths = [cls]
+                img = make_image(c, rng)
+                if prng.random() < 0.4:
+                    paths.append(GIFT)
+                    img[:10, :10] = 255
+                sale = prng.random() < 0.4
+                if sale:
+                    paths.append(SALE)
+                name = f"img_{c}_{i}.png"
+                Image.fromarray(img).save(folder / "images" / name)
+                noun = prng.choice(nouns) if prng.random() < 0.7 else "item"
+                tag = "sale" if sale and prng.random() < 0.85 else prng.choice(["new", ""])
+                title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {tag} {noun}".replace("  ", " ").strip()
+                w.writerow([f"images/{name}", title, "|".join(paths), f"p{c}-{i}"])
+    return path

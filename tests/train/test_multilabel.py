@@ -1,0 +1,139 @@
+"""Multi-label training: the set distance, thresholds, metrics, the one-vs-rest baseline, and a real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import Hierarchy
+from huse.train import multilabel
+from huse.train.data import load_catalog_dataset
+from huse.train.losses import huse_loss
+
+LABELS = ["a<b", "a<c", "z<y"]
+
+
+def test_set_distance_is_the_class_distance_for_one_path_each():
+    a = torch.from_numpy(Hierarchy(LABELS).distance_matrix())
+    labels = torch.tensor([0, 1, 2, 0])
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    assert torch.allclose(multilabel.set_distance(one_hot, a), a[labels][:, labels])
+
+
+def test_set_distance_is_graded_by_overlap_and_hierarchy():
+    a = torch.from_numpy(Hierarchy(LABELS).distance_matrix())
+    sets = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float32)
+    d = multilabel.set_distance(sets, a)
+    assert torch.allclose(d, d.t()) and d.diag().abs().max() == 0 and d[0, 1] == 0  # equal sets
+    # sharing one of two paths is closer than a sibling alone, which is closer than nothing in common
+    assert 0 < d[0, 2] < d[2, 3] < d[3, 4] == 1
+
+
+def test_huse_loss_takes_multi_hot_targets():
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    logits = torch.randn(6, 3, requires_grad=True)
+    y = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]], dtype=torch.float32)
+    a = torch.from_numpy(Hierarchy(LABELS).distance_matrix())
+    loss, parts = huse_loss(emb, emb, logits, logits, y, a, alpha=1, beta=1, gamma=0.2, margin=0.7)
+    expected = 2 * 3 * torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    assert parts["cls"] == pytest.approx(float(expected.detach()), rel=1e-5)
+    loss.backward()
+    assert logits.grad is not None
+
+
+def test_thresholds_per_class_and_a_global_one_for_rare_classes():
+    rng = np.random.default_rng(0)
+    y = np.zeros((200, 3), np.float32)
+    y[:100, 0] = 1
+    y[100:, 1] = 1
+    y[:3, 2] = 1  # 3 positives: below MIN_VAL_POSITIVES
+    p = np.clip(y * 0.35 + rng.uniform(0, 0.3, y.shape), 0, 1).astype(np.float32)  # positives in [0.35, 0.65]
+    t = multilabel.tune_thresholds(p, y)
+    assert 0.3 <= t[0] <= 0.35 and 0.3 <= t[1] <= 0.35
+    global_t = multilabel.THRESHOLD_GRID[np.argmax([multilabel.set_metrics(p >= g, y)["micro_f1"]
+                                                    for g in multilabel.THRESHOLD_GRID])]
+    assert t[2] == pytest.approx(global_t)
+
+
+def test_one_vs_rest_fit_is_scikit_learns_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(80, 5))
+    y = np.stack([(x[:, 0] + rng.normal(size=80) > 0), (x[:, 1] - x[:, 2] > 0.5)], 1).astype(np.float64)
+    theta = multilabel._fit_ovr(x, y, 0.3)
+    for j in range(2):
+        ref = LogisticRegression(C=0.3, tol=1e-8, max_iter=5000).fit(x, y[:, j])
+        assert np.allclose(theta[:-1, j], ref.coef_[0], atol=1e-3) and abs(theta[-1, j] - ref.intercept_[0]) < 1e-3
+
+
+def test_average_precision_matches_scikit_learn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(1)
+    y = rng.random((50, 4)) < 0.3
+    p = rng.random((50, 4))
+    for j in range(4):
+        assert multilabel.average_precision(p[:, j], y[:, j]) == pytest.approx(average_precision_score(y[:, j], p[:, j]))
+
+
+def test_set_metrics():
+    y = np.array([[1, 0, 1], [0, 1, 0]], bool)
+    pred = np.array([[1, 0, 0], [0, 1, 0]], bool)
+    m = multilabel.set_metrics(pred, y)
+    assert m["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 0 + 1))
+    assert m["subset_accuracy"] == 0.5 and m["jaccard"] == pytest.approx(0.75)
+    assert m["macro_f1"] == pytest.approx((1 + 1 + 0) / 3)
+
+
+def test_bad_path_names_row_and_column(tiny_multi_catalog, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cat"
+    shutil.copytree(tiny_multi_catalog.parent, folder)
+    path = folder / "catalog.csv"
+    with open(path, "a") as f:
+        f.write("images/img_0_0.png,Acme tee,clothing<tops<t-shirts||sale<clearance,x1\n")
+    n = sum(1 for _ in open(path)) - 1
+    with pytest.raises(HuseError) as e:
+        load_catalog_dataset(path)
+    assert f"row {n}, column classes:" in str(e.value) and "empty path" in str(e.value)
+
+
+def test_multi_label_run_reports_against_the_one_vs_rest_baseline(tiny_multi_run):
+    m = json.loads((tiny_multi_run / "metrics.json").read_text())
+    cfg = json.loads((tiny_multi_run / "config.json").read_text())
+    assert m["task"] == cfg["task"] == "multi-label" and cfg["model"]["multi_label"] is True
+    assert cfg["labels"] == sorted(cfg["labels"]) and "sale<clearance" in cfg["labels"] and len(cfg["labels"]) == 6
+    for split in ("val", "test"):
+        for mode in ("image", "text", "fused"):
+            for r in (m[split][mode], m["baseline"][split][mode]):
+                assert {"micro_f1", "macro_f1", "map", "subset_accuracy", "jaccard", "levels"} <= set(r)
+                assert 0 <= r["micro_f1"] <= 1 and set(r["levels"]) == {"1", "2", "3"}
+    # thresholds per mode and class, in [0, 1]; the baseline's C per class, chosen by grouped CV
+    assert set(cfg["thresholds"]) == {"image", "text", "fused"}
+    assert all(len(t) == 6 and all(0 < x < 1 for x in t) for t in cfg["thresholds"].values())
+    assert m["baseline_info"]["grouped_by"] == "product" and m["baseline_info"]["C"]["image"] in multilabel.C_GRID
+    assert m["verdict"]["metric"] == "micro_f1"
+    # the run learnt: fused beats chance (predicting every class) by a wide margin
+    assert m["test"]["fused"]["micro_f1"] > 0.7 and m["test"]["fused"]["map"] > 0.75
+
+
+def test_printed_table_is_multi_label(tiny_multi_run):
+    from huse.train.cli import format_metrics
+
+    text = format_metrics(json.loads((tiny_multi_run / "metrics.json").read_text()))
+    assert "micro-F1" in text and "mAP" in text and "one-vs-rest" in text and "top1" not in text
+
+
+def test_single_label_run_is_unchanged(tiny_run):
+    """A single-label catalog: softmax head, top-1 metrics, no multi-label keys anywhere."""
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert "task" not in m and "task" not in cfg and "thresholds" not in cfg and "multi_label" not in cfg["model"]
+    assert "top1" in m["test"]["fused"] and "calibration" in m and "micro_f1" not in m["test"]["fused"]
