@@ -3,7 +3,8 @@
 It knows nothing about HTTP. A request's items are prepared (decoded, tokenised) in a thread
 pool, then queued; a dispatcher takes the oldest queued request, waits for a free model
 instance, adds the requests queued behind it up to `max_batch` items (waiting at most
-`max_delay` after the oldest arrived for more to come), and runs the batch on that instance's
+`max_delay` after the oldest arrived for more to come, but only while other requests are still
+being prepared: a request alone runs at once), and runs the batch on that instance's
 own thread while it forms the next one. The event loop never decodes or runs a model.
 
 Admission is bounded: a request whose items would take the queue past `max_queue` is refused
@@ -93,6 +94,7 @@ class Batcher:
         self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
         self.on_batch = on_batch or (lambda n: None)
         self.admitted = 0  # items being prepared, queued or run (abandoned ones until their prepare ends)
+        self.preparing = 0  # items being prepared: what a forming batch may still wait for
         self._queue: collections.deque[_Entry] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -131,8 +133,20 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         prepare = loop.run_in_executor(self.pool, self.stages.prepare, payload)
+        self.preparing += n
+        counted = True
+
+        def prepared(_=None) -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.preparing -= n
+                self._arrived.set()  # a forming batch re-checks whether anything is still on its way
+
+        prepare.add_done_callback(prepared)
         try:
             part = await asyncio.shield(prepare)
+            prepared()  # now, not when the callback runs: a batch must not wait for items already here
             self._queue.append(_Entry(part, n, future))
             self._arrived.set()
             return await future
@@ -177,8 +191,8 @@ class Batcher:
                     n += e.n
                     continue
                 wait = close_at - time.monotonic()
-                if wait <= 0:
-                    break
+                if wait <= 0 or not self.preparing:
+                    break  # nothing else is on its way (e.g. one client alone): waiting would only add latency
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)
