@@ -23,7 +23,7 @@ from pathlib import Path
 from huse.runtime.errors import HuseError
 
 __all__ = ["ARM_CPUINFO", "CPU", "PINS", "QEMU", "Arm64Env", "build_env", "build_sysroot", "cache_root",
-           "install_wheels", "qemu_version"]
+           "install_wheels", "qemu_version", "with_pins"]
 
 QEMU = "qemu-aarch64-static"
 # The emulated core: Neoverse-N1 (AWS Graviton2, Ampere Altra) is Armv8.2 with dot-product and fp16
@@ -49,6 +49,25 @@ ARM_CPUINFO = "".join(
     f"processor\t: {i}\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
     "asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
     "CPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n" for i in range(2))
+
+
+def with_pins(overrides: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """PINS with each override replacing the pin of the same package (e.g. "onnxruntime==1.23.2").
+
+    Args:
+        overrides: requirement strings NAME==VERSION.
+
+    Returns:
+        The requirements to install.
+    """
+    def name(req: str) -> str:
+        return req.split("==")[0].strip().lower()
+
+    for req in overrides:
+        if "==" not in req or name(req) not in {name(p) for p in PINS}:
+            raise HuseError(f"--pin takes NAME==VERSION for one of {', '.join(name(p) for p in PINS)}; got {req!r}")
+    chosen = {name(r): r for r in overrides}
+    return tuple(chosen.get(name(p), p) for p in PINS)
 
 
 def cache_root() -> Path:

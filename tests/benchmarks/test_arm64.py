@@ -99,3 +99,13 @@ def test_sample_spreads_over_a_sorted_catalog_with_absolute_image_paths(tiny_cat
     rows = list(csv.DictReader(open(out, newline="")))
     assert len({r["classes"] for r in rows}) == 4  # the tiny catalog is sorted by class, 30 rows each
     assert all(os.path.isabs(r["image"]) and os.path.isfile(r["image"]) for r in rows)
+
+
+def test_a_pin_replaces_only_its_package_and_unknown_ones_are_refused():
+    from huse.benchmarks.arm64.env import PINS, with_pins
+
+    pins = with_pins(["onnxruntime==1.23.2"])
+    assert "onnxruntime==1.23.2" in pins and len(pins) == len(PINS)
+    assert [p for p in pins if not p.startswith("onnxruntime")] == [p for p in PINS if not p.startswith("onnxruntime")]
+    with pytest.raises(HuseError, match="torch"):
+        with_pins(["torch==2.13.0"])
