@@ -38,9 +38,11 @@ def setup() -> None:
 @click.option("--search/--no-search", default=True, help="Also build a flat index on x86 and search it from both sides.")
 @click.option("--pin", "pins", multiple=True, help="Replace one aarch64 requirement, e.g. --pin onnxruntime==1.23.2 "
               "(repeatable; default: env.PINS).")
+@click.option("--cpu", default="neoverse-n1", help="QEMU's -cpu model (max: every feature QEMU emulates, SVE and SME "
+              "included; no shipping Arm core has them all).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--work", type=click.Path(file_okay=False), help="Keep both sides' outputs here (default: a temporary folder).")
-def check(bundle, data, limit, precisions, search, pins, out, work) -> None:
+def check(bundle, data, limit, precisions, search, pins, cpu, out, work) -> None:
     """Run `huse info`, `huse classify` (and `huse search`) on aarch64 and x86; exit 1 unless every bar is met."""
     def body():
         from huse.benchmarks.arm64.check import run_check
@@ -48,7 +50,7 @@ def check(bundle, data, limit, precisions, search, pins, out, work) -> None:
 
         with tempfile.TemporaryDirectory(prefix="huse-arm64-") as tmp:
             report = run_check(bundle, data, work or tmp, precisions=tuple(precisions.split(",")), limit=limit,
-                               search=search, pins=with_pins(pins), say=lambda s: click.echo(s, err=True))
+                               search=search, pins=with_pins(pins), cpu=cpu, say=lambda s: click.echo(s, err=True))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(report, indent=2) + "\n")
