@@ -184,8 +184,9 @@ def _project_wheel(work: Path) -> Path:
     if not (root / "pyproject.toml").is_file():
         raise HuseError(f"the arm64 check installs huse-edge from its source checkout, and {root} has no "
                         "pyproject.toml; run it from a clone (pip install -e .)")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-          "--no-build-isolation", "-w", str(work), str(root)], "building huse-edge's wheel")
+    # With build isolation: a venv's own setuptools may be older than pyproject's build requirement.
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps", "-w", str(work),
+          str(root)], "building huse-edge's wheel")
     return next(work.glob("huse_edge-*.whl"))
 
 
