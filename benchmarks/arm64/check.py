@@ -171,8 +171,9 @@ def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisi
             say(f"huse classify {n} products, {p}, on {side}")
             out = work / f"{side}-{p}.jsonl"
             out.unlink(missing_ok=True)
-            run(side, cli + ["classify", str(bundle), "--data", str(sample), "--out", str(out), "--precision", p, "--backend", "onnxruntime", "--threads", "1", "--workers",
-                             "0", "--no-progress"], f"huse classify --precision {p}")
+            run(side, cli + ["classify", str(bundle), "--data", str(sample), "--out", str(out), "--precision", p,
+                             "--backend", "onnxruntime", "--threads", "1", "--workers", "0", "--no-progress"],
+                f"huse classify --precision {p}")
             preds[side, p] = _read_jsonl(out)
     gates, results = _gates(), {}
     for p in precisions:
@@ -180,7 +181,8 @@ def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisi
         r["agreement_with_x86_fp32"] = compare_predictions(preds["aarch64", p], preds["x86_64", "fp32"])["agreement"]
         for side in sides:
             known = [row for row in preds[side, p] if row.get("classes") and not row.get("error")]
-            r[f"top1_{side}"] = 100.0 * sum(row["label"] == row["classes"] for row in known) / len(known) if known else None
+            right = sum(row["label"] == row["classes"] for row in known)
+            r[f"top1_{side}"] = 100.0 * right / len(known) if known else None
         if p == "fp32":
             r["bar"] = f"top-1 identical, scores within {FP32_SCORE_ATOL:g}"
             r["passed"] = r["agreement"] == 100.0 and r["max_score_diff"] <= FP32_SCORE_ATOL
@@ -196,7 +198,8 @@ def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisi
     if search:
         say("huse index build on x86, huse search from both sides")
         index = work / "index"
-        run("x86_64", cli + ["index", "build", str(bundle), "--data", str(sample), "--out", str(index), "--kind", "flat", "--threads", "1", "--overwrite"], "huse index build")
+        run("x86_64", cli + ["index", "build", str(bundle), "--data", str(sample), "--out", str(index), "--kind", "flat",
+                             "--threads", "1", "--overwrite"], "huse index build")
         queries = work / "queries.csv"
         sample_catalog(sample, queries, 16)
         hits = {}
