@@ -34,6 +34,7 @@ def setup() -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="CSV catalog of products.")
 @click.option("--limit", default=200, help="Products classified (spread evenly over the catalog; emulation is slow).")
+@click.option("--split", default="test", help="Products of this split, where the catalog has a split column.")
 @click.option("--precisions", default="fp32,fp16,int8-cpu", help="Comma-separated; fp32 is always included.")
 @click.option("--search/--no-search", default=True, help="Also build a flat index on x86 and search it from both sides.")
 @click.option("--pin", "pins", multiple=True, help="Replace one aarch64 requirement, e.g. --pin onnxruntime==1.23.2 "
@@ -42,7 +43,7 @@ def setup() -> None:
               "included; no shipping Arm core has them all).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @click.option("--work", type=click.Path(file_okay=False), help="Keep both sides' outputs here (default: a temporary folder).")
-def check(bundle, data, limit, precisions, search, pins, cpu, out, work) -> None:
+def check(bundle, data, limit, split, precisions, search, pins, cpu, out, work) -> None:
     """Run `huse info`, `huse classify` (and `huse search`) on aarch64 and x86; exit 1 unless every bar is met."""
     def body():
         from huse.benchmarks.arm64.check import run_check
@@ -50,7 +51,8 @@ def check(bundle, data, limit, precisions, search, pins, cpu, out, work) -> None
 
         with tempfile.TemporaryDirectory(prefix="huse-arm64-") as tmp:
             report = run_check(bundle, data, work or tmp, precisions=tuple(precisions.split(",")), limit=limit,
-                               search=search, pins=with_pins(pins), cpu=cpu, say=lambda s: click.echo(s, err=True))
+                               split=split, search=search, pins=with_pins(pins), cpu=cpu,
+                               say=lambda s: click.echo(s, err=True))
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(report, indent=2) + "\n")

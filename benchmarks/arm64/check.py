@@ -33,7 +33,7 @@ def _gates() -> dict[str, float]:
     return {"fp16": FP16_MIN_AGREEMENT, "int8": INT8_MIN_AGREEMENT, "int8-cpu": INT8_MIN_AGREEMENT}
 
 
-def sample_catalog(data: Path, out: Path, limit: int) -> int:
+def sample_catalog(data: Path, out: Path, limit: int, split: str | None = None) -> int:
     """Write `limit` rows of a CSV catalog to `out`, evenly spread over it (catalogs are often sorted by class),
     with absolute image paths so that `out` can live anywhere.
 
@@ -41,6 +41,7 @@ def sample_catalog(data: Path, out: Path, limit: int) -> int:
         data: the catalog (CSV; image paths relative to its folder, as `huse classify` reads them).
         out: the sample CSV to write.
         limit: how many rows at most.
+        split: keep only the rows of this split when the catalog has a `split` column (held-out products).
 
     Returns:
         The number of rows written.
@@ -50,8 +51,10 @@ def sample_catalog(data: Path, out: Path, limit: int) -> int:
     with open(data, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows, fields = list(reader), reader.fieldnames
+    if split and "split" in (fields or []):
+        rows = [r for r in rows if r["split"] == split]
     if not rows:
-        raise HuseError(f"{data} has no rows")
+        raise HuseError(f"{data} has no rows" + (f" of split {split!r}" if split else ""))
     picked = [dict(rows[i * len(rows) // min(limit, len(rows))]) for i in range(min(limit, len(rows)))]
     for row in picked:
         if row.get("image"):
@@ -107,7 +110,7 @@ def _compare_hits(arm: list[dict], x86: list[dict]) -> dict[str, Any]:
 
 
 def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisions: tuple[str, ...] = ("fp32",
-              "fp16", "int8-cpu"), limit: int = 200, search: bool = True, cpu: str = CPU,
+              "fp16", "int8-cpu"), limit: int = 200, split: str | None = "test", search: bool = True, cpu: str = CPU,
               pins: tuple[str, ...] = PINS, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the check and return its report (the JSON the CLI writes).
 
@@ -117,6 +120,7 @@ def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisi
         work: a scratch folder (outputs of both sides stay there for inspection).
         precisions: what to classify; fp32 is always included (the reference of the bars).
         limit: products to classify.
+        split: take them from this split where the catalog has a `split` column (None: any row).
         search: also build a flat index on x86 and search it from both sides.
         cpu: QEMU's -cpu model.
         pins: the aarch64 requirements.
@@ -139,7 +143,7 @@ def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisi
     env = build_env(work, pins=pins, cpu=cpu, say=say)
     setup_s = time.perf_counter() - t0
     sample = work / "sample.csv"
-    n = sample_catalog(data, sample, limit)
+    n = sample_catalog(data, sample, limit, split)
     sides: dict[str, tuple[list[str], dict | None]] = {"x86_64": ([sys.executable], None),
                                                        "aarch64": (env.python(), env.environ())}
 
@@ -151,7 +155,7 @@ def run_check(bundle: str | Path, data: str | Path, work: str | Path, *, precisi
         return r.stdout
 
     cli = ["-m", "huse.runtime.cli"]
-    report: dict[str, Any] = {"bundle": str(bundle), "data": str(data), "products": n, "cpu": cpu,
+    report: dict[str, Any] = {"bundle": str(bundle), "data": str(data), "split": split, "products": n, "cpu": cpu,
                               "qemu": qemu_version(), "pins": list(pins), "sysroot": str(env.sysroot)}
     probe = ("import json, platform, sys, importlib.util as u; import numpy, PIL, click, onnxruntime; "
              "from importlib.metadata import version as v; print(json.dumps({'machine': platform.machine(), "

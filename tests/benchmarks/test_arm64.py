@@ -109,3 +109,13 @@ def test_a_pin_replaces_only_its_package_and_unknown_ones_are_refused():
     assert [p for p in pins if not p.startswith("onnxruntime")] == [p for p in PINS if not p.startswith("onnxruntime")]
     with pytest.raises(HuseError, match="torch"):
         with_pins(["torch==2.13.0"])
+
+
+def test_sample_keeps_the_held_out_split_when_the_catalog_has_one(tmp_path):
+    data = tmp_path / "catalog.csv"
+    data.write_text("image,name,classes,split\n" + "".join(f"i{i}.png,t{i},a<b,{s}\n" for i, s in
+                                                           enumerate(["train", "test", "val", "test"])))
+    assert sample_catalog(data, tmp_path / "s.csv", 10, split="test") == 2
+    assert {r["name"] for r in csv.DictReader(open(tmp_path / "s.csv", newline=""))} == {"t1", "t3"}
+    with pytest.raises(HuseError, match="no rows of split 'holdout'"):
+        sample_catalog(data, tmp_path / "s.csv", 10, split="holdout")
