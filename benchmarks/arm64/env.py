@@ -184,9 +184,16 @@ def _project_wheel(work: Path) -> Path:
     if not (root / "pyproject.toml").is_file():
         raise HuseError(f"the arm64 check installs huse-edge from its source checkout, and {root} has no "
                         "pyproject.toml; run it from a clone (pip install -e .)")
+    # From a copy: setuptools builds in the source tree's build/, which two checks at once would share.
+    src = work / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    for stale in work.glob("huse_edge-*.whl"):
+        stale.unlink()
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "bundles", "data",
+                                                             "bench-results", "results", "*.egg-info", "__pycache__"))
     # With build isolation: a venv's own setuptools may be older than pyproject's build requirement.
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps", "-w", str(work),
-          str(root)], "building huse-edge's wheel")
+          str(src)], "building huse-edge's wheel")
     return next(work.glob("huse_edge-*.whl"))
 
 
