@@ -1,7 +1,7 @@
 """The arm64 check: the lean runtime on aarch64 under QEMU user-mode emulation, compared with x86.
 
     python -m huse.benchmarks.arm64 setup                     # sysroot + wheels, cached (~/.cache/huse/arm64)
-    python -m huse.benchmarks.arm64 check BUNDLE --data CATALOG.csv --out DIR
+    python -m huse.benchmarks.arm64 check BUNDLE --data CATALOG.csv --out arm64.json
     python -m huse.benchmarks.arm64 probe                     # which onnxruntime releases start under QEMU
 
 One file per role: env.py (sysroot, wheels, the emulated Python), check.py (the commands on both
