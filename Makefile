@@ -7,7 +7,7 @@ BUNDLE ?= bundles/demo
 # Demo recipe (the README's numbers come from it): all 55,000 train products, huse-train's defaults.
 TRAIN_ARGS ?= --dataset fashion-products
 
-.PHONY: demo test setup data clean
+.PHONY: demo test setup data clean arm64-setup arm64-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,19 @@ demo: setup data
 	$(BIN)/huse search data/index --image data/fashion-products/images/fm-t10k-00000.png --space visual -k 5
 	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --precisions fp32,int8-cpu --out bench-results/accuracy.json
 	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32,int8-cpu --repeats 3 --eval-size 500
+
+# The arm64 check (README "Arm64"): QEMU user-mode emulation and Debian's arm64 packages (root or sudo
+# once), then the aarch64 sysroot and wheels, cached in ~/.cache/huse/arm64 (~1 min the first time).
+arm64-setup: setup
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	command -v qemu-aarch64-static >/dev/null || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user-static; }; \
+	dpkg --print-foreign-architectures | grep -qx arm64 || { $$SUDO dpkg --add-architecture arm64 && $$SUDO apt-get update -qq; }
+	$(BIN)/python -m huse.benchmarks.arm64 setup
+
+# The full form on `make demo`'s bundle: fp32, fp16 and int8-cpu on 200 real products, search, kernel counts.
+arm64-check: arm64-setup
+	$(BIN)/python -m huse.benchmarks.arm64 check $(BUNDLE) --data data/fashion-products/catalog.csv --limit 200 \
+	  --out benchmarks/results/cpu-2core/arm64/arm64.json
 
 test: setup
 	@# The real photos let one test check the default model's FP16/INT8 gates; without them it skips.
