@@ -34,7 +34,7 @@ from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import WordTokenizer, normalise_title, words
 from huse.train.backbones import backbone_info
-from huse.train.baselines import MODES, calibration_report, fit_temperature, logistic_baselines, nll
+from huse.train.baselines import MODES, best_weight, calibration_report, fit_temperature, logistic_baselines, nll
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 from huse.train.model import HUSE, HuseConfig, build_model, resolve_arch
@@ -153,14 +153,6 @@ def accuracy_report(probs: np.ndarray, y: np.ndarray, hierarchy: Hierarchy) -> d
         pred, true = (probs @ m).argmax(1), m[y].argmax(1)
         report["levels"][str(k)] = float((pred == true).mean())
     return report
-
-
-def best_fusion_weight(p_img: np.ndarray, p_txt: np.ndarray, y: np.ndarray) -> float:
-    """The image weight in [0, 1] (step 0.05) with the best fused top-1 on validation; ties go to 0.5."""
-    grid = np.round(np.linspace(0, 1, 21), 2)
-    acc = [((w * p_img + (1 - w) * p_txt).argmax(1) == y).mean() for w in grid]
-    best = max(acc)
-    return float(min((w for w, a in zip(grid, acc) if a == best), key=lambda w: abs(w - 0.5)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -438,8 +430,9 @@ class Trainer:
             txt.append(_probs(self.model.classifier(self._text_emb(b))))
         return {"image": np.concatenate(img), "text": np.concatenate(txt), "y": self.y[idx].numpy()}
 
-    def baselines(self) -> dict[str, dict[str, np.ndarray]]:
-        """Logistic-regression baselines on the same split and frozen features (huse.train.baselines)."""
+    def baselines(self) -> dict[str, Any]:
+        """Tuned and scikit-learn-defaults logistic-regression baselines on the same split and frozen features,
+        cross-validated by product (huse.train.baselines.logistic_baselines)."""
         splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
         if self.frozen:
             image = self.image_feats.numpy()
@@ -447,13 +440,14 @@ class Trainer:
             image = extract_image_features(build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None,
                                            self.tc.feature_batch).numpy()
         text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
-        return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits)
+        return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits,
+                                  groups=self.product.numpy(), seed=self.tc.seed)
 
     def finish(self) -> dict[str, Any]:
         """Choose the fusion weight and temperatures on val; write metrics (HUSE beside the baselines),
         the confusion matrix and the final model."""
         val, test = self.predict("val"), self.predict("test") if len(self.split["test"]) else None
-        w = best_fusion_weight(val["image"], val["text"], val["y"])
+        w = best_weight(val["image"], val["text"], val["y"])[0]
         for pr in (val, test):
             if pr is not None:
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
@@ -466,8 +460,10 @@ class Trainer:
             if pr is None:
                 continue
             metrics[name] = {mode: accuracy_report(pr[mode], pr["y"], self.hierarchy) for mode in MODES}
-            metrics.setdefault("baseline", {})[name] = {mode: accuracy_report(base[name][mode], pr["y"], self.hierarchy)
-                                                        for mode in MODES}
+            for key, kind in (("baseline", "tuned"), ("baseline_defaults", "defaults")):
+                metrics.setdefault(key, {})[name] = {mode: accuracy_report(base[kind][name][mode], pr["y"], self.hierarchy)
+                                                     for mode in MODES}
+        metrics["baseline_settings"] = base["settings"]
         metrics["verdict"] = baseline_verdict(metrics)
         final = test or val
         confusion_png(final["fused"], final["y"], self.labels, self.out / "confusion_matrix.png")
@@ -494,7 +490,7 @@ def _calibrated_nll(p: np.ndarray, y: np.ndarray) -> float:
 
 
 def baseline_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Where HUSE is worse than the logistic-regression baseline on validation, with the figures."""
+    """Where HUSE is worse than the tuned logistic-regression baseline on validation, with the figures."""
     worse = {mode: {"huse": metrics["val"][mode]["top1"], "baseline": metrics["baseline"]["val"][mode]["top1"]}
              for mode in MODES if metrics["val"][mode]["top1"] < metrics["baseline"]["val"][mode]["top1"]}
     return {"huse_beats_baseline_on_val": not worse, "worse_modes": worse}

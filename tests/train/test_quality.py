@@ -7,21 +7,59 @@ import json
 import numpy as np
 import pytest
 
-from huse.train.baselines import (expected_calibration_error, fit_temperature, logistic_baselines, selective_accuracy)
+from huse.train.baselines import (C_GRID, expected_calibration_error, fit_temperature, logistic_baselines,
+                                  selective_accuracy)
 from huse.runtime.classifier import temperature_scale
 
 
-def test_logistic_baselines_fit_separable_features_and_average_for_fused():
+def test_logistic_baselines_fit_separable_features_tuned_and_with_defaults():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
     img = rng.normal(size=(120, 8)) + 4 * np.eye(3, 8)[y]  # class signal in the first 3 dims
     txt = [f"item {['red', 'green', 'blue'][c]} {i}" for i, c in enumerate(y)]
     train, test = np.arange(0, 120, 2), np.arange(1, 120, 2)
-    p = logistic_baselines(img, txt, y, 4, train, {"test": test})["test"]  # 4 classes, one never seen
-    for mode in ("image", "text"):
-        assert (p[mode].argmax(1) == y[test]).mean() > 0.95
-        assert p[mode].shape == (60, 4) and np.allclose(p[mode][:, 3], 0) and np.allclose(p[mode].sum(1), 1, atol=1e-5)
-    np.testing.assert_allclose(p["fused"], 0.5 * (p["image"] + p["text"]))
+    b = logistic_baselines(img, txt, y, 4, train, {"test": test}, groups=np.arange(120) // 2, folds=3)  # 4 classes, 1 unseen
+    for kind in ("tuned", "defaults"):
+        p = b[kind]["test"]
+        for mode in ("image", "text", "fused"):
+            assert (p[mode].argmax(1) == y[test]).mean() > 0.95
+            assert p[mode].shape == (60, 4) and np.allclose(p[mode][:, 3], 0) and np.allclose(p[mode].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(b["defaults"]["test"]["fused"], 0.5 * (b["defaults"]["test"]["image"] + b["defaults"]["test"]["text"]))
+    st = b["settings"]
+    for mode in ("image", "text", "concat"):
+        acc = st[mode]["cv_top1"]
+        assert set(acc) == {str(c) for c in C_GRID} and acc[str(st[mode]["C"])] == max(acc.values())
+    if st["fused"]["by"] == "late":
+        w = st["fused"]["image_weight"]
+        np.testing.assert_allclose(b["tuned"]["test"]["fused"], w * b["tuned"]["test"]["image"] + (1 - w) * b["tuned"]["test"]["text"])
+
+
+def test_tuned_baseline_regularises_where_the_default_overfits():
+    # 3 informative dims among 400 noisy ones and 10 items per class: scikit-learn's C=1 fits the noise.
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(4), 20)
+    x = rng.normal(size=(80, 400)) + 1.2 * np.eye(4, 400)[y]
+    train, test = np.arange(0, 80, 2), np.arange(1, 80, 2)
+    text = rng.normal(size=(80, 4))  # titles that say nothing
+    b = logistic_baselines(x, text, y, 4, train, {"test": test}, folds=3)
+    assert b["settings"]["image"]["C"] < 1.0
+    tuned, plain = ((b[k]["test"]["image"].argmax(1) == y[test]).mean() for k in ("tuned", "defaults"))
+    assert tuned >= plain
+
+
+def test_cross_validation_folds_keep_products_whole(monkeypatch):
+    import huse.train.baselines as bl
+
+    y = np.repeat(np.arange(3), 60)
+    groups = np.arange(180) // 3  # 60 products of 3 rows each
+    rows, folds = bl._cv_folds(y, groups, 5, seed=0)
+    assert len(rows) == 180 and len(folds) == 5
+    for a, b in folds:
+        assert not set(groups[rows[a]]) & set(groups[rows[b]])
+    monkeypatch.setattr(bl, "CV_MAX_ROWS", 90)  # large catalogs tune on a sample of whole products
+    rows, folds = bl._cv_folds(y, groups, 5, seed=0)
+    assert len(rows) == 90 and all(np.sum(groups[rows] == g) == 3 for g in set(groups[rows]))
+    assert sorted(np.concatenate([rows[b] for _, b in folds]).tolist()) == rows.tolist()
 
 
 def test_temperature_is_recovered_and_calibration_gets_better():
@@ -80,7 +118,8 @@ def _trainer(ds, out, **tc):
 def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     for split in ("val", "test"):
-        assert set(m["baseline"][split]) == {"image", "text", "fused"}
+        assert set(m["baseline"][split]) == set(m["baseline_defaults"][split]) == {"image", "text", "fused"}
+    assert m["baseline_settings"]["image"]["C"] in C_GRID
     assert m["verdict"]["huse_beats_baseline_on_val"] == (not m["verdict"]["worse_modes"])
     cal = m["calibration"]
     assert set(cal["temperature"]) == {"image", "text", "fused"} and all(t > 0 for t in cal["temperature"].values())
