@@ -41,6 +41,10 @@ from huse.runtime.cli import run_cli
                                                     "embeddings, for finding products; 0: the paper's losses only. [default: TrainConfig.delta]")
 @click.option("--margin", "zeta", default=0.7, help="Semantic-graph margin zeta.")
 @click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
+@click.option("--final-fit", type=click.Choice(["train", "train+val", "all"]),
+              help="Rows the shipped model is trained on, once epochs, fusion weight and temperatures are chosen on val and "
+                   "test is reported: train (the held-out model itself), train+val (a fresh model refitted on both with "
+                   "those settings), all (test too: read the report first). [default: TrainConfig.final_fit]")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)
@@ -72,7 +76,7 @@ def _train(o: dict) -> None:
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"])
     # Options without a CLI default take TrainConfig's: one copy of each default.
-    given = {k: o[k] for k in ("epochs", "patience", "delta") if o[k] is not None}
+    given = {k: o[k] for k in ("epochs", "patience", "delta", "final_fit") if o[k] is not None}
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
                      margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
@@ -102,6 +106,11 @@ def format_metrics(metrics: dict) -> str:
     lines.append(f"fused calibration ({cal['split']}): ECE {cal['ece_before']['fused']:.3f} -> {cal['ece_after']['fused']:.3f} "
                  f"(temperature {cal['temperature']['fused']}); accuracy at coverage "
                  + ", ".join(f"{100 * float(c):.0f}%: {v['accuracy']:.3f} (p>={v['threshold']:.2f})" for c, v in cov.items()))
+    ff = metrics["final_fit"]
+    if ff["rows"] != "train":
+        held = "; on test: " + ", ".join(f"{m} {r['top1']:.4f}" for m, r in ff["test"].items()) if "test" in ff else ""
+        lines.append(f"shipped model: refitted on {' + '.join(ff['splits'])} ({ff['items']} items, {ff['epochs']} epochs){held}; "
+                     "the figures above are the held-out model's")
     worse = metrics["verdict"]["worse_modes"]
     if worse:
         lines.append("WARNING: HUSE is worse than a tuned logistic regression on the same features on val in "

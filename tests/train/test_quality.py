@@ -200,3 +200,35 @@ def test_instance_loss_prefers_matching_pairs_and_treats_a_products_items_as_pos
     # items 0 and 1 are one product: pairing 0's image with 1's title is no longer a mistake
     assert instance_loss(e, e[[1, 0, 2, 3]], torch.tensor([0, 0, 2, 3]), 0.1) < shuffled
     assert instance_loss(e, e, product, 0.1, image_view=e) < 0.01
+
+
+def test_final_fit_refits_on_train_and_val_with_the_chosen_settings(tiny_catalog, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from huse.runtime.tokenizer import words
+    from huse.train.data import load_catalog_dataset
+    from huse.train.trainer import load_run
+
+    ds = load_catalog_dataset(tiny_catalog)
+    m = _trainer(ds, tmp_path / "run", epochs=6, patience=0, lr=3e-3, final_fit="train+val").fit(progress=False)
+    sizes = ds.split_sizes()
+    ff = m["final_fit"]
+    assert (ff["rows"], ff["splits"], ff["items"]) == ("train+val", ["train", "val"], sizes["train"] + sizes["val"])
+    assert ff["epochs"] == m["best_epoch"] and set(ff["test"]) == {"image", "text", "fused"}  # test still held out
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["final_fit"]["items"] == ff["items"]
+    # The shipped model saw val: its vocabulary has val's words, and its feature statistics are those of train + val.
+    vocab = json.loads((tmp_path / "run" / "vocab.json").read_text())
+    val_words = {w for i in ds.indices("val") for w in words(ds.titles[i])}
+    assert val_words and val_words <= set(vocab)
+    shipped = load_file(str(tmp_path / "run" / "model.safetensors"))
+    feats = load_file(str(next((tmp_path / "run" / "cache").glob("image-features-*"))))["features"]
+    rows = np.concatenate([ds.indices("train"), ds.indices("val")])
+    torch.testing.assert_close(shipped["feature_norm.mean"], feats[rows].mean(0))
+    load_run(tmp_path / "run")  # export can load it: weights and config agree
+
+
+def test_final_fit_train_ships_the_held_out_model(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["final_fit"]["splits"] == ["train"] and "test" not in m["final_fit"]
