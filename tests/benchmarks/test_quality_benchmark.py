@@ -20,7 +20,9 @@ def test_quality_benchmark_tabulates_huse_against_the_baseline(tiny_catalog, tmp
     assert row["catalog"] == "tiny" and row["text_encoder"] == "cnn"
     for mode in ("fused", "image", "text"):
         assert abs(row[f"diff_{mode}"] - (row[f"huse_{mode}"] - row[f"baseline_{mode}"])) < 1e-12
-    assert "| tiny |" in r.output
+        assert 0 <= row[f"baseline_defaults_{mode}"] <= 1
+    assert row["baseline_settings"]["folds"] == 5 and row["final_fit"]["splits"] == ["train"]
+    assert "| tiny |" in r.output and "LR C=1" in r.output
     # A second run reuses the finished training run instead of training again.
     stamp = (tmp_path / "runs" / result["recipe"] / "tiny" / "wall_s.txt").stat().st_mtime_ns
     assert CliRunner().invoke(main, args).exit_code == 0
