@@ -94,10 +94,9 @@ def format_metrics(metrics: dict) -> str:
             levels = " ".join(f"L{k}={v:.3f}" for k, v in r["levels"].items())
             lines.append(f"{split:5} {mode:6} {r['top1']:9.4f} {base:9.4f} {plain:7.4f} {r['top5']:7.4f}  {levels}")
     bs = metrics["baseline_settings"]
-    fused = (f"one LR on both feature sets (C={bs['concat']['C']})" if bs["fused"]["by"] == "concat"
-             else f"image weight {bs['fused']['image_weight']}")
     lines.append(f"LR tuned: {bs['folds']}-fold cross-validation by product on {bs['cv_rows']} of {bs['train_rows']} "
-                 f"training rows: image C={bs['image']['C']}, text C={bs['text']['C']}, fused {fused}")
+                 f"training rows: image C={bs['image']['C']}, text C={bs['text']['C']}, fused image weight "
+                 f"{bs['fused']['image_weight']}")
     cal = metrics["calibration"]
     cov = cal["coverage"]["fused"]
     lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}; best epoch "
@@ -108,7 +107,8 @@ def format_metrics(metrics: dict) -> str:
                  + ", ".join(f"{100 * float(c):.0f}%: {v['accuracy']:.3f} (p>={v['threshold']:.2f})" for c, v in cov.items()))
     ff = metrics["final_fit"]
     if ff["rows"] != "train":
-        held = "; on test: " + ", ".join(f"{m} {r['top1']:.4f}" for m, r in ff["test"].items()) if "test" in ff else ""
+        held = ("; on test: " + ", ".join(f"{m} {r['top1']:.4f} (LR tuned on the same rows {ff['baseline_test'][m]['top1']:.4f})"
+                                          for m, r in ff["test"].items()) if "test" in ff else "")
         lines.append(f"shipped model: refitted on {' + '.join(ff['splits'])} ({ff['items']} items, {ff['epochs']} epochs){held}; "
                      "the figures above are the held-out model's")
     worse = metrics["verdict"]["worse_modes"]

@@ -457,8 +457,10 @@ class Trainer:
             image = extract_image_features(build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None,
                                            self.tc.feature_batch).numpy()
         text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
+        final = (torch.cat([self.split[s] for s in FINAL_FITS[self.tc.final_fit]]).numpy()
+                 if self.tc.final_fit != "train" else None)
         return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits,
-                                  groups=self.product.numpy(), seed=self.tc.seed)
+                                  groups=self.product.numpy(), seed=self.tc.seed, final=final)
 
     def finish(self, progress: bool = True) -> dict[str, Any]:
         """Choose the fusion weight and temperatures on val; write metrics (HUSE beside the baselines),
@@ -486,6 +488,9 @@ class Trainer:
         confusion_png(final["fused"], final["y"], self.labels, self.out / "confusion_matrix.png")
         metrics["final_fit"] = self.refit(w, progress) if self.tc.final_fit != "train" else {
             "rows": "train", "splits": ["train"], "items": len(self.split["train"]), "epochs": self.best["epoch"]}
+        if "test" in metrics["final_fit"]:  # the tuned LR fitted on the same rows, for a comparison on equal data
+            metrics["final_fit"]["baseline_test"] = {mode: accuracy_report(base["tuned_final"]["test"][mode], test["y"],
+                                                                           self.hierarchy) for mode in MODES}
         save_safetensors_atomic(self.model.state_dict(), self.out / "model.safetensors")
         self.tokenizer.save(self.out / ("vocab.json" if self.mc.text_encoder == "cnn" else "tokenizer.json"))
         write_json_atomic(self.out / "config.json", {
