@@ -13,7 +13,8 @@ differences, scikit-learn's defaults (C=1, probabilities averaged) beside them, 
 ECE after calibration. Where the shipped model was refitted on train+val (`--final-fit`), its
 test top-1 is listed too. `--train-arg` applies to every catalog, e.g.
 `--train-arg=--arch=paper` to measure the paper's towers. Runs that already finished in the
-work folder are reused. Writes quality.json and quality.md.
+work folder are reused. Writes quality-RECIPE.json and .md in --out; rows of catalogs measured
+earlier into the same file (and not in this invocation) are kept.
 """
 
 from __future__ import annotations
@@ -105,7 +106,12 @@ def main(catalogs, datasets, train_size, train_args, work, out) -> None:
             click.echo(f"{name}: training ({tag}) ...", err=True)
             rows.append(summarise(name, train_default(name, [*args, *train_args], Path(work) / tag / name)))
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"quality-{tag}.json").write_text(json.dumps({"recipe": tag, "rows": rows}, indent=2))
+        path = Path(out) / f"quality-{tag}.json"
+        # Catalogs measured before (and not now) keep their rows, so slow catalogs can be run separately.
+        done = {r["catalog"] for r in rows}
+        old = json.loads(path.read_text())["rows"] if path.is_file() else []
+        rows += [r for r in old if r["catalog"] not in done and "baseline_defaults_fused" in r]
+        path.write_text(json.dumps({"recipe": tag, "rows": rows}, indent=2))
         table = markdown(rows)
         (Path(out) / f"quality-{tag}.md").write_text(table + "\n")
         click.echo(table)
