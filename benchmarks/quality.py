@@ -1,9 +1,9 @@
 """Model quality across catalogs: the default recipe against the logistic-regression baselines.
 
+    for c in phosphor-icons tabler-icons mdi-icons; do python -m huse.benchmarks.catalogs $c data/$c; done
     python -m huse.benchmarks.quality --out bench-results/quality \\
-        --catalog phosphor-icons=data/phosphor-icons/catalog.csv --dataset fashion-products-open --dataset fashion-products
-
-    python -m huse.benchmarks.catalogs tabler-icons data/tabler-icons   # (and mdi-icons, phosphor-icons)
+        --catalog phosphor-icons=data/phosphor-icons/catalog.csv --catalog tabler-icons=data/tabler-icons/catalog.csv \\
+        --catalog mdi-icons=data/mdi-icons/catalog.csv --dataset fashion-products-open --dataset fashion-products
 
 Each catalog is trained with `huse-train`'s defaults (plus any `--train-arg`), exactly as a user
 would run it, and the table compares HUSE with the baselines every run fits on the same split
