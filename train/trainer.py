@@ -35,11 +35,14 @@ from huse.runtime.labels import PATH_SEPARATOR, is_multi_label
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import WordTokenizer, normalise_title, words
 from huse.train.backbones import backbone_info
-from huse.train.baselines import MODES, calibration_report, fit_temperature, logistic_baselines, nll
+from huse.train.baselines import MODES, best_weight, calibration_report, fit_temperature, logistic_baselines, nll
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
 from huse.train.model import HUSE, HuseConfig, build_model, resolve_arch
+
+
+FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train", "val", "test")}
 
 
 @dataclass
@@ -63,9 +66,17 @@ class TrainConfig:
     tau: float = 0.1  # temperature of the instance-level contrastive term
     margin: float = 0.7  # zeta: hierarchy distances are 0 (same), 1/3 (siblings), 2/3, 1
     class_distance: str = "hierarchy"  # or "minilm": cosine distance of class-name embeddings
+    # Which rows the shipped model is trained on once the epochs, the fusion weight and the temperatures
+    # have been chosen on val and test has been reported (FINAL_FITS): "train" ships the held-out model
+    # itself; "train+val" refits a fresh model on both with those settings; "all" folds in test too.
+    final_fit: str = "train"
     seed: int = 0
     feature_batch: int = 128  # images per backbone call during feature extraction
     device: str = "cpu"  # or "cuda": an NVIDIA GPU (where fine-tuning the backbone becomes practical)
+
+    def __post_init__(self):
+        if self.final_fit not in FINAL_FITS:
+            raise HuseError(f"final fit {self.final_fit!r} not found; available = {list(FINAL_FITS)}")
 
     def total_epochs(self, steps_per_epoch: int) -> int:
         if self.epochs is not None:
@@ -161,14 +172,6 @@ def accuracy_report(probs: np.ndarray, y: np.ndarray, hierarchy: Hierarchy) -> d
     return report
 
 
-def best_fusion_weight(p_img: np.ndarray, p_txt: np.ndarray, y: np.ndarray) -> float:
-    """The image weight in [0, 1] (step 0.05) with the best fused top-1 on validation; ties go to 0.5."""
-    grid = np.round(np.linspace(0, 1, 21), 2)
-    acc = [((w * p_img + (1 - w) * p_txt).argmax(1) == y).mean() for w in grid]
-    best = max(acc)
-    return float(min((w for w, a in zip(grid, acc) if a == best), key=lambda w: abs(w - 0.5)))
-
-
 # ----------------------------------------------------------------------------------------
 # Features
 
@@ -249,6 +252,9 @@ class Trainer:
         self.multi = model_cfg.multi_label = bool(model_cfg.multi_label or is_multi_label(ds.classes))
         if model_cfg.label_head not in multilabel.HEADS:
             raise HuseError(f"multi-label head {model_cfg.label_head!r} not found; available = {list(multilabel.HEADS)}")
+        if self.multi and train_cfg.final_fit != "train":
+            raise HuseError(f"--final-fit {train_cfg.final_fit} refits single-label models only for now; train this "
+                            "multi-label catalog with --final-fit train (the default)")
         self.labels = sorted({p for c in ds.classes for p in c.split(PATH_SEPARATOR)})
         self.hierarchy = Hierarchy(self.labels)
         self.y = (torch.from_numpy(multilabel.multi_hot(ds.classes, self.labels)) if self.multi
@@ -396,27 +402,7 @@ class Trainer:
         patience = max(self.tc.patience, 3 * steps_per_epoch) if self.tc.patience else 0
         bar = tqdm(total=total, initial=self.epoch * steps_per_epoch, desc="training", unit="step", disable=not progress, mininterval=2)
         while self.epoch < epochs and not self._stopped(steps_per_epoch, patience):
-            self.model.train()
-            self.model.backbone.train(not self.mc.freeze_backbone)
-            perm = train_idx[torch.randperm(len(train_idx), generator=self.gen)]
-            sums: dict[str, float] = {}
-            for s in range(0, len(perm), self.tc.batch_size):
-                idx = perm[s:s + self.tc.batch_size]
-                for g in self.optimizer.param_groups:
-                    g["lr"] = self._lr(self.epoch * steps_per_epoch + s // self.tc.batch_size, total)
-                ie, te = self._image_emb(idx), self._text_emb(idx)
-                loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te),
-                                        self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
-                                        beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
-                                        delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
-                                        image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
-                                        head=self.mc.label_head)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v / steps_per_epoch
-                bar.update(1)
+            sums = self._train_epoch(train_idx, self.epoch * steps_per_epoch, total, bar)
             self.epoch += 1
             val = self.predict("val")
             if self.multi:  # threshold-free: 2 - val mAP of image and text (train/multilabel.py)
@@ -440,7 +426,33 @@ class Trainer:
         bar.close()
         # The best epoch's weights, not the last: early stopping's point.
         self.model.load_state_dict(load_file(str(self.out / "best.safetensors")), strict=False)
-        return self.finish()
+        return self.finish(progress)
+
+    def _train_epoch(self, rows: torch.Tensor, first_step: int, total: int, bar) -> dict[str, float]:
+        """One pass over `rows` in a seeded random order (the LR follows step first_step + k of `total`); the mean losses."""
+        self.model.train()
+        self.model.backbone.train(not self.mc.freeze_backbone)
+        perm = rows[torch.randperm(len(rows), generator=self.gen)]
+        steps = math.ceil(len(rows) / self.tc.batch_size)
+        sums: dict[str, float] = {}
+        for s in range(0, len(perm), self.tc.batch_size):
+            idx = perm[s:s + self.tc.batch_size]
+            for g in self.optimizer.param_groups:
+                g["lr"] = self._lr(first_step + s // self.tc.batch_size, total)
+            ie, te = self._image_emb(idx), self._text_emb(idx)
+            loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te),
+                                    self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
+                                    beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
+                                    delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
+                                    image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
+                                    head=self.mc.label_head)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / steps
+            bar.update(1)
+        return sums
 
     def _stopped(self, steps_per_epoch: int, patience: int) -> bool:
         return bool(patience) and (self.epoch - self.best["epoch"]) * steps_per_epoch >= patience
@@ -458,8 +470,9 @@ class Trainer:
             txt.append(probs(self.model.classifier(self._text_emb(b))))
         return {"image": np.concatenate(img), "text": np.concatenate(txt), "y": self.y[idx].numpy()}
 
-    def baselines(self) -> dict[str, dict[str, np.ndarray]]:
-        """Logistic-regression baselines on the same split and frozen features (huse.train.baselines)."""
+    def baselines(self) -> dict[str, Any]:
+        """Tuned and scikit-learn-defaults logistic-regression baselines on the same split and frozen features,
+        cross-validated by product (huse.train.baselines.logistic_baselines)."""
         splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
         if self.frozen:
             image = self.image_feats.numpy()
@@ -467,14 +480,17 @@ class Trainer:
             image = extract_image_features(build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None,
                                            self.tc.feature_batch).numpy()
         text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
-        return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits)
+        final = (torch.cat([self.split[s] for s in FINAL_FITS[self.tc.final_fit]]).numpy()
+                 if self.tc.final_fit != "train" else None)
+        return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits,
+                                  groups=self.product.numpy(), seed=self.tc.seed, final=final)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, progress: bool = True) -> dict[str, Any]:
         """Choose the fusion weight and temperatures on val; write metrics (HUSE beside the baselines),
-        the confusion matrix and the final model."""
+        the confusion matrix and the shipped model (refitted on more rows with --final-fit)."""
         val, test = self.predict("val"), self.predict("test") if len(self.split["test"]) else None
-        choose = multilabel.best_fusion_weight if self.multi else best_fusion_weight
-        w = choose(val["image"], val["text"], val["y"])
+        w = (multilabel.best_fusion_weight(val["image"], val["text"], val["y"]) if self.multi
+             else best_weight(val["image"], val["text"], val["y"])[0])
         for pr in (val, test):
             if pr is not None:
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
@@ -491,12 +507,20 @@ class Trainer:
                 if pr is None:
                     continue
                 metrics[name] = {mode: accuracy_report(pr[mode], pr["y"], self.hierarchy) for mode in MODES}
-                metrics.setdefault("baseline", {})[name] = {mode: accuracy_report(base[name][mode], pr["y"], self.hierarchy)
-                                                            for mode in MODES}
+                for key, kind in (("baseline", "tuned"), ("baseline_defaults", "defaults")):
+                    metrics.setdefault(key, {})[name] = {mode: accuracy_report(base[kind][name][mode], pr["y"], self.hierarchy)
+                                                         for mode in MODES}
+            metrics["baseline_settings"] = base["settings"]
             metrics["verdict"] = baseline_verdict(metrics)
             final = test or val
             confusion_png(final["fused"], final["y"], self.labels, self.out / "confusion_matrix.png")
-            extra = {"calibration": {"temperature": calibration["temperature"]}}
+            metrics["final_fit"] = self.refit(w, progress) if self.tc.final_fit != "train" else {
+                "rows": "train", "splits": ["train"], "items": len(self.split["train"]), "epochs": self.best["epoch"]}
+            if "test" in metrics["final_fit"]:  # the tuned LR fitted on the same rows, for a comparison on equal data
+                metrics["final_fit"]["baseline_test"] = {mode: accuracy_report(base["tuned_final"]["test"][mode], test["y"],
+                                                                               self.hierarchy) for mode in MODES}
+            extra = {"calibration": {"temperature": calibration["temperature"]},
+                     "final_fit": {k: metrics["final_fit"][k] for k in ("rows", "splits", "items", "epochs")}}
         save_safetensors_atomic(self.model.state_dict(), self.out / "model.safetensors")
         self.tokenizer.save(self.out / ("vocab.json" if self.mc.text_encoder == "cnn" else "tokenizer.json"))
         write_json_atomic(self.out / "config.json", {
@@ -507,6 +531,51 @@ class Trainer:
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         write_json_atomic(self.out / "metrics.json", metrics)
         return metrics
+
+    def refit(self, w: float, progress: bool = True) -> dict[str, Any]:
+        """Train a fresh model on the rows of the final-fit splits with the settings chosen on val.
+
+        The same number of epochs as the held-out model's best, on the same learning-rate schedule
+        measured in epochs; the fusion weight and the temperatures stay those chosen on val (the
+        refit has no val to choose them on). The word CNN's vocabulary is rebuilt from all those
+        titles, so val's words are no longer out of vocabulary. Where a split stays held out
+        (test, with "train+val"), the refit model is evaluated on it too.
+
+        Returns:
+            What the shipped model saw: rows, splits, items, epochs, and its accuracy per mode on
+            the splits still held out.
+        """
+        splits = FINAL_FITS[self.tc.final_fit]
+        rows = torch.cat([self.split[s] for s in splits])
+        epochs = max(1, self.best["epoch"])
+        budget = self.tc.total_epochs(math.ceil(len(self.split["train"]) / self.tc.batch_size))
+        if self.mc.text_encoder == "cnn":
+            self.tokenizer = WordTokenizer.build([self.ds.titles[i] for i in rows.tolist()], max_len=self.mc.max_len)
+            self.mc.vocab_size = len(self.tokenizer.vocab) + 2
+            self.text_inputs = encode_titles(self.tokenizer, self.ds.titles)
+        torch.manual_seed(self.tc.seed)
+        self.gen = torch.Generator().manual_seed(self.tc.seed)
+        fresh = build_model(self.mc, load_pretrained=False).to(self.device)
+        trained = set(self._trainable_state())
+        fresh.load_state_dict({k: v for k, v in self.model.state_dict().items() if k not in trained}, strict=False)
+        self.model = fresh  # frozen backbone (and MiniLM) kept, everything trained starts afresh
+        if self.frozen:
+            self.model.feature_norm.set_stats(self.image_feats[rows])
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        steps_per_epoch = math.ceil(len(rows) / self.tc.batch_size)
+        bar = tqdm(total=steps_per_epoch * epochs, desc=f"final fit ({self.tc.final_fit})", unit="step",
+                   disable=not progress, mininterval=2)
+        for epoch in range(epochs):
+            self._train_epoch(rows, epoch * steps_per_epoch, steps_per_epoch * budget, bar)
+        bar.close()
+        out: dict[str, Any] = {"rows": self.tc.final_fit, "splits": list(splits), "items": len(rows), "epochs": epochs}
+        for split in ("val", "test"):
+            if split not in splits and len(self.split[split]):
+                pr = self.predict(split)
+                pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
+                out[split] = {mode: accuracy_report(pr[mode], pr["y"], self.hierarchy) for mode in MODES}
+        return out
 
 
     def _evaluate_multilabel(self, val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None,
@@ -545,7 +614,7 @@ def _calibrated_nll(p: np.ndarray, y: np.ndarray) -> float:
 
 
 def baseline_verdict(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Where HUSE is worse than the logistic-regression baseline on validation, with the figures."""
+    """Where HUSE is worse than the tuned logistic-regression baseline on validation, with the figures."""
     worse = {mode: {"huse": metrics["val"][mode]["top1"], "baseline": metrics["baseline"]["val"][mode]["top1"]}
              for mode in MODES if metrics["val"][mode]["top1"] < metrics["baseline"]["val"][mode]["top1"]}
     return {"huse_beats_baseline_on_val": not worse, "worse_modes": worse}

@@ -20,7 +20,9 @@ def test_quality_benchmark_tabulates_huse_against_the_baseline(tiny_catalog, tmp
     assert row["catalog"] == "tiny" and row["text_encoder"] == "cnn"
     for mode in ("fused", "image", "text"):
         assert abs(row[f"diff_{mode}"] - (row[f"huse_{mode}"] - row[f"baseline_{mode}"])) < 1e-12
-    assert "| tiny |" in r.output
+        assert 0 <= row[f"baseline_defaults_{mode}"] <= 1
+    assert row["baseline_settings"]["folds"] == 5 and row["final_fit"]["splits"] == ["train"]
+    assert "| tiny |" in r.output and "LR C=1" in r.output
     # A second run reuses the finished training run instead of training again.
     stamp = (tmp_path / "runs" / result["recipe"] / "tiny" / "wall_s.txt").stat().st_mtime_ns
     assert CliRunner().invoke(main, args).exit_code == 0
@@ -55,3 +57,38 @@ def test_phosphor_metadata_parses_into_two_level_classes():
     assert [(name, fig) for name, _, fig in entries] == [("arrow-up", "ARROWS"), ("pencil-simple", "OFFICE")]
     assert entries[1][1].split(",")[0].strip() == "e.OFFICE"  # the first category is the second level
     assert _split("arrow-up", 0) == _split("arrow-up", 0) in ("train", "val", "test")
+
+
+def test_pick_products_drops_small_classes_and_caps_large_ones():
+    from huse.benchmarks.catalogs import MAX_PRODUCTS, MIN_PRODUCTS, pick_products
+
+    icons = [(f"big-{i}", "big") for i in range(3 * MAX_PRODUCTS)] + [(f"small-{i}", "small") for i in range(MIN_PRODUCTS - 1)]
+    icons += [(f"ok-{i}", "ok") for i in range(MIN_PRODUCTS)]
+    picked = pick_products(icons, seed=0)
+    assert set(picked) == {"big", "ok"} and len(picked["big"]) == MAX_PRODUCTS and len(picked["ok"]) == MIN_PRODUCTS
+    assert picked == pick_products(list(reversed(icons)), seed=0)  # the pick depends on the seed, not the order
+    assert picked["big"] != pick_products(icons, seed=1)["big"]
+
+
+def test_write_catalog_rasterises_every_view_and_keeps_a_product_in_one_split(tmp_path):
+    import csv
+
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    pytest.importorskip("resvg_py")
+    from huse.benchmarks.catalogs import RASTER, write_catalog
+
+    def square(width):
+        return lambda name: (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24" fill="none" stroke="#000" '
+                             f'stroke-width="{width}"><rect x="4" y="4" width="16" height="16"/></svg>')
+
+    path = write_catalog(tmp_path, {"a<b": ["box-one", "box-two"]}, {"thin": square(1), "bold": square(3)}, seed=0)
+    rows = list(csv.DictReader(open(path, encoding="utf-8")))
+    assert [(r["name"], r["classes"]) for r in rows] == [("box one", "a<b")] * 2 + [("box two", "a<b")] * 2
+    assert len({r["split"] for r in rows if r["product_id"] == "box-one"}) == 1
+    thin, bold = (Image.open(tmp_path / rows[k]["image"]) for k in (0, 1))
+    assert thin.size == (RASTER, RASTER)
+    ink = [(np.asarray(im.convert("RGBA"))[..., 3] > 0).sum() for im in (thin, bold)]
+    assert ink[1] > ink[0] > 0  # the views differ as drawn

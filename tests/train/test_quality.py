@@ -7,21 +7,45 @@ import json
 import numpy as np
 import pytest
 
-from huse.train.baselines import (expected_calibration_error, fit_temperature, logistic_baselines, selective_accuracy)
+from huse.train.baselines import (C_GRID, expected_calibration_error, fit_temperature, logistic_baselines,
+                                  selective_accuracy)
 from huse.runtime.classifier import temperature_scale
 
 
-def test_logistic_baselines_fit_separable_features_and_average_for_fused():
+def test_logistic_baselines_fit_separable_features_tuned_and_with_defaults():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
     img = rng.normal(size=(120, 8)) + 4 * np.eye(3, 8)[y]  # class signal in the first 3 dims
     txt = [f"item {['red', 'green', 'blue'][c]} {i}" for i, c in enumerate(y)]
     train, test = np.arange(0, 120, 2), np.arange(1, 120, 2)
-    p = logistic_baselines(img, txt, y, 4, train, {"test": test})["test"]  # 4 classes, one never seen
+    b = logistic_baselines(img, txt, y, 4, train, {"test": test}, groups=np.arange(120) // 2, folds=3)  # 4 classes, 1 unseen
+    for kind in ("tuned", "defaults"):
+        p = b[kind]["test"]
+        for mode in ("image", "text", "fused"):
+            assert (p[mode].argmax(1) == y[test]).mean() > 0.95
+            assert p[mode].shape == (60, 4) and np.allclose(p[mode][:, 3], 0) and np.allclose(p[mode].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(b["defaults"]["test"]["fused"], 0.5 * (b["defaults"]["test"]["image"] + b["defaults"]["test"]["text"]))
+    st = b["settings"]
     for mode in ("image", "text"):
-        assert (p[mode].argmax(1) == y[test]).mean() > 0.95
-        assert p[mode].shape == (60, 4) and np.allclose(p[mode][:, 3], 0) and np.allclose(p[mode].sum(1), 1, atol=1e-5)
-    np.testing.assert_allclose(p["fused"], 0.5 * (p["image"] + p["text"]))
+        acc = st[mode]["cv_top1"]
+        assert set(acc) == {str(c) for c in C_GRID} and acc[str(st[mode]["C"])] == max(acc.values())
+    w = st["fused"]["image_weight"]
+    np.testing.assert_allclose(b["tuned"]["test"]["fused"], w * b["tuned"]["test"]["image"] + (1 - w) * b["tuned"]["test"]["text"])
+
+
+def test_cross_validation_folds_keep_products_whole(monkeypatch):
+    import huse.train.baselines as bl
+
+    y = np.repeat(np.arange(3), 60)
+    groups = np.arange(180) // 3  # 60 products of 3 rows each
+    rows, folds = bl._cv_folds(y, groups, 5, seed=0)
+    assert len(rows) == 180 and len(folds) == 5
+    for a, b in folds:
+        assert not set(groups[rows[a]]) & set(groups[rows[b]])
+    monkeypatch.setattr(bl, "CV_MAX_ROWS", 90)  # large catalogs tune on a sample of whole products
+    rows, folds = bl._cv_folds(y, groups, 5, seed=0)
+    assert len(rows) == 90 and all(np.sum(groups[rows] == g) == 3 for g in set(groups[rows]))
+    assert sorted(np.concatenate([rows[b] for _, b in folds]).tolist()) == rows.tolist()
 
 
 def test_temperature_is_recovered_and_calibration_gets_better():
@@ -80,7 +104,8 @@ def _trainer(ds, out, **tc):
 def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     for split in ("val", "test"):
-        assert set(m["baseline"][split]) == {"image", "text", "fused"}
+        assert set(m["baseline"][split]) == set(m["baseline_defaults"][split]) == {"image", "text", "fused"}
+    assert m["baseline_settings"]["image"]["C"] in C_GRID
     assert m["verdict"]["huse_beats_baseline_on_val"] == (not m["verdict"]["worse_modes"])
     cal = m["calibration"]
     assert set(cal["temperature"]) == {"image", "text", "fused"} and all(t > 0 for t in cal["temperature"].values())
@@ -161,3 +186,36 @@ def test_instance_loss_prefers_matching_pairs_and_treats_a_products_items_as_pos
     # items 0 and 1 are one product: pairing 0's image with 1's title is no longer a mistake
     assert instance_loss(e, e[[1, 0, 2, 3]], torch.tensor([0, 0, 2, 3]), 0.1) < shuffled
     assert instance_loss(e, e, product, 0.1, image_view=e) < 0.01
+
+
+def test_final_fit_refits_on_train_and_val_with_the_chosen_settings(tiny_catalog, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from huse.runtime.tokenizer import words
+    from huse.train.data import load_catalog_dataset
+    from huse.train.trainer import load_run
+
+    ds = load_catalog_dataset(tiny_catalog)
+    m = _trainer(ds, tmp_path / "run", epochs=6, patience=0, lr=3e-3, final_fit="train+val").fit(progress=False)
+    sizes = ds.split_sizes()
+    ff = m["final_fit"]
+    assert (ff["rows"], ff["splits"], ff["items"]) == ("train+val", ["train", "val"], sizes["train"] + sizes["val"])
+    assert ff["epochs"] == m["best_epoch"] and set(ff["test"]) == {"image", "text", "fused"}  # test still held out
+    assert set(ff["baseline_test"]) == {"image", "text", "fused"}  # the tuned LR on the same rows, beside it
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["final_fit"]["items"] == ff["items"]
+    # The shipped model saw val: its vocabulary has val's words, and its feature statistics are those of train + val.
+    vocab = json.loads((tmp_path / "run" / "vocab.json").read_text())
+    val_words = {w for i in ds.indices("val") for w in words(ds.titles[i])}
+    assert val_words and val_words <= set(vocab)
+    shipped = load_file(str(tmp_path / "run" / "model.safetensors"))
+    feats = load_file(str(next((tmp_path / "run" / "cache").glob("image-features-*"))))["features"]
+    rows = np.concatenate([ds.indices("train"), ds.indices("val")])
+    torch.testing.assert_close(shipped["feature_norm.mean"], feats[rows].mean(0))
+    load_run(tmp_path / "run")  # export can load it: weights and config agree
+
+
+def test_final_fit_train_ships_the_held_out_model(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["final_fit"]["splits"] == ["train"] and "test" not in m["final_fit"]
