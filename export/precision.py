@@ -673,26 +673,8 @@ def accuracy_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndar
     agreement = 100.0 * float(np.mean(ref_top == cand_top))
     ref_acc = 100.0 * float(np.mean(ref_top == labels))
     cand_acc = 100.0 * float(np.mean(cand_top == labels))
-    drop = ref_acc - cand_acc
-    failures = []
-    min_agree = FP16_MIN_AGREEMENT if precision == "fp16" else INT8_MIN_AGREEMENT
-    if agreement < min_agree:
-        failures.append(f"top-1 agreement {agreement:.2f}% < {min_agree}% by {min_agree - agreement:.2f} points")
-    if precision.startswith("int8") and drop > INT8_MAX_DROP:
-        failures.append(f"top-1 accuracy drop {drop:.2f} points > {INT8_MAX_DROP} allowed "
-                        f"by {drop - INT8_MAX_DROP:.2f} points")
-    name = precision.upper()
-    summary = (f"{name} vs FP32 on {len(ref)} samples: agreement {agreement:.2f}%, accuracy "
-               f"{cand_acc:.2f}% vs {ref_acc:.2f}% (drop {drop:.2f} points)")
-    if failures:
-        advice = ("keep more ops in FP32 (convert_fp16 keep_fp32_ops)" if precision == "fp16" else
-                  "try another calibration method, exclude sensitive_nodes(), or ship FP16")
-        message = f"{name} accuracy gate failed: {'; '.join(failures)}. {summary}. To fix: {advice}"
-    else:
-        message = f"{name} accuracy gate passed: {summary}"
-    return {"precision": precision, "n": len(ref), "agreement": agreement, "ref_accuracy": ref_acc,
-            "cand_accuracy": cand_acc, "drop_points": drop, "passed": not failures, "failures": failures,
-            "message": message, "metric": "top-1"}
+    return _gate_verdict(precision, len(ref), agreement, ref_acc, cand_acc, agreement_name="top-1 agreement",
+                         score_name="top-1 accuracy", metric="top-1")
 
 
 def multilabel_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray | None, *,
@@ -719,27 +701,34 @@ def multilabel_gate(ref_probs: np.ndarray, cand_probs: np.ndarray, labels: np.nd
         tp, fp, fn = (pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()
         return 100.0 * 2 * tp / max(2 * tp + fp + fn, 1)
 
-    ref_f1, cand_f1 = micro_f1(r), micro_f1(c)
-    drop = ref_f1 - cand_f1
+    return _gate_verdict(precision, len(ref), agreement, micro_f1(r), micro_f1(c),
+                         agreement_name="label-set agreement (mean Jaccard)", score_name="micro-F1", metric="micro-F1")
+
+
+def _gate_verdict(precision: str, n: int, agreement: float, ref_score: float, cand_score: float, *,
+                  agreement_name: str, score_name: str, metric: str) -> dict[str, Any]:
+    """The bars of every accuracy gate, one copy: agreement (FP16 >= FP16_MIN_AGREEMENT, INT8 >=
+    INT8_MIN_AGREEMENT) and, for INT8, the score's drop (<= INT8_MAX_DROP points); the verdict dict
+    `accuracy_gate` documents."""
+    drop = ref_score - cand_score
     failures = []
     min_agree = FP16_MIN_AGREEMENT if precision == "fp16" else INT8_MIN_AGREEMENT
     if agreement < min_agree:
-        failures.append(f"label-set agreement (mean Jaccard) {agreement:.2f}% < {min_agree}% by "
-                        f"{min_agree - agreement:.2f} points")
+        failures.append(f"{agreement_name} {agreement:.2f}% < {min_agree}% by {min_agree - agreement:.2f} points")
     if precision.startswith("int8") and drop > INT8_MAX_DROP:
-        failures.append(f"micro-F1 drop {drop:.2f} points > {INT8_MAX_DROP} allowed by {drop - INT8_MAX_DROP:.2f} points")
+        failures.append(f"{score_name} drop {drop:.2f} points > {INT8_MAX_DROP} allowed by {drop - INT8_MAX_DROP:.2f} points")
     name = precision.upper()
-    summary = (f"{name} vs FP32 on {len(ref)} samples: label-set agreement {agreement:.2f}%, micro-F1 "
-               f"{cand_f1:.2f}% vs {ref_f1:.2f}% (drop {drop:.2f} points)")
+    summary = (f"{name} vs FP32 on {n} samples: {agreement_name} {agreement:.2f}%, {score_name} "
+               f"{cand_score:.2f}% vs {ref_score:.2f}% (drop {drop:.2f} points)")
     if failures:
         advice = ("keep more ops in FP32 (convert_fp16 keep_fp32_ops)" if precision == "fp16" else
                   "try another calibration method, exclude sensitive_nodes(), or ship FP16")
         message = f"{name} accuracy gate failed: {'; '.join(failures)}. {summary}. To fix: {advice}"
     else:
         message = f"{name} accuracy gate passed: {summary}"
-    return {"precision": precision, "n": len(ref), "agreement": agreement, "ref_accuracy": ref_f1,
-            "cand_accuracy": cand_f1, "drop_points": drop, "passed": not failures, "failures": failures,
-            "message": message, "metric": "micro-F1"}
+    return {"precision": precision, "n": n, "agreement": agreement, "ref_accuracy": ref_score,
+            "cand_accuracy": cand_score, "drop_points": drop, "passed": not failures, "failures": failures,
+            "message": message, "metric": metric}
 
 
 # The visual output is measured and recorded per precision, not gated. Its branch reads the float features
