@@ -90,7 +90,7 @@ def best_weight(p_img: np.ndarray, p_txt: np.ndarray, y: np.ndarray) -> tuple[fl
     return float(min((w for w, a in zip(WEIGHT_GRID, acc) if a == best), key=lambda w: abs(w - 0.5))), best
 
 
-def _features(image_feats: np.ndarray, text: np.ndarray | list[str], train: np.ndarray,
+def baseline_features(image_feats: np.ndarray, text: np.ndarray | list[str], train: np.ndarray,
               evals: dict[str, np.ndarray]) -> dict[str, list]:
     """mode -> [train features, *features of each evaluation split] (image: standardised; text: standardised or TF-IDF)."""
     names = list(evals)
@@ -157,7 +157,7 @@ def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y:
         averaged probabilities, "settings": what cross-validation chose and measured, and with `final`
         "tuned_final": the tuned settings fitted on `final`}.
     """
-    feats = _features(image_feats, text, train, evals)
+    feats = baseline_features(image_feats, text, train, evals)
     y_tr = y[train]
     rows, cv = _cv_folds(y_tr, (groups if groups is not None else np.arange(len(y)))[train], folds, seed)
     y_cv = y_tr[rows]
@@ -189,7 +189,7 @@ def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y:
         di, dt = defaults["image"][k], defaults["text"][k]
         out["defaults"][s] = {"image": di, "text": dt, "fused": 0.5 * (di + dt)}
     if final is not None:
-        more = _features(image_feats, text, final, evals)
+        more = baseline_features(image_feats, text, final, evals)
         pi, pt = (_fit_predict(settings[m]["C"], more[m][0], y[final], n_classes, more[m][1:]) for m in ("image", "text"))
         out["tuned_final"] = {s: {"image": pi[k], "text": pt[k], "fused": w * pi[k] + (1 - w) * pt[k]}
                               for k, s in enumerate(evals)}

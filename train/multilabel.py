@@ -258,21 +258,17 @@ def ovr_baselines(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarr
     Returns:
         ({split: {"image", "text", "fused"}}, {"C": {mode: C}, "cv_map": {mode: {C: mean mAP}}, ...}).
     """
-    from huse.train.baselines import _standardise, _tfidf
+    from huse.train.baselines import baseline_features
 
-    names = list(evals)
-    img = _standardise(image_feats[train], *(image_feats[evals[s]] for s in names))
-    if isinstance(text, np.ndarray):
-        txt = _standardise(text[train], *(text[evals[s]] for s in names))
-    else:
-        txt = _tfidf([text[i] for i in train], *([text[i] for i in evals[s]] for s in names))
+    feats = baseline_features(image_feats, text, train, evals)
+    img, txt = feats["image"], feats["text"]
     info: dict[str, Any] = {"C": {}, "cv_map": {}, "folds": CV_FOLDS, "grouped_by": "product"}
     probs = {}
     for mode, x in (("image", img), ("text", txt)):
         probs[mode], chosen = ovr_fit(x[0], y[train], groups[train], x[1:])
         info["C"][mode], info["cv_map"][mode] = chosen["C"], chosen["cv_map"]
     return ({s: {"image": pi, "text": pt, "fused": 0.5 * (pi + pt)}
-             for s, pi, pt in zip(names, probs["image"], probs["text"])}, info)
+             for s, pi, pt in zip(evals, probs["image"], probs["text"])}, info)
 
 
 def format_table(metrics: dict[str, Any]) -> list[str]:
