@@ -436,12 +436,25 @@ def _keep_outputs_float(model) -> None:
             n.output[:] = [out.name if o == float_name else o for o in n.output]
 
 
+def _even_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The same samples cut into batches of one size (the largest divisor of the sample count up to the
+    largest batch given): onnxruntime's histogram calibrators (entropy, percentile) stack each batch's
+    outputs and fail on a short last batch ("inhomogeneous shape"), e.g. 91 products in batches of 64."""
+    sizes = {len(next(iter(f.values()))) for f in feeds}
+    if len(sizes) <= 1:
+        return list(feeds)
+    whole = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    n = len(next(iter(whole.values())))
+    batch = max(d for d in range(1, max(sizes) + 1) if n % d == 0)
+    return [{k: v[s:s + batch] for k, v in whole.items()} for s in range(0, n, batch)]
+
+
 class _FeedReader:
-    """onnxruntime's CalibrationDataReader protocol over a list of feed dicts."""
+    """onnxruntime's CalibrationDataReader protocol over a list of feed dicts (re-cut into even batches)."""
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
-        self._feeds = feeds
-        self._it = iter(feeds)
+        self._feeds = _even_batches(feeds)
+        self._it = iter(self._feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)

@@ -442,3 +442,15 @@ def test_int8_cpu_graph_has_uint8_activations_and_stays_close(graphs, tmp_path):
 def test_int8_cpu_unknown_excluded_node_raises(graphs, tmp_path):
     with pytest.raises(HuseError, match="no_such_conv"):
         P.quantize_int8_cpu(graphs["image"], tmp_path / "x.onnx", _image_feeds(1), exclude_nodes=["no_such_conv"])
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_takes_a_short_last_batch(tmp_path, method):
+    # A small catalog's calibration set is rarely a multiple of the batch (e.g. 91 products in batches of 64):
+    # onnxruntime's histogram calibrators stacked the batches' outputs and failed on the short one.
+    src = _two_conv_graph(tmp_path / "two_conv.onnx")
+    feeds = _image_feeds(2)
+    feeds[1] = {k: v[:5] for k, v in feeds[1].items()}
+    info = P.quantize_int8(src, tmp_path / f"{method}.onnx", feeds, method=method)
+    m = onnx.load(info["path"])
+    assert any(n.op_type == "QuantizeLinear" for n in m.graph.node)
