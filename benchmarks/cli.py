@@ -101,8 +101,9 @@ def compare(a, b, floor, show_all) -> None:
 @click.option("--deadline", default=2.0, help="huse serve --timeout during the overload run (seconds).")
 @click.option("--venv", type=click.Path(file_okay=False), help="PyTriton venv (default ~/.cache/huse/pytriton-venv; "
               "created on first use).")
+@click.option("--spin/--no-spin", default=False, help="huse serve's onnxruntime thread spinning (its --spin).")
 def serve(bundle, out, concurrency, seconds, warmup, rounds, systems, precision, max_batch, max_delay_ms, threads, items,
-          data, overload_seconds, overload_factor, deadline, venv) -> None:
+          data, overload_seconds, overload_factor, deadline, venv, spin) -> None:
     """`huse serve` under load from wrk/hey on loopback, beside --max-batch 1, Triton (PyTriton) and the offline ceiling."""
     def body():
         from huse.benchmarks.serve import ServeBenchConfig, run_serve_bench, to_markdown, write_outputs
@@ -111,7 +112,7 @@ def serve(bundle, out, concurrency, seconds, warmup, rounds, systems, precision,
                                systems=tuple(systems.split(",")), precision=precision, max_batch=max_batch,
                                max_delay_ms=max_delay_ms, threads=threads, items=items, data=data,
                                overload_seconds=overload_seconds, overload_factor=overload_factor, deadline_s=deadline,
-                               venv=venv, say=click.echo)
+                               venv=venv, spin=spin, say=click.echo)
         result = run_serve_bench(bundle, cfg, out)
         files = write_outputs(result, out)
         click.echo(to_markdown(result))

@@ -72,6 +72,7 @@ class ServeBenchConfig:
     overload_factor: float = 4.0
     deadline_s: float = 2.0  # huse serve --timeout during the overload run
     venv: str | None = None  # the PyTriton venv (default ~/.cache/huse/pytriton-venv)
+    spin: bool = False  # huse serve --spin (onnxruntime thread spinning)
     say: Any = field(default=print, repr=False)
 
 
@@ -289,7 +290,7 @@ class Server:
             env = dict(os.environ)
             cmd = [sys.executable, "-m", "huse.runtime.cli", "serve", bundle, "--port", str(self.port),
                    "--precision", cfg.precision, "--max-batch", "1" if system == "max-batch-1" else str(cfg.max_batch),
-                   "--max-delay-ms", str(cfg.max_delay_ms)]
+                   "--max-delay-ms", str(cfg.max_delay_ms), "--spin" if cfg.spin else "--no-spin"]
             if timeout_s is not None:
                 cmd += ["--timeout", str(timeout_s)]
         if cfg.threads:

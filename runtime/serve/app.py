@@ -60,6 +60,7 @@ class ServeConfig:
     instances: int = 1
     threads: int | None = None     # onnxruntime threads per instance (None: cores / instances)
     workers: int | None = None     # prepare/finish threads (None: min(4, cores))
+    spin: bool = False             # onnxruntime thread spinning (off: the HTTP loop and prepare threads need the cores)
     max_body_mb: float = 64.0
     max_items: int = 256           # items per request
     timeout_s: float = 30.0        # per-request deadline
@@ -525,7 +526,7 @@ def load_server(config: ServeConfig) -> Server:
     threads = c.threads or max(1, (os.cpu_count() or 1) // c.instances)
     keys = list(c.trusted_keys) or None
     classifiers = [Classifier(c.bundle, backend=c.backend, precision=c.precision, batch_size=max(c.max_batch, 1),
-                              threads=threads, spinning=False, trusted_keys=keys) for _ in range(c.instances)]
+                              threads=threads, spinning=c.spin, trusted_keys=keys) for _ in range(c.instances)]
     index = None
     if c.index:
         from huse.runtime.index import Index
