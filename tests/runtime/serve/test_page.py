@@ -213,21 +213,10 @@ def test_the_page_needs_nothing_from_the_internet():
 
 # -- the review queue --------------------------------------------------------------------------------
 @pytest.fixture
-def review_server(tiny_bundle, preds, review_catalog, tmp_path):
+def review_server(start_server, preds, review_catalog):
     """start(journal) -> a server reviewing `preds` with that journal; every one is stopped afterwards."""
-    from tests.runtime.serve.conftest import ServerProcess
-
-    started = []
-
-    def start(journal: Path, **kw) -> ServerProcess:
-        s = ServerProcess(tiny_bundle, "--review", str(preds), "--catalog", str(review_catalog),
-                          "--journal", str(journal), **kw)
-        started.append(s)
-        return s
-    yield start
-    for s in started:
-        s.stop()
-        s.log.close()
+    return lambda journal, **kw: start_server("--review", str(preds), "--catalog", str(review_catalog),
+                                              "--journal", str(journal), **kw)
 
 
 def test_review_five_rows_reload_and_export(browser, review_server, preds, review_catalog, labels, tmp_path):
