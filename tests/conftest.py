@@ -31,13 +31,17 @@ def tiny_catalog(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_catalog, tmp_path_factory) -> Path:
     """A HUSE run over the tiny CNN backbone: seconds, every code path."""
+    return _train_tiny(tiny_catalog, tmp_path_factory.mktemp("runs") / "tiny")
+
+
+def _train_tiny(catalog: Path, out: Path) -> Path:
+    """Train the tiny test model (tiny CNN backbone, 20 epochs) on `catalog` into `out`."""
     from huse.train.data import load_catalog_dataset
     from huse.train.model import HuseConfig
     from huse.train.trainer import TrainConfig, Trainer
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    ds = load_catalog_dataset(tiny_catalog)
-    Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
+    Trainer(load_catalog_dataset(catalog), out,
+            HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
             TrainConfig(epochs=20, batch_size=32, lr=3e-3)).fit(progress=False)
     return out
 
@@ -62,15 +66,7 @@ def tiny_multi_catalog(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_multi_run(tiny_multi_catalog, tmp_path_factory) -> Path:
     """A multi-label run over the tiny CNN backbone (detected from the catalog, no flag)."""
-    from huse.train.data import load_catalog_dataset
-    from huse.train.model import HuseConfig
-    from huse.train.trainer import TrainConfig, Trainer
-
-    out = tmp_path_factory.mktemp("runs") / "tiny-multi"
-    ds = load_catalog_dataset(tiny_multi_catalog)
-    Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
-            TrainConfig(epochs=20, batch_size=32, lr=3e-3)).fit(progress=False)
-    return out
+    return _train_tiny(tiny_multi_catalog, tmp_path_factory.mktemp("runs") / "tiny-multi")
 
 
 @pytest.fixture(scope="session")
