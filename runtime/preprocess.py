@@ -36,6 +36,7 @@ import contextlib
 import io
 import os
 import re
+import stat
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -148,11 +149,43 @@ def _open(source: ImageInput, max_pixels: int, stack: contextlib.ExitStack) -> I
         arr = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
         return Image.fromarray(arr)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source)))
-    if not os.path.isfile(source):  # never open a FIFO or a device named by a catalog
-        raise HuseError(f"image file {source} {'is not a file' if os.path.exists(source) else 'does not exist'}")
-    # Our own file object, closed when decoding ends: Pillow keeps multi-frame files open otherwise.
-    return Image.open(stack.enter_context(open(source, "rb")))
+        data = bytes(source)
+        return Image.open(io.BytesIO(data), formats=_formats(data))
+    try:
+        # Non-blocking, so that a FIFO named by a catalog cannot hang the open; fstat then refuses it.
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise HuseError(f"image file {source} does not exist") from None
+    except OSError:
+        if os.path.exists(source) and not os.path.isfile(source):  # a folder, on Windows
+            raise HuseError(f"image file {source} is not a file") from None
+        raise
+    stack.callback(os.close, fd)  # closed when decoding ends: Pillow keeps multi-frame files open otherwise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # never read a FIFO, a device or a folder named by a catalog
+        raise HuseError(f"image file {source} is not a file")
+    f = open(fd, "rb", buffering=0, closefd=False)
+    if st.st_size > _READ_WHOLE:  # streamed: the header is checked against the caps before the rest is read
+        return Image.open(f)
+    # One read: Pillow reads a file object in a dozen small calls, a third of a small PNG's preparation.
+    data = f.readall()
+    return Image.open(io.BytesIO(data), formats=_formats(data))
+
+
+# Files up to this size are read in one call (any product photo); larger ones are streamed.
+_READ_WHOLE = 32 * 1024 * 1024
+
+
+def _formats(data: bytes) -> tuple[str, ...] | None:
+    """The one Pillow format whose signature starts `data` (Pillow would try its plugins in turn and pick
+    the same), or None: let Pillow probe them all."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ("PNG",)
+    if data[:3] == b"\xff\xd8\xff":
+        return ("JPEG",)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ("WEBP",)
+    return None
 
 
 class _WarningCapture:
@@ -193,11 +226,15 @@ class _WarningCapture:
 
     @contextlib.contextmanager
     def item(self, said: list[str] | None):
-        self._local.said = said
+        self.collect(said)
         try:
             yield
         finally:
-            self._local.said = None
+            self.collect(None)
+
+    def collect(self, said: list[str] | None) -> None:
+        """From now on, the current thread's warnings go into `said` (None: where they went before)."""
+        self._local.said = said
 
     def _show(self, message, category, filename, lineno, file=None, line=None):
         said = getattr(self._local, "said", None)
@@ -248,20 +285,22 @@ def _report(said: list[str], name: str, out: list[str]) -> None:
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
-def _decode(source: ImageInput, name: str, max_pixels: int, max_bytes: int,
+def _decode(source: ImageInput, name: str | None, max_pixels: int, max_bytes: int,
             draft_size: tuple[int, int] | None, rgb: bool) -> Image.Image:
-    """The loaded, upright image (RGB when `rgb`, else RGB or L as decoded), errors naming the item."""
+    """The loaded, upright image (RGB when `rgb`, else RGB or L as decoded), errors naming the item
+    (`name`, or `_describe(source)` when None: built only when there is an error)."""
     try:
         with contextlib.ExitStack() as stack:
             img = _decode_open(source, max_pixels, max_bytes, draft_size, stack)
             # L stays L: resizing one plane and repeating it gives the same bytes as resizing its RGB
             # copy (tests/runtime/test_preprocess.py), for a third of the work.
             return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else _to_rgb(img)
-    except HuseError as e:
-        raise HuseError(f"image {name}: {e}") from None
-    except Image.DecompressionBombError as e:
-        raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (HuseError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        name = name or _describe(source)
+        if isinstance(e, HuseError):
+            raise HuseError(f"image {name}: {e}") from None
+        if isinstance(e, Image.DecompressionBombError):
+            raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
         # Pillow names an in-memory file by its repr: an address that differs per process
         # and tells a server's client nothing.
         said = _OBJECT_REPR.sub("<bytes>", str(e))
@@ -438,9 +477,12 @@ def load_images(sources: Sequence[ImageInput | None], spec: ImageSpec, warnings:
 def _load_into(source: ImageInput, spec: ImageSpec, draft: tuple[int, int] | None, said: list[str] | None,
                out: np.ndarray) -> None:
     """Decode one image and resize it into `out` (3, H, W) uint8; its Pillow warnings into `said`."""
-    with _CAPTURE.item(said):
-        img = _decode(source, _describe(source), spec.max_pixels, spec.max_bytes, draft, rgb=False)
+    _CAPTURE.collect(said)  # not `with _CAPTURE.item`: a generator per image cost more than the PNG's header
+    try:
+        img = _decode(source, None, spec.max_pixels, spec.max_bytes, draft, rgb=False)
         _resized(img, spec, out)
+    finally:
+        _CAPTURE.collect(None)
 
 
 def load_image(source: ImageInput, spec: ImageSpec, warnings: list[str] | None = None) -> np.ndarray:

@@ -527,3 +527,56 @@ def test_batch_warnings_name_their_item_and_leave_the_warnings_module_as_it_was(
     assert (pywarnings.showwarning, list(pywarnings.filters)) == before
     with pytest.warns(UserWarning, match="Skipping tag 271"):  # uncollected, they reach the warnings module
         load_images([bad], spec, warnings=False)
+
+
+# --- how files are opened ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_or_a_folder_named_as_an_image_is_refused_without_blocking(tmp_path):
+    import os
+
+    from huse.runtime.preprocess import load_images
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # no writer: a blocking open would hang here
+    spec = ImageSpec(size=(8, 8), mean=MEAN, std=STD)
+    batch = load_images([fifo, tmp_path], spec)
+    assert batch.rows == {}
+    assert batch.errors == {0: f"image {fifo}: image file {fifo} is not a file",
+                            1: f"image {tmp_path}: image file {tmp_path} is not a file"}
+
+
+def test_files_read_whole_and_streamed_give_the_same_arrays(tmp_path, monkeypatch):
+    from huse.runtime import preprocess as pp
+
+    sources = [s for s in _mixed_sources(tmp_path) if s is not None]
+    paths = []
+    for k, s in enumerate(sources):  # every source as a file, so both ways of reading a file are used
+        if isinstance(s, np.ndarray):
+            s = _png(Image.fromarray(s))
+        if isinstance(s, bytes):
+            (tmp_path / f"f{k}.img").write_bytes(s)
+            s = tmp_path / f"f{k}.img"
+        paths.append(s)
+    spec = ImageSpec(size=(24, 40), mean=MEAN, std=STD)
+    whole = pp.load_images(paths, spec)
+    monkeypatch.setattr(pp, "_READ_WHOLE", 0)  # every file streamed, as files over the limit are
+    streamed = pp.load_images(paths, spec)
+    assert whole.rows == streamed.rows and len(whole.rows) == len(paths) - 1
+    assert whole.errors.keys() == streamed.errors.keys() == {3}  # b"not an image", now a file
+    np.testing.assert_array_equal(whole.array, streamed.array)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "GIF", "TIFF", "WEBP", "PNG", "JPEG"])
+def test_every_format_decodes_whatever_the_file_is_called(tmp_path, fmt):
+    # The format is taken from the file's first bytes (PNG, JPEG, WebP) or probed by Pillow (others);
+    # the name's extension plays no part.
+    arr = np.random.default_rng(7).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, fmt)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(buf.getvalue())
+    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert _pixels(decode_image(path)) == expected.tolist()
+    assert _pixels(decode_image(buf.getvalue())) == expected.tolist()
