@@ -41,7 +41,16 @@ def test_decoders_read_jpeg_and_draft_never_goes_below_the_input(tmp_path):
             assert min(px.shape[:2]) >= (side or 90), name
 
 
-def test_thread_scaling_reports_each_pool_size(tmp_path):
-    rows = prepare.thread_scaling(_files(tmp_path), prepare._spec(32), seconds=0.01, max_threads=2)
-    assert [r["threads"] for r in rows] == [1, 2]
-    assert rows[0]["efficiency"] == 1.0 and all(r["items_s"] > 0 for r in rows)
+def test_thread_scaling_reports_each_pool_size_and_chunk(tmp_path):
+    rows = prepare.thread_scaling(_files(tmp_path), prepare._spec(32), seconds=0.01, max_threads=2, chunks=(64, 2))
+    assert [(r["threads"], r["chunk"]) for r in rows] == [(1, 64), (2, 64), (1, 2), (2, 2)]
+    assert rows[0]["efficiency"] == rows[2]["efficiency"] == 1.0 and all(r["items_s"] > 0 for r in rows)
+
+
+def test_pillow_loop_is_the_plain_rgb_resize_of_each_file(tmp_path):
+    files = _files(tmp_path, 2)
+    out = prepare.pillow_loop(32)(files)
+    assert out.shape == (4, 32, 32, 3) and out.dtype == np.uint8
+    with Image.open(files[1]) as img:  # a greyscale PNG: the loop converts it to RGB first
+        expected = np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(out[1], expected)
