@@ -82,7 +82,8 @@ def model_only(bundle: str, precision: str, catalog: Path, iters: int, threads: 
 def end_to_end(job: BulkJob) -> dict:
     shutil.rmtree(job.out, ignore_errors=True)
     r = run_bulk(job)
-    return {"items_s": r.items_per_s, "rows": r.rows, "errors": r.errors, "seconds": r.seconds}
+    return {"items_s": r.items_per_s, "rows": r.rows, "errors": r.errors, "seconds": r.seconds,
+            "top1": r.right / r.known if r.known else None}
 
 
 def peak_rss(bundle: str, catalog: Path, out: Path, precision: str) -> float:
@@ -142,19 +143,22 @@ def compare_local(bundle: str, precision: str, catalog: Path, common: dict, tmp:
         layouts["split"] = (1, cores - 1)
     out = []
     for name, (th, wk) in layouts.items():
-        model, e2e = [], []
+        model, e2e, top1 = [], [], set()
         for _ in range(sc["rounds"]):
             model.append(model_only(bundle, precision, catalog, sc["iters"], th))
             job = BulkJob(out=str(tmp / f"e2e-{precision}"), precision=precision, **dict(common, threads=th, workers=wk))
-            e2e.append(end_to_end(job)["items_s"])
+            r = end_to_end(job)
+            e2e.append(r["items_s"])
+            top1.add(r["top1"])
         ratios = [e / m for e, m in zip(e2e, model)]
         out.append({"precision": precision, "config": name, "threads": th, "workers": wk,
+                    "top1": sorted(top1, key=str),  # fused top-1 on the catalog's classes, per round
                     "model_items_s": float(np.median(model)), "e2e_items_s": float(np.median(e2e)),
                     "e2e_vs_model": float(np.median(ratios)), "e2e_vs_model_range": [min(ratios), max(ratios)],
                     "model_runs": model, "e2e_runs": e2e})
         print(f"{precision} {name} (onnxruntime threads {th or 'all'}, prepare workers {wk or 'default'}): model "
               f"{np.median(model):.0f} items/s, end to end {np.median(e2e):.0f} ({100 * np.median(ratios):.0f}%, "
-              f"{100 * min(ratios):.0f}-{100 * max(ratios):.0f}%)", flush=True)
+              f"{100 * min(ratios):.0f}-{100 * max(ratios):.0f}%), fused top-1 {sorted(top1, key=str)}", flush=True)
     return out
 
 
@@ -224,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
             rows += compare_local(a.bundle, p, catalog, common, tmp, sc, a.threads, a.workers)
         result["local"] = rows
         result["stage_costs"] = stage_costs(a.bundle, catalog, precisions, common)
+        for r in rows:  # what the cores allow at best, against this layout's model-only figure
+            r["cpu_bound_vs_model"] = result["stage_costs"][r["precision"]]["bound_items_s"] / r["model_items_s"]
+        # fused top-1 on the catalog's classes: one value per precision, whatever the layout or round
+        result["top1_same_in_every_layout"] = all(
+            len({x for r in rows if r["precision"] == p for x in r["top1"]}) == 1 for p in precisions)
         gated = [r for r in rows if r["config"] == "default" and
                  manifest.get("accuracy", {}).get(r["precision"], {}).get("passed", r["precision"] == "fp32")]
         best = max(gated, key=lambda r: r["e2e_items_s"])
