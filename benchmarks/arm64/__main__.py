@@ -1,4 +1,4 @@
-"""`python -m huse.benchmarks.arm64 setup|check|probe`: a thin click layer over env.py, check.py and probe.py."""
+"""`python -m huse.benchmarks.arm64 setup|check|fp16|probe`: a thin click layer over env.py, check.py, fp16.py and probe.py."""
 
 from __future__ import annotations
 
@@ -59,6 +59,30 @@ def check(bundle, data, limit, split, precisions, search, pins, cpu, out, work) 
         click.echo(f"arm64 check {'passed' if report['passed'] else 'FAILED'}" + (f": {out}" if out else ""))
         if not report["passed"]:
             raise HuseError("the arm64 check missed a bar; see the lines above and arm64.json")
+    run_cli(body)
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="CSV catalog of products.")
+@click.option("--limit", default=200, help="Products sampled as the check samples them; all run in fp32 on x86.")
+@click.option("--rows", default=16, help="Of those, how many (smallest fp32 top-2 margin first) run on both sides.")
+@click.option("--split", default="test", help="Products of this split, where the catalog has a split column.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--work", type=click.Path(file_okay=False), help="Keep graphs and outputs here (default: a temporary folder).")
+def fp16(bundle, data, limit, rows, split, out, work) -> None:
+    """Trace the fused fp16 graph's error on aarch64 versus x86: per tensor, and with node sets kept in fp32."""
+    def body():
+        from huse.benchmarks.arm64.fp16 import fp16_trace
+
+        with tempfile.TemporaryDirectory(prefix="huse-arm64-fp16-") as tmp:
+            report = fp16_trace(bundle, data, work or tmp, limit=limit, rows=rows, split=split,
+                                say=lambda s: click.echo(s, err=True))
+        text = json.dumps(report, indent=2) + "\n"
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text)
+        click.echo(text if not out else f"written: {out}")
     run_cli(body)
 
 
