@@ -209,10 +209,11 @@ class Classifier:
                 cls = runner_class(self.backend)
                 onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
                 if self.backend == "onnxruntime":
-                    from huse.runtime.backends.onnxrt.runner import graph_threads
+                    from huse.runtime.backends.onnxrt.runner import graph_row_parts, graph_threads
 
-                    threads = graph_threads(graph, self.manifest.get("model", {}).get("text_encoder"), self.threads)
-                    runner = cls(onnx_file, device=self.device, threads=threads, spinning=self.spinning)
+                    encoder = self.manifest.get("model", {}).get("text_encoder")
+                    runner = cls(onnx_file, device=self.device, threads=graph_threads(graph, encoder, self.threads),
+                                 spinning=self.spinning, row_parts=graph_row_parts(graph, encoder, self.threads))
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
                 runner.activate()
