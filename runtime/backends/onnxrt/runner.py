@@ -94,8 +94,9 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     the batch by rows and running the parts concurrently (one Run per part; Run releases the GIL)
     uses every core with one hand-off per batch. Measured on 2 shared cores, batch 64, interleaved
     rounds: word CNN, 2 parts on one intra-op thread took 0.51-0.65x the time of the whole batch on
-    one thread and 0.54-0.80x the whole batch on two; MiniLM, 2 parts 0.66-0.85x the whole batch on
-    two intra-op threads (its sessions keep their threads: batch 1 still shares its matmuls). Rows
+    one thread and 0.54-0.80x the whole batch on two; MiniLM, 2 parts 0.66-0.97x the whole batch on
+    two intra-op threads (its sessions keep their threads: batch 1 still shares its matmuls; to be
+    confirmed on a quiet machine: benchmarks/experiments/text_graph_options.py). Rows
     are independent in these graphs, so the outputs are the whole batch's. Image and fused
     graphs: 1 (their convolutions keep both cores busy already).
 
