@@ -135,7 +135,8 @@ class FoldedWordCNN(nn.Module):
         h = F.embedding(ids[:, :self.positions], self.tables[0])  # (N, positions, C)
         for j in range(1, self.kernel):
             h = h + F.embedding(ids[:, j:j + self.positions], self.tables[j])
-        return F.relu(self.dense(F.relu(h).amax(dim=1)))
+        # relu(max) = max(relu) exactly (ReLU is monotonic): the ReLU runs on (N, C), not (N, positions, C).
+        return F.relu(self.dense(F.relu(h.amax(dim=1))))
 
 
 def _export_form(model: HUSE) -> HUSE:

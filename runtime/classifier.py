@@ -61,10 +61,19 @@ def _guarded(method):
     return wrapper
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis, computed in float64, returned as float32.
+
+    With a temperature it is `temperature_scale(softmax(logits), temperature)` in one step (one
+    exp instead of exp, log and exp again): the runtime calibrates a graph's logits this way.
+    """
+    z = logits.astype(np.float64)
+    if temperature != 1.0:
+        z /= temperature
+    z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e.astype(np.float32)
 
 
 def temperature_scale(p: np.ndarray, temperature: float) -> np.ndarray:
@@ -200,10 +209,11 @@ class Classifier:
                 cls = runner_class(self.backend)
                 onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
                 if self.backend == "onnxruntime":
-                    from huse.runtime.backends.onnxrt.runner import graph_threads
+                    from huse.runtime.backends.onnxrt.runner import graph_row_parts, graph_threads
 
-                    threads = graph_threads(graph, self.manifest.get("model", {}).get("text_encoder"), self.threads)
-                    runner = cls(onnx_file, device=self.device, threads=threads, spinning=self.spinning)
+                    encoder = self.manifest.get("model", {}).get("text_encoder")
+                    runner = cls(onnx_file, device=self.device, threads=graph_threads(graph, encoder, self.threads),
+                                 spinning=self.spinning, row_parts=graph_row_parts(graph, encoder, self.threads))
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
                 runner.activate()
@@ -370,20 +380,24 @@ class Classifier:
         out = self._run(group, feeds)
         if self.multi_label:  # per-class scores read against per-class thresholds: no temperature
             return out["probs"] if group == "fused" else self._activation(out["logits"])
-        return temperature_scale(out["probs"] if group == "fused" else softmax(out["logits"]),
-                                 self.temperature.get(group, 1.0))
+        temperature = self.temperature.get(group, 1.0)
+        if group == "fused":  # the graph's output is a mixture of probabilities, not logits
+            return temperature_scale(out["probs"], temperature)
+        return softmax(out["logits"], temperature)
 
     def _top_k_and_paths(self, probs: np.ndarray, top_k: int, mode: str) -> list[dict[str, Any]]:
         """Top-k leaves and the top-down path of each row of probs (N, C), a batch at a time."""
+        # A full stable sort (ties to the lower class): for the class counts of a catalog it costs
+        # microseconds per batch; building the result dicts is what takes the time.
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-        scores = np.take_along_axis(probs, order, axis=1).tolist()
-        labels = self.labels
+        scores = np.take_along_axis(probs, order, axis=1)
         if self.multi_label:
-            return self._multilabel(probs, order, scores, mode)
-        return [{"mode": mode,
-                 "top_k": [{"label": labels[j], "score": s} for j, s in zip(o, sc)],
-                 "path": [{"level": k + 1, "label": label, "score": s} for k, (label, s) in enumerate(path)]}
-                for o, sc, path in zip(order.tolist(), scores, self.hierarchy.top_down(probs))]
+            return self._multilabel(probs, order, scores.tolist(), mode)
+        # One flat comprehension for the whole batch, then cut per item: the dicts are what it costs.
+        labels, k = self.labels, order.shape[1]
+        flat = [{"label": labels[j], "score": s} for j, s in zip(order.ravel().tolist(), scores.ravel().tolist())]
+        return [{"mode": mode, "top_k": flat[i:i + k], "path": path}
+                for i, path in zip(range(0, len(flat), k), self.hierarchy.top_down_dicts(probs))]
 
     def _multilabel(self, probs: np.ndarray, order: list, scores: list, mode: str) -> list[dict[str, Any]]:
         """`_top_k_and_paths` of a multi-label bundle: top-k, and every class at or above its threshold."""

@@ -66,8 +66,12 @@ class Hierarchy:
             For each item, [(node path, score), ...] from the root level down to a leaf (ties go
             to the first node in sorted order).
         """
+        return [[(d["label"], d["score"]) for d in path] for path in self.top_down_dicts(probs)]
+
+    def top_down_dicts(self, probs: np.ndarray) -> list[list[dict]]:
+        """`top_down` as the runtime returns it: for each item [{"level", "label", "score"}, ...]."""
         n = len(probs)
-        out: list[list[tuple[str, float]]] = [[] for _ in range(n)]
+        out: list[list[dict]] = [[] for _ in range(n)]
         alive, chosen = np.ones(n, dtype=bool), None
         for k, (nodes, m) in enumerate(self.levels):
             scores = probs @ m
@@ -76,9 +80,11 @@ class Hierarchy:
                 alive &= children.any(axis=1)  # the chosen parent is itself a leaf: the path ends
                 scores = np.where(children, scores, -np.inf)
             chosen = scores.argmax(axis=1)
-            best = scores[np.arange(n), chosen].tolist()
-            for i in np.flatnonzero(alive).tolist():
-                out[i].append((nodes[chosen[i]], best[i]))
+            best = np.take_along_axis(scores, chosen[:, None], axis=1)[:, 0].tolist()
+            level = k + 1
+            for i, j, s, a in zip(range(n), chosen.tolist(), best, alive.tolist()):
+                if a:
+                    out[i].append({"level": level, "label": nodes[j], "score": s})
         return out
 
     def distance_matrix(self) -> np.ndarray:

@@ -65,3 +65,29 @@ def test_only_the_word_cnn_text_graph_is_pinned_to_one_thread():
     assert graph_threads("text", "minilm", None) is None  # MiniLM has the arithmetic to share
     assert graph_threads("text", "minilm", 3) == 3
     assert graph_threads("fused", "cnn", 2) == 2 and graph_threads("image", "cnn", None) is None
+
+
+def test_word_cnn_text_batches_are_cut_by_rows_across_cores_with_the_same_results(tiny_bundle):
+    # A batch of the one-thread text graph is cut into parts run at the same time (one per core asked
+    # for); rows are independent, so the outputs must be those of the whole batch, row for row, and a
+    # batch too small to cut runs whole.
+    from huse.runtime import Classifier
+    from huse.runtime.backends.onnxrt.runner import MIN_ROWS_PER_PART, OnnxrtRunner, graph_row_parts
+
+    assert graph_row_parts("text", "cnn", 3) == 3 and graph_row_parts("text", None, 2) == 2
+    assert graph_row_parts("text", "minilm", 2) == 2 and graph_row_parts("fused", "cnn", 2) == 1
+    assert graph_row_parts("image", "cnn", None) == 1
+    rows = 3 * MIN_ROWS_PER_PART + 5
+    with Classifier(tiny_bundle, backend="onnxruntime", threads=3) as clf:
+        runner = clf._runner("text")
+        assert runner.row_parts == 3 and runner._pool is not None
+        tok = clf.tokenizer
+        ids = np.random.default_rng(1).integers(0, len(tok.vocab) + 2, (rows, tok.max_len)).astype(np.int32)
+        got = clf.run_graph("text", {"input_ids": ids})
+        small = clf.run_graph("text", {"input_ids": ids[:MIN_ROWS_PER_PART + 1]})  # one part: not cut
+    with OnnxrtRunner(tiny_bundle / "text.onnx", threads=1) as whole:
+        want = whole.infer({"input_ids": ids})
+    assert runner._pool is None  # closing the Classifier stopped the pool's threads
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+        np.testing.assert_array_equal(small[name], want[name][:MIN_ROWS_PER_PART + 1])

@@ -19,6 +19,7 @@ from huse.runtime.tokenizer import (
     WordTokenizer,
     load_tokenizer,
     normalise_title,
+    words,
 )
 
 
@@ -93,6 +94,23 @@ def test_build_respects_min_count_and_max_words():
 def test_build_normalises_titles():
     tok = WordTokenizer.build(["ＲＥＤ Shirt", None, "", b"red"])
     assert tok.vocab == ["red", "shirt"]
+
+
+def test_ascii_fast_path_splits_words_exactly_as_the_unicode_rule():
+    # words() skips the regex for ASCII titles; training and serving must still get the same
+    # tokens as the documented rule (letters and digits in any script, lower-cased) on every title.
+    import random
+    import re
+
+    rule = re.compile(r"[^\W_]+", re.UNICODE)
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(128)] + list("éÉßİıÅ東京ٱ٣²½ﬁ\u00a0\u2003")
+    titles = ["Blue T-Shirt, size XL (2-pack)!", "snake_case__words", "A1 b2_c3 -- 4.5%", "\t tab\x00nul\x7f",
+              "Çà et là 東京 ŞİŞE", "ﬁne ½ size²"]
+    titles += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    titles += ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    for t in titles:
+        assert words(t) == rule.findall(t.lower()), repr(t)
 
 
 def test_encode_ids_oov_padding_and_truncation():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,11 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.errors import HuseError
 
-__all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_threads"]
+__all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_row_parts", "graph_threads"]
+
+# Fewest rows a part of a split batch gets: below it the hand-off to another thread costs more than
+# the rows (the word-CNN text graph: about 9 us a row on one core, a hand-off tens of us).
+MIN_ROWS_PER_PART = 16
 
 
 # A one-node ONNX model (Identity on a float[1], opset 13, IR 7): enough to ask onnxruntime
@@ -80,6 +86,32 @@ def graph_threads(graph: str, text_encoder: str | None, threads: int | None) -> 
     return threads
 
 
+def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -> int:
+    """Into how many parts a batch of one bundle graph is cut by rows, run at the same time on one session.
+
+    A text batch is small work split into many small ops: onnxruntime's intra-op threads hand off at
+    every op (so the word-CNN graph runs on one, `graph_threads`), and PyTorch uses every core. Cutting
+    the batch by rows and running the parts concurrently (one Run per part; Run releases the GIL)
+    uses every core with one hand-off per batch. Measured on 2 shared cores, batch 64, interleaved
+    rounds: word CNN, 2 parts on one intra-op thread took 0.51-0.65x the time of the whole batch on
+    one thread and 0.54-0.80x the whole batch on two; MiniLM, 2 parts 0.66-0.97x the whole batch on
+    two intra-op threads (its sessions keep their threads: batch 1 still shares its matmuls; to be
+    confirmed on a quiet machine: benchmarks/experiments/text_graph_options.py). Rows
+    are independent in these graphs, so the outputs are the whole batch's. Image and fused
+    graphs: 1 (their convolutions keep both cores busy already).
+
+    Args:
+        graph: "image", "text" or "fused".
+        text_encoder: the bundle's text encoder ("cnn", "minilm"; None when the manifest predates it).
+        threads: what the caller asked for (None: every core).
+    Returns:
+        The number of parts (1: whole batches).
+    """
+    if graph == "text":
+        return int(threads or os.cpu_count() or 1)
+    return 1
+
+
 class OnnxrtRunner(BaseRunner):
     """Runs an ONNX file with onnxruntime.
 
@@ -90,17 +122,21 @@ class OnnxrtRunner(BaseRunner):
         spinning: intra-op threads spin while waiting for work (None: onnxruntime's default, on).
             Off when other threads share the cores: measured on 2 cores with a busy neighbour,
             1,555 items/s off vs 1,063 on (alone: 2,324 vs 2,433).
+        row_parts: cut a batch of at least 2 x MIN_ROWS_PER_PART rows into up to this many parts by
+            rows and run them at the same time (`graph_row_parts`); 1: whole batches.
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, row_parts: int = 1):
         super().__init__(path)
         self.device = device
         self.threads = threads
         self.spinning = spinning
+        self.row_parts = max(1, int(row_parts))
         self.session = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def activate_impl(self) -> None:
         ort = lazy_import("onnxruntime", "ort")
@@ -128,8 +164,13 @@ class OnnxrtRunner(BaseRunner):
             raise HuseError(f"onnxruntime could not start its CUDA provider for {self.path} "
                             f"(providers in use: {session.get_providers()}); {CUDA_HINT}")
         self.session = session
+        if self.row_parts > 1 and self.device == "cpu":  # the calling thread runs the first part, the pool the others
+            self._pool = ThreadPoolExecutor(self.row_parts - 1, thread_name_prefix="huse-ort-rows")
 
     def deactivate_impl(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.session = None
 
     @property
@@ -141,5 +182,12 @@ class OnnxrtRunner(BaseRunner):
         return [o.name for o in self.session.get_outputs()]
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(None, feed)
-        return dict(zip(self.output_names, outputs))
+        rows = len(next(iter(feed.values())))
+        parts = min(self.row_parts, rows // MIN_ROWS_PER_PART)
+        if parts < 2 or self._pool is None:
+            return dict(zip(self.output_names, self.session.run(None, feed)))
+        cuts = np.linspace(0, rows, parts + 1).astype(int).tolist()
+        feeds = [{k: v[a:b] for k, v in feed.items()} for a, b in zip(cuts, cuts[1:])]
+        others = [self._pool.submit(self.session.run, None, f) for f in feeds[1:]]
+        outs = [self.session.run(None, feeds[0])] + [f.result() for f in others]
+        return {name: np.concatenate([o[i] for o in outs]) for i, name in enumerate(self.output_names)}
