@@ -7,7 +7,7 @@ instance, adds the requests queued behind it up to `max_batch` items (waiting at
 being prepared: a request alone runs at once), and runs the batch and its finish on that
 instance's own thread while it forms the next one: one hand-off per batch, since each thread
 hand-off costs a wake-up and a GIL switch, the bulk of a single-item request's overhead. A
-request that finds nothing else admitted and an instance free (a lone client) skips the pool
+request of a lone client (it and the two before it found nothing else admitted) skips the pool
 and the queue: prepare, run and finish in one hand-off to that instance. The event loop never
 decodes or runs a model.
 
@@ -114,6 +114,7 @@ class Batcher:
         self.on_batch = on_batch or (lambda n: None)
         self.admitted = 0  # items being prepared, queued or run (abandoned ones until their prepare ends)
         self.preparing = 0  # items being prepared: what a forming batch may still wait for
+        self._idle_streak = 0  # requests in a row that found nothing else admitted
         self._queue: collections.deque[_Entry] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -147,7 +148,11 @@ class Batcher:
             Whatever prepare, run or finish raised (e.g. a HuseError for the request as a whole).
         """
         self.check(n)
-        if self.admitted == 0:
+        # A client alone: this request and the two before it found nothing else admitted. One idle
+        # moment is not enough: closed-loop clients answered by one batch come back together, and
+        # the first of them taking the short path would split their next batch in two.
+        self._idle_streak = self._idle_streak + 1 if self.admitted == 0 else 0
+        if self._idle_streak >= 3:
             instance = self.instances.try_acquire()
             if instance is not None:
                 return await self._run_alone(instance, payload, n)
