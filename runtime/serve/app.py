@@ -140,6 +140,7 @@ class Server:
         self.classifiers = list(classifiers)
         self.index = index
         self.depth = self.classifiers[0].hierarchy.depth
+        self.multi_label = self.classifiers[0].multi_label
         self.metrics = Metrics()
         self.ready = False
         self.failed: str | None = None
@@ -355,7 +356,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         return name
 
     async def metadata(request: Request):
-        return JSONResponse(model_metadata(model_name(request), server.depth))
+        return JSONResponse(model_metadata(model_name(request), server.depth, server.multi_label))
 
     async def model_ready(request: Request):
         model_name(request)
@@ -368,7 +369,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
             classify_parameters(req.items.parameters)  # a bad parameter is a 400 before any work
             results = await server.run(request, model, req.items)
             _count_item_errors(results)
-            tensors = classify_tensors(results, server.depth, c.min_confidence)
+            tensors = classify_tensors(results, server.depth, c.min_confidence, server.multi_label)
         else:
             embed_parameters(req.items.parameters)
             vectors, errors = await server.run(request, model, req.items)
