@@ -111,6 +111,8 @@ def _python_configs(manifest: dict[str, Any], opts: TritonOptions) -> dict[str, 
                 Tensor("path_labels", "TYPE_STRING", [depth]), Tensor("path_scores", "TYPE_FP32", [depth]),
                 Tensor("mode", "TYPE_STRING", [1]), Tensor("needs_review", "TYPE_BOOL", [1]),
                 Tensor("error", "TYPE_STRING", [1]), Tensor("warning", "TYPE_STRING", [1])]
+    if manifest.get("task") == "multi-label":  # each item's label set as JSON (huse.runtime.serve.protocol.classify_tensors)
+        classify.append(Tensor("labels", "TYPE_STRING", [1]))
     embed = [Tensor("embedding", "TYPE_FP32", [int(manifest["embedding_dim"])]), Tensor("error", "TYPE_STRING", [1])]
     # The Python models pick their own device (TensorRT, else onnxruntime CUDA, else CPU: `huse doctor`);
     # KIND_CPU only tells Triton not to pin them to a GPU.

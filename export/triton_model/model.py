@@ -80,7 +80,8 @@ def run_requests(model, requests: list[Request]) -> list[dict[str, np.ndarray]]:
     for i, o in enumerate(out):
         if o is None:
             answer = next(answers)
-            tensors = (classify_tensors(answer, model.clf.hierarchy.depth, model.min_confidence) if classify
+            tensors = (classify_tensors(answer, model.clf.hierarchy.depth, model.min_confidence,
+                                        model.clf.multi_label) if classify
                        else embed_tensors(*answer))
             out[i] = {name: array for name, (_, array) in tensors.items()}
     return out

@@ -37,6 +37,7 @@ STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Endpoints a load balancer or orchestrator probes without a token.
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+V1_MODELS = {"/v1/classify": CLASSIFY_MODEL, "/v1/embed": EMBED_MODEL}
 
 
 @dataclass
@@ -100,6 +101,26 @@ class Metrics:
         self.items = pc.Counter("huse_items", "Items answered", ["model"], registry=r)
         self.errors = pc.Counter("huse_errors", "Errors by kind (item: a per-item error in a 200)", ["kind"], registry=r)
         self.queue = pc.Gauge("huse_queue_items", "Items admitted and not yet answered", ["model"], registry=r)
+        # Label children bound once: labels() takes a lock and builds its key on every call.
+        self.items_of = {m: self.items.labels(m) for m in MODELS}
+        self._children: dict[tuple, Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), bound on first use (routes, statuses and kinds are few)."""
+        key = (metric, labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """One answered request: its count by route and status, its latency."""
+        self.child(self.requests, route, str(status)).inc()
+        self.child(self.latency, route).observe(seconds)
+
+    def error(self, kind: str, n: int = 1) -> None:
+        if n:
+            self.child(self.errors, kind).inc(n)
 
     def render(self) -> tuple[bytes, str]:
         return self.pc.generate_latest(self.registry), self.pc.CONTENT_TYPE_LATEST
@@ -119,6 +140,7 @@ class Server:
         self.classifiers = list(classifiers)
         self.index = index
         self.depth = self.classifiers[0].hierarchy.depth
+        self.multi_label = self.classifiers[0].multi_label
         self.metrics = Metrics()
         self.ready = False
         self.failed: str | None = None
@@ -187,26 +209,47 @@ class Server:
         if not self.ready:
             raise RequestError(f"model {model!r} is not ready yet (loading and warming up); retry shortly",
                                status=503, retry_after=1)
-        work = asyncio.ensure_future(asyncio.wait_for(self.batchers[model].submit(items, len(items)),
-                                                      self.config.timeout_s))
+        # One task for the work and one watching the socket; asyncio.wait's own timeout is the
+        # deadline (no wait_for wrapper: a task less per request).
+        work = asyncio.ensure_future(self.batchers[model].submit(items, len(items)))
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            done, _ = await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((work, gone), timeout=self.config.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if work not in done:
-            work.cancel()
-            raise ClientGone()
-        try:
-            result = work.result()
-        except asyncio.TimeoutError:
+            work.cancel()  # its queued items are dropped before they reach the model
+            if gone in done:
+                raise ClientGone()
             raise RequestError(f"the request did not finish within its {self.config.timeout_s:g} s deadline "
                                f"(--timeout); its work was dropped. The server is busy: retry later or with "
-                               f"fewer items", status=504) from None
+                               f"fewer items", status=504)
+        try:
+            result = work.result()
         except Overloaded as e:
-            raise RequestError(f"the server is at capacity ({e}); retry after 1 s", status=503, retry_after=1) from None
-        self.metrics.items.labels(model).inc(len(items))
+            raise _at_capacity(e) from None
+        self.metrics.items_of[model].inc(len(items))
         return result
+
+    def shed(self, path: str) -> None:
+        """Refuse a request for a model whose queue is full before its body is read.
+
+        Under overload, reading, parsing and decoding bodies that cannot be served would keep the
+        event loop from everything else, health probes included; a 503 costs it next to nothing.
+
+        Raises:
+            RequestError: 503 with Retry-After, when the path's model is at --max-queue.
+        """
+        model = V1_MODELS.get(path)
+        if model is None and path.startswith("/v2/models/") and path.endswith("/infer"):
+            model = path[len("/v2/models/"):-len("/infer")]
+        batcher = self.batchers.get(model)
+        if batcher is not None:
+            try:
+                batcher.check(1)
+            except Overloaded as e:
+                raise _at_capacity(e) from None
 
     async def search(self, query: dict[str, Any]) -> list[list[dict[str, Any]]]:
         if self.index is None:
@@ -233,6 +276,10 @@ class Server:
             return [[h.to_dict() for h in q] for q in hits]
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.run_in_executor(self._search_thread, go), self.config.timeout_s)
+
+
+def _at_capacity(e: Overloaded) -> RequestError:
+    return RequestError(f"the server is at capacity ({e}); retry after 1 s", status=503, retry_after=1)
 
 
 class ClientGone(Exception):
@@ -309,7 +356,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         return name
 
     async def metadata(request: Request):
-        return JSONResponse(model_metadata(model_name(request), server.depth))
+        return JSONResponse(model_metadata(model_name(request), server.depth, server.multi_label))
 
     async def model_ready(request: Request):
         model_name(request)
@@ -322,19 +369,17 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
             classify_parameters(req.items.parameters)  # a bad parameter is a 400 before any work
             results = await server.run(request, model, req.items)
             _count_item_errors(results)
-            tensors = classify_tensors(results, server.depth, c.min_confidence)
+            tensors = classify_tensors(results, server.depth, c.min_confidence, server.multi_label)
         else:
             embed_parameters(req.items.parameters)
             vectors, errors = await server.run(request, model, req.items)
-            server.metrics.errors.labels("item").inc(len(errors))
+            server.metrics.error("item", len(errors))
             tensors = embed_tensors(vectors, errors)
         body, headers = encode_infer_response(model, tensors, req)
         return Response(body, headers=headers)
 
     def _count_item_errors(results):
-        failed = sum("error" in r for r in results)
-        if failed:
-            server.metrics.errors.labels("item").inc(failed)
+        server.metrics.error("item", sum("error" in r for r in results))
 
     async def v1_items(request: Request) -> Items:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -356,7 +401,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         items = await v1_items(request)
         embed_parameters(items.parameters)
         vectors, errors = await server.run(request, EMBED_MODEL, items)
-        server.metrics.errors.labels("item").inc(len(errors))
+        server.metrics.error("item", len(errors))
         results = [{"index": i, "error": errors[i]} if i in errors else {"index": i, "embedding": v}
                    for i, v in enumerate(vectors.tolist())]
         return Response(dumps({"results": results}), media_type="application/json")
@@ -380,8 +425,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
                 response = await fn(request)
             except Exception as e:
                 response = respond_error(server, path, e)
-            server.metrics.requests.labels(path, str(response.status_code)).inc()
-            server.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            server.metrics.request(path, response.status_code, time.perf_counter() - start)
             return response
         return wrapped
 
@@ -434,8 +478,9 @@ async def _multipart(request, max_items: int) -> Items:
 
 
 class Guard:
-    """ASGI middleware around the app: bearer-token auth and the body-size limit, checked before
-    any route runs (the routes answer their own errors: `respond_error`)."""
+    """ASGI middleware around the app: bearer-token auth, the body-size limit and load shedding
+    (a full queue), checked before any route runs or any body is read (the routes answer their
+    own errors: `respond_error`)."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -455,6 +500,11 @@ class Guard:
         if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
             refusal = RequestError(f"the request body is {length.decode(errors='replace')} bytes; this server takes "
                                    f"at most {self.max_body} (--max-body-mb)", status=413)
+        if refusal is None and scope["method"] == "POST":
+            try:
+                self.server.shed(scope["path"])
+            except RequestError as e:
+                refusal = e
         if refusal is not None:
             response = respond_error(self.server, scope["path"] if refusal.status == 401 else "limit", refusal)
             if refusal.status == 401:
@@ -469,7 +519,7 @@ def respond_error(server: Server, route: str, e: BaseException):
     from starlette.responses import Response
 
     if isinstance(e, ClientGone):
-        server.metrics.errors.labels("disconnected").inc()
+        server.metrics.error("disconnected")
         return Response(status_code=499)  # nginx's "client closed request": uvicorn sends nothing
     code, message, headers, extra = 500, "internal server error (logged on the server)", {}, {}
     if isinstance(e, RequestError):
@@ -483,7 +533,7 @@ def respond_error(server: Server, route: str, e: BaseException):
                  "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
     kind = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 503: "overloaded",
             504: "deadline"}.get(code, "internal")
-    server.metrics.errors.labels(kind).inc()
+    server.metrics.error(kind)
     if code not in (401, 503):  # a refused token or a full queue is not worth a line per request
         _log_error(kind, route, code, message, **extra)
     return _error(message, code, headers)

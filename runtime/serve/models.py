@@ -3,7 +3,7 @@
 Triton's Python backend splits a model into initialize / execute(requests) / finalize; here each
 model gives the batcher three stages over `Classifier`'s own: `prepare` (decode, tokenise: a
 thread pool), `run` (the graphs, on one model instance's thread, for the requests of a batch
-merged into one) and `finish` (top-k, paths: the pool again), one result per request. Nothing
+merged into one) and `finish` (top-k, paths: right after run, on the same thread), one result per request. Nothing
 here knows about HTTP.
 """
 

@@ -235,13 +235,17 @@ def embed_parameters(params: dict[str, Any]) -> str:
 
 
 # -- responses -------------------------------------------------------------------------------
-def classify_tensors(results: list[dict[str, Any]], depth: int, min_confidence: float = 0.0) -> dict[str, tuple[str, np.ndarray]]:
+def classify_tensors(results: list[dict[str, Any]], depth: int, min_confidence: float = 0.0,
+                     multi_label: bool = False) -> dict[str, tuple[str, np.ndarray]]:
     """The `huse` model's output tensors from `Classifier.classify`-style results.
 
     Args:
-        results: one dict per item (top_k, path, mode, error, warning).
+        results: one dict per item (top_k, path, mode, error, warning; labels for multi-label).
         depth: the hierarchy's depth L (path columns; shorter paths padded with "" and 0).
         min_confidence: top-1 below it sets needs_review.
+        multi_label: the bundle is multi-label: add `labels`, each item's label set as the JSON
+            /v1/classify gives ([{"label", "score", "threshold", "path"}], "" for a failed item),
+            since a set of any size with its paths fits no fixed-shape tensor.
     Returns:
         name -> (datatype, array), one row per item.
     """
@@ -264,10 +268,17 @@ def classify_tensors(results: list[dict[str, Any]], depth: int, min_confidence: 
         for j, p in enumerate(r["path"]):
             path_labels[i, j], path_scores[i, j] = p["label"].encode(), p["score"]
         review[i, 0] = r["top_k"][0]["score"] < min_confidence
-    return {"top_k_labels": ("BYTES", labels), "top_k_scores": ("FP32", scores),
-            "path_labels": ("BYTES", path_labels), "path_scores": ("FP32", path_scores),
-            "mode": ("BYTES", mode), "needs_review": ("BOOL", review),
-            "error": ("BYTES", error), "warning": ("BYTES", warning)}
+    tensors = {"top_k_labels": ("BYTES", labels), "top_k_scores": ("FP32", scores),
+               "path_labels": ("BYTES", path_labels), "path_scores": ("FP32", path_scores),
+               "mode": ("BYTES", mode), "needs_review": ("BOOL", review),
+               "error": ("BYTES", error), "warning": ("BYTES", warning)}
+    if multi_label:
+        sets = np.full((n, 1), b"", dtype=object)
+        for i, r in enumerate(results):
+            if "labels" in r:
+                sets[i, 0] = dumps(r["labels"])
+        tensors["labels"] = ("BYTES", sets)
+    return tensors
 
 
 def embed_tensors(vectors: np.ndarray, errors: dict[int, str]) -> dict[str, tuple[str, np.ndarray]]:
@@ -326,8 +337,9 @@ def encode_infer_response(model: str, tensors: dict[str, tuple[str, np.ndarray]]
     return header + b"".join(chunks), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
-def model_metadata(model: str, depth: int) -> dict[str, Any]:
-    """`GET /v2/models/{model}`: inputs and outputs with name, datatype and shape (-1: any size)."""
+def model_metadata(model: str, depth: int, multi_label: bool = False) -> dict[str, Any]:
+    """`GET /v2/models/{model}`: inputs and outputs with name, datatype and shape (-1: any size);
+    a multi-label bundle's `huse` adds `labels` (`classify_tensors`)."""
     inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1]},
               {"name": "title", "datatype": "BYTES", "shape": [-1]}]
     if model == CLASSIFY_MODEL:
@@ -339,6 +351,8 @@ def model_metadata(model: str, depth: int) -> dict[str, Any]:
                    {"name": "needs_review", "datatype": "BOOL", "shape": [-1, 1]},
                    {"name": "error", "datatype": "BYTES", "shape": [-1, 1]},
                    {"name": "warning", "datatype": "BYTES", "shape": [-1, 1]}]
+        if multi_label:
+            outputs.append({"name": "labels", "datatype": "BYTES", "shape": [-1, 1]})
     else:
         outputs = [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]},
                    {"name": "error", "datatype": "BYTES", "shape": [-1, 1]}]

@@ -280,3 +280,27 @@ def test_tensorrt_engines_become_plan_models(tiny_bundle, tmp_path):
     assert (repo / "image_fp32_trt" / "1" / "model.plan").read_bytes() == b"serialised engine bytes"
     m = json.loads((repo / "manifest.json").read_text())
     assert m["models"]["image_fp32_trt"]["tensorrt_version"] == "10.3.0"
+
+
+def test_multi_label_repository_carries_the_label_sets(tiny_multi_bundle, tmp_path):
+    """A multi-label bundle's `huse` model declares `labels` and its request code fills it with each
+    item's label set, as `huse serve` does (one copy of the tensors: huse.runtime.serve.protocol)."""
+    from huse.export.triton import write_repository
+    from huse.runtime import Classifier
+    from huse.runtime.serve.models import ClassifyModel
+
+    repo = tmp_path / "repo"
+    write_repository(tiny_multi_bundle, repo)
+    huse = parse(repo / "huse" / "config.pbtxt")
+    outputs = {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in huse.output}
+    assert outputs["labels"] == ("TYPE_STRING", [1])
+    titles = ["Acme tee", "boots"]
+    with Classifier(tiny_multi_bundle, threads=1) as clf:
+        out = load_model_py(repo).run_requests(
+            ClassifyModel(clf), [(None, np.asarray([[t.encode()] for t in titles], dtype=object), {})])[0]
+        want = clf.classify(titles=titles)
+    assert set(out) == set(outputs)  # every declared output, nothing else
+    for i, w in enumerate(want):
+        got = json.loads(out["labels"][i, 0])
+        assert [g["label"] for g in got] == [x["label"] for x in w["labels"]]
+        np.testing.assert_allclose([g["score"] for g in got], [x["score"] for x in w["labels"]], atol=1e-5)
