@@ -33,6 +33,28 @@ def test_logistic_baselines_fit_separable_features_tuned_and_with_defaults():
     np.testing.assert_allclose(b["tuned"]["test"]["fused"], w * b["tuned"]["test"]["image"] + (1 - w) * b["tuned"]["test"]["text"])
 
 
+def test_defaults_baseline_is_scikit_learns_own_logistic_regression():
+    # "LR C=1" must be what a user's untuned ten lines give: LogisticRegression() with all its defaults
+    # on the same standardised features (its 100-iteration cap only binds on large catalogs).
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    from huse.train.baselines import baseline_features
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 50)
+    img = rng.normal(size=(200, 30)) + 0.7 * np.eye(4, 30)[y]  # overlapping classes
+    txt = [f"item {['red', 'green', 'blue', 'gold'][c]} {i}" for i, c in enumerate(y)]
+    train, test = np.arange(0, 200, 2), np.arange(1, 200, 2)
+    b = logistic_baselines(img, txt, y, 4, train, {"test": test}, groups=np.arange(200), folds=3)
+    x_train, x_test = baseline_features(img, txt, train, {"test": test})["image"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegression().fit(x_train, y[train])
+    np.testing.assert_allclose(b["defaults"]["test"]["image"], ref.predict_proba(x_test), atol=1e-6)
+
+
 def test_cross_validation_folds_keep_products_whole(monkeypatch):
     import huse.train.baselines as bl
 
