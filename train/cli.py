@@ -106,7 +106,7 @@ def format_metrics(metrics: dict) -> str:
     bs = metrics["baseline_settings"]
     lines.append(f"LR tuned: {bs['folds']}-fold cross-validation by product on {bs['cv_rows']} of {bs['train_rows']} "
                  f"training rows: image C={bs['image']['C']}, text C={bs['text']['C']}, fused image weight "
-                 f"{bs['fused']['image_weight']}")
+                 f"{bs['fused']['image_weight']}" + _fold_spread(bs))
     cal = metrics["calibration"]
     cov = cal["coverage"]["fused"]
     lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}; best epoch "
@@ -131,6 +131,14 @@ def format_metrics(metrics: dict) -> str:
     else:
         lines.append("HUSE beats the tuned logistic-regression baseline on val in every mode.")
     return "\n".join(lines)
+
+
+def _fold_spread(settings: dict) -> str:
+    """'; top-1 across folds: image 0.61-0.70, ...' from the baseline's settings (runs before it was recorded: '')."""
+    if "fold_top1" not in settings["image"]:
+        return ""
+    return "; top-1 across folds: " + ", ".join(
+        f"{m} {min(settings[m]['fold_top1']):.2f}-{max(settings[m]['fold_top1']):.2f}" for m in ("image", "text", "fused"))
 
 
 def _format_multilabel(metrics: dict) -> str:

@@ -29,6 +29,10 @@ def test_logistic_baselines_fit_separable_features_tuned_and_with_defaults():
     for mode in ("image", "text"):
         acc = st[mode]["cv_top1"]
         assert set(acc) == {str(c) for c in C_GRID} and acc[str(st[mode]["C"])] == max(acc.values())
+    for mode in ("image", "text", "fused"):  # the spread across folds: the chosen setting's top-1 on each of the 3
+        folds = st[mode]["fold_top1"]
+        chosen = st[mode]["cv_top1"] if mode == "fused" else st[mode]["cv_top1"][str(st[mode]["C"])]
+        assert len(folds) == 3 and min(folds) - 1e-4 <= chosen <= max(folds) + 1e-4
     w = st["fused"]["image_weight"]
     np.testing.assert_allclose(b["tuned"]["test"]["fused"], w * b["tuned"]["test"]["image"] + (1 - w) * b["tuned"]["test"]["text"])
 
@@ -136,6 +140,10 @@ def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
     assert m["best_epoch"] == best["epoch"]
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["calibration"]["temperature"] == cal["temperature"]
+    from huse.train.cli import format_metrics
+
+    folds = m["baseline_settings"]["fused"]["fold_top1"]
+    assert f"fused {min(folds):.2f}-{max(folds):.2f}" in format_metrics(m)  # the printed report shows the spread
 
 
 def test_early_stopping_stops_after_patience(tiny_catalog, tmp_path):
