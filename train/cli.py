@@ -34,6 +34,8 @@ from huse.runtime.cli import run_cli
                                             "[default: TrainConfig.patience]")
 @click.option("--batch-size", default=256)
 @click.option("--lr", default=1e-3)
+@click.option("--weight-decay", type=float, help="AdamW's decoupled weight decay of the towers and the shared layer "
+              "(default 1e-4).")
 @click.option("--alpha", default=1.0, help="Classification loss weight.")
 @click.option("--beta", default=1.0, help="Semantic-graph loss weight.")
 @click.option("--gamma", default=0.2, help="Cross-modal gap loss weight.")
@@ -82,7 +84,7 @@ def _train(o: dict) -> None:
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
                     multi_label=o["multi_label"], label_head=o["multi_label_head"])
     # Options without a CLI default take TrainConfig's: one copy of each default.
-    given = {k: o[k] for k in ("epochs", "patience", "delta", "final_fit") if o[k] is not None}
+    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit") if o[k] is not None}
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
                      margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
@@ -104,7 +106,7 @@ def format_metrics(metrics: dict) -> str:
     bs = metrics["baseline_settings"]
     lines.append(f"LR tuned: {bs['folds']}-fold cross-validation by product on {bs['cv_rows']} of {bs['train_rows']} "
                  f"training rows: image C={bs['image']['C']}, text C={bs['text']['C']}, fused image weight "
-                 f"{bs['fused']['image_weight']}")
+                 f"{bs['fused']['image_weight']}" + _fold_spread(bs))
     cal = metrics["calibration"]
     cov = cal["coverage"]["fused"]
     lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}; best epoch "
@@ -129,6 +131,14 @@ def format_metrics(metrics: dict) -> str:
     else:
         lines.append("HUSE beats the tuned logistic-regression baseline on val in every mode.")
     return "\n".join(lines)
+
+
+def _fold_spread(settings: dict) -> str:
+    """'; top-1 across folds: image 0.61-0.70, ...' from the baseline's settings (runs before it was recorded: '')."""
+    if "fold_top1" not in settings["image"]:
+        return ""
+    return "; top-1 across folds: " + ", ".join(
+        f"{m} {min(settings[m]['fold_top1']):.2f}-{max(settings[m]['fold_top1']):.2f}" for m in ("image", "text", "fused"))
 
 
 def _format_multilabel(metrics: dict) -> str:

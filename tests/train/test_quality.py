@@ -29,8 +29,34 @@ def test_logistic_baselines_fit_separable_features_tuned_and_with_defaults():
     for mode in ("image", "text"):
         acc = st[mode]["cv_top1"]
         assert set(acc) == {str(c) for c in C_GRID} and acc[str(st[mode]["C"])] == max(acc.values())
+    for mode in ("image", "text", "fused"):  # the spread across folds: the chosen setting's top-1 on each of the 3
+        folds = st[mode]["fold_top1"]
+        chosen = st[mode]["cv_top1"] if mode == "fused" else st[mode]["cv_top1"][str(st[mode]["C"])]
+        assert len(folds) == 3 and min(folds) - 1e-4 <= chosen <= max(folds) + 1e-4
     w = st["fused"]["image_weight"]
     np.testing.assert_allclose(b["tuned"]["test"]["fused"], w * b["tuned"]["test"]["image"] + (1 - w) * b["tuned"]["test"]["text"])
+
+
+def test_defaults_baseline_is_scikit_learns_own_logistic_regression():
+    # "LR C=1" must be what a user's untuned ten lines give: LogisticRegression() with all its defaults
+    # on the same standardised features (its 100-iteration cap only binds on large catalogs).
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    from huse.train.baselines import baseline_features
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 50)
+    img = rng.normal(size=(200, 30)) + 0.7 * np.eye(4, 30)[y]  # overlapping classes
+    txt = [f"item {['red', 'green', 'blue', 'gold'][c]} {i}" for i, c in enumerate(y)]
+    train, test = np.arange(0, 200, 2), np.arange(1, 200, 2)
+    b = logistic_baselines(img, txt, y, 4, train, {"test": test}, groups=np.arange(200), folds=3)
+    x_train, x_test = baseline_features(img, txt, train, {"test": test})["image"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LogisticRegression().fit(x_train, y[train])
+    np.testing.assert_allclose(b["defaults"]["test"]["image"], ref.predict_proba(x_test), atol=1e-6)
 
 
 def test_cross_validation_folds_keep_products_whole(monkeypatch):
@@ -114,6 +140,10 @@ def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
     assert m["best_epoch"] == best["epoch"]
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["calibration"]["temperature"] == cal["temperature"]
+    from huse.train.cli import format_metrics
+
+    folds = m["baseline_settings"]["fused"]["fold_top1"]
+    assert f"fused {min(folds):.2f}-{max(folds):.2f}" in format_metrics(m)  # the printed report shows the spread
 
 
 def test_early_stopping_stops_after_patience(tiny_catalog, tmp_path):
