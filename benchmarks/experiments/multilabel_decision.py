@@ -1,7 +1,9 @@
 """Why the multi-label model led the one-vs-rest LR by 7.5 points of mAP but 0.3 of micro-F1 (issue 22).
 
     OMP_NUM_THREADS=1 python benchmarks/experiments/multilabel_decision.py \\
-        --catalog data/phosphor-icons-multi/catalog.csv --work runs/multilabel-decision
+        --catalog data/phosphor-icons-multi/catalog.csv --work runs/multilabel-decision/phosphor-icons-multi
+    OMP_NUM_THREADS=1 python benchmarks/experiments/multilabel_decision.py \\
+        --catalog data/mdi-icons-multi/catalog.csv --work runs/multilabel-decision/mdi-icons-multi
 
 Trains the default multi-label recipe once (Trainer, as huse-train does; the run's own metrics are not
 needed), fits the tuned one-vs-rest logistic regression on the same split and frozen features, and then
@@ -17,7 +19,7 @@ thresholds and the fusion weight chosen on val:
 
 How a user could pick the rule without test: 4-fold cross-validation over val *products* (thresholds from
 three folds, scored on the fourth). The gap between HUSE and the baseline gets a 95% interval from 2,000
-bootstrap resamples of the test products. Writes decision_rules.json.
+bootstrap resamples of the test products. Writes decision_rules-CATALOG.json.
 """
 
 from __future__ import annotations
@@ -35,18 +37,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--catalog", default="data/phosphor-icons-multi/catalog.csv")
-    ap.add_argument("--work", default="runs/multilabel-decision", help="Run folder (its probabilities are reused).")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu-2core/multilabel/decision_rules.json"))
+    ap.add_argument("--work", required=True, help="Run folder (its probabilities are reused).")
+    ap.add_argument("--out", help="default: benchmarks/results/cpu-2core/multilabel/decision_rules-CATALOG.json, CATALOG "
+                                   "the catalog's folder name")
     ap.add_argument("--epochs", type=int, help="Smoke runs only: the figures are for the default budget.")
     ap.add_argument("--bootstrap", type=int, default=2000)
     a = ap.parse_args()
     d = probabilities(a.catalog, Path(a.work), a.epochs)
     result = {"catalog": a.catalog, "epochs": a.epochs or "default", **compare(d, a.bootstrap)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    out = Path(a.out or ROOT / f"benchmarks/results/cpu-2core/multilabel/decision_rules-{Path(a.catalog).parent.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     for line in result["table"]:
         print(line)
-    print(f"wrote {a.out}")
+    print(f"wrote {out}")
 
 
 def probabilities(catalog: str, work: Path, epochs: int | None) -> dict[str, np.ndarray]:
