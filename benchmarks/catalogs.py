@@ -3,6 +3,7 @@
     python -m huse.benchmarks.catalogs phosphor-icons data/phosphor-icons   # ~15 s each, needs npm
     python -m huse.benchmarks.catalogs tabler-icons data/tabler-icons
     python -m huse.benchmarks.catalogs mdi-icons data/mdi-icons
+    python -m huse.benchmarks.catalogs mdi-icons-multi data/mdi-icons-multi
 
 Each is an icon set from the npm registry, pinned, where every icon is a product with a real
 name ("shopping-cart-simple" -> "shopping cart simple"), several "photos" (the same icon drawn
@@ -206,8 +207,34 @@ def mdi_icons(out: str | Path, cache: str | Path | None = None, seed: int = 0) -
     return write_catalog(out, pick_products(icons, seed), views, seed)
 
 
+def mdi_icons_multi(out: str | Path, cache: str | Path | None = None, seed: int = 0) -> Path:
+    """Write mdi-icons-multi (catalog.csv + images/) and return the CSV's path.
+
+    A second real multi-label catalog: Material Design Icons that have an `-outline` variant, each
+    listing EVERY one of its `tags` in meta.json as a class ("banking|shopping"), as the icon authors
+    assigned them (a quarter of the icons have two or more). Products are picked as in `mdi_icons`, by
+    their first tag (at most MAX_PRODUCTS per class); a tag that is not one of the picked classes is left
+    out of the product's set. Icons tagged "Emoji" are left out: emoji sets are reserved for independent
+    evaluation, and this keeps even emoji-like icons out of development data.
+    """
+    out = Path(out)
+    pkg = _fetch(MDI, Path(cache) if cache else out / ".cache")
+    meta = {m["name"]: m for m in json.loads((pkg / "meta.json").read_text(encoding="utf-8")) if not m["deprecated"]}
+    tags = {name: [t.lower() for t in m["tags"]] for name, m in meta.items()
+            if f"{name}-outline" in meta and m["tags"] and "emoji" not in (t.lower() for t in m["tags"])}
+    per_class = pick_products([(name, t[0]) for name, t in tags.items()], seed)
+    svg = lambda name: (pkg / "svg" / f"{name}.svg").read_text(encoding="utf-8")  # noqa: E731
+    path = write_catalog(out, per_class, {"filled": svg, "outline": lambda name: svg(f"{name}-outline")}, seed)
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "classes": "|".join(sorted(t for t in set(tags[r["product_id"]]) if t in per_class))} for r in rows)
+    return path
+
+
 CATALOGS = {"phosphor-icons": phosphor_icons, "phosphor-icons-multi": phosphor_icons_multi,
-            "tabler-icons": tabler_icons, "mdi-icons": mdi_icons}
+            "tabler-icons": tabler_icons, "mdi-icons": mdi_icons, "mdi-icons-multi": mdi_icons_multi}
 
 
 @click.command()

@@ -157,8 +157,9 @@ def markdown(r: dict) -> str:
         return (f"| {name} | {100 * x['micro_f1']:.1f}% | {100 * x['macro_f1']:.1f}% | {100 * x['map']:.1f}% | "
                 f"{100 * x['subset_accuracy']:.1f}% |")
 
-    lines.append(row("one-vs-rest LR (tuned C, thresholds on val)", r["run_test"]["baseline"]["fused"]))
-    lines.append(row("HUSE (training run, torch)", r["run_test"]["huse"]["fused"]))
+    lines.append(row(f"one-vs-rest LR (tuned C; image weight {r['baseline_info'].get('fusion_image_weight', 0.5)} and thresholds on val)",
+                   r["run_test"]["baseline"]["fused"]))
+    lines.append(row(f"HUSE (training run, torch; image weight {r['fusion_image_weight']})", r["run_test"]["huse"]["fused"]))
     for p, x in r["runtime_test_fused"].items():
         lines.append(row(f"HUSE through the runtime, {p}", x))
     lines.append("")

@@ -13,10 +13,14 @@ A catalog is multi-label when some product lists several class paths (runtime/la
   products that share one of two categories, or whose other categories are siblings, come out
   closer than products with nothing in common (a Jaccard of label sets would call
   `a<b` and `a<c` as far apart as `a<b` and `z<y`). Gap and instance terms are unchanged;
-- thresholds: one per class and mode, the F1-best on val; a class with fewer than
-  `MIN_VAL_POSITIVES` val positives takes the mode's single global threshold instead (the one
-  giving the best micro-F1), since its own F1 curve rests on a handful of items;
-- fusion: w * sigmoid(image logits) + (1 - w) * sigmoid(text logits), w chosen on val micro-F1;
+- thresholds: per mode, the single threshold with the best val micro-F1 (`tune_thresholds`), read
+  with the serving rule (none above it: the best class alone). A class takes its own F1-best
+  threshold only with at least `MIN_VAL_PRODUCTS` positive val *products*: a product's photos
+  share its title and labels, so items are not independent, and on phosphor-icons-multi (64 val
+  products, about 7 per class) per-class thresholds cost 5.5 points of test micro-F1 against the
+  global one (benchmarks/experiments/multilabel_decision.py);
+- fusion: w * sigmoid(image logits) + (1 - w) * sigmoid(text logits), w chosen on val micro-F1,
+  for HUSE and for the one-vs-rest baseline alike;
 - early stopping: val mAP (threshold-free, so an overconfident model is not penalised for it).
 """
 
@@ -33,7 +37,9 @@ from huse.runtime.labels import PATH_SEPARATOR, predict_sets
 
 MODES = ("image", "text", "fused")
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.025), 3)
-MIN_VAL_POSITIVES = 5  # below this many val positives a class takes the mode's global threshold
+# A class's own threshold needs this many positive val products (independent units); fewer: the
+# mode's global threshold. Per-class thresholds on a handful of products overfit (module docstring).
+MIN_VAL_PRODUCTS = 50
 CV_FOLDS = 3
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
@@ -94,18 +100,32 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
 
 
-def tune_thresholds(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-class thresholds (C,) from val probabilities p and multi-hot targets y (module docstring)."""
+def tune_thresholds(p: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
+                    min_products: int = MIN_VAL_PRODUCTS) -> np.ndarray:
+    """Thresholds (C,) from val probabilities and targets (module docstring).
+
+    Args:
+        p: (N, C) val probabilities.
+        y: (N, C) multi-hot val targets.
+        groups: (N,) product ids, so that a class's positives are counted in products; None: items.
+        min_products: positive products a class needs for its own threshold (0: every class; a huge number: none).
+    Returns:
+        (C,) float32: the micro-F1-best threshold of THRESHOLD_GRID for every class, except the classes
+        with at least `min_products` positive products, which take their own F1-best one.
+    """
     yb = y > 0
-    # counts at every grid threshold: (T, C)
+    # predictions at every grid threshold (T, N, C), with the serving rule: none above, the best class alone
     pred = p[None, :, :] >= THRESHOLD_GRID[:, None, None]
+    t_empty, n_empty = np.nonzero(~pred.any(axis=2))
+    pred[t_empty, n_empty, p.argmax(axis=1)[n_empty]] = True
     tp = (pred & yb[None]).sum(1)
     fp = (pred & ~yb[None]).sum(1)
     fn = yb.sum(0)[None, :] - tp
-    micro = _f1(tp.sum(1), fp.sum(1), fn.sum(1))
-    global_t = THRESHOLD_GRID[int(np.argmax(micro))]
+    global_t = THRESHOLD_GRID[int(np.argmax(_f1(tp.sum(1), fp.sum(1), fn.sum(1))))]
     per_class = THRESHOLD_GRID[np.argmax(_f1(tp, fp, fn), axis=0)]
-    return np.where(yb.sum(0) >= MIN_VAL_POSITIVES, per_class, global_t).astype(np.float32)
+    positives = (yb.sum(0) if groups is None
+                 else np.array([len(np.unique(groups[yb[:, j]])) for j in range(y.shape[1])]))
+    return np.where(positives >= min_products, per_class, global_t).astype(np.float32)
 
 
 def average_precision(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -150,29 +170,31 @@ def multilabel_report(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray, hier
     return report
 
 
-def fused_micro_f1(p: np.ndarray, y: np.ndarray) -> float:
+def fused_micro_f1(p: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> float:
     """Val micro-F1 after tuning thresholds on the same val items (what the fusion weight is chosen by)."""
-    return set_metrics(predict_sets(p, tune_thresholds(p, y)), y)["micro_f1"]
+    return set_metrics(predict_sets(p, tune_thresholds(p, y, groups)), y)["micro_f1"]
 
 
-def best_fusion_weight(p_img: np.ndarray, p_txt: np.ndarray, y: np.ndarray) -> float:
+def best_fusion_weight(p_img: np.ndarray, p_txt: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> float:
     """The image weight in [0, 1] (step 0.05) with the best val micro-F1; ties go to 0.5."""
     grid = np.round(np.linspace(0, 1, 21), 2)
-    f1 = [round(fused_micro_f1(w * p_img + (1 - w) * p_txt, y), 10) for w in grid]
+    f1 = [round(fused_micro_f1(w * p_img + (1 - w) * p_txt, y, groups), 10) for w in grid]
     best = max(f1)
     return float(min((w for w, f in zip(grid, f1) if f == best), key=lambda w: abs(w - 0.5)))
 
 
-def evaluate(val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None, hierarchy: Hierarchy
-             ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
+def evaluate(val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None, hierarchy: Hierarchy,
+             groups: np.ndarray | None = None) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
     """Thresholds tuned on val per mode, and the report of each split and mode.
 
     Args:
         val, test: {"image", "text", "fused": (n, C) probabilities, "y": (n, C) multi-hot}; test may be None.
+        hierarchy: the class tree (per-level F1).
+        groups: val product ids (tune_thresholds counts positives in products); None: items.
     Returns:
         ({mode: thresholds}, {split: {mode: report}}).
     """
-    thresholds = {m: tune_thresholds(val[m], val["y"]) for m in MODES}
+    thresholds = {m: tune_thresholds(val[m], val["y"], groups) for m in MODES}
     reports = {name: {m: multilabel_report(pr[m], pr["y"], thresholds[m], hierarchy) for m in MODES}
                for name, pr in (("val", val), ("test", test)) if pr is not None}
     return {m: [round(float(t), 4) for t in thr] for m, thr in thresholds.items()}, reports
@@ -256,7 +278,10 @@ def ovr_baselines(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarr
         groups: (N,) product ids (the CV grouping).
         train: indices to fit on; evals: split name -> indices.
     Returns:
-        ({split: {"image", "text", "fused"}}, {"C": {mode: C}, "cv_map": {mode: {C: mean mAP}}, ...}).
+        ({split: {"image", "text", "fused"}}, {"C": {mode: C}, "cv_map": {mode: {C: mean mAP}},
+        "fusion_image_weight": w, ...}). The fused probabilities weigh image and text by w chosen on val
+        micro-F1 exactly as HUSE's (`best_fusion_weight`): a fixed 1/2 would handicap the baseline
+        wherever one modality is weak, as the single-label baseline's tuned weight does not.
     """
     from huse.train.baselines import baseline_features
 
@@ -267,8 +292,13 @@ def ovr_baselines(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarr
     for mode, x in (("image", img), ("text", txt)):
         probs[mode], chosen = ovr_fit(x[0], y[train], groups[train], x[1:])
         info["C"][mode], info["cv_map"][mode] = chosen["C"], chosen["cv_map"]
-    return ({s: {"image": pi, "text": pt, "fused": 0.5 * (pi + pt)}
-             for s, pi, pt in zip(evals, probs["image"], probs["text"])}, info)
+    out = {s: {"image": pi, "text": pt} for s, pi, pt in zip(evals, probs["image"], probs["text"])}
+    w = (best_fusion_weight(out["val"]["image"], out["val"]["text"], y[evals["val"]], groups[evals["val"]])
+         if "val" in out else 0.5)
+    info["fusion_image_weight"] = w
+    for pr in out.values():
+        pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
+    return out, info
 
 
 def format_table(metrics: dict[str, Any]) -> list[str]:

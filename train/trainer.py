@@ -489,7 +489,8 @@ class Trainer:
         """Choose the fusion weight and temperatures on val; write metrics (HUSE beside the baselines),
         the confusion matrix and the shipped model (refitted on more rows with --final-fit)."""
         val, test = self.predict("val"), self.predict("test") if len(self.split["test"]) else None
-        w = (multilabel.best_fusion_weight(val["image"], val["text"], val["y"]) if self.multi
+        w = (multilabel.best_fusion_weight(val["image"], val["text"], val["y"], self.product[self.split["val"]].numpy())
+             if self.multi
              else best_weight(val["image"], val["text"], val["y"])[0])
         for pr in (val, test):
             if pr is not None:
@@ -589,10 +590,11 @@ class Trainer:
         text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
         base, info = multilabel.ovr_baselines(image, text, self.y.numpy(), self.product.numpy(),
                                               self.split["train"].numpy(), splits)
-        thresholds, reports = multilabel.evaluate(val, test, self.hierarchy)
+        val_products = self.product[self.split["val"]].numpy()
+        thresholds, reports = multilabel.evaluate(val, test, self.hierarchy, val_products)
         base_val, base_test = ({**base[s], "y": pr["y"]} if pr is not None else None
                                for s, pr in (("val", val), ("test", test)))
-        base_thresholds, base_reports = multilabel.evaluate(base_val, base_test, self.hierarchy)
+        base_thresholds, base_reports = multilabel.evaluate(base_val, base_test, self.hierarchy, val_products)
         metrics.update(task="multi-label", **reports, baseline=base_reports,
                        baseline_info={**info, "thresholds": base_thresholds,
                                       "model": "one-vs-rest logistic regression on the same frozen features"},

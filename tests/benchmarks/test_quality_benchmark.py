@@ -92,3 +92,33 @@ def test_write_catalog_rasterises_every_view_and_keeps_a_product_in_one_split(tm
     assert thin.size == (RASTER, RASTER)
     ink = [(np.asarray(im.convert("RGBA"))[..., 3] > 0).sum() for im in (thin, bold)]
     assert ink[1] > ink[0] > 0  # the views differ as drawn
+
+
+def test_mdi_icons_multi_lists_every_kept_tag_of_an_icon(tmp_path):
+    import csv
+
+    import pytest
+
+    pytest.importorskip("resvg_py")
+    from huse.benchmarks.catalogs import MDI, MIN_PRODUCTS, mdi_icons_multi
+
+    # a package folder as `npm pack` leaves it in the cache (_fetch reuses it)
+    pkg = tmp_path / "cache" / MDI.replace("/", "_").replace("@", "") / "package"
+    (pkg / "svg").mkdir(parents=True)
+    tags = {f"bank-{i}": ["Banking"] for i in range(MIN_PRODUCTS)}
+    tags.update({f"cart-{i}": ["Shopping", "Banking"] if i < 3 else ["Shopping"] for i in range(MIN_PRODUCTS)})
+    tags["coin-odd"] = ["Banking", "Rare"]  # "Rare" has too few icons to be a class: left out of the set
+    tags["smile"] = ["Emoji", "Banking"]  # emoji-like icons are never used
+    meta = []
+    for name, t in tags.items():
+        for n in (name, f"{name}-outline"):
+            meta.append({"name": n, "tags": t, "deprecated": False})
+            (pkg / "svg" / f"{n}.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24">'
+                                                  '<rect x="4" y="4" width="16" height="16"/></svg>')
+    (pkg / "meta.json").write_text(json.dumps(meta))
+    path = mdi_icons_multi(tmp_path / "cat", cache=tmp_path / "cache")
+    rows = list(csv.DictReader(open(path, encoding="utf-8")))
+    classes = {r["product_id"]: r["classes"] for r in rows}
+    assert len(rows) == 2 * len(classes)  # filled and outline
+    assert classes["cart-0"] == "banking|shopping" and classes["cart-5"] == "shopping"
+    assert classes["coin-odd"] == "banking" and "smile" not in classes

@@ -46,18 +46,48 @@ def test_huse_loss_takes_multi_hot_targets():
     assert logits.grad is not None
 
 
-def test_thresholds_per_class_and_a_global_one_for_rare_classes():
+def _global_threshold(p, y):
+    from huse.runtime.labels import predict_sets
+
+    f1 = [multilabel.set_metrics(predict_sets(p, np.full(p.shape[1], g)), y)["micro_f1"] for g in multilabel.THRESHOLD_GRID]
+    return multilabel.THRESHOLD_GRID[int(np.argmax(f1))]
+
+
+def test_thresholds_are_one_global_micro_f1_best_one_unless_a_class_has_enough_products():
     rng = np.random.default_rng(0)
-    y = np.zeros((200, 3), np.float32)
-    y[:100, 0] = 1
-    y[100:, 1] = 1
-    y[:3, 2] = 1  # 3 positives: below MIN_VAL_POSITIVES
-    p = np.clip(y * 0.35 + rng.uniform(0, 0.3, y.shape), 0, 1).astype(np.float32)  # positives in [0.35, 0.65]
-    t = multilabel.tune_thresholds(p, y)
-    assert 0.3 <= t[0] <= 0.35 and 0.3 <= t[1] <= 0.35
-    global_t = multilabel.THRESHOLD_GRID[np.argmax([multilabel.set_metrics(p >= g, y)["micro_f1"]
-                                                    for g in multilabel.THRESHOLD_GRID])]
-    assert t[2] == pytest.approx(global_t)
+    n = 4 * multilabel.MIN_VAL_PRODUCTS
+    y = np.zeros((n, 3), np.float32)
+    y[: n // 2, 0] = 1
+    y[n // 2:, 1] = 1
+    y[:3, 2] = 1
+    # class 0: positives in [0.35, 0.65], negatives below 0.3; class 1 all 0.4 higher (negatives up to 0.7)
+    p = np.clip(y * 0.35 + rng.uniform(0, 0.3, y.shape), 0, 1).astype(np.float32)
+    p[:, 1] += 0.4
+    one_item_per_product = np.arange(n)
+    t = multilabel.tune_thresholds(p, y, one_item_per_product)
+    # classes 0 and 1 have 2 x MIN_VAL_PRODUCTS positive products: their own F1-best thresholds
+    assert 0.3 <= t[0] <= 0.35 and 0.6 <= t[1] <= 0.75
+    assert t[2] == pytest.approx(_global_threshold(p, y))  # 3 products: the global one
+    # the same items as photos of few products (10 each): no class has enough products, one threshold for all
+    ten_items_per_product = np.arange(n) // 10
+    assert np.allclose(multilabel.tune_thresholds(p, y, ten_items_per_product), _global_threshold(p, y))
+
+
+def test_one_vs_rest_baseline_weighs_modalities_on_val():
+    rng = np.random.default_rng(3)
+    n, c = 300, 3
+    y = np.zeros((n, c), np.float32)
+    y[np.arange(n), rng.integers(0, c, n)] = 1
+    y[rng.random(n) < 0.3, 0] = 1
+    text = (y @ rng.normal(size=(c, 8)) + rng.normal(size=(n, 8))).astype(np.float32)  # informative, not perfectly
+    image = rng.normal(size=(n, 8)).astype(np.float32)  # noise
+    groups = np.arange(n)
+    splits = {"val": np.arange(200, 250), "test": np.arange(250, n)}
+    probs, info = multilabel.ovr_baselines(image, text, y, groups, np.arange(200), splits)
+    w = info["fusion_image_weight"]
+    assert w <= 0.25  # the noise modality is (nearly) left out, not averaged in at 1/2
+    for s, idx in splits.items():
+        assert np.allclose(probs[s]["fused"], w * probs[s]["image"] + (1 - w) * probs[s]["text"])
 
 
 def test_one_vs_rest_fit_is_scikit_learns_logistic_regression():
