@@ -75,7 +75,7 @@ def test_word_cnn_text_batches_are_cut_by_rows_across_cores_with_the_same_result
     from huse.runtime.backends.onnxrt.runner import MIN_ROWS_PER_PART, OnnxrtRunner, graph_row_parts
 
     assert graph_row_parts("text", "cnn", 3) == 3 and graph_row_parts("text", None, 2) == 2
-    assert graph_row_parts("text", "minilm", 2) == 2 and graph_row_parts("fused", "cnn", 2) == 1
+    assert graph_row_parts("text", "minilm", 2) == 1 and graph_row_parts("fused", "cnn", 2) == 1
     assert graph_row_parts("image", "cnn", None) == 1
     rows = 3 * MIN_ROWS_PER_PART + 5
     with Classifier(tiny_bundle, backend="onnxruntime", threads=3) as clf:

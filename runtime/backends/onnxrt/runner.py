@@ -94,10 +94,11 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     the batch by rows and running the parts concurrently (one Run per part; Run releases the GIL)
     uses every core with one hand-off per batch. Measured on 2 shared cores, batch 64, interleaved
     rounds: word CNN, 2 parts on one intra-op thread took 0.51-0.65x the time of the whole batch on
-    one thread and 0.54-0.80x the whole batch on two; MiniLM, 2 parts 0.66-0.97x the whole batch on
-    two intra-op threads (its sessions keep their threads: batch 1 still shares its matmuls; to be
-    confirmed on a quiet machine: benchmarks/experiments/text_graph_options.py). Rows
-    are independent in these graphs, so the outputs are the whole batch's. Image and fused
+    one thread and 0.54-0.80x the whole batch on two; on an idle machine 0.87x (0.66-1.25) the
+    whole batch on two (benchmarks/experiments/text_graph_options.py, results/cpu-2core/text-options).
+    MiniLM: 1 part. Its matmuls already keep both cores busy; cut in two on its 2-thread session it
+    took 1.22x (1.11-1.26) the whole batch on an idle machine, and on 1-thread sessions 1.01x.
+    Rows are independent in these graphs, so the outputs are the whole batch's. Image and fused
     graphs: 1 (their convolutions keep both cores busy already).
 
     Args:
@@ -107,7 +108,7 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     Returns:
         The number of parts (1: whole batches).
     """
-    if graph == "text":
+    if graph == "text" and text_encoder != "minilm":
         return int(threads or os.cpu_count() or 1)
     return 1
 
