@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 
 import click
 
@@ -113,7 +115,15 @@ def serve(bundle, out, concurrency, seconds, warmup, rounds, systems, precision,
                                max_delay_ms=max_delay_ms, threads=threads, items=items, data=data,
                                overload_seconds=overload_seconds, overload_factor=overload_factor, deadline_s=deadline,
                                venv=venv, spin=spin, say=click.echo)
-        result = run_serve_bench(bundle, cfg, out)
+        # Server logs, wrk scripts and request bodies are scratch (the overload log alone is megabytes): a
+        # temporary folder, removed on success and kept (and named) when the run fails.
+        work = tempfile.mkdtemp(prefix="huse-bench-serve-")
+        try:
+            result = run_serve_bench(bundle, cfg, work)
+        except BaseException:
+            click.echo(f"server logs and scripts kept in {work}", err=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
         files = write_outputs(result, out)
         click.echo(to_markdown(result))
         click.echo(f"wrote {', '.join(str(f) for f in files)}")

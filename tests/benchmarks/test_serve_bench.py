@@ -30,6 +30,8 @@ def test_harness_runs_end_to_end_against_huse_serve(tiny_bundle, tiny_catalog, t
     result = json.loads((out / "result.json").read_text())
     assert (out / "result.md").read_text().startswith("# huse-bench serve")
     assert (out / "throughput_p99.png").stat().st_size > 1000
+    # Server logs, wrk scripts and bodies are scratch: the results folder holds the results only.
+    assert sorted(p.name for p in out.iterdir()) == ["result.json", "result.md", "throughput_p99.png"]
     for system in ("max-batch-1", "batching"):
         rows = result["systems"][system]
         assert [r["concurrency"] for r in rows] == [1, 8]
