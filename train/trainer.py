@@ -50,9 +50,9 @@ FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train
 # catalogs (616-1,986 train + val rows) val holds 55-64 products, one product moves val top-1 by 1.6-1.8
 # points, and the tuned LR's top-1 moves 4-17 points between folds of ~50 products (README, "Model
 # quality"). fashion-products (60,000 rows) has a 5,000-product val split where one product is 0.02
-# points, and k+1 more trainings there would cost tens of minutes. 5,000 rows (a 15% val split of
-# 125-190 products at 4-6 images each, one product 0.5-0.8 points) lies between the two; no catalog
-# between 2,000 and 55,000 rows has been measured, so the exact value is not tuned.
+# points, and each of k+1 more trainings would cost what its one training does. 5,000 rows (a 15% val
+# split of 125-190 products at 4-6 images each, one product 0.5-0.8 points) lies between the two; no
+# catalog between 2,000 and 55,000 rows has been measured, so the exact value is not tuned.
 KFOLD_MAX_ROWS = 5000
 
 
