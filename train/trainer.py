@@ -537,8 +537,9 @@ class Trainer:
                                   groups=self.product.numpy(), seed=self.tc.seed, final=final)
 
     def finish(self, progress: bool = True) -> dict[str, Any]:
-        """Choose the fusion weight and temperatures on val; write metrics (HUSE beside the baselines),
-        the confusion matrix and the shipped model (refitted on more rows with --final-fit)."""
+        """Choose the fusion weight and temperatures on val (or by k-fold cross-validation, cross_validate); write
+        metrics (HUSE beside the baselines), the confusion matrix and the shipped model (refitted on more rows with
+        --final-fit or --cv-folds)."""
         val, test = self.predict("val"), self.predict("test") if len(self.split["test"]) else None
         cv, oof = self.cross_validate(progress) if self.cv["folds"] else (None, None)
         if cv:

@@ -103,6 +103,9 @@ def test_the_spread_across_folds_is_recorded_and_printed(cv_run):
     text = [f["val_top1"]["text"] for f in cv["per_fold"]]
     assert "5-fold cross-validation by product" in report and f"text {min(text):.2f}-{max(text):.2f}" in report
     assert "fusion image weight (chosen by 5-fold CV)" in report
+    from huse.benchmarks.quality import summarise
+
+    assert summarise("tiny", m)["cv"] == cv  # the quality benchmark's JSON keeps the folds' figures
 
 
 def test_the_shipped_model_trains_on_train_and_val_with_the_folds_settings(cv_run):
