@@ -123,13 +123,24 @@ def baseline_features(image_feats: np.ndarray, text: np.ndarray | list[str], tra
     return {"image": img, "text": txt}
 
 
-def _cv_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, list]:
-    """The training rows cross-validation uses (a seeded sample of whole products, at most about CV_MAX_ROWS) and
-    its folds grouped by product, as (train, validation) positions into those rows."""
+def product_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int,
+                  sample: bool = True) -> tuple[np.ndarray, list]:
+    """Cross-validation folds grouped by product (stratified by class where the products allow it).
+
+    Args:
+        y: (N,) class index of each row.
+        groups: (N,) product of each row: a product's rows are always in one fold.
+        folds: number of folds.
+        seed: the fold assignment and the sample.
+        sample: above CV_MAX_ROWS rows (the baselines' tuning budget), use a seeded sample of whole products of
+            about that many rows; False: every row.
+    Returns:
+        (the rows used, as indices into y; [(train, validation) positions into those rows] per fold).
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
     rows = np.arange(len(y))
-    if len(rows) > CV_MAX_ROWS:  # sample whole products, so a sampled product keeps all its rows
+    if sample and len(rows) > CV_MAX_ROWS:  # sample whole products, so a sampled product keeps all its rows
         products = np.unique(groups)
         keep = np.random.default_rng(seed).permutation(products)[:max(1, int(len(products) * CV_MAX_ROWS / len(rows)))]
         rows = rows[np.isin(groups, keep)]
@@ -181,7 +192,7 @@ def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y:
     """
     feats = baseline_features(image_feats, text, train, evals)
     y_tr = y[train]
-    rows, cv = _cv_folds(y_tr, (groups if groups is not None else np.arange(len(y)))[train], folds, seed)
+    rows, cv = product_folds(y_tr, (groups if groups is not None else np.arange(len(y)))[train], folds, seed)
     y_cv = y_tr[rows]
     y_oof = np.concatenate([y_cv[b] for _, b in cv])
     settings: dict[str, Any] = {"folds": folds, "cv_rows": int(len(rows)), "train_rows": int(len(train)),
@@ -271,14 +282,23 @@ def selective_accuracy(p: np.ndarray, y: np.ndarray, coverages=COVERAGES) -> dic
 
 
 def calibration_report(val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None, y_val: np.ndarray,
-                       y_test: np.ndarray | None) -> dict[str, Any]:
-    """Per mode: the temperature fitted on val, ECE before/after and selective accuracy on test (else val)."""
+                       y_test: np.ndarray | None, fit: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Per mode: the temperature fitted on val, ECE before/after and selective accuracy on test (else val).
+
+    Args:
+        val, test: mode -> probabilities of each split (test may be None).
+        y_val, y_test: their labels.
+        fit: mode -> probabilities and "y" -> labels to fit the temperatures on instead of val (k-fold
+            cross-validation's pooled out-of-fold predictions); recorded as "fitted_on".
+    """
     y_eval = y_test if test is not None else y_val
     evals = test if test is not None else val
     out: dict[str, Any] = {"temperature": {}, "ece_before": {}, "ece_after": {}, "coverage": {},
                            "split": "test" if test is not None else "val"}
+    if fit is not None:  # only then, so that runs without k-fold cross-validation keep their metrics byte for byte
+        out["fitted_on"] = "out-of-fold predictions"
     for mode in MODES:
-        t = fit_temperature(val[mode], y_val)
+        t = fit_temperature(fit[mode], fit["y"]) if fit is not None else fit_temperature(val[mode], y_val)
         after = temperature_scale(evals[mode], t)
         out["temperature"][mode] = round(t, 4)
         out["ece_before"][mode] = expected_calibration_error(evals[mode], y_eval)

@@ -52,6 +52,11 @@ from huse.runtime.cli import run_cli
               help="Rows the shipped model is trained on, once epochs, fusion weight and temperatures are chosen on val and "
                    "test is reported: train (the held-out model itself), train+val (a fresh model refitted on both with "
                    "those settings), all (test too: read the report first). [default: TrainConfig.final_fit]")
+@click.option("--cv-folds", "cv_folds", metavar="K|auto",
+              help="Choose the epochs, the fusion weight and the temperatures by K-fold cross-validation by product "
+                   "over train+val instead of on val alone, then refit the shipped model on train+val (all with "
+                   "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), single-label "
+                   "only. K+1 more trainings. [default: TrainConfig.cv_folds]")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)
@@ -72,6 +77,10 @@ def _train(o: dict) -> None:
 
     if bool(o["data"]) == bool(o["dataset"]):
         raise HuseError("pass exactly one of --data CATALOG or --dataset NAME")
+    # Options without a CLI default take TrainConfig's: one copy of each default.
+    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit") if o[k] is not None}
+    if o["cv_folds"] is not None:  # read before the catalog, so a typo fails at once
+        given["cv_folds"] = _cv_folds(o["cv_folds"])
     if o["dataset"]:
         ds = load_builtin(o["dataset"], fmnist_dir=o["fmnist_dir"], train_size=o["train_size"], val_size=o["val_size"],
                           test_size=o["test_size"], seed=o["seed"])
@@ -83,13 +92,23 @@ def _train(o: dict) -> None:
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
                     multi_label=o["multi_label"], label_head=o["multi_label_head"])
-    # Options without a CLI default take TrainConfig's: one copy of each default.
-    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit") if o[k] is not None}
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
                      margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")
+
+
+def _cv_folds(value: str) -> int | None:
+    """--cv-folds: 'auto' -> None, else a whole number."""
+    from huse.runtime.errors import HuseError
+
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise HuseError(f"--cv-folds {value!r} is not a number of folds; pass 0 (never), 2 or more, or auto") from None
 
 
 def format_metrics(metrics: dict) -> str:
@@ -109,7 +128,11 @@ def format_metrics(metrics: dict) -> str:
                  f"{bs['fused']['image_weight']}" + _fold_spread(bs))
     cal = metrics["calibration"]
     cov = cal["coverage"]["fused"]
-    lines.append(f"fusion image weight (chosen on val): {metrics['fusion_image_weight']}; best epoch "
+    cv = metrics.get("cv")
+    if cv:  # ran, or "auto" decided against it
+        lines.append(_cv_line(cv) if cv["folds"] else f"k-fold cross-validation not used ({cv['reason']})")
+    chosen = f"chosen by {cv['folds']}-fold CV" if cv and cv["folds"] else "chosen on val"
+    lines.append(f"fusion image weight ({chosen}): {metrics['fusion_image_weight']}; best epoch "
                  f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']} "
                  f"({100 * metrics['text_encoder']['val_unseen_word_rate']:.0f}% of val title words unseen in training)")
     lines.append(f"fused calibration ({cal['split']}): ECE {cal['ece_before']['fused']:.3f} -> {cal['ece_after']['fused']:.3f} "
@@ -133,6 +156,22 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _cv_line(cv: dict) -> str:
+    """The k-fold choices and their spread across folds, in one line."""
+    folds = cv["per_fold"]
+
+    def span(mode: str) -> str:
+        v = [f["val_top1"][mode] for f in folds]
+        return f"{mode} {min(v):.2f}-{max(v):.2f}"
+
+    return (f"settings by {cv['folds']}-fold cross-validation by product on {cv['rows']} train+val rows "
+            f"({cv['products']} products; {cv['reason']}): {cv['epochs']} epochs (median of the folds' best: "
+            f"{', '.join(str(f['best_epoch']) for f in folds)}), fusion image weight {cv['image_weight']} on the pooled "
+            f"out-of-fold predictions (each fold alone: {', '.join(str(f['image_weight']) for f in folds)}); "
+            f"out-of-fold top-1 image {cv['top1']['image']:.4f}, text {cv['top1']['text']:.4f}, fused "
+            f"{cv['top1']['fused']:.4f}; across folds: {span('image')}, {span('text')}, {span('fused')}")
+
+
 def _fold_spread(settings: dict) -> str:
     """'; top-1 across folds: image 0.61-0.70, ...' from the baseline's settings (runs before it was recorded: '')."""
     if "fold_top1" not in settings["image"]:
@@ -146,6 +185,8 @@ def _format_multilabel(metrics: dict) -> str:
     from huse.train.multilabel import format_table
 
     lines = format_table(metrics)
+    if metrics.get("cv"):  # auto mode's decision, as a log line
+        lines.append(f"k-fold cross-validation not used ({metrics['cv']['reason']})")
     c = metrics["baseline_info"]["C"]
     lines.append(f"fusion image weight (chosen on val micro-F1): {metrics['fusion_image_weight']}; best epoch "
                  f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']}; "

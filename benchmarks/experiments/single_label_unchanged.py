@@ -38,7 +38,7 @@ mc = HuseConfig(num_classes=0, backbone=a["backbone"], text_encoder="cnn", arch=
 Trainer(ds, out, mc, TrainConfig(epochs=a["epochs"])).fit(progress=False)
 cfg = json.loads((out / "config.json").read_text()); cfg.pop("created")
 h = lambda b: hashlib.sha256(b).hexdigest()
-print(json.dumps({"code": T.__file__, "model": h((out / "model.safetensors").read_bytes()),
+print(json.dumps({"code": T.__file__, "config_json": cfg, "model": h((out / "model.safetensors").read_bytes()),
                   "metrics": h((out / "metrics.json").read_bytes()), "config": h(json.dumps(cfg, sort_keys=True).encode()),
                   "test_fused_top1": json.loads((out / "metrics.json").read_text())["test"]["fused"]["top1"]}))
 """
@@ -55,6 +55,18 @@ def _base_tree(commit: str, tmp: Path) -> Path:
     for d in ("train", "runtime", "export", "benchmarks"):
         (pkg / d).symlink_to(src / d)
     return tmp / "pkg"
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON objects (one level into nested objects)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict) and not prefix:
+            out += _differences(x, y, f"{k}.")
+        elif x != y or (k in a) != (k in b):
+            out.append(prefix + k)
+    return out
 
 
 def main() -> None:
@@ -82,6 +94,8 @@ def main() -> None:
                 sys.exit(f"{name} training failed:\n{r.stderr[-3000:]}")
             results[name] = json.loads(r.stdout.strip().splitlines()[-1])
     same = {k: results["base"][k] == results["this"][k] for k in ("model", "metrics", "config")}
+    # Where config.json differs, which entries: a new option's field is told from a changed value.
+    same["config_differences"] = _differences(*(results[n].pop("config_json") for n in ("base", "this")))
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"base": a.base, "this": head, "settings": {k: v for k, v in vars(a).items() if k != "out"},
               "identical": same, "runs": results}

@@ -64,12 +64,12 @@ def test_cross_validation_folds_keep_products_whole(monkeypatch):
 
     y = np.repeat(np.arange(3), 60)
     groups = np.arange(180) // 3  # 60 products of 3 rows each
-    rows, folds = bl._cv_folds(y, groups, 5, seed=0)
+    rows, folds = bl.product_folds(y, groups, 5, seed=0)
     assert len(rows) == 180 and len(folds) == 5
     for a, b in folds:
         assert not set(groups[rows[a]]) & set(groups[rows[b]])
     monkeypatch.setattr(bl, "CV_MAX_ROWS", 90)  # large catalogs tune on a sample of whole products
-    rows, folds = bl._cv_folds(y, groups, 5, seed=0)
+    rows, folds = bl.product_folds(y, groups, 5, seed=0)
     assert len(rows) == 90 and all(np.sum(groups[rows] == g) == 3 for g in set(groups[rows]))
     assert sorted(np.concatenate([rows[b] for _, b in folds]).tolist()) == rows.tolist()
 

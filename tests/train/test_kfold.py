@@ -1,0 +1,175 @@
+"""k-fold cross-validation by product for small catalogs (issue 19, item 3): the settings come from
+the folds, products never straddle them, the spread is recorded and the shipped model sees train + val."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+
+@pytest.fixture(scope="module")
+def grouped_catalog(tiny_catalog, tmp_path_factory):
+    """The tiny catalog with three rows per product (its own catalog gives every row its product), so a fold
+    that split a product would show."""
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))
+    for k, r in enumerate(rows):
+        r["product_id"] = f"g{k // 3}"  # rows of one class are consecutive: a product keeps one class
+        r["image"] = str(tiny_catalog.parent / r["image"])
+    path = tmp_path_factory.mktemp("grouped") / "catalog.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _trainer(catalog, out, **tc):
+    from huse.train.data import load_catalog_dataset
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    ds = load_catalog_dataset(catalog)
+    return ds, Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32,
+                                           max_len=8), TrainConfig(batch_size=32, lr=3e-3, **tc))
+
+
+@pytest.fixture(scope="module")
+def cv_run(grouped_catalog, tmp_path_factory):
+    """An auto-mode run (cv_folds=None) on the grouped tiny catalog, below KFOLD_MAX_ROWS, with every fold
+    trainer's splits recorded as the real training loop sees them."""
+    from huse.train.data import load_catalog_dataset
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    seen = []
+    train = Trainer._train
+
+    def recording(self, progress=True, desc="training"):
+        seen.append({s: self.split[s].numpy().copy() for s in ("train", "val", "test")} | {"out": self.out})
+        return train(self, progress, desc)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "_train", recording)
+    out = tmp_path_factory.mktemp("kfold") / "run"
+    ds = load_catalog_dataset(grouped_catalog)
+    try:
+        m = Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32, max_len=8),
+                    TrainConfig(batch_size=32, lr=3e-3, epochs=4, patience=0, cv_folds=None)).fit(progress=False)
+    finally:
+        mp.undo()
+    return ds, out, m, seen
+
+
+def test_below_the_threshold_the_settings_come_from_folds_that_keep_products_whole(cv_run):
+    from huse.train.trainer import KFOLD_MAX_ROWS
+
+    ds, out, m, seen = cv_run
+    sizes = ds.split_sizes()
+    assert sizes["train"] + sizes["val"] < KFOLD_MAX_ROWS
+    cv = m["cv"]
+    assert cv["folds"] == 5 and cv["reason"].startswith("auto") and len(seen) == 1 + 5  # the run's own model, then 5 folds
+    products = np.asarray(ds.product_ids)
+    train_val = np.concatenate([ds.indices("train"), ds.indices("val")])
+    held = []
+    for k, s in enumerate(seen[1:], 1):
+        assert s["out"] == out / "cv" / f"fold-{k}"
+        assert not set(products[s["train"]]) & set(products[s["val"]])  # no product on both sides of a fold
+        assert sorted(np.concatenate([s["train"], s["val"]]).tolist()) == sorted(train_val.tolist())
+        np.testing.assert_array_equal(s["test"], ds.indices("test"))  # test stays out of every fold
+        held.append(s["val"])
+    # Every train + val row is held out exactly once: the pooled predictions cover them all.
+    assert sorted(np.concatenate(held).tolist()) == sorted(train_val.tolist())
+    assert cv["rows"] == len(train_val) and cv["products"] == len(set(products[train_val]))
+
+
+def test_the_spread_across_folds_is_recorded_and_printed(cv_run):
+    from huse.train.baselines import WEIGHT_GRID
+    from huse.train.cli import format_metrics
+
+    _, _, m, seen = cv_run
+    cv = m["cv"]
+    assert [f["fold"] for f in cv["per_fold"]] == [1, 2, 3, 4, 5]
+    for f, s in zip(cv["per_fold"], seen[1:]):
+        assert f["items"] == len(s["val"]) and 1 <= f["best_epoch"] <= f["epochs_run"] == 4
+        assert set(f["val_top1"]) == {"image", "text", "fused"} and all(0 <= v <= 1 for v in f["val_top1"].values())
+        assert f["image_weight"] in WEIGHT_GRID
+    assert cv["epochs"] == int(round(float(np.median([f["best_epoch"] for f in cv["per_fold"]]))))
+    assert m["fusion_image_weight"] == cv["image_weight"]  # chosen on the pooled folds, not on val
+    report = format_metrics(m)
+    text = [f["val_top1"]["text"] for f in cv["per_fold"]]
+    assert "5-fold cross-validation by product" in report and f"text {min(text):.2f}-{max(text):.2f}" in report
+    assert "fusion image weight (chosen by 5-fold CV)" in report
+    from huse.benchmarks.quality import summarise
+
+    assert summarise("tiny", m)["cv"] == cv  # the quality benchmark's JSON keeps the folds' figures
+
+
+def test_the_shipped_model_trains_on_train_and_val_with_the_folds_settings(cv_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from huse.train.trainer import load_run
+
+    ds, out, m, _ = cv_run
+    sizes = ds.split_sizes()
+    ff = m["final_fit"]
+    assert (ff["splits"], ff["items"], ff["epochs"]) == (["train", "val"], sizes["train"] + sizes["val"], m["cv"]["epochs"])
+    assert set(ff["test"]) == {"image", "text", "fused"}  # test stays held out and is reported
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["final_fit"] == "train+val" and cfg["fusion"]["image_weight"] == m["cv"]["image_weight"]
+    # The temperatures the bundle ships are the ones fitted on the pooled out-of-fold predictions.
+    assert m["calibration"]["fitted_on"] == "out-of-fold predictions"
+    assert cfg["calibration"]["temperature"] == m["calibration"]["temperature"]
+    shipped = load_file(str(out / "model.safetensors"))
+    feats = load_file(str(next((out / "cache").glob("image-features-*"))))["features"]
+    rows = np.concatenate([ds.indices("train"), ds.indices("val")])
+    torch.testing.assert_close(shipped["feature_norm.mean"], feats[rows].mean(0))
+    # The folds reused the run's feature cache rather than extracting their own.
+    assert len(list((out / "cache").glob("image-features-*"))) == 1 and not list((out / "cv").glob("*/cache"))
+    load_run(out)
+
+
+def test_above_the_threshold_no_folds_run(grouped_catalog, tmp_path, monkeypatch):
+    import huse.train.trainer as T
+
+    monkeypatch.setattr(T, "KFOLD_MAX_ROWS", 50)
+    ds, trainer = _trainer(grouped_catalog, tmp_path / "run", epochs=2, patience=0, cv_folds=None)
+    assert trainer.cv["folds"] == 0 and ">= 50" in trainer.cv["reason"]
+    m = trainer.fit(progress=False)
+    assert not (tmp_path / "run" / "cv").exists() and m["final_fit"]["splits"] == ["train"]
+    assert "fitted_on" not in m["calibration"] and m["cv"]["folds"] == 0
+    from huse.train.cli import format_metrics
+
+    assert "k-fold cross-validation not used (auto: " in format_metrics(m)
+
+
+def test_cv_folds_0_leaves_the_run_as_before(tiny_run):
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert "cv" not in m and not (tiny_run / "cv").exists() and "fitted_on" not in m["calibration"]
+
+
+def test_multi_label_skips_auto_cross_validation_and_refuses_forced_folds(tiny_multi_catalog, tmp_path):
+    from huse.runtime.errors import HuseError
+
+    _, trainer = _trainer(tiny_multi_catalog, tmp_path / "auto", epochs=1, cv_folds=None)
+    assert trainer.cv["folds"] == 0 and "multi-label" in trainer.cv["reason"]
+    with pytest.raises(HuseError, match="--cv-folds 5: k-fold cross-validation is for single-label catalogs.*--cv-folds 0"):
+        _trainer(tiny_multi_catalog, tmp_path / "forced", epochs=1, cv_folds=5)
+
+
+def test_bad_fold_counts_say_what_to_do(grouped_catalog, tmp_path):
+    from huse.runtime.errors import HuseError
+    from huse.train.cli import main
+    from huse.train.trainer import TrainConfig
+
+    with pytest.raises(HuseError, match="not a number of folds"):
+        TrainConfig(cv_folds=1)
+    with pytest.raises(HuseError, match="hold only .* products, fewer than the folds"):
+        _trainer(grouped_catalog, tmp_path / "many", epochs=1, cv_folds=500)
+    r = CliRunner().invoke(main, ["--data", str(grouped_catalog), "--out", str(tmp_path / "x"), "--cv-folds", "five"])
+    assert r.exit_code == 1 and r.output.strip() == ("error: --cv-folds 'five' is not a number of folds; pass 0 (never), "
+                                                     "2 or more, or auto")
