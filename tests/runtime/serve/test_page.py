@@ -316,8 +316,10 @@ def test_an_acknowledged_decision_survives_sigkill(browser, review_server, preds
     wait(browser, lambda d: by_id(d, "card").is_displayed(), what="the first row")
     for n in (1, 2, 3):
         keys(browser, "\ue007" if n != 2 else "s")
-        wait(browser, lambda d: by_id(d, "review-status").text.startswith(f"Saved row {order[n - 1]}"),
-             timeout=WAIT, what=f"decision {n} acknowledged")
+        # "Saved row" shows as soon as the server answers; the next row takes keys once the count moves
+        # (app.js, decide), so a key pressed between the two would be dropped.
+        wait(browser, lambda d: by_id(d, "review-status").text.startswith(f"Saved row {order[n - 1]}")
+             and progress(d)["done"] == n, timeout=WAIT, what=f"decision {n} acknowledged")
     os.kill(server.proc.pid, signal.SIGKILL)  # right after the page said "Saved": no chance to flush anything
     server.proc.wait(10)
     assert [(e["row"], e["action"]) for e in journal_entries(journal)] == [
