@@ -30,8 +30,9 @@ def make_image(cls_index: int, rng: np.random.Generator, size: int = 32) -> np.n
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
-    """Write folder/catalog.csv + folder/images/*.png and return the catalog path."""
+def _write_catalog(folder: Path, per_class: int, seed: int, product) -> Path:
+    """Write folder/catalog.csv + folder/images/*.png, one row per product from
+    `product(class index, class path, nouns, rng, prng) -> (image, title, classes)`; return the catalog path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "images").mkdir(exist_ok=True)
     rng, prng = np.random.default_rng(seed), random.Random(seed)
@@ -41,13 +42,23 @@ def make_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
         w.writerow(["image", "name", "classes", "product_id"])
         for c, (cls, (_, nouns)) in enumerate(CLASSES.items()):
             for i in range(per_class):
+                img, title, classes = product(c, cls, nouns, rng, prng)
                 name = f"img_{c}_{i}.png"
-                Image.fromarray(make_image(c, rng)).save(folder / "images" / name)
-                u = prng.random()
-                noun = prng.choice(nouns) if u < 0.6 else ("item" if u < 0.8 else "")
-                title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {prng.choice(['black', 'navy'])} {noun}".strip()
-                w.writerow([f"images/{name}", title, cls, f"p{c}-{i}"])
+                Image.fromarray(img).save(folder / "images" / name)
+                w.writerow([f"images/{name}", title, classes, f"p{c}-{i}"])
     return path
+
+
+def make_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
+    """Write folder/catalog.csv + folder/images/*.png and return the catalog path."""
+    def product(c, cls, nouns, rng, prng):
+        img = make_image(c, rng)
+        u = prng.random()
+        noun = prng.choice(nouns) if u < 0.6 else ("item" if u < 0.8 else "")
+        title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {prng.choice(['black', 'navy'])} {noun}".strip()
+        return img, title, cls
+
+    return _write_catalog(folder, per_class, seed, product)
 
 
 def split_catalog(catalog: Path, folder: Path) -> tuple[Path, Path, list[dict[str, str]]]:
@@ -70,27 +81,18 @@ SALE, GIFT = "sale<clearance", "gifts<for her"
 
 def make_multilabel_catalog(folder: Path, per_class: int = 30, seed: int = 0) -> Path:
     """Like `make_catalog`, with several `|`-separated class paths per product (about half have two or three)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "images").mkdir(exist_ok=True)
-    rng, prng = np.random.default_rng(seed), random.Random(seed)
-    path = folder / "catalog.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "name", "classes", "product_id"])
-        for c, (cls, (_, nouns)) in enumerate(CLASSES.items()):
-            for i in range(per_class):
-                paths = [cls]
-                img = make_image(c, rng)
-                if prng.random() < 0.4:
-                    paths.append(GIFT)
-                    img[:10, :10] = 255
-                sale = prng.random() < 0.4
-                if sale:
-                    paths.append(SALE)
-                name = f"img_{c}_{i}.png"
-                Image.fromarray(img).save(folder / "images" / name)
-                noun = prng.choice(nouns) if prng.random() < 0.7 else "item"
-                tag = "sale" if sale and prng.random() < 0.85 else prng.choice(["new", ""])
-                title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {tag} {noun}".replace("  ", " ").strip()
-                w.writerow([f"images/{name}", title, "|".join(paths), f"p{c}-{i}"])
-    return path
+    def product(c, cls, nouns, rng, prng):
+        paths = [cls]
+        img = make_image(c, rng)
+        if prng.random() < 0.4:
+            paths.append(GIFT)
+            img[:10, :10] = 255
+        sale = prng.random() < 0.4
+        if sale:
+            paths.append(SALE)
+        noun = prng.choice(nouns) if prng.random() < 0.7 else "item"
+        tag = "sale" if sale and prng.random() < 0.85 else prng.choice(["new", ""])
+        title = f"{prng.choice(['Acme', 'Birch', 'Cobalt'])} {tag} {noun}".replace("  ", " ").strip()
+        return img, title, "|".join(paths)
+
+    return _write_catalog(folder, per_class, seed, product)
