@@ -7,6 +7,8 @@ at a time), so the array a model saw in training is bit-for-bit the array it see
 A batch costs about what Pillow's decoder costs: each image is resized (an L image as one plane) into
 one planar uint8 buffer, the EXIF parse is skipped for images that carry no orientation metadata, and
 the batch is normalised in one vectorised pass (benchmarks/prepare.py measures it against the decoder).
+Small plain PNGs (thumbnails: 8-bit, no metadata) skip `Image.open` and are decoded by Pillow's own PNG
+decoder and resized a batch at a time, to the same bytes (`_decode_small_pngs`).
 
 Documented normalisations of awkward inputs (each item either normalises or fails alone):
 - EXIF orientation is applied.
@@ -33,15 +35,18 @@ Documented normalisations of awkward inputs (each item either normalises or fail
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
 import stat
+import struct
 import threading
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -137,7 +142,7 @@ def confine_path(base: str | Path, path: str | Path) -> Path:
     return Path(base) / text
 
 
-def _open(source: ImageInput, max_pixels: int, stack: contextlib.ExitStack) -> Image.Image:
+def _open(source: ImageInput, stack: contextlib.ExitStack) -> Image.Image:
     if not isinstance(source, (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
         raise HuseError(f"an image must be a file path, encoded bytes, a PIL image or a uint8 array; "
                         f"got {type(source).__name__}")
@@ -148,28 +153,47 @@ def _open(source: ImageInput, max_pixels: int, stack: contextlib.ExitStack) -> I
             raise HuseError(f"array image must be uint8 HxW, HxWx1, HxWx3 or HxWx4; got {source.dtype} {source.shape}")
         arr = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
         return Image.fromarray(arr)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        return Image.open(io.BytesIO(data), formats=_formats(data))
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(source, stack)
+    if not isinstance(data, bytes):  # streamed: the header is checked against the caps before the rest is read
+        return Image.open(data)
+    return Image.open(io.BytesIO(data), formats=_formats(data))
+
+
+def _read_file(path: str | Path, stack: contextlib.ExitStack | None) -> "bytes | io.RawIOBase | None":
+    """An image file's bytes, read in one call (Pillow reads a file object in a dozen small calls, a third of
+    a small PNG's preparation). A file over `_READ_WHOLE` comes back open, to be streamed and closed with
+    `stack` (Pillow keeps multi-frame files open otherwise); without a stack, None.
+
+    Raises:
+        HuseError: the file does not exist or is not a regular file.
+    """
     try:
         # Non-blocking, so that a FIFO named by a catalog cannot hang the open; fstat then refuses it.
-        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise HuseError(f"image file {source} does not exist") from None
+        raise HuseError(f"image file {path} does not exist") from None
     except OSError:
-        if os.path.exists(source) and not os.path.isfile(source):  # a folder, on Windows
-            raise HuseError(f"image file {source} is not a file") from None
+        if os.path.exists(path) and not os.path.isfile(path):  # a folder, on Windows
+            raise HuseError(f"image file {path} is not a file") from None
         raise
-    stack.callback(os.close, fd)  # closed when decoding ends: Pillow keeps multi-frame files open otherwise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):  # never read a FIFO, a device or a folder named by a catalog
-        raise HuseError(f"image file {source} is not a file")
-    f = open(fd, "rb", buffering=0, closefd=False)
-    if st.st_size > _READ_WHOLE:  # streamed: the header is checked against the caps before the rest is read
-        return Image.open(f)
-    # One read: Pillow reads a file object in a dozen small calls, a third of a small PNG's preparation.
-    data = f.readall()
-    return Image.open(io.BytesIO(data), formats=_formats(data))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # never read a FIFO, a device or a folder named by a catalog
+            raise HuseError(f"image file {path} is not a file")
+        if st.st_size > _READ_WHOLE:
+            if stack is None:
+                return None
+            f = open(fd, "rb", buffering=0)
+            fd = None  # now f's
+            stack.callback(f.close)
+            return f
+        data = os.read(fd, st.st_size + 1)  # the size fstat gave, and one more byte to see the end
+        if len(data) != st.st_size:  # a short read, or the file changed since: read to its end
+            data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        return data
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 # Files up to this size are read in one call (any product photo); larger ones are streamed.
@@ -185,6 +209,145 @@ def _formats(data: bytes) -> tuple[str, ...] | None:
         return ("JPEG",)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return ("WEBP",)
+    return None
+
+
+# --- small plain PNGs, a batch at a time ------------------------------------------------------
+# A 28x28 PNG decodes in ~6 us of zlib, but Image.open + load spent ~20 us more in Pillow's Python (plugin,
+# chunk reader, ImageFile.load) and resizing it alone ~15 us more than in a batch. Small PNGs with nothing
+# but pixels in them are parsed here and decoded by Pillow's own PNG decoder (the "zip" decoder that
+# ImageFile.load runs for a PNG, the same bytes in), all images of one size and mode into one tall image,
+# then resized together: Pillow resizes in two passes (rows, then columns; _resize_stacked), and each
+# pass treats every row or column on its own, so the stacked images come out with the bytes each gets
+# alone (tests/runtime/test_preprocess.py checks every fashion-products PNG and generated ones of each
+# mode and filter against the full path). Anything else, and any item the decoder refuses, takes the
+# full path, which keeps every check and words every error.
+
+class _SmallPng(NamedTuple):
+    size: tuple[int, int]  # (width, height)
+    mode: str  # L, RGB, LA or RGBA (8 bits a sample; Pillow's rawmode is the same)
+    data: bytes  # the IDAT chunks' zlib stream
+
+
+_PNG_SIGNATURE_IHDR = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+_PNG_IHDR = struct.Struct(">IIBBBBBI")  # width, height, depth, colour type, compression, filter, interlace, CRC
+_PNG_CHUNK = struct.Struct(">I4s")
+_PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # 8-bit colour types (PngImagePlugin._MODES)
+# Chunks Pillow only records in `info` (never pixels, orientation or a warning), at the length it expects.
+_PNG_INERT = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9}
+# "Small": up to 256x256 pixels (a thumbnail: bigger images spend their time decoding). A tall image holds
+# at most 64 images and 2**20 pixels (4 MiB as Pillow stores RGB), whatever the batch size.
+_SMALL_PNG_MAX = 256 * 256
+_TALL_PIXELS = 1 << 20
+_TALL_IMAGES = 64
+
+
+def _small_png(data: bytes, max_pixels: int, max_bytes: int) -> _SmallPng | None:
+    """`data`'s chunks when it is a small plain PNG within the caps: 8-bit L/RGB/LA/RGBA, not interlaced,
+    IHDR, only `_PNG_INERT` chunks, one run of IDAT, IEND at the end, every CRC right. Else None."""
+    if data[:16] != _PNG_SIGNATURE_IHDR or len(data) < 45:
+        return None
+    w, h, depth, colour, compression, filtering, interlace, crc = _PNG_IHDR.unpack_from(data, 16)
+    mode = _PNG_MODES.get(colour)
+    if (mode is None or depth != 8 or compression or filtering or interlace or zlib.crc32(data[12:29]) != crc
+            or not 0 < w * h <= min(max_pixels, _SMALL_PNG_MAX)
+            or (Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS)
+            or _decode_need(w, h, mode) > max_bytes):
+        return None
+    pos, idat = 33, []
+    while pos + 12 <= len(data):
+        length, cid = _PNG_CHUNK.unpack_from(data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return None
+        if cid == b"IDAT":
+            idat.append(data[pos + 8:end])
+        elif cid == b"IEND":
+            return _SmallPng((w, h), mode, b"".join(idat)) if idat and not length and end + 4 == len(data) else None
+        elif idat or _PNG_INERT.get(cid) != length or zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return None  # any other chunk, or one after the image data, or a broken one
+        pos = end + 4
+    return None
+
+
+def _decode_small_pngs(pngs: list[_SmallPng], spec: ImageSpec, out: np.ndarray) -> list[bool]:
+    """Decode PNGs of one size and mode and resize them into `out` (len(pngs), 3, H, W) uint8, one tall image
+    at a time. Returns, per PNG, whether it decoded (False: Pillow's decoder refused its data)."""
+    (w, h), mode = pngs[0].size, pngs[0].mode
+    per = min(_TALL_IMAGES, _TALL_PIXELS // (w * h))
+    ok = []
+    for s in range(0, len(pngs), per):
+        group = pngs[s:s + per]
+        tall = Image.new(mode, (w, h * len(group)))
+        for k, png in enumerate(group):
+            # what ImageFile.load does for a PNG's tile, with the tile placed in the tall image
+            decoder = Image.core.zip_decoder(mode, mode)
+            try:
+                decoder.setimage(tall.im, (0, k * h, w, (k + 1) * h))
+                n, err = decoder.decode(png.data)
+            finally:
+                decoder.cleanup()
+            ok.append(n < 0 and err == 0)  # finished, without error
+        if mode not in ("RGB", "L"):
+            tall = _to_rgb(tall)  # alpha on white, pixel by pixel: the same for a stack as for each image
+        out[s:s + len(group)] = _resize_stacked(tall, len(group), spec)
+    return ok
+
+
+def _resize_stacked(tall: Image.Image, n: int, spec: ImageSpec) -> np.ndarray:
+    """Resize `n` images of one size stacked top to bottom in `tall` (an RGB or L image) to the spec's size,
+    to the bytes Pillow gives each alone. Returns (n, C, H, W) uint8 (C: 3, or 1 for L).
+
+    Pillow resizes in two passes, rounding to 8 bits in between: one over rows (a stack's rows never mix),
+    one over columns, for which the images are laid side by side (so that columns never mix either), in the
+    order Pillow itself takes for one image (`_pass_order`)."""
+    th, tw = spec.size
+    w, h = tall.width, tall.height // n
+    resample = _RESAMPLE[spec.resize]
+    order = _pass_order(tall.mode, (w, h), (tw, th), resample)
+    if order is None:  # a Pillow whose resize is not two passes: each image alone
+        out = np.empty((n, len(tall.getbands()), th, tw), np.uint8)
+        for k in range(n):
+            im = tall.crop((0, k * h, w, (k + 1) * h))
+            out[k] = _planar(im.resize((tw, th), resample) if (w, h) != (tw, th) else im)
+        return out
+    c = len(tall.getbands())
+    a = np.frombuffer(tall.tobytes(), np.uint8).reshape(n, h, w, c)  # image, row, column, band
+    for axis in order:
+        rows, cols = a.shape[1:3]
+        if axis == "h" and cols != tw:
+            im = _image(a.reshape(n * rows, cols, c)).resize((tw, n * rows), resample)
+            a = np.frombuffer(im.tobytes(), np.uint8).reshape(n, rows, tw, c)
+        elif axis == "v" and rows != th:
+            side = a.transpose(1, 0, 2, 3).reshape(rows, n * cols, c)
+            im = _image(side).resize((n * cols, th), resample)
+            a = np.frombuffer(im.tobytes(), np.uint8).reshape(th, n, cols, c).transpose(1, 0, 2, 3)
+    return a.transpose(0, 3, 1, 2)
+
+
+def _image(a: np.ndarray) -> Image.Image:
+    """An (H, W, C) uint8 array as an L (C = 1) or RGB image."""
+    return Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[2] == 1 else a))
+
+
+def _planar(img: Image.Image) -> np.ndarray:
+    """An RGB or L image as (C, H, W) uint8."""
+    return np.frombuffer(img.tobytes(), np.uint8).reshape(img.height, img.width, -1).transpose(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pass_order(mode: str, size: tuple[int, int], target: tuple[int, int], resample: int) -> str | None:
+    """The order of Pillow's two passes resizing a `mode` image of `size` to `target`: "hv" (rows first) or
+    "vh", found by asking Pillow on a noise image, since it depends on the version (Pillow 13 goes columns
+    first when the height shrinks more than twice as much as the width; earlier versions, rows first).
+    None when neither order gives Pillow's bytes."""
+    (w, h), (tw, th) = size, target
+    noise = np.random.default_rng(0).integers(0, 256, (h, w, Image.getmodebands(mode)), np.uint8)
+    probe = _image(noise)
+    direct = probe.resize(target, resample).tobytes()
+    for order, first in (("hv", (tw, h)), ("vh", (w, th))):
+        if probe.resize(first, resample).resize(target, resample).tobytes() == direct:
+            return order
     return None
 
 
@@ -315,7 +478,7 @@ _ORIENTATION_SOURCES = frozenset({"exif", "Raw profile type exif", "XML:com.adob
 
 def _decode_open(source: ImageInput, max_pixels: int, max_bytes: int, draft_size: tuple[int, int] | None,
                  stack: contextlib.ExitStack) -> Image.Image:
-    img = _open(source, max_pixels, stack)
+    img = _open(source, stack)
     w, h = img.size
     if w == 0 or h == 0:
         raise HuseError("it has zero size")
@@ -326,7 +489,7 @@ def _decode_open(source: ImageInput, max_pixels: int, max_bytes: int, draft_size
         side = max(draft_size)  # both sides, so an EXIF rotation still leaves enough pixels
         img.draft(None, (side, side))
     w, h = img.size
-    need = w * h * (_DECODE_BYTES.get(img.mode, 4) + _CONVERT_BYTES.get(img.mode, 3))
+    need = _decode_need(w, h, img.mode)
     if need > max_bytes:
         raise HuseError(f"decoding it ({w}x{h}, mode {img.mode}) would take about {need / 2**20:.0f} MiB, over "
                         f"the cap of {max_bytes / 2**20:.0f} MiB; resize it first or raise max_bytes")
@@ -335,6 +498,11 @@ def _decode_open(source: ImageInput, max_pixels: int, max_bytes: int, draft_size
             img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even when upright
         img = ImageOps.exif_transpose(img)
     return img
+
+
+def _decode_need(w: int, h: int, mode: str) -> int:
+    """Bytes of memory that decoding a w x h image of `mode` and converting it to 8-bit RGB takes."""
+    return w * h * (_DECODE_BYTES.get(mode, 4) + _CONVERT_BYTES.get(mode, 3))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -366,9 +534,12 @@ def normalise(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
     a batch gives each image the bytes it gets alone. One pass per operation over the whole batch:
     per image, numpy's fixed cost per call was a third of a small PNG's preparation.
     """
-    out = np.multiply(pixels, np.float32(1.0 / 255.0), dtype=np.float32)
-    out -= np.asarray(spec.mean, np.float32)[:, None, None]
-    out /= np.asarray(spec.std, np.float32)[:, None, None]
+    out = pixels.astype(np.float32)
+    out *= np.float32(1.0 / 255.0)
+    for c in range(out.shape[1]):  # a float32 scalar per channel: numpy's fast loop (a (3, 1, 1) operand took 2x)
+        plane = out[:, c]
+        plane -= np.float32(spec.mean[c])
+        plane /= np.float32(spec.std[c])
     return out
 
 
@@ -441,10 +612,11 @@ class ImageBatch:
 
 
 def load_images(sources: Sequence[ImageInput | None], spec: ImageSpec, warnings: bool = True) -> ImageBatch:
-    """Decode, resize and normalise images into one batch: the path every image takes, in training
-    and serving (`load_image` is this for one image). A bad image is that item's error, never the batch's.
+    """Decode, resize and normalise images into one batch: the path every image takes in serving (`load_image`,
+    which training calls, gives each image the same bytes). A bad image is that item's error, never the batch's.
 
-    Each image is resized straight into one planar uint8 batch buffer; the batch is then normalised at once.
+    Each image is resized straight into one planar uint8 batch buffer (small plain PNGs of one size together,
+    see `_decode_small_pngs`); the batch is then normalised at once.
 
     Args:
         sources: the images (None for a missing one).
@@ -453,34 +625,71 @@ def load_images(sources: Sequence[ImageInput | None], spec: ImageSpec, warnings:
     Returns:
         An `ImageBatch`.
     """
-    pixels = np.empty((len(sources), 3, *spec.size), np.uint8)
+    pixels = np.empty((len(sources), 3, *spec.size), np.uint8)  # by input index; compacted at the end
     draft = spec.size if spec.jpeg_draft else None
-    rows: dict[int, int] = {}
+    done: list[int] = []
     errors: dict[int, str] = {}
     said: dict[int, str] = {}
+    small: dict[tuple, list[tuple[int, _SmallPng]]] = {}
+
+    def full_path(i: int, data: bytes | None) -> None:
+        """Item i through `_decode` (from `data`, its bytes already read, when given)."""
+        found: list[str] | None = [] if warnings else None
+        try:
+            _load_into(sources[i] if data is None else data, spec, draft, found, pixels[i],
+                       None if data is None else _describe(sources[i]))
+            done.append(i)
+        except HuseError as e:
+            errors[i] = str(e)
+        if found:
+            texts: list[str] = []
+            _report(found, _describe(sources[i]), texts)
+            said[i] = "; ".join(texts)
+
     with _CAPTURE.installed() if warnings else contextlib.nullcontext():
         for i, source in enumerate(sources):
             if source is None:
                 continue
-            found: list[str] | None = [] if warnings else None
-            try:
-                _load_into(source, spec, draft, found, pixels[len(rows)])
-                rows[i] = len(rows)
-            except HuseError as e:
-                errors[i] = str(e)
-            if found:
-                texts: list[str] = []
-                _report(found, _describe(source), texts)
-                said[i] = "; ".join(texts)
-    return ImageBatch(len(sources), normalise(pixels[:len(rows)], spec), rows, errors, said)
+            data = _bytes_of(source)
+            png = _small_png(data, spec.max_pixels, spec.max_bytes) if data is not None else None
+            if png is None:
+                full_path(i, data)
+            else:
+                small.setdefault((png.size, png.mode), []).append((i, png))
+        for group in small.values():
+            block = np.empty((len(group), 3, *spec.size), np.uint8)
+            decoded = _decode_small_pngs([png for _, png in group], spec, block)
+            pixels[[i for (i, _), ok in zip(group, decoded) if ok]] = block[decoded]
+            for (i, _), ok in zip(group, decoded):
+                if ok:
+                    done.append(i)
+                else:
+                    full_path(i, None)  # Pillow's decoder refused the data: the full path words the error
+    rows = sorted(done)
+    kept = pixels if len(rows) == len(sources) else pixels[rows]
+    return ImageBatch(len(sources), normalise(kept, spec), {i: r for r, i in enumerate(rows)}, errors, said)
+
+
+def _bytes_of(source: ImageInput) -> bytes | None:
+    """The encoded bytes of a path or bytes item (None for anything else, or a file that cannot be read whole
+    here: the full path then reads it again and words the error)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, Path)):
+        try:
+            return _read_file(source, None)
+        except (HuseError, OSError):
+            return None
+    return None
 
 
 def _load_into(source: ImageInput, spec: ImageSpec, draft: tuple[int, int] | None, said: list[str] | None,
-               out: np.ndarray) -> None:
-    """Decode one image and resize it into `out` (3, H, W) uint8; its Pillow warnings into `said`."""
+               out: np.ndarray, name: str | None = None) -> None:
+    """Decode one image and resize it into `out` (3, H, W) uint8; its Pillow warnings into `said`; errors
+    naming `name` (None: the source)."""
     _CAPTURE.collect(said)  # not `with _CAPTURE.item`: a generator per image cost more than the PNG's header
     try:
-        img = _decode(source, None, spec.max_pixels, spec.max_bytes, draft, rgb=False)
+        img = _decode(source, name, spec.max_pixels, spec.max_bytes, draft, rgb=False)
         _resized(img, spec, out)
     finally:
         _CAPTURE.collect(None)
