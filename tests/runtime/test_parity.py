@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from huse.runtime import Classifier
-from huse.runtime.preprocess import load_image
+from huse.runtime.preprocess import _small_png, load_image
 from huse.runtime.tokenizer import normalise_title
 
 
@@ -23,6 +25,9 @@ def test_train_and_serve_inputs_are_identical(tiny_run, tiny_bundle):
     train_tok = load_tokenizer(cfg["tokenizer"], tiny_run)
     clf = Classifier(tiny_bundle, backend="onnxruntime")
     for i in range(0, len(ds.images), 17):
+        # the catalog's PNGs are small plain ones: serving decodes them on the batch path (_decode_small_pngs),
+        # training on the full path (Image.open), and the arrays must still be the same bytes
+        assert _small_png(Path(ds.images[i]).read_bytes(), train_spec.max_pixels, train_spec.max_bytes)
         train_img = load_image(ds.images[i], train_spec)  # what Trainer feeds the backbone
         served = clf.decode([ds.images[i]])  # what the runtime feeds image.onnx
         assert not served.errors
