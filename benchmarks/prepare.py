@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from huse.runtime.preprocess import ImageSpec, load_image, load_images, normalise
+from huse.runtime.preprocess import _decode_small_pngs, _read_file, _small_png  # the small-PNG path's steps
 
 SCALES = {  # rounds, seconds per configuration per round, fashion PNGs, real photos per size
     "full": dict(rounds=5, seconds=1.0, fashion=2000, photos=None),
@@ -224,7 +225,10 @@ def stage_breakdown(files: list[Path], spec: ImageSpec, titles: list[str] | None
                     tokenizer=None, seconds: float = 0.5) -> dict[str, float]:
     """Microseconds per item of each preparation step on the calling thread, the runtime's steps one at a
     time: read the file, decode (draft-scaled when the spec says so, upright, RGB or L), resize into the
-    batch buffer, normalise the batch; tokenise the titles when given. `prepare` is `load_images` whole."""
+    batch buffer, normalise the batch; tokenise the titles when given. `prepare` is `load_images` whole.
+    When every file is a small plain PNG (fashion-products), the steps of the path those take instead:
+    `read_whole` (one os.read), `small_png_parse` (the chunks), `small_png_decode_resize` (Pillow's decoder into
+    one tall image per batch, resized as a batch); `decode` and `resize` stay Pillow's usual per-image calls."""
     h, w = spec.size
     datas = [_read(f) for f in files]
     decoded = []
@@ -258,6 +262,13 @@ def stage_breakdown(files: list[Path], spec: ImageSpec, titles: list[str] | None
 
     steps = {"read": read, "decode": decode, "resize": resize, "normalise": norm,
              "prepare": lambda _: [load_images(files[s:s + BATCH], spec) for s in range(0, len(files), BATCH)]}
+    smalls = [_small_png(d, spec.max_pixels, spec.max_bytes) for d in datas]
+    if all(smalls):
+        block = np.empty((BATCH, 3, h, w), np.uint8)
+        steps["read_whole"] = lambda _: [_read_file(f, None) for f in files]
+        steps["small_png_parse"] = lambda _: [_small_png(d, spec.max_pixels, spec.max_bytes) for d in datas]
+        steps["small_png_decode_resize"] = lambda _: [_decode_small_pngs(smalls[s:s + BATCH], spec, block[:len(smalls[s:s + BATCH])])
+                                                     for s in range(0, len(smalls), BATCH)]
     if titles is not None and tokenizer is not None:
         from huse.runtime.tokenizer import normalise_title
 
