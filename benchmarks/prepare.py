@@ -267,7 +267,8 @@ def stage_breakdown(files: list[Path], spec: ImageSpec, titles: list[str] | None
         block = np.empty((BATCH, 3, h, w), np.uint8)
         steps["read_whole"] = lambda _: [_read_file(f, None) for f in files]
         steps["small_png_parse"] = lambda _: [_small_png(d, spec.max_pixels, spec.max_bytes) for d in datas]
-        steps["small_png_decode_resize"] = lambda _: [_decode_small_pngs(smalls[s:s + BATCH], spec, block[:len(smalls[s:s + BATCH])])
+        steps["small_png_decode_resize"] = lambda _: [_decode_small_pngs(smalls[s:s + BATCH], spec, block,
+                                                                         list(range(len(smalls[s:s + BATCH]))))
                                                      for s in range(0, len(smalls), BATCH)]
     if titles is not None and tokenizer is not None:
         from huse.runtime.tokenizer import normalise_title

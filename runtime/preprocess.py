@@ -270,9 +270,10 @@ def _small_png(data: bytes, max_pixels: int, max_bytes: int) -> _SmallPng | None
     return None
 
 
-def _decode_small_pngs(pngs: list[_SmallPng], spec: ImageSpec, out: np.ndarray) -> list[bool]:
-    """Decode PNGs of one size and mode and resize them into `out` (len(pngs), 3, H, W) uint8, one tall image
-    at a time. Returns, per PNG, whether it decoded (False: Pillow's decoder refused its data)."""
+def _decode_small_pngs(pngs: list[_SmallPng], spec: ImageSpec, out: np.ndarray, rows: list[int]) -> list[bool]:
+    """Decode PNGs of one size and mode and resize them into `out[rows]` ((N, 3, H, W) uint8), one tall image
+    at a time. Returns, per PNG, whether it decoded (False: Pillow's decoder refused its data, and its row
+    holds nothing of use)."""
     (w, h), mode = pngs[0].size, pngs[0].mode
     per = min(_TALL_IMAGES, _TALL_PIXELS // (w * h))
     ok = []
@@ -290,7 +291,7 @@ def _decode_small_pngs(pngs: list[_SmallPng], spec: ImageSpec, out: np.ndarray) 
             ok.append(n < 0 and err == 0)  # finished, without error
         if mode not in ("RGB", "L"):
             tall = _to_rgb(tall)  # alpha on white, pixel by pixel: the same for a stack as for each image
-        out[s:s + len(group)] = _resize_stacked(tall, len(group), spec)
+        out[rows[s:s + len(group)]] = _resize_stacked(tall, len(group), spec)
     return ok
 
 
@@ -657,9 +658,7 @@ def load_images(sources: Sequence[ImageInput | None], spec: ImageSpec, warnings:
             else:
                 small.setdefault((png.size, png.mode), []).append((i, png))
         for group in small.values():
-            block = np.empty((len(group), 3, *spec.size), np.uint8)
-            decoded = _decode_small_pngs([png for _, png in group], spec, block)
-            pixels[[i for (i, _), ok in zip(group, decoded) if ok]] = block[decoded]
+            decoded = _decode_small_pngs([png for _, png in group], spec, pixels, [i for i, _ in group])
             for (i, _), ok in zip(group, decoded):
                 if ok:
                     done.append(i)
