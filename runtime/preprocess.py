@@ -340,7 +340,7 @@ def _planar(img: Image.Image) -> np.ndarray:
 def _pass_order(mode: str, size: tuple[int, int], target: tuple[int, int], resample: int) -> str | None:
     """The order of Pillow's two passes resizing a `mode` image of `size` to `target`: "hv" (rows first) or
     "vh", found by asking Pillow on a noise image, since it depends on the version (Pillow 13 goes columns
-    first when the height shrinks more than twice as much as the width; earlier versions, rows first).
+    first when the height loses more than twice as many pixels as the width; earlier versions, rows first).
     None when neither order gives Pillow's bytes."""
     (w, h), (tw, th) = size, target
     noise = np.random.default_rng(0).integers(0, 256, (h, w, Image.getmodebands(mode)), np.uint8)
