@@ -264,7 +264,8 @@ def _small_png(data: bytes, max_pixels: int, max_bytes: int) -> _SmallPng | None
             idat.append(data[pos + 8:end])
         elif cid == b"IEND":
             return _SmallPng((w, h), mode, b"".join(idat)) if idat and not length and end + 4 == len(data) else None
-        elif idat or _PNG_INERT.get(cid) != length or zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+        elif (idat or _PNG_INERT.get(cid) != length
+              or zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big")):
             return None  # any other chunk, or one after the image data, or a broken one
         pos = end + 4
     return None

@@ -153,7 +153,7 @@ def test_a_batch_of_many_sizes_and_kinds_keeps_input_order(tmp_path, full_path_c
     assert set(batch.errors) == {k for k, s in enumerate(sources) if isinstance(s, bytes) and s == b"not an image"} | \
         {k for k, s in enumerate(sources) if s == tmp_path / "missing.png"}
     others = [s for s in sources if s is not None and not (isinstance(s, bytes) and s.startswith(b"\x89PNG"))
-              and not (isinstance(s, type(tmp_path)) and s.name.startswith("p"))]  # the JPEG, the junk, the missing file
+              and not (isinstance(s, type(tmp_path)) and s.name.startswith("p"))]  # JPEG, junk, missing file
     assert len(full_path_calls) == len(others) == 18
     assert list(batch.rows) == sorted(batch.rows) and list(batch.rows.values()) == list(range(len(batch.rows)))
     _same_as_alone(sources, spec, batch)
@@ -230,7 +230,8 @@ def test_inert_chunks_keep_the_small_path_and_broken_ones_leave_it(full_path_cal
 def test_caps_refuse_small_pngs_as_before(tmp_path):
     path = tmp_path / "small.png"
     path.write_bytes(_png(_noise(30, 40, "RGBA"), "RGBA"))
-    for spec, says in [(_spec(max_pixels=1000), "over the cap of 1000"), (_spec(max_bytes=10_000), "MiB, over the cap")]:
+    for spec, says in [(_spec(max_pixels=1000), "over the cap of 1000"),
+                       (_spec(max_bytes=10_000), "MiB, over the cap")]:
         batch = load_images([path], spec)
         assert batch.rows == {} and says in batch.errors[0] and str(path) in batch.errors[0]
         with pytest.raises(HuseError) as e:
