@@ -32,6 +32,14 @@ def test_stage_breakdown_names_every_step_and_prepare_holds_parity(tmp_path):
     assert prepare.parity(files, spec)
 
 
+def test_stage_breakdown_of_small_pngs_adds_the_small_png_steps(tmp_path):
+    pngs = [f for f in _files(tmp_path) if f.suffix == ".png"]  # small plain greyscale PNGs, as fashion-products'
+    stages = prepare.stage_breakdown(pngs, prepare._spec(32), seconds=0.01)
+    assert set(stages) == {"read_us", "decode_us", "resize_us", "normalise_us", "prepare_us", "read_whole_us",
+                           "small_png_parse_us", "small_png_decode_resize_us"}
+    assert all(v > 0 for v in stages.values())
+
+
 def test_decoders_read_jpeg_and_draft_never_goes_below_the_input(tmp_path):
     files = _files(tmp_path, 1)
     for side in (None, 32):
