@@ -57,6 +57,19 @@ def test_long_title_costs_about_the_same_as_a_short_one():
     assert t_huge < 0.5  # uncapped, NFKC of 50 x 1M full-width characters takes ~3 s; capped, ~2 ms
 
 
+def test_ascii_titles_normalise_by_the_documented_rule():
+    # normalise_title skips NFKC and the cap for short ASCII titles; the result must be the rule's.
+    import random
+    import unicodedata
+
+    rng = random.Random(2)
+    titles = ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    titles += ["a " * 255 + "bc", "a " * 256, " " * 600 + "x", "x" * 512, "x" * 513]
+    for t in titles:
+        rule = " ".join(unicodedata.normalize("NFKC", t[: MAX_CHARS * 2]).split())[:MAX_CHARS] or None
+        assert normalise_title(t) == rule, repr(t)
+
+
 def test_nfkc_folds_full_width_letters():
     assert normalise_title("ＴＥＥ　ｓｈｉｒｔ") == "TEE shirt"
 
