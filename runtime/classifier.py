@@ -337,25 +337,26 @@ class Classifier:
         results: list[dict[str, Any]] = [{"index": i} for i in range(n)]
         members: dict[str, list[int]] = {"fused": [], "image": [], "text": []}
         unusable = f"has no usable {'title' if mode == 'text' else 'image' if mode == 'image' else 'image or title'}"
-        if decoded is None and mode != "fused":  # titles only (the title-only path's own loop: a few us a batch)
+        if decoded is None and mode != "fused":  # titles only: an item runs the text graph or has no usable title
             members["text"] = sorted(txt)
             for i in range(n):
                 if i not in txt:
                     results[i]["error"] = txt_err.get(i) or f"item {i} {unusable}"
-        for i in range(n) if decoded is not None or mode == "fused" else ():
-            has_i, has_t = i in img, i in txt
-            if mode == "fused" and not (has_i and has_t):
-                results[i]["error"] = img_err.get(i) or txt_err.get(i) or "fused mode needs both an image and a title"
-            elif has_i and has_t:
-                members["fused"].append(i)
-            elif has_i:
-                members["image"].append(i)
-            elif has_t:
-                members["text"].append(i)
-                if i in img_err:
-                    results[i]["warning"] = f"{img_err[i]}; classified by title only"
-            else:
-                results[i]["error"] = img_err.get(i) or txt_err.get(i) or f"item {i} {unusable}"
+        else:
+            for i in range(n):
+                has_i, has_t = i in img, i in txt
+                if mode == "fused" and not (has_i and has_t):
+                    results[i]["error"] = img_err.get(i) or txt_err.get(i) or "fused mode needs both an image and a title"
+                elif has_i and has_t:
+                    members["fused"].append(i)
+                elif has_i:
+                    members["image"].append(i)
+                elif has_t:
+                    members["text"].append(i)
+                    if i in img_err:
+                        results[i]["warning"] = f"{img_err[i]}; classified by title only"
+                else:
+                    results[i]["error"] = img_err.get(i) or txt_err.get(i) or f"item {i} {unusable}"
         groups = {}
         for group, idx in members.items():
             if idx:
