@@ -278,6 +278,8 @@ class Classifier:
         """Run `graph` over any number of items in chunks of batch_size."""
         n = len(next(iter(feeds.values())))
         runner = self._runner(graph)
+        if n <= self.batch_size:  # one chunk: no slicing and no copy into a concatenation
+            return runner.infer(feeds)
         parts = [runner.infer({k: v[s:s + self.batch_size] for k, v in feeds.items()})
                  for s in range(0, n, self.batch_size)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -334,21 +336,27 @@ class Classifier:
 
         results: list[dict[str, Any]] = [{"index": i} for i in range(n)]
         members: dict[str, list[int]] = {"fused": [], "image": [], "text": []}
-        for i in range(n):
-            has_i, has_t = i in img, i in txt
-            if mode == "fused" and not (has_i and has_t):
-                results[i]["error"] = img_err.get(i) or txt_err.get(i) or "fused mode needs both an image and a title"
-            elif has_i and has_t:
-                members["fused"].append(i)
-            elif has_i:
-                members["image"].append(i)
-            elif has_t:
-                members["text"].append(i)
-                if i in img_err:
-                    results[i]["warning"] = f"{img_err[i]}; classified by title only"
-            else:
-                results[i]["error"] = (img_err.get(i) or txt_err.get(i)
-                                       or f"item {i} has no usable {'title' if mode == 'text' else 'image' if mode == 'image' else 'image or title'}")
+        unusable = f"has no usable {'title' if mode == 'text' else 'image' if mode == 'image' else 'image or title'}"
+        if decoded is None and mode != "fused":  # titles only: an item runs the text graph or has no usable title
+            members["text"] = sorted(txt)
+            for i in range(n):
+                if i not in txt:
+                    results[i]["error"] = txt_err.get(i) or f"item {i} {unusable}"
+        else:
+            for i in range(n):
+                has_i, has_t = i in img, i in txt
+                if mode == "fused" and not (has_i and has_t):
+                    results[i]["error"] = img_err.get(i) or txt_err.get(i) or "fused mode needs both an image and a title"
+                elif has_i and has_t:
+                    members["fused"].append(i)
+                elif has_i:
+                    members["image"].append(i)
+                elif has_t:
+                    members["text"].append(i)
+                    if i in img_err:
+                        results[i]["warning"] = f"{img_err[i]}; classified by title only"
+                else:
+                    results[i]["error"] = img_err.get(i) or txt_err.get(i) or f"item {i} {unusable}"
         groups = {}
         for group, idx in members.items():
             if idx:
@@ -373,10 +381,13 @@ class Classifier:
         """The last stage of `classify`: top-k leaves and top-down paths of `infer`'s probabilities,
         one dict per item in input order (thread-safe; runs no graph)."""
         top_k = _positive_int(top_k, "top_k")
-        results = [dict(r) for r in prepared.results]
+        results: list[dict[str, Any] | None] = [None] * len(prepared.results)
         for group, (idx, _) in prepared.groups.items():
-            for i, described in zip(idx, self._top_k_and_paths(probs[group], top_k, group)):
-                results[i].update(described)
+            described = self._top_k_and_paths(probs[group], top_k, group, [prepared.results[i] for i in idx])
+            for i, r in zip(idx, described):
+                results[i] = r
+        # Items no graph ran on (errors) are copies too: the caller may change what it gets.
+        results = [r if r is not None else dict(base) for r, base in zip(results, prepared.results)]
         for i, w in prepared.warnings.items():  # e.g. corrupt EXIF: classified, but the user should know
             if "error" not in results[i]:
                 results[i]["warning"] = w
@@ -392,30 +403,33 @@ class Classifier:
             return temperature_scale(out["probs"], temperature)
         return softmax(out["logits"], temperature)
 
-    def _top_k_and_paths(self, probs: np.ndarray, top_k: int, mode: str) -> list[dict[str, Any]]:
-        """Top-k leaves and the top-down path of each row of probs (N, C), a batch at a time."""
+    def _top_k_and_paths(self, probs: np.ndarray, top_k: int, mode: str,
+                         bases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each item's result: a copy of its `bases` entry ({"index"}, maybe a "warning") with the top-k
+        leaves and the top-down path of its row of probs (N, C), made a batch at a time."""
         # A full stable sort (ties to the lower class): for the class counts of a catalog it costs
         # microseconds per batch; building the result dicts is what takes the time.
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         scores = np.take_along_axis(probs, order, axis=1)
         if self.multi_label:
-            return self._multilabel(probs, order, scores.tolist(), mode)
+            return self._multilabel(probs, order, scores.tolist(), mode, bases)
         # One flat comprehension for the whole batch, then cut per item: the dicts are what it costs.
         labels, k = self.labels, order.shape[1]
         flat = [{"label": labels[j], "score": s} for j, s in zip(order.ravel().tolist(), scores.ravel().tolist())]
-        return [{"mode": mode, "top_k": flat[i:i + k], "path": path}
-                for i, path in zip(range(0, len(flat), k), self.hierarchy.top_down_dicts(probs))]
+        return [dict(base, mode=mode, top_k=flat[i:i + k], path=path)
+                for base, i, path in zip(bases, range(0, len(flat), k), self.hierarchy.top_down_dicts(probs))]
 
-    def _multilabel(self, probs: np.ndarray, order: list, scores: list, mode: str) -> list[dict[str, Any]]:
+    def _multilabel(self, probs: np.ndarray, order: list, scores: list, mode: str,
+                    bases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`_top_k_and_paths` of a multi-label bundle: top-k, and every class at or above its threshold."""
         thresholds = self.thresholds[mode]
         out = []
-        for row, pred, o, sc in zip(probs, predict_sets(probs, thresholds), order.tolist(), scores):
+        for base, row, pred, o, sc in zip(bases, probs, predict_sets(probs, thresholds), order.tolist(), scores):
             chosen = sorted(np.flatnonzero(pred).tolist(), key=lambda j: -row[j])
             described = [{"label": self.labels[j], "score": float(row[j]), "threshold": round(float(thresholds[j]), 4),
                           "path": label_path(self.labels[j], row, self.labels)} for j in chosen]
-            out.append({"mode": mode, "top_k": [{"label": self.labels[j], "score": s} for j, s in zip(o, sc)],
-                        "path": described[0]["path"], "labels": described})
+            out.append(dict(base, mode=mode, top_k=[{"label": self.labels[j], "score": s} for j, s in zip(o, sc)],
+                            path=described[0]["path"], labels=described))
         return out
 
     @_guarded

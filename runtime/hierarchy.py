@@ -48,6 +48,15 @@ class Hierarchy:
         self._parent = [np.zeros(0, dtype=np.int64)] + [
             np.array([self.levels[k - 1][0].index(n.rsplit(SEPARATOR, 1)[0]) for n in self.levels[k][0]], dtype=np.int64)
             for k in range(1, self.depth)]
+        # For top_down_dicts, precomputed so that describing a batch is a few array operations: per level
+        # below the root a (parents, nodes) table that adds 0 to the chosen parent's children, -inf to the rest.
+        # (The levels' products stay one per level: one product over all levels sums in another order and
+        # changes scores in the last bit.)
+        self._outside = [None] + [
+            np.where(self._parent[k][None, :] == np.arange(len(self.levels[k - 1][0]))[:, None], 0.0, -np.inf)
+            for k in range(1, self.depth)]
+        # _has_children[k][i]: node i of level k has children at level k+1 (else it is a leaf: a path ends there)
+        self._has_children = [np.isin(np.arange(len(self.levels[k][0])), self._parent[k + 1]) for k in range(self.depth - 1)]
 
     def level_probs(self, probs: np.ndarray, level: int) -> np.ndarray:
         """Scores of the nodes at `level` (1-based): each node is the sum of its leaves."""
@@ -71,21 +80,23 @@ class Hierarchy:
     def top_down_dicts(self, probs: np.ndarray) -> list[list[dict]]:
         """`top_down` as the runtime returns it: for each item [{"level", "label", "score"}, ...]."""
         n = len(probs)
-        out: list[list[dict]] = [[] for _ in range(n)]
-        alive, chosen = np.ones(n, dtype=bool), None
+        every = np.arange(n)
+        columns: list[list[dict]] = []  # per level, the dict of each item's chosen node
+        depth, chosen = np.full(n, self.depth), None
         for k, (nodes, m) in enumerate(self.levels):
             scores = probs @ m
             if chosen is not None:  # only the children of the node chosen one level up
-                children = self._parent[k][None, :] == chosen[:, None]
-                alive &= children.any(axis=1)  # the chosen parent is itself a leaf: the path ends
-                scores = np.where(children, scores, -np.inf)
+                depth[(depth > k) & ~self._has_children[k - 1][chosen]] = k  # it was a leaf: the path ended
+                scores = scores + self._outside[k][chosen]
             chosen = scores.argmax(axis=1)
-            best = np.take_along_axis(scores, chosen[:, None], axis=1)[:, 0].tolist()
             level = k + 1
-            for i, j, s, a in zip(range(n), chosen.tolist(), best, alive.tolist()):
-                if a:
-                    out[i].append({"level": level, "label": nodes[j], "score": s})
-        return out
+            columns.append([{"level": level, "label": nodes[j], "score": s}
+                            for j, s in zip(chosen.tolist(), scores[every, chosen].tolist())])
+        # Built a level at a time and zipped into paths: one comprehension per level rather than a Python
+        # step per item and level (the dicts are most of what describing a batch costs).
+        if (depth == self.depth).all():
+            return [list(path) for path in zip(*columns)]
+        return [list(path[:d]) for path, d in zip(zip(*columns), depth.tolist())]
 
     def distance_matrix(self) -> np.ndarray:
         """Class-to-class distance from the hierarchy, in [0, 1].

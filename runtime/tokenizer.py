@@ -13,6 +13,7 @@ dropped. An empty or whitespace-only title is treated as missing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import unicodedata
@@ -30,6 +31,13 @@ _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # For ASCII text the same words as _WORD (letters and digits) without the regex engine: lower-case
 # letters and digits kept, everything else a space, then split (about 1.7x faster on titles).
 _ASCII_WORDS = str.maketrans({chr(c): chr(c).lower() if chr(c).isalnum() else " " for c in range(128)})
+# `WordTokenizer.encode` splits an all-ASCII batch as one byte string: the same rule as _ASCII_WORDS in a
+# 256-byte table (bytes.translate runs in C, about 6x faster than str.translate's per-character lookups),
+# with a break byte between titles that no ASCII title holds and that the table keeps as a word of its own.
+_TITLE_BREAK = b"\x80"
+_TITLE_JOIN = " \x80 "
+_ASCII_WORD_BYTES = bytes(ord(chr(c).lower()) if chr(c).isalnum() else 0x20 for c in range(128)) + bytes(
+    0x80 if c == 0x80 else 0x20 for c in range(128, 256))
 
 
 def normalise_title(title: str | bytes | None) -> str | None:
@@ -42,6 +50,9 @@ def normalise_title(title: str | bytes | None) -> str | None:
     """
     if title is None:
         return None
+    if type(title) is str and title.isascii() and len(title) <= MAX_CHARS:
+        # NFKC leaves ASCII as it is and the cap cannot bite: the same text, a third less work per title.
+        return " ".join(title.split()) or None
     if isinstance(title, bytes):
         title = title.decode("utf-8", errors="replace")
     if not isinstance(title, str):
@@ -71,6 +82,10 @@ class WordTokenizer:
         self.vocab = list(vocab)
         self.max_len = int(max_len)
         self.index = {w: i + 2 for i, w in enumerate(self.vocab)}
+        # encode's tables (str words, and ASCII words as bytes); the break between titles is -1.
+        self._lookup = {**self.index, _TITLE_BREAK: -1}
+        self._ascii_lookup = {w.encode("ascii"): i for w, i in self.index.items() if w.isascii()}
+        self._ascii_lookup[_TITLE_BREAK] = -1
 
     @classmethod
     def build(cls, titles: list[str], max_len: int = 24, min_count: int = 1, max_words: int = 20000) -> "WordTokenizer":
@@ -83,11 +98,29 @@ class WordTokenizer:
         return cls(ranked[:max_words], max_len)
 
     def encode(self, titles: list[str]) -> np.ndarray:
-        """Encode normalised titles into int32 ids (N, max_len)."""
-        ids = np.zeros((len(titles), self.max_len), dtype=np.int32)
-        for row, text in enumerate(titles):
-            toks = [self.index.get(w, OOV_ID) for w in words(text)][: self.max_len]
-            ids[row, : len(toks)] = toks
+        """Encode normalised titles into int32 ids (N, max_len).
+
+        The batch is tokenised as one: an all-ASCII batch is split as one byte string with a break word
+        between titles, every word is looked up in one pass, and the ids are scattered into rows with
+        numpy (at batch 64, about half the CPU time of a loop per title; the same ids).
+        """
+        n = len(titles)
+        ids = np.zeros((n, self.max_len), dtype=np.int32)
+        if n == 0:
+            return ids
+        if all(map(str.isascii, titles)):
+            joined = _TITLE_JOIN.join(titles).encode("latin-1")
+            tokens, lookup = joined.translate(_ASCII_WORD_BYTES).split(), self._ascii_lookup
+        else:
+            tokens = list(itertools.chain.from_iterable(words(t) + [_TITLE_BREAK] for t in titles))
+            lookup = self._lookup
+        flat = np.fromiter(map(lookup.get, tokens, itertools.repeat(OOV_ID)), dtype=np.int32, count=len(tokens))
+        breaks = flat < 0
+        row = np.cumsum(breaks)  # the title each word belongs to
+        start = np.concatenate(([0], np.flatnonzero(breaks) + 1))  # where each title's words begin
+        col = np.arange(len(flat)) - start[row]
+        keep = ~breaks & (col < self.max_len)  # tokens past max_len are dropped
+        ids[row[keep], col[keep]] = flat[keep]
         return ids
 
     def inputs(self, titles: list[str]) -> dict[str, np.ndarray]:

@@ -48,6 +48,22 @@ def test_modes_follow_what_each_item_has(clf, items):
     assert [r["mode"] for r in out] == ["fused", "text", "image"]
 
 
+@pytest.mark.parametrize("mode", ["auto", "text"])
+def test_title_only_batch_names_each_unusable_title_and_classifies_the_rest_as_alone(clf, items, mode):
+    _, titles = items
+    batch = [titles[0], None, "   ", 42, titles[1], "Ｆｕｌｌ-width tee", titles[2]]
+    out = clf.classify(titles=batch, mode=mode, top_k=3)
+    assert [r["index"] for r in out] == list(range(len(batch)))
+    assert out[1] == {"index": 1, "error": "item 1 has no usable " + ("title" if mode == "text" else "image or title")}
+    assert out[2]["error"] == out[1]["error"].replace("item 1", "item 2")
+    assert out[3] == {"index": 3, "error": "title must be text; got int"}
+    for i in (0, 4, 5, 6):
+        alone = clf.classify(titles=[batch[i]], mode=mode, top_k=3)[0]
+        assert out[i] == dict(alone, index=i) and out[i]["mode"] == "text"
+    out[0]["top_k"][0]["score"] = -1.0  # results are the caller's: changing one changes nothing else
+    assert clf.classify(titles=batch, mode=mode, top_k=3)[0]["top_k"][0]["score"] >= 0
+
+
 def test_parent_score_is_sum_of_children(clf, items):
     images, titles = items
     probs = clf.predict_proba(images=images[:4], titles=titles[:4])

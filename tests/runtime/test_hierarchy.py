@@ -79,6 +79,36 @@ def test_top_down_of_a_batch_is_each_row_s_path(h):
         assert p == h.path(row)
 
 
+def _path_one_item(labels: list[str], row: np.ndarray) -> list[dict]:
+    """The top-down rule written plainly for one item: at each level the best child of the node chosen above
+    (a node's score is the sum of its leaves, in float32 as the runtime sums them; ties to the first in order)."""
+    out, parent = [], None
+    for level in range(1, max(l.count("<") + 1 for l in labels) + 1):
+        nodes = sorted({"<".join(l.split("<")[:level]) for l in labels if l.count("<") + 1 >= level})
+        if parent is not None:
+            nodes = [n for n in nodes if n.rsplit("<", 1)[0] == parent]
+        if not nodes:
+            break
+        member = np.array([[l == n or l.startswith(n + "<") for n in nodes] for l in labels], np.float32)
+        scores = (row[None, :] @ member)[0]
+        best = int(scores.argmax())
+        parent = nodes[best]
+        out.append({"level": level, "label": parent, "score": float(scores[best])})
+    return out
+
+
+def test_top_down_dicts_follow_the_rule_on_random_hierarchies():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = sorted({"<".join(f"n{rng.integers(3)}" for _ in range(rng.integers(1, 5))) for _ in range(rng.integers(2, 30))})
+        h = Hierarchy(labels)
+        probs = rng.random((40, len(labels)), dtype=np.float32)
+        probs[::3] = np.round(probs[::3], 1)  # ties
+        got, want = h.top_down_dicts(probs), [_path_one_item(labels, row) for row in probs]
+        assert [[(d["level"], d["label"]) for d in p] for p in got] == [[(d["level"], d["label"]) for d in p] for p in want]
+        assert [d["score"] for p in got for d in p] == pytest.approx([d["score"] for p in want for d in p], rel=1e-6)
+
+
 def test_distance_matrix_values(h):
     d = h.distance_matrix()
     assert d.shape == (4, 4) and d.dtype == np.float32

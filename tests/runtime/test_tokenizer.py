@@ -57,6 +57,19 @@ def test_long_title_costs_about_the_same_as_a_short_one():
     assert t_huge < 0.5  # uncapped, NFKC of 50 x 1M full-width characters takes ~3 s; capped, ~2 ms
 
 
+def test_ascii_titles_normalise_by_the_documented_rule():
+    # normalise_title skips NFKC and the cap for short ASCII titles; the result must be the rule's.
+    import random
+    import unicodedata
+
+    rng = random.Random(2)
+    titles = ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    titles += ["a " * 255 + "bc", "a " * 256, " " * 600 + "x", "x" * 512, "x" * 513]
+    for t in titles:
+        rule = " ".join(unicodedata.normalize("NFKC", t[: MAX_CHARS * 2]).split())[:MAX_CHARS] or None
+        assert normalise_title(t) == rule, repr(t)
+
+
 def test_nfkc_folds_full_width_letters():
     assert normalise_title("ＴＥＥ　ｓｈｉｒｔ") == "TEE shirt"
 
@@ -125,6 +138,29 @@ def test_encode_ids_oov_padding_and_truncation():
         [PAD_ID] * 4,
     ]
     assert (PAD_ID, OOV_ID) == (0, 1)
+
+
+def test_batch_encode_gives_each_title_its_own_ids():
+    # encode tokenises a batch as one string (ASCII) or one word list; every row must still be the
+    # ids of that title alone, looked up word by word, whatever its neighbours hold.
+    import random
+
+    rng = random.Random(1)
+    vocab = ["red", "shirt", "blue", "tee", "2", "x", "東京", "é"]
+    pool = vocab + ["purple", "Red", "SHIRT", "-", ",", "  ", "東京", "café", "\x80", "snake_case"]
+    titles = [" ".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(400)] + ["", "x"]
+    titles += ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(0, 30))) for _ in range(200)]
+    vocab += sorted({w for t in titles[-200:] for w in words(t)})[:50]
+    tok = WordTokenizer(vocab, max_len=6)
+    assert sum(tok.index.get(w, OOV_ID) > OOV_ID for t in titles[-200:] for w in words(t)) > 50
+
+    def one(title):
+        ids = [tok.index.get(w, OOV_ID) for w in words(title)][:6]
+        return ids + [PAD_ID] * (6 - len(ids))
+
+    ascii_titles = [t for t in titles if t.isascii()]
+    for batch in (titles, ascii_titles, titles[:1], ascii_titles[:3]):
+        assert tok.encode(batch).tolist() == [one(t) for t in batch]
 
 
 def test_inputs_is_input_ids():
