@@ -9,6 +9,7 @@ onnxruntime. Starlette and uvicorn are imported here, so `import huse.runtime.se
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hmac
 import io
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +65,7 @@ class ServeConfig:
     threads: int | None = None     # onnxruntime threads per instance (None: cores / instances)
     workers: int | None = None     # prepare/finish threads (None: min(4, cores))
     spin: bool = False             # onnxruntime thread spinning (off: the HTTP loop and prepare threads need the cores)
+    worker_nice: int = 5           # worker threads run this much below the event loop (0: the same priority)
     max_body_mb: float = 64.0
     max_items: int = 256           # items per request
     timeout_s: float = 30.0        # per-request deadline
@@ -151,21 +154,29 @@ class Server:
     async def start(self) -> None:
         c = self.config
         workers = c.workers if c.workers is not None else min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="huse-prepare")
-        self._search_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-search")
-        self._instances = Instances(self.classifiers)
+        # Worker threads (model instances and the onnxruntime threads their sessions start, prepare,
+        # search) run below the event loop: on a contended core the loop wins, so health probes,
+        # refusals and accepting connections do not queue behind a batch or a decode.
+        lower = functools.partial(_lower_priority, c.worker_nice)
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="huse-prepare", initializer=lower)
+        self._search_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-search", initializer=lower)
+        self._instances = Instances(self.classifiers, initializer=lower)
         for name, model in self.models.items():
+            # Half the deadline for the model's share of the wait: preparing, the event loop and the
+            # answer's way back take the rest, and the estimate counts only batches run so far.
             self.batchers[name] = b = Batcher(model, self._instances, self._pool, c.max_batch, c.max_delay_ms / 1000,
-                                              c.max_queue, on_batch=self.metrics.batch.labels(name).observe)
+                                              c.max_queue, max_wait=c.timeout_s / 2,
+                                              on_batch=self.metrics.batch.labels(name).observe)
             b.start()
             self.metrics.queue.labels(name).set_function(lambda b=b: b.admitted)
-        # Loading and warming run off the event loop, so liveness answers meanwhile.
+        # Loading and warming run off the event loop, so liveness answers meanwhile; on the
+        # instances' own threads, so onnxruntime's threads, started by the session, inherit their priority.
         self._warm = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(*(loop.run_in_executor(None, _warm_up, clf) for clf in self.classifiers))
+            await asyncio.gather(*(self._instances.call(i, _warm_up) for i in range(len(self.classifiers))))
             if self.index is not None:
                 await loop.run_in_executor(self._search_thread, _warm_index, self.index)
         except Exception as e:  # a bundle that cannot run: say so and stop, never serve half a model
@@ -293,6 +304,20 @@ async def _disconnected(receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _lower_priority(nice: int) -> None:
+    """Run the calling thread `nice` steps below its current priority (a thread pool's initializer).
+
+    Linux keeps a nice value per thread, threads inherit it, and lowering one's own needs no
+    privilege; elsewhere, or where it is refused, the thread keeps its priority.
+    """
+    if nice and hasattr(os, "setpriority"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError:
+            pass
 
 
 def _warm_up(clf) -> None:
@@ -651,6 +676,8 @@ def load_server(config: ServeConfig) -> Server:
                         ("--max-items", c.max_items)):
         if value < 1:
             raise HuseError(f"{name} must be at least 1; got {value}")
+    if not 0 <= c.worker_nice <= 19:
+        raise HuseError(f"--worker-nice must be from 0 to 19; got {c.worker_nice}")
     if c.max_delay_ms < 0 or c.timeout_s <= 0 or c.max_body_mb <= 0:
         raise HuseError("--max-delay-ms must be >= 0, --timeout and --max-body-mb > 0")
     if not 0.0 <= c.min_confidence <= 1.0:
