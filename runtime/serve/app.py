@@ -707,7 +707,7 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     app = create_app(server, extra_routes(server) if callable(extra_routes) else extra_routes)
     loop = "uvloop" if _importable("uvloop") else "asyncio"
     http = "httptools" if _importable("httptools") else "h11"
-    cfg = uvicorn.Config(app, host=config.host, port=config.port, loop=loop, http=http, log_level="warning",
+    cfg = uvicorn.Config(app, host=config.host, port=config.port, loop=loop, http=_one_write(http), log_level="warning",
                          access_log=False, timeout_graceful_shutdown=config.grace_s, lifespan="on",
                          limit_concurrency=config.max_connections, timeout_keep_alive=5,
                          proxy_headers=False)  # no proxy in front: its middleware would only cost
@@ -719,6 +719,55 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     uvicorn.Server(cfg).run()
     if server.failed:
         raise HuseError(f"the bundle could not be loaded: {server.failed}")
+
+
+class _OneWrite:
+    """A connection's transport that holds a write until the next write or the end of the current
+    event-loop step, then sends what it holds in one call.
+
+    uvicorn writes a response's status line and headers, then its body, in two calls: two system
+    calls and two TCP segments per response, each waking the client. The transport's other
+    methods are the wrapped one's.
+    """
+
+    def __init__(self, transport):
+        self._transport, self._held, self._loop = transport, [], asyncio.get_running_loop()
+
+    def write(self, data) -> None:
+        if self._held:
+            self._held.append(data)
+            self.flush()
+        else:
+            self._held.append(data)
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+def _one_write(http: str) -> type:
+    """uvicorn's HTTP protocol class `http` (httptools or h11), its transport wrapped in `_OneWrite`."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    base = import_from_string(HTTP_PROTOCOLS[http])
+
+    class Protocol(base):
+        def connection_made(self, transport) -> None:
+            super().connection_made(_OneWrite(transport))
+
+    return Protocol
 
 
 def _log_json_lines() -> None:
