@@ -41,6 +41,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Endpoints a load balancer or orchestrator probes without a token.
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 V1_MODELS = {"/v1/classify": CLASSIFY_MODEL, "/v1/embed": EMBED_MODEL}
+INFER_ROUTE = "/v2/models/{model}/infer"
+STARTED = "huse.started"  # scope key: time.monotonic() when the request's headers arrived
 
 
 @dataclass
@@ -162,8 +164,8 @@ class Server:
         self._search_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-search", initializer=lower)
         self._instances = Instances(self.classifiers, initializer=lower)
         for name, model in self.models.items():
-            # Half the deadline for the model's share of the wait: preparing, the event loop and the
-            # answer's way back take the rest, and the estimate counts only batches run so far.
+            # Half the deadline for the wait behind the items already admitted: the request's own
+            # decoding, batch and way back take the rest, and the estimate lags a sudden slowdown.
             self.batchers[name] = b = Batcher(model, self._instances, self._pool, c.max_batch, c.max_delay_ms / 1000,
                                               c.max_queue, max_wait=c.timeout_s / 2,
                                               on_batch=self.metrics.batch.labels(name).observe)
@@ -393,7 +395,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
     async def v1_classify(request: Request):
         items = await v1_items(request)
         classify_parameters(items.parameters)
-        results = await server.run(request.receive, CLASSIFY_MODEL, items)
+        results = await server.run(request.receive, CLASSIFY_MODEL, items, request.scope.get(STARTED))
         _count_item_errors(results)
         if c.min_confidence > 0:
             for r in results:
@@ -404,7 +406,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
     async def v1_embed(request: Request):
         items = await v1_items(request)
         embed_parameters(items.parameters)
-        vectors, errors = await server.run(request.receive, EMBED_MODEL, items)
+        vectors, errors = await server.run(request.receive, EMBED_MODEL, items, request.scope.get(STARTED))
         server.metrics.error("item", len(errors))
         results = [{"index": i, "error": errors[i]} if i in errors else {"index": i, "embedding": v}
                    for i, v in enumerate(vectors.tolist())]
@@ -530,6 +532,7 @@ class Front:
             if method == "POST":
                 self.server.shed(path)
             if model is None:
+                scope[STARTED] = started  # the /v1 routes' deadline counts from here too
                 return await self.app(scope, _capped(receive, self.max_body), send)
             body = await _read_body(receive, self.max_body)
             reply, headers = await infer(self.server, model, body, header_length, receive, started)
@@ -539,9 +542,6 @@ class Front:
         await _send(send, status, reply, headers)
         if model is not None:  # a refusal of another route counts only as an error (its route is Starlette's)
             self.server.metrics.request(INFER_ROUTE, status, time.monotonic() - started)
-
-
-INFER_ROUTE = "/v2/models/{model}/infer"
 
 
 def _infer_model(path: str) -> str | None:

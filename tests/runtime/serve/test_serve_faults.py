@@ -158,7 +158,9 @@ def test_items_per_request_limit(start_server):
 def test_disconnected_client_has_its_queued_items_dropped(start_server):
     """With one item per batch and slow photos, a request sent behind 12 others and abandoned by
     its client never reaches the model: 12 batches run, not 13."""
-    s = start_server("--max-batch", "1")
+    # A long deadline: on a slow machine admission by expected wait would refuse the 13th request
+    # (half the deadline) before it could be abandoned; this test is about the abandoning.
+    s = start_server("--max-batch", "1", "--timeout", "600")
     slow = classify_body([png(1500, seed) for seed in range(1)])
     with ThreadPoolExecutor(12) as pool:
         busy = [pool.submit(post, s.url + "/v1/classify", slow, None, 120) for _ in range(12)]
@@ -222,7 +224,7 @@ def test_thousand_idle_connections_do_not_block_service(server):
 
 
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server):
-    s = start_server("--max-batch", "4")
+    s = start_server("--max-batch", "4", "--timeout", "600")  # every request admitted, even on a slow machine
     slow = classify_body([png(1000, seed) for seed in range(2)])
     answered: list[tuple[float, float, int]] = []  # (sent, answered, status)
     signalled = [float("inf")]
