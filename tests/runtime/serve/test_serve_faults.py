@@ -350,17 +350,21 @@ def test_health_answers_at_once_while_the_queue_is_full(start_server):
 def test_admission_refuses_what_cannot_finish_before_its_deadline(start_server):
     """A queue far below --max-queue still refuses (503 + Retry-After, at once) requests that the
     items ahead of them would keep past the deadline: from the seconds per item of recent answers
-    (here ~0.15 s of decoding each, one worker), with half of the 2 s deadline for the wait."""
-    s = start_server("--max-batch", "1", "--timeout", "2")
+    (here ~0.15 s of decoding each on an idle machine, one worker), with half of the 4 s deadline
+    for the wait, 24 concurrent requests cannot all be admitted (a slower machine refuses more)."""
+    s = start_server("--max-batch", "1", "--timeout", "4")
     slow = classify_body([png(1500, 7)])
     assert post(s.url + "/v1/classify", slow, None, 60)[0] == 200  # one answer: the drain rate is known
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: post(s.url + "/v1/classify", slow, None, 60), range(16)))
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: post(s.url + "/v1/classify", slow, None, 60), range(24)))
     statuses = [a[0] for a in answers]
     assert set(statuses) <= {200, 503, 504} and 200 in statuses, statuses
     refused = [a for a in answers if a[0] == 503]
     assert refused, statuses
     assert all(int(a[1]["retry-after"]) >= 1 and "this request may wait" in json.loads(a[2])["error"]
                for a in refused), refused[0]
+    end = time.monotonic() + 30  # a 504's photo still being decoded holds its place until it is done
+    while metric(s.url, "huse_queue_items", model="huse") and time.monotonic() < end:
+        time.sleep(0.1)
     assert metric(s.url, "huse_queue_items", model="huse") == 0
     assert healthy(s.url)
