@@ -469,6 +469,8 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
 @click.option("--workers", type=int, help="Threads decoding/tokenising and writing answers (default: min(4, cores)).")
 @click.option("--spin/--no-spin", default=False, help="onnxruntime thread spinning (off: spinning threads take the "
               "cores the HTTP loop and the decoding threads need).")
+@click.option("--worker-nice", default=5, help="Run decoding and model threads this much below the HTTP event loop's "
+              "priority, so health probes and refusals stay prompt under overload (0: the same priority).")
 @click.option("--max-body-mb", default=64.0, help="Largest request body (413 beyond).")
 @click.option("--max-items", default=256, help="Most items per request (413 beyond).")
 @click.option("--timeout", "timeout_s", default=30.0, help="Per-request deadline in seconds (504 and its work dropped beyond).")

@@ -11,8 +11,10 @@ request of a lone client (it and the two before it found nothing else admitted) 
 and the queue: prepare, run and finish in one hand-off to that instance. The event loop never
 decodes or runs a model.
 
-Admission is bounded: a request whose items would take the queue past `max_queue` is refused
-at once (`Overloaded`), never buffered. A caller that stops waiting (its deadline passed, its
+Admission is bounded: a request whose items would take the queue past `max_queue`, or whose
+expected wait (the items admitted ahead of it times the recent seconds per answered item while
+busy: decoding, model, hand-offs, all of it) is past `max_wait`, is refused at once
+(`Overloaded`), never buffered. A caller that stops waiting (its deadline passed, its
 client disconnected: the awaiting task is cancelled) has its queued items dropped before they
 reach the model.
 """
@@ -46,11 +48,13 @@ class Instances:
 
     Args:
         engines: one object per instance, handed to `Stages.run`.
+        initializer: run first on each instance's thread (e.g. to lower its priority).
     """
 
-    def __init__(self, engines: Sequence[Any]):
+    def __init__(self, engines: Sequence[Any], initializer: Callable[[], None] | None = None):
         self.engines = list(engines)
-        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"huse-instance-{i}") for i in range(len(engines))]
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"huse-instance-{i}", initializer=initializer)
+                         for i in range(len(engines))]
         self._free: asyncio.Queue | None = None
 
     def _queue(self) -> asyncio.Queue:
@@ -104,13 +108,21 @@ class Batcher:
         max_batch: most items per batch (a larger request runs as its own batch).
         max_delay: seconds a batch may wait after its oldest request arrived for more to join.
         max_queue: most items admitted (being prepared or queued) at once.
+        max_wait: refuse a request whose expected wait for the model is longer than this many
+            seconds (None: no such limit).
         on_batch: called with each batch's item count (metrics).
     """
 
     def __init__(self, stages: Stages, instances: Instances, pool: ThreadPoolExecutor, max_batch: int = 64,
-                 max_delay: float = 0.003, max_queue: int = 1024, on_batch: Callable[[int], None] | None = None):
+                 max_delay: float = 0.003, max_queue: int = 1024, max_wait: float | None = None,
+                 on_batch: Callable[[int], None] | None = None):
         self.stages, self.instances, self.pool = stages, instances, pool
-        self.max_batch, self.max_delay, self.max_queue = max_batch, max_delay, max_queue
+        self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
+        # Seconds per answered item while busy (a moving average of the time between answers): how
+        # fast the items admitted ahead of a new request will drain. It counts every stage and any
+        # contention for the cores, so under overload it grows and admission tightens.
+        self.item_seconds = 0.0
+        self._busy_since = self._last_done = 0.0
         self.on_batch = on_batch or (lambda n: None)
         self.admitted = 0  # items being prepared, queued or run (abandoned ones until their prepare ends)
         self.preparing = 0  # items being prepared: what a forming batch may still wait for
@@ -156,7 +168,7 @@ class Batcher:
             instance = self.instances.try_acquire()
             if instance is not None:
                 return await self._run_alone(instance, payload, n)
-        self.admitted += n
+        self._admit(n)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         prepare = loop.run_in_executor(self.pool, self.stages.prepare, payload)
@@ -189,15 +201,15 @@ class Batcher:
         run and finish in one hand-off to the instance's thread, not three, since at low load the
         hand-offs are most of the time a request spends outside the model. A caller that stops
         waiting while its items are prepared has them dropped before the model, as from the queue."""
-        self.admitted += n
+        self._admit(n)
         abandoned = threading.Event()
         work = self.instances.start(instance, self._whole, payload, n, abandoned)
 
         def done(f: asyncio.Future) -> None:
             self.admitted -= n
             self.instances.release(instance)
-            if not f.cancelled():
-                f.exception()  # seen, also when nobody waits any more
+            if not f.cancelled() and f.exception() is None:  # seen, also when nobody waits any more
+                self._answered(n)
         work.add_done_callback(done)
         try:
             return await asyncio.shield(work)
@@ -212,10 +224,30 @@ class Batcher:
         return self._run_and_finish(engine, parts)[0]
 
     def check(self, n: int) -> None:
-        """Raises Overloaded when admitting n more items would take the queue past max_queue (an
-        empty queue takes a request of any size)."""
-        if self.admitted + n > self.max_queue and self.admitted > 0:
+        """Raises Overloaded when admitting n more items would take the queue past max_queue, or
+        when they would wait for the model longer than max_wait (an empty queue takes a request of
+        any size)."""
+        if self.admitted == 0:
+            return
+        if self.admitted + n > self.max_queue:
             raise Overloaded(f"{self.admitted} items are queued (--max-queue {self.max_queue})")
+        if self.max_wait is not None:
+            wait = (self.admitted + n) * self.item_seconds
+            if wait > self.max_wait:
+                raise Overloaded(f"the {self.admitted} items queued would take ~{wait:.2f} s, more than the "
+                                 f"{self.max_wait:g} s this request may wait")
+
+    def _admit(self, n: int) -> None:
+        if self.admitted == 0:
+            self._busy_since = time.monotonic()
+        self.admitted += n
+
+    def _answered(self, n: int) -> None:
+        """n items were answered (on the event loop): update the seconds per item while busy."""
+        now = time.monotonic()
+        per_item = (now - max(self._last_done, self._busy_since)) / max(1, n)
+        self._last_done = now
+        self.item_seconds = per_item if not self.item_seconds else 0.8 * self.item_seconds + 0.2 * per_item
 
     def _release(self, prepare: asyncio.Future, n: int) -> None:
         self.admitted -= n
@@ -268,10 +300,12 @@ class Batcher:
 
     async def _run(self, instance: int, batch: list[_Entry]) -> None:
         parts = [e.part for e in batch]
-        self.on_batch(sum(e.n for e in batch))
+        n = sum(e.n for e in batch)
+        self.on_batch(n)
         try:
             try:
                 results = await self.instances.call(instance, self._run_and_finish, parts)
+                self._answered(n)
             finally:
                 self.instances.release(instance)
         except Exception as exc:  # the whole batch failed: each of its requests gets the error

@@ -40,6 +40,7 @@ def test_harness_runs_end_to_end_against_huse_serve(tiny_bundle, tiny_catalog, t
             assert r["requests"] > 0 and r["failed"] == 0 and r["throughput"] > 0
             assert 0 < r["p50_ms"] <= r["p99_ms"] and 0 <= r["generator_cpu"] < 2
             assert r["server_cpu_ms"] > 0  # the server process's own CPU per request (from /proc)
+            assert 0 < r["loop_cpu_ms"] <= r["server_cpu_ms"]  # of it, its event loop's (the main thread)
     batching = result["systems"]["batching"][1]["batches"]  # from the server's /metrics histogram
     assert batching["batches"] > 0 and sum(batching["by_size"].values()) == batching["batches"]
     assert result["offline_ceiling"]["throughput"] > 0 and result["api_batch1"]["p50_ms"] > 0

@@ -158,7 +158,9 @@ def test_items_per_request_limit(start_server):
 def test_disconnected_client_has_its_queued_items_dropped(start_server):
     """With one item per batch and slow photos, a request sent behind 12 others and abandoned by
     its client never reaches the model: 12 batches run, not 13."""
-    s = start_server("--max-batch", "1")
+    # A long deadline: on a slow machine admission by expected wait would refuse the 13th request
+    # (half the deadline) before it could be abandoned; this test is about the abandoning.
+    s = start_server("--max-batch", "1", "--timeout", "600")
     slow = classify_body([png(1500, seed) for seed in range(1)])
     with ThreadPoolExecutor(12) as pool:
         busy = [pool.submit(post, s.url + "/v1/classify", slow, None, 120) for _ in range(12)]
@@ -222,7 +224,7 @@ def test_thousand_idle_connections_do_not_block_service(server):
 
 
 def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server):
-    s = start_server("--max-batch", "4")
+    s = start_server("--max-batch", "4", "--timeout", "600")  # every request admitted, even on a slow machine
     slow = classify_body([png(1000, seed) for seed in range(2)])
     answered: list[tuple[float, float, int]] = []  # (sent, answered, status)
     signalled = [float("inf")]
@@ -323,3 +325,46 @@ def test_flooded_server_sheds_load_and_stays_live(start_server, tmp_path):
     status, answer = post_json(s.url + "/v1/classify", {"items": [{"title": "Acme black tee"}]})
     assert status == 200 and answer["results"][0]["top_k"]
     assert "Traceback" not in s.output()
+
+
+def test_health_answers_at_once_while_the_queue_is_full(start_server):
+    """Liveness and readiness are answered in front of routing and the queue: with the one queue
+    place held by a slow request, they still answer 200 (and an inference request 503)."""
+    s = start_server("--max-batch", "1", "--max-queue", "1")
+    slow = classify_body([png(1500, seed) for seed in range(6)])  # ~0.5 s of decoding holds the place
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(post, s.url + "/v1/classify", slow, None, 120)
+        end = time.monotonic() + 20
+        while not metric(s.url, "huse_queue_items", model="huse"):
+            assert time.monotonic() < end and not busy.done(), busy.result()
+            time.sleep(0.02)
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            with urllib.request.urlopen(s.url + path, timeout=10) as r:
+                assert r.status == 200 and r.read() == b""
+        status, headers, body = post(s.url + "/v2/models/huse/infer", b"{}", None, 30)
+        assert status == 503 and "at capacity" in json.loads(body)["error"], body
+        assert busy.result()[0] == 200
+    assert metric(s.url, "huse_requests_total", route="/v2/health/live", status="200") >= 1
+
+
+def test_admission_refuses_what_cannot_finish_before_its_deadline(start_server):
+    """A queue far below --max-queue still refuses (503 + Retry-After, at once) requests that the
+    items ahead of them would keep past the deadline: from the seconds per item of recent answers
+    (here ~0.15 s of decoding each on an idle machine, one worker), with half of the 4 s deadline
+    for the wait, 24 concurrent requests cannot all be admitted (a slower machine refuses more)."""
+    s = start_server("--max-batch", "1", "--timeout", "4")
+    slow = classify_body([png(1500, 7)])
+    assert post(s.url + "/v1/classify", slow, None, 60)[0] == 200  # one answer: the drain rate is known
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: post(s.url + "/v1/classify", slow, None, 60), range(24)))
+    statuses = [a[0] for a in answers]
+    assert set(statuses) <= {200, 503, 504} and 200 in statuses, statuses
+    refused = [a for a in answers if a[0] == 503]
+    assert refused, statuses
+    assert all(int(a[1]["retry-after"]) >= 1 and "this request may wait" in json.loads(a[2])["error"]
+               for a in refused), refused[0]
+    end = time.monotonic() + 30  # a 504's photo still being decoded holds its place until it is done
+    while metric(s.url, "huse_queue_items", model="huse") and time.monotonic() < end:
+        time.sleep(0.1)
+    assert metric(s.url, "huse_queue_items", model="huse") == 0
+    assert healthy(s.url)
