@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from huse.runtime.bulk import BulkJob, read_embeddings, read_predictions, run_bulk
+from huse.runtime.errors import HuseError
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,43 @@ def test_thread_layout_never_changes_the_output(tiny_bundle, tiny_catalog, tmp_p
         assert len(m0) == 52 and np.isnan(v0).all(axis=1).sum() == 5
         assert v0.tobytes() == v1.tobytes() == v3.tobytes() and m0 == m1 == m3
 
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_idle_prepare_priority_runs_the_pool_at_sched_idle_with_the_same_output(tiny_bundle, tiny_catalog, tmp_path,
+                                                                                 monkeypatch):
+    """--prepare-priority idle: the pool's threads prepare at SCHED_IDLE, the model's thread keeps its
+    policy, and the predictions are the default's."""
+    import huse.runtime.bulk as bulk
+
+    seen = []
+    real = bulk.prepare_batch
+
+    def watched(clf, records, job):
+        seen.append((threading.current_thread() is threading.main_thread(), os.sched_getscheduler(0)))
+        return real(clf, records, job)
+
+    monkeypatch.setattr(bulk, "prepare_batch", watched)
+    outs = {}
+    for priority in ("normal", "idle"):
+        seen.clear()
+        out = tmp_path / priority
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(out), batch_size=16, workers=1,
+                         threads=1, progress=False, prepare_priority=priority))
+        outs[priority] = read_predictions(out)
+        policy = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
+        assert seen and all(not main and p == policy for main, p in seen), (priority, seen)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert len(outs["idle"]) == 120 and outs["idle"] == outs["normal"]
+
+
+def test_unknown_prepare_priority_is_refused(tiny_bundle, tiny_catalog, tmp_path):
+    r = subprocess.run(_cli("classify", tiny_bundle, "--data", tiny_catalog, "--out", tmp_path / "o",
+                            "--prepare-priority", "high"), capture_output=True, text=True)
+    assert r.returncode == 2 and "high" in r.stderr
+    with pytest.raises(HuseError, match="prepare-priority 'high' is not one of"):
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o"),
+                         prepare_priority="high"))
 
 def test_bulk_never_imports_torch(tiny_bundle, tiny_catalog, tmp_path):
     code = f"""
