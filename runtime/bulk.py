@@ -586,25 +586,45 @@ def _make_classifier(job: BulkJob, threads: int | None) -> Classifier:
 
 
 def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:
-    clf = _make_classifier(job, job.threads)
-    result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
-    progress.show()
-    workers = default_workers(job.threads) if job.workers is None else job.workers
-    prefetch = _Prefetcher(clf, workers, job)
-    n_shards, t0 = 0, time.perf_counter()
+    # One thread reads the next shard's records and writes the last shard's files while the model runs
+    # this shard's (the first shard is read while the model loads): on the calling thread both kept the
+    # model waiting, ~12 us an item, 5% of int8-cpu's time on 2 cores. In order, at most one shard
+    # waiting to be written.
+    io = ThreadPoolExecutor(1, thread_name_prefix="huse-io")
+    shards = _shards(job, done)
+    upcoming = io.submit(next, shards, None)
+    clf, prefetch, writing = None, None, None
+
+    def write(shard: Shard, rows: list[dict[str, Any]], vectors: np.ndarray | None) -> None:
+        output.add(write_shard(output.partial, shard, rows, vectors, job))
+        result.rows_done_now += len(rows)
+        progress.update(len(rows))
+
     try:
-        for shard, records in _shards(job, done):
+        clf = _make_classifier(job, job.threads)
+        result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
+        progress.show()
+        workers = default_workers(job.threads) if job.workers is None else job.workers
+        prefetch = _Prefetcher(clf, workers, job)
+        n_shards, t0 = 0, time.perf_counter()
+        while (item := upcoming.result()) is not None:
             if job.max_shards is not None and n_shards >= job.max_shards:
                 break
-            rows, vectors = run_shard(clf, shard, records, job, prefetch)
-            output.add(write_shard(output.partial, shard, rows, vectors, job))
-            result.rows_done_now += len(rows)
-            progress.update(len(rows))
+            upcoming = io.submit(next, shards, None)
+            rows, vectors = run_shard(clf, *item, job, prefetch)
+            if writing is not None:
+                writing.result()
+            writing = io.submit(write, item[0], rows, vectors)
             n_shards += 1
+        if writing is not None:
+            writing.result()
         result.work_seconds = time.perf_counter() - t0
     finally:
-        prefetch.close()
-        clf.close()
+        io.shutdown(wait=True)  # a shard waiting to be written is finished work: written, never cancelled
+        if prefetch is not None:
+            prefetch.close()
+        if clf is not None:
+            clf.close()
 
 
 class RayShardWorker:
