@@ -166,6 +166,34 @@ def test_idle_prepare_priority_runs_the_pool_at_sched_idle_with_the_same_output(
     assert len(outs["idle"]) == 120 and outs["idle"] == outs["normal"]
 
 
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failure_while_the_next_shard_runs_keeps_the_shard_being_written(tiny_bundle, tiny_catalog, tmp_path,
+                                                                           workers):
+    """Shards are written by another thread while the next one runs: when that run fails, the finished
+    shard is still written and listed (resumable), and the error reaches the caller."""
+    from huse.runtime.classifier import Classifier
+
+    class FailsOnShardTwo(Classifier):
+        calls = 0
+
+        def infer(self, *a, **k):
+            FailsOnShardTwo.calls += 1
+            if FailsOnShardTwo.calls == 6:  # shard 1's second batch (4 batches of 5 per shard)
+                raise RuntimeError("model failed")
+            return super().infer(*a, **k)
+
+    out = tmp_path / "o"
+    job = dict(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(out), batch_size=5, shard_rows=20,
+               workers=workers, threads=1, progress=False)
+    with pytest.raises(RuntimeError, match="model failed"):
+        run_bulk(BulkJob(**job, classifier=lambda: FailsOnShardTwo(str(tiny_bundle), threads=1)))
+    kept = json.loads((tmp_path / "o.partial" / "_manifest.json").read_text())["shards"]
+    assert [e["shard"] for e in kept.values()] == [0] and (tmp_path / "o.partial" / "part-00000.parquet").is_file()
+    r = run_bulk(BulkJob(**job, resume=True))
+    run_bulk(BulkJob(**dict(job, out=str(tmp_path / "ref"))))
+    assert r.shards_resumed == 1 and r.rows == 120 and read_predictions(out) == read_predictions(tmp_path / "ref")
+
 def test_unknown_prepare_priority_is_refused(tiny_bundle, tiny_catalog, tmp_path):
     r = subprocess.run(_cli("classify", tiny_bundle, "--data", tiny_catalog, "--out", tmp_path / "o",
                             "--prepare-priority", "high"), capture_output=True, text=True)
