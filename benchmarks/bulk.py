@@ -119,11 +119,12 @@ def kill_resume(bundle: str, catalog: Path, folder: Path, kills: int, shard_rows
         vec, meta = read_embeddings(dest) if r.returncode == 0 else (None, None)
         said = re.search(r"(\d+) of \d+ shards kept", r.stdout)
         shards_kept = int(said.group(1)) if said else 0
-        # One worker writes shards in order, so the rows redone are those of the one shard in flight at
-        # the kill: at most shard_rows, provided the resumed run kept every shard the manifest lists.
+        # Shards are written in order, one at a time, while the next one runs, so the rows redone are
+        # those of the shard being written and the one running at the kill: at most 2 * shard_rows,
+        # provided the resumed run kept every shard the manifest lists.
         out.append({"kill": k, "rows_kept": kept, "shards_kept": shards_kept,
                     "kept_all_finished": shards_kept * shard_rows == kept,
-                    "rows_left_after_kill": len(ref_meta) - kept, "rows_redone_at_most": shard_rows,
+                    "rows_left_after_kill": len(ref_meta) - kept, "rows_redone_at_most": 2 * shard_rows,
                     "rc": r.returncode,
                     "identical": vec is not None and vec.tobytes() == ref_vec.tobytes() and meta == ref_meta})
         shutil.rmtree(dest, ignore_errors=True)
@@ -134,24 +135,26 @@ def compare_local(bundle: str, precision: str, catalog: Path, common: dict, tmp:
                   threads: int | None, workers: int | None) -> list[dict]:
     """Model-only vs end to end, interleaved over `rounds` so drift hits both alike; medians and spreads.
 
-    Two thread layouts: "default" (onnxruntime gets the cores, the engine's default prepare pool) and,
-    on a machine with spare cores, "split" (one onnxruntime thread, the other cores preparing batches),
-    each compared with the model alone at the same onnxruntime threads."""
+    Thread layouts: "default" (onnxruntime gets the cores, the engine's default prepare pool),
+    "default-idle" (the same with `--prepare-priority idle`: the pool runs only on cores onnxruntime
+    leaves) and, on a machine with spare cores, "split" (one onnxruntime thread, the other cores preparing
+    batches), each compared with the model alone at the same onnxruntime threads."""
     cores = os.cpu_count() or 1
-    layouts = {"default": (threads, workers)}
+    layouts = {"default": (threads, workers, "normal"), "default-idle": (threads, workers, "idle")}
     if threads is None and workers is None and cores > 1:
-        layouts["split"] = (1, cores - 1)
+        layouts["split"] = (1, cores - 1, "normal")
     out = []
-    for name, (th, wk) in layouts.items():
+    for name, (th, wk, priority) in layouts.items():
         model, e2e, top1 = [], [], set()
         for _ in range(sc["rounds"]):
             model.append(model_only(bundle, precision, catalog, sc["iters"], th))
-            job = BulkJob(out=str(tmp / f"e2e-{precision}"), precision=precision, **dict(common, threads=th, workers=wk))
+            job = BulkJob(out=str(tmp / f"e2e-{precision}"), precision=precision,
+                          **dict(common, threads=th, workers=wk, prepare_priority=priority))
             r = end_to_end(job)
             e2e.append(r["items_s"])
             top1.add(r["top1"])
         ratios = [e / m for e, m in zip(e2e, model)]
-        out.append({"precision": precision, "config": name, "threads": th, "workers": wk,
+        out.append({"precision": precision, "config": name, "threads": th, "workers": wk, "prepare_priority": priority,
                     "top1": sorted(top1, key=str),  # fused top-1 on the catalog's classes, per round
                     "model_items_s": float(np.median(model)), "e2e_items_s": float(np.median(e2e)),
                     "e2e_vs_model": float(np.median(ratios)), "e2e_vs_model_range": [min(ratios), max(ratios)],

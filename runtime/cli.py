@@ -129,6 +129,10 @@ def _bulk_options(fn):
         click.option("--workers", type=int, help="Threads preparing the next batches (decode, tokenise) and describing "
                      "finished ones while the model runs (default: sized with --threads to the cores; 0: no pool; "
                      "Ray actors: 0 on CPU, 1 with --device cuda)."),
+        click.option("--prepare-priority", type=click.Choice(["normal", "idle"]), default="normal",
+                     help="Priority of the --workers threads. idle (Linux SCHED_IDLE): they run only on cores "
+                     "onnxruntime leaves; for a machine doing nothing else, as they starve when other "
+                     "processes want the cores."),
         click.option("--spin/--no-spin", default=False, help="onnxruntime thread spinning (off: it costs far more than it gains when cores are shared)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards are verified and kept."),
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", help="local threads, or Ray Data actors."),
@@ -170,7 +174,8 @@ def embed(**kw) -> None:
 
 
 def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, backend, precision, device, batch_size, shard_rows,
-          threads, workers, spin, resume, engine, address, actors, max_error_rate, progress, mode, trusted_keys=(),
+          threads, workers, prepare_priority, spin, resume, engine, address, actors, max_error_rate, progress, mode,
+          trusted_keys=(),
           top_k=5, min_confidence=0.0, show=0) -> None:
     from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
 
@@ -180,7 +185,8 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
                   confine_images=confine_images, mode=mode,
                   top_k=top_k, min_confidence=min_confidence, batch_size=batch_size, shard_rows=shard_rows, format=fmt,
                   precision=precision, backend=backend, device=device, threads=threads, spinning=spin,
-                  workers=workers, engine=engine, address=address, actors=actors, resume=resume, progress=progress,
+                  workers=workers, prepare_priority=prepare_priority, engine=engine, address=address, actors=actors,
+                  resume=resume, progress=progress,
                   trusted_keys=tuple(trusted_keys))
     r = run_bulk(job)
     verb = "classified" if task == "classify" else "embedded"

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from huse.runtime.bulk import BulkJob, read_embeddings, read_predictions, run_bulk
+from huse.runtime.errors import HuseError
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,71 @@ def test_thread_layout_never_changes_the_output(tiny_bundle, tiny_catalog, tmp_p
         assert len(m0) == 52 and np.isnan(v0).all(axis=1).sum() == 5
         assert v0.tobytes() == v1.tobytes() == v3.tobytes() and m0 == m1 == m3
 
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_idle_prepare_priority_runs_the_pool_at_sched_idle_with_the_same_output(tiny_bundle, tiny_catalog, tmp_path,
+                                                                                 monkeypatch):
+    """--prepare-priority idle: the pool's threads prepare at SCHED_IDLE, the model's thread keeps its
+    policy, and the predictions are the default's."""
+    import huse.runtime.bulk as bulk
+
+    seen = []
+    real = bulk.prepare_batch
+
+    def watched(clf, records, job):
+        seen.append((threading.current_thread() is threading.main_thread(), os.sched_getscheduler(0)))
+        return real(clf, records, job)
+
+    monkeypatch.setattr(bulk, "prepare_batch", watched)
+    outs = {}
+    for priority in ("normal", "idle"):
+        seen.clear()
+        out = tmp_path / priority
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(out), batch_size=16, workers=1,
+                         threads=1, progress=False, prepare_priority=priority))
+        outs[priority] = read_predictions(out)
+        policy = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
+        assert seen and all(not main and p == policy for main, p in seen), (priority, seen)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert len(outs["idle"]) == 120 and outs["idle"] == outs["normal"]
+
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failure_while_the_next_shard_runs_keeps_the_shard_being_written(tiny_bundle, tiny_catalog, tmp_path,
+                                                                           workers):
+    """Shards are written by another thread while the next one runs: when that run fails, the finished
+    shard is still written and listed (resumable), and the error reaches the caller."""
+    from huse.runtime.classifier import Classifier
+
+    class FailsOnShardTwo(Classifier):
+        calls = 0
+
+        def infer(self, *a, **k):
+            FailsOnShardTwo.calls += 1
+            if FailsOnShardTwo.calls == 6:  # shard 1's second batch (4 batches of 5 per shard)
+                raise RuntimeError("model failed")
+            return super().infer(*a, **k)
+
+    out = tmp_path / "o"
+    job = dict(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(out), batch_size=5, shard_rows=20,
+               workers=workers, threads=1, progress=False)
+    with pytest.raises(RuntimeError, match="model failed"):
+        run_bulk(BulkJob(**job, classifier=lambda: FailsOnShardTwo(str(tiny_bundle), threads=1)))
+    kept = json.loads((tmp_path / "o.partial" / "_manifest.json").read_text())["shards"]
+    assert [e["shard"] for e in kept.values()] == [0] and (tmp_path / "o.partial" / "part-00000.parquet").is_file()
+    r = run_bulk(BulkJob(**job, resume=True))
+    run_bulk(BulkJob(**dict(job, out=str(tmp_path / "ref"))))
+    assert r.shards_resumed == 1 and r.rows == 120 and read_predictions(out) == read_predictions(tmp_path / "ref")
+
+def test_unknown_prepare_priority_is_refused(tiny_bundle, tiny_catalog, tmp_path):
+    r = subprocess.run(_cli("classify", tiny_bundle, "--data", tiny_catalog, "--out", tmp_path / "o",
+                            "--prepare-priority", "high"), capture_output=True, text=True)
+    assert r.returncode == 2 and "high" in r.stderr
+    with pytest.raises(HuseError, match="prepare-priority 'high' is not one of"):
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o"),
+                         prepare_priority="high"))
 
 def test_bulk_never_imports_torch(tiny_bundle, tiny_catalog, tmp_path):
     code = f"""
