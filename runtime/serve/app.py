@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from huse.runtime._lazy import lazy_import
+from huse.runtime._priority import lower_thread_priority
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.batcher import Batcher, Instances, Overloaded
 from huse.runtime.serve.models import ClassifyModel, EmbedModel
@@ -159,7 +159,7 @@ class Server:
         # Worker threads (model instances and the onnxruntime threads their sessions start, prepare,
         # search) run below the event loop: on a contended core the loop wins, so health probes,
         # refusals and accepting connections do not queue behind a batch or a decode.
-        lower = functools.partial(_lower_priority, c.worker_nice)
+        lower = functools.partial(lower_thread_priority, c.worker_nice)
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="huse-prepare", initializer=lower)
         self._search_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-search", initializer=lower)
         self._instances = Instances(self.classifiers, initializer=lower)
@@ -306,20 +306,6 @@ async def _disconnected(receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _lower_priority(nice: int) -> None:
-    """Run the calling thread `nice` steps below its current priority (a thread pool's initializer).
-
-    Linux keeps a nice value per thread, threads inherit it, and lowering one's own needs no
-    privilege; elsewhere, or where it is refused, the thread keeps its priority.
-    """
-    if nice and hasattr(os, "setpriority"):
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except OSError:
-            pass
 
 
 def _warm_up(clf) -> None:
