@@ -43,6 +43,11 @@ from huse.runtime.cli import run_cli
                                                     "embeddings, for finding products; 0: the paper's losses only. [default: TrainConfig.delta]")
 @click.option("--margin", "zeta", default=0.7, help="Semantic-graph margin zeta.")
 @click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
+@click.option("--class-name-init", is_flag=True, default=None,
+              help="Start each class's row of the shared layer at the text tower's embedding of its path's words "
+                   "(a CLIP-style prior from the class names). [default: TrainConfig.class_name_init]")
+@click.option("--class-name-prior", type=float, help="Weight of a loss pulling each class's row towards its name's "
+                                                     "embedding; 0: none. [default: TrainConfig.class_name_prior]")
 @click.option("--multi-label", is_flag=True, help="A sigmoid per class and per-class thresholds, even if no product lists "
                                                 "several classes (a catalog whose 'classes' hold 'a<b|c<d' is multi-label without it).")
 @click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default="sigmoid",
@@ -78,7 +83,8 @@ def _train(o: dict) -> None:
     if bool(o["data"]) == bool(o["dataset"]):
         raise HuseError("pass exactly one of --data CATALOG or --dataset NAME")
     # Options without a CLI default take TrainConfig's: one copy of each default.
-    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit") if o[k] is not None}
+    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit", "class_name_init",
+                                   "class_name_prior") if o[k] is not None}
     if o["cv_folds"] is not None:  # read before the catalog, so a typo fails at once
         given["cv_folds"] = _cv_folds(o["cv_folds"])
     if o["dataset"]:

@@ -40,7 +40,8 @@ from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_repo
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
-from huse.train.model import HUSE, HuseConfig, build_model, resolve_arch
+from huse.train.model import (HUSE, HuseConfig, build_model, class_name_loss, class_name_title,
+                              init_classifier_from_names, resolve_arch)
 
 
 FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train", "val", "test")}
@@ -77,6 +78,11 @@ class TrainConfig:
     tau: float = 0.1  # temperature of the instance-level contrastive term
     margin: float = 0.7  # zeta: hierarchy distances are 0 (same), 1/3 (siblings), 2/3, 1
     class_distance: str = "hierarchy"  # or "minilm": cosine distance of class-name embeddings
+    # Class-name prior (as CLIP classifies with its prompts): start each class's row of the shared layer at the
+    # text tower's embedding of its path's words ("clothing tops t-shirts"), and with a weight > 0 keep pulling it
+    # there (model.class_name_loss). The tuned LR cannot read class names; HUSE's shared space can.
+    class_name_init: bool = False
+    class_name_prior: float = 0.0
     # Which rows the shipped model is trained on once the epochs, the fusion weight and the temperatures
     # have been chosen on val and test has been reported (FINAL_FITS): "train" ships the held-out model
     # itself; "train+val" refits a fresh model on both with those settings; "all" folds in test too.
@@ -304,6 +310,8 @@ class Trainer:
         # Caches, labels and inputs stay on the CPU; each batch goes to the device.
         self.device = resolve_device(train_cfg.device)
         self.model = build_model(model_cfg, backbone_weights).to(self.device)
+        self.class_names = self._class_name_plan()
+        self._init_from_names()
         self.class_dist = torch.from_numpy(class_distances(self.hierarchy, train_cfg.class_distance)).to(self.device)
         self.text_inputs = encode_titles(self.tokenizer, ds.titles)
         self.epoch = 0
@@ -338,6 +346,47 @@ class Trainer:
             raise HuseError(f"--cv-folds {plan['folds']}: train + val hold only {products} products, fewer than the "
                             "folds; pass fewer folds, or --cv-folds 0")
         return plan
+
+    # -- class-name prior ----------------------------------------------------------------
+    def _class_name_plan(self) -> dict[str, Any]:
+        """Whether the class-name prior applies (TrainConfig.class_name_init / class_name_prior), and the names' inputs.
+
+        MiniLM reads any name. The word CNN knows only the training titles' words: a name none of whose words it
+        knows is the out-of-vocabulary id alone, the same point for every such class, so the prior is skipped
+        unless every class name has a known word (the share of known name words is recorded either way).
+        """
+        if not (self.tc.class_name_init or self.tc.class_name_prior):
+            return {"applied": False}
+        titles = [class_name_title(label) for label in self.labels]
+        self.name_inputs = encode_titles(self.tokenizer, titles)
+        plan: dict[str, Any] = {"applied": True, "init": self.tc.class_name_init, "weight": self.tc.class_name_prior}
+        if self.mc.text_encoder == "cnn":
+            vocab = self.tokenizer.vocab
+            known = [[w in vocab for w in words(t)] for t in titles]
+            plan["known_word_share"] = round(sum(map(sum, known)) / max(1, sum(map(len, known))), 4)
+            unknown = [t for t, k in zip(titles, known) if not any(k)]
+            if unknown:
+                plan.update(applied=False, reason=f"{len(unknown)} of {len(titles)} class names have no word the word "
+                                                  f"CNN knows (e.g. {unknown[0]!r})")
+            self.name_feats = None
+        else:  # MiniLM is frozen: the names' features are computed once
+            with torch.no_grad():
+                self.model.eval()
+                self.name_feats = self.model.text_features(self.name_inputs["input_ids"].to(self.device),
+                                                           self.name_inputs["attention_mask"].to(self.device))
+        return plan
+
+    def _name_emb(self) -> torch.Tensor:
+        """The class names through the current text tower, (num_classes, embed_dim)."""
+        if self.name_feats is not None:
+            return self.model.embed_text_features(self.name_feats)
+        return self.model.embed_text(self.name_inputs["input_ids"].to(self.device), None)
+
+    def _init_from_names(self) -> None:
+        if self.class_names["applied"] and self.tc.class_name_init:
+            self.model.eval()  # the names' embedding without dropout
+            with torch.no_grad():
+                init_classifier_from_names(self.model.classifier, self._name_emb())
 
     # -- features -----------------------------------------------------------------------
     def _prepare_features(self) -> None:
@@ -497,6 +546,10 @@ class Trainer:
                                     delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
                                     image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
                                     head=self.mc.label_head)
+            if self.class_names["applied"] and self.tc.class_name_prior:
+                prior = class_name_loss(self.model.classifier, self._name_emb())
+                loss = loss + self.tc.class_name_prior * prior
+                parts.update(loss=float(loss.detach()), class_name=float(prior.detach()))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -556,6 +609,8 @@ class Trainer:
                                    "epochs_run": self.epoch, "history": self.history}
         if cv or self.cv["folds"] != self.tc.cv_folds:  # ran, or "auto" decided: runs without either keep their bytes
             metrics["cv"] = cv or self.cv
+        if self.tc.class_name_init or self.tc.class_name_prior:  # asked for: whether it applied, and why not
+            metrics["class_names"] = self.class_names
         if self.multi:
             extra = self._evaluate_multilabel(val, test, metrics)
         else:
@@ -684,6 +739,8 @@ class Trainer:
         self.model = fresh  # frozen backbone (and MiniLM) kept, everything trained starts afresh
         if self.frozen:
             self.model.feature_norm.set_stats(self.image_feats[rows])
+        self.class_names = self._class_name_plan()  # the word CNN's vocabulary is new
+        self._init_from_names()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         steps_per_epoch = math.ceil(len(rows) / self.tc.batch_size)
