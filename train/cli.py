@@ -48,6 +48,9 @@ from huse.runtime.cli import run_cli
                    "(a CLIP-style prior from the class names). [default: TrainConfig.class_name_init]")
 @click.option("--class-name-prior", type=float, help="Weight of a loss pulling each class's row towards its name's "
                                                      "embedding; 0: none. [default: TrainConfig.class_name_prior]")
+@click.option("--image-views", type=int, help="Random crops of each training photo through the frozen backbone (cached; "
+                                             "each step trains on one of them or the photo); 0: the photo only. "
+                                             "[default: TrainConfig.image_views]")
 @click.option("--multi-label", is_flag=True, help="A sigmoid per class and per-class thresholds, even if no product lists "
                                                 "several classes (a catalog whose 'classes' hold 'a<b|c<d' is multi-label without it).")
 @click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default="sigmoid",
@@ -84,7 +87,7 @@ def _train(o: dict) -> None:
         raise HuseError("pass exactly one of --data CATALOG or --dataset NAME")
     # Options without a CLI default take TrainConfig's: one copy of each default.
     given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit", "class_name_init",
-                                   "class_name_prior") if o[k] is not None}
+                                   "class_name_prior", "image_views") if o[k] is not None}
     if o["cv_folds"] is not None:  # read before the catalog, so a typo fails at once
         given["cv_folds"] = _cv_folds(o["cv_folds"])
     if o["dataset"]:

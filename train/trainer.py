@@ -83,6 +83,9 @@ class TrainConfig:
     # there (model.class_name_loss). The tuned LR cannot read class names; HUSE's shared space can.
     class_name_init: bool = False
     class_name_prior: float = 0.0
+    # Image views (train/views.py): K random crops of each training photo through the frozen backbone, computed once
+    # and cached; each step trains on one of the K + 1 (plain included) per row. 0: the plain photo only.
+    image_views: int = 0
     # Which rows the shipped model is trained on once the epochs, the fusion weight and the temperatures
     # have been chosen on val and test has been reported (FINAL_FITS): "train" ships the held-out model
     # itself; "train+val" refits a fresh model on both with those settings; "all" folds in test too.
@@ -395,11 +398,36 @@ class Trainer:
         if self.frozen:
             self.image_feats = extract_image_features(self.model, self.ds, self.spec, cache, self.tc.feature_batch)
             self.model.feature_norm.set_stats(self.image_feats[self.split["train"]])
+            self.image_views = self._view_features() if self.tc.image_views else None
         self.text_feats = (extract_text_features(self.model, self.text_inputs, cache)
                            if self.mc.text_encoder == "minilm" else None)
 
-    def _image_emb(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
+    def _view_features(self) -> torch.Tensor:
+        """The cached features of TrainConfig.image_views random crops of every photo outside test (the rows any model
+        of this run trains on: train, a cross-validation fold's train, the final fit's train + val)."""
+        from huse.train.views import AREA, RATIO, view_features
+
+        rows = np.flatnonzero(np.asarray(self.ds.splits) != "test")
+        key = _cache_key({"backbone": self.mc.backbone, "spec": self.spec.to_dict(), "source": self.ds.source,
+                          "ids": hashlib.sha256("\n".join(self.ds.product_ids).encode()).hexdigest(),
+                          "rows": hashlib.sha256(rows.tobytes()).hexdigest(), "views": self.tc.image_views,
+                          "seed": self.tc.seed, "area": AREA, "ratio": RATIO})
+        path = self.cache / f"image-views-{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["features"]
+        out = view_features(self.model.backbone.eval(), self.ds.images, rows, self.spec, self.tc.image_views,
+                            self.tc.seed, self.tc.feature_batch)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic({"features": out}, path)
+        return out
+
+    def _image_emb(self, idx: torch.Tensor, view: bool = False) -> torch.Tensor:
+        """Image embeddings of rows `idx`; with `view` (training steps) each row's features are one of its
+        cached views or the plain photo, drawn at random, where the run has views."""
+        if self.frozen and view and self.image_views is not None:
+            k = torch.randint(0, len(self.image_views) + 1, (len(idx),), generator=self.gen)
+            f = torch.where((k == 0)[:, None], self.image_feats[idx], self.image_views[(k - 1).clamp_min(0), idx])
+        elif self.frozen:
             f = self.image_feats[idx]
         else:  # fine-tuning: the backbone runs on every batch
             x = torch.from_numpy(np.stack([load_image(self.ds.images[i], self.spec) for i in idx.tolist()]))
@@ -539,12 +567,12 @@ class Trainer:
             idx = perm[s:s + self.tc.batch_size]
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr(first_step + s // self.tc.batch_size, total)
-            ie, te = self._image_emb(idx), self._text_emb(idx)
+            ie, te = self._image_emb(idx, view=True), self._text_emb(idx)
             loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te),
                                     self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
                                     beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
                                     delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
-                                    image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
+                                    image_view=self._image_emb(idx, view=True) if self.tc.delta and self.frozen else None,
                                     head=self.mc.label_head)
             if self.class_names["applied"] and self.tc.class_name_prior:
                 prior = class_name_loss(self.model.classifier, self._name_emb())
