@@ -385,6 +385,15 @@ class Trainer:
             return self.model.embed_text_features(self.name_feats)
         return self.model.embed_text(self.name_inputs["input_ids"].to(self.device), None)
 
+    def _names_alone(self) -> dict[str, float]:
+        """How well the class names alone classify the training titles (frozen MiniLM, cosine, no training): where
+        they do poorly the prior points the wrong way (README, "Model quality"). Empty where it cannot be said."""
+        if self.name_feats is None or self.text_feats is None or self.multi:
+            return {}
+        train = self.split["train"]
+        guess = (self.text_feats[train].to(self.device) @ self.name_feats.T).argmax(1).cpu()
+        return {"train_top1_by_names": round(float((guess == self.y[train]).float().mean()), 4)}
+
     def _init_from_names(self) -> None:
         if self.class_names["applied"] and self.tc.class_name_init:
             self.model.eval()  # the names' embedding without dropout
@@ -638,7 +647,7 @@ class Trainer:
         if cv or self.cv["folds"] != self.tc.cv_folds:  # ran, or "auto" decided: runs without either keep their bytes
             metrics["cv"] = cv or self.cv
         if self.tc.class_name_init or self.tc.class_name_prior:  # asked for: whether it applied, and why not
-            metrics["class_names"] = self.class_names
+            metrics["class_names"] = {**self.class_names, **self._names_alone()}
         if self.multi:
             extra = self._evaluate_multilabel(val, test, metrics)
         else:

@@ -58,7 +58,9 @@ def test_prior_weight_keeps_the_rows_near_the_names(tiny_catalog, tmp_path):
     def name_cosine(weight: float) -> float:
         tr = _trainer(tiny_catalog, tmp_path / f"w{weight}", "minilm", class_name_init=True, class_name_prior=weight)
         metrics = tr.fit(progress=False)
-        assert metrics["class_names"] == {"applied": True, "init": True, "weight": weight}
+        plan = metrics["class_names"]
+        assert {k: plan[k] for k in ("applied", "init", "weight")} == {"applied": True, "init": True, "weight": weight}
+        assert 0.0 <= plan["train_top1_by_names"] <= 1.0  # what the names alone say of the training titles
         tr.model.eval()
         with torch.no_grad():
             return float(torch.nn.functional.cosine_similarity(tr.model.classifier.linear.weight, tr._name_emb()).mean())
