@@ -16,7 +16,8 @@ from huse.runtime.cli import run_cli
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
 @click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
-@click.option("--image-size", default=64, help="Square input size of the image graph.")
+@click.option("--image-size", default="64", metavar="N|auto",
+              help="Square input size of the image graph; auto: from the training photos' median size (64-224).")
 @click.option("--fine-tune", is_flag=True,
               help="Train the backbone too (slow on CPU: use --device cuda; features are not cached).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
@@ -98,7 +99,7 @@ def _train(o: dict) -> None:
     click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
     for s in ds.skipped[:10]:
         click.echo(f"  skipped row {s['row']}: {s['reason']}")
-    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
+    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
                     multi_label=o["multi_label"], label_head=o["multi_label_head"])
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
@@ -106,6 +107,18 @@ def _train(o: dict) -> None:
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")
+
+
+def _image_size(value: str) -> int | str:
+    """--image-size: 'auto', else a whole number of pixels."""
+    from huse.runtime.errors import HuseError
+
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise HuseError(f"--image-size {value!r} is not a size; pass a number of pixels such as 64 or 224, or auto") from None
 
 
 def _cv_folds(value: str) -> int | None:

@@ -26,7 +26,7 @@ class HuseConfig:
     backbone: str = "efficientnet_lite0"
     # Fashion-MNIST photos are 28x28; 64x64 keeps EfficientNet-Lite0's last stages above 1x1
     # while costing ~1/12 of 224x224. Catalog photos can use 224 (--image-size).
-    image_size: int = 64
+    image_size: int | str = 64  # "auto": resolved by the trainer from the photos (choose_image_size)
     freeze_backbone: bool = True  # the paper trains towers over frozen features; fast on CPU
     embed_dim: int = 512  # D of the universal embedding space (paper: 512)
     hidden: int = 512  # tower width (paper: 512)

@@ -181,6 +181,38 @@ def choose_text_encoder(cfg: HuseConfig, ds: Dataset, split: dict[str, torch.Ten
     return choice
 
 
+# --image-size auto: the model's input follows the photos' own size (the median shorter side of up to
+# SIZE_SAMPLE training photos, to a multiple of 32), between IMAGE_SIZES' ends. 64 px keeps EfficientNet-Lite0's
+# last stages above 1x1 for 28x28 Fashion-MNIST photos (fashion-products stays at 64); icons rasterised at 96 px
+# take 96 (README, "Model quality", measured 64 against 96); 224 is the backbone's ImageNet size and the cap.
+IMAGE_SIZES = (64, 224)
+SIZE_SAMPLE = 200
+
+
+def _photo_side(image: Any) -> int:
+    """The shorter side of a photo (an array's shape, or an image file's header: nothing is decoded)."""
+    if isinstance(image, np.ndarray):
+        return int(min(image.shape[:2]))
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            return int(min(im.size))
+    except (OSError, ValueError) as e:
+        raise HuseError(f"--image-size auto: cannot read the size of {image}: {e}; fix or drop that row, or pass "
+                        "--image-size N") from e
+
+
+def choose_image_size(cfg: HuseConfig, ds: Dataset, train_rows: np.ndarray, seed: int) -> dict[str, Any]:
+    """Resolve image_size="auto" in place from the training photos' sizes; a number stays as given."""
+    if cfg.image_size != "auto":
+        return {"requested": cfg.image_size, "chosen": cfg.image_size}
+    rows = np.random.default_rng(seed).permutation(train_rows)[:SIZE_SAMPLE]
+    median = float(np.median([_photo_side(ds.images[i]) for i in rows.tolist()]))
+    cfg.image_size = int(min(IMAGE_SIZES[1], max(IMAGE_SIZES[0], 32 * round(median / 32))))
+    return {"requested": "auto", "median_side": median, "photos": len(rows), "chosen": cfg.image_size}
+
+
 def _probs(logits: torch.Tensor) -> np.ndarray:
     return logits.softmax(-1).cpu().numpy()
 
@@ -292,8 +324,9 @@ class Trainer:
         # Product ids as integers: the instance-level loss treats all items of a product as positives.
         self.product = torch.from_numpy(np.unique(np.asarray(ds.product_ids), return_inverse=True)[1].astype(np.int64))
         info = backbone_info(model_cfg.backbone)
-        self.spec = ImageSpec(size=(model_cfg.image_size, model_cfg.image_size), mean=info.mean, std=info.std)
         self.split = {s: torch.from_numpy(ds.indices(s)) for s in ("train", "val", "test")}
+        self.size_choice = choose_image_size(model_cfg, ds, self.split["train"].numpy(), train_cfg.seed)
+        self.spec = ImageSpec(size=(model_cfg.image_size, model_cfg.image_size), mean=info.mean, std=info.std)
         self.cv = self._cv_plan()
         if self.cv["folds"] and self.tc.final_fit == "train":  # the chosen settings are for a model trained on train + val
             self.tc = replace(self.tc, final_fit="train+val")
@@ -642,6 +675,7 @@ class Trainer:
             if pr is not None:
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
         metrics: dict[str, Any] = {"fusion_image_weight": w, "split_sizes": self.ds.split_sizes(), "text_encoder": self.text_choice,
+                                   **({"image_size": self.size_choice} if self.size_choice["requested"] == "auto" else {}),
                                    "skipped_rows": len(self.ds.skipped), "best_epoch": self.best["epoch"],
                                    "epochs_run": self.epoch, "history": self.history}
         if cv or self.cv["folds"] != self.tc.cv_folds:  # ran, or "auto" decided: runs without either keep their bytes
