@@ -102,6 +102,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.final_fit not in FINAL_FITS:
             raise HuseError(f"final fit {self.final_fit!r} not found; available = {list(FINAL_FITS)}")
+        if self.image_views < 0 or self.class_name_prior < 0:
+            raise HuseError(f"image views {self.image_views} and class-name prior {self.class_name_prior} must be 0 or "
+                            "more; pass 0 to leave them out")
         if self.cv_folds is not None and (self.cv_folds < 0 or self.cv_folds == 1):
             raise HuseError(f"cv folds {self.cv_folds} is not a number of folds; pass 0 (no cross-validation), "
                             "2 or more, or auto")
@@ -325,6 +328,9 @@ class Trainer:
         self.product = torch.from_numpy(np.unique(np.asarray(ds.product_ids), return_inverse=True)[1].astype(np.int64))
         info = backbone_info(model_cfg.backbone)
         self.split = {s: torch.from_numpy(ds.indices(s)) for s in ("train", "val", "test")}
+        if train_cfg.image_views and not model_cfg.freeze_backbone:
+            raise HuseError(f"--image-views {train_cfg.image_views} caches views through a frozen backbone; with "
+                            "--fine-tune the backbone sees each photo anew every step: drop one of the two")
         self.size_choice = choose_image_size(model_cfg, ds, self.split["train"].numpy(), train_cfg.seed)
         self.spec = ImageSpec(size=(model_cfg.image_size, model_cfg.image_size), mean=info.mean, std=info.std)
         self.cv = self._cv_plan()

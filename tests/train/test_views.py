@@ -59,3 +59,14 @@ def test_val_and_test_see_the_plain_photo(tiny_catalog, tmp_path):
         plain = tr.model.classifier(tr.model.embed_image_features(tr.image_feats[tr.split["test"]])).softmax(-1).numpy()
     for _ in range(2):  # no view drawn: the same answer every time
         assert np.allclose(tr.predict("test")["image"], plain, atol=1e-6)
+
+
+def test_views_need_a_frozen_backbone_and_a_count(tiny_catalog, tmp_path):
+    from huse.runtime.errors import HuseError
+
+    with pytest.raises(HuseError, match="--fine-tune"):
+        Trainer(load_catalog_dataset(tiny_catalog), tmp_path / "ft",
+                HuseConfig(num_classes=0, backbone="tiny", image_size=32, freeze_backbone=False),
+                TrainConfig(epochs=1, image_views=2))
+    with pytest.raises(HuseError, match="must be 0 or more"):
+        TrainConfig(image_views=-1)
