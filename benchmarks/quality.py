@@ -53,6 +53,8 @@ def summarise(name: str, m: dict) -> dict:
            "ece_fused_before": m["calibration"]["ece_before"]["fused"], "ece_fused_after": m["calibration"]["ece_after"]["fused"],
            "baseline_settings": m["baseline_settings"],
            "final_fit": {k: v for k, v in m["final_fit"].items() if k != "test"}}
+    if "class_names" in m:  # the class-name prior (--class-name-init, --class-name-prior): applied or why not
+        row["class_names"] = m["class_names"]
     if "cv" in m:  # k-fold choices (--cv-folds): the settings and each fold's figures
         row["cv"] = m["cv"]
     for mode in MODES:

@@ -16,7 +16,8 @@ from huse.runtime.cli import run_cli
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
 @click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
-@click.option("--image-size", default=64, help="Square input size of the image graph.")
+@click.option("--image-size", default="64", metavar="N|auto",
+              help="Square input size of the image graph; auto: from the training photos' median size (64-224).")
 @click.option("--fine-tune", is_flag=True,
               help="Train the backbone too (slow on CPU: use --device cuda; features are not cached).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
@@ -43,6 +44,14 @@ from huse.runtime.cli import run_cli
                                                     "embeddings, for finding products; 0: the paper's losses only. [default: TrainConfig.delta]")
 @click.option("--margin", "zeta", default=0.7, help="Semantic-graph margin zeta.")
 @click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
+@click.option("--class-name-init", is_flag=True, default=None,
+              help="Start each class's row of the shared layer at the text tower's embedding of its path's words "
+                   "(a CLIP-style prior from the class names). [default: TrainConfig.class_name_init]")
+@click.option("--class-name-prior", type=float, help="Weight of a loss pulling each class's row towards its name's "
+                                                     "embedding; 0: none. [default: TrainConfig.class_name_prior]")
+@click.option("--image-views", type=int, help="Random crops of each training photo through the frozen backbone (cached; "
+                                             "each step trains on one of them or the photo); 0: the photo only. "
+                                             "[default: TrainConfig.image_views]")
 @click.option("--multi-label", is_flag=True, help="A sigmoid per class and per-class thresholds, even if no product lists "
                                                 "several classes (a catalog whose 'classes' hold 'a<b|c<d' is multi-label without it).")
 @click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default="sigmoid",
@@ -78,7 +87,8 @@ def _train(o: dict) -> None:
     if bool(o["data"]) == bool(o["dataset"]):
         raise HuseError("pass exactly one of --data CATALOG or --dataset NAME")
     # Options without a CLI default take TrainConfig's: one copy of each default.
-    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit") if o[k] is not None}
+    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit", "class_name_init",
+                                   "class_name_prior", "image_views") if o[k] is not None}
     if o["cv_folds"] is not None:  # read before the catalog, so a typo fails at once
         given["cv_folds"] = _cv_folds(o["cv_folds"])
     if o["dataset"]:
@@ -89,7 +99,7 @@ def _train(o: dict) -> None:
     click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
     for s in ds.skipped[:10]:
         click.echo(f"  skipped row {s['row']}: {s['reason']}")
-    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=o["image_size"], freeze_backbone=not o["fine_tune"],
+    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
                     multi_label=o["multi_label"], label_head=o["multi_label_head"])
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
@@ -97,6 +107,18 @@ def _train(o: dict) -> None:
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")
+
+
+def _image_size(value: str) -> int | str:
+    """--image-size: 'auto', else a whole number of pixels."""
+    from huse.runtime.errors import HuseError
+
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise HuseError(f"--image-size {value!r} is not a size; pass a number of pixels such as 64 or 224, or auto") from None
 
 
 def _cv_folds(value: str) -> int | None:

@@ -17,6 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import split_path
 
 
 @dataclass
@@ -25,7 +26,7 @@ class HuseConfig:
     backbone: str = "efficientnet_lite0"
     # Fashion-MNIST photos are 28x28; 64x64 keeps EfficientNet-Lite0's last stages above 1x1
     # while costing ~1/12 of 224x224. Catalog photos can use 224 (--image-size).
-    image_size: int = 64
+    image_size: int | str = 64  # "auto": resolved by the trainer from the photos (choose_image_size)
     freeze_backbone: bool = True  # the paper trains towers over frozen features; fast on CPU
     embed_dim: int = 512  # D of the universal embedding space (paper: 512)
     hidden: int = 512  # tower width (paper: 512)
@@ -139,6 +140,39 @@ class SharedClassifier(nn.Module):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear(emb) * self.log_scale.exp()
+
+
+def class_name_title(label: str) -> str:
+    """The words of a class path, as a title: "clothing<tops<t-shirts" -> "clothing tops t-shirts" (a level that repeats
+    its parent, as in "arrows<arrows", is said once)."""
+    levels = [l.strip() for l in split_path(label)]
+    return " ".join(l for i, l in enumerate(levels) if l and l not in levels[:i])
+
+
+def init_classifier_from_names(classifier: SharedClassifier, name_emb: torch.Tensor) -> None:
+    """Start each class's row of the shared layer at its name's embedding (unit norm, bias 0), as CLIP classifies
+    with its prompts' embeddings: before any step the classifier answers by the class names.
+
+    Args:
+        classifier: the shared classification layer.
+        name_emb: (num_classes, embed_dim) the classes' names through the text tower (class_name_title).
+    """
+    with torch.no_grad():
+        classifier.linear.weight.copy_(F.normalize(name_emb, dim=-1))
+        classifier.linear.bias.zero_()
+
+
+def class_name_loss(classifier: SharedClassifier, name_emb: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between each class's row of the shared layer and its name's embedding: a prior that
+    keeps the rows where the names point while the data is too small to place them (single- or multi-label).
+
+    Args:
+        classifier: the shared classification layer.
+        name_emb: (num_classes, embed_dim) the classes' names through the text tower (gradients flow into it).
+    Returns:
+        A scalar in [0, 2].
+    """
+    return (1.0 - F.cosine_similarity(classifier.linear.weight, name_emb, dim=-1)).mean()
 
 
 class HUSE(nn.Module):

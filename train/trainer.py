@@ -40,7 +40,8 @@ from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_repo
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
-from huse.train.model import HUSE, HuseConfig, build_model, resolve_arch
+from huse.train.model import (HUSE, HuseConfig, build_model, class_name_loss, class_name_title,
+                              init_classifier_from_names, resolve_arch)
 
 
 FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train", "val", "test")}
@@ -77,6 +78,14 @@ class TrainConfig:
     tau: float = 0.1  # temperature of the instance-level contrastive term
     margin: float = 0.7  # zeta: hierarchy distances are 0 (same), 1/3 (siblings), 2/3, 1
     class_distance: str = "hierarchy"  # or "minilm": cosine distance of class-name embeddings
+    # Class-name prior (as CLIP classifies with its prompts): start each class's row of the shared layer at the
+    # text tower's embedding of its path's words ("clothing tops t-shirts"), and with a weight > 0 keep pulling it
+    # there (model.class_name_loss). The tuned LR cannot read class names; HUSE's shared space can.
+    class_name_init: bool = False
+    class_name_prior: float = 0.0
+    # Image views (train/views.py): K random crops of each training photo through the frozen backbone, computed once
+    # and cached; each step trains on one of the K + 1 (plain included) per row. 0: the plain photo only.
+    image_views: int = 0
     # Which rows the shipped model is trained on once the epochs, the fusion weight and the temperatures
     # have been chosen on val and test has been reported (FINAL_FITS): "train" ships the held-out model
     # itself; "train+val" refits a fresh model on both with those settings; "all" folds in test too.
@@ -93,6 +102,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.final_fit not in FINAL_FITS:
             raise HuseError(f"final fit {self.final_fit!r} not found; available = {list(FINAL_FITS)}")
+        if self.image_views < 0 or self.class_name_prior < 0:
+            raise HuseError(f"image views {self.image_views} and class-name prior {self.class_name_prior} must be 0 or "
+                            "more; pass 0 to leave them out")
         if self.cv_folds is not None and (self.cv_folds < 0 or self.cv_folds == 1):
             raise HuseError(f"cv folds {self.cv_folds} is not a number of folds; pass 0 (no cross-validation), "
                             "2 or more, or auto")
@@ -170,6 +182,38 @@ def choose_text_encoder(cfg: HuseConfig, ds: Dataset, split: dict[str, torch.Ten
         cfg.text_encoder = "minilm" if rate > OPEN_VOCABULARY_RATE else "cnn"
     choice["chosen"] = cfg.text_encoder
     return choice
+
+
+# --image-size auto: the model's input follows the photos' own size (the median shorter side of up to
+# SIZE_SAMPLE training photos, to a multiple of 32), between IMAGE_SIZES' ends. 64 px keeps EfficientNet-Lite0's
+# last stages above 1x1 for 28x28 Fashion-MNIST photos (fashion-products stays at 64); icons rasterised at 96 px
+# take 96 (README, "Model quality", measured 64 against 96); 224 is the backbone's ImageNet size and the cap.
+IMAGE_SIZES = (64, 224)
+SIZE_SAMPLE = 200
+
+
+def _photo_side(image: Any) -> int:
+    """The shorter side of a photo (an array's shape, or an image file's header: nothing is decoded)."""
+    if isinstance(image, np.ndarray):
+        return int(min(image.shape[:2]))
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            return int(min(im.size))
+    except (OSError, ValueError) as e:
+        raise HuseError(f"--image-size auto: cannot read the size of {image}: {e}; fix or drop that row, or pass "
+                        "--image-size N") from e
+
+
+def choose_image_size(cfg: HuseConfig, ds: Dataset, train_rows: np.ndarray, seed: int) -> dict[str, Any]:
+    """Resolve image_size="auto" in place from the training photos' sizes; a number stays as given."""
+    if cfg.image_size != "auto":
+        return {"requested": cfg.image_size, "chosen": cfg.image_size}
+    rows = np.random.default_rng(seed).permutation(train_rows)[:SIZE_SAMPLE]
+    median = float(np.median([_photo_side(ds.images[i]) for i in rows.tolist()]))
+    cfg.image_size = int(min(IMAGE_SIZES[1], max(IMAGE_SIZES[0], 32 * round(median / 32))))
+    return {"requested": "auto", "median_side": median, "photos": len(rows), "chosen": cfg.image_size}
 
 
 def _probs(logits: torch.Tensor) -> np.ndarray:
@@ -283,8 +327,12 @@ class Trainer:
         # Product ids as integers: the instance-level loss treats all items of a product as positives.
         self.product = torch.from_numpy(np.unique(np.asarray(ds.product_ids), return_inverse=True)[1].astype(np.int64))
         info = backbone_info(model_cfg.backbone)
-        self.spec = ImageSpec(size=(model_cfg.image_size, model_cfg.image_size), mean=info.mean, std=info.std)
         self.split = {s: torch.from_numpy(ds.indices(s)) for s in ("train", "val", "test")}
+        if train_cfg.image_views and not model_cfg.freeze_backbone:
+            raise HuseError(f"--image-views {train_cfg.image_views} caches views through a frozen backbone; with "
+                            "--fine-tune the backbone sees each photo anew every step: drop one of the two")
+        self.size_choice = choose_image_size(model_cfg, ds, self.split["train"].numpy(), train_cfg.seed)
+        self.spec = ImageSpec(size=(model_cfg.image_size, model_cfg.image_size), mean=info.mean, std=info.std)
         self.cv = self._cv_plan()
         if self.cv["folds"] and self.tc.final_fit == "train":  # the chosen settings are for a model trained on train + val
             self.tc = replace(self.tc, final_fit="train+val")
@@ -304,6 +352,8 @@ class Trainer:
         # Caches, labels and inputs stay on the CPU; each batch goes to the device.
         self.device = resolve_device(train_cfg.device)
         self.model = build_model(model_cfg, backbone_weights).to(self.device)
+        self.class_names = self._class_name_plan()
+        self._init_from_names()
         self.class_dist = torch.from_numpy(class_distances(self.hierarchy, train_cfg.class_distance)).to(self.device)
         self.text_inputs = encode_titles(self.tokenizer, ds.titles)
         self.epoch = 0
@@ -339,6 +389,56 @@ class Trainer:
                             "folds; pass fewer folds, or --cv-folds 0")
         return plan
 
+    # -- class-name prior ----------------------------------------------------------------
+    def _class_name_plan(self) -> dict[str, Any]:
+        """Whether the class-name prior applies (TrainConfig.class_name_init / class_name_prior), and the names' inputs.
+
+        MiniLM reads any name. The word CNN knows only the training titles' words: a name none of whose words it
+        knows is the out-of-vocabulary id alone, the same point for every such class, so the prior is skipped
+        unless every class name has a known word (the share of known name words is recorded either way).
+        """
+        if not (self.tc.class_name_init or self.tc.class_name_prior):
+            return {"applied": False}
+        titles = [class_name_title(label) for label in self.labels]
+        self.name_inputs = encode_titles(self.tokenizer, titles)
+        plan: dict[str, Any] = {"applied": True, "init": self.tc.class_name_init, "weight": self.tc.class_name_prior}
+        if self.mc.text_encoder == "cnn":
+            vocab = self.tokenizer.vocab
+            known = [[w in vocab for w in words(t)] for t in titles]
+            plan["known_word_share"] = round(sum(map(sum, known)) / max(1, sum(map(len, known))), 4)
+            unknown = [t for t, k in zip(titles, known) if not any(k)]
+            if unknown:
+                plan.update(applied=False, reason=f"{len(unknown)} of {len(titles)} class names have no word the word "
+                                                  f"CNN knows (e.g. {unknown[0]!r})")
+            self.name_feats = None
+        else:  # MiniLM is frozen: the names' features are computed once
+            with torch.no_grad():
+                self.model.eval()
+                self.name_feats = self.model.text_features(self.name_inputs["input_ids"].to(self.device),
+                                                           self.name_inputs["attention_mask"].to(self.device))
+        return plan
+
+    def _name_emb(self) -> torch.Tensor:
+        """The class names through the current text tower, (num_classes, embed_dim)."""
+        if self.name_feats is not None:
+            return self.model.embed_text_features(self.name_feats)
+        return self.model.embed_text(self.name_inputs["input_ids"].to(self.device), None)
+
+    def _names_alone(self) -> dict[str, float]:
+        """How well the class names alone classify the training titles (frozen MiniLM, cosine, no training): where
+        they do poorly the prior points the wrong way (README, "Model quality"). Empty where it cannot be said."""
+        if self.name_feats is None or self.text_feats is None or self.multi:
+            return {}
+        train = self.split["train"]
+        guess = (self.text_feats[train].to(self.device) @ self.name_feats.T).argmax(1).cpu()
+        return {"train_top1_by_names": round(float((guess == self.y[train]).float().mean()), 4)}
+
+    def _init_from_names(self) -> None:
+        if self.class_names["applied"] and self.tc.class_name_init:
+            self.model.eval()  # the names' embedding without dropout
+            with torch.no_grad():
+                init_classifier_from_names(self.model.classifier, self._name_emb())
+
     # -- features -----------------------------------------------------------------------
     def _prepare_features(self) -> None:
         cache = self.cache
@@ -346,11 +446,36 @@ class Trainer:
         if self.frozen:
             self.image_feats = extract_image_features(self.model, self.ds, self.spec, cache, self.tc.feature_batch)
             self.model.feature_norm.set_stats(self.image_feats[self.split["train"]])
+            self.image_views = self._view_features() if self.tc.image_views else None
         self.text_feats = (extract_text_features(self.model, self.text_inputs, cache)
                            if self.mc.text_encoder == "minilm" else None)
 
-    def _image_emb(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
+    def _view_features(self) -> torch.Tensor:
+        """The cached features of TrainConfig.image_views random crops of every photo outside test (the rows any model
+        of this run trains on: train, a cross-validation fold's train, the final fit's train + val)."""
+        from huse.train.views import AREA, RATIO, view_features
+
+        rows = np.flatnonzero(np.asarray(self.ds.splits) != "test")
+        key = _cache_key({"backbone": self.mc.backbone, "spec": self.spec.to_dict(), "source": self.ds.source,
+                          "ids": hashlib.sha256("\n".join(self.ds.product_ids).encode()).hexdigest(),
+                          "rows": hashlib.sha256(rows.tobytes()).hexdigest(), "views": self.tc.image_views,
+                          "seed": self.tc.seed, "area": AREA, "ratio": RATIO})
+        path = self.cache / f"image-views-{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["features"]
+        out = view_features(self.model.backbone.eval(), self.ds.images, rows, self.spec, self.tc.image_views,
+                            self.tc.seed, self.tc.feature_batch)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic({"features": out}, path)
+        return out
+
+    def _image_emb(self, idx: torch.Tensor, view: bool = False) -> torch.Tensor:
+        """Image embeddings of rows `idx`; with `view` (training steps) each row's features are one of its
+        cached views or the plain photo, drawn at random, where the run has views."""
+        if self.frozen and view and self.image_views is not None:
+            k = torch.randint(0, len(self.image_views) + 1, (len(idx),), generator=self.gen)
+            f = torch.where((k == 0)[:, None], self.image_feats[idx], self.image_views[(k - 1).clamp_min(0), idx])
+        elif self.frozen:
             f = self.image_feats[idx]
         else:  # fine-tuning: the backbone runs on every batch
             x = torch.from_numpy(np.stack([load_image(self.ds.images[i], self.spec) for i in idx.tolist()]))
@@ -490,13 +615,17 @@ class Trainer:
             idx = perm[s:s + self.tc.batch_size]
             for g in self.optimizer.param_groups:
                 g["lr"] = self._lr(first_step + s // self.tc.batch_size, total)
-            ie, te = self._image_emb(idx), self._text_emb(idx)
+            ie, te = self._image_emb(idx, view=True), self._text_emb(idx)
             loss, parts = huse_loss(ie, te, self.model.classifier(ie), self.model.classifier(te),
                                     self.y[idx].to(self.device), self.class_dist, alpha=self.tc.alpha,
                                     beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
                                     delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
-                                    image_view=self._image_emb(idx) if self.tc.delta and self.frozen else None,
+                                    image_view=self._image_emb(idx, view=True) if self.tc.delta and self.frozen else None,
                                     head=self.mc.label_head)
+            if self.class_names["applied"] and self.tc.class_name_prior:
+                prior = class_name_loss(self.model.classifier, self._name_emb())
+                loss = loss + self.tc.class_name_prior * prior
+                parts.update(loss=float(loss.detach()), class_name=float(prior.detach()))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -552,10 +681,13 @@ class Trainer:
             if pr is not None:
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
         metrics: dict[str, Any] = {"fusion_image_weight": w, "split_sizes": self.ds.split_sizes(), "text_encoder": self.text_choice,
+                                   **({"image_size": self.size_choice} if self.size_choice["requested"] == "auto" else {}),
                                    "skipped_rows": len(self.ds.skipped), "best_epoch": self.best["epoch"],
                                    "epochs_run": self.epoch, "history": self.history}
         if cv or self.cv["folds"] != self.tc.cv_folds:  # ran, or "auto" decided: runs without either keep their bytes
             metrics["cv"] = cv or self.cv
+        if self.tc.class_name_init or self.tc.class_name_prior:  # asked for: whether it applied, and why not
+            metrics["class_names"] = {**self.class_names, **self._names_alone()}
         if self.multi:
             extra = self._evaluate_multilabel(val, test, metrics)
         else:
@@ -684,6 +816,8 @@ class Trainer:
         self.model = fresh  # frozen backbone (and MiniLM) kept, everything trained starts afresh
         if self.frozen:
             self.model.feature_norm.set_stats(self.image_feats[rows])
+        self.class_names = self._class_name_plan()  # the word CNN's vocabulary is new
+        self._init_from_names()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         steps_per_epoch = math.ceil(len(rows) / self.tc.batch_size)
