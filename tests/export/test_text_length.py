@@ -131,3 +131,18 @@ def test_the_tensorrt_profile_covers_the_title_lengths_the_tokenizer_feeds(tiny_
     assert shapes["image"]["max"] == [64, 3, 32, 32]
     with pytest.raises(HuseError, match="dynamic non-batch dims"):  # only the token inputs' dim 1 may vary
         profile_shapes([("image", (-1, 3, -1, 32))], (1, 8, 64), "image.onnx", token_range(m))
+
+
+@pytest.mark.gpu
+def test_tensorrt_runs_the_minilm_text_graph_at_each_padded_width(tiny_minilm_bundle):
+    """TensorRT takes the widths the tokenizer feeds (profile 8..32) and matches onnxruntime at each."""
+    from huse.runtime.backends.trt.loader import engine_support
+
+    ok, why = engine_support()
+    if not ok:
+        pytest.skip(why)
+    with Classifier(tiny_minilm_bundle, backend="onnxruntime") as ort_clf, \
+            Classifier(tiny_minilm_bundle, backend="tensorrt") as trt_clf:
+        for titles in (SHORT, LONG, SHORT + LONG):
+            np.testing.assert_allclose(trt_clf.predict_proba(titles=titles), ort_clf.predict_proba(titles=titles),
+                                       atol=1e-3)  # fp32 TensorRT vs onnxruntime (TF32 off): 1e-3
