@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from huse.runtime.classifier import Classifier, Prepared
+from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
 from huse.runtime.tokenizer import load_tokenizer
 
@@ -88,18 +88,22 @@ def test_longest_padding_classifies_as_fixed_padding(tiny_minilm_bundle, tiny_ca
 
 
 def test_a_serving_batch_of_requests_of_different_lengths_answers_as_each_alone(tiny_minilm_bundle, tiny_catalog):
-    image = str(next(tiny_catalog.parent.rglob("*.png")))
-    requests = [dict(titles=SHORT), dict(titles=LONG), dict(images=[image, None], titles=LONG + SHORT[:1]),
-                dict(images=[image], titles=SHORT[2:])]
+    """The server's batch step (serve.models.ClassifyModel: prepare each request, merge, run once, finish)
+    on requests tokenised to different widths gives each request what it gets alone."""
+    from huse.runtime.serve.models import ClassifyModel
+    from huse.runtime.serve.protocol import Items
+
+    image = next(tiny_catalog.parent.rglob("*.png")).read_bytes()
+    requests = [Items(None, SHORT), Items(None, LONG), Items([image, None], LONG + SHORT[:1]),
+                Items([image], SHORT[2:])]
     with Classifier(tiny_minilm_bundle, backend="onnxruntime", threads=1) as clf:
-        alone = [clf.classify(**r) for r in requests]
-        parts = [clf.prepare(**r) for r in requests]
-        assert len({p.groups["text"][1]["input_ids"].shape[1] for p in parts if "text" in p.groups}) == 2
-        merged = Prepared.merge(parts)
-        together = clf.describe(merged, clf.infer(merged))
-    flat = [r for rs in alone for r in rs]
-    assert len(together) == len(flat)
-    for a, b in zip(flat, together):
+        model = ClassifyModel(clf)
+        alone = [model.finish([part], model.run(clf, [part]))[0] for part in map(model.prepare, requests)]
+        parts = [model.prepare(r) for r in requests]
+        assert len({p.groups["text"][1]["input_ids"].shape[1] for p, _ in parts if "text" in p.groups}) == 2
+        together = model.finish(parts, model.run(clf, parts))
+    assert [len(a) for a in alone] == [len(t) for t in together] == [3, 1, 2, 1]
+    for a, b in zip([r for rs in alone for r in rs], [r for rs in together for r in rs]):
         assert a["mode"] == b["mode"] and [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]]
         np.testing.assert_allclose([t["score"] for t in a["top_k"]], [t["score"] for t in b["top_k"]], atol=1e-5)
 
