@@ -328,7 +328,8 @@ def engine_cache_path(cache_dir: str | Path, trt_version: str, gpu_name: str, co
 def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: str,
                   batch: tuple[int, int, int] = DEFAULT_BATCH, onnx_sha256: str | None = None, device: int = 0,
                   dla_core: int | None = None, tf32: bool = False, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
-                  timing_cache: str | Path | None = None, tokens: tuple[int, int, int] | None = None) -> tuple[Path, dict]:
+                  timing_cache: str | Path | None = None,
+                  tokens: tuple[int, int, int] | None = None) -> tuple[Path, dict]:
     """Return the cached engine for this machine, building it from the bundle's ONNX if needed.
 
     Args:
@@ -348,6 +349,7 @@ def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: st
         raise HuseError(f"cannot load or build a TensorRT engine for {onnx_path}: {reason}")
     onnx_sha256 = onnx_sha256 or sha256_file(onnx_path)
     engine_path = engine_cache_path(cache_dir, trt.__version__, info["name"], info["compute_capability"], precision,
+                                    # fixed-length graphs keep their old keys (and cached engines)
                                     tuple(batch) if tokens is None else {"batch": tuple(batch), "tokens": tuple(tokens)},
                                     onnx_sha256=onnx_sha256, dla_core=dla_core, tf32=tf32,
                                     workspace_mib=workspace_mib)

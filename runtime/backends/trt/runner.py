@@ -238,7 +238,8 @@ class TrtRunner(BaseRunner):
 
     def _batch_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         """Every input at `batch` rows and its largest other dims (what a CUDA graph is captured at)."""
-        return {t.name: (batch, *t.max_shape[1:]) if t.dynamic else t.max_shape for t in self._io.values() if t.is_input}
+        return {t.name: (batch, *t.max_shape[1:]) if t.dynamic else t.max_shape
+                for t in self._io.values() if t.is_input}
 
     def _batch_range(self) -> tuple[int, int]:
         """The batch sizes the engine takes: profile 0 of the dynamic inputs (a static engine: its one batch)."""
@@ -266,7 +267,8 @@ class TrtRunner(BaseRunner):
         mark(1)
         # The stream object itself, as TensorRT's samples pass it: cuda-bindings 13 deprecates int() on it.
         if not context.execute_async_v3(stream_handle=stream):
-            raise HuseError(f"TensorRT execute_async_v3 failed for {self.path} at input shapes {input_shapes} (see its log)")
+            raise HuseError(f"TensorRT execute_async_v3 failed for {self.path} at input shapes {input_shapes} "
+                            "(see its log)")
         mark(2)
         for name, shape in output_shapes.items():
             view = self._host_view(self._io[name], shape)
@@ -323,7 +325,8 @@ class TrtRunner(BaseRunner):
                 raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes exactly {t.max_shape}")
             if arr.ndim != len(t.max_shape) or not all(lo <= d <= hi for d, lo, hi in
                                                        zip(arr.shape[1:], t.min_shape[1:], t.max_shape[1:])):
-                takes = ", ".join(str(hi) if lo == hi else f"{lo}..{hi}" for lo, hi in zip(t.min_shape[1:], t.max_shape[1:]))
+                takes = ", ".join(str(hi) if lo == hi else f"{lo}..{hi}"
+                                  for lo, hi in zip(t.min_shape[1:], t.max_shape[1:]))
                 raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes (batch, {takes})")
             arrays[name] = np.ascontiguousarray(arr, dtype=t.dtype)
         batch = {len(arrays[t.name]) for t in self._io.values() if t.dynamic} or {len(arrays[expected[0]])}
