@@ -41,7 +41,7 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000, environme
     from polygraphy.comparator import Comparator
 
     from huse.export.api import EvalData
-    from huse.runtime.backends.trt.loader import build_engine, engine_support
+    from huse.runtime.backends.trt.loader import build_engine, engine_support, token_range
     from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
     from huse.runtime.preprocess import ImageSpec
     from huse.runtime.tokenizer import load_tokenizer
@@ -64,7 +64,7 @@ def gpu_acceptance(bundle: Path, out_dir: Path, eval_size: int = 1000, environme
             engine = out_dir / f"{precision}-{graph}.engine"
             t = time.perf_counter()
             entry = build_engine(bundle / onnx_file, engine, batch=(1, 8, 64), timing_cache=out_dir / "timing.cache",
-                                 precision=precision)
+                                 precision=precision, tokens=token_range(m))
             entry.update(graph=graph, build_seconds=time.perf_counter() - t)
             report["engines"].append(entry)
             feeds = data.feeds(m["graphs"][graph]["inputs"], batch=64)

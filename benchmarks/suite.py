@@ -28,6 +28,7 @@ from huse.runtime.backends.base import BaseRunner
 from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
 from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
+from huse.runtime.tokenizer import normalise_title
 
 MODES = ("image", "text", "fused")
 
@@ -138,12 +139,15 @@ class BenchData:
             self.titles.append(ds.titles[i])
         self.labels = np.asarray([manifest["labels"].index(ds.classes[i]) for i in idx])
         self.arrays = clf.preprocess_images(self.paths)
-        self.text = clf.tokenizer.inputs(self.titles)
+        self.tokenizer = clf.tokenizer
 
     def take(self, start: int, batch: int) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+        """`batch` products from `start` (wrapping): paths, titles, and the graph feeds of exactly these,
+        titles tokenised as a batch (a MiniLM bundle pads them to this batch's longest, as classify does)."""
         sel = [(start + k) % len(self.paths) for k in range(batch)]
-        feeds = {"image": self.arrays[sel], **{k: v[sel] for k, v in self.text.items()}}
-        return [self.paths[s] for s in sel], [self.titles[s] for s in sel], feeds
+        titles = [self.titles[s] for s in sel]
+        feeds = {"image": self.arrays[sel], **self.tokenizer.inputs([normalise_title(t) or "" for t in titles])}
+        return [self.paths[s] for s in sel], titles, feeds
 
 
 def _call(clf: Classifier, kind: str, mode: str, data: BenchData, batch: int) -> Callable[[], object]:
@@ -256,7 +260,10 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         stage_costs = stage_costs_one_core(bundle, manifest, data, cfg)
     for c in clfs.values():
         c.close()
-    flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1}) for m in cfg.modes}
+    # A MiniLM graph's work follows the title length: counted at the width of the headline batch's titles.
+    tokens = data.take(0, min(cfg.headline_batch, len(data.titles)))[2]["input_ids"].shape[1]
+    flops = {m: count_flops(bundle / manifest["models"]["fp32"][m], dim_values={"batch": 1, "tokens": tokens})
+             for m in cfg.modes}
     peaks = {"cpu": matmul_peak_flops(seconds=1.0)}
     if any(backend_device(b) == "gpu" for b, _ in clfs):
         gpu = gpu_matmul_peak_flops(seconds=1.0)  # through a CUDA torch; None without one

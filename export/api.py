@@ -34,6 +34,7 @@ from huse.runtime.tokenizer import load_tokenizer, normalise_title
 
 GRAPHS = ("image", "text", "fused")
 PARITY_ATOL = 1e-4
+PAD_MULTIPLE = 8  # MiniLM batches are padded to their longest title rounded up to this (few distinct shapes)
 
 
 @dataclass
@@ -126,7 +127,12 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     spec = ImageSpec.from_dict(cfg["preprocessing"])
     tok_spec = cfg["tokenizer"]
     shutil.copy(run / tok_spec["vocab_file"], tmp / tok_spec["vocab_file"])
-    tokenizer = load_tokenizer(tok_spec, tmp)
+    tokenizer = load_tokenizer(tok_spec, tmp)  # the run's fixed padding: parity and gates at the full length
+    # MiniLM graphs take any length and the bundle pads a batch to its longest title (a phosphor-icons batch
+    # of 64 is 8 tokens wide, not 32); the word CNN's graph keeps its fixed length (its folded convolution).
+    dynamic_length = tok_spec["type"] == "wordpiece"
+    if dynamic_length:
+        tok_spec = dict(tok_spec, pad="longest", pad_multiple=PAD_MULTIPLE)
     weight = cfg["fusion"]["image_weight"]
     multi = bool(cfg["model"].get("multi_label"))
     data = EvalData(cfg["data"], "test", 64, spec, tokenizer, cfg["labels"], multi=multi)
@@ -136,12 +142,17 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     visual_dim = int(whitening.projection.shape[1])
     opts.say(f"  visual vector: PCA-whitened to {visual_dim} dims, fitted on {len(photos)} {photos.split} photos")
     specs = graph_specs(model, weight, whitening)
+    # Titles padded as the bundle pads them (a batch's longest), checked beside the full length.
+    short = EvalData(cfg["data"], "test", 64, spec, load_tokenizer(tok_spec, tmp), cfg["labels"], multi=multi) \
+        if dynamic_length else None
     parity = {}
     for name, g in specs.items():
         path = tmp / f"{name}.onnx"
         feeds = data.feeds(g["inputs"], batch=32)
         feeds.append({k: v[:7] for k, v in feeds[0].items()})  # an odd batch proves the dynamic axis
-        export_onnx(g["export"], feeds[0], g["inputs"], g["outputs"], path)
+        if short is not None and name != "image":
+            feeds += short.feeds(g["inputs"], batch=32)
+        export_onnx(g["export"], feeds[0], g["inputs"], g["outputs"], path, dynamic_length=dynamic_length)
         optimize_onnx(path)  # the graph that is verified is the graph that ships
         stamp_labels(path, cfg["labels"])
         parity[name] = check_parity(g["module"], path, feeds, g["inputs"], g["outputs"], opts.parity_atol)

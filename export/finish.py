@@ -271,7 +271,7 @@ def _check_compat(bundle: Path, manifest: dict[str, Any], say) -> dict[str, Any]
 
 def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any]]:
     from huse.runtime.backends.trt.loader import (DEFAULT_BATCH, DEFAULT_WORKSPACE_MIB, DLA_PRECISIONS, build_engine,
-                                                  dla_batch, engine_support)
+                                                  dla_batch, engine_support, token_range)
 
     if opts.engine == "skip":
         return manifest.get("engines", [])
@@ -298,7 +298,8 @@ def _engines(bundle: Path, manifest: dict[str, Any], opts) -> list[dict[str, Any
         for g, f in models.items():
             entry = build_engine(bundle / f, folder / f"{precision}-{g}.engine", batch=batch,
                                  workspace_mib=opts.workspace_mib or DEFAULT_WORKSPACE_MIB,
-                                 timing_cache=folder / "timing.cache", dla_core=dla, precision=precision)
+                                 timing_cache=folder / "timing.cache", dla_core=dla, precision=precision,
+                                 tokens=token_range(manifest))
             entry.update(file=f"{name}/{precision}-{g}.engine", graph=g)
             engines.append(entry)
             where = "" if dla is None else (f", DLA core {dla}: {entry['dla_layers']} layers on the DLA, "

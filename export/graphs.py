@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from huse.export.onnx_graph import producers_consumers, strip_unused_opsets
 from huse.runtime.errors import HuseError
+from huse.runtime.tokenizer import TOKEN_INPUTS
 from huse.train.model import HUSE
 
 OPSET = 17  # TensorRT 10 and 11 parse opset 17; Q/DQ needs >= 13
@@ -190,10 +191,17 @@ def graph_specs(model: HUSE, image_weight: float,
     }
 
 
-def export_onnx(module: nn.Module, example: dict[str, np.ndarray], inputs: list[str], outputs: list[str], path: Path) -> None:
-    """Export one graph with a dynamic batch axis (the legacy exporter, opset 17, no external data)."""
+def export_onnx(module: nn.Module, example: dict[str, np.ndarray], inputs: list[str], outputs: list[str], path: Path,
+                dynamic_length: bool = False) -> None:
+    """Export one graph with a dynamic batch axis (the legacy exporter, opset 17, no external data).
+
+    Args:
+        dynamic_length: the token inputs' length axis (dim 1 of input_ids / attention_mask) is dynamic
+            too: MiniLM's, whose batches are padded to their longest title (tokenizer spec "pad").
+    """
     args = tuple(torch.from_numpy(example[n]) for n in inputs)
-    dynamic = {n: {0: "batch"} for n in inputs + outputs}
+    dynamic = {n: {0: "batch", 1: "tokens"} if dynamic_length and n in TOKEN_INPUTS else {0: "batch"}
+               for n in inputs + outputs}
     module.eval()
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is deprecated and about traced shape
@@ -224,8 +232,8 @@ class _TorchRunner:
 
                 # Polygraphy hands each runner only the inputs its metadata names.
                 meta = TensorMetadata()
-                for n in inputs:
-                    meta.add(n, example[n].dtype, (None,) + example[n].shape[1:])
+                for n in inputs:  # token inputs may be padded to any length (tokenizer spec "pad")
+                    meta.add(n, example[n].dtype, (None, None) if n in TOKEN_INPUTS else (None,) + example[n].shape[1:])
                 return meta
 
             def infer_impl(self, feed_dict):

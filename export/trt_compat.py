@@ -17,7 +17,8 @@ Rules (each issue carries one of these `rule` ids):
                       Conv, Gemm, Softmax, CumSum, Sqrt, ...) is flagged at that node.
   * "qdq":            int8 Q/DQ, zero point 0, weight scales per output channel, activation
                       scales per tensor, scales and zero points constant.
-  * "batch-axis":     every graph input has a dynamic dim 0 and static other dims.
+  * "batch-axis":     every graph input has a dynamic dim 0 and static other dims, except the
+                      token inputs' length (dim 1), whose profile comes from the tokenizer spec.
 
 The table reflects onnx-tensorrt `docs/operators.md` for **TensorRT 10.15** ("supports operators
 in the inclusive range of opset 9 to opset 24"). No TensorRT 11 operator list was available to
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 from huse.export.onnx_graph import producers_consumers
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
+from huse.runtime.tokenizer import TOKEN_INPUTS
 
 if TYPE_CHECKING:  # onnx is the [export] extra: imported lazily at call time
     import onnx
@@ -334,6 +336,8 @@ def _check_batch_axis(graph, scope: _Scope) -> list[CompatIssue]:
                 "name) so one engine serves every batch size in its profile"
             )
         for i, d in enumerate(dims[1:], start=1):
+            if i == 1 and inp.name in TOKEN_INPUTS:  # MiniLM's title length: the profile takes the tokenizer's range
+                continue
             if not (d.HasField("dim_value") and d.dim_value > 0):
                 shown = d.dim_param or "?"
                 issue(f"dim {i} is dynamic ('{shown}'); only the batch axis may be dynamic, the profile pins the others")

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from huse.runtime.errors import HuseError
 from huse.runtime.files import MANIFEST, json_bytes, sha256_file
+from huse.runtime.tokenizer import PAD_RULES
 
 # Precisions whose graphs only onnxruntime's CPU kernels take (uint8 activations with zero points): never
 # handed to TensorRT or a GPU provider.
@@ -173,6 +174,10 @@ def validate_manifest(manifest: dict[str, Any], path: Path) -> None:
     need(isinstance(tok, dict), "tokenizer", "an object", tok)
     need(isinstance(tok.get("vocab_file"), str), "tokenizer.vocab_file", "a file name", tok.get("vocab_file"))
     need(is_int(tok.get("max_len")) and tok["max_len"] > 0, "tokenizer.max_len", "a positive integer", tok.get("max_len"))
+    need(tok.get("pad", "fixed") in PAD_RULES, "tokenizer.pad", f"one of {list(PAD_RULES)}", tok.get("pad"))
+    if "pad_multiple" in tok:
+        need(is_int(tok["pad_multiple"]) and tok["pad_multiple"] > 0, "tokenizer.pad_multiple", "a positive integer",
+             tok["pad_multiple"])
     fusion = manifest.get("fusion")
     w = fusion.get("image_weight") if isinstance(fusion, dict) else None
     need(is_num(w) and 0 <= w <= 1, "fusion.image_weight", "a number in [0, 1]", w)
@@ -399,5 +404,8 @@ def check_graph(manifest: dict[str, Any], graph: str, inputs: dict[str, list], o
             fail("preprocessing.size", manifest["preprocessing"]["size"], f"input image is {list(shape[2:])}")
     for name in ("input_ids", "attention_mask"):
         shape = inputs.get(name)
-        if shape and len(shape) == 2 and isinstance(shape[1], int) and shape[1] != manifest["tokenizer"]["max_len"]:
-            fail("tokenizer.max_len", manifest["tokenizer"]["max_len"], f"input {name} has length {shape[1]}")
+        if shape and len(shape) == 2 and isinstance(shape[1], int):
+            if manifest["tokenizer"].get("pad") == "longest":  # a batch's width varies: the graph must take any
+                fail("tokenizer.pad", "longest", f"input {name} has the fixed length {shape[1]}")
+            if shape[1] != manifest["tokenizer"]["max_len"]:
+                fail("tokenizer.max_len", manifest["tokenizer"]["max_len"], f"input {name} has length {shape[1]}")

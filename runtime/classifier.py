@@ -19,7 +19,7 @@ from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.labels import label_path, predict_sets, sigmoid
 from huse.runtime.preprocess import ImageBatch, ImageInput, ImageSpec, load_images
-from huse.runtime.tokenizer import load_tokenizer, normalise_title
+from huse.runtime.tokenizer import concat_inputs, load_tokenizer, normalise_title
 
 log = logging.getLogger("huse.runtime")
 
@@ -118,9 +118,10 @@ class Prepared:
 
     @classmethod
     def merge(cls, parts: Sequence["Prepared"]) -> "Prepared":
-        """One Prepared holding the items of `parts` in order, each graph's feeds concatenated, so
-        that items prepared separately (e.g. by concurrent requests to a server) run as one batch.
-        `describe` of the merge gives the parts' results one after another."""
+        """One Prepared holding the items of `parts` in order, each graph's feeds concatenated (token
+        inputs padded to the widest part first: `concat_inputs`), so that items prepared separately
+        (e.g. by concurrent requests to a server) run as one batch. `describe` of the merge gives the
+        parts' results one after another."""
         offsets = np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()
         results = [r for p in parts for r in p.results]
         groups: dict[str, tuple[list[int], dict[str, np.ndarray]]] = {}
@@ -128,7 +129,7 @@ class Prepared:
             present = [(off, p.groups[group]) for off, p in zip(offsets, parts) if group in p.groups]
             if present:
                 idx = [off + i for off, (members, _) in present for i in members]
-                feeds = {k: np.concatenate([f[k] for _, (_, f) in present]) for k in present[0][1][1]}
+                feeds = concat_inputs([f for _, (_, f) in present])  # titles padded to one width
                 groups[group] = (idx, feeds)
         warnings = {off + i: w for off, p in zip(offsets, parts) for i, w in p.warnings.items()}
         return cls(results, groups, warnings)

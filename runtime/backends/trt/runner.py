@@ -18,7 +18,7 @@ import numpy as np
 
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.backends.trt.gpu import Cuda, gpu_status, import_tensorrt
-from huse.runtime.backends.trt.loader import REBUILD_HINT, load_or_build, read_sidecar
+from huse.runtime.backends.trt.loader import REBUILD_HINT, load_or_build, read_sidecar, token_range
 from huse.runtime.files import sha256_file
 from huse.runtime.errors import HuseError
 
@@ -35,6 +35,7 @@ class _IOTensor:
     min_shape: tuple[int, ...] = ()
     max_shape: tuple[int, ...] = ()
     dynamic: bool = False  # an input whose dim 0 is the batch (dynamic); a static one keeps its shape
+    # Dims past the batch lie in min_shape..max_shape: equal, but for MiniLM's title length, set per call.
     host: np.ndarray = None  # page-locked, uint8, sized for max_shape
     device: int = 0
 
@@ -141,7 +142,8 @@ class TrtRunner(BaseRunner):
         onnx_name = manifest["models"][precision][graph]
         cache = Path(cache_dir or os.environ.get("HUSE_ENGINE_CACHE") or Path.home() / ".cache" / "huse" / "engines")
         path, entry = load_or_build(bundle / onnx_name, cache, precision=precision, timing_cache=cache / "timing.cache",
-                                    onnx_sha256=manifest["files"].get(onnx_name), device=device, dla_core=dla_core)
+                                    onnx_sha256=manifest["files"].get(onnx_name), device=device, dla_core=dla_core,
+                                    tokens=token_range(manifest))
         return cls(path, manifest_entry=entry, device=device, **kwargs)
 
     def activate_impl(self) -> None:
@@ -226,14 +228,18 @@ class TrtRunner(BaseRunner):
             context.set_tensor_address(t.name, t.device)
         return context
 
-    def _set_batch(self, context, batch: int) -> dict[str, tuple[int, ...]]:
+    def _set_shapes(self, context, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Set each dynamic input's shape for this call (IExecutionContext.set_input_shape); returns the
+        output shapes TensorRT infers from them."""
         for t in self._io.values():
-            if t.dynamic and not context.set_input_shape(t.name, (batch, *t.max_shape[1:])):
-                raise HuseError(f"TensorRT refused batch {batch} for input '{t.name}' of {self.path}")
+            if t.dynamic and not context.set_input_shape(t.name, shapes[t.name]):
+                raise HuseError(f"TensorRT refused shape {shapes[t.name]} for input '{t.name}' of {self.path}")
         return {t.name: tuple(context.get_tensor_shape(t.name)) for t in self._io.values() if not t.is_input}
 
-    def _input_shape(self, t: _IOTensor, batch: int) -> tuple[int, ...]:
-        return (batch, *t.max_shape[1:]) if t.dynamic else t.max_shape
+    def _batch_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Every input at `batch` rows and its largest other dims (what a CUDA graph is captured at)."""
+        return {t.name: (batch, *t.max_shape[1:]) if t.dynamic else t.max_shape
+                for t in self._io.values() if t.is_input}
 
     def _batch_range(self) -> tuple[int, int]:
         """The batch sizes the engine takes: profile 0 of the dynamic inputs (a static engine: its one batch)."""
@@ -245,7 +251,7 @@ class TrtRunner(BaseRunner):
         nbytes = int(np.prod(shape)) * t.dtype.itemsize
         return t.host[:nbytes].view(t.dtype).reshape(shape)
 
-    def _enqueue(self, context, batch: int, output_shapes: dict, events=None) -> None:
+    def _enqueue(self, context, input_shapes: dict, output_shapes: dict, events=None) -> None:
         """Copy inputs in, execute, copy outputs out, on the stream; record `events[0..3]` between."""
         cuda, stream = self._cuda, self._stream
 
@@ -256,12 +262,13 @@ class TrtRunner(BaseRunner):
         mark(0)
         for t in self._io.values():
             if t.is_input:
-                view = self._host_view(t, self._input_shape(t, batch))
+                view = self._host_view(t, input_shapes[t.name])
                 cuda.copy(t.device, view.ctypes.data, view.nbytes, True, stream)
         mark(1)
         # The stream object itself, as TensorRT's samples pass it: cuda-bindings 13 deprecates int() on it.
         if not context.execute_async_v3(stream_handle=stream):
-            raise HuseError(f"TensorRT execute_async_v3 failed for {self.path} at batch {batch} (see its log)")
+            raise HuseError(f"TensorRT execute_async_v3 failed for {self.path} at input shapes {input_shapes} "
+                            "(see its log)")
         mark(2)
         for name, shape in output_shapes.items():
             view = self._host_view(self._io[name], shape)
@@ -286,12 +293,13 @@ class TrtRunner(BaseRunner):
 
     def _capture(self, batch: int) -> tuple[object, object, dict]:
         context = self._new_context()
-        shapes = self._set_batch(context, batch)
+        inputs = self._batch_shapes(batch)
+        shapes = self._set_shapes(context, inputs)
         # TensorRT's CUDA-graph recipe: enqueue once after setting shapes so deferred,
         # shape-dependent setup runs outside the capture, then capture on a non-default stream.
-        self._enqueue(context, batch, shapes)
+        self._enqueue(context, inputs, shapes)
         self._cuda("cudaStreamSynchronize", self._stream)
-        return context, self._cuda.capture(self._stream, lambda: self._enqueue(context, batch, shapes)), shapes
+        return context, self._cuda.capture(self._stream, lambda: self._enqueue(context, inputs, shapes)), shapes
 
     @property
     def input_names(self) -> list[str]:
@@ -315,8 +323,11 @@ class TrtRunner(BaseRunner):
                 raise HuseError(f"input '{name}' is {arr.dtype}; the engine takes {t.dtype}")
             if not t.dynamic and arr.shape != t.max_shape:
                 raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes exactly {t.max_shape}")
-            if arr.shape[1:] != t.max_shape[1:] or arr.ndim != len(t.max_shape):
-                raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes (batch, {', '.join(map(str, t.max_shape[1:]))})")
+            if arr.ndim != len(t.max_shape) or not all(lo <= d <= hi for d, lo, hi in
+                                                       zip(arr.shape[1:], t.min_shape[1:], t.max_shape[1:])):
+                takes = ", ".join(str(hi) if lo == hi else f"{lo}..{hi}"
+                                  for lo, hi in zip(t.min_shape[1:], t.max_shape[1:]))
+                raise HuseError(f"input '{name}' has shape {arr.shape}; the engine takes (batch, {takes})")
             arrays[name] = np.ascontiguousarray(arr, dtype=t.dtype)
         batch = {len(arrays[t.name]) for t in self._io.values() if t.dynamic} or {len(arrays[expected[0]])}
         if len(batch) > 1:
@@ -335,7 +346,9 @@ class TrtRunner(BaseRunner):
         cuda.bind()
         for name, arr in arrays.items():
             np.copyto(self._host_view(self._io[name], arr.shape), arr)
-        if batch in self._graphs:
+        # A CUDA graph replays the shapes it was captured at: the batch's, every other dim at its largest.
+        graphed = batch in self._graphs and all(arrays[n].shape == s for n, s in self._batch_shapes(batch).items())
+        if graphed:
             _, graph_exec, shapes = self._graphs[batch]
             if events:
                 cuda("cudaEventRecord", events[0], stream)
@@ -343,10 +356,11 @@ class TrtRunner(BaseRunner):
             if events:
                 cuda("cudaEventRecord", events[1], stream)
         else:
-            shapes = self._set_batch(self._context, batch)
-            self._enqueue(self._context, batch, shapes, events)
+            inputs = {name: arr.shape for name, arr in arrays.items()}
+            shapes = self._set_shapes(self._context, inputs)
+            self._enqueue(self._context, inputs, shapes, events)
         cuda("cudaStreamSynchronize", stream)
-        return {name: self._host_view(self._io[name], shape).copy() for name, shape in shapes.items()}, batch in self._graphs
+        return {name: self._host_view(self._io[name], shape).copy() for name, shape in shapes.items()}, graphed
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch: input name -> array (batch first, every input) to output name -> a fresh array."""
