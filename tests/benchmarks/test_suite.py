@@ -124,7 +124,9 @@ def test_torch_cuda_baseline_matches_the_cpu_baseline(tiny_bundle, tiny_run):
 def test_stage_costs_name_every_stage_on_one_thread(result):
     sc = result["stage_costs"]
     assert sc["threads"] == 1 and sc["batch"] == 8
-    assert set(sc["prepare"]) == {"read_us", "decode_us", "resize_us", "normalise_us", "prepare_us", "tokenise_us"}
+    # the usual per-image steps, and the small-PNG path's own (read whole, chunk parse, batch decode + resize)
+    assert set(sc["prepare"]) == {"read_us", "decode_us", "resize_us", "normalise_us", "prepare_us", "tokenise_us",
+                                  "read_whole_us", "small_png_parse_us", "small_png_decode_resize_us"}
     for p in result["config"]["precisions"]:
         if p in sc:
             assert set(sc[p]) == {f"model_{m}_us" for m in result["config"]["modes"]} | {"describe_us"}
