@@ -104,6 +104,7 @@ VARIANTS = {
     "stop-loss": {"stop": "loss"},
     "logit-fusion": {"fusion": "logit", "reuse": "default"},  # the default's probabilities, fused as logits
     "softmax": {"head": "softmax"},
+    "asl-no-instance": {"label_loss": "asl", "tc": {"delta": 0.0}},  # the shipped loss without the instance term
 }
 
 
