@@ -57,6 +57,9 @@ from huse.runtime.cli import run_cli
 @click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default="sigmoid",
               help="Multi-label catalogs: a sigmoid per class, or a softmax trained on the multi-hot target "
                    "spread over the product's classes.")
+@click.option("--multi-label-loss", type=click.Choice(["asl", "bce"]),
+              help="Multi-label catalogs, sigmoid head: the asymmetric loss (Ridnik et al. 2021; better on both multi-label "
+                   "catalogs measured) or plain binary cross-entropy. [default: HuseConfig.label_loss]")
 @click.option("--final-fit", type=click.Choice(["train", "train+val", "all"]),
               help="Rows the shipped model is trained on, once epochs, fusion weight and temperatures are chosen on val and "
                    "test is reported: train (the held-out model itself), train+val (a fresh model refitted on both with "
@@ -101,7 +104,8 @@ def _train(o: dict) -> None:
         click.echo(f"  skipped row {s['row']}: {s['reason']}")
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
-                    multi_label=o["multi_label"], label_head=o["multi_label_head"])
+                    multi_label=o["multi_label"], label_head=o["multi_label_head"],
+                    **({"label_loss": o["multi_label_loss"]} if o["multi_label_loss"] else {}))
     tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
                      margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()

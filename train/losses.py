@@ -86,17 +86,18 @@ def instance_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, product: torc
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor, text_logits: torch.Tensor,
               labels: torch.Tensor, class_dist: torch.Tensor, *, alpha: float, beta: float, gamma: float,
               margin: float, delta: float = 0.0, tau: float = 0.1, product: torch.Tensor | None = None,
-              image_view: torch.Tensor | None = None, head: str = "sigmoid") -> tuple[torch.Tensor, dict[str, float]]:
+              image_view: torch.Tensor | None = None, head: str = "sigmoid",
+              label_loss: str = "asl") -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted sum of the losses, and each part for logging.
 
     The graph loss is applied to each modality's embeddings and averaged. `product` (N,) is
-    needed when delta > 0; `image_view` is optional (see instance_loss); `head` is the multi-label
-    head (train/multilabel.py) when `labels` are (N, C) multi-hot sets.
+    needed when delta > 0; `image_view` is optional (see instance_loss); `head` and `label_loss` are
+    the multi-label head and its loss (train/multilabel.py) when `labels` are (N, C) multi-hot sets.
     """
     if labels.ndim == 1:
         cls = classification_loss(image_logits, text_logits, labels)
     else:  # multi-label: a sigmoid per class (train/multilabel.py)
-        cls = multilabel.classification_loss(image_logits, text_logits, labels, head)
+        cls = multilabel.classification_loss(image_logits, text_logits, labels, head, label_loss)
     graph = 0.5 * (semantic_graph_loss(image_emb, labels, class_dist, margin)
                    + semantic_graph_loss(text_emb, labels, class_dist, margin))
     gap = gap_loss(image_emb, text_emb)

@@ -48,12 +48,14 @@ class HuseConfig:
     # Its head: "sigmoid" (a probability per class) or "softmax" (cross-entropy against the multi-hot
     # target spread evenly over the product's classes; Mahajan et al. 2018 found it better for tags).
     label_head: str = "sigmoid"
+    # The sigmoid head's training loss: "asl" (asymmetric loss) or "bce" (train/multilabel.py, LOSSES).
+    label_loss: str = "asl"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.multi_label:  # single-label runs' config.json stays what it always was
-            del d["multi_label"], d["label_head"]
+            del d["multi_label"], d["label_head"], d["label_loss"]
         return d
 
 

@@ -317,6 +317,8 @@ class Trainer:
         self.multi = model_cfg.multi_label = bool(model_cfg.multi_label or is_multi_label(ds.classes))
         if model_cfg.label_head not in multilabel.HEADS:
             raise HuseError(f"multi-label head {model_cfg.label_head!r} not found; available = {list(multilabel.HEADS)}")
+        if model_cfg.label_loss not in multilabel.LOSSES:
+            raise HuseError(f"multi-label loss {model_cfg.label_loss!r} not found; available = {list(multilabel.LOSSES)}")
         if self.multi and train_cfg.final_fit != "train":
             raise HuseError(f"--final-fit {train_cfg.final_fit} refits single-label models only for now; train this "
                             "multi-label catalog with --final-fit train (the default)")
@@ -621,7 +623,7 @@ class Trainer:
                                     beta=self.tc.beta, gamma=self.tc.gamma, margin=self.tc.margin,
                                     delta=self.tc.delta, tau=self.tc.tau, product=self.product[idx].to(self.device),
                                     image_view=self._image_emb(idx, view=True) if self.tc.delta and self.frozen else None,
-                                    head=self.mc.label_head)
+                                    head=self.mc.label_head, label_loss=self.mc.label_loss)
             if self.class_names["applied"] and self.tc.class_name_prior:
                 prior = class_name_loss(self.model.classifier, self._name_emb())
                 loss = loss + self.tc.class_name_prior * prior

@@ -39,11 +39,28 @@ def test_huse_loss_takes_multi_hot_targets():
     logits = torch.randn(6, 3, requires_grad=True)
     y = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]], dtype=torch.float32)
     a = torch.from_numpy(Hierarchy(LABELS).distance_matrix())
-    loss, parts = huse_loss(emb, emb, logits, logits, y, a, alpha=1, beta=1, gamma=0.2, margin=0.7)
+    loss, parts = huse_loss(emb, emb, logits, logits, y, a, alpha=1, beta=1, gamma=0.2, margin=0.7, label_loss="bce")
     expected = 2 * 3 * torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
     assert parts["cls"] == pytest.approx(float(expected.detach()), rel=1e-5)
     loss.backward()
     assert logits.grad is not None
+    _, parts = huse_loss(emb, emb, logits, logits, y, a, alpha=1, beta=1, gamma=0.2, margin=0.7)  # default: asl
+    assert parts["cls"] == pytest.approx(2 * float(multilabel.asymmetric_loss(logits, y).detach()), rel=1e-5)
+
+
+def test_asymmetric_loss_ignores_easy_negatives_and_keeps_positives():
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    logits = torch.tensor([[-1.0, -4.0, 2.0]], requires_grad=True)  # a missed positive, an easy and a hard negative
+    # without focusing and shifting it is binary cross-entropy, summed over classes
+    plain = multilabel.asymmetric_loss(logits, y, gamma_neg=0, gamma_pos=0, clip=0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+    assert float(plain.detach()) == pytest.approx(float(bce.detach()), rel=1e-6)
+    multilabel.asymmetric_loss(logits, y).backward()
+    g = logits.grad[0]
+    # the positive keeps its cross-entropy gradient; the easy negative (p = 0.018 < clip) gives none;
+    # the hard negative (p = 0.88) still pushes down
+    assert float(g[0]) == pytest.approx(float(torch.sigmoid(torch.tensor(-1.0)) - 1), rel=1e-6)
+    assert float(g[1]) == 0.0 and float(g[2]) > 0.1
 
 
 def _global_threshold(p, y):
@@ -139,6 +156,7 @@ def test_multi_label_run_reports_against_the_one_vs_rest_baseline(tiny_multi_run
     m = json.loads((tiny_multi_run / "metrics.json").read_text())
     cfg = json.loads((tiny_multi_run / "config.json").read_text())
     assert m["task"] == cfg["task"] == "multi-label" and cfg["model"]["multi_label"] is True
+    assert cfg["model"]["label_loss"] == "asl"  # the default loss, recorded with the run
     assert cfg["labels"] == sorted(cfg["labels"]) and "sale<clearance" in cfg["labels"] and len(cfg["labels"]) == 6
     for split in ("val", "test"):
         for mode in ("image", "text", "fused"):
@@ -166,4 +184,5 @@ def test_single_label_run_is_unchanged(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert "task" not in m and "task" not in cfg and "thresholds" not in cfg and "multi_label" not in cfg["model"]
+    assert "label_loss" not in cfg["model"] and "label_head" not in cfg["model"]
     assert "top1" in m["test"]["fused"] and "calibration" in m and "micro_f1" not in m["test"]["fused"]

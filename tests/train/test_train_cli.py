@@ -81,3 +81,17 @@ def test_fine_tuning_on_cuda_gives_a_run_the_cpu_loads(tiny_catalog, tmp_path):
         cpu = model.embed_image(x).numpy()
         gpu = model.to("cuda").embed_image(x.to("cuda")).cpu().numpy()
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+def test_train_cli_multi_label_loss_reaches_the_run(tiny_multi_catalog, tmp_path):
+    """--multi-label-loss bce trains the former recipe and says so in config.json; an unknown loss is refused."""
+    from huse.train.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["--data", str(tiny_multi_catalog), "--out", str(out), "--backbone", "tiny",
+                                  "--image-size", "32", "--epochs", "1", "--batch-size", "32", "--embed-dim", "32",
+                                  "--multi-label-loss", "bce"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["model"]["label_loss"] == "bce"
+    r = CliRunner().invoke(main, ["--data", str(tiny_multi_catalog), "--out", str(tmp_path / "x"), "--multi-label-loss", "focal"])
+    assert r.exit_code == 2 and "'focal' is not one of 'asl', 'bce'" in r.output
