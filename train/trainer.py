@@ -202,14 +202,21 @@ def _cache_key(parts: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _backbone_features(backbone: torch.nn.Module, spec: ImageSpec):
+def backbone_features(backbone: torch.nn.Module, spec: ImageSpec):
     """Yields a function from a float32 image batch (N, 3, H, W) to the frozen backbone's features (N, F).
 
     On the CPU the backbone runs in onnxruntime (the runtime's OnnxrtRunner over a temporary ONNX file
     exported as export/ does), which computes the same features with fused Conv+BN+Clip kernels: on
-    2,048 fashion-products photos at 64 px, in one process, 1,300 CPU-us a photo against torch's 7,500
-    (channels_last; inference_mode, batch 512 or a frozen TorchScript trace changed that by 0-17%); the
-    features agree to 1e-4 on values up to 45 (float32 rounding). On a GPU it runs in torch.
+    2,048 fashion-products photos at 64 px, in one process on a busy shared 2-core machine, 1,300 CPU-us
+    a photo against torch's 7,500 (channels_last; inference_mode, batch 512 or a frozen TorchScript trace
+    changed that by 0-17%); the features agree to 1e-4 on values up to 45 (float32 rounding). On a GPU
+    it runs in torch. benchmarks/experiments/feature_extraction.py measures the two side by side.
+
+    Args:
+        backbone: the frozen backbone (eval mode), on the device it is to run on.
+        spec: the preprocessing spec (the image size the ONNX graph is exported at).
+    Yields:
+        features(x: np.ndarray) -> torch.Tensor on the CPU.
     """
     device = next(backbone.parameters()).device
     if device.type != "cpu":
@@ -240,7 +247,7 @@ def extract_image_features(model: HUSE, ds: Dataset, spec: ImageSpec, cache: Pat
     if path and path.is_file():
         return load_file(str(path))["features"]
     feats = []
-    with _backbone_features(model.backbone, spec) as features:
+    with backbone_features(model.backbone, spec) as features:
         for s in tqdm(range(0, len(ds.images), batch), desc="image features", unit="batch", mininterval=2):
             feats.append(features(np.stack([load_image(img, spec) for img in ds.images[s:s + batch]])))
     out = torch.cat(feats)
