@@ -202,7 +202,7 @@ def _cache_key(parts: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def backbone_features(backbone: torch.nn.Module, spec: ImageSpec):
+def backbone_features(backbone: torch.nn.Module, size: tuple[int, int]):
     """Yields a function from a float32 image batch (N, 3, H, W) to the frozen backbone's features (N, F).
 
     On the CPU the backbone runs in onnxruntime (the runtime's OnnxrtRunner over a temporary ONNX file
@@ -214,7 +214,7 @@ def backbone_features(backbone: torch.nn.Module, spec: ImageSpec):
 
     Args:
         backbone: the frozen backbone (eval mode), on the device it is to run on.
-        spec: the preprocessing spec (the image size the ONNX graph is exported at).
+        size: (height, width) of the images, fixed in the exported graph as in a bundle's.
     Yields:
         features(x: np.ndarray) -> torch.Tensor on the CPU.
     """
@@ -231,7 +231,7 @@ def backbone_features(backbone: torch.nn.Module, spec: ImageSpec):
         path = Path(tmp) / "backbone.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-            torch.onnx.export(backbone.eval(), (torch.zeros(1, 3, *spec.size),), str(path), dynamo=False,
+            torch.onnx.export(backbone.eval(), (torch.zeros(1, 3, *size),), str(path), dynamo=False,
                               opset_version=17, input_names=["image"], output_names=["features"],
                               dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
         # Spinning off: training shares its machine (on 2 cores with a busy neighbour spinning cost 30%, TOOLCHAIN.md).
@@ -247,7 +247,7 @@ def extract_image_features(model: HUSE, ds: Dataset, spec: ImageSpec, cache: Pat
     if path and path.is_file():
         return load_file(str(path))["features"]
     feats = []
-    with backbone_features(model.backbone, spec) as features:
+    with backbone_features(model.backbone, spec.size) as features:
         for s in tqdm(range(0, len(ds.images), batch), desc="image features", unit="batch", mininterval=2):
             feats.append(features(np.stack([load_image(img, spec) for img in ds.images[s:s + batch]])))
     out = torch.cat(feats)

@@ -46,7 +46,7 @@ def run(photos: int = 4096, rounds: int = 5, batch: int = 128, threads: int = 2)
                               for s in range(0, len(xs), batch)]).numpy()
 
     t = time.perf_counter()
-    with backbone_features(create_backbone("efficientnet_lite0"), spec) as ort_bb:
+    with backbone_features(create_backbone("efficientnet_lite0"), spec.size) as ort_bb:
         setup_s = time.perf_counter() - t
 
         def ort_features(xs: np.ndarray) -> np.ndarray:
