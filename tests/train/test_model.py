@@ -126,3 +126,25 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_catalog, tmp_p
     after = load_file(str(out / "checkpoint.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "state.json").read_text())["epoch"] == 1
+
+
+@pytest.mark.parametrize("backbone, size", [("tiny", 32), ("efficientnet_lite0", 64)])
+def test_cached_image_features_are_the_torch_backbones(tiny_catalog, backbone, size):
+    # On the CPU the frozen features come from onnxruntime (for speed); training, export and the
+    # runtime all assume they are the torch backbone's: float32 rounding only, across batch edges.
+    import numpy as np
+
+    from huse.runtime.preprocess import ImageSpec, load_image
+    from huse.train.backbones import backbone_info
+    from huse.train.data import load_catalog_dataset
+    from huse.train.trainer import extract_image_features
+
+    ds = load_catalog_dataset(tiny_catalog)
+    info = backbone_info(backbone)
+    spec = ImageSpec(size=(size, size), mean=info.mean, std=info.std)
+    model = build_model(HuseConfig(num_classes=4, backbone=backbone, image_size=size, vocab_size=10))
+    feats = extract_image_features(model, ds, spec, None, batch=7)  # 7: the last batch is a short one
+    with torch.no_grad():
+        ref = model.backbone(torch.from_numpy(np.stack([load_image(i, spec) for i in ds.images])))
+    assert feats.shape == ref.shape == (len(ds.images), info.feature_dim)
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-4)  # fp32 vs fp32: rounding only

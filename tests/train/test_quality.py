@@ -59,6 +59,37 @@ def test_defaults_baseline_is_scikit_learns_own_logistic_regression():
     np.testing.assert_allclose(b["defaults"]["test"]["image"], ref.predict_proba(x_test), atol=1e-6)
 
 
+@pytest.mark.parametrize("cap", [100, 3])
+def test_defaults_baseline_reuses_the_tuned_fit_only_when_it_is_the_same_fit(monkeypatch, cap):
+    # Where cross-validation chooses C=1, the tuned fit is scikit-learn's LogisticRegression() run to
+    # convergence, and it is reused for "LR C=1" when it converged within the cap. At cap 3 the cap binds:
+    # the defaults must then be a capped fit of their own, not the tuned one.
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    import huse.train.baselines as bl
+
+    grid = bl._cross_validate
+    monkeypatch.setattr(bl, "_cross_validate", lambda x, y, n, folds: grid(x, y, n, folds, grid=(1.0,)))
+    monkeypatch.setattr(bl, "SKLEARN_MAX_ITER", cap)
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 50)
+    img = rng.normal(size=(200, 30)) + 0.7 * np.eye(4, 30)[y]
+    txt = [f"item {['red', 'green', 'blue', 'gold'][c]} {i}" for i, c in enumerate(y)]
+    train, test = np.arange(0, 200, 2), np.arange(1, 200, 2)
+    b = logistic_baselines(img, txt, y, 4, train, {"test": test}, groups=np.arange(200), folds=3)
+    assert b["settings"]["image"]["C"] == b["settings"]["text"]["C"] == 1.0
+    feats = bl.baseline_features(img, txt, train, {"test": test})
+    for mode in ("image", "text"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = LogisticRegression(max_iter=cap).fit(feats[mode][0], y[train])
+        assert (ref.n_iter_[0] < cap) == (cap == 100)
+        np.testing.assert_allclose(b["defaults"]["test"][mode], ref.predict_proba(feats[mode][1]), atol=1e-6)
+        assert np.allclose(b["defaults"]["test"][mode], b["tuned"]["test"][mode], atol=1e-6) == (cap == 100)
+
+
 def test_cross_validation_folds_keep_products_whole(monkeypatch):
     import huse.train.baselines as bl
 
