@@ -173,7 +173,7 @@ def format_metrics(metrics: dict) -> str:
     worse = metrics["verdict"]["worse_modes"]
     if worse:
         lines.append("WARNING: HUSE is worse than a tuned logistic regression on the same features on val in "
-                     + ", ".join(f"{m} ({v['huse']:.3f} < {v['baseline']:.3f})" for m, v in worse.items())
+                     + ", ".join(f"{m} ({v['huse']:.4f} < {v['baseline']:.4f})" for m, v in worse.items())
                      + f" ({metrics['split_sizes']['val']} val items: small val splits are noisy). Try: more data per class"
                      + ("; --text-encoder minilm for titles with new words" if metrics["text_encoder"]["chosen"] == "cnn" else "")
                      + "; or serve the baseline's modality alone.")
