@@ -255,3 +255,25 @@ def concurrent_throughput(
     if errors:
         raise errors[0]
     return throughput(sum(counts) * items_per_call, elapsed)
+
+
+def interleaved_ms(fns: dict, rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, measured in interleaved rounds (each warmed by one call).
+
+    Args:
+        fns: name -> a function of no arguments.
+        rounds: how many times to go through all of them.
+        seconds: how long to call each one per round (at least twice).
+    Returns:
+        name -> one mean time per call (ms) per round.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or calls < 2:
+                fn()
+                calls += 1
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return times

@@ -29,12 +29,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import numpy as np
 
+from huse.benchmarks.stats import interleaved_ms
 from huse.runtime.cli import run_cli
 
 PAD_MULTIPLE = 8
@@ -56,19 +56,6 @@ def _to_longest(feed: dict[str, np.ndarray], multiple: int = PAD_MULTIPLE) -> di
     longest = int(feed["attention_mask"].sum(1).max())
     length = min(feed["input_ids"].shape[1], -(-longest // multiple) * multiple)
     return {k: np.ascontiguousarray(v[:, :length]) for k, v in feed.items()}
-
-
-def _interleaved(fns: dict, rounds: int, seconds: float) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            calls, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds or calls < 2:
-                fn()
-                calls += 1
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
-    return times
 
 
 def _export_dynamic_length(module, feed: dict[str, np.ndarray], path: Path) -> None:
@@ -176,7 +163,7 @@ def run(run_dir: str, bundle: str, batch: int = 64, rounds: int = 7, seconds: fl
         "onnxruntime dynamic, longest, 1 thread": (lambda s=_session(str(dyn), 1): s.run(None, longest)),
         "onnxruntime dynamic, longest, EXTENDED": (lambda s=_session(str(dyn), cores, "EXTENDED"): s.run(None, longest)),
     }
-    times = _interleaved(fns, rounds, seconds)
+    times = interleaved_ms(fns, rounds, seconds)
     out["ms"] = {k: round(float(np.median(v)), 3) for k, v in times.items()}
 
     def ratios(base: str) -> dict:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 import numpy as np
 
+from huse.benchmarks.stats import interleaved_ms
 from huse.runtime.cli import run_cli
 
 
@@ -48,19 +48,6 @@ def _cut(session, feed: dict, parts: int, pool: ThreadPoolExecutor):
     others = [pool.submit(session.run, None, f) for f in feeds[1:]]
     outs = [session.run(None, feeds[0])] + [f.result() for f in others]
     return [np.concatenate(o) for o in zip(*outs)]
-
-
-def _interleaved(fns: dict, rounds: int, seconds: float) -> dict:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            calls, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds or calls < 2:
-                fn()
-                calls += 1
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
-    return times
 
 
 def run(bundle: str, batch: int = 64, rounds: int = 7, seconds: float = 0.3, catalog: str | None = None) -> dict:
@@ -116,7 +103,7 @@ def run(bundle: str, batch: int = 64, rounds: int = 7, seconds: float = 0.3, cat
             out["forms"][name] = {"n": len(y), "top1": round(100 * float((pred == y).mean()), 2),
                                   "agreement_vs_fp32": round(100 * float((pred == ref).mean()), 2)}
             fns[f"whole, {cores} threads, {name}"] = lambda s=s: s.run(None, feed)
-    times = _interleaved(fns, rounds, seconds)
+    times = interleaved_ms(fns, rounds, seconds)
     base = np.asarray(times[f"whole, {cores} threads"])
     out["ms"] = {k: round(float(np.median(v)), 4) for k, v in times.items()}
     out["vs_whole_all_threads"] = {k: {"median": round(float(np.median(np.asarray(v) / base)), 3),

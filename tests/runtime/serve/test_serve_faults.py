@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -255,17 +256,26 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_0(start_server
     assert "Traceback" not in s.output()
 
 
-def test_full_queue_refuses_before_reading_the_body(start_server):
-    """Load shedding costs the event loop nothing: with the queue full, a request is answered 503
-    from its headers alone (its 50 MB body is never sent)."""
-    s = start_server("--max-batch", "1", "--max-queue", "1")
-    slow = classify_body([png(1500, seed) for seed in range(6)])  # ~0.5 s of decoding holds the one place
+@contextmanager
+def queue_held(s):
+    """A slow request (~0.5 s of decoding) holds the server's one queue place while the block runs;
+    it must still be answered 200 afterwards."""
+    slow = classify_body([png(1500, seed) for seed in range(6)])
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(post, s.url + "/v1/classify", slow, None, 120)
         end = time.monotonic() + 20
         while not metric(s.url, "huse_queue_items", model="huse"):
             assert time.monotonic() < end and not busy.done(), busy.result()
             time.sleep(0.02)
+        yield
+        assert busy.result()[0] == 200
+
+
+def test_full_queue_refuses_before_reading_the_body(start_server):
+    """Load shedding costs the event loop nothing: with the queue full, a request is answered 503
+    from its headers alone (its 50 MB body is never sent)."""
+    s = start_server("--max-batch", "1", "--max-queue", "1")
+    with queue_held(s):
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
             sock.sendall(b"POST /v2/models/huse/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n")
             head = sock.recv(65536)
@@ -275,7 +285,6 @@ def test_full_queue_refuses_before_reading_the_body(start_server):
                 head += chunk
             assert head.startswith(b"HTTP/1.1 503"), head
             assert b"retry-after: 1" in head.lower() and b"at capacity" in head
-        assert busy.result()[0] == 200
     assert metric(s.url, "huse_errors_total", kind="overloaded") >= 1
 
 
@@ -331,19 +340,12 @@ def test_health_answers_at_once_while_the_queue_is_full(start_server):
     """Liveness and readiness are answered in front of routing and the queue: with the one queue
     place held by a slow request, they still answer 200 (and an inference request 503)."""
     s = start_server("--max-batch", "1", "--max-queue", "1")
-    slow = classify_body([png(1500, seed) for seed in range(6)])  # ~0.5 s of decoding holds the place
-    with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(post, s.url + "/v1/classify", slow, None, 120)
-        end = time.monotonic() + 20
-        while not metric(s.url, "huse_queue_items", model="huse"):
-            assert time.monotonic() < end and not busy.done(), busy.result()
-            time.sleep(0.02)
+    with queue_held(s):
         for path in ("/v2/health/live", "/v2/health/ready"):
             with urllib.request.urlopen(s.url + path, timeout=10) as r:
                 assert r.status == 200 and r.read() == b""
         status, headers, body = post(s.url + "/v2/models/huse/infer", b"{}", None, 30)
         assert status == 503 and "at capacity" in json.loads(body)["error"], body
-        assert busy.result()[0] == 200
     assert metric(s.url, "huse_requests_total", route="/v2/health/live", status="200") >= 1
 
 
