@@ -115,6 +115,28 @@ class TorchClassifier(Classifier):
 # Inputs
 
 
+def heldout_titles(bundle: str | Path, manifest: dict[str, Any], catalog: str | None = None, n: int = 1000):
+    """A bundle's held-out test titles, normalised, with their class indices and the bundle's tokenizer.
+
+    Args:
+        bundle: the bundle folder.
+        manifest: its manifest.
+        catalog: the training catalog where it lies on this machine, if not where the manifest says
+            (its split is recomputed).
+        n: how many test products at most.
+    Returns:
+        (tokenizer, titles, class index per title)
+    """
+    from huse.train.data import load_source
+
+    with Classifier(bundle) as clf:
+        tokenizer, labels = clf.tokenizer, clf.labels
+    ds = load_source(dict(manifest["data"], catalog=catalog) if catalog else manifest["data"])
+    _, idx = ds.heldout("test", n)
+    titles = [normalise_title(ds.titles[i]) or "" for i in idx]
+    return tokenizer, titles, np.asarray([labels.index(ds.classes[i]) for i in idx])
+
+
 class BenchData:
     """Held-out products as PNG files on disk (for e2e) and as ready arrays (for model-only)."""
 

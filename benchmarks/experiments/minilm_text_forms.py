@@ -35,6 +35,7 @@ import click
 import numpy as np
 
 from huse.benchmarks.stats import interleaved_ms
+from huse.benchmarks.suite import heldout_titles
 from huse.runtime.cli import run_cli
 
 PAD_MULTIPLE = 8
@@ -82,21 +83,13 @@ def run(run_dir: str, bundle: str, batch: int = 64, rounds: int = 7, seconds: fl
 
     from huse.export.graphs import graph_specs
     from huse.runtime.bundle import load_manifest
-    from huse.runtime.classifier import Classifier
-    from huse.runtime.tokenizer import normalise_title
-    from huse.train.data import load_source
     from huse.train.trainer import load_run
 
     manifest = load_manifest(Path(bundle))
     if manifest.get("model", {}).get("text_encoder") != "minilm":
         raise click.UsageError(f"{bundle} is not a MiniLM bundle")
     cores = os.cpu_count() or 1
-    with Classifier(bundle) as clf:
-        tokenizer, labels = clf.tokenizer, clf.labels
-    ds = load_source(dict(manifest["data"], catalog=catalog) if catalog else manifest["data"])
-    _, idx = ds.heldout("test", 1000)
-    titles = [normalise_title(ds.titles[i]) or "" for i in idx]
-    y = np.asarray([labels.index(ds.classes[i]) for i in idx])
+    tokenizer, titles, y = heldout_titles(bundle, manifest, catalog)
     full = tokenizer.inputs(titles)  # fixed length, as the bundle's graph takes it
     fixed = {k: v[:batch] for k, v in full.items()}
     longest = _to_longest(fixed)

@@ -28,6 +28,7 @@ import click
 import numpy as np
 
 from huse.benchmarks.stats import interleaved_ms
+from huse.benchmarks.suite import heldout_titles
 from huse.runtime.cli import run_cli
 
 
@@ -52,21 +53,12 @@ def _cut(session, feed: dict, parts: int, pool: ThreadPoolExecutor):
 
 def run(bundle: str, batch: int = 64, rounds: int = 7, seconds: float = 0.3, catalog: str | None = None) -> dict:
     from huse.runtime.bundle import load_manifest
-    from huse.runtime.classifier import Classifier
-    from huse.runtime.tokenizer import normalise_title
-    from huse.train.data import load_source
 
     manifest = load_manifest(Path(bundle))
     text_path = str(Path(bundle) / manifest["models"]["fp32"]["text"])
     encoder = manifest.get("model", {}).get("text_encoder", "cnn")
     cores = os.cpu_count() or 1
-    with Classifier(bundle) as clf:
-        tokenizer, labels = clf.tokenizer, clf.labels
-    # The training catalog, or the same catalog where it lies on this machine (its split is recomputed).
-    ds = load_source(dict(manifest["data"], catalog=catalog) if catalog else manifest["data"])
-    _, idx = ds.heldout("test", 1000)
-    titles = [normalise_title(ds.titles[i]) or "" for i in idx]
-    y = np.asarray([labels.index(ds.classes[i]) for i in idx])
+    tokenizer, titles, y = heldout_titles(bundle, manifest, catalog)
     feed = {k: v[:batch] for k, v in tokenizer.inputs(titles).items()}
     one, all_ = _session(text_path, 1), _session(text_path, cores)
     pool = ThreadPoolExecutor(cores)
