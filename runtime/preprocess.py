@@ -308,10 +308,9 @@ def _resize_stacked(tall: Image.Image, n: int, spec: ImageSpec) -> np.ndarray:
     resample = _RESAMPLE[spec.resize]
     order = _pass_order(tall.mode, (w, h), (tw, th), resample)
     if order is None:  # a Pillow whose resize is not two passes: each image alone
-        out = np.empty((n, len(tall.getbands()), th, tw), np.uint8)
+        out = np.empty((n, 3, th, tw), np.uint8)
         for k in range(n):
-            im = tall.crop((0, k * h, w, (k + 1) * h))
-            out[k] = _planar(im.resize((tw, th), resample) if (w, h) != (tw, th) else im)
+            _resized(tall.crop((0, k * h, w, (k + 1) * h)), spec, out[k])
         return out
     c = len(tall.getbands())
     a = np.frombuffer(tall.tobytes(), np.uint8).reshape(n, h, w, c)  # image, row, column, band
@@ -330,11 +329,6 @@ def _resize_stacked(tall: Image.Image, n: int, spec: ImageSpec) -> np.ndarray:
 def _image(a: np.ndarray) -> Image.Image:
     """An (H, W, C) uint8 array as an L (C = 1) or RGB image."""
     return Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[2] == 1 else a))
-
-
-def _planar(img: Image.Image) -> np.ndarray:
-    """An RGB or L image as (C, H, W) uint8."""
-    return np.frombuffer(img.tobytes(), np.uint8).reshape(img.height, img.width, -1).transpose(2, 0, 1)
 
 
 @functools.lru_cache(maxsize=1024)
