@@ -370,9 +370,6 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         model_name(request)
         return Response(status_code=200 if server.ready else 503)
 
-    def _count_item_errors(results):
-        server.metrics.error("item", sum("error" in r for r in results))
-
     async def v1_items(request: Request) -> Items:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await _multipart(request, c.max_items)
@@ -382,7 +379,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         items = await v1_items(request)
         classify_parameters(items.parameters)
         results = await server.run(request.receive, CLASSIFY_MODEL, items, request.scope.get(STARTED))
-        _count_item_errors(results)
+        _count_item_errors(server, results)
         if c.min_confidence > 0:
             for r in results:
                 if "top_k" in r:
@@ -555,7 +552,7 @@ async def infer(server: Server, model: str, body: bytes, header_length: str | No
     if model == CLASSIFY_MODEL:
         classify_parameters(req.items.parameters)  # a bad parameter is a 400 before any work
         results = await server.run(receive, model, req.items, started)
-        server.metrics.error("item", sum("error" in r for r in results))
+        _count_item_errors(server, results)
         tensors = classify_tensors(results, server.depth, c.min_confidence, server.multi_label)
     else:
         embed_parameters(req.items.parameters)
@@ -565,19 +562,18 @@ async def infer(server: Server, model: str, body: bytes, header_length: str | No
     return encode_infer_response(model, tensors, req)
 
 
+def _count_item_errors(server: Server, results: list[dict]) -> None:
+    server.metrics.error("item", sum("error" in r for r in results))
+
+
 async def _read_body(receive, limit: int) -> bytes:
     """The whole request body; 413 when it grows past `limit` bytes (chunked, without a Content-Length)."""
-    chunks, seen = [], 0
+    receive, chunks = _capped(receive, limit), []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
-        chunk = message.get("body", b"")
-        seen += len(chunk)
-        if seen > limit:
-            raise RequestError(f"the request body passed {limit} bytes; this server takes at most that "
-                               f"(--max-body-mb)", status=413)
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
