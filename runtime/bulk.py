@@ -590,9 +590,9 @@ def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progres
     # this shard's (the first shard is read while the model loads): on the calling thread both kept the
     # model waiting, ~12 us an item, 5% of int8-cpu's time on 2 cores. In order, at most one shard
     # waiting to be written.
-    io = ThreadPoolExecutor(1, thread_name_prefix="huse-io")
+    io_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-io")
     shards = _shards(job, done)
-    upcoming = io.submit(next, shards, None)
+    upcoming = io_thread.submit(next, shards, None)
     clf, prefetch, writing = None, None, None
 
     def write(shard: Shard, rows: list[dict[str, Any]], vectors: np.ndarray | None) -> None:
@@ -610,17 +610,17 @@ def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progres
         while (item := upcoming.result()) is not None:
             if job.max_shards is not None and n_shards >= job.max_shards:
                 break
-            upcoming = io.submit(next, shards, None)
+            upcoming = io_thread.submit(next, shards, None)
             rows, vectors = run_shard(clf, *item, job, prefetch)
             if writing is not None:
                 writing.result()
-            writing = io.submit(write, item[0], rows, vectors)
+            writing = io_thread.submit(write, item[0], rows, vectors)
             n_shards += 1
         if writing is not None:
             writing.result()
         result.work_seconds = time.perf_counter() - t0
     finally:
-        io.shutdown(wait=True)  # a shard waiting to be written is finished work: written, never cancelled
+        io_thread.shutdown(wait=True)  # a shard waiting to be written is finished work: written, never cancelled
         if prefetch is not None:
             prefetch.close()
         if clf is not None:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from huse.runtime.errors import HuseError
 from huse.runtime.files import MANIFEST, json_bytes, sha256_file
-from huse.runtime.tokenizer import PAD_RULES
+from huse.runtime.tokenizer import PAD_RULES, TOKEN_INPUTS
 
 # Precisions whose graphs only onnxruntime's CPU kernels take (uint8 activations with zero points): never
 # handed to TensorRT or a GPU provider.
@@ -402,7 +402,7 @@ def check_graph(manifest: dict[str, Any], graph: str, inputs: dict[str, list], o
     if shape and len(shape) == 4 and all(isinstance(v, int) for v in shape[2:]):
         if list(shape[2:]) != list(manifest["preprocessing"]["size"]):
             fail("preprocessing.size", manifest["preprocessing"]["size"], f"input image is {list(shape[2:])}")
-    for name in ("input_ids", "attention_mask"):
+    for name in TOKEN_INPUTS:
         shape = inputs.get(name)
         if shape and len(shape) == 2 and isinstance(shape[1], int):
             if manifest["tokenizer"].get("pad") == "longest":  # a batch's width varies: the graph must take any

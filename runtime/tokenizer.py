@@ -169,7 +169,7 @@ class WordPieceTokenizer:
         enc = self._tok.encode_batch(list(titles))
         if not enc:
             width = self.max_len if self.pad == "fixed" else 0
-            return {k: np.zeros((0, width), np.int32) for k in ("input_ids", "attention_mask")}
+            return {k: np.zeros((0, width), np.int32) for k in TOKEN_INPUTS}
         # Rounding up to the multiple may pass a max_len that is not one: what it adds there is padding.
         return {"input_ids": np.asarray([e.ids for e in enc], dtype=np.int32)[:, :self.max_len],
                 "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int32)[:, :self.max_len]}
