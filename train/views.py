@@ -59,15 +59,16 @@ def view_features(backbone: torch.nn.Module, images: list, rows: np.ndarray, spe
     Returns:
         (views, len(images), feature_dim) float32; rows not in `rows` are zero.
     """
-    device = next(backbone.parameters()).device
+    from huse.train.trainer import backbone_features  # the plain photos' features come from the same function
+
     out = None
     jobs = [(k, int(i)) for k in range(views) for i in np.asarray(rows)]
-    with torch.no_grad():
+    with backbone_features(backbone, spec.size) as features:
         for s in tqdm(range(0, len(jobs), batch), desc=f"image views (x{views})", unit="batch", mininterval=2):
             part = jobs[s:s + batch]
             x = np.stack([load_image(random_view(decode_image(images[i]), np.random.default_rng([seed, k, i])), spec)
                           for k, i in part])
-            f = backbone(torch.from_numpy(x).to(device)).cpu()
+            f = features(x)
             if out is None:
                 out = torch.zeros(views, len(images), f.shape[1])
             for (k, i), v in zip(part, f):
