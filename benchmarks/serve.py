@@ -49,6 +49,8 @@ SYSTEMS = ("max-batch-1", "batching", "triton")
 LABELS = {"max-batch-1": "huse serve --max-batch 1", "batching": "huse serve (dynamic batching)",
           "triton": "Triton + PyTriton (dynamic batcher)"}
 BATCH_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # batch-size buckets, as huse serve's histogram has them
+# run_hey_rate: one hey process keeps at most 500 idle connections; its workers start their rate tickers together
+HEY_WORKERS = 250  # hey workers per process
 BATCH_METRIC = "huse_batch_items"  # huse serve's items-per-batch histogram (runtime/serve/app.py)
 PYTRITON = ("nvidia-pytriton==0.7.0", "numpy<2")  # TOOLCHAIN.md: 0.7.0 pins numpy<2
 RUNTIME_DEPS = ("Pillow>=9.0", "click>=8.1", "onnxruntime>=1.17")  # the lean runtime, no torch
@@ -162,27 +164,40 @@ def _tool(name: str) -> str:
 
 def _run_child(cmd: list[str], timeout: float) -> tuple[str, float, float]:
     """Run a load generator; returns (stdout, wall seconds, CPU seconds it used: user + system)."""
-    out = tempfile.TemporaryFile()
+    return _run_children([cmd], timeout)[0]
+
+
+def _run_children(cmds: list[list[str]], timeout: float, stagger: float = 0.0) -> list[tuple[str, float, float]]:
+    """Run load generators side by side, each started `stagger` seconds after the one before; for each,
+    (stdout, wall seconds, CPU seconds: user + system)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
+    outs = [tempfile.TemporaryFile() for _ in cmds]
+    procs = []
+    for i, (cmd, out) in enumerate(zip(cmds, outs)):
+        time.sleep(max(0.0, start + i * stagger - time.perf_counter()))
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+    done: dict[int, tuple[int, float, float]] = {}  # index -> (exit code, wall, cpu)
+    while len(done) < len(procs):
+        for i, proc in enumerate(procs):
+            if i in done:
+                continue
+            late = time.perf_counter() > start + timeout
+            if late:
+                proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0 if late else os.WNOHANG)
+            if pid:
+                done[i] = (os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
         time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    out.seek(0)
-    text = out.read().decode("utf-8", "replace")
-    out.close()
-    if proc.returncode != 0:
-        raise HuseError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {text.strip()[-400:]}")
-    return text, wall, usage.ru_utime + usage.ru_stime
+    results = []
+    for i, (cmd, out) in enumerate(zip(cmds, outs)):
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+        out.close()
+        code, wall, cpu = done[i]
+        if code != 0:
+            raise HuseError(f"{Path(cmd[0]).name} exited with {code}: {text.strip()[-400:]}")
+        results.append((text, wall, cpu))
+    return results
 
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -208,27 +223,48 @@ def run_hey_rate(url: str, body: bytes, header_length: int, rate: float, seconds
     """Load at `rate` requests/s for `seconds` from hey's workers, each rate-limited (-q). A hey worker waits for
     its answer before its next request, so each is given 0.5 s per request: the offered rate holds while answers
     (a 503 should be immediate) take less than that, and drops, as reported next to the target, when they take
-    longer. At most 2,000 workers (connections); `timeout_s` is the client's own timeout."""
+    longer. At most 2,000 workers (connections); `timeout_s` is the client's own timeout.
+
+    The workers are split over hey processes of at most HEY_WORKERS each, started 0.5 s / processes apart, for
+    two reasons of hey's own. One hey process keeps at most 500 idle connections (its transport's
+    MaxIdleConnsPerHost is min(-c, 500)): with 2,000 workers in one process, 20,244 connections were opened for
+    34,800 requests, which measures hey's pool, not clients that keep their connections. And a process's
+    workers start their 0.5 s tickers together, so they send in one burst per 0.5 s: 2,000 requests at once
+    is not a rate. Staggered processes of 250 send 8 smaller bursts per 0.5 s. Counts add up, the slowest
+    answer is the slowest of all, and the percentiles reported are the worst process's."""
     workers = max(1, min(2000, math.ceil(rate * 0.5)))
+    procs = math.ceil(workers / HEY_WORKERS)
     body_file = folder / "overload-body.bin"
     body_file.write_bytes(body)
-    cmd = [_tool("hey"), "-z", f"{max(1, round(seconds))}s", "-c", str(workers), "-q", f"{rate / workers:.3f}",
-           "-m", "POST", "-D", str(body_file), "-T", "application/octet-stream",
-           "-H", f"Inference-Header-Content-Length: {header_length}", "-t", str(max(1, math.ceil(timeout_s))), url]
-    text, wall, cpu = _run_child(cmd, timeout=seconds + timeout_s + 60)
-    statuses = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)}
-    errors = {msg.strip(): int(n) for n, msg in re.findall(r"\[(\d+)\]\s+(.+)", text.split("Error distribution:")[1])} \
-        if "Error distribution:" in text else {}
-
-    def secs(label: str) -> float | None:
-        m = re.search(rf"{label}:\s+([\d.]+) secs", text)
-        return float(m.group(1)) if m else None
-
-    pct = {int(p): float(v) for p, v in re.findall(r"(\d+)%+ in ([\d.]+) secs", text)}
+    cmds = []
+    for p in range(procs):
+        w = workers // procs + (p < workers % procs)
+        cmds.append([_tool("hey"), "-z", f"{max(1, round(seconds))}s", "-c", str(w), "-q", f"{rate / workers:.3f}",
+                     "-m", "POST", "-D", str(body_file), "-T", "application/octet-stream",
+                     "-H", f"Inference-Header-Content-Length: {header_length}", "-t", str(max(1, math.ceil(timeout_s))),
+                     url])
+    runs = _run_children(cmds, timeout=seconds + timeout_s + 60, stagger=0.5 / procs)
+    statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
+    slowest, p50, p99 = [], [], []
+    for text, _, _ in runs:
+        for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text):
+            statuses[int(c)] = statuses.get(int(c), 0) + int(n)
+        if "Error distribution:" in text:
+            for n, msg in re.findall(r"\[(\d+)\]\s+(.+)", text.split("Error distribution:")[1]):
+                errors[msg.strip()] = errors.get(msg.strip(), 0) + int(n)
+        m = re.search(r"Slowest:\s+([\d.]+) secs", text)
+        if m:
+            slowest.append(float(m.group(1)))
+        pct = {int(q): float(v) for q, v in re.findall(r"(\d+)%+ in ([\d.]+) secs", text)}
+        p50 += [pct[50]] if 50 in pct else []
+        p99 += [pct[99]] if 99 in pct else []
+    wall = max(w for _, w, _ in runs)
     answered = sum(statuses.values())
-    return {"target_rate": rate, "workers": workers, "offered_rate": (answered + sum(errors.values())) / seconds,
-            "statuses": statuses, "client_errors": errors, "slowest_s": secs("Slowest"), "p50_s": pct.get(50),
-            "p99_s": pct.get(99), "generator_cpu": cpu / wall}
+    return {"target_rate": rate, "workers": workers, "processes": procs,
+            "offered_rate": (answered + sum(errors.values())) / seconds, "statuses": statuses, "client_errors": errors,
+            "slowest_s": max(slowest, default=None), "p50_s": max(p50, default=None), "p99_s": max(p99, default=None),
+            "generator_cpu": sum(c for _, _, c in runs) / wall}
 
 
 # ----------------------------------------------------------------------------------------
