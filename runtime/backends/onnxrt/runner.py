@@ -187,7 +187,7 @@ class OnnxrtRunner(BaseRunner):
         parts = min(self.row_parts, rows // MIN_ROWS_PER_PART)
         if parts < 2 or self._pool is None:
             return dict(zip(self.output_names, self.session.run(None, feed)))
-        cuts = np.linspace(0, rows, parts + 1).astype(int).tolist()
+        cuts = [rows * i // parts for i in range(parts + 1)]  # integer arithmetic: np.linspace costs ~5 us a call
         feeds = [{k: v[a:b] for k, v in feed.items()} for a, b in zip(cuts, cuts[1:])]
         others = [self._pool.submit(self.session.run, None, f) for f in feeds[1:]]
         outs = [self.session.run(None, feeds[0])] + [f.result() for f in others]
