@@ -160,7 +160,7 @@ def test_disconnected_client_has_its_queued_items_dropped(start_server):
     """With one item per batch and slow photos, a request sent behind 12 others and abandoned by
     its client never reaches the model: 12 batches run, not 13."""
     # A long deadline: on a slow machine admission by expected wait would refuse the 13th request
-    # (half the deadline) before it could be abandoned; this test is about the abandoning.
+    # (a quarter of the deadline) before it could be abandoned; this test is about the abandoning.
     s = start_server("--max-batch", "1", "--timeout", "600")
     slow = classify_body([png(1500, seed) for seed in range(1)])
     with ThreadPoolExecutor(12) as pool:
