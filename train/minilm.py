@@ -128,8 +128,8 @@ class Packed(Padded):
     The flat positions of the real tokens come from one NonZero over the float mask (TensorRT's
     NonZero takes float), and an inverse index (a running count of the mask, CumSum, float in
     TensorRT too) sends each of the N * L padded positions to its packed row + 1, padding to 0:
-    `to_batch` is then one Gather over [a zero row; the packed rows], no scatter. Titles pad on the
-    right, but nothing here assumes it: any mask packs and unpacks exactly.
+    `to_batch` is then one Gather per state over [a zero row; the packed rows], no scatter. Titles
+    pad on the right, but nothing here assumes it: any mask packs and unpacks exactly.
     """
 
     def __init__(self, mask: torch.Tensor):
@@ -144,12 +144,10 @@ class Packed(Padded):
                 positions.expand(input_ids.shape).reshape(-1)[self.keep])
 
     def to_batch(self, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Several states of one layer (Q, K, V) go through one Gather, side by side.
-        rows = torch.cat(states, dim=1) if len(states) > 1 else states[0]
-        rows = torch.cat([rows.new_zeros(1, rows.shape[1]), rows])
+        # One Pad and one Gather each: against Q, K and V side by side in one Gather (a Concat, and a
+        # Split with shapes computed in the graph), 0.96x the text graph's time at batch 64.
         n, l = self.mask.shape
-        batch = rows[self.inverse].view(n, l, rows.shape[1])
-        return batch.split([s.shape[1] for s in states], dim=2)
+        return tuple(F.pad(s, (0, 0, 1, 0))[self.inverse].view(n, l, -1) for s in states)
 
     def to_rows(self, state: torch.Tensor) -> torch.Tensor:
         return state.reshape(-1, state.shape[-1])[self.keep]
