@@ -116,3 +116,29 @@ def test_classify_gives_what_the_padded_graphs_give(tiny_minilm_run, tiny_minilm
             b = old.classify(images=imgs, titles=titles, mode=mode)
             assert [r["top_k"][0]["label"] for r in a] == [r["top_k"][0]["label"] for r in b]
         np.testing.assert_allclose(new.embed_text(titles).vectors, old.embed_text(titles).vectors, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["int8-cpu", "int8"])
+def test_int8_calibrates_in_batches_with_different_token_counts(tiny_minilm_bundle, tmp_path, precision):
+    """Calibration batches whose real-token counts differ (every real catalog's): the tensors after the
+    NonZero differ in rows from batch to batch, which onnxruntime's histogram calibrators cannot stack."""
+    import onnx
+    import onnxruntime as ort
+
+    from huse.export.finish import FLOAT_PREFIXES
+    from huse.export.precision import quantize_int8, quantize_int8_cpu
+
+    src = tiny_minilm_bundle / "fused.onnx"
+    m = json.loads((tiny_minilm_bundle / "manifest.json").read_text())
+    tok = load_tokenizer(dict(m["tokenizer"], pad="fixed"), tiny_minilm_bundle)  # one width, as export calibrates
+    inputs = m["graphs"]["fused"]["inputs"]
+    feeds = [_graph_inputs(inputs, tok.inputs(t), m["model"]["image_size"]) for t in (SHORT, SHORT[:1] + LONG, SHORT * 2)]
+    assert len({int(f["attention_mask"].sum()) for f in feeds}) == 3
+    exclude = [n.name for n in onnx.load(str(src)).graph.node if n.name.startswith(FLOAT_PREFIXES["minilm"])]
+    quantize = quantize_int8_cpu if precision == "int8-cpu" else quantize_int8
+    info = quantize(src, tmp_path / "fused.onnx", feeds, exclude_nodes=exclude)
+    assert info["quantized_nodes"] > 0  # the image backbone at least
+    sess = ort.InferenceSession(str(tmp_path / "fused.onnx"), providers=["CPUExecutionProvider"])
+    for f in feeds:
+        probs = sess.run(["probs"], f)[0]
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-2)  # int8-cpu rounds the fusion Add too
