@@ -142,3 +142,25 @@ def test_int8_calibrates_in_batches_with_different_token_counts(tiny_minilm_bund
     for f in feeds:
         probs = sess.run(["probs"], f)[0]
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-2)  # int8-cpu rounds the fusion Add too
+
+
+def test_bulk_batches_of_mixed_title_lengths_classify_each_title_as_alone(tiny_minilm_bundle, tiny_catalog, tmp_path):
+    """huse bulk on the unpadded bundle, text mode: batches of 7 whose titles differ in length (one at max
+    length) answer every row as `classify` answers that title on its own."""
+    from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
+
+    lines = tiny_catalog.read_text().splitlines()
+    rows = lines[1:12] + [f"images/x.png,\"{LONG[0]}\",,long"] + lines[12:20]
+    data = tmp_path / "c.csv"
+    data.write_text("\n".join([lines[0]] + rows) + "\n")
+    out = tmp_path / "out"
+    run_bulk(BulkJob(bundle=str(tiny_minilm_bundle), data=str(data), out=str(out), mode="text", batch_size=7,
+                     format="jsonl", threads=1, progress=False))
+    got = read_predictions(out)
+    assert len(got) == len(rows) and all(p.get("error") is None for p in got)
+    with Classifier(tiny_minilm_bundle, backend="onnxruntime", threads=1) as clf:
+        for p in got:
+            alone = clf.classify(titles=[p["name"]], mode="text")[0]
+            assert [t["label"] for t in p["top_k"]] == [t["label"] for t in alone["top_k"]], p["row"]
+            np.testing.assert_allclose([t["score"] for t in p["top_k"]], [t["score"] for t in alone["top_k"]],
+                                       atol=1e-5)
