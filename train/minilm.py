@@ -126,17 +126,21 @@ class Packed(Padded):
     """Only the real tokens: token states are (T, D), T = the mask's sum (the exported graph).
 
     The flat positions of the real tokens come from one NonZero over the float mask (TensorRT's
-    NonZero takes float), and an inverse index (a running count of the mask, CumSum, float in
-    TensorRT too) sends each of the N * L padded positions to its packed row + 1, padding to 0:
-    `to_batch` is then one Gather per state over [a zero row; the packed rows], no scatter. Titles
-    pad on the right, but nothing here assumes it: any mask packs and unpacks exactly.
+    NonZero takes float), and an inverse index sends each of the N * L padded positions to its
+    packed row + 1, padding to 0: `to_batch` is then one Gather per state over [a zero row; the
+    packed rows], no scatter of activations. The index is built in int64 (1..T scattered to the real
+    positions), not as a running count of the float mask: TensorRT's CumSum takes only float, and in
+    an FP16 graph a float count stops being exact past 2,048 tokens (a batch of 128 long titles).
+    Titles pad on the right, but nothing here assumes it: any mask packs and unpacks exactly.
     """
 
     def __init__(self, mask: torch.Tensor):
         super().__init__(mask)
         flat = mask.reshape(-1)
         self.keep = flat.nonzero().squeeze(1)  # (T,) flat indices of the real tokens
-        self.inverse = (flat.cumsum(0) * flat).long()  # (N * L,): packed row + 1, or 0 for padding
+        rows = torch.arange(1, self.keep.shape[0] + 1, device=mask.device)
+        # (N * L,): packed row + 1 at each real token, 0 (the zero row) at padding
+        self.inverse = torch.zeros(flat.shape, dtype=torch.long, device=mask.device).scatter(0, self.keep, rows)
 
     def tokens(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Each token keeps the position of its column, as in the padded batch.
