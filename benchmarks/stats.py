@@ -257,13 +257,16 @@ def concurrent_throughput(
     return throughput(sum(counts) * items_per_call, elapsed)
 
 
-def interleaved_ms(fns: dict, rounds: int, seconds: float) -> dict[str, list[float]]:
+def interleaved_ms(fns: dict, rounds: int, seconds: float, clock=time.perf_counter) -> dict[str, list[float]]:
     """Milliseconds per call of each function, measured in interleaved rounds (each warmed by one call).
 
     Args:
         fns: name -> a function of no arguments.
         rounds: how many times to go through all of them.
-        seconds: how long to call each one per round (at least twice).
+        seconds: how long to call each one per round (at least twice), by `clock`.
+        clock: wall time by default; `time.thread_time` counts only this thread's CPU time, what a
+            loaded machine disturbs least when every function runs on the calling thread (one
+            intra-op thread).
     Returns:
         name -> one mean time per call (ms) per round.
     """
@@ -271,9 +274,9 @@ def interleaved_ms(fns: dict, rounds: int, seconds: float) -> dict[str, list[flo
     for _ in range(rounds):
         for name, fn in fns.items():
             fn()
-            calls, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds or calls < 2:
+            calls, start = 0, clock()
+            while clock() - start < seconds or calls < 2:
                 fn()
                 calls += 1
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
+            times[name].append((clock() - start) / calls * 1e3)
     return times

@@ -28,7 +28,7 @@ from huse.runtime.backends.base import BaseRunner
 from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
 from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
-from huse.runtime.tokenizer import normalise_title
+from huse.runtime.tokenizer import load_tokenizer, normalise_title
 
 MODES = ("image", "text", "fused")
 
@@ -90,7 +90,12 @@ def torch_cuda_status() -> tuple[bool, str]:
 class TorchClassifier(Classifier):
     """The PyTorch eager baseline: identical decode, preprocessing, tokeniser and postprocessing;
     only the model call differs. `compile=True` wraps each graph in torch.compile; `device="cuda"`
-    is the baseline for the GPU backends (same device, same inputs)."""
+    is the baseline for the GPU backends (same device, same inputs).
+
+    Titles of a MiniLM bundle (tokenizer "pad": "longest") are padded as a Hugging Face user pads them
+    by default (`tokenizer(titles, padding=True)`, sentence-transformers' `encode`): to the batch's
+    longest title exactly, not rounded up to the bundle's `pad_multiple` (the runtime's choice, for
+    fewer distinct shapes), so the baseline does no padding work it would not do on its own."""
 
     def __init__(self, bundle: Path, run: Path, compile: bool = False, threads: int | None = None,
                  device: str = "cpu", **kw):
@@ -100,6 +105,8 @@ class TorchClassifier(Classifier):
         from huse.train.trainer import load_run
 
         super().__init__(bundle, backend="onnxruntime", **kw)
+        if self.manifest["tokenizer"].get("pad") == "longest":
+            self.tokenizer = load_tokenizer(dict(self.manifest["tokenizer"], pad_multiple=1), self.bundle)
         if threads:
             torch.set_num_threads(threads)
         model, cfg = load_run(run)
@@ -163,17 +170,19 @@ class BenchData:
         self.arrays = clf.preprocess_images(self.paths)
         self.tokenizer = clf.tokenizer
 
-    def take(self, start: int, batch: int) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    def take(self, start: int, batch: int, tokenizer=None) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
         """`batch` products from `start` (wrapping): paths, titles, and the graph feeds of exactly these,
-        titles tokenised as a batch (a MiniLM bundle pads them to this batch's longest, as classify does)."""
+        titles tokenised as a batch (a MiniLM bundle pads them to this batch's longest, as classify does)
+        by `tokenizer` (a classifier's own; None: the bundle's)."""
         sel = [(start + k) % len(self.paths) for k in range(batch)]
         titles = [self.titles[s] for s in sel]
-        feeds = {"image": self.arrays[sel], **self.tokenizer.inputs([normalise_title(t) or "" for t in titles])}
+        tokenizer = tokenizer or self.tokenizer
+        feeds = {"image": self.arrays[sel], **tokenizer.inputs([normalise_title(t) or "" for t in titles])}
         return [self.paths[s] for s in sel], titles, feeds
 
 
 def _call(clf: Classifier, kind: str, mode: str, data: BenchData, batch: int) -> Callable[[], object]:
-    paths, titles, feeds = data.take(0, batch)
+    paths, titles, feeds = data.take(0, batch, clf.tokenizer)
     if kind == "e2e":
         images = paths if mode in ("image", "fused") else None
         texts = titles if mode in ("text", "fused") else None

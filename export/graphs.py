@@ -148,12 +148,17 @@ class FoldedWordCNN(nn.Module):
 
 
 def _export_form(model: HUSE) -> HUSE:
-    """The model as export writes it: the same weights, the word CNN folded (`FoldedWordCNN`); MiniLM as is."""
-    if model.cfg.text_encoder != "cnn":
+    """The model as export writes it: the same weights, the word CNN folded (`FoldedWordCNN`), MiniLM computing
+    only the real tokens (`MiniLM.without_padding`: its Linears, LayerNorms and GELUs skip the padding)."""
+    if model.cfg.text_encoder == "cnn":
+        text = FoldedWordCNN(model.text_encoder, model.cfg.max_len)
+    elif model.cfg.text_encoder == "minilm":
+        text = model.text_encoder.without_padding()
+    else:
         return model
-    folded = copy.copy(model)  # shallow: shares every module and buffer, then swaps the text encoder
-    folded._modules = dict(model._modules, text_encoder=FoldedWordCNN(model.text_encoder, model.cfg.max_len))
-    return folded
+    form = copy.copy(model)  # shallow: shares every module and buffer, then swaps the text encoder
+    form._modules = dict(model._modules, text_encoder=text)
+    return form
 
 
 class TextGraph(nn.Module):

@@ -811,4 +811,10 @@ def _check_feeds(model, calib_feeds) -> list[dict[str, np.ndarray]]:
     for k, f in enumerate(feeds):
         if sorted(f) != wanted:
             raise HuseError(f"Calibration feed {k} has inputs {sorted(f)}, the graph wants {wanted}")
+    if len(feeds) > 1 and any(n.op_type == "NonZero" for n in model.graph.node):
+        # Tensors after a NonZero have as many rows as the data selects (MiniLM's real tokens: the batch's
+        # padding removed), so their per-batch outputs differ in shape, and onnxruntime's histogram
+        # calibrators stack each tensor's batches into one array. One batch of every sample calibrates
+        # the same ranges; the calibrator keeps every batch's outputs in memory anyway.
+        feeds = [{k: np.concatenate([f[k] for f in feeds]) for k in wanted}]
     return feeds

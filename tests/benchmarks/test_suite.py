@@ -132,3 +132,30 @@ def test_stage_costs_name_every_stage_on_one_thread(result):
             assert set(sc[p]) == {f"model_{m}_us" for m in result["config"]["modes"]} | {"describe_us"}
             assert all(v > 0 for v in sc[p].values())
     assert "fp32" in sc
+
+
+def test_the_pytorch_baseline_pads_titles_as_a_hugging_face_user_does(tiny_minilm_bundle, tiny_minilm_run, tmp_path):
+    """To the batch's longest title exactly (`padding=True`), whatever multiple the bundle rounds up to: a bundle
+    exported before with pad_multiple 8 feeds onnxruntime 8 tokens, the baseline the 4 that "red shirt" has."""
+    import shutil
+
+    import numpy as np
+
+    from huse.benchmarks.suite import TorchClassifier
+    from huse.runtime.bundle import write_manifest
+    from huse.runtime.classifier import Classifier
+
+    bundle = tmp_path / "pad8"
+    shutil.copytree(tiny_minilm_bundle, bundle, ignore=shutil.ignore_patterns("fp16", "int8-cpu"))
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["tokenizer"]["pad_multiple"] = 8
+    m["models"] = {"fp32": m["models"]["fp32"]}
+    for key in ("format", "format_version", "files"):
+        m.pop(key, None)
+    write_manifest(bundle, m)
+    titles = ["red shirt", "blue"]
+    with Classifier(bundle, backend="onnxruntime", threads=1) as ours, TorchClassifier(bundle, tiny_minilm_run) as base:
+        assert ours.tokenizer.inputs(titles)["input_ids"].shape[1] == 8
+        feed = base.tokenizer.inputs(titles)
+        assert feed["input_ids"].shape[1] == feed["attention_mask"].sum(1).max() == 4
+        np.testing.assert_allclose(base.predict_proba(titles=titles), ours.predict_proba(titles=titles), atol=1e-4)

@@ -89,6 +89,26 @@ def test_padding_does_not_change_the_embedding(model):
         np.testing.assert_allclose(e, ref, atol=1e-5)  # fp32, 1e-5
 
 
+def test_without_padding_gives_the_padded_result(model, tok):
+    """The form export writes (only the real tokens through the row-wise ops) against the padded forward:
+    mixed lengths, a title at max length, a batch of one, and a mask that is not right-aligned."""
+    unpadded = model.without_padding()
+    assert unpadded.remove_padding and not model.remove_padding
+    assert unpadded.encoder is model.encoder  # the same weights, not a copy
+    long_title = "a much longer neighbour " * 8
+    batches = [TITLES, [long_title], TITLES[:1], TITLES + [long_title]]
+    for titles in batches:
+        enc = tok.inputs(titles)
+        ids, mask = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+        with torch.no_grad():
+            torch.testing.assert_close(unpadded(ids, mask), model(ids, mask), rtol=0, atol=1e-5)  # fp32, 1e-5
+    # Padding on the left: every real token keeps its column's position, as in the padded forward.
+    ids, mask = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+    ids, mask = ids.flip(1), mask.flip(1)
+    with torch.no_grad():
+        torch.testing.assert_close(unpadded(ids, mask), model(ids, mask), rtol=0, atol=1e-5)
+
+
 def test_int64_ids_give_the_same_result(model, tok):
     enc = tok.inputs(TITLES)
     mask = torch.from_numpy(enc["attention_mask"])
