@@ -103,7 +103,7 @@ def compare(a, b, floor, show_all) -> None:
 @click.option("--deadline", default=2.0, help="huse serve --timeout during the overload run (seconds).")
 @click.option("--venv", type=click.Path(file_okay=False), help="PyTriton venv (default ~/.cache/huse/pytriton-venv; "
               "created on first use).")
-@click.option("--spin/--no-spin", default=False, help="huse serve's onnxruntime thread spinning (its --spin).")
+@click.option("--spin/--no-spin", default=True, help="huse serve's onnxruntime thread spinning (its --spin/--no-spin).")
 def serve(bundle, out, concurrency, seconds, warmup, rounds, systems, precision, max_batch, max_delay_ms, threads, items,
           data, overload_seconds, overload_factor, deadline, venv, spin) -> None:
     """`huse serve` under load from wrk/hey on loopback, beside --max-batch 1, Triton (PyTriton) and the offline ceiling."""

@@ -73,7 +73,7 @@ class ServeBenchConfig:
     overload_factor: float = 4.0
     deadline_s: float = 2.0  # huse serve --timeout during the overload run
     venv: str | None = None  # the PyTriton venv (default ~/.cache/huse/pytriton-venv)
-    spin: bool = False  # huse serve --spin (onnxruntime thread spinning)
+    spin: bool = True  # huse serve --spin / --no-spin (onnxruntime thread spinning; the server's default: on)
     say: Any = field(default=print, repr=False)
 
 
