@@ -280,3 +280,21 @@ def interleaved_ms(fns: dict, rounds: int, seconds: float, clock=time.perf_count
                 calls += 1
             times[name].append((clock() - start) / calls * 1e3)
     return times
+
+
+def round_ratios(times: dict[str, list[float]], base: str, names=None) -> dict[str, dict]:
+    """Per-round speed-ups over `base` of `interleaved_ms`'s times (> 1: faster than `base`).
+
+    Args:
+        times: name -> one time per round.
+        base: the name every other is compared with, round by round.
+        names: which names to compare (default: all but `base`).
+    Returns:
+        name -> {"median", "range": [min, max]} of base time / its time, rounded to 3 decimals.
+    """
+    b = np.asarray(times[base])
+    out = {}
+    for k in names if names is not None else [k for k in times if k != base]:
+        r = b / np.asarray(times[k])
+        out[k] = {"median": round(float(np.median(r)), 3), "range": [round(float(r.min()), 3), round(float(r.max()), 3)]}
+    return out

@@ -34,7 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from huse.benchmarks.stats import interleaved_ms
+from huse.benchmarks.stats import interleaved_ms, round_ratios
 from huse.benchmarks.suite import heldout_titles
 from huse.runtime.cli import run_cli
 
@@ -159,14 +159,9 @@ def run(run_dir: str, bundle: str, batch: int = 64, rounds: int = 7, seconds: fl
     times = interleaved_ms(fns, rounds, seconds)
     out["ms"] = {k: round(float(np.median(v)), 3) for k, v in times.items()}
 
-    def ratios(base: str) -> dict:
-        b = np.asarray(times[base])
-        return {k: {"median": round(float(np.median(b / np.asarray(v))), 3),
-                    "range": [round(float(np.min(b / np.asarray(v))), 3), round(float(np.max(b / np.asarray(v))), 3)]}
-                for k, v in times.items() if k != base}
     # Speed-up over PyTorch eager padded the same way (> 1: faster than PyTorch).
-    out["speedup_vs_torch_fixed"] = ratios("torch eager, fixed")
-    out["speedup_vs_torch_longest"] = ratios("torch eager, longest")
+    out["speedup_vs_torch_fixed"] = round_ratios(times, "torch eager, fixed")
+    out["speedup_vs_torch_longest"] = round_ratios(times, "torch eager, longest")
     return out
 
 

@@ -44,7 +44,7 @@ import numpy as np
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenise on the calling thread (thread CPU time)
 
-from huse.benchmarks.stats import interleaved_ms  # noqa: E402
+from huse.benchmarks.stats import interleaved_ms, round_ratios  # noqa: E402
 from huse.benchmarks.suite import heldout_titles  # noqa: E402
 from huse.runtime.cli import run_cli  # noqa: E402
 from huse.runtime.tokenizer import load_tokenizer  # noqa: E402
@@ -198,10 +198,7 @@ def run(run_dir: str, bundle: str, batch: int = 64, rounds: int = 7, seconds: fl
     times.update(wall)
 
     def speedups(base_name: str, prefix: str) -> dict:
-        b = np.asarray(times[base_name])
-        return {k: {"median": round(float(np.median(b / np.asarray(v))), 3),
-                    "range": [round(float(np.min(b / np.asarray(v))), 3), round(float(np.max(b / np.asarray(v))), 3)]}
-                for k, v in times.items() if k.startswith(prefix) and k != base_name}
+        return round_ratios(times, base_name, [k for k in times if k.startswith(prefix) and k != base_name])
     out["speedup_vs_torch"] = {**speedups("model: torch eager, exact longest", "model:"),
                                **speedups("e2e: PyTorch eager classify (exact longest)", "e2e:"),
                                **speedups("wall: torch eager, all cores", "wall:")}

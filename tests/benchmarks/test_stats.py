@@ -11,6 +11,7 @@ import pytest
 from huse.benchmarks.stats import (
     concurrent_throughput,
     repeat_summary,
+    round_ratios,
     summarize,
     throughput,
     time_fn,
@@ -166,3 +167,11 @@ def test_concurrent_throughput_propagates_errors():
         concurrent_throughput(boom, items_per_call=1, callers=2, seconds=0.05, warmup=0)
     with pytest.raises(RuntimeError, match="backend failed"):
         concurrent_throughput(boom, items_per_call=1, callers=2, seconds=0.05, warmup=1)
+
+
+def test_round_ratios_compares_each_round_with_the_base_round():
+    times = {"base": [2.0, 4.0, 3.0], "twice as fast": [1.0, 2.0, 1.5], "mixed": [4.0, 2.0, 3.0]}
+    out = round_ratios(times, "base")
+    assert out["twice as fast"] == {"median": 2.0, "range": [2.0, 2.0]}
+    assert out["mixed"] == {"median": 1.0, "range": [0.5, 2.0]}
+    assert set(round_ratios(times, "base", ["mixed"])) == {"mixed"}
