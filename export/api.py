@@ -106,11 +106,12 @@ def run_graph(path: Path, feeds: list[dict[str, np.ndarray]], output: str) -> np
     return run_graph_outputs(path, feeds, [output])[output]
 
 
-def run_graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[str]) -> dict[str, np.ndarray]:
-    """Several outputs of one graph over all feeds, in one pass."""
+def run_graph_outputs(path: Path, feeds: list[dict[str, np.ndarray]], outputs: list[str],
+                      weights: Path | None = None) -> dict[str, np.ndarray]:
+    """Several outputs of one graph over all feeds, in one pass (`weights`: as `OnnxrtRunner`'s)."""
     from huse.runtime.backends.onnxrt.runner import OnnxrtRunner
 
-    with OnnxrtRunner(path) as r:
+    with OnnxrtRunner(path, weights=weights) as r:
         parts = [r.infer(f) for f in feeds]
     return {o: np.concatenate([p[o] for p in parts]) for o in outputs}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import platform
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,12 +198,6 @@ class Classifier:
                 raise HuseError(f"device='cuda' was asked for but no GPU backend is usable here ({why}); "
                                 "use device='cpu' (or leave device=None to pick the best available)")
         log.info("huse Classifier: %s on %s, %s (%s)", self.backend, self.device, precision, reason)
-        if precision == "fp16" and self.device == "cpu" and platform.machine().lower() in ("aarch64", "arm64"):
-            # Arm CPUs run fp16 convolutions in fp16 arithmetic; the export's gate measured fp16 on x86, which
-            # computes them in fp32. On aarch64 agreement fell to 99.0% (README "Arm64", make arm64-fp16).
-            log.warning("huse Classifier: fp16 on an Arm CPU runs in fp16 arithmetic, which the bundle's fp16 gate did "
-                        "not measure (top-1 agreement 99.0%% on aarch64 vs the gate's 99.9%%); use precision='fp32' "
-                        "or 'int8-cpu' on Arm CPUs (README: Arm64)")
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()  # guards _runners, _active, _closing
         self._idle = threading.Condition(self._lock)
@@ -217,11 +210,15 @@ class Classifier:
                 cls = runner_class(self.backend)
                 onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
                 if self.backend == "onnxruntime":
-                    from huse.runtime.backends.onnxrt.runner import graph_row_parts, graph_threads
+                    from huse.runtime.backends.onnxrt.runner import fp16_on_cpu, graph_row_parts, graph_threads
 
                     encoder = self.manifest.get("model", {}).get("text_encoder")
+                    weights = None
+                    if fp16_on_cpu(self.precision, self.device):  # the float32 graph with the FP16 weights
+                        onnx_file, weights = self.bundle / self.manifest["models"]["fp32"][graph], onnx_file
                     runner = cls(onnx_file, device=self.device, threads=graph_threads(graph, encoder, self.threads),
-                                 spinning=self.spinning, row_parts=graph_row_parts(graph, encoder, self.threads))
+                                 spinning=self.spinning, row_parts=graph_row_parts(graph, encoder, self.threads),
+                                 weights=weights)
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
                 runner.activate()

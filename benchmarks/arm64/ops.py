@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from huse.runtime.backends.onnxrt.weights import KEEPS_FILE_WEIGHTS, add_float16_weights
+
 __all__ = ["count_kernels"]
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
            "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 
-def count_kernels(path: str | Path, batch: int = 2) -> dict[str, int]:
+def count_kernels(path: str | Path, batch: int = 2, weights: str | Path | None = None) -> dict[str, int]:
     """Run one batch of zeros through `path` with onnxruntime's CPU provider and count its kernels.
 
     The session options are the runtime's (huse.runtime.backends.onnxrt.runner: full graph
@@ -36,6 +38,7 @@ def count_kernels(path: str | Path, batch: int = 2) -> dict[str, int]:
     Args:
         path: an .onnx file.
         batch: the size of the dynamic batch axis.
+        weights: an FP16 graph whose weights replace `path`'s, as the runtime runs FP16 bundles on a CPU.
 
     Returns:
         kernel (op) name -> how many nodes ran it, from the profile's per-node events.
@@ -47,9 +50,11 @@ def count_kernels(path: str | Path, batch: int = 2) -> dict[str, int]:
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     opts.enable_profiling = True
+    kept = add_float16_weights(opts, weights) if weights is not None else []  # noqa: F841 (alive with the session)
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(KEEPS_FILE_WEIGHTS if weights is not None else ()))
         feed = {i.name: np.zeros([d if isinstance(d, int) else batch for d in i.shape], _DTYPES[i.type])
                 for i in session.get_inputs()}
         session.run(None, feed)
@@ -63,12 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bundle")
     ap.add_argument("--precisions", default="fp32", help="Comma-separated precisions of the bundle.")
     args = ap.parse_args(argv)
+    from huse.runtime.backends.onnxrt.runner import fp16_on_cpu
     from huse.runtime.bundle import load_manifest
 
     m = load_manifest(args.bundle)
-    out = {}
+    bundle, out = Path(args.bundle), {}
     for p in args.precisions.split(","):
-        out[p] = {g: count_kernels(Path(args.bundle) / rel) for g, rel in sorted(m["models"][p].items())}
+        if fp16_on_cpu(p, "cpu"):  # what the runtime runs: the fp32 graphs with the fp16 weights
+            out[p] = {g: count_kernels(bundle / m["models"]["fp32"][g], weights=bundle / rel)
+                      for g, rel in sorted(m["models"][p].items())}
+        else:
+            out[p] = {g: count_kernels(bundle / rel) for g, rel in sorted(m["models"][p].items())}
     json.dump(out, sys.stdout)
 
 

@@ -1,6 +1,6 @@
 """The arm64 check (benchmarks/arm64): its short form, which CI runs, and the comparison it rests on.
 
-The short form is issue 23's CI bar: fp32 and int8-cpu, 64 products of the tiny bundle, `huse info`,
+The short form is issue 23's CI bar: fp32, fp16 and int8-cpu, 64 products of the tiny bundle, `huse info`,
 `huse classify` and `huse search` under emulated aarch64 (qemu-aarch64-static) against x86 in the
 same run. Outside CI it skips, saying why, where QEMU or Debian's arm64 packages are unavailable;
 in CI (CI=true) it fails instead, so that a CI machine without them cannot pass by skipping.
@@ -46,20 +46,21 @@ def arm64_ready(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def int8_cpu_bundle(tiny_bundle, tmp_path_factory):
-    """The tiny bundle with its int8-cpu graphs (the form onnxruntime's Arm and x86 u8s8 kernels run)."""
+def cpu_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with its int8-cpu graphs (the form onnxruntime's Arm and x86 u8s8 kernels run) and
+    its fp16 graphs (on a CPU: the fp32 graphs with the fp16 weights)."""
     from huse.export.api import ExportOptions, export
 
     bundle = tmp_path_factory.mktemp("arm64") / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     # The gate is the export's business (tests/export); here only Arm against x86 matters.
-    export(bundle, None, ExportOptions(int8_cpu=True, calib_size=64, eval_size=0, engine="skip",
+    export(bundle, None, ExportOptions(fp16=True, int8_cpu=True, calib_size=64, eval_size=0, engine="skip",
                                        accuracy_gate=False, say=lambda s: None))
     return bundle
 
 
-def test_short_form_on_emulated_aarch64_matches_x86(arm64_ready, int8_cpu_bundle, tiny_catalog, tmp_path):
-    report = run_check(int8_cpu_bundle, tiny_catalog, tmp_path, precisions=("fp32", "int8-cpu"), limit=64,
+def test_short_form_on_emulated_aarch64_matches_x86(arm64_ready, cpu_bundle, tiny_catalog, tmp_path):
+    report = run_check(cpu_bundle, tiny_catalog, tmp_path, precisions=("fp32", "fp16", "int8-cpu"), limit=64,
                        say=lambda s: None)
     arm, x86 = report["versions"]["aarch64"], report["versions"]["x86_64"]
     assert arm["machine"] == "aarch64" and x86["machine"] == "x86_64"
@@ -69,6 +70,8 @@ def test_short_form_on_emulated_aarch64_matches_x86(arm64_ready, int8_cpu_bundle
     assert fp32["n"] == 64 and fp32["errors"] == 0
     assert fp32["agreement"] == 100.0 and fp32["max_score_diff"] <= FP32_SCORE_ATOL, fp32
     assert int8["n"] == 64 and int8["agreement"] >= 99.0, int8
+    fp16 = report["precisions"]["fp16"]  # the fp32 graphs' kernels on both sides: the x86 answers
+    assert fp16["n"] == 64 and fp16["agreement"] == 100.0 and fp16["max_score_diff"] <= FP32_SCORE_ATOL, fp16
     assert report["search"]["passed"] and report["search"]["hits"] > 0, report["search"]
     for graphs in report["kernels"].values():
         for counts in graphs.values():

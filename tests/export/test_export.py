@@ -100,7 +100,7 @@ def test_export_refuses_to_overwrite_without_force(tiny_run, tiny_bundle):
         export(tiny_run, tiny_bundle, ExportOptions(say=lambda s: None))
 
 
-def test_fp16_and_int8_variants_are_gated_and_recorded(tiny_bundle, tmp_path, monkeypatch, caplog):
+def test_fp16_and_int8_variants_are_gated_and_recorded(tiny_bundle, tmp_path):
     from huse.export.api import ExportOptions, export
     from huse.runtime import Classifier
 
@@ -136,18 +136,6 @@ def test_fp16_and_int8_variants_are_gated_and_recorded(tiny_bundle, tmp_path, mo
             got = clf.embed_visual(images).vectors
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
         np.testing.assert_allclose(got, want, atol=atol)
-
-    # fp16 on an Arm CPU is warned about (its gate was measured on x86, where onnxruntime computes fp16
-    # convolutions in fp32); on x86 it is not.
-    import logging
-    import platform
-
-    for machine, warned in (("x86_64", False), ("aarch64", True)):
-        monkeypatch.setattr(platform, "machine", lambda m=machine: m)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="huse"):
-            Classifier(bundle, backend="onnxruntime", precision="fp16").close()
-        assert any("fp16 on an Arm CPU" in r.getMessage() for r in caplog.records) == warned
 
 
 def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_path):

@@ -13,7 +13,7 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.errors import HuseError
 
-__all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_row_parts", "graph_threads"]
+__all__ = ["OnnxrtRunner", "cuda_provider_status", "fp16_on_cpu", "graph_row_parts", "graph_threads"]
 
 # Fewest rows a part of a split batch gets: below it the hand-off to another thread costs more than
 # the rows (the word-CNN text graph: about 9 us a row on one core, a hand-off tens of us).
@@ -113,6 +113,19 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     return 1
 
 
+def fp16_on_cpu(precision: str, device: str) -> bool:
+    """Whether an FP16 graph runs as the float32 graph with the FP16 graph's weights (`OnnxrtRunner(weights=)`).
+
+    On a CPU, yes. onnxruntime has no float16 kernels on x86: it runs float32 kernels behind Casts, and
+    the export's FP16 gate was measured that way. On an Arm CPU with float16 arithmetic it runs the
+    float16 graph in float16 (33 of the demo image graph's 49 convolutions as fp16 NhwcFusedConv), whose
+    scores moved by up to 0.033 and flipped 2 of 200 products against x86 (`make arm64-check`, README
+    "Arm64"). Float16 weights in float32 arithmetic give every CPU the same answers. On a GPU the FP16
+    graph runs as it is.
+    """
+    return precision == "fp16" and device == "cpu"
+
+
 class OnnxrtRunner(BaseRunner):
     """Runs an ONNX file with onnxruntime.
 
@@ -125,19 +138,23 @@ class OnnxrtRunner(BaseRunner):
             1,555 items/s off vs 1,063 on (alone: 2,324 vs 2,433).
         row_parts: cut a batch of at least 2 x MIN_ROWS_PER_PART rows into up to this many parts by
             rows and run them at the same time (`graph_row_parts`); 1: whole batches.
+        weights: an FP16 copy of this graph (same nodes and initializer names) whose float16 weights
+            replace this graph's, in float32 (`fp16_on_cpu`): an FP16 bundle on a CPU.
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 spinning: bool | None = None, row_parts: int = 1):
+                 spinning: bool | None = None, row_parts: int = 1, weights: str | Path | None = None):
         super().__init__(path)
         self.device = device
         self.threads = threads
         self.spinning = spinning
         self.row_parts = max(1, int(row_parts))
+        self.weights = weights
         self.session = None
         self._pool: ThreadPoolExecutor | None = None
+        self._initializers: list = []  # the OrtValues given to the session must outlive it
 
     def activate_impl(self) -> None:
         ort = lazy_import("onnxruntime", "ort")
@@ -149,6 +166,12 @@ class OnnxrtRunner(BaseRunner):
             opts.intra_op_num_threads = int(self.threads)
         if self.spinning is not None:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        disabled: tuple[str, ...] = ()
+        if self.weights is not None:
+            from huse.runtime.backends.onnxrt.weights import KEEPS_FILE_WEIGHTS, add_float16_weights
+
+            self._initializers = add_float16_weights(opts, self.weights)
+            disabled = KEEPS_FILE_WEIGHTS
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -156,7 +179,7 @@ class OnnxrtRunner(BaseRunner):
                                 "or use device='cpu'")
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            session = ort.InferenceSession(str(self.path), opts, providers=providers, disabled_optimizers=list(disabled))
         except Exception as e:
             raise HuseError(f"onnxruntime could not load {self.path} ({e})") from None
         if self.device == "cuda" and not _cuda_active(session):
@@ -173,6 +196,7 @@ class OnnxrtRunner(BaseRunner):
             self._pool.shutdown(wait=True)
             self._pool = None
         self.session = None
+        self._initializers = []
 
     @property
     def input_names(self) -> list[str]:
