@@ -286,7 +286,7 @@ def check_labels_stamp(labels: list[str], metadata: dict[str, str], where: str) 
                         "Refusing it; re-export the bundle")
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
+def proto_varint(buf, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(buf):
@@ -299,17 +299,17 @@ def _varint(buf, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf, start: int = 0, end: int | None = None):
+def proto_fields(buf, start: int = 0, end: int | None = None):
     """(field number, wire type, value) of a protobuf message: ints for varints, (start, end) spans
     for length-delimited fields (not copied: a graph field can be hundreds of MB)."""
     pos, end = start, len(buf) if end is None else end
     while pos < end:
-        key, pos = _varint(buf, pos)
+        key, pos = proto_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = proto_varint(buf, pos)
         elif wire == 2:
-            size, pos = _varint(buf, pos)
+            size, pos = proto_varint(buf, pos)
             value, pos = (pos, pos + size), pos + size
         elif wire in (1, 5):
             value, pos = None, pos + (8 if wire == 1 else 4)
@@ -337,9 +337,9 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ValueError("empty file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                for field, wire, value in _fields(buf):
+                for field, wire, value in proto_fields(buf):
                     if field == 14 and wire == 2:
-                        entry = {k: bytes(buf[v[0]:v[1]]).decode("utf-8") for k, w, v in _fields(buf, *value)
+                        entry = {k: bytes(buf[v[0]:v[1]]).decode("utf-8") for k, w, v in proto_fields(buf, *value)
                                  if k in (1, 2) and w == 2}
                         out[entry.get(1, "")] = entry.get(2, "")
     except (OSError, ValueError) as e:

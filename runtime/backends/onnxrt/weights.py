@@ -7,8 +7,8 @@ that an Arm CPU, whose onnxruntime runs the float16 graph in float16 arithmetic,
 answers (README, "Arm64").
 
 Only what that needs is read: ModelProto.graph (field 7) -> GraphProto.initializer (field 5) ->
-TensorProto name (8), data_type (2), dims (1), raw_data (9), in protobuf's wire format
-(https://protobuf.dev/programming-guides/encoding/; field numbers from onnx/onnx.proto).
+TensorProto name (8), data_type (2), dims (1), raw_data (9), off protobuf's wire format with the
+reader `huse.runtime.bundle` uses for the graphs' metadata (field numbers from onnx/onnx.proto).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from huse.runtime.bundle import proto_fields, proto_varint
 from huse.runtime.errors import HuseError
 
 __all__ = ["KEEPS_FILE_WEIGHTS", "add_float16_weights", "float16_initializers"]
@@ -27,41 +28,6 @@ FLOAT16 = 10  # TensorProto.DataType.FLOAT16
 # layout transformer (x86 only) did: with it some convolutions kept their float32 weights (the demo image
 # graph's logits 0.020 from the float32 graph with its weights rounded to float16; without it 5e-6).
 KEEPS_FILE_WEIGHTS = ("NchwcTransformer",)
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value) of each field of one message: ints for varints, views otherwise."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            value, i = buf[i:i + size], i + size
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"wire type {wire} (groups are not used by ONNX)")
-        if i > len(buf):
-            raise ValueError("a field runs past the end of its message")
-        yield number, wire, value
 
 
 def float16_initializers(path: str | Path) -> dict[str, np.ndarray]:
@@ -75,37 +41,39 @@ def float16_initializers(path: str | Path) -> dict[str, np.ndarray]:
         HuseError: the file is not a readable ONNX model, or a float16 initializer keeps its values
             outside raw_data (export writes raw_data).
     """
+    import mmap
+
     path = Path(path)
     out: dict[str, np.ndarray] = {}
     try:
-        model = memoryview(path.read_bytes())
-        for number, wire, graph in _fields(model):
-            if number != 7 or wire != 2:
-                continue
-            for g_number, g_wire, tensor in _fields(graph):
-                if g_number != 5 or g_wire != 2:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for number, wire, graph in proto_fields(buf):
+                if number != 7 or wire != 2:
                     continue
-                name, dtype, dims, raw = "", 0, [], None
-                for t_number, t_wire, value in _fields(tensor):
-                    if t_number == 8 and t_wire == 2:
-                        name = bytes(value).decode("utf-8")
-                    elif t_number == 2 and t_wire == 0:
-                        dtype = value
-                    elif t_number == 1 and t_wire == 0:
-                        dims.append(value)
-                    elif t_number == 1 and t_wire == 2:  # packed dims
-                        j = 0
-                        while j < len(value):
-                            d, j = _varint(value, j)
-                            dims.append(d)
-                    elif t_number == 9 and t_wire == 2:
-                        raw = value
-                if dtype != FLOAT16:
-                    continue
-                if raw is None:
-                    raise HuseError(f"{path}: float16 initializer {name!r} keeps its values outside raw_data; "
-                                    "re-export the bundle")
-                out[name] = np.frombuffer(raw, dtype="<f2").reshape(dims).astype(np.float16)
+                for g_number, g_wire, tensor in proto_fields(buf, *graph):
+                    if g_number != 5 or g_wire != 2:
+                        continue
+                    name, dtype, dims, raw = "", 0, [], None
+                    for t_number, t_wire, value in proto_fields(buf, *tensor):
+                        if t_number == 8 and t_wire == 2:
+                            name = bytes(buf[value[0]:value[1]]).decode("utf-8")
+                        elif t_number == 2 and t_wire == 0:
+                            dtype = value
+                        elif t_number == 1 and t_wire == 0:
+                            dims.append(value)
+                        elif t_number == 1 and t_wire == 2:  # packed dims
+                            pos = value[0]
+                            while pos < value[1]:
+                                d, pos = proto_varint(buf, pos)
+                                dims.append(d)
+                        elif t_number == 9 and t_wire == 2:
+                            raw = value
+                    if dtype != FLOAT16:
+                        continue
+                    if raw is None:
+                        raise HuseError(f"{path}: float16 initializer {name!r} keeps its values outside raw_data; "
+                                        "re-export the bundle")
+                    out[name] = np.frombuffer(buf[raw[0]:raw[1]], dtype="<f2").reshape(dims).astype(np.float16)
     except (OSError, ValueError) as e:
         raise HuseError(f"cannot read the float16 weights of {path} ({e}); re-export the bundle") from None
     return out
