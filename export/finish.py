@@ -38,18 +38,20 @@ def _thresholds(manifest: dict[str, Any], mode: str) -> dict[str, np.ndarray]:
     return {} if t is None else {"thresholds": np.asarray(t, dtype=np.float32)}
 
 
-def _predict(bundle: Path, models: dict[str, str], graphs: dict[str, Any], data, activation=softmax,
-             weights: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-    """Probabilities per mode (image, text, fused) of one precision's graphs on `data`, and the image graph's
-    visual-similarity vectors as "visual" where it has them (from the same run). `weights`: FP16 graphs whose
-    weights replace `models`' (an FP16 bundle as the runtime runs it on a CPU: `fp16_on_cpu`)."""
+def _predict(bundle: Path, models: dict[str, dict[str, str]], precision: str, graphs: dict[str, Any], data,
+             activation=softmax) -> dict[str, np.ndarray]:
+    """Probabilities per mode (image, text, fused) of one precision's graphs on `data`, run as the runtime runs
+    them on a CPU (`onnx_files`: an FP16 bundle as the float32 graphs with its weights), and the image graph's
+    visual-similarity vectors as "visual" where it has them (from the same run). `models`: the manifest's."""
     from huse.export.api import run_graph_outputs
+    from huse.runtime.backends.onnxrt.runner import onnx_files
 
     out = {}
     for g in GRAPHS:
         names = ["probs"] if g == "fused" else ["logits"] + (["visual"] if "visual" in graphs[g]["outputs"] else [])
-        res = run_graph_outputs(bundle / models[g], data.feeds(graphs[g]["inputs"]), names,
-                                weights=bundle / weights[g] if weights else None)
+        path, weights = onnx_files(models, precision, g)
+        res = run_graph_outputs(bundle / path, data.feeds(graphs[g]["inputs"]), names,
+                                weights=bundle / weights if weights else None)
         out[g] = res["probs"] if g == "fused" else activation(res["logits"])
         if "visual" in res:
             out["visual"] = res["visual"]
@@ -176,7 +178,6 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
     """Add the requested precisions (gated), check TensorRT compatibility, build engines, rewrite the manifest."""
     from huse.export.api import EvalData
     from huse.export.precision import accuracy_gate, visual_agreement
-    from huse.runtime.backends.onnxrt.runner import fp16_on_cpu
 
     say = opts.say
     _leftovers(bundle, manifest)
@@ -190,7 +191,7 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
         calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"], multi=multi) if {"int8", "int8-cpu"} & set(wanted) else None
         say(f"accuracy gate on {len(evald)} held-out {evald.split} products"
             + (f"; INT8 calibration on {len(calib)} train products ({opts.calib_method or 'percentile'})" if calib else ""))
-        ref = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald, _activation(manifest))
+        ref = _predict(bundle, manifest["models"], "fp32", manifest["graphs"], evald, _activation(manifest))
         fp32_size = sum((bundle / f).stat().st_size for f in manifest["models"]["fp32"].values())
         manifest.setdefault("accuracy", {})
         for precision in wanted:
@@ -200,11 +201,8 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
             models = {g: f"{folder}/{g}.onnx" for g in GRAPHS}
             for f in models.values():
                 stamp_labels(bundle / f, manifest["labels"])
-            if fp16_on_cpu(precision, "cpu"):  # the gate measures what the runtime runs on a CPU
-                cand = _predict(bundle, manifest["models"]["fp32"], manifest["graphs"], evald, _activation(manifest),
-                                weights=models)
-            else:
-                cand = _predict(bundle, models, manifest["graphs"], evald, _activation(manifest))
+            cand = _predict(bundle, dict(manifest["models"], **{precision: models}), precision, manifest["graphs"],
+                            evald, _activation(manifest))
             gates = {mode: accuracy_gate(ref[mode], cand[mode], evald.labels, precision=precision,
                                          **_thresholds(manifest, mode)) for mode in GRAPHS}
             size = sum((bundle / f).stat().st_size for f in models.values())

@@ -210,15 +210,14 @@ class Classifier:
                 cls = runner_class(self.backend)
                 onnx_file = self.bundle / self.manifest["models"][self.precision][graph]
                 if self.backend == "onnxruntime":
-                    from huse.runtime.backends.onnxrt.runner import fp16_on_cpu, graph_row_parts, graph_threads
+                    from huse.runtime.backends.onnxrt.runner import graph_row_parts, graph_threads, onnx_files
 
                     encoder = self.manifest.get("model", {}).get("text_encoder")
-                    weights = None
-                    if fp16_on_cpu(self.precision, self.device):  # the float32 graph with the FP16 weights
-                        onnx_file, weights = self.bundle / self.manifest["models"]["fp32"][graph], onnx_file
+                    path, weights = onnx_files(self.manifest["models"], self.precision, graph, self.device)
+                    onnx_file = self.bundle / path
                     runner = cls(onnx_file, device=self.device, threads=graph_threads(graph, encoder, self.threads),
                                  spinning=self.spinning, row_parts=graph_row_parts(graph, encoder, self.threads),
-                                 weights=weights)
+                                 weights=self.bundle / weights if weights else None)
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)
                 runner.activate()

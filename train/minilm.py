@@ -267,7 +267,7 @@ class MiniLM(nn.Module):
         Returns:
             A shallow copy with `remove_padding` set: the form export writes. Its output equals this
             model's to float rounding; the work of every row-wise op follows the real token count, not
-            N x L (a batch of 64 phosphor-icons titles: about half the rows of one padded to its longest).
+            N x L (phosphor-icons' held-out batches of 64: 75% of the rows of a batch padded to its longest).
         """
         form = copy.copy(self)  # shallow: the modules and weights are this model's
         form.remove_padding = True

@@ -68,17 +68,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bundle")
     ap.add_argument("--precisions", default="fp32", help="Comma-separated precisions of the bundle.")
     args = ap.parse_args(argv)
-    from huse.runtime.backends.onnxrt.runner import fp16_on_cpu
+    from huse.runtime.backends.onnxrt.runner import onnx_files
     from huse.runtime.bundle import load_manifest
 
     m = load_manifest(args.bundle)
     bundle, out = Path(args.bundle), {}
     for p in args.precisions.split(","):
-        if fp16_on_cpu(p, "cpu"):  # what the runtime runs: the fp32 graphs with the fp16 weights
-            out[p] = {g: count_kernels(bundle / m["models"]["fp32"][g], weights=bundle / rel)
-                      for g, rel in sorted(m["models"][p].items())}
-        else:
-            out[p] = {g: count_kernels(bundle / rel) for g, rel in sorted(m["models"][p].items())}
+        out[p] = {}
+        for g in sorted(m["models"][p]):  # what the runtime runs (fp16: the fp32 graphs with the fp16 weights)
+            path, weights = onnx_files(m["models"], p, g)
+            out[p][g] = count_kernels(bundle / path, weights=bundle / weights if weights else None)
     json.dump(out, sys.stdout)
 
 

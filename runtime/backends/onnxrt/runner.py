@@ -13,7 +13,7 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.errors import HuseError
 
-__all__ = ["OnnxrtRunner", "cuda_provider_status", "fp16_on_cpu", "graph_row_parts", "graph_threads"]
+__all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_row_parts", "graph_threads", "onnx_files"]
 
 # Fewest rows a part of a split batch gets: below it the hand-off to another thread costs more than
 # the rows (the word-CNN text graph: about 9 us a row on one core, a hand-off tens of us).
@@ -113,17 +113,26 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     return 1
 
 
-def fp16_on_cpu(precision: str, device: str) -> bool:
-    """Whether an FP16 graph runs as the float32 graph with the FP16 graph's weights (`OnnxrtRunner(weights=)`).
+def onnx_files(models: dict[str, dict[str, str]], precision: str, graph: str, device: str = "cpu") -> tuple[str, str | None]:
+    """The ONNX file onnxruntime loads for one graph of a bundle, and the file whose weights replace its own.
 
-    On a CPU, yes. onnxruntime has no float16 kernels on x86: it runs float32 kernels behind Casts, and
-    the export's FP16 gate was measured that way. On an Arm CPU with float16 arithmetic it runs the
-    float16 graph in float16 (33 of the demo image graph's 49 convolutions as fp16 NhwcFusedConv), whose
-    scores moved by up to 0.033 and flipped 2 of 200 products against x86 (`make arm64-check`, README
-    "Arm64"). Float16 weights in float32 arithmetic give every CPU the same answers. On a GPU the FP16
-    graph runs as it is.
+    An FP16 graph on a CPU runs as the float32 graph with the FP16 graph's weights (`OnnxrtRunner(weights=)`).
+    onnxruntime has no float16 kernels on x86: it runs float32 kernels behind Casts. On an Arm CPU with
+    float16 arithmetic it runs the float16 graph in float16 (33 of the demo image graph's 49 convolutions
+    as fp16 NhwcFusedConv), whose scores moved by up to 0.033 and flipped 2 of 200 products against x86
+    (`make arm64-check`, README "Arm64"). Float16 weights in float32 arithmetic give every CPU the same
+    answers, and the export's FP16 gate measures that. On a GPU the FP16 graph runs as it is.
+
+    Args:
+        models: the manifest's "models" (precision -> graph -> file, relative to the bundle).
+        precision, graph, device: what is to run, and where ("cpu" or "cuda").
+    Returns:
+        (the file to load, the FP16 file whose weights replace its own or None), relative to the bundle.
     """
-    return precision == "fp16" and device == "cpu"
+    path = models[precision][graph]
+    if precision == "fp16" and device == "cpu":
+        return models["fp32"][graph], path
+    return path, None
 
 
 class OnnxrtRunner(BaseRunner):
@@ -139,7 +148,7 @@ class OnnxrtRunner(BaseRunner):
         row_parts: cut a batch of at least 2 x MIN_ROWS_PER_PART rows into up to this many parts by
             rows and run them at the same time (`graph_row_parts`); 1: whole batches.
         weights: an FP16 copy of this graph (same nodes and initializer names) whose float16 weights
-            replace this graph's, in float32 (`fp16_on_cpu`): an FP16 bundle on a CPU.
+            replace this graph's, in float32 (`onnx_files`): an FP16 bundle on a CPU.
     """
 
     name = "onnxruntime"
