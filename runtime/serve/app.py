@@ -170,8 +170,9 @@ class Server:
             # A quarter of the deadline for the wait behind the items already admitted: the request's own
             # decoding, batch and way back take the rest, and the estimate lags a sudden flood, which
             # takes the cores the estimate was measured with. Under 4x overload (2 cores, 2 s deadline,
-            # `huse-bench serve`'s overload run, 2 runs each, another job loading the cores) half the deadline let the slowest answer
-            # take 2.03-2.20 s, a quarter 1.10-1.16 s, with as many requests served (3,406-3,689 vs 3,660-3,926).
+            # `huse-bench serve`'s overload run, 2 runs each, another job loading the cores) half the
+            # deadline let the slowest answer take 2.03-2.20 s, a quarter 1.10-1.16 s, with as many
+            # requests served (3,406-3,689 vs 3,660-3,926).
             self.batchers[name] = b = Batcher(model, self._instances, self._pool, c.max_batch, c.max_delay_ms / 1000,
                                               c.max_queue, max_wait=c.timeout_s / 4,
                                               on_batch=self.metrics.batch.labels(name).observe)
