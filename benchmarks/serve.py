@@ -374,16 +374,28 @@ class Server:
         return p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
 
     def cpu_seconds(self, loop_only: bool = False) -> float | None:
-        """CPU time (user + system) of the server process so far, all its threads (or only its main
-        thread: huse serve's event loop); None where there is no /proc. Per request it is far less
-        sensitive to a busy machine than wall-clock figures."""
+        """CPU time (user + system) of the server so far: its process and the processes it started
+        (`huse serve`'s model process, Triton's), all their threads; or only the main thread of its
+        main process (huse serve's event loop). None where there is no /proc. Per request it is far
+        less sensitive to a busy machine than wall-clock figures."""
+        import psutil
+
         pid = self.proc.pid
         try:
-            stat = Path(f"/proc/{pid}/task/{pid}/stat" if loop_only else f"/proc/{pid}/stat").read_text()
-        except OSError:
+            pids = [pid] if loop_only else [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        except psutil.Error:
             return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0
+        for p in pids:
+            try:
+                stat = Path(f"/proc/{pid}/task/{pid}/stat" if loop_only else f"/proc/{p}/stat").read_text()
+            except OSError:
+                if p == pid:
+                    return None
+                continue  # a child that has just exited
+            fields = stat.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> int | None:
         """SIGTERM, then wait (kill after 60 s); returns the exit code."""

@@ -470,13 +470,14 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
 @click.option("--max-batch", default=64, help="Most items per model batch (1: batching off).")
 @click.option("--max-delay-ms", default=3.0, help="How long a batch may wait after its oldest request for more to join.")
 @click.option("--max-queue", default=1024, help="Most items admitted at once; beyond it requests get 503 + Retry-After.")
-@click.option("--instances", default=1, help="Model instances, each on its own thread (sessions of their own).")
+@click.option("--instances", default=1, help="Model instances in the model process, each on its own thread (sessions "
+              "of their own).")
 @click.option("--threads", type=int, help="onnxruntime threads per instance (default: cores / instances).")
-@click.option("--workers", type=int, help="Threads decoding/tokenising and writing answers (default: min(4, cores)).")
+@click.option("--workers", type=int, help="Threads decoding and tokenising in the model process (default: min(4, cores)).")
 @click.option("--spin/--no-spin", default=True, help="onnxruntime thread spinning (on: lower latency and more "
               "throughput under load; --no-spin serves more under overload and leaves the cores to other processes).")
-@click.option("--worker-nice", default=5, help="Run decoding and model threads this much below the HTTP event loop's "
-              "priority, so health probes and refusals stay prompt under overload (0: the same priority).")
+@click.option("--worker-nice", default=5, help="Run the model process (decoding and the model) this much below the HTTP "
+              "front's priority, so health probes and refusals stay prompt under overload (0: the same priority).")
 @click.option("--max-body-mb", default=64.0, help="Largest request body (413 beyond).")
 @click.option("--max-items", default=256, help="Most items per request (413 beyond).")
 @click.option("--timeout", "timeout_s", default=30.0, help="Per-request deadline in seconds (504 and its work dropped beyond).")

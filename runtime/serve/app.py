@@ -1,8 +1,9 @@
-"""The ASGI app of `huse serve`: routes, auth, limits, metrics, readiness, graceful shutdown.
+"""The ASGI app of `huse serve`, its HTTP front: routes, auth, limits, admission, metrics,
+readiness, graceful shutdown.
 
-It speaks the Open Inference Protocol (huse.runtime.serve.protocol) and the /v1 JSON API, and
-hands items to the dynamic batchers (huse.runtime.serve.batcher); it knows nothing about
-onnxruntime. Starlette and uvicorn are imported here, so `import huse.runtime.serve` and
+It speaks the Open Inference Protocol (huse.runtime.serve.protocol) and the /v1 JSON API, admits
+items and hands them to the model process (huse.runtime.serve.worker), where the dynamic batchers
+(huse.runtime.serve.batcher) run them; it never runs a model. Starlette and uvicorn are imported here, so `import huse.runtime.serve` and
 `huse serve --help` work without the `serve` extra.
 """
 
@@ -12,7 +13,6 @@ import asyncio
 import functools
 import gc
 import hmac
-import io
 import json
 import logging
 import os
@@ -28,12 +28,12 @@ from typing import Any, Callable, Sequence
 from huse.runtime._lazy import lazy_import
 from huse.runtime._priority import lower_thread_priority
 from huse.runtime.errors import HuseError
-from huse.runtime.serve.batcher import Batcher, Instances, Overloaded
-from huse.runtime.serve.models import ClassifyModel, EmbedModel
+from huse.runtime.serve.batcher import Admission, Overloaded
 from huse.runtime.serve.protocol import (CLASSIFY_MODEL, EMBED_MODEL, MODELS, RequestError,
                                          classify_parameters, classify_tensors, dumps, embed_parameters,
-                                         embed_tensors, encode_infer_response, model_metadata, parse_infer_request,
+                                         embed_tensors, encode_infer_response, model_metadata, needs_review, parse_infer_request,
                                          parse_json_body, parse_v1_items, Items)
+from huse.runtime.serve.worker import RemoteBatcher, Worker, WorkerExited, worker_config
 
 log = logging.getLogger("huse.serve")
 STATIC = Path(__file__).parent / "static"
@@ -130,99 +130,96 @@ class Metrics:
 
 
 class Server:
-    """The loaded state of `huse serve`: model instances, batchers, index, metrics, readiness.
+    """The loaded state of `huse serve`'s front: the model process, admission, index, metrics, readiness.
 
     Args:
         config: the options.
-        classifiers: one per instance (Classifier objects, sessions not yet loaded).
+        classifier: the bundle, verified (labels, hierarchy; its sessions are never loaded here:
+            the model process runs the models).
         index: an opened Index for /v1/search, or None.
     """
 
-    def __init__(self, config: ServeConfig, classifiers: Sequence[Any], index: Any = None):
+    def __init__(self, config: ServeConfig, classifier: Any, index: Any = None):
         self.config = config
-        self.classifiers = list(classifiers)
+        self.classifier = classifier
         self.index = index
-        self.depth = self.classifiers[0].hierarchy.depth
-        self.multi_label = self.classifiers[0].multi_label
+        self.depth = classifier.hierarchy.depth
+        self.multi_label = classifier.multi_label
         self.metrics = Metrics()
-        self.ready = False
         self.failed: str | None = None
-        self.models = {CLASSIFY_MODEL: ClassifyModel(self.classifiers[0], config.min_confidence),
-                       EMBED_MODEL: EmbedModel(self.classifiers[0])}
-        self.batchers: dict[str, Batcher] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self.worker = Worker(worker_config(config), on_batch=self._ran, on_exit=self._worker_exited)
+        self._batch_items = {name: self.metrics.batch.labels(name) for name in MODELS}
+        # A quarter of the deadline for the wait behind the items already admitted: the request's own
+        # decoding, batch and way back take the rest, and the estimate lags a sudden flood, which
+        # takes the cores the estimate was measured with. Under 4x overload (2 cores, 2 s deadline,
+        # `huse-bench serve`'s overload run, 2 runs each, another job loading the cores) half the
+        # deadline let the slowest answer take 2.03-2.20 s, a quarter 1.10-1.16 s, with as many
+        # requests served (3,406-3,689 vs 3,660-3,926).
+        self.batchers = {name: RemoteBatcher(self.worker, name, Admission(config.max_queue, config.timeout_s / 4))
+                         for name in MODELS}
+        for name, b in self.batchers.items():
+            self.metrics.queue.labels(name).set_function(lambda b=b: b.admitted)
         self._search_thread: ThreadPoolExecutor | None = None
-        self._instances: Instances | None = None
         self._warm: asyncio.Task | None = None
+        self._index_warm = index is None
+
+    @property
+    def ready(self) -> bool:
+        """The models loaded and warmed in the model process, and the index (if any) here."""
+        return self.worker.ready and self._index_warm
 
     # -- lifetime --------------------------------------------------------------------
     async def start(self) -> None:
-        c = self.config
-        workers = c.workers if c.workers is not None else min(4, os.cpu_count() or 1)
-        # Worker threads (model instances and the onnxruntime threads their sessions start, prepare,
-        # search) run below the event loop: on a contended core the loop wins, so health probes,
-        # refusals and accepting connections do not queue behind a batch or a decode.
-        lower = functools.partial(lower_thread_priority, c.worker_nice)
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="huse-prepare", initializer=lower)
+        # Search runs below the event loop: on a contended core the loop wins.
+        lower = functools.partial(lower_thread_priority, self.config.worker_nice)
         self._search_thread = ThreadPoolExecutor(1, thread_name_prefix="huse-search", initializer=lower)
-        self._instances = Instances(self.classifiers, initializer=lower)
-        for name, model in self.models.items():
-            # A quarter of the deadline for the wait behind the items already admitted: the request's own
-            # decoding, batch and way back take the rest, and the estimate lags a sudden flood, which
-            # takes the cores the estimate was measured with. Under 4x overload (2 cores, 2 s deadline,
-            # `huse-bench serve`'s overload run, 2 runs each, another job loading the cores) half the
-            # deadline let the slowest answer take 2.03-2.20 s, a quarter 1.10-1.16 s, with as many
-            # requests served (3,406-3,689 vs 3,660-3,926).
-            self.batchers[name] = b = Batcher(model, self._instances, self._pool, c.max_batch, c.max_delay_ms / 1000,
-                                              c.max_queue, max_wait=c.timeout_s / 4,
-                                              on_batch=self.metrics.batch.labels(name).observe)
-            b.start()
-            self.metrics.queue.labels(name).set_function(lambda b=b: b.admitted)
-        # Loading and warming run off the event loop, so liveness answers meanwhile; on the
-        # instances' own threads, so onnxruntime's threads, started by the session, inherit their priority.
+        await self.worker.start()
+        # Loading and warming run in the model process and on the search thread, so liveness answers meanwhile.
         self._warm = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.gather(*(self._instances.call(i, _warm_up) for i in range(len(self.classifiers))))
+            await self.worker.loaded()
             if self.index is not None:
                 await loop.run_in_executor(self._search_thread, _warm_index, self.index)
+                self._index_warm = True
         except Exception as e:  # a bundle that cannot run: say so and stop, never serve half a model
-            self.failed = f"{type(e).__name__}: {e}"
-            _log_error("load", "startup", 0, self.failed)
-            os.kill(os.getpid(), signal.SIGTERM)
+            self._stop_with(f"the bundle could not be loaded: {type(e).__name__}: {e}", "load", "startup")
             return
-        # Everything loaded so far (modules, sessions, labels) lives as long as the server: frozen,
-        # the collector stops re-scanning it, and a young generation of 50,000 objects lets most
+        # Everything loaded so far (modules, labels) lives as long as the server: frozen, the
+        # collector stops re-scanning it, and a young generation of 50,000 objects lets most
         # collections find requests already answered. Collecting was 17% of the event loop's
         # samples at concurrency 64 before (py-spy).
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        self.ready = True
         c = self.config
         log.info(json.dumps({"event": "ready", "url": f"http://{c.host}:{c.port}", "models": list(MODELS),
-                             "precision": c.precision, "instances": len(self.classifiers), "max_batch": c.max_batch,
-                             "max_delay_ms": c.max_delay_ms, "search": self.index is not None}))
+                             "precision": c.precision, "instances": c.instances, "max_batch": c.max_batch,
+                             "max_delay_ms": c.max_delay_ms, "search": self.index is not None,
+                             "model_process": self.worker.proc.pid}))
+
+    def _ran(self, model: str, n: int) -> None:
+        """The model process ran a batch of n items of `model`."""
+        self._batch_items[model].observe(n)
+        self.batchers[model].ran(n)
+
+    def _worker_exited(self, message: str) -> None:
+        self._stop_with(message, "model_process", "server")
+
+    def _stop_with(self, message: str, kind: str, route: str) -> None:
+        """Log, then stop the server (`serve` raises with the message): never serve half a model."""
+        self.failed = message
+        _log_error(kind, route, 0, message)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def stop(self) -> None:
-        self.ready = False
         if self._warm is not None and not self._warm.done():
             self._warm.cancel()
-        for b in self.batchers.values():
-            await b.stop()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._close)
-
-    def _close(self) -> None:
-        for ex in (self._pool, self._search_thread):
-            if ex is not None:
-                ex.shutdown(wait=True)
-        if self._instances is not None:
-            self._instances.close()
-        for clf in self.classifiers:
-            clf.close()
+        await self.worker.stop(self.config.grace_s)
+        if self._search_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._search_thread.shutdown, True)
 
     # -- work ------------------------------------------------------------------------
     async def run(self, receive, model: str, items: Items, started: float | None = None) -> Any:
@@ -233,9 +230,11 @@ class Server:
             raise RequestError(f"model {model!r} is not ready yet (loading and warming up); retry shortly",
                                status=503, retry_after=1)
         left = self.config.timeout_s - (time.monotonic() - started if started is not None else 0.0)
-        # One task for the work and one watching the socket; asyncio.wait's own timeout is the
-        # deadline (no wait_for wrapper: a task less per request).
-        work = asyncio.ensure_future(self.batchers[model].submit(items, len(items)))
+        try:
+            work = self.batchers[model].submit(items, len(items))
+        except (Overloaded, WorkerExited) as e:
+            raise _unavailable(e) from None
+        # The work's future and a task watching the socket; asyncio.wait's own timeout is the deadline.
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
             done, _ = await asyncio.wait((work, gone), timeout=max(0.0, left), return_when=asyncio.FIRST_COMPLETED)
@@ -250,8 +249,8 @@ class Server:
                                f"fewer items", status=504)
         try:
             result = work.result()
-        except Overloaded as e:
-            raise _at_capacity(e) from None
+        except (Overloaded, WorkerExited) as e:
+            raise _unavailable(e) from None
         self.metrics.items_of[model].inc(len(items))
         return result
 
@@ -303,6 +302,13 @@ def _at_capacity(e: Overloaded) -> RequestError:
     return RequestError(f"the server is at capacity ({e}); retry after 1 s", status=503, retry_after=1)
 
 
+def _unavailable(e: Overloaded | WorkerExited) -> RequestError:
+    """A 503: the queue is full (retry after 1 s), or the model process is gone (the server is stopping)."""
+    if isinstance(e, Overloaded):
+        return _at_capacity(e)
+    return RequestError(f"{e}; the server is stopping", status=503)
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
@@ -313,20 +319,6 @@ async def _disconnected(receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _warm_up(clf) -> None:
-    """Load every graph and run each once, so the first request pays no session start."""
-    from PIL import Image
-
-    height, width = clf.image_spec.size
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (128, 128, 128)).save(buf, "PNG")
-    png = buf.getvalue()
-    clf.classify(images=[png, png, None], titles=["warm up", None, "warm up"])
-    clf.embed_image([png])
-    if clf.manifest.get("visual_dim"):
-        clf.embed_visual([png])
 
 
 def _warm_index(index) -> None:
@@ -390,7 +382,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         if c.min_confidence > 0:
             for r in results:
                 if "top_k" in r:
-                    r["needs_review"] = server.models[CLASSIFY_MODEL].needs_review(r)
+                    r["needs_review"] = needs_review(r, c.min_confidence)
         return Response(dumps({"results": results}), media_type="application/json")
 
     async def v1_embed(request: Request):
@@ -671,16 +663,16 @@ def load_server(config: ServeConfig) -> Server:
         raise HuseError("--max-delay-ms must be >= 0, --timeout and --max-body-mb > 0")
     if not 0.0 <= c.min_confidence <= 1.0:
         raise HuseError(f"--min-confidence must be between 0 and 1; got {c.min_confidence}")
-    threads = c.threads or max(1, (os.cpu_count() or 1) // c.instances)
     keys = list(c.trusted_keys) or None
-    classifiers = [Classifier(c.bundle, backend=c.backend, precision=c.precision, batch_size=max(c.max_batch, 1),
-                              threads=threads, spinning=c.spin, trusted_keys=keys) for _ in range(c.instances)]
+    # Verified here, before the port opens (labels and hierarchy for metadata and the page); the model
+    # process opens it again to run it.
+    classifier = Classifier(c.bundle, backend=c.backend, precision=c.precision, trusted_keys=keys)
     index = None
     if c.index:
         from huse.runtime.index import Index
 
         index = Index.open(c.index, bundle=c.bundle, trusted_keys=keys)
-    return Server(c, classifiers, index)
+    return Server(c, classifier, index)
 
 
 def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], Sequence[Any]] = ()) -> None:
@@ -707,7 +699,7 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(cfg).run()
     if server.failed:
-        raise HuseError(f"the bundle could not be loaded: {server.failed}")
+        raise HuseError(server.failed)
 
 
 class _OneWrite:

@@ -34,6 +34,55 @@ class Overloaded(Exception):
     """The queue is full; the caller should answer 503 with Retry-After."""
 
 
+class Admission:
+    """How many items are admitted and not yet answered, how fast they drain, and whether n more
+    may come in: the rule both the batcher and `huse serve`'s HTTP front (which admits for the
+    batcher in its model process, huse.runtime.serve.worker) apply.
+
+    Args:
+        max_queue: most items admitted at once.
+        max_wait: refuse a request whose expected wait is longer than this many seconds (None: no such limit).
+    """
+
+    def __init__(self, max_queue: int = 1024, max_wait: float | None = None):
+        self.max_queue, self.max_wait = max_queue, max_wait
+        self.admitted = 0
+        # Seconds per answered item while busy (a moving average of the time between answers): how
+        # fast the items admitted ahead of a new request will drain. It counts every stage and any
+        # contention for the cores, so under overload it grows and admission tightens.
+        self.item_seconds = 0.0
+        self._busy_since = self._last_done = 0.0
+
+    def check(self, n: int) -> None:
+        """Raises Overloaded when admitting n more items would take the queue past max_queue, or
+        when they would wait longer than max_wait (an empty queue takes a request of any size)."""
+        if self.admitted == 0:
+            return
+        if self.admitted + n > self.max_queue:
+            raise Overloaded(f"{self.admitted} items are queued (--max-queue {self.max_queue})")
+        if self.max_wait is not None:
+            wait = (self.admitted + n) * self.item_seconds
+            if wait > self.max_wait:
+                raise Overloaded(f"the {self.admitted} items queued would take ~{wait:.2f} s, more than the "
+                                 f"{self.max_wait:g} s this request may wait")
+
+    def admit(self, n: int) -> None:
+        if self.admitted == 0:
+            self._busy_since = time.monotonic()
+        self.admitted += n
+
+    def release(self, n: int) -> None:
+        """n items left (answered, failed or dropped)."""
+        self.admitted -= n
+
+    def answered(self, n: int) -> None:
+        """n items were answered: update the seconds per item while busy."""
+        now = time.monotonic()
+        per_item = (now - max(self._last_done, self._busy_since)) / max(1, n)
+        self._last_done = now
+        self.item_seconds = per_item if not self.item_seconds else 0.8 * self.item_seconds + 0.2 * per_item
+
+
 class Stages(Protocol):
     """What a served model gives the batcher (huse.runtime.serve.models)."""
 
@@ -117,14 +166,10 @@ class Batcher:
                  max_delay: float = 0.003, max_queue: int = 1024, max_wait: float | None = None,
                  on_batch: Callable[[int], None] | None = None):
         self.stages, self.instances, self.pool = stages, instances, pool
-        self.max_batch, self.max_delay, self.max_queue, self.max_wait = max_batch, max_delay, max_queue, max_wait
-        # Seconds per answered item while busy (a moving average of the time between answers): how
-        # fast the items admitted ahead of a new request will drain. It counts every stage and any
-        # contention for the cores, so under overload it grows and admission tightens.
-        self.item_seconds = 0.0
-        self._busy_since = self._last_done = 0.0
+        self.max_batch, self.max_delay = max_batch, max_delay
+        # items being prepared, queued or run (abandoned ones until their prepare ends)
+        self.admission = Admission(max_queue, max_wait)
         self.on_batch = on_batch or (lambda n: None)
-        self.admitted = 0  # items being prepared, queued or run (abandoned ones until their prepare ends)
         self.preparing = 0  # items being prepared: what a forming batch may still wait for
         self._idle_streak = 0  # requests in a row that found nothing else admitted
         self._queue: collections.deque[_Entry] = collections.deque()
@@ -168,7 +213,7 @@ class Batcher:
             instance = self.instances.try_acquire()
             if instance is not None:
                 return await self._run_alone(instance, payload, n)
-        self._admit(n)
+        self.admission.admit(n)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         prepare = loop.run_in_executor(self.pool, self.stages.prepare, payload)
@@ -192,7 +237,7 @@ class Batcher:
         finally:
             future.cancel()  # a caller that stopped waiting: the dispatcher skips its entry
             if prepare.done():
-                self.admitted -= n
+                self.admission.release(n)
             else:  # a thread cannot be stopped: its items still hold their place until it ends
                 prepare.add_done_callback(lambda f: self._release(f, n))
 
@@ -201,15 +246,15 @@ class Batcher:
         run and finish in one hand-off to the instance's thread, not three, since at low load the
         hand-offs are most of the time a request spends outside the model. A caller that stops
         waiting while its items are prepared has them dropped before the model, as from the queue."""
-        self._admit(n)
+        self.admission.admit(n)
         abandoned = threading.Event()
         work = self.instances.start(instance, self._whole, payload, n, abandoned)
 
         def done(f: asyncio.Future) -> None:
-            self.admitted -= n
+            self.admission.release(n)
             self.instances.release(instance)
             if not f.cancelled() and f.exception() is None:  # seen, also when nobody waits any more
-                self._answered(n)
+                self.admission.answered(n)
         work.add_done_callback(done)
         try:
             return await asyncio.shield(work)
@@ -223,34 +268,16 @@ class Batcher:
         self.on_batch(n)
         return self._run_and_finish(engine, parts)[0]
 
+    @property
+    def admitted(self) -> int:
+        return self.admission.admitted
+
     def check(self, n: int) -> None:
-        """Raises Overloaded when admitting n more items would take the queue past max_queue, or
-        when they would wait for the model longer than max_wait (an empty queue takes a request of
-        any size)."""
-        if self.admitted == 0:
-            return
-        if self.admitted + n > self.max_queue:
-            raise Overloaded(f"{self.admitted} items are queued (--max-queue {self.max_queue})")
-        if self.max_wait is not None:
-            wait = (self.admitted + n) * self.item_seconds
-            if wait > self.max_wait:
-                raise Overloaded(f"the {self.admitted} items queued would take ~{wait:.2f} s, more than the "
-                                 f"{self.max_wait:g} s this request may wait")
-
-    def _admit(self, n: int) -> None:
-        if self.admitted == 0:
-            self._busy_since = time.monotonic()
-        self.admitted += n
-
-    def _answered(self, n: int) -> None:
-        """n items were answered (on the event loop): update the seconds per item while busy."""
-        now = time.monotonic()
-        per_item = (now - max(self._last_done, self._busy_since)) / max(1, n)
-        self._last_done = now
-        self.item_seconds = per_item if not self.item_seconds else 0.8 * self.item_seconds + 0.2 * per_item
+        """Raises Overloaded when n more items may not be admitted (`Admission.check`)."""
+        self.admission.check(n)
 
     def _release(self, prepare: asyncio.Future, n: int) -> None:
-        self.admitted -= n
+        self.admission.release(n)
         if not prepare.cancelled():
             prepare.exception()  # nobody waits for it any more; mark it seen
 
@@ -305,7 +332,7 @@ class Batcher:
         try:
             try:
                 results = await self.instances.call(instance, self._run_and_finish, parts)
-                self._answered(n)
+                self.admission.answered(n)
             finally:
                 self.instances.release(instance)
         except Exception as exc:  # the whole batch failed: each of its requests gets the error

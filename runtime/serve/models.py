@@ -37,12 +37,10 @@ class ClassifyModel:
 
     Args:
         classifier: the instance whose thread-safe `prepare`/`describe` serve every instance.
-        min_confidence: top-1 below it sets `needs_review`.
     """
 
-    def __init__(self, classifier: Classifier, min_confidence: float = 0.0):
+    def __init__(self, classifier: Classifier):
         self.clf = classifier
-        self.min_confidence = min_confidence
 
     def prepare(self, items: Items) -> tuple[Prepared, int]:
         """Decode and tokenise one request's items (thread-safe). Returns (prepared, its top_k)."""
@@ -68,9 +66,6 @@ class ClassifyModel:
                     r["top_k"] = r["top_k"][:k]
             answers.append(mine)
         return answers
-
-    def needs_review(self, result: dict[str, Any]) -> bool:
-        return "top_k" in result and result["top_k"][0]["score"] < self.min_confidence
 
 
 class EmbedModel:

@@ -267,7 +267,7 @@ def classify_tensors(results: list[dict[str, Any]], depth: int, min_confidence: 
             labels[i, j], scores[i, j] = t["label"].encode(), t["score"]
         for j, p in enumerate(r["path"]):
             path_labels[i, j], path_scores[i, j] = p["label"].encode(), p["score"]
-        review[i, 0] = r["top_k"][0]["score"] < min_confidence
+        review[i, 0] = needs_review(r, min_confidence)
     tensors = {"top_k_labels": ("BYTES", labels), "top_k_scores": ("FP32", scores),
                "path_labels": ("BYTES", path_labels), "path_scores": ("FP32", path_scores),
                "mode": ("BYTES", mode), "needs_review": ("BOOL", review),
@@ -388,6 +388,11 @@ def parse_v1_items(req: Any, max_items: int | None = None) -> Items:
 def parse_json_body(body: bytes) -> Any:
     """The JSON of a /v1 request body (RequestError when it is not JSON)."""
     return _json(body)
+
+
+def needs_review(result: dict[str, Any], min_confidence: float) -> bool:
+    """A classified item whose top-1 score is below `--min-confidence`."""
+    return "top_k" in result and result["top_k"][0]["score"] < min_confidence
 
 
 def dumps(obj: Any) -> bytes:
