@@ -37,10 +37,13 @@ class ClassifyModel:
 
     Args:
         classifier: the instance whose thread-safe `prepare`/`describe` serve every instance.
+        min_confidence: top-1 below it sets `needs_review`, for whoever encodes the answers (the
+            Triton repository's model.py; `huse serve`'s front has it from its own options).
     """
 
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: Classifier, min_confidence: float = 0.0):
         self.clf = classifier
+        self.min_confidence = min_confidence
 
     def prepare(self, items: Items) -> tuple[Prepared, int]:
         """Decode and tokenise one request's items (thread-safe). Returns (prepared, its top_k)."""
