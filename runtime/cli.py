@@ -476,7 +476,7 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
 @click.option("--workers", type=int, help="Threads decoding and tokenising in the model process (default: min(4, cores)).")
 @click.option("--spin/--no-spin", default=True, help="onnxruntime thread spinning (on: lower latency and more "
               "throughput under load; --no-spin serves more under overload and leaves the cores to other processes).")
-@click.option("--worker-nice", default=5, help="Run the model process (decoding and the model) this much below the HTTP "
+@click.option("--worker-nice", default=10, help="Run the model process (decoding and the model) this much below the HTTP "
               "front's priority, so health probes and refusals stay prompt under overload (0: the same priority).")
 @click.option("--max-body-mb", default=64.0, help="Largest request body (413 beyond).")
 @click.option("--max-items", default=256, help="Most items per request (413 beyond).")

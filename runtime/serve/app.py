@@ -70,7 +70,11 @@ class ServeConfig:
     # vs 2.65-2.79 off, concurrency 64 1,045-1,089 vs 936-964 req/s; under 4x overload it answered 15-25% fewer
     # requests (its threads spin while the loop and decoding want the cores). README, "Spinning".
     spin: bool = True
-    worker_nice: int = 5           # worker threads run this much below the event loop (0: the same priority)
+    # The model process runs this much below the HTTP front (0: the same priority). 10, not 5: under 4x
+    # overload (2 cores, 10 s at 4,300 req/s, 2 runs each) health probes took p50 5.0-6.8 ms, max
+    # 62-66 ms with 10 against 10.4-10.6 and 57-121 ms with 5 (19: 3.5-3.8 and 47-57 ms, but a
+    # model that any busy process on the device would starve); concurrency 1 and 64 did not move.
+    worker_nice: int = 10
     max_body_mb: float = 64.0
     max_items: int = 256           # items per request
     timeout_s: float = 30.0        # per-request deadline

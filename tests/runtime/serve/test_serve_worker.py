@@ -77,14 +77,15 @@ def _model_process(server) -> int:
     return ready["model_process"]
 
 
-def test_the_model_runs_in_a_process_of_its_own(server):
+def test_the_model_runs_in_a_process_of_its_own(start_server):
+    server = start_server("--worker-nice", "7")
     status, out = post_json(server.url + "/v1/classify", {"items": [{"title": "Acme black tee"}]})
     assert status == 200 and out["results"][0]["top_k"]
     pid = _model_process(server)
     assert pid != server.proc.pid and os.getpgid(pid) == pid  # its own process group: Ctrl+C reaches the front alone
-    # below the front (--worker-nice 5), and in the front's session: Linux shares the CPU between
+    # below the front (--worker-nice), and in the front's session: Linux shares the CPU between
     # sessions' autogroups whatever their nice, so a session of its own would undo the priority
-    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, server.proc.pid) + 5
+    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, server.proc.pid) + 7
     assert os.getsid(pid) == os.getsid(server.proc.pid)
     maps = Path(f"/proc/{pid}/maps")
     if maps.exists():
