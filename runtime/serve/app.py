@@ -3,8 +3,8 @@ readiness, graceful shutdown.
 
 It speaks the Open Inference Protocol (huse.runtime.serve.protocol) and the /v1 JSON API, admits
 items and hands them to the model process (huse.runtime.serve.worker), where the dynamic batchers
-(huse.runtime.serve.batcher) run them; it never runs a model. Starlette and uvicorn are imported here, so `import huse.runtime.serve` and
-`huse serve --help` work without the `serve` extra.
+(huse.runtime.serve.batcher) run them; it never runs a model. Starlette and uvicorn are imported
+here, so `import huse.runtime.serve` and `huse serve --help` work without the `serve` extra.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from huse.runtime.errors import HuseError
 from huse.runtime.serve.batcher import Admission, Overloaded
 from huse.runtime.serve.protocol import (CLASSIFY_MODEL, EMBED_MODEL, MODELS, RequestError,
                                          classify_parameters, classify_tensors, dumps, embed_parameters,
-                                         embed_tensors, encode_infer_response, model_metadata, needs_review, parse_infer_request,
-                                         parse_json_body, parse_v1_items, Items)
+                                         embed_tensors, encode_infer_response, model_metadata, needs_review,
+                                         parse_infer_request, parse_json_body, parse_v1_items, Items)
 from huse.runtime.serve.worker import RemoteBatcher, Worker, WorkerExited, worker_config
 
 log = logging.getLogger("huse.serve")
@@ -166,11 +166,12 @@ class Server:
         self._search_thread: ThreadPoolExecutor | None = None
         self._warm: asyncio.Task | None = None
         self._index_warm = index is None
+        self._stopping = False
 
     @property
     def ready(self) -> bool:
-        """The models loaded and warmed in the model process, and the index (if any) here."""
-        return self.worker.ready and self._index_warm
+        """The models loaded and warmed in the model process, the index (if any) here, and not stopping."""
+        return self.worker.ready and self._index_warm and not self._stopping
 
     # -- lifetime --------------------------------------------------------------------
     async def start(self) -> None:
@@ -219,6 +220,7 @@ class Server:
         os.kill(os.getpid(), signal.SIGTERM)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._warm is not None and not self._warm.done():
             self._warm.cancel()
         await self.worker.stop(self.config.grace_s)
