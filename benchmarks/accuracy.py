@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from huse.runtime.bundle import is_multi_label
 from huse.runtime.classifier import Classifier
 from huse.runtime.cli import run_cli
 from huse.runtime.errors import HuseError
@@ -29,7 +30,7 @@ def evaluate(bundle: str | Path, precisions: list[str] | None = None, split: str
     from huse.train.trainer import accuracy_report
 
     manifest = load_manifest(bundle)
-    if manifest.get("task") == "multi-label":  # top-1 against one class per product means nothing there
+    if is_multi_label(manifest):  # top-1 against one class per product means nothing there
         raise HuseError(f"{bundle} is a multi-label bundle; measure its accuracy with `python -m "
                         "huse.benchmarks.multilabel` (micro-F1, mAP through the runtime)")
     ds = load_source(manifest["data"])

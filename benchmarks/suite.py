@@ -25,7 +25,7 @@ from huse.benchmarks.compare import SCHEMA
 from huse.benchmarks.machine import gpu_matmul_peak_flops, machine_info, matmul_peak_flops
 from huse.runtime.backends import gpu_backends
 from huse.runtime.backends.base import BaseRunner
-from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, is_multi_label, load_manifest
 from huse.runtime.classifier import Classifier
 from huse.runtime.errors import HuseError
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
@@ -148,7 +148,7 @@ class BenchData:
     """Held-out products as PNG files on disk (for e2e) and as ready arrays (for model-only)."""
 
     def __init__(self, manifest: dict[str, Any], clf: Classifier, n: int, folder: Path):
-        if manifest.get("task") == "multi-label":  # top-1 against one class per product means nothing there
+        if is_multi_label(manifest):  # top-1 against one class per product means nothing there
             raise HuseError("huse-bench measures top-1 of single-label bundles; for a multi-label bundle run "
                             "`python -m huse.benchmarks.multilabel` (micro-F1, mAP through the runtime)")
         from PIL import Image

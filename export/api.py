@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from huse.runtime.bundle import MANIFEST, load_manifest, package_versions, write_manifest
+from huse.runtime.bundle import MANIFEST, is_multi_label, load_manifest, package_versions, write_manifest
 from huse.runtime.errors import HuseError
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
@@ -249,7 +249,7 @@ def _run_metrics(run: Path) -> dict[str, Any]:
     if not p.is_file():
         return {}
     m = json.loads(p.read_text())
-    key = "micro_f1" if m.get("task") == "multi-label" else "top1"
+    key = "micro_f1" if is_multi_label(m) else "top1"
     return {s: {mode: r[key] for mode, r in m[s].items()} for s in ("val", "test") if s in m}
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, LABELS_METADATA_KEY, MANIFEST, labels_sha256, load_manifest,
-                                 write_manifest)
+from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, LABELS_METADATA_KEY, MANIFEST, is_multi_label, labels_sha256,
+                                 load_manifest, write_manifest)
 from huse.runtime.classifier import softmax
 from huse.runtime.errors import HuseError
 from huse.runtime.labels import sigmoid
@@ -27,7 +27,7 @@ GRAPHS = ("image", "text", "fused")
 
 def _activation(manifest: dict[str, Any]):
     """Logits -> probabilities of the image and text graphs: a sigmoid per class for multi-label bundles."""
-    multi = manifest.get("task") == "multi-label"
+    multi = is_multi_label(manifest)
     return sigmoid if multi and manifest["multilabel"].get("activation", "sigmoid") == "sigmoid" else softmax
 
 
@@ -186,7 +186,7 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
     if wanted:
         spec = ImageSpec.from_dict(manifest["preprocessing"])
         tokenizer = load_tokenizer(manifest["tokenizer"], bundle)
-        multi = manifest.get("task") == "multi-label"
+        multi = is_multi_label(manifest)
         evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"], multi=multi)
         calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"], multi=multi) if {"int8", "int8-cpu"} & set(wanted) else None
         say(f"accuracy gate on {len(evald)} held-out {evald.split} products"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huse.runtime.bundle import CPU_ONLY_PRECISIONS, load_manifest, package_versions
+from huse.runtime.bundle import CPU_ONLY_PRECISIONS, is_multi_label, load_manifest, package_versions
 from huse.runtime.errors import HuseError
 from huse.runtime.files import MANIFEST, json_bytes, sha256_file, write_atomic
 
@@ -111,7 +111,7 @@ def _python_configs(manifest: dict[str, Any], opts: TritonOptions) -> dict[str, 
                 Tensor("path_labels", "TYPE_STRING", [depth]), Tensor("path_scores", "TYPE_FP32", [depth]),
                 Tensor("mode", "TYPE_STRING", [1]), Tensor("needs_review", "TYPE_BOOL", [1]),
                 Tensor("error", "TYPE_STRING", [1]), Tensor("warning", "TYPE_STRING", [1])]
-    if manifest.get("task") == "multi-label":  # each item's label set as JSON (huse.runtime.serve.protocol.classify_tensors)
+    if is_multi_label(manifest):  # each item's label set as JSON (huse.runtime.serve.protocol.classify_tensors)
         classify.append(Tensor("labels", "TYPE_STRING", [1]))
     embed = [Tensor("embedding", "TYPE_FP32", [int(manifest["embedding_dim"])]), Tensor("error", "TYPE_STRING", [1])]
     # The Python models pick their own device (TensorRT, else onnxruntime CUDA, else CPU: `huse doctor`);

@@ -43,6 +43,7 @@ import numpy as np
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime._priority import PRIORITIES, set_thread_priority
+from huse.runtime.bundle import is_multi_label
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
@@ -267,7 +268,7 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
 
 def _multi_label(bundle: str) -> bool:
     """Whether a bundle is multi-label (its shards then carry a `labels` column)."""
-    return json.loads((Path(bundle) / "manifest.json").read_text()).get("task") == "multi-label"
+    return is_multi_label(json.loads((Path(bundle) / "manifest.json").read_text()))
 
 
 def _schema(task: str, multi_label: bool = False):

@@ -29,6 +29,7 @@ from huse.runtime.tokenizer import PAD_RULES, TOKEN_INPUTS
 # Precisions whose graphs only onnxruntime's CPU kernels take (uint8 activations with zero points): never
 # handed to TensorRT or a GPU provider.
 CPU_ONLY_PRECISIONS = ("int8-cpu",)
+EXPORT_FLAGS = ("fp16", "int8", "int8-cpu")  # the precisions huse-export adds beside fp32 (--fp16, ...)
 FORMAT = "huse-bundle"
 FORMAT_VERSION = 1
 
@@ -256,6 +257,19 @@ def load_manifest(folder: str | Path, verify: bool = True, trusted_keys: Sequenc
                 raise HuseError(f"bundle {folder}: file {name} does not match its sha256 in the manifest "
                                 "(changed or corrupted); refusing to load it. Re-export or restore the file")
     return manifest
+
+
+def is_multi_label(manifest: dict[str, Any]) -> bool:
+    """Whether the bundle's products carry several class paths (a sigmoid per class, runtime/labels.py)."""
+    return manifest.get("task") == "multi-label"
+
+
+def require_precision(manifest: dict[str, Any], bundle: str | Path, precision: str) -> None:
+    """HuseError unless the bundle has graphs in `precision`, saying how to add them."""
+    if precision not in manifest["models"]:
+        how = (f"Create them with `huse-export {bundle} --{precision}`" if precision in EXPORT_FLAGS
+               else f"huse-export can add {list(EXPORT_FLAGS)} (e.g. `huse-export {bundle} --fp16`)")
+        raise HuseError(f"bundle {bundle} has no {precision!r} models; it has {sorted(manifest['models'])}. {how}")
 
 
 def has_visual(manifest: dict[str, Any]) -> bool:

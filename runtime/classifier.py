@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from huse.runtime.backends import resolve_backend, runner_class
-from huse.runtime.bundle import CPU_ONLY_PRECISIONS, check_graph, load_manifest, require_visual
+from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, check_graph, is_multi_label, load_manifest, require_precision,
+                                 require_visual)
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.labels import label_path, predict_sets, sigmoid
@@ -23,8 +24,6 @@ from huse.runtime.tokenizer import concat_inputs, load_tokenizer, normalise_titl
 log = logging.getLogger("huse.runtime")
 
 MODES = ("auto", "fused", "image", "text")
-# Precisions `huse-export BUNDLE --<precision>` can add to a bundle (the flag is the name).
-EXPORT_FLAGS = ("fp16", "int8", "int8-cpu")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -164,10 +163,7 @@ class Classifier:
             raise HuseError(f"device {device!r} is not one of [None, 'cpu', 'cuda']")
         self.manifest = load_manifest(self.bundle, verify=verify, trusted_keys=trusted_keys)
         m = self.manifest
-        if precision not in m["models"]:
-            how = (f"Create them with `huse-export {self.bundle} --{precision}`" if precision in EXPORT_FLAGS
-                   else f"huse-export can add {list(EXPORT_FLAGS)} (e.g. `huse-export {self.bundle} --fp16`)")
-            raise HuseError(f"bundle {self.bundle} has no {precision!r} models; it has {sorted(m['models'])}. {how}")
+        require_precision(m, self.bundle, precision)
         self.precision = precision
         self.labels: list[str] = m["labels"]
         self.hierarchy = Hierarchy(self.labels)
@@ -178,7 +174,7 @@ class Classifier:
         self.temperature = {k: float(v) for k, v in m.get("calibration", {}).get("temperature", {}).items()}
         # Multi-label bundles (several class paths per product, runtime/labels.py): a sigmoid per class and
         # per-class thresholds per mode, tuned on val by training.
-        self.multi_label = m.get("task") == "multi-label"
+        self.multi_label = is_multi_label(m)
         self._activation = sigmoid if m.get("multilabel", {}).get("activation", "sigmoid") == "sigmoid" else softmax
         self.thresholds = {k: np.asarray(v, dtype=np.float32)
                            for k, v in m.get("multilabel", {}).get("thresholds", {}).items()}

@@ -261,11 +261,11 @@ def keygen(stem, force) -> None:
 def info(bundle) -> None:
     """Show what a bundle holds (and verify its files)."""
     def body():
-        from huse.runtime.bundle import check_bundle_graphs, load_manifest
+        from huse.runtime.bundle import check_bundle_graphs, is_multi_label, load_manifest
 
         m = load_manifest(bundle)
         graphs = check_bundle_graphs(bundle, m)
-        task = " (multi-label: every class above its threshold)" if m.get("task") == "multi-label" else ""
+        task = " (multi-label: every class above its threshold)" if is_multi_label(m) else ""
         click.echo(f"bundle {bundle}: {len(m['labels'])} classes{task}, embedding dim {m['embedding_dim']}")
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "

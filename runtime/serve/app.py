@@ -27,7 +27,9 @@ from typing import Any, Callable, Sequence
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime._priority import lower_thread_priority
+from huse.runtime.bundle import is_multi_label, load_manifest, require_precision
 from huse.runtime.errors import HuseError
+from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.serve.batcher import Admission, Overloaded
 from huse.runtime.serve.protocol import (CLASSIFY_MODEL, EMBED_MODEL, MODELS, RequestError,
                                          classify_parameters, classify_tensors, dumps, embed_parameters,
@@ -138,17 +140,17 @@ class Server:
 
     Args:
         config: the options.
-        classifier: the bundle, verified (labels, hierarchy; its sessions are never loaded here:
+        manifest: the bundle's verified manifest (labels and hierarchy for metadata and the page;
             the model process runs the models).
         index: an opened Index for /v1/search, or None.
     """
 
-    def __init__(self, config: ServeConfig, classifier: Any, index: Any = None):
+    def __init__(self, config: ServeConfig, manifest: dict[str, Any], index: Any = None):
         self.config = config
-        self.classifier = classifier
+        self.labels: list[str] = manifest["labels"]
         self.index = index
-        self.depth = classifier.hierarchy.depth
-        self.multi_label = classifier.multi_label
+        self.depth = Hierarchy(self.labels).depth
+        self.multi_label = is_multi_label(manifest)
         self.metrics = Metrics()
         self.failed: str | None = None
         self.worker = Worker(worker_config(config), on_batch=self._ran, on_exit=self._worker_exited)
@@ -653,7 +655,7 @@ def _capped(receive, limit: int):
 def load_server(config: ServeConfig) -> Server:
     """Verify and open the bundle (one Classifier per instance) and the index: a bad bundle is a
     HuseError here, before any port is opened."""
-    from huse.runtime.classifier import Classifier
+    from huse.runtime.backends import runner_class
 
     c = config
     if c.host not in LOOPBACK and not c.token and not c.insecure:
@@ -669,16 +671,20 @@ def load_server(config: ServeConfig) -> Server:
         raise HuseError("--max-delay-ms must be >= 0, --timeout and --max-body-mb > 0")
     if not 0.0 <= c.min_confidence <= 1.0:
         raise HuseError(f"--min-confidence must be between 0 and 1; got {c.min_confidence}")
+    if c.backend != "auto":
+        runner_class(c.backend)  # a misspelt name, before the port opens
     keys = list(c.trusted_keys) or None
     # Verified here, before the port opens (labels and hierarchy for metadata and the page); the model
-    # process opens it again to run it.
-    classifier = Classifier(c.bundle, backend=c.backend, precision=c.precision, trusted_keys=keys)
+    # process opens the bundle again to run it. Not a Classifier: on a GPU machine choosing its backend
+    # opens a CUDA context, which the front has no use for.
+    manifest = load_manifest(c.bundle, trusted_keys=keys)
+    require_precision(manifest, c.bundle, c.precision)
     index = None
     if c.index:
         from huse.runtime.index import Index
 
         index = Index.open(c.index, bundle=c.bundle, trusted_keys=keys)
-    return Server(c, classifier, index)
+    return Server(c, manifest, index)
 
 
 def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], Sequence[Any]] = ()) -> None:

@@ -213,7 +213,7 @@ def page_for(review: str | Path | None = None, catalog: str | Path | None = None
         raise HuseError(f"--images {images} is not a folder")
 
     def routes(server) -> list:
-        labels = list(server.classifier.labels)
+        labels = list(server.labels)
         queue = ReviewQueue(review, catalog, labels, journal=journal, images=images) if review is not None else None
         if queue is not None:
             p = queue.progress()
