@@ -123,3 +123,21 @@ def test_the_model_process_ends_with_a_killed_front(start_server):
     while _running(pid) and time.monotonic() < end:
         time.sleep(0.1)
     assert not _running(pid), "the model process outlived its front by 30 s"
+
+
+def test_a_refusal_is_raised_at_once_and_sends_nothing():
+    """Admission is the front's: a refused request raises before anything is sent (here the model process
+    was never started, so sending would raise WorkerExited) and before any task exists to keep it."""
+    from huse.runtime.serve.worker import RemoteBatcher, Worker, WorkerExited
+
+    worker = Worker({}, on_batch=lambda model, n: None, on_exit=lambda message: None)
+    admission = Admission(max_queue=4)
+    admission.admit(4)
+    batcher = RemoteBatcher(worker, "huse", admission)
+    with pytest.raises(Overloaded):
+        batcher.submit(Items(None, [b"tee"], {}), 1)
+    assert admission.admitted == 4
+    admission.release(4)
+    with pytest.raises(WorkerExited):  # admitted, then sent: nothing to send it to
+        batcher.submit(Items(None, [b"tee"], {}), 1)
+    assert admission.admitted == 0  # what could not be sent is not counted as admitted
