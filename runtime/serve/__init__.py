@@ -1,7 +1,9 @@
 """`huse serve`: an inference server with dynamic batching that speaks the Open Inference Protocol.
 
-protocol (wire formats, pure functions) -> app (ASGI routes, auth, limits, metrics) -> batcher
-(dynamic batching, no HTTP) -> models (what runs a batch, over Classifier). Importing this
+Two processes. The HTTP front: protocol (wire formats, pure functions) -> app (ASGI routes, auth,
+limits, admission, metrics). The model process: worker (the socket pair between the two, and the
+model process's main) -> batcher (dynamic batching, no HTTP) -> models (what runs a batch, over
+Classifier). page, review and thumbs are the web page's routes, in the front. Importing this
 package needs only the core; starting a server needs `pip install 'huse-edge[serve]'`.
 """
 
