@@ -101,7 +101,7 @@ def test_a_dead_model_process_stops_the_server_with_a_clear_error(start_server):
     except Exception:
         pytest.fail(f"the front kept running without its model process:\n{s.output()}")
     log = s.output()
-    assert code != 0 and "the model process exited unexpectedly" in log and "Traceback" not in log
+    assert code == 1 and "the model process exited unexpectedly" in log and "Traceback" not in log
 
 
 def _running(pid: int) -> bool:
