@@ -33,7 +33,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -134,7 +133,10 @@ class Worker:
         # its requests and then stops this process (it also stops when the front's end closes). Not a
         # session of its own: Linux's autogroups share the CPU equally between sessions, whatever
         # their nice, and the front would lose its priority over this process.
-        self.proc = subprocess.Popen([sys.executable, "-m", "huse.runtime.serve.worker", str(theirs.fileno())],
+        # Not `-m huse.runtime.serve.worker`: the package imports this module first, and runpy would run
+        # a second copy of it as __main__ (with a RuntimeWarning on every start).
+        self.proc = subprocess.Popen([sys.executable, "-c", "from huse.runtime.serve.worker import main; main()",
+                                      str(theirs.fileno())],
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, process_group=0)
         theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=ours)
@@ -301,16 +303,13 @@ def _warm_up(clf) -> None:
         clf.embed_visual([png])
 
 
-def _log(kind: str, message: str, **extra) -> None:
-    """One JSON line on stderr, as the front logs its errors."""
-    print(json.dumps({"event": "error", "kind": kind, "route": "model-process", "error": message,
-                      "time": round(time.time(), 3), **extra}, ensure_ascii=False), file=sys.stderr, flush=True)
-
-
 async def _serve(sock: socket.socket) -> None:
     from huse.runtime.classifier import Classifier
+    from huse.runtime.serve.app import _log_error, _log_json_lines, freeze_loaded  # app imports this module
     from huse.runtime.serve.batcher import Batcher, Instances
     from huse.runtime.serve.models import ClassifyModel, EmbedModel
+
+    _log_json_lines()  # errors as the front logs them: one JSON line each on stderr
 
     reader, writer = await asyncio.open_connection(sock=sock)
     head, _ = await read_frame(reader)
@@ -329,12 +328,7 @@ async def _serve(sock: socket.socket) -> None:
         writer.write(frame({"t": "failed", "error": f"{type(e).__name__}: {e}"}))
         await writer.drain()
         return
-    import gc
-
-    # Everything loaded so far lives as long as the process: frozen, the collector stops re-scanning it.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    freeze_loaded()
     pool = ThreadPoolExecutor(c["workers"], thread_name_prefix="huse-prepare")
     models = {CLASSIFY_MODEL: ClassifyModel(classifiers[0]), EMBED_MODEL: EmbedModel(classifiers[0])}
     ran = {name: collections.deque() for name in models}  # batch sizes not yet reported (append, popleft: thread-safe)
@@ -360,7 +354,8 @@ async def _serve(sock: socket.socket) -> None:
         except Overloaded as e:
             message = frame({"t": "done", "id": rid, "error": "overloaded", "message": str(e)})
         except Exception as e:
-            _log("internal", f"{type(e).__name__}: {e}", traceback="".join(traceback.format_exception(e)))
+            _log_error("internal", "model-process", 500, f"{type(e).__name__}: {e}",
+                       traceback="".join(traceback.format_exception(e)))
             message = frame({"t": "done", "id": rid, "error": "internal", "message": f"{type(e).__name__}: {e}"})
         finally:
             tasks.pop(rid, None)
@@ -395,7 +390,8 @@ async def _serve(sock: socket.socket) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m huse.runtime.serve.worker FD`: started by the front (`Worker.start`), never by hand."""
+    """The model process's entry (argument: its socket's file descriptor): started by the front
+    (`Worker.start`), never by hand."""
     args = list(sys.argv[1:] if argv is None else argv)
     sock = socket.socket(fileno=int(args[0]))
     try:
@@ -407,6 +403,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         asyncio.run(_serve(sock))
 
-
-if __name__ == "__main__":
-    main()
