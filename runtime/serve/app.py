@@ -75,7 +75,8 @@ class ServeConfig:
     # The model process runs this much below the HTTP front (0: the same priority). 10, not 5: under 4x
     # overload (2 cores, 10 s at 4,300 req/s, 2 runs each) health probes took p50 5.0-6.8 ms, max
     # 62-66 ms with 10 against 10.4-10.6 and 57-121 ms with 5 (19: 3.5-3.8 and 47-57 ms, but a
-    # model that any busy process on the device would starve); concurrency 1 and 64 did not move.
+    # model that any busy process on the device would starve); concurrency 1 and 64 did not move. On a
+    # phosphor-icons MiniLM bundle (10 s at 1,500 req/s, 2 runs each): max 22-30 ms with 10, 37-41 with 5.
     worker_nice: int = 10
     max_body_mb: float = 64.0
     max_items: int = 256           # items per request
