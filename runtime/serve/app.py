@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import hmac
 import json
-import logging
 import os
 import signal
-import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +32,9 @@ from huse.runtime.serve.protocol import (CLASSIFY_MODEL, EMBED_MODEL, MODELS, Re
                                          classify_parameters, classify_tensors, dumps, embed_parameters,
                                          embed_tensors, encode_infer_response, model_metadata, needs_review,
                                          parse_infer_request, parse_json_body, parse_v1_items, Items)
-from huse.runtime.serve.worker import RemoteBatcher, Worker, WorkerExited, worker_config
+from huse.runtime.serve.worker import (RemoteBatcher, Worker, WorkerExited, _log_error, _log_json_lines,
+                                       freeze_loaded, log, worker_config)
 
-log = logging.getLogger("huse.serve")
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Endpoints a load balancer or orchestrator probes without a token.
@@ -88,23 +85,6 @@ class ServeConfig:
     trusted_keys: Sequence[str] = field(default_factory=tuple)
     max_connections: int = 4096
 
-
-def freeze_loaded() -> None:
-    """Once a process of `huse serve` has loaded what it serves (modules, labels, sessions).
-
-    What is loaded lives as long as the server: frozen, the collector stops re-scanning it, and a
-    young generation of 50,000 objects lets most collections find requests already answered.
-    Collecting was 17% of the event loop's samples at concurrency 64 before (py-spy).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-def _log_error(kind: str, route: str, status: int, message: str, **extra) -> None:
-    """One structured (JSON) log line per error."""
-    log.error(json.dumps({"event": "error", "kind": kind, "route": route, "status": status, "error": message,
-                          "time": round(time.time(), 3), **extra}, ensure_ascii=False))
 
 
 class Metrics:
@@ -768,17 +748,6 @@ def _one_write(http: str) -> type:
             super().connection_made(_OneWrite(transport))
 
     return Protocol
-
-
-def _log_json_lines() -> None:
-    """The server's own log: one JSON object per line on stderr (errors, readiness), nothing prefixed."""
-    if not any(getattr(h, "_huse_serve", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._huse_serve = True
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def _importable(module: str) -> bool:

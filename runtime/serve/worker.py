@@ -19,6 +19,9 @@ waiting, so its queued items are dropped), "stop". Model process to front: "read
 "done" (id, with the result, the request's error, or "cancelled"), each carrying the batch sizes run
 since the last one (the front's `huse_batch_items` histogram). When the front's end closes, this
 process stops.
+
+Both processes log through this module (`log`, `_log_error`: one JSON line per error) and freeze what
+they loaded (`freeze_loaded`); app.py imports them from here, so the two modules do not import each other.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import asyncio
 import collections
 import io
 import itertools
+import gc
 import json
+import logging
 import os
 import socket
 import struct
 import subprocess
 import sys
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -288,6 +294,39 @@ def worker_config(config: Any) -> dict[str, Any]:
             "trusted_keys": list(config.trusted_keys) or None}
 
 
+# -- shared by both processes ------------------------------------------------------------------
+log = logging.getLogger("huse.serve")
+
+
+def freeze_loaded() -> None:
+    """Once a process of `huse serve` has loaded what it serves (modules, labels, sessions).
+
+    What is loaded lives as long as the server: frozen, the collector stops re-scanning it, and a
+    young generation of 50,000 objects lets most collections find requests already answered.
+    Collecting was 17% of the event loop's samples at concurrency 64 before (py-spy).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def _log_error(kind: str, route: str, status: int, message: str, **extra) -> None:
+    """One structured (JSON) log line per error."""
+    log.error(json.dumps({"event": "error", "kind": kind, "route": route, "status": status, "error": message,
+                          "time": round(time.time(), 3), **extra}, ensure_ascii=False))
+
+
+def _log_json_lines() -> None:
+    """The server's own log: one JSON object per line on stderr (errors, readiness), nothing prefixed."""
+    if not any(getattr(h, "_huse_serve", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._huse_serve = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 # -- the model process -------------------------------------------------------------------------
 def _warm_up(clf) -> None:
     """Load every graph and run each once, so the first request pays no session start."""
@@ -305,7 +344,6 @@ def _warm_up(clf) -> None:
 
 async def _serve(sock: socket.socket) -> None:
     from huse.runtime.classifier import Classifier
-    from huse.runtime.serve.app import _log_error, _log_json_lines, freeze_loaded  # app imports this module
     from huse.runtime.serve.batcher import Batcher, Instances
     from huse.runtime.serve.models import ClassifyModel, EmbedModel
 
