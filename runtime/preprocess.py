@@ -34,6 +34,7 @@ Documented normalisations of awkward inputs (each item either normalises or fail
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import io
@@ -597,6 +598,24 @@ class ImageBatch:
             warnings.update({n + i: w for i, w in b.warnings.items()})
             n, rows_before = n + b.n, rows_before + len(b.array)
         return cls(n, np.concatenate([b.array for b in batches]), rows, errors, warnings)
+
+    def split(self, counts: Sequence[int]) -> list["ImageBatch"]:
+        """The inverse of `concat`: consecutive batches of `counts` items (e.g. the photos of several
+        requests to a server, decoded as one batch), indexed from 0 each; their arrays are views."""
+        if sum(counts) != self.n:
+            raise ValueError(f"counts add up to {sum(counts)}, not the batch's {self.n} items")
+        starts = np.cumsum([0, *counts]).tolist()
+        parts: list[tuple[dict, dict, dict]] = [({}, {}, {}) for _ in counts]
+        for k, mapping in enumerate((self.rows, self.errors, self.warnings)):
+            for i, v in mapping.items():
+                j = bisect.bisect_right(starts, i) - 1
+                parts[j][k][i - starts[j]] = v
+        out, row = [], 0
+        for count, (rows, errors, warnings) in zip(counts, parts):
+            out.append(ImageBatch(count, self.array[row:row + len(rows)], {i: r - row for i, r in rows.items()},
+                                  errors, warnings))
+            row += len(rows)
+        return out
 
     def stack(self, items: list[int]) -> np.ndarray:
         """The arrays of `items` (decoded ones, in this order) as one (len(items), 3, H, W) batch; no copy

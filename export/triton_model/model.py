@@ -51,7 +51,7 @@ def run_requests(model, requests: list[Request]) -> list[dict[str, np.ndarray]]:
     """Run several requests' items as one batch through `huse serve`'s own model stages.
 
     Args:
-        model: a huse.runtime.serve.models ClassifyModel or EmbedModel (prepare / run / finish).
+        model: a huse.runtime.serve.models ClassifyModel or EmbedModel (prepare_many / run / finish).
         requests: (images, titles, parameters) per request.
     Returns:
         Per request: output name -> array (the serving contract's tensors, from huse serve's protocol
@@ -62,19 +62,27 @@ def run_requests(model, requests: list[Request]) -> list[dict[str, np.ndarray]]:
     from huse.runtime.serve.models import ClassifyModel
     from huse.runtime.serve.protocol import Items, classify_tensors, embed_tensors
 
-    parts, out = [], []
+    parts, out, asked = [], [], []
     for images, titles, params in requests:
         images, titles = _column(images), _column(titles)
-        try:
-            if images is not None and titles is not None and len(images) != len(titles):
-                raise HuseError(f"input image has {len(images)} rows but title has {len(titles)}; "
-                                "send one of each per item")
-            if images is None and titles is None:
-                raise HuseError("the request has neither an image nor a title input")
-            parts.append(model.prepare(Items(images, titles, params)))
+        if images is not None and titles is not None and len(images) != len(titles):
+            out.append({"_error": f"input image has {len(images)} rows but title has {len(titles)}; "
+                                  "send one of each per item"})
+        elif images is None and titles is None:
+            out.append({"_error": "the request has neither an image nor a title input"})
+        else:
             out.append(None)
-        except HuseError as e:
-            out.append({"_error": str(e)})
+            asked.append(Items(images, titles, params))
+    prepared = iter(model.prepare_many(asked))  # every request's photos decoded as one batch
+    for i, o in enumerate(out):
+        if o is None:
+            part = next(prepared)
+            if isinstance(part, HuseError):
+                out[i] = {"_error": str(part)}
+            elif isinstance(part, Exception):
+                raise part
+            else:
+                parts.append(part)
     answers = iter(model.finish(parts, model.run(model.clf, parts)) if parts else [])
     classify = isinstance(model, ClassifyModel)
     for i, o in enumerate(out):

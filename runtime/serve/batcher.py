@@ -1,8 +1,9 @@
 """The dynamic batcher: requests from concurrent clients merged into batches, as Triton's does.
 
 It knows nothing about HTTP. A request's items are prepared (decoded, tokenised) in a thread
-pool, then queued; a dispatcher takes the oldest queued request, waits for a free model
-instance, adds the requests queued behind it up to `max_batch` items (waiting at most
+pool, then queued: a prepare thread takes every request waiting and prepares them together, so
+under load one hand-off and one batched decode serve many requests. A dispatcher takes the oldest
+queued request, waits for a free model instance, adds the requests queued behind it up to `max_batch` items (waiting at most
 `max_delay` after the oldest arrived for more to come, but only while other requests are still
 being prepared: a request alone runs at once), and runs the batch and its finish on that
 instance's own thread while it forms the next one: one hand-off per batch, since each thread
@@ -86,7 +87,7 @@ class Admission:
 class Stages(Protocol):
     """What a served model gives the batcher (huse.runtime.serve.models)."""
 
-    def prepare(self, payload: Any) -> Any: ...
+    def prepare_many(self, payloads: Sequence[Any]) -> list[Any]: ...
     def run(self, instance: Any, parts: Sequence[Any]) -> Any: ...
     def finish(self, parts: Sequence[Any], out: Any) -> list[Any]: ...
 
@@ -140,6 +141,17 @@ class Instances:
 
 
 @dataclass
+class _Raw:
+    """A request waiting to be prepared."""
+
+    payload: Any
+    n: int
+    future: asyncio.Future  # its result
+    prepared: bool = False
+    abandoned: bool = False  # its caller stopped waiting before it was prepared
+
+
+@dataclass
 class _Entry:
     part: Any
     n: int
@@ -173,6 +185,10 @@ class Batcher:
         self.preparing = 0  # items being prepared: what a forming batch may still wait for
         self._idle_streak = 0  # requests in a row that found nothing else admitted
         self._queue: collections.deque[_Entry] = collections.deque()
+        self._raw: collections.deque[_Raw] = collections.deque()  # waiting for a prepare thread
+        self._raw_lock = threading.Lock()  # guards _raw and _preparers (the event loop and the prepare threads)
+        self._preparers = 0  # prepare threads running _prepare_loop
+        self._max_preparers = pool._max_workers
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -214,32 +230,59 @@ class Batcher:
             if instance is not None:
                 return await self._run_alone(instance, payload, n)
         self.admission.admit(n)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        prepare = loop.run_in_executor(self.pool, self.stages.prepare, payload)
+        future = asyncio.get_running_loop().create_future()
+        raw = _Raw(payload, n, future)
         self.preparing += n
-        counted = True
-
-        def prepared(_=None) -> None:
-            nonlocal counted
-            if counted:
-                counted = False
-                self.preparing -= n
-                self._arrived.set()  # a forming batch re-checks whether anything is still on its way
-
-        prepare.add_done_callback(prepared)
+        with self._raw_lock:
+            self._raw.append(raw)
+            start = self._preparers < self._max_preparers
+            self._preparers += start
+        if start:
+            self.pool.submit(self._prepare_loop, asyncio.get_running_loop())
         try:
-            part = await asyncio.shield(prepare)
-            prepared()  # now, not when the callback runs: a batch must not wait for items already here
-            self._queue.append(_Entry(part, n, future))
-            self._arrived.set()
             return await future
         finally:
             future.cancel()  # a caller that stopped waiting: the dispatcher skips its entry
-            if prepare.done():
+            if raw.prepared:
                 self.admission.release(n)
             else:  # a thread cannot be stopped: its items still hold their place until it ends
-                prepare.add_done_callback(lambda f: self._release(f, n))
+                raw.abandoned = True
+
+    def _prepare_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A prepare thread: takes every request waiting (up to max_batch items) and prepares them
+        together, until none waits. Under load a prepare thread takes many requests at a time: one
+        hand-off and one batched decode for all of them, not one each."""
+        while True:
+            with self._raw_lock:
+                taken, n = [], 0
+                while self._raw and (not taken or n + self._raw[0].n <= self.max_batch):
+                    taken.append(self._raw.popleft())
+                    n += taken[-1].n
+                if not taken:
+                    self._preparers -= 1
+                    return
+            try:
+                parts = self.stages.prepare_many([r.payload for r in taken])
+            except Exception as e:  # not one request's fault: each of them gets the error
+                parts = [e] * len(taken)
+            try:
+                loop.call_soon_threadsafe(self._prepared, taken, parts)
+            except RuntimeError:  # the loop has closed: nobody waits any more
+                return
+
+    def _prepared(self, taken: list["_Raw"], parts: list[Any]) -> None:
+        """On the event loop: prepared requests join the queue (or get their error), at once, so that a
+        forming batch sees them before it decides that nothing else is on its way."""
+        for raw, part in zip(taken, parts):
+            raw.prepared = True
+            self.preparing -= raw.n
+            if raw.abandoned:
+                self.admission.release(raw.n)
+            elif isinstance(part, Exception):
+                raw.future.set_exception(part)
+            else:
+                self._queue.append(_Entry(part, raw.n, raw.future))
+        self._arrived.set()
 
     async def _run_alone(self, instance: int, payload: Any, n: int) -> Any:
         """A request with nothing else admitted and a free instance (e.g. a lone client): prepare,
@@ -262,7 +305,10 @@ class Batcher:
             abandoned.set()
 
     def _whole(self, engine: Any, payload: Any, n: int, abandoned: threading.Event) -> Any:
-        parts = [self.stages.prepare(payload)]
+        part = self.stages.prepare_many([payload])[0]
+        if isinstance(part, Exception):
+            raise part
+        parts = [part]
         if abandoned.is_set():
             return None
         self.on_batch(n)
@@ -275,11 +321,6 @@ class Batcher:
     def check(self, n: int) -> None:
         """Raises Overloaded when n more items may not be admitted (`Admission.check`)."""
         self.admission.check(n)
-
-    def _release(self, prepare: asyncio.Future, n: int) -> None:
-        self.admission.release(n)
-        if not prepare.cancelled():
-            prepare.exception()  # nobody waits for it any more; mark it seen
 
     def _pop_live(self) -> _Entry | None:
         while self._queue:

@@ -1,8 +1,8 @@
 """What runs a batch of each served model: the `huse` (classify) and `huse_embed` (embed) models.
 
 Triton's Python backend splits a model into initialize / execute(requests) / finalize; here each
-model gives the batcher three stages over `Classifier`'s own: `prepare` (decode, tokenise: a
-thread pool), `run` (the graphs, on one model instance's thread, for the requests of a batch
+model gives the batcher three stages over `Classifier`'s own: `prepare_many` (decode, tokenise: a
+thread pool, for every request waiting at once), `run` (the graphs, on one model instance's thread, for the requests of a batch
 merged into one) and `finish` (top-k, paths: right after run, on the same thread), one result per request. Nothing
 here knows about HTTP.
 """
@@ -32,6 +32,21 @@ class EmbedPrepared:
         return self.decoded.n
 
 
+def _decode_together(clf: Classifier, images: dict[int, list]) -> dict[int, Decoded]:
+    """The photos of several requests (request -> its photos) decoded as one batch, then split per request."""
+    if not images:
+        return {}
+    batch = clf.decode([im for ims in images.values() for im in ims])
+    return dict(zip(images, batch.split([len(ims) for ims in images.values()])))
+
+
+def _one(results: list) -> Any:
+    """The result of a one-request `prepare_many`, or its exception raised."""
+    if isinstance(results[0], Exception):
+        raise results[0]
+    return results[0]
+
+
 class ClassifyModel:
     """The `huse` model: `Classifier.classify` over the merged requests of a batch.
 
@@ -47,8 +62,29 @@ class ClassifyModel:
 
     def prepare(self, items: Items) -> tuple[Prepared, int]:
         """Decode and tokenise one request's items (thread-safe). Returns (prepared, its top_k)."""
-        top_k, mode = classify_parameters(items.parameters)
-        return self.clf.prepare(items.images, items.titles, mode), top_k
+        return _one(self.prepare_many([items]))
+
+    def prepare_many(self, requests: Sequence[Items]) -> list[tuple[Prepared, int] | Exception]:
+        """`prepare` for several requests at once (thread-safe): their photos decoded as one batch (small
+        PNGs of one size in a few Pillow calls, not a few per photo), then each request's items grouped
+        and tokenised. Returns per request (prepared, its top_k), or the exception that request alone
+        raised (bad parameters, unequal inputs)."""
+        out: list[Any] = [None] * len(requests)
+        params: dict[int, tuple[int, str]] = {}
+        for j, items in enumerate(requests):
+            try:
+                params[j] = classify_parameters(items.parameters)
+            except Exception as e:
+                out[j] = e
+        decoded = _decode_together(self.clf, {j: requests[j].images for j, (_, mode) in params.items()
+                                              if requests[j].images is not None and mode != "text"})
+        for j, (top_k, mode) in params.items():
+            items = requests[j]
+            try:
+                out[j] = (self.clf.prepare(decoded.get(j, items.images), items.titles, mode), top_k)
+            except Exception as e:
+                out[j] = e
+        return out
 
     def run(self, clf: Classifier, parts: Sequence[tuple[Prepared, int]]) -> tuple[Prepared, dict[str, np.ndarray]]:
         """The graphs, once for all the batch's requests (on `clf`'s instance thread)."""
@@ -79,23 +115,36 @@ class EmbedModel:
         self.clf = classifier
 
     def prepare(self, items: Items) -> EmbedPrepared:
-        space = embed_parameters(items.parameters)
-        if space == "visual":  # refused for this request alone, not for the batch it would join
-            require_visual(self.clf.manifest, self.clf.bundle)
-        n = len(items)
-        images = items.images if items.images is not None else [None] * n
-        titles = items.titles if items.titles is not None else [None] * n
-        decoded = self.clf.decode(images)
-        text, errors = {}, {}
-        for i in range(n):
-            if i in decoded.arrays:
-                continue
-            if space == "universal" and titles[i] is not None:
-                text[i] = titles[i]
-            else:
-                errors[i] = decoded.errors.get(i) or (f"item {i} has no photo; space 'visual' embeds photos only"
-                                                      if space == "visual" else f"item {i} has no photo or title")
-        return EmbedPrepared(decoded, text, errors, space)
+        return _one(self.prepare_many([items]))
+
+    def prepare_many(self, requests: Sequence[Items]) -> list[EmbedPrepared | Exception]:
+        """Per request its decoded photos and the titles of its items without a usable photo (all the
+        requests' photos decoded as one batch), or the exception that request alone raised."""
+        out: list[Any] = [None] * len(requests)
+        spaces: dict[int, str] = {}
+        for j, items in enumerate(requests):
+            try:
+                spaces[j] = embed_parameters(items.parameters)
+                if spaces[j] == "visual":  # refused for this request alone, not for the batch it would join
+                    require_visual(self.clf.manifest, self.clf.bundle)
+            except Exception as e:
+                spaces.pop(j, None)
+                out[j] = e
+        decoded = _decode_together(self.clf, {j: requests[j].images if requests[j].images is not None
+                                              else [None] * len(requests[j]) for j in spaces})
+        for j, space in spaces.items():
+            n, titles, photos = len(requests[j]), requests[j].titles, decoded[j]
+            text, errors = {}, {}
+            for i in range(n):
+                if i in photos.rows:
+                    continue
+                if space == "universal" and titles is not None and titles[i] is not None:
+                    text[i] = titles[i]
+                else:
+                    errors[i] = photos.errors.get(i) or (f"item {i} has no photo; space 'visual' embeds photos only"
+                                                         if space == "visual" else f"item {i} has no photo or title")
+            out[j] = EmbedPrepared(photos, text, errors, space)
+        return out
 
     def run(self, clf: Classifier, parts: Sequence[EmbedPrepared]) -> list[tuple[np.ndarray, dict[int, str]]]:
         """Each space's graph once for the batch; returns (vectors, errors) per request."""

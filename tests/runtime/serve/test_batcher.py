@@ -1,0 +1,160 @@
+"""The dynamic batcher's prepare stage: requests waiting are prepared together, each keeps its own
+answer or error, and an abandoned one holds its place until its prepare ends."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from huse.runtime.serve.batcher import Batcher, Instances
+
+
+class Stages:
+    """Doubles each payload; a payload of None fails on its own. The first prepare call waits for `gate`,
+    so that the requests sent meanwhile queue up behind it."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self.ran: list[list] = []
+        self.gate = threading.Event()
+
+    def prepare_many(self, payloads):
+        self.calls.append(list(payloads))
+        if len(self.calls) == 1:
+            self.gate.wait(10)
+        return [ValueError(f"bad payload {p}") if p is None else 2 * p for p in payloads]
+
+    def run(self, engine, parts):
+        self.ran.append(list(parts))
+        return parts
+
+    def finish(self, parts, out):
+        return [p + 1 for p in out]
+
+
+def _batcher(stages: Stages, pool: ThreadPoolExecutor, max_batch: int = 64) -> Batcher:
+    return Batcher(stages, Instances([object()]), pool, max_batch=max_batch, max_delay=0.001)
+
+
+def test_requests_waiting_are_prepared_together_and_answered_each():
+    async def main():
+        stages, pool = Stages(), ThreadPoolExecutor(1)
+        b = _batcher(stages, pool)
+        b.start()
+        first = asyncio.ensure_future(b.submit(0, 1))
+        await asyncio.sleep(0.05)  # the one prepare thread is now held in the first call
+        rest = [asyncio.ensure_future(b.submit(p, 1)) for p in (1, None, 3, 4)]
+        await asyncio.sleep(0.05)
+        stages.gate.set()
+        got = await asyncio.gather(first, *rest, return_exceptions=True)
+        await b.stop()
+        pool.shutdown()
+        return stages, got, b.admitted
+
+    stages, got, admitted = asyncio.run(main())
+    assert stages.calls == [[0], [1, None, 3, 4]], "the requests that waited meanwhile take one prepare call"
+    assert got[0] == 1 and got[1] == 3 and got[3] == 7 and got[4] == 9
+    assert isinstance(got[2], ValueError) and "bad payload None" in str(got[2]), "one request's error is its own"
+    assert admitted == 0
+
+
+def test_a_prepare_call_takes_at_most_max_batch_items():
+    async def main():
+        stages, pool = Stages(), ThreadPoolExecutor(1)
+        b = _batcher(stages, pool, max_batch=4)
+        b.start()
+        first = asyncio.ensure_future(b.submit(0, 1))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit(p, n)) for p, n in ((1, 3), (2, 2), (3, 1))]
+        await asyncio.sleep(0.05)
+        stages.gate.set()
+        got = await asyncio.gather(first, *rest)
+        await b.stop()
+        pool.shutdown()
+        return stages, got
+
+    stages, got = asyncio.run(main())
+    assert stages.calls == [[0], [1], [2, 3]], "3 items, then 2 + 1: never more than max_batch in one call"
+    assert got == [1, 3, 5, 7]
+
+
+def test_an_abandoned_request_holds_its_place_until_prepared_and_never_runs():
+    async def main():
+        stages, pool = Stages(), ThreadPoolExecutor(1)
+        b = _batcher(stages, pool)
+        b.start()
+        first = asyncio.ensure_future(b.submit(0, 1))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit(5, 2))
+        await asyncio.sleep(0.05)
+        gone.cancel()  # its client went away while it waited for the prepare thread
+        await asyncio.sleep(0.01)
+        held = b.admitted
+        stages.gate.set()
+        assert await first == 1
+        await asyncio.sleep(0.1)
+        await b.stop()
+        pool.shutdown()
+        return stages, held, b.admitted
+
+    stages, held, admitted = asyncio.run(main())
+    assert held == 3, "the abandoned request's 2 items still count while they are being prepared"
+    assert admitted == 0, "and are released once their prepare ends"
+    assert [p for batch in stages.ran for p in batch] == [0], "an abandoned request never reaches the model"
+
+
+def test_image_batch_split_undoes_concat():
+    from huse.runtime.preprocess import ImageBatch
+
+    rng = np.random.default_rng(0)
+    parts = [ImageBatch(3, rng.standard_normal((2, 3, 4, 4)).astype(np.float32), {0: 0, 2: 1}, {1: "bad"}, {2: "warn"}),
+             ImageBatch(1, np.zeros((0, 3, 4, 4), np.float32), {}, {}, {}),
+             ImageBatch(2, rng.standard_normal((2, 3, 4, 4)).astype(np.float32), {0: 0, 1: 1}, {}, {0: "w0"})]
+    back = ImageBatch.concat(parts).split([3, 1, 2])
+    for a, b in zip(parts, back):
+        assert (a.n, a.rows, a.errors, a.warnings) == (b.n, b.rows, b.errors, b.warnings)
+        np.testing.assert_array_equal(a.array, b.array)
+    with pytest.raises(ValueError, match="add up to 5"):
+        ImageBatch.concat(parts).split([3, 2])
+
+
+def test_prepare_many_equals_preparing_each_request_alone(tiny_bundle, tiny_catalog):
+    from huse.runtime.classifier import Classifier
+    from huse.runtime.serve.models import ClassifyModel, EmbedModel
+    from huse.runtime.serve.protocol import Items
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))[:5]
+    photos = [(tiny_catalog.parent / r["image"]).read_bytes() for r in rows]
+    titles = [r["name"].encode() for r in rows]
+    requests = [Items(photos[:2], titles[:2], {"top_k": 2}),
+                Items([b"\x89PNG\r\n\x1a\n truncated", photos[2]], [titles[2], None], {}),
+                Items(None, titles[3:], {"mode": "text"}),
+                Items(photos[3:], titles[3:], {"top_k": 0}),  # refused alone
+                Items(photos[4:], None, {"mode": "image"})]
+    clf = Classifier(tiny_bundle)
+    for model in (ClassifyModel(clf), EmbedModel(clf)):
+        together = model.prepare_many(requests)
+        for items, got in zip(requests, together):
+            try:
+                alone = model.prepare(items)
+            except Exception as e:
+                assert type(got) is type(e) and str(got) == str(e)
+                continue
+            if isinstance(model, ClassifyModel):
+                (p, k), (q, k2) = alone, got
+                assert k == k2 and p.results == q.results and p.warnings == q.warnings
+                assert p.groups.keys() == q.groups.keys()
+                for g in p.groups:
+                    assert p.groups[g][0] == q.groups[g][0]
+                    for name in p.groups[g][1]:
+                        np.testing.assert_array_equal(p.groups[g][1][name], q.groups[g][1][name])
+            else:
+                assert (alone.titles, alone.errors, alone.space) == (got.titles, got.errors, got.space)
+                assert (alone.decoded.rows, alone.decoded.errors) == (got.decoded.rows, got.decoded.errors)
+                np.testing.assert_array_equal(alone.decoded.array, got.decoded.array)
+    assert isinstance(ClassifyModel(clf).prepare_many(requests)[3], Exception)
