@@ -41,15 +41,21 @@ def _batcher(stages: Stages, pool: ThreadPoolExecutor, max_batch: int = 64) -> B
     return Batcher(stages, Instances([object()]), pool, max_batch=max_batch, max_delay=0.001)
 
 
+async def _behind_a_held_call(b: Batcher, later: list[tuple]) -> tuple[asyncio.Future, list[asyncio.Future]]:
+    """Submits payload 0, which holds the one prepare thread (Stages.gate), then `later` ((payload, n) each)."""
+    b.start()
+    first = asyncio.ensure_future(b.submit(0, 1))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(b.submit(p, n)) for p, n in later]
+    await asyncio.sleep(0.05)
+    return first, rest
+
+
 def test_requests_waiting_are_prepared_together_and_answered_each():
     async def main():
         stages, pool = Stages(), ThreadPoolExecutor(1)
         b = _batcher(stages, pool)
-        b.start()
-        first = asyncio.ensure_future(b.submit(0, 1))
-        await asyncio.sleep(0.05)  # the one prepare thread is now held in the first call
-        rest = [asyncio.ensure_future(b.submit(p, 1)) for p in (1, None, 3, 4)]
-        await asyncio.sleep(0.05)
+        first, rest = await _behind_a_held_call(b, [(p, 1) for p in (1, None, 3, 4)])
         stages.gate.set()
         got = await asyncio.gather(first, *rest, return_exceptions=True)
         await b.stop()
@@ -67,11 +73,7 @@ def test_a_prepare_call_takes_at_most_max_batch_items():
     async def main():
         stages, pool = Stages(), ThreadPoolExecutor(1)
         b = _batcher(stages, pool, max_batch=4)
-        b.start()
-        first = asyncio.ensure_future(b.submit(0, 1))
-        await asyncio.sleep(0.05)
-        rest = [asyncio.ensure_future(b.submit(p, n)) for p, n in ((1, 3), (2, 2), (3, 1))]
-        await asyncio.sleep(0.05)
+        first, rest = await _behind_a_held_call(b, [(1, 3), (2, 2), (3, 1)])
         stages.gate.set()
         got = await asyncio.gather(first, *rest)
         await b.stop()
@@ -87,11 +89,7 @@ def test_an_abandoned_request_holds_its_place_until_prepared_and_never_runs():
     async def main():
         stages, pool = Stages(), ThreadPoolExecutor(1)
         b = _batcher(stages, pool)
-        b.start()
-        first = asyncio.ensure_future(b.submit(0, 1))
-        await asyncio.sleep(0.05)
-        gone = asyncio.ensure_future(b.submit(5, 2))
-        await asyncio.sleep(0.05)
+        first, (gone,) = await _behind_a_held_call(b, [(5, 2)])
         gone.cancel()  # its client went away while it waited for the prepare thread
         await asyncio.sleep(0.01)
         held = b.admitted
