@@ -187,7 +187,7 @@ class Batcher:
         self._queue: collections.deque[_Entry] = collections.deque()
         self._raw: collections.deque[_Raw] = collections.deque()  # waiting for a prepare thread
         self._raw_lock = threading.Lock()  # guards _raw and _preparers (the event loop and the prepare threads)
-        self._preparers = 0  # prepare threads running _prepare_loop
+        self._preparers = 0  # prepare turns running or queued (_prepare_loop)
         self._max_preparers = pool._max_workers
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -249,26 +249,28 @@ class Batcher:
                 raw.abandoned = True
 
     def _prepare_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A prepare thread: takes every request waiting (up to max_batch items) and prepares them
-        together, until none waits. Under load a prepare thread takes many requests at a time: one
-        hand-off and one batched decode for all of them, not one each."""
-        while True:
-            with self._raw_lock:
-                taken, n = [], 0
-                while self._raw and (not taken or n + self._raw[0].n <= self.max_batch):
-                    taken.append(self._raw.popleft())
-                    n += taken[-1].n
-                if not taken:
-                    self._preparers -= 1
-                    return
-            try:
-                parts = self.stages.prepare_many([r.payload for r in taken])
-            except Exception as e:  # not one request's fault: each of them gets the error
-                parts = [e] * len(taken)
-            try:
-                loop.call_soon_threadsafe(self._prepared, taken, parts)
-            except RuntimeError:  # the loop has closed: nobody waits any more
+        """One turn of a prepare thread: takes every request waiting (up to max_batch items) and
+        prepares them together; under load that is one hand-off and one batched decode for many
+        requests, not one each. While requests still wait, its next turn queues behind whatever else
+        the pool has to do (the other served model's turns), so that no model's requests wait
+        while another model's keep coming."""
+        with self._raw_lock:
+            taken, n = [], 0
+            while self._raw and (not taken or n + self._raw[0].n <= self.max_batch):
+                taken.append(self._raw.popleft())
+                n += taken[-1].n
+            if not taken:
+                self._preparers -= 1
                 return
+        try:
+            parts = self.stages.prepare_many([r.payload for r in taken])
+        except Exception as e:  # not one request's fault: each of them gets the error
+            parts = [e] * len(taken)
+        try:
+            loop.call_soon_threadsafe(self._prepared, taken, parts)
+            self.pool.submit(self._prepare_loop, loop)
+        except RuntimeError:  # the loop has closed or the pool shut down: nobody waits any more
+            pass
 
     def _prepared(self, taken: list["_Raw"], parts: list[Any]) -> None:
         """On the event loop: prepared requests join the queue (or get their error), at once, so that a

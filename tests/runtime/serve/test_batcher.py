@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -156,3 +157,46 @@ def test_prepare_many_equals_preparing_each_request_alone(tiny_bundle, tiny_cata
                 assert (alone.decoded.rows, alone.decoded.errors) == (got.decoded.rows, got.decoded.errors)
                 np.testing.assert_array_equal(alone.decoded.array, got.decoded.array)
     assert isinstance(ClassifyModel(clf).prepare_many(requests)[3], Exception)
+
+
+def test_a_model_whose_requests_keep_coming_does_not_starve_the_other():
+    # Two served models share the prepare pool (one thread here). Model A's requests arrive faster
+    # than its prepare calls end, so its queue never empties; model B's one request must still get
+    # a turn, not wait until A's clients stop.
+    class Slow(Stages):
+        def prepare_many(self, payloads):
+            time.sleep(0.01)
+            return super().prepare_many(payloads)
+
+    async def main():
+        pool = ThreadPoolExecutor(1)
+        a_stages, b_stages = Slow(), Stages()
+        a_stages.gate.set()
+        b_stages.calls.append(["warm"])  # B's first call must not wait for its gate
+        a, b = _batcher(a_stages, pool), _batcher(b_stages, pool)
+        a.start()
+        b.start()
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + 1.0
+        sent = []
+
+        async def keep_sending():
+            while loop.time() < stop_at:
+                sent.append(asyncio.ensure_future(a.submit(1, 1)))
+                await asyncio.sleep(0.002)
+
+        feeder = asyncio.ensure_future(keep_sending())
+        await asyncio.sleep(0.1)
+        t0 = loop.time()
+        assert await b.submit(5, 1) == 11
+        waited = loop.time() - t0
+        still_sending = loop.time() < stop_at
+        await feeder
+        await asyncio.gather(*sent)
+        await a.stop()
+        await b.stop()
+        pool.shutdown()
+        return waited, still_sending
+
+    waited, still_sending = asyncio.run(main())
+    assert still_sending and waited < 0.5, f"B's request waited {waited:.2f} s behind A's"
