@@ -3,14 +3,14 @@
 It knows nothing about HTTP. A request's items are prepared (decoded, tokenised) in a thread
 pool, then queued: a prepare thread takes every request waiting and prepares them together, so
 under load one hand-off and one batched decode serve many requests. A dispatcher takes the oldest
-queued request, waits for a free model instance, adds the requests queued behind it up to `max_batch` items (waiting at most
-`max_delay` after the oldest arrived for more to come, but only while other requests are still
-being prepared: a request alone runs at once), and runs the batch and its finish on that
-instance's own thread while it forms the next one: one hand-off per batch, since each thread
-hand-off costs a wake-up and a GIL switch, the bulk of a single-item request's overhead. A
-request of a lone client (it and the two before it found nothing else admitted) skips the pool
-and the queue: prepare, run and finish in one hand-off to that instance. The event loop never
-decodes or runs a model.
+queued request, waits for a free model instance, adds the requests queued behind it up to
+`max_batch` items (waiting at most `max_delay` after the oldest arrived for more to come, but only
+while other requests are still being prepared: a request alone runs at once), and runs the batch
+and its finish on that instance's own thread while it forms the next one: one hand-off per batch,
+since each thread hand-off costs a wake-up and a GIL switch, the bulk of a single-item request's
+overhead. A request of a lone client (it and the two before it found nothing else admitted) skips
+the pool and the queue: prepare, run and finish in one hand-off to that instance. The event loop
+never decodes or runs a model.
 
 Admission is bounded: a request whose items would take the queue past `max_queue`, or whose
 expected wait (the items admitted ahead of it times the recent seconds per answered item while
@@ -230,7 +230,8 @@ class Batcher:
             if instance is not None:
                 return await self._run_alone(instance, payload, n)
         self.admission.admit(n)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         raw = _Raw(payload, n, future)
         self.preparing += n
         with self._raw_lock:
@@ -238,7 +239,7 @@ class Batcher:
             start = self._preparers < self._max_preparers
             self._preparers += start
         if start:
-            self.pool.submit(self._prepare_loop, asyncio.get_running_loop())
+            self.pool.submit(self._prepare_loop, loop)
         try:
             return await future
         finally:

@@ -2,9 +2,9 @@
 
 Triton's Python backend splits a model into initialize / execute(requests) / finalize; here each
 model gives the batcher three stages over `Classifier`'s own: `prepare_many` (decode, tokenise: a
-thread pool, for every request waiting at once), `run` (the graphs, on one model instance's thread, for the requests of a batch
-merged into one) and `finish` (top-k, paths: right after run, on the same thread), one result per request. Nothing
-here knows about HTTP.
+thread pool, for every request waiting at once), `run` (the graphs, on one model instance's thread,
+for the requests of a batch merged into one) and `finish` (top-k, paths: right after run, on the same
+thread), one result per request. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -124,11 +124,11 @@ class EmbedModel:
         spaces: dict[int, str] = {}
         for j, items in enumerate(requests):
             try:
-                spaces[j] = embed_parameters(items.parameters)
-                if spaces[j] == "visual":  # refused for this request alone, not for the batch it would join
+                space = embed_parameters(items.parameters)
+                if space == "visual":  # refused for this request alone, not for the batch it would join
                     require_visual(self.clf.manifest, self.clf.bundle)
+                spaces[j] = space
             except Exception as e:
-                spaces.pop(j, None)
                 out[j] = e
         decoded = _decode_together(self.clf, {j: requests[j].images if requests[j].images is not None
                                               else [None] * len(requests[j]) for j in spaces})

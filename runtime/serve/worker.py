@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import io
 import itertools
-import gc
 import json
 import logging
 import os
