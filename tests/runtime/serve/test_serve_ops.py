@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -84,6 +85,52 @@ def test_bearer_token(start_server, tmp_path):
     assert status == 200
     with urllib.request.urlopen(s.url + "/v2/health/live") as r:  # probes need no token
         assert r.status == 200
+
+
+def _responses(sock, n: int) -> list[tuple[int, dict, bytes]]:
+    """n HTTP/1.1 responses read off a socket, in order: (status, headers, body)."""
+    data, out = b"", []
+    while len(out) < n:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            lines = data[:head_end].decode("latin-1").split("\r\n")
+            headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+            end = head_end + 4 + int(headers["content-length"])
+            if len(data) >= end:
+                out.append((int(lines[0].split()[1]), headers, data[head_end + 4:end]))
+                data = data[end:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {len(out)} of {n} responses"
+        data += chunk
+    return out
+
+
+def test_refusals_keep_the_connection_usable(start_server, tmp_path):
+    """A request refused from its headers (its body never read) leaves a keep-alive connection
+    usable, pipelined requests are answered in order, and Connection: close is honoured."""
+    token = "s3cret-token-of-enough-length"
+    (tmp_path / "token").write_text(token)
+    s = start_server("--token-file", str(tmp_path / "token"))
+    body = json.dumps({"items": [{"title": "Acme black tee"}]}).encode()
+
+    def request(auth: str, extra: str = "") -> bytes:
+        return (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+    health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+        # the refusal and the probe wait in uvicorn's pipeline behind the classification
+        sock.sendall(request(token) + request("wrong") + health)
+        (s1, _, b1), (s2, h2, b2), (s3, _, b3) = _responses(sock, 3)
+        assert (s1, s2, s3) == (200, 401, 200)
+        assert json.loads(b1)["results"][0]["top_k"] and b3 == b""
+        assert "Bearer" in json.loads(b2)["error"] and h2["www-authenticate"] == "Bearer" and "date" in h2
+        sock.sendall(request("wrong"))  # the same connection, after the pipelined ones
+        assert _responses(sock, 1)[0][0] == 401
+        sock.sendall(request("wrong", "Connection: close\r\n"))
+        (status, headers, _), = _responses(sock, 1)
+        assert status == 401 and headers["connection"] == "close"
+        assert sock.recv(1) == b""  # closed by the server
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
