@@ -377,27 +377,33 @@ async def _serve(sock: socket.socket) -> None:
     writer.write(frame({"t": "ready"}))
     tasks: dict[int, asyncio.Task] = {}
 
+    def answer(rid: int, model: str, outcome: Any) -> bytes:
+        """The "done" frame of a request: its result, or the exception it ended with."""
+        if not isinstance(outcome, BaseException):
+            batches = [ran[model].popleft() for _ in range(len(ran[model]))]
+            return _result_frame(rid, model, outcome, batches)
+        e = outcome
+        if isinstance(e, asyncio.CancelledError):
+            return frame({"t": "done", "id": rid, "cancelled": True})
+        if isinstance(e, RequestError):
+            return frame({"t": "done", "id": rid, "error": "request", "message": str(e), "status": e.status,
+                          "retry_after": e.retry_after})
+        if isinstance(e, HuseError):
+            return frame({"t": "done", "id": rid, "error": "huse", "message": str(e)})
+        if isinstance(e, Overloaded):
+            return frame({"t": "done", "id": rid, "error": "overloaded", "message": str(e)})
+        _log_error("internal", "model-process", 500, f"{type(e).__name__}: {e}",
+                   traceback="".join(traceback.format_exception(e)))
+        return frame({"t": "done", "id": rid, "error": "internal", "message": f"{type(e).__name__}: {e}"})
+
     async def handle(rid: int, model: str, items: Items) -> None:
         try:
-            result = await batchers[model].submit(items, len(items))
-            batches = [ran[model].popleft() for _ in range(len(ran[model]))]
-            message = _result_frame(rid, model, result, batches)
-        except asyncio.CancelledError:
-            message = frame({"t": "done", "id": rid, "cancelled": True})
-        except RequestError as e:
-            message = frame({"t": "done", "id": rid, "error": "request", "message": str(e), "status": e.status,
-                             "retry_after": e.retry_after})
-        except HuseError as e:
-            message = frame({"t": "done", "id": rid, "error": "huse", "message": str(e)})
-        except Overloaded as e:
-            message = frame({"t": "done", "id": rid, "error": "overloaded", "message": str(e)})
-        except Exception as e:
-            _log_error("internal", "model-process", 500, f"{type(e).__name__}: {e}",
-                       traceback="".join(traceback.format_exception(e)))
-            message = frame({"t": "done", "id": rid, "error": "internal", "message": f"{type(e).__name__}: {e}"})
+            outcome = await batchers[model].submit(items, len(items))
+        except (asyncio.CancelledError, Exception) as e:  # cancelled: the front stopped waiting
+            outcome = e
         finally:
             tasks.pop(rid, None)
-        writer.write(message)
+        writer.write(answer(rid, model, outcome))
 
     loop = asyncio.get_running_loop()
     try:
@@ -405,7 +411,16 @@ async def _serve(sock: socket.socket) -> None:
             head, blobs = await read_frame(reader)
             kind = head["t"]
             if kind == "run":
-                tasks[head["id"]] = loop.create_task(handle(head["id"], head["model"], _items(head, blobs)))
+                rid, model, items = head["id"], head["model"], _items(head, blobs)
+                if not _buffered(reader):  # nothing else has arrived: a lone client's request may run here
+                    try:
+                        done, outcome = batchers[model].run_now(items, len(items))
+                    except Exception as e:
+                        done, outcome = True, e
+                    if done:
+                        writer.write(answer(rid, model, outcome))
+                        continue
+                tasks[rid] = loop.create_task(handle(rid, model, items))
             elif kind == "cancel":
                 task = tasks.get(head["id"])
                 if task is not None:
@@ -425,6 +440,12 @@ async def _serve(sock: socket.socket) -> None:
         writer.close()
     except ConnectionError:
         pass  # the front closed its end first
+
+
+def _buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether the reader holds bytes already received beyond the frame just read (asyncio's
+    StreamReader keeps them in `_buffer`; a reader without one counts as holding some)."""
+    return len(getattr(reader, "_buffer", b"?")) > 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

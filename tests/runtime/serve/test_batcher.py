@@ -107,6 +107,38 @@ def test_an_abandoned_request_holds_its_place_until_prepared_and_never_runs():
     assert [p for batch in stages.ran for p in batch] == [0], "an abandoned request never reaches the model"
 
 
+def test_a_lone_clients_third_request_runs_on_the_calling_thread():
+    """run_now: declined (and not counted) until the request is the third in a row to find nothing
+    else admitted; then prepared, run and finished on the caller's thread, its errors raised there;
+    declined whenever anything is admitted."""
+    async def main():
+        stages, pool = Stages(), ThreadPoolExecutor(1)
+        stages.gate.set()
+        b = _batcher(stages, pool)
+        b.start()
+        first = [b.run_now(1, 1)]
+        for p in (1, 2):  # two lone requests through the batcher: the idle streak is 2
+            assert await b.submit(p, 1) == 2 * p + 1
+        threads = []
+        stages.run = lambda engine, parts: threads.append(threading.current_thread()) or parts
+        now = b.run_now(3, 1)
+        with pytest.raises(ValueError, match="bad payload None"):
+            b.run_now(None, 1)
+        held = asyncio.ensure_future(b.submit(4, 1))  # admitted while its batch runs
+        await asyncio.sleep(0)
+        busy = b.run_now(5, 1)
+        await held
+        await b.stop()
+        pool.shutdown()
+        return first, now, threads, busy, b.admitted
+
+    first, now, threads, busy, admitted = asyncio.run(main())
+    assert first == [(False, None)], "the first arrival is not a lone client's yet"
+    assert now == (True, 7) and threads[0] is threading.main_thread(), "no hand-off to the instance's thread"
+    assert busy == (False, None), "with a request admitted it is declined"
+    assert admitted == 0
+
+
 def test_image_batch_split_undoes_concat():
     from huse.runtime.preprocess import ImageBatch
 
