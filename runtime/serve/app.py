@@ -764,7 +764,8 @@ def _protocol(http: str, front: Front) -> type:
     req/s offered to an int8-cpu server (2 cores): health p50 14-16 ms vs 21-73 ms, max 157-334 ms vs
     643-1,173 ms, and 16% more requests served. The body the client still sends is skipped by
     uvicorn's parser (the cycle is complete); keep-alive and pipelining go on as after uvicorn's own
-    responses. h11 (without httptools) goes through `Front.__call__`, which asks `at_once` the same.
+    responses. h11 (without httptools), or a uvicorn whose protocol has no `_start_asgi_task`, goes
+    through `Front.__call__`, which asks `at_once` the same (checked by hand with h11).
     """
     from uvicorn.config import HTTP_PROTOCOLS
     from uvicorn.importer import import_from_string
