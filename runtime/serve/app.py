@@ -250,17 +250,18 @@ class Server:
         self.metrics.items_of[model].inc(len(items))
         return result
 
-    def shed(self, path: str) -> None:
-        """Refuse a request for a model whose queue is full before its body is read.
+    def shed(self, model: str | None) -> None:
+        """Refuse a request for `model` (None or unknown: nothing to refuse) whose queue is full,
+        before its body is read.
 
         Under overload, reading, parsing and decoding bodies that cannot be served would keep the
         event loop from everything else, health probes included; a 503 costs it next to nothing.
 
         Raises:
-            RequestError: 503 with Retry-After, when the path's model is at --max-queue or its
+            RequestError: 503 with Retry-After, when the model is at --max-queue or its
                 queue's expected wait is past the deadline (`Batcher.check`).
         """
-        batcher = self.batchers.get(V1_MODELS.get(path) or _infer_model(path))
+        batcher = self.batchers.get(model)
         if batcher is not None:
             try:
                 batcher.check(1)
@@ -508,7 +509,7 @@ class Front:
                 raise RequestError(f"the request body is {length.decode(errors='replace')} bytes; this server "
                                    f"takes at most {self.max_body} (--max-body-mb)", status=413)
             if method == "POST":
-                self.server.shed(path)
+                self.server.shed(model or V1_MODELS.get(path))
         except RequestError as e:
             status, body, headers = error_reply(self.server, INFER_ROUTE if model else "limit", e)
             if model is not None:  # a refusal of another route counts only as an error (its route is Starlette's)

@@ -40,13 +40,6 @@ def _decode_together(clf: Classifier, images: dict[int, list]) -> dict[int, Deco
     return dict(zip(images, batch.split([len(ims) for ims in images.values()])))
 
 
-def _one(results: list) -> Any:
-    """The result of a one-request `prepare_many`, or its exception raised."""
-    if isinstance(results[0], Exception):
-        raise results[0]
-    return results[0]
-
-
 class ClassifyModel:
     """The `huse` model: `Classifier.classify` over the merged requests of a batch.
 
@@ -60,15 +53,11 @@ class ClassifyModel:
         self.clf = classifier
         self.min_confidence = min_confidence
 
-    def prepare(self, items: Items) -> tuple[Prepared, int]:
-        """Decode and tokenise one request's items (thread-safe). Returns (prepared, its top_k)."""
-        return _one(self.prepare_many([items]))
-
     def prepare_many(self, requests: Sequence[Items]) -> list[tuple[Prepared, int] | Exception]:
-        """`prepare` for several requests at once (thread-safe): their photos decoded as one batch (small
-        PNGs of one size in a few Pillow calls, not a few per photo), then each request's items grouped
-        and tokenised. Returns per request (prepared, its top_k), or the exception that request alone
-        raised (bad parameters, unequal inputs)."""
+        """Decode and tokenise several requests' items at once (thread-safe): their photos decoded as
+        one batch (small PNGs of one size in a few Pillow calls, not a few per photo), then each
+        request's items grouped and tokenised. Returns per request (prepared, its top_k), or the
+        exception that request alone raised (bad parameters, unequal inputs)."""
         out: list[Any] = [None] * len(requests)
         params: dict[int, tuple[int, str]] = {}
         for j, items in enumerate(requests):
@@ -113,9 +102,6 @@ class EmbedModel:
 
     def __init__(self, classifier: Classifier):
         self.clf = classifier
-
-    def prepare(self, items: Items) -> EmbedPrepared:
-        return _one(self.prepare_many([items]))
 
     def prepare_many(self, requests: Sequence[Items]) -> list[EmbedPrepared | Exception]:
         """Per request its decoded photos and the titles of its items without a usable photo (all the

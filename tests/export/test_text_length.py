@@ -100,8 +100,9 @@ def test_a_serving_batch_of_requests_of_different_lengths_answers_as_each_alone(
                 Items([image], SHORT[2:])]
     with Classifier(tiny_minilm_bundle, backend="onnxruntime", threads=1) as clf:
         model = ClassifyModel(clf)
-        alone = [model.finish([part], model.run(clf, [part]))[0] for part in map(model.prepare, requests)]
-        parts = [model.prepare(r) for r in requests]
+        alone = [model.finish([part], model.run(clf, [part]))[0]
+                 for part in (model.prepare_many([r])[0] for r in requests)]
+        parts = [model.prepare_many([r])[0] for r in requests]  # each tokenised alone, to its own width
         assert len({p.groups["text"][1]["input_ids"].shape[1] for p, _ in parts if "text" in p.groups}) >= 2
         together = model.finish(parts, model.run(clf, parts))
     assert [len(a) for a in alone] == [len(t) for t in together] == [3, 1, 2, 1]
