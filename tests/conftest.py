@@ -42,7 +42,7 @@ def _train_tiny(catalog: Path, out: Path) -> Path:
 
     Trainer(load_catalog_dataset(catalog), out,
             HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
-            TrainConfig(epochs=20, batch_size=32, lr=3e-3)).fit(progress=False)
+            TrainConfig(epochs=20, batch_size=32, lr=3e-3, cv_folds=0)).fit(progress=False)  # tests/train/test_kfold.py: folds
     return out
 
 
@@ -94,7 +94,7 @@ def tiny_minilm_run(tiny_catalog, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny-minilm"
     Trainer(load_catalog_dataset(tiny_catalog), out,
             HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, text_encoder="minilm"),
-            TrainConfig(epochs=1, batch_size=32, lr=3e-3)).fit(progress=False)
+            TrainConfig(epochs=1, batch_size=32, lr=3e-3, cv_folds=0)).fit(progress=False)
     return out
 
 

@@ -149,7 +149,7 @@ def test_a_kill_between_the_checkpoint_files_resumes_bit_exact(tiny_catalog, tmp
 
     def mk(out: Path, resume: bool = False) -> Trainer:
         return Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32, max_len=8),
-                       TrainConfig(batch_size=32, epochs=4, patience=0), resume=resume)
+                       TrainConfig(batch_size=32, epochs=4, patience=0, cv_folds=0), resume=resume)
 
     whole = mk(tmp_path / "whole").fit(progress=False)
     real, seen = getattr(trainer_mod, writer), []

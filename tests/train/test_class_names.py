@@ -23,7 +23,7 @@ def _trainer(catalog, out, encoder: str, **train) -> Trainer:
     return Trainer(load_catalog_dataset(catalog), out,
                    HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8,
                               text_encoder=encoder),
-                   TrainConfig(epochs=3, batch_size=32, lr=3e-3, **train))
+                   TrainConfig(epochs=3, batch_size=32, lr=3e-3, cv_folds=0, **train))
 
 
 def _answers(tr: Trainer, titles: list[str]) -> list[str]:
@@ -86,7 +86,7 @@ def test_cli_options_reach_the_run(tiny_catalog, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(out), "--backbone", "tiny", "--image-size", "32",
                                   "--epochs", "1", "--batch-size", "32", "--embed-dim", "32", "--text-encoder", "minilm",
-                                  "--class-name-init", "--class-name-prior", "0.5"])
+                                  "--class-name-init", "--class-name-prior", "0.5", "--cv-folds", "0"])
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["class_name_init"] is True and cfg["train"]["class_name_prior"] == 0.5

@@ -53,7 +53,8 @@ def test_cli_auto_reaches_the_run_and_a_bad_size_is_one_line(tiny_catalog, tmp_p
     assert r.exit_code == 1 and "--image-size 'big' is not a size" in r.output and "Traceback" not in r.output
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(out), "--backbone", "tiny", "--image-size", "auto",
-                                  "--epochs", "1", "--batch-size", "32", "--embed-dim", "32", "--text-encoder", "cnn"])
+                                  "--epochs", "1", "--batch-size", "32", "--embed-dim", "32", "--text-encoder", "cnn",
+                                  "--cv-folds", "0"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["model"]["image_size"] == 64  # 32-px photos: the floor
     assert json.loads((out / "metrics.json").read_text())["image_size"]["median_side"] == 32

@@ -147,6 +147,32 @@ def test_above_the_threshold_no_folds_run(grouped_catalog, tmp_path, monkeypatch
     assert "k-fold cross-validation not used (auto: " in format_metrics(m)
 
 
+def test_by_default_a_small_catalog_takes_its_settings_from_folds_and_ships_a_refit(grouped_catalog, tmp_path):
+    from huse.train.baselines import CV_FOLDS
+    from huse.train.cli import main
+    from huse.train.trainer import TrainConfig, Trainer
+
+    ds, trainer = _trainer(grouped_catalog, tmp_path / "run", epochs=1)  # no cv_folds: TrainConfig's default
+    assert trainer.cv == {"folds": CV_FOLDS, "reason": f"auto: {len(ds.indices('train')) + len(ds.indices('val'))} "
+                                                      "train + val rows < 5000"}
+    assert trainer.tc.final_fit == "train+val"  # the folds' settings are for a model trained on train + val
+    seen = []
+    init = Trainer.__init__
+
+    def recording(self, ds, out, model_cfg, train_cfg, *args, **kwargs):
+        seen.append(train_cfg)
+        init(self, ds, out, model_cfg, train_cfg, *args, **kwargs)
+        raise SystemExit(0)  # what the CLI asked for is all this test reads
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "__init__", recording)
+    try:
+        CliRunner().invoke(main, ["--data", str(grouped_catalog), "--out", str(tmp_path / "cli"), "--backbone", "tiny"])
+    finally:
+        mp.undo()
+    assert seen and seen[0].cv_folds is None and TrainConfig().cv_folds is None
+
+
 def test_cv_folds_0_leaves_the_run_as_before(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert "cv" not in m and not (tiny_run / "cv").exists() and "fitted_on" not in m["calibration"]

@@ -73,11 +73,11 @@ def test_run_writes_metrics_and_resumes(tiny_catalog, tmp_path):
     ds = load_catalog_dataset(tiny_catalog)
     cfg = lambda: HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32, max_len=8)
     out = tmp_path / "run"
-    Trainer(ds, out, cfg(), TrainConfig(epochs=1, batch_size=32)).fit(progress=False)
+    Trainer(ds, out, cfg(), TrainConfig(epochs=1, batch_size=32, cv_folds=0)).fit(progress=False)
     assert json.loads((out / "state.json").read_text())["epoch"] == 1
     with pytest.raises(HuseError, match="--resume"):
-        Trainer(ds, out, cfg(), TrainConfig(epochs=2, batch_size=32))
-    metrics = Trainer(ds, out, cfg(), TrainConfig(epochs=2, batch_size=32), resume=True).fit(progress=False)
+        Trainer(ds, out, cfg(), TrainConfig(epochs=2, batch_size=32, cv_folds=0))
+    metrics = Trainer(ds, out, cfg(), TrainConfig(epochs=2, batch_size=32, cv_folds=0), resume=True).fit(progress=False)
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     for split in ("val", "test"):
         assert set(metrics[split]) == {"image", "text", "fused"}
@@ -112,7 +112,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tiny_catalog, tmp_p
     out = tmp_path / "run"
     ds = load_catalog_dataset(tiny_catalog)
     mk = lambda e, r=False: Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32,
-                                                        max_len=8), TrainConfig(epochs=e, batch_size=32), resume=r)
+                                                        max_len=8), TrainConfig(epochs=e, batch_size=32, cv_folds=0), resume=r)
     mk(1).fit(progress=False)
     before = load_file(str(out / "checkpoint.safetensors"))
 

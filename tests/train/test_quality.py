@@ -155,7 +155,7 @@ def _trainer(ds, out, **tc):
     from huse.train.trainer import TrainConfig, Trainer
 
     return Trainer(ds, out, HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32, max_len=8),
-                   TrainConfig(batch_size=32, **tc))
+                   TrainConfig(batch_size=32, **{"cv_folds": 0, **tc}))
 
 
 def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
@@ -210,7 +210,7 @@ def test_resume_is_bit_exact(tiny_catalog, tmp_path, monkeypatch):
     from huse.train.trainer import TrainConfig
 
     resumed = Trainer(ds, tmp_path / "cut", HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32,
-                                                       max_len=8), TrainConfig(batch_size=32, epochs=4, patience=0),
+                                                       max_len=8), TrainConfig(batch_size=32, epochs=4, patience=0, cv_folds=0),
                       resume=True).fit(progress=False)
     assert resumed["history"] == whole["history"]  # every loss and val figure, to the last bit
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))

@@ -14,7 +14,7 @@ def test_train_cli_fine_tune_and_class_distance_options(tiny_catalog, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(out), "--backbone", "tiny", "--image-size", "32",
                                   "--fine-tune", "--epochs", "1", "--batch-size", "32", "--embed-dim", "32",
-                                  "--weight-decay", "0.3"])
+                                  "--weight-decay", "0.3", "--cv-folds", "0"])
     assert r.exit_code == 0, r.output
     assert "split by product" in r.output and "fused" in r.output
     cfg = json.loads((out / "config.json").read_text())

@@ -18,7 +18,7 @@ from huse.train.trainer import TrainConfig, Trainer  # noqa: E402
 def _trainer(catalog, out, **train) -> Trainer:
     return Trainer(load_catalog_dataset(catalog), out,
                    HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=64, hidden=64, max_len=8),
-                   TrainConfig(epochs=2, batch_size=32, lr=3e-3, **train))
+                   TrainConfig(epochs=2, batch_size=32, lr=3e-3, cv_folds=0, **train))
 
 
 def test_a_view_is_a_large_part_of_the_photo_and_seeded():
