@@ -21,7 +21,11 @@ def test_quality_benchmark_tabulates_huse_against_the_baseline(tiny_catalog, tmp
     for mode in ("fused", "image", "text"):
         assert abs(row[f"diff_{mode}"] - (row[f"huse_{mode}"] - row[f"baseline_{mode}"])) < 1e-12
         assert 0 <= row[f"baseline_defaults_{mode}"] <= 1
-    assert row["baseline_settings"]["folds"] == 5 and row["final_fit"]["splits"] == ["train"]
+    assert row["baseline_settings"]["folds"] == 5
+    # huse-train's defaults on a small catalog: settings from 5 folds, the shipped model refitted on train + val and
+    # scored on test beside the tuned LR fitted on the same rows
+    assert row["cv"]["folds"] == 5 and row["final_fit"]["splits"] == ["train", "val"]
+    assert 0 <= row["refit_fused"] <= 1 and 0 <= row["refit_baseline_fused"] <= 1
     assert "| tiny |" in r.output and "LR C=1" in r.output
     # A second run reuses the finished training run instead of training again.
     stamp = (tmp_path / "runs" / result["recipe"] / "tiny" / "wall_s.txt").stat().st_mtime_ns
