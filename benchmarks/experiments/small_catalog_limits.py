@@ -7,8 +7,9 @@
 
 Two things a tuned linear probe cannot do, measured against it on the same split and frozen features:
 
-- *Seed ensembles.* The default recipe (Trainer as `huse-train` runs it: train split, early stopping on val)
-  is trained with seeds 0..K-1, each read as a run reads itself (the fusion weight chosen on val). The
+- *Seed ensembles.* The default recipe's held-out model (Trainer as `huse-train` runs it, trained on the train
+  split with early stopping on val; `cv_folds=0`: the k-fold default's folds and refit left out) is trained with
+  seeds 0..K-1, each read as a run reads itself (the fusion weight chosen on val). The
   ensemble averages the members' image and text probabilities, then chooses its fusion weight on val the
   same way; "+ LR" mixes the ensemble's fused probabilities with the tuned LR's, the mix chosen on val.
   If HUSE trails its probe because one small run is noisy, averaging runs should recover the gap.
@@ -58,7 +59,7 @@ def train_seed(name: str, catalog: str, work: Path, seed: int) -> dict[str, np.n
 
     ds = load_catalog_dataset(catalog, seed=0)  # the benchmark catalogs keep their own split column
     t = Trainer(ds, work / name / f"run{seed}", HuseConfig(num_classes=0, text_encoder="auto", arch="compact"),
-                TrainConfig(seed=seed), cache=work / name / "cache")
+                TrainConfig(seed=seed, cv_folds=0), cache=work / name / "cache")
     t.finish = lambda progress=True: {}
     t.fit(progress=False)
     d = {"best_epoch": np.array(t.best["epoch"])}
