@@ -95,9 +95,7 @@ class TrainConfig:
     # k-fold cross-validation by product over train + val for the epochs, the fusion weight and the
     # temperatures (then the shipped model is refitted on train + val, or all with final_fit="all"):
     # 0 never, K >= 2 always with K folds, None ("auto", the default) with CV_FOLDS folds below KFOLD_MAX_ROWS
-    # rows, single-label only. On the three small catalogs at seeds 0-2 the model it ships scored -0.4 to
-    # +3.1 points of fused test top-1 (mean +1.5) against the model trained on train alone and chosen on val
-    # (the default before); larger catalogs are not touched (README, "Model quality").
+    # rows, single-label only. README, "Model quality", says what it measured and what it costs.
     cv_folds: int | None = None
     seed: int = 0
     feature_batch: int = 128  # images per backbone call during feature extraction

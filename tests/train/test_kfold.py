@@ -147,14 +147,15 @@ def test_above_the_threshold_no_folds_run(grouped_catalog, tmp_path, monkeypatch
     assert "k-fold cross-validation not used (auto: " in format_metrics(m)
 
 
-def test_by_default_a_small_catalog_takes_its_settings_from_folds_and_ships_a_refit(grouped_catalog, tmp_path):
+def test_by_default_a_small_catalog_takes_its_settings_from_folds_and_ships_a_refit(grouped_catalog, tmp_path,
+                                                                                   monkeypatch):
     from huse.train.baselines import CV_FOLDS
     from huse.train.cli import main
-    from huse.train.trainer import TrainConfig, Trainer
+    from huse.train.trainer import KFOLD_MAX_ROWS, TrainConfig, Trainer
 
     ds, trainer = _trainer(grouped_catalog, tmp_path / "run", epochs=1)  # no cv_folds: TrainConfig's default
     assert trainer.cv == {"folds": CV_FOLDS, "reason": f"auto: {len(ds.indices('train')) + len(ds.indices('val'))} "
-                                                      "train + val rows < 5000"}
+                                                      f"train + val rows < {KFOLD_MAX_ROWS}"}
     assert trainer.tc.final_fit == "train+val"  # the folds' settings are for a model trained on train + val
     seen = []
     init = Trainer.__init__
@@ -164,12 +165,9 @@ def test_by_default_a_small_catalog_takes_its_settings_from_folds_and_ships_a_re
         init(self, ds, out, model_cfg, train_cfg, *args, **kwargs)
         raise SystemExit(0)  # what the CLI asked for is all this test reads
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Trainer, "__init__", recording)
-    try:
-        CliRunner().invoke(main, ["--data", str(grouped_catalog), "--out", str(tmp_path / "cli"), "--backbone", "tiny"])
-    finally:
-        mp.undo()
+    monkeypatch.setattr(Trainer, "__init__", recording)
+    CliRunner().invoke(main, ["--data", str(grouped_catalog), "--out", str(tmp_path / "cli"), "--backbone", "tiny"])
+    monkeypatch.undo()
     assert seen and seen[0].cv_folds is None and TrainConfig().cv_folds is None
 
 
