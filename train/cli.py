@@ -68,7 +68,7 @@ from huse.runtime.cli import run_cli
               help="Choose the epochs, the fusion weight and the temperatures by K-fold cross-validation by product "
                    "over train+val instead of on val alone, then refit the shipped model on train+val (all with "
                    "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), single-label "
-                   "only, else none. K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
+                   "only (multi-label: pass K), else none. K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)
@@ -185,17 +185,19 @@ def format_metrics(metrics: dict) -> str:
 def _cv_line(cv: dict) -> str:
     """The k-fold choices and their spread across folds, in one line."""
     folds = cv["per_fold"]
+    metric = "top1" if "top1" in cv else "map"  # multi-label: mAP
 
     def span(mode: str) -> str:
-        v = [f["val_top1"][mode] for f in folds]
+        v = [f[f"val_{metric}"][mode] for f in folds]
         return f"{mode} {min(v):.2f}-{max(v):.2f}"
 
     return (f"settings by {cv['folds']}-fold cross-validation by product on {cv['rows']} train+val rows "
             f"({cv['products']} products; {cv['reason']}): {cv['epochs']} epochs (median of the folds' best: "
             f"{', '.join(str(f['best_epoch']) for f in folds)}), fusion image weight {cv['image_weight']} on the pooled "
             f"out-of-fold predictions (each fold alone: {', '.join(str(f['image_weight']) for f in folds)}); "
-            f"out-of-fold top-1 image {cv['top1']['image']:.4f}, text {cv['top1']['text']:.4f}, fused "
-            f"{cv['top1']['fused']:.4f}; across folds: {span('image')}, {span('text')}, {span('fused')}")
+            f"out-of-fold {'top-1' if metric == 'top1' else 'mAP'} image {cv[metric]['image']:.4f}, text "
+            f"{cv[metric]['text']:.4f}, fused {cv[metric]['fused']:.4f}; across folds: {span('image')}, {span('text')}, "
+            f"{span('fused')}")
 
 
 def _fold_spread(settings: dict) -> str:
@@ -211,13 +213,23 @@ def _format_multilabel(metrics: dict) -> str:
     from huse.train.multilabel import format_table
 
     lines = format_table(metrics)
-    if metrics.get("cv"):  # auto mode's decision, as a log line
-        lines.append(f"k-fold cross-validation not used ({metrics['cv']['reason']})")
+    cv = metrics.get("cv")
+    if cv:  # ran, or "auto" decided against it
+        lines.append(_cv_line(cv) if cv["folds"] else f"k-fold cross-validation not used ({cv['reason']})")
+    chosen = f"by {cv['folds']}-fold CV" if cv and cv["folds"] else "on val"
     c = metrics["baseline_info"]["C"]
-    lines.append(f"fusion image weight (chosen on val micro-F1): {metrics['fusion_image_weight']}; best epoch "
+    lines.append(f"fusion image weight (chosen {chosen}, micro-F1): {metrics['fusion_image_weight']}; thresholds from "
+                 f"{metrics.get('thresholds_from', 'val')}; best epoch "
                  f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']}; "
                  f"labels per product (val) {metrics['labels_per_product'].get('val', 0):.2f}; baseline: one-vs-rest "
                  f"logistic regression, C by product-grouped CV (image {c['image']}, text {c['text']})")
+    ff = metrics.get("final_fit", {"rows": "train"})
+    if ff["rows"] != "train":
+        held = ("; on test (micro-F1 / mAP): " + ", ".join(
+            f"{m} {r['micro_f1']:.4f} / {r['map']:.4f} (LR tuned on the same rows {ff['baseline_test'][m]['micro_f1']:.4f} / "
+            f"{ff['baseline_test'][m]['map']:.4f})" for m, r in ff["test"].items()) if "test" in ff else "")
+        lines.append(f"shipped model: refitted on {' + '.join(ff['splits'])} ({ff['items']} items, {ff['epochs']} epochs){held}; "
+                     "the figures above are the held-out model's")
     worse = metrics["verdict"]["worse_modes"]
     if worse:
         lines.append("WARNING: HUSE's micro-F1 is below the one-vs-rest logistic regression's on the same features on val in "

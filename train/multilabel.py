@@ -341,6 +341,38 @@ def ovr_baselines(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarr
     return out, info
 
 
+def ovr_final(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarray, rows: np.ndarray, folds: list,
+              test: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tuned one-vs-rest baseline fitted on `rows` (train + val), as a refitted HUSE is: the LR a careful
+    user would ship on the same rows.
+
+    C per mode by `ovr_fit`'s product-grouped CV on `rows`; the fusion weight and the thresholds on the
+    out-of-fold predictions over `folds` (the same product folds HUSE's cross-validation used, positions
+    into `rows`), chosen exactly as HUSE's are; then every row refitted and `test` predicted.
+
+    Returns:
+        ({"image", "text", "fused": (n_test, C) probabilities}, {"C", "fusion_image_weight", "thresholds"}).
+    """
+    from huse.train.baselines import baseline_features
+
+    feats = baseline_features(image_feats, text, rows, {"test": test})
+    yr, gr = y[rows].astype(np.float64), groups[rows]
+    order = np.concatenate([held for _, held in folds])
+    probs: dict[str, np.ndarray] = {}
+    oof: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {"C": {}, "folds": len(folds), "grouped_by": "product"}
+    for mode in ("image", "text"):
+        x, x_test = feats[mode]
+        (probs[mode],), chosen = ovr_fit(x, yr, gr, [x_test])
+        c = info["C"][mode] = chosen["C"]
+        oof[mode] = np.concatenate([_ovr_predict(x[held], _fit_ovr(x[fit], yr[fit], c)) for fit, held in folds])
+    y_oof, g_oof = yr[order], gr[order]
+    w = best_fusion_weight(oof["image"], oof["text"], y_oof, g_oof)
+    oof["fused"], probs["fused"] = (w * p["image"] + (1 - w) * p["text"] for p in (oof, probs))
+    thresholds = {m: tune_thresholds(oof[m], y_oof, g_oof) for m in MODES}
+    return probs, {**info, "fusion_image_weight": w, "thresholds": thresholds}
+
+
 def format_table(metrics: dict[str, Any]) -> list[str]:
     """The printed table of a multi-label run: HUSE beside the one-vs-rest baseline, per split and mode."""
     lines = [f"{'split':5} {'mode':6} {'micro-F1':>8} {'baseline':>8} {'macro-F1':>8} {'mAP':>6} {'base mAP':>8} "

@@ -354,9 +354,6 @@ class Trainer:
             raise HuseError(f"multi-label head {model_cfg.label_head!r} not found; available = {list(multilabel.HEADS)}")
         if model_cfg.label_loss not in multilabel.LOSSES:
             raise HuseError(f"multi-label loss {model_cfg.label_loss!r} not found; available = {list(multilabel.LOSSES)}")
-        if self.multi and train_cfg.final_fit != "train":
-            raise HuseError(f"--final-fit {train_cfg.final_fit} refits single-label models only for now; train this "
-                            "multi-label catalog with --final-fit train (the default)")
         self.labels = sorted({p for c in ds.classes for p in c.split(PATH_SEPARATOR)})
         self.hierarchy = Hierarchy(self.labels)
         self.y = (torch.from_numpy(multilabel.multi_hot(ds.classes, self.labels)) if self.multi
@@ -412,14 +409,11 @@ class Trainer:
             if rows >= KFOLD_MAX_ROWS:
                 return {"folds": 0, "reason": f"auto: {rows} train + val rows >= {KFOLD_MAX_ROWS}"}
             if self.multi:  # its decision rule (thresholds) and early stopping (mAP) are chosen on val
-                return {"folds": 0, "reason": "auto: multi-label runs choose their settings on val; k-fold "
-                                              "cross-validation is for single-label catalogs"}
+                return {"folds": 0, "reason": "auto: multi-label runs choose their settings on val unless "
+                                              "--cv-folds K asks for folds"}
             if products < CV_FOLDS:
                 return {"folds": 0, "reason": f"auto: {products} train + val products, fewer than {CV_FOLDS} folds"}
             return {"folds": CV_FOLDS, "reason": f"auto: {rows} train + val rows < {KFOLD_MAX_ROWS}"}
-        if asked and self.multi:
-            raise HuseError(f"--cv-folds {asked}: k-fold cross-validation is for single-label catalogs; this one is "
-                            "multi-label (its thresholds are chosen on val): train it with --cv-folds 0")
         plan = {"folds": asked, "reason": f"cv_folds={asked}"}
         if plan["folds"] > products:
             raise HuseError(f"--cv-folds {plan['folds']}: train + val hold only {products} products, fewer than the "
@@ -685,18 +679,23 @@ class Trainer:
             b = idx[s:s + 1024]
             img.append(probs(self.model.classifier(self._image_emb(b))))
             txt.append(probs(self.model.classifier(self._text_emb(b))))
-        return {"image": np.concatenate(img), "text": np.concatenate(txt), "y": self.y[idx].numpy()}
+        return {"image": np.concatenate(img), "text": np.concatenate(txt), "y": self.y[idx].numpy(),
+                "product": self.product[idx].numpy()}
 
-    def baselines(self) -> dict[str, Any]:
-        """Tuned and scikit-learn-defaults logistic-regression baselines on the same split and frozen features,
-        cross-validated by product (huse.train.baselines.logistic_baselines)."""
-        splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
+    def _baseline_inputs(self) -> tuple[np.ndarray, np.ndarray | list[str]]:
+        """What the baselines read: the frozen image features, and the frozen text features (or the titles)."""
         if self.frozen:
             image = self.image_feats.numpy()
         else:  # fine-tuning: the baseline uses the pretrained backbone's features (not cached: a one-off)
             image = extract_image_features(build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None,
                                            self.tc.feature_batch).numpy()
-        text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
+        return image, self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
+
+    def baselines(self) -> dict[str, Any]:
+        """Tuned and scikit-learn-defaults logistic-regression baselines on the same split and frozen features,
+        cross-validated by product (huse.train.baselines.logistic_baselines)."""
+        splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
+        image, text = self._baseline_inputs()
         final = (torch.cat([self.split[s] for s in FINAL_FITS[self.tc.final_fit]]).numpy()
                  if self.tc.final_fit != "train" else None)
         return logistic_baselines(image, text, self.y.numpy(), len(self.labels), self.split["train"].numpy(), splits,
@@ -708,12 +707,7 @@ class Trainer:
         --final-fit or --cv-folds)."""
         val, test = self.predict("val"), self.predict("test") if len(self.split["test"]) else None
         cv, oof = self.cross_validate(progress) if self.cv["folds"] else (None, None)
-        if cv:
-            w = cv["image_weight"]
-        elif self.multi:
-            w = multilabel.best_fusion_weight(val["image"], val["text"], val["y"], self.product[self.split["val"]].numpy())
-        else:
-            w = best_weight(val["image"], val["text"], val["y"])[0]
+        w = cv["image_weight"] if cv else self._fusion_weight(val)
         for pr in (val, test):
             if pr is not None:
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
@@ -726,7 +720,11 @@ class Trainer:
         if self.tc.class_name_init or self.tc.class_name_prior:  # asked for: whether it applied, and why not
             metrics["class_names"] = {**self.class_names, **self._names_alone()}
         if self.multi:
-            extra = self._evaluate_multilabel(val, test, metrics)
+            extra = self._evaluate_multilabel(val, test, metrics, oof)
+            metrics["final_fit"] = self._final_fit(w, progress, cv, extra["thresholds"])
+            if "test" in metrics["final_fit"]:  # the tuned one-vs-rest LR fitted on the same rows, as carefully
+                metrics["final_fit"]["baseline_test"], metrics["final_fit"]["baseline_info"] = self._ovr_final(test)
+            extra["final_fit"] = {k: metrics["final_fit"][k] for k in ("rows", "splits", "items", "epochs")}
         else:
             base = self.baselines()
             calibration = calibration_report(val, test, val["y"], test["y"] if test else None, fit=oof)
@@ -742,8 +740,7 @@ class Trainer:
             metrics["verdict"] = baseline_verdict(metrics)
             final = test or val
             confusion_png(final["fused"], final["y"], self.labels, self.out / "confusion_matrix.png")
-            metrics["final_fit"] = self.refit(w, progress, cv["epochs"] if cv else None) if self.tc.final_fit != "train" else {
-                "rows": "train", "splits": ["train"], "items": len(self.split["train"]), "epochs": self.best["epoch"]}
+            metrics["final_fit"] = self._final_fit(w, progress, cv)
             if "test" in metrics["final_fit"]:  # the tuned LR fitted on the same rows, for a comparison on equal data
                 metrics["final_fit"]["baseline_test"] = {mode: accuracy_report(base["tuned_final"]["test"][mode], test["y"],
                                                                                self.hierarchy) for mode in MODES}
@@ -760,6 +757,25 @@ class Trainer:
         write_json_atomic(self.out / "metrics.json", metrics)
         return metrics
 
+    def _fusion_weight(self, pr: dict[str, np.ndarray]) -> float:
+        """The image weight with the best fused top-1 (multi-label: micro-F1) on these predictions."""
+        if self.multi:
+            return multilabel.best_fusion_weight(pr["image"], pr["text"], pr["y"], pr["product"])
+        return best_weight(pr["image"], pr["text"], pr["y"])[0]
+
+    def _final_fit(self, w: float, progress: bool, cv: dict[str, Any] | None,
+                   thresholds: dict[str, list[float]] | None = None) -> dict[str, Any]:
+        """The shipped model: refitted on the final-fit splits (refit), or the held-out model itself."""
+        if self.tc.final_fit != "train":
+            return self.refit(w, progress, cv["epochs"] if cv else None, thresholds)
+        return {"rows": "train", "splits": ["train"], "items": len(self.split["train"]), "epochs": self.best["epoch"]}
+
+    def _product_folds(self, rows: np.ndarray, k: int) -> list:
+        """k folds of `rows` (positions into them) that never split a product, stratified by class (multi-label:
+        by each row's first class)."""
+        y = self.y[rows].numpy()
+        return product_folds(y.argmax(1) if self.multi else y, self.product.numpy()[rows], k, self.tc.seed, sample=False)[1]
+
     def cross_validate(self, progress: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Choose the epochs, the fusion weight and the temperatures by k-fold cross-validation by product.
 
@@ -770,20 +786,22 @@ class Trainer:
         - epochs: the median of the folds' best epochs. The mean of their val curves would need every
           fold run to the whole step budget (early stopping ends small-catalog runs after a sixth of
           it), and the median is not moved by one fold whose small val split bottoms out early or late;
-        - fusion image weight: the best fused top-1 on the pooled out-of-fold predictions (every
-          train + val row, predicted by the one model that did not see it);
-        - temperatures: fitted on the same pooled predictions (by finish, through calibration_report).
+        - fusion image weight: the best fused top-1 (multi-label: micro-F1) on the pooled out-of-fold
+          predictions (every train + val row, predicted by the one model that did not see it);
+        - temperatures (multi-label: the thresholds): fitted on the same pooled predictions (by finish,
+          through calibration_report or _evaluate_multilabel).
 
         Returns:
             (the summary metrics.json records: folds, rows, products, the chosen settings, the pooled
-            top-1 per mode and, per fold, its size, best epoch, val top-1 per mode at the chosen weight
-            and the fusion weight it alone would choose; the pooled probabilities per mode and "y").
+            top-1 (multi-label: mAP) per mode and, per fold, its size, best epoch, val top-1 (val_map)
+            per mode at the chosen weight and the fusion weight it alone would choose; the pooled
+            probabilities per mode, "y" and "product").
         """
         rows = torch.cat([self.split["train"], self.split["val"]]).numpy()
         products = self.product.numpy()
-        _, folds = product_folds(self.y[rows].numpy(), products[rows], self.cv["folds"], self.tc.seed, sample=False)
+        folds = self._product_folds(rows, self.cv["folds"])
         fold_cfg = replace(self.tc, cv_folds=0, final_fit="train")
-        pooled: dict[str, list[np.ndarray]] = {"image": [], "text": [], "y": []}
+        pooled: dict[str, list[np.ndarray]] = {"image": [], "text": [], "y": [], "product": []}
         per_fold = []
         for k, (_, held) in enumerate(folds, 1):
             splits = list(self.ds.splits)
@@ -801,31 +819,34 @@ class Trainer:
                 pooled[key].append(pr[key])
             per_fold.append({"fold": k, "products": int(len(np.unique(products[rows[held]]))), "items": int(len(held)),
                              "best_epoch": fold.best["epoch"], "epochs_run": fold.epoch, "pr": pr,
-                             "image_weight": best_weight(pr["image"], pr["text"], pr["y"])[0]})
+                             "image_weight": self._fusion_weight(pr)})
             del fold
         oof = {key: np.concatenate(v) for key, v in pooled.items()}
-        w = best_weight(oof["image"], oof["text"], oof["y"])[0]
+        w = self._fusion_weight(oof)
         oof["fused"] = w * oof["image"] + (1 - w) * oof["text"]
+        # threshold-free scores: top-1, or mAP for multi-label (its micro-F1 depends on thresholds fitted on these rows)
+        metric, score = (("map", multilabel.mean_average_precision) if self.multi
+                         else ("top1", lambda p, y: float((p.argmax(1) == y).mean())))
         for f in per_fold:
             pr = f.pop("pr")
             pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
-            f["val_top1"] = {mode: round(float((pr[mode].argmax(1) == pr["y"]).mean()), 4) for mode in MODES}
+            f[f"val_{metric}"] = {mode: round(score(pr[mode], pr["y"]), 4) for mode in MODES}
         bests = [f["best_epoch"] for f in per_fold]
         summary = {"folds": len(folds), "reason": self.cv["reason"], "rows": int(len(rows)),
                    "products": int(len(np.unique(products[rows]))),
                    "epochs_rule": "median of the folds' best epochs", "epochs": max(1, int(round(float(np.median(bests))))),
-                   "image_weight": w, "top1": {mode: round(float((oof[mode].argmax(1) == oof["y"]).mean()), 4)
-                                               for mode in MODES},
+                   "image_weight": w, metric: {mode: round(score(oof[mode], oof["y"]), 4) for mode in MODES},
                    "per_fold": per_fold}
         return summary, oof
 
-    def refit(self, w: float, progress: bool = True, epochs: int | None = None) -> dict[str, Any]:
+    def refit(self, w: float, progress: bool = True, epochs: int | None = None,
+              thresholds: dict[str, list[float]] | None = None) -> dict[str, Any]:
         """Train a fresh model on the rows of the final-fit splits with the settings chosen on val (or by k-fold
         cross-validation).
 
         The same number of epochs as the held-out model's best (or `epochs`), on the same learning-rate
-        schedule measured in epochs; the fusion weight and the temperatures stay those chosen before (the
-        refit has no val to choose them on). The word CNN's vocabulary is rebuilt from all those
+        schedule measured in epochs; the fusion weight and the temperatures (multi-label: the thresholds)
+        stay those chosen before (the refit has no val to choose them on). The word CNN's vocabulary is rebuilt from all those
         titles, so val's words are no longer out of vocabulary. Where a split stays held out
         (test, with "train+val"), the refit model is evaluated on it too.
 
@@ -833,9 +854,10 @@ class Trainer:
             w: the fusion image weight.
             progress: show a progress bar.
             epochs: epochs to train (default: the held-out model's best epoch).
+            thresholds: multi-label: the shipped thresholds per mode, for the held-out splits' reports.
         Returns:
-            What the shipped model saw: rows, splits, items, epochs, and its accuracy per mode on
-            the splits still held out.
+            What the shipped model saw: rows, splits, items, epochs, and its accuracy (multi-label: its
+            multi-label report) per mode on the splits still held out.
         """
         splits = FINAL_FITS[self.tc.final_fit]
         rows = torch.cat([self.split[s] for s in splits])
@@ -868,34 +890,54 @@ class Trainer:
             if split not in splits and len(self.split[split]):
                 pr = self.predict(split)
                 pr["fused"] = w * pr["image"] + (1 - w) * pr["text"]
-                out[split] = {mode: accuracy_report(pr[mode], pr["y"], self.hierarchy) for mode in MODES}
+                out[split] = {mode: (multilabel.multilabel_report(pr[mode], pr["y"], np.asarray(thresholds[mode]),
+                                                                  self.hierarchy) if self.multi
+                                     else accuracy_report(pr[mode], pr["y"], self.hierarchy)) for mode in MODES}
         return out
 
 
     def _evaluate_multilabel(self, val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None,
-                             metrics: dict[str, Any]) -> dict[str, Any]:
+                             metrics: dict[str, Any], oof: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Multi-label metrics of HUSE and the tuned one-vs-rest baseline into `metrics`; returns what
-        config.json adds (per-class thresholds per mode, tuned on val; no temperatures: the thresholds
-        are where the scores are read)."""
+        config.json adds (per-class thresholds per mode; no temperatures: the thresholds are where the
+        scores are read).
+
+        The reports are the held-out model's, read at thresholds tuned on val. The shipped thresholds are
+        those, or with k-fold cross-validation the ones tuned on the pooled out-of-fold predictions `oof`
+        (five times the products val has, for the model refitted on train + val).
+        """
         splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
-        image = self.image_feats.numpy() if self.frozen else extract_image_features(
-            build_model(self.mc).to(self.device).eval(), self.ds, self.spec, None, self.tc.feature_batch).numpy()
-        text = self.text_feats.numpy() if self.text_feats is not None else self.ds.titles
+        image, text = self._baseline_inputs()
         base, info = multilabel.ovr_baselines(image, text, self.y.numpy(), self.product.numpy(),
                                               self.split["train"].numpy(), splits)
-        val_products = self.product[self.split["val"]].numpy()
-        thresholds, reports = multilabel.evaluate(val, test, self.hierarchy, val_products)
+        thresholds, reports = multilabel.evaluate(val, test, self.hierarchy, val["product"])
         base_val, base_test = ({**base[s], "y": pr["y"]} if pr is not None else None
                                for s, pr in (("val", val), ("test", test)))
-        base_thresholds, base_reports = multilabel.evaluate(base_val, base_test, self.hierarchy, val_products)
+        base_thresholds, base_reports = multilabel.evaluate(base_val, base_test, self.hierarchy, val["product"])
+        if oof is not None:
+            metrics["held_out_thresholds"] = thresholds
+            thresholds = {m: [round(float(t), 4) for t in multilabel.tune_thresholds(oof[m], oof["y"], oof["product"])]
+                          for m in MODES}
         metrics.update(task="multi-label", **reports, baseline=base_reports,
                        baseline_info={**info, "thresholds": base_thresholds,
                                       "model": "one-vs-rest logistic regression on the same frozen features"},
-                       thresholds=thresholds, labels_per_product={
-                           s: float(self.y[self.split[s]].sum(1).float().mean()) for s in splits})
+                       thresholds=thresholds, thresholds_from="out-of-fold predictions" if oof is not None else "val",
+                       labels_per_product={s: float(self.y[self.split[s]].sum(1).float().mean()) for s in splits})
         metrics["verdict"] = multilabel.verdict(metrics)
         return {"task": "multi-label", "thresholds": thresholds,
                 "calibration": {"temperature": {m: 1.0 for m in MODES}}}
+
+    def _ovr_final(self, test: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """The tuned one-vs-rest LR fitted on the refit's rows (multilabel.ovr_final, over the same product folds
+        cross-validation uses) and its test report per mode; its settings."""
+        rows = torch.cat([self.split[s] for s in FINAL_FITS[self.tc.final_fit]]).numpy()
+        image, text = self._baseline_inputs()
+        probs, info = multilabel.ovr_final(image, text, self.y.numpy(), self.product.numpy(), rows,
+                                           self._product_folds(rows, self.cv["folds"] or CV_FOLDS),
+                                           self.split["test"].numpy())
+        report = {m: multilabel.multilabel_report(probs[m], test["y"], info["thresholds"][m], self.hierarchy) for m in MODES}
+        info["thresholds"] = {m: [round(float(t), 4) for t in thr] for m, thr in info["thresholds"].items()}
+        return report, info
 
 
 def _calibrated_nll(p: np.ndarray, y: np.ndarray) -> float:

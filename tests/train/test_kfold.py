@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from huse.runtime.hierarchy import Hierarchy
+
 
 @pytest.fixture(scope="module")
 def grouped_catalog(tiny_catalog, tmp_path_factory):
@@ -176,13 +178,56 @@ def test_cv_folds_0_leaves_the_run_as_before(tiny_run):
     assert "cv" not in m and not (tiny_run / "cv").exists() and "fitted_on" not in m["calibration"]
 
 
-def test_multi_label_skips_auto_cross_validation_and_refuses_forced_folds(tiny_multi_catalog, tmp_path):
-    from huse.runtime.errors import HuseError
-
+def test_multi_label_runs_folds_only_when_asked(tiny_multi_catalog, tmp_path):
     _, trainer = _trainer(tiny_multi_catalog, tmp_path / "auto", epochs=1, cv_folds=None)
-    assert trainer.cv["folds"] == 0 and "multi-label" in trainer.cv["reason"]
-    with pytest.raises(HuseError, match="--cv-folds 5: k-fold cross-validation is for single-label catalogs.*--cv-folds 0"):
-        _trainer(tiny_multi_catalog, tmp_path / "forced", epochs=1, cv_folds=5)
+    assert trainer.cv["folds"] == 0 and "--cv-folds K" in trainer.cv["reason"] and trainer.tc.final_fit == "train"
+
+
+def test_multi_label_takes_its_weight_and_thresholds_from_folds_and_ships_a_refit(tiny_multi_catalog, tmp_path):
+    from huse.train import multilabel
+    from huse.train.cli import format_metrics
+
+    ds, trainer = _trainer(tiny_multi_catalog, tmp_path / "run", epochs=3, patience=0, cv_folds=3)
+    assert trainer.cv["folds"] == 3 and trainer.tc.final_fit == "train+val"
+    m = trainer.fit(progress=False)
+    cv, ff = m["cv"], m["final_fit"]
+    assert m["task"] == "multi-label" and len(cv["per_fold"]) == 3 and m["fusion_image_weight"] == cv["image_weight"]
+    assert all(set(f["val_map"]) == {"image", "text", "fused"} and 1 <= f["best_epoch"] <= 3 for f in cv["per_fold"])
+    assert sum(f["items"] for f in cv["per_fold"]) == cv["rows"] == len(ds.indices("train")) + len(ds.indices("val"))
+    # The shipped thresholds are tuned on the pooled out-of-fold predictions, not on val: the held-out model's
+    # val-tuned ones are kept beside them, and config.json (what the bundle ships) holds the shipped ones.
+    assert m["thresholds_from"] == "out-of-fold predictions" and set(m["held_out_thresholds"]) == set(m["thresholds"])
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["thresholds"] == m["thresholds"] and cfg["fusion"]["image_weight"] == cv["image_weight"]
+    assert cfg["final_fit"]["splits"] == ff["splits"] == ["train", "val"] and ff["epochs"] == cv["epochs"]
+    # The refit is reported on test at the shipped thresholds, beside the one-vs-rest LR fitted on the same rows.
+    test = trainer.predict("test")
+    w = cv["image_weight"]
+    fused = multilabel.multilabel_report(w * test["image"] + (1 - w) * test["text"], test["y"],
+                                         np.asarray(m["thresholds"]["fused"]), trainer.hierarchy)
+    assert ff["test"]["fused"]["micro_f1"] == pytest.approx(fused["micro_f1"]) and ff["test"]["fused"]["map"] == pytest.approx(fused["map"])
+    assert set(ff["baseline_test"]) == {"image", "text", "fused"} and ff["baseline_info"]["folds"] == 3
+    report = format_metrics(m)
+    assert "3-fold cross-validation by product" in report and "out-of-fold mAP" in report
+    assert "thresholds from out-of-fold predictions" in report and "shipped model: refitted on train + val" in report
+
+
+def test_the_final_one_vs_rest_lr_reads_its_weight_and_thresholds_off_the_folds():
+    from huse.train import multilabel
+
+    rng = np.random.default_rng(0)
+    n, groups = 120, np.repeat(np.arange(60), 2)
+    y = (rng.random((60, 4)) < 0.4).astype(np.float32)[groups]
+    image = y @ rng.normal(size=(4, 6)) + rng.normal(scale=3.0, size=(n, 6))  # weak
+    text = y @ rng.normal(size=(4, 6)) + rng.normal(scale=1.0, size=(n, 6))  # strong
+    rows, test = np.arange(80), np.arange(80, n)
+    folds = [(np.flatnonzero(groups[rows] % 4 != k), np.flatnonzero(groups[rows] % 4 == k)) for k in range(4)]
+    probs, info = multilabel.ovr_final(image, text, y, groups, rows, folds, test)
+    assert info["folds"] == 4 and info["fusion_image_weight"] < 0.5  # the text carries the labels
+    assert set(probs) == {"image", "text", "fused"} and probs["fused"].shape == (len(test), 4)
+    f1 = {m: multilabel.multilabel_report(probs[m], y[test], info["thresholds"][m], Hierarchy(list("abcd")))["micro_f1"]
+          for m in probs}
+    assert f1["fused"] > 0.7 and f1["fused"] > f1["image"] + 0.1
 
 
 def test_bad_fold_counts_say_what_to_do(grouped_catalog, tmp_path):
