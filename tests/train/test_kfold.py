@@ -212,6 +212,14 @@ def test_multi_label_takes_its_weight_and_thresholds_from_folds_and_ships_a_refi
     assert "thresholds from out-of-fold predictions" in report and "shipped model: refitted on train + val" in report
 
 
+def test_multi_label_refit_without_folds_keeps_vals_weight_and_thresholds(tiny_multi_catalog, tmp_path):
+    _, trainer = _trainer(tiny_multi_catalog, tmp_path / "run", epochs=2, patience=0, cv_folds=0, final_fit="train+val")
+    m = trainer.fit(progress=False)
+    assert m["thresholds_from"] == "val" and "held_out_thresholds" not in m and "cv" not in m
+    assert m["final_fit"]["splits"] == ["train", "val"] and m["final_fit"]["epochs"] == m["best_epoch"]
+    assert set(m["final_fit"]["test"]) == set(m["final_fit"]["baseline_test"]) == {"image", "text", "fused"}
+
+
 def test_the_final_one_vs_rest_lr_reads_its_weight_and_thresholds_off_the_folds():
     from huse.train import multilabel
 
