@@ -5,7 +5,10 @@
 
 1. `huse-train` with its defaults (the catalog's `|`-separated paths make it multi-label), exactly as
    a user would run it; the run fits the one-vs-rest baseline on the same split and frozen features
-   (C by product-grouped cross-validation, thresholds tuned on val like HUSE's).
+   (C by product-grouped cross-validation, thresholds tuned like HUSE's). Below 5,000 train + val rows
+   the default takes the fusion weight, thresholds and epochs from 5 folds and ships a refit on train +
+   val: then the bars compare it with the LR refitted on the same rows, its weight and thresholds from
+   the same folds (the held-out pair is kept in the JSON as `held_out_test`).
 2. `huse-export` to an fp32 bundle, then `--fp16` and `--int8-cpu` added one at a time, so a failed
    gate is recorded with its message (which bar, by how much) and does not hide the other.
 3. The held-out test products classified through the lean runtime (`Classifier`, onnxruntime CPU)

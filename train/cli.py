@@ -67,8 +67,7 @@ from huse.runtime.cli import run_cli
 @click.option("--cv-folds", "cv_folds", metavar="K|auto",
               help="Choose the epochs, the fusion weight and the temperatures by K-fold cross-validation by product "
                    "over train+val instead of on val alone, then refit the shipped model on train+val (all with "
-                   "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), single-label "
-                   "only (multi-label: pass K), else none. K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
+                   "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), else none. K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)

@@ -95,7 +95,8 @@ class TrainConfig:
     # k-fold cross-validation by product over train + val for the epochs, the fusion weight and the
     # temperatures (then the shipped model is refitted on train + val, or all with final_fit="all"):
     # 0 never, K >= 2 always with K folds, None ("auto", the default) with CV_FOLDS folds below KFOLD_MAX_ROWS
-    # rows, single-label only. README, "Model quality", says what it measured and what it costs.
+    # rows (multi-label too: the thresholds come from the folds). README, "Model quality" and "Multi-label
+    # products", says what it measured and what it costs.
     cv_folds: int | None = None
     seed: int = 0
     feature_batch: int = 128  # images per backbone call during feature extraction
@@ -408,9 +409,6 @@ class Trainer:
         if asked is None:
             if rows >= KFOLD_MAX_ROWS:
                 return {"folds": 0, "reason": f"auto: {rows} train + val rows >= {KFOLD_MAX_ROWS}"}
-            if self.multi:  # its decision rule (thresholds) and early stopping (mAP) are chosen on val
-                return {"folds": 0, "reason": "auto: multi-label runs choose their settings on val unless "
-                                              "--cv-folds K asks for folds"}
             if products < CV_FOLDS:
                 return {"folds": 0, "reason": f"auto: {products} train + val products, fewer than {CV_FOLDS} folds"}
             return {"folds": CV_FOLDS, "reason": f"auto: {rows} train + val rows < {KFOLD_MAX_ROWS}"}

@@ -69,7 +69,7 @@ def probabilities(catalog: str, work: Path, epochs: int | None) -> dict[str, np.
     shutil.rmtree(work, ignore_errors=True)
     ds = load_catalog_dataset(catalog)
     # huse-train's defaults (train/cli.py)
-    t = Trainer(ds, work, HuseConfig(num_classes=0, text_encoder="auto", arch="compact"), TrainConfig(epochs=epochs))
+    t = Trainer(ds, work, HuseConfig(num_classes=0, text_encoder="auto", arch="compact"), TrainConfig(epochs=epochs, cv_folds=0))
     t.finish = lambda progress=True: {}  # only the restored best model's probabilities are wanted
     t.fit(progress=False)
     splits = {s: t.split[s].numpy() for s in ("val", "test")}

@@ -145,7 +145,7 @@ def train_variant(catalog: str, work: Path, name: str, seed: int) -> dict[str, n
     ds = load_catalog_dataset(catalog, seed=seed)
     mc = HuseConfig(num_classes=0, text_encoder="auto", arch="compact", label_head=v.get("head", "sigmoid"),
                     label_loss=v.get("label_loss", "bce"))
-    t = Trainer(ds, out, mc, TrainConfig(seed=seed, **v.get("tc", {})), cache=work / "cache")
+    t = Trainer(ds, out, mc, TrainConfig(seed=seed, **{"cv_folds": 0, **v.get("tc", {})}), cache=work / "cache")
     try:
         if "loss" in v:
             _patch_loss(v["loss"]())

@@ -178,9 +178,11 @@ def test_cv_folds_0_leaves_the_run_as_before(tiny_run):
     assert "cv" not in m and not (tiny_run / "cv").exists() and "fitted_on" not in m["calibration"]
 
 
-def test_multi_label_runs_folds_only_when_asked(tiny_multi_catalog, tmp_path):
-    _, trainer = _trainer(tiny_multi_catalog, tmp_path / "auto", epochs=1, cv_folds=None)
-    assert trainer.cv["folds"] == 0 and "--cv-folds K" in trainer.cv["reason"] and trainer.tc.final_fit == "train"
+def test_by_default_a_small_multi_label_catalog_takes_its_settings_from_folds_too(tiny_multi_catalog, tmp_path):
+    from huse.train.baselines import CV_FOLDS
+
+    _, trainer = _trainer(tiny_multi_catalog, tmp_path / "auto", epochs=1)  # TrainConfig's default: auto
+    assert trainer.cv["folds"] == CV_FOLDS and trainer.tc.final_fit == "train+val"
 
 
 def test_multi_label_takes_its_weight_and_thresholds_from_folds_and_ships_a_refit(tiny_multi_catalog, tmp_path):

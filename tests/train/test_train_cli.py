@@ -90,7 +90,7 @@ def test_train_cli_multi_label_loss_reaches_the_run(tiny_multi_catalog, tmp_path
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["--data", str(tiny_multi_catalog), "--out", str(out), "--backbone", "tiny",
                                   "--image-size", "32", "--epochs", "1", "--batch-size", "32", "--embed-dim", "32",
-                                  "--multi-label-loss", "bce"])
+                                  "--multi-label-loss", "bce", "--cv-folds", "0"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["model"]["label_loss"] == "bce"
     r = CliRunner().invoke(main, ["--data", str(tiny_multi_catalog), "--out", str(tmp_path / "x"), "--multi-label-loss", "focal"])
