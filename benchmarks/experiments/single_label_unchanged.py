@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/experiments/single_label_unchanged.py --base 96a04f1 \\
         --dataset fashion-products --train-size 2000 --val-size 500 --test-size 500 --epochs 3
+    (session 14, after multi-label k-fold: --base fb173ba, --out .../single_label_unchanged-s14.json; and
+    --catalog $PWD/data/phosphor-icons/catalog.csv --cv-folds 5, --out .../single_label_unchanged-s14-kfold.json)
 
 Trains the same single-label data with the code of `--base` (unpacked with `git archive` and put
 first on the import path) and with this checkout, each in its own process, and compares the sha256
@@ -35,8 +37,9 @@ ds = (load_builtin(a["dataset"], train_size=a["train_size"], val_size=a["val_siz
       if a["dataset"] else load_catalog_dataset(a["catalog"]))
 out = Path(a["out"])
 mc = HuseConfig(num_classes=0, backbone=a["backbone"], text_encoder="cnn", arch="compact")
-# The k-fold default for small catalogs (session 13) is another recipe: the held-out model is what this compares.
-folds = {"cv_folds": 0} if "cv_folds" in TrainConfig.__dataclass_fields__ else {}
+# The k-fold default for small catalogs (session 13) is another recipe: by default the held-out model is what this
+# compares; --cv-folds K compares the k-fold path (its folds, refit and metrics) between two commits that have it.
+folds = {"cv_folds": a["cv_folds"]} if "cv_folds" in TrainConfig.__dataclass_fields__ else {}
 Trainer(ds, out, mc, TrainConfig(epochs=a["epochs"], **folds)).fit(progress=False)
 cfg = json.loads((out / "config.json").read_text()); cfg.pop("created")
 h = lambda b: hashlib.sha256(b).hexdigest()
@@ -81,6 +84,7 @@ def main() -> None:
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--cv-folds", type=int, default=0, help="K: compare runs with K-fold settings and the refit.")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu-2core/multilabel/single_label_unchanged.json"))
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
