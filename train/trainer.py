@@ -844,9 +844,9 @@ class Trainer:
 
         The same number of epochs as the held-out model's best (or `epochs`), on the same learning-rate
         schedule measured in epochs; the fusion weight and the temperatures (multi-label: the thresholds)
-        stay those chosen before (the refit has no val to choose them on). The word CNN's vocabulary is rebuilt from all those
-        titles, so val's words are no longer out of vocabulary. Where a split stays held out
-        (test, with "train+val"), the refit model is evaluated on it too.
+        stay those chosen before (the refit has no val to choose them on). The word CNN's vocabulary is
+        rebuilt from all those titles, so val's words are no longer out of vocabulary. Where a split stays
+        held out (test, with "train+val"), the refit model is evaluated on it too.
 
         Args:
             w: the fusion image weight.
