@@ -22,7 +22,10 @@ A catalog is multi-label when some product lists several class paths (runtime/la
   global one (benchmarks/experiments/multilabel_decision.py);
 - fusion: w * sigmoid(image logits) + (1 - w) * sigmoid(text logits), w chosen on val micro-F1,
   for HUSE and for the one-vs-rest baseline alike;
-- early stopping: val mAP (threshold-free, so an overconfident model is not penalised for it).
+- early stopping: val mAP (threshold-free, so an overconfident model is not penalised for it);
+- below KFOLD_MAX_ROWS train + val rows (train/trainer.py), "val" above is the pooled out-of-fold
+  predictions of 5 product folds, and the shipped model is refitted on train + val; `ovr_final`
+  gives the baseline the same treatment.
 """
 
 from __future__ import annotations
