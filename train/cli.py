@@ -67,7 +67,8 @@ from huse.runtime.cli import run_cli
 @click.option("--cv-folds", "cv_folds", metavar="K|auto",
               help="Choose the epochs, the fusion weight and the temperatures by K-fold cross-validation by product "
                    "over train+val instead of on val alone, then refit the shipped model on train+val (all with "
-                   "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), else none. K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
+                   "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), else none. "
+                   "K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)
@@ -153,22 +154,15 @@ def format_metrics(metrics: dict) -> str:
                  f"{bs['fused']['image_weight']}" + _fold_spread(bs))
     cal = metrics["calibration"]
     cov = cal["coverage"]["fused"]
-    cv = metrics.get("cv")
-    if cv:  # ran, or "auto" decided against it
-        lines.append(_cv_line(cv) if cv["folds"] else f"k-fold cross-validation not used ({cv['reason']})")
-    chosen = f"chosen by {cv['folds']}-fold CV" if cv and cv["folds"] else "chosen on val"
-    lines.append(f"fusion image weight ({chosen}): {metrics['fusion_image_weight']}; best epoch "
+    cv_lines, chosen = _cv_report(metrics.get("cv"))
+    lines += cv_lines
+    lines.append(f"fusion image weight (chosen {chosen}): {metrics['fusion_image_weight']}; best epoch "
                  f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']} "
                  f"({100 * metrics['text_encoder']['val_unseen_word_rate']:.0f}% of val title words unseen in training)")
     lines.append(f"fused calibration ({cal['split']}): ECE {cal['ece_before']['fused']:.3f} -> {cal['ece_after']['fused']:.3f} "
                  f"(temperature {cal['temperature']['fused']}); accuracy at coverage "
                  + ", ".join(f"{100 * float(c):.0f}%: {v['accuracy']:.3f} (p>={v['threshold']:.2f})" for c, v in cov.items()))
-    ff = metrics["final_fit"]
-    if ff["rows"] != "train":
-        held = ("; on test: " + ", ".join(f"{m} {r['top1']:.4f} (LR tuned on the same rows {ff['baseline_test'][m]['top1']:.4f})"
-                                          for m, r in ff["test"].items()) if "test" in ff else "")
-        lines.append(f"shipped model: refitted on {' + '.join(ff['splits'])} ({ff['items']} items, {ff['epochs']} epochs){held}; "
-                     "the figures above are the held-out model's")
+    lines += _shipped_lines(metrics["final_fit"], "", lambda r: f"{r['top1']:.4f}")
     worse = metrics["verdict"]["worse_modes"]
     if worse:
         lines.append("WARNING: HUSE is worse than a tuned logistic regression on the same features on val in "
@@ -179,6 +173,26 @@ def format_metrics(metrics: dict) -> str:
     else:
         lines.append("HUSE beats the tuned logistic-regression baseline on val in every mode.")
     return "\n".join(lines)
+
+
+def _cv_report(cv: dict | None) -> tuple[list[str], str]:
+    """The report's k-fold line (when folds ran, or "auto" decided against them), and how the settings were chosen."""
+    if not cv:
+        return [], "on val"
+    if not cv["folds"]:
+        return [f"k-fold cross-validation not used ({cv['reason']})"], "on val"
+    return [_cv_line(cv)], f"by {cv['folds']}-fold CV"
+
+
+def _shipped_lines(ff: dict, figures: str, figure) -> list[str]:
+    """'shipped model: refitted on ...' with its test `figure(report)` beside the LR's on the same rows; none
+    when the shipped model is the held-out one."""
+    if ff["rows"] == "train":
+        return []
+    held = (f"; on test{figures}: " + ", ".join(f"{m} {figure(r)} (LR tuned on the same rows {figure(ff['baseline_test'][m])})"
+                                                for m, r in ff["test"].items()) if "test" in ff else "")
+    return [f"shipped model: refitted on {' + '.join(ff['splits'])} ({ff['items']} items, {ff['epochs']} epochs){held}; "
+            "the figures above are the held-out model's"]
 
 
 def _cv_line(cv: dict) -> str:
@@ -212,23 +226,16 @@ def _format_multilabel(metrics: dict) -> str:
     from huse.train.multilabel import format_table
 
     lines = format_table(metrics)
-    cv = metrics.get("cv")
-    if cv:  # ran, or "auto" decided against it
-        lines.append(_cv_line(cv) if cv["folds"] else f"k-fold cross-validation not used ({cv['reason']})")
-    chosen = f"by {cv['folds']}-fold CV" if cv and cv["folds"] else "on val"
+    cv_lines, chosen = _cv_report(metrics.get("cv"))
+    lines += cv_lines
     c = metrics["baseline_info"]["C"]
     lines.append(f"fusion image weight (chosen {chosen}, micro-F1): {metrics['fusion_image_weight']}; thresholds from "
                  f"{metrics.get('thresholds_from', 'val')}; best epoch "
                  f"{metrics['best_epoch']} of {metrics['epochs_run']}; text encoder {metrics['text_encoder']['chosen']}; "
                  f"labels per product (val) {metrics['labels_per_product'].get('val', 0):.2f}; baseline: one-vs-rest "
                  f"logistic regression, C by product-grouped CV (image {c['image']}, text {c['text']})")
-    ff = metrics.get("final_fit", {"rows": "train"})
-    if ff["rows"] != "train":
-        held = ("; on test (micro-F1 / mAP): " + ", ".join(
-            f"{m} {r['micro_f1']:.4f} / {r['map']:.4f} (LR tuned on the same rows {ff['baseline_test'][m]['micro_f1']:.4f} / "
-            f"{ff['baseline_test'][m]['map']:.4f})" for m, r in ff["test"].items()) if "test" in ff else "")
-        lines.append(f"shipped model: refitted on {' + '.join(ff['splits'])} ({ff['items']} items, {ff['epochs']} epochs){held}; "
-                     "the figures above are the held-out model's")
+    lines += _shipped_lines(metrics.get("final_fit", {"rows": "train"}), " (micro-F1 / mAP)",
+                            lambda r: f"{r['micro_f1']:.4f} / {r['map']:.4f}")
     worse = metrics["verdict"]["worse_modes"]
     if worse:
         lines.append("WARNING: HUSE's micro-F1 is below the one-vs-rest logistic regression's on the same features on val in "

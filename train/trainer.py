@@ -718,10 +718,11 @@ class Trainer:
         if self.tc.class_name_init or self.tc.class_name_prior:  # asked for: whether it applied, and why not
             metrics["class_names"] = {**self.class_names, **self._names_alone()}
         if self.multi:
-            extra = self._evaluate_multilabel(val, test, metrics, oof)
+            inputs = self._baseline_inputs()  # once: with --fine-tune it extracts the pretrained features
+            extra = self._evaluate_multilabel(val, test, metrics, inputs, oof)
             metrics["final_fit"] = self._final_fit(w, progress, cv, extra["thresholds"])
             if "test" in metrics["final_fit"]:  # the tuned one-vs-rest LR fitted on the same rows, as carefully
-                metrics["final_fit"]["baseline_test"], metrics["final_fit"]["baseline_info"] = self._ovr_final(test)
+                metrics["final_fit"]["baseline_test"], metrics["final_fit"]["baseline_info"] = self._ovr_final(test, inputs)
             extra["final_fit"] = {k: metrics["final_fit"][k] for k in ("rows", "splits", "items", "epochs")}
         else:
             base = self.baselines()
@@ -895,17 +896,18 @@ class Trainer:
 
 
     def _evaluate_multilabel(self, val: dict[str, np.ndarray], test: dict[str, np.ndarray] | None,
-                             metrics: dict[str, Any], oof: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                             metrics: dict[str, Any], inputs: tuple[np.ndarray, np.ndarray | list[str]],
+                             oof: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Multi-label metrics of HUSE and the tuned one-vs-rest baseline into `metrics`; returns what
         config.json adds (per-class thresholds per mode; no temperatures: the thresholds are where the
         scores are read).
 
         The reports are the held-out model's, read at thresholds tuned on val. The shipped thresholds are
         those, or with k-fold cross-validation the ones tuned on the pooled out-of-fold predictions `oof`
-        (five times the products val has, for the model refitted on train + val).
+        (five times the products val has, for the model refitted on train + val). `inputs`: _baseline_inputs().
         """
         splits = {s: self.split[s].numpy() for s in ("val", "test") if len(self.split[s])}
-        image, text = self._baseline_inputs()
+        image, text = inputs
         base, info = multilabel.ovr_baselines(image, text, self.y.numpy(), self.product.numpy(),
                                               self.split["train"].numpy(), splits)
         thresholds, reports = multilabel.evaluate(val, test, self.hierarchy, val["product"])
@@ -925,11 +927,12 @@ class Trainer:
         return {"task": "multi-label", "thresholds": thresholds,
                 "calibration": {"temperature": {m: 1.0 for m in MODES}}}
 
-    def _ovr_final(self, test: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    def _ovr_final(self, test: dict[str, np.ndarray], inputs: tuple[np.ndarray, np.ndarray | list[str]]
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """The tuned one-vs-rest LR fitted on the refit's rows (multilabel.ovr_final, over the same product folds
-        cross-validation uses) and its test report per mode; its settings."""
+        cross-validation uses) and its test report per mode; its settings. `inputs`: _baseline_inputs()."""
         rows = torch.cat([self.split[s] for s in FINAL_FITS[self.tc.final_fit]]).numpy()
-        image, text = self._baseline_inputs()
+        image, text = inputs
         probs, info = multilabel.ovr_final(image, text, self.y.numpy(), self.product.numpy(), rows,
                                            self._product_folds(rows, self.cv["folds"] or CV_FOLDS),
                                            self.split["test"].numpy())
