@@ -146,7 +146,7 @@ class WordPieceTokenizer:
         pad: "fixed" pads every title to max_len (graphs exported with a fixed length, and runs);
             "longest" pads a batch to its longest title rounded up to `pad_multiple`, at most max_len:
             graphs exported with a dynamic length axis, where the attention mask makes padding exact, so
-            a batch of 4-token titles costs a quarter of one padded to 32 (README, title-only).
+            a batch of 4-token titles costs a quarter of one padded to 32 (docs/performance.md, title-only).
         pad_multiple: with "longest", widths are multiples of this (few distinct shapes for the graph).
     """
 

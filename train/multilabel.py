@@ -67,7 +67,7 @@ HEADS = ("sigmoid", "softmax")
 # settings, is the default: a product has 1-4 of 18-38 classes, so plain binary cross-entropy spends
 # most of its gradient on negatives that are already easy, and early stopping on val mAP then picks a
 # model whose ranking the one-vs-rest LR matches. Measured on both multi-label catalogs against "bce",
-# test micro-F1 and mAP (benchmarks/experiments/multilabel_recipe.py; README, "Multi-label products").
+# test micro-F1 and mAP (benchmarks/experiments/multilabel_recipe.py; docs/quality.md, "Multi-label").
 LOSSES = ("asl", "bce")
 ASL_GAMMA_NEG = 4.0  # negatives weighted by p^4: an easy negative (p = 0.1) counts 1e-4 of a hard one
 ASL_GAMMA_POS = 0.0  # positives keep their full cross-entropy: they are rare

@@ -51,8 +51,8 @@ FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train
 # Below this many train + val rows, `cv_folds=None` ("auto") chooses the epochs, the fusion weight and the
 # temperatures by k-fold cross-validation by product instead of on the one val split. On the small real
 # catalogs (616-1,986 train + val rows) val holds 55-64 products, one product moves val top-1 by 1.6-1.8
-# points, and the tuned LR's top-1 moves 4-17 points between folds of ~50 products (README, "Model
-# quality"). fashion-products (60,000 rows) has a 5,000-product val split where one product is 0.02
+# points, and the tuned LR's top-1 moves 4-17 points between folds of ~50 products (docs/quality.md,
+# "Small catalogs"). fashion-products (60,000 rows) has a 5,000-product val split where one product is 0.02
 # points, and each of k+1 more trainings would cost what its one training does. 5,000 rows (a 15% val
 # split of 125-190 products at 4-6 images each, one product 0.5-0.8 points) lies between the two; no
 # catalog between 2,000 and 55,000 rows has been measured, so the exact value is not tuned.
@@ -96,7 +96,7 @@ class TrainConfig:
     # temperatures (then the shipped model is refitted on train + val, or all with final_fit="all"):
     # 0 never, K >= 2 always with K folds, None ("auto", the default) with CV_FOLDS folds below KFOLD_MAX_ROWS
     # rows (multi-label too: the thresholds come from the folds). README, "Model quality" and "Multi-label
-    # products", says what it measured and what it costs.
+    # products", and docs/quality.md say what it measured and what it costs.
     cv_folds: int | None = None
     seed: int = 0
     feature_batch: int = 128  # images per backbone call during feature extraction
@@ -190,7 +190,7 @@ def choose_text_encoder(cfg: HuseConfig, ds: Dataset, split: dict[str, torch.Ten
 # --image-size auto: the model's input follows the photos' own size (the median shorter side of up to
 # SIZE_SAMPLE training photos, to a multiple of 32), between IMAGE_SIZES' ends. 64 px keeps EfficientNet-Lite0's
 # last stages above 1x1 for 28x28 Fashion-MNIST photos (fashion-products stays at 64); icons rasterised at 96 px
-# take 96 (README, "Model quality", measured 64 against 96); 224 is the backbone's ImageNet size and the cap.
+# take 96 (docs/quality.md, "Input size": 64 measured against 96); 224 is the backbone's ImageNet size and the cap.
 IMAGE_SIZES = (64, 224)
 SIZE_SAMPLE = 200
 
@@ -455,7 +455,7 @@ class Trainer:
 
     def _names_alone(self) -> dict[str, float]:
         """How well the class names alone classify the training titles (frozen MiniLM, cosine, no training): where
-        they do poorly the prior points the wrong way (README, "Model quality"). Empty where it cannot be said."""
+        they do poorly the prior points the wrong way (docs/quality.md, "Class-name prior"). Empty where it cannot be said."""
         if self.name_feats is None or self.text_feats is None or self.multi:
             return {}
         train = self.split["train"]

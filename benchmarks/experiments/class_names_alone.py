@@ -3,7 +3,7 @@
     python benchmarks/experiments/class_names_alone.py --out benchmarks/results/cpu-2core/quality/class_names_alone.json \\
         data/phosphor-icons/catalog.csv data/tabler-icons/catalog.csv data/mdi-icons/catalog.csv
 
-A one-off experiment behind the class-name prior (`huse-train --class-name-init`, README "Model quality"):
+A one-off experiment behind the class-name prior (`huse-train --class-name-init`, docs/quality.md):
 each class path's words (`class_name_title`) and each title go through frozen MiniLM, and a title's answer
 is the class whose name is nearest (cosine); no training. Per catalog and split: that top-1. Where the
 names do not classify the training titles, starting the shared layer at them points it the wrong way.

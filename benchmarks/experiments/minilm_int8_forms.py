@@ -3,7 +3,7 @@
     python benchmarks/experiments/minilm_int8_forms.py BUNDLE --catalog data/phosphor-icons/catalog.csv \\
         --out benchmarks/results/cpu-2core/text-minilm-int8-forms.json --rounds 25
     (BUNDLE: a MiniLM bundle, e.g. `huse-train --data data/phosphor-icons/catalog.csv --out RUN` then `huse-export RUN
-    --out BUNDLE`, whose text graph skips padding as export writes it; README "Title-only classification"; about 2
+    --out BUNDLE`, whose text graph skips padding as export writes it; docs/performance.md "Title-only classification"; about 2
     minutes, alone on the machine)
 
 MiniLM is MatMul-bound, so only cheaper MatMuls can move its text graph towards 1.5x PyTorch; the bundle's
