@@ -73,8 +73,12 @@ def graph_threads(graph: str, text_encoder: str | None, threads: int | None) -> 
     more than the op. Measured on 2 cores, batch 64, spinning off, interleaved rounds: the folded graph
     on 1 thread took 0.86x the time it took on 2 (the Conv form it replaced: 1.53 vs 2.36 ms). The image,
     fused and MiniLM text graphs have the arithmetic to share, so they get `threads` (None: all cores).
-    Graph optimisation stays at ORT_ENABLE_ALL and execution sequential for every graph: the graphs are
-    chains, with no branches for the parallel executor to run at once.
+    Graph optimisation stays at ORT_ENABLE_ALL and execution sequential for every graph. The fused graph's
+    image and text branches could run at once under the parallel executor (ORT_PARALLEL), but it took
+    1.12-3.44x the sequential time at batch 1, 8 and 64, fp32 and int8-cpu, word CNN and MiniLM, with 2
+    inter-op threads and 1 or all intra-op threads (benchmarks/experiments/fused_branches.py,
+    results/cpu-2core/fused-branches): the larger branch alone on one core takes longer than both
+    branches in turn on two cores, and with all intra-op threads as well the cores are oversubscribed.
 
     Args:
         graph: "image", "text" or "fused".

@@ -1,0 +1,101 @@
+"""Where title-only `classify` spends its time: each stage alone, and the stages one after another.
+
+    python benchmarks/experiments/text_stages.py bundles/demo --out benchmarks/results/cpu-2core/text-options/stages.json
+
+A one-off experiment behind the title-only figures (issue 24), kept outside the installed package.
+`classify(titles, mode="text")` is `prepare` (normalise, tokenise), `infer` (the text graph, calibrated
+probabilities) and `describe` (top-k, top-down paths, result dicts). On the bundle's held-out titles, one
+batch, in one process, it times with `time.perf_counter` around each stage, median over `--calls` calls:
+
+- "alone": each stage called again and again on the same inputs (what a microbenchmark of it measures);
+- "in turn": the three called one after another, as `classify` does, each stage timed where it runs;
+- with Python's garbage collector frozen (`gc.freeze`) or off, and with the graph's batch run whole
+  (`row_parts` 1), to see whether either explains the difference.
+
+Timings are only meaningful on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from huse.benchmarks.suite import BenchData
+from huse.runtime import Classifier
+from huse.runtime.cli import run_cli
+
+STAGES = ("prepare", "infer", "describe")
+
+
+def _median_us(rows: list[tuple[float, ...]]) -> dict[str, float]:
+    return {s: round(float(v) * 1e6, 1) for s, v in zip(STAGES, np.median(np.asarray(rows), axis=0))}
+
+
+def _measure(clf: Classifier, titles: list[str], calls: int) -> dict:
+    clock = time.perf_counter
+    q0 = clf.prepare(None, titles, "text")
+    p0 = clf.infer(q0)
+    alone = {}
+    for stage, fn in (("prepare", lambda: clf.prepare(None, titles, "text")), ("infer", lambda: clf.infer(q0)),
+                      ("describe", lambda: clf.describe(q0, p0))):
+        fn()
+        times = []
+        for _ in range(calls):
+            a = clock()
+            fn()
+            times.append(clock() - a)
+        alone[stage] = round(float(np.median(times)) * 1e6, 1)
+    rows = []
+    for _ in range(calls):
+        a = clock()
+        q = clf.prepare(None, titles, "text")
+        b = clock()
+        p = clf.infer(q)
+        c = clock()
+        clf.describe(q, p)
+        rows.append((b - a, c - b, clock() - c))
+    in_turn = _median_us(rows)
+    return {"alone_us": alone, "in_turn_us": in_turn,
+            "in_turn_minus_alone_us": round(sum(in_turn.values()) - sum(alone.values()), 1)}
+
+
+def run(bundle: str, batch: int = 64, calls: int = 3000) -> dict:
+    with Classifier(bundle) as clf:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, titles, _ = BenchData(clf.manifest, clf, batch, Path(tmp)).take(0, batch)
+        out = {"bundle": str(bundle), "batch": batch, "calls": calls, "default": _measure(clf, titles, calls)}
+        gc.collect()
+        gc.freeze()
+        out["gc_frozen"] = _measure(clf, titles, calls)
+        gc.disable()
+        out["gc_off"] = _measure(clf, titles, calls)
+        gc.enable()
+        gc.unfreeze()
+        clf._runner("text").row_parts = 1
+        out["whole_batch"] = _measure(clf, titles, calls)
+    return out
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--batch", default=64, show_default=True)
+@click.option("--calls", default=3000, show_default=True)
+@click.option("--out", default="bench-results/text_stages.json", type=click.Path(dir_okay=False), show_default=True)
+def main(bundle, batch, calls, out) -> None:
+    def body():
+        r = run(bundle, batch, calls)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(r, indent=1))
+        click.echo(json.dumps(r, indent=1))
+        click.echo(f"wrote {out}")
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()
