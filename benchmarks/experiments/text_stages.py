@@ -10,7 +10,10 @@ batch, in one process, it times with `time.perf_counter` around each stage, medi
 - "alone": each stage called again and again on the same inputs (what a microbenchmark of it measures);
 - "in turn": the three called one after another, as `classify` does, each stage timed where it runs;
 - with Python's garbage collector frozen (`gc.freeze`) or off, and with the graph's batch run whole
-  (`row_parts` 1), to see whether either explains the difference.
+  (`row_parts` 1), to see whether either explains the difference;
+- the text graph's `session.run` alone, called back to back and called right after reading 3,000 entries
+  of a 200,000-entry dict (which evicts the cores' caches as a batch's Python work does), at batch 1 and
+  at the batch asked for: what the graph costs when its weights are no longer in cache.
 
 Timings are only meaningful on a quiet machine.
 """
@@ -65,11 +68,49 @@ def _measure(clf: Classifier, titles: list[str], calls: int) -> dict:
             "in_turn_minus_alone_us": round(sum(in_turn.values()) - sum(alone.values()), 1)}
 
 
+def _cold_weights(clf: Classifier, batch: int, calls: int) -> dict:
+    """The text graph's session.run back to back, and after touching memory that evicts its weights."""
+    clock = time.perf_counter
+    session = clf._runner("text").session
+    names = [o.name for o in session.get_outputs()]
+    table = {i: str(i) for i in range(200_000)}
+    keys = list(range(0, 200_000, 67))[:3000]
+
+    def evict():
+        for k in keys:
+            table[k]
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = BenchData(clf.manifest, clf, batch, Path(tmp))
+        for n in sorted({1, batch}):
+            _, titles, _ = data.take(0, n)
+            feed = clf.prepare(None, titles, "text").groups["text"][1]
+            row = {}
+            for label, before in (("back_to_back", None), ("after_eviction", evict)):
+                session.run(names, feed)
+                times = []
+                for _ in range(calls):
+                    if before:
+                        before()
+                    a = clock()
+                    session.run(names, feed)
+                    times.append(clock() - a)
+                row[label] = round(float(np.median(times)) * 1e6, 1)
+            a = clock()
+            for _ in range(calls):
+                evict()
+            row["eviction_alone"] = round((clock() - a) / calls * 1e6, 1)
+            out[f"batch {n}"] = row
+    return out
+
+
 def run(bundle: str, batch: int = 64, calls: int = 3000) -> dict:
     with Classifier(bundle) as clf:
         with tempfile.TemporaryDirectory() as tmp:
             _, titles, _ = BenchData(clf.manifest, clf, batch, Path(tmp)).take(0, batch)
-        out = {"bundle": str(bundle), "batch": batch, "calls": calls, "default": _measure(clf, titles, calls)}
+        out = {"bundle": str(bundle), "batch": batch, "calls": calls, "default": _measure(clf, titles, calls),
+               "session_run_us": _cold_weights(clf, batch, calls)}
         gc.collect()
         gc.freeze()
         out["gc_frozen"] = _measure(clf, titles, calls)
