@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from huse.runtime.backends.onnxrt.weights import KEEPS_FILE_WEIGHTS, add_float16_weights
+from huse.runtime.backends.onnxrt.weights import float32_model_with_float16_weights
 
 __all__ = ["count_kernels"]
 
@@ -50,11 +50,10 @@ def count_kernels(path: str | Path, batch: int = 2, weights: str | Path | None =
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     opts.enable_profiling = True
-    kept = add_float16_weights(opts, weights) if weights is not None else []  # noqa: F841 (alive with the session)
+    model = str(path) if weights is None else float32_model_with_float16_weights(path, weights)
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=list(KEEPS_FILE_WEIGHTS if weights is not None else ()))
+        session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         feed = {i.name: np.zeros([d if isinstance(d, int) else batch for d in i.shape], _DTYPES[i.type])
                 for i in session.get_inputs()}
         session.run(None, feed)

@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
 from huse.runtime import Classifier  # noqa: E402
-from huse.runtime.backends.onnxrt.weights import float16_initializers  # noqa: E402
+from huse.runtime.backends.onnxrt.weights import float16_initializers, float32_model_with_float16_weights  # noqa: E402
 from huse.runtime.errors import HuseError  # noqa: E402
 
 
@@ -46,8 +46,9 @@ def _rounded_reference(bundle, graph: str, path):
 def test_fp16_on_cpu_is_the_float32_graph_with_float16_weights(tiny_minilm_bundle, tmp_path):
     """The answers of an FP16 bundle on a CPU equal the float32 graph's with its weights rounded to float16,
     on x86 and Arm alike (no float16 arithmetic): float32 rounding (the logits carry the layer's logit
-    scale), not the ~1e-2 of float16 arithmetic. The image graph's convolutions too (onnxruntime's x86
-    NCHWc transformer kept their float32 weights: it runs without it)."""
+    scale), not the ~1e-2 of float16 arithmetic. The image graph's convolutions too: onnxruntime's x86
+    NCHWc transformer builds its blocked weights from the model's own initializers, and the model it is
+    given holds the rounded ones."""
     rng = np.random.default_rng(0)
     titles = ["acme black tee", "blue denim jacket with pockets", "red dress"]
     with Classifier(tiny_minilm_bundle, backend="onnxruntime", precision="fp16") as clf, \
@@ -66,6 +67,30 @@ def test_fp16_on_cpu_is_the_float32_graph_with_float16_weights(tiny_minilm_bundl
             np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
             np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
             assert np.abs(got["logits"] - fp32["logits"]).max() > 0  # the float16 weights, not the float32 ones
+
+
+def test_the_float32_model_holds_the_float16_weights_and_nothing_else_changes(tiny_minilm_bundle):
+    for graph in ("image", "text", "fused"):
+        fp32, fp16 = tiny_minilm_bundle / f"{graph}.onnx", tiny_minilm_bundle / "fp16" / f"{graph}.onnx"
+        model = onnx.load_from_string(float32_model_with_float16_weights(fp32, fp16))
+        original = onnx.load(str(fp32))
+        rounded = float16_initializers(fp16)
+        assert rounded and len(model.graph.initializer) == len(original.graph.initializer)
+        changed = 0
+        for got, before in zip(model.graph.initializer, original.graph.initializer):
+            w = numpy_helper.to_array(got)
+            assert got.name == before.name and got.data_type == before.data_type
+            want = rounded[got.name].astype(np.float32) if got.name in rounded else numpy_helper.to_array(before)
+            assert w.dtype == want.dtype
+            np.testing.assert_array_equal(w, want)
+            changed += not np.array_equal(w, numpy_helper.to_array(before))
+        assert changed  # the rounding reached the model, not only the reference
+        assert [n.SerializeToString() for n in model.graph.node] == [n.SerializeToString() for n in original.graph.node]
+
+
+def test_float16_weights_of_another_graph_are_refused(tiny_minilm_bundle):
+    with pytest.raises(HuseError, match="image.onnx.*re-export the bundle"):
+        float32_model_with_float16_weights(tiny_minilm_bundle / "image.onnx", tiny_minilm_bundle / "fp16" / "text.onnx")
 
 
 def test_an_unreadable_fp16_graph_is_a_clear_error(tmp_path):

@@ -167,7 +167,6 @@ class OnnxrtRunner(BaseRunner):
         self.weights = weights
         self.session = None
         self._pool: ThreadPoolExecutor | None = None
-        self._initializers: list = []  # the OrtValues given to the session must outlive it
 
     def activate_impl(self) -> None:
         ort = lazy_import("onnxruntime", "ort")
@@ -179,12 +178,11 @@ class OnnxrtRunner(BaseRunner):
             opts.intra_op_num_threads = int(self.threads)
         if self.spinning is not None:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        disabled: tuple[str, ...] = ()
-        if self.weights is not None:
-            from huse.runtime.backends.onnxrt.weights import KEEPS_FILE_WEIGHTS, add_float16_weights
+        model: str | bytes = str(self.path)
+        if self.weights is not None:  # an FP16 bundle on a CPU: the float32 graph with the float16 weights
+            from huse.runtime.backends.onnxrt.weights import float32_model_with_float16_weights
 
-            self._initializers = add_float16_weights(opts, self.weights)
-            disabled = KEEPS_FILE_WEIGHTS
+            model = float32_model_with_float16_weights(self.path, self.weights)
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -192,7 +190,7 @@ class OnnxrtRunner(BaseRunner):
                                 "or use device='cpu'")
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            session = ort.InferenceSession(str(self.path), opts, providers=providers, disabled_optimizers=list(disabled))
+            session = ort.InferenceSession(model, opts, providers=providers)
         except Exception as e:
             raise HuseError(f"onnxruntime could not load {self.path} ({e})") from None
         if self.device == "cuda" and not _cuda_active(session):
@@ -209,7 +207,6 @@ class OnnxrtRunner(BaseRunner):
             self._pool.shutdown(wait=True)
             self._pool = None
         self.session = None
-        self._initializers = []
 
     @property
     def input_names(self) -> list[str]:
