@@ -36,24 +36,26 @@ from huse.runtime.cli import run_cli
 STAGES = ("prepare", "infer", "describe")
 
 
-def _median_us(rows: list[tuple[float, ...]]) -> dict[str, float]:
-    return {s: round(float(v) * 1e6, 1) for s, v in zip(STAGES, np.median(np.asarray(rows), axis=0))}
+def _median_call_us(fn, calls: int, before=None) -> float:
+    """Median microseconds of `fn()` over `calls` calls (after one untimed call), `before()` untimed ahead of each."""
+    fn()
+    times = []
+    for _ in range(calls):
+        if before:
+            before()
+        a = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - a)
+    return round(float(np.median(times)) * 1e6, 1)
 
 
 def _measure(clf: Classifier, titles: list[str], calls: int) -> dict:
     clock = time.perf_counter
     q0 = clf.prepare(None, titles, "text")
     p0 = clf.infer(q0)
-    alone = {}
-    for stage, fn in (("prepare", lambda: clf.prepare(None, titles, "text")), ("infer", lambda: clf.infer(q0)),
-                      ("describe", lambda: clf.describe(q0, p0))):
-        fn()
-        times = []
-        for _ in range(calls):
-            a = clock()
-            fn()
-            times.append(clock() - a)
-        alone[stage] = round(float(np.median(times)) * 1e6, 1)
+    alone = {stage: _median_call_us(fn, calls) for stage, fn in (
+        ("prepare", lambda: clf.prepare(None, titles, "text")), ("infer", lambda: clf.infer(q0)),
+        ("describe", lambda: clf.describe(q0, p0)))}
     rows = []
     for _ in range(calls):
         a = clock()
@@ -63,14 +65,14 @@ def _measure(clf: Classifier, titles: list[str], calls: int) -> dict:
         c = clock()
         clf.describe(q, p)
         rows.append((b - a, c - b, clock() - c))
-    in_turn = _median_us(rows)
+    in_turn = {s: round(float(v) * 1e6, 1) for s, v in zip(STAGES, np.median(np.asarray(rows), axis=0))}
     return {"alone_us": alone, "in_turn_us": in_turn,
             "in_turn_minus_alone_us": round(sum(in_turn.values()) - sum(alone.values()), 1)}
 
 
-def _cold_weights(clf: Classifier, batch: int, calls: int) -> dict:
-    """The text graph's session.run back to back, and after touching memory that evicts its weights."""
-    clock = time.perf_counter
+def _cold_weights(clf: Classifier, titles: list[str], calls: int) -> dict:
+    """The text graph's session.run back to back, and after touching memory that evicts its weights, at
+    batch 1 and at the batch of `titles`."""
     session = clf._runner("text").session
     names = [o.name for o in session.get_outputs()]
     table = {i: str(i) for i in range(200_000)}
@@ -81,27 +83,11 @@ def _cold_weights(clf: Classifier, batch: int, calls: int) -> dict:
             table[k]
 
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        data = BenchData(clf.manifest, clf, batch, Path(tmp))
-        for n in sorted({1, batch}):
-            _, titles, _ = data.take(0, n)
-            feed = clf.prepare(None, titles, "text").groups["text"][1]
-            row = {}
-            for label, before in (("back_to_back", None), ("after_eviction", evict)):
-                session.run(names, feed)
-                times = []
-                for _ in range(calls):
-                    if before:
-                        before()
-                    a = clock()
-                    session.run(names, feed)
-                    times.append(clock() - a)
-                row[label] = round(float(np.median(times)) * 1e6, 1)
-            a = clock()
-            for _ in range(calls):
-                evict()
-            row["eviction_alone"] = round((clock() - a) / calls * 1e6, 1)
-            out[f"batch {n}"] = row
+    for n in sorted({1, len(titles)}):
+        feed = clf.prepare(None, titles[:n], "text").groups["text"][1]
+        out[f"batch {n}"] = {"back_to_back": _median_call_us(lambda: session.run(names, feed), calls),
+                             "after_eviction": _median_call_us(lambda: session.run(names, feed), calls, evict),
+                             "eviction_alone": _median_call_us(evict, calls)}
     return out
 
 
@@ -110,7 +96,7 @@ def run(bundle: str, batch: int = 64, calls: int = 3000) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             _, titles, _ = BenchData(clf.manifest, clf, batch, Path(tmp)).take(0, batch)
         out = {"bundle": str(bundle), "batch": batch, "calls": calls, "default": _measure(clf, titles, calls),
-               "session_run_us": _cold_weights(clf, batch, calls)}
+               "session_run_us": _cold_weights(clf, titles, calls)}
         gc.collect()
         gc.freeze()
         out["gc_frozen"] = _measure(clf, titles, calls)

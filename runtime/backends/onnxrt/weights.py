@@ -27,7 +27,7 @@ __all__ = ["float16_initializers", "float32_model_with_float16_weights"]
 FLOAT, FLOAT16 = 1, 10  # TensorProto.DataType
 
 
-def _initializers(buf) -> "Iterator[tuple[str, int, list[int], tuple[int, int] | None]]":
+def _initializers(buf) -> Iterator[tuple[str, int, list[int], tuple[int, int] | None]]:
     """(name, data_type, dims, raw_data span or None) of each initializer of a serialized ModelProto."""
     for number, wire, graph in proto_fields(buf):
         if number != 7 or wire != 2:
