@@ -403,7 +403,7 @@ class Classifier:
         # A full stable sort (ties to the lower class): for the class counts of a catalog it costs
         # microseconds per batch; building the result dicts is what takes the time.
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-        scores = np.take_along_axis(probs, order, axis=1)
+        scores = probs[np.arange(len(probs))[:, None], order]  # take_along_axis, without its ~2 us of Python
         if self.multi_label:
             return self._multilabel(probs, order, scores.tolist(), mode, bases)
         # One flat comprehension for the whole batch, then cut per item: the dicts are what it costs.

@@ -57,6 +57,9 @@ class Hierarchy:
             for k in range(1, self.depth)]
         # _has_children[k][i]: node i of level k has children at level k+1 (else it is a leaf: a path ends there)
         self._has_children = [np.isin(np.arange(len(self.levels[k][0])), self._parent[k + 1]) for k in range(self.depth - 1)]
+        # Every leaf as deep as the deepest (the usual catalog): no path ends early, so top_down_dicts skips
+        # the bookkeeping of where each path ends (five array operations a level, a third of a batch of 1's time).
+        self._uniform = all(len(p) == self.depth for p in self.paths)
 
     def level_probs(self, probs: np.ndarray, level: int) -> np.ndarray:
         """Scores of the nodes at `level` (1-based): each node is the sum of its leaves."""
@@ -86,15 +89,16 @@ class Hierarchy:
         for k, (nodes, m) in enumerate(self.levels):
             scores = probs @ m
             if chosen is not None:  # only the children of the node chosen one level up
-                depth[(depth > k) & ~self._has_children[k - 1][chosen]] = k  # it was a leaf: the path ended
-                scores = scores + self._outside[k][chosen]
+                if not self._uniform:
+                    depth[(depth > k) & ~self._has_children[k - 1][chosen]] = k  # it was a leaf: the path ended
+                scores += self._outside[k][chosen]
             chosen = scores.argmax(axis=1)
             level = k + 1
             columns.append([{"level": level, "label": nodes[j], "score": s}
                             for j, s in zip(chosen.tolist(), scores[every, chosen].tolist())])
         # Built a level at a time and zipped into paths: one comprehension per level rather than a Python
         # step per item and level (the dicts are most of what describing a batch costs).
-        if (depth == self.depth).all():
+        if self._uniform or (depth == self.depth).all():
             return [list(path) for path in zip(*columns)]
         return [list(path[:d]) for path, d in zip(zip(*columns), depth.tolist())]
 

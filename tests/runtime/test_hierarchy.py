@@ -99,9 +99,12 @@ def _path_one_item(labels: list[str], row: np.ndarray) -> list[dict]:
 
 def test_top_down_dicts_follow_the_rule_on_random_hierarchies():
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        labels = sorted({"<".join(f"n{rng.integers(3)}" for _ in range(rng.integers(1, 5))) for _ in range(rng.integers(2, 30))})
+    for i in range(40):
+        depth = rng.integers(1, 5)  # half the hierarchies have every leaf at one depth (top_down_dicts' fast case)
+        labels = sorted({"<".join(f"n{rng.integers(3)}" for _ in range(depth if i % 2 else rng.integers(1, 5)))
+                         for _ in range(rng.integers(2, 30))})
         h = Hierarchy(labels)
+        assert h._uniform == (len({l.count("<") for l in labels}) == 1)
         probs = rng.random((40, len(labels)), dtype=np.float32)
         probs[::3] = np.round(probs[::3], 1)  # ties
         got, want = h.top_down_dicts(probs), [_path_one_item(labels, row) for row in probs]

@@ -15,6 +15,7 @@ from huse.runtime.tokenizer import (
     MAX_CHARS,
     OOV_ID,
     PAD_ID,
+    SMALL_BATCH,
     WordPieceTokenizer,
     WordTokenizer,
     concat_inputs,
@@ -160,7 +161,9 @@ def test_batch_encode_gives_each_title_its_own_ids():
         return ids + [PAD_ID] * (6 - len(ids))
 
     ascii_titles = [t for t in titles if t.isascii()]
-    for batch in (titles, ascii_titles, titles[:1], ascii_titles[:3]):
+    # Both paths: a title at a time (up to SMALL_BATCH titles) and the batch as one (beyond).
+    for batch in (titles, ascii_titles, titles[:1], ascii_titles[:3], titles[:SMALL_BATCH], ascii_titles[:SMALL_BATCH + 1],
+                  titles[:SMALL_BATCH + 1]):
         assert tok.encode(batch).tolist() == [one(t) for t in batch]
 
 
