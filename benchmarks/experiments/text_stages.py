@@ -11,6 +11,9 @@ batch, in one process, it times with `time.perf_counter` around each stage, medi
 - "in turn": the three called one after another, as `classify` does, each stage timed where it runs;
 - with Python's garbage collector frozen (`gc.freeze`) or off, and with the graph's batch run whole
   (`row_parts` 1), to see whether either explains the difference;
+- the batch cut in two halves, each classified whole (prepare, infer on one thread, describe) on its own
+  thread at the same time, against `classify` of the whole batch with its graph in row parts, in
+  interleaved rounds: whether the halves' Python stages overlap the other half's graph (the GIL says no);
 - the text graph's `session.run` alone, called back to back and called right after reading 3,000 entries
   of a 200,000-entry dict (which evicts the cores' caches as a batch's Python work does), at batch 1 and
   at the batch asked for: what the graph costs when its weights are no longer in cache.
@@ -24,6 +27,7 @@ import gc
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -91,12 +95,37 @@ def _cold_weights(clf: Classifier, titles: list[str], calls: int) -> dict:
     return out
 
 
+def _pipelined(clf: Classifier, titles: list[str], calls: int, rounds: int = 5) -> dict:
+    """`classify` of the batch (graph in row parts) against its two halves classified on two threads at once."""
+    runner, half = clf._runner("text"), len(titles) // 2
+    parts = runner.row_parts
+    pool = ThreadPoolExecutor(1)
+
+    def halves():
+        runner.row_parts = 1
+        other = pool.submit(clf.classify, titles=titles[half:], mode="text")
+        first = clf.classify(titles=titles[:half], mode="text")
+        out = first + [dict(r, index=r["index"] + half) for r in other.result()]
+        runner.row_parts = parts
+        return out
+
+    if halves() != clf.classify(titles=titles, mode="text"):
+        raise AssertionError("the halves' results differ from the whole batch's")
+    whole, split = [], []
+    for _ in range(rounds):
+        whole.append(_median_call_us(lambda: clf.classify(titles=titles, mode="text"), calls // rounds))
+        split.append(_median_call_us(halves, calls // rounds))
+    pool.shutdown()
+    return {"row_parts_us": whole, "halves_on_two_threads_us": split,
+            "ratio_median": round(float(np.median(np.asarray(split) / np.asarray(whole))), 3)}
+
+
 def run(bundle: str, batch: int = 64, calls: int = 3000) -> dict:
     with Classifier(bundle) as clf:
         with tempfile.TemporaryDirectory() as tmp:
             _, titles, _ = BenchData(clf.manifest, clf, batch, Path(tmp)).take(0, batch)
         out = {"bundle": str(bundle), "batch": batch, "calls": calls, "default": _measure(clf, titles, calls),
-               "session_run_us": _cold_weights(clf, titles, calls)}
+               "session_run_us": _cold_weights(clf, titles, calls), "pipelined": _pipelined(clf, titles, calls) if batch > 1 else None}
         gc.collect()
         gc.freeze()
         out["gc_frozen"] = _measure(clf, titles, calls)
