@@ -61,7 +61,8 @@ def gemm_as_matmul(model):
 
 
 def forms(src: Path, tmp: Path, sensitivity) -> dict[str, Path]:
-    """Each form's graph in `tmp`; `sensitivity(path)` scores a graph with one MatMul quantised (higher: worse)."""
+    """Each form's graph in `tmp`; `sensitivity(path)` scores a graph with one MatMul quantised (higher: worse),
+    or is None to skip the forms that need the ranking."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -88,6 +89,8 @@ def forms(src: Path, tmp: Path, sensitivity) -> dict[str, Path]:
 
     for label, nodes in groups.items():
         out[f"dynamic int8, {label} ({len(nodes)})"] = dynamic(nodes, tmp / f"dynamic-{len(nodes)}.onnx")
+    if sensitivity is None:
+        return out
     score = {n: sensitivity(dynamic([n], tmp / "one.onnx")) for n, _ in matmuls}
     ranked = sorted(score, key=score.get, reverse=True)
     for k in (1, 2, 4, 8, 12):
@@ -101,6 +104,9 @@ def main() -> None:
     ap.add_argument("--catalog", required=True, type=Path, help="titles to measure agreement on (its `name` column)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--splits", default="train,val,test,all", help="the catalog's splits to measure agreement on")
+    ap.add_argument("--no-sensitivity", action="store_true",
+                    help="skip the sensitivity ranking (one pass over the training titles per MatMul: long on a large catalog)")
     a = ap.parse_args()
     import onnxruntime as ort
 
@@ -110,7 +116,7 @@ def main() -> None:
     clf = Classifier(a.bundle)
     rows = list(csv.DictReader(open(a.catalog, newline="")))
     splits = {s: sorted({r["name"] for r in rows if r.get("split", "all") == s}) for s in ("train", "val", "test", "all")}
-    splits = {s: t for s, t in splits.items() if t}
+    splits = {s: t for s, t in splits.items() if t and s in a.splits.split(",")}
     titles = sorted({r["name"] for r in rows})
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -126,9 +132,9 @@ def main() -> None:
         return np.concatenate([s.run(["logits"], feed(ts[i:i + 64]))[0] for i in range(0, len(ts), 64)])
 
     calibration = splits.get("train", titles)
-    reference = run(session(a.bundle / "text.onnx"), calibration)
+    reference = None if a.no_sensitivity else run(session(a.bundle / "text.onnx"), calibration)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = forms(a.bundle / "text.onnx", Path(tmp),
+        paths = forms(a.bundle / "text.onnx", Path(tmp), None if a.no_sensitivity else
                       lambda p: float(((run(session(p), calibration) - reference) ** 2).mean()))
         sessions = {k: session(p) for k, p in paths.items()}
     logits = {k: {sp: run(s, ts) for sp, ts in splits.items()} for k, s in sessions.items()}
