@@ -107,13 +107,13 @@ class WordTokenizer:
         """Encode normalised titles into int32 ids (N, max_len).
 
         Up to SMALL_BATCH titles are encoded a title at a time. A larger batch is tokenised as one: an
-        all-ASCII batch is split as one byte string with a break word
-        between titles, every word is looked up in one pass, and the ids are scattered into rows with
-        numpy (at batch 64, about half the CPU time of a loop per title; the same ids).
+        all-ASCII batch is split as one byte string with a break word between titles, every word is looked
+        up in one pass, and the ids are scattered into rows with numpy (at batch 64, about half the CPU time
+        of a loop per title; the same ids).
         """
         n = len(titles)
         ids = np.zeros((n, self.max_len), dtype=np.int32)
-        if n <= SMALL_BATCH:  # a row at a time: the scatter's dozen numpy calls cost more than a few titles' words
+        if n <= SMALL_BATCH:
             get = self.index.get
             for r, title in enumerate(titles):
                 row = [get(w, OOV_ID) for w in words(title)[:self.max_len]]

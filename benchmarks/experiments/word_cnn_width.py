@@ -79,25 +79,26 @@ def run(run_dir: str, bundle: str, batch: int = 64, rounds: int = 7, seconds: fl
             fns[f"torch model, width {w}"] = lambda x=torch.from_numpy(ids): reference(x)
         model_times = interleaved_ms(fns, rounds, seconds)
 
-    classifiers = {f"runtime, width {full.shape[1]}": Classifier(bundle),
-                   f"runtime, width {width}": _cut(Classifier(bundle), width),
-                   f"torch, width {full.shape[1]}": TorchClassifier(Path(bundle), Path(run_dir)),
-                   f"torch, width {width}": _cut(TorchClassifier(Path(bundle), Path(run_dir)), width)}
-    classifiers[f"runtime, width {width}"]._runner("text").session = sessions[width]
+    runtime, runtime_cut = f"runtime, width {full.shape[1]}", f"runtime, width {width}"
+    torch_full, torch_cut = f"torch, width {full.shape[1]}", f"torch, width {width}"
+    classifiers = {runtime: Classifier(bundle), runtime_cut: _cut(Classifier(bundle), width),
+                   torch_full: TorchClassifier(Path(bundle), Path(run_dir)),
+                   torch_cut: _cut(TorchClassifier(Path(bundle), Path(run_dir)), width)}
+    classifiers[runtime_cut]._runner("text").session = sessions[width]
     top1 = {k: [r["top_k"][0]["label"] for r in c.classify(titles=titles, mode="text")] for k, c in classifiers.items()}
     e2e = interleaved_ms({k: (lambda c=c: c.classify(titles=titles, mode="text")) for k, c in classifiers.items()},
                          rounds, seconds)
     for c in classifiers.values():
         c.close()
-    rt, th = (f"runtime, width {width}", f"runtime, width {full.shape[1]}"), (f"torch, width {width}", f"torch, width {full.shape[1]}")
-    ratio = lambda a, b: round(float(np.median(np.asarray(e2e[a]) / np.asarray(e2e[b]))), 3)  # noqa: E731
+    vs_full, vs_cut = round_ratios(e2e, torch_full, [runtime, runtime_cut]), round_ratios(e2e, torch_cut, [runtime_cut])
     return {"bundle": str(bundle), "batch": batch, "max_len": int(full.shape[1]), "longest_title_words": longest,
             "width": width, "max_abs_logit_diff_vs_full_torch": check,
-            "same_top1_end_to_end": all(v == top1[th[1]] for v in top1.values()),
+            "same_top1_end_to_end": all(v == top1[runtime] for v in top1.values()),
             "model_ms": model_times, "model_speedup_of_width": round_ratios(model_times, f"onnxruntime graph, width {full.shape[1]}"),
             "end_to_end_ms": e2e,
-            "end_to_end_vs_pytorch": {"both at full width": ratio(th[1], rt[1]), "both at the batch's width": ratio(th[0], rt[0]),
-                                      "runtime at the batch's width, PyTorch at full": ratio(th[1], rt[0])}}
+            "end_to_end_vs_pytorch": {"both at full width": vs_full[runtime]["median"],
+                                      "both at the batch's width": vs_cut[runtime_cut]["median"],
+                                      "runtime at the batch's width, PyTorch at full": vs_full[runtime_cut]["median"]}}
 
 
 @click.command()
