@@ -14,6 +14,8 @@ batch, in one process, it times with `time.perf_counter` around each stage, medi
 - the batch cut in two halves, each classified whole (prepare, infer on one thread, describe) on its own
   thread at the same time, against `classify` of the whole batch with its graph in row parts, in
   interleaved rounds: whether the halves' Python stages overlap the other half's graph (the GIL says no);
+  and "staggered": 7/16 of the batch prepared first and classified on the second thread while this one
+  prepares and classifies the rest, so that the two threads' Python does not coincide;
 - the text graph's `session.run` alone, called back to back and called right after reading 3,000 entries
   of a 200,000-entry dict (which evicts the cores' caches as a batch's Python work does), at batch 1 and
   at the batch asked for: what the graph costs when its weights are no longer in cache.
@@ -96,28 +98,44 @@ def _cold_weights(clf: Classifier, titles: list[str], calls: int) -> dict:
 
 
 def _pipelined(clf: Classifier, titles: list[str], calls: int, rounds: int = 5) -> dict:
-    """`classify` of the batch (graph in row parts) against its two halves classified on two threads at once."""
-    runner, half = clf._runner("text"), len(titles) // 2
+    """`classify` of the batch (graph in row parts) against two ways of overlapping one part's Python with
+    the other's graph: the two halves classified whole on two threads at once, and "staggered": the first
+    7/16 of the batch prepared, then run and described on a second thread while this one prepares,
+    runs and describes the rest (so that the second thread's describe falls while this one is in its graph)."""
+    runner, half, first = clf._runner("text"), len(titles) // 2, len(titles) * 7 // 16
     parts = runner.row_parts
     pool = ThreadPoolExecutor(1)
 
-    def halves():
-        runner.row_parts = 1
-        other = pool.submit(clf.classify, titles=titles[half:], mode="text")
-        first = clf.classify(titles=titles[:half], mode="text")
-        out = first + [dict(r, index=r["index"] + half) for r in other.result()]
-        runner.row_parts = parts
-        return out
+    def whole_part(prepared):
+        return clf.describe(prepared, clf.infer(prepared))
 
-    if halves() != clf.classify(titles=titles, mode="text"):
-        raise AssertionError("the halves' results differ from the whole batch's")
-    whole, split = [], []
+    def halves():
+        other = pool.submit(clf.classify, titles=titles[half:], mode="text")
+        mine = clf.classify(titles=titles[:half], mode="text")
+        return mine + [dict(r, index=r["index"] + half) for r in other.result()]
+
+    def staggered():
+        other = pool.submit(whole_part, clf.prepare(None, titles[:first], "text"))
+        mine = whole_part(clf.prepare(None, titles[first:], "text"))
+        return other.result() + [dict(r, index=r["index"] + first) for r in mine]
+
+    reference = clf.classify(titles=titles, mode="text")
+    runner.row_parts = 1  # each part runs whole on the 1-thread session
+    for name, fn in (("halves", halves), ("staggered", staggered)):
+        if fn() != reference:
+            raise AssertionError(f"the {name} results differ from the whole batch's")
+    runner.row_parts = parts
+    times: dict[str, list[float]] = {"row_parts_us": [], "halves_on_two_threads_us": [], "staggered_us": []}
     for _ in range(rounds):
-        whole.append(_median_call_us(lambda: clf.classify(titles=titles, mode="text"), calls // rounds))
-        split.append(_median_call_us(halves, calls // rounds))
+        times["row_parts_us"].append(_median_call_us(lambda: clf.classify(titles=titles, mode="text"), calls // rounds))
+        runner.row_parts = 1
+        times["halves_on_two_threads_us"].append(_median_call_us(halves, calls // rounds))
+        times["staggered_us"].append(_median_call_us(staggered, calls // rounds))
+        runner.row_parts = parts
     pool.shutdown()
-    return {"row_parts_us": whole, "halves_on_two_threads_us": split,
-            "ratio_median": round(float(np.median(np.asarray(split) / np.asarray(whole))), 3)}
+    whole = np.asarray(times["row_parts_us"])
+    return {**times, "ratio_median": round(float(np.median(np.asarray(times["halves_on_two_threads_us"]) / whole)), 3),
+            "staggered_ratio_median": round(float(np.median(np.asarray(times["staggered_us"]) / whole)), 3)}
 
 
 def run(bundle: str, batch: int = 64, calls: int = 3000) -> dict:
