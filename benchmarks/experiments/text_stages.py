@@ -18,7 +18,11 @@ batch, in one process, it times with `time.perf_counter` around each stage, medi
   prepares and classifies the rest, so that the two threads' Python does not coincide;
 - the text graph's `session.run` alone, called back to back and called right after reading 3,000 entries
   of a 200,000-entry dict (which evicts the cores' caches as a batch's Python work does), at batch 1 and
-  at the batch asked for: what the graph costs when its weights are no longer in cache.
+  at the batch asked for: what the graph costs when its weights are no longer in cache;
+- prepare and describe alone, each call right after other work (untimed) that isolates one cause of their
+  slowdown in turn: a 0.3 ms sleep (the gap alone), 300 float32 64x64 matmuls (AVX-512 FMAs on 48 KB: the
+  core's frequency, not its caches), a sum over 8 MB of bytes (the caches, no floating point), and the
+  text graph's run (what `classify` puts there). Interleaved rounds, medians.
 
 Timings are only meaningful on a quiet machine.
 """
@@ -97,6 +101,29 @@ def _cold_weights(clf: Classifier, titles: list[str], calls: int) -> dict:
     return out
 
 
+def _after_other_work(clf: Classifier, titles: list[str], calls: int, rounds: int = 5) -> dict:
+    """prepare and describe alone, each call right after one kind of other work (see the module's docstring)."""
+    q = clf.prepare(None, titles, "text")
+    p = clf.infer(q)
+    feed = q.groups["text"][1]
+    session = clf._runner("text").session
+    small, stream = np.random.default_rng(0).random((64, 64), dtype=np.float32), np.zeros(8 << 20, np.uint8)
+
+    def fmas():
+        for _ in range(300):
+            small @ small
+
+    befores = {"nothing": None, "sleep 0.3 ms": lambda: time.sleep(0.0003), "FMAs on 48 KB": fmas,
+               "sum over 8 MB": lambda: stream.sum(dtype=np.uint64), "the text graph": lambda: session.run(None, feed)}
+    stages = {"prepare": lambda: clf.prepare(None, titles, "text"), "describe": lambda: clf.describe(q, p)}
+    times = {b: {s: [] for s in stages} for b in befores}
+    for _ in range(rounds):
+        for b, before in befores.items():
+            for s, fn in stages.items():
+                times[b][s].append(_median_call_us(fn, calls // rounds, before))
+    return {b: {s: round(float(np.median(v)), 1) for s, v in per.items()} for b, per in times.items()}
+
+
 def _pipelined(clf: Classifier, titles: list[str], calls: int, rounds: int = 5) -> dict:
     """`classify` of the batch (graph in row parts) against two ways of overlapping one part's Python with
     the other's graph: the two halves classified whole on two threads at once, and "staggered": the first
@@ -143,7 +170,8 @@ def run(bundle: str, batch: int = 64, calls: int = 3000) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             _, titles, _ = BenchData(clf.manifest, clf, batch, Path(tmp)).take(0, batch)
         out = {"bundle": str(bundle), "batch": batch, "calls": calls, "default": _measure(clf, titles, calls),
-               "session_run_us": _cold_weights(clf, titles, calls), "pipelined": _pipelined(clf, titles, calls) if batch > 1 else None}
+               "session_run_us": _cold_weights(clf, titles, calls), "after_other_work_us": _after_other_work(clf, titles, calls),
+               "pipelined": _pipelined(clf, titles, calls) if batch > 1 else None}
         gc.collect()
         gc.freeze()
         out["gc_frozen"] = _measure(clf, titles, calls)
