@@ -710,6 +710,11 @@ def run_bulk(job: BulkJob) -> BulkResult:
         if target.is_dir():
             raise HuseError(f"--out {target} is a folder; give a .jsonl file name or a folder name without .jsonl")
         job = replace(job, out=str(target.with_name(target.name + ".shards")), format="jsonl")
+    if job.format == "parquet":  # now, not when the first shard is written after its rows were classified
+        try:
+            lazy_import("pyarrow.parquet", "scale")
+        except HuseError as e:
+            raise HuseError(f"{e}, or write JSON Lines shards with --format jsonl") from None
     t0 = time.perf_counter()
     output = _Output(job)
     done = output.open()

@@ -202,6 +202,22 @@ def test_unknown_prepare_priority_is_refused(tiny_bundle, tiny_catalog, tmp_path
         run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o"),
                          prepare_priority="high"))
 
+def test_parquet_output_without_pyarrow_is_refused_before_any_row_runs(tiny_bundle, tiny_catalog, tmp_path,
+                                                                         monkeypatch):
+    import huse.runtime.bulk as bulk
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what a lean install (`huse-edge[ort]`) has
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    run_local, classified = bulk._run_local, []
+    monkeypatch.setattr(bulk, "_run_local", lambda *a: classified.append(a))
+    with pytest.raises(HuseError, match=r"huse-edge\[scale\].*--format jsonl"):
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o"), progress=False))
+    assert not classified and not list(tmp_path.iterdir())
+    monkeypatch.setattr(bulk, "_run_local", run_local)
+    r = run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o.jsonl"), progress=False))
+    assert r.rows == 120 and (tmp_path / "o.jsonl").is_file()  # the lean way works without pyarrow
+
+
 def test_bulk_never_imports_torch(tiny_bundle, tiny_catalog, tmp_path):
     code = f"""
 import sys
