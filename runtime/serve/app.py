@@ -274,11 +274,15 @@ class Server:
                                status=404)
         if not self.ready:
             raise RequestError("the index is not ready yet; retry shortly", status=503, retry_after=1)
-        queries = query.get("queries", [query])
+        unknown = sorted(set(query) - set(SEARCH_FIELDS))
+        if unknown:  # e.g. "text" for "title" (the CLI's --text): said, not dropped into "needs a title or image"
+            raise RequestError(f"unknown field(s) {unknown} in the search query; it takes {list(SEARCH_FIELDS)}")
+        queries = query["queries"] if "queries" in query else [{k: query[k] for k in QUERY_FIELDS if k in query}]
         if not isinstance(queries, list) or not queries:
             raise RequestError('"queries" must be a non-empty list of {"image": base64, "title": str}')
-        items = parse_v1_items({"items": [{k: q.get(k) for k in ("image", "title") if k in q} if isinstance(q, dict)
-                                          else q for q in queries]}, self.config.max_items)
+        items = parse_v1_items({"items": queries}, self.config.max_items)
+        if all(i is None for i in items.images) and all(t is None for t in items.titles):
+            raise RequestError('a search query needs "title" (text), "image" (base64) or both')
         k, target, space, prefix = query.get("k", 10), query.get("target", "image"), query.get("space", "universal"), \
             query.get("filter")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
@@ -293,6 +297,10 @@ class Server:
             return [[h.to_dict() for h in q] for q in hits]
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.run_in_executor(self._search_thread, go), self.config.timeout_s)
+
+
+QUERY_FIELDS = ("image", "title")  # one query's; a request holds one, or a list of them in "queries"
+SEARCH_FIELDS = (*QUERY_FIELDS, "queries", "k", "target", "space", "filter")
 
 
 def _at_capacity(e: Overloaded) -> RequestError:

@@ -65,6 +65,14 @@ def test_search_equals_the_python_api(start_server, flat_index, tiny_bundle, tin
         np.testing.assert_allclose([h["score"] for h in hits], [w["score"] for w in want], atol=1e-5)
     status, got = post_json(s.url + "/v1/search", {"title": "x", "target": "shelf"})
     assert status == 400 and "target" in got["error"]
+    status, got = post_json(s.url + "/v1/search", {"text": row["name"], "k": 5})  # the CLI's word, not the API's
+    assert status == 400 and "['text']" in got["error"] and "'title'" in got["error"], got
+    status, got = post_json(s.url + "/v1/search", {"queries": [{"title": row["name"], "caption": "x"}]})
+    assert status == 400 and "item 0" in got["error"], got
+    status, got = post_json(s.url + "/v1/search", {"k": 5})
+    assert status == 400 and '"title" (text), "image" (base64)' in got["error"], got
+    status, got = post_json(s.url + "/v1/search", {"queries": [{"title": row["name"]}, {"title": "Acme tee"}], "k": 5})
+    assert status == 200 and len(got["results"]) == 2, got
 
 
 def test_search_without_index_is_404(server):
