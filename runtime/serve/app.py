@@ -29,8 +29,8 @@ from huse.runtime.bundle import is_multi_label, load_manifest, require_precision
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.serve.batcher import Admission, Overloaded
-from huse.runtime.serve.protocol import (CLASSIFY_MODEL, EMBED_MODEL, MODELS, RequestError,
-                                         classify_parameters, classify_tensors, dumps, embed_parameters,
+from huse.runtime.serve.protocol import (CLASSIFY_MODEL, CLASSIFY_PARAMETERS, EMBED_MODEL, EMBED_PARAMETERS, MODELS,
+                                         RequestError, classify_parameters, classify_tensors, dumps, embed_parameters,
                                          embed_tensors, encode_infer_response, model_metadata, needs_review,
                                          parse_infer_request, parse_json_body, parse_v1_items, Items)
 from huse.runtime.serve.worker import (RemoteBatcher, Worker, WorkerExited, _log_error, _log_json_lines,
@@ -374,13 +374,17 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         model_name(request)
         return Response(status_code=200 if server.ready else 503)
 
-    async def v1_items(request: Request) -> Items:
+    async def v1_items(request: Request, parameters: tuple[str, ...]) -> Items:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await _multipart(request, c.max_items)
-        return parse_v1_items(parse_json_body(await body_of(request)), c.max_items)
+            return await _multipart(request, c.max_items, parameters)
+        items = parse_v1_items(parse_json_body(await body_of(request)), c.max_items)
+        unknown = sorted(set(items.parameters) - set(parameters))
+        if unknown:  # e.g. "topk": answered with the default top_k, the caller would never know
+            raise RequestError(f"unknown field(s) {unknown}; {request.url.path} takes \"items\" and {list(parameters)}")
+        return items
 
     async def v1_classify(request: Request):
-        items = await v1_items(request)
+        items = await v1_items(request, CLASSIFY_PARAMETERS)
         classify_parameters(items.parameters)
         results = await server.run(request.receive, CLASSIFY_MODEL, items, request.scope.get(STARTED))
         _count_item_errors(server, results)
@@ -391,7 +395,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         return Response(dumps({"results": results}), media_type="application/json")
 
     async def v1_embed(request: Request):
-        items = await v1_items(request)
+        items = await v1_items(request, EMBED_PARAMETERS)
         embed_parameters(items.parameters)
         vectors, errors = await server.run(request.receive, EMBED_MODEL, items, request.scope.get(STARTED))
         server.metrics.error("item", len(errors))
@@ -444,15 +448,15 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
     return Front(app, server)
 
 
-async def _multipart(request, max_items: int) -> Items:
-    """A multipart upload: files `image` (repeatable), fields `title` (repeatable), `top_k`, `mode`, `space`."""
+async def _multipart(request, max_items: int, parameters: tuple[str, ...]) -> Items:
+    """A multipart upload: files `image` (repeatable), fields `title` (repeatable) and the route's `parameters`."""
     lazy_import("multipart", "serve")
     form = await request.form(max_files=max_items, max_fields=max_items + 16)
     try:
         files = [await f.read() for f in form.getlist("image") if hasattr(f, "read")]
         titles = [t for t in form.getlist("title") if isinstance(t, str)]
         params: dict[str, Any] = {}
-        for key in ("top_k", "mode", "space"):
+        for key in parameters:
             if key in form:
                 params[key] = int(form[key]) if key == "top_k" and str(form[key]).isdigit() else form[key]
     finally:

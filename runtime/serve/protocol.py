@@ -211,6 +211,10 @@ def parse_infer_request(body: bytes, header_length: str | None = None, max_items
                         binary_default=bool(params.get("binary_data_output", False)))
 
 
+CLASSIFY_PARAMETERS = ("top_k", "mode")  # what a classify request may set (/v1: beside "items")
+EMBED_PARAMETERS = ("space",)
+
+
 def classify_parameters(params: dict[str, Any]) -> tuple[int, str]:
     """`top_k` and `mode` of a classify request (defaults 5 and "auto").
 

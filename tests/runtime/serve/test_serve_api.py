@@ -73,6 +73,17 @@ def test_v1_classify_equals_the_python_api(server, clf, items):
     assert "error" in got["results"][4] or "warning" in got["results"][4]
 
 
+def test_v1_fields_a_route_does_not_take_are_refused_by_name(server):
+    for route, body, field in [("/v1/classify", {"items": [{"title": "Acme navy tee"}], "topk": 3}, "topk"),
+                               ("/v1/classify", {"items": [{"title": "Acme navy tee"}], "space": "visual"}, "space"),
+                               ("/v1/embed", {"items": [{"title": "Acme navy tee"}], "top_k": 3}, "top_k")]:
+        status, got = post_json(server.url + route, body)
+        assert status == 400 and f"['{field}']" in got["error"] and "items" in got["error"], (route, got)
+    status, got = post_json(server.url + "/v1/classify", {"items": [{"title": "Acme navy tee"}], "top_k": 2,
+                                                          "mode": "text"})
+    assert status == 200 and len(got["results"][0]["top_k"]) == 2, got
+
+
 def test_v1_classify_multipart_upload(server, clf, items):
     images, titles = items
     boundary = "huse-test-boundary"
