@@ -683,10 +683,15 @@ def load_server(config: ServeConfig) -> Server:
                         ("--max-items", c.max_items)):
         if value < 1:
             raise HuseError(f"{name} must be at least 1; got {value}")
-    if not 0 <= c.worker_nice <= 19:
-        raise HuseError(f"--worker-nice must be from 0 to 19; got {c.worker_nice}")
-    if c.max_delay_ms < 0 or c.timeout_s <= 0 or c.max_body_mb <= 0:
-        raise HuseError("--max-delay-ms must be >= 0, --timeout and --max-body-mb > 0")
+    # Past 65535 the port wrapped (70000 listened on 4464) while the server announced the number asked for.
+    for name, value, low, high in (("--port", c.port, 1, 65535), ("--worker-nice", c.worker_nice, 0, 19)):
+        if not low <= value <= high:
+            raise HuseError(f"{name} must be from {low} to {high}; got {value}")
+    if c.max_delay_ms < 0:
+        raise HuseError(f"--max-delay-ms must be 0 or more; got {c.max_delay_ms}")
+    for name, value in (("--timeout", c.timeout_s), ("--max-body-mb", c.max_body_mb)):
+        if value <= 0:
+            raise HuseError(f"{name} must be more than 0; got {value}")
     if not 0.0 <= c.min_confidence <= 1.0:
         raise HuseError(f"--min-confidence must be between 0 and 1; got {c.min_confidence}")
     if c.backend != "auto":
