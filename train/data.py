@@ -113,8 +113,13 @@ def _check_groups(ds: Dataset, path: str | Path) -> None:
         if seen.setdefault(g, s) != s:
             raise HuseError(f"{path}: product {g!r} has rows in both {seen[g]!r} and {s!r}; "
                             "a product's images and title must stay in one split")
-    if not len(ds.indices("train")):
+    train = ds.indices("train")
+    if not len(train):
         raise HuseError(f"{path}: the train split is empty; add rows or fix the split column")
+    classes = {c for i in train for c in parse_paths(ds.classes[i])}
+    if len(classes) < 2:  # else the model trains to the end and the baselines fail on one class
+        raise HuseError(f"{path}: the train split has one class, {classes.pop()!r}; a classifier needs at least two: "
+                        "add products of other classes")
 
 
 def load_builtin(name: str, *, fmnist_dir: str | None = None, train_size: int | None = None, val_size: int = 5000,

@@ -102,3 +102,22 @@ def test_split_column_is_respected_and_conflicts_refused(tmp_path, tiny_catalog)
         w.writerow([str(tiny_catalog.parent / rows[0]["image"]), "x", rows[0]["classes"], rows[0]["product_id"], "test"])
     with pytest.raises(HuseError, match="both 'train' and 'test'"):
         load_catalog_dataset(path)
+
+
+def test_a_train_split_of_one_class_is_refused_before_training(tmp_path, tiny_catalog):
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    one = [r for r in rows if r["classes"] == rows[0]["classes"]]
+    path = tmp_path / "one.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(one):
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"],
+                        ["train", "train", "val", "test"][i % 4]])
+    with pytest.raises(HuseError, match=f"one.csv: the train split has one class, '{rows[0]['classes']}'"):
+        load_catalog_dataset(path)
+    other = next(r for r in rows if r["classes"] != rows[0]["classes"])
+    with open(path, "a", newline="") as f:  # one product of a second class in train is enough
+        csv.writer(f).writerow([str(tiny_catalog.parent / other["image"]), other["name"], other["classes"], "new", "train"])
+    ds = load_catalog_dataset(path)
+    assert {ds.classes[i] for i in ds.indices("train")} == {rows[0]["classes"], other["classes"]}
