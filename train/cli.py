@@ -102,6 +102,12 @@ def _train(o: dict) -> None:
     click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
     for s in ds.skipped[:10]:
         click.echo(f"  skipped row {s['row']}: {s['reason']}")
+    untrained = ds.classes_without_training_rows()
+    if untrained:  # trained on anyway: the other classes are still worth a model, but the user should know
+        shown = ", ".join(f"{c!r} ({n} rows)" for c, n in list(untrained.items())[:5])
+        click.echo(f"WARNING: {len(untrained)} class(es) have rows only in val or test, none in train, so the model "
+                   f"never learns them: {shown}{', ...' if len(untrained) > 5 else ''}. Move some of their products "
+                   "into train (or drop the split column to split by product).")
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
                     multi_label=o["multi_label"], label_head=o["multi_label_head"],

@@ -50,6 +50,16 @@ class Dataset:
     def split_sizes(self) -> dict[str, int]:
         return {s: int((np.asarray(self.splits) == s).sum()) for s in ("train", "val", "test")}
 
+    def classes_without_training_rows(self) -> dict[str, int]:
+        """Classes that only val or test rows carry, with their row counts: the model never learns them."""
+        trained = {c for i in self.indices("train") for c in parse_paths(self.classes[i])}
+        out: dict[str, int] = {}
+        for c in self.classes:
+            for p in parse_paths(c):
+                if p not in trained:
+                    out[p] = out.get(p, 0) + 1
+        return dict(sorted(out.items()))
+
 
 def _assign_split(group: str, seed: int, val_frac: float, test_frac: float) -> str:
     # A hash of (seed, product) — not a shuffle — so adding rows never moves old products.

@@ -121,3 +121,18 @@ def test_a_train_split_of_one_class_is_refused_before_training(tmp_path, tiny_ca
         csv.writer(f).writerow([str(tiny_catalog.parent / other["image"]), other["name"], other["classes"], "new", "train"])
     ds = load_catalog_dataset(path)
     assert {ds.classes[i] for i in ds.indices("train")} == {rows[0]["classes"], other["classes"]}
+
+
+def test_classes_only_val_or_test_rows_carry_are_named(tmp_path, tiny_catalog):
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    rare = rows[0]["classes"]
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(rows):
+            split = ("val" if i % 2 else "test") if r["classes"] == rare else ["train", "train", "val"][i % 3]
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"] + "-" + split, split])
+    ds = load_catalog_dataset(path)
+    assert ds.classes_without_training_rows() == {rare: sum(r["classes"] == rare for r in rows)}
+    assert load_catalog_dataset(tiny_catalog).classes_without_training_rows() == {}
