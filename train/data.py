@@ -72,7 +72,7 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
     """Read, validate and split a catalog.
 
     Splits come from the `split` column where every row has one; otherwise each product
-    (product_id, else the normalised title) goes wholly to train, val or test, seeded.
+    (product_id, else the normalised title, else the photo) goes wholly to train, val or test, seeded.
 
     Args:
         path: catalog CSV/JSONL with image, name, classes (+ product_id, split).
@@ -82,7 +82,7 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
     Raises:
         HuseError: for a bad row (file, row, what is wrong) unless skip_bad_rows.
     """
-    records = read_catalog(path, images, require=("classes",))
+    records = read_catalog(path, images, require=("image", "name", "classes"))  # HUSE trains both towers
     ds = Dataset([], [], [], [], [], {"catalog": str(Path(path).resolve()),
                                       "images": str(Path(images).resolve()) if images else None,
                                       "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
@@ -102,7 +102,7 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
             ds.skipped.append({"row": r.row, "image": r.image, "reason": str(e)})
             continue
         title = normalise_title(r.name) or ""
-        group = r.product_id or title.lower()
+        group = r.product_id or title.lower() or f"image {r.image}"  # no id, no title: the photo is the product
         ds.images.append(r.image)
         ds.titles.append(title)
         ds.classes.append(cls)
@@ -110,6 +110,9 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
         ds.splits.append(r.split or "")
     if not ds.images:
         raise HuseError(f"{path}: no usable rows ({len(ds.skipped)} skipped)")
+    if not any(ds.titles):  # some rows without one are fine (their text tower sees an empty title); none is not
+        raise HuseError(f"{path}: no row has a title (column name); huse-train trains a text tower beside the "
+                        "image tower, so it needs titles")
     if not all(ds.splits):
         # A product's split must be unanimous: decide per group, never per image.
         ds.splits = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids]

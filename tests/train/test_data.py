@@ -136,3 +136,37 @@ def test_classes_only_val_or_test_rows_carry_are_named(tmp_path, tiny_catalog):
     ds = load_catalog_dataset(path)
     assert ds.classes_without_training_rows() == {rare: sum(r["classes"] == rare for r in rows)}
     assert load_catalog_dataset(tiny_catalog).classes_without_training_rows() == {}
+
+
+def test_training_needs_photos_and_titles_and_says_so(tmp_path, tiny_catalog):
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    for name, columns in (("no_name.csv", ["image", "classes"]), ("no_image.csv", ["name", "classes"])):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            for r in rows:
+                w.writerow([str(tiny_catalog.parent / r[c]) if c == "image" else r[c] for c in columns])
+        missing = ({"image", "name"} - set(columns)).pop()
+        with pytest.raises(HuseError, match=rf"{name}: column\(s\) \['{missing}'\] are required"):
+            load_catalog_dataset(tmp_path / name)
+    with open(tmp_path / "untitled.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes"])
+        for r in rows:
+            w.writerow([str(tiny_catalog.parent / r["image"]), "", r["classes"]])
+    with pytest.raises(HuseError, match="untitled.csv: no row has a title"):
+        load_catalog_dataset(tmp_path / "untitled.csv")
+
+
+def test_a_row_without_product_id_or_title_is_a_product_of_its_own(tmp_path, tiny_catalog):
+    # Grouped by an empty title, every such row was one product: one split, and positives of each other.
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes"])
+        for i, r in enumerate(rows):
+            w.writerow([str(tiny_catalog.parent / r["image"]), "" if i % 4 == 0 else r["name"], r["classes"]])
+    ds = load_catalog_dataset(tmp_path / "c.csv")
+    untitled = [g for g, t in zip(ds.product_ids, ds.titles) if not t]
+    assert len(untitled) == len(rows[::4]) and len(set(untitled)) == len(untitled)
+    assert len({s for s, t in zip(ds.splits, ds.titles) if not t}) > 1
