@@ -129,6 +129,9 @@ def _check_groups(ds: Dataset, path: str | Path) -> None:
     train = ds.indices("train")
     if not len(train):
         raise HuseError(f"{path}: the train split is empty; add rows or fix the split column")
+    if not len(ds.indices("val")):  # else it trains, then fails where it first reads val (epochs, fusion, temperature)
+        raise HuseError(f"{path}: the val split is empty; training chooses its epochs, fusion weight and temperatures on "
+                        "val: give some products split 'val', or add products and let huse split them")
     classes = {c for i in train for c in parse_paths(ds.classes[i])}
     if len(classes) < 2:  # else the model trains to the end and the baselines fail on one class
         raise HuseError(f"{path}: the train split has one class, {classes.pop()!r}; a classifier needs at least two: "

@@ -170,3 +170,15 @@ def test_a_row_without_product_id_or_title_is_a_product_of_its_own(tmp_path, tin
     untitled = [g for g, t in zip(ds.product_ids, ds.titles) if not t]
     assert len(untitled) == len(rows[::4]) and len(set(untitled)) == len(untitled)
     assert len({s for s, t in zip(ds.splits, ds.titles) if not t}) > 1
+
+
+def test_an_empty_val_split_is_refused_before_training(tmp_path, tiny_catalog):
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    path = tmp_path / "no_val.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(rows):
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"], ["train", "test"][i % 2]])
+    with pytest.raises(HuseError, match="no_val.csv: the val split is empty"):
+        load_catalog_dataset(path)
