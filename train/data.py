@@ -50,9 +50,13 @@ class Dataset:
     def split_sizes(self) -> dict[str, int]:
         return {s: int((np.asarray(self.splits) == s).sum()) for s in ("train", "val", "test")}
 
+    def split_classes(self, split: str) -> set[str]:
+        """Every class path the rows of `split` carry (a multi-label row counts each of its paths)."""
+        return {p for i in self.indices(split) for p in parse_paths(self.classes[i])}
+
     def classes_without_training_rows(self) -> dict[str, int]:
         """Classes that only val or test rows carry, with their row counts: the model never learns them."""
-        trained = {c for i in self.indices("train") for c in parse_paths(self.classes[i])}
+        trained = self.split_classes("train")
         out: dict[str, int] = {}
         for c in self.classes:
             for p in parse_paths(c):
@@ -116,23 +120,23 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
     if not all(ds.splits):
         # A product's split must be unanimous: decide per group, never per image.
         ds.splits = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids]
-    _check_groups(ds, path)
+    _check_splits(ds, path)
     return ds
 
 
-def _check_groups(ds: Dataset, path: str | Path) -> None:
+def _check_splits(ds: Dataset, path: str | Path) -> None:
+    """What training needs of the splits: whole products in one split, train and val rows, two classes in train."""
     seen: dict[str, str] = {}
     for g, s in zip(ds.product_ids, ds.splits):
         if seen.setdefault(g, s) != s:
             raise HuseError(f"{path}: product {g!r} has rows in both {seen[g]!r} and {s!r}; "
                             "a product's images and title must stay in one split")
-    train = ds.indices("train")
-    if not len(train):
+    if not len(ds.indices("train")):
         raise HuseError(f"{path}: the train split is empty; add rows or fix the split column")
     if not len(ds.indices("val")):  # else it trains, then fails where it first reads val (epochs, fusion, temperature)
         raise HuseError(f"{path}: the val split is empty; training chooses its epochs, fusion weight and temperatures on "
                         "val: give some products split 'val', or add products and let huse split them")
-    classes = {c for i in train for c in parse_paths(ds.classes[i])}
+    classes = ds.split_classes("train")
     if len(classes) < 2:  # else the model trains to the end and the baselines fail on one class
         raise HuseError(f"{path}: the train split has one class, {classes.pop()!r}; a classifier needs at least two: "
                         "add products of other classes")

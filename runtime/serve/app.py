@@ -29,10 +29,11 @@ from huse.runtime.bundle import is_multi_label, load_manifest, require_precision
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.serve.batcher import Admission, Overloaded
-from huse.runtime.serve.protocol import (CLASSIFY_MODEL, CLASSIFY_PARAMETERS, EMBED_MODEL, EMBED_PARAMETERS, MODELS,
-                                         RequestError, classify_parameters, classify_tensors, dumps, embed_parameters,
-                                         embed_tensors, encode_infer_response, model_metadata, needs_review,
-                                         parse_infer_request, parse_json_body, parse_v1_items, Items)
+from huse.runtime.serve.protocol import (CLASSIFY_MODEL, CLASSIFY_PARAMETERS, EMBED_MODEL, EMBED_PARAMETERS,
+                                         ITEM_FIELDS, MODELS, RequestError, classify_parameters, classify_tensors,
+                                         dumps, embed_parameters, embed_tensors, encode_infer_response, model_metadata,
+                                         needs_review, parse_infer_request, parse_json_body, parse_v1_items,
+                                         refuse_unknown, Items)
 from huse.runtime.serve.worker import (RemoteBatcher, Worker, WorkerExited, _log_error, _log_json_lines,
                                        freeze_loaded, log, worker_config)
 
@@ -274,10 +275,8 @@ class Server:
                                status=404)
         if not self.ready:
             raise RequestError("the index is not ready yet; retry shortly", status=503, retry_after=1)
-        unknown = sorted(set(query) - set(SEARCH_FIELDS))
-        if unknown:  # e.g. "text" for "title" (the CLI's --text): said, not dropped into "needs a title or image"
-            raise RequestError(f"unknown field(s) {unknown} in the search query; it takes {list(SEARCH_FIELDS)}")
-        queries = query["queries"] if "queries" in query else [{k: query[k] for k in QUERY_FIELDS if k in query}]
+        refuse_unknown(query, SEARCH_FIELDS, "in the search query")  # e.g. "text" (the CLI's --text) for "title"
+        queries = query["queries"] if "queries" in query else [{k: query[k] for k in ITEM_FIELDS if k in query}]
         if not isinstance(queries, list) or not queries:
             raise RequestError('"queries" must be a non-empty list of {"image": base64, "title": str}')
         items = parse_v1_items({"items": queries}, self.config.max_items)
@@ -299,8 +298,7 @@ class Server:
         return await asyncio.wait_for(loop.run_in_executor(self._search_thread, go), self.config.timeout_s)
 
 
-QUERY_FIELDS = ("image", "title")  # one query's; a request holds one, or a list of them in "queries"
-SEARCH_FIELDS = (*QUERY_FIELDS, "queries", "k", "target", "space", "filter")
+SEARCH_FIELDS = (*ITEM_FIELDS, "queries", "k", "target", "space", "filter")  # one query's fields, or "queries"
 
 
 def _at_capacity(e: Overloaded) -> RequestError:
@@ -378,9 +376,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await _multipart(request, c.max_items, parameters)
         items = parse_v1_items(parse_json_body(await body_of(request)), c.max_items)
-        unknown = sorted(set(items.parameters) - set(parameters))
-        if unknown:  # e.g. "topk": answered with the default top_k, the caller would never know
-            raise RequestError(f"unknown field(s) {unknown}; {request.url.path} takes \"items\" and {list(parameters)}")
+        refuse_unknown(items.parameters, ("items", *parameters), f"in a {request.url.path} request")  # e.g. "topk"
         return items
 
     async def v1_classify(request: Request):

@@ -18,7 +18,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -213,6 +213,14 @@ def parse_infer_request(body: bytes, header_length: str | None = None, max_items
 
 CLASSIFY_PARAMETERS = ("top_k", "mode")  # what a classify request may set (/v1: beside "items")
 EMBED_PARAMETERS = ("space",)
+ITEM_FIELDS = ("image", "title")  # a /v1 item's, and a search query's
+
+
+def refuse_unknown(given: Any, allowed: Sequence[str], where: str) -> None:
+    """A 400 naming the fields of `given` that `allowed` lacks: a misspelt field is said, not ignored."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown} {where}; it takes {list(allowed)}")
 
 
 def classify_parameters(params: dict[str, Any]) -> tuple[int, str]:
@@ -378,7 +386,7 @@ def parse_v1_items(req: Any, max_items: int | None = None) -> Items:
                            f"(--max-items): split it", status=413)
     images, titles = [], []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or set(item) - {"image", "title"}:
+        if not isinstance(item, dict) or set(item) - set(ITEM_FIELDS):
             raise RequestError(f"item {i} must be an object with 'image' (base64) and/or 'title' (text)")
         img, title = item.get("image"), item.get("title")
         images.append(None if img is None else _element("image", img, i, False))
