@@ -332,18 +332,21 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
               help="For catalogs from third parties: refuse image paths that are absolute, contain '..' or resolve "
                    "through a link outside --images; such a row is left out of the index and listed in "
                    "excluded.jsonl with the reason. Off by default.")
+@click.option("--replace", is_flag=True,
+              help="Update products already in INDEX: their items are removed and the catalog's rows added "
+                   "(without it, a catalog with such products is refused).")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
                    "signature (trusted-key searches then refuse it until it is re-signed).")
-def index_add(index, data, images, bundle, confine_images, sign_key) -> None:
+def index_add(index, data, images, bundle, confine_images, replace, sign_key) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=bundle)
-        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images)
+        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
-                   f"listed in {index}/excluded.jsonl)")
+                   f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
         _echo_index(idx)
     run_cli(body)
 

@@ -815,23 +815,34 @@ class Index:
         return cls.open(out, bundle=bundle, threads=threads)  # trusted keys are the opener's choice
 
     def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True,
-            sign_key: str | Path | None = None, confine_images: bool = False) -> dict:
+            sign_key: str | Path | None = None, confine_images: bool = False, replace: bool = False) -> dict:
         """Embed and add products from another catalog; the index keeps its kind and tuned parameters.
 
-        With `sign_key` the updated manifest is re-signed; without it a signature is dropped.
-        `confine_images` as for `build`.
+        A catalog that holds products already in the index is refused before anything is embedded (adding
+        them again would return each one twice); with `replace` their items in the index are removed and
+        the catalog's rows added in their place: an update. With `sign_key` the updated manifest is
+        re-signed; without it a signature is dropped. `confine_images` as for `build`.
 
         Returns:
             {"added": items, "image": vectors added, "text": vectors added, ["visual": vectors added,]
-            "excluded": rows left out}.
+            "excluded": rows left out, "replaced": items removed because their product was in the catalog}.
         """
         _check_sign_key(sign_key)
         records = _records(data, images, confine_images)
+        alive = self._array("items.alive.npy")
+        present = {it["product_id"] for it, a in zip(self.items(), alive) if a and it.get("product_id")}
+        known = sorted({r.product_id for r in records if r.product_id in present})
+        if known and not replace:
+            shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
+            raise HuseError(f"{len(known)} product(s) of this catalog are already in the index ({shown}); "
+                            "to update them, pass --replace (Python: replace=True), which removes their items "
+                            "and adds this catalog's; or leave them out of the catalog")
         n0 = len(self)
         clf = self._embedder()
         vecs, excluded = _embed_records(clf, records, n0, progress, visual=self.has_visual)
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
+        replaced = self.remove(known, sign_key=sign_key)["removed"] if known else 0  # once embedding succeeded
         previous = self.items()
         classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
@@ -857,7 +868,7 @@ class Index:
         m["classes"] = classes
         _finish(self.folder, m, sign_key)
         self._reload()
-        return {"added": len(records), **added, "excluded": len(excluded)}
+        return {"added": len(records), **added, "excluded": len(excluded), "replaced": replaced}
 
     def remove(self, product_ids: Sequence[str], sign_key: str | Path | None = None) -> dict:
         """Remove every item of the given product_ids (see the module docstring for what each kind does).

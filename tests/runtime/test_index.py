@@ -109,6 +109,31 @@ def test_add_and_remove_never_returns_a_removed_product(kind, tiny_bundle, tiny_
         assert idx.manifest["modalities"]["image"]["tombstones"] == 3
 
 
+def test_adding_products_already_in_the_index_is_refused_unless_replacing(tiny_bundle, tiny_catalog, tmp_path):
+    first, _, rows = split_catalog(tiny_catalog, tmp_path)
+    idx = Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind="flat", progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()}
+    with pytest.raises(HuseError, match=r"(?s)\d+ product\(s\) of this catalog are already in the index \(.*--replace"):
+        idx.add(first, images=tiny_catalog.parent, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()} == before  # refused before any write
+
+    # An update: one product's rows come back with a new title; every other product of the index is untouched.
+    product = rows[0]["product_id"]
+    updated = [dict(r, name="Zanzibar quilted tote") for r in rows[::2] if r["product_id"] == product]
+    with open(tmp_path / "update.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(updated)
+    r = Index.open(tmp_path / "idx").add(tmp_path / "update.csv", images=tiny_catalog.parent, progress=False,
+                                         replace=True)
+    assert r["added"] == r["replaced"] == len(updated)
+    idx = Index.open(tmp_path / "idx")
+    hits = idx.search(texts=["Zanzibar quilted tote"], k=len(rows), target="text")[0]
+    assert [h.product_id for h in hits].count(product) == len(updated)  # once per row, not twice
+    assert {h.name for h in hits if h.product_id == product} == {"Zanzibar quilted tote"}
+    assert len(hits) == len(rows[::2])
+
+
 def test_refuses_a_mismatched_bundle(flat_index, tiny_bundle, tmp_path):
     other = _copy(tiny_bundle, tmp_path)
     m = json.loads((other / "manifest.json").read_text())
@@ -280,7 +305,8 @@ def test_add_and_remove_resign_or_drop_the_stale_signature(signed_index, keys, r
     assert not (idx_dir / "manifest.sig").exists()
     with pytest.raises(HuseError, match="is not signed"):
         Index.open(idx_dir, trusted_keys=[keys["pub"]])
-    Index.open(idx_dir, bundle=bundle).add(tiny_catalog, progress=False, sign_key=keys["priv"])  # re-signed by add
+    Index.open(idx_dir, bundle=bundle).add(tiny_catalog, progress=False, sign_key=keys["priv"],  # re-signed by add
+                                           replace=True)
     assert len(Index.open(idx_dir, trusted_keys=[keys["pub"]])) == 2 * len(records)
 
 
