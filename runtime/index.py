@@ -36,6 +36,9 @@ hashed once per file version and then trusted by a stamp: runtime/stamps.py; no 
   dim, fusion weight, kind, per-modality factory string, search parameters, recall, counts.
 - items.jsonl (+ items.offsets.npy): one JSON object per item (row, product_id, name, image,
   classes), read by seeking to the hits only, so opening a 200k-item index reads no item text.
+  A relative image path is kept relative to the index folder (manifest "image_paths"), so hits name
+  the photo from any working directory, and an index moved together with its photos still finds
+  them; the API returns it absolute. (Indexes made before keep the path as their catalog was read.)
 - items.class.npy, items.product.npy, items.mods.npy, items.alive.npy: per-item class code,
   product code, which modalities are indexed (bit 1 image, 2 text), and the tombstone mask.
 - {image,text,visual}.faiss (faiss.write_index; read memory-mapped, IVF lists into RAM up to IVF_MMAP_ABOVE),
@@ -86,6 +89,7 @@ __all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS", "S
 
 FORMAT = "huse-index"
 FORMAT_VERSION = 1
+IMAGE_PATHS = "relative to the index folder"  # manifest["image_paths"]; absent: as the catalog was read
 KINDS = ("auto", "flat", "hnsw", "ivf")
 TARGETS = ("image", "text", "product")
 MODALITIES = ("image", "text")
@@ -388,6 +392,7 @@ class Index:
         self.visual_dim: int | None = int(manifest["visual_dim"]) if "visual_dim" in manifest else None
         self.fusion_weight = float(manifest["fusion_image_weight"])
         self.classes: list[str] = manifest["classes"]
+        self._image_base = os.path.abspath(folder) if manifest.get("image_paths") == IMAGE_PATHS else None
         self._verified: set[str] = set()
         self._faiss: dict[str, Any] = {}
         self._vectors: dict[str, np.ndarray] = {}
@@ -676,7 +681,14 @@ class Index:
                 f.seek(int(offsets[p]))
                 rec = json.loads(f.read(int(offsets[p + 1] - offsets[p])))
                 out[p] = {key: rec.get(key) for key in ("row", "product_id", "name", "image", "classes")}
+                out[p]["image"] = self._image_path(out[p]["image"])
         return out
+
+    def _image_path(self, stored: str | None) -> str | None:
+        """An item's photo as the API returns it: absolute where the index keeps it relative to its folder."""
+        if stored is None or self._image_base is None or os.path.isabs(stored):
+            return stored
+        return os.path.normpath(os.path.join(self._image_base, stored))
 
     def records(self, positions: Sequence[int]) -> dict[int, dict]:
         """Item records {row, product_id, name, image, classes} of the given positions, read by seeking.
@@ -693,6 +705,9 @@ class Index:
 
     def items(self) -> list[dict]:
         """Every item record in position order (the whole table; for tools and tests)."""
+        return [dict(it, image=self._image_path(it.get("image"))) for it in self._stored_items()]
+
+    def _stored_items(self) -> list[dict]:
         return _read_items(self.folder, self._file("items.jsonl"))
 
     def excluded(self) -> list[dict]:
@@ -798,7 +813,8 @@ class Index:
                         "removal": _REMOVAL[kind], "modalities": {}}
             if "visual" in vecs:
                 manifest["visual_dim"] = width["visual"]
-            _write_items(tmp, records, classes, vecs, previous=None)
+            manifest["image_paths"] = IMAGE_PATHS
+            _write_items(tmp, records, classes, vecs, previous=None, relative_to=out)
             _write_excluded(tmp, excluded, append_to=None)
             if "visual" in vecs:
                 _save_npy(tmp / VISUAL_CENTRE, centre)
@@ -830,7 +846,7 @@ class Index:
         _check_sign_key(sign_key)
         records = _records(data, images, confine_images)
         alive = self._array("items.alive.npy")
-        present = {it["product_id"] for it, a in zip(self.items(), alive) if a and it.get("product_id")}
+        present = {it["product_id"] for it, a in zip(self._stored_items(), alive) if a and it.get("product_id")}
         known = sorted({r.product_id for r in records if r.product_id in present})
         if known and not replace:
             shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
@@ -843,10 +859,10 @@ class Index:
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
         replaced = self.remove(known, sign_key=sign_key)["removed"] if known else 0  # once embedding succeeded
-        previous = self.items()
+        previous = self._stored_items()
         classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
-        _write_items(self.folder, records, classes, vecs, previous=(previous, self))
+        _write_items(self.folder, records, classes, vecs, previous=(previous, self), relative_to=self._image_base)
         _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
         added = {}
         for mod in self._indexes():
@@ -880,7 +896,7 @@ class Index:
         """
         _check_sign_key(sign_key)
         wanted = {str(p) for p in product_ids}
-        items = self.items()
+        items = self._stored_items()
         alive = self._array("items.alive.npy").copy()
         positions = np.asarray([i for i, it in enumerate(items) if it.get("product_id") in wanted and alive[i]], np.int64)
         found = {items[i]["product_id"] for i in positions}
@@ -1085,15 +1101,20 @@ def _classes(cell: str | None) -> str | None:
     return join_paths(parse_paths(cell)) if cell else None
 
 
-def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous) -> None:
-    """Item table: items.jsonl + byte offsets, and the per-item code arrays (appended to `previous`)."""
+def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous,
+                 relative_to: str | Path | None) -> None:
+    """Item table: items.jsonl + byte offsets, and the per-item code arrays (appended to `previous`);
+    a relative image path is stored relative to the folder `relative_to` (None: as read)."""
     code = {c: i for i, c in enumerate(classes)}
     if previous is None:
         old_items, old_alive, old_mods = [], np.zeros(0, np.uint8), np.zeros(0, np.uint8)
     else:
         old_items, index = previous
         old_alive, old_mods = index._array("items.alive.npy"), index._array("items.mods.npy")
-    new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name, "image": r.image,
+    base = os.path.abspath(relative_to) if relative_to is not None else None
+    new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name,
+                  "image": os.path.relpath(os.path.abspath(r.image), base)
+                  if base is not None and r.image and not os.path.isabs(r.image) else r.image,
                   "classes": _classes(r.classes)} for r in records]
     all_items = old_items + new_items
     product = np.empty(len(all_items), np.int32)

@@ -35,7 +35,7 @@ class Thumbnails:
     """
 
     def __init__(self, root: str | Path, cache_bytes: int = 64 * 2**20):
-        self.root = Path(root)
+        self.root = Path(os.path.abspath(root))  # absolute: a confined path confines again to itself
         self._real_root = self.root.resolve()
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()

@@ -387,3 +387,21 @@ def test_stamps_are_off_when_asked_or_when_others_could_write_them(flat_index, t
     Index.open(flat_index).search(texts=["Acme black tee"], k=1)
     Index.open(flat_index).search(texts=["Acme black tee"], k=1)
     assert stamps.count("image.faiss") == 2
+
+
+def test_hits_name_their_photos_from_any_folder_and_after_a_move(tiny_bundle, tiny_catalog, records, tmp_path,
+                                                                  monkeypatch):
+    """A catalog named by a relative path: the index keeps each photo relative to itself, so a hit's
+    image is a file whatever the working directory, and still one when catalog and index move together."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_catalog.parent, project / "catalog")
+    monkeypatch.chdir(project)
+    Index.build(tiny_bundle, Path("catalog") / tiny_catalog.name, "idx", kind="flat", progress=False)
+    stored = json.loads((project / "idx" / "items.jsonl").read_text().splitlines()[0])["image"]
+    assert not os.path.isabs(stored) and stored.startswith(os.path.join("..", "catalog"))
+
+    shutil.move(project, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    hits = Index.open(tmp_path / "moved" / "idx").search(texts=["Acme black boots"], k=5)[0]
+    assert len(hits) == 5 and all(os.path.isabs(h.image) and os.path.isfile(h.image) for h in hits)
+    assert all(h.image.startswith(str(tmp_path / "moved" / "catalog")) for h in hits)

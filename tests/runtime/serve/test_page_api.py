@@ -141,6 +141,20 @@ def test_thumbnails_are_cached_until_the_file_changes(tmp_path):
     assert Image.open(io.BytesIO(thumbs.get("a.png", 192))).size == (96, 192)
 
 
+def test_a_relative_images_folder_serves_the_photos_it_holds(tmp_path, monkeypatch):
+    """`huse serve --images photos` from the folder above: the route confines the path, then makes
+    the thumbnail from what it confined (once joined onto the root, never twice)."""
+    from huse.runtime.serve.page import image_response
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (40, 20)).save(tmp_path / "photos" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    thumbs = Thumbnails("photos")
+    for path in ("a.png", str(tmp_path / "photos" / "a.png")):  # as a catalog names it; as an index returns it
+        r = image_response(thumbs, path, "96")
+        assert r.status_code == 200 and Image.open(io.BytesIO(r.body)).size == (40, 20), r.body  # never enlarged
+
+
 def test_thumbnails_never_leave_their_folder(tmp_path):
     inside, outside = tmp_path / "in", tmp_path / "out"
     inside.mkdir()
