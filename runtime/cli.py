@@ -190,7 +190,8 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
                   trusted_keys=tuple(trusted_keys))
     r = run_bulk(job)
     verb = "classified" if task == "classify" else "embedded"
-    msg = (f"{verb} {r.classified}/{r.rows} rows with {r.backend} -> {r.out}; {r.errors} with errors, "
+    how = f"with {r.backend}" if r.backend else "(complete already: nothing to redo)"
+    msg = (f"{verb} {r.classified}/{r.rows} rows {how} -> {r.out}; {r.errors} with errors, "
            f"{r.warnings} with warnings")
     if task == "classify" and min_confidence > 0:
         msg += f", {r.needs_review} need review (top-1, or with a multi-label bundle any label, < {min_confidence})"

@@ -61,6 +61,8 @@ def test_kill_9_then_resume_is_identical_and_redoes_only_in_flight_shards(tiny_b
     (v1, m1), (v2, m2) = read_embeddings(ref), read_embeddings(out)
     assert v1.tobytes() == v2.tobytes() and m1 == m2  # bit for bit
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    r = subprocess.run(_cli(*args, "--out", out, "--resume"), capture_output=True, text=True)  # once more: done
+    assert r.returncode == 0 and "2400/2400 rows (complete already: nothing to redo)" in r.stdout, r.stdout
 
 
 def test_resume_with_other_settings_is_refused(tiny_bundle, big_catalog, tmp_path):
