@@ -266,7 +266,7 @@ class ReviewQueue:
                                 f"{self.catalog}: were the predictions made from this catalog?")
             rel = os.path.relpath(os.path.abspath(rec.image), base) if rec.image else None
             if rec.image:
-                paths[row] = rec.image
+                paths[row] = os.path.abspath(rec.image)  # from any working directory
             items.append(ReviewItem(pos=pos, row=row, name=rec.name if rec.name is not None else p.get("name"),
                                     product_id=rec.product_id, image=rel, classes=rec.classes, label=p["label"],
                                     score=float(p["score"]), mode=p.get("mode"),
@@ -312,7 +312,7 @@ class ReviewQueue:
         return it
 
     def image_path(self, row: int) -> str | None:
-        """The photo of a row, as the catalog resolves it (confined to the images folder when read)."""
+        """The photo of a row, as the catalog resolves it, made absolute (confined to the images folder when read)."""
         self.item(row)
         return self._paths.get(row)
 

@@ -37,6 +37,18 @@ def test_queue_lists_needs_review_rows_least_confident_first(preds, review_catal
                             "accept": 0, "correct": 0, "skip": 0}
 
 
+def test_a_catalog_named_by_a_relative_path_shows_its_photos(preds, review_catalog, labels, tmp_path, monkeypatch):
+    from huse.runtime.serve.page import image_response
+    from huse.runtime.serve.thumbs import Thumbnails
+
+    monkeypatch.chdir(review_catalog.parent.parent)  # `huse serve ... --catalog cat/catalog.csv`
+    relative = Path(review_catalog.parent.name) / review_catalog.name
+    q = ReviewQueue(preds, relative, labels, journal=tmp_path / "j.jsonl")
+    row = q.items[0].row
+    r = image_response(Thumbnails(q.images), q.image_path(row), "96")
+    assert r.status_code == 200 and r.media_type == "image/jpeg", r.body
+
+
 def test_decisions_are_journalled_and_a_reopened_review_continues(preds, review_catalog, labels, tmp_path):
     journal = tmp_path / "j.jsonl"
     q = ReviewQueue(preds, review_catalog, labels, journal=journal)
