@@ -8,6 +8,9 @@ import tempfile
 
 import click
 
+from huse.benchmarks.serve import SYSTEMS
+from huse.benchmarks.suite import MODES
+from huse.runtime.bundle import EXPORT_FLAGS
 from huse.runtime.cli import run_cli
 
 
@@ -25,16 +28,37 @@ def main() -> None:
     """Benchmark a bundle against the PyTorch baseline, or compare two benchmark results."""
 
 
-def _ints(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(","))
+def _ints(ctx, param, value: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, refused before anything runs."""
+    try:
+        out = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"comma-separated positive integers, e.g. 1,8,64; got {value!r}")
+    return out
+
+
+def _names(*choices: str):
+    """A click callback: a comma-separated list of some of `choices`."""
+    def check(ctx, param, value: str | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        names = tuple(v.strip() for v in value.split(","))
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise click.BadParameter(f"{bad[0]!r} is not one of {', '.join(choices)} (comma-separated)")
+        return names
+    return check
 
 
 @main.command(context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="bench-results", type=click.Path(file_okay=False), help="Folder for result.json, result.md, PNGs.")
-@click.option("--batches", default="1,8,32,128", help="Comma-separated batch sizes.")
-@click.option("--modes", default="image,text,fused")
-@click.option("--precisions", help="Comma-separated (default: every precision in the bundle).")
+@click.option("--batches", default="1,8,32,128", callback=_ints, help="Comma-separated batch sizes.")
+@click.option("--modes", default="image,text,fused", callback=_names(*MODES))
+@click.option("--precisions", callback=_names("fp32", *EXPORT_FLAGS),
+              help="Comma-separated (default: every precision in the bundle).")
 @click.option("--repeats", default=3, help="Interleaved rounds per configuration (their spread is reported).")
 @click.option("--seconds", default=0.5, help="Time budget of one configuration in one round.")
 @click.option("--eval-size", default=1000, help="Held-out products for the accuracy of each configuration.")
@@ -50,8 +74,7 @@ def run(bundle, out, batches, modes, precisions, repeats, seconds, eval_size, th
         from huse.benchmarks.report import to_markdown
         from huse.benchmarks.suite import BenchConfig, import_time, run_suite, write_outputs
 
-        cfg = BenchConfig(batches=_ints(batches), modes=tuple(modes.split(",")),
-                          precisions=tuple(precisions.split(",")) if precisions else None, repeats=repeats,
+        cfg = BenchConfig(batches=batches, modes=modes, precisions=precisions, repeats=repeats,
                           seconds=seconds, eval_size=eval_size, threads=threads, run=run_dir, torch_baseline=not no_torch,
                           torch_compile=torch_compile, cold_start=not no_cold_start)
         result = run_suite(bundle, cfg)
@@ -86,11 +109,11 @@ def compare(a, b, floor, show_all) -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="bench-results/serve", type=click.Path(file_okay=False),
               help="Folder for result.json, result.md, throughput_p99.png and the server logs.")
-@click.option("--concurrency", default="1,8,32,64,128", help="Comma-separated closed-loop concurrency levels.")
+@click.option("--concurrency", default="1,8,32,64,128", callback=_ints, help="Comma-separated closed-loop concurrency levels.")
 @click.option("--seconds", default=10.0, help="Measured seconds per level.")
 @click.option("--warmup", default=3.0, help="Seconds of load before each server's first level (discarded).")
 @click.option("--rounds", default=3, help="Every system once per round; medians, and ratios with their range.")
-@click.option("--systems", default="max-batch-1,batching,triton", help="Which servers: max-batch-1, batching, triton.")
+@click.option("--systems", default="max-batch-1,batching,triton", callback=_names(*SYSTEMS), help="Which servers: max-batch-1, batching, triton.")
 @click.option("--precision", default="fp32")
 @click.option("--max-batch", default=64, help="Both batchers' largest batch.")
 @click.option("--max-delay-ms", default=3.0, help="Both batchers' longest wait for a batch to fill.")
@@ -110,8 +133,8 @@ def serve(bundle, out, concurrency, seconds, warmup, rounds, systems, precision,
     def body():
         from huse.benchmarks.serve import ServeBenchConfig, run_serve_bench, to_markdown, write_outputs
 
-        cfg = ServeBenchConfig(concurrency=_ints(concurrency), seconds=seconds, warmup=warmup, rounds=rounds,
-                               systems=tuple(systems.split(",")), precision=precision, max_batch=max_batch,
+        cfg = ServeBenchConfig(concurrency=concurrency, seconds=seconds, warmup=warmup, rounds=rounds,
+                               systems=systems, precision=precision, max_batch=max_batch,
                                max_delay_ms=max_delay_ms, threads=threads, items=items, data=data,
                                overload_seconds=overload_seconds, overload_factor=overload_factor, deadline_s=deadline,
                                venv=venv, spin=spin, say=click.echo)

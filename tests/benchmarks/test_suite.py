@@ -83,6 +83,21 @@ def test_outputs_and_compare_flag_an_injected_slowdown(result, tmp_path):
     assert flagged.exit_code == 1 and "REGRESSION" in flagged.output.upper()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["run", "--batches", "0"], "Invalid value for '--batches': comma-separated positive integers"),
+    (["run", "--batches", "8,x"], "Invalid value for '--batches'"),
+    (["run", "--modes", "text,photo"], "'photo' is not one of image, text, fused"),
+    (["run", "--precisions", "fp8"], "'fp8' is not one of fp32, fp16, int8, int8-cpu"),
+    (["serve", "--systems", "triton,nginx"], "'nginx' is not one of max-batch-1, batching, triton"),
+    (["serve", "--concurrency", "-4"], "Invalid value for '--concurrency'")])
+def test_bad_lists_are_refused_before_anything_runs(tiny_bundle, tmp_path, args, says):
+    from huse.benchmarks.cli import main
+
+    r = CliRunner().invoke(main, [args[0], str(tiny_bundle), *args[1:], "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and says in r.output, r.output  # click's usage error, not a traceback
+    assert not (tmp_path / "out").exists()
+
+
 def test_memory_rows_measure_a_fresh_process_per_backend(tiny_bundle, tiny_catalog):
     """Size on disk of the graphs a backend ran, and a fresh process's cold start without torch."""
     from pathlib import Path
