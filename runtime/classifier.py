@@ -186,6 +186,13 @@ class Classifier:
                                 f"and the GPU providers do not take); use precision='int8' or 'fp16' on a GPU")
             device = "cpu"
         self.backend, self.device, reason = resolve_backend(backend, device)
+        if backend == "tensorrt":  # asked for by name: refused here, not at the first batch
+            from huse.runtime.backends import gpu_backends
+
+            ok, why = gpu_backends()["tensorrt"]
+            if not ok:
+                raise HuseError(f"backend='tensorrt' was asked for but TensorRT is not usable here ({why}); "
+                                "use backend='onnxruntime', or 'auto' to pick the best available")
         if device == "cuda" and self.backend == "onnxruntime":
             from huse.runtime.backends.onnxrt.runner import cuda_provider_status
 

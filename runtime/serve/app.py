@@ -187,7 +187,8 @@ class Server:
                 await loop.run_in_executor(self._search_thread, _warm_index, self.index)
                 self._index_warm = True
         except Exception as e:  # a bundle that cannot run: say so and stop, never serve half a model
-            self._stop_with(f"the bundle could not be loaded: {type(e).__name__}: {e}", "load", "startup")
+            what = str(e) if isinstance(e, HuseError) else f"{type(e).__name__}: {e}"
+            self._stop_with(f"the bundle could not be loaded: {what}", "load", "startup")
             return
         freeze_loaded()
         c = self.config
@@ -205,7 +206,10 @@ class Server:
         self._stop_with(message, "model_process", "server")
 
     def _stop_with(self, message: str, kind: str, route: str) -> None:
-        """Log, then stop the server (`serve` raises with the message): never serve half a model."""
+        """Log, then stop the server (`serve` raises with the message): never serve half a model. The
+        first failure is the cause (a model process that could not load the bundle then exits too)."""
+        if self.failed is not None:
+            return
         self.failed = message
         _log_error(kind, route, 0, message)
         os.kill(os.getpid(), signal.SIGTERM)

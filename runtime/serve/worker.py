@@ -363,7 +363,7 @@ async def _serve(sock: socket.socket) -> None:
         instances = Instances(classifiers)
         await asyncio.gather(*(instances.call(i, _warm_up) for i in range(len(classifiers))))
     except Exception as e:  # a bundle that cannot run: say so; the front stops, never serving half a model
-        writer.write(frame({"t": "failed", "error": f"{type(e).__name__}: {e}"}))
+        writer.write(frame({"t": "failed", "error": str(e) if isinstance(e, HuseError) else f"{type(e).__name__}: {e}"}))
         await writer.drain()
         return
     freeze_loaded()

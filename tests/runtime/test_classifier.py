@@ -139,3 +139,14 @@ def test_auto_backend_falls_back_to_cpu_with_a_reason(tiny_bundle, caplog):
         c = Classifier(tiny_bundle)
     assert (c.backend, c.device) == ("onnxruntime", "cpu")
     assert "not tensorrt" in caplog.text
+
+
+def test_tensorrt_by_name_is_refused_at_once_where_it_cannot_run(tiny_bundle):
+    from huse.runtime.backends import gpu_backends
+
+    ok, why = gpu_backends()["tensorrt"]
+    if ok:
+        pytest.skip("TensorRT is usable here: Classifier(backend='tensorrt') runs")
+    with pytest.raises(HuseError, match=r"backend='tensorrt' was asked for but TensorRT is not usable here \(") as e:
+        Classifier(tiny_bundle, backend="tensorrt")
+    assert why in str(e.value)

@@ -104,6 +104,19 @@ def test_a_dead_model_process_stops_the_server_with_a_clear_error(start_server):
     assert code == 1 and "the model process exited unexpectedly" in log and "Traceback" not in log
 
 
+def test_a_bundle_the_model_process_cannot_load_is_the_error_the_server_stops_with(start_server):
+    from huse.runtime.backends import gpu_backends
+
+    if gpu_backends()["tensorrt"][0]:
+        pytest.skip("TensorRT is usable here, so --backend tensorrt loads")
+    s = start_server("--backend", "tensorrt", ready=False)
+    code = s.proc.wait(60)
+    last = s.output().strip().splitlines()[-1]
+    # the cause, once; not the model process's exit that follows it
+    assert code == 1 and last.startswith("error: the bundle could not be loaded: backend='tensorrt' was asked for"), last
+    assert "exited unexpectedly" not in s.output() and "HuseError" not in s.output()
+
+
 def _running(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
