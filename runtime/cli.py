@@ -427,12 +427,13 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
         if batch:
             if text or image:
                 raise HuseError("give --batch or --text/--image, not both")
-            from huse.runtime.catalog import read_catalog
+            from huse.runtime.catalog import iter_catalog
 
-            recs = read_catalog(batch)
+            recs = list(iter_catalog(batch))  # a bad row is that query's error, not the batch's
             texts, images, labels = [r.name for r in recs], [r.image for r in recs], [f"row {r.row}" for r in recs]
+            row_errors = {i: r.error for i, r in enumerate(recs) if r.error}
         elif text or image:
-            texts, images, labels = [text], [image], ["query"]
+            texts, images, labels, row_errors = [text], [image], ["query"], {}
         else:
             raise HuseError("search needs --text, --image (both: a fused query) or --batch FILE")
         if no_verify and trusted_keys:
@@ -442,16 +443,24 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
                          trusted_keys=list(trusted_keys) or None)
         # A --batch file's titles are not queries in the visual space: its photos are.
         use_texts = any(t is not None for t in texts) and not (batch and space == "visual")
-        results = idx.search(texts=texts if use_texts else None,
-                             images=images if any(i is not None for i in images) else None,
-                             k=k, target=target, filter=prefix, space=space)
+        # One bad query (a missing photo, an empty title, a bad row) fails alone; the others are answered.
+        found = idx.search_batch(texts=texts if use_texts else None,
+                                 images=images if any(i is not None for i in images) else None,
+                                 k=k, target=target, filter=prefix, space=space)
+        results, errors = found.hits, {**found.errors, **row_errors}
+        errors = {i: e if e.startswith(labels[i]) else f"{labels[i]}: {e}" for i, e in errors.items()}
+        if len(errors) == len(results):
+            raise HuseError(errors[min(errors)] + (f"; all {len(results)} queries failed" if batch else ""))
         f = open(out, "w", encoding="utf-8") if out else None
         try:
-            for label, q_text, q_image, hits in zip(labels, texts, images, results):
+            for i, (label, q_text, q_image, hits) in enumerate(zip(labels, texts, images, results)):
+                if i in errors:
+                    click.echo(errors[i], err=True)
                 if f is not None:
-                    f.write(json.dumps({"query": label, "text": q_text, "image": q_image,
-                                        "hits": [h.to_dict() for h in hits]}, ensure_ascii=False) + "\n")
-                if f is None or len(results) == 1:
+                    answer = {"error": errors[i]} if i in errors else {"hits": [h.to_dict() for h in hits]}
+                    f.write(json.dumps({"query": label, "text": q_text, "image": q_image, **answer},
+                                       ensure_ascii=False) + "\n")
+                if (f is None or len(results) == 1) and i not in errors:
                     click.echo(f"{label}: {q_text or ''} {q_image or ''}".rstrip())
                     for rank, h in enumerate(hits, 1):
                         click.echo(f"  {rank:2d}. {h.score:.4f} {h.product_id or '-'} row {h.row} [{h.modality}] "
@@ -460,7 +469,9 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
             if f is not None:
                 f.close()
         if out:
-            click.echo(f"{len(results)} queries -> {out}")
+            click.echo(f"{len(results)} queries -> {out}" + (f"; {len(errors)} failed, with an `error`" if errors else ""))
+        elif errors:
+            click.echo(f"{len(errors)} of {len(results)} queries failed", err=True)
     run_cli(body)
 
 # -- serving: `huse serve` (issue 18) -----------------------------------------------------------

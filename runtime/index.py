@@ -72,7 +72,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -202,6 +202,16 @@ class Hit:
         return asdict(self)
 
 
+@dataclass
+class Searched:
+    """What `Index.search_batch` returns: per query its hits, best first; a query without a usable
+    vector (a missing photo, an empty title) has no hits and its reason in `errors` (position ->
+    "no usable image or text (why)")."""
+
+    hits: list[list[Hit]]
+    errors: dict[int, str] = field(default_factory=dict)
+
+
 def _progress(done: int, total: int, what: str) -> None:
     end = "\n" if done >= total else ""
     print(f"\r{what}: {done}/{total}", end=end, file=sys.stderr, flush=True)
@@ -220,13 +230,9 @@ def centre_visual(visual: np.ndarray, centre: np.ndarray | None = None) -> tuple
     return _normalise(visual - centre).astype(np.float32), np.asarray(centre, np.float32)
 
 
-def _refuse_failed(ok: np.ndarray, errors: dict[int, str], what: str) -> None:
-    """HuseError naming the first query without a usable vector, and how many failed."""
-    bad = ~ok
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise HuseError(f"query {i} has no usable {what} ({errors.get(i, 'nothing given')}); "
-                        f"{int(bad.sum())} of {len(ok)} queries failed")
+def _failures(ok: np.ndarray, errors: dict[int, str], what: str) -> dict[int, str]:
+    """Each query without a usable vector -> why: "no usable {what} (reason)"."""
+    return {int(i): f"no usable {what} ({errors.get(int(i), 'nothing given')})" for i in np.flatnonzero(~ok)}
 
 
 def _exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -509,7 +515,18 @@ class Index:
     def embed_queries(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None,
                       space: str = "universal") -> np.ndarray:
         """Query vectors: (Q, D) universal ones, image, text, or the fused normalise(w * image + (1 - w) * text)
-        where a query has both; or with space="visual" (Q, visual_dim) visual vectors of photos."""
+        where a query has both; or with space="visual" (Q, visual_dim) visual vectors of photos. HuseError
+        names the first query without a usable vector."""
+        q, failed = self._query_vectors(texts, images, space)
+        if failed:
+            i, why = next(iter(failed.items()))
+            raise HuseError(f"query {i} has {why}; {len(failed)} of {len(q)} queries failed")
+        return q
+
+    def _query_vectors(self, texts: Sequence[str | None] | None, images: Sequence[Any] | None,
+                       space: str) -> tuple[np.ndarray, dict[int, str]]:
+        """`embed_queries`' vectors, with a NaN row for each query that has no usable vector, and why
+        (query position -> message, in position order)."""
         if texts is None and images is None:
             raise HuseError("search needs texts, images or both")
         self._check_space(space, texts=texts)
@@ -522,8 +539,8 @@ class Index:
             idx = [i for i, x in enumerate(images) if x is not None]
             e = clf.embed_visual([images[i] for i in idx])
             vis[idx] = e.vectors
-            _refuse_failed(np.isfinite(vis).all(1), {idx[j]: f"image: {msg}" for j, msg in e.errors.items()}, "image")
-            return self._centred(vis)
+            return self._centred(vis), _failures(np.isfinite(vis).all(1),
+                                                 {idx[j]: f"image: {msg}" for j, msg in e.errors.items()}, "image")
         img = np.full((n, self.dim), np.nan, np.float32)
         txt = np.full((n, self.dim), np.nan, np.float32)
         errors: dict[int, str] = {}
@@ -542,8 +559,8 @@ class Index:
         w = self.fusion_weight
         q = np.where((ok_i & ok_t)[:, None], w * np.nan_to_num(img) + (1 - w) * np.nan_to_num(txt),
                      np.where(ok_i[:, None], np.nan_to_num(img), np.nan_to_num(txt)))
-        _refuse_failed(ok_i | ok_t, errors, "image or text")
-        return _normalise(q.astype(np.float32))
+        q[~(ok_i | ok_t)] = np.nan
+        return _normalise(q.astype(np.float32)), _failures(ok_i | ok_t, errors, "image or text")
 
     def _embedder(self):
         if self._classifier is None:
@@ -577,6 +594,24 @@ class Index:
         self._check_space(space, target, texts)
         return self.search_vectors(self.embed_queries(texts=texts, images=images, space=space), k=k, target=target,
                                    filter=filter, space=space)
+
+    def search_batch(self, texts: Sequence[str | None] | None = None, images: Sequence[Any] | None = None,
+                     k: int = 10, target: str = "image", filter: str | None = None,
+                     space: str = "universal") -> Searched:
+        """`search` for a batch of queries from a file or a client, where a bad query (a missing or broken
+        photo, an empty title) fails alone: it gets no hits and its reason in `Searched.errors`, and the
+        others are answered. Arguments as for `search`; a bad argument (k, target, filter, space) still
+        raises HuseError."""
+        self._check_space(space, target, texts)
+        q, failed = self._query_vectors(texts, images, space)
+        ok = [i for i in range(len(q)) if i not in failed]
+        found = self.search_vectors(q[ok], k=k, target=target, filter=filter, space=space) if ok else []
+        if not ok:  # the arguments are still checked, as when some queries are answered
+            self.search_vectors(np.zeros((0, q.shape[1]), np.float32), k=k, target=target, filter=filter, space=space)
+        hits: list[list[Hit]] = [[] for _ in range(len(q))]
+        for i, h in zip(ok, found):
+            hits[i] = h
+        return Searched(hits, failed)
 
     def search_vectors(self, queries: np.ndarray, k: int = 10, target: str = "image",
                        filter: str | None = None, space: str = "universal") -> list[list[Hit]]:

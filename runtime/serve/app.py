@@ -273,7 +273,9 @@ class Server:
             except Overloaded as e:
                 raise _at_capacity(e) from None
 
-    async def search(self, query: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    async def search(self, query: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per query {"hits": [...]} or, for a query without a usable vector, {"error": why}; a 400 when
+        every query failed (as `huse search` exits 1 then)."""
         if self.index is None:
             raise RequestError("this server was started without --index; /v1/search needs `huse serve BUNDLE --index IDX`",
                                status=404)
@@ -294,10 +296,14 @@ class Server:
         images = items.images
 
         def go():
-            hits = self.index.search(texts=texts if any(t is not None for t in texts) else None,
-                                     images=images if any(i is not None for i in images) else None,
-                                     k=k, target=target, filter=prefix, space=space)
-            return [[h.to_dict() for h in q] for q in hits]
+            found = self.index.search_batch(texts=texts if any(t is not None for t in texts) else None,
+                                            images=images if any(i is not None for i in images) else None,
+                                            k=k, target=target, filter=prefix, space=space)
+            if len(found.errors) == len(found.hits):
+                i = min(found.errors)
+                raise RequestError(f"query {i} has {found.errors[i]}; all {len(found.hits)} queries failed")
+            return [{"error": found.errors[i]} if i in found.errors else {"hits": [h.to_dict() for h in q]}
+                    for i, q in enumerate(found.hits)]
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.run_in_executor(self._search_thread, go), self.config.timeout_s)
 
@@ -407,8 +413,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
         query = parse_json_body(await body_of(request))
         if not isinstance(query, dict):
             raise RequestError('expected a JSON object {"image": base64, "title": str, "k": 10, ...} or {"queries": [...]}')
-        hits = await server.search(query)
-        return Response(dumps({"results": [{"hits": h} for h in hits]}), media_type="application/json")
+        return Response(dumps({"results": await server.search(query)}), media_type="application/json")
 
     async def metrics(request: Request):
         data, ctype = server.metrics.render()

@@ -405,3 +405,34 @@ def test_hits_name_their_photos_from_any_folder_and_after_a_move(tiny_bundle, ti
     hits = Index.open(tmp_path / "moved" / "idx").search(texts=["Acme black boots"], k=5)[0]
     assert len(hits) == 5 and all(os.path.isabs(h.image) and os.path.isfile(h.image) for h in hits)
     assert all(h.image.startswith(str(tmp_path / "moved" / "catalog")) for h in hits)
+
+
+def test_a_bad_query_in_a_batch_fails_alone(flat_index, records, tmp_path):
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    idx = Index.open(flat_index)
+    good = records[3]
+    found = idx.search_batch(texts=[good.name, "", None], images=[None, None, str(tmp_path / "gone.png")], k=3)
+    assert [h.item for h in found.hits[0]] == [h.item for h in idx.search(texts=[good.name], k=3)[0]]
+    assert found.hits[1] == found.hits[2] == [] and sorted(found.errors) == [1, 2]
+    assert "title" in found.errors[1] and "gone.png does not exist" in found.errors[2]
+    with pytest.raises(HuseError, match=r"query 1 has no usable image or text .*; 2 of 3 queries failed"):
+        idx.search(texts=[good.name, "", None], images=[None, None, str(tmp_path / "gone.png")], k=3)
+    with pytest.raises(HuseError, match="k must be at least 1"):  # a bad argument is still the whole call's
+        idx.search_batch(texts=[""], k=0)
+
+    # `huse search --batch`: the bad rows get an `error` line, the others their hits; all bad: exit 1.
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"name": good.name}) + "\n" + json.dumps({"image": "gone.png"}) + "\n"
+                       + json.dumps({"name": 5}) + "\n")
+    r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries), "-k", "3",
+                                  "--out", str(tmp_path / "hits.jsonl")])
+    assert r.exit_code == 0 and "3 queries -> " in r.output and "2 failed" in r.output, r.output
+    lines = [json.loads(line) for line in (tmp_path / "hits.jsonl").read_text().splitlines()]
+    assert [h["item"] for h in lines[0]["hits"]] == [h.item for h in found.hits[0]]
+    assert "gone.png does not exist" in lines[1]["error"] and lines[2]["error"].startswith("row 3, column name")
+    queries.write_text(json.dumps({"image": "gone.png"}) + "\n")
+    r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries)])
+    assert r.exit_code == 1 and "row 1: no usable image or text" in r.output and "all 1 queries failed" in r.output

@@ -73,6 +73,12 @@ def test_search_equals_the_python_api(start_server, flat_index, tiny_bundle, tin
     assert status == 400 and '"title" (text), "image" (base64)' in got["error"], got
     status, got = post_json(s.url + "/v1/search", {"queries": [{"title": row["name"]}, {"title": "Acme tee"}], "k": 5})
     assert status == 200 and len(got["results"]) == 2, got
+    broken = base64.b64encode(b"not a photo").decode()
+    status, got = post_json(s.url + "/v1/search", {"queries": [{"image": broken}, {"title": row["name"]}], "k": 5})
+    assert status == 200 and "could not be decoded" in got["results"][0]["error"], got  # fails alone
+    assert [h["item"] for h in got["results"][1]["hits"]] == [h.item for h in idx.search(texts=[row["name"]], k=5)[0]]
+    status, got = post_json(s.url + "/v1/search", {"queries": [{"image": broken}, {"title": " "}]})
+    assert status == 400 and "query 0 has no usable image or text" in got["error"] and "all 2 queries failed" in got["error"]
 
 
 def test_search_without_index_is_404(server):
