@@ -204,9 +204,7 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
     if r.known:
         msg += f"; top-1 accuracy on rows with classes: {r.right / r.known:.4f}"
     click.echo(msg)
-    if r.rows and r.image_failures >= max(1, r.rows // 2):
-        click.echo(f"warning: the image of {r.image_failures} of {r.rows} rows could not be used (first: "
-                   f"{r.first_image_error}); is --images right?", err=True)
+    _warn_unusable_images(r.image_failures, r.rows, r.first_image_error)
     if show > 0 and task == "classify":
         for row in _first_rows(r.out, show, read_predictions):
             click.echo(_describe_row(row, row.get("classes")))
@@ -321,6 +319,7 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
                           batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
                           confine_images=confine_images)
         _echo_index(idx)
+        _warn_excluded_images(idx.excluded(), len(idx))
     run_cli(body)
 
 
@@ -348,6 +347,7 @@ def index_add(index, data, images, bundle, confine_images, replace, sign_key) ->
         r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
+        _warn_excluded_images(idx.excluded()[len(idx.excluded()) - r["excluded"]:], r["added"])
         _echo_index(idx)
     run_cli(body)
 
@@ -385,6 +385,20 @@ def index_info(index, trusted_keys) -> None:
         _echo_index(idx)
         click.echo(f"{n} files verified (sha256)" + (", manifest signature verified" if trusted_keys else ""))
     run_cli(body)
+
+
+def _warn_unusable_images(failed: int, rows: int, first: str | None) -> None:
+    """Half the rows' photos unusable is most often a wrong --images: say so (the run itself succeeded)."""
+    if rows and failed >= max(1, rows // 2):
+        click.echo(f"warning: the image of {failed} of {rows} rows could not be used (first: {first}); "
+                   "is --images right?", err=True)
+
+
+def _warn_excluded_images(excluded: list[dict], rows: int) -> None:
+    """`_warn_unusable_images` for an index's rows left out for a photo that failed (not for no photo)."""
+    failed = [e for e in excluded if e["modality"] == "image" and e["error"] != "no image"]
+    first = f"row {failed[0]['row']}: {failed[0]['error']}" if failed else None
+    _warn_unusable_images(len(failed), rows, first)
 
 
 def _echo_index(idx) -> None:

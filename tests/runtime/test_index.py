@@ -436,3 +436,20 @@ def test_a_bad_query_in_a_batch_fails_alone(flat_index, records, tmp_path):
     queries.write_text(json.dumps({"image": "gone.png"}) + "\n")
     r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries)])
     assert r.exit_code == 1 and "row 1: no usable image or text" in r.output and "all 1 queries failed" in r.output
+
+
+def test_index_build_and_add_warn_when_most_photos_fail(tiny_bundle, tiny_catalog, tmp_path):
+    """A wrong --images leaves every photo out: the index is still written (titles work), with a warning."""
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    cli = CliRunner()
+    args = ["--data", str(tiny_catalog), "--images", str(tmp_path)]
+    r = cli.invoke(main, ["index", "build", str(tiny_bundle), *args, "--out", str(tmp_path / "idx"), "--kind", "flat"])
+    assert r.exit_code == 0 and "warning: the image of 120 of 120 rows could not be used (first: row 1: " in r.output
+    assert "is --images right?" in r.output and len(Index.open(tmp_path / "idx")) == 120, r.output
+    r = cli.invoke(main, ["index", "add", str(tmp_path / "idx"), *args, "--replace"])
+    assert r.exit_code == 0 and "warning: the image of 120 of 120 rows" in r.output, r.output
+    r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--data", str(tiny_catalog), "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
