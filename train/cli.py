@@ -92,8 +92,15 @@ def _train(o: dict) -> None:
     # Options without a CLI default take TrainConfig's: one copy of each default.
     given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit", "class_name_init",
                                    "class_name_prior", "image_views") if o[k] is not None}
-    if o["cv_folds"] is not None:  # read before the catalog, so a typo fails at once
+    if o["cv_folds"] is not None:
         given["cv_folds"] = _cv_folds(o["cv_folds"])
+    # The settings are checked (by the configs) before the catalog is read, so a typo fails at once.
+    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
+                    embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
+                    multi_label=o["multi_label"], label_head=o["multi_label_head"],
+                    **({"label_loss": o["multi_label_loss"]} if o["multi_label_loss"] else {}))
+    tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
+                     margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     if o["dataset"]:
         ds = load_builtin(o["dataset"], fmnist_dir=o["fmnist_dir"], train_size=o["train_size"], val_size=o["val_size"],
                           test_size=o["test_size"], seed=o["seed"])
@@ -108,12 +115,6 @@ def _train(o: dict) -> None:
         click.echo(f"WARNING: {len(untrained)} class(es) have rows only in val or test, none in train, so the model "
                    f"never learns them: {shown}{', ...' if len(untrained) > 5 else ''}. Move some of their products "
                    "into train (or drop the split column to split by product).")
-    mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
-                    embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
-                    multi_label=o["multi_label"], label_head=o["multi_label_head"],
-                    **({"label_loss": o["multi_label_loss"]} if o["multi_label_loss"] else {}))
-    tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
-                     margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
     metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")

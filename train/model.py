@@ -20,6 +20,21 @@ from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import split_path
 
 
+def check_ranges(config: Any, floors: dict[str, tuple[float, bool]]) -> None:
+    """HuseError naming the first setting below its floor, as huse-train's flag and the config field.
+
+    Args:
+        floors: field -> (floor, whether the floor itself is allowed). A field that is None (a default
+            to be chosen) or a string ("auto") is not checked.
+    """
+    for name, (low, allowed) in floors.items():
+        value = getattr(config, name)
+        if value is None or isinstance(value, str) or value > low or (value == low and allowed):
+            continue
+        raise HuseError(f"--{name.replace('_', '-')} ({name}) must be {'at least' if allowed else 'more than'} {low:g}; "
+                        f"got {value:g}")
+
+
 @dataclass
 class HuseConfig:
     num_classes: int
@@ -51,6 +66,10 @@ class HuseConfig:
     # The sigmoid head's training loss: "asl" (asymmetric loss) or "bce" (train/multilabel.py, LOSSES).
     label_loss: str = "asl"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # 32 px: the backbones downsample 32x, so smaller photos leave them nothing to read
+        check_ranges(self, {"embed_dim": (1, True), "image_size": (32, True)})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -42,7 +42,7 @@ from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_repo
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
-from huse.train.model import (HUSE, HuseConfig, build_model, class_name_loss, class_name_title,
+from huse.train.model import (HUSE, HuseConfig, build_model, check_ranges, class_name_loss, class_name_title,
                               init_classifier_from_names, resolve_arch)
 
 
@@ -105,9 +105,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.final_fit not in FINAL_FITS:
             raise HuseError(f"final fit {self.final_fit!r} not found; available = {list(FINAL_FITS)}")
-        if self.image_views < 0 or self.class_name_prior < 0:
-            raise HuseError(f"image views {self.image_views} and class-name prior {self.class_name_prior} must be 0 or "
-                            "more; pass 0 to leave them out")
+        check_ranges(self, {"epochs": (1, True), "patience": (0, True), "batch_size": (1, True), "lr": (0, False),
+                            "weight_decay": (0, True), "alpha": (0, True), "beta": (0, True), "gamma": (0, True),
+                            "delta": (0, True), "margin": (0, False), "class_name_prior": (0, True),
+                            "image_views": (0, True)})
         if self.cv_folds is not None and (self.cv_folds < 0 or self.cv_folds == 1):
             raise HuseError(f"cv folds {self.cv_folds} is not a number of folds; pass 0 (no cross-validation), "
                             "2 or more, or auto")

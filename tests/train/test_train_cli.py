@@ -32,6 +32,22 @@ def test_train_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--batch-size", "0", "--batch-size (batch_size) must be at least 1; got 0"),
+    ("--lr", "-1", "--lr (lr) must be more than 0; got -1"),
+    ("--embed-dim", "0", "--embed-dim (embed_dim) must be at least 1; got 0"),
+    ("--image-size", "8", "--image-size (image_size) must be at least 32; got 8"),
+    ("--epochs", "0", "--epochs (epochs) must be at least 1; got 0"),
+    ("--alpha", "-0.5", "--alpha (alpha) must be at least 0; got -0.5"),
+    ("--margin", "0", "--margin (margin) must be more than 0; got 0")])
+def test_settings_out_of_range_are_refused_before_the_catalog_is_read(tmp_path, flag, value, says):
+    from huse.train.cli import main
+
+    r = CliRunner().invoke(main, ["--data", str(tmp_path / "never-read.csv"), "--out", str(tmp_path / "x"), flag, value])
+    assert r.exit_code == 1 and r.output.strip() == f"error: {says}", r.output  # not "does not exist": checked first
+    assert not (tmp_path / "x").exists()
+
+
 def test_every_command_has_help():
     from huse.benchmarks.cli import main as bench
     from huse.export.cli import main as export

@@ -68,5 +68,5 @@ def test_views_need_a_frozen_backbone_and_a_count(tiny_catalog, tmp_path):
         Trainer(load_catalog_dataset(tiny_catalog), tmp_path / "ft",
                 HuseConfig(num_classes=0, backbone="tiny", image_size=32, freeze_backbone=False),
                 TrainConfig(epochs=1, image_views=2))
-    with pytest.raises(HuseError, match="must be 0 or more"):
+    with pytest.raises(HuseError, match=r"--image-views \(image_views\) must be at least 0; got -1"):
         TrainConfig(image_views=-1)
