@@ -127,16 +127,15 @@ def _faiss():
 # -- choosing an index ------------------------------------------------------------------
 def parse_memory(value: str | int | float) -> int:
     """'4G', '512M', '1.5GiB' or a byte count -> bytes."""
-    if isinstance(value, (int, float)):
-        return int(value)
     s = str(value).strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
-        if s and s[-1] in scale:
-            return int(float(s[:-1]) * scale[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise HuseError(f"memory budget {value!r} is not a size; use e.g. 512M, 4G or a byte count") from None
+        size = int(float(s[:-1]) * scale[s[-1]]) if s and s[-1] in scale else int(float(s))
+    except (ValueError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise HuseError(f"memory budget {value!r} is not a size; use e.g. 512M, 4G or a byte count")
+    return size
 
 
 def _nlist(n: int) -> int:

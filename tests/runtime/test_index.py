@@ -185,6 +185,10 @@ def test_choose_kind_by_size_and_memory():
     with pytest.raises(HuseError, match="max-memory"):
         choose_kind(200_000, 512, "10M")
     assert parse_memory("1.5G") == 3 * 2**29 and parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory(2**30) == parse_memory("1G") == parse_memory("1073741824")
+    for bad in ("0", "-4G", "abc", "G", "inf"):  # a budget of nothing read as "need at least 0 MiB; raise it"
+        with pytest.raises(HuseError, match=f"memory budget '{bad}' is not a size"):
+            parse_memory(bad)
 
 
 def test_cli_build_search_info_remove(tiny_bundle, tiny_catalog, records, tmp_path):
