@@ -604,9 +604,7 @@ class Index:
         self._check_space(space, target, texts)
         q, failed = self._query_vectors(texts, images, space)
         ok = [i for i in range(len(q)) if i not in failed]
-        found = self.search_vectors(q[ok], k=k, target=target, filter=filter, space=space) if ok else []
-        if not ok:  # the arguments are still checked, as when some queries are answered
-            self.search_vectors(np.zeros((0, q.shape[1]), np.float32), k=k, target=target, filter=filter, space=space)
+        found = self.search_vectors(q[ok], k=k, target=target, filter=filter, space=space)  # checks the arguments
         hits: list[list[Hit]] = [[] for _ in range(len(q))]
         for i, h in zip(ok, found):
             hits[i] = h
