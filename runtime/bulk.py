@@ -703,9 +703,11 @@ def run_bulk(job: BulkJob) -> BulkResult:
     _check_job(job)
     target = Path(job.out)
     single = target.suffix.lower() == ".jsonl"
+    if job.task != "classify" and target.suffix.lower() in (".jsonl", ".npy", ".parquet"):
+        raise HuseError(f"--out {target} names a file, but huse embed writes a folder (.npy vectors + a metadata "
+                        f"table per shard); give --out a folder name such as {target.with_suffix('')}/, and read it "
+                        "with huse.runtime.bulk.read_embeddings(FOLDER)")
     if single:  # one JSONL file for small jobs: shards in OUT.shards, joined and renamed at the end
-        if job.task != "classify":
-            raise HuseError("huse embed writes a folder (.npy + metadata shards); give --out a folder name")
         _check_not_input(target, job)
         if target.is_dir():
             raise HuseError(f"--out {target} is a folder; give a .jsonl file name or a folder name without .jsonl")

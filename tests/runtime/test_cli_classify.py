@@ -160,3 +160,11 @@ def test_huse_error_is_one_line_and_exit_1(tmp_path):
 def test_info_verifies_the_bundle(tiny_bundle):
     r = CliRunner().invoke(main, ["info", str(tiny_bundle)])
     assert r.exit_code == 0 and "files verified" in r.output
+
+
+@pytest.mark.parametrize("name", ["emb.npy", "emb.jsonl", "emb.parquet"])
+def test_embed_into_a_file_name_is_refused_naming_a_folder(tiny_bundle, catalog, tmp_path, name):
+    r = _run("embed", tiny_bundle, "--data", catalog, "--out", tmp_path / name, "--no-progress")
+    assert r.exit_code == 1 and "names a file, but huse embed writes a folder" in r.output, r.output
+    assert f"such as {tmp_path / 'emb'}/" in r.output and "read_embeddings" in r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["cat"]  # nothing written beside the catalog
