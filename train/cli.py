@@ -72,9 +72,9 @@ from huse.runtime.cli import run_cli
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--seed", default=0)
-@click.option("--train-size", type=int, help="fashion-products: products in train (default: all 55,000).")
-@click.option("--val-size", default=5000, help="fashion-products: products in val.")
-@click.option("--test-size", type=int, help="fashion-products: products in test (default: all 10,000).")
+@click.option("--train-size", type=click.IntRange(min=1), help="fashion-products: products in train (default: all 55,000).")
+@click.option("--val-size", default=5000, type=click.IntRange(min=1), help="fashion-products: products in val.")
+@click.option("--test-size", type=click.IntRange(min=1), help="fashion-products: products in test (default: all 10,000).")
 @click.option("--fmnist-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST .gz files.")
 def main(**o) -> None:
     """Train a HUSE model on a catalog or a built-in dataset into a run directory."""
@@ -262,7 +262,7 @@ def data() -> None:
 @data.command("export")
 @click.argument("name", type=click.Choice(["fashion-products", "fashion-products-open"]))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--limit", type=int, help="Write only the first N products of each split.")
+@click.option("--limit", type=click.IntRange(min=1), help="Write only the first N products of each split.")
 @click.option("--fmnist-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST .gz files.")
 def export_data(name: str, out: str, limit: int | None, fmnist_dir: str | None) -> None:
     """Write a built-in dataset as catalog.csv + PNG images (real photos, generated titles)."""

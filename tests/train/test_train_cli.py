@@ -48,6 +48,15 @@ def test_settings_out_of_range_are_refused_before_the_catalog_is_read(tmp_path, 
     assert not (tmp_path / "x").exists()
 
 
+def test_data_export_refuses_a_limit_of_nothing(tmp_path):
+    from huse.train.cli import data
+
+    for limit in ("0", "-3"):  # an empty catalog.csv, written over the last export without a word
+        r = CliRunner().invoke(data, ["export", "fashion-products", str(tmp_path / "fp"), "--limit", limit])
+        assert r.exit_code == 2 and "Invalid value for '--limit'" in r.output, r.output
+    assert not (tmp_path / "fp").exists()
+
+
 def test_every_command_has_help():
     from huse.benchmarks.cli import main as bench
     from huse.export.cli import main as export
