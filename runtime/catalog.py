@@ -81,13 +81,27 @@ def _check_file(path: Path) -> None:
         raise HuseError(f"catalog {path} does not exist")
 
 
+# What other catalogs call the columns: named in the error, never read silently as the column.
+_OTHER_NAMES = {"title": "name", "product_name": "name", "category": "classes", "categories": "classes",
+                "class": "classes", "label": "classes", "labels": "classes", "path": "image", "photo": "image",
+                "image_path": "image", "filename": "image", "file": "image", "id": "product_id", "sku": "product_id"}
+
+
+def _unknown_column(where: str, col: str) -> HuseError:
+    """The error for a column huse does not read, with the known one it most likely means."""
+    key = str(col).strip().lower().replace(" ", "_").replace("-", "_")
+    meant = key if key in COLUMNS else _OTHER_NAMES.get(key)
+    hint = f"; did you mean {meant!r}? (rename the column)" if meant else ""
+    return HuseError(f"{where}: unknown column {col!r}; known columns are {list(COLUMNS)}{hint}")
+
+
 def _check_header(path: Path, header: list[str]) -> None:
     seen = set()
     for col in header:
         if col in seen:
             raise HuseError(f"{path}: column {col!r} appears twice in the header; keep one")
         if col not in COLUMNS:
-            raise HuseError(f"{path}: unknown column {col!r}; known columns are {list(COLUMNS)}")
+            raise _unknown_column(str(path), col)
         seen.add(col)
 
 
@@ -195,14 +209,25 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
 
 
 # -- CSV ---------------------------------------------------------------------------------
-def _csv_header(path: Path, encoding: str) -> tuple[list[str], int]:
-    """(header, byte offset of the first data record)."""
+def _csv_header(path: Path, encoding: str) -> tuple[list[str], int, str]:
+    """(header, byte offset of the first data record, delimiter)."""
     for _, end, line in _byte_lines(path, encoding, 0):
-        header = [h.strip() for h in next(csv.reader([line]), [])]
+        delimiter = _delimiter(line)
+        header = [h.strip() for h in next(csv.reader([line], delimiter=delimiter), [])]
         _check_header(path, header)
         _check_columns(path, set(header))
-        return header, end
-    return [], 0
+        return header, end, delimiter
+    return [], 0, ","
+
+
+def _delimiter(header_line: str) -> str:
+    """',' unless the header has no comma and holds ';' or a tab: what spreadsheets export in many
+    locales (';'), and .tsv files."""
+    if "," not in header_line:
+        for d in (";", "\t"):
+            if d in header_line:
+                return d
+    return ","
 
 
 # -- public ------------------------------------------------------------------------------
@@ -244,7 +269,7 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
 def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):
     """(row, byte offset where the record starts, values, error) per CSV record."""
     csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
-    header, data_start = _csv_header(path, encoding)
+    header, data_start, delimiter = _csv_header(path, encoding)
     if not header:
         return
     consumed = [data_start if offset is None else offset]
@@ -257,7 +282,7 @@ def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):
             consumed[0] = end
             yield line
 
-    reader = csv.reader(feed())
+    reader = csv.reader(feed(), delimiter=delimiter)
     row, start = first_row, consumed[0]
     while True:
         try:
@@ -268,7 +293,8 @@ def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):
             raise HuseError(f"{path}, row {row}: not valid CSV ({e}); is a quote left open?") from None
         if values:
             err = None if len(values) == len(header) else (
-                f"row {row}: has {len(values)} fields, the header has {len(header)}; quote titles that contain commas")
+                f"row {row}: has {len(values)} fields, the header has {len(header)}; quote titles that contain "
+                f"{'commas' if delimiter == ',' else repr(delimiter)}")
             yield row, start, (dict(zip(header, values)) if err is None else None), err
         row += 1
         start = consumed[0]  # csv.reader reads no further than the record it returns
@@ -291,7 +317,7 @@ def _jsonl_rows(path: Path, encoding: str, offset: int | None, first_row: int):
                     unknown = [k for k in obj if k not in COLUMNS]
                     if unknown:
                         # Same rule as a CSV header: a misspelt column must not silently read as empty.
-                        raise HuseError(f"{path}, row {row}: unknown column {unknown[0]!r}; known columns are {list(COLUMNS)}")
+                        raise _unknown_column(f"{path}, row {row}", unknown[0])
                     if set(obj) - header_checked:
                         header_checked |= set(obj)
                         _check_columns(path, header_checked)

@@ -89,6 +89,34 @@ def test_unknown_column_is_refused_naming_column_and_file(tmp_path, fmt):
     assert "'title'" in msg
     assert str(path) in msg
     assert str(list(COLUMNS)) in msg  # lists the known columns
+    assert "did you mean 'name'?" in msg  # what other catalogs call a product's title
+
+
+@pytest.mark.parametrize("col, meant", [("Image", "image"), ("Product ID", "product_id"), ("category", "classes"),
+                                        ("sku", "product_id"), ("colour", None)])
+def test_an_unknown_column_names_the_column_it_likely_means(tmp_path, col, meant):
+    path = tmp_path / "cat.csv"
+    path.write_text(f"name,{col}\ntee,x\n", encoding="utf-8")
+    with pytest.raises(HuseError, match=f"unknown column '{col}'") as e:
+        read_catalog(path)
+    assert (f"did you mean '{meant}'?" in str(e.value)) if meant else "did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_semicolon_and_tab_separated_catalogs_read_like_commas(tmp_path, delimiter):
+    """What spreadsheets export in many locales (';'), and .tsv files; streamed shards agree too."""
+    import csv as _csv
+
+    path = tmp_path / "cat.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = _csv.DictWriter(f, list(ROWS[0]), delimiter=delimiter)
+        w.writeheader()
+        w.writerows(ROWS)
+    assert read_catalog(path) == _expected(tmp_path)  # "Red shirt, cotton" keeps its comma
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(delimiter.join(["a.jpg", "tee", "x<y"]) + "\n")  # a field short
+    assert "has 3 fields, the header has 5" in list(iter_catalog(path))[-1].error
+    assert [r for s in plan_shards(path, 2) for r in iter_catalog(path, shard=s)] == list(iter_catalog(path))
 
 
 def test_duplicate_column_is_refused(tmp_path):
