@@ -877,8 +877,9 @@ class Index:
         """
         _check_sign_key(sign_key)
         records = _records(data, images, confine_images)
+        previous = self._stored_items()  # remove() below changes the alive mask, not the item table
         alive = self._array("items.alive.npy")
-        present = {it["product_id"] for it, a in zip(self._stored_items(), alive) if a and it.get("product_id")}
+        present = {it["product_id"] for it, a in zip(previous, alive) if a and it.get("product_id")}
         known = sorted({r.product_id for r in records if r.product_id in present})
         if known and not replace:
             shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
@@ -891,7 +892,6 @@ class Index:
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
         replaced = self.remove(known, sign_key=sign_key)["removed"] if known else 0  # once embedding succeeded
-        previous = self._stored_items()
         classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
         _write_items(self.folder, records, classes, vecs, previous=(previous, self), relative_to=self._image_base)
