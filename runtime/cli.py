@@ -309,15 +309,16 @@ def index_group() -> None:
                    "excluded.jsonl with the reason. Off by default.")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
+@click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
 def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, confine_images,
-                sign_key) -> None:
+                sign_key, progress) -> None:
     """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
                           batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
-                          confine_images=confine_images)
+                          confine_images=confine_images, progress=progress)
         _echo_index(idx)
         _warn_excluded_images(idx.excluded(), len(idx))
     run_cli(body)
@@ -338,13 +339,15 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
                    "signature (trusted-key searches then refuse it until it is re-signed).")
-def index_add(index, data, images, bundle, confine_images, replace, sign_key) -> None:
+@click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
+def index_add(index, data, images, bundle, confine_images, replace, sign_key, progress) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=bundle)
-        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace)
+        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace,
+                    progress=progress)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
         _warn_excluded_images(idx.excluded()[len(idx.excluded()) - r["excluded"]:], r["added"])
