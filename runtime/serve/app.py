@@ -685,15 +685,16 @@ def load_server(config: ServeConfig) -> Server:
         raise HuseError(f"--host {c.host} exposes the server beyond this machine; give --token-file FILE (clients "
                         f"send 'Authorization: Bearer <token>') or, on a trusted network, --insecure")
     for name, value in (("--max-batch", c.max_batch), ("--max-queue", c.max_queue), ("--instances", c.instances),
-                        ("--max-items", c.max_items)):
-        if value < 1:
+                        ("--max-items", c.max_items), ("--threads", c.threads), ("--workers", c.workers)):
+        if value is not None and value < 1:  # --threads and --workers: None is the default
             raise HuseError(f"{name} must be at least 1; got {value}")
     # Past 65535 the port wrapped (70000 listened on 4464) while the server announced the number asked for.
     for name, value, low, high in (("--port", c.port, 1, 65535), ("--worker-nice", c.worker_nice, 0, 19)):
         if not low <= value <= high:
             raise HuseError(f"{name} must be from {low} to {high}; got {value}")
-    if c.max_delay_ms < 0:
-        raise HuseError(f"--max-delay-ms must be 0 or more; got {c.max_delay_ms}")
+    for name, value in (("--max-delay-ms", c.max_delay_ms), ("--grace", c.grace_s)):
+        if value < 0:
+            raise HuseError(f"{name} must be 0 or more; got {value}")
     for name, value in (("--timeout", c.timeout_s), ("--max-body-mb", c.max_body_mb)):
         if value <= 0:
             raise HuseError(f"{name} must be more than 0; got {value}")

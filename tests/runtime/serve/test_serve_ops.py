@@ -162,7 +162,10 @@ def test_refuses_a_public_address_without_token_or_insecure(tiny_bundle):
     ("--port", "70000", "--port must be from 1 to 65535; got 70000"),  # it used to listen on 70000 - 65536
     ("--timeout", "0", "--timeout must be more than 0; got 0.0"),
     ("--max-delay-ms", "-1", "--max-delay-ms must be 0 or more; got -1.0"),
-    ("--max-batch", "0", "--max-batch must be at least 1; got 0")])
+    ("--max-batch", "0", "--max-batch must be at least 1; got 0"),
+    ("--threads", "0", "--threads must be at least 1; got 0"),  # 0 and -1 were taken as the default
+    ("--workers", "-1", "--workers must be at least 1; got -1"),
+    ("--grace", "-1", "--grace must be 0 or more; got -1.0")])
 def test_a_bad_setting_is_refused_by_name_before_the_port_opens(tiny_bundle, flag, value, message):
     r = _cli(str(tiny_bundle), flag, value)
     assert r.returncode == 1 and r.stderr.strip() == f"error: {message}", r.stderr
