@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from huse.runtime.bundle import MANIFEST, is_multi_label, load_manifest, package_versions, write_manifest
-from huse.runtime.errors import HuseError
+from huse.runtime.errors import HuseError, check_ranges
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
 
@@ -61,6 +61,12 @@ class ExportOptions:
     sign: str | Path | None = None  # Ed25519 private key (PEM) to sign manifest.json with
     parity_atol: float = PARITY_ATOL
     say: Callable[[str], None] = field(default=print, repr=False)
+
+    def __post_init__(self):
+        check_ranges(self, {"calib_size": (1, True), "eval_size": (0, True), "workspace_mib": (1, True)})
+        if self.batch is not None and not 1 <= self.batch[0] <= self.batch[1] <= self.batch[2]:
+            raise HuseError(f"--batch {':'.join(map(str, self.batch))} is not a TensorRT profile; MIN:OPT:MAX needs "
+                            "1 <= MIN <= OPT <= MAX, e.g. 1:8:64")
 
 
 # ----------------------------------------------------------------------------------------

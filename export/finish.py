@@ -150,6 +150,13 @@ def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, re
             return quantize_int8_cpu(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude)
         return quantize_int8(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude, quantizer=opts.quantizer)
 
+    if opts.int8_exclude:  # names the user gave: each must be a node of one of the graphs
+        known = set().union(*(_node_names(bundle / manifest["models"]["fp32"][g]) for g in GRAPHS))
+        unknown = [n for n in opts.int8_exclude if n not in known]
+        if unknown:
+            convs = sorted(n for n in known if "conv" in n.lower())[:3]
+            raise HuseError(f"--int8-exclude {unknown[0]!r} is not a node of the bundle's graphs; names are exact, "
+                            f"e.g. {convs} (a bundle's fused.onnx lists them all: onnx.load(PATH).graph.node)")
     ladder = (0,) if opts.int8_exclude else INT8_FLOAT_CONVS
     attempts = []
     for k in ladder:

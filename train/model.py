@@ -16,23 +16,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from huse.runtime.errors import HuseError
+from huse.runtime.errors import HuseError, check_ranges
 from huse.runtime.hierarchy import split_path
-
-
-def check_ranges(config: Any, floors: dict[str, tuple[float, bool]]) -> None:
-    """HuseError naming the first setting below its floor, as huse-train's flag and the config field.
-
-    Args:
-        floors: field -> (floor, whether the floor itself is allowed). A field that is None (a default
-            to be chosen) or a string ("auto") is not checked.
-    """
-    for name, (low, allowed) in floors.items():
-        value = getattr(config, name)
-        if value is None or isinstance(value, str) or value > low or (value == low and allowed):
-            continue
-        raise HuseError(f"--{name.replace('_', '-')} ({name}) must be {'at least' if allowed else 'more than'} {low:g}; "
-                        f"got {value:g}")
 
 
 @dataclass

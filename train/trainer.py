@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from huse.runtime.bundle import package_versions
 from huse.runtime.files import sha256_file, write_atomic, write_json_atomic
 from huse.runtime.classifier import temperature_scale
-from huse.runtime.errors import HuseError
+from huse.runtime.errors import HuseError, check_ranges
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.labels import PATH_SEPARATOR, is_multi_label
 from huse.runtime.preprocess import ImageSpec, load_image
@@ -42,7 +42,7 @@ from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_repo
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
-from huse.train.model import (HUSE, HuseConfig, build_model, check_ranges, class_name_loss, class_name_title,
+from huse.train.model import (HUSE, HuseConfig, build_model, class_name_loss, class_name_title,
                               init_classifier_from_names, resolve_arch)
 
 

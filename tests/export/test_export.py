@@ -169,6 +169,30 @@ def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_
             f"{m['accuracy']['int8-cpu']['n']} test products; top-1 agreement with fp32: fused {fused['agreement']:.2f}%") in info.output
 
 
+@pytest.mark.parametrize("options, says", [
+    ({"calib_size": 0}, r"--calib-size \(calib_size\) must be at least 1; got 0"),
+    ({"eval_size": -1}, r"--eval-size \(eval_size\) must be at least 0; got -1"),
+    ({"workspace_mib": 0}, r"--workspace-mib \(workspace_mib\) must be at least 1; got 0"),
+    ({"batch": (8, 1, 64)}, r"--batch 8:1:64 is not a TensorRT profile; MIN:OPT:MAX needs 1 <= MIN <= OPT <= MAX")])
+def test_export_settings_out_of_range_are_refused_before_any_work(options, says):
+    from huse.export.api import ExportOptions
+
+    with pytest.raises(HuseError, match=says):
+        ExportOptions(**options)
+
+
+def test_an_int8_exclude_name_in_no_graph_is_refused_not_ignored(tiny_bundle, tmp_path):
+    from huse.export.api import ExportOptions, export
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    with pytest.raises(HuseError, match=r"--int8-exclude 'backbone/conv0' is not a node of the bundle's graphs; "
+                                        r"names are exact, e\.g\. \["):
+        export(bundle, None, ExportOptions(int8_cpu=True, int8_exclude=("backbone/conv0",), calib_size=64, eval_size=0,
+                                           engine="skip", say=lambda s: None))
+    assert "int8-cpu" not in json.loads((bundle / "manifest.json").read_text())["models"]
+
+
 def test_failed_gate_stops_the_export_and_keeps_nothing(tiny_bundle, tmp_path, monkeypatch):
     import huse.export.precision as precision
     from huse.export.api import ExportOptions, export
