@@ -60,30 +60,32 @@ def main(src, out, fp16, int8, int8_cpu, calib_size, calib_method, int8_exclude,
     a Triton model repository."""
     def body():
         from huse.export.api import ExportOptions, export
+        from huse.export.triton import TritonOptions
         from huse.runtime.files import MANIFEST
 
+        profile = _batch(batch)  # None: TritonOptions' default max batch (the MAX of the default 1:8:64)
+        # Checked before the export's work, not after it.
+        triton_opts = TritonOptions(max_delay_us=triton_delay_us, instances=triton_instances, precision=triton_precision,
+                                    force=force, **({"max_batch": profile[2]} if profile else {})) if triton else None
         nothing_to_add = not (out or fp16 or int8 or int8_cpu or sign or engine == "require")
         if triton and nothing_to_add and (Path(src) / MANIFEST).is_file():
-            _triton(src)
+            _triton(src, triton_opts)
             return
 
         opts = ExportOptions(fp16=fp16, int8=int8, int8_cpu=int8_cpu, calib_size=calib_size, calib_method=calib_method,
                              int8_exclude=tuple(int8_exclude), quantizer=quantizer, accuracy_gate=not no_accuracy_gate,
-                             eval_size=eval_size, engine=engine, batch=_batch(batch), workspace_mib=workspace_mib,
+                             eval_size=eval_size, engine=engine, batch=profile, workspace_mib=workspace_mib,
                              dla_core=dla_core, force=force, sign=sign, say=click.echo)
         manifest = export(src, out, opts)
         click.echo(f"bundle ready: {out or src} (precisions: {', '.join(sorted(manifest['models']))}; "
                    f"{len(manifest['files'])} files, sha256 in manifest.json"
                    + ("; signed: manifest.sig)" if sign else ")"))
         if triton:
-            _triton(out or src)
+            _triton(out or src, triton_opts)
 
-    def _triton(bundle):
-        from huse.export.triton import TritonOptions, write_repository
+    def _triton(bundle, opts):
+        from huse.export.triton import write_repository
 
-        profile = _batch(batch)  # None: TritonOptions' default max batch (the MAX of the default 1:8:64)
-        opts = TritonOptions(max_delay_us=triton_delay_us, instances=triton_instances, precision=triton_precision,
-                             force=force, **({"max_batch": profile[2]} if profile else {}))
         repo = write_repository(bundle, triton, opts)
         click.echo(f"Triton repository ready: {triton} (models: {', '.join(sorted(repo['models']))}; "
                    f"{len(repo['files'])} files, sha256 in manifest.json). Serve it with "

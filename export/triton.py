@@ -48,6 +48,12 @@ class TritonOptions:
     precision: str = "fp32"  # what the Python models run (the ONNX/plan models cover every precision)
     force: bool = False
 
+    def __post_init__(self):
+        for flag, value, low in (("--triton-instances", self.instances, 1), ("--triton-delay-us", self.max_delay_us, 0),
+                                 ("the max batch (--batch's MAX)", self.max_batch, 1)):
+            if value < low:
+                raise HuseError(f"{flag} must be at least {low}; got {value}")
+
 
 @dataclass
 class Tensor:
@@ -143,9 +149,6 @@ def write_repository(bundle: str | Path, repo: str | Path, opts: TritonOptions |
     manifest = load_manifest(bundle)
     if opts.precision not in manifest["models"]:
         raise HuseError(f"--triton-precision {opts.precision} asked for; bundle {bundle} has {sorted(manifest['models'])}")
-    if opts.max_batch < 1 or opts.instances < 1 or opts.max_delay_us < 0:
-        raise HuseError(f"max_batch {opts.max_batch} and instances {opts.instances} must be >= 1 and max_delay_us "
-                        f"{opts.max_delay_us} >= 0")
     if repo.exists() and not opts.force:
         raise HuseError(f"{repo} exists; pass --force to replace it, or write the repository into a new folder")
     tmp = repo.with_name(repo.name + ".partial")

@@ -118,6 +118,18 @@ def test_an_existing_repository_is_kept_without_force(repo, tiny_bundle):
     assert res.exit_code == 1 and "exists; pass --force" in res.output
 
 
+def test_triton_settings_are_refused_before_the_export_works(tiny_bundle, tmp_path):
+    from huse.export.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    for flag, value, says in (("--triton-instances", "0", "--triton-instances must be at least 1; got 0"),
+                              ("--triton-delay-us", "-1", "--triton-delay-us must be at least 0; got -1")):
+        res = CliRunner().invoke(main, [str(bundle), "--fp16", "--triton", str(tmp_path / "repo"), flag, value])
+        assert res.exit_code == 1 and res.output.strip() == f"error: {says}", res.output
+    assert not (bundle / "fp16").exists() and not (tmp_path / "repo").exists()  # the fp16 export never ran
+
+
 def load_model_py(repo):
     spec = importlib.util.spec_from_file_location("huse_triton_model", repo / "huse" / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
