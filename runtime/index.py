@@ -65,6 +65,7 @@ the exact fallback skips): a removed product is never a hit. Rebuild to reclaim 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -89,6 +90,7 @@ __all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS", "S
 
 FORMAT = "huse-index"
 FORMAT_VERSION = 1
+LOCK = ".lock"  # held by the one add or remove at work (never listed in the manifest)
 IMAGE_PATHS = "relative to the index folder"  # manifest["image_paths"]; absent: as the catalog was read
 KINDS = ("auto", "flat", "hnsw", "ivf")
 TARGETS = ("image", "text", "product")
@@ -876,7 +878,11 @@ class Index:
             "excluded": rows left out, "replaced": items removed because their product was in the catalog}.
         """
         _check_sign_key(sign_key)
-        records = _records(data, images, confine_images)
+        with _one_writer(self.folder):
+            self._reload()  # what the last writer left, not what this object read when it was opened
+            return self._add(_records(data, images, confine_images), progress, sign_key, replace)
+
+    def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool) -> dict:
         previous = self._stored_items()  # remove() below changes the alive mask, not the item table
         alive = self._array("items.alive.npy")
         present = {it["product_id"] for it, a in zip(previous, alive) if a and it.get("product_id")}
@@ -891,7 +897,7 @@ class Index:
         vecs, excluded = _embed_records(clf, records, n0, progress, visual=self.has_visual)
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
-        replaced = self.remove(known, sign_key=sign_key)["removed"] if known else 0  # once embedding succeeded
+        replaced = self._remove(known, sign_key)["removed"] if known else 0  # once embedding succeeded
         classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
         _write_items(self.folder, records, classes, vecs, previous=(previous, self), relative_to=self._image_base)
@@ -927,6 +933,11 @@ class Index:
             {"removed": items removed, "unknown": product_ids not in the index (or already removed)}.
         """
         _check_sign_key(sign_key)
+        with _one_writer(self.folder):
+            self._reload()
+            return self._remove(product_ids, sign_key)
+
+    def _remove(self, product_ids: Sequence[str], sign_key: str | Path | None) -> dict:
         wanted = {str(p) for p in product_ids}
         items = self._stored_items()
         alive = self._array("items.alive.npy").copy()
@@ -1009,6 +1020,21 @@ def _bundle_fingerprint(bundle: str | Path) -> str:
     return sha256_file(path)
 
 
+@contextlib.contextmanager
+def _one_writer(folder: Path):
+    """One `add` or `remove` at a time on an index (an exclusive lock on FOLDER/.lock); another writer is
+    refused at once: two writers would each rewrite the item table and the FAISS files from what they read."""
+    import fcntl
+
+    with open(folder / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HuseError(f"index {folder} is being changed by another process (huse index add or remove); "
+                            "run this again when it has finished") from None
+        yield
+
+
 def _check_sign_key(sign_key: str | Path | None) -> None:
     if sign_key is not None:
         from huse.runtime.signing import check_signing_key
@@ -1044,7 +1070,7 @@ def _finish(folder: Path, manifest: dict, sign_key: str | Path | None = None) ->
                           **{m: int(manifest["modalities"][m]["count"] - manifest["modalities"][m].get("tombstones", 0))
                              for m in manifest["modalities"]}}
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                         if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.endswith(".tmp")}
+                         if p.is_file() and p.name not in (MANIFEST, SIGNATURE, LOCK) and not p.name.endswith(".tmp")}
     write_signed_manifest(folder, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"), sign_key)
 
 

@@ -112,10 +112,13 @@ def test_add_and_remove_never_returns_a_removed_product(kind, tiny_bundle, tiny_
 def test_adding_products_already_in_the_index_is_refused_unless_replacing(tiny_bundle, tiny_catalog, tmp_path):
     first, _, rows = split_catalog(tiny_catalog, tmp_path)
     idx = Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind="flat", progress=False)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()}
+    def files():  # but the writers' lock file
+        return {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir() if p.name != ".lock"}
+
+    before = files()
     with pytest.raises(HuseError, match=r"(?s)\d+ product\(s\) of this catalog are already in the index \(.*--replace"):
         idx.add(first, images=tiny_catalog.parent, progress=False)
-    assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir()} == before  # refused before any write
+    assert files() == before  # refused before any write
 
     # An update: one product's rows come back with a new title; every other product of the index is untouched.
     product = rows[0]["product_id"]
@@ -458,3 +461,22 @@ def test_index_build_and_add_warn_when_most_photos_fail(tiny_bundle, tiny_catalo
     r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--data", str(tiny_catalog), "--out", str(tmp_path / "ok"),
                           "--no-progress"])
     assert r.exit_code == 0 and "warning" not in r.output and "embedding products" not in r.output, r.output
+
+
+def test_one_writer_at_a_time_and_each_starts_from_what_the_last_left(tiny_bundle, tiny_catalog, tmp_path):
+    import fcntl
+
+    first, rest, rows = split_catalog(tiny_catalog, tmp_path)
+    Index.build(tiny_bundle, first, tmp_path / "idx", images=tiny_catalog.parent, kind="flat", progress=False)
+    a, b = Index.open(tmp_path / "idx"), Index.open(tmp_path / "idx")  # two processes' views
+    with open(tmp_path / "idx" / ".lock", "a") as held:  # another writer at work
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(HuseError, match="is being changed by another process"):
+            a.add(rest, images=tiny_catalog.parent, progress=False)
+        with pytest.raises(HuseError, match="is being changed by another process"):
+            a.remove([rows[0]["product_id"]])
+    a.add(rest, images=tiny_catalog.parent, progress=False)
+    assert b.remove([rows[0]["product_id"]])["removed"] == 1  # b read the index before a's add...
+    idx = Index.open(tmp_path / "idx")  # ...and kept it: nothing a added was lost
+    assert len(idx) == len(rows) and idx.manifest["counts"]["removed"] == 1
+    assert idx.verify_all() == len(idx.manifest["files"]) and ".lock" not in idx.manifest["files"]
