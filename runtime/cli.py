@@ -558,7 +558,8 @@ def review_group() -> None:
 @review_group.command("export")
 @click.argument("journal", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The corrections catalog (CSV) to write.")
-def review_export(journal, out) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists (never the reviewed catalog or the journal).")
+def review_export(journal, out, force) -> None:
     """Write the accepted and corrected rows of JOURNAL as a catalog huse-train reads.
 
     Columns image,name,classes,product_id; the last decision per row counts; skipped rows are
@@ -568,7 +569,7 @@ def review_export(journal, out) -> None:
     def body():
         from huse.runtime.serve.review import export_corrections
 
-        r = export_corrections(journal, out)
+        r = export_corrections(journal, out, force=force)
         click.echo(f"wrote {r['written']} reviewed rows to {r['out']} ({r['accept']} accepted, {r['correct']} "
                    f"corrected; {r['skip']} skipped, left out)")
         click.echo(f"train with: huse-train --data {r['out']} --images {r['images']}")

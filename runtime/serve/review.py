@@ -364,7 +364,7 @@ class ReviewQueue:
 # Export
 
 
-def export_corrections(journal: str | Path, out: str | Path) -> dict[str, Any]:
+def export_corrections(journal: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the reviewed rows of a journal as a catalog `huse-train` reads.
 
     The last decision per row counts; accepted and corrected rows are written (both carry a
@@ -373,7 +373,8 @@ def export_corrections(journal: str | Path, out: str | Path) -> dict[str, Any]:
 
     Args:
         journal: the review journal.
-        out: the CSV to write (image,name,classes,product_id), replaced atomically.
+        out: the CSV to write (image,name,classes,product_id), replaced atomically. Never the journal,
+            the reviewed catalog or its predictions; another existing file only with `force`.
     Returns:
         {"out", "written", "accept", "correct", "skip", "images": the folder image paths resolve against}.
     """
@@ -389,7 +390,11 @@ def export_corrections(journal: str | Path, out: str | Path) -> dict[str, Any]:
         if e["action"] != "skip":
             w.writerow([e.get("image") or "", e.get("name") or "", e["label"], e.get("product_id") or ""])
     out = Path(out)
-    if out.resolve() == Path(journal).resolve():
-        raise HuseError(f"--out {out} is the journal itself; choose another file")
+    for what, path in (("the journal itself", journal), ("the reviewed catalog", header.get("catalog")),
+                       ("the predictions reviewed", header.get("predictions"))):
+        if path and out.resolve() == Path(path).resolve():  # holds only the reviewed rows: never in their place
+            raise HuseError(f"--out {out} is {what}; choose another file")
+    if out.exists() and not force:
+        raise HuseError(f"--out {out} exists; choose another file, or pass --force to replace it")
     write_atomic(out, buf.getvalue())
     return {"out": str(out), "written": counts["accept"] + counts["correct"], **counts, "images": header.get("images")}

@@ -196,6 +196,18 @@ def test_export_writes_a_catalog_huse_train_reads(preds, review_catalog, labels,
     assert all(Path(x.image).is_file() for x in records)
     assert export_corrections(journal, tmp_path / "again.csv")["written"] == 2
 
+    # It holds only the reviewed rows: never written over the catalog, and another file only with --force.
+    before = review_catalog.read_bytes()
+    for target, says in ((review_catalog, "is the reviewed catalog"), (preds, "is the predictions reviewed"),
+                         (out, "exists; choose another file, or pass --force")):
+        r = CliRunner().invoke(main, ["review", "export", str(journal), "--out", str(target)])
+        assert r.exit_code == 1 and says in r.output, r.output
+    assert review_catalog.read_bytes() == before
+    r = CliRunner().invoke(main, ["review", "export", str(journal), "--out", str(review_catalog), "--force"])
+    assert r.exit_code == 1 and "is the reviewed catalog" in r.output and review_catalog.read_bytes() == before
+    r = CliRunner().invoke(main, ["review", "export", str(journal), "--out", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+
 
 def test_export_of_a_missing_or_foreign_file_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["review", "export", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "c.csv")])
