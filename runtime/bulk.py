@@ -711,6 +711,9 @@ def run_bulk(job: BulkJob) -> BulkResult:
         _check_not_input(target, job)
         if target.is_dir():
             raise HuseError(f"--out {target} is a folder; give a .jsonl file name or a folder name without .jsonl")
+        if target.is_file() and not _is_predictions(target):  # as a folder that is not a huse output is refused
+            raise HuseError(f"--out {target} exists and is not predictions of huse classify; choose another path "
+                            "(a previous output is replaced only when the new one is complete)")
         job = replace(job, out=str(target.with_name(target.name + ".shards")), format="jsonl")
     if job.format == "parquet":  # now, not when the first shard is written after its rows were classified
         try:
@@ -760,6 +763,20 @@ def _check_not_input(out: Path, job: BulkJob) -> None:
         raise HuseError(f"--out {out} would replace or contain the catalog {job.data}; choose another path")
     if job.images and out == Path(job.images).resolve():
         raise HuseError(f"--out {out} is the images folder; choose another path")
+
+
+def _is_predictions(path: Path) -> bool:
+    """Whether a file is a joined `huse classify` output (its first row has a row number and top-k or an
+    error), or empty: what a single-file --out may replace."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "row" in row and ("top_k" in row or "error" in row)
 
 
 def _join_jsonl(folder: Path, target: Path) -> Path:

@@ -168,3 +168,15 @@ def test_embed_into_a_file_name_is_refused_naming_a_folder(tiny_bundle, catalog,
     assert r.exit_code == 1 and "names a file, but huse embed writes a folder" in r.output, r.output
     assert f"such as {tmp_path / 'emb'}/" in r.output and "read_embeddings" in r.output
     assert [p.name for p in tmp_path.iterdir()] == ["cat"]  # nothing written beside the catalog
+
+
+def test_a_jsonl_out_that_is_not_predictions_is_never_replaced(tiny_bundle, catalog, tmp_path):
+    precious = tmp_path / "products.jsonl"  # a JSONL catalog, say
+    precious.write_text(json.dumps({"image": "a.png", "name": "Acme tee"}) + "\n")
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", precious, "--no-progress")
+    assert r.exit_code == 1 and "exists and is not predictions of huse classify" in r.output, r.output
+    assert precious.read_text() == json.dumps({"image": "a.png", "name": "Acme tee"}) + "\n"
+    preds = tmp_path / "preds.jsonl"
+    for _ in range(2):  # huse's own predictions are replaced by the next run
+        r = _run("classify", tiny_bundle, "--data", catalog, "--out", preds, "--no-progress")
+        assert r.exit_code == 0, r.output
