@@ -367,8 +367,17 @@ def _check_target(kind: str, out: str | Path, overwrite: bool) -> Path:
     if kind not in KINDS:
         raise HuseError(f"index kind {kind!r} is not one of {list(KINDS)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if out.is_file():
+        raise HuseError(f"--out {out} is a file; an index is a folder: choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        try:
+            is_index = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            is_index = False
+        if not is_index:  # --overwrite deletes the folder: only ever an index's
+            raise HuseError(f"{out} is not a huse index, so --overwrite will not delete it; choose another --out")
     return out
 
 

@@ -480,3 +480,14 @@ def test_one_writer_at_a_time_and_each_starts_from_what_the_last_left(tiny_bundl
     idx = Index.open(tmp_path / "idx")  # ...and kept it: nothing a added was lost
     assert len(idx) == len(rows) and idx.manifest["counts"]["removed"] == 1
     assert idx.verify_all() == len(idx.manifest["files"]) and ".lock" not in idx.manifest["files"]
+
+
+def test_overwrite_replaces_an_index_and_never_another_folder(tiny_bundle, tiny_catalog, tmp_path):
+    data = tmp_path / "data"  # `--out data --overwrite` for `--out data/index --overwrite`
+    data.mkdir()
+    (data / "catalog.csv").write_text("image,name\n")
+    with pytest.raises(HuseError, match="is not a huse index, so --overwrite will not delete it"):
+        Index.build(tiny_bundle, tiny_catalog, data, kind="flat", progress=False, overwrite=True)
+    assert (data / "catalog.csv").read_text() == "image,name\n"
+    Index.build(tiny_bundle, tiny_catalog, data / "index", kind="flat", progress=False)
+    assert len(Index.build(tiny_bundle, tiny_catalog, data / "index", kind="flat", progress=False, overwrite=True)) == 120
