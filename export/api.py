@@ -27,7 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from huse.runtime.bundle import FORMAT as BUNDLE_FORMAT
 from huse.runtime.bundle import MANIFEST, is_multi_label, load_manifest, package_versions, write_manifest
+from huse.runtime.files import check_replaceable
 from huse.runtime.errors import HuseError, check_ranges
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import load_tokenizer, normalise_title
@@ -301,6 +303,7 @@ def export(src: str | Path, out: str | Path | None = None, opts: ExportOptions |
             return finish_bundle(src, load_manifest(src), opts)
         if bundle.exists() and not opts.force:
             raise HuseError(f"{bundle} exists; pass --force to replace it")
+        check_replaceable(bundle, BUNDLE_FORMAT, "huse bundle", "--force")
         tmp = bundle.with_name(bundle.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         load_manifest(src)  # copy only a bundle that verifies
@@ -312,6 +315,7 @@ def export(src: str | Path, out: str | Path | None = None, opts: ExportOptions |
         bundle = Path(out)
         if bundle.exists() and not opts.force:
             raise HuseError(f"{bundle} exists; pass --force to replace it, or export into a new folder")
+        check_replaceable(bundle, BUNDLE_FORMAT, "huse bundle", "--force")
         opts.say(f"exporting {src} -> {bundle}")
         tmp = bundle.with_name(bundle.name + ".partial")
         manifest = export_fp32(src, tmp, opts)

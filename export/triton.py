@@ -26,7 +26,7 @@ from typing import Any
 
 from huse.runtime.bundle import CPU_ONLY_PRECISIONS, is_multi_label, load_manifest, package_versions
 from huse.runtime.errors import HuseError
-from huse.runtime.files import MANIFEST, json_bytes, sha256_file, write_atomic
+from huse.runtime.files import MANIFEST, check_replaceable, json_bytes, sha256_file, write_atomic
 
 __all__ = ["TritonOptions", "write_repository", "verify_repository", "graph_io", "REPO_FORMAT"]
 
@@ -151,6 +151,7 @@ def write_repository(bundle: str | Path, repo: str | Path, opts: TritonOptions |
         raise HuseError(f"--triton-precision {opts.precision} asked for; bundle {bundle} has {sorted(manifest['models'])}")
     if repo.exists() and not opts.force:
         raise HuseError(f"{repo} exists; pass --force to replace it, or write the repository into a new folder")
+    check_replaceable(repo, REPO_FORMAT, "Triton repository written by huse-export", "--force")
     tmp = repo.with_name(repo.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

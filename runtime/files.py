@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huse.runtime.errors import HuseError
+
 # Every artifact (bundle, index, bulk output) describes itself in this file.
 MANIFEST = "manifest.json"
 
@@ -43,3 +45,18 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON so that a reader never sees a half-written file (`write_atomic`)."""
     write_atomic(path, json_bytes(obj))
+
+
+def check_replaceable(folder: str | Path, fmt: str, what: str, flag: str) -> None:
+    """Refuse to let `flag` (--force, --overwrite) replace an existing folder that is not a `what` (its
+    manifest's format is not `fmt`): the flag deletes the old folder, so a mistyped path (`--out runs`
+    for `--out runs/x`) must not cost the user another folder's contents. An empty folder is fine."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    try:
+        found = json.loads((folder / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != fmt:
+        raise HuseError(f"{folder} is not a {what}, so {flag} will not delete it; choose another folder")

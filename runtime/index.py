@@ -80,7 +80,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from huse.runtime.bundle import has_visual, package_versions
-from huse.runtime.files import MANIFEST, sha256_file
+from huse.runtime.files import MANIFEST, check_replaceable, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 from huse.runtime.labels import PATH_SEPARATOR, join_paths, matches_prefix, parse_paths
@@ -372,12 +372,7 @@ def _check_target(kind: str, out: str | Path, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise HuseError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-        try:
-            is_index = json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
-            is_index = False
-        if not is_index:  # --overwrite deletes the folder: only ever an index's
-            raise HuseError(f"{out} is not a huse index, so --overwrite will not delete it; choose another --out")
+        check_replaceable(out, FORMAT, "huse index", "--overwrite")
     return out
 
 

@@ -193,6 +193,19 @@ def test_an_int8_exclude_name_in_no_graph_is_refused_not_ignored(tiny_bundle, tm
     assert "int8-cpu" not in json.loads((bundle / "manifest.json").read_text())["models"]
 
 
+def test_force_replaces_a_bundle_and_never_another_folder(tiny_run, tiny_bundle, tmp_path):
+    from huse.export.api import ExportOptions, export
+
+    runs = tmp_path / "runs"  # `--out runs --force` for `--out runs/x --force`
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "model.safetensors").write_bytes(b"weeks of training")
+    for src in (tiny_run, tiny_bundle):
+        with pytest.raises(HuseError, match="is not a huse bundle, so --force will not delete it"):
+            export(src, runs, ExportOptions(force=True, engine="skip", say=lambda s: None))
+    assert (runs / "mine" / "model.safetensors").read_bytes() == b"weeks of training"
+    assert not (tmp_path / "runs.partial").exists()
+
+
 def test_failed_gate_stops_the_export_and_keeps_nothing(tiny_bundle, tmp_path, monkeypatch):
     import huse.export.precision as precision
     from huse.export.api import ExportOptions, export

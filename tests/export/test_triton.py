@@ -130,6 +130,17 @@ def test_triton_settings_are_refused_before_the_export_works(tiny_bundle, tmp_pa
     assert not (bundle / "fp16").exists() and not (tmp_path / "repo").exists()  # the fp16 export never ran
 
 
+def test_force_replaces_a_repository_and_never_another_folder(tiny_bundle, tmp_path):
+    from huse.export.cli import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "other_model").mkdir()
+    res = CliRunner().invoke(main, [str(tiny_bundle), "--triton", str(models), "--force"])
+    assert res.exit_code == 1 and "is not a Triton repository written by huse-export, so --force will not" in res.output
+    assert (models / "other_model").is_dir()
+
+
 def load_model_py(repo):
     spec = importlib.util.spec_from_file_location("huse_triton_model", repo / "huse" / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
