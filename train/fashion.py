@@ -174,6 +174,16 @@ def load_fashion_products(fmnist: str | Path | None = None, train_size: int | No
     return FashionProducts(np.stack(images), titles, classes, pids, splits)
 
 
+EXPORT_HEADER = "image,name,classes,product_id,split"
+
+
+def _is_export(path: Path) -> bool:
+    """Whether a catalog.csv is an earlier `export_catalog` (its header, and its products' fm- ids)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header, first = f.readline().strip(), f.readline()
+    return header == EXPORT_HEADER and first.split(",")[0].startswith("images/fm-")
+
+
 def export_catalog(out: str | Path, fmnist: str | Path | None = None, limit: int | None = None, seed: int = 0,
                    open_vocab: bool = False) -> Path:
     """Write fashion-products as `catalog.csv` + PNG images, so users see the format on real files.
@@ -188,14 +198,16 @@ def export_catalog(out: str | Path, fmnist: str | Path | None = None, limit: int
 
     from PIL import Image
 
-    ds = load_fashion_products(fmnist, seed=seed, open_vocab=open_vocab)
     out = Path(out)
+    path = out / "catalog.csv"
+    if path.is_file() and not _is_export(path):  # a user's own catalog in that folder: never written over
+        raise HuseError(f"{path} exists and is not a built-in dataset's export; choose another folder")
+    ds = load_fashion_products(fmnist, seed=seed, open_vocab=open_vocab)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
-    path = out / "catalog.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["image", "name", "classes", "product_id", "split"])
+        w.writerow(EXPORT_HEADER.split(","))
         for img, title, cls, pid, split in zip(ds.images, ds.titles, ds.classes, ds.product_ids, ds.splits):
             counts[split] = counts.get(split, 0) + 1
             if limit is not None and counts[split] > limit:

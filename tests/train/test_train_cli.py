@@ -57,6 +57,21 @@ def test_data_export_refuses_a_limit_of_nothing(tmp_path):
     assert not (tmp_path / "fp").exists()
 
 
+def test_data_export_never_writes_over_another_catalog(tmp_path):
+    from huse.train.cli import data
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "catalog.csv").write_text("image,name\nphotos/kettle.jpg,Steel kettle\n")
+    r = CliRunner().invoke(data, ["export", "fashion-products", str(mine), "--limit", "2"])
+    assert r.exit_code == 1 and "exists and is not a built-in dataset's export" in r.output, r.output
+    assert (mine / "catalog.csv").read_text() == "image,name\nphotos/kettle.jpg,Steel kettle\n"
+    for _ in range(2):  # its own export is replaced by the next
+        r = CliRunner().invoke(data, ["export", "fashion-products", str(tmp_path / "fp"), "--limit", "2"])
+        assert r.exit_code == 0, r.output
+    assert len((tmp_path / "fp" / "catalog.csv").read_text().splitlines()) == 1 + 3 * 2  # train, val, test
+
+
 def test_every_command_has_help():
     from huse.benchmarks.cli import main as bench
     from huse.export.cli import main as export
