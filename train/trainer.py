@@ -47,6 +47,10 @@ from huse.train.model import (HUSE, HuseConfig, build_model, class_name_loss, cl
 
 
 FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train", "val", "test")}
+# What a run directory holds (the module docstring), its "cv" folds' runs included.
+RUN_ENTRIES = frozenset({"config.json", "vocab.json", "tokenizer.json", "model.safetensors", "best.safetensors",
+                         "checkpoint.safetensors", "optimizer.safetensors", "state.json", "metrics.json",
+                         "confusion_matrix.png", "cache", "cv"})
 
 # Below this many train + val rows, `cv_folds=None` ("auto") chooses the epochs, the fusion weight and the
 # temperatures by k-fold cross-validation by product instead of on the one val split. On the small real
@@ -347,6 +351,11 @@ class Trainer:
                  backbone_weights: str | None = None, resume: bool = False, cache: str | Path | None = None):
         self.ds, self.out, self.tc = ds, Path(out), train_cfg
         self.cache, self.backbone_weights = Path(cache) if cache else self.out / "cache", backbone_weights
+        if not resume and self.out.is_dir():  # a run writes its files by these names: never over a user's own
+            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in RUN_ENTRIES and p.suffix != ".next")
+            if foreign:
+                raise HuseError(f"--out {self.out} holds files a training run does not write ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}); choose a new --out")
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)

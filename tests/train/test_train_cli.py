@@ -48,6 +48,20 @@ def test_settings_out_of_range_are_refused_before_the_catalog_is_read(tmp_path, 
     assert not (tmp_path / "x").exists()
 
 
+def test_train_never_writes_its_files_into_a_folder_of_other_files(tiny_catalog, tmp_path):
+    from huse.train.cli import main
+
+    mine = tmp_path / "project"  # `--out project` for `--out project/runs/x`
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')  # a name a run writes too
+    (mine / "notes.md").write_text("notes")
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(mine), "--backbone", "tiny",
+                                  "--image-size", "32", "--epochs", "1"])
+    assert r.exit_code == 1 and "holds files a training run does not write (notes.md)" in r.output, r.output
+    assert (mine / "config.json").read_text() == '{"mine": true}' and sorted(p.name for p in mine.iterdir()) == [
+        "config.json", "notes.md"]
+
+
 def test_data_export_refuses_a_limit_of_nothing(tmp_path):
     from huse.train.cli import data
 
