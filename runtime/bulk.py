@@ -47,6 +47,7 @@ from huse.runtime.bundle import is_multi_label
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
+from huse.runtime.files import first_json_row
 from huse.runtime.labels import parse_paths as _parse_paths
 
 __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
@@ -768,15 +769,8 @@ def _check_not_input(out: Path, job: BulkJob) -> None:
 def _is_predictions(path: Path) -> bool:
     """Whether a file is a joined `huse classify` output (its first row has a row number and top-k or an
     error), or empty: what a single-file --out may replace."""
-    with open(path, "rb") as f:
-        first = f.readline(1 << 20)
-    if not first.strip():
-        return True
-    try:
-        row = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(row, dict) and "row" in row and ("top_k" in row or "error" in row)
+    row = first_json_row(path)
+    return row == {} or (row is not None and "row" in row and ("top_k" in row or "error" in row))
 
 
 def _join_jsonl(folder: Path, target: Path) -> Path:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 import click
@@ -390,6 +391,19 @@ def index_info(index, trusted_keys) -> None:
     run_cli(body)
 
 
+def _check_hits_out(out: Path, batch: str | None) -> None:
+    """`huse search --out` replaces only earlier hits (or an empty file), never the queries it reads."""
+    from huse.runtime.files import first_json_row
+
+    if batch and out.resolve() == Path(batch).resolve():
+        raise HuseError(f"--out {out} is the --batch file; choose another file")
+    if out.is_dir():
+        raise HuseError(f"--out {out} is a folder; give a .jsonl file name")
+    row = first_json_row(out) if out.is_file() else {}
+    if row != {} and (row is None or "query" not in row or not ({"hits", "error"} & set(row))):
+        raise HuseError(f"--out {out} exists and is not hits of huse search; choose another file")
+
+
 def _warn_unusable_images(failed: int, rows: int, first: str | None) -> None:
     """Half the rows' photos unusable is most often a wrong --images: say so (the run itself succeeded)."""
     if rows and failed >= max(1, rows // 2):
@@ -456,6 +470,8 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
         if no_verify and trusted_keys:
             raise HuseError("--no-verify and --trusted-key contradict each other: a signature vouches for files only "
                             "through their sha256; drop --no-verify")
+        if out:
+            _check_hits_out(Path(out), batch)
         idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
                          trusted_keys=list(trusted_keys) or None)
         # A --batch file's titles are not queries in the visual space: its photos are.

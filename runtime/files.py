@@ -60,3 +60,17 @@ def check_replaceable(folder: str | Path, fmt: str, what: str, flag: str) -> Non
         found = None
     if found != fmt:
         raise HuseError(f"{folder} is not a {what}, so {flag} will not delete it; choose another folder")
+
+
+def first_json_row(path: str | Path) -> dict | None:
+    """The first line of a JSON Lines file as a dict ({} for an empty file; None when that line is not a
+    JSON object): how an output file is recognised before it is replaced."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return {}
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None

@@ -491,3 +491,22 @@ def test_overwrite_replaces_an_index_and_never_another_folder(tiny_bundle, tiny_
     assert (data / "catalog.csv").read_text() == "image,name\n"
     Index.build(tiny_bundle, tiny_catalog, data / "index", kind="flat", progress=False)
     assert len(Index.build(tiny_bundle, tiny_catalog, data / "index", kind="flat", progress=False, overwrite=True)) == 120
+
+
+def test_search_out_replaces_only_earlier_hits(flat_index, tmp_path):
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"name": "Acme black boots"}) + "\n")
+    catalog = tmp_path / "products.jsonl"
+    catalog.write_text(json.dumps({"image": "a.png", "name": "Acme tee"}) + "\n")
+    for out, says in ((queries, "is the --batch file"), (catalog, "exists and is not hits of huse search")):
+        r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries), "--out", str(out)])
+        assert r.exit_code == 1 and says in r.output, r.output
+    assert catalog.read_text() == json.dumps({"image": "a.png", "name": "Acme tee"}) + "\n"
+    assert queries.read_text() == json.dumps({"name": "Acme black boots"}) + "\n"
+    for _ in range(2):  # its own hits are replaced by the next search
+        r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries), "--out", str(tmp_path / "h.jsonl")])
+        assert r.exit_code == 0 and "1 queries -> " in r.output, r.output
