@@ -458,6 +458,7 @@ async def _multipart(request, max_items: int, parameters: tuple[str, ...]) -> It
     lazy_import("multipart", "serve")
     form = await request.form(max_files=max_items, max_fields=max_items + 16)
     try:
+        refuse_unknown(form.keys(), ("image", "title", *parameters), "in the upload")  # e.g. a file field 'photo'
         files = [await f.read() for f in form.getlist("image") if hasattr(f, "read")]
         titles = [t for t in form.getlist("title") if isinstance(t, str)]
         params: dict[str, Any] = {}

@@ -97,6 +97,11 @@ def test_v1_classify_multipart_upload(server, clf, items):
                           {"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 200, out
     same_results(json.loads(out)["results"], clf.classify(images=images[:2], titles=titles[:2]))
+    # a field the route does not take is named, not ignored (as in a JSON request): here a file field 'photo'
+    photo = (f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="p.png"\r\n'
+             f'Content-Type: image/png\r\n\r\n'.encode() + images[0] + f"\r\n--{boundary}--\r\n".encode())
+    status, _, out = post(server.url + "/v1/classify", photo, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 400 and "unknown field(s) ['photo'] in the upload" in json.loads(out)["error"], out
 
 
 def test_v1_embed_equals_the_python_api(server, clf, items):
