@@ -234,6 +234,9 @@ def load_manifest(folder: str | Path, verify: bool = True, trusted_keys: Sequenc
         raise HuseError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-export the bundle") from None
     if not isinstance(manifest, dict):
         raise HuseError(f"{path} holds a JSON {type(manifest).__name__}, not an object; re-export the bundle")
+    if manifest.get("format") == "huse-index":  # index.FORMAT (the index module imports this one)
+        raise HuseError(f"{folder} is a huse index, not a bundle; give the bundle it was built with "
+                        f"({(manifest.get('bundle') or {}).get('path')})")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise HuseError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
                         f"{FORMAT!r} v{FORMAT_VERSION}; re-export the bundle with this huse-edge version")

@@ -79,6 +79,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from huse.runtime.bundle import FORMAT as BUNDLE_FORMAT
 from huse.runtime.bundle import has_visual, package_versions
 from huse.runtime.files import MANIFEST, check_replaceable, sha256_file
 from huse.runtime.errors import HuseError
@@ -1059,6 +1060,9 @@ def _load_index_manifest(folder: Path, trusted_keys: Sequence[str | Path] | None
         m = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HuseError(f"{path} is not a valid manifest ({e}); rebuild the index") from None
+    if isinstance(m, dict) and m.get("format") == BUNDLE_FORMAT:
+        raise HuseError(f"{folder} is a huse bundle, not an index; build an index with it: "
+                        f"`huse index build {folder} --data CATALOG --out INDEX`")
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
         raise HuseError(f"{path} is not a {FORMAT!r} v{FORMAT_VERSION} manifest; rebuild the index with `huse index build`")
     return m

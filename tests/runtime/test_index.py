@@ -510,3 +510,12 @@ def test_search_out_replaces_only_earlier_hits(flat_index, tmp_path):
     for _ in range(2):  # its own hits are replaced by the next search
         r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries), "--out", str(tmp_path / "h.jsonl")])
         assert r.exit_code == 0 and "1 queries -> " in r.output, r.output
+
+
+def test_an_index_and_a_bundle_given_for_each_other_are_named(flat_index, tiny_bundle):
+    from huse.runtime import Classifier
+
+    with pytest.raises(HuseError, match=rf"{flat_index} is a huse index, not a bundle; give the bundle it was built with"):
+        Classifier(flat_index)
+    with pytest.raises(HuseError, match=rf"{tiny_bundle} is a huse bundle, not an index; build an index with it"):
+        Index.open(tiny_bundle)
