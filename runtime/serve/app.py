@@ -30,10 +30,10 @@ from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.serve.batcher import Admission, Overloaded
 from huse.runtime.serve.protocol import (CLASSIFY_MODEL, CLASSIFY_PARAMETERS, EMBED_MODEL, EMBED_PARAMETERS,
-                                         ITEM_FIELDS, MODELS, RequestError, classify_parameters, classify_tensors,
-                                         dumps, embed_parameters, embed_tensors, encode_infer_response, model_metadata,
-                                         needs_review, parse_infer_request, parse_json_body, parse_v1_items,
-                                         refuse_unknown, Items)
+                                         ITEM_FIELDS, MODELS, PROTOCOL_PARAMETERS, RequestError, classify_parameters,
+                                         classify_tensors, dumps, embed_parameters, embed_tensors,
+                                         encode_infer_response, model_metadata, needs_review, parse_infer_request,
+                                         parse_json_body, parse_v1_items, refuse_unknown, Items)
 from huse.runtime.serve.worker import (RemoteBatcher, Worker, WorkerExited, _log_error, _log_json_lines,
                                        freeze_loaded, log, worker_config)
 
@@ -580,6 +580,9 @@ async def infer(server: Server, model: str, body: bytes, header_length: str | No
         raise RequestError(f"unknown model {model!r}; this server has {list(MODELS)}", status=404)
     c = server.config
     req = parse_infer_request(body, header_length, c.max_items)
+    ours = [k for k in req.items.parameters if k not in PROTOCOL_PARAMETERS and not k.startswith("triton_")]
+    refuse_unknown(ours, CLASSIFY_PARAMETERS if model == CLASSIFY_MODEL else EMBED_PARAMETERS,
+                   f"in the parameters of a {model!r} request")  # e.g. "topk" for "top_k"
     if model == CLASSIFY_MODEL:
         classify_parameters(req.items.parameters)  # a bad parameter is a 400 before any work
         results = await server.run(receive, model, req.items, started)

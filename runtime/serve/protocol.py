@@ -211,6 +211,10 @@ def parse_infer_request(body: bytes, header_length: str | None = None, max_items
                         binary_default=bool(params.get("binary_data_output", False)))
 
 
+# Request parameters the Open Inference Protocol and Triton's clients set themselves (tritonclient's
+# TRITON_RESERVED_REQUEST_PARAMS, and any "triton_..."): never taken for a misspelt model parameter.
+PROTOCOL_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers",
+                       "binary_data_output")
 CLASSIFY_PARAMETERS = ("top_k", "mode")  # what a classify request may set (/v1: beside "items")
 EMBED_PARAMETERS = ("space",)
 ITEM_FIELDS = ("image", "title")  # a /v1 item's, and a search query's

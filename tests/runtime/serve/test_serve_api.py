@@ -162,6 +162,10 @@ def test_tritonclient_embeds(server, clf, items):
         inp = httpclient.InferInput("image", [2], "BYTES")
         inp.set_data_from_numpy(np.array([images[0], b"junk"], dtype=object))
         result = client.infer("huse_embed", [inp])  # no outputs named: all of them, binary
+        # the client's own parameters (binary_data_output, priority, timeout) pass; a misspelt one is named
+        client.infer("huse_embed", [inp], priority=1, timeout=10_000_000, parameters={"space": "universal"})
+        with pytest.raises(Exception, match=r"unknown field\(s\) \['topk'\] in the parameters of a 'huse' request"):
+            client.infer("huse", [inp], parameters={"topk": 3})  # it was answered with the default 5
     finally:
         client.close()
     emb = result.as_numpy("embedding")
