@@ -47,7 +47,7 @@ from huse.runtime.bundle import is_multi_label
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
-from huse.runtime.files import first_json_row
+from huse.runtime.files import is_own_jsonl
 from huse.runtime.labels import parse_paths as _parse_paths
 
 __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
@@ -712,7 +712,7 @@ def run_bulk(job: BulkJob) -> BulkResult:
         _check_not_input(target, job)
         if target.is_dir():
             raise HuseError(f"--out {target} is a folder; give a .jsonl file name or a folder name without .jsonl")
-        if target.is_file() and not _is_predictions(target):  # as a folder that is not a huse output is refused
+        if not is_own_jsonl(target, "row", ("top_k", "error")):  # as a folder that is not a huse output is refused
             raise HuseError(f"--out {target} exists and is not predictions of huse classify; choose another path "
                             "(a previous output is replaced only when the new one is complete)")
         job = replace(job, out=str(target.with_name(target.name + ".shards")), format="jsonl")
@@ -764,13 +764,6 @@ def _check_not_input(out: Path, job: BulkJob) -> None:
         raise HuseError(f"--out {out} would replace or contain the catalog {job.data}; choose another path")
     if job.images and out == Path(job.images).resolve():
         raise HuseError(f"--out {out} is the images folder; choose another path")
-
-
-def _is_predictions(path: Path) -> bool:
-    """Whether a file is a joined `huse classify` output (its first row has a row number and top-k or an
-    error), or empty: what a single-file --out may replace."""
-    row = first_json_row(path)
-    return row == {} or (row is not None and "row" in row and ("top_k" in row or "error" in row))
 
 
 def _join_jsonl(folder: Path, target: Path) -> Path:

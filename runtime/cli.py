@@ -351,7 +351,8 @@ def index_add(index, data, images, bundle, confine_images, replace, sign_key, pr
                     progress=progress)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
-        _warn_excluded_images(idx.excluded()[len(idx.excluded()) - r["excluded"]:], r["added"])
+        excluded = idx.excluded()  # this add's rows are the last ones
+        _warn_excluded_images(excluded[len(excluded) - r["excluded"]:], r["added"])
         _echo_index(idx)
     run_cli(body)
 
@@ -393,14 +394,13 @@ def index_info(index, trusted_keys) -> None:
 
 def _check_hits_out(out: Path, batch: str | None) -> None:
     """`huse search --out` replaces only earlier hits (or an empty file), never the queries it reads."""
-    from huse.runtime.files import first_json_row
+    from huse.runtime.files import is_own_jsonl
 
     if batch and out.resolve() == Path(batch).resolve():
         raise HuseError(f"--out {out} is the --batch file; choose another file")
     if out.is_dir():
         raise HuseError(f"--out {out} is a folder; give a .jsonl file name")
-    row = first_json_row(out) if out.is_file() else {}
-    if row != {} and (row is None or "query" not in row or not ({"hits", "error"} & set(row))):
+    if not is_own_jsonl(out, "query", ("hits", "error")):
         raise HuseError(f"--out {out} exists and is not hits of huse search; choose another file")
 
 

@@ -62,15 +62,17 @@ def check_replaceable(folder: str | Path, fmt: str, what: str, flag: str) -> Non
         raise HuseError(f"{folder} is not a {what}, so {flag} will not delete it; choose another folder")
 
 
-def first_json_row(path: str | Path) -> dict | None:
-    """The first line of a JSON Lines file as a dict ({} for an empty file; None when that line is not a
-    JSON object): how an output file is recognised before it is replaced."""
+def is_own_jsonl(path: str | Path, key: str, any_of: tuple[str, ...]) -> bool:
+    """Whether a JSON Lines output may be replaced by the command that writes it: it is missing or empty, or
+    its first row is an object with `key` and one of `any_of` (what that command writes in every row)."""
+    if not Path(path).is_file():
+        return True
     with open(path, "rb") as f:
         first = f.readline(1 << 20)
     if not first.strip():
-        return {}
+        return True
     try:
         row = json.loads(first)
     except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
+        return False
+    return isinstance(row, dict) and key in row and any(k in row for k in any_of)
