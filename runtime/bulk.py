@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from collections import deque
@@ -88,7 +89,7 @@ class BulkJob:
     # starves and the model waits for its batches (0.13 vs 0.60 of model-only at load 7 on 2 cores)
     prepare_priority: str = "normal"
     engine: str = "local"  # local or ray
-    address: str | None = None  # Ray cluster; None starts a local instance
+    address: str | None = None  # Ray cluster (HOST:PORT of its head, or auto); None starts a local instance
     actors: int = 2  # Ray actors (each holds one Classifier)
     resume: bool = False
     progress: bool = True
@@ -656,14 +657,37 @@ class RayShardWorker:
         return {"entry": np.asarray(entries, dtype=object)}
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once a HOST:PORT where nothing listens: ray.init would retry it for minutes."""
+    if address == "auto":  # Ray finds the cluster this node belongs to, or says it found none
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise HuseError(f"--address {address} is not HOST:PORT (the Ray head's GCS address, port 6379 unless "
+                        "`ray start --port` set another) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise HuseError(f"no Ray cluster answers at --address {address} ({e}); start its head with `ray start "
+                        "--head` or check the address `ray start` printed") from None
+
+
 def _run_ray(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:
     ray = lazy_import("ray", "scale")
     lazy_import("ray.data", "scale")
     if not ray.is_initialized():
         if job.address:
-            ray.init(address=job.address, log_to_driver=False)
-        else:  # a local instance on loopback, no dashboard
-            ray.init(num_cpus=max(job.actors, 1), include_dashboard=False, log_to_driver=False,
+            try:
+                ray.init(address=job.address, log_to_driver=False)
+            except ConnectionError as e:
+                raise HuseError(
+                    f"could not join the Ray cluster at --address {job.address} ({e}). Check that its head is up "
+                    f"(`ray status --address {job.address}`) and that this is its GCS address (HOST:6379 unless "
+                    "`ray start --port` said otherwise). A cluster with token authentication (Ray 2.59+ turns it "
+                    "on for `ray start`) needs RAY_AUTH_MODE=token here and its token in RAY_AUTH_TOKEN or "
+                    "~/.ray/auth_token (`ray get-auth-token` on the head prints it)") from None
+        else:  # a new local instance on loopback, no dashboard, even where a `ray start` cluster runs
+            ray.init(address="local", num_cpus=max(job.actors, 1), include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
     shards = [s for s in plan_shards(job.data, job.shard_rows, encoding=job.encoding) if s.index not in done]
     if job.max_shards is not None:
@@ -671,16 +695,17 @@ def _run_ray(job: BulkJob, output: _Output, done: set[int], progress: _Progress,
     if not shards:
         return
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = job.progress  # ours counts rows; Ray's would interleave with it
+    ctx.enable_progress_bars = False  # ours counts rows; Ray's bars (or log lines) would interleave with it
     items = [asdict(s) for s in shards]
     spec = {k: v for k, v in asdict(job).items() if k != "classifier"}
     spec["progress"] = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per shard: every actor gets work
     gpu = 1 if job.device == "cuda" else 0
+    actors = min(job.actors, len(shards))  # an actor without a shard would only load the bundle
     ds = ds.map_batches(RayShardWorker, fn_constructor_kwargs={"job": spec, "folder": str(output.partial.resolve())},
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=job.actors),
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=job.threads or 1, num_gpus=gpu)  # Ray Data restarts a dead actor and retries its shard
-    result.backend = f"ray ({job.actors} actors, {job.precision})"
+    result.backend = f"ray ({actors} actor{'s' * (actors > 1)}, {job.precision})"
     progress.show()
     t0 = time.perf_counter()
     for row in ds.iter_rows():
@@ -804,6 +829,14 @@ def _check_job(job: BulkJob) -> None:
         raise HuseError(f"--mode {job.mode!r} is not one of {list(modes)} for {job.task}")
     if job.engine not in ("local", "ray"):
         raise HuseError(f"--engine {job.engine!r} is not one of ['local', 'ray']")
+    if job.address and job.engine != "ray":
+        raise HuseError(f"--address {job.address} names a Ray cluster, which only --engine ray uses; add --engine ray")
+    if job.address and job.address.startswith("ray://"):  # Ray Data fails inside its executor there
+        raise HuseError(f"--address {job.address} is a Ray Client address, and Ray Data does not run over Ray "
+                        "Client: run huse on a node of the cluster (or as a Ray Job there) with --address auto or "
+                        "HEAD:6379, the catalog, bundle and --out on paths every node sees")
+    if job.address:
+        _check_reachable(job.address)
     if not Path(job.data).is_file():
         raise HuseError(f"catalog {job.data} does not exist")
     if not Path(job.bundle).is_dir():

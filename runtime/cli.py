@@ -137,7 +137,8 @@ def _bulk_options(fn):
         click.option("--spin/--no-spin", default=False, help="onnxruntime thread spinning (off: it costs far more than it gains when cores are shared)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run: finished shards are verified and kept."),
         click.option("--engine", type=click.Choice(["local", "ray"]), default="local", help="local threads, or Ray Data actors."),
-        click.option("--address", help="Ray cluster (ray://HOST:PORT or auto); default: a local Ray instance."),
+        click.option("--address", help="Ray cluster to join (--engine ray): HOST:PORT of its head's GCS, or auto for the one this node "
+                     "belongs to; default: a new local Ray instance. Not ray:// (Ray Data does not run over Ray Client)."),
         click.option("--actors", default=2, help="Ray actors, one Classifier each (--engine ray)."),
         click.option("--max-error-rate", default=0.05, help="Exit 1 when more than this fraction of rows failed."),
         click.option("--progress/--no-progress", default=True, help="Progress bar on stderr."),

@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -237,7 +239,7 @@ def ray_instance():
     """One local Ray instance for the whole session: starting one costs seconds."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
 
@@ -256,3 +258,61 @@ def test_ray_engine_matches_local_exactly(ray_instance, tiny_bundle, big_catalog
         assert read_predictions(tmp_path / "local") == read_predictions(tmp_path / "ray")
     ml, mr = (json.loads((tmp_path / d / "_manifest.json").read_text()) for d in ("local", "ray"))
     assert [e["files"] for e in ml["shards"].values()] == [mr["shards"][k]["files"] for k in ml["shards"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine, address, message", [
+    ("local", "auto", "only --engine ray uses"),
+    ("ray", "ray://127.0.0.1:10001", "does not run over Ray Client"),
+    ("ray", "127.0.0.1", "is not HOST:PORT"),
+    ("ray", "127.0.0.1:{free}", "no Ray cluster answers"),
+])
+def test_a_ray_address_that_cannot_work_is_refused_at_once(tiny_bundle, tiny_catalog, tmp_path, engine, address,
+                                                            message):
+    if engine == "ray":
+        pytest.importorskip("ray.data")
+    job = BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "out"), engine=engine,
+                  address=address.format(free=_free_port()), progress=False)
+    t0 = time.perf_counter()
+    with pytest.raises(HuseError, match=message):
+        run_bulk(job)
+    assert time.perf_counter() - t0 < 30  # ray.init alone retries an address where nothing listens for minutes
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_ray_engine_joins_a_running_cluster_and_starts_its_own_beside_one(tiny_bundle, tiny_catalog, tmp_path):
+    """`ray start --head` on loopback, then the CLI twice: joining it by --address, and without --address but
+    with RAY_ADDRESS naming it (a local instance of its own, as documented, where ray.init alone would join
+    the cluster and refuse num_cpus). Both outputs equal the local engine's."""
+    pytest.importorskip("ray.data")
+    port, ray_cli = _free_port(), Path(sys.executable).parent / "ray"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # loopback only; a real cluster keeps its token
+    temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # Ray's socket paths must stay short
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",
+                             "--node-ip-address", "127.0.0.1", "--include-dashboard=false", "--temp-dir", temp],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(300):  # the GCS port open
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        common = ["--data", tiny_catalog, "--no-progress", "--shard-rows", 60, "--actors", 1, "--engine", "ray"]
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "local"),
+                         shard_rows=60, progress=False))
+        for name, extra, more_env in (("joined", ["--address", f"127.0.0.1:{port}"], {}),
+                                      ("own", [], {"RAY_ADDRESS": f"127.0.0.1:{port}"})):
+            r = subprocess.run(_cli("classify", tiny_bundle, "--out", tmp_path / name, *common, *extra),
+                               env=dict(env, **more_env), capture_output=True, text=True, timeout=240)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert read_predictions(tmp_path / name) == read_predictions(tmp_path / "local")
+    finally:
+        os.killpg(head.pid, signal.SIGINT)  # --block: the head stops what it started (SIGTERM: after ~30 s)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
