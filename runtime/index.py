@@ -81,6 +81,7 @@ import numpy as np
 
 from huse.runtime.bundle import FORMAT as BUNDLE_FORMAT
 from huse.runtime.bundle import has_visual, package_versions
+from huse.runtime.classifier import _per_item, _positive_int
 from huse.runtime.files import MANIFEST, check_replaceable, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
@@ -535,6 +536,7 @@ class Index:
         (query position -> message, in position order)."""
         if texts is None and images is None:
             raise HuseError("search needs texts, images or both")
+        texts, images = _per_item(texts, "texts"), _per_item(images, "images")  # not a lone title, char by char
         self._check_space(space, texts=texts)
         if texts is not None and images is not None and len(texts) != len(images):
             raise HuseError(f"got {len(images)} images but {len(texts)} texts; pass one of each per query (None for missing)")
@@ -625,8 +627,7 @@ class Index:
         if target not in TARGETS:
             raise HuseError(f"target {target!r} is not one of {list(TARGETS)}")
         self._check_space(space, target)
-        if k < 1:
-            raise HuseError(f"k must be at least 1, got {k}")
+        k = _positive_int(k, "k")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         name = "visual" if space == "visual" else target
         if queries.shape[1] != self._width(name):

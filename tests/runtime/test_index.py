@@ -427,8 +427,16 @@ def test_a_bad_query_in_a_batch_fails_alone(flat_index, records, tmp_path):
     assert "title" in found.errors[1] and "gone.png does not exist" in found.errors[2]
     with pytest.raises(HuseError, match=r"query 1 has no usable image or text .*; 2 of 3 queries failed"):
         idx.search(texts=[good.name, "", None], images=[None, None, str(tmp_path / "gone.png")], k=3)
-    with pytest.raises(HuseError, match="k must be at least 1"):  # a bad argument is still the whole call's
+    with pytest.raises(HuseError, match="k must be a positive integer"):  # a bad argument is still the whole call's
         idx.search_batch(texts=[""], k=0)
+    for k in (2.5, "3", True):  # a TypeError from deep inside before
+        with pytest.raises(HuseError, match="k must be a positive integer"):
+            idx.search(texts=[good.name], k=k)
+    # A lone title was searched as one query per character (5 result lists for "dress").
+    with pytest.raises(HuseError, match=r"texts= takes a list .* pass \[text\]"):
+        idx.search(texts=good.name)
+    with pytest.raises(HuseError, match=r"images= takes a list .* pass \[image\]"):
+        idx.search_batch(images=str(tmp_path / "q.png"))
 
     # `huse search --batch`: the bad rows get an `error` line, the others their hits; all bad: exit 1.
     queries = tmp_path / "q.jsonl"
