@@ -176,7 +176,9 @@ def _valid(records: list[Record]) -> tuple[list[int], dict[int, str]]:
 
 
 def _base_row(r: Record) -> dict[str, Any]:
-    return {"row": r.row, "product_id": r.product_id, "image": r.image, "name": r.name, "classes": r.classes}
+    """The catalog's own fields of an output row; a photo held in the catalog itself (bytes) is not copied."""
+    image = r.image if isinstance(r.image, str) else None
+    return {"row": r.row, "product_id": r.product_id, "image": image, "name": r.name, "classes": r.classes}
 
 
 @dataclass

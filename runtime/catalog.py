@@ -9,7 +9,9 @@ only file-level problems (missing file, unknown/duplicate columns, a wrong encod
 the first 64 KiB) raise. `read_catalog` is the list form training uses; it stops at the first
 bad row, as training always has. With `confine=True` (for catalogs from third parties) an image
 path that is absolute, climbs out with `..` or resolves through a link outside the images folder is
-that row's error (preprocess.confine_path); off by default. `plan_shards` finds where every block of N records starts
+that row's error (preprocess.confine_path); off by default. A Parquet catalog may hold the photos
+themselves: an `image` column of binary values, or of structs {bytes, path} as Hugging Face `datasets`
+writes its Image feature (the bytes are used; a null `bytes` falls back to `path`). `plan_shards` finds where every block of N records starts
 (a byte offset for CSV/JSONL), so a worker can read its block without parsing the file before it.
 """
 
@@ -49,7 +51,7 @@ class Record:
     """
 
     row: int
-    image: str | None  # resolved path, or None when the row has no image
+    image: str | bytes | None  # resolved path, the encoded photo itself (Parquet), or None when the row has none
     name: str | None
     classes: str | None = None
     product_id: str | None = None
@@ -167,7 +169,7 @@ def _text(row: int, col: str, value: Any, *, allow_int: bool = False) -> tuple[s
     if allow_int and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        return None, f"row {row}, column {col}: expected text, got a JSON {type(value).__name__} ({str(value)[:40]!r})"
+        return None, f"row {row}, column {col}: expected text, got {type(value).__name__} ({str(value)[:40]!r})"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -182,14 +184,25 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
     """One Record from raw cell values; the first bad cell (or, with `confine`, an image path that
     could leave `base`) becomes the row's error."""
     cells: dict[str, str | None] = {}
+    photo = _photo_bytes(row, values.get("image"))
+    if isinstance(photo, str):  # what is wrong with them
+        return Record(row=row, image=None, name=None, error=photo)
     for col in COLUMNS:
         value = values.get(col)
+        if col == "image" and isinstance(value, dict) and photo is None:  # {bytes: null, path: "..."}
+            value = value.get("path")
+        elif col == "image" and photo is not None:
+            value = None
         if col == "classes":  # several paths may come as a list (runtime/labels.py)
             value = cell_text(value)
         v, err = _text(row, col, value, allow_int=col == "product_id")
         if err:
             return Record(row=row, image=None, name=None, error=err)
         cells[col] = v
+    if photo is not None:
+        return _checked_split(Record(row=row, image=photo, name=cells["name"] or None,
+                                     classes=(cells["classes"] or "").strip() or None,
+                                     product_id=(cells["product_id"] or "").strip() or None), cells["split"])
     img = (cells["image"] or "").strip() or None
     if img is not None and confine:
         try:
@@ -200,12 +213,30 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
     if img is not None and not os.path.isabs(img):
         # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
         img = os.path.join(base, img)
-    split = (cells["split"] or "").strip().lower() or None
+    return _checked_split(Record(row=row, image=img, name=cells["name"] or None,
+                                 classes=(cells["classes"] or "").strip() or None,
+                                 product_id=(cells["product_id"] or "").strip() or None), cells["split"])
+
+
+def _checked_split(rec: Record, value: str | None) -> Record:
+    split = (value or "").strip().lower() or None
     if split is not None and split not in SPLITS:
-        return Record(row=row, image=img, name=cells["name"] or None,
-                      error=f"row {row}: split {split!r} is not one of {list(SPLITS)}")
-    return Record(row=row, image=img, name=cells["name"] or None, classes=(cells["classes"] or "").strip() or None,
-                  product_id=(cells["product_id"] or "").strip() or None, split=split)
+        return Record(row=rec.row, image=rec.image, name=rec.name,
+                      error=f"row {rec.row}: split {split!r} is not one of {list(SPLITS)}")
+    rec.split = split
+    return rec
+
+
+def _photo_bytes(row: int, value: Any) -> bytes | str | None:
+    """The encoded photo a Parquet `image` cell holds (binary, or a {bytes, path} struct's bytes), None
+    where it holds a path or nothing, or an error message."""
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        return None
+    if not value:
+        return f"row {row}, column image: the photo's bytes are empty"
+    return bytes(value)
 
 
 # -- CSV ---------------------------------------------------------------------------------

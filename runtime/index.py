@@ -1163,6 +1163,14 @@ def _pair_visual(vecs: dict[str, np.ndarray]) -> None:
             vecs[m][drop] = np.nan
 
 
+def _item_image(image: str | bytes | None, base: str | None) -> str | None:
+    """An item's photo path as the item table keeps it: relative to the index folder where both are
+    relative; None for a photo the catalog holds as bytes (it is embedded, but hits have no file to name)."""
+    if not isinstance(image, str):
+        return None
+    return os.path.relpath(os.path.abspath(image), base) if base is not None and not os.path.isabs(image) else image
+
+
 def _classes(cell: str | None) -> str | None:
     """An item's classes as the index keeps them: its canonical paths joined with '|' (runtime/labels.py)."""
     return join_paths(parse_paths(cell)) if cell else None
@@ -1179,9 +1187,7 @@ def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, pr
         old_items, index = previous
         old_alive, old_mods = index._array("items.alive.npy"), index._array("items.mods.npy")
     base = os.path.abspath(relative_to) if relative_to is not None else None
-    new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name,
-                  "image": os.path.relpath(os.path.abspath(r.image), base)
-                  if base is not None and r.image and not os.path.isabs(r.image) else r.image,
+    new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name, "image": _item_image(r.image, base),
                   "classes": _classes(r.classes)} for r in records]
     all_items = old_items + new_items
     product = np.empty(len(all_items), np.int32)

@@ -103,10 +103,12 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
             if not skip_bad_rows:
                 sep = ", " if str(e).startswith("column ") else ": "  # "row 7, column classes: ..."
                 raise HuseError(f"{path}, row {r.row}{sep}{e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
-            ds.skipped.append({"row": r.row, "image": r.image, "reason": str(e)})
+            ds.skipped.append({"row": r.row, "image": r.image if isinstance(r.image, str) else None, "reason": str(e)})
             continue
         title = normalise_title(r.name) or ""
-        group = r.product_id or title.lower() or f"image {r.image}"  # no id, no title: the photo is the product
+        # no id, no title: the photo is the product (a photo held as bytes, by its sha256)
+        photo = r.image if isinstance(r.image, str) else f"sha256 {hashlib.sha256(r.image).hexdigest()}"
+        group = r.product_id or title.lower() or f"image {photo}"
         ds.images.append(r.image)
         ds.titles.append(title)
         ds.classes.append(cls)

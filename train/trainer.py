@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -207,7 +208,7 @@ def _photo_side(image: Any) -> int:
     from PIL import Image
 
     try:
-        with Image.open(image) as im:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             return int(min(im.size))
     except (OSError, ValueError) as e:
         raise HuseError(f"--image-size auto: cannot read the size of {image}: {e}; fix or drop that row, or pass "

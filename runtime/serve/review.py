@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from huse.runtime._lazy import lazy_import
 from huse.runtime.catalog import iter_catalog
 from huse.runtime.errors import HuseError
 from huse.runtime.files import sha256_file, write_atomic
@@ -264,9 +265,10 @@ class ReviewQueue:
             if rec.name and p.get("name") and rec.name != p["name"]:
                 raise HuseError(f"row {row} is {p['name']!r} in {self.predictions} but {rec.name!r} in "
                                 f"{self.catalog}: were the predictions made from this catalog?")
-            rel = os.path.relpath(os.path.abspath(rec.image), base) if rec.image else None
-            if rec.image:
-                paths[row] = os.path.abspath(rec.image)  # from any working directory
+            file = rec.image if isinstance(rec.image, str) else None  # a photo held as bytes has no file to show
+            rel = os.path.relpath(os.path.abspath(file), base) if file else None
+            if file:
+                paths[row] = os.path.abspath(file)  # from any working directory
             items.append(ReviewItem(pos=pos, row=row, name=rec.name if rec.name is not None else p.get("name"),
                                     product_id=rec.product_id, image=rel, classes=rec.classes, label=p["label"],
                                     score=float(p["score"]), mode=p.get("mode"),
@@ -364,31 +366,37 @@ class ReviewQueue:
 # Export
 
 
+def _held_photos(header: dict[str, Any], rows: set[int]) -> dict[int, bytes]:
+    """Row -> photo bytes, for those of `rows` whose photo the reviewed catalog holds itself (Parquet)."""
+    catalog = header.get("catalog")
+    if not rows or not catalog or Path(catalog).suffix.lower() != ".parquet":  # only Parquet holds photos
+        return {}
+    return {r.row: r.image for r in iter_catalog(catalog, header.get("images"))
+            if r.row in rows and isinstance(r.image, bytes)}
+
+
 def export_corrections(journal: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the reviewed rows of a journal as a catalog `huse-train` reads.
 
     The last decision per row counts; accepted and corrected rows are written (both carry a
     label a person confirmed), skipped rows are not. Image paths are as the catalog names them,
-    relative to its images folder (`images` in the result).
+    relative to its images folder (`images` in the result). A photo the reviewed catalog holds as
+    bytes (Parquet) is copied into a Parquet `out` ({bytes, path} structs, as the catalog reader
+    takes them); a CSV cannot hold one, so such rows need `out` to end in .parquet.
 
     Args:
         journal: the review journal.
-        out: the CSV to write (image,name,classes,product_id), replaced atomically. Never the journal,
-            the reviewed catalog or its predictions; another existing file only with `force`.
+        out: the CSV or Parquet file to write (image,name,classes,product_id), replaced atomically. Never
+            the journal, the reviewed catalog or its predictions; another existing file only with `force`.
     Returns:
         {"out", "written", "accept", "correct", "skip", "images": the folder image paths resolve against}.
     """
     header, entries = read_journal(journal)
     last = last_decisions(entries)
     counts = {a: 0 for a in ACTIONS}
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image", "name", "classes", "product_id"])
-    for row in sorted(last):
-        e = last[row]
+    for e in last.values():
         counts[e["action"]] += 1
-        if e["action"] != "skip":
-            w.writerow([e.get("image") or "", e.get("name") or "", e["label"], e.get("product_id") or ""])
+    kept = [last[row] for row in sorted(last) if last[row]["action"] != "skip"]
     out = Path(out)
     for what, path in (("the journal itself", journal), ("the reviewed catalog", header.get("catalog")),
                        ("the predictions reviewed", header.get("predictions"))):
@@ -396,5 +404,24 @@ def export_corrections(journal: str | Path, out: str | Path, force: bool = False
             raise HuseError(f"--out {out} is {what}; choose another file")
     if out.exists() and not force:
         raise HuseError(f"--out {out} exists; choose another file, or pass --force to replace it")
-    write_atomic(out, buf.getvalue())
+    held = _held_photos(header, {e["row"] for e in kept if not e.get("image")})
+    columns = {"image": [e.get("image") or "" for e in kept], "name": [e.get("name") or "" for e in kept],
+               "classes": [e["label"] for e in kept], "product_id": [e.get("product_id") or "" for e in kept]}
+    if out.suffix.lower() == ".parquet":
+        pa = lazy_import("pyarrow", "scale")
+        pq = lazy_import("pyarrow.parquet", "scale")
+        columns["image"] = [{"bytes": held.get(e["row"]), "path": e.get("image")} for e in kept]
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table(columns), buf)
+        write_atomic(out, buf.getvalue().to_pybytes())
+    elif held:
+        raise HuseError(f"{len(held)} of the {len(kept)} rows to export have their photo inside the reviewed "
+                        f"catalog {header.get('catalog')} (Parquet bytes), which a CSV cannot hold; export to a "
+                        f"Parquet file instead: --out {out.with_suffix('.parquet')}")
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(list(columns))
+        w.writerows(zip(*columns.values()))
+        write_atomic(out, buf.getvalue())
     return {"out": str(out), "written": counts["accept"] + counts["correct"], **counts, "images": header.get("images")}

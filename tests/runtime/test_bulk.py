@@ -316,3 +316,22 @@ def test_ray_engine_joins_a_running_cluster_and_starts_its_own_beside_one(tiny_b
         os.killpg(head.pid, signal.SIGINT)  # --block: the head stops what it started (SIGTERM: after ~30 s)
         head.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_parquet_catalog_holding_its_photos_classifies_and_embeds_as_one_with_paths(tiny_bundle, tiny_catalog,
+                                                                                    tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    from tests.models.make_data import photos_in_parquet
+
+    held = photos_in_parquet(tiny_catalog, tmp_path / "held.parquet")
+    for task, read in (("classify", read_predictions), ("embed", read_embeddings)):
+        common = dict(bundle=str(tiny_bundle), task=task, shard_rows=50, progress=False, threads=1)
+        run_bulk(BulkJob(data=str(tiny_catalog), out=str(tmp_path / f"{task}-paths"), **common))
+        r = run_bulk(BulkJob(data=str(held), out=str(tmp_path / f"{task}-held"), **common))
+        assert r.rows == 120 and r.errors == 0
+        paths, photos = read(tmp_path / f"{task}-paths"), read(tmp_path / f"{task}-held")
+        if task == "embed":
+            assert paths[0].tobytes() == photos[0].tobytes()
+            paths, photos = paths[1], photos[1]
+        assert all(row["image"] is None for row in photos)  # the bytes are not copied into the output
+        assert [dict(row, image=None) for row in paths] == photos

@@ -255,9 +255,9 @@ def test_malformed_jsonl_values_are_row_errors_naming_row_and_column(tmp_path):
     assert [r.row for r in recs] == list(range(1, 9))  # every row answered, in order
     errors = {r.row: r.error for r in recs}
     assert errors[1] is None and errors[8] is None and recs[7].product_id == "42"
-    assert errors[2].startswith("row 2, column name: expected text, got a JSON list")
-    assert errors[3].startswith("row 3, column image: expected text, got a JSON int")
-    assert errors[4].startswith("row 4, column name: expected text, got a JSON bool")
+    assert errors[2].startswith("row 2, column name: expected text, got list")
+    assert errors[3].startswith("row 3, column image: expected text, got int")
+    assert errors[4].startswith("row 4, column name: expected text, got bool")
     assert errors[5].startswith("row 5, column name: invalid text, a lone surrogate U+D800")
     assert errors[6].startswith("row 6: not valid JSON")
     assert errors[7] == "row 7: expected a JSON object"
@@ -355,3 +355,27 @@ def test_streaming_memory_does_not_grow_with_rows(tmp_path):
 
     small, large = peak(5_000), peak(50_000)
     assert large < 1.2 * small + 100_000, (small, large)  # a list of 50k Records alone is ~15 MB
+
+
+@pytest.mark.parametrize("form", ["binary", "struct"])
+def test_parquet_may_hold_the_photos_themselves(tmp_path, form):
+    """Hugging Face `datasets` and data lakes keep photos inside the Parquet file: the records carry
+    the bytes, everything else reads as from paths, and an empty photo is that row's error."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from tests.models.make_data import make_catalog, photos_in_parquet
+
+    catalog = make_catalog(tmp_path, per_class=2)
+    by_path = read_catalog(catalog)
+    held = read_catalog(photos_in_parquet(catalog, tmp_path / "held.parquet", form))
+    assert [r.image for r in held] == [Path(r.image).read_bytes() for r in by_path]
+    assert [(r.row, r.name, r.classes, r.product_id, r.split) for r in held] == \
+        [(r.row, r.name, r.classes, r.product_id, r.split) for r in by_path]
+    table = pq.read_table(tmp_path / "held.parquet").to_pylist()
+    table[1]["image"] = b"" if form == "binary" else {"bytes": b"", "path": "x.png"}
+    table[2]["image"] = None if form == "binary" else {"bytes": None, "path": "images/gone.png"}  # path fallback
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "bad.parquet")
+    recs = list(iter_catalog(tmp_path / "bad.parquet"))
+    assert recs[1].error == "row 2, column image: the photo's bytes are empty"
+    assert recs[2].image == (None if form == "binary" else str(tmp_path / "images" / "gone.png"))
+    assert recs[0].error is None and recs[0].image == held[0].image

@@ -527,3 +527,18 @@ def test_an_index_and_a_bundle_given_for_each_other_are_named(flat_index, tiny_b
         Classifier(flat_index)
     with pytest.raises(HuseError, match=rf"{tiny_bundle} is a huse bundle, not an index; build an index with it"):
         Index.open(tiny_bundle)
+
+
+def test_an_index_of_photos_held_in_parquet_finds_what_one_of_paths_does(tiny_bundle, tiny_catalog, flat_index,
+                                                                         tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    from tests.models.make_data import photos_in_parquet
+
+    held = Index.build(tiny_bundle, photos_in_parquet(tiny_catalog, tmp_path / "held.parquet", "binary"),
+                       tmp_path / "idx", kind="flat", progress=False)
+    paths = Index.open(flat_index)
+    photo = str(tiny_catalog.parent / "images" / sorted(p.name for p in (tiny_catalog.parent / "images").iterdir())[0])
+    for query in (dict(texts=["Acme navy tee"]), dict(images=[photo]), dict(images=[photo], space="visual")):
+        a, b = paths.search(k=5, **query)[0], held.search(k=5, **query)[0]
+        assert [(h.row, h.score) for h in a] == [(h.row, h.score) for h in b]
+        assert all(h.image is None for h in b) and all(h.image for h in a)  # no file to name for a held photo

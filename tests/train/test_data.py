@@ -182,3 +182,27 @@ def test_an_empty_val_split_is_refused_before_training(tmp_path, tiny_catalog):
             w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"], ["train", "test"][i % 2]])
     with pytest.raises(HuseError, match="no_val.csv: the val split is empty"):
         load_catalog_dataset(path)
+
+
+def test_training_from_photos_held_in_parquet_equals_training_from_their_files(tiny_catalog, tmp_path):
+    """The same rows, photos as bytes in the catalog instead of files: the same image size chosen from
+    the photos, the same splits, and the same trained model, bit for bit."""
+    pytest.importorskip("pyarrow.parquet")
+    import json
+
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+    from tests.models.make_data import photos_in_parquet
+
+    held = photos_in_parquet(tiny_catalog, tmp_path / "held.parquet")
+    datasets = {"paths": load_catalog_dataset(tiny_catalog), "held": load_catalog_dataset(held)}
+    assert all(isinstance(i, bytes) for i in datasets["held"].images)
+    assert datasets["held"].splits == datasets["paths"].splits
+    for name, ds in datasets.items():
+        Trainer(ds, tmp_path / name, HuseConfig(num_classes=0, backbone="tiny", image_size="auto", embed_dim=32,
+                                                hidden=32, max_len=8),
+                TrainConfig(epochs=3, batch_size=32, cv_folds=0)).fit(progress=False)
+    weights = [(tmp_path / n / "model.safetensors").read_bytes() for n in datasets]
+    assert weights[0] == weights[1]
+    sizes = [json.loads((tmp_path / n / "config.json").read_text())["model"]["image_size"] for n in datasets]
+    assert sizes[0] == sizes[1]  # "auto" read the held photos' sizes as it reads files' (it raised before)
