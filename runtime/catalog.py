@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 from huse.runtime.labels import cell_text
-from huse.runtime.preprocess import confine_path
+from huse.runtime.preprocess import confine_path, is_url
 
 __all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "plan_shards", "count_rows"]
 
@@ -210,7 +210,7 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
         except HuseError as e:  # the row's other cells are kept for the output; its image is never read
             return Record(row=row, image=None, name=cells["name"] or None, classes=(cells["classes"] or "").strip() or None,
                           product_id=(cells["product_id"] or "").strip() or None, error=f"row {row}, column image: {e}")
-    if img is not None and not os.path.isabs(img):
+    if img is not None and not os.path.isabs(img) and not is_url(img):  # a URL is named as given in its error
         # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
         img = os.path.join(base, img)
     return _checked_split(Record(row=row, image=img, name=cells["name"] or None,

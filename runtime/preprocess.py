@@ -143,6 +143,12 @@ def confine_path(base: str | Path, path: str | Path) -> Path:
     return Path(base) / text
 
 
+def is_url(text: str) -> bool:
+    """Whether an image reference is a URL (https://, s3://, gs://, ...) rather than a file path."""
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme[:1].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)
+
+
 def _open(source: ImageInput, stack: contextlib.ExitStack) -> Image.Image:
     if not isinstance(source, (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)):
         raise HuseError(f"an image must be a file path, encoded bytes, a PIL image or a uint8 array; "
@@ -172,6 +178,9 @@ def _read_file(path: str | Path, stack: contextlib.ExitStack | None) -> "bytes |
         # Non-blocking, so that a FIFO named by a catalog cannot hang the open; fstat then refuses it.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
+        if is_url(str(path)):
+            raise HuseError(f"image {path} is a URL: huse reads photos from files or bytes, never from the network; "
+                            "download them first and name the files (or hold them in a Parquet catalog)") from None
         raise HuseError(f"image file {path} does not exist") from None
     except OSError:
         if os.path.exists(path) and not os.path.isfile(path):  # a folder, on Windows

@@ -89,6 +89,21 @@ def test_wrong_images_folder_warns_and_counts(tiny_bundle, catalog, tmp_path):
     assert "could not be used" in r.output and "--images" in r.output
 
 
+def test_photo_urls_are_named_as_urls_not_as_missing_files(tiny_bundle, catalog, tmp_path):
+    """Catalogs often name photos by URL; huse never fetches them, and says so instead of blaming --images."""
+    lines = catalog.read_text().splitlines()
+    urls = [lines[0]] + [("https://cdn.example.com/" if i % 2 else "s3://bucket/") + line for i, line in
+                         enumerate(lines[1:])]
+    catalog.write_text("\n".join(urls) + "\n")
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "o.jsonl", "--no-progress")
+    assert r.exit_code == 0 and "120 with warnings" in r.output, r.output  # each classified by its title
+    assert "is a URL: huse reads photos from files or bytes, never from the network" in r.output
+    assert "is --images right?" not in r.output
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows[0]["image"].startswith("s3://bucket/") and rows[1]["image"].startswith("https://cdn.example.com/")
+    assert rows[0]["mode"] == "text" and f"image {rows[0]['image']} is a URL" in rows[0]["warning"]
+
+
 def test_max_error_rate_exits_1_with_counts(tiny_bundle, catalog, tmp_path):
     r = _run("classify", tiny_bundle, "--data", catalog, "--images", tmp_path / "nowhere", "--mode", "image",
              "--out", tmp_path / "o", "--no-progress")
