@@ -7,11 +7,16 @@ import numpy as np
 from huse.runtime.errors import HuseError
 
 SEPARATOR = "<"
+# Google's and Shopify's product taxonomies write "Apparel & Accessories > Clothing > Shirts & Tops"
+TAXONOMY_SEPARATOR = ">"
 
 
 def split_path(path: str) -> tuple[str, ...]:
-    """`"a < b<c"` -> ("a", "b", "c"); raises HuseError on an empty class or level."""
-    parts = tuple(p.strip() for p in str(path).split(SEPARATOR))
+    """`"a < b<c"` -> ("a", "b", "c"), and a path without `<` split at `>` as product taxonomies write
+    it (`"a > b > c"` -> the same); raises HuseError on an empty class or level."""
+    text = str(path)
+    sep = SEPARATOR if SEPARATOR in text or TAXONOMY_SEPARATOR not in text else TAXONOMY_SEPARATOR
+    parts = tuple(p.strip() for p in text.split(sep))
     if not path or not all(parts):
         raise HuseError(f"class path {path!r} is empty or has an empty level; expected e.g. 'clothing<tops<t-shirts'")
     return parts

@@ -134,6 +134,14 @@ def test_split_path_strips_spaces():
     assert split_path("f") == ("f",)
 
 
+def test_product_taxonomy_paths_split_at_greater_than():
+    """Google's and Shopify's taxonomies write levels with ' > '; a path that uses '<' keeps '>' in names."""
+    assert canonical("Apparel & Accessories > Clothing > Shirts & Tops") == "Apparel & Accessories<Clothing<Shirts & Tops"
+    assert canonical("a<b>c") == "a<b>c"
+    with pytest.raises(HuseError, match="empty level"):
+        split_path("a >> b")
+
+
 @pytest.mark.parametrize("bad", ["", "a<<b", "<a", "a<", "a< <b", "   "])
 def test_split_path_refuses_empty_levels(bad):
     with pytest.raises(HuseError, match="empty") as e:

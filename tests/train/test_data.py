@@ -206,3 +206,15 @@ def test_training_from_photos_held_in_parquet_equals_training_from_their_files(t
     assert weights[0] == weights[1]
     sizes = [json.loads((tmp_path / n / "config.json").read_text())["model"]["image_size"] for n in datasets]
     assert sizes[0] == sizes[1]  # "auto" read the held photos' sizes as it reads files' (it raised before)
+
+
+def test_a_catalog_in_product_taxonomy_form_trains_the_same_hierarchy(tiny_catalog, tmp_path):
+    """Classes written 'clothing > tops > t-shirts' (Google's and Shopify's form) read as 'clothing<tops<t-shirts'."""
+    shutil.copytree(tiny_catalog.parent, tmp_path / "cat")
+    path = tmp_path / "cat" / "catalog.csv"
+    rows = list(csv.DictReader(open(path, newline="")))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([dict(r, classes=r["classes"].replace("<", " > ")) for r in rows])
+    assert load_catalog_dataset(path).classes == load_catalog_dataset(tiny_catalog).classes
