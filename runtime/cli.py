@@ -295,7 +295,7 @@ def index_group() -> None:
 
 @index_group.command("build", context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL (image, name, classes, product_id).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf"]), default="auto",
@@ -328,7 +328,7 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 
 @index_group.command("add")
 @click.argument("index", type=click.Path(file_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV/JSONL of the products to add.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet of the products to add.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
 @click.option("--confine-images", is_flag=True,

@@ -9,7 +9,7 @@ from huse.runtime.cli import run_cli
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", "data", type=click.Path(dir_okay=False), help="Catalog CSV/JSONL: image,name,classes[,product_id,split].")
+@click.option("--data", "data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet: image,name,classes[,product_id,split] (a Parquet image column may hold the photos themselves).")
 @click.option("--dataset", type=click.Choice(["fashion-products", "fashion-products-open"]),
               help="A built-in dataset instead of --data (-open: val/test titles use words never seen in training).")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the catalog's folder).")
