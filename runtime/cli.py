@@ -488,6 +488,7 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
         f = open(out, "w", encoding="utf-8") if out else None
         try:
             for i, (label, q_text, q_image, hits) in enumerate(zip(labels, texts, images, results)):
+                q_image = q_image if isinstance(q_image, str) else None  # a photo held in a Parquet file: its row
                 if i in errors:
                     click.echo(errors[i], err=True)
                 if f is not None:

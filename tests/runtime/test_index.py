@@ -542,3 +542,16 @@ def test_an_index_of_photos_held_in_parquet_finds_what_one_of_paths_does(tiny_bu
         a, b = paths.search(k=5, **query)[0], held.search(k=5, **query)[0]
         assert [(h.row, h.score) for h in a] == [(h.row, h.score) for h in b]
         assert all(h.image is None for h in b) and all(h.image for h in a)  # no file to name for a held photo
+
+    # The held photos as a --batch of queries: the same hits as their files.
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    for name, queries in (("paths", tiny_catalog), ("held", tmp_path / "held.parquet")):
+        r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries), "-k", "3", "--out",
+                                      str(tmp_path / f"{name}.jsonl")])
+        assert r.exit_code == 0, r.output
+    hits = [[json.loads(line)["hits"] for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+            for n in ("paths", "held")]
+    assert hits[0] == hits[1] and len(hits[0]) == 120
