@@ -119,12 +119,15 @@ def review_routes(queue: ReviewQueue, thumbs: Thumbnails) -> list:
         except HuseError as e:
             return json_error(str(e), 400)
 
+    held = Thumbnails(queue.photos)  # copies of the photos a Parquet catalog holds (nothing else is read there)
+
     def image(request):
         try:
             path = queue.image_path(int(request.path_params["row"]))
         except HuseError as e:
             return json_error(str(e), 404)
-        return image_response(thumbs, path, request.query_params.get("size"))
+        mine = path is not None and os.path.dirname(path) == str(held.root)
+        return image_response(held if mine else thumbs, path, request.query_params.get("size"))
 
     return [Route("/ui/review/state", state), Route("/ui/review/items", items),
             Route("/ui/review/decide", decide, methods=["POST"]),

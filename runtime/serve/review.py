@@ -61,10 +61,12 @@ class ReviewItem:
     mode: str | None
     top_k: list[dict[str, Any]]  # up to TOP {label, score}
     problem: str | None = None  # why the photo cannot be shown (a refused or missing path)
+    held: bool = False  # the catalog holds the photo itself (Parquet bytes): shown from its copy
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["has_image"] = d.pop("image") is not None
+        held = d.pop("held")
+        d["has_image"] = d.pop("image") is not None or held
         return d
 
 
@@ -230,9 +232,12 @@ class ReviewQueue:
         self.labels = list(labels)
         self._known = set(self.labels)
         self._lock = threading.Lock()
+        journal = Path(journal or default_journal(self.predictions))
+        # Photos the catalog holds as bytes (Parquet) are copied here once, for the page to show.
+        self.photos = journal.with_name(journal.stem + ".photos")
         self.items, self._paths = self._load()
         self._by_row = {it.row: it for it in self.items}
-        self.journal = Journal(journal or default_journal(self.predictions), {
+        self.journal = Journal(journal, {
             "format": JOURNAL_FORMAT, "catalog": str(self.catalog.resolve()),
             "catalog_sha256": sha256_file(self.catalog), "images": str(self.images.resolve()),
             "predictions": str(self.predictions.resolve()), "created": _now()})
@@ -265,15 +270,17 @@ class ReviewQueue:
             if rec.name and p.get("name") and rec.name != p["name"]:
                 raise HuseError(f"row {row} is {p['name']!r} in {self.predictions} but {rec.name!r} in "
                                 f"{self.catalog}: were the predictions made from this catalog?")
-            file = rec.image if isinstance(rec.image, str) else None  # a photo held as bytes has no file to show
+            file = rec.image if isinstance(rec.image, str) else None
             rel = os.path.relpath(os.path.abspath(file), base) if file else None
-            if file:
+            if isinstance(rec.image, bytes):
+                paths[row] = self._held_photo(row, rec.image)
+            elif file:
                 paths[row] = os.path.abspath(file)  # from any working directory
             items.append(ReviewItem(pos=pos, row=row, name=rec.name if rec.name is not None else p.get("name"),
                                     product_id=rec.product_id, image=rel, classes=rec.classes, label=p["label"],
                                     score=float(p["score"]), mode=p.get("mode"),
                                     top_k=[{"label": t["label"], "score": float(t["score"])} for t in p["top_k"][:TOP]],
-                                    problem=rec.error))
+                                    problem=rec.error, held=isinstance(rec.image, bytes)))
         return items, paths
 
     # -- reading -----------------------------------------------------------------------------
@@ -313,8 +320,17 @@ class ReviewQueue:
             raise HuseError(f"row {row} is not in this review (it does not need review, or is not in {self.catalog})")
         return it
 
+    def _held_photo(self, row: int, data: bytes) -> str:
+        """The file under `photos` holding a row's photo that the catalog holds as bytes (written once)."""
+        path = self.photos / str(row)
+        if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+            self.photos.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+        return str(path.resolve())
+
     def image_path(self, row: int) -> str | None:
-        """The photo of a row, as the catalog resolves it, made absolute (confined to the images folder when read)."""
+        """The photo of a row, as the catalog resolves it, made absolute (confined to the images folder when
+        read), or its copy under `photos` for one the catalog holds as bytes."""
         self.item(row)
         return self._paths.get(row)
 

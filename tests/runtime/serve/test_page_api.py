@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from huse.runtime.catalog import read_catalog
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.thumbs import Thumbnails
 from tests.runtime.serve.conftest import ServerProcess, post
@@ -115,6 +116,28 @@ def test_review_routes_over_http(page_server, preds):
     assert got == 200 and result["saved"] and result["progress"]["done"] == 1
     assert json.loads(page_server.journal.read_text().splitlines()[-1])["reviewer"] == "ana"
     assert json.loads(get(page_server.url + "/ui/review/items?limit=1")[2])["items"][0]["row"] == items[1]["row"]
+
+
+def test_the_review_shows_photos_a_parquet_catalog_holds(tiny_bundle, page_server, review_catalog, tmp_path):
+    """The same thumbnails over HTTP as from the photos' files, and still nothing a client names."""
+    pytest.importorskip("pyarrow.parquet")
+    from tests.models.make_data import photos_in_parquet
+    from tests.runtime.serve.page_fixtures import classify
+
+    held = photos_in_parquet(review_catalog, tmp_path / "held.parquet")
+    preds = classify(tiny_bundle, held, tmp_path / "p.jsonl", "--min-confidence", 1.0)
+    s = ServerProcess(tiny_bundle, "--review", str(preds), "--catalog", str(held))
+    try:
+        items = json.loads(get(s.url + "/ui/review/items?limit=3")[2])["items"]
+        assert items and all(it["has_image"] for it in items)
+        files, thumbs = {r.row: r.image for r in read_catalog(review_catalog)}, Thumbnails(review_catalog.parent)
+        for it in items:
+            assert get(s.url + f"/ui/review/image/{it['row']}?size=96") == (200, "image/jpeg",
+                                                                            thumbs.get(files[it["row"]], 96))
+        assert get(s.url + "/ui/review/image/..%2Fheld.parquet")[0] == 404
+    finally:
+        s.stop()
+        s.log.close()
 
 
 def test_review_options_that_do_not_go_together_are_one_line(tiny_bundle, preds, review_catalog):

@@ -211,15 +211,22 @@ def test_export_writes_a_catalog_huse_train_reads(preds, review_catalog, labels,
 
 def test_a_catalog_holding_its_photos_is_reviewed_and_exported_with_them(tiny_bundle, review_catalog, labels,
                                                                          tmp_path):
-    """A Parquet catalog with the photos' bytes: the queue has no file to show, a CSV export is refused
-    (it would lose the photos), and a Parquet export carries them for huse-train."""
+    """A Parquet catalog with the photos' bytes: the queue shows each from a copy beside the journal, a
+    CSV export is refused (it would lose the photos), and a Parquet export carries them for huse-train."""
     pytest.importorskip("pyarrow.parquet")
     from tests.models.make_data import photos_in_parquet
 
     held = photos_in_parquet(review_catalog, tmp_path / "held.parquet")
     preds = classify(tiny_bundle, held, tmp_path / "p.jsonl", "--min-confidence", 1.0, "--mode", "text")
     q = ReviewQueue(preds, held, labels, journal=tmp_path / "j.jsonl")
-    assert q.items and all(it.image is None and q.image_path(it.row) is None for it in q.items)
+    photos = {r.row: r.image for r in read_catalog(held)}
+    assert q.photos == tmp_path / "j.photos" and q.items
+    for it in q.items:
+        assert it.to_dict()["has_image"] and it.image is None  # no catalog path to export
+        assert Path(q.image_path(it.row)).parent == q.photos.resolve()
+        assert Path(q.image_path(it.row)).read_bytes() == photos[it.row]
+    assert ReviewQueue(preds, held, labels, journal=tmp_path / "j.jsonl").image_path(q.items[0].row) == \
+        q.image_path(q.items[0].row)  # reopened: the copies are reused
     a, b = q.items[:2]
     q.decide(a.row, "accept")
     q.decide(b.row, "correct", next(l for l in labels if l != b.label))
@@ -227,7 +234,6 @@ def test_a_catalog_holding_its_photos_is_reviewed_and_exported_with_them(tiny_bu
     assert r.exit_code == 1 and "2 of the 2 rows to export have their photo inside" in r.output, r.output
     assert "--out " + str(tmp_path / "c.parquet") in r.output and not (tmp_path / "c.csv").exists()
     export_corrections(tmp_path / "j.jsonl", tmp_path / "c.parquet")
-    photos = {r.row: r.image for r in read_catalog(held)}
     records = read_catalog(tmp_path / "c.parquet", require=("classes",))
     assert [x.image for x in records] == [photos[it.row] for it in sorted((a, b), key=lambda it: it.row)]
     # A catalog of files exports to Parquet too: paths, as in its CSV
