@@ -24,6 +24,7 @@ import numpy as np
 
 from huse.runtime.classifier import MODES
 from huse.runtime.errors import HuseError
+from huse.runtime.preprocess import is_url
 
 CLASSIFY_MODEL, EMBED_MODEL = "huse", "huse_embed"
 MODELS = (CLASSIFY_MODEL, EMBED_MODEL)
@@ -119,10 +120,14 @@ def _element(name: str, value: Any, i: int, binary: bool) -> bytes | None:
         return None
     if name == "title":
         return value.encode("utf-8", errors="surrogatepass")
+    if value.startswith("data:") and ";base64," in value[:100]:  # a data URL, as a browser's FileReader makes
+        value = value.split(",", 1)[1]
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(f"input 'image' element {i} is not base64; in JSON send each photo base64-encoded, "
+        hint = (" (the server never reads a URL or a file path: send the photo's bytes)"
+                if is_url(value) or value.startswith("/") else "")
+        raise RequestError(f"input 'image' element {i} is not base64{hint}; in JSON send each photo base64-encoded, "
                            f"or use the binary-data extension") from None
 
 
@@ -390,8 +395,11 @@ def parse_v1_items(req: Any, max_items: int | None = None) -> Items:
                            f"(--max-items): split it", status=413)
     images, titles = [], []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or set(item) - set(ITEM_FIELDS):
+        if not isinstance(item, dict):
             raise RequestError(f"item {i} must be an object with 'image' (base64) and/or 'title' (text)")
+        if set(item) - set(ITEM_FIELDS):
+            raise RequestError(f"item {i} has {sorted(set(item) - set(ITEM_FIELDS))}: an item holds only 'image' "
+                               "(base64) and/or 'title' (text); parameters such as top_k go beside 'items'")
         img, title = item.get("image"), item.get("title")
         images.append(None if img is None else _element("image", img, i, False))
         if title is not None and not isinstance(title, str):

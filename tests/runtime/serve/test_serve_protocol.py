@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from huse.runtime.serve.protocol import (HEADER_LENGTH, RequestError, classify_tensors, encode_infer_response,
-                                         parse_infer_request)
+                                         parse_infer_request, parse_v1_items)
 
 
 def binary_request(tensors: dict[str, list[bytes]], outputs=None, params=None) -> tuple[bytes, str]:
@@ -60,6 +61,21 @@ def test_malformed_requests_name_the_problem(body, length, message):
     with pytest.raises(RequestError, match=message) as e:
         parse_infer_request(body, length)
     assert e.value.status == 400
+
+
+def test_v1_items_take_a_data_url_and_say_what_else_is_wrong():
+    """What JavaScript clients send: a FileReader data URL is the photo; a URL, a path or a parameter
+    inside an item is named for what it is."""
+    png = b"\x89PNG\r\n\x1a\n...."
+    b64 = base64.b64encode(png).decode()
+    items = parse_v1_items({"items": [{"image": f"data:image/png;base64,{b64}"}, {"image": b64, "title": "t"}]})
+    assert items.images == [png, png]
+    for image, says in (("https://cdn.example.com/a.jpg", "never reads a URL or a file path"),
+                        ("/srv/photos/a.jpg", "never reads a URL or a file path"), ("not base64!", "is not base64;")):
+        with pytest.raises(RequestError, match=says):
+            parse_v1_items({"items": [{"image": image}]})
+    with pytest.raises(RequestError, match=r"item 0 has \['top_k'\].*go beside 'items'"):
+        parse_v1_items({"items": [{"title": "t", "top_k": 3}]})
 
 
 def test_binary_element_longer_than_its_data_is_refused():
