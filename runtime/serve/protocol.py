@@ -399,7 +399,7 @@ def parse_v1_items(req: Any, max_items: int | None = None) -> Items:
             raise RequestError(f"item {i} must be an object with 'image' (base64) and/or 'title' (text)")
         if set(item) - set(ITEM_FIELDS):
             raise RequestError(f"item {i} has {sorted(set(item) - set(ITEM_FIELDS))}: an item holds only 'image' "
-                               "(base64) and/or 'title' (text); parameters such as top_k go beside 'items'")
+                               "(base64) and/or 'title' (text); request parameters (top_k, k, ...) go beside the list, not in an item")
         img, title = item.get("image"), item.get("title")
         images.append(None if img is None else _element("image", img, i, False))
         if title is not None and not isinstance(title, str):

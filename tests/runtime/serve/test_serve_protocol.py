@@ -74,7 +74,7 @@ def test_v1_items_take_a_data_url_and_say_what_else_is_wrong():
                         ("/srv/photos/a.jpg", "never reads a URL or a file path"), ("not base64!", "is not base64;")):
         with pytest.raises(RequestError, match=says):
             parse_v1_items({"items": [{"image": image}]})
-    with pytest.raises(RequestError, match=r"item 0 has \['top_k'\].*go beside 'items'"):
+    with pytest.raises(RequestError, match=r"item 0 has \['top_k'\].*go beside the list"):
         parse_v1_items({"items": [{"title": "t", "top_k": 3}]})
 
 
