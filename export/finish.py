@@ -226,8 +226,9 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
             if not gate["passed"]:
                 if opts.accuracy_gate:
                     shutil.rmtree(bundle / folder, ignore_errors=True)
-                    raise HuseError(f"{precision} accuracy gate failed (fused mode): {gate['message']}; "
-                                    f"the {precision} model was not added and the bundle is unchanged. "
+                    raise HuseError(f"{precision} accuracy gate failed (fused mode): {gate['message']}; nothing "
+                                    "was written (a failed gate keeps nothing: no new bundle, an existing one "
+                                    f"unchanged). Export without --{precision} for the other precisions, or "
                                     f"`huse-export ... --{precision} --no-accuracy-gate` keeps it anyway")
                 say(f"  WARNING: {precision} accuracy gate failed and was overridden: {gate['message']}")
             superseded |= {f.split("/")[0] for f in manifest["models"].get(precision, {}).values()}

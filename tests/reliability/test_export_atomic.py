@@ -26,7 +26,8 @@ def test_failed_gate_on_a_new_bundle_keeps_nothing(tiny_run, tmp_path, failing_g
     from huse.export.api import ExportOptions, export
 
     out = tmp_path / "new"
-    with pytest.raises(HuseError, match=r"fp16 accuracy gate failed .*`huse-export \.\.\. --fp16 --no-accuracy-gate`"):
+    with pytest.raises(HuseError, match=r"fp16 accuracy gate failed .*nothing was written.*without --fp16 .*"
+                                        r"`huse-export \.\.\. --fp16 --no-accuracy-gate`"):
         export(tiny_run, out, ExportOptions(fp16=True, eval_size=0, engine="skip", say=lambda s: None))
     assert list(tmp_path.iterdir()) == []  # no bundle, no .partial
 
@@ -35,7 +36,7 @@ def test_failed_gate_on_a_copy_keeps_nothing_and_the_source_is_untouched(bundle_
     from huse.export.api import ExportOptions, export
 
     before = (bundle_copy / "manifest.json").read_bytes()
-    with pytest.raises(HuseError, match="the bundle is unchanged"):
+    with pytest.raises(HuseError, match="nothing was written .*an existing one unchanged"):
         export(bundle_copy, tmp_path / "copy", ExportOptions(fp16=True, eval_size=0, engine="skip", say=lambda s: None))
     assert not (tmp_path / "copy").exists() and not (tmp_path / "copy.partial").exists()
     assert (bundle_copy / "manifest.json").read_bytes() == before
