@@ -206,6 +206,8 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
     if r.known:
         msg += f"; top-1 accuracy on rows with classes: {r.right / r.known:.4f}"
     click.echo(msg)
+    if not r.rows:  # a delta feed may be empty; a truncated export is too, so say so
+        click.echo(f"warning: catalog {data} has no rows; the output is empty", err=True)
     _warn_unusable_images(r.image_failures, r.rows, r.first_image_error)
     if show > 0 and task == "classify":
         for row in _first_rows(r.out, show, read_predictions):

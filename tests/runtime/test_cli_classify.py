@@ -104,6 +104,16 @@ def test_photo_urls_are_named_as_urls_not_as_missing_files(tiny_bundle, catalog,
     assert rows[0]["mode"] == "text" and f"image {rows[0]['image']} is a URL" in rows[0]["warning"]
 
 
+def test_an_empty_catalog_gives_an_empty_output_and_says_so(tiny_bundle, tmp_path):
+    for name, text in (("header.csv", "image,name,classes\n"), ("zero.jsonl", "")):
+        (tmp_path / name).write_text(text)
+        r = _run("classify", tiny_bundle, "--data", tmp_path / name, "--out", tmp_path / f"{name}.out.jsonl",
+                 "--no-progress")
+        assert r.exit_code == 0 and "classified 0/0 rows" in r.output, r.output
+        assert f"warning: catalog {tmp_path / name} has no rows; the output is empty" in r.output
+        assert (tmp_path / f"{name}.out.jsonl").read_text() == ""
+
+
 def test_max_error_rate_exits_1_with_counts(tiny_bundle, catalog, tmp_path):
     r = _run("classify", tiny_bundle, "--data", catalog, "--images", tmp_path / "nowhere", "--mode", "image",
              "--out", tmp_path / "o", "--no-progress")
