@@ -154,13 +154,6 @@ def read_journal(path: str | Path, repair: bool = False) -> tuple[dict[str, Any]
         raise HuseError(f"journal {path} does not exist")
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("journal %s: dropping an unfinished last line (%d bytes, never acknowledged)", path,
-                    len(data) - end)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
     lines = data[:end].decode("utf-8", errors="replace").splitlines()
     if not lines:
         raise HuseError(f"journal {path} is empty; delete it to start a new review")
@@ -169,10 +162,17 @@ def read_journal(path: str | Path, repair: bool = False) -> tuple[dict[str, Any]
     except json.JSONDecodeError as e:
         bad = next(i for i, line in enumerate(lines, 1) if not _parses(line))
         raise HuseError(f"journal {path}, line {bad}: not JSON ({e.msg}); was the file edited?") from None
-    header = objs[0]
+    header = objs[0] if isinstance(objs[0], dict) else {}
     if header.get("format") != JOURNAL_FORMAT:
         raise HuseError(f"{path} is not a huse review journal (its first line has format "
                         f"{header.get('format')!r}, expected {JOURNAL_FORMAT!r})")
+    if end < len(data):  # only now: a file that is not a journal (a catalog given as --journal) is never cut
+        log.warning("journal %s: dropping an unfinished last line (%d bytes, never acknowledged)", path,
+                    len(data) - end)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
     return header, objs[1:]
 
 

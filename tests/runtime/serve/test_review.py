@@ -121,6 +121,23 @@ def test_a_cut_last_line_is_dropped_and_repaired(preds, review_catalog, labels, 
     assert [json.loads(l)["action"] for l in journal.read_text().splitlines()[1:]] == ["accept", "skip"]
 
 
+def test_a_file_that_is_not_a_journal_is_refused_and_never_cut(preds, review_catalog, labels, tmp_path):
+    """--journal naming a catalog or the predictions by mistake: the repair of a cut last line truncated
+    any file not ending in a newline (a Parquet catalog lost its footer) before checking it was a journal."""
+    parquet = tmp_path / "catalog.parquet"
+    parquet.write_bytes(b"PAR1\x15\x04\n\x00binary footer without a newline PAR1")
+    jsonl = tmp_path / "preds.jsonl"
+    jsonl.write_bytes(b'{"row": 1, "label": "a"}\n{"row": 2, "label"')
+    lists = tmp_path / "lists.jsonl"
+    lists.write_bytes(b'[1, 2]\n[3')
+    for path, says in ((parquet, "line 1: not JSON"), (jsonl, "is not a huse review journal"),
+                       (lists, "is not a huse review journal")):
+        before = path.read_bytes()
+        with pytest.raises(HuseError, match=says):
+            ReviewQueue(preds, review_catalog, labels, journal=path)
+        assert path.read_bytes() == before
+
+
 def test_a_journal_of_another_catalog_is_refused(preds, review_catalog, labels, tmp_path):
     journal = tmp_path / "j.jsonl"
     ReviewQueue(preds, review_catalog, labels, journal=journal)
