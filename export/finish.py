@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, LABELS_METADATA_KEY, MANIFEST, is_multi_label, labels_sha256,
+from huse.runtime.bundle import (CPU_ONLY_PRECISIONS, LABELS_METADATA_KEY, is_multi_label, labels_sha256,
                                  load_manifest, write_manifest)
 from huse.runtime.classifier import softmax
 from huse.runtime.errors import HuseError
@@ -104,17 +104,22 @@ def stamp_labels(path: Path, labels: list[str]) -> None:
     onnx.save(model, str(path))
 
 
-def _leftovers(bundle: Path, manifest: dict[str, Any]) -> None:
-    """Delete what a killed export left: files the manifest does not list, then empty folders."""
-    from huse.runtime.signing import SIGNATURE
+# The folders an export writes into a bundle (`_fresh_folder`: NAME, or NAME.v2 beside a live one).
+EXPORT_FOLDERS = {f"{name}{v}" for name in ("fp16", "int8", "int8-cpu", "engines") for v in ("", ".v2")}
 
-    keep = set(manifest.get("files", {})) | {MANIFEST, SIGNATURE}
+
+def _leftovers(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Delete what a killed export left: files in the folders an export writes that the manifest does not
+    list, and half-written `*.tmp` files, then those folders if empty. Anything else a user keeps in the
+    bundle folder is theirs and stays."""
+    keep = set(manifest.get("files", {}))
     for p in sorted(bundle.rglob("*"), reverse=True):  # children before their folders
         rel = p.relative_to(bundle).as_posix()
+        ours = rel.split("/")[0] in EXPORT_FOLDERS
         if p.is_symlink() or p.is_file():
-            if rel not in keep:
+            if rel not in keep and (ours or ("/" not in rel and p.name.endswith(".tmp"))):
                 p.unlink()
-        elif p.is_dir() and not any(p.iterdir()):
+        elif p.is_dir() and ours and not any(p.iterdir()):
             p.rmdir()
 
 

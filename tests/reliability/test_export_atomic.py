@@ -48,10 +48,15 @@ def test_leftovers_of_a_killed_export_are_removed_by_the_next(bundle_copy):
     (bundle_copy / "fp16").mkdir()
     (bundle_copy / "fp16" / "image.onnx").write_bytes(b"half written")
     (bundle_copy / "manifest.json.tmp").write_text("{")
+    (bundle_copy / "NOTES.md").write_text("deployed to store 12")  # the user's own files are not leftovers
+    (bundle_copy / "triton").mkdir()
+    (bundle_copy / "triton" / "config.pbtxt").write_text("name: 'huse'")
     Classifier(bundle_copy)  # unlisted leftovers never stop a bundle from loading
     m = export(bundle_copy, None, ExportOptions(fp16=True, eval_size=0, engine="skip", say=lambda s: None))
     assert m["models"]["fp16"]["image"] == "fp16/image.onnx"
     assert not (bundle_copy / "manifest.json.tmp").exists()
+    assert (bundle_copy / "NOTES.md").read_text() == "deployed to store 12"
+    assert (bundle_copy / "triton" / "config.pbtxt").is_file()
     # re-adding a precision writes beside the live one, then drops the old folder
     m = export(bundle_copy, None, ExportOptions(fp16=True, eval_size=0, engine="skip", say=lambda s: None))
     assert m["models"]["fp16"]["image"] == "fp16.v2/image.onnx" and not (bundle_copy / "fp16").exists()
