@@ -48,7 +48,7 @@ from huse.runtime.bundle import is_multi_label
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
-from huse.runtime.files import is_own_jsonl
+from huse.runtime.files import is_own_jsonl, one_writer
 from huse.runtime.labels import parse_paths as _parse_paths
 
 __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
@@ -748,6 +748,15 @@ def run_bulk(job: BulkJob) -> BulkResult:
             lazy_import("pyarrow.parquet", "scale")
         except HuseError as e:
             raise HuseError(f"{e}, or write JSON Lines shards with --format jsonl") from None
+    # One run at a time per output: a second would resume (and clean) the first's OUT.partial under it.
+    out = Path(job.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with one_writer(out.with_name(f".{out.name}.lock"), f"--out {target} is being written by another huse run "
+                    "right now; wait for it to finish (or stop it, then --resume)", remove=True):
+        return _run_bulk(job, target, single)
+
+
+def _run_bulk(job: BulkJob, target: Path, single: bool) -> BulkResult:
     t0 = time.perf_counter()
     output = _Output(job)
     done = output.open()

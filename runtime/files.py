@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from huse.runtime.errors import HuseError
 
@@ -76,3 +77,24 @@ def is_own_jsonl(path: str | Path, key: str, any_of: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     return isinstance(row, dict) and key in row and any(k in row for k in any_of)
+
+
+@contextlib.contextmanager
+def one_writer(lock: str | Path, busy: str, remove: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (created if missing) for the block; while another process
+    holds it, HuseError(`busy`) at once, never a wait. The kernel drops the lock when its holder dies, so
+    a killed run never blocks the next. `remove`: delete the lock file when done (it lies beside the
+    user's files), still holding it, so no one else takes a lock on the deleted file meanwhile."""
+    import fcntl
+
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HuseError(busy) from None
+        try:
+            yield
+        finally:
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)

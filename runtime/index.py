@@ -82,7 +82,7 @@ import numpy as np
 from huse.runtime.bundle import FORMAT as BUNDLE_FORMAT
 from huse.runtime.bundle import has_visual, package_versions
 from huse.runtime.classifier import _per_item, _positive_int
-from huse.runtime.files import MANIFEST, check_replaceable, sha256_file
+from huse.runtime.files import MANIFEST, check_replaceable, one_writer, sha256_file
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 from huse.runtime.labels import PATH_SEPARATOR, join_paths, matches_prefix, parse_paths
@@ -1030,14 +1030,8 @@ def _bundle_fingerprint(bundle: str | Path) -> str:
 def _one_writer(folder: Path):
     """One `add` or `remove` at a time on an index (an exclusive lock on FOLDER/.lock); another writer is
     refused at once: two writers would each rewrite the item table and the FAISS files from what they read."""
-    import fcntl
-
-    with open(folder / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HuseError(f"index {folder} is being changed by another process (huse index add or remove); "
-                            "run this again when it has finished") from None
+    with one_writer(folder / LOCK, f"index {folder} is being changed by another process (huse index add or "
+                                   "remove); run this again when it has finished"):
         yield
 
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,26 @@ def test_a_parquet_catalog_holding_its_photos_classifies_and_embeds_as_one_with_
             paths, photos = paths[1], photos[1]
         assert all(row["image"] is None for row in photos)  # the bytes are not copied into the output
         assert [dict(row, image=None) for row in paths] == photos
+
+
+@pytest.mark.parametrize("out", ["out", "preds.jsonl"])
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_works(tiny_bundle, tiny_catalog, tmp_path, out):
+    """Another process holds the output's lock (as a running `huse classify` does): refused at once, even with
+    --resume (which would have cleaned the first run's files from under it); once that process is gone
+    (killed: the kernel drops its lock), the run goes ahead and leaves no lock file."""
+    target = tmp_path / out
+    lock = target.with_name(f".{target.name}{'.shards' if out.endswith('.jsonl') else ''}.lock")
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, sys, time
+f = open({str(lock)!r}, "a"); fcntl.flock(f, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        job = BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(target), progress=False)
+        for resume in (False, True):
+            with pytest.raises(HuseError, match=f"--out {target} is being written by another huse run right now"):
+                run_bulk(replace(job, resume=resume))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_bulk(job).rows == 120 and not lock.exists()
