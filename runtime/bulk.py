@@ -175,6 +175,20 @@ def _valid(records: list[Record]) -> tuple[list[int], dict[int, str]]:
     return ok, errors
 
 
+def prediction_fields(res: dict[str, Any], min_confidence: float) -> dict[str, Any]:
+    """An output row's prediction fields from one `Classifier.classify` result (not an error): mode, the
+    top-1 label and score, top_k, path and needs_review (top-1 below `min_confidence`; a multi-label
+    bundle adds every predicted class in `labels`, each reviewed on its own score)."""
+    best = res["top_k"][0]
+    out = dict(mode=res["mode"], label=best["label"], score=best["score"], top_k=res["top_k"], path=res["path"],
+               needs_review=bool(best["score"] < min_confidence))
+    if "labels" in res:
+        out["labels"] = [{"label": x["label"], "score": x["score"], "needs_review": bool(x["score"] < min_confidence)}
+                         for x in res["labels"]]
+        out["needs_review"] = any(x["needs_review"] for x in out["labels"])
+    return out
+
+
 def _base_row(r: Record) -> dict[str, Any]:
     """The catalog's own fields of an output row; a photo held in the catalog itself (bytes) is not copied."""
     image = r.image if isinstance(r.image, str) else None
@@ -232,13 +246,7 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
             if "error" in res:
                 row["error"] = _row_error(records[i].row, res["error"])
                 continue
-            best = res["top_k"][0]
-            row.update(mode=res["mode"], label=best["label"], score=best["score"], top_k=res["top_k"], path=res["path"],
-                       needs_review=bool(best["score"] < job.min_confidence))
-            if "labels" in res:  # multi-label bundle: every predicted class, each reviewed on its own score
-                row["labels"] = [{"label": x["label"], "score": x["score"],
-                                  "needs_review": bool(x["score"] < job.min_confidence)} for x in res["labels"]]
-                row["needs_review"] = any(x["needs_review"] for x in row["labels"])
+            row.update(prediction_fields(res, job.min_confidence))
             if "warning" in res:
                 row["warning"] = _row_error(records[i].row, res["warning"])
         return rows, None

@@ -108,8 +108,8 @@ def _bulk_options(fn):
     """The options `huse classify` and `huse embed` share (one copy, applied to both)."""
     options = [
         click.argument("bundle", type=click.Path(file_okay=False)),
-        click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
-                     help="Products CSV, JSONL or Parquet with image and/or name columns."),
+        click.option("--data", "data", type=click.Path(dir_okay=False),
+                     help="Products CSV, JSONL or Parquet with image and/or name columns.  [required]"),
         click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder)."),
         click.option("--encoding", help="Text encoding of a CSV/JSONL catalog (default UTF-8; e.g. latin-1, cp1252, utf-16)."),
         click.option("--confine-images", is_flag=True,
@@ -117,8 +117,8 @@ def _bulk_options(fn):
                           "resolve through a link outside --images (default: the catalog's folder); such a row gets "
                           "an error naming it and its image is never read. Off by default: your own catalog may name "
                           "images anywhere."),
-        click.option("--out", required=True, type=click.Path(),
-                     help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes a .jsonl file for small jobs."),
+        click.option("--out", type=click.Path(),
+                     help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes a .jsonl file for small jobs.  [required]"),
         click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", help="Shard file format."),
         click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
@@ -157,13 +157,49 @@ def _bulk_options(fn):
 @click.option("--min-confidence", default=0.0, help="Mark predictions whose top-1 score is below this `needs_review` (kept, not dropped); "
                                                  "multi-label bundles mark each label, and the row if any label is below.")
 @click.option("--show", default=0, help="Also print the first N predictions.")
-def classify(show, **kw) -> None:
+@click.option("--image", "one_image", type=click.Path(dir_okay=False),
+              help="Instead of --data and --out: classify this one photo (with --title, or alone) and print the answer.")
+@click.option("--title", "one_title", help="Instead of --data and --out: classify this one title (with --image, or alone).")
+@click.option("--json", "as_json", is_flag=True, help="With --image/--title: print the answer as one JSON line.")
+def classify(show, one_image, one_title, as_json, **kw) -> None:
     """Classify every product in a catalog; bad rows get an `error`, never dropped.
 
     Streams the catalog, decodes images in a thread pool while the model runs, writes sharded
-    output and resumes after a kill (--resume).
+    output and resumes after a kill (--resume). Or one product: --image and/or --title.
     """
-    run_cli(lambda: _bulk("classify", show=show, **kw))
+    if one_image is not None or one_title is not None:
+        run_cli(lambda: _classify_one(one_image, one_title, as_json, **kw))
+    else:
+        run_cli(lambda: _bulk("classify", show=show, as_json=as_json, **kw))
+
+
+def _classify_one(image, title, as_json, *, bundle, data, out, backend, precision, device, threads, trusted_keys, mode,
+                  top_k, min_confidence, **_bulk_only) -> None:
+    """`huse classify BUNDLE --image X --title T`: one product, answered on stdout (no output files)."""
+    from huse.runtime.bulk import prediction_fields
+    from huse.runtime.classifier import Classifier
+
+    if data is not None or out is not None:
+        raise HuseError("give --image/--title for one product, or --data and --out for a catalog, not both")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise HuseError(f"--min-confidence must be between 0 and 1; got {min_confidence}")
+    with Classifier(bundle, backend=backend, precision=precision, device=device, threads=threads,
+                    trusted_keys=list(trusted_keys) or None) as clf:
+        res = clf.classify(images=None if image is None else [image], titles=None if title is None else [title],
+                           top_k=top_k, mode=mode)[0]
+    row = {"image": image, "name": title, **({"error": res["error"]} if "error" in res
+                                            else prediction_fields(res, min_confidence))}
+    if "warning" in res:
+        row["warning"] = res["warning"]
+    if as_json:  # the error too: a script reads one JSON line either way (and the exit code)
+        click.echo(json.dumps(row, ensure_ascii=False))
+    if "error" in row:
+        raise HuseError(row["error"])
+    if not as_json:
+        click.echo(_describe_row(row, None, head=" ".join(x for x in (image, repr(title) if title else None) if x)))
+        click.echo("  top-k: " + ", ".join(f"{t['label']} {t['score']:.2f}" for t in row["top_k"]))
+    if row.get("warning"):
+        click.echo(f"warning: {row['warning']}", err=True)
 
 
 @main.command(context_settings={"show_default": True})
@@ -178,9 +214,15 @@ def embed(**kw) -> None:
 def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, backend, precision, device, batch_size, shard_rows,
           threads, workers, prepare_priority, spin, resume, engine, address, actors, max_error_rate, progress, mode,
           trusted_keys=(),
-          top_k=5, min_confidence=0.0, show=0) -> None:
+          top_k=5, min_confidence=0.0, show=0, as_json=False) -> None:
     from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
 
+    if as_json:
+        raise HuseError("--json is for one product (--image/--title); a catalog's answers go to --out")
+
+    if data is None or out is None:
+        raise HuseError(f"huse {task} needs --data CATALOG and --out"
+                        + (" (or --image and/or --title for one product)" if task == "classify" else ""))
     if not 0.0 <= max_error_rate <= 1.0:
         raise HuseError(f"--max-error-rate must be between 0 and 1; got {max_error_rate}")
     job = BulkJob(bundle=bundle, data=data, out=out, task=task, images=images, encoding=encoding,
@@ -232,8 +274,8 @@ def _first_rows(out, n: int, read_predictions) -> list[dict]:
     return read_predictions(out)[:n]
 
 
-def _describe_row(row: dict, truth: str | None) -> str:
-    head = f"row {row['row']}: {row['name']!r}"
+def _describe_row(row: dict, truth: str | None, head: str | None = None) -> str:
+    head = head or f"row {row['row']}: {row['name']!r}"
     if row.get("error"):
         return f"{head} -> error: {row['error']}"
     best = row["top_k"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -112,6 +113,34 @@ def test_an_empty_catalog_gives_an_empty_output_and_says_so(tiny_bundle, tmp_pat
         assert r.exit_code == 0 and "classified 0/0 rows" in r.output, r.output
         assert f"warning: catalog {tmp_path / name} has no rows; the output is empty" in r.output
         assert (tmp_path / f"{name}.out.jsonl").read_text() == ""
+
+
+def test_one_product_from_the_command_line(tiny_bundle, catalog, tmp_path):
+    """`huse classify BUNDLE --image X --title T`: the answer Classifier.classify gives, printed; nothing written."""
+    from huse.runtime import Classifier
+
+    first = next(csv.DictReader(open(catalog, newline="")))
+    image, title = str(catalog.parent / first["image"]), first["name"]
+    with Classifier(tiny_bundle) as clf:
+        want = clf.classify(images=[image], titles=[title], top_k=3)[0]
+        want_text = clf.classify(titles=[title], top_k=3)[0]
+    r = _run("classify", tiny_bundle, "--image", image, "--title", title, "--top-k", 3)
+    assert r.exit_code == 0, r.output
+    assert f"-> {want['top_k'][0]['label']} ({want['top_k'][0]['score']:.2f}, fused)" in r.output
+    assert "  top-k: " + ", ".join(f"{t['label']} {t['score']:.2f}" for t in want["top_k"]) in r.output
+    r = _run("classify", tiny_bundle, "--title", title, "--top-k", 3, "--json", "--min-confidence", 1.0)
+    got = json.loads(r.output)
+    assert r.exit_code == 0 and got["top_k"] == want_text["top_k"] and got["path"] == want_text["path"]
+    assert got["mode"] == "text" and got["needs_review"] is True and got["image"] is None
+    assert list(tmp_path.iterdir()) == [catalog.parent]  # no output files
+
+    r = _run("classify", tiny_bundle, "--image", tmp_path / "gone.png", "--json")
+    assert r.exit_code == 1 and "gone.png does not exist" in json.loads(r.output.splitlines()[0])["error"]
+    for args, says in ((["--title", "t", "--data", catalog], "not both"), (["--title", "t", "--out", tmp_path / "o"],
+                       "not both"), ([], "needs --data CATALOG and --out (or --image and/or --title"),
+                       (["--data", catalog, "--out", tmp_path / "o", "--json"], "--json is for one product")):
+        r = _run("classify", tiny_bundle, *args)
+        assert r.exit_code == 1 and says in r.output, r.output
 
 
 def test_max_error_rate_exits_1_with_counts(tiny_bundle, catalog, tmp_path):
