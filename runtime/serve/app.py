@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -729,6 +730,7 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     """
     uvicorn = lazy_import("uvicorn", "serve")
     server = load_server(config)
+    _check_port(config.host, config.port)
     # routes that need the loaded server (the page's: its index and labels) come as a function of it
     app = create_app(server, extra_routes(server) if callable(extra_routes) else extra_routes)
     loop = "uvloop" if _importable("uvloop") else "asyncio"
@@ -745,6 +747,22 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
     uvicorn.Server(cfg).run()
     if server.failed:
         raise HuseError(server.failed)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a port another process listens on before the model process starts (uvicorn would say so in a
+    log line of its own, after the model loaded, and exit 3)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise HuseError(f"--host {host} is not an address of this machine ({e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port's TIME_WAIT is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise HuseError(f"cannot listen on {host}:{port} ({e.strerror}): another server may be using it; stop it "
+                            "or choose another --port") from None
 
 
 class _OneWrite:

@@ -172,6 +172,17 @@ def test_a_bad_setting_is_refused_by_name_before_the_port_opens(tiny_bundle, fla
     assert '"ready"' not in r.stdout
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_bundle):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _cli(str(tiny_bundle), "--port", str(port))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and '"ready"' not in r.stdout
+    assert r.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use): another server "
+                                "may be using it; stop it or choose another --port"), r.stderr
+
+
 def test_trusted_key_refuses_an_unsigned_bundle(tiny_bundle, tmp_path):
     pytest.importorskip("cryptography")
     from huse.runtime.signing import write_keypair
