@@ -23,14 +23,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
 from huse.runtime.labels import cell_text
 from huse.runtime.preprocess import confine_path, is_url
 
-__all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "plan_shards", "count_rows"]
+__all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "records_from_rows", "plan_shards",
+           "count_rows"]
 
 COLUMNS = ("image", "name", "classes", "product_id", "split")
 SPLITS = ("train", "val", "test")
@@ -295,6 +296,29 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
             return
         n += 1
         yield Record(row=row, image=None, name=None, error=err) if err else _record(row, values, base, confine)
+
+
+def records_from_rows(rows: Sequence[Any], images: str | Path | None = None, confine: bool = False) -> list[Record]:
+    """Records of products given in Python: dicts with a catalog's columns (image, name, classes, product_id,
+    split), read by the rules a catalog file's rows are (a bad value is that row's `error`; rows count from
+    1), or Records as they are. Relative image paths resolve against `images` (default: the working folder).
+
+    Raises:
+        HuseError: an entry that is neither, or a key that is not a column (naming the one it likely means).
+    """
+    base, out = str(images) if images is not None else ".", []
+    for i, values in enumerate(rows):
+        if isinstance(values, Record):
+            out.append(values)
+            continue
+        if not isinstance(values, dict):
+            raise HuseError(f"product {i} is a {type(values).__name__}; give a dict with columns {list(COLUMNS)} "
+                            "(image, name, classes, ...) per product, or a catalog file")
+        for col in values:
+            if col not in COLUMNS:
+                raise _unknown_column(f"product {i}", col)
+        out.append(_record(i + 1, values, base, confine))
+    return out
 
 
 def _csv_records(path: Path, encoding: str, offset: int | None, first_row: int):

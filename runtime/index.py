@@ -766,7 +766,9 @@ class Index:
 
         Args:
             bundle: the bundle (from `huse-export`) whose embeddings are indexed and queried.
-            data: a catalog file (CSV/JSONL, as `huse classify` reads) or a list of catalog Records.
+            data: a catalog file (CSV/JSONL/Parquet, as `huse classify` reads), or a list of products: dicts
+                with the catalog's columns (image, name, classes, product_id), read by the same rules, or
+                catalog Records.
             out: the index directory to write (must not exist unless `overwrite`).
             images: folder that relative image paths resolve against.
             kind: "auto", "flat", "hnsw" or "ivf" (see the module docstring).
@@ -872,7 +874,8 @@ class Index:
 
     def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True,
             sign_key: str | Path | None = None, confine_images: bool = False, replace: bool = False) -> dict:
-        """Embed and add products from another catalog; the index keeps its kind and tuned parameters.
+        """Embed and add products from another catalog (a file or a list, as `build` takes); the index keeps its
+        kind and tuned parameters.
 
         A catalog that holds products already in the index is refused before anything is embedded (adding
         them again would return each one twice); with `replace` their items in the index are removed and
@@ -1097,11 +1100,11 @@ def _read_writable(path: Path):
 def _records(data, images, confine: bool = False) -> list:
     """Catalog Records; a bad row (malformed value, or an image path refused by `confine`) keeps its
     `error` and is left out of both modalities (listed in excluded.jsonl), never a failed build."""
-    if isinstance(data, (str, Path)):
-        from huse.runtime.catalog import iter_catalog
+    from huse.runtime.catalog import iter_catalog, records_from_rows
 
+    if isinstance(data, (str, Path)):
         return list(iter_catalog(data, images, confine=confine))
-    return list(data)
+    return records_from_rows(data, images, confine=confine)
 
 
 def _embed_records(clf, records: list, start: int, progress: bool,

@@ -555,3 +555,19 @@ def test_an_index_of_photos_held_in_parquet_finds_what_one_of_paths_does(tiny_bu
     hits = [[json.loads(line)["hits"] for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
             for n in ("paths", "held")]
     assert hits[0] == hits[1] and len(hits[0]) == 120
+
+
+def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_catalog, flat_index, tmp_path):
+    """What a Python user passes: dicts with the catalog's columns (a list of dicts raised AttributeError)."""
+    import csv
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))
+    idx = Index.build(tiny_bundle, rows, tmp_path / "idx", images=tiny_catalog.parent, kind="flat", progress=False)
+    want = Index.open(flat_index).search(texts=["Acme navy tee"], k=5)[0]
+    assert [(h.row, h.product_id, h.score) for h in idx.search(texts=["Acme navy tee"], k=5)[0]] == \
+        [(h.row, h.product_id, h.score) for h in want]
+    with pytest.raises(HuseError, match=r"product 0: unknown column 'title'.*did you mean 'name'"):
+        idx.add([{"image": rows[0]["image"], "title": "x"}], images=tiny_catalog.parent, progress=False)
+    with pytest.raises(HuseError, match="product 1 is a str; give a dict with columns"):
+        idx.add([{"name": "new tee", "product_id": "n1"}, "new shirt"], progress=False)
+    assert idx.add([{"name": "New tee", "classes": rows[0]["classes"], "product_id": "n1"}], progress=False)["added"] == 1
