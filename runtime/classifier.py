@@ -33,14 +33,25 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _per_item(value: Any, name: str) -> Any:
-    """A list with one entry per item; a lone string/path/image would otherwise be iterated item by character."""
+    """A list with one entry per item; a lone string/path/image would otherwise be iterated item by character.
+    Any other sequence becomes a list in its iteration order (a pandas Series indexes by label, so `value[i]`
+    of a filtered DataFrame's column is another row's value, or a KeyError), its missing values (NaN, pd.NA)
+    None, as they mean."""
     if value is None or isinstance(value, Decoded):
         return value
     if isinstance(value, (str, bytes, bytearray, os.PathLike, dict)) or not hasattr(value, "__len__") \
             or not hasattr(value, "__getitem__"):
         raise HuseError(f"{name}= takes a list with one entry per item (None for a missing one), got a "
                         f"{type(value).__name__}; for one item pass [{name[:-1]}]")
-    return value
+    kinds = set(map(type, value))  # at C speed: the common list of str (and None) is passed on as it is
+    if any(issubclass(t, float) or t.__name__ in ("NAType", "NaTType") for t in kinds):
+        return [None if _missing(v) else v for v in value]
+    return value if isinstance(value, list) else list(value)
+
+
+def _missing(v: Any) -> bool:
+    """NaN or pandas' NA/NaT: what a table holds where a value is missing (pandas is never imported)."""
+    return (isinstance(v, float) and v != v) or type(v).__name__ in ("NAType", "NaTType")
 
 
 def _guarded(method):
@@ -260,7 +271,7 @@ class Classifier:
         return self._images(images)
 
     def _images(self, images: Sequence[ImageInput | None] | Decoded) -> Decoded:
-        return images if isinstance(images, ImageBatch) else load_images(images, self.image_spec)
+        return images if isinstance(images, ImageBatch) else load_images(_per_item(images, "images"), self.image_spec)
 
     def _titles(self, titles: Sequence[str | bytes | None]) -> tuple[dict[int, str], dict[int, str]]:
         texts, errors = {}, {}
@@ -435,6 +446,7 @@ class Classifier:
     @_guarded
     def predict_proba(self, images: Sequence[ImageInput] | None = None, titles: Sequence[str] | None = None) -> np.ndarray:
         """Leaf probabilities (N, C) for clean inputs (raises on the first bad item); for evaluation."""
+        images, titles = _per_item(images, "images"), _per_item(titles, "titles")
         group = "fused" if images is not None and titles is not None else "image" if images is not None else "text"
         feeds: dict[str, np.ndarray] = {}
         if images is not None:

@@ -97,6 +97,22 @@ def test_one_bad_item_never_fails_the_batch(clf, items, tmp_path):
     assert out[5]["mode"] == "fused"  # 10,000 characters are capped, not an error
 
 
+def test_a_filtered_dataframe_column_is_read_in_order_not_by_label(clf, items):
+    """`df[mask]["name"]` keeps its row labels; reading it by position gave item 1 another row's photo."""
+    pd = pytest.importorskip("pandas")
+    images, titles = items
+    df = pd.DataFrame({"image": [None, *images[:3]], "name": ["skip me", *titles[:3]]})
+    sub = df.iloc[1:]  # labels 1, 2, 3
+    sub.loc[2, "image"] = None  # the second product has no photo: classified by its title
+    want = clf.classify(images=[images[0], None, images[2]], titles=titles[:3])
+    assert clf.classify(images=sub["image"], titles=sub["name"]) == want
+    assert [r["mode"] for r in want] == ["fused", "text", "fused"]
+    np.testing.assert_array_equal(clf.embed_text(sub["name"]).vectors, clf.embed_text(titles[:3]).vectors)
+    np.testing.assert_array_equal(clf.predict_proba(images=sub["image"].iloc[[0, 2]], titles=sub["name"].iloc[[0, 2]]),
+                                  clf.predict_proba(images=[images[0], images[2]], titles=[titles[0], titles[2]]))
+    np.testing.assert_array_equal(clf.decode(sub["image"].iloc[[0, 2]]).array, clf.decode([images[0], images[2]]).array)
+
+
 def test_non_utf8_title_is_normalised(clf):
     out = clf.classify(titles=[b"Acme \xff\xfe tee"], mode="text")
     assert out[0]["mode"] == "text"
