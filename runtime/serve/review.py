@@ -326,7 +326,7 @@ class ReviewQueue:
         if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
             self.photos.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data)
-        return str(path.resolve())
+        return os.path.abspath(path)  # not resolve(): the page tells these from the catalog's by their folder
 
     def image_path(self, row: int) -> str | None:
         """The photo of a row, as the catalog resolves it, made absolute (confined to the images folder when
