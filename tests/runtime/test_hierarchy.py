@@ -81,7 +81,8 @@ def test_top_down_of_a_batch_is_each_row_s_path(h):
 
 def _path_one_item(labels: list[str], row: np.ndarray) -> list[dict]:
     """The top-down rule written plainly for one item: at each level the best child of the node chosen above
-    (a node's score is the sum of its leaves, in float32 as the runtime sums them; ties to the first in order)."""
+    (a node's score is the sum of its leaves, in float32 as the runtime sums them; ties to the first in order),
+    unless the node chosen above is a class itself whose own probability is at least that child's."""
     out, parent = [], None
     for level in range(1, max(l.count("<") + 1 for l in labels) + 1):
         nodes = sorted({"<".join(l.split("<")[:level]) for l in labels if l.count("<") + 1 >= level})
@@ -92,9 +93,20 @@ def _path_one_item(labels: list[str], row: np.ndarray) -> list[dict]:
         member = np.array([[l == n or l.startswith(n + "<") for n in nodes] for l in labels], np.float32)
         scores = (row[None, :] @ member)[0]
         best = int(scores.argmax())
+        if parent in labels and row[labels.index(parent)] >= scores[best]:
+            break
         parent = nodes[best]
         out.append({"level": level, "label": parent, "score": float(scores[best])})
     return out
+
+
+def test_a_class_that_is_also_a_parent_ends_the_path_when_it_beats_its_children():
+    """Taxonomies file some products under "clothing" and others under "clothing<tops": the path stops at
+    "clothing" when that class itself is likelier than any child (it went down to the child before)."""
+    h = Hierarchy(["a", "a<b", "a<c", "d<e"])
+    probs = np.array([[0.5, 0.3, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1], [0.3, 0.3, 0.1, 0.3]], np.float32)
+    assert [[n for n, _ in p] for p in h.top_down(probs)] == [["a"], ["a", "a<b"], ["a"]]  # a tie stays
+    assert h.path(probs[0])[0][1] == pytest.approx(0.9)  # the node's score is still the sum of its leaves
 
 
 def test_top_down_dicts_follow_the_rule_on_random_hierarchies():
