@@ -181,7 +181,8 @@ def _read_file(path: str | Path, stack: contextlib.ExitStack | None) -> "bytes |
         if is_url(str(path)):
             raise HuseError(f"image {path} is a URL: huse reads photos from files or bytes, never from the network; "
                             "download them first and name the files (or hold them in a Parquet catalog)") from None
-        raise HuseError(f"image file {path} does not exist") from None
+        hint = "; it has backslashes: a Windows path? write / between folders" if "\\" in str(path) else ""
+        raise HuseError(f"image file {path} does not exist{hint}") from None
     except OSError:
         if os.path.exists(path) and not os.path.isfile(path):  # a folder, on Windows
             raise HuseError(f"image file {path} is not a file") from None

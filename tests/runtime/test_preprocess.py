@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -580,3 +581,15 @@ def test_every_format_decodes_whatever_the_file_is_called(tmp_path, fmt):
     expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert _pixels(decode_image(path)) == expected.tolist()
     assert _pixels(decode_image(buf.getvalue())) == expected.tolist()
+
+
+@pytest.mark.parametrize("path, says", [
+    ("photos\\shoes\\boot.jpg", "does not exist; it has backslashes: a Windows path? write / between folders"),
+    ("https://cdn.example.com/boot.jpg", "is a URL: huse reads photos from files or bytes, never from the network"),
+    ("photos/shoes/boot.jpg", "image file photos/shoes/boot.jpg does not exist"),
+])
+def test_a_missing_photo_says_what_its_name_looks_like(tmp_path, monkeypatch, path, says):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HuseError, match=re.escape(says)) as e:
+        decode_image(path)
+    assert ("backslashes" in str(e.value)) == ("\\" in path)
