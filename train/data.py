@@ -102,7 +102,10 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
         except HuseError as e:
             if not skip_bad_rows:
                 sep = ", " if str(e).startswith("column ") else ": "  # "row 7, column classes: ..."
-                raise HuseError(f"{path}, row {r.row}{sep}{e}. Fix the row, or pass --skip-bad-rows to skip and count bad rows") from None
+                folder = (f" (photos resolve against --images {images}: is that the folder the catalog's paths "
+                          "start from?)" if images is not None and "does not exist" in str(e) else "")
+                raise HuseError(f"{path}, row {r.row}{sep}{e}{folder}. Fix the row, or pass --skip-bad-rows to skip "
+                                "and count bad rows") from None
             ds.skipped.append({"row": r.row, "image": r.image if isinstance(r.image, str) else None, "reason": str(e)})
             continue
         title = normalise_title(r.name) or ""
@@ -115,7 +118,8 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
         ds.product_ids.append(group)
         ds.splits.append(r.split or "")
     if not ds.images:
-        raise HuseError(f"{path}: no usable rows ({len(ds.skipped)} skipped)")
+        first = f"; the first, row {ds.skipped[0]['row']}: {ds.skipped[0]['reason']}" if ds.skipped else ""
+        raise HuseError(f"{path}: no usable rows ({len(ds.skipped)} skipped{first})")
     if not any(ds.titles):  # some rows without one are fine (their text tower sees an empty title); none is not
         raise HuseError(f"{path}: no row has a title (column name); huse-train trains a text tower beside the "
                         "image tower, so it needs titles")

@@ -49,6 +49,14 @@ def test_skip_bad_rows_counts_them(tiny_catalog, tmp_path):
     assert [s["row"] for s in ds.skipped] == [good + 1, good + 2]
 
 
+def test_a_wrong_images_folder_is_named_as_the_likely_cause(tiny_catalog, tmp_path):
+    with pytest.raises(HuseError, match=rf"does not exist \(photos resolve against --images {tmp_path}: is that the "
+                                        r"folder the catalog's paths start from\?\)"):
+        load_catalog_dataset(tiny_catalog, images=tmp_path)
+    with pytest.raises(HuseError, match=r"no usable rows \(120 skipped; the first, row 1: image .* does not exist\)"):
+        load_catalog_dataset(tiny_catalog, images=tmp_path, skip_bad_rows=True)
+
+
 @pytest.mark.parametrize("header,expected", [("image,name,classes,colour", "unknown column 'colour'"),
                                              ("image,name,classes,name", "appears twice")])
 def test_bad_header(tmp_path, header, expected):
