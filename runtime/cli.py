@@ -343,7 +343,8 @@ def index_group() -> None:
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf"]), default="auto",
-              help="auto: exact for small catalogs, else HNSW or IVF-SQ8 by size and --max-memory.")
+              help="auto: exact (flat) under 50,000 products, else IVF-SQ8 within --max-memory (cross-modal queries "
+                   "are hard on a graph: hnsw only when asked).")
 @click.option("--max-memory", default="4G", help="RAM budget for the whole index (photos, titles and visual vectors).")
 @click.option("--precision", default="fp32", help="Bundle precision used to embed (fp32, fp16, int8-cpu, ...).")
 @click.option("--batch-size", default=64)

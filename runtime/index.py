@@ -20,7 +20,7 @@ for queries and later adds) and L2-normalised.
 `search(images=..., space="visual")` answers "this same product / duplicates, from a photo"
 (target "image" or "product"); titles and fused queries have no visual vector.
 
-Index kinds (`kind="auto"` chooses, autofaiss's rule of thumb: by vector count and memory):
+Index kinds (`kind="auto"` chooses by vector count and memory, `choose_kind`: flat, else ivf; never the graph):
 - flat: `IDMap2,Flat`, exact inner product. Small catalogs (< FLAT_MAX vectors), or when asked.
 - hnsw: `IDMap2,HNSW32`, a graph; fast and accurate while it fits the memory budget.
 - ivf:  `IVF{nlist},SQ8`, 8-bit codes (a quarter of the memory) searched over `nprobe` lists, the
