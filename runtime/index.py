@@ -808,7 +808,8 @@ class Index:
         """Write an index directory from embeddings already computed with `bundle` (the second half of `build`).
 
         Args:
-            records: one catalog Record (or an object with row, product_id, name, image, classes) per row.
+            records: one catalog Record, or an object or dict with row, product_id, name, image and classes
+                (the metadata `huse embed` writes, `bulk.read_embeddings`), per row.
             vectors: {"image": (N, D), "text": (N, D)} float32, L2-normalised; NaN rows are left out
                 of that modality (list why in `excluded`, else "embedding is not finite" is recorded).
                 With "visual": (N, visual_dim) too (the bundle must have visual vectors), the visual index
@@ -820,6 +821,7 @@ class Index:
         from huse.runtime.bundle import load_manifest, require_visual
 
         out = _check_target(kind, out, overwrite)
+        records = [_described(r, i) for i, r in enumerate(records)]
         bm = load_manifest(bundle, verify=False)
         dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
         names = [*MODALITIES, *(["visual"] if "visual" in vectors else [])]
@@ -1095,6 +1097,17 @@ def _write_index(index, path: Path) -> None:
 
 def _read_writable(path: Path):
     return _faiss().read_index(str(path))
+
+
+def _described(r: Any, i: int) -> Any:
+    """A row already embedded, as `from_embeddings` takes it: a dict (the metadata `huse embed` writes) read by
+    its keys, anything else by its attributes."""
+    if not isinstance(r, dict):
+        return r
+    from huse.runtime.catalog import Record
+
+    return Record(row=int(r.get("row") or i + 1), image=r.get("image"), name=r.get("name"), classes=r.get("classes"),
+                  product_id=r.get("product_id"))
 
 
 def _records(data, images, confine: bool = False) -> list:

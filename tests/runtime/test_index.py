@@ -571,3 +571,20 @@ def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_c
     with pytest.raises(HuseError, match="product 1 is a str; give a dict with columns"):
         idx.add([{"name": "new tee", "product_id": "n1"}, "new shirt"], progress=False)
     assert idx.add([{"name": "New tee", "classes": rows[0]["classes"], "product_id": "n1"}], progress=False)["added"] == 1
+
+
+def test_an_index_from_huse_embed_output(tiny_bundle, tiny_catalog, flat_index, tmp_path):
+    """`huse embed` per modality, then Index.from_embeddings on what read_embeddings returns (dicts: they
+    raised AttributeError): the hits of an index built in one go."""
+    from huse.runtime.bulk import BulkJob, read_embeddings, run_bulk
+
+    vectors = {}
+    for mode in ("image", "text"):
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / mode), task="embed",
+                         mode=mode, progress=False))
+        vectors[mode], meta = read_embeddings(tmp_path / mode)
+    idx = Index.from_embeddings(tiny_bundle, meta, vectors, tmp_path / "idx", kind="flat", progress=False)
+    want = Index.open(flat_index).search(texts=["Acme navy tee"], k=5)[0]
+    got = idx.search(texts=["Acme navy tee"], k=5)[0]
+    assert [(h.row, h.product_id, h.name) for h in got] == [(h.row, h.product_id, h.name) for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
