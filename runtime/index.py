@@ -898,6 +898,11 @@ class Index:
         alive = self._array("items.alive.npy")
         present = {it["product_id"] for it, a in zip(previous, alive) if a and it.get("product_id")}
         known = sorted({r.product_id for r in records if r.product_id in present})
+        if replace and any(not r.product_id for r in records):  # a product is found by its id: nothing to update
+            rows = [r.row for r in records if not r.product_id]
+            raise HuseError(f"--replace (replace=True) updates products by product_id, and {len(rows)} row(s) of this "
+                            f"catalog have none (row {rows[0]}{', ...' if len(rows) > 1 else ''}): give each row its "
+                            "product_id, or add them as new products without --replace")
         if known and not replace:
             shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
             raise HuseError(f"{len(known)} product(s) of this catalog are already in the index ({shown}); "

@@ -136,6 +136,13 @@ def test_adding_products_already_in_the_index_is_refused_unless_replacing(tiny_b
     assert {h.name for h in hits if h.product_id == product} == {"Zanzibar quilted tote"}
     assert len(hits) == len(rows[::2])
 
+    # A row without product_id cannot be an update (it was added as a new product, again at each run).
+    before = files()
+    with pytest.raises(HuseError, match=r"updates products by product_id, and 1 row\(s\) of this catalog have none"):
+        idx.add([{"image": rows[0]["image"], "name": "Zanzibar tote", "classes": rows[0]["classes"]}],
+                images=tiny_catalog.parent, progress=False, replace=True)
+    assert files() == before
+
 
 def test_refuses_a_mismatched_bundle(flat_index, tiny_bundle, tmp_path):
     other = _copy(tiny_bundle, tmp_path)
