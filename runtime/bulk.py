@@ -872,19 +872,25 @@ def _complete(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text())
 
 
-def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
-    """All prediction rows of a complete output, in catalog order (for small outputs and tests)."""
+def iter_predictions(folder: str | Path) -> Iterator[dict[str, Any]]:
+    """The rows of a complete output (predictions, or an embed output's metadata) in catalog order, streamed a
+    shard and a Parquet batch at a time: memory stays that of one batch, whatever the output's size."""
     folder = Path(folder)
     m = _complete(folder)
-    rows = []
     for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
         for fname in e["files"]:
             if fname.endswith(".jsonl"):
-                rows += [json.loads(l) for l in (folder / fname).read_text(encoding="utf-8").splitlines()]
+                with open(folder / fname, encoding="utf-8") as f:
+                    yield from (json.loads(line) for line in f if line.strip())
             elif fname.endswith(".parquet"):
                 pq = lazy_import("pyarrow.parquet", "scale")
-                rows += pq.read_table(folder / fname).to_pylist()
-    return rows
+                for batch in pq.ParquetFile(folder / fname).iter_batches(batch_size=4096):
+                    yield from batch.to_pylist()
+
+
+def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
+    """All rows of a complete output, in catalog order, as a list (for small outputs and tests)."""
+    return list(iter_predictions(folder))
 
 
 def read_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]]:

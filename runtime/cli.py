@@ -215,7 +215,7 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
           threads, workers, prepare_priority, spin, resume, engine, address, actors, max_error_rate, progress, mode,
           trusted_keys=(),
           top_k=5, min_confidence=0.0, show=0, as_json=False) -> None:
-    from huse.runtime.bulk import BulkJob, read_predictions, run_bulk
+    from huse.runtime.bulk import BulkJob, run_bulk
 
     if as_json:
         raise HuseError("--json is for one product (--image/--title); a catalog's answers go to --out")
@@ -252,26 +252,25 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
         click.echo(f"warning: catalog {data} has no rows; the output is empty", err=True)
     _warn_unusable_images(r.image_failures, r.rows, r.first_image_error)
     if show > 0 and task == "classify":
-        for row in _first_rows(r.out, show, read_predictions):
+        for row in _first_rows(r.out, show):
             click.echo(_describe_row(row, row.get("classes")))
     if r.rows and r.errors / r.rows > max_error_rate:
         raise HuseError(f"{r.errors} of {r.rows} rows failed ({100 * r.errors / r.rows:.1f}% > --max-error-rate "
                         f"{100 * max_error_rate:g}%); see their 'error' field in {r.out}")
 
 
-def _first_rows(out, n: int, read_predictions) -> list[dict]:
+def _first_rows(out, n: int) -> list[dict]:
+    """The first n rows of a classify output (a JSONL file or a shard folder), read no further than them."""
+    import itertools
     from pathlib import Path
+
+    from huse.runtime.bulk import iter_predictions
 
     out = Path(out)
     if out.is_file():
-        rows = []
         with open(out, encoding="utf-8") as f:
-            for line in f:
-                if len(rows) >= n:
-                    break
-                rows.append(json.loads(line))
-        return rows
-    return read_predictions(out)[:n]
+            return [json.loads(line) for line in itertools.islice(f, n)]
+    return list(itertools.islice(iter_predictions(out), n))
 
 
 def _describe_row(row: dict, truth: str | None, head: str | None = None) -> str:

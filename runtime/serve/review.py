@@ -206,9 +206,9 @@ def _prediction_rows(path: Path) -> Iterator[dict[str, Any]]:
     if not path.is_dir():
         raise HuseError(f"predictions {path} do not exist; make them with "
                         f"`huse classify BUNDLE --data CATALOG --out PREDS --min-confidence P`")
-    from huse.runtime.bulk import read_predictions
+    from huse.runtime.bulk import iter_predictions
 
-    yield from read_predictions(path)
+    yield from iter_predictions(path)  # streamed: only the needs_review rows are kept
 
 
 class ReviewQueue:

@@ -359,3 +359,22 @@ f = open({str(lock)!r}, "a"); fcntl.flock(f, fcntl.LOCK_EX); print("locked", flu
         holder.kill()
         holder.wait()
     assert run_bulk(job).rows == 120 and not lock.exists()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_outputs_are_read_a_shard_at_a_time(tiny_bundle, tiny_catalog, tmp_path, fmt):
+    """`--show N` and the review queue read a classify output as a stream: the first rows come without
+    reading the later shards (read_predictions of a 10M-row output held every row in memory)."""
+    import itertools
+
+    from huse.runtime.bulk import iter_predictions
+
+    out = tmp_path / "out"
+    run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(out), shard_rows=50, format=fmt,
+                     progress=False))
+    want = read_predictions(out)
+    for shard in sorted(out.glob(f"part-*.{fmt}"))[1:]:
+        shard.write_bytes(b"not this")  # never read for the first rows
+    assert list(itertools.islice(iter_predictions(out), 30)) == want[:30]
+    with pytest.raises(Exception):
+        list(iter_predictions(out))
