@@ -741,9 +741,10 @@ def serve(config: ServeConfig, extra_routes: Sequence[Any] | Callable[[Server], 
                          proxy_headers=False)  # no proxy in front: its middleware would only cost
     _log_json_lines()
     _raise_fd_limit()
-    # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM it has already
-    # handled gracefully must then end the process with 0, not as killed.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn re-raises the signal it stopped on once it is done; a SIGTERM or Ctrl+C it has already
+    # handled gracefully must then end the process with 0, not as killed (or click's "Aborted!", exit 1).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(cfg).run()
     if server.failed:
         raise HuseError(server.failed)

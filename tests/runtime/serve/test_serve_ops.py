@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -170,6 +171,14 @@ def test_a_bad_setting_is_refused_by_name_before_the_port_opens(tiny_bundle, fla
     r = _cli(str(tiny_bundle), flag, value)
     assert r.returncode == 1 and r.stderr.strip() == f"error: {message}", r.stderr
     assert '"ready"' not in r.stdout
+
+
+def test_ctrl_c_stops_the_server_cleanly_with_exit_0(start_server):
+    """SIGINT (Ctrl+C in a terminal) as SIGTERM: a graceful stop and exit 0, not click's 'Aborted!' and 1."""
+    s = start_server()
+    s.proc.send_signal(signal.SIGINT)
+    assert s.proc.wait(60) == 0, s.output()
+    assert "Aborted" not in s.output() and "Traceback" not in s.output()
 
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_bundle):
