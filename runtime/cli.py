@@ -232,7 +232,12 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
                   workers=workers, prepare_priority=prepare_priority, engine=engine, address=address, actors=actors,
                   resume=resume, progress=progress,
                   trusted_keys=tuple(trusted_keys))
-    r = run_bulk(job)
+    try:
+        r = run_bulk(job)
+    except KeyboardInterrupt:  # Ctrl+C: the finished shards are kept, say how to go on (not click's "Aborted!")
+        click.echo(f"\ninterrupted: the finished shards are kept; run the same command with --resume to go on "
+                   f"from them", err=True)
+        sys.exit(130)
     verb = "classified" if task == "classify" else "embedded"
     how = f"with {r.backend}" if r.backend else "(complete already: nothing to redo)"
     msg = (f"{verb} {r.classified}/{r.rows} rows {how} -> {r.out}; {r.errors} with errors, "

@@ -68,6 +68,23 @@ def test_kill_9_then_resume_is_identical_and_redoes_only_in_flight_shards(tiny_b
     assert r.returncode == 0 and "2400/2400 rows (complete already: nothing to redo)" in r.stdout, r.stdout
 
 
+def test_ctrl_c_keeps_the_finished_shards_and_says_how_to_go_on(tiny_bundle, big_catalog, tmp_path):
+    args = ["classify", tiny_bundle, "--data", big_catalog, "--shard-rows", 100, "--batch-size", 32, "--no-progress",
+            "--threads", 1, "--out", tmp_path / "out"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = tmp_path / "out.partial" / "_manifest.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (manifest.is_file() and json.loads(manifest.read_text())["shards"]):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Aborted" not in err, err
+    assert "interrupted: the finished shards are kept; run the same command with --resume" in err
+    kept = len(json.loads(manifest.read_text())["shards"])
+    r = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True)
+    assert r.returncode == 0 and f"{kept} of 24 shards kept" in r.stdout, r.stdout + r.stderr
+
+
 def test_resume_with_other_settings_is_refused(tiny_bundle, big_catalog, tmp_path):
     job = BulkJob(bundle=str(tiny_bundle), data=str(big_catalog), out=str(tmp_path / "o"), shard_rows=500,
                   progress=False, max_shards=1)
