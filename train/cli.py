@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import click
 
@@ -115,7 +117,13 @@ def _train(o: dict) -> None:
         click.echo(f"WARNING: {len(untrained)} class(es) have rows only in val or test, none in train, so the model "
                    f"never learns them: {shown}{', ...' if len(untrained) > 5 else ''}. Move some of their products "
                    "into train (or drop the split column to split by product).")
-    metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
+    try:
+        metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
+    except KeyboardInterrupt:  # Ctrl+C: say how to go on (not click's bare "Aborted!")
+        saved = (Path(o["out"]) / "state.json").is_file()
+        click.echo("\ninterrupted: " + ("the last checkpoint is kept; run the same command with --resume to go on "
+                                        "from it" if saved else "no checkpoint was written yet; run it again"), err=True)
+        sys.exit(130)
     click.echo(format_metrics(metrics))
     click.echo(f"run written to {o['out']} (metrics.json, confusion_matrix.png, model.safetensors)")
 

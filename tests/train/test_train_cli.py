@@ -149,3 +149,23 @@ def test_train_cli_multi_label_loss_reaches_the_run(tiny_multi_catalog, tmp_path
     assert json.loads((out / "config.json").read_text())["model"]["label_loss"] == "bce"
     r = CliRunner().invoke(main, ["--data", str(tiny_multi_catalog), "--out", str(tmp_path / "x"), "--multi-label-loss", "focal"])
     assert r.exit_code == 2 and "'focal' is not one of 'asl', 'bce'" in r.output
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_go_on(tiny_catalog, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "huse.train.cli", "--data", str(tiny_catalog), "--out", str(out), "--backbone",
+            "tiny", "--image-size", "32", "--epochs", "100000", "--batch-size", "8", "--embed-dim", "32",
+            "--cv-folds", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "state.json").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Aborted" not in err, err
+    assert "interrupted: the last checkpoint is kept; run the same command with --resume" in err
