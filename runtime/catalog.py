@@ -95,6 +95,8 @@ def _unknown_column(where: str, col: str) -> HuseError:
     key = str(col).strip().lower().replace(" ", "_").replace("-", "_")
     meant = key if key in COLUMNS else _OTHER_NAMES.get(key)
     hint = f"; did you mean {meant!r}? (rename the column)" if meant else ""
+    if key in ("", "index") or key.startswith(("unnamed:_", "__index_level_")):  # what pandas writes for its index
+        hint = "; it looks like a pandas index: write the file with index=False (df.to_csv(path, index=False))"
     return HuseError(f"{where}: unknown column {col!r}; known columns are {list(COLUMNS)}{hint}")
 
 

@@ -102,6 +102,14 @@ def test_an_unknown_column_names_the_column_it_likely_means(tmp_path, col, meant
     assert (f"did you mean '{meant}'?" in str(e.value)) if meant else "did you mean" not in str(e.value)
 
 
+def test_a_pandas_index_column_says_to_write_without_it(tmp_path):
+    """`df.to_csv(path)` writes the index as a first column without a name."""
+    path = tmp_path / "cat.csv"
+    path.write_text(",image,name,classes\n0,a.png,tee,a<b\n", encoding="utf-8")
+    with pytest.raises(HuseError, match=r"unknown column ''.*a pandas index: write the file with index=False"):
+        read_catalog(path)
+
+
 @pytest.mark.parametrize("delimiter", [";", "\t"])
 def test_semicolon_and_tab_separated_catalogs_read_like_commas(tmp_path, delimiter):
     """What spreadsheets export in many locales (';'), and .tsv files; streamed shards agree too."""
