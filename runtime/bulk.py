@@ -771,14 +771,16 @@ def _run_bulk(job: BulkJob, target: Path, single: bool) -> BulkResult:
     result = BulkResult(out=Path(job.out), shards_resumed=len(done))
     if output.partial != output.out:  # not already complete
         initial = sum(e["count"] for e in output.manifest["shards"].values())
-        progress = _Progress(count_rows(job.data), initial, job.progress, "rows")
-        try:
+        progress = None
+        try:  # from the first read of the catalog: a file it cannot read leaves no OUT.partial to --resume
+            progress = _Progress(count_rows(job.data), initial, job.progress, "rows")
             (_run_ray if job.engine == "ray" else _run_local)(job, output, done, progress, result)
         except BaseException:
             output.discard_if_empty()
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
     result.seconds = time.perf_counter() - t0
     entries = sorted(output.manifest["shards"].values(), key=lambda e: e["shard"])
     result.shards = len(entries)

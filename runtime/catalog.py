@@ -74,9 +74,26 @@ class Shard:
     first_row: int
 
 
+_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+# What a catalog file is not, by its name: said at once (read as CSV, each made a misleading error).
+_NOT_A_CATALOG = {**dict.fromkeys((".xlsx", ".xls", ".ods"), "a spreadsheet workbook: save it as CSV (UTF-8)"),
+                  **dict.fromkeys((".gz", ".zip", ".bz2", ".xz", ".zst"),
+                                  "compressed: decompress it first (catalogs are read in place, in shards by byte "
+                                  "offset)")}
+
+
 def _format(path: Path) -> str:
+    """csv, jsonl or parquet by the file's name (anything else is read as CSV)."""
     suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "csv")
+    if suffix in _NOT_A_CATALOG:
+        raise HuseError(f"catalog {path} is {_NOT_A_CATALOG[suffix]}; huse reads CSV, JSON Lines and Parquet")
+    fmt = _FORMATS.get(suffix, "csv")
+    if fmt == "jsonl" and path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+                raise HuseError(f"catalog {path} is one JSON array; huse reads JSON Lines, one object per line "
+                                "(pandas: df.to_json(path, orient='records', lines=True))")
+    return fmt
 
 
 def _check_file(path: Path) -> None:

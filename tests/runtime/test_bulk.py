@@ -395,3 +395,14 @@ def test_outputs_are_read_a_shard_at_a_time(tiny_bundle, tiny_catalog, tmp_path,
     assert list(itertools.islice(iter_predictions(out), 30)) == want[:30]
     with pytest.raises(Exception):
         list(iter_predictions(out))
+
+
+def test_a_catalog_that_cannot_be_read_leaves_nothing_to_resume(tiny_bundle, tmp_path):
+    """The first read of the catalog (counting its rows) failed after OUT.partial was made; the corrected
+    rerun was then told that an interrupted run waited for --resume."""
+    (tmp_path / "catalog.xlsx").write_bytes(b"PK\x03\x04")
+    job = BulkJob(bundle=str(tiny_bundle), data=str(tmp_path / "catalog.xlsx"), out=str(tmp_path / "out"),
+                  progress=False)
+    with pytest.raises(HuseError, match="is a spreadsheet workbook"):
+        run_bulk(job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.xlsx"]

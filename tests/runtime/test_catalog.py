@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -387,3 +388,23 @@ def test_parquet_may_hold_the_photos_themselves(tmp_path, form):
     assert recs[1].error == "row 2, column image: the photo's bytes are empty"
     assert recs[2].image == (None if form == "binary" else str(tmp_path / "images" / "gone.png"))
     assert recs[0].error is None and recs[0].image == held[0].image
+
+
+@pytest.mark.parametrize("name, says", [
+    ("catalog.xlsx", "is a spreadsheet workbook: save it as CSV (UTF-8)"),
+    ("catalog.csv.gz", "is compressed: decompress it first"),
+    ("catalog.json", "is one JSON array; huse reads JSON Lines, one object per line"),
+])
+def test_files_that_are_not_catalogs_say_what_they_are(tmp_path, name, says):
+    """Read as CSV, each gave a misleading error (an unknown column, 'looks like UTF-16')."""
+    path = tmp_path / name
+    path.write_bytes(b'[{"image": "a.png", "name": "tee"}]' if name.endswith(".json") else b"PK\x03\x04\x00\x00")
+    with pytest.raises(HuseError, match=re.escape(f"catalog {path} {says}")):
+        read_catalog(path)
+
+
+def test_json_lines_named_json_read_as_jsonl(tmp_path):
+    rows = [{"image": "a.png", "name": "tee", "classes": "a<b"}, {"image": "b.png", "name": "shirt", "classes": "a<c"}]
+    _write_jsonl(tmp_path / "c.jsonl", rows)
+    (tmp_path / "c.json").write_bytes((tmp_path / "c.jsonl").read_bytes())
+    assert read_catalog(tmp_path / "c.json") == read_catalog(tmp_path / "c.jsonl")
