@@ -128,8 +128,9 @@ class BulkResult:
     work_seconds: float = 0.0  # from the model being loaded (local) or the actors being asked (Ray) to the end
     backend: str = ""
     first_image_error: str | None = None
-    known: int = 0  # rows with classes that were classified
+    known: int = 0  # rows with classes the bundle has that were classified
     right: int = 0  # of those, top-1 == classes
+    unknown_classes: int = 0  # rows classified whose classes the bundle does not have (not in the accuracy)
 
     @property
     def items_per_s(self) -> float:
@@ -278,11 +279,6 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
 # Shard files
 
 
-def _multi_label(bundle: str) -> bool:
-    """Whether a bundle is multi-label (its shards then carry a `labels` column)."""
-    return is_multi_label(json.loads((Path(bundle) / "manifest.json").read_text()))
-
-
 def _schema(task: str, multi_label: bool = False):
     pa = lazy_import("pyarrow", "scale")
     base = [("row", pa.int64()), ("product_id", pa.string()), ("image", pa.string()), ("name", pa.string()),
@@ -345,7 +341,8 @@ def write_shard(folder: Path, shard: Shard, rows: list[dict[str, Any]], vectors:
                 job: BulkJob, retried: bool = False) -> dict[str, Any]:
     """Write one shard's files (temp name + rename each) and return its manifest entry."""
     name = shard_name(shard.index)
-    multi = job.task == "classify" and _multi_label(job.bundle)
+    bundle = json.loads((Path(job.bundle) / "manifest.json").read_text())  # verified when the Classifier loaded it
+    multi = job.task == "classify" and is_multi_label(bundle)  # its shards then carry a `labels` column
     files = {f"{name}.{job.format}": _table_bytes(rows, job.task, job.format, multi)}
     if vectors is not None:
         files[f"{name}.npy"] = _npy_bytes(vectors)
@@ -354,18 +351,22 @@ def write_shard(folder: Path, shard: Shard, rows: list[dict[str, Any]], vectors:
     return {"shard": shard.index, "start": shard.start, "count": len(rows),
             "rows": [rows[0]["row"], rows[-1]["row"]] if rows else [],
             "files": {fname: hashlib.sha256(data).hexdigest() for fname, data in files.items()},
-            **_counts(rows), "retried": retried}
+            **_counts(rows, set(bundle["labels"])), "retried": retried}
 
 
-def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _counts(rows: list[dict[str, Any]], labels: set[str]) -> dict[str, Any]:
     warn = [r["warning"] for r in rows if r.get("warning")]
     # Rows whose image could not be used (a title may have saved them): many mean a wrong --images.
     img_fail = [r.get("warning") or r.get("error") for r in rows
                 if r.get("image") and "image" in (r.get("warning") or r.get("error") or "")]
-    known = [r for r in rows if r.get("classes") and r.get("label")]
+    given = [(r, parse_paths(r["classes"])) for r in rows if r.get("classes") and r.get("label")]
+    # Accuracy counts the rows whose classes the bundle has: a class it never learnt (another taxonomy, a new
+    # category) cannot be its answer, and is counted apart rather than as wrong.
+    known = [(r, paths) for r, paths in given if labels.intersection(paths)]
     return {"errors": sum(r.get("error") is not None for r in rows), "warnings": len(warn),
             # right: the top-1 label is one of the row's classes (for one path: equal to it)
-            "known": len(known), "right": sum(r["label"] in parse_paths(r["classes"]) for r in known),
+            "known": len(known), "right": sum(r["label"] in paths for r, paths in known),
+            "unknown_classes": len(given) - len(known),
             "needs_review": sum(bool(r.get("needs_review")) for r in rows),
             "image_failures": len(img_fail), "first_image_error": img_fail[0] if img_fail else None}
 
@@ -793,6 +794,7 @@ def _run_bulk(job: BulkJob, target: Path, single: bool) -> BulkResult:
     result.first_image_error = next((e["first_image_error"] for e in entries if e.get("first_image_error")), None)
     result.known = sum(e.get("known", 0) for e in entries)
     result.right = sum(e.get("right", 0) for e in entries)
+    result.unknown_classes = sum(e.get("unknown_classes", 0) for e in entries)
     result.classified = result.rows - result.errors
     if job.max_shards is None or output.partial == output.out:
         result.out = output.finish({"rows": result.rows, "errors": result.errors, "warnings": result.warnings,

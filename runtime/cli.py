@@ -252,6 +252,9 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
         msg += f"; {r.items_per_s:.0f} items/s"
     if r.known:
         msg += f"; top-1 accuracy on rows with classes: {r.right / r.known:.4f}"
+    if r.unknown_classes:
+        msg += (f"; {r.unknown_classes} rows have classes the bundle does not have (left out of the accuracy: "
+                "another taxonomy, or classes it was not trained on)")
     click.echo(msg)
     if not r.rows:  # a delta feed may be empty; a truncated export is too, so say so
         click.echo(f"warning: catalog {data} has no rows; the output is empty", err=True)

@@ -143,6 +143,25 @@ def test_one_product_from_the_command_line(tiny_bundle, catalog, tmp_path):
         assert r.exit_code == 1 and says in r.output, r.output
 
 
+def test_accuracy_counts_only_rows_whose_classes_the_bundle_has(tiny_bundle, catalog, tmp_path):
+    """Rows of another taxonomy (or a class never trained) cannot be answered right: they were counted wrong."""
+    rows = list(csv.DictReader(open(catalog, newline="")))
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "a.jsonl", "--no-progress")
+    before = float(r.output.split("top-1 accuracy on rows with classes: ")[1][:6])
+    for row in rows[:30]:
+        row["classes"] = "toys<games"
+    with open(catalog, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "b.jsonl", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "30 rows have classes the bundle does not have (left out of the accuracy" in r.output
+    preds = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()][30:]
+    right = sum(p["label"] == p["classes"] for p in preds)
+    assert f"top-1 accuracy on rows with classes: {right / 90:.4f}" in r.output and before > 0
+
+
 def test_max_error_rate_exits_1_with_counts(tiny_bundle, catalog, tmp_path):
     r = _run("classify", tiny_bundle, "--data", catalog, "--images", tmp_path / "nowhere", "--mode", "image",
              "--out", tmp_path / "o", "--no-progress")
