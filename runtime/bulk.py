@@ -257,12 +257,14 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
     dim = int(clf.manifest["embedding_dim"])
     vectors = np.full((len(records), dim), np.nan, dtype=np.float32)
     img_vec = clf.embed_image(images) if images is not None and use else None
-    need_text = [j for j in range(len(use)) if img_vec is None or j in img_vec.errors]
+    # A row's image vector is usable when it has a photo that decoded (a row without one is in no error list)
+    has_img = [img_vec is not None and u.image is not None and j not in img_vec.errors for j, u in enumerate(use)]
+    need_text = [j for j in range(len(use)) if not has_img[j]]
     txt_vec = clf.embed_text([titles[j] for j in need_text]) if titles is not None and need_text else None
     txt_pos = {j: k for k, j in enumerate(need_text)}
     for j, i in enumerate(ok):
         row, r = rows[i], records[i]
-        if img_vec is not None and j not in img_vec.errors:
+        if has_img[j]:
             vectors[i], row["modality"] = img_vec.vectors[j], "image"
         elif txt_vec is not None and txt_pos[j] not in txt_vec.errors:
             vectors[i], row["modality"] = txt_vec.vectors[txt_pos[j]], "text"
@@ -270,7 +272,8 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
                 row["warning"] = _row_error(r.row, f"{img_vec.errors[j]}; embedded by title only")
         else:
             msg = (img_vec.errors.get(j) if img_vec is not None else None) or (
-                txt_vec.errors.get(txt_pos[j]) if txt_vec is not None else None) or "no usable image or title"
+                txt_vec.errors.get(txt_pos[j]) if txt_vec is not None else None) or (
+                "has no image (--mode image)" if job.mode == "image" else "no usable image or title")
             row["error"] = _row_error(r.row, msg if r.image or r.name else "has no image or title")
     return rows, vectors
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -406,3 +407,31 @@ def test_a_catalog_that_cannot_be_read_leaves_nothing_to_resume(tiny_bundle, tmp
     with pytest.raises(HuseError, match="is a spreadsheet workbook"):
         run_bulk(job)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.xlsx"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "image", "text"])
+def test_embed_a_row_without_a_photo(tiny_bundle, tiny_catalog, tmp_path, mode):
+    """A product without a photo got a NaN vector labelled modality 'image', and no error: auto now embeds its
+    title, --mode image makes it the row's error, and no finite-looking row is ever NaN."""
+    from huse.runtime import Classifier
+
+    rows = [dict(r, image=str(tiny_catalog.parent / r["image"])) for r in csv.DictReader(open(tiny_catalog))][:4]
+    rows[1]["image"] = ""
+    catalog = tmp_path / "some-without-photos.csv"
+    with open(catalog, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(catalog), out=str(tmp_path / "e"), task="embed", mode=mode,
+                         progress=False))
+    vectors, meta = read_embeddings(tmp_path / "e")
+    with Classifier(tiny_bundle) as clf:
+        title = clf.embed_text([rows[1]["name"]]).vectors[0]
+    if mode == "image":
+        assert r.errors == 1 and meta[1]["error"] == "row 2: has no image (--mode image)" and meta[1]["modality"] is None
+        assert np.isnan(vectors[1]).all()
+    else:
+        assert r.errors == 0 and meta[1]["modality"] == "text" and meta[1]["error"] is None
+        np.testing.assert_allclose(vectors[1], title, atol=1e-6)
+    for v, m in zip(vectors, meta):  # a vector is finite exactly when its row has no error
+        assert np.isfinite(v).all() == (m["error"] is None)
