@@ -272,8 +272,7 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
                 row["warning"] = _row_error(r.row, f"{img_vec.errors[j]}; embedded by title only")
         else:
             msg = (img_vec.errors.get(j) if img_vec is not None else None) or (
-                txt_vec.errors.get(txt_pos[j]) if txt_vec is not None else None) or (
-                "has no image (--mode image)" if job.mode == "image" else "no usable image or title")
+                txt_vec.errors.get(txt_pos[j]) if txt_vec is not None else None) or "no usable image or title"
             row["error"] = _row_error(r.row, msg if r.image or r.name else "has no image or title")
     return rows, vectors
 

@@ -496,8 +496,8 @@ class Classifier:
     def _embed_images(self, images: Sequence[ImageInput] | Decoded, outputs: dict[str, int]) -> dict[str, Embeddings]:
         """{output: Embeddings} of the image graph's `outputs` (name: width), from one run of it."""
         decoded = self._images(_per_item(images, "images"))
-        return self._embed("image", len(images), decoded.rows, decoded.errors,
-                           lambda idx: {"image": decoded.stack(idx)}, outputs)
+        errors = {i: decoded.errors.get(i) or f"item {i}: no image" for i in range(len(images)) if i not in decoded.rows}
+        return self._embed("image", len(images), decoded.rows, errors, lambda idx: {"image": decoded.stack(idx)}, outputs)
 
     def _embed(self, graph: str, n: int, ok: dict, errors: dict[int, str], make_feeds,
                outputs: dict[str, int] | None = None) -> dict[str, Embeddings]:

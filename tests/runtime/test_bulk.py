@@ -428,7 +428,7 @@ def test_embed_a_row_without_a_photo(tiny_bundle, tiny_catalog, tmp_path, mode):
     with Classifier(tiny_bundle) as clf:
         title = clf.embed_text([rows[1]["name"]]).vectors[0]
     if mode == "image":
-        assert r.errors == 1 and meta[1]["error"] == "row 2: has no image (--mode image)" and meta[1]["modality"] is None
+        assert r.errors == 1 and meta[1]["error"] == "row 2: no image" and meta[1]["modality"] is None
         assert np.isnan(vectors[1]).all()
     else:
         assert r.errors == 0 and meta[1]["modality"] == "text" and meta[1]["error"] is None

@@ -120,10 +120,11 @@ def test_non_utf8_title_is_normalised(clf):
 
 def test_embeddings_are_unit_norm_and_failures_are_nan(clf, items):
     images, titles = items
-    e = clf.embed_image(images[:3] + [b"junk"])
-    assert e.vectors.shape == (4, clf.manifest["embedding_dim"])
+    e = clf.embed_image(images[:3] + [b"junk", None])
+    assert e.vectors.shape == (5, clf.manifest["embedding_dim"])
     np.testing.assert_allclose(np.linalg.norm(e.vectors[:3], axis=1), 1.0, atol=1e-5)
-    assert np.isnan(e.vectors[3]).all() and 3 in e.errors
+    assert np.isnan(e.vectors[3:]).all() and 3 in e.errors
+    assert e.errors[4] == "item 4: no image"  # a NaN row always has its reason (a missing photo had none)
     t = clf.embed_text([titles[0], "", None])
     np.testing.assert_allclose(np.linalg.norm(t.vectors[0]), 1.0, atol=1e-5)
     assert set(t.errors) == {1, 2}
