@@ -66,10 +66,7 @@ def split_catalog(catalog: Path, folder: Path) -> tuple[Path, Path, list[dict[st
     rows = list(csv.DictReader(open(catalog, newline="")))
     first, rest = folder / "first.csv", folder / "rest.csv"
     for path, part in ((first, rows[::2]), (rest, rows[1::2])):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(part)
+        write_rows(path, part)
     return first, rest, rows
 
 
@@ -110,3 +107,12 @@ def photos_in_parquet(catalog: Path, out: Path, form: str = "struct") -> Path:
     columns = {"image": image, **{k: [r[k] for r in rows] for k in rows[0] if k != "image"}}
     pq.write_table(pa.table(columns), out)
     return out
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Rows (dicts with the same keys) as a CSV catalog at `path`."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path

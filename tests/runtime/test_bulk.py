@@ -21,6 +21,7 @@ import pytest
 
 from huse.runtime.bulk import BulkJob, read_embeddings, read_predictions, run_bulk
 from huse.runtime.errors import HuseError
+from tests.models.make_data import write_rows
 
 
 @pytest.fixture(scope="module")
@@ -418,10 +419,7 @@ def test_embed_a_row_without_a_photo(tiny_bundle, tiny_catalog, tmp_path, mode):
     rows = [dict(r, image=str(tiny_catalog.parent / r["image"])) for r in csv.DictReader(open(tiny_catalog))][:4]
     rows[1]["image"] = ""
     catalog = tmp_path / "some-without-photos.csv"
-    with open(catalog, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(catalog, rows)
     r = run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(catalog), out=str(tmp_path / "e"), task="embed", mode=mode,
                          progress=False))
     vectors, meta = read_embeddings(tmp_path / "e")

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from huse.runtime.bulk import read_embeddings, read_predictions
 from huse.runtime.cli import main
+from tests.models.make_data import write_rows
 
 
 @pytest.fixture
@@ -150,10 +151,7 @@ def test_accuracy_counts_only_rows_whose_classes_the_bundle_has(tiny_bundle, cat
     before = float(r.output.split("top-1 accuracy on rows with classes: ")[1][:6])
     for row in rows[:30]:
         row["classes"] = "toys<games"
-    with open(catalog, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(catalog, rows)
     r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / "b.jsonl", "--no-progress")
     assert r.exit_code == 0, r.output
     assert "30 rows have classes the bundle does not have (left out of the accuracy" in r.output

@@ -17,7 +17,7 @@ pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not instal
 
 from huse.runtime import HuseError, Index  # noqa: E402
 from huse.runtime.index import choose_kind, parse_memory  # noqa: E402
-from tests.models.make_data import split_catalog  # noqa: E402
+from tests.models.make_data import split_catalog, write_rows  # noqa: E402
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -123,10 +123,7 @@ def test_adding_products_already_in_the_index_is_refused_unless_replacing(tiny_b
     # An update: one product's rows come back with a new title; every other product of the index is untouched.
     product = rows[0]["product_id"]
     updated = [dict(r, name="Zanzibar quilted tote") for r in rows[::2] if r["product_id"] == product]
-    with open(tmp_path / "update.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(updated)
+    write_rows(tmp_path / "update.csv", updated)
     r = Index.open(tmp_path / "idx").add(tmp_path / "update.csv", images=tiny_catalog.parent, progress=False,
                                          replace=True)
     assert r["added"] == r["replaced"] == len(updated)
@@ -175,10 +172,7 @@ def test_failed_rows_are_excluded_and_listed(tiny_bundle, tiny_catalog, tmp_path
     rows[2]["name"] = ""
     rows[3]["image"] = ""
     path = tmp_path / "cat.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     idx = Index.build(tiny_bundle, path, tmp_path / "idx", images=tiny_catalog.parent, progress=False)
     excluded = {(e["row"], e["modality"]) for e in idx.excluded()}
     assert excluded == {(1, "image"), (2, "image"), (3, "text"), (4, "image")}

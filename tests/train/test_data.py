@@ -9,6 +9,7 @@ import pytest
 
 from huse.runtime.errors import HuseError
 from huse.train.data import load_catalog_dataset
+from tests.models.make_data import write_rows
 
 
 def _copy(tiny_catalog, tmp_path):
@@ -221,8 +222,5 @@ def test_a_catalog_in_product_taxonomy_form_trains_the_same_hierarchy(tiny_catal
     shutil.copytree(tiny_catalog.parent, tmp_path / "cat")
     path = tmp_path / "cat" / "catalog.csv"
     rows = list(csv.DictReader(open(path, newline="")))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows([dict(r, classes=r["classes"].replace("<", " > ")) for r in rows])
+    write_rows(path, [dict(r, classes=r["classes"].replace("<", " > ")) for r in rows])
     assert load_catalog_dataset(path).classes == load_catalog_dataset(tiny_catalog).classes

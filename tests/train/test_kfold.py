@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from huse.runtime.hierarchy import Hierarchy
+from tests.models.make_data import write_rows
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +23,7 @@ def grouped_catalog(tiny_catalog, tmp_path_factory):
         r["product_id"] = f"g{k // 3}"  # rows of one class are consecutive: a product keeps one class
         r["image"] = str(tiny_catalog.parent / r["image"])
     path = tmp_path_factory.mktemp("grouped") / "catalog.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(path, rows)
     return path
 
 
