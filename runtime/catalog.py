@@ -202,27 +202,23 @@ def _text(row: int, col: str, value: Any, *, allow_int: bool = False) -> tuple[s
 
 def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) -> Record:
     """One Record from raw cell values; the first bad cell (or, with `confine`, an image path that
-    could leave `base`) becomes the row's error."""
+    could leave `base`) becomes the row's error. A Parquet `image` cell may hold the photo itself."""
+    image, photo = values.get("image"), None
+    if isinstance(image, dict) and set(image) <= {"bytes", "path"}:  # Hugging Face's Image feature
+        image = image["bytes"] if image.get("bytes") is not None else image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        if not image:
+            return Record(row=row, image=None, name=None, error=f"row {row}, column image: the photo's bytes are empty")
+        image, photo = None, bytes(image)
     cells: dict[str, str | None] = {}
-    photo = _photo_bytes(row, values.get("image"))
-    if isinstance(photo, str):  # what is wrong with them
-        return Record(row=row, image=None, name=None, error=photo)
     for col in COLUMNS:
-        value = values.get(col)
-        if col == "image" and isinstance(value, dict) and photo is None:  # {bytes: null, path: "..."}
-            value = value.get("path")
-        elif col == "image" and photo is not None:
-            value = None
+        value = image if col == "image" else values.get(col)
         if col == "classes":  # several paths may come as a list (runtime/labels.py)
             value = cell_text(value)
         v, err = _text(row, col, value, allow_int=col == "product_id")
         if err:
             return Record(row=row, image=None, name=None, error=err)
         cells[col] = v
-    if photo is not None:
-        return _checked_split(Record(row=row, image=photo, name=cells["name"] or None,
-                                     classes=(cells["classes"] or "").strip() or None,
-                                     product_id=(cells["product_id"] or "").strip() or None), cells["split"])
     img = (cells["image"] or "").strip() or None
     if img is not None and confine:
         try:
@@ -233,30 +229,13 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
     if img is not None and not os.path.isabs(img) and not is_url(img):  # a URL is named as given in its error
         # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
         img = os.path.join(base, img)
-    return _checked_split(Record(row=row, image=img, name=cells["name"] or None,
-                                 classes=(cells["classes"] or "").strip() or None,
-                                 product_id=(cells["product_id"] or "").strip() or None), cells["split"])
-
-
-def _checked_split(rec: Record, value: str | None) -> Record:
-    split = (value or "").strip().lower() or None
+    img = photo if photo is not None else img
+    split = (cells["split"] or "").strip().lower() or None
     if split is not None and split not in SPLITS:
-        return Record(row=rec.row, image=rec.image, name=rec.name,
-                      error=f"row {rec.row}: split {split!r} is not one of {list(SPLITS)}")
-    rec.split = split
-    return rec
-
-
-def _photo_bytes(row: int, value: Any) -> bytes | str | None:
-    """The encoded photo a Parquet `image` cell holds (binary, or a {bytes, path} struct's bytes), None
-    where it holds a path or nothing, or an error message."""
-    if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
-        value = value.get("bytes")
-    if not isinstance(value, (bytes, bytearray)):
-        return None
-    if not value:
-        return f"row {row}, column image: the photo's bytes are empty"
-    return bytes(value)
+        return Record(row=row, image=img, name=cells["name"] or None,
+                      error=f"row {row}: split {split!r} is not one of {list(SPLITS)}")
+    return Record(row=row, image=img, name=cells["name"] or None, classes=(cells["classes"] or "").strip() or None,
+                  product_id=(cells["product_id"] or "").strip() or None, split=split)
 
 
 # -- CSV ---------------------------------------------------------------------------------

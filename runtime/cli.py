@@ -270,7 +270,6 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
 def _first_rows(out, n: int) -> list[dict]:
     """The first n rows of a classify output (a JSONL file or a shard folder), read no further than them."""
     import itertools
-    from pathlib import Path
 
     from huse.runtime.bulk import iter_predictions
 
