@@ -53,6 +53,15 @@ RUN_ENTRIES = frozenset({"config.json", "vocab.json", "tokenizer.json", "model.s
                          "checkpoint.safetensors", "optimizer.safetensors", "state.json", "metrics.json",
                          "confusion_matrix.png", "cache", "cv"})
 
+
+def _run_entry(name: str) -> str:
+    """The run file `name` is or is on its way to be: a killed run leaves X.next (a staged checkpoint
+    file) and X.tmp / X.next.tmp (a write cut short, runtime/files.py's `write_atomic`)."""
+    for suffix in (".tmp", ".next"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 # Below this many train + val rows, `cv_folds=None` ("auto") chooses the epochs, the fusion weight and the
 # temperatures by k-fold cross-validation by product instead of on the one val split. On the small real
 # catalogs (616-1,986 train + val rows) val holds 55-64 products, one product moves val top-1 by 1.6-1.8
@@ -353,7 +362,7 @@ class Trainer:
         self.ds, self.out, self.tc = ds, Path(out), train_cfg
         self.cache, self.backbone_weights = Path(cache) if cache else self.out / "cache", backbone_weights
         if not resume and self.out.is_dir():  # a run writes its files by these names: never over a user's own
-            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in RUN_ENTRIES and p.suffix != ".next")
+            foreign = sorted(p.name for p in self.out.iterdir() if _run_entry(p.name) not in RUN_ENTRIES)
             if foreign:
                 raise HuseError(f"--out {self.out} holds files a training run does not write ({', '.join(foreign[:3])}"
                                 f"{', ...' if len(foreign) > 3 else ''}); choose a new --out")

@@ -62,6 +62,19 @@ def test_train_never_writes_its_files_into_a_folder_of_other_files(tiny_catalog,
         "config.json", "notes.md"]
 
 
+def test_a_plain_rerun_starts_over_where_a_kill_left_half_written_files(tiny_catalog, tmp_path):
+    from huse.train.cli import main
+
+    out = tmp_path / "run"  # killed before its first checkpoint, in the middle of writing one
+    out.mkdir()
+    for name in ("optimizer.safetensors.next.tmp", "checkpoint.safetensors.next", "state.json.tmp"):
+        (out / name).write_bytes(b"half")
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(out), "--backbone", "tiny",
+                                  "--image-size", "32", "--epochs", "1", "--text-encoder", "cnn"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "state.json").read_text())["epoch"] == 1
+
+
 def test_data_export_refuses_a_limit_of_nothing(tmp_path):
     from huse.train.cli import data
 
