@@ -9,6 +9,7 @@ the old bundle or the new one, plus unlisted leftovers that the next export remo
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,15 @@ def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, re
                   precision: str = "int8", folder: str | None = None) -> dict[str, Any]:
     """INT8 graphs in `precision`'s folder: "int8" in TensorRT's Q/DQ form, "int8-cpu" for onnxruntime's CPU
     kernels; either walks the float-convs ladder and keeps the first rung that passes the fused gate."""
-    from huse.export.precision import accuracy_gate, quantize_int8, quantize_int8_cpu
-
     folder = folder or precision
+    # One calibration per graph, not one per rung: the ranges do not depend on which convs stay in float.
+    with tempfile.TemporaryDirectory(prefix=f"huse-{precision}-ranges-") as ranges:
+        return _int8_ladder(bundle, manifest, opts, calib, evald, ref, say, precision, folder, Path(ranges))
+
+
+def _int8_ladder(bundle: Path, manifest: dict[str, Any], opts, calib, evald, ref, say, precision: str, folder: str,
+                 ranges: Path) -> dict[str, Any]:
+    from huse.export.precision import accuracy_gate, quantize_int8, quantize_int8_cpu
 
     def quantize(g: str, float_convs: int) -> dict[str, Any]:
         src = bundle / manifest["models"]["fp32"][g]
@@ -152,8 +159,10 @@ def _int8_variant(bundle: Path, manifest: dict[str, Any], opts, calib, evald, re
         prefixes = FLOAT_PREFIXES.get(manifest.get("model", {}).get("text_encoder"), ())
         exclude += sorted(n for n in _node_names(src) if n.startswith(prefixes)) if prefixes else []
         if precision == "int8-cpu":
-            return quantize_int8_cpu(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude)
-        return quantize_int8(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude, quantizer=opts.quantizer)
+            return quantize_int8_cpu(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude,
+                                     ranges=ranges / f"{g}.json")
+        return quantize_int8(src, dst, feeds, method=opts.calib_method, exclude_nodes=exclude, quantizer=opts.quantizer,
+                             ranges=ranges / f"{g}.json")
 
     if opts.int8_exclude:  # names the user gave: each must be a node of one of the graphs
         known = set().union(*(_node_names(bundle / manifest["models"]["fp32"][g]) for g in GRAPHS))

@@ -290,6 +290,7 @@ def quantize_int8(
     exclude_nodes: Iterable[str] = (),
     quantizer: str = "ort",
     percentile: float = 99.999,
+    ranges: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write an INT8 Q/DQ copy of an ONNX graph, calibrated on real inputs, in the form TensorRT accepts.
 
@@ -307,6 +308,9 @@ def quantize_int8(
         quantizer: "ort" (onnxruntime.quantization, always available with the export extra) or "modelopt"
             (NVIDIA TensorRT Model Optimizer, if installed).
         percentile: the percentile for method="percentile" (onnxruntime only).
+        ranges: a calibration-ranges file (onnxruntime only): read when it exists, else written. The ranges
+            depend on the graph, the feeds and the method, not on `exclude_nodes`, so the rungs of the export's
+            float-convs ladder calibrate once.
     Returns:
         dict with `path`, `size_bytes`, `src_size_bytes`, `size_ratio`, `method`, `quantizer`,
         `quantized_nodes` (count of Conv/Gemm/MatMul with Q/DQ weight and input), `quantized_node_names`,
@@ -325,7 +329,7 @@ def quantize_int8(
     exclude = tuple(exclude_nodes)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if quantizer == "ort":
-        quantized = _quantize_ort(src, dst, feeds, method, exclude, percentile)
+        quantized = _quantize_ort(src, dst, feeds, method, exclude, percentile, ranges)
     else:
         quantized = _quantize_modelopt(src, dst, feeds, method, exclude)
     _keep_outputs_float(quantized)
@@ -366,6 +370,7 @@ def quantize_int8_cpu(
     method: str | None = None,
     exclude_nodes: Iterable[str] = (),
     percentile: float = 99.999,
+    ranges: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write an INT8 copy of an ONNX graph for onnxruntime's CPU kernels (asymmetric uint8 activations).
 
@@ -378,6 +383,8 @@ def quantize_int8_cpu(
         method: "percentile" (default), "minmax" or "entropy".
         exclude_nodes: node names kept in float. A name not in the graph raises HuseError.
         percentile: the percentile for method="percentile".
+        ranges: a calibration-ranges file, read when it exists, else written (as for `quantize_int8`; the two
+            forms' ranges differ, so each needs its own).
     Returns:
         dict with `path`, `size_bytes`, `src_size_bytes`, `size_ratio`, `method`, `activations`
         ("uint8, asymmetric"), `quantized_nodes`, `quantized_node_names` (Conv/Gemm/MatMul with Q/DQ),
@@ -397,7 +404,8 @@ def quantize_int8_cpu(
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 q.quantize_static(
-                    str(pre), str(dst), _FeedReader(feeds), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                    str(pre), str(dst), _FeedReader(feeds), calibration_cache_path=ranges,
+                    quant_format=q.QuantFormat.QDQ, per_channel=True,
                     activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                     calibrate_method=_ort_method(q, method), op_types_to_quantize=list(CPU_INT8_OP_TYPES),
                     nodes_to_exclude=list(exclude), extra_options={"CalibPercentile": percentile})
@@ -482,25 +490,27 @@ def _ort_pre_process(src: Path, tmp: Path, exclude: tuple[str, ...]) -> Path:
     return pre
 
 
-def _quantize_ort(src: Path, dst: Path, feeds, method: str, exclude: tuple[str, ...], percentile: float):
+def _quantize_ort(src: Path, dst: Path, feeds, method: str, exclude: tuple[str, ...], percentile: float,
+                  ranges: str | os.PathLike | None = None):
     onnx = _import("onnx")
     q = _import("onnxruntime.quantization")
     with tempfile.TemporaryDirectory(prefix="huse-int8-") as tmp:
-        pre, cache = _ort_pre_process(src, Path(tmp), exclude), Path(tmp) / "ranges.json"
+        pre, cache = _ort_pre_process(src, Path(tmp), exclude), Path(ranges or Path(tmp) / "ranges.json")
         try:
             # Calibrate here rather than inside quantize_static: quantize_static gives the entropy calibrator
             # 128 histogram bins and 128 quantised bins, which leaves the KL search one candidate (the full
             # range), so "entropy" silently equals "minmax" (measured: identical scales and outputs). TensorRT's
             # entropy calibration uses 2048 bins for 128 quantised levels; so do we.
-            calibrator = q.create_calibrator(
-                pre, list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=_ort_method(q, method),
-                extra_options={"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128,
-                               "percentile": percentile})
-            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its histogram progress
-                calibrator.collect_data(_FeedReader(feeds))
-                _save_ranges(calibrator.compute_data(), cache)
-            del calibrator
+            if not cache.is_file():
+                calibrator = q.create_calibrator(
+                    pre, list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                    calibrate_method=_ort_method(q, method),
+                    extra_options={"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128,
+                                   "percentile": percentile})
+                with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints its histogram progress
+                    calibrator.collect_data(_FeedReader(feeds))
+                    _save_ranges(calibrator.compute_data(), cache)
+                del calibrator
             q.quantize_static(
                 str(pre), str(dst), None, calibration_cache_path=str(cache),
                 quant_format=q.QuantFormat.QDQ, per_channel=True,

@@ -439,6 +439,23 @@ def test_int8_cpu_graph_has_uint8_activations_and_stays_close(graphs, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["int8", "int8-cpu"])
+def test_a_ranges_file_from_another_rung_gives_the_graph_a_fresh_calibration_gives(graphs, tmp_path, form):
+    # The export's float-convs ladder quantises one graph with more convs left in float at each rung; the
+    # calibration ranges do not depend on that, so each graph calibrates once.
+    quantize = P.quantize_int8_cpu if form == "int8-cpu" else P.quantize_int8
+    first = P.sensitive_nodes(onnx.load(graphs["image"]))["first_conv"]
+    ranges = tmp_path / "ranges.json"
+    quantize(graphs["image"], tmp_path / "rung0.onnx", _image_feeds(), method="percentile", ranges=ranges)
+    assert ranges.is_file()
+    reused = quantize(graphs["image"], tmp_path / "rung1.onnx", _image_feeds(seed=7), method="percentile",
+                      exclude_nodes=first, ranges=ranges)  # other images: had it calibrated again, the scales would differ
+    fresh = quantize(graphs["image"], tmp_path / "fresh.onnx", _image_feeds(), method="percentile", exclude_nodes=first)
+    assert reused["quantized_node_names"] == fresh["quantized_node_names"] and reused["excluded_nodes"] == first
+    a, b = _consts(onnx.load(reused["path"])), _consts(onnx.load(fresh["path"]))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_int8_cpu_unknown_excluded_node_raises(graphs, tmp_path):
     with pytest.raises(HuseError, match="no_such_conv"):
         P.quantize_int8_cpu(graphs["image"], tmp_path / "x.onnx", _image_feeds(1), exclude_nodes=["no_such_conv"])
