@@ -362,16 +362,19 @@ def index_group() -> None:
                    "excluded.jsonl with the reason. Off by default.")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
+@click.option("--no-photos", "keep_photos", is_flag=True, flag_value=False, default=True,
+              help="Keep no copy of the photos a Parquet catalog holds as bytes (they are embedded all the same; "
+                   "by default the index keeps them, so that the page can show them: as many bytes as the photos).")
 @click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
 def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, confine_images,
-                sign_key, progress) -> None:
+                sign_key, keep_photos, progress) -> None:
     """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
                           batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
-                          confine_images=confine_images, progress=progress)
+                          confine_images=confine_images, keep_photos=keep_photos, progress=progress)
         _echo_index(idx)
         _warn_excluded_images(idx.excluded(), len(idx))
     run_cli(body)
@@ -392,15 +395,18 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
                    "signature (trusted-key searches then refuse it until it is re-signed).")
+@click.option("--no-photos", "keep_photos", is_flag=True, flag_value=False, default=True,
+              help="Keep no copy of the photos a Parquet catalog holds as bytes (they are embedded all the same; "
+                   "by default the index keeps them, so that the page can show them: as many bytes as the photos).")
 @click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
-def index_add(index, data, images, bundle, confine_images, replace, sign_key, progress) -> None:
+def index_add(index, data, images, bundle, confine_images, replace, sign_key, keep_photos, progress) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
         idx = Index.open(index, bundle=bundle)
         r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace,
-                    progress=progress)
+                    keep_photos=keep_photos, progress=progress)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
         excluded = idx.excluded()  # this add's rows are the last ones
@@ -481,6 +487,10 @@ def _echo_index(idx) -> None:
         recall = "n/a" if m["recall_at_10"] is None else f"{m['recall_at_10']:.3f}"
         click.echo(f"  {mod}: {m['count']} vectors, {m['factory']}, params {m['search_params'] or 'exact'}, "
                    f"recall@10 vs exact {recall}" + (f", {m['tombstones']} tombstones" if m.get("tombstones") else ""))
+    if info["photo_bytes"]:
+        n = info["photo_bytes"]
+        click.echo("  photos kept in the index (its catalogs held them as bytes): "
+                   + (f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"))
 
 
 @main.command(context_settings={"show_default": True})

@@ -48,6 +48,10 @@ hashed once per file version and then trusted by a stamp: runtime/stamps.py; no 
   (a photo whose universal or visual vector failed is in neither), in manifest["visual_dim"] dims;
   visual.centre.npy: the catalog mean the visual vectors are centred on.
 - excluded.jsonl: the rows left out of a modality (failed or missing photo/title) and why.
+- photos.N.bin: the photos a catalog held as bytes (a Parquet image column), copied as given, one file
+  per build or add (N: the first item it wrote); such an item's record names its span
+  ("photo": [file, offset, size]) and `photo(item)` returns the bytes. Hits have no path for them
+  (image None); the page shows them from here. `keep_photos=False` (`--no-photos`) leaves them out.
 
 Signing (issue 12): `build(..., sign_key=KEY)` / `huse index build ... --sign KEY` signs
 manifest.json with the bundles' Ed25519 scheme (runtime/signing.py, the one copy of the rule:
@@ -714,15 +718,49 @@ class Index:
 
     def _items(self, positions: list[int]) -> dict[int, dict]:
         """Item records of the given positions, read by seeking (the table is never loaded whole)."""
-        offsets = self._array("items.offsets.npy")
         out = {}
+        for p, rec in self._stored(positions).items():
+            out[p] = {key: rec.get(key) for key in ("row", "product_id", "name", "image", "classes")}
+            out[p]["image"] = self._image_path(out[p]["image"])
+        return out
+
+    def _stored(self, positions: list[int]) -> dict[int, dict]:
+        """The item table's lines of the given positions, as stored."""
+        offsets = self._array("items.offsets.npy")
         with open(self._file("items.jsonl"), "rb") as f:
+            out = {}
             for p in sorted(set(positions)):
                 f.seek(int(offsets[p]))
-                rec = json.loads(f.read(int(offsets[p + 1] - offsets[p])))
-                out[p] = {key: rec.get(key) for key in ("row", "product_id", "name", "image", "classes")}
-                out[p]["image"] = self._image_path(out[p]["image"])
-        return out
+                out[p] = json.loads(f.read(int(offsets[p + 1] - offsets[p])))
+            return out
+
+    @property
+    def holds_photos(self) -> bool:
+        """Whether the index keeps photos its catalogs held as bytes (photos.N.bin; see `photo`)."""
+        return any(_is_photos_file(name) for name in self.manifest["files"])
+
+    def photo(self, item: int) -> bytes | None:
+        """The photo the index keeps for `item`: the encoded bytes its catalog held (a Parquet image column).
+
+        Args:
+            item: an item position (a hit's `item`).
+        Returns:
+            The bytes as the catalog held them; None when the item has none kept (a photo given as a path,
+            which `records` names, or no photo).
+        """
+        self.records([item])  # in range, or HuseError
+        span = self._stored([int(item)])[int(item)].get("photo")
+        if span is None:
+            return None
+        name, offset, size = span
+        if not _is_photos_file(name):
+            raise HuseError(f"index {self.folder}: item {item} names {name!r} as its photo file; rebuild the index")
+        with open(self._file(name), "rb") as f:
+            f.seek(int(offset))
+            data = f.read(int(size))
+        if len(data) != int(size):
+            raise HuseError(f"index {self.folder}: {name} ends before item {item}'s photo; rebuild the index")
+        return data
 
     def _image_path(self, stored: str | None) -> str | None:
         """An item's photo as the API returns it: absolute where the index keeps it relative to its folder."""
@@ -760,7 +798,7 @@ class Index:
     def build(cls, bundle: str | Path, data: str | Path | Sequence[Any], out: str | Path, images: str | Path | None = None,
               kind: str = "auto", max_memory: str | int = "4G", precision: str = "fp32", batch_size: int = 64,
               threads: int | None = None, progress: bool = True, overwrite: bool = False,
-              sign_key: str | Path | None = None, confine_images: bool = False) -> "Index":
+              sign_key: str | Path | None = None, confine_images: bool = False, keep_photos: bool = True) -> "Index":
         """Embed every product of a catalog and write an index directory (with the visual index when the
         bundle has visual vectors: see the module docstring).
 
@@ -780,6 +818,8 @@ class Index:
             sign_key: an Ed25519 private key file (PEM): sign the index's manifest (see the module docstring).
             confine_images: refuse image paths that could leave `images` (absolute, `..`, a link out);
                 such a row is left out and listed in excluded.jsonl. For catalogs from third parties.
+            keep_photos: keep a copy of the photos the catalog holds as bytes (photos.N.bin: the module
+                docstring), so that `photo(item)` and the page can show them; False: embed them, keep none.
         Returns:
             The opened Index.
         """
@@ -796,6 +836,8 @@ class Index:
             raise HuseError(f"catalog {data} has no rows to index")
         with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
             vecs, excluded = _embed_records(clf, records, 0, progress, visual=has_visual(clf.manifest))
+        if not keep_photos:
+            records = _without_photos(records)
         return cls.from_embeddings(bundle, records, vecs, out, kind=kind, max_memory=max_memory, precision=precision,
                                    excluded=excluded, threads=threads, progress=progress, overwrite=overwrite,
                                    sign_key=sign_key)
@@ -875,14 +917,15 @@ class Index:
         return cls.open(out, bundle=bundle, threads=threads)  # trusted keys are the opener's choice
 
     def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True,
-            sign_key: str | Path | None = None, confine_images: bool = False, replace: bool = False) -> dict:
+            sign_key: str | Path | None = None, confine_images: bool = False, replace: bool = False,
+            keep_photos: bool = True) -> dict:
         """Embed and add products from another catalog (a file or a list, as `build` takes); the index keeps its
         kind and tuned parameters.
 
         A catalog that holds products already in the index is refused before anything is embedded (adding
         them again would return each one twice); with `replace` their items in the index are removed and
         the catalog's rows added in their place: an update. With `sign_key` the updated manifest is
-        re-signed; without it a signature is dropped. `confine_images` as for `build`.
+        re-signed; without it a signature is dropped. `confine_images` and `keep_photos` as for `build`.
 
         Returns:
             {"added": items, "image": vectors added, "text": vectors added, ["visual": vectors added,]
@@ -891,9 +934,10 @@ class Index:
         _check_sign_key(sign_key)
         with _one_writer(self.folder):
             self._reload()  # what the last writer left, not what this object read when it was opened
-            return self._add(_records(data, images, confine_images), progress, sign_key, replace)
+            return self._add(_records(data, images, confine_images), progress, sign_key, replace, keep_photos)
 
-    def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool) -> dict:
+    def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool,
+             keep_photos: bool = True) -> dict:
         previous = self._stored_items()  # remove() below changes the alive mask, not the item table
         alive = self._array("items.alive.npy")
         present = {it["product_id"] for it, a in zip(previous, alive) if a and it.get("product_id")}
@@ -913,6 +957,8 @@ class Index:
         vecs, excluded = _embed_records(clf, records, n0, progress, visual=self.has_visual)
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
+        if not keep_photos:
+            records = _without_photos(records)
         replaced = self._remove(known, sign_key)["removed"] if known else 0  # once embedding succeeded
         classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
@@ -988,10 +1034,12 @@ class Index:
         self._arrays.clear()
 
     def info(self) -> dict[str, Any]:
-        """A summary of the manifest (counts, kind, per-modality factory, parameters, recall)."""
+        """A summary of the manifest (counts, kind, per-modality factory, parameters, recall; the bytes of the
+        photos it keeps)."""
         m = self.manifest
+        photos = sum((self.folder / n).stat().st_size for n in m["files"] if _is_photos_file(n))
         return {"folder": str(self.folder), "kind": self.kind, "dim": self.dim, "visual_dim": self.visual_dim,
-                "precision": m["precision"],
+                "precision": m["precision"], "photo_bytes": photos,
                 "bundle": m["bundle"], "counts": m["counts"], "removal": m["removal"],
                 "modalities": {k: {f: v.get(f) for f in ("count", "factory", "search_params", "recall_at_10", "tombstones")}
                                for k, v in m["modalities"].items()}}
@@ -1186,6 +1234,34 @@ def _item_image(image: str | bytes | None, base: str | None) -> str | None:
     return os.path.relpath(os.path.abspath(image), base) if base is not None and not os.path.isabs(image) else image
 
 
+def _is_photos_file(name: str) -> bool:
+    """A file of photos the index keeps (photos.N.bin)."""
+    first, _, rest = name.partition(".")
+    return first == "photos" and rest.endswith(".bin") and rest[:-4].isdigit()
+
+
+def _without_photos(records: list) -> list:
+    """The records with the photos they hold as bytes dropped (embedded already; `keep_photos=False`)."""
+    import dataclasses
+
+    return [dataclasses.replace(r, image=None) if isinstance(r.image, bytes) else r for r in records]
+
+
+def _write_photos(folder: Path, records: list, first: int) -> dict[int, list]:
+    """photos.{first}.bin with the photos `records` hold as bytes; record position -> [file, offset, size]."""
+    held = [i for i, r in enumerate(records) if isinstance(r.image, bytes)]
+    if not held:
+        return {}
+    name, spans = f"photos.{first}.bin", {}
+    tmp = folder / f"{name}.tmp"
+    with open(tmp, "wb") as f:
+        for i in held:
+            spans[i] = [name, f.tell(), len(records[i].image)]
+            f.write(records[i].image)
+    os.replace(tmp, folder / name)
+    return spans
+
+
 def _classes(cell: str | None) -> str | None:
     """An item's classes as the index keeps them: its canonical paths joined with '|' (runtime/labels.py)."""
     return join_paths(parse_paths(cell)) if cell else None
@@ -1194,7 +1270,8 @@ def _classes(cell: str | None) -> str | None:
 def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous,
                  relative_to: str | Path | None) -> None:
     """Item table: items.jsonl + byte offsets, and the per-item code arrays (appended to `previous`);
-    a relative image path is stored relative to the folder `relative_to` (None: as read)."""
+    a relative image path is stored relative to the folder `relative_to` (None: as read), a photo held as
+    bytes in photos.N.bin."""
     code = {c: i for i, c in enumerate(classes)}
     if previous is None:
         old_items, old_alive, old_mods = [], np.zeros(0, np.uint8), np.zeros(0, np.uint8)
@@ -1202,8 +1279,10 @@ def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, pr
         old_items, index = previous
         old_alive, old_mods = index._array("items.alive.npy"), index._array("items.mods.npy")
     base = os.path.abspath(relative_to) if relative_to is not None else None
+    photos = _write_photos(folder, records, first=len(old_items))
     new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name, "image": _item_image(r.image, base),
-                  "classes": _classes(r.classes)} for r in records]
+                  "classes": _classes(r.classes), **({"photo": photos[i]} if i in photos else {})}
+                 for i, r in enumerate(records)]
     all_items = old_items + new_items
     product = np.empty(len(all_items), np.int32)
     # Codes by first appearance (stable for old items); an item without product_id is a product of its own.

@@ -6,7 +6,8 @@ GET /ui/item/{item}/photo      an index item's photo as stored (the page searche
 /ui/review/...                 the review queue (review.py's ReviewQueue), when started with --review
 
 Photos are looked up by item number in the server's own index, and read only from under the
-images folder the operator names (--images); a path never comes from a client.
+images folder the operator names (--images), or from the index itself where it keeps the photos
+a Parquet catalog held as bytes; a path never comes from a client.
 Starlette is imported when the routes are made, so this module imports with the core only.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.review import ReviewQueue
-from huse.runtime.serve.thumbs import SIZES, Thumbnails
+from huse.runtime.serve.thumbs import SIZES, Thumbnails, media_type
 
 __all__ = ["page_for", "page_routes", "review_routes", "image_response", "json_error", "read_json"]
 
@@ -46,22 +47,30 @@ async def read_json(request) -> Any:
         return json_error(f"the request body is not valid JSON ({e}); send a JSON object", 400)
 
 
-def image_response(thumbs: Thumbnails | None, path: str | Path | None, size: str | None):
+def image_response(thumbs: Thumbnails | None, path: str | Path | None, size: str | None,
+                   kept: tuple[Any, bytes] | None = None):
     """The Starlette response for a photo: the JPEG thumbnail, or a JSON error (404: no photo,
-    403: outside the images folder, 422: not a usable image, 400: a bad size)."""
+    403: outside the images folder, 422: not a usable image, 400: a bad size). `kept`: (its cache key,
+    the encoded photo) of a photo held as bytes, shown instead of the file at `path`."""
     from starlette.responses import Response
 
-    if thumbs is None:
+    if kept is None and path is None:
+        return json_error("this product has no photo", 404)
+    if kept is None and thumbs is None:
         return json_error("the server was started without --images, so it shows no photos; "
                           "restart it with --images FOLDER (the catalog's images folder)", 404)
-    if path is None:
-        return json_error("this product has no photo", 404)
     try:
         n = int(size) if size else SIZES[1]
     except ValueError:
         n = -1
     if n not in SIZES:
         return json_error(f"size must be one of {list(SIZES)}; got {size!r}", 400)
+    if kept is not None:
+        try:
+            data = thumbs.of_bytes(*kept, n)
+        except HuseError as e:
+            return json_error(str(e), 422)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
     try:
         file = thumbs.confine(path)
     except HuseError as e:
@@ -149,37 +158,42 @@ def page_routes(labels: list[str], index=None, images: str | Path | None = None,
     from starlette.routing import Route
 
     thumbs = Thumbnails(images) if images is not None else None
+    held = Thumbnails() if index is not None and index.holds_photos else None  # the photos the index keeps
 
     def config(request):
         return JSONResponse({
             "index": index is not None, "visual": bool(index is not None and index.has_visual),
             "items": len(index) if index is not None else 0, "photos": thumbs is not None,
-            "review": review is not None, "labels": labels})
+            "held_photos": held is not None, "review": review is not None, "labels": labels})
 
-    def item_path(request) -> str | None:
+    def item_photo_of(request) -> tuple[int, str | None, bytes | None]:
+        """The requested item, its photo's path, and the photo the index keeps for it (a Parquet catalog's
+        bytes, where it has no path)."""
         if index is None:
             raise HuseError("the server was started without --index")
         item = int(request.path_params["item"])
         if not 0 <= item < len(index):
             raise HuseError(f"item {item} is not in the index (it holds {len(index)} items)")
-        return index.records([item])[item]["image"]
+        path = index.records([item])[item]["image"]
+        return item, path, index.photo(item) if held is not None and path is None else None
 
     def item_image(request):
         try:
-            path = item_path(request)
+            item, path, data = item_photo_of(request)
         except HuseError as e:
             return json_error(str(e), 404)
-        return image_response(thumbs, path, request.query_params.get("size"))
+        size = request.query_params.get("size")
+        return image_response(thumbs, path, size) if data is None else image_response(held, path, size, kept=(item, data))
 
     def item_photo(request):
         try:
-            path = item_path(request)
-            if thumbs is None or path is None:
+            _, path, data = item_photo_of(request)
+            if data is None and (thumbs is None or path is None):
                 return image_response(thumbs, path, None)
-            data, media_type = thumbs.original(path)
+            data, kind = (data, media_type(data)) if data is not None else thumbs.original(path)
         except HuseError as e:
             return json_error(str(e), 404)
-        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+        return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
 
     routes = [Route("/ui/config", config), Route("/ui/item/{item:int}/image", item_image),
               Route("/ui/item/{item:int}/photo", item_photo)]

@@ -558,6 +558,47 @@ def test_an_index_of_photos_held_in_parquet_finds_what_one_of_paths_does(tiny_bu
     assert hits[0] == hits[1] and len(hits[0]) == 120
 
 
+def test_the_index_keeps_the_photos_a_catalog_held_as_bytes(tiny_bundle, tiny_catalog, tmp_path):
+    """A Parquet catalog's photos have no file to name, so the index keeps them: `photo(item)` gives each one
+    back as the catalog held it, across an add, and the sha256 rule covers them."""
+    pytest.importorskip("pyarrow.parquet")
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+    from tests.models.make_data import photos_in_parquet
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))
+    photos = [(tiny_catalog.parent / r["image"]).read_bytes() for r in rows]
+    r = CliRunner().invoke(main, ["index", "build", str(tiny_bundle), "--data", str(
+        photos_in_parquet(tiny_catalog, tmp_path / "held.parquet")), "--out", str(tmp_path / "idx"), "--no-progress"])
+    assert r.exit_code == 0 and "photos kept in the index" in r.output, r.output
+    idx = Index.open(tmp_path / "idx")
+    assert idx.holds_photos and [idx.photo(i) for i in range(len(idx))] == photos
+    assert idx.info()["photo_bytes"] == sum(map(len, photos))
+
+    # an add with photos as bytes and one without any: the new items' photos, none for the photoless one
+    new = [{"image": photos[0], "name": "Acme navy tee, again", "classes": rows[0]["classes"], "product_id": "new-1"},
+           {"image": None, "name": "Acme navy tee, no photo", "classes": rows[0]["classes"], "product_id": "new-2"}]
+    idx.add(new, progress=False)
+    assert idx.photo(len(rows)) == photos[0] and idx.photo(len(rows) + 1) is None
+    assert [idx.photo(i) for i in range(len(rows))] == photos  # the earlier ones are still found
+    with pytest.raises(HuseError, match="item 999 is not in the index"):
+        idx.photo(999)
+
+    # keep_photos=False: embedded the same, nothing kept
+    bare = Index.build(tiny_bundle, tmp_path / "held.parquet", tmp_path / "bare", keep_photos=False, progress=False)
+    assert not bare.holds_photos and bare.photo(0) is None and not list((tmp_path / "bare").glob("photos*"))
+    assert np.array_equal(bare._vectors_of("image"), Index.open(tmp_path / "idx")._vectors_of("image")[:len(rows)])
+
+    # a kept photo changed on disk is refused, as every file of the index is
+    kept = tmp_path / "idx" / "photos.0.bin"
+    data = bytearray(kept.read_bytes())
+    data[100] ^= 1
+    kept.write_bytes(bytes(data))
+    with pytest.raises(HuseError, match="photos.0.bin does not match its sha256"):
+        Index.open(tmp_path / "idx").photo(3)
+
+
 def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_catalog, flat_index, tmp_path):
     """What a Python user passes: dicts with the catalog's columns (a list of dicts raised AttributeError)."""
     import csv

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let config = {index: false, visual: false, photos: false, review: false, labels: []};
+let config = {index: false, visual: false, photos: false, held_photos: false, review: false, labels: []};
 
 // ---------------------------------------------------------------- helpers
 async function api(path, options) {
@@ -138,15 +138,20 @@ async function runSearch(image, title) {
   renderHits(res.results[0].hits || res.results[0]);
 }
 
+// A hit's photo: its file under --images, or the photo the index keeps (a Parquet catalog's bytes: no path).
+const hasPhoto = (h) => (config.photos && h.image) || (config.held_photos && !h.image);
+
 function renderHits(hits) {
   $("results").hidden = false;
   const list = $("hits");
   list.replaceChildren();
   if (!hits.length) list.append(el("li", {class: "note", text: "No product matches (is the class filter right?)."}));
   for (const h of hits) {
-    const photo = config.photos && h.image
+    const noPhoto = () => el("span", {class: "nophoto", text: "no photo"});
+    const photo = hasPhoto(h)
       ? el("img", {src: `/ui/item/${h.item}/image?size=192`, alt: h.name || "product photo", loading: "lazy"})
-      : el("span", {class: "nophoto", text: "no photo"});
+      : noPhoto();
+    photo.addEventListener("error", () => photo.replaceWith(noPhoto()));  // a kept-photos index: some have none
     const button = el("button", {type: "button", "data-item": String(h.item), "data-classes": h.classes || "",
                                  "data-score": String(h.score),
                                  "aria-label": `Search from ${h.name || "this product"}`},
@@ -161,10 +166,11 @@ function renderHits(hits) {
 // Clicking a result searches from it: its stored photo (and its title in the universal space).
 async function searchFrom(hit) {
   try {
-    if (config.photos && hit.image) {
-      const r = await fetch(`/ui/item/${hit.item}/photo`);
-      if (!r.ok) throw new Error((await r.json()).error);
+    const r = hasPhoto(hit) ? await fetch(`/ui/item/${hit.item}/photo`) : null;
+    if (r && r.ok) {
       setPhoto(await r.blob());
+    } else if (r && !(r.status === 404 && !hit.image)) {  // a kept-photos index's item may have none
+      throw new Error((await r.json()).error);
     } else {
       setPhoto(null);
     }

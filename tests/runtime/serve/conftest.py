@@ -109,4 +109,4 @@ def post_json(url: str, obj) -> tuple[int, dict]:
 
 
 # The page's and the review's fixtures (a catalog of our own, `huse classify` output, the browser).
-from tests.runtime.serve.page_fixtures import browser, labels, preds, review_catalog  # noqa: E402,F401
+from tests.runtime.serve.page_fixtures import browser, kept_photos_index, labels, preds, review_catalog  # noqa: E402,F401

@@ -47,6 +47,21 @@ def labels(tiny_bundle) -> list[str]:
     return json.loads((tiny_bundle / "manifest.json").read_text())["labels"]
 
 
+@pytest.fixture(scope="module")
+def kept_photos_index(tiny_bundle, tiny_catalog, tmp_path_factory) -> tuple[Path, list[dict], list[bytes | None]]:
+    """An index of 30 products given with their photos as bytes (as a Parquet catalog holds them), the first
+    three without a photo: the index keeps the photos (runtime/index.py, photos.N.bin). Returns the index,
+    the rows and each item's photo."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed; pip install 'huse-edge[index]'")
+    from huse.runtime import Index
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))[:30]
+    photos = [None if i < 3 else (tiny_catalog.parent / r["image"]).read_bytes() for i, r in enumerate(rows)]
+    out = tmp_path_factory.mktemp("kept") / "index"
+    Index.build(tiny_bundle, [dict(r, image=p) for r, p in zip(rows, photos)], out, kind="flat", progress=False)
+    return out, rows, photos
+
+
 # -- the browser ------------------------------------------------------------------------------
 CHROMIUM_MISSING = ("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver; "
                     ".ci/run installs them)")

@@ -173,6 +173,45 @@ def test_clicking_a_result_searches_from_it(browser, search_server, tiny_catalog
     assert by_id(browser, "query-preview").is_displayed()
 
 
+def test_results_show_the_photos_the_index_keeps(browser, tiny_bundle, kept_photos_index):
+    """An index of a Parquet catalog's photos, served without --images: every result with a photo shows it,
+    the three without say so, and clicking either kind searches from it."""
+    from selenium.webdriver.support.ui import Select
+
+    from tests.runtime.serve.conftest import ServerProcess
+
+    index, rows, photos = kept_photos_index
+    s = ServerProcess(tiny_bundle, "--index", str(index))
+    try:
+        open_page(browser, s.url + "/")
+        by_id(browser, "title").send_keys("tee")
+        Select(by_id(browser, "target")).select_by_value("text")
+        by_id(browser, "k").clear()
+        by_id(browser, "k").send_keys("30")
+        shown = run_query(browser)
+        assert sorted(h["item"] for h in shown) == list(range(30))
+        wait(browser, lambda d: len(css(d, "#hits .nophoto")) == 3 and all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+            for i in css(d, "#hits img")), what="27 thumbnails and 3 'no photo'")
+        buttons = css(browser, "#hits button")
+        without = [b.get_attribute("data-item") for b in buttons if b.find_elements("css selector", ".nophoto")]
+        assert sorted(map(int, without)) == [0, 1, 2]
+
+        with_photo = next(i for i, h in enumerate(shown) if h["item"] >= 3)
+        buttons[with_photo].click()
+        wait(browser, lambda d: by_id(d, "query-preview").is_displayed(), what="the kept photo as the query")
+        after = wait(browser, lambda d: hits(d) if hits(d) and hits(d) != shown else None, what="a search from it")
+        none = next(i for i, h in enumerate(after) if h["item"] < 3)
+        css(browser, "#hits button")[none].click()  # no photo: its title alone, and no error
+        wait(browser, lambda d: not by_id(d, "query-preview").is_displayed() and hits(d) != after,
+             what="a search from the title alone")
+        assert not by_id(browser, "search-status").text
+        assert by_id(browser, "title").get_attribute("value") == rows[after[none]["item"]]["name"]
+    finally:
+        s.stop()
+        s.log.close()
+
+
 def test_a_dropped_photo_is_the_query(browser, search_server, tiny_bundle, tiny_catalog):
     photo = tiny_catalog.parent / list(csv.DictReader(open(tiny_catalog)))[40]["image"]
     open_page(browser, search_server.url + "/")

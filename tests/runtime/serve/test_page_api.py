@@ -193,3 +193,25 @@ def test_thumbnails_never_leave_their_folder(tmp_path):
         thumbs.get("notes.png", 96)
     with pytest.raises(HuseError, match="not one of"):
         thumbs.get("notes.png", 100)
+
+
+def test_the_page_shows_the_photos_an_index_keeps(tiny_bundle, tiny_catalog, kept_photos_index):
+    """Served from the index itself, without --images: the same thumbnails as from the photos' files, the
+    photo as the catalog held it, and a plain 404 for a product without one."""
+    index, rows, photos = kept_photos_index
+    s = ServerProcess(tiny_bundle, "--index", str(index))
+    try:
+        config = json.loads(get(s.url + "/ui/config")[2])
+        assert config["held_photos"] and not config["photos"]
+        thumbs = Thumbnails(tiny_catalog.parent)
+        for item in (3, 17):
+            assert get(s.url + f"/ui/item/{item}/image?size=96") == (200, "image/jpeg", thumbs.get(rows[item]["image"], 96))
+            assert get(s.url + f"/ui/item/{item}/photo") == (200, "image/png", photos[item])
+        for path in ("/ui/item/0/image", "/ui/item/0/photo"):
+            status, _, body = get(s.url + path)
+            assert status == 404 and json.loads(body)["error"] == "this product has no photo"
+        assert get(s.url + "/ui/item/5/image?size=4000")[0] == 400
+        assert get(s.url + "/ui/item/30/image")[0] == 404
+    finally:
+        s.stop()
+        s.log.close()
