@@ -42,6 +42,10 @@ STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Endpoints a load balancer or orchestrator probes without a token.
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+# With --token-file, the page's own files (no data in them) and its sign-in need no token either: a browser
+# sends no bearer token, so the page signs in once and then sends a session cookie (`session_value`).
+PAGE_FILES = ("/", "/index.html", "/app.js", "/app.css")
+SIGNIN_PATH = "/ui/signin"
 V1_MODELS = {"/v1/classify": CLASSIFY_MODEL, "/v1/embed": EMBED_MODEL}
 INFER_ROUTE = "/v2/models/{model}/infer"
 STARTED = "huse.started"  # scope key: time.monotonic() when the request's headers arrived
@@ -416,6 +420,22 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
             raise RequestError('expected a JSON object {"image": base64, "title": str, "k": 10, ...} or {"queries": [...]}')
         return Response(dumps({"results": await server.search(query)}), media_type="application/json")
 
+    async def signin(request: Request):
+        """The page's sign-in on a server with --token-file: the token, once, for a session cookie."""
+        body = parse_json_body(await body_of(request))
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str):
+            raise RequestError('expected a JSON object {"token": "<the server\'s --token-file>"}')
+        if server.config.token is None:
+            return JSONResponse({"signed_in": True})  # nothing to sign in to
+        if not hmac.compare_digest(token.encode(), server.config.token.encode()):
+            await asyncio.sleep(1.0)  # a guess a second, per connection
+            raise RequestError("wrong token; ask whoever started the server for its --token-file", status=401)
+        response = JSONResponse({"signed_in": True})
+        name, value = session_cookie(server.config)
+        response.set_cookie(name.decode(), value.decode(), httponly=True, samesite="strict")
+        return response
+
     async def metrics(request: Request):
         data, ctype = server.metrics.render()
         return Response(data, media_type=ctype.split(";")[0], headers={"content-type": ctype})
@@ -435,7 +455,7 @@ def create_app(server: Server, extra_routes: Sequence[Any] = ()):
     table = [("/v2", server_metadata, ["GET"]), ("/v2/models/{model}", metadata, ["GET"]),
              ("/v2/models/{model}/ready", model_ready, ["GET"]),
              ("/v1/classify", v1_classify, ["POST"]), ("/v1/embed", v1_embed, ["POST"]),
-             ("/v1/search", v1_search, ["POST"]), ("/metrics", metrics, ["GET"])]
+             ("/v1/search", v1_search, ["POST"]), ("/metrics", metrics, ["GET"]), (SIGNIN_PATH, signin, ["POST"])]
     api = [Route(path, endpoint(path, fn), methods=methods) for path, fn, methods in table]
     routes = list(extra_routes) + api
     if (STATIC / "index.html").is_file():
@@ -480,6 +500,23 @@ async def _multipart(request, max_items: int, parameters: tuple[str, ...]) -> It
                  [t.encode() if t else None for t in titles] if titles else None, params)
 
 
+def session_cookie(config: ServeConfig) -> tuple[bytes, bytes]:
+    """The page's session cookie on a server with --token-file: (name, value). The value is an HMAC of the
+    token, so the cookie never carries the token itself and a new token ends every session; the name has
+    the port, because a browser sends a host's cookies to all its ports (two servers, two sessions)."""
+    token = config.token.encode()
+    return f"huse_session_{config.port}".encode(), hmac.new(token, b"huse-edge page session", "sha256").hexdigest().encode()
+
+
+def _cookie(header: bytes | None, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header, or None."""
+    for part in (header or b"").split(b";"):
+        key, _, value = part.strip().partition(b"=")
+        if key == name:
+            return value
+    return None
+
+
 class Front:
     """The ASGI entry of `huse serve`, on raw ASGI messages in front of Starlette. It answers:
 
@@ -497,6 +534,7 @@ class Front:
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
         self.token = server.config.token.encode() if server.config.token else None
+        self.session = session_cookie(server.config) if self.token is not None else None
         self.max_body = int(server.config.max_body_mb * 1024 * 1024)
 
     def at_once(self, scope) -> tuple[int, bytes, dict[str, str] | None] | None:
@@ -513,15 +551,17 @@ class Front:
                 else 503
             self.server.metrics.request(path, status, time.monotonic() - started)
             return status, b"", None
-        auth = length = None
+        auth = length = cookie = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 auth = value
             elif name == b"content-length":
                 length = value
+            elif name == b"cookie":
+                cookie = value
         model = _infer_model(path) if method == "POST" else None
         try:
-            if self.token is not None and not hmac.compare_digest(auth or b"", b"Bearer " + self.token):
+            if self.token is not None and not self.signed(path, auth, cookie):
                 raise RequestError("missing or wrong bearer token; send 'Authorization: Bearer <token>' "
                                    "(the server's --token-file)", status=401)
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -535,6 +575,15 @@ class Front:
                 self.server.metrics.request(INFER_ROUTE, status, time.monotonic() - started)
             return status, body, headers
         return None
+
+    def signed(self, path: str, auth: bytes | None, cookie: bytes | None) -> bool:
+        """Whether a request may go on, on a server with a token: the bearer token, or the page's session
+        cookie (both compared in constant time); the page's files and its sign-in need neither."""
+        if path in PAGE_FILES or path == SIGNIN_PATH:
+            return True
+        session = _cookie(cookie, self.session[0])
+        return hmac.compare_digest(auth or b"", b"Bearer " + self.token) or (
+            session is not None and hmac.compare_digest(session, self.session[1]))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

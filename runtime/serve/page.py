@@ -4,6 +4,7 @@ GET /ui/config                 what this server offers (index, visual space, rev
 GET /ui/item/{item}/image      an index item's photo as a thumbnail (?size=96|192|384)
 GET /ui/item/{item}/photo      an index item's photo as stored (the page searches from it)
 /ui/review/...                 the review queue (review.py's ReviewQueue), when started with --review
+POST /ui/signin                the token for a session cookie, with --token-file (app.py: auth is the front's)
 
 Photos are looked up by item number in the server's own index, and read only from under the
 images folder the operator names (--images), or from the index itself where it keeps the photos

@@ -10,7 +10,7 @@ async function api(path, options) {
   const r = await fetch(path, options);
   let body = {};
   try { body = await r.json(); } catch (e) { /* not JSON: the status says it */ }
-  if (!r.ok) throw new Error(body.error || `${path}: HTTP ${r.status}`);
+  if (!r.ok) throw Object.assign(new Error(body.error || `${path}: HTTP ${r.status}`), {status: r.status});
   return body;
 }
 
@@ -427,11 +427,30 @@ const Review = {
 window.huseReview = Review;  // the browser tests read Review.timings
 
 // ---------------------------------------------------------------- start
+// A server with --token-file answers 401 until the page signs in; the session cookie then goes with every request.
+function signIn() {
+  document.documentElement.classList.remove("at-review");
+  $("view-search").hidden = true;
+  $("view-signin").hidden = false;
+  $("token").focus();
+  $("signin-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    setStatus("signin-status", "Signing in...");
+    try {
+      await postJSON("/ui/signin", {token: $("token").value});
+      location.reload();
+    } catch (err) {
+      setStatus("signin-status", err.message, true);
+    }
+  });
+}
+
 async function main() {
   if (location.hash === "#review") Review.preload();
   try {
     config = await api("/ui/config");
   } catch (e) {
+    if (e.status === 401) return signIn();
     setStatus("search-status", `The server did not answer /ui/config: ${e.message}`, true);
     return;
   }

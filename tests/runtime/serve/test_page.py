@@ -212,6 +212,36 @@ def test_results_show_the_photos_the_index_keeps(browser, tiny_bundle, kept_phot
         s.log.close()
 
 
+def test_behind_a_token_the_page_signs_in_once(browser, tiny_bundle, kept_photos_index, tmp_path):
+    """--token-file: the page asks for the token, says so when it is wrong, and once signed in searches and
+    shows photos as on loopback (the session cookie goes with every request, images included)."""
+    from tests.runtime.serve.conftest import ServerProcess
+
+    (tmp_path / "token").write_text("s3cret-token-of-enough-length")
+    s = ServerProcess(tiny_bundle, "--index", str(kept_photos_index[0]), "--token-file", str(tmp_path / "token"))
+    try:
+        browser.delete_all_cookies()
+        open_page(browser, s.url + "/")
+        wait(browser, lambda d: by_id(d, "view-signin").is_displayed(), what="the sign-in form")
+        assert not by_id(browser, "view-search").is_displayed()
+        by_id(browser, "token").send_keys("wrong")
+        by_id(browser, "signin").click()
+        wait(browser, lambda d: "wrong token" in by_id(d, "signin-status").text, what="'wrong token'")
+        by_id(browser, "token").clear()
+        by_id(browser, "token").send_keys("s3cret-token-of-enough-length")
+        by_id(browser, "signin").click()
+        wait(browser, lambda d: by_id(d, "view-search").is_displayed(), what="the search after signing in")
+        by_id(browser, "title").send_keys("tee")
+        assert run_query(browser)
+        wait(browser, lambda d: css(d, "#hits img") and all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+            for i in css(d, "#hits img")), what="the thumbnails loading")
+    finally:
+        browser.delete_all_cookies()
+        s.stop()
+        s.log.close()
+
+
 def test_a_dropped_photo_is_the_query(browser, search_server, tiny_bundle, tiny_catalog):
     photo = tiny_catalog.parent / list(csv.DictReader(open(tiny_catalog)))[40]["image"]
     open_page(browser, search_server.url + "/")

@@ -102,6 +102,34 @@ def test_bearer_token(start_server, tmp_path):
         assert r.status == 200
 
 
+def test_the_page_signs_in_with_the_token_for_a_session_cookie(start_server, tmp_path):
+    """A browser sends no bearer token: the page's files load without one, the token signs in once, and the
+    session cookie it gets (never the token itself) opens what the token opens."""
+    token = "s3cret-token-of-enough-length"
+    (tmp_path / "token").write_text(token)
+    s = start_server("--token-file", str(tmp_path / "token"))
+    for path in ("/", "/app.js", "/app.css"):
+        with urllib.request.urlopen(s.url + path) as r:
+            assert r.status == 200
+    body = json.dumps({"items": [{"title": "Acme black tee"}]}).encode()
+    assert post(s.url + "/v1/classify", body)[0] == 401
+    signin = s.url + "/ui/signin"
+    status, headers, out = post(signin, json.dumps({"token": "wrong"}).encode())
+    assert status == 401 and "wrong token" in json.loads(out)["error"] and "set-cookie" not in map(str.lower, headers)
+    assert post(signin, b'{"tok": 1}')[0] == 400
+    status, headers, _ = post(signin, json.dumps({"token": token}).encode())
+    cookie = {k.lower(): v for k, v in headers.items()}["set-cookie"]
+    assert status == 200 and token not in cookie and "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    session = cookie.split(";")[0]
+    assert session.startswith(f"huse_session_{s.port}=")  # a browser sends it to every port of the host
+    for path, data in (("/v1/classify", body), ("/ui/config", None)):
+        req = urllib.request.Request(s.url + path, data=data, headers={"Cookie": f"theme=dark; {session}"})
+        with urllib.request.urlopen(req) as r:
+            assert r.status == 200, path
+    forged = session[:-4] + ("0000" if not session.endswith("0000") else "1111")
+    assert post(s.url + "/v1/classify", body, {"Cookie": forged})[0] == 401
+
+
 def _responses(sock, n: int) -> list[tuple[int, dict, bytes]]:
     """n HTTP/1.1 responses read off a socket, in order: (status, headers, body)."""
     data, out = b"", []
