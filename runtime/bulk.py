@@ -48,7 +48,7 @@ from huse.runtime.bundle import is_multi_label
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError
-from huse.runtime.files import is_own_jsonl, one_writer
+from huse.runtime.files import is_own_jsonl, one_writer, sha256_file
 from huse.runtime.labels import parse_paths as _parse_paths
 
 __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
@@ -318,15 +318,9 @@ def _npy_bytes(vectors: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
+    """files.write_atomic with a temp name of this process's own: a shard retried on another Ray worker
+    while the first is still writing it must not share a temp file with it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -434,7 +428,7 @@ class _Output:
         """Keep the listed shards whose files match their sha256; delete everything else."""
         good, keep = {}, {MANIFEST}
         for k, entry in self.manifest["shards"].items():
-            if all((self.partial / f).is_file() and _sha256(self.partial / f) == h for f, h in entry["files"].items()):
+            if all((self.partial / f).is_file() and sha256_file(self.partial / f) == h for f, h in entry["files"].items()):
                 good[k] = entry
                 keep |= set(entry["files"])
         for p in self.partial.iterdir():
