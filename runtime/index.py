@@ -1130,7 +1130,11 @@ def _finish(folder: Path, manifest: dict, sign_key: str | Path | None = None) ->
     manifest["counts"] = {"items": int(len(alive)), "removed": int((alive == 0).sum()),
                           **{m: int(manifest["modalities"][m]["count"] - manifest["modalities"][m].get("tombstones", 0))
                              for m in manifest["modalities"]}}
-    manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+    # A photos file is written once and never changed: an add keeps the digest it was listed with (a file of
+    # many GB is not hashed again, and a copy changed on disk since stays refused rather than re-listed).
+    listed = manifest.get("files", {})
+    manifest["files"] = {p.name: listed[p.name] if _is_photos_file(p.name) and p.name in listed else sha256_file(p)
+                         for p in sorted(folder.iterdir())
                          if p.is_file() and p.name not in (MANIFEST, SIGNATURE, LOCK) and not p.name.endswith(".tmp")}
     write_signed_manifest(folder, json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"), sign_key)
 
