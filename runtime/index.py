@@ -123,6 +123,9 @@ TUNE_QUERIES = 500  # queries in the tuning sample
 # against their 200 nearest), so which of the tied products comes back is arbitrary, and by ids IVF "reached"
 # recall 0.02 at nprobe = nlist, an exhaustive scan.
 RECALL_EPSILON = 1e-3
+# Exact top-k scores queries in (step, n) blocks of at most this many bytes: 64 queries a block up to 250,000
+# vectors, fewer above (at 2 million products 64 a block took 2 GB beside the vectors).
+EXACT_BLOCK_BYTES = 256 << 20
 # IVF lists read memory-mapped are scanned ~4x slower than from RAM (nprobe 64 over 200,000 products:
 # 1.38 vs 0.33 ms per query; flat and HNSW do not care), and the index budget counts them in RAM anyway.
 # Above this size a fresh process would spend over a second reading them, so they stay on disk.
@@ -255,13 +258,14 @@ def _exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: in
     ids_out = np.full((len(queries), k), -1, dtype=np.int64)
     if k_eff == 0:
         return scores_out, ids_out
-    for s in range(0, len(queries), 64):  # bounds the (64, n) score block
-        sc = queries[s:s + 64] @ vectors.T
+    step = max(1, min(64, EXACT_BLOCK_BYTES // (16 * len(vectors))))  # 16 bytes a score with argpartition's copies
+    for s in range(0, len(queries), step):
+        sc = queries[s:s + step] @ vectors.T
         part = np.argpartition(-sc, k_eff - 1, axis=1)[:, :k_eff]
         top = np.take_along_axis(sc, part, 1)
         order = np.argsort(-top, axis=1, kind="stable")
-        scores_out[s:s + 64, :k_eff] = np.take_along_axis(top, order, 1)
-        ids_out[s:s + 64, :k_eff] = ids[np.take_along_axis(part, order, 1)]
+        scores_out[s:s + step, :k_eff] = np.take_along_axis(top, order, 1)
+        ids_out[s:s + step, :k_eff] = ids[np.take_along_axis(part, order, 1)]
     return scores_out, ids_out
 
 

@@ -62,6 +62,16 @@ def test_tied_neighbours_count_as_found(kind):
     assert np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, by_ids)]) < 0.9  # ids alone would call it a miss
 
 
+def test_exact_top_k_in_smaller_blocks_gives_the_same_answer(monkeypatch):
+    vectors, queries = _clustered(3000), _clustered(100, seed=5)
+    ids = np.arange(len(vectors), dtype=np.int64) * 3
+    whole = index_module._exact_topk(queries, vectors, ids, 10)
+    monkeypatch.setattr(index_module, "EXACT_BLOCK_BYTES", 16 * len(vectors) * 3)  # 3 queries a block
+    blocks = index_module._exact_topk(queries, vectors, ids, 10)
+    np.testing.assert_allclose(whole[0], blocks[0], atol=1e-6)  # BLAS may round a smaller matmul otherwise
+    assert np.array_equal(whole[1], blocks[1])
+
+
 def test_ivf_lists_in_ram_or_memory_mapped_give_the_same_hits(tiny_bundle, tiny_catalog, records, tmp_path,
                                                               monkeypatch):
     Index.build(tiny_bundle, tiny_catalog, tmp_path / "idx", images=tiny_catalog.parent, kind="ivf", progress=False)
