@@ -43,7 +43,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # Endpoints a load balancer or orchestrator probes without a token.
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 # With --token-file, the page's own files (no data in them) and its sign-in need no token either: a browser
-# sends no bearer token, so the page signs in once and then sends a session cookie (`session_value`).
+# sends no bearer token, so the page signs in once and then sends a session cookie (`session_cookie`).
 PAGE_FILES = ("/", "/index.html", "/app.js", "/app.css")
 SIGNIN_PATH = "/ui/signin"
 V1_MODELS = {"/v1/classify": CLASSIFY_MODEL, "/v1/embed": EMBED_MODEL}
