@@ -643,7 +643,7 @@ def review_export(journal, out, force) -> None:
 
     Columns image,name,classes,product_id; the last decision per row counts; skipped rows are
     left out. Image paths are as the reviewed catalog names them: train with --images set to its
-    images folder.
+    images folder (`huse-train --data CATALOG --data OUT --images CATALOG_IMAGES --images THAT_FOLDER`).
     """
     def body():
         from huse.runtime.serve.review import export_corrections
@@ -651,7 +651,8 @@ def review_export(journal, out, force) -> None:
         r = export_corrections(journal, out, force=force)
         click.echo(f"wrote {r['written']} reviewed rows to {r['out']} ({r['accept']} accepted, {r['correct']} "
                    f"corrected; {r['skip']} skipped, left out)")
-        click.echo(f"train with: huse-train --data {r['out']} --images {r['images']}")
+        click.echo(f"train the next model on your catalog and these: huse-train --data CATALOG --data {r['out']} "
+                   f"--images CATALOG_IMAGES --images {r['images']} --out runs/NEXT")
     run_cli(body)
 
 

@@ -11,10 +11,15 @@ from huse.runtime.cli import run_cli
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", "data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet: image,name,classes[,product_id,split] (a Parquet image column may hold the photos themselves).")
+@click.option("--data", "data", type=click.Path(dir_okay=False), multiple=True,
+              help="Catalog CSV, JSONL or Parquet: image,name,classes[,product_id,split] (a Parquet image column may hold "
+                   "the photos themselves). Repeat it to train on several catalogs as one, e.g. yours and the "
+                   "corrections `huse review export` wrote.")
 @click.option("--dataset", type=click.Choice(["fashion-products", "fashion-products-open"]),
               help="A built-in dataset instead of --data (-open: val/test titles use words never seen in training).")
-@click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the catalog's folder).")
+@click.option("--images", type=click.Path(file_okay=False), multiple=True,
+              help="Folder image paths resolve against (default: the catalog's folder); with several --data, once for "
+                   "all of them or once per --data, in the same order.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
 @click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
@@ -90,7 +95,7 @@ def _train(o: dict) -> None:
     from huse.train.trainer import TrainConfig, Trainer
 
     if bool(o["data"]) == bool(o["dataset"]):
-        raise HuseError("pass exactly one of --data CATALOG or --dataset NAME")
+        raise HuseError("pass --data CATALOG (repeatable) or --dataset NAME, not both")
     # Options without a CLI default take TrainConfig's: one copy of each default.
     given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit", "class_name_init",
                                    "class_name_prior", "image_views") if o[k] is not None}
@@ -107,10 +112,11 @@ def _train(o: dict) -> None:
         ds = load_builtin(o["dataset"], fmnist_dir=o["fmnist_dir"], train_size=o["train_size"], val_size=o["val_size"],
                           test_size=o["test_size"], seed=o["seed"])
     else:
-        ds = load_catalog_dataset(o["data"], o["images"], skip_bad_rows=o["skip_bad_rows"], seed=o["seed"])
+        images = o["images"][0] if len(o["images"]) == 1 else list(o["images"]) or None
+        ds = load_catalog_dataset(list(o["data"]), images, skip_bad_rows=o["skip_bad_rows"], seed=o["seed"])
     click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
     for s in ds.skipped[:10]:
-        click.echo(f"  skipped row {s['row']}: {s['reason']}")
+        click.echo(f"  skipped {s['catalog'] + ', ' if 'catalog' in s else ''}row {s['row']}: {s['reason']}")
     untrained = ds.classes_without_training_rows()
     if untrained:  # trained on anyway: the other classes are still worth a model, but the user should know
         shown = ", ".join(f"{c!r} ({n} rows)" for c, n in list(untrained.items())[:5])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -71,25 +72,50 @@ def _assign_split(group: str, seed: int, val_frac: float, test_frac: float) -> s
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
-def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, skip_bad_rows: bool = False,
+def load_catalog_dataset(path: str | Path | Sequence[str | Path],
+                         images: str | Path | Sequence[str | Path | None] | None = None, *, skip_bad_rows: bool = False,
                          seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> Dataset:
-    """Read, validate and split a catalog.
+    """Read, validate and split a catalog, or several as one (yours and `huse review export`'s corrections).
 
-    Splits come from the `split` column where every row has one; otherwise each product
+    Splits come from the `split` column where every row of a catalog has one; otherwise each product
     (product_id, else the normalised title, else the photo) goes wholly to train, val or test, seeded.
 
     Args:
-        path: catalog CSV/JSONL with image, name, classes (+ product_id, split).
-        images: folder relative image paths resolve against (default: the catalog's folder).
+        path: catalog CSV/JSONL/Parquet with image, name, classes (+ product_id, split); or a list of them.
+        images: folder relative image paths resolve against (default: each catalog's folder); with several
+            catalogs, one folder for all or a list with one per catalog (None: its own folder).
         skip_bad_rows: skip and count bad rows instead of stopping at the first.
         seed, val_frac, test_frac: the split.
     Raises:
         HuseError: for a bad row (file, row, what is wrong) unless skip_bad_rows.
     """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    folders = list(images) if isinstance(images, (list, tuple)) else [images] * len(paths)
+    if len(folders) != len(paths):
+        raise HuseError(f"give --images once (for every catalog) or once per --data, in the same order: got "
+                        f"{len(folders)} for {len(paths)} catalogs")
+    resolved = [str(Path(p).resolve()) for p in paths], [str(Path(f).resolve()) if f else None for f in folders]
+    source = ({"catalog": resolved[0][0], "images": resolved[1][0]} if len(paths) == 1  # one catalog: as before
+              else {"catalogs": resolved[0], "images": resolved[1]})
+    ds = Dataset([], [], [], [], [], {**source, "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
+    for p, folder in zip(paths, folders):
+        first = len(ds.images)
+        _read_rows(ds, p, folder, skip_bad_rows, several=len(paths) > 1)
+        if not all(ds.splits[first:]):  # a product's split must be unanimous: decided per group, never per image
+            ds.splits[first:] = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids[first:]]
+    name = paths[0] if len(paths) == 1 else " + ".join(map(str, paths))
+    if not any(ds.titles):  # some rows without one are fine (their text tower sees an empty title); none is not
+        raise HuseError(f"{name}: no row has a title (column name); huse-train trains a text tower beside the "
+                        "image tower, so it needs titles")
+    _check_splits(ds, name)
+    return ds
+
+
+def _read_rows(ds: Dataset, path: str | Path, images: str | Path | None, skip_bad_rows: bool, several: bool) -> None:
+    """Append one catalog's rows to `ds` (split "" where the catalog gives none); a bad row raises, or is
+    skipped and recorded with `skip_bad_rows` (with its catalog when there are `several`)."""
     records = read_catalog(path, images, require=("image", "name", "classes"))  # HUSE trains both towers
-    ds = Dataset([], [], [], [], [], {"catalog": str(Path(path).resolve()),
-                                      "images": str(Path(images).resolve()) if images else None,
-                                      "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
+    first = len(ds.images)
     for r in records:
         try:
             try:
@@ -106,7 +132,8 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
                           "start from?)" if images is not None and "does not exist" in str(e) else "")
                 raise HuseError(f"{path}, row {r.row}{sep}{e}{folder}. Fix the row, or pass --skip-bad-rows to skip "
                                 "and count bad rows") from None
-            ds.skipped.append({"row": r.row, "image": r.image if isinstance(r.image, str) else None, "reason": str(e)})
+            ds.skipped.append({"row": r.row, "image": r.image if isinstance(r.image, str) else None, "reason": str(e),
+                               **({"catalog": str(path)} if several else {})})
             continue
         title = normalise_title(r.name) or ""
         # no id, no title: the photo is the product (a photo held as bytes, by its sha256)
@@ -117,17 +144,10 @@ def load_catalog_dataset(path: str | Path, images: str | Path | None = None, *, 
         ds.classes.append(cls)
         ds.product_ids.append(group)
         ds.splits.append(r.split or "")
-    if not ds.images:
-        first = f"; the first, row {ds.skipped[0]['row']}: {ds.skipped[0]['reason']}" if ds.skipped else ""
-        raise HuseError(f"{path}: no usable rows ({len(ds.skipped)} skipped{first})")
-    if not any(ds.titles):  # some rows without one are fine (their text tower sees an empty title); none is not
-        raise HuseError(f"{path}: no row has a title (column name); huse-train trains a text tower beside the "
-                        "image tower, so it needs titles")
-    if not all(ds.splits):
-        # A product's split must be unanimous: decide per group, never per image.
-        ds.splits = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids]
-    _check_splits(ds, path)
-    return ds
+    if len(ds.images) == first:
+        mine = [s for s in ds.skipped if s.get("catalog", str(path)) == str(path)]
+        shown = f"; the first, row {mine[0]['row']}: {mine[0]['reason']}" if mine else ""
+        raise HuseError(f"{path}: no usable rows ({len(mine)} skipped{shown})")
 
 
 def _check_splits(ds: Dataset, path: str | Path) -> None:
@@ -167,6 +187,6 @@ def load_source(source: dict[str, Any], skip_bad_rows: bool = True) -> Dataset:
     if "dataset" in source:
         return load_builtin(source["dataset"], fmnist_dir=source.get("fmnist_dir"), train_size=source.get("train_size"),
                             val_size=source.get("val_size", 5000), test_size=source.get("test_size"), seed=source.get("seed", 0))
-    return load_catalog_dataset(source["catalog"], source.get("images"), skip_bad_rows=skip_bad_rows,
-                                seed=source.get("seed", 0), val_frac=source.get("val_frac", 0.1),
-                                test_frac=source.get("test_frac", 0.1))
+    return load_catalog_dataset(source.get("catalogs") or source["catalog"], source.get("images"),
+                                skip_bad_rows=skip_bad_rows, seed=source.get("seed", 0),
+                                val_frac=source.get("val_frac", 0.1), test_frac=source.get("test_frac", 0.1))

@@ -224,3 +224,41 @@ def test_a_catalog_in_product_taxonomy_form_trains_the_same_hierarchy(tiny_catal
     rows = list(csv.DictReader(open(path, newline="")))
     write_rows(path, [dict(r, classes=r["classes"].replace("<", " > ")) for r in rows])
     assert load_catalog_dataset(path).classes == load_catalog_dataset(tiny_catalog).classes
+
+
+def test_several_catalogs_train_as_one_each_with_its_own_folder_and_splits(tiny_catalog, tmp_path):
+    """Yours and the corrections of a review (`huse review export`), in other folders: each catalog's paths
+    resolve against its own folder (or its own --images), keeps its own split column, and a bad row names
+    the catalog it is in."""
+    from huse.train.data import load_source
+
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    mine = tmp_path / "mine" / "catalog.csv"  # a split column of its own
+    mine.parent.mkdir()
+    with open(mine, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(rows[:90]):
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"],
+                        ["train", "train", "val"][i % 3]])
+    corrections = _copy(tiny_catalog, tmp_path / "review")  # paths relative to its own folder, no split column
+    write_rows(corrections, [dict(r, product_id=f"new-{r['product_id']}") for r in rows[90:]])
+
+    ds = load_catalog_dataset([mine, corrections])
+    assert len(ds.images) == 120 and ds.titles == [r["name"] for r in rows]
+    assert ds.splits[:90] == [["train", "train", "val"][i % 3] for i in range(90)]
+    assert set(ds.splits[90:]) <= {"train", "val", "test"} and "test" in ds.splits[90:]  # split by product
+    assert ds.source["catalogs"] == [str(mine.resolve()), str(corrections.resolve())]
+    again = load_source(ds.source)  # what huse-export reloads for its checks
+    assert again.images == ds.images and again.splits == ds.splits
+
+    # --images once per catalog, in order; a count that is neither one nor theirs is refused
+    ds2 = load_catalog_dataset([mine, corrections], [None, corrections.parent])
+    assert ds2.images == ds.images
+    with pytest.raises(HuseError, match="give --images once .* or once per --data.*got 3 for 2 catalogs"):
+        load_catalog_dataset([mine, corrections], [None, None, None])
+    n = _append(corrections, ["images/nope.png", "Acme tee", "clothing<tops<t-shirts", "x1"])
+    with pytest.raises(HuseError, match=rf"{corrections}, row {n}: image .* does not exist"):
+        load_catalog_dataset([mine, corrections])
+    skipped = load_catalog_dataset([mine, corrections], skip_bad_rows=True).skipped
+    assert [(s["catalog"], s["row"]) for s in skipped] == [(str(corrections), n)]

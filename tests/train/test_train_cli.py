@@ -27,7 +27,7 @@ def test_train_cli_errors_are_one_line(tmp_path):
     from huse.train.cli import main
 
     r = CliRunner().invoke(main, ["--out", str(tmp_path / "x")])
-    assert r.exit_code == 1 and r.output.strip() == "error: pass exactly one of --data CATALOG or --dataset NAME"
+    assert r.exit_code == 1 and r.output.strip() == "error: pass --data CATALOG (repeatable) or --dataset NAME, not both"
     r = CliRunner().invoke(main, ["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
 
@@ -182,3 +182,22 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_go_on(tiny_catalog, tmp_pat
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Aborted" not in err, err
     assert "interrupted: the last checkpoint is kept; run the same command with --resume" in err
+
+
+def test_train_on_a_catalog_and_its_review_corrections(tiny_catalog, tmp_path):
+    """`--data` twice: the run records both catalogs (huse-export reloads them for its checks)."""
+    import csv
+
+    from huse.train.cli import main
+    from tests.models.make_data import write_rows
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))
+    corrections = tmp_path / "corrections.csv"  # as `huse review export` writes them: paths as the catalog names them
+    write_rows(corrections, [dict(r, product_id=f"fix-{r['product_id']}") for r in rows[:12]])
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--data", str(corrections), "--images",
+                                  str(tiny_catalog.parent), "--out", str(tmp_path / "run"), "--backbone", "tiny",
+                                  "--image-size", "32", "--epochs", "1", "--text-encoder", "cnn"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert data["catalogs"] == [str(tiny_catalog.resolve()), str(corrections.resolve())]
+    assert sum(json.loads((tmp_path / "run" / "metrics.json").read_text())["split_sizes"].values()) == len(rows) + 12
