@@ -126,6 +126,9 @@ RECALL_EPSILON = 1e-3
 # Exact top-k scores queries in (step, n) blocks of at most this many bytes: 64 queries a block up to 250,000
 # vectors, fewer above (at 2 million products 64 a block took 2 GB beside the vectors).
 EXACT_BLOCK_BYTES = 256 << 20
+# Peak memory of `build` per product, with the visual index (measured: 0.41 GB at 30,000 products, 1.61 GB at
+# 120,000; README "Retrieval"). A catalog that clearly will not fit is said so before the embedding starts.
+BUILD_BYTES_PER_PRODUCT = 13_000
 # IVF lists read memory-mapped are scanned ~4x slower than from RAM (nprobe 64 over 200,000 products:
 # 1.38 vs 0.33 ms per query; flat and HNSW do not care), and the index budget counts them in RAM anyway.
 # Above this size a fresh process would spend over a second reading them, so they stay on disk.
@@ -855,6 +858,7 @@ class Index:
         records = _records(data, images, confine_images)
         if not records:
             raise HuseError(f"catalog {data} has no rows to index")
+        _warn_memory(len(records))
         with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
             vecs, excluded = _embed_records(clf, records, 0, progress, visual=has_visual(clf.manifest))
         if not keep_photos:
@@ -1257,6 +1261,24 @@ def _item_image(image: str | bytes | None, base: str | None) -> str | None:
     if not isinstance(image, str):
         return None
     return os.path.relpath(os.path.abspath(image), base) if base is not None and not os.path.isabs(image) else image
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _warn_memory(n: int) -> None:
+    """Say so on stderr, before minutes of embedding, when `n` products will not fit in memory while building."""
+    need, have = n * BUILD_BYTES_PER_PRODUCT, _available_memory()
+    if have is not None and need > have:
+        print(f"warning: building an index of {n:,} products holds all their vectors in memory, about "
+              f"{need / 2**30:.1f} GiB, and this machine has {have / 2**30:.1f} GiB available: the build may be "
+              "killed for memory; build it on a machine with more.", file=sys.stderr)
 
 
 def _is_photos_file(name: str) -> bool:

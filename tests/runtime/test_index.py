@@ -601,6 +601,19 @@ def test_the_index_keeps_the_photos_a_catalog_held_as_bytes(tiny_bundle, tiny_ca
         Index.open(tmp_path / "idx").photo(3)
 
 
+def test_a_catalog_too_large_for_the_memory_is_said_before_the_embedding(tiny_bundle, tiny_catalog, tmp_path,
+                                                                          monkeypatch, capsys):
+    from huse.runtime import index as index_module
+
+    monkeypatch.setattr(index_module, "_available_memory", lambda: 120 * index_module.BUILD_BYTES_PER_PRODUCT - 1)
+    Index.build(tiny_bundle, tiny_catalog, tmp_path / "a", kind="flat", progress=False)  # a warning, not a refusal
+    assert "building an index of 120 products holds all their vectors in memory" in capsys.readouterr().err
+    monkeypatch.setattr(index_module, "_available_memory", lambda: 120 * index_module.BUILD_BYTES_PER_PRODUCT)
+    Index.build(tiny_bundle, tiny_catalog, tmp_path / "b", kind="flat", progress=False)
+    assert "warning" not in capsys.readouterr().err
+    assert index_module._available_memory() is None or index_module._available_memory() > 2**20  # this machine's
+
+
 def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_catalog, flat_index, tmp_path):
     """What a Python user passes: dicts with the catalog's columns (a list of dicts raised AttributeError)."""
     import csv
