@@ -73,7 +73,10 @@ def test_kill_9_then_resume_is_identical_and_redoes_only_in_flight_shards(tiny_b
 def test_ctrl_c_keeps_the_finished_shards_and_says_how_to_go_on(tiny_bundle, big_catalog, tmp_path):
     args = ["classify", tiny_bundle, "--data", big_catalog, "--shard-rows", 100, "--batch-size", 32, "--no-progress",
             "--threads", 1, "--out", tmp_path / "out"]
-    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl+C as a terminal sends it, whatever this runner's own SIGINT: a suite started with `nohup ... &`
+    # ignores SIGINT, and so would the child, which then ran to the end and exited 0
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = tmp_path / "out.partial" / "_manifest.json"
     deadline = time.time() + 60
     while time.time() < deadline and not (manifest.is_file() and json.loads(manifest.read_text())["shards"]):

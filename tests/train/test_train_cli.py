@@ -174,7 +174,9 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_go_on(tiny_catalog, tmp_pat
     args = [sys.executable, "-m", "huse.train.cli", "--data", str(tiny_catalog), "--out", str(out), "--backbone",
             "tiny", "--image-size", "32", "--epochs", "100000", "--batch-size", "8", "--embed-dim", "32",
             "--cv-folds", "0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default action in the child even when this runner ignores it (`nohup ... &`): test_bulk.py says why
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "state.json").is_file():
         time.sleep(0.05)
