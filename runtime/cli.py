@@ -343,6 +343,13 @@ def index_group() -> None:
     """Build, update and inspect a retrieval index (needs `pip install 'huse-edge[index]'`)."""
 
 
+# `huse index build` and `add`: one copy of the option
+_NO_PHOTOS = click.option("--no-photos", "keep_photos", is_flag=True, flag_value=False, default=True,
+                          help="Keep no copy of the photos a Parquet catalog holds as bytes (they are embedded all the "
+                               "same; by default the index keeps them, so that the page can show them: as many bytes "
+                               "as the photos).")
+
+
 @index_group.command("build", context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
@@ -362,9 +369,7 @@ def index_group() -> None:
                    "excluded.jsonl with the reason. Off by default.")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
-@click.option("--no-photos", "keep_photos", is_flag=True, flag_value=False, default=True,
-              help="Keep no copy of the photos a Parquet catalog holds as bytes (they are embedded all the same; "
-                   "by default the index keeps them, so that the page can show them: as many bytes as the photos).")
+@_NO_PHOTOS
 @click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
 def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, confine_images,
                 sign_key, keep_photos, progress) -> None:
@@ -395,9 +400,7 @@ def index_build(bundle, data, images, out, kind, max_memory, precision, batch_si
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
                    "signature (trusted-key searches then refuse it until it is re-signed).")
-@click.option("--no-photos", "keep_photos", is_flag=True, flag_value=False, default=True,
-              help="Keep no copy of the photos a Parquet catalog holds as bytes (they are embedded all the same; "
-                   "by default the index keeps them, so that the page can show them: as many bytes as the photos).")
+@_NO_PHOTOS
 @click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
 def index_add(index, data, images, bundle, confine_images, replace, sign_key, keep_photos, progress) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""

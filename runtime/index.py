@@ -772,7 +772,7 @@ class Index:
             The bytes as the catalog held them; None when the item has none kept (a photo given as a path,
             which `records` names, or no photo).
         """
-        self.records([item])  # in range, or HuseError
+        self._check_positions([item])
         span = self._stored([int(item)])[int(item)].get("photo")
         if span is None:
             return None
@@ -800,10 +800,13 @@ class Index:
         Returns:
             position -> its record.
         """
+        self._check_positions(positions)
+        return self._items([int(p) for p in positions])
+
+    def _check_positions(self, positions: Sequence[int]) -> None:
         bad = [p for p in positions if not 0 <= int(p) < len(self)]
         if bad:
             raise HuseError(f"item {bad[0]} is not in the index (it holds {len(self)} items)")
-        return self._items([int(p) for p in positions])
 
     def items(self) -> list[dict]:
         """Every item record in position order (the whole table; for tools and tests)."""

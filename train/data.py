@@ -94,9 +94,10 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
     if len(folders) != len(paths):
         raise HuseError(f"give --images once (for every catalog) or once per --data, in the same order: got "
                         f"{len(folders)} for {len(paths)} catalogs")
-    resolved = [str(Path(p).resolve()) for p in paths], [str(Path(f).resolve()) if f else None for f in folders]
-    source = ({"catalog": resolved[0][0], "images": resolved[1][0]} if len(paths) == 1  # one catalog: as before
-              else {"catalogs": resolved[0], "images": resolved[1]})
+    catalogs = [str(Path(p).resolve()) for p in paths]
+    dirs = [str(Path(f).resolve()) if f else None for f in folders]
+    source = ({"catalog": catalogs[0], "images": dirs[0]} if len(paths) == 1  # one catalog: as before
+              else {"catalogs": catalogs, "images": dirs})
     ds = Dataset([], [], [], [], [], {**source, "seed": seed, "val_frac": val_frac, "test_frac": test_frac})
     for p, folder in zip(paths, folders):
         first = len(ds.images)

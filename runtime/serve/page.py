@@ -173,9 +173,7 @@ def page_routes(labels: list[str], index=None, images: str | Path | None = None,
         if index is None:
             raise HuseError("the server was started without --index")
         item = int(request.path_params["item"])
-        if not 0 <= item < len(index):
-            raise HuseError(f"item {item} is not in the index (it holds {len(index)} items)")
-        path = index.records([item])[item]["image"]
+        path = index.records([item])[item]["image"]  # HuseError for an item the index does not hold
         return item, path, index.photo(item) if held is not None and path is None else None
 
     def item_image(request):
