@@ -53,6 +53,14 @@ hashed once per file version and then trusted by a stamp: runtime/stamps.py; no 
   ("photo": [file, offset, size]) and `photo(item)` returns the bytes. Hits have no path for them
   (image None); the page shows them from here. `keep_photos=False` (`--no-photos`) leaves them out.
 
+Memory (building): a catalog file is read twice, counted and then streamed EMBED_CHUNK rows at a time; the
+vectors are embedded straight into the {image,text,visual}.vectors.npy files (memory-mapped: the page cache holds
+them, not the process), each item's line is written as it comes, and each FAISS index is filled and tuned from
+those files EXACT_ROWS rows at a time, one modality after the other. So a build holds one modality's FAISS index,
+a few bytes of bookkeeping per item (offsets, codes, product ids) and the IVF training sample (IVF_TRAIN_MAX), not
+the vectors (README "Retrieval": measured per product). `add` appends to the vector files the same way; it reads
+the FAISS indexes whole to change them.
+
 Signing (issue 12): `build(..., sign_key=KEY)` / `huse index build ... --sign KEY` signs
 manifest.json with the bundles' Ed25519 scheme (runtime/signing.py, the one copy of the rule:
 manifest.sig beside it). The manifest holds every file's sha256 and the bundle's fingerprint, so
@@ -69,7 +77,9 @@ the exact fallback skips): a removed product is never a hit. Rebuild to reclaim 
 
 from __future__ import annotations
 
+import array
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -126,9 +136,20 @@ RECALL_EPSILON = 1e-3
 # Exact top-k scores queries in (step, n) blocks of at most this many bytes: 64 queries a block up to 250,000
 # vectors, fewer above (at 2 million products 64 a block took 2 GB beside the vectors).
 EXACT_BLOCK_BYTES = 256 << 20
-# Peak memory of `build` per product, with the visual index (measured: 0.41 GB at 30,000 products, 1.61 GB at
-# 120,000; README "Retrieval"). A catalog that clearly will not fit is said so before the embedding starts.
-BUILD_BYTES_PER_PRODUCT = 13_000
+# ...and reads the vectors this many rows at a time (128 MB at 512-d), as the build adds them to FAISS: a memory-
+# mapped array of millions of products is never copied whole.
+EXACT_ROWS = 65_536
+# An IVF index trains on 256 vectors a list, at most this many unless 40 a list need more (FAISS asks 39): at 10
+# million products 256 a list would be 4 million vectors, 8 GB that FAISS's training copies twice, and hours of
+# k-means. Below 524,288 products nothing changes.
+IVF_TRAIN_MAX = 1 << 19
+# Peak memory of `build` (anonymous: the vectors are in files): about BUILD_BYTES_BASE (the runtime, the IVF
+# training sample, exact top-k blocks) + BUILD_BYTES_PER_PRODUCT a product (one modality's 8-bit codes and ids,
+# the item bookkeeping). Measured (benchmarks/index_memory.py; README "Retrieval"): 1.96 GiB at 1,000,000 and 2.39
+# GiB at 2,000,000 products, ~460 bytes a product between them; rounded up. A catalog that clearly will not fit is
+# said so before the embedding starts.
+BUILD_BYTES_BASE = 3 << 29
+BUILD_BYTES_PER_PRODUCT = 700
 # IVF lists read memory-mapped are scanned ~4x slower than from RAM (nprobe 64 over 200,000 products:
 # 1.38 vs 0.33 ms per query; flat and HNSW do not care), and the index budget counts them in RAM anyway.
 # Above this size a fresh process would spend over a second reading them, so they stay on disk.
@@ -255,25 +276,41 @@ def _failures(ok: np.ndarray, errors: dict[int, str], what: str) -> dict[int, st
 
 
 def _exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of each query over (vectors, ids); -1 / -inf pad when fewer."""
+    """Exact inner-product top-k of each query over the rows `ids` of `vectors` (an item-addressed array, in
+    memory or memory-mapped); -1 / -inf pad when fewer. Reads EXACT_ROWS rows at a time, so that a memory-mapped
+    array of millions of products is never copied whole."""
     k_eff = min(k, len(ids))
     scores_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
     ids_out = np.full((len(queries), k), -1, dtype=np.int64)
     if k_eff == 0:
         return scores_out, ids_out
-    step = max(1, min(64, EXACT_BLOCK_BYTES // (16 * len(vectors))))  # 16 bytes a score with argpartition's copies
-    for s in range(0, len(queries), step):
-        sc = queries[s:s + step] @ vectors.T
-        part = np.argpartition(-sc, k_eff - 1, axis=1)[:, :k_eff]
-        top = np.take_along_axis(sc, part, 1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        scores_out[s:s + step, :k_eff] = np.take_along_axis(top, order, 1)
-        ids_out[s:s + step, :k_eff] = ids[np.take_along_axis(part, order, 1)]
+    for r in range(0, len(ids), EXACT_ROWS):
+        block_ids = ids[r:r + EXACT_ROWS]
+        block = np.asarray(vectors[block_ids], np.float32)
+        step = max(1, min(64, EXACT_BLOCK_BYTES // (16 * len(block))))  # 16 bytes a score with argpartition's copies
+        kb = min(k_eff, len(block))
+        for s in range(0, len(queries), step):
+            sc = queries[s:s + step] @ block.T
+            part = np.argpartition(-sc, kb - 1, axis=1)[:, :kb]
+            # this block's best and the best so far, merged (the earlier block first among equal scores)
+            both_s = np.concatenate([scores_out[s:s + step, :k_eff], np.take_along_axis(sc, part, 1)], 1)
+            both_i = np.concatenate([ids_out[s:s + step, :k_eff], block_ids[part]], 1)
+            order = np.argsort(-both_s, axis=1, kind="stable")[:, :k_eff]
+            scores_out[s:s + step, :k_eff] = np.take_along_axis(both_s, order, 1)
+            ids_out[s:s + step, :k_eff] = np.take_along_axis(both_i, order, 1)
     return scores_out, ids_out
+
+
+def _usable(vectors: np.ndarray) -> np.ndarray:
+    """Which rows of an (N, D) array are finite, read EXACT_ROWS rows at a time."""
+    return np.concatenate([np.isfinite(vectors[r:r + EXACT_ROWS]).all(1) for r in range(0, len(vectors), EXACT_ROWS)]
+                          or [np.zeros(0, bool)])
 
 
 # -- the FAISS side: build, tune, search one modality --------------------------------------
 def _build_faiss(kind: str, vectors: np.ndarray, ids: np.ndarray, dim: int, seed: int = 0):
+    """The FAISS index of the rows `ids` of the item-addressed `vectors`, trained (IVF) on a sample of at most
+    IVF_TRAIN_MAX of them and filled EXACT_ROWS rows at a time."""
     faiss = _faiss()
     factory = _factory(kind, len(ids))
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -281,10 +318,11 @@ def _build_faiss(kind: str, vectors: np.ndarray, ids: np.ndarray, dim: int, seed
         faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     if kind == "ivf":
         rng = np.random.default_rng(seed)
-        sample = vectors[rng.choice(len(vectors), min(len(vectors), 256 * _nlist(len(ids))), replace=False)]
-        index.train(np.ascontiguousarray(sample))
-    if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors), ids)
+        nlist = _nlist(len(ids))
+        sample = rng.choice(len(ids), min(len(ids), 256 * nlist, max(IVF_TRAIN_MAX, 40 * nlist)), replace=False)
+        index.train(np.ascontiguousarray(vectors[ids[sample]], np.float32))
+    for r in range(0, len(ids), EXACT_ROWS):
+        index.add_with_ids(np.ascontiguousarray(vectors[ids[r:r + EXACT_ROWS]], np.float32), ids[r:r + EXACT_ROWS])
     return index, factory
 
 
@@ -314,9 +352,10 @@ def _ann(index, kind: str, params: dict, queries: np.ndarray, k: int, vectors: n
     return scores, ids
 
 
-def _tuning_queries(dense: np.ndarray, ids: np.ndarray, cross: Sequence[np.ndarray] = (), seed: int = 0,
+def _tuning_queries(vectors: np.ndarray, ids: np.ndarray, cross: Sequence[np.ndarray] = (), seed: int = 0,
                     crowd: int = 10) -> np.ndarray:
-    """TUNE_QUERIES stand-ins for real queries: centres of indexed vectors' nearest neighbours, and
+    """TUNE_QUERIES stand-ins for real queries: centres of the nearest neighbours of indexed vectors (the rows
+    `ids` of `vectors`), and
     (half of them, when given) embeddings of the other modalities (`cross`: their (N, D) arrays, NaN rows
     skipped; sampled where they lie, never copied whole: at a million products a copy is GBs).
 
@@ -326,27 +365,25 @@ def _tuning_queries(dense: np.ndarray, ids: np.ndarray, cross: Sequence[np.ndarr
     copies alone, HNSW's recall@10 measured 0.62-0.65 on a 200,000-product catalog with half of the
     queries cross-modal.
     """
-    if not len(dense):
-        return dense
+    if not len(ids):
+        return np.zeros((0, vectors.shape[1]), np.float32)
     rng = np.random.default_rng(seed)
-    finite = [np.flatnonzero(np.isfinite(c).all(1)) for c in cross]  # the usable rows, as positions
+    finite = [np.flatnonzero(_usable(c)) for c in cross]  # the usable rows, as positions
     starts = np.cumsum([0] + [len(f) for f in finite])
     n_cross = min(int(starts[-1]), TUNE_QUERIES // 2)
-    src = dense[rng.choice(len(dense), min(TUNE_QUERIES - n_cross, len(dense)), replace=False)]
-    pos = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
-    pos[ids] = np.arange(len(ids))
-    nn = _exact_topk(src, dense, ids, min(crowd, len(ids)))[1]
-    own = _normalise(dense[pos[nn]].mean(axis=1))
+    src = np.asarray(vectors[ids[rng.choice(len(ids), min(TUNE_QUERIES - n_cross, len(ids)), replace=False)]])
+    nn = _exact_topk(src, vectors, ids, min(crowd, len(ids)))[1]
+    own = _normalise(np.asarray(vectors[nn.ravel()]).reshape(*nn.shape, -1).mean(axis=1))
     picked = rng.choice(int(starts[-1]), n_cross, replace=False)  # positions among all usable rows, in order
     part = np.searchsorted(starts, picked, side="right") - 1
     others = [cross[a][finite[a][p - starts[a]]] for a, p in zip(part, picked)]
-    return np.concatenate([own, np.asarray(others, np.float32).reshape(-1, dense.shape[1])]).astype(np.float32)
+    return np.concatenate([own, np.asarray(others, np.float32).reshape(-1, vectors.shape[1])]).astype(np.float32)
 
 
 def _tune(index, kind: str, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
           k: int = 10) -> tuple[dict, float | None]:
     """The cheapest efSearch/nprobe whose recall@k vs exact (RECALL_EPSILON) reaches TARGET_RECALL on `queries`,
-    with a margin.
+    with a margin, over the rows `ids` of the item-addressed `vectors`.
 
     The tuning sample is one draw of queries: a setting that just reaches 0.95 on it measured 0.948 on
     the benchmark's queries. So the bar is the sample's lower bound, mean - 2 standard errors of the
@@ -358,7 +395,7 @@ def _tune(index, kind: str, vectors: np.ndarray, ids: np.ndarray, queries: np.nd
     kth = _exact_topk(queries, vectors, ids, k)[0][:, k - 1]  # the k-th true neighbour's score
 
     def recall(params: dict) -> np.ndarray:
-        return _recall(*_ann(index, kind, params, queries, k, _Dense(vectors, ids)), kth)
+        return _recall(*_ann(index, kind, params, queries, k, vectors), kth)
 
     # Powers of two and the steps halfway between: each step costs at most 1.5x the one before.
     steps = sorted({int(m * 2 ** i) for i in range(17) for m in (1, 1.5)})
@@ -377,18 +414,6 @@ def _recall(scores: np.ndarray, got: np.ndarray, kth: np.ndarray) -> np.ndarray:
     """Per query, the share of its (Q, k) hits whose exact score is within RECALL_EPSILON of `kth`, the k-th
     true neighbour's score (ann-benchmarks' k-NN recall)."""
     return ((got >= 0) & (scores >= kth[:, None] - RECALL_EPSILON)).sum(1) / got.shape[1]
-
-
-class _Dense:
-    """Rows of a compact (n_indexed, D) array addressed by item position (for tuning before writing)."""
-
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray):
-        self.vectors = vectors
-        self.pos = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
-        self.pos[ids] = np.arange(len(ids))
-
-    def __getitem__(self, positions):
-        return self.vectors[self.pos[positions]]
 
 
 # -- the index --------------------------------------------------------------------------------
@@ -690,7 +715,7 @@ class Index:
         if allowed is not None:
             cand = np.flatnonzero(allowed & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0))
             if len(cand) <= EXACT_FALLBACK:
-                return _exact_topk(queries, np.asarray(self._vectors_of(mod)[cand]), cand, k)
+                return _exact_topk(queries, self._vectors_of(mod), cand, k)
         selector, keep = None, None
         if allowed is not None:
             keep = np.packbits(allowed, bitorder="little")
@@ -705,7 +730,7 @@ class Index:
             if cand is None:
                 cand = np.flatnonzero(self._array("items.alive.npy").astype(bool)
                                       & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0))
-            s2, i2 = _exact_topk(queries[short], np.asarray(self._vectors_of(mod)[cand]), cand, k)
+            s2, i2 = _exact_topk(queries[short], self._vectors_of(mod), cand, k)
             scores[short], ids[short] = s2, i2
         return scores, ids
 
@@ -812,8 +837,12 @@ class Index:
         """Every item record in position order (the whole table; for tools and tests)."""
         return [dict(it, image=self._image_path(it.get("image"))) for it in self._stored_items()]
 
-    def _stored_items(self) -> list[dict]:
-        return _read_items(self.folder, self._file("items.jsonl"))
+    def _stored_items(self):
+        """The item table as stored, an item at a time (a catalog of millions is never held as dicts)."""
+        with open(self._file("items.jsonl"), "rb") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
 
     def excluded(self) -> list[dict]:
         """Rows left out of a modality's index: {"item", "row", "product_id", "modality", "error"}."""
@@ -858,17 +887,17 @@ class Index:
             _faiss().omp_set_num_threads(int(threads))
         else:
             _faiss()  # fail on a missing extra before minutes of embedding
-        records = _records(data, images, confine_images)
-        if not records:
+        records, n = _catalog(data, images, confine_images, progress)
+        if not n:
             raise HuseError(f"catalog {data} has no rows to index")
-        _warn_memory(len(records))
-        with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
-            vecs, excluded = _embed_records(clf, records, 0, progress, visual=has_visual(clf.manifest))
-        if not keep_photos:
-            records = _without_photos(records)
-        return cls.from_embeddings(bundle, records, vecs, out, kind=kind, max_memory=max_memory, precision=precision,
-                                   excluded=excluded, threads=threads, progress=progress, overwrite=overwrite,
-                                   sign_key=sign_key)
+        _warn_memory(n)
+        with _scratch(out) as tmp:
+            with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
+                vecs = _vector_files(tmp, _widths(clf.manifest, has_visual(clf.manifest)), n)
+                items = _Items(tmp, relative_to=out, keep_photos=keep_photos)
+                excluded = _embed(clf, records, vecs, 0, n, progress, keep=items.add)
+            return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
+                              precision=precision, threads=threads, progress=progress, sign_key=sign_key)
 
     @classmethod
     def from_embeddings(cls, bundle: str | Path, records: Sequence[Any], vectors: dict[str, np.ndarray], out: str | Path,
@@ -883,7 +912,8 @@ class Index:
             vectors: {"image": (N, D), "text": (N, D)} float32, L2-normalised; NaN rows are left out
                 of that modality (list why in `excluded`, else "embedding is not finite" is recorded).
                 With "visual": (N, visual_dim) too (the bundle must have visual vectors), the visual index
-                is written; a photo whose image or visual row is NaN is left out of both.
+                is written; a photo whose image or visual row is NaN is left out of both. The arrays may be
+                memory-mapped (`np.load(..., mmap_mode="r")`): they are read a block at a time, never changed.
             Others: as for `build`.
         Returns:
             The opened Index.
@@ -893,55 +923,67 @@ class Index:
         out = _check_target(kind, out, overwrite)
         records = [_described(r, i) for i, r in enumerate(records)]
         bm = load_manifest(bundle, verify=False)
-        dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
-        names = [*MODALITIES, *(["visual"] if "visual" in vectors else [])]
-        width = {m: dim for m in MODALITIES}
         if "visual" in vectors:
-            width["visual"] = require_visual(bm, bundle)
-        vecs = {m: np.asarray(vectors[m], np.float32) for m in names}
-        if any(v.shape != (len(records), width[m]) for m, v in vecs.items()):
-            raise HuseError(f"embeddings must be ({len(records)}, D) per modality with D = "
-                            f"{ {m: width[m] for m in names} }; got { {m: v.shape for m, v in vecs.items()} }")
-        _pair_visual(vecs)
+            require_visual(bm, bundle)
+        width = _widths(bm, "visual" in vectors)
+        if set(vectors) - set(width) or any(np.shape(vectors[m]) != (len(records), w) for m, w in width.items()):
+            raise HuseError(f"embeddings must be ({len(records)}, D) per modality with D = {width}; got "
+                            f"{ {m: np.shape(v) for m, v in vectors.items()} }")
+        with _scratch(out) as tmp:
+            vecs = _vector_files(tmp, width, len(records))
+            for m, v in vecs.items():  # copied, a block at a time: the caller's arrays stay as they are
+                for r in range(0, len(v), EXACT_ROWS):
+                    v[r:r + EXACT_ROWS] = vectors[m][r:r + EXACT_ROWS]
+            _pair_visual(vecs)
+            excluded = list(excluded or [])
+            listed = {(e["item"], e["modality"]) for e in excluded}
+            for m in MODALITIES:
+                for i in np.flatnonzero(~_usable(vecs[m])):
+                    if (int(i), m) not in listed:
+                        r = records[i]
+                        excluded.append({"item": int(i), "row": r.row, "product_id": r.product_id, "modality": m,
+                                         "error": "embedding is not finite"})
+            items = _Items(tmp, relative_to=out)
+            items.add(records)
+            return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
+                              precision=precision, threads=threads, progress=progress, sign_key=sign_key)
+
+    @classmethod
+    def _write(cls, tmp: Path, out: Path, bundle: str | Path, items: "_Items", vecs: dict[str, np.ndarray],
+               excluded: list[dict], kind: str, max_memory: str | int, precision: str, threads: int | None,
+               progress: bool, sign_key: str | Path | None) -> "Index":
+        """The index folder `out` from its vectors (memory-mapped files in `tmp`, paired, NaN where left out) and
+        item table: the visual vectors centred, one FAISS index per modality, the manifest; then `tmp` becomes `out`."""
+        from huse.runtime.bundle import load_manifest
+
+        bm = load_manifest(bundle, verify=False)
+        dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
         if "visual" in vecs:  # centred on this catalog: the centre is kept for queries and later adds
-            vecs["visual"], centre = centre_visual(vecs["visual"])
-        excluded = list(excluded or [])
-        listed = {(e["item"], e["modality"]) for e in excluded}
-        for m in MODALITIES:
-            for i in np.flatnonzero(~np.isfinite(vecs[m]).all(1)):
-                if (int(i), m) not in listed:
-                    r = records[i]
-                    excluded.append({"item": int(i), "row": r.row, "product_id": r.product_id, "modality": m,
-                                     "error": "embedding is not finite"})
-        n_max = max(int(np.isfinite(v).all(1).sum()) for v in vecs.values())
+            _save_npy(tmp / VISUAL_CENTRE, _centre_in_place(vecs["visual"]))
+        usable = {m: _usable(v) for m, v in vecs.items()}
         if kind == "auto":
-            kind = choose_kind(n_max, dim, max_memory, visual_dim=width.get("visual", 0))
-        classes = sorted({_classes(r.classes) for r in records if r.classes})
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-        try:
-            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                        "bundle": {"path": str(Path(bundle).resolve()), "fingerprint": _bundle_fingerprint(bundle)},
-                        "precision": precision, "dim": dim, "fusion_image_weight": w, "kind": kind,
-                        "max_memory": parse_memory(max_memory), "classes": classes,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions("huse-edge", "faiss-cpu", "numpy"),
-                        "removal": _REMOVAL[kind], "modalities": {}}
-            if "visual" in vecs:
-                manifest["visual_dim"] = width["visual"]
-            manifest["image_paths"] = IMAGE_PATHS
-            _write_items(tmp, records, classes, vecs, previous=None, relative_to=out)
-            _write_excluded(tmp, excluded, append_to=None)
-            if "visual" in vecs:
-                _save_npy(tmp / VISUAL_CENTRE, centre)
-            for mod in names:  # the visual space has no cross-modal queries to tune for
-                others = [vecs[m] for m in MODALITIES if m != mod] if mod in MODALITIES else []
-                manifest["modalities"][mod] = _write_modality(tmp, mod, kind, vecs[mod], width[mod], progress, others)
-            _finish(tmp, manifest, sign_key)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            kind = choose_kind(max(int(u.sum()) for u in usable.values()), dim, max_memory,
+                               visual_dim=vecs["visual"].shape[1] if "visual" in vecs else 0)
+        classes = items.close(sum(np.where(usable[m], MOD_BIT[m], 0) for m in MODALITIES).astype(np.uint8))
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "bundle": {"path": str(Path(bundle).resolve()), "fingerprint": _bundle_fingerprint(bundle)},
+                    "precision": precision, "dim": dim, "fusion_image_weight": w, "kind": kind,
+                    "max_memory": parse_memory(max_memory), "classes": classes,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions("huse-edge", "faiss-cpu", "numpy"),
+                    "removal": _REMOVAL[kind], "modalities": {}}
+        if "visual" in vecs:
+            manifest["visual_dim"] = vecs["visual"].shape[1]
+        manifest["image_paths"] = IMAGE_PATHS
+        _write_excluded(tmp, excluded, append_to=None)
+        for mod, v in vecs.items():  # the visual space has no cross-modal queries to tune for
+            others = [vecs[m] for m in MODALITIES if m != mod] if mod in MODALITIES else []
+            manifest["modalities"][mod] = _write_modality(tmp, mod, kind, v, np.flatnonzero(usable[mod]), progress,
+                                                          others)
+            v.flush()
+        _finish(tmp, manifest, sign_key)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
         return cls.open(out, bundle=bundle, threads=threads)  # trusted keys are the opener's choice
 
     def add(self, data: str | Path | Sequence[Any], images: str | Path | None = None, progress: bool = True,
@@ -966,9 +1008,8 @@ class Index:
 
     def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool,
              keep_photos: bool = True) -> dict:
-        previous = self._stored_items()  # remove() below changes the alive mask, not the item table
         alive = self._array("items.alive.npy")
-        present = {it["product_id"] for it, a in zip(previous, alive) if a and it.get("product_id")}
+        present = {it["product_id"] for it, a in zip(self._stored_items(), alive) if a and it.get("product_id")}
         known = sorted({r.product_id for r in records if r.product_id in present})
         if replace and any(not r.product_id for r in records):  # a product is found by its id: nothing to update
             rows = [r.row for r in records if not r.product_id]
@@ -982,27 +1023,25 @@ class Index:
                             "and adds this catalog's; or leave them out of the catalog")
         n0 = len(self)
         clf = self._embedder()
-        vecs, excluded = _embed_records(clf, records, n0, progress, visual=self.has_visual)
+        vecs = {m: np.empty((len(records), w), np.float32) for m, w in _widths(clf.manifest, self.has_visual).items()}
+        excluded = _embed(clf, records, vecs, n0, len(records), progress)
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
-        if not keep_photos:
-            records = _without_photos(records)
         replaced = self._remove(known, sign_key)["removed"] if known else 0  # once embedding succeeded
-        classes = sorted(set(self.classes) | {_classes(r.classes) for r in records if r.classes})
         m = self.manifest
-        _write_items(self.folder, records, classes, vecs, previous=(previous, self), relative_to=self._image_base)
+        items = _Items(self.folder, relative_to=self._image_base, keep_photos=keep_photos, previous=self)
+        items.add(records)
+        classes = items.close(sum(np.where(_usable(vecs[v]), MOD_BIT[v], 0) for v in MODALITIES).astype(np.uint8))
         _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
         added = {}
         for mod in self._indexes():
-            new = np.isfinite(vecs[mod]).all(1)
-            old_vecs = np.load(self._file(f"{mod}.vectors.npy"), allow_pickle=False)
-            allv = np.concatenate([old_vecs, vecs[mod]])
-            _save_npy(self.folder / f"{mod}.vectors.npy", allv)
+            new = _usable(vecs[mod])
+            allv = _append_rows(self._file(f"{mod}.vectors.npy"), vecs[mod])
             index = _read_writable(self._file(f"{mod}.faiss"))
             ids = np.flatnonzero(new).astype(np.int64) + n0
             if len(ids):
                 if self.kind == "ivf" and not index.is_trained:
-                    index, _ = _build_faiss("ivf", allv[ids], ids, self._width(mod))
+                    index, _ = _build_faiss("ivf", allv, ids, self._width(mod))
                 else:
                     index.add_with_ids(np.ascontiguousarray(vecs[mod][new]), ids)
             _write_index(index, self.folder / f"{mod}.faiss")
@@ -1029,10 +1068,13 @@ class Index:
 
     def _remove(self, product_ids: Sequence[str], sign_key: str | Path | None) -> dict:
         wanted = {str(p) for p in product_ids}
-        items = self._stored_items()
         alive = self._array("items.alive.npy").copy()
-        positions = np.asarray([i for i, it in enumerate(items) if it.get("product_id") in wanted and alive[i]], np.int64)
-        found = {items[i]["product_id"] for i in positions}
+        positions, found = [], set()
+        for i, it in enumerate(self._stored_items()):
+            if it.get("product_id") in wanted and alive[i]:
+                positions.append(i)
+                found.add(it["product_id"])
+        positions = np.asarray(positions, np.int64)
         if len(positions):
             alive[positions] = 0
             _save_npy(self.folder / "items.alive.npy", alive)
@@ -1105,6 +1147,17 @@ _REMOVAL = {
 
 
 # -- files ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _scratch(out: Path):
+    """A new folder beside `out` to write an index in; removed unless it became `out`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _bundle_fingerprint(bundle: str | Path) -> str:
     path = Path(bundle) / MANIFEST
     if not path.is_file():
@@ -1174,6 +1227,21 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)  # an old memory map of the file stays valid
 
 
+def _append_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The .npy at `path` with `rows` after its own, written to a new file (a block at a time: the old rows are
+    never all in memory) that replaces it; returned memory-mapped. An old memory map of the file stays valid."""
+    old = np.load(path, mmap_mode="r", allow_pickle=False)
+    tmp = path.with_name(path.name + ".tmp")
+    both = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(old) + len(rows), old.shape[1]))
+    for r in range(0, len(old), EXACT_ROWS):
+        part = old[r:r + EXACT_ROWS]
+        both[r:r + len(part)] = part
+    both[len(old):] = rows
+    both.flush()
+    os.replace(tmp, path)
+    return both
+
+
 def _write_index(index, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _faiss().write_index(index, str(tmp))
@@ -1205,20 +1273,61 @@ def _records(data, images, confine: bool = False) -> list:
     return records_from_rows(data, images, confine=confine)
 
 
-def _embed_records(clf, records: list, start: int, progress: bool,
-                   visual: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Image and text embeddings of every record (NaN rows where missing or failed) and the exclusions;
-    with `visual`, the photos' visual vectors too, from the same run of the image graph."""
-    n, dim = len(records), int(clf.manifest["embedding_dim"])
-    vecs = {m: np.full((n, dim), np.nan, np.float32) for m in MODALITIES}
-    if visual:
-        vecs["visual"] = np.full((n, int(clf.manifest["visual_dim"])), np.nan, np.float32)
-    excluded = []
-    for s in range(0, n, EMBED_CHUNK):
-        chunk = records[s:s + EMBED_CHUNK]
+def _catalog(data, images, confine: bool = False, progress: bool = False) -> tuple[Any, int]:
+    """(records, how many): a catalog file's Records streamed (counted in a first pass: the vectors are written to
+    files of that size), or a list's; a bad row (malformed value, or an image path refused by `confine`) keeps its
+    `error` and is left out of both modalities (listed in excluded.jsonl), never a failed build."""
+    from huse.runtime.catalog import iter_catalog
+
+    if not isinstance(data, (str, Path)):
+        records = _records(data, images, confine)
+        return records, len(records)
+    n = 0
+    for n, _ in enumerate(iter_catalog(data, images, confine=confine), 1):
+        if progress and n % 100_000 == 0:
+            print(f"\rcounting products: {n}", end="", file=sys.stderr, flush=True)
+    if progress and n >= 100_000:
+        print(file=sys.stderr)
+    return iter_catalog(data, images, confine=confine), n
+
+
+def _widths(bundle_manifest: dict, visual: bool) -> dict[str, int]:
+    """The width of each modality's vectors: image and text, and visual when the index has it."""
+    dim = int(bundle_manifest["embedding_dim"])
+    return {"image": dim, "text": dim, **({"visual": int(bundle_manifest["visual_dim"])} if visual else {})}
+
+
+def _vector_files(folder: Path, widths: dict[str, int], n: int) -> dict[str, np.ndarray]:
+    """FOLDER/{modality}.vectors.npy, (n, width) float32, memory-mapped for writing: a build holds no vectors in
+    memory, the page cache does (the files are the index's own). A disk without room for them is an error now: a
+    write to a memory map on a full disk kills the process (SIGBUS), hours into the embedding."""
+    need, free = n * sum(widths.values()) * 4, shutil.disk_usage(folder).free
+    if need > free:
+        raise HuseError(f"the index's vectors of {n:,} products need {need / 2**30:.1f} GiB on the disk of "
+                        f"{folder.parent}, which has {free / 2**30:.1f} GiB free; free some space or choose an --out "
+                        "on another disk")
+    return {m: np.lib.format.open_memmap(folder / f"{m}.vectors.npy", mode="w+", dtype=np.float32, shape=(n, w))
+            for m, w in widths.items()}
+
+
+def _chunks(records, size: int):
+    it = iter(records)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, progress: bool,
+           keep=None) -> list[dict]:
+    """Embed `records` (an iterable) EMBED_CHUNK at a time into rows 0, 1, ... of `vecs` (image, text and, when
+    present, visual from the same run of the image graph; NaN rows where missing or failed), calling `keep(chunk)`
+    after each chunk (the item table). Returns the exclusions, numbered from item `start`."""
+    excluded, s = [], 0
+    for chunk in _chunks(records, EMBED_CHUNK):
+        for v in vecs.values():
+            v[s:s + len(chunk)] = np.nan
         with_img = [i for i, r in enumerate(chunk) if r.image and not getattr(r, "error", None)]
         rows = [s + i for i in with_img]
-        if visual:
+        if "visual" in vecs:
             e_img, e_vis = clf.embed_image_visual([chunk[i].image for i in with_img])
             vecs["visual"][rows] = e_vis.vectors
         else:
@@ -1239,23 +1348,36 @@ def _embed_records(clf, records: list, start: int, progress: bool,
                         vecs[v][s + i] = np.nan
                     excluded.append({"item": start + s + i, "row": r.row, "product_id": r.product_id,
                                      "modality": mod, "error": err})
+        if keep is not None:
+            keep(chunk)
+        s += len(chunk)
         if progress:
-            _progress(min(s + EMBED_CHUNK, n), n, "embedding products")
-    return vecs, excluded
+            _progress(s, total, "embedding products")
+    return excluded
 
 
 def _pair_visual(vecs: dict[str, np.ndarray]) -> None:
     """A photo is in the image and visual indexes or in neither (both come from one run of the image graph,
-    and the visual index shares the image rows' modality bit): NaN both rows where either is NaN, in place
-    (copying only an array that changes)."""
+    and the visual index shares the image rows' modality bit): NaN both rows where either is NaN, in place."""
     if "visual" not in vecs:
         return
-    both = np.isfinite(vecs["image"]).all(1) & np.isfinite(vecs["visual"]).all(1)
-    for m in ("image", "visual"):
-        drop = ~both & np.isfinite(vecs[m]).all(1)
-        if drop.any():
-            vecs[m] = vecs[m].copy()
-            vecs[m][drop] = np.nan
+    for r in range(0, len(vecs["image"]), EXACT_ROWS):
+        image, visual = vecs["image"][r:r + EXACT_ROWS], vecs["visual"][r:r + EXACT_ROWS]
+        drop = ~(np.isfinite(image).all(1) & np.isfinite(visual).all(1))
+        image[drop], visual[drop] = np.nan, np.nan
+
+
+def _centre_in_place(visual: np.ndarray) -> np.ndarray:
+    """Centre and normalise the visual vectors in place, a block at a time (`centre_visual` on the catalog); returns
+    the centre, the mean of the finite rows."""
+    ok = _usable(visual)
+    total = np.zeros(visual.shape[1], np.float64)
+    for r in range(0, len(visual), EXACT_ROWS):
+        total += visual[r:r + EXACT_ROWS][ok[r:r + EXACT_ROWS]].sum(0, dtype=np.float64)
+    centre = (total / max(int(ok.sum()), 1)).astype(np.float32)
+    for r in range(0, len(visual), EXACT_ROWS):
+        visual[r:r + EXACT_ROWS] = centre_visual(visual[r:r + EXACT_ROWS], centre)[0]
+    return centre
 
 
 def _item_image(image: str | bytes | None, base: str | None) -> str | None:
@@ -1275,13 +1397,19 @@ def _available_memory() -> int | None:
         return None
 
 
+def _build_bytes(n: int) -> int:
+    """About the most memory a build of `n` products takes (BUILD_BYTES_BASE, BUILD_BYTES_PER_PRODUCT)."""
+    return BUILD_BYTES_BASE + n * BUILD_BYTES_PER_PRODUCT
+
+
 def _warn_memory(n: int) -> None:
     """Say so on stderr, before minutes of embedding, when `n` products will not fit in memory while building."""
-    need, have = n * BUILD_BYTES_PER_PRODUCT, _available_memory()
+    need, have = _build_bytes(n), _available_memory()
     if have is not None and need > have:
-        print(f"warning: building an index of {n:,} products holds all their vectors in memory, about "
-              f"{need / 2**30:.1f} GiB, and this machine has {have / 2**30:.1f} GiB available: the build may be "
-              "killed for memory; build it on a machine with more.", file=sys.stderr)
+        print(f"warning: building an index of {n:,} products needs about {need / 2**30:.1f} GiB of memory (one "
+              f"modality's FAISS index at a time; the vectors go to files), and this machine has "
+              f"{have / 2**30:.1f} GiB available: the build may be killed for memory; build it on a machine with "
+              "more.", file=sys.stderr)
 
 
 def _is_photos_file(name: str) -> bool:
@@ -1290,100 +1418,106 @@ def _is_photos_file(name: str) -> bool:
     return first == "photos" and rest.endswith(".bin") and rest[:-4].isdigit()
 
 
-def _without_photos(records: list) -> list:
-    """The records with the photos they hold as bytes dropped (embedded already; `keep_photos=False`)."""
-    import dataclasses
-
-    return [dataclasses.replace(r, image=None) if isinstance(r.image, bytes) else r for r in records]
-
-
-def _write_photos(folder: Path, records: list, first: int) -> dict[int, list]:
-    """photos.{first}.bin with the photos `records` hold as bytes; record position -> [file, offset, size]."""
-    held = [i for i, r in enumerate(records) if isinstance(r.image, bytes)]
-    if not held:
-        return {}
-    name, spans = f"photos.{first}.bin", {}
-    tmp = folder / f"{name}.tmp"
-    with open(tmp, "wb") as f:
-        for i in held:
-            spans[i] = [name, f.tell(), len(records[i].image)]
-            f.write(records[i].image)
-    os.replace(tmp, folder / name)
-    return spans
-
-
 def _classes(cell: str | None) -> str | None:
     """An item's classes as the index keeps them: its canonical paths joined with '|' (runtime/labels.py)."""
     return join_paths(parse_paths(cell)) if cell else None
 
 
-def _write_items(folder: Path, records: list, classes: list[str], vecs: dict, previous,
-                 relative_to: str | Path | None) -> None:
-    """Item table: items.jsonl + byte offsets, and the per-item code arrays (appended to `previous`);
-    a relative image path is stored relative to the folder `relative_to` (None: as read), a photo held as
-    bytes in photos.N.bin."""
-    code = {c: i for i, c in enumerate(classes)}
-    if previous is None:
-        old_items, old_alive, old_mods = [], np.zeros(0, np.uint8), np.zeros(0, np.uint8)
-    else:
-        old_items, index = previous
-        old_alive, old_mods = index._array("items.alive.npy"), index._array("items.mods.npy")
-    base = os.path.abspath(relative_to) if relative_to is not None else None
-    photos = _write_photos(folder, records, first=len(old_items))
-    new_items = [{"row": r.row, "product_id": r.product_id, "name": r.name, "image": _item_image(r.image, base),
-                  "classes": _classes(r.classes), **({"photo": photos[i]} if i in photos else {})}
-                 for i, r in enumerate(records)]
-    all_items = old_items + new_items
-    product = np.empty(len(all_items), np.int32)
-    # Codes by first appearance (stable for old items); an item without product_id is a product of its own.
-    codes: dict[str, int] = {}
-    for i, it in enumerate(all_items):
-        key = it.get("product_id") or f"\0{i}"
-        product[i] = codes.setdefault(key, len(codes))
-    cls = np.asarray([code[it["classes"]] if it.get("classes") else -1 for it in all_items], np.int32)
-    mods = np.zeros(len(new_items), np.uint8)
-    for m in MODALITIES:
-        mods |= np.where(np.isfinite(vecs[m]).all(1), MOD_BIT[m], 0).astype(np.uint8)
-    offsets = [0]
-    tmp = folder / "items.jsonl.tmp"
-    with open(tmp, "wb") as f:
-        for it in all_items:
-            line = (json.dumps(it, ensure_ascii=False) + "\n").encode("utf-8")
-            f.write(line)
-            offsets.append(offsets[-1] + len(line))
-    os.replace(tmp, folder / "items.jsonl")
-    _save_npy(folder / "items.offsets.npy", np.asarray(offsets, np.int64))
-    _save_npy(folder / "items.class.npy", cls)
-    _save_npy(folder / "items.product.npy", product)
-    _save_npy(folder / "items.mods.npy", np.concatenate([old_mods, mods]))
-    _save_npy(folder / "items.alive.npy", np.concatenate([old_alive, np.ones(len(new_items), np.uint8)]))
+class _Items:
+    """The item table, written a chunk of records at a time: items.jsonl and its byte offsets, the photos a catalog
+    holds as bytes in photos.N.bin (N: the first new item; none with `keep_photos=False`), and at `close` the
+    per-item code arrays. An image path relative to the catalog is kept relative to the folder `relative_to` (None:
+    as read). An add starts from the items of the Index `previous`."""
 
+    def __init__(self, folder: Path, relative_to: str | Path | None, keep_photos: bool = True,
+                 previous: "Index | None" = None):
+        self.folder, self.keep_photos, self.previous = folder, keep_photos, previous
+        self.base = os.path.abspath(relative_to) if relative_to is not None else None
+        self.lines = open(folder / "items.jsonl.tmp", "wb")
+        self.offsets, self.class_of, self.product = array.array("q", [0]), array.array("i"), array.array("i")
+        self.classes: dict[str, int] = {}  # class -> code by first appearance (sorted at close)
+        self.products: dict[str, int] = {}
+        self.n_products = 0
+        self.photos = None
+        for it in previous._stored_items() if previous is not None else ():
+            self._write(it)
+        self.first = len(self.product)
 
-def _read_items(folder: Path, path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    def add(self, records: Sequence[Any]) -> None:
+        for r in records:
+            it = {"row": r.row, "product_id": r.product_id, "name": r.name, "image": _item_image(r.image, self.base),
+                  "classes": _classes(r.classes)}
+            if isinstance(r.image, bytes) and self.keep_photos:
+                it["photo"] = self._photo(r.image)
+            self._write(it)
+
+    def _photo(self, data: bytes) -> list:
+        name = f"photos.{self.first}.bin"
+        if self.photos is None:
+            self.photos = open(self.folder / f"{name}.tmp", "wb")
+        span = [name, self.photos.tell(), len(data)]
+        self.photos.write(data)
+        return span
+
+    def _write(self, it: dict) -> None:
+        line = (json.dumps(it, ensure_ascii=False) + "\n").encode("utf-8")
+        self.lines.write(line)
+        self.offsets.append(self.offsets[-1] + len(line))
+        # Codes by first appearance (stable for old items); an item without product_id is a product of its own.
+        pid = it.get("product_id")
+        code = self.products.setdefault(pid, self.n_products) if pid else self.n_products
+        self.n_products += code == self.n_products
+        self.product.append(code)
+        c = it.get("classes")
+        self.class_of.append(self.classes.setdefault(c, len(self.classes)) if c else -1)
+
+    def close(self, mods: np.ndarray) -> list[str]:
+        """Write the item files, with `mods` (the new items' modality bits); returns the sorted classes."""
+        self.lines.close()
+        os.replace(self.folder / "items.jsonl.tmp", self.folder / "items.jsonl")
+        if self.photos is not None:
+            self.photos.close()
+            name = f"photos.{self.first}.bin"
+            os.replace(self.folder / f"{name}.tmp", self.folder / name)
+        classes = sorted(self.classes)
+        code = {c: i for i, c in enumerate(classes)}
+        remap = np.asarray([code[c] for c in self.classes] + [-1], np.int32)  # provisional code -1 stays -1
+        if self.previous is None:
+            old_alive, old_mods = np.zeros(0, np.uint8), np.zeros(0, np.uint8)
+        else:
+            old_alive, old_mods = self.previous._array("items.alive.npy"), self.previous._array("items.mods.npy")
+        _save_npy(self.folder / "items.offsets.npy", np.frombuffer(self.offsets, np.int64))
+        _save_npy(self.folder / "items.class.npy", remap[np.frombuffer(self.class_of, np.int32)])
+        _save_npy(self.folder / "items.product.npy", np.frombuffer(self.product, np.int32))
+        _save_npy(self.folder / "items.mods.npy", np.concatenate([old_mods, mods]))
+        _save_npy(self.folder / "items.alive.npy", np.concatenate([old_alive, np.ones(len(mods), np.uint8)]))
+        return classes
 
 
 def _write_excluded(folder: Path, excluded: list[dict], append_to: Path | None) -> None:
-    old = append_to.read_text(encoding="utf-8") if append_to is not None else ""
+    """excluded.jsonl: the lines of `append_to` (an add's index), then `excluded`, a line at a time."""
     tmp = folder / "excluded.jsonl.tmp"
-    tmp.write_text(old + "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in excluded), encoding="utf-8")
+    with open(tmp, "wb") as f:
+        if append_to is not None:
+            with open(append_to, "rb") as old:
+                shutil.copyfileobj(old, f)
+        for e in excluded:
+            f.write((json.dumps(e, ensure_ascii=False) + "\n").encode("utf-8"))
     os.replace(tmp, folder / "excluded.jsonl")
 
 
-def _write_modality(folder: Path, mod: str, kind: str, vectors: np.ndarray, dim: int, progress: bool,
+def _write_modality(folder: Path, mod: str, kind: str, vectors: np.ndarray, ids: np.ndarray, progress: bool,
                     cross: Sequence[np.ndarray] = ()) -> dict:
-    ok = np.isfinite(vectors).all(1)
-    ids = np.flatnonzero(ok).astype(np.int64)
-    dense = np.ascontiguousarray(vectors if ok.all() else vectors[ok])  # no copy when every row is usable
+    """FOLDER/{mod}.faiss over the rows `ids` of `vectors` (FOLDER/{mod}.vectors.npy itself), tuned; its manifest entry."""
+    ids = np.asarray(ids, np.int64)
     t = time.perf_counter()
-    index, factory = _build_faiss(kind, dense, ids, dim)
+    index, factory = _build_faiss(kind, vectors, ids, vectors.shape[1])
     build_s = time.perf_counter() - t
-    queries = _tuning_queries(dense, ids, cross)
-    params, recall = _tune(index, kind, dense, ids, queries)
+    queries = _tuning_queries(vectors, ids, cross)
+    params, recall = _tune(index, kind, vectors, ids, queries)
     if progress:
         print(f"{mod}: {len(ids)} vectors, {factory}, {params or 'exact'}, recall@10 vs exact "
               f"{'n/a' if recall is None else f'{recall:.3f}'}", file=sys.stderr)
-    _save_npy(folder / f"{mod}.vectors.npy", vectors)
     _write_index(index, folder / f"{mod}.faiss")
     return {"count": int(len(ids)), "factory": factory, "search_params": params, "recall_at_10": recall,
             "tuned_on": int(len(queries)), "build_seconds": round(build_s, 3), "tombstones": 0,

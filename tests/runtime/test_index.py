@@ -605,13 +605,29 @@ def test_a_catalog_too_large_for_the_memory_is_said_before_the_embedding(tiny_bu
                                                                           monkeypatch, capsys):
     from huse.runtime import index as index_module
 
-    monkeypatch.setattr(index_module, "_available_memory", lambda: 120 * index_module.BUILD_BYTES_PER_PRODUCT - 1)
+    monkeypatch.setattr(index_module, "_available_memory", lambda: index_module._build_bytes(120) - 1)
     Index.build(tiny_bundle, tiny_catalog, tmp_path / "a", kind="flat", progress=False)  # a warning, not a refusal
-    assert "building an index of 120 products holds all their vectors in memory" in capsys.readouterr().err
-    monkeypatch.setattr(index_module, "_available_memory", lambda: 120 * index_module.BUILD_BYTES_PER_PRODUCT)
+    assert "building an index of 120 products needs about 1.5 GiB of memory" in capsys.readouterr().err
+    monkeypatch.setattr(index_module, "_available_memory", lambda: index_module._build_bytes(120))
     Index.build(tiny_bundle, tiny_catalog, tmp_path / "b", kind="flat", progress=False)
     assert "warning" not in capsys.readouterr().err
     assert index_module._available_memory() is None or index_module._available_memory() > 2**20  # this machine's
+
+
+def test_a_disk_without_room_for_the_vectors_is_said_before_the_embedding(tiny_bundle, tiny_catalog, tmp_path,
+                                                                          monkeypatch):
+    """The vectors are written to memory-mapped files as they are embedded; on a full disk such a write kills the
+    process (SIGBUS) hours in. So the room is checked first, and nothing is left behind."""
+    import shutil
+
+    from huse.runtime import index as index_module
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(index_module.shutil, "disk_usage", lambda p: real(p)._replace(free=120 * 160 * 4 - 1))
+    monkeypatch.setattr(index_module, "_embed", lambda *a, **k: pytest.fail("embedding started"))
+    with pytest.raises(HuseError, match=r"vectors of 120 products need 0\.0 GiB on the disk of .*free some space"):
+        Index.build(tiny_bundle, tiny_catalog, tmp_path / "a", kind="flat", progress=False)
+    assert list(tmp_path.iterdir()) == []  # no index, no scratch folder
 
 
 def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_catalog, flat_index, tmp_path):
@@ -645,3 +661,40 @@ def test_an_index_from_huse_embed_output(tiny_bundle, tiny_catalog, flat_index, 
     got = idx.search(texts=["Acme navy tee"], k=5)[0]
     assert [(h.row, h.product_id, h.name) for h in got] == [(h.row, h.product_id, h.name) for h in want]
     assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+
+
+def test_a_build_reads_its_vectors_a_block_at_a_time(tiny_bundle, tmp_path, monkeypatch):
+    """At millions of products an index's vectors are tens of GB: from memory-mapped files (as `build` writes them,
+    or the caller's), the build holds EXACT_ROWS rows of them at a time, never a copy of them all (it held two to
+    three: 13 KB a product at 120,000 products; README "Retrieval"). numpy's allocations are traced."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from huse.runtime import index as index_module
+
+    n, dim = 200_000, json.loads((tiny_bundle / "manifest.json").read_text())["embedding_dim"]
+    rng = np.random.default_rng(0)
+    vectors = {}
+    for m in ("image", "text"):
+        v = rng.standard_normal((n, dim), dtype=np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        v[:: 50 if m == "image" else 70] = np.nan  # products without a photo or a title
+        np.save(tmp_path / f"{m}.npy", v)
+        vectors[m] = np.load(tmp_path / f"{m}.npy", mmap_mode="r")
+    records = [SimpleNamespace(row=i + 1, product_id=None, name=None, image=None, classes=None) for i in range(n)]
+    monkeypatch.setattr(index_module, "EXACT_ROWS", 2000)
+    small = {m: v[:100] for m, v in vectors.items()}  # FAISS and the rest imported before tracing
+    Index.from_embeddings(tiny_bundle, records[:100], small, tmp_path / "warm", kind="flat", progress=False)
+    tracemalloc.start()
+    try:
+        idx = Index.from_embeddings(tiny_bundle, records, vectors, tmp_path / "idx", kind="flat", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Per-item bookkeeping (offsets, codes, masks: ~65 bytes a product) fits; a copy of the vectors (256 bytes a
+    # product at the tiny bundle's 64-d, 2 KB at 512-d) does not.
+    assert peak < vectors["image"].nbytes / 3, f"peak {peak / 2**20:.1f} MiB of numpy and Python objects"
+    assert idx.manifest["counts"]["image"] == n - len(range(0, n, 50))
+    assert idx.manifest["counts"]["text"] == n - len(range(0, n, 70))
+    q = np.nan_to_num(vectors["image"][[1, 2, 3]])
+    assert [h[0].item for h in idx.search_vectors(q, k=1, target="image")] == [1, 2, 3]

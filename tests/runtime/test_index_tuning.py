@@ -20,7 +20,7 @@ def _clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.n
 
 def _recalls(index, kind, params, vectors, ids, queries, k=10):
     kth = index_module._exact_topk(queries, vectors, ids, k)[0][:, k - 1]
-    return index_module._recall(*index_module._ann(index, kind, params, queries, k, index_module._Dense(vectors, ids)),
+    return index_module._recall(*index_module._ann(index, kind, params, queries, k, vectors),
                                 kth)
 
 
@@ -58,18 +58,35 @@ def test_tied_neighbours_count_as_found(kind):
     (name, value), = params.items()
     assert recall >= TARGET_RECALL and value <= (512 if kind == "hnsw" else 16), (params, recall)  # grid ends: 2048, nlist
     by_ids = index_module._exact_topk(queries, vectors, ids, 10)[1]
-    got = index_module._ann(index, kind, params, queries, 10, index_module._Dense(vectors, ids))[1]
+    got = index_module._ann(index, kind, params, queries, 10, vectors)[1]
     assert np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, by_ids)]) < 0.9  # ids alone would call it a miss
 
 
 def test_exact_top_k_in_smaller_blocks_gives_the_same_answer(monkeypatch):
     vectors, queries = _clustered(3000), _clustered(100, seed=5)
-    ids = np.arange(len(vectors), dtype=np.int64) * 3
+    ids = np.arange(0, len(vectors), 3, dtype=np.int64)  # every third row: the others are not indexed
     whole = index_module._exact_topk(queries, vectors, ids, 10)
-    monkeypatch.setattr(index_module, "EXACT_BLOCK_BYTES", 16 * len(vectors) * 3)  # 3 queries a block
+    expected = np.argsort(-(queries @ vectors[ids].T), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(whole[1], ids[expected])
+    monkeypatch.setattr(index_module, "EXACT_BLOCK_BYTES", 16 * 128 * 3)  # 3 queries a block...
+    monkeypatch.setattr(index_module, "EXACT_ROWS", 128)  # ...of 128 rows, merged
     blocks = index_module._exact_topk(queries, vectors, ids, 10)
     np.testing.assert_allclose(whole[0], blocks[0], atol=1e-6)  # BLAS may round a smaller matmul otherwise
     assert np.array_equal(whole[1], blocks[1])
+
+
+def test_a_build_reads_memory_mapped_vectors_a_block_at_a_time(monkeypatch):
+    """FAISS is filled and tuned from the vectors' file, EXACT_ROWS rows at a time, skipping rows left out (NaN):
+    the same index as from the usable rows in memory."""
+    vectors = _clustered(6000)
+    vectors[::7] = np.nan
+    ids = np.flatnonzero(np.isfinite(vectors).all(1))
+    whole, _ = _build_faiss("ivf", vectors, ids, vectors.shape[1])
+    monkeypatch.setattr(index_module, "EXACT_ROWS", 500)
+    blocks, _ = _build_faiss("ivf", vectors, ids, vectors.shape[1])
+    q, params = _clustered(50, seed=9), index_module._search_params("ivf", {"nprobe": 8})
+    assert np.array_equal(whole.search(q, 10, params=params)[1], blocks.search(q, 10, params=params)[1])
+    assert set(np.unique(blocks.search(q, 50, params=params)[1])) <= set(ids.tolist())
 
 
 def test_ivf_lists_in_ram_or_memory_mapped_give_the_same_hits(tiny_bundle, tiny_catalog, records, tmp_path,
