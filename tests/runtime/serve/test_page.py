@@ -30,9 +30,13 @@ SCORE_TOL = 1e-5  # fp32 through the server vs the Python API
 
 
 def wait(browser, condition, timeout: float = WAIT, what: str = "the page"):
+    """Poll `condition` until it holds. An element found while the page reloads (signing in reloads it) goes stale
+    between finding it and reading it: that poll counts as not yet, not as a failure."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, timeout).until(lambda d: condition(d), message=f"{what} did not happen")
+    return WebDriverWait(browser, timeout, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(lambda d: condition(d), message=f"{what} did not happen")
 
 
 def by_id(browser, id_: str):
