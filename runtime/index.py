@@ -1323,6 +1323,8 @@ def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, pr
     after each chunk (the item table). Returns the exclusions, numbered from item `start`."""
     excluded, s = [], 0
     for chunk in _chunks(records, EMBED_CHUNK):
+        if s + len(chunk) > total:
+            raise _changed(total)
         for v in vecs.values():
             v[s:s + len(chunk)] = np.nan
         with_img = [i for i, r in enumerate(chunk) if r.image and not getattr(r, "error", None)]
@@ -1353,7 +1355,14 @@ def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, pr
         s += len(chunk)
         if progress:
             _progress(s, total, "embedding products")
+    if s != total:
+        raise _changed(total)
     return excluded
+
+
+def _changed(total: int) -> HuseError:
+    return HuseError(f"the catalog had {total:,} rows when it was counted and another number when it was read: it "
+                     "changed during the build. Build from a copy that does not change (nothing was written)")
 
 
 def _pair_visual(vecs: dict[str, np.ndarray]) -> None:

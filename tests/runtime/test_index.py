@@ -630,6 +630,20 @@ def test_a_disk_without_room_for_the_vectors_is_said_before_the_embedding(tiny_b
     assert list(tmp_path.iterdir()) == []  # no index, no scratch folder
 
 
+@pytest.mark.parametrize("rows", [100, 140])
+def test_a_catalog_that_changes_between_its_count_and_its_reading_is_refused(rows, tiny_bundle, tiny_catalog,
+                                                                            records, tmp_path, monkeypatch):
+    """A catalog file is counted first (the vector files are made that size), then read: rows appended or cut in
+    between would leave rows of zeros indexed as products, or no room for the new ones."""
+    from huse.runtime import index as index_module
+
+    more = (records * 2)[:rows]
+    monkeypatch.setattr(index_module, "_catalog", lambda *a, **k: (iter(more), len(records)))
+    with pytest.raises(HuseError, match=r"had 120 rows when it was counted .* changed during the build"):
+        Index.build(tiny_bundle, tiny_catalog, tmp_path / "a", kind="flat", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_catalog, flat_index, tmp_path):
     """What a Python user passes: dicts with the catalog's columns (a list of dicts raised AttributeError)."""
     import csv
