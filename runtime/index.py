@@ -352,12 +352,12 @@ def _ann(index, kind: str, params: dict, queries: np.ndarray, k: int, vectors: n
     return scores, ids
 
 
-def _tuning_queries(vectors: np.ndarray, ids: np.ndarray, cross: Sequence[np.ndarray] = (), seed: int = 0,
-                    crowd: int = 10) -> np.ndarray:
+def _tuning_queries(vectors: np.ndarray, ids: np.ndarray, cross: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+                    seed: int = 0, crowd: int = 10) -> np.ndarray:
     """TUNE_QUERIES stand-ins for real queries: centres of the nearest neighbours of indexed vectors (the rows
     `ids` of `vectors`), and
-    (half of them, when given) embeddings of the other modalities (`cross`: their (N, D) arrays, NaN rows
-    skipped; sampled where they lie, never copied whole: at a million products a copy is GBs).
+    (half of them, when given) embeddings of the other modalities (`cross`: their (N, D) arrays, each with the
+    positions of its usable rows; sampled where they lie, never copied whole: at a million products a copy is GBs).
 
     A query in its own modality sits in a crowd of near ties; a slightly perturbed copy of an indexed
     vector finds itself first and makes any setting look good. A cross-modal query (a title searching
@@ -368,7 +368,7 @@ def _tuning_queries(vectors: np.ndarray, ids: np.ndarray, cross: Sequence[np.nda
     if not len(ids):
         return np.zeros((0, vectors.shape[1]), np.float32)
     rng = np.random.default_rng(seed)
-    finite = [np.flatnonzero(_usable(c)) for c in cross]  # the usable rows, as positions
+    finite = [f for _, f in cross]
     starts = np.cumsum([0] + [len(f) for f in finite])
     n_cross = min(int(starts[-1]), TUNE_QUERIES // 2)
     src = np.asarray(vectors[ids[rng.choice(len(ids), min(TUNE_QUERIES - n_cross, len(ids)), replace=False)]])
@@ -376,7 +376,7 @@ def _tuning_queries(vectors: np.ndarray, ids: np.ndarray, cross: Sequence[np.nda
     own = _normalise(np.asarray(vectors[nn.ravel()]).reshape(*nn.shape, -1).mean(axis=1))
     picked = rng.choice(int(starts[-1]), n_cross, replace=False)  # positions among all usable rows, in order
     part = np.searchsorted(starts, picked, side="right") - 1
-    others = [cross[a][finite[a][p - starts[a]]] for a, p in zip(part, picked)]
+    others = [cross[a][0][finite[a][p - starts[a]]] for a, p in zip(part, picked)]
     return np.concatenate([own, np.asarray(others, np.float32).reshape(-1, vectors.shape[1])]).astype(np.float32)
 
 
@@ -958,13 +958,13 @@ class Index:
 
         bm = load_manifest(bundle, verify=False)
         dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
+        usable = {m: _usable(v) for m, v in vecs.items()}  # one pass over each file; centring keeps them usable
         if "visual" in vecs:  # centred on this catalog: the centre is kept for queries and later adds
-            _save_npy(tmp / VISUAL_CENTRE, _centre_in_place(vecs["visual"]))
-        usable = {m: _usable(v) for m, v in vecs.items()}
+            _save_npy(tmp / VISUAL_CENTRE, _centre_in_place(vecs["visual"], usable["visual"]))
         if kind == "auto":
             kind = choose_kind(max(int(u.sum()) for u in usable.values()), dim, max_memory,
                                visual_dim=vecs["visual"].shape[1] if "visual" in vecs else 0)
-        classes = items.close(sum(np.where(usable[m], MOD_BIT[m], 0) for m in MODALITIES).astype(np.uint8))
+        classes = items.close(_mod_bits(usable))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "bundle": {"path": str(Path(bundle).resolve()), "fingerprint": _bundle_fingerprint(bundle)},
                     "precision": precision, "dim": dim, "fusion_image_weight": w, "kind": kind,
@@ -975,10 +975,10 @@ class Index:
             manifest["visual_dim"] = vecs["visual"].shape[1]
         manifest["image_paths"] = IMAGE_PATHS
         _write_excluded(tmp, excluded, append_to=None)
+        ids = {m: np.flatnonzero(u) for m, u in usable.items()}
         for mod, v in vecs.items():  # the visual space has no cross-modal queries to tune for
-            others = [vecs[m] for m in MODALITIES if m != mod] if mod in MODALITIES else []
-            manifest["modalities"][mod] = _write_modality(tmp, mod, kind, v, np.flatnonzero(usable[mod]), progress,
-                                                          others)
+            others = [(vecs[m], ids[m]) for m in MODALITIES if m != mod] if mod in MODALITIES else []
+            manifest["modalities"][mod] = _write_modality(tmp, mod, kind, v, ids[mod], progress, others)
             v.flush()
         _finish(tmp, manifest, sign_key)
         if out.exists():
@@ -1031,7 +1031,7 @@ class Index:
         m = self.manifest
         items = _Items(self.folder, relative_to=self._image_base, keep_photos=keep_photos, previous=self)
         items.add(records)
-        classes = items.close(sum(np.where(_usable(vecs[v]), MOD_BIT[v], 0) for v in MODALITIES).astype(np.uint8))
+        classes = items.close(_mod_bits({v: _usable(vecs[v]) for v in MODALITIES}))
         _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
         added = {}
         for mod in self._indexes():
@@ -1376,10 +1376,9 @@ def _pair_visual(vecs: dict[str, np.ndarray]) -> None:
         image[drop], visual[drop] = np.nan, np.nan
 
 
-def _centre_in_place(visual: np.ndarray) -> np.ndarray:
+def _centre_in_place(visual: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Centre and normalise the visual vectors in place, a block at a time (`centre_visual` on the catalog); returns
-    the centre, the mean of the finite rows."""
-    ok = _usable(visual)
+    the centre, the mean of the usable rows `ok`."""
     total = np.zeros(visual.shape[1], np.float64)
     for r in range(0, len(visual), EXACT_ROWS):
         total += visual[r:r + EXACT_ROWS][ok[r:r + EXACT_ROWS]].sum(0, dtype=np.float64)
@@ -1387,6 +1386,11 @@ def _centre_in_place(visual: np.ndarray) -> np.ndarray:
     for r in range(0, len(visual), EXACT_ROWS):
         visual[r:r + EXACT_ROWS] = centre_visual(visual[r:r + EXACT_ROWS], centre)[0]
     return centre
+
+
+def _mod_bits(usable: dict[str, np.ndarray]) -> np.ndarray:
+    """Each item's modality bits (items.mods.npy) from which of its image and text rows are usable."""
+    return sum(np.where(usable[m], MOD_BIT[m], 0) for m in MODALITIES).astype(np.uint8)
 
 
 def _item_image(image: str | bytes | None, base: str | None) -> str | None:
@@ -1516,7 +1520,7 @@ def _write_excluded(folder: Path, excluded: list[dict], append_to: Path | None) 
 
 
 def _write_modality(folder: Path, mod: str, kind: str, vectors: np.ndarray, ids: np.ndarray, progress: bool,
-                    cross: Sequence[np.ndarray] = ()) -> dict:
+                    cross: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> dict:
     """FOLDER/{mod}.faiss over the rows `ids` of `vectors` (FOLDER/{mod}.vectors.npy itself), tuned; its manifest entry."""
     ids = np.asarray(ids, np.int64)
     t = time.perf_counter()

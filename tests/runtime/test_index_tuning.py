@@ -29,7 +29,7 @@ def test_tuning_picks_the_cheapest_setting_whose_lower_bound_reaches_the_target(
     vectors = _clustered(6000)
     ids = np.arange(len(vectors), dtype=np.int64)
     index, _ = _build_faiss(kind, vectors, ids, vectors.shape[1])
-    queries = _tuning_queries(vectors, ids, cross=[_clustered(300, seed=1)])
+    queries = _tuning_queries(vectors, ids, cross=[(_clustered(300, seed=1), np.arange(300))])
     params, recall = _tune(index, kind, vectors, ids, queries)
     (name, value), = params.items()
 
@@ -53,7 +53,7 @@ def test_tied_neighbours_count_as_found(kind):
     vectors = np.repeat(_clustered(150, seed=3), 40, axis=0)
     ids = np.arange(len(vectors), dtype=np.int64)
     index, _ = _build_faiss(kind, vectors, ids, vectors.shape[1])
-    queries = _tuning_queries(vectors, ids, cross=[_clustered(300, seed=1)])
+    queries = _tuning_queries(vectors, ids, cross=[(_clustered(300, seed=1), np.arange(300))])
     params, recall = _tune(index, kind, vectors, ids, queries)
     (name, value), = params.items()
     assert recall >= TARGET_RECALL and value <= (512 if kind == "hnsw" else 16), (params, recall)  # grid ends: 2048, nlist
