@@ -58,6 +58,7 @@ FORMATS = ("parquet", "jsonl")
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 LAYOUT_VERSION = 1
+IDENTITY = ("data_sha256", "bundle_sha256")  # settings that say which catalog and model an output was made from
 
 
 @dataclass
@@ -106,6 +107,10 @@ class BulkJob:
         if self.confine_images:  # only when on, so runs from before the option still resume
             d["confine_images"] = True
         d["data"] = str(Path(self.data).resolve())
+        # What the rows and vectors are made of: a resume with another model or an edited catalog would mix two
+        # runs' answers in one output, and the shards' own sha256 cannot tell (kept apart: see _same_settings)
+        d["data_sha256"] = sha256_file(self.data)
+        d["bundle_sha256"] = sha256_file(Path(self.bundle) / "manifest.json")  # it lists every file's sha256
         return d
 
 
@@ -418,7 +423,18 @@ class _Output:
             raise HuseError(f"{folder / MANIFEST} is unreadable ({e}); delete {folder} to start over") from None
 
     def _same_settings(self, old: dict[str, Any], new: dict[str, Any]) -> None:
-        diff = {k: (old.get("settings", {}).get(k), v) for k, v in new.items() if old.get("settings", {}).get(k) != v}
+        old = old.get("settings", {})
+        changed = [k for k in IDENTITY if k in old and old[k] != new[k]]  # absent in runs from before them
+        if "data_sha256" in changed:
+            raise HuseError(f"--resume with a catalog that changed since the interrupted run: {self.job.data} no "
+                            "longer has the bytes its finished shards were made from. Resume with the catalog as it "
+                            f"was, or delete {self.partial} to start over")
+        if changed:
+            raise HuseError(f"--resume with another bundle than the interrupted run: {self.job.bundle} is not the "
+                            "model its finished shards were made with, and one output must come from one model. "
+                            f"Resume with that bundle, or delete {self.partial} to start over")
+        new = {k: v for k, v in new.items() if k not in IDENTITY}
+        diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         if diff:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise HuseError(f"--resume with other settings than the interrupted run ({what}); rerun with the same "

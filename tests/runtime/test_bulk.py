@@ -99,6 +99,30 @@ def test_resume_with_other_settings_is_refused(tiny_bundle, big_catalog, tmp_pat
         run_bulk(job)
 
 
+def test_resume_with_another_bundle_or_an_edited_catalog_is_refused(tiny_bundle, big_catalog, tmp_path):
+    """The shards a killed run finished were made from one model and one catalog: a resume with a retrained bundle
+    at the same path, or after rows were inserted into the catalog, mixed two runs' rows in one output (the
+    settings named only the paths, and each shard's sha256 says only that its files are whole)."""
+    bundle, data = tmp_path / "bundle", tmp_path / "catalog.csv"
+    shutil.copytree(tiny_bundle, bundle)
+    shutil.copy(big_catalog, data)
+    job = BulkJob(bundle=str(bundle), data=str(data), out=str(tmp_path / "o"), shard_rows=500, progress=False,
+                  max_shards=1)
+    run_bulk(job)
+    job = replace(job, max_shards=None, resume=True)
+    kept = (bundle / "manifest.json").read_text()
+    (bundle / "manifest.json").write_text(json.dumps({**json.loads(kept), "created": "retrained"}))  # a new model, same path
+    with pytest.raises(HuseError, match=r"--resume with another bundle .* delete .*o\.partial to start over"):
+        run_bulk(job)
+    (bundle / "manifest.json").write_text(kept)
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:1] + lines[2:3] + lines[1:2] + lines[3:]))  # two rows swapped: same size
+    with pytest.raises(HuseError, match=r"--resume with a catalog that changed .*catalog\.csv"):
+        run_bulk(job)
+    data.write_text("".join(lines))
+    assert run_bulk(job).shards_resumed == 1
+
+
 def test_bad_row_corpus_every_row_answered(tiny_bundle, tiny_catalog, tmp_path):
     img = str(next((tiny_catalog.parent / "images").glob("*.png")))
     broken = tmp_path / "broken.png"
