@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime.errors import HuseError
-from huse.runtime.labels import cell_text
+from huse.runtime.labels import cell_text, parse_paths
 from huse.runtime.preprocess import confine_path, is_url
 
 __all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "records_from_rows", "plan_shards",
@@ -230,11 +230,18 @@ def _record(row: int, values: dict[str, Any], base: str, confine: bool = False) 
         # os.path, not pathlib: Path interns every path part, a table that grows with the catalog.
         img = os.path.join(base, img)
     img = photo if photo is not None else img
+    classes = (cells["classes"] or "").strip() or None
+    if classes is not None:
+        try:
+            parse_paths(classes)  # one path, or several separated by '|' (runtime/labels.py)
+        except HuseError as e:
+            return Record(row=row, image=img, name=cells["name"] or None, classes=classes,
+                          product_id=(cells["product_id"] or "").strip() or None, error=f"row {row}, column classes: {e}")
     split = (cells["split"] or "").strip().lower() or None
     if split is not None and split not in SPLITS:
         return Record(row=row, image=img, name=cells["name"] or None,
                       error=f"row {row}: split {split!r} is not one of {list(SPLITS)}")
-    return Record(row=row, image=img, name=cells["name"] or None, classes=(cells["classes"] or "").strip() or None,
+    return Record(row=row, image=img, name=cells["name"] or None, classes=classes,
                   product_id=(cells["product_id"] or "").strip() or None, split=split)
 
 
@@ -412,7 +419,7 @@ def _iter_parquet(path: Path, base: str, shard: Shard | None, confine: bool) -> 
 
 
 def read_catalog(path: str | Path, images: str | Path | None = None, *, require: tuple[str, ...] = (),
-                 encoding: str | None = None, confine: bool = False) -> list[Record]:
+                 encoding: str | None = None, confine: bool = False, keep_bad_rows: bool = False) -> list[Record]:
     """Read a whole catalog file (for training: it stops at the first bad row).
 
     Args:
@@ -420,6 +427,7 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
         images: folder that relative image paths resolve against (default: the file's folder).
         require: columns that must be present (e.g. ("classes",) for training).
         encoding, confine: see `iter_catalog`.
+        keep_bad_rows: return a bad row's Record with its `error` (the caller skips or stops) instead of raising.
     Returns:
         One Record per data row, in file order.
     Raises:
@@ -428,7 +436,7 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
     path = Path(path)
     records = []
     for r in iter_catalog(path, images, encoding=encoding, confine=confine):
-        if r.error:
+        if r.error and not keep_bad_rows:
             raise HuseError(f"{path}, {r.error}")
         records.append(r)
     if require:

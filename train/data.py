@@ -115,10 +115,12 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
 def _read_rows(ds: Dataset, path: str | Path, images: str | Path | None, skip_bad_rows: bool, several: bool) -> None:
     """Append one catalog's rows to `ds` (split "" where the catalog gives none); a bad row raises, or is
     skipped and recorded with `skip_bad_rows` (with its catalog when there are `several`)."""
-    records = read_catalog(path, images, require=("image", "name", "classes"))  # HUSE trains both towers
+    records = read_catalog(path, images, require=("image", "name", "classes"), keep_bad_rows=True)  # both towers
     first = len(ds.images)
     for r in records:
         try:
+            if r.error:  # "row 7, column classes: ..." -> "column classes: ..."
+                raise HuseError(r.error.removeprefix(f"row {r.row}, ").removeprefix(f"row {r.row}: "))
             try:
                 cls = join_paths(parse_paths(r.classes))  # one path, or several separated by '|'
             except HuseError as e:

@@ -45,9 +45,11 @@ def test_skip_bad_rows_counts_them(tiny_catalog, tmp_path):
     good = sum(1 for _ in open(path)) - 1
     _append(path, ["images/nope.png", "Acme tee", "clothing<tops<t-shirts", "x1"])
     _append(path, ["images/img_0_0.png", "Acme tee", "", "x2"])
+    _append(path, ["images/img_0_0.png", "Acme tee", "clothing<<t-shirts", "x3"])  # the catalog's error now
     ds = load_catalog_dataset(path, skip_bad_rows=True)
     assert len(ds.images) == good
-    assert [s["row"] for s in ds.skipped] == [good + 1, good + 2]
+    assert [s["row"] for s in ds.skipped] == [good + 1, good + 2, good + 3]
+    assert ds.skipped[2]["reason"].startswith("column classes: class path 'clothing<<t-shirts'")
 
 
 def test_a_wrong_images_folder_is_named_as_the_likely_cause(tiny_catalog, tmp_path):
