@@ -7,6 +7,10 @@ Layout of an output directory (the clip-retrieval / autofaiss habit):
     part-00000.parquet        classify: one prediction row per catalog row (or .jsonl, --format jsonl)
     part-00000.npy            embed: float32 (n, dim) vectors, NaN rows where the row failed
     part-00000.parquet        embed: row, product_id, image, name, classes, modality, warning, error
+    part-00000.image.npy      embed --mode index: the vectors an index holds (image, text and, with a bundle's
+    part-00000.text.npy         visual vectors, visual), NaN where left out; the table adds image_error and
+    part-00000.visual.npy       text_error, why, and names photos by absolute path (`huse index build
+                                --embeddings` builds the index from them, from any directory)
     _manifest.json            settings, and per finished shard: row range, counts, sha256 of its files
     _SUCCESS                  written last: the output is complete
 
@@ -29,7 +33,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -44,14 +47,17 @@ import numpy as np
 
 from huse.runtime._lazy import lazy_import
 from huse.runtime._priority import PRIORITIES, set_thread_priority
-from huse.runtime.bundle import is_multi_label
+from huse.runtime.bundle import has_visual, is_multi_label
 from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
-from huse.runtime.errors import HuseError
+from huse.runtime.errors import HuseError, row_error
 from huse.runtime.files import is_own_jsonl, one_writer, sha256_file
-from huse.runtime.labels import parse_paths as _parse_paths
+from huse.runtime.labels import parse_paths
+from huse.runtime.preprocess import is_url
+from huse.runtime.product_vectors import MODALITIES, embed_products, vector_widths
 
-__all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings"]
+__all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk", "read_predictions", "read_embeddings",
+           "iter_embeddings"]
 
 TASKS = ("classify", "embed")
 FORMATS = ("parquet", "jsonl")
@@ -73,7 +79,7 @@ class BulkJob:
     images: str | None = None  # (output) folder image paths resolve against
     encoding: str | None = None
     confine_images: bool = False  # (output) refuse image paths that could leave `images` (third-party catalogs)
-    mode: str = "auto"  # (output) auto/fused/image/text; embed: auto/image/text
+    mode: str = "auto"  # (output) auto/fused/image/text; embed: auto/image/text/index
     top_k: int = 5  # (output)
     min_confidence: float = 0.0  # (output) top-1 score below it -> needs_review
     batch_size: int = 64  # (output) items per model call; batches never cross shards
@@ -147,38 +153,10 @@ class BulkResult:
 # The per-batch function
 
 
-@functools.lru_cache(maxsize=65536)
-def parse_paths(cell: str) -> tuple[str, ...]:
-    """`labels.parse_paths`, remembered: a catalog repeats a few hundred class cells over millions of rows,
-    and parsing each row's again was a tenth of a small PNG's preparation. Errors are not cached (raised anew)."""
-    return _parse_paths(cell)
-
-
-def _row_error(row: int, msg: str) -> str:
-    """Name the catalog row, never the index inside a model call ("item 3 has no ..." -> "row 1500 has no ...")."""
-    if msg.startswith("row "):
-        return msg
-    m = re.match(r"item \d+(: | )", msg)
-    if m:
-        return f"row {row}{m.group(1)}{msg[m.end():]}"
-    return f"row {row}: {msg}"
-
-
 def _valid(records: list[Record]) -> tuple[list[int], dict[int, str]]:
-    """Indices of usable records and the errors of the others (catalog errors, bad classes)."""
-    ok, errors = [], {}
-    for i, r in enumerate(records):
-        if r.error:
-            errors[i] = r.error
-            continue
-        if r.classes:
-            try:
-                parse_paths(r.classes)  # one path, or several separated by '|' (runtime/labels.py)
-            except HuseError as e:
-                errors[i] = f"row {r.row}, column classes: {e}"
-                continue
-        ok.append(i)
-    return ok, errors
+    """Indices of usable records and the errors of the others (the catalog's: a malformed cell, a bad class path)."""
+    ok = [i for i, r in enumerate(records) if not r.error]
+    return ok, {i: r.error for i, r in enumerate(records) if r.error}
 
 
 def prediction_fields(res: dict[str, Any], min_confidence: float) -> dict[str, Any]:
@@ -250,12 +228,14 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
         for i, res in zip(ok, results):
             row = rows[i]
             if "error" in res:
-                row["error"] = _row_error(records[i].row, res["error"])
+                row["error"] = row_error(records[i].row, res["error"])
                 continue
             row.update(prediction_fields(res, job.min_confidence))
             if "warning" in res:
-                row["warning"] = _row_error(records[i].row, res["warning"])
+                row["warning"] = row_error(records[i].row, res["warning"])
         return rows, None
+    if job.mode == "index":
+        return _index_rows(clf, records, ready, rows)
     images = ready.items
     titles = [r.name for r in use] if job.mode != "image" else None
     # embed: the image embedding where the image works, else the title's (auto), with a warning
@@ -274,11 +254,39 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
         elif txt_vec is not None and txt_pos[j] not in txt_vec.errors:
             vectors[i], row["modality"] = txt_vec.vectors[txt_pos[j]], "text"
             if img_vec is not None and r.image is not None:
-                row["warning"] = _row_error(r.row, f"{img_vec.errors[j]}; embedded by title only")
+                row["warning"] = row_error(r.row, f"{img_vec.errors[j]}; embedded by title only")
         else:
             msg = (img_vec.errors.get(j) if img_vec is not None else None) or (
                 txt_vec.errors.get(txt_pos[j]) if txt_vec is not None else None) or "no usable image or title"
-            row["error"] = _row_error(r.row, msg if r.image or r.name else "has no image or title")
+            row["error"] = row_error(r.row, msg if r.image or r.name else "has no image or title")
+    return rows, vectors
+
+
+def _index_rows(clf: Classifier, records: list[Record], ready: Ready,
+                rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """embed --mode index: every vector an index holds per row (`index.embed_products`, the rule `huse index
+    build` follows), NaN where left out, and why in the rows' image_error and text_error."""
+    use = [records[i] for i in ready.ok]
+    got, why = embed_products(clf, use, ready.items) if use else ({}, {})
+    vectors = {m: np.full((len(records), w), np.nan, dtype=np.float32)
+               for m, w in vector_widths(clf.manifest, has_visual(clf.manifest)).items()}
+    for m, v in got.items():
+        vectors[m][ready.ok] = v
+    for i, row in enumerate(rows):
+        if row["image"] and not is_url(row["image"]):  # the index is built elsewhere, from another directory
+            row["image"] = os.path.abspath(row["image"])
+        if i in ready.errors:  # the catalog's own error: neither modality
+            row["image_error"] = row["text_error"] = row["error"]
+    for j, i in enumerate(ready.ok):
+        row, r = rows[i], records[i]
+        for m in MODALITIES:
+            row[f"{m}_error"] = why[m].get(j)
+        row["modality"] = "+".join(m for m in MODALITIES if row[f"{m}_error"] is None) or None
+        if row["modality"] is None:
+            row["error"] = row_error(r.row, "has no usable image or title" if r.image or r.name else
+                                      "has no image or title")
+        elif row["image_error"] and r.image:  # a photo that failed, saved by its title (image_failures counts it)
+            row["warning"] = f"{row['image_error']}; indexed by title only"
     return rows, vectors
 
 
@@ -286,7 +294,7 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
 # Shard files
 
 
-def _schema(task: str, multi_label: bool = False):
+def _schema(task: str, multi_label: bool = False, index: bool = False):
     pa = lazy_import("pyarrow", "scale")
     base = [("row", pa.int64()), ("product_id", pa.string()), ("image", pa.string()), ("name", pa.string()),
             ("classes", pa.string())]
@@ -299,16 +307,19 @@ def _schema(task: str, multi_label: bool = False):
                                                      ("needs_review", pa.bool_())])))]
     else:
         base += [("modality", pa.string())]
+        if index:
+            base += [("image_error", pa.string()), ("text_error", pa.string())]
     return pa.schema(base + [("warning", pa.string()), ("error", pa.string())])
 
 
-def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str, multi_label: bool = False) -> bytes:
+def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str, multi_label: bool = False,
+                 index: bool = False) -> bytes:
     if fmt == "jsonl":
         return "".join(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n"
                        for r in rows).encode("utf-8")
     pa = lazy_import("pyarrow", "scale")
     pq = lazy_import("pyarrow.parquet", "scale")
-    schema = _schema(task, multi_label)
+    schema = _schema(task, multi_label, index)
     table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in schema.names}, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -338,14 +349,16 @@ def shard_name(k: int) -> str:
     return f"part-{k:05d}"
 
 
-def write_shard(folder: Path, shard: Shard, rows: list[dict[str, Any]], vectors: np.ndarray | None,
+def write_shard(folder: Path, shard: Shard, rows: list[dict[str, Any]], vectors: np.ndarray | dict | None,
                 job: BulkJob, retried: bool = False) -> dict[str, Any]:
     """Write one shard's files (temp name + rename each) and return its manifest entry."""
     name = shard_name(shard.index)
     bundle = json.loads((Path(job.bundle) / "manifest.json").read_text())  # verified when the Classifier loaded it
     multi = job.task == "classify" and is_multi_label(bundle)  # its shards then carry a `labels` column
-    files = {f"{name}.{job.format}": _table_bytes(rows, job.task, job.format, multi)}
-    if vectors is not None:
+    files = {f"{name}.{job.format}": _table_bytes(rows, job.task, job.format, multi, index=job.mode == "index")}
+    if isinstance(vectors, dict):  # embed --mode index: one file per index space
+        files.update({f"{name}.{m}.npy": _npy_bytes(v) for m, v in vectors.items()})
+    elif vectors is not None:
         files[f"{name}.npy"] = _npy_bytes(vectors)
     for fname, data in files.items():
         _write_atomic(folder / fname, data)
@@ -540,7 +553,7 @@ def _done(value: Any) -> Future:
 
 
 def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob,
-              prefetch: _Prefetcher | None = None) -> tuple[list[dict], np.ndarray | None]:
+              prefetch: _Prefetcher | None = None) -> tuple[list[dict], np.ndarray | dict | None]:
     """All batches of one shard through `process_batch`. With a prefetch pool, classify's calling
     thread only runs the model (`clf.infer`): the pool prepares the next batches and finishes
     (describes, builds the rows of) the last ones, a bounded number in flight, in order."""
@@ -560,6 +573,8 @@ def run_shard(clf: Classifier, shard: Shard, records: list[Record], job: BulkJob
         done += [f.result() for f in finishing]
     rows = [r for rs, _ in done for r in rs]
     vecs = [v for _, v in done if v is not None]
+    if vecs and isinstance(vecs[0], dict):
+        return rows, {m: np.concatenate([v[m] for v in vecs]) for m in vecs[0]}
     return rows, (np.concatenate(vecs) if vecs else None)
 
 
@@ -859,7 +874,7 @@ def _check_job(job: BulkJob) -> None:
         raise HuseError(f"--prepare-priority {job.prepare_priority!r} is not one of {list(PRIORITIES)}")
     if not 0.0 <= job.min_confidence <= 1.0:
         raise HuseError(f"--min-confidence must be between 0 and 1; got {job.min_confidence}")
-    modes = ("auto", "fused", "image", "text") if job.task == "classify" else ("auto", "image", "text")
+    modes = ("auto", "fused", "image", "text") if job.task == "classify" else ("auto", "image", "text", "index")
     if job.mode not in modes:
         raise HuseError(f"--mode {job.mode!r} is not one of {list(modes)} for {job.task}")
     if job.engine not in ("local", "ray"):
@@ -909,11 +924,46 @@ def read_predictions(folder: str | Path) -> list[dict[str, Any]]:
     return list(iter_predictions(folder))
 
 
-def read_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """(vectors, metadata rows) of a complete embed output, in catalog order."""
+def iter_embeddings(folder: str | Path) -> Iterator[tuple[list[dict[str, Any]], dict[str, np.ndarray]]]:
+    """(metadata rows, vectors) of each shard of a complete embed output in catalog order, one shard in memory at
+    a time, each file checked against the sha256 the manifest lists. vectors: {"embedding": (n, dim)}, or for
+    `--mode index` {"image", "text"[, "visual"]}.
+
+    Raises:
+        HuseError: not a complete embed output, or a file that does not match its sha256.
+    """
+    import io
+
     folder = Path(folder)
     m = _complete(folder)
-    vecs = [np.load(folder / f, allow_pickle=False) for e in sorted(m["shards"].values(), key=lambda e: e["shard"])
-            for f in e["files"] if f.endswith(".npy")]
-    dim = vecs[0].shape[1] if vecs else 0
-    return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), read_predictions(folder)
+    if m["settings"].get("task") != "embed":
+        raise HuseError(f"{folder} holds the predictions of huse {m['settings'].get('task')}, not embeddings")
+    for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
+        rows, vectors = [], {}
+        for fname, digest in e["files"].items():
+            data = (folder / fname).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise HuseError(f"{folder / fname} does not match the sha256 in {folder / MANIFEST}: it changed or "
+                                "is damaged since huse embed wrote it; run huse embed again")
+            if fname.endswith(".npy"):
+                vectors[fname.split(".")[1] if fname.count(".") == 2 else "embedding"] = np.load(
+                    io.BytesIO(data), allow_pickle=False)
+            elif fname.endswith(".jsonl"):
+                rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            else:
+                pq = lazy_import("pyarrow.parquet", "scale")
+                rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        yield rows, vectors
+
+
+def read_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(vectors, metadata rows) of a complete embed output, in catalog order (for outputs that fit in memory;
+    `iter_embeddings` streams them a shard at a time)."""
+    rows, vecs = [], []
+    for r, v in iter_embeddings(folder):
+        if "embedding" not in v:
+            raise HuseError(f"{folder} holds the vectors of an index (huse embed --mode index: {sorted(v)}); build "
+                            "the index from it with `huse index build BUNDLE --embeddings FOLDER --out INDEX`")
+        rows += r
+        vecs.append(v["embedding"])
+    return (np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)), rows

@@ -204,8 +204,9 @@ def _classify_one(image, title, as_json, *, bundle, data, out, backend, precisio
 
 @main.command(context_settings={"show_default": True})
 @_bulk_options
-@click.option("--mode", type=click.Choice(["auto", "image", "text"]), default="auto",
-              help="auto: the image's embedding, else the title's (with a warning).")
+@click.option("--mode", type=click.Choice(["auto", "image", "text", "index"]), default="auto",
+              help="auto: the image's embedding, else the title's (with a warning). index: every vector an index "
+                   "holds (image, text, visual), for `huse index build --embeddings`.")
 def embed(**kw) -> None:
     """Universal embeddings of every product in a catalog: .npy shards + a metadata table per shard."""
     run_cli(lambda: _bulk("embed", **kw))
@@ -352,7 +353,10 @@ _NO_PHOTOS = click.option("--no-photos", "keep_photos", is_flag=True, flag_value
 
 @index_group.command("build", context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
+@click.option("--data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
+@click.option("--embeddings", type=click.Path(file_okay=False),
+              help="Instead of --data: the output folder of `huse embed BUNDLE --mode index` (run on a Ray cluster, or "
+                   "resumed after a crash), read a shard at a time.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index directory to write.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf"]), default="auto",
@@ -371,15 +375,28 @@ _NO_PHOTOS = click.option("--no-photos", "keep_photos", is_flag=True, flag_value
               help="Ed25519 private key (PEM, from `huse keygen`): sign the index manifest (default: unsigned).")
 @_NO_PHOTOS
 @click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
-def index_build(bundle, data, images, out, kind, max_memory, precision, batch_size, threads, overwrite, confine_images,
-                sign_key, keep_photos, progress) -> None:
+def index_build(bundle, data, embeddings, images, out, kind, max_memory, precision, batch_size, threads, overwrite,
+                confine_images, sign_key, keep_photos, progress) -> None:
     """Embed every product of a catalog with BUNDLE and write a self-describing index directory."""
     def body():
         from huse.runtime.index import Index
 
-        idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
-                          batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
-                          confine_images=confine_images, keep_photos=keep_photos, progress=progress)
+        if (data is None) == (embeddings is None):
+            raise HuseError("give the products to index: --data CATALOG (embedded now) or --embeddings FOLDER "
+                            "(from huse embed --mode index), one of the two")
+        if embeddings is not None:
+            ctx = click.get_current_context()
+            given = [f"--{p.replace('_', '-')}" for p in ("images", "precision", "batch_size", "confine_images")
+                     if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+            if given:
+                raise HuseError(f"{', '.join(given)} apply to --data; --embeddings were made with the settings huse "
+                                "embed was given")
+            idx = Index.from_embed_output(bundle, embeddings, out, kind=kind, max_memory=max_memory, threads=threads,
+                                          overwrite=overwrite, sign_key=sign_key, progress=progress)
+        else:
+            idx = Index.build(bundle, data, out, images=images, kind=kind, max_memory=max_memory, precision=precision,
+                              batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
+                              confine_images=confine_images, keep_photos=keep_photos, progress=progress)
         _echo_index(idx)
         _warn_excluded_images(idx.excluded(), len(idx))
     run_cli(body)

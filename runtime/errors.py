@@ -1,5 +1,6 @@
-"""The one user-facing exception type, and the one rule for settings out of range."""
+"""The one user-facing exception type, the one rule for settings out of range, and the one for naming a row."""
 
+import re
 from typing import Any
 
 
@@ -23,3 +24,13 @@ def check_ranges(config: Any, floors: dict[str, tuple[float, bool]]) -> None:
             continue
         raise HuseError(f"--{name.replace('_', '-')} ({name}) must be {'at least' if allowed else 'more than'} {low:g}; "
                         f"got {value:g}")
+
+
+def row_error(row: int, msg: str) -> str:
+    """Name the catalog row, never the index inside a model call ("item 3 has no ..." -> "row 1500 has no ...")."""
+    if msg.startswith("row "):
+        return msg
+    m = re.match(r"item \d+(: | )", msg)
+    if m:
+        return f"row {row}{m.group(1)}{msg[m.end():]}"
+    return f"row {row}: {msg}"

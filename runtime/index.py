@@ -100,6 +100,7 @@ from huse.runtime.files import MANIFEST, check_replaceable, one_writer, sha256_f
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 from huse.runtime.labels import PATH_SEPARATOR, join_paths, matches_prefix, parse_paths
+from huse.runtime.product_vectors import MODALITIES, ROWS_OF, embed_products, vector_widths
 from huse.runtime.stamps import sha256_matches
 
 __all__ = ["Index", "Hit", "choose_kind", "parse_memory", "KINDS", "TARGETS", "SPACES"]
@@ -110,15 +111,12 @@ LOCK = ".lock"  # held by the one add or remove at work (never listed in the man
 IMAGE_PATHS = "relative to the index folder"  # manifest["image_paths"]; absent: as the catalog was read
 KINDS = ("auto", "flat", "hnsw", "ivf")
 TARGETS = ("image", "text", "product")
-MODALITIES = ("image", "text")
 MOD_BIT = {"image": 1, "text": 2}
 SPACES = ("universal", "visual")
 # The visual index centres its vectors on the catalog it was built from (queries and later adds too):
 # on the fashion-products multi-view set (first 2,000 products) same-product R@1 went 0.495 -> 0.499 (the backbone's
 # own features centred on the catalog), the training-set mean alone leaving a common component.
 VISUAL_CENTRE = "visual.centre.npy"
-# Each FAISS index and the modality whose rows it holds: the visual index covers the photo rows.
-ROWS_OF = {"image": "image", "text": "text", "visual": "image"}
 VISUAL_TARGETS = ("image", "product")  # a photo's visual vector searches photos, or products by their photos
 FLAT_MAX = 50_000  # exact search of 50k 512-d vectors is ~2 ms per query on 2 cores: fast enough, no tuning
 HNSW_M = 32  # graph degree: FAISS's usual choice for 0.95+ recall on 512-d embeddings
@@ -893,7 +891,7 @@ class Index:
         _warn_memory(n)
         with _scratch(out) as tmp:
             with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
-                vecs = _vector_files(tmp, _widths(clf.manifest, has_visual(clf.manifest)), n)
+                vecs = _vector_files(tmp, vector_widths(clf.manifest, has_visual(clf.manifest)), n)
                 items = _Items(tmp, relative_to=out, keep_photos=keep_photos)
                 excluded = _embed(clf, records, vecs, 0, n, progress, keep=items.add)
             return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
@@ -925,7 +923,7 @@ class Index:
         bm = load_manifest(bundle, verify=False)
         if "visual" in vectors:
             require_visual(bm, bundle)
-        width = _widths(bm, "visual" in vectors)
+        width = vector_widths(bm, "visual" in vectors)
         if set(vectors) - set(width) or any(np.shape(vectors[m]) != (len(records), w) for m, w in width.items()):
             raise HuseError(f"embeddings must be ({len(records)}, D) per modality with D = {width}; got "
                             f"{ {m: np.shape(v) for m, v in vectors.items()} }")
@@ -947,6 +945,64 @@ class Index:
             items.add(records)
             return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
                               precision=precision, threads=threads, progress=progress, sign_key=sign_key)
+
+    @classmethod
+    def from_embed_output(cls, bundle: str | Path, embeddings: str | Path, out: str | Path, kind: str = "auto",
+                          max_memory: str | int = "4G", threads: int | None = None, progress: bool = True,
+                          overwrite: bool = False, sign_key: str | Path | None = None) -> "Index":
+        """Write an index directory from the output of `huse embed --mode index` (run on a Ray cluster, or resumed
+        after a crash), read a shard at a time: the index `build` would write from the same catalog, with the
+        precision the vectors were made at. Photos a Parquet catalog held as bytes are not kept (`--no-photos`).
+
+        Raises:
+            HuseError: not a complete `--mode index` output, made with another bundle, or a file that changed.
+        """
+        from huse.runtime.bulk import MANIFEST as BULK_MANIFEST, iter_embeddings
+        from huse.runtime.bundle import load_manifest
+
+        out = _check_target(kind, out, overwrite)
+        _check_sign_key(sign_key)
+        if threads:
+            _faiss().omp_set_num_threads(int(threads))
+        else:
+            _faiss()  # fail on a missing extra before reading gigabytes
+        embeddings = Path(embeddings)
+        try:
+            em = json.loads((embeddings / BULK_MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise HuseError(f"--embeddings {embeddings} is not the output of huse embed ({e})") from None
+        st = em.get("settings", {})
+        if st.get("task") != "embed" or st.get("mode") != "index":
+            raise HuseError(f"--embeddings {embeddings} holds {st.get('task')} --mode {st.get('mode')} output, one "
+                            "vector per product; an index needs each product's image and title vectors: run huse "
+                            "embed --mode index")
+        if st.get("bundle_sha256") != _bundle_fingerprint(bundle):
+            raise HuseError(f"--embeddings {embeddings} was made with another bundle than {bundle}: queries would be "
+                            "embedded by another model than the products; give the bundle huse embed used")
+        n = int(em.get("totals", {}).get("rows", 0))
+        if not n:
+            raise HuseError(f"--embeddings {embeddings} has no rows to index (or is not complete)")
+        bm = load_manifest(bundle, verify=False)
+        with _scratch(out) as tmp:
+            vecs = _vector_files(tmp, vector_widths(bm, has_visual(bm)), n)
+            items, excluded, s = _Items(tmp, relative_to=out), [], 0
+            for rows, got in iter_embeddings(embeddings):
+                if set(got) != set(vecs) or s + len(rows) > n:
+                    raise HuseError(f"--embeddings {embeddings} does not match its manifest and bundle (vectors "
+                                    f"{sorted(got)}, want {sorted(vecs)}); run huse embed --mode index again")
+                for m, v in got.items():
+                    vecs[m][s:s + len(rows)] = v
+                items.add([_described(r, s + i) for i, r in enumerate(rows)])
+                excluded += [{"item": s + i, "row": r["row"], "product_id": r.get("product_id"), "modality": m,
+                              "error": r[f"{m}_error"]} for i, r in enumerate(rows) for m in MODALITIES
+                             if r.get(f"{m}_error")]
+                s += len(rows)
+                if progress:
+                    _progress(s, n, "reading embeddings")
+            if s != n:
+                raise HuseError(f"--embeddings {embeddings} lists {n:,} rows and holds {s:,}; run huse embed again")
+            return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
+                              precision=st["precision"], threads=threads, progress=progress, sign_key=sign_key)
 
     @classmethod
     def _write(cls, tmp: Path, out: Path, bundle: str | Path, items: "_Items", vecs: dict[str, np.ndarray],
@@ -1023,7 +1079,7 @@ class Index:
                             "and adds this catalog's; or leave them out of the catalog")
         n0 = len(self)
         clf = self._embedder()
-        vecs = {m: np.empty((len(records), w), np.float32) for m, w in _widths(clf.manifest, self.has_visual).items()}
+        vecs = {m: np.empty((len(records), w), np.float32) for m, w in vector_widths(clf.manifest, self.has_visual).items()}
         excluded = _embed(clf, records, vecs, n0, len(records), progress)
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
@@ -1291,12 +1347,6 @@ def _catalog(data, images, confine: bool = False, progress: bool = False) -> tup
     return iter_catalog(data, images, confine=confine), n
 
 
-def _widths(bundle_manifest: dict, visual: bool) -> dict[str, int]:
-    """The width of each modality's vectors: image and text, and visual when the index has it."""
-    dim = int(bundle_manifest["embedding_dim"])
-    return {"image": dim, "text": dim, **({"visual": int(bundle_manifest["visual_dim"])} if visual else {})}
-
-
 def _vector_files(folder: Path, widths: dict[str, int], n: int) -> dict[str, np.ndarray]:
     """FOLDER/{modality}.vectors.npy, (n, width) float32, memory-mapped for writing: a build holds no vectors in
     memory, the page cache does (the files are the index's own). A disk without room for them is an error now: a
@@ -1325,31 +1375,12 @@ def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, pr
     for chunk in _chunks(records, EMBED_CHUNK):
         if s + len(chunk) > total:
             raise _changed(total)
-        for v in vecs.values():
-            v[s:s + len(chunk)] = np.nan
-        with_img = [i for i, r in enumerate(chunk) if r.image and not getattr(r, "error", None)]
-        rows = [s + i for i in with_img]
-        if "visual" in vecs:
-            e_img, e_vis = clf.embed_image_visual([chunk[i].image for i in with_img])
-            vecs["visual"][rows] = e_vis.vectors
-        else:
-            e_img = clf.embed_image([chunk[i].image for i in with_img])
-        vecs["image"][rows] = e_img.vectors
-        e_txt = clf.embed_text([None if getattr(r, "error", None) else r.name for r in chunk])
-        vecs["text"][s:s + len(chunk)] = e_txt.vectors
-        img_err = {with_img[j]: msg for j, msg in e_img.errors.items()}
-        for i, r in enumerate(chunk):
-            row_err = getattr(r, "error", None)  # the catalog's own error for the row wins
-            for mod, err in (("image", row_err or img_err.get(i) or (None if r.image else "no image")),
-                             ("text", row_err or e_txt.errors.get(i))):
-                held = [v for v in vecs if ROWS_OF[v] == mod]  # a photo's image and visual vectors go together
-                if err is None and not all(np.isfinite(vecs[v][s + i]).all() for v in held):
-                    err = "embedding is not finite"
-                if err is not None:
-                    for v in held:
-                        vecs[v][s + i] = np.nan
-                    excluded.append({"item": start + s + i, "row": r.row, "product_id": r.product_id,
-                                     "modality": mod, "error": err})
+        got, why = embed_products(clf, chunk)
+        for m, v in got.items():
+            vecs[m][s:s + len(chunk)] = v
+        excluded += [{"item": start + s + i, "row": chunk[i].row, "product_id": chunk[i].product_id, "modality": mod,
+                      "error": err} for i in range(len(chunk)) for mod in MODALITIES
+                     if (err := why[mod].get(i)) is not None]
         if keep is not None:
             keep(chunk)
         s += len(chunk)
@@ -1432,8 +1463,12 @@ def _is_photos_file(name: str) -> bool:
 
 
 def _classes(cell: str | None) -> str | None:
-    """An item's classes as the index keeps them: its canonical paths joined with '|' (runtime/labels.py)."""
-    return join_paths(parse_paths(cell)) if cell else None
+    """An item's classes as the index keeps them: its canonical paths joined with '|' (runtime/labels.py); None for
+    a cell that does not parse (the catalog made its row an error, which excluded.jsonl lists)."""
+    try:
+        return join_paths(parse_paths(cell)) if cell else None
+    except HuseError:
+        return None
 
 
 class _Items:

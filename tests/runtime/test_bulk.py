@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from huse.runtime.bulk import BulkJob, read_embeddings, read_predictions, run_bulk
+from huse.runtime.bulk import BulkJob, iter_embeddings, read_embeddings, read_predictions, run_bulk
 from huse.runtime.errors import HuseError
 from tests.models.make_data import write_rows
 
@@ -291,14 +291,18 @@ def ray_instance():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("task", ["classify", "embed"])
-def test_ray_engine_matches_local_exactly(ray_instance, tiny_bundle, big_catalog, tmp_path, task):
-    common = dict(bundle=str(tiny_bundle), data=str(big_catalog), task=task, shard_rows=600, batch_size=64,
+@pytest.mark.parametrize("task, mode", [("classify", "auto"), ("embed", "auto"), ("embed", "index")])
+def test_ray_engine_matches_local_exactly(ray_instance, tiny_bundle, big_catalog, tmp_path, task, mode):
+    common = dict(bundle=str(tiny_bundle), data=str(big_catalog), task=task, mode=mode, shard_rows=600, batch_size=64,
                   progress=False, threads=1)
     local = run_bulk(BulkJob(out=str(tmp_path / "local"), **common))
     ray = run_bulk(BulkJob(out=str(tmp_path / "ray"), engine="ray", actors=2, **common))
     assert ray.rows == local.rows == 2400 and ray.errors == local.errors == 0
-    if task == "embed":
+    if mode == "index":  # the vectors of an index, for `huse index build --embeddings`
+        for (m1, v1), (m2, v2) in zip(iter_embeddings(tmp_path / "local"), iter_embeddings(tmp_path / "ray")):
+            assert sorted(v1) == sorted(v2) == ["image", "text", "visual"] and m1 == m2
+            assert all(v1[k].tobytes() == v2[k].tobytes() for k in v1)
+    elif task == "embed":
         (v1, m1), (v2, m2) = read_embeddings(tmp_path / "local"), read_embeddings(tmp_path / "ray")
         assert v1.tobytes() == v2.tobytes() and m1 == m2
     else:

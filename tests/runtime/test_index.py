@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,14 +172,17 @@ def test_failed_rows_are_excluded_and_listed(tiny_bundle, tiny_catalog, tmp_path
     rows[1]["image"] = str(tmp_path / "missing.png")
     rows[2]["name"] = ""
     rows[3]["image"] = ""
+    rows[4]["classes"] = "clothing<<tops"  # took the whole build down (after embedding the rows before it)
     path = tmp_path / "cat.csv"
     write_rows(path, rows)
     idx = Index.build(tiny_bundle, path, tmp_path / "idx", images=tiny_catalog.parent, progress=False)
-    excluded = {(e["row"], e["modality"]) for e in idx.excluded()}
-    assert excluded == {(1, "image"), (2, "image"), (3, "text"), (4, "image")}
-    assert idx.manifest["counts"]["image"] == 9 and idx.manifest["counts"]["text"] == 11
+    excluded = {(e["row"], e["modality"]): e["error"] for e in idx.excluded()}
+    assert set(excluded) == {(1, "image"), (2, "image"), (3, "text"), (4, "image"), (5, "image"), (5, "text")}
+    assert excluded[5, "text"].startswith("row 5, column classes: class path 'clothing<<tops' is empty or has an")
+    assert excluded[3, "text"] == "row 3: title is empty"  # the row, not the item's place in a model call
+    assert idx.manifest["counts"]["image"] == 8 and idx.manifest["counts"]["text"] == 10
     hits = idx.search(texts=["Acme black tee"], k=100, target="image")[0]
-    assert len(hits) == 9 and not {h.row for h in hits} & {1, 2, 4}
+    assert len(hits) == 8 and not {h.row for h in hits} & {1, 2, 4, 5}
     assert all(np.isfinite(h.score) for h in hits)
 
 
@@ -675,6 +679,62 @@ def test_an_index_from_huse_embed_output(tiny_bundle, tiny_catalog, flat_index, 
     got = idx.search(texts=["Acme navy tee"], k=5)[0]
     assert [(h.row, h.product_id, h.name) for h in got] == [(h.row, h.product_id, h.name) for h in want]
     assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+
+
+def test_an_index_from_huse_embed_mode_index_is_the_index_build_writes(tiny_bundle, tiny_catalog, tmp_path):
+    """Catalog teams embed on a Ray cluster (resumable), then build the index: `huse embed --mode index` and
+    `huse index build --embeddings` give the files `huse index build --data` writes from the same catalog, bad
+    rows and their reasons included, reading a shard at a time (shards of 25 rows here)."""
+    from click.testing import CliRunner
+
+    from huse.runtime.bulk import BulkJob, run_bulk
+    from huse.runtime.cli import main
+
+    rows = list(csv.DictReader(open(tiny_catalog)))[:60]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[0]["image"] = str(tmp_path / "broken.png")  # a photo that fails: indexed by its title only
+    rows[2]["name"] = ""  # by its photo only
+    rows[3]["image"] = ""
+    rows[4]["classes"] = "a<<b"  # the catalog's own error: neither
+    rows[30].update(image="", name="")
+    write_rows(tmp_path / "cat.csv", rows)
+    job = BulkJob(bundle=str(tiny_bundle), data=str(tmp_path / "cat.csv"), out=str(tmp_path / "emb"), task="embed",
+                  mode="index", images=str(tiny_catalog.parent), shard_rows=25, progress=False)
+    res = run_bulk(job)
+    assert (res.rows, res.errors, res.warnings) == (60, 2, 1)
+    cli = CliRunner()
+    r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--embeddings", str(tmp_path / "emb"),
+                          "--out", str(tmp_path / "a"), "--kind", "flat", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    Index.build(tiny_bundle, tmp_path / "cat.csv", tmp_path / "b", images=tiny_catalog.parent, kind="flat",
+                progress=False)
+    for f in ("items.jsonl", "excluded.jsonl", "image.vectors.npy", "text.vectors.npy", "visual.vectors.npy",
+              "visual.centre.npy", "items.mods.npy", "items.class.npy"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    a = Index.open(tmp_path / "a")
+    assert {(e["row"], e["modality"]) for e in a.excluded()} == {
+        (1, "image"), (3, "text"), (4, "image"), (5, "image"), (5, "text"), (31, "image"), (31, "text")}
+    assert [h.row for h in a.search(texts=["Acme black tee"], k=5)[0]] == \
+        [h.row for h in Index.open(tmp_path / "b").search(texts=["Acme black tee"], k=5)[0]]
+
+    # What it refuses: one vector per product, another bundle, another option, a shard changed since
+    run_bulk(replace(job, mode="auto", out=str(tmp_path / "auto")))
+    r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--embeddings", str(tmp_path / "auto"), "--out",
+                          str(tmp_path / "c")])
+    assert r.exit_code == 1 and "one vector per product" in r.output and "--mode index" in r.output
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    (other / "manifest.json").write_text(json.dumps({**json.loads((other / "manifest.json").read_text()), "x": 1}))
+    with pytest.raises(HuseError, match="made with another bundle"):
+        Index.from_embed_output(other, tmp_path / "emb", tmp_path / "c", progress=False)
+    r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--embeddings", str(tmp_path / "emb"), "--out",
+                          str(tmp_path / "c"), "--precision", "fp16"])
+    assert r.exit_code == 1 and "--precision apply to --data" in r.output
+    part = tmp_path / "emb" / "part-00001.text.npy"
+    part.write_bytes(part.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(HuseError, match=r"part-00001\.text\.npy does not match the sha256"):
+        Index.from_embed_output(tiny_bundle, tmp_path / "emb", tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_build_reads_its_vectors_a_block_at_a_time(tiny_bundle, tmp_path, monkeypatch):
