@@ -957,7 +957,7 @@ class Index:
         Raises:
             HuseError: not a complete `--mode index` output, made with another bundle, or a file that changed.
         """
-        from huse.runtime.bulk import MANIFEST as BULK_MANIFEST, iter_embeddings
+        from huse.runtime.bulk import MANIFEST as BULK_MANIFEST, SUCCESS, iter_embeddings
         from huse.runtime.bundle import load_manifest
 
         out = _check_target(kind, out, overwrite)
@@ -967,6 +967,10 @@ class Index:
         else:
             _faiss()  # fail on a missing extra before reading gigabytes
         embeddings = Path(embeddings)
+        unfinished = embeddings if embeddings.name.endswith(".partial") else embeddings.with_name(embeddings.name + ".partial")
+        if not (embeddings / SUCCESS).is_file() and unfinished.is_dir():
+            raise HuseError(f"--embeddings {embeddings}: huse embed has not finished ({unfinished} holds the shards "
+                            "done so far); run the same huse embed command with --resume, then build from its --out")
         try:
             em = json.loads((embeddings / BULK_MANIFEST).read_text())
         except (OSError, ValueError) as e:

@@ -717,7 +717,10 @@ def test_an_index_from_huse_embed_mode_index_is_the_index_build_writes(tiny_bund
     assert [h.row for h in a.search(texts=["Acme black tee"], k=5)[0]] == \
         [h.row for h in Index.open(tmp_path / "b").search(texts=["Acme black tee"], k=5)[0]]
 
-    # What it refuses: one vector per product, another bundle, another option, a shard changed since
+    # What it refuses: an unfinished run, one vector per product, another bundle, another option, a changed shard
+    run_bulk(replace(job, out=str(tmp_path / "killed"), max_shards=1))
+    with pytest.raises(HuseError, match=r"huse embed has not finished .* with --resume"):
+        Index.from_embed_output(tiny_bundle, tmp_path / "killed", tmp_path / "c", progress=False)
     run_bulk(replace(job, mode="auto", out=str(tmp_path / "auto")))
     r = cli.invoke(main, ["index", "build", str(tiny_bundle), "--embeddings", str(tmp_path / "auto"), "--out",
                           str(tmp_path / "c")])
