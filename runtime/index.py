@@ -89,7 +89,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -471,6 +471,7 @@ class Index:
              threads: int | None = None, trusted_keys: Sequence[str | Path] | None = None) -> "Index":
         """Open an index directory (see the class docstring)."""
         folder = Path(folder)
+        _recover(folder)
         manifest = _load_index_manifest(folder, trusted_keys)
         recorded = manifest["bundle"]
         if bundle is None:
@@ -1062,9 +1063,10 @@ class Index:
             "excluded": rows left out, "replaced": items removed because their product was in the catalog}.
         """
         _check_sign_key(sign_key)
-        with _one_writer(self.folder):
-            self._reload()  # what the last writer left, not what this object read when it was opened
-            return self._add(_records(data, images, confine_images), progress, sign_key, replace, keep_photos)
+        records = _records(data, images, confine_images)
+        new_vectors = len(records) * (2 * self.dim + (self.visual_dim or 0)) * 4  # appended to the vector files
+        with self._writing(lambda name: not _is_photos_file(name), new_vectors):
+            return self._add(records, progress, sign_key, replace, keep_photos)
 
     def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool,
              keep_photos: bool = True) -> dict:
@@ -1122,9 +1124,44 @@ class Index:
             {"removed": items removed, "unknown": product_ids not in the index (or already removed)}.
         """
         _check_sign_key(sign_key)
-        with _one_writer(self.folder):
-            self._reload()
+        with self._writing(lambda name: name.endswith(".faiss") or name.startswith("items.")):
             return self._remove(product_ids, sign_key)
+
+    @contextlib.contextmanager
+    def _writing(self, rewrites: Callable[[str], bool], extra: int = 0):
+        """One add or remove: under the folder's lock, on a copy of the folder made of hard links (a writer only
+        ever replaces a file, never changes one in place, so the index as it was stays whole), which takes the
+        folder's place in one rename once its manifest is written. A kill at any instant leaves the index as it
+        was or as it is after (it replaced a dozen files one by one, and a kill between two left a mix that its
+        manifest refused); the next writer deletes what a killed one left."""
+        real, work = self.folder, _next_folder(self.folder)
+        with _one_writer(real):
+            if work.exists():
+                shutil.rmtree(work)
+            # Until the swap both versions of each file it rewrites are on the disk (a full one kills a writer to
+            # a memory map: the index stays whole then, but the work is lost)
+            need = extra + sum(p.stat().st_size for p in real.iterdir() if p.is_file() and rewrites(p.name))
+            free = shutil.disk_usage(real).free
+            if need > free:
+                raise HuseError(f"changing index {real} writes new versions of its files, {need / 2**30:.1f} GiB, "
+                                f"beside the old ones until it is done; its disk has {free / 2**30:.1f} GiB free: "
+                                "free some space first")
+            work.mkdir()
+            for p in real.iterdir():  # the lock file too: its lock stays held in the folder that takes real's place
+                if p.is_file():
+                    _link(p, work / p.name)
+            self.folder = work
+            try:
+                self._reload()  # what the last writer left, not what this object read when it was opened
+                yield
+            except BaseException:
+                self.folder = real
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            self.folder = real
+            _swap(real, work)
+            shutil.rmtree(work, ignore_errors=True)  # the index as it was
+            self._reload()
 
     def _remove(self, product_ids: Sequence[str], sign_key: str | Path | None) -> dict:
         wanted = {str(p) for p in product_ids}
@@ -1306,6 +1343,43 @@ def _write_index(index, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _faiss().write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+def _next_folder(folder: Path) -> Path:
+    """Where an add or remove writes the index's next version: beside it, on the same file system."""
+    return folder.with_name(f".{folder.name}.next")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links: a copy, as safe and slower
+        shutil.copy2(src, dst)
+
+
+def _swap(real: Path, work: Path) -> None:
+    """Exchange the folders `real` and `work` in one step (Linux renameat2 RENAME_EXCHANGE). Elsewhere two renames,
+    and `Index.open` finishes them if a kill falls between (`_recover`)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchange = getattr(libc, "renameat2", None)
+    if exchange is not None and exchange(-100, os.fsencode(real), -100, os.fsencode(work), 2) == 0:  # AT_FDCWD
+        return
+    old = real.with_name(f".{real.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    os.rename(real, old)
+    os.rename(work, real)  # a kill before this: no folder at `real`, its next version complete at `work`
+    os.rename(old, work)
+
+
+def _recover(folder: Path) -> None:
+    """Finish a swap that a kill interrupted between its two renames (`_swap` without renameat2)."""
+    work, old = _next_folder(folder), folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and (work / MANIFEST).is_file() and old.is_dir():
+        os.rename(work, folder)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_writable(path: Path):

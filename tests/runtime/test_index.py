@@ -186,6 +186,71 @@ def test_failed_rows_are_excluded_and_listed(tiny_bundle, tiny_catalog, tmp_path
     assert all(np.isfinite(h.score) for h in hits)
 
 
+_KILLED_ADD = """
+import os, sys
+from huse.runtime import Index
+real, calls = os.replace, [0]
+def replace(a, b):  # the process dies at its k-th file replacement, as a kill -9 would leave it
+    if calls[0] == int(sys.argv[3]):
+        os._exit(9)
+    calls[0] += 1
+    real(a, b)
+os.replace = replace
+idx = Index.open(sys.argv[1])
+idx.add(sys.argv[2], progress=False, replace=True) if sys.argv[4] == "replace" else idx.remove(["p0-1", "p1-2"])
+print(calls[0])
+"""
+
+
+@pytest.mark.parametrize("op", ["replace", "remove"])
+def test_a_kill_at_any_point_of_an_add_or_remove_leaves_the_index_whole(tiny_bundle, tiny_catalog, tmp_path, op):
+    """An add or remove replaces a dozen files one by one; killed between two of them, the index held some new files
+    and the old manifest, and every later open refused it ("does not match its sha256": rebuild). Killed at each
+    replacement in turn, the index now opens and searches as it was before or as it is after, and the next add works."""
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    write_rows(tmp_path / "update.csv", [{**r, "name": r["name"] + " v2"} for r in rows[:8]])
+    idx_dir = tmp_path / "idx"
+    Index.build(tiny_bundle, tiny_catalog, idx_dir, kind="flat", progress=False)
+    before = Index.open(idx_dir).search(texts=["Acme black tee"], k=5)[0]
+    run = lambda k: subprocess.run([sys.executable, "-c", _KILLED_ADD, str(idx_dir), str(tmp_path / "update.csv"),
+                                    str(k), op], capture_output=True, text=True, cwd=tiny_catalog.parent)
+    shutil.copytree(idx_dir, tmp_path / "pristine")
+    total = int(run(-1).stdout)  # replacements in a whole run
+    after = Index.open(idx_dir).search(texts=["Acme black tee"], k=5)[0]
+    assert total > 8 and [h.name for h in after] != [h.name for h in before] or op == "remove"
+    for k in range(total):
+        shutil.rmtree(idx_dir)
+        shutil.copytree(tmp_path / "pristine", idx_dir)
+        assert run(k).returncode == 9
+        idx = Index.open(idx_dir)
+        for target in ("image", "text", "product"):  # every file read and checked against the manifest
+            got = idx.search(texts=["Acme black tee"], k=5, target=target)[0]
+        got = [(h.row, h.name) for h in idx.search(texts=["Acme black tee"], k=5)[0]]
+        assert got in ([(h.row, h.name) for h in before], [(h.row, h.name) for h in after]), k
+        assert run(-1).returncode == 0, k  # the next writer starts from a whole index
+
+
+def test_without_an_atomic_exchange_a_kill_between_the_two_renames_is_finished_on_open(tiny_bundle, tiny_catalog,
+                                                                                       tmp_path, monkeypatch):
+    """Where renameat2 is missing (not Linux), the new version takes the index's place in two renames; a kill
+    between them leaves no folder at the index's path, and the next open finishes the swap."""
+    import ctypes
+
+    from huse.runtime.index import _next_folder
+
+    idx_dir = tmp_path / "idx"
+    Index.build(tiny_bundle, tiny_catalog, idx_dir, kind="flat", progress=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: object())  # a C library without renameat2
+    assert Index.open(idx_dir).remove(["p0-1"])["removed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # nothing left beside it
+    removed = [h.product_id for h in Index.open(idx_dir).search(texts=["Acme black tee"], k=500)[0]]
+    os.rename(idx_dir, _next_folder(idx_dir))  # killed after the first rename: the new version waits beside,
+    (tmp_path / ".idx.old").mkdir()  # the old one renamed away
+    got = [h.product_id for h in Index.open(idx_dir).search(texts=["Acme black tee"], k=500)[0]]
+    assert got == removed and "p0-1" not in got
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
 def test_choose_kind_by_size_and_memory():
     assert choose_kind(10_000, 512) == "flat"
     assert choose_kind(200_000, 512, "4G") == "ivf"  # not HNSW: cross-modal queries (runtime/index.py)
@@ -632,6 +697,18 @@ def test_a_disk_without_room_for_the_vectors_is_said_before_the_embedding(tiny_b
     with pytest.raises(HuseError, match=r"vectors of 120 products need 0\.0 GiB on the disk of .*free some space"):
         Index.build(tiny_bundle, tiny_catalog, tmp_path / "a", kind="flat", progress=False)
     assert list(tmp_path.iterdir()) == []  # no index, no scratch folder
+
+    # An add or remove keeps both versions of the files it rewrites until it is done (a kill leaves the old whole)
+    monkeypatch.undo()
+    Index.build(tiny_bundle, tiny_catalog, tmp_path / "a", kind="flat", progress=False)
+    files = {p.name: p.stat().st_size for p in (tmp_path / "a").iterdir()}
+    rewritten = sum(v for k, v in files.items() if k.endswith(".faiss") or k.startswith("items."))
+    monkeypatch.setattr(index_module.shutil, "disk_usage", lambda p: real(p)._replace(free=rewritten - 1))
+    with pytest.raises(HuseError, match=r"writes new versions of its files, 0\.0 GiB, beside the old ones"):
+        Index.open(tmp_path / "a").remove(["p0-1"])
+    monkeypatch.setattr(index_module.shutil, "disk_usage", lambda p: real(p)._replace(free=rewritten))
+    assert Index.open(tmp_path / "a").remove(["p0-1"])["removed"] == 1
+    assert {p.name for p in (tmp_path / "a").iterdir()} == set(files) | {".lock"}  # the lock file writers share
 
 
 @pytest.mark.parametrize("rows", [100, 140])
