@@ -29,7 +29,6 @@ while the model runs; the Ray engine runs it in a `map_batches` actor per worker
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -264,8 +263,8 @@ def process_batch(clf: Classifier, records: list[Record], job: BulkJob, ready: R
 
 def _index_rows(clf: Classifier, records: list[Record], ready: Ready,
                 rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """embed --mode index: every vector an index holds per row (`index.embed_products`, the rule `huse index
-    build` follows), NaN where left out, and why in the rows' image_error and text_error."""
+    """embed --mode index: every vector an index holds per row (`product_vectors.embed_products`, the rule
+    `huse index build` follows), NaN where left out, and why in the rows' image_error and text_error."""
     use = [records[i] for i in ready.ok]
     got, why = embed_products(clf, use, ready.items) if use else ({}, {})
     vectors = {m: np.full((len(records), w), np.nan, dtype=np.float32)
