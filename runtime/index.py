@@ -2,6 +2,7 @@
 
     from huse.runtime import Index
     Index.build("bundle/", "catalog.csv", "idx/")              # embeds with the lean runtime
+    Index.from_embed_output("bundle/", "emb/", "idx/")          # from `huse embed --mode index` (Ray, resumable)
     idx = Index.open("idx/")                                    # the bundle recorded in the manifest
     idx.search(texts=["black leather ankle boots"], k=10, target="image", filter="shoes<boots")
 
@@ -73,6 +74,10 @@ vouched for by a signature of other bytes.
 Removal: flat and ivf delete the vectors from the FAISS index (`remove_ids`); FAISS's HNSW cannot
 delete, so a removed item there is a tombstone that an IDSelector filters out at search time (and
 the exact fallback skips): a removed product is never a hit. Rebuild to reclaim the space.
+
+Changes are whole: an add or remove writes the index's next version in `.NAME.next` beside it (hard links to
+the files it keeps: files are only ever replaced, never changed in place) and exchanges the two folders in one
+rename (`Index._writing`), so a kill at any instant leaves the index as it was or as it is after.
 """
 
 from __future__ import annotations
@@ -462,6 +467,7 @@ class Index:
         self._vectors: dict[str, np.ndarray] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._classifier = None
+        self._stamp = _stamp(folder)  # of the manifest read (by `open`, just before)
         if threads:
             _faiss().omp_set_num_threads(int(threads))
 
@@ -680,6 +686,7 @@ class Index:
             raise HuseError(f"target {target!r} is not one of {list(TARGETS)}")
         self._check_space(space, target)
         k = _positive_int(k, "k")
+        self._follow()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         name = "visual" if space == "visual" else target
         if queries.shape[1] != self._width(name):
@@ -1192,8 +1199,18 @@ class Index:
             self._reload()
         return {"removed": int(len(positions)), "unknown": sorted(wanted - found)}
 
-    def _reload(self) -> None:
-        self.manifest = _load_index_manifest(self.folder)  # written by this process: no signature to check
+    def _follow(self) -> None:
+        """Read the index again when an add or remove (in this process or another) has changed it since it was
+        read: a long-lived Index, such as `huse serve --index`'s, answers from the index as it is now, never
+        from a mix of the old manifest and new files. One stat a search."""
+        if _stamp(self.folder) != self._stamp:
+            self._reload(self.trusted_keys)
+
+    def _reload(self, trusted_keys: Sequence[str | Path] | None = None) -> None:
+        """The manifest as it is on disk (its signature checked against `trusted_keys`: none when this process
+        wrote it), and every cache of files it lists dropped."""
+        self._stamp = _stamp(self.folder)
+        self.manifest = _load_index_manifest(self.folder, trusted_keys)
         self.classes = self.manifest["classes"]
         self._verified.clear()
         self._faiss.clear()
@@ -1343,6 +1360,15 @@ def _write_index(index, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _faiss().write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+def _stamp(folder: Path) -> tuple[int, int, int] | None:
+    """What changes when the index's manifest is replaced: its inode, size and mtime (None: no manifest)."""
+    try:
+        st = os.stat(folder / MANIFEST)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _next_folder(folder: Path) -> Path:

@@ -45,6 +45,32 @@ def test_each_error_is_one_json_log_line(start_server):
     assert metric(s.url, "huse_errors_total", kind="bad_request") == 1
 
 
+def test_a_running_server_searches_the_index_as_an_add_or_remove_leaves_it(start_server, flat_index, tiny_catalog,
+                                                                          tmp_path):
+    """A catalog's nightly `huse index add` while the server runs: the server read the index once at start, so it
+    never found the new products (and a file it opened later no longer matched the manifest it held). It now
+    reads the index again when the manifest changes, between two searches."""
+    import shutil
+
+    from huse.runtime import Index
+
+    idx_dir = tmp_path / "idx"
+    shutil.copytree(flat_index, idx_dir)
+    s = start_server("--index", str(idx_dir))
+    query = {"title": "Zephyr quartz teapot", "target": "product", "k": 3}
+    status, got = post_json(s.url + "/v1/search", query)
+    assert status == 200 and "new-1" not in [h["product_id"] for h in got["results"][0]["hits"]]
+    Index.open(idx_dir).add([{"name": "Zephyr quartz teapot", "product_id": "new-1"}], progress=False)
+    status, got = post_json(s.url + "/v1/search", query)
+    assert status == 200 and got["results"][0]["hits"][0]["product_id"] == "new-1", got
+    Index.open(idx_dir).remove(["new-1"])
+    status, got = post_json(s.url + "/v1/search", {**query, "k": 500})
+    assert status == 200 and "new-1" not in [h["product_id"] for h in got["results"][0]["hits"]]
+    photo = base64.b64encode((tiny_catalog.parent / next(csv.DictReader(open(tiny_catalog)))["image"]).read_bytes())
+    status, got = post_json(s.url + "/v1/search", {"image": photo.decode(), "space": "visual", "k": 3})
+    assert status == 200, got  # the visual index, opened only now: its file matches the manifest the server holds
+
+
 def test_search_equals_the_python_api(start_server, flat_index, tiny_bundle, tiny_catalog):
     from huse.runtime import Index
 
