@@ -351,6 +351,21 @@ _NO_PHOTOS = click.option("--no-photos", "keep_photos", is_flag=True, flag_value
                                "as the photos).")
 
 
+def _data_or_embeddings(data, embeddings, data_options: tuple[str, ...]) -> None:
+    """`huse index build` and `add` take --data or --embeddings; the options that only --data uses are refused
+    with --embeddings (they were the huse embed run's to choose)."""
+    if (data is None) == (embeddings is None):
+        raise HuseError("give the products to index: --data CATALOG (embedded now) or --embeddings FOLDER "
+                        "(from huse embed --mode index), one of the two")
+    if embeddings is not None:
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_', '-')}" for p in data_options
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise HuseError(f"{', '.join(given)} apply to --data; --embeddings were made with the settings huse embed "
+                            "was given")
+
+
 @index_group.command("build", context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
@@ -381,16 +396,8 @@ def index_build(bundle, data, embeddings, images, out, kind, max_memory, precisi
     def body():
         from huse.runtime.index import Index
 
-        if (data is None) == (embeddings is None):
-            raise HuseError("give the products to index: --data CATALOG (embedded now) or --embeddings FOLDER "
-                            "(from huse embed --mode index), one of the two")
+        _data_or_embeddings(data, embeddings, ("images", "precision", "batch_size", "confine_images"))
         if embeddings is not None:
-            ctx = click.get_current_context()
-            given = [f"--{p.replace('_', '-')}" for p in ("images", "precision", "batch_size", "confine_images")
-                     if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
-            if given:
-                raise HuseError(f"{', '.join(given)} apply to --data; --embeddings were made with the settings huse "
-                                "embed was given")
             idx = Index.from_embed_output(bundle, embeddings, out, kind=kind, max_memory=max_memory, threads=threads,
                                           overwrite=overwrite, sign_key=sign_key, progress=progress)
         else:
@@ -404,7 +411,10 @@ def index_build(bundle, data, embeddings, images, out, kind, max_memory, precisi
 
 @index_group.command("add")
 @click.argument("index", type=click.Path(file_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet of the products to add.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet of the products to add.")
+@click.option("--embeddings", type=click.Path(file_okay=False),
+              help="Instead of --data: the output folder of `huse embed BUNDLE --mode index` (the index's bundle, at "
+                   "its precision).")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
 @click.option("--confine-images", is_flag=True,
@@ -419,14 +429,19 @@ def index_build(bundle, data, embeddings, images, out, kind, max_memory, precisi
                    "signature (trusted-key searches then refuse it until it is re-signed).")
 @_NO_PHOTOS
 @click.option("--progress/--no-progress", default=True, help="Progress on stderr.")
-def index_add(index, data, images, bundle, confine_images, replace, sign_key, keep_photos, progress) -> None:
+def index_add(index, data, embeddings, images, bundle, confine_images, replace, sign_key, keep_photos,
+              progress) -> None:
     """Add the products of a catalog to INDEX without a rebuild."""
     def body():
         from huse.runtime.index import Index
 
+        _data_or_embeddings(data, embeddings, ("images", "confine_images"))
         idx = Index.open(index, bundle=bundle)
-        r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace,
-                    keep_photos=keep_photos, progress=progress)
+        if embeddings is not None:
+            r = idx.add_embed_output(embeddings, sign_key=sign_key, replace=replace, progress=progress)
+        else:
+            r = idx.add(data, images=images, sign_key=sign_key, confine_images=confine_images, replace=replace,
+                        keep_photos=keep_photos, progress=progress)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
         excluded = idx.excluded()  # this add's rows are the last ones

@@ -965,7 +965,6 @@ class Index:
         Raises:
             HuseError: not a complete `--mode index` output, made with another bundle, or a file that changed.
         """
-        from huse.runtime.bulk import MANIFEST as BULK_MANIFEST, SUCCESS, iter_embeddings
         from huse.runtime.bundle import load_manifest
 
         out = _check_target(kind, out, overwrite)
@@ -975,44 +974,18 @@ class Index:
         else:
             _faiss()  # fail on a missing extra before reading gigabytes
         embeddings = Path(embeddings)
-        unfinished = embeddings if embeddings.name.endswith(".partial") else embeddings.with_name(embeddings.name + ".partial")
-        if not (embeddings / SUCCESS).is_file() and unfinished.is_dir():
-            raise HuseError(f"--embeddings {embeddings}: huse embed has not finished ({unfinished} holds the shards "
-                            "done so far); run the same huse embed command with --resume, then build from its --out")
-        try:
-            em = json.loads((embeddings / BULK_MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise HuseError(f"--embeddings {embeddings} is not the output of huse embed ({e})") from None
-        st = em.get("settings", {})
-        if st.get("task") != "embed" or st.get("mode") != "index":
-            raise HuseError(f"--embeddings {embeddings} holds {st.get('task')} --mode {st.get('mode')} output, one "
-                            "vector per product; an index needs each product's image and title vectors: run huse "
-                            "embed --mode index")
-        if st.get("bundle_sha256") != _bundle_fingerprint(bundle):
-            raise HuseError(f"--embeddings {embeddings} was made with another bundle than {bundle}: queries would be "
-                            "embedded by another model than the products; give the bundle huse embed used")
-        n = int(em.get("totals", {}).get("rows", 0))
-        if not n:
-            raise HuseError(f"--embeddings {embeddings} has no rows to index (or is not complete)")
+        st, n = _embed_output(embeddings, _bundle_fingerprint(bundle), bundle)
         bm = load_manifest(bundle, verify=False)
         with _scratch(out) as tmp:
             vecs = _vector_files(tmp, vector_widths(bm, has_visual(bm)), n)
-            items, excluded, s = _Items(tmp, relative_to=out), [], 0
-            for rows, got in iter_embeddings(embeddings):
-                if set(got) != set(vecs) or s + len(rows) > n:
-                    raise HuseError(f"--embeddings {embeddings} does not match its manifest and bundle (vectors "
-                                    f"{sorted(got)}, want {sorted(vecs)}); run huse embed --mode index again")
+            items, excluded = _Items(tmp, relative_to=out), []
+            for s, records, got, why in _embedded(embeddings, n, vecs):
                 for m, v in got.items():
-                    vecs[m][s:s + len(rows)] = v
-                items.add([_described(r, s + i) for i, r in enumerate(rows)])
-                excluded += [{"item": s + i, "row": r["row"], "product_id": r.get("product_id"), "modality": m,
-                              "error": r[f"{m}_error"]} for i, r in enumerate(rows) for m in MODALITIES
-                             if r.get(f"{m}_error")]
-                s += len(rows)
+                    vecs[m][s:s + len(records)] = v
+                items.add(records)
+                excluded += why
                 if progress:
-                    _progress(s, n, "reading embeddings")
-            if s != n:
-                raise HuseError(f"--embeddings {embeddings} lists {n:,} rows and holds {s:,}; run huse embed again")
+                    _progress(s + len(records), n, "reading embeddings")
             return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
                               precision=st["precision"], threads=threads, progress=progress, sign_key=sign_key)
 
@@ -1075,8 +1048,30 @@ class Index:
         with self._writing(lambda name: not _is_photos_file(name), new_vectors):
             return self._add(records, progress, sign_key, replace, keep_photos)
 
+    def add_embed_output(self, embeddings: str | Path, progress: bool = True, sign_key: str | Path | None = None,
+                         replace: bool = False) -> dict:
+        """`add` from the output of `huse embed --mode index` (as `from_embed_output` reads it), made with this
+        index's bundle at its precision: what `add` of that catalog does, without embedding here. Returns and
+        raises as `add` and `from_embed_output`."""
+        _check_sign_key(sign_key)
+        embeddings = Path(embeddings)
+        st, n = _embed_output(embeddings, self.manifest["bundle"]["fingerprint"], self.manifest["bundle"]["path"])
+        if st["precision"] != self.manifest["precision"]:
+            raise HuseError(f"--embeddings {embeddings} were made at precision {st['precision']} and index "
+                            f"{self.folder} holds {self.manifest['precision']} vectors: embed with --precision "
+                            f"{self.manifest['precision']}")
+        widths = {m: self._width(m) for m in self._indexes()}
+        records, parts, excluded = [], [], []
+        for _, recs, got, why in _embedded(embeddings, n, widths):
+            records += recs
+            parts.append(got)
+            excluded += why
+        vecs = {m: np.concatenate([p[m] for p in parts]) for m in widths}
+        with self._writing(lambda name: not _is_photos_file(name), sum(v.nbytes for v in vecs.values())):
+            return self._add(records, progress, sign_key, replace, keep_photos=False, embedded=(vecs, excluded))
+
     def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool,
-             keep_photos: bool = True) -> dict:
+             keep_photos: bool = True, embedded: tuple[dict[str, np.ndarray], list[dict]] | None = None) -> dict:
         alive = self._array("items.alive.npy")
         present = {it["product_id"] for it, a in zip(self._stored_items(), alive) if a and it.get("product_id")}
         known = sorted({r.product_id for r in records if r.product_id in present})
@@ -1091,9 +1086,13 @@ class Index:
                             "to update them, pass --replace (Python: replace=True), which removes their items "
                             "and adds this catalog's; or leave them out of the catalog")
         n0 = len(self)
-        clf = self._embedder()
-        vecs = {m: np.empty((len(records), w), np.float32) for m, w in vector_widths(clf.manifest, self.has_visual).items()}
-        excluded = _embed(clf, records, vecs, n0, len(records), progress)
+        if embedded is None:
+            clf = self._embedder()
+            vecs = {m: np.empty((len(records), w), np.float32)
+                    for m, w in vector_widths(clf.manifest, self.has_visual).items()}
+            excluded = _embed(clf, records, vecs, n0, len(records), progress)
+        else:  # numbered from the first new item
+            vecs, excluded = embedded[0], [{**e, "item": n0 + e["item"]} for e in embedded[1]]
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
         replaced = self._remove(known, sign_key)["removed"] if known else 0  # once embedding succeeded
@@ -1360,6 +1359,51 @@ def _write_index(index, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     _faiss().write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+def _embed_output(embeddings: Path, fingerprint: str, bundle: str | Path) -> tuple[dict, int]:
+    """The settings and row count of a complete `huse embed --mode index` output made with the bundle whose
+    manifest has the sha256 `fingerprint` (at `bundle`, for messages)."""
+    from huse.runtime.bulk import MANIFEST as BULK_MANIFEST, SUCCESS
+
+    unfinished = embeddings if embeddings.name.endswith(".partial") else embeddings.with_name(embeddings.name + ".partial")
+    if not (embeddings / SUCCESS).is_file() and unfinished.is_dir():
+        raise HuseError(f"--embeddings {embeddings}: huse embed has not finished ({unfinished} holds the shards "
+                        "done so far); run the same huse embed command with --resume, then use its --out")
+    try:
+        em = json.loads((embeddings / BULK_MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise HuseError(f"--embeddings {embeddings} is not the output of huse embed ({e})") from None
+    st = em.get("settings", {})
+    if st.get("task") != "embed" or st.get("mode") != "index":
+        raise HuseError(f"--embeddings {embeddings} holds {st.get('task')} --mode {st.get('mode')} output, one "
+                        "vector per product; an index needs each product's image and title vectors: run huse "
+                        "embed --mode index")
+    if st.get("bundle_sha256") != fingerprint:
+        raise HuseError(f"--embeddings {embeddings} was made with another bundle than {bundle}: queries would be "
+                        "embedded by another model than the products; give the bundle huse embed used")
+    n = int(em.get("totals", {}).get("rows", 0))
+    if not n:
+        raise HuseError(f"--embeddings {embeddings} has no rows to index (or is not complete)")
+    return st, n
+
+
+def _embedded(embeddings: Path, n: int, widths: dict[str, Any]):
+    """Per shard of an embed output `_embed_output` checked: (its first row's offset, its Records, {space: vectors},
+    its exclusions numbered from item 0 of the output), one shard in memory at a time."""
+    from huse.runtime.bulk import iter_embeddings
+
+    s = 0
+    for rows, got in iter_embeddings(embeddings):
+        if set(got) != set(widths) or s + len(rows) > n:
+            raise HuseError(f"--embeddings {embeddings} does not match its manifest and bundle (vectors {sorted(got)}, "
+                            f"want {sorted(widths)}); run huse embed --mode index again")
+        why = [{"item": s + i, "row": r["row"], "product_id": r.get("product_id"), "modality": m,
+                "error": r[f"{m}_error"]} for i, r in enumerate(rows) for m in MODALITIES if r.get(f"{m}_error")]
+        yield s, [_described(r, s + i) for i, r in enumerate(rows)], got, why
+        s += len(rows)
+    if s != n:
+        raise HuseError(f"--embeddings {embeddings} lists {n:,} rows and holds {s:,}; run huse embed again")
 
 
 def _stamp(folder: Path) -> tuple[int, int, int] | None:

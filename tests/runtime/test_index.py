@@ -794,6 +794,24 @@ def test_an_index_from_huse_embed_mode_index_is_the_index_build_writes(tiny_bund
     assert [h.row for h in a.search(texts=["Acme black tee"], k=5)[0]] == \
         [h.row for h in Index.open(tmp_path / "b").search(texts=["Acme black tee"], k=5)[0]]
 
+    # An add from embeddings is the add of the catalog (here its last 20 rows, with new product ids)
+    write_rows(tmp_path / "more.csv", [{**r, "product_id": f"more-{i}"} for i, r in enumerate(rows[40:])])
+    run_bulk(replace(job, data=str(tmp_path / "more.csv"), out=str(tmp_path / "more")))
+    r = cli.invoke(main, ["index", "add", str(tmp_path / "a"), "--embeddings", str(tmp_path / "more"), "--no-progress"])
+    assert r.exit_code == 0 and "added 20 items" in r.output, r.output
+    Index.open(tmp_path / "b").add(tmp_path / "more.csv", images=tiny_catalog.parent, progress=False)
+    for f in ("items.jsonl", "excluded.jsonl", "image.vectors.npy", "text.vectors.npy", "visual.vectors.npy",
+              "items.mods.npy", "items.product.npy"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    with pytest.raises(HuseError, match="already in the index"):  # the rules of add hold
+        Index.open(tmp_path / "a").add_embed_output(tmp_path / "more", progress=False)
+    shutil.copytree(tmp_path / "more", tmp_path / "int8")  # as `huse embed --precision int8-cpu` would say
+    m = json.loads((tmp_path / "int8" / "_manifest.json").read_text())
+    (tmp_path / "int8" / "_manifest.json").write_text(json.dumps({**m, "settings": {**m["settings"],
+                                                                                     "precision": "int8-cpu"}}))
+    with pytest.raises(HuseError, match="made at precision int8-cpu and index .* holds fp32 vectors"):
+        Index.open(tmp_path / "a").add_embed_output(tmp_path / "int8", replace=True, progress=False)
+
     # What it refuses: an unfinished run, one vector per product, another bundle, another option, a changed shard
     run_bulk(replace(job, out=str(tmp_path / "killed"), max_shards=1))
     with pytest.raises(HuseError, match=r"huse embed has not finished .* with --resume"):
