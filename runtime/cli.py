@@ -452,20 +452,32 @@ def index_add(index, data, embeddings, images, bundle, confine_images, replace, 
 
 @index_group.command("remove")
 @click.argument("index", type=click.Path(file_okay=False))
-@click.option("--product-id", "product_ids", multiple=True, required=True, help="A product to remove (repeatable).")
+@click.option("--product-id", "product_ids", multiple=True, help="A product to remove (repeatable).")
+@click.option("--ids", "ids_file", type=click.Path(dir_okay=False),
+              help="A text file of products to remove, one product_id per line (a day's discontinued products, "
+                   "say); blank lines are skipped.")
 @click.option("--sign", "sign_key", type=click.Path(dir_okay=False),
               help="Ed25519 private key (PEM): re-sign the updated manifest. Without it a signed index loses its "
                    "signature (trusted-key searches then refuse it until it is re-signed).")
-def index_remove(index, product_ids, sign_key) -> None:
+def index_remove(index, product_ids, ids_file, sign_key) -> None:
     """Remove every item of the given products from INDEX (HNSW: tombstones, never returned)."""
     def body():
         from huse.runtime.index import Index
 
+        ids = list(product_ids)
+        if ids_file:
+            try:
+                ids += [line.strip() for line in Path(ids_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise HuseError(f"--ids {ids_file} cannot be read as UTF-8 text ({e})") from None
+        if not ids:
+            raise HuseError("give the products to remove: --product-id ID (repeatable) or --ids FILE")
         idx = Index.open(index, bundle=None)
-        r = idx.remove(product_ids, sign_key=sign_key)
+        r = idx.remove(ids, sign_key=sign_key)
         click.echo(f"removed {r['removed']} items ({idx.manifest['removal']})")
         if r["unknown"]:
-            click.echo(f"not in the index (or already removed): {', '.join(r['unknown'])}", err=True)
+            more = f" and {len(r['unknown']) - 10:,} more" if len(r["unknown"]) > 10 else ""
+            click.echo(f"not in the index (or already removed): {', '.join(r['unknown'][:10])}{more}", err=True)
     run_cli(body)
 
 

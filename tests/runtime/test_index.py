@@ -283,6 +283,16 @@ def test_cli_build_search_info_remove(tiny_bundle, tiny_catalog, records, tmp_pa
     assert r.exit_code == 0 and "removed 1 items" in r.output, r.output
     r = cli.invoke(main, ["index", "info", str(tmp_path / "idx")])
     assert r.exit_code == 0 and "1 removed" in r.output and "files verified" in r.output, r.output
+    # Many products at once (a day's discontinued ones) from a file, not 40 flags
+    (tmp_path / "gone.txt").write_text("\n".join([rec.product_id for rec in records[20:60]] + ["", "never-indexed"]))
+    r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx"), "--ids", str(tmp_path / "gone.txt")])
+    assert r.exit_code == 0 and "removed 40 items" in r.output and "never-indexed" in r.output, r.output
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe p1")
+    r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx"), "--ids", str(tmp_path / "bad.txt")])
+    assert r.exit_code == 1 and "bad.txt cannot be read as UTF-8 text" in r.output, r.output
+    r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx")])
+    assert r.exit_code == 1 and "--product-id ID (repeatable) or --ids FILE" in r.output, r.output
+    assert Index.open(tmp_path / "idx").manifest["counts"]["removed"] == 41
     r = cli.invoke(main, ["search", str(tmp_path / "idx")])
     assert r.exit_code == 1 and r.output.startswith("error: search needs"), r.output
 
