@@ -567,13 +567,16 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
         if batch:
             if text or image:
                 raise HuseError("give --batch or --text/--image, not both")
+            import itertools
+
             from huse.runtime.catalog import iter_catalog
 
-            recs = list(iter_catalog(batch))  # a bad row is that query's error, not the batch's
-            texts, images, labels = [r.name for r in recs], [r.image for r in recs], [f"row {r.row}" for r in recs]
-            row_errors = {i: r.error for i, r in enumerate(recs) if r.error}
+            rows = iter_catalog(batch)  # a bad row is that query's error, not the batch's
+            # SEARCH_CHUNK queries at a time: decoded photos and hits of a whole file took ~70 KB a query
+            chunks = iter(lambda: [(f"row {r.row}", r.name, r.image, r.error)
+                                   for r in itertools.islice(rows, SEARCH_CHUNK)], [])
         elif text or image:
-            texts, images, labels, row_errors = [text], [image], ["query"], {}
+            chunks = iter([[("query", text, image, None)]])
         else:
             raise HuseError("search needs --text, --image (both: a fused query) or --batch FILE")
         if no_verify and trusted_keys:
@@ -583,39 +586,63 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
             _check_hits_out(Path(out), batch)
         idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
                          trusted_keys=list(trusted_keys) or None)
-        # A --batch file's titles are not queries in the visual space: its photos are.
-        use_texts = any(t is not None for t in texts) and not (batch and space == "visual")
-        # One bad query (a missing photo, an empty title, a bad row) fails alone; the others are answered.
-        found = idx.search_batch(texts=texts if use_texts else None,
-                                 images=images if any(i is not None for i in images) else None,
-                                 k=k, target=target, filter=prefix, space=space)
-        results, errors = found.hits, {**found.errors, **row_errors}
-        errors = {i: e if e.startswith(labels[i]) else f"{labels[i]}: {e}" for i, e in errors.items()}
-        if len(errors) == len(results):
-            raise HuseError(errors[min(errors)] + (f"; all {len(results)} queries failed" if batch else ""))
         f = open(out, "w", encoding="utf-8") if out else None
+        n, failed, first_error = 0, 0, None
         try:
-            for i, (label, q_text, q_image, hits) in enumerate(zip(labels, texts, images, results)):
-                q_image = q_image if isinstance(q_image, str) else None  # a photo held in a Parquet file: its row
-                if i in errors:
-                    click.echo(errors[i], err=True)
-                if f is not None:
-                    answer = {"error": errors[i]} if i in errors else {"hits": [h.to_dict() for h in hits]}
-                    f.write(json.dumps({"query": label, "text": q_text, "image": q_image, **answer},
-                                       ensure_ascii=False) + "\n")
-                if (f is None or len(results) == 1) and i not in errors:
-                    click.echo(f"{label}: {q_text or ''} {q_image or ''}".rstrip())
-                    for rank, h in enumerate(hits, 1):
-                        click.echo(f"  {rank:2d}. {h.score:.4f} {h.product_id or '-'} row {h.row} [{h.modality}] "
-                                   f"{h.name!r} {h.classes or ''} {h.image or ''}".rstrip())
+            chunk, following = next(chunks, []), None
+            while chunk:
+                following = next(chunks, [])
+                errors = _search_chunk(idx, chunk, batch, f, show=f is None or (n == 0 and len(chunk) == 1
+                                                                                and not following),
+                                       k=k, target=target, filter=prefix, space=space)
+                n, failed = n + len(chunk), failed + len(errors)
+                first_error = first_error or (errors[min(errors)] if errors else None)
+                if following or n > SEARCH_CHUNK:
+                    click.echo(f"{n:,} queries searched", err=True)
+                chunk = following
         finally:
             if f is not None:
                 f.close()
+        if n and failed == n:
+            raise HuseError(first_error + (f"; all {n} queries failed" if batch else ""))
         if out:
-            click.echo(f"{len(results)} queries -> {out}" + (f"; {len(errors)} failed, with an `error`" if errors else ""))
-        elif errors:
-            click.echo(f"{len(errors)} of {len(results)} queries failed", err=True)
+            click.echo(f"{n} queries -> {out}" + (f"; {failed} failed, with an `error`" if failed else ""))
+        elif failed:
+            click.echo(f"{failed} of {n} queries failed", err=True)
     run_cli(body)
+
+
+SEARCH_CHUNK = 1024  # queries of a --batch file searched at once
+
+
+def _search_chunk(idx, chunk: list[tuple], batch: str | None, f, show: bool, **search) -> dict[int, str]:
+    """Search one chunk of (label, title, photo, the row's own error) queries; write each query's hits (or error) to
+    `f`, print them when `show`, and each error to stderr. Returns the errors by position."""
+    labels, texts, images = [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]
+    errors = {i: c[3] for i, c in enumerate(chunk) if c[3]}
+    # A --batch file's titles are not queries in the visual space: its photos are.
+    use_texts = any(t is not None for t in texts) and not (batch and search["space"] == "visual")
+    use_images = any(i is not None for i in images) or (not use_texts and search["space"] == "visual")
+    if not use_texts and not use_images:  # a chunk without a query to search: each gets search_batch's reason
+        use_texts = True
+    # One bad query (a missing photo, an empty title, a bad row) fails alone; the others are answered.
+    found = idx.search_batch(texts=texts if use_texts else None, images=images if use_images else None, **search)
+    hits, errors = found.hits, {**found.errors, **errors}
+    errors = {i: e if e.startswith(labels[i]) else f"{labels[i]}: {e}" for i, e in errors.items()}
+    for i, (label, q_text, q_image, _) in enumerate(chunk):
+        q_image = q_image if isinstance(q_image, str) else None  # a photo held in a Parquet file: its row
+        if i in errors:
+            click.echo(errors[i], err=True)
+        if f is not None:
+            answer = {"error": errors[i]} if i in errors else {"hits": [h.to_dict() for h in hits[i]]}
+            f.write(json.dumps({"query": label, "text": q_text, "image": q_image, **answer}, ensure_ascii=False) + "\n")
+        if show and i not in errors:
+            click.echo(f"{label}: {q_text or ''} {q_image or ''}".rstrip())
+            for rank, h in enumerate(hits[i], 1):
+                click.echo(f"  {rank:2d}. {h.score:.4f} {h.product_id or '-'} row {h.row} [{h.modality}] "
+                           f"{h.name!r} {h.classes or ''} {h.image or ''}".rstrip())
+    return errors
+
 
 # -- serving: `huse serve` (issue 18) -----------------------------------------------------------
 @main.command(context_settings={"show_default": True})
