@@ -285,7 +285,7 @@ def _index_rows(clf: Classifier, records: list[Record], ready: Ready,
             row["error"] = row_error(r.row, "has no usable image or title" if r.image or r.name else
                                       "has no image or title")
         elif row["image_error"] and r.image:  # a photo that failed, saved by its title (image_failures counts it)
-            row["warning"] = f"{row['image_error']}; indexed by title only"
+            row["warning"] = row_error(r.row, f"{row['image_error']}; indexed by title only")
     return rows, vectors
 
 

@@ -3,12 +3,12 @@ share (runtime/index.py, runtime/bulk.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from huse.runtime.bundle import has_visual
-from huse.runtime.errors import row_error
 
 MODALITIES = ("image", "text")
 # Each space and the modality whose rows it holds: the visual vectors are the photo rows'.
@@ -24,7 +24,7 @@ def vector_widths(bundle_manifest: dict, visual: bool) -> dict[str, int]:
 def embed_products(clf, records: Sequence[Any], photos=None) -> tuple[dict[str, np.ndarray], dict[str, dict[int, str]]]:
     """Every vector an index holds for `records` (catalog Records): image, text and, when the bundle has visual
     vectors, visual from the same run of the image graph; NaN rows where left out, and why per modality
-    ({"image": {position: "row R: reason"}, "text": {...}}; a photo's image and visual rows go together). `photos`: the
+    ({"image": {position: reason}, "text": {...}}; a photo's image and visual rows go together). `photos`: the
     records' photos decoded already (`Classifier.decode`, one entry per record), else they are read here."""
     if photos is None:
         photos = [None if getattr(r, "error", None) else r.image for r in records]
@@ -47,5 +47,5 @@ def embed_products(clf, records: Sequence[Any], photos=None) -> tuple[dict[str, 
             if err is not None:
                 for v in held:
                     vecs[v][i] = np.nan
-                why[mod][i] = row_error(r.row, err)
+                why[mod][i] = re.sub(r"^item \d+(: | )", "", err)  # a place in this model call names nothing
     return vecs, why

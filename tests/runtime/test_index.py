@@ -179,7 +179,8 @@ def test_failed_rows_are_excluded_and_listed(tiny_bundle, tiny_catalog, tmp_path
     excluded = {(e["row"], e["modality"]): e["error"] for e in idx.excluded()}
     assert set(excluded) == {(1, "image"), (2, "image"), (3, "text"), (4, "image"), (5, "image"), (5, "text")}
     assert excluded[5, "text"].startswith("row 5, column classes: class path 'clothing<<tops' is empty or has an")
-    assert excluded[3, "text"] == "row 3: title is empty"  # the row, not the item's place in a model call
+    assert excluded[3, "text"] == "title is empty"  # was "item 2: ...", its place in a model call
+    assert excluded[4, "image"] == "no image"  # not a failed photo: the CLI's warning counts those apart
     assert idx.manifest["counts"]["image"] == 8 and idx.manifest["counts"]["text"] == 10
     hits = idx.search(texts=["Acme black tee"], k=100, target="image")[0]
     assert len(hits) == 8 and not {h.row for h in hits} & {1, 2, 4, 5}
