@@ -405,7 +405,7 @@ def index_build(bundle, data, embeddings, images, out, kind, max_memory, precisi
                               batch_size=batch_size, threads=threads, overwrite=overwrite, sign_key=sign_key,
                               confine_images=confine_images, keep_photos=keep_photos, progress=progress)
         _echo_index(idx)
-        _warn_excluded_images(idx.excluded(), len(idx))
+        _warn_excluded_images(idx)
     run_cli(body)
 
 
@@ -444,8 +444,7 @@ def index_add(index, data, embeddings, images, bundle, confine_images, replace, 
                         keep_photos=keep_photos, progress=progress)
         click.echo(f"added {r['added']} items ({r['image']} photos, {r['text']} titles; {r['excluded']} left out, "
                    f"listed in {index}/excluded.jsonl)" + (f"; replaced {r['replaced']} items" if replace else ""))
-        excluded = idx.excluded()  # this add's rows are the last ones
-        _warn_excluded_images(excluded[len(excluded) - r["excluded"]:], r["added"])
+        _warn_excluded_images(idx, first_item=len(idx) - r["added"])  # this add's items are the last ones
         _echo_index(idx)
     run_cli(body)
 
@@ -516,11 +515,15 @@ def _warn_unusable_images(failed: int, rows: int, first: str | None) -> None:
         click.echo(f"warning: the image of {failed} of {rows} rows could not be used (first: {first}){hint}", err=True)
 
 
-def _warn_excluded_images(excluded: list[dict], rows: int) -> None:
-    """`_warn_unusable_images` for an index's rows left out for a photo that failed (not for no photo)."""
-    failed = [e for e in excluded if e["modality"] == "image" and e["error"] != "no image"]
-    first = f"row {failed[0]['row']}: {failed[0]['error']}" if failed else None
-    _warn_unusable_images(len(failed), rows, first)
+def _warn_excluded_images(idx, first_item: int = 0) -> None:
+    """`_warn_unusable_images` for the rows from item `first_item` on (an add's) that an index left out for a photo
+    that failed (not for no photo), read a line of excluded.jsonl at a time."""
+    failed, first = 0, None
+    for e in idx.excluded():
+        if e["item"] >= first_item and e["modality"] == "image" and e["error"] != "no image":
+            failed += 1
+            first = first or f"row {e['row']}: {e['error']}"
+    _warn_unusable_images(failed, len(idx) - first_item, first)
 
 
 def _echo_index(idx) -> None:

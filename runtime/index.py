@@ -94,7 +94,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -850,10 +850,11 @@ class Index:
                 if line.strip():
                     yield json.loads(line)
 
-    def excluded(self) -> list[dict]:
-        """Rows left out of a modality's index: {"item", "row", "product_id", "modality", "error"}."""
-        path = self._file("excluded.jsonl")
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    def excluded(self) -> Iterator[dict]:
+        """Rows left out of a modality's index, a line of excluded.jsonl at a time (a catalog of millions can leave
+        out millions of photos): {"item", "row", "product_id", "modality", "error"}."""
+        with open(self._file("excluded.jsonl"), encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f if line.strip())
 
     # -- building and changing -----------------------------------------------------------------
     @classmethod
@@ -900,8 +901,8 @@ class Index:
         with _scratch(out) as tmp:
             with Classifier(bundle, precision=precision, batch_size=batch_size, threads=threads) as clf:
                 vecs = _vector_files(tmp, vector_widths(clf.manifest, has_visual(clf.manifest)), n)
-                items = _Items(tmp, relative_to=out, keep_photos=keep_photos)
-                excluded = _embed(clf, records, vecs, 0, n, progress, keep=items.add)
+                items, excluded = _Items(tmp, relative_to=out, keep_photos=keep_photos), _Exclusions(tmp)
+                _embed(clf, records, vecs, 0, n, progress, excluded, keep=items.add)
             return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
                               precision=precision, threads=threads, progress=progress, sign_key=sign_key)
 
@@ -941,14 +942,13 @@ class Index:
                 for r in range(0, len(v), EXACT_ROWS):
                     v[r:r + EXACT_ROWS] = vectors[m][r:r + EXACT_ROWS]
             _pair_visual(vecs)
-            excluded = list(excluded or [])
-            listed = {(e["item"], e["modality"]) for e in excluded}
+            given, excluded = list(excluded or []), _Exclusions(tmp)
+            listed = {(e["item"], e["modality"]) for e in given}
+            excluded.add(given)
             for m in MODALITIES:
-                for i in np.flatnonzero(~_usable(vecs[m])):
-                    if (int(i), m) not in listed:
-                        r = records[i]
-                        excluded.append({"item": int(i), "row": r.row, "product_id": r.product_id, "modality": m,
-                                         "error": "embedding is not finite"})
+                excluded.add({"item": int(i), "row": records[i].row, "product_id": records[i].product_id,
+                              "modality": m, "error": "embedding is not finite"}
+                             for i in np.flatnonzero(~_usable(vecs[m])) if (int(i), m) not in listed)
             items = _Items(tmp, relative_to=out)
             items.add(records)
             return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
@@ -978,12 +978,12 @@ class Index:
         bm = load_manifest(bundle, verify=False)
         with _scratch(out) as tmp:
             vecs = _vector_files(tmp, vector_widths(bm, has_visual(bm)), n)
-            items, excluded = _Items(tmp, relative_to=out), []
+            items, excluded = _Items(tmp, relative_to=out), _Exclusions(tmp)
             for s, records, got, why in _embedded(embeddings, n, vecs):
                 for m, v in got.items():
                     vecs[m][s:s + len(records)] = v
                 items.add(records)
-                excluded += why
+                excluded.add(why)
                 if progress:
                     _progress(s + len(records), n, "reading embeddings")
             return cls._write(tmp, out, bundle, items, vecs, excluded, kind=kind, max_memory=max_memory,
@@ -991,7 +991,7 @@ class Index:
 
     @classmethod
     def _write(cls, tmp: Path, out: Path, bundle: str | Path, items: "_Items", vecs: dict[str, np.ndarray],
-               excluded: list[dict], kind: str, max_memory: str | int, precision: str, threads: int | None,
+               excluded: "_Exclusions", kind: str, max_memory: str | int, precision: str, threads: int | None,
                progress: bool, sign_key: str | Path | None) -> "Index":
         """The index folder `out` from its vectors (memory-mapped files in `tmp`, paired, NaN where left out) and
         item table: the visual vectors centred, one FAISS index per modality, the manifest; then `tmp` becomes `out`."""
@@ -1015,7 +1015,7 @@ class Index:
         if "visual" in vecs:
             manifest["visual_dim"] = vecs["visual"].shape[1]
         manifest["image_paths"] = IMAGE_PATHS
-        _write_excluded(tmp, excluded, append_to=None)
+        excluded.close()
         ids = {m: np.flatnonzero(u) for m, u in usable.items()}
         for mod, v in vecs.items():  # the visual space has no cross-modal queries to tune for
             others = [(vecs[m], ids[m]) for m in MODALITIES if m != mod] if mod in MODALITIES else []
@@ -1086,13 +1086,15 @@ class Index:
                             "to update them, pass --replace (Python: replace=True), which removes their items "
                             "and adds this catalog's; or leave them out of the catalog")
         n0 = len(self)
+        excluded = _Exclusions(self.folder, previous=self._file("excluded.jsonl"))
         if embedded is None:
             clf = self._embedder()
             vecs = {m: np.empty((len(records), w), np.float32)
                     for m, w in vector_widths(clf.manifest, self.has_visual).items()}
-            excluded = _embed(clf, records, vecs, n0, len(records), progress)
+            _embed(clf, records, vecs, n0, len(records), progress, excluded)
         else:  # numbered from the first new item
-            vecs, excluded = embedded[0], [{**e, "item": n0 + e["item"]} for e in embedded[1]]
+            vecs = embedded[0]
+            excluded.add({**e, "item": n0 + e["item"]} for e in embedded[1])
         if self.has_visual:
             vecs["visual"] = self._centred(vecs["visual"])
         replaced = self._remove(known, sign_key)["removed"] if known else 0  # once embedding succeeded
@@ -1100,7 +1102,7 @@ class Index:
         items = _Items(self.folder, relative_to=self._image_base, keep_photos=keep_photos, previous=self)
         items.add(records)
         classes = items.close(_mod_bits({v: _usable(vecs[v]) for v in MODALITIES}))
-        _write_excluded(self.folder, excluded, append_to=self._file("excluded.jsonl"))
+        excluded.close()
         added = {}
         for mod in self._indexes():
             new = _usable(vecs[mod])
@@ -1119,7 +1121,7 @@ class Index:
         m["classes"] = classes
         _finish(self.folder, m, sign_key)
         self._reload()
-        return {"added": len(records), **added, "excluded": len(excluded), "replaced": replaced}
+        return {"added": len(records), **added, "excluded": excluded.count, "replaced": replaced}
 
     def remove(self, product_ids: Sequence[str], sign_key: str | Path | None = None) -> dict:
         """Remove every item of the given product_ids (see the module docstring for what each kind does).
@@ -1515,20 +1517,20 @@ def _chunks(records, size: int):
 
 
 def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, progress: bool,
-           keep=None) -> list[dict]:
+           excluded: "_Exclusions", keep=None) -> None:
     """Embed `records` (an iterable) EMBED_CHUNK at a time into rows 0, 1, ... of `vecs` (image, text and, when
     present, visual from the same run of the image graph; NaN rows where missing or failed), calling `keep(chunk)`
-    after each chunk (the item table). Returns the exclusions, numbered from item `start`."""
-    excluded, s = [], 0
+    after each chunk (the item table), and writing the rows left out to `excluded`, numbered from item `start`."""
+    s = 0
     for chunk in _chunks(records, EMBED_CHUNK):
         if s + len(chunk) > total:
             raise _changed(total)
         got, why = embed_products(clf, chunk)
         for m, v in got.items():
             vecs[m][s:s + len(chunk)] = v
-        excluded += [{"item": start + s + i, "row": chunk[i].row, "product_id": chunk[i].product_id, "modality": mod,
+        excluded.add({"item": start + s + i, "row": chunk[i].row, "product_id": chunk[i].product_id, "modality": mod,
                       "error": err} for i in range(len(chunk)) for mod in MODALITIES
-                     if (err := why[mod].get(i)) is not None]
+                     if (err := why[mod].get(i)) is not None)
         if keep is not None:
             keep(chunk)
         s += len(chunk)
@@ -1536,7 +1538,6 @@ def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, pr
             _progress(s, total, "embedding products")
     if s != total:
         raise _changed(total)
-    return excluded
 
 
 def _changed(total: int) -> HuseError:
@@ -1690,16 +1691,26 @@ class _Items:
         return classes
 
 
-def _write_excluded(folder: Path, excluded: list[dict], append_to: Path | None) -> None:
-    """excluded.jsonl: the lines of `append_to` (an add's index), then `excluded`, a line at a time."""
-    tmp = folder / "excluded.jsonl.tmp"
-    with open(tmp, "wb") as f:
-        if append_to is not None:
-            with open(append_to, "rb") as old:
-                shutil.copyfileobj(old, f)
-        for e in excluded:
-            f.write((json.dumps(e, ensure_ascii=False) + "\n").encode("utf-8"))
-    os.replace(tmp, folder / "excluded.jsonl")
+class _Exclusions:
+    """excluded.jsonl, written as rows are left out (a catalog of millions can leave out millions of photos; held as
+    dicts they took ~390 bytes each): first the lines of `previous` (an add's index), then the new ones; `count`
+    of those."""
+
+    def __init__(self, folder: Path, previous: Path | None = None):
+        self.folder, self.count = folder, 0
+        self.file = open(folder / "excluded.jsonl.tmp", "wb")
+        if previous is not None:
+            with open(previous, "rb") as old:
+                shutil.copyfileobj(old, self.file)
+
+    def add(self, entries) -> None:
+        for e in entries:
+            self.file.write((json.dumps(e, ensure_ascii=False) + "\n").encode("utf-8"))
+            self.count += 1
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.folder / "excluded.jsonl.tmp", self.folder / "excluded.jsonl")
 
 
 def _write_modality(folder: Path, mod: str, kind: str, vectors: np.ndarray, ids: np.ndarray, progress: bool,
