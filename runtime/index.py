@@ -59,8 +59,8 @@ vectors are embedded straight into the {image,text,visual}.vectors.npy files (me
 them, not the process), each item's line is written as it comes, and each FAISS index is filled and tuned from
 those files EXACT_ROWS rows at a time, one modality after the other. So a build holds one modality's FAISS index,
 a few bytes of bookkeeping per item (offsets, codes, product ids) and the IVF training sample (IVF_TRAIN_MAX), not
-the vectors (README "Retrieval": measured per product). `add` appends to the vector files the same way; it reads
-the FAISS indexes whole to change them.
+the vectors (README "Retrieval": measured per product). `add` streams its catalog the same way into grown copies
+of the vector files (a first pass reads its product ids); it reads the FAISS indexes whole to change them.
 
 Signing (issue 12): `build(..., sign_key=KEY)` / `huse index build ... --sign KEY` signs
 manifest.json with the bundles' Ed25519 scheme (runtime/signing.py, the one copy of the rule:
@@ -1043,10 +1043,14 @@ class Index:
             "excluded": rows left out, "replaced": items removed because their product was in the catalog}.
         """
         _check_sign_key(sign_key)
-        records = _records(data, images, confine_images)
-        new_vectors = len(records) * (2 * self.dim + (self.visual_dim or 0)) * 4  # appended to the vector files
-        with self._writing(lambda name: not _is_photos_file(name), new_vectors):
-            return self._add(records, progress, sign_key, replace, keep_photos)
+        if isinstance(data, (str, Path)):  # streamed, as `build` reads it: read once for ids, once to embed
+            from huse.runtime.catalog import iter_catalog
+
+            catalog = lambda: iter_catalog(data, images, confine=confine_images)  # noqa: E731
+        else:
+            records = _records(data, images, confine_images)
+            catalog = lambda: records  # noqa: E731
+        return self._add(catalog, progress, sign_key, replace, keep_photos)
 
     def add_embed_output(self, embeddings: str | Path, progress: bool = True, sign_key: str | Path | None = None,
                          replace: bool = False) -> dict:
@@ -1060,68 +1064,81 @@ class Index:
             raise HuseError(f"--embeddings {embeddings} were made at precision {st['precision']} and index "
                             f"{self.folder} holds {self.manifest['precision']} vectors: embed with --precision "
                             f"{self.manifest['precision']}")
-        widths = {m: self._width(m) for m in self._indexes()}
-        records, parts, excluded = [], [], []
-        for _, recs, got, why in _embedded(embeddings, n, widths):
-            records += recs
-            parts.append(got)
-            excluded += why
-        vecs = {m: np.concatenate([p[m] for p in parts]) for m in widths}
-        with self._writing(lambda name: not _is_photos_file(name), sum(v.nbytes for v in vecs.values())):
-            return self._add(records, progress, sign_key, replace, keep_photos=False, embedded=(vecs, excluded))
+        from huse.runtime.bulk import iter_predictions
 
-    def _add(self, records: list, progress: bool, sign_key: str | Path | None, replace: bool,
-             keep_photos: bool = True, embedded: tuple[dict[str, np.ndarray], list[dict]] | None = None) -> dict:
-        alive = self._array("items.alive.npy")
-        present = {it["product_id"] for it, a in zip(self._stored_items(), alive) if a and it.get("product_id")}
-        known = sorted({r.product_id for r in records if r.product_id in present})
-        if replace and any(not r.product_id for r in records):  # a product is found by its id: nothing to update
-            rows = [r.row for r in records if not r.product_id]
-            raise HuseError(f"--replace (replace=True) updates products by product_id, and {len(rows)} row(s) of this "
-                            f"catalog have none (row {rows[0]}{', ...' if len(rows) > 1 else ''}): give each row its "
-                            "product_id, or add them as new products without --replace")
-        if known and not replace:
-            shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
-            raise HuseError(f"{len(known)} product(s) of this catalog are already in the index ({shown}); "
-                            "to update them, pass --replace (Python: replace=True), which removes their items "
-                            "and adds this catalog's; or leave them out of the catalog")
-        n0 = len(self)
-        excluded = _Exclusions(self.folder, previous=self._file("excluded.jsonl"))
-        if embedded is None:
-            clf = self._embedder()
-            vecs = {m: np.empty((len(records), w), np.float32)
-                    for m, w in vector_widths(clf.manifest, self.has_visual).items()}
-            _embed(clf, records, vecs, n0, len(records), progress, excluded)
-        else:  # numbered from the first new item
-            vecs = embedded[0]
-            excluded.add({**e, "item": n0 + e["item"]} for e in embedded[1])
-        if self.has_visual:
-            vecs["visual"] = self._centred(vecs["visual"])
-        replaced = self._remove(known, sign_key)["removed"] if known else 0  # once embedding succeeded
-        m = self.manifest
-        items = _Items(self.folder, relative_to=self._image_base, keep_photos=keep_photos, previous=self)
-        items.add(records)
-        classes = items.close(_mod_bits({v: _usable(vecs[v]) for v in MODALITIES}))
-        excluded.close()
-        added = {}
-        for mod in self._indexes():
-            new = _usable(vecs[mod])
-            allv = _append_rows(self._file(f"{mod}.vectors.npy"), vecs[mod])
-            index = _read_writable(self._file(f"{mod}.faiss"))
-            ids = np.flatnonzero(new).astype(np.int64) + n0
-            if len(ids):
-                if self.kind == "ivf" and not index.is_trained:
-                    index, _ = _build_faiss("ivf", allv, ids, self._width(mod))
+        widths = {m: self._width(m) for m in self._indexes()}
+        rows = lambda: (_described(r, i) for i, r in enumerate(iter_predictions(embeddings)))  # noqa: E731 (ids)
+        return self._add(rows, progress, sign_key, replace, keep_photos=False,
+                         embedded=lambda: _embedded(embeddings, n, widths))
+
+    def _add(self, catalog: Callable[[], Any], progress: bool, sign_key: str | Path | None, replace: bool,
+             keep_photos: bool = True, embedded: Callable[[], Any] | None = None) -> dict:
+        """`add` of the Records `catalog()` yields (called twice: its product ids, then the rows themselves, so a
+        file is streamed), embedded here or read from `embedded()` (`_embedded`'s shards). The new rows' vectors go
+        straight into the grown vector files, as `build` writes them."""
+        n, ids, no_id = 0, set(), []
+        for r in catalog():
+            n += 1
+            if r.product_id:
+                ids.add(r.product_id)
+            else:
+                no_id.append(r.row)
+        if not n:
+            raise HuseError("the catalog to add has no rows")
+        widths = {m: self._width(m) for m in self._indexes()}
+        with self._writing(lambda name: not _is_photos_file(name), n * sum(widths.values()) * 4):
+            alive = self._array("items.alive.npy")
+            known = sorted({it["product_id"] for it, a in zip(self._stored_items(), alive)
+                            if a and it.get("product_id") in ids})
+            if replace and no_id:  # a product is found by its id: nothing to update
+                raise HuseError(f"--replace (replace=True) updates products by product_id, and {len(no_id)} row(s) of "
+                                f"this catalog have none (row {no_id[0]}{', ...' if len(no_id) > 1 else ''}): give "
+                                "each row its product_id, or add them as new products without --replace")
+            if known and not replace:
+                shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
+                raise HuseError(f"{len(known)} product(s) of this catalog are already in the index ({shown}); "
+                                "to update them, pass --replace (Python: replace=True), which removes their items "
+                                "and adds this catalog's; or leave them out of the catalog")
+            # On the next version of the folder: a failure anywhere below leaves the index as it was
+            replaced = self._remove(known, sign_key)["removed"] if known else 0
+            n0 = len(self)
+            excluded = _Exclusions(self.folder, previous=self._file("excluded.jsonl"))
+            items = _Items(self.folder, relative_to=self._image_base, keep_photos=keep_photos, previous=self)
+            grown = {mod: _grown(self._file(f"{mod}.vectors.npy"), n) for mod in widths}
+            new = {mod: v[n0:] for mod, v in grown.items()}
+            if embedded is None:
+                _embed(self._embedder(), catalog(), new, n0, n, progress, excluded, keep=items.add)
+            else:
+                for s, recs, got, why in embedded():
+                    for mod, v in got.items():
+                        new[mod][s:s + len(recs)] = v
+                    items.add(recs)
+                    excluded.add({**e, "item": n0 + e["item"]} for e in why)
+            if "visual" in new:  # centred on the catalog the index was built from
+                for r in range(0, n, EXACT_ROWS):
+                    new["visual"][r:r + EXACT_ROWS] = self._centred(new["visual"][r:r + EXACT_ROWS])
+            usable = {mod: _usable(v) for mod, v in new.items()}
+            classes = items.close(_mod_bits(usable))
+            excluded.close()
+            m, added = self.manifest, {}
+            for mod, v in grown.items():
+                v.flush()
+                os.replace(self.folder / f"{mod}.vectors.npy.tmp", self.folder / f"{mod}.vectors.npy")
+                index = _read_writable(self._file(f"{mod}.faiss"))
+                ids_new = np.flatnonzero(usable[mod]).astype(np.int64) + n0
+                if len(ids_new) and self.kind == "ivf" and not index.is_trained:
+                    index, _ = _build_faiss("ivf", v, ids_new, self._width(mod))
                 else:
-                    index.add_with_ids(np.ascontiguousarray(vecs[mod][new]), ids)
-            _write_index(index, self.folder / f"{mod}.faiss")
-            info = m["modalities"][mod]
-            info["count"] += len(ids)
-            added[mod] = len(ids)
-        m["classes"] = classes
-        _finish(self.folder, m, sign_key)
-        self._reload()
-        return {"added": len(records), **added, "excluded": excluded.count, "replaced": replaced}
+                    for r in range(0, len(ids_new), EXACT_ROWS):
+                        block = ids_new[r:r + EXACT_ROWS]
+                        index.add_with_ids(np.ascontiguousarray(v[block]), block)
+                _write_index(index, self.folder / f"{mod}.faiss")
+                m["modalities"][mod]["count"] += len(ids_new)
+                added[mod] = len(ids_new)
+            m["classes"] = classes
+            _finish(self.folder, m, sign_key)
+            self._reload()
+            return {"added": n, **added, "excluded": excluded.count, "replaced": replaced}
 
     def remove(self, product_ids: Sequence[str], sign_key: str | Path | None = None) -> dict:
         """Remove every item of the given product_ids (see the module docstring for what each kind does).
@@ -1342,19 +1359,17 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)  # an old memory map of the file stays valid
 
 
-def _append_rows(path: Path, rows: np.ndarray) -> np.ndarray:
-    """The .npy at `path` with `rows` after its own, written to a new file (a block at a time: the old rows are
-    never all in memory) that replaces it; returned memory-mapped. An old memory map of the file stays valid."""
+def _grown(path: Path, n: int) -> np.ndarray:
+    """PATH.tmp: the .npy at `path` with room for `n` more rows after its own (copied a block at a time: the old
+    rows are never all in memory), memory-mapped for writing; the caller fills the new rows, then replaces `path`
+    with it."""
     old = np.load(path, mmap_mode="r", allow_pickle=False)
-    tmp = path.with_name(path.name + ".tmp")
-    both = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(old) + len(rows), old.shape[1]))
+    grown = np.lib.format.open_memmap(path.with_name(path.name + ".tmp"), mode="w+", dtype=np.float32,
+                                      shape=(len(old) + n, old.shape[1]))
     for r in range(0, len(old), EXACT_ROWS):
         part = old[r:r + EXACT_ROWS]
-        both[r:r + len(part)] = part
-    both[len(old):] = rows
-    both.flush()
-    os.replace(tmp, path)
-    return both
+        grown[r:r + len(part)] = part
+    return grown
 
 
 def _write_index(index, path: Path) -> None:

@@ -743,6 +743,45 @@ def test_a_disk_without_room_for_the_vectors_is_said_before_the_embedding(tiny_b
     assert {p.name for p in (tmp_path / "a").iterdir()} == set(files) | {".lock"}  # the lock file writers share
 
 
+def test_an_add_streams_its_catalog_into_the_grown_vector_files(tiny_bundle, flat_index, tmp_path, monkeypatch):
+    """`add` read its whole catalog and embedded it into arrays in memory (a million new products: 5 GB at 512-d)
+    before appending them; now a catalog file is streamed into the grown, memory-mapped vector files, as `build`
+    does. The embedding is replaced by random vectors (the plumbing is what is measured); numpy's and Python's
+    allocations are traced."""
+    import tracemalloc
+
+    from huse.runtime import index as index_module
+
+    n = 100_000
+    with open(tmp_path / "more.csv", "w") as f:
+        f.write("name\n" + "".join(f"product {i}\n" for i in range(n)))
+    rng = np.random.default_rng(0)
+
+    def embed(clf, records, vecs, start, total, progress, excluded, keep=None):
+        s = 0
+        for chunk in index_module._chunks(records, 256):
+            for v in vecs.values():
+                x = rng.standard_normal((len(chunk), v.shape[1]), dtype=np.float32)
+                v[s:s + len(chunk)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+            if keep is not None:
+                keep(chunk)
+            s += len(chunk)
+    monkeypatch.setattr(index_module, "_embed", embed)
+    monkeypatch.setattr(index_module, "EXACT_ROWS", 2000)  # blocks of the FAISS add and the copies
+    shutil.copytree(flat_index, tmp_path / "idx")
+    idx = Index.open(tmp_path / "idx")
+    idx.search(texts=["warm up"], k=1)  # the embedder and FAISS loaded before tracing
+    new_bytes = n * sum(idx._width(m) for m in idx._indexes()) * 4
+    tracemalloc.start()
+    try:
+        r = idx.add(tmp_path / "more.csv", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r["added"] == r["text"] == n and len(Index.open(tmp_path / "idx")) == 120 + n
+    assert peak < new_bytes / 3, f"peak {peak / 2**20:.1f} MiB; the new vectors are {new_bytes / 2**20:.1f} MiB"
+
+
 @pytest.mark.parametrize("rows", [100, 140])
 def test_a_catalog_that_changes_between_its_count_and_its_reading_is_refused(rows, tiny_bundle, tiny_catalog,
                                                                             records, tmp_path, monkeypatch):
