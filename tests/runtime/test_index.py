@@ -752,7 +752,7 @@ def test_an_add_streams_its_catalog_into_the_grown_vector_files(tiny_bundle, fla
 
     from huse.runtime import index as index_module
 
-    n = 100_000
+    n = 40_000
     with open(tmp_path / "more.csv", "w") as f:
         f.write("name\n" + "".join(f"product {i}\n" for i in range(n)))
     rng = np.random.default_rng(0)
@@ -915,7 +915,7 @@ def test_a_build_reads_its_vectors_a_block_at_a_time(tiny_bundle, tmp_path, monk
 
     from huse.runtime import index as index_module
 
-    n, dim = 200_000, json.loads((tiny_bundle / "manifest.json").read_text())["embedding_dim"]
+    n, dim = 120_000, json.loads((tiny_bundle / "manifest.json").read_text())["embedding_dim"]
     rng = np.random.default_rng(0)
     vectors = {}
     for m in ("image", "text"):
