@@ -939,8 +939,7 @@ class Index:
         with _scratch(out) as tmp:
             vecs = _vector_files(tmp, width, len(records))
             for m, v in vecs.items():  # copied, a block at a time: the caller's arrays stay as they are
-                for r in range(0, len(v), EXACT_ROWS):
-                    v[r:r + EXACT_ROWS] = vectors[m][r:r + EXACT_ROWS]
+                _copy_rows(v, vectors[m])
             _pair_visual(vecs)
             given, excluded = list(excluded or []), _Exclusions(tmp)
             listed = {(e["item"], e["modality"]) for e in given}
@@ -1001,7 +1000,9 @@ class Index:
         dim, w = int(bm["embedding_dim"]), float(bm["fusion"]["image_weight"])
         usable = {m: _usable(v) for m, v in vecs.items()}  # one pass over each file; centring keeps them usable
         if "visual" in vecs:  # centred on this catalog: the centre is kept for queries and later adds
-            _save_npy(tmp / VISUAL_CENTRE, _centre_in_place(vecs["visual"], usable["visual"]))
+            centre = _mean_rows(vecs["visual"], usable["visual"])
+            _centre_in_place(vecs["visual"], centre)
+            _save_npy(tmp / VISUAL_CENTRE, centre)
         if kind == "auto":
             kind = choose_kind(max(int(u.sum()) for u in usable.values()), dim, max_memory,
                                visual_dim=vecs["visual"].shape[1] if "visual" in vecs else 0)
@@ -1043,14 +1044,7 @@ class Index:
             "excluded": rows left out, "replaced": items removed because their product was in the catalog}.
         """
         _check_sign_key(sign_key)
-        if isinstance(data, (str, Path)):  # streamed, as `build` reads it: read once for ids, once to embed
-            from huse.runtime.catalog import iter_catalog
-
-            catalog = lambda: iter_catalog(data, images, confine=confine_images)  # noqa: E731
-        else:
-            records = _records(data, images, confine_images)
-            catalog = lambda: records  # noqa: E731
-        return self._add(catalog, progress, sign_key, replace, keep_photos)
+        return self._add(_source(data, images, confine_images), progress, sign_key, replace, keep_photos)
 
     def add_embed_output(self, embeddings: str | Path, progress: bool = True, sign_key: str | Path | None = None,
                          replace: bool = False) -> dict:
@@ -1115,8 +1109,7 @@ class Index:
                     items.add(recs)
                     excluded.add({**e, "item": n0 + e["item"]} for e in why)
             if "visual" in new:  # centred on the catalog the index was built from
-                for r in range(0, n, EXACT_ROWS):
-                    new["visual"][r:r + EXACT_ROWS] = self._centred(new["visual"][r:r + EXACT_ROWS])
+                _centre_in_place(new["visual"], self._array(VISUAL_CENTRE))
             usable = {mod: _usable(v) for mod, v in new.items()}
             classes = items.close(_mod_bits(usable))
             excluded.close()
@@ -1366,10 +1359,15 @@ def _grown(path: Path, n: int) -> np.ndarray:
     old = np.load(path, mmap_mode="r", allow_pickle=False)
     grown = np.lib.format.open_memmap(path.with_name(path.name + ".tmp"), mode="w+", dtype=np.float32,
                                       shape=(len(old) + n, old.shape[1]))
-    for r in range(0, len(old), EXACT_ROWS):
-        part = old[r:r + EXACT_ROWS]
-        grown[r:r + len(part)] = part
+    _copy_rows(grown, old)
     return grown
+
+
+def _copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[:len(src)] = src, EXACT_ROWS rows at a time: a memory-mapped array is never read whole."""
+    for r in range(0, len(src), EXACT_ROWS):
+        part = src[r:r + EXACT_ROWS]
+        dst[r:r + len(part)] = part
 
 
 def _write_index(index, path: Path) -> None:
@@ -1484,32 +1482,32 @@ def _described(r: Any, i: int) -> Any:
                   product_id=r.get("product_id"))
 
 
-def _records(data, images, confine: bool = False) -> list:
-    """Catalog Records; a bad row (malformed value, or an image path refused by `confine`) keeps its
-    `error` and is left out of both modalities (listed in excluded.jsonl), never a failed build."""
+def _source(data, images, confine: bool = False) -> Callable[[], Any]:
+    """A function that gives the catalog's Records at each call: a file read afresh (streamed), or a list of rows
+    (dicts with the catalog's columns, or Records) made Records once. A bad row (malformed value, or an image path
+    refused by `confine`) keeps its `error` and is left out of both modalities (listed in excluded.jsonl), never a
+    failed build."""
     from huse.runtime.catalog import iter_catalog, records_from_rows
 
     if isinstance(data, (str, Path)):
-        return list(iter_catalog(data, images, confine=confine))
-    return records_from_rows(data, images, confine=confine)
+        return lambda: iter_catalog(data, images, confine=confine)
+    records = records_from_rows(data, images, confine=confine)
+    return lambda: records
 
 
 def _catalog(data, images, confine: bool = False, progress: bool = False) -> tuple[Any, int]:
-    """(records, how many): a catalog file's Records streamed (counted in a first pass: the vectors are written to
-    files of that size), or a list's; a bad row (malformed value, or an image path refused by `confine`) keeps its
-    `error` and is left out of both modalities (listed in excluded.jsonl), never a failed build."""
-    from huse.runtime.catalog import iter_catalog
-
+    """(records, how many) of `_source`: a file counted in a first pass (the vectors are written to files of that
+    size), then streamed."""
+    read = _source(data, images, confine)
     if not isinstance(data, (str, Path)):
-        records = _records(data, images, confine)
-        return records, len(records)
+        return read(), len(read())
     n = 0
-    for n, _ in enumerate(iter_catalog(data, images, confine=confine), 1):
+    for n, _ in enumerate(read(), 1):
         if progress and n % 100_000 == 0:
             print(f"\rcounting products: {n}", end="", file=sys.stderr, flush=True)
     if progress and n >= 100_000:
         print(file=sys.stderr)
-    return iter_catalog(data, images, confine=confine), n
+    return read(), n
 
 
 def _vector_files(folder: Path, widths: dict[str, int], n: int) -> dict[str, np.ndarray]:
@@ -1571,16 +1569,18 @@ def _pair_visual(vecs: dict[str, np.ndarray]) -> None:
         image[drop], visual[drop] = np.nan, np.nan
 
 
-def _centre_in_place(visual: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Centre and normalise the visual vectors in place, a block at a time (`centre_visual` on the catalog); returns
-    the centre, the mean of the usable rows `ok`."""
+def _mean_rows(visual: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """The mean of the rows `ok` of `visual`, summed a block at a time in float64: the catalog's visual centre."""
     total = np.zeros(visual.shape[1], np.float64)
     for r in range(0, len(visual), EXACT_ROWS):
         total += visual[r:r + EXACT_ROWS][ok[r:r + EXACT_ROWS]].sum(0, dtype=np.float64)
-    centre = (total / max(int(ok.sum()), 1)).astype(np.float32)
+    return (total / max(int(ok.sum()), 1)).astype(np.float32)
+
+
+def _centre_in_place(visual: np.ndarray, centre: np.ndarray) -> None:
+    """`centre_visual` of the visual vectors with `centre`, in place, a block at a time."""
     for r in range(0, len(visual), EXACT_ROWS):
         visual[r:r + EXACT_ROWS] = centre_visual(visual[r:r + EXACT_ROWS], centre)[0]
-    return centre
 
 
 def _mod_bits(usable: dict[str, np.ndarray]) -> np.ndarray:
