@@ -5,11 +5,12 @@ catalog the same way and name a bad row the same way: file, row number, column, 
 
 `iter_catalog` streams Records in bounded memory: a malformed value (a list where text belongs,
 an undecodable byte, a lone surrogate) becomes that row's `error`, never an aborted file;
-only file-level problems (missing file, unknown/duplicate columns, a wrong encoding found in
-the first 64 KiB) raise. `read_catalog` is the list form training uses; it stops at the first
-bad row, as training always has. With `confine=True` (for catalogs from third parties) an image
-path that is absolute, climbs out with `..` or resolves through a link outside the images folder is
-that row's error (preprocess.confine_path); off by default. A Parquet catalog may hold the photos
+only file-level problems (missing file, a duplicate column, a column that looks like one the file
+lacks, a wrong encoding found in the first 64 KiB) raise. Columns huse does not read (price, brand,
+a pandas index) are ignored: a catalog exported from a shop system is read as it is. `read_catalog`
+is the list form training uses; it stops at the first bad row, as training always has. With
+`confine=True` (for catalogs from third parties) an image path that is absolute, climbs out with `..`
+or resolves through a link outside the images folder is that row's error (preprocess.confine_path); off by default. A Parquet catalog may hold the photos
 themselves: an `image` column of binary values, or of structs {bytes, path} as Hugging Face `datasets`
 writes its Image feature (the bytes are used; a null `bytes` falls back to `path`). `plan_shards` finds where every block of N records starts
 (a byte offset for CSV/JSONL), so a worker can read its block without parsing the file before it.
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
+import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,30 +105,58 @@ def _check_file(path: Path) -> None:
         raise HuseError(f"catalog {path} does not exist")
 
 
-# What other catalogs call the columns: named in the error, never read silently as the column.
+# What other catalogs call the columns: a file that has one of these but not the column it means is refused,
+# naming both (read silently as absent, a title column would classify by photo alone).
 _OTHER_NAMES = {"title": "name", "product_name": "name", "category": "classes", "categories": "classes",
                 "class": "classes", "label": "classes", "labels": "classes", "path": "image", "photo": "image",
                 "image_path": "image", "filename": "image", "file": "image", "id": "product_id", "sku": "product_id"}
+log = logging.getLogger("huse.runtime")
 
 
-def _unknown_column(where: str, col: str) -> HuseError:
-    """The error for a column huse does not read, with the known one it most likely means."""
+def _meant(col: str) -> str | None:
+    """The column huse reads that `col` most likely means (a case or spelling variant, another catalog's name
+    for it, or its first word: `Image URL` -> image), or None."""
     key = str(col).strip().lower().replace(" ", "_").replace("-", "_")
-    meant = key if key in COLUMNS else _OTHER_NAMES.get(key)
-    hint = f"; did you mean {meant!r}? (rename the column)" if meant else ""
-    if key in ("", "index") or key.startswith(("unnamed:_", "__index_level_")):  # what pandas writes for its index
-        hint = "; it looks like a pandas index: write the file with index=False (df.to_csv(path, index=False))"
-    return HuseError(f"{where}: unknown column {col!r}; known columns are {list(COLUMNS)}{hint}")
+    first = key.split("_")[0]
+    for k in (key, first):
+        if k in COLUMNS or k in _OTHER_NAMES:
+            return k if k in COLUMNS else _OTHER_NAMES[k]
+    close = difflib.get_close_matches(key, COLUMNS, n=1, cutoff=0.8)  # clases, imgae, splits
+    return close[0] if close else None
 
 
-def _check_header(path: Path, header: list[str]) -> None:
+@functools.lru_cache(maxsize=64)
+def _header_check(header: tuple[str, ...]) -> str | None:
+    """What is wrong with a header (None: nothing). Columns huse does not read are ignored, unless one looks
+    like a column the file lacks (`title` without `name`): misspelt or named as another catalog names it, it
+    would otherwise read as empty. A column huse reads may appear once."""
     seen = set()
     for col in header:
-        if col in seen:
-            raise HuseError(f"{path}: column {col!r} appears twice in the header; keep one")
-        if col not in COLUMNS:
-            raise _unknown_column(str(path), col)
-        seen.add(col)
+        if col in COLUMNS:
+            if col in seen:
+                return f"column {col!r} appears twice in the header; keep one"
+            seen.add(col)
+    for col in header:
+        meant = None if col in COLUMNS else _meant(col)
+        if meant is not None and meant not in header:
+            return (f"column {col!r} is not one huse reads; did you mean {meant!r}? The file has no {meant!r} column: "
+                    f"rename this one (in a CSV only the header line changes) or drop it. huse reads "
+                    f"{list(COLUMNS)} and ignores other columns")
+    return None
+
+
+def _check_header(where: str, header: Sequence[str]) -> None:
+    problem = _header_check(tuple(header))
+    if problem:
+        raise HuseError(f"{where}: {problem}")
+
+
+@functools.lru_cache(maxsize=64)
+def _note_ignored(path: Path, header: tuple[str, ...]) -> None:
+    """Say once per file (with -v) which of a CSV's or Parquet file's columns are not read."""
+    ignored = [c for c in header if c not in COLUMNS]
+    if ignored:
+        log.info("%s: columns huse does not read, ignored: %s", path, ", ".join(map(repr, ignored)))
 
 
 def _check_columns(path: Path, present: set[str]) -> None:
@@ -253,6 +285,7 @@ def _csv_header(path: Path, encoding: str) -> tuple[list[str], int, str]:
         header = [h.strip() for h in next(csv.reader([line], delimiter=delimiter), [])]
         _check_header(path, header)
         _check_columns(path, set(header))
+        _note_ignored(path, tuple(header))
         return header, end, delimiter
     return [], 0, ","
 
@@ -283,7 +316,8 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
     Yields:
         One Record per data row; a row with a malformed value has `error` set.
     Raises:
-        HuseError: a missing file, unknown or duplicate columns, a wrong encoding.
+        HuseError: a missing file, a duplicate column or one that looks like a column the file lacks
+            (`title` without `name`), a wrong encoding.
     """
     path = Path(path)
     _check_file(path)
@@ -309,7 +343,8 @@ def records_from_rows(rows: Sequence[Any], images: str | Path | None = None, con
     1), or Records as they are. Relative image paths resolve against `images` (default: the working folder).
 
     Raises:
-        HuseError: an entry that is neither, or a key that is not a column (naming the one it likely means).
+        HuseError: an entry that is neither, or a key that looks like a column the dict lacks (`title`
+            without `name`), naming the one it likely means. Other keys are ignored.
     """
     base, out = str(images) if images is not None else ".", []
     for i, values in enumerate(rows):
@@ -319,9 +354,7 @@ def records_from_rows(rows: Sequence[Any], images: str | Path | None = None, con
         if not isinstance(values, dict):
             raise HuseError(f"product {i} is a {type(values).__name__}; give a dict with columns {list(COLUMNS)} "
                             "(image, name, classes, ...) per product, or a catalog file")
-        for col in values:
-            if col not in COLUMNS:
-                raise _unknown_column(f"product {i}", col)
+        _check_header(f"product {i}", list(values))
         out.append(_record(i + 1, values, base, confine))
     return out
 
@@ -374,10 +407,10 @@ def _jsonl_rows(path: Path, encoding: str, offset: int | None, first_row: int):
                 if not isinstance(obj, dict):
                     err = f"row {row}: expected a JSON object"
                 else:
-                    unknown = [k for k in obj if k not in COLUMNS]
-                    if unknown:
-                        # Same rule as a CSV header: a misspelt column must not silently read as empty.
-                        raise _unknown_column(f"{path}, row {row}", unknown[0])
+                    # Same rule as a CSV header: a misspelt column must not silently read as empty.
+                    problem = _header_check(tuple(obj))
+                    if problem:
+                        raise HuseError(f"{path}, row {row}: {problem}")
                     if set(obj) - header_checked:
                         header_checked |= set(obj)
                         _check_columns(path, header_checked)
@@ -395,6 +428,7 @@ def _iter_parquet(path: Path, base: str, shard: Shard | None, confine: bool) -> 
     names = list(f.schema_arrow.names)
     _check_header(path, names)
     _check_columns(path, set(names))
+    _note_ignored(path, tuple(names))
     start, count = (shard.start, shard.count) if shard else (0, f.metadata.num_rows)
     # Skip whole row groups before the shard's start without reading them.
     groups, first, seen = [], 0, 0
@@ -408,7 +442,8 @@ def _iter_parquet(path: Path, base: str, shard: Shard | None, confine: bool) -> 
     if not groups:
         return
     row = first
-    for batch in f.iter_batches(batch_size=4096, row_groups=groups):
+    read = [c for c in names if c in COLUMNS]  # a wide table's other columns are never decoded
+    for batch in f.iter_batches(batch_size=4096, row_groups=groups, columns=read):
         for values in batch.to_pylist():
             row += 1
             if row - 1 < start:
@@ -431,7 +466,7 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
     Returns:
         One Record per data row, in file order.
     Raises:
-        HuseError: unknown, duplicate or missing columns, an unreadable file or a bad row, naming them.
+        HuseError: duplicate, misnamed or missing columns, an unreadable file or a bad row, naming them.
     """
     path = Path(path)
     records = []

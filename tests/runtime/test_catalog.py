@@ -78,7 +78,8 @@ def test_image_path_spaces_are_trimmed(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_unknown_column_is_refused_naming_column_and_file(tmp_path, fmt):
+def test_a_column_named_as_other_catalogs_name_a_missing_one_is_refused(tmp_path, fmt):
+    """`title` without `name`: read silently as absent, every product would be classified by photo alone."""
     path = tmp_path / f"cat.{fmt}"
     if fmt == "csv":
         path.write_text("image,title\na.jpg,tee\n", encoding="utf-8")
@@ -89,26 +90,51 @@ def test_unknown_column_is_refused_naming_column_and_file(tmp_path, fmt):
     msg = str(e.value)
     assert "'title'" in msg
     assert str(path) in msg
-    assert str(list(COLUMNS)) in msg  # lists the known columns
-    assert "did you mean 'name'?" in msg  # what other catalogs call a product's title
+    assert str(list(COLUMNS)) in msg  # lists the columns huse reads
+    assert "did you mean 'name'? The file has no 'name' column: rename this one" in msg
 
 
 @pytest.mark.parametrize("col, meant", [("Image", "image"), ("Product ID", "product_id"), ("category", "classes"),
-                                        ("sku", "product_id"), ("colour", None)])
-def test_an_unknown_column_names_the_column_it_likely_means(tmp_path, col, meant):
+                                        ("sku", "product_id"), ("clases", "classes"), ("imgae", "image"),
+                                        ("Image URL", "image"), ("splits", "split")])
+def test_a_column_that_looks_like_a_missing_one_names_the_one_it_likely_means(tmp_path, col, meant):
     path = tmp_path / "cat.csv"
     path.write_text(f"name,{col}\ntee,x\n", encoding="utf-8")
-    with pytest.raises(HuseError, match=f"unknown column '{col}'") as e:
+    with pytest.raises(HuseError, match=f"column '{col}' is not one huse reads; did you mean '{meant}'"):
         read_catalog(path)
-    assert (f"did you mean '{meant}'?" in str(e.value)) if meant else "did you mean" not in str(e.value)
 
 
-def test_a_pandas_index_column_says_to_write_without_it(tmp_path):
-    """`df.to_csv(path)` writes the index as a first column without a name."""
-    path = tmp_path / "cat.csv"
-    path.write_text(",image,name,classes\n0,a.png,tee,a<b\n", encoding="utf-8")
-    with pytest.raises(HuseError, match=r"unknown column ''.*a pandas index: write the file with index=False"):
-        read_catalog(path)
+SHOP_CSV = (  # CSV_TEXT as a shop system exports it: a pandas index, price, brand, a quoted description
+    ",image,brand,name,price,classes,product_id,split,description,title\n"
+    '0,img/1.jpg,Acme,"Red shirt, cotton",9.99,clothing<tops,p1,train,"Soft, warm",Red shirt\n'
+    "1,,Acme,Blue dress,19.50,clothing<dresses,p2,VAL,,\n"
+    "2,img/3.jpg,,,,,,,,\n"
+)
+
+
+def test_columns_huse_does_not_read_are_ignored(tmp_path):
+    """A catalog exported as it is, with price, brand, a description, a pandas index and a `title` beside
+    `name`, reads the same records as the file with only huse's columns: as CSV, JSON Lines and Parquet."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    shop = tmp_path / "shop.csv"
+    shop.write_text(SHOP_CSV, encoding="utf-8")
+    want = _expected(tmp_path)
+    assert read_catalog(shop) == want
+    rows = [dict(r, brand="Acme", price=9.99, tags=["a", "b"], variants={"size": "M"}) for r in ROWS]
+    assert read_catalog(_write_jsonl(tmp_path / "shop.jsonl", rows)) == want
+    # Parquet: the other columns are never decoded (a list or struct column would be no row's error either)
+    table = pa.Table.from_pylist([{k: (v or None) if isinstance(v, str) else v for k, v in r.items()} for r in rows])
+    pq.write_table(table, tmp_path / "shop.parquet")
+    assert read_catalog(tmp_path / "shop.parquet") == want
+
+
+def test_the_ignored_columns_are_named_with_verbose_logging(tmp_path, caplog):
+    shop = tmp_path / "shop.csv"
+    shop.write_text(SHOP_CSV, encoding="utf-8")
+    with caplog.at_level("INFO", logger="huse.runtime"):
+        read_catalog(shop)
+    assert f"{shop}: columns huse does not read, ignored: '', 'brand', 'price', 'description', 'title'" in caplog.text
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t"])
@@ -134,6 +160,9 @@ def test_duplicate_column_is_refused(tmp_path):
     with pytest.raises(HuseError, match="column 'name' appears twice") as e:
         read_catalog(path)
     assert str(path) in str(e.value)
+    # a column huse does not read may repeat (spreadsheets export one per variant)
+    path.write_text("image,name,size,size\na.jpg,tee,S,M\n", encoding="utf-8")
+    assert [r.name for r in read_catalog(path)] == ["tee"]
 
 
 def test_wrong_number_of_fields_names_the_row(tmp_path):

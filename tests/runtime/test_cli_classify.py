@@ -207,10 +207,10 @@ def test_previous_complete_output_survives_until_the_new_one_is_complete(tiny_bu
     base = ["classify", tiny_bundle, "--data", data, "--out", out, "--shard-rows", 40, "--no-progress"]
     assert _run(*base).exit_code == 0
     first = read_predictions(out)
-    rows[100]["price"] = "9.99"  # a misspelt column fails the file at row 101, after two shards
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows[100]["title"] = rows[100].pop("name")  # another catalog's name for a column fails the file at row 101,
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # after two shards
     r = _run(*base)
-    assert r.exit_code == 1 and "row 101: unknown column 'price'" in r.output
+    assert r.exit_code == 1 and "row 101: column 'title' is not one huse reads; did you mean 'name'?" in r.output
     assert read_predictions(out) == first
 
 

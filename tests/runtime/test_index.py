@@ -805,7 +805,7 @@ def test_products_given_as_dicts_index_as_their_catalog_does(tiny_bundle, tiny_c
     want = Index.open(flat_index).search(texts=["Acme navy tee"], k=5)[0]
     assert [(h.row, h.product_id, h.score) for h in idx.search(texts=["Acme navy tee"], k=5)[0]] == \
         [(h.row, h.product_id, h.score) for h in want]
-    with pytest.raises(HuseError, match=r"product 0: unknown column 'title'.*did you mean 'name'"):
+    with pytest.raises(HuseError, match=r"product 0: column 'title' is not one huse reads; did you mean 'name'"):
         idx.add([{"image": rows[0]["image"], "title": "x"}], images=tiny_catalog.parent, progress=False)
     with pytest.raises(HuseError, match="product 1 is a str; give a dict with columns"):
         idx.add([{"name": "new tee", "product_id": "n1"}, "new shirt"], progress=False)

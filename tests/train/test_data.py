@@ -60,7 +60,7 @@ def test_a_wrong_images_folder_is_named_as_the_likely_cause(tiny_catalog, tmp_pa
         load_catalog_dataset(tiny_catalog, images=tmp_path, skip_bad_rows=True)
 
 
-@pytest.mark.parametrize("header,expected", [("image,name,classes,colour", "unknown column 'colour'"),
+@pytest.mark.parametrize("header,expected", [("image,name,clases", "column 'clases' is not one huse reads; did you mean 'classes'"),
                                              ("image,name,classes,name", "appears twice")])
 def test_bad_header(tmp_path, header, expected):
     path = tmp_path / "c.csv"
