@@ -7,7 +7,7 @@ BUNDLE ?= bundles/demo
 # Demo recipe (the README's numbers come from it): all 55,000 train products, huse-train's defaults.
 TRAIN_ARGS ?= --dataset fashion-products
 
-.PHONY: demo test setup data clean arm64-setup arm64-check arm64-fp16
+.PHONY: demo test setup data clean arm64-setup arm64-check arm64-fp16 pytriton-setup
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ arm64-setup: setup
 	command -v qemu-aarch64-static >/dev/null || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user-static; }; \
 	dpkg --print-foreign-architectures | grep -qx arm64 || { $$SUDO dpkg --add-architecture arm64 && $$SUDO apt-get update -qq; }
 	$(BIN)/python -m huse.benchmarks.arm64 setup
+
+# Triton itself, the serving anchor (tests/export/test_triton.py, `huse-bench serve`): PyTriton's venv under
+# ~/.cache/huse/pytriton-venv (~500 MB, ~30 s once; `huse-bench serve` creates it too).
+pytriton-setup: setup
+	$(BIN)/python -c "from huse.benchmarks.serve import ServeBenchConfig, pytriton_python; pytriton_python(ServeBenchConfig(say=print))"
 
 # The full form on `make demo`'s bundle: fp32, fp16 and int8-cpu on 200 real products, search, kernel counts.
 arm64-check: arm64-setup

@@ -212,7 +212,10 @@ def test_tritonserver_serves_the_python_models(repo, tiny_bundle, tiny_catalog, 
 
     site = next(iter(PYTRITON_VENV.glob("lib/python3.*/site-packages")), None)
     if site is None or not (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").is_file():
-        pytest.skip(f"no PyTriton venv at {PYTRITON_VENV} (`huse-bench serve` creates it; or set HUSE_PYTRITON_VENV)")
+        reason = f"no PyTriton venv at {PYTRITON_VENV} (`make pytriton-setup` creates it; or set HUSE_PYTRITON_VENV)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):  # .ci/run creates it: CI cannot pass by skipping
+            pytest.fail(f"CI must run Triton, and cannot: {reason}")
+        pytest.skip(reason)
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if site.parent.name != f"python{version}":
         pytest.skip(f"the PyTriton venv is for {site.parent.name}, this test runs {version}")
