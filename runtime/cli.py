@@ -511,7 +511,7 @@ def _check_hits_out(out: Path, batch: str | None) -> None:
 def _warn_unusable_images(failed: int, rows: int, first: str | None) -> None:
     """Half the rows' photos unusable is most often a wrong --images: say so (the run itself succeeded)."""
     if rows and failed >= max(1, rows // 2):
-        hint = "" if first and "is a URL" in first else "; is --images right?"
+        hint = "; is --images right?" if first and "does not exist" in first else ""
         click.echo(f"warning: the image of {failed} of {rows} rows could not be used (first: {first}){hint}", err=True)
 
 

@@ -473,9 +473,53 @@ def _decode(source: ImageInput, name: str | None, max_pixels: int, max_bytes: in
             raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
         # Pillow names an in-memory file by its repr: an address that differs per process
         # and tells a server's client nothing.
+        what = _what_it_is(_head(source))
+        if what:
+            raise HuseError(f"image {name} could not be decoded: it is {what}") from None
         said = _OBJECT_REPR.sub("<bytes>", str(e))
         raise HuseError(f"image {name} could not be decoded ({type(e).__name__}: {said}); "
                         "check that the file is a complete JPEG/PNG/WebP image") from None
+
+
+def _head(source: ImageInput, n: int = 512) -> bytes | None:
+    """The first `n` bytes of an encoded image (a file or bytes; None for anything else or an unreadable file)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:n])
+    if isinstance(source, (str, Path)):
+        try:
+            with open(source, "rb") as f:
+                return f.read(n)
+        except OSError:
+            return None
+    return None
+
+
+# ISO-BMFF brands of HEIC/HEIF, the photos phones take by default (AVIF shares the container; Pillow reads it).
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+
+
+def _what_it_is(head: bytes | None) -> str | None:
+    """What a file that failed to decode is, from its first bytes, when that says more than Pillow's error
+    (catalogs gathered by download or export hold error pages, drawings and phone photos named .jpg)."""
+    if head is None:
+        return None
+    if not head:
+        return "empty (0 bytes): a download or copy that did not finish?"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return ("a HEIC/HEIF photo (phones' default format), which Pillow does not read: convert it to JPEG "
+                "(e.g. heif-convert, from Debian's libheif-examples)")
+    if head[:2] == b"\xff\x0a" or head[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "a JPEG XL image, which Pillow does not read: convert it to JPEG or PNG"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page, not a photo (a download that saved an error or sign-in page?): fetch the photo again"
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return "an SVG drawing: rasterise it first (e.g. rsvg-convert -w 512 drawing.svg -o drawing.png)"
+    if text.startswith(b"%pdf"):
+        return "a PDF document, not a photo"
+    if text.startswith((b"{", b"[", b"<?xml")):
+        return f"{'XML' if text.startswith(b'<') else 'JSON'} text, not a photo (an API's answer saved as the file?)"
+    return None
 
 
 # What Pillow's `getexif` reads an orientation from: an image with none of these is upright, and

@@ -91,6 +91,21 @@ def test_wrong_images_folder_warns_and_counts(tiny_bundle, catalog, tmp_path):
     assert "could not be used" in r.output and "--images" in r.output
 
 
+def test_photos_that_are_web_pages_are_named_so_not_blamed_on_images(tiny_bundle, catalog, tmp_path):
+    """A scraped catalog whose .jpg files are saved error pages: the warning says what they are."""
+    lines = catalog.read_text().splitlines()
+    (tmp_path / "pages").mkdir()
+    for i, line in enumerate(lines[1:]):
+        (tmp_path / "pages" / f"{i}.jpg").write_text("<!DOCTYPE html><html><body>429 Too Many Requests</body></html>")
+    catalog.write_text("\n".join([lines[0]] + [f"pages/{i}.jpg," + line.split(",", 1)[1]
+                                               for i, line in enumerate(lines[1:])]) + "\n")
+    r = _run("classify", tiny_bundle, "--data", catalog, "--images", tmp_path, "--out", tmp_path / "o.jsonl",
+             "--no-progress")
+    assert r.exit_code == 0 and "120 with warnings" in r.output, r.output  # each classified by its title
+    assert "could not be decoded: it is an HTML page, not a photo" in r.output
+    assert "is --images right?" not in r.output
+
+
 def test_photo_urls_are_named_as_urls_not_as_missing_files(tiny_bundle, catalog, tmp_path):
     """Catalogs often name photos by URL; huse never fetches them, and says so instead of blaming --images."""
     lines = catalog.read_text().splitlines()

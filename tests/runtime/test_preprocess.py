@@ -275,6 +275,27 @@ def test_random_bytes_file_is_refused_naming_it(tmp_path):
     assert "check that the file is a complete JPEG/PNG/WebP image" in msg
 
 
+@pytest.mark.parametrize("content, says", [
+    (b"", "it is empty (0 bytes)"),
+    (b"\n<!DOCTYPE html><html><body>403 Forbidden</body></html>", "it is an HTML page, not a photo"),
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "it is an SVG drawing: rasterise it first"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "it is a HEIC/HEIF photo"),
+    (b"\xff\x0a\xfa\x7f" + bytes(64), "it is a JPEG XL image"),
+    (b"%PDF-1.7\n", "it is a PDF document"),
+    (b'{"error": "not found"}', "it is JSON text, not a photo"),
+])
+def test_a_file_that_is_not_a_photo_is_named_for_what_it_is(tmp_path, content, says):
+    """Catalogs gathered by download or export hold error pages, drawings and phone photos named .jpg: the
+    error says what the file is and what to do, not only that Pillow could not identify it."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(content)
+    with pytest.raises(HuseError, match=f"image {re.escape(str(path))} could not be decoded: {re.escape(says)}"):
+        decode_image(path)
+    if content:  # the same for the bytes themselves (a server's client, a Parquet catalog)
+        with pytest.raises(HuseError, match=f"image <bytes> could not be decoded: {re.escape(says)}"):
+            decode_image(content)
+
+
 def test_random_bytes_are_refused():
     with pytest.raises(HuseError, match="<bytes> could not be decoded"):
         decode_image(b"not an image at all")
