@@ -270,7 +270,7 @@ def _format_multilabel(metrics: dict) -> str:
 
 @click.group()
 def data() -> None:
-    """Built-in datasets."""
+    """Built-in datasets, and a catalog from a folder of photos."""
 
 
 @data.command("export")
@@ -285,6 +285,30 @@ def export_data(name: str, out: str, limit: int | None, fmnist_dir: str | None) 
 
         path = export_catalog(out, fmnist_dir, limit=limit, open_vocab=name == "fashion-products-open")
         click.echo(f"wrote {path}")
+    run_cli(body)
+
+
+@data.command("catalog")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="The catalog CSV to write (default: FOLDER/catalog.csv); "
+              "never an existing file.")
+@click.option("--classes-from-folders", is_flag=True,
+              help="Each photo's folders below FOLDER are its class path, one level per folder (shoes/boots/x.jpg -> "
+                   "shoes<boots), as torchvision's ImageFolder lays classes out.")
+@click.option("--names-from-file-names", is_flag=True,
+              help="A photo without a .txt title beside it is named by its file name's words "
+                   "(black-leather_boot.jpg -> 'black leather boot').")
+def catalog_from_folder(folder: str, out: str | None, classes_from_folders: bool, names_from_file_names: bool) -> None:
+    """Write a catalog CSV with a row per photo under FOLDER (every subfolder), titled by a .txt beside each photo.
+
+    Then: huse classify BUNDLE --data FOLDER/catalog.csv, huse index build, or (with titles and classes)
+    huse-train --data FOLDER/catalog.csv.
+    """
+    def body():
+        from huse.runtime.photo_folder import summary, write_folder_catalog
+
+        click.echo(summary(write_folder_catalog(folder, out, classes_from_folders=classes_from_folders,
+                                                names_from_file_names=names_from_file_names)))
     run_cli(body)
 
 
