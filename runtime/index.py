@@ -91,6 +91,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -437,6 +438,10 @@ def _check_target(kind: str, out: str | Path, overwrite: bool) -> Path:
 class Index:
     """A retrieval index over a catalog's universal embeddings; use `Index.build` or `Index.open`.
 
+    An open Index follows adds and removes (made here or by another process), and threads may share it: its
+    searches, `records` and `photo` run one at a time, each on one version of the index (FAISS uses every
+    core within a search).
+
     Args (of `open`):
         folder: the index directory.
         bundle: the bundle to embed queries with (default: the path recorded at build); its
@@ -468,6 +473,9 @@ class Index:
         self._arrays: dict[str, np.ndarray] = {}
         self._classifier = None
         self._stamp = _stamp(folder)  # of the manifest read (by `open`, just before)
+        # Held by each read (search, records, photo) and by `_reload`: a thread's read sees one version of the
+        # index, never a manifest another thread has just read again beside arrays cached from the last one.
+        self._lock = threading.RLock()
         if threads:
             _faiss().omp_set_num_threads(int(threads))
 
@@ -686,7 +694,12 @@ class Index:
             raise HuseError(f"target {target!r} is not one of {list(TARGETS)}")
         self._check_space(space, target)
         k = _positive_int(k, "k")
-        self._follow()
+        with self._lock:
+            self._follow()
+            return self._search_now(queries, k, target, filter, space)
+
+    def _search_now(self, queries: np.ndarray, k: int, target: str, filter: str | None,
+                    space: str) -> list[list[Hit]]:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         name = "visual" if space == "visual" else target
         if queries.shape[1] != self._width(name):
@@ -803,16 +816,18 @@ class Index:
             The bytes as the catalog held them; None when the item has none kept (a photo given as a path,
             which `records` names, or no photo).
         """
-        self._check_positions([item])
-        span = self._stored([int(item)])[int(item)].get("photo")
-        if span is None:
-            return None
-        name, offset, size = span
-        if not _is_photos_file(name):
-            raise HuseError(f"index {self.folder}: item {item} names {name!r} as its photo file; rebuild the index")
-        with open(self._file(name), "rb") as f:
-            f.seek(int(offset))
-            data = f.read(int(size))
+        with self._lock:
+            self._follow()
+            self._check_positions([item])
+            span = self._stored([int(item)])[int(item)].get("photo")
+            if span is None:
+                return None
+            name, offset, size = span
+            if not _is_photos_file(name):
+                raise HuseError(f"index {self.folder}: item {item} names {name!r} as its photo file; rebuild the index")
+            with open(self._file(name), "rb") as f:
+                f.seek(int(offset))
+                data = f.read(int(size))
         if len(data) != int(size):
             raise HuseError(f"index {self.folder}: {name} ends before item {item}'s photo; rebuild the index")
         return data
@@ -831,8 +846,10 @@ class Index:
         Returns:
             position -> its record.
         """
-        self._check_positions(positions)
-        return self._items([int(p) for p in positions])
+        with self._lock:
+            self._follow()
+            self._check_positions(positions)
+            return self._items([int(p) for p in positions])
 
     def _check_positions(self, positions: Sequence[int]) -> None:
         bad = [p for p in positions if not 0 <= int(p) < len(self)]
@@ -1220,13 +1237,14 @@ class Index:
     def _reload(self, trusted_keys: Sequence[str | Path] | None = None) -> None:
         """The manifest as it is on disk (its signature checked against `trusted_keys`: none when this process
         wrote it), and every cache of files it lists dropped."""
-        self._stamp = _stamp(self.folder)
-        self.manifest = _load_index_manifest(self.folder, trusted_keys)
-        self.classes = self.manifest["classes"]
-        self._verified.clear()
-        self._faiss.clear()
-        self._vectors.clear()
-        self._arrays.clear()
+        with self._lock:
+            self._stamp = _stamp(self.folder)
+            self.manifest = _load_index_manifest(self.folder, trusted_keys)
+            self.classes = self.manifest["classes"]
+            self._verified.clear()
+            self._faiss.clear()
+            self._vectors.clear()
+            self._arrays.clear()
 
     def info(self) -> dict[str, Any]:
         """A summary of the manifest (counts, kind, per-modality factory, parameters, recall; the bytes of the

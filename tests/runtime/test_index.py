@@ -203,6 +203,46 @@ print(calls[0])
 """
 
 
+def test_threads_reading_one_index_while_it_grows_see_one_version_at_a_time(tiny_bundle, tiny_catalog, tmp_path):
+    """`huse serve` searches on one thread and reads records and photos for the page on others: a search that
+    reads the grown manifest again must not leave another thread's read with the item table cached before."""
+    import threading
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))
+    write_rows(tmp_path / "first.csv", rows[:40])
+    Index.build(tiny_bundle, tmp_path / "first.csv", tmp_path / "idx", images=tiny_catalog.parent, kind="flat",
+                progress=False)
+    reader, writer = Index.open(tmp_path / "idx"), Index.open(tmp_path / "idx")
+    errors, stop = [], threading.Event()
+
+    def read(search: bool):
+        rng = np.random.default_rng(int(search))
+        while not stop.is_set():
+            try:
+                if search:
+                    reader.records([h.item for h in reader.search(texts=["Acme navy tee"], k=5)[0]])
+                else:
+                    reader.records([int(rng.integers(len(reader)))])
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=read, args=(s,)) for s in (True, False, False)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(40, 120, 5):
+            write_rows(tmp_path / "more.csv", rows[i:i + 5])
+            writer.add(tmp_path / "more.csv", images=tiny_catalog.parent, progress=False)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == [] and len(reader) == 120
+    assert reader.records([119])[119]["product_id"] == rows[119]["product_id"]
+    reader.close()
+    writer.close()
+
+
 @pytest.mark.parametrize("op", ["replace", "remove"])
 def test_a_kill_at_any_point_of_an_add_or_remove_leaves_the_index_whole(tiny_bundle, tiny_catalog, tmp_path, op):
     """An add or remove replaces a dozen files one by one; killed between two of them, the index held some new files
@@ -910,6 +950,7 @@ def test_a_build_reads_its_vectors_a_block_at_a_time(tiny_bundle, tmp_path, monk
     """At millions of products an index's vectors are tens of GB: from memory-mapped files (as `build` writes them,
     or the caller's), the build holds EXACT_ROWS rows of them at a time, never a copy of them all (it held two to
     three: 13 KB a product at 120,000 products; README "Retrieval"). numpy's allocations are traced."""
+    import gc
     import tracemalloc
     from types import SimpleNamespace
 
@@ -928,6 +969,7 @@ def test_a_build_reads_its_vectors_a_block_at_a_time(tiny_bundle, tmp_path, monk
     monkeypatch.setattr(index_module, "EXACT_ROWS", 2000)
     small = {m: v[:100] for m, v in vectors.items()}  # FAISS and the rest imported before tracing
     Index.from_embeddings(tiny_bundle, records[:100], small, tmp_path / "warm", kind="flat", progress=False)
+    gc.collect()  # earlier tests' garbage, whose finalisers would allocate during the trace
     tracemalloc.start()
     try:
         idx = Index.from_embeddings(tiny_bundle, records, vectors, tmp_path / "idx", kind="flat", progress=False)
