@@ -1168,9 +1168,10 @@ class Index:
         ever replaces a file, never changes one in place, so the index as it was stays whole), which takes the
         folder's place in one rename once its manifest is written. A kill at any instant leaves the index as it
         was or as it is after (it replaced a dozen files one by one, and a kill between two left a mix that its
-        manifest refused); the next writer deletes what a killed one left."""
+        manifest refused); the next writer deletes what a killed one left. This object's reads wait meanwhile (it
+        works in the copy); other Index objects, and other processes, read the index as it was."""
         real, work = self.folder, _next_folder(self.folder)
-        with _one_writer(real):
+        with _one_writer(real), self._lock:
             if work.exists():
                 shutil.rmtree(work)
             # Until the swap both versions of each file it rewrites are on the disk (a full one kills a writer to

@@ -205,7 +205,8 @@ print(calls[0])
 
 def test_threads_reading_one_index_while_it_grows_see_one_version_at_a_time(tiny_bundle, tiny_catalog, tmp_path):
     """`huse serve` searches on one thread and reads records and photos for the page on others: a search that
-    reads the grown manifest again must not leave another thread's read with the item table cached before."""
+    reads the grown manifest again must not leave another thread's read with the item table cached before; and
+    a thread searching the very object that adds waits for the add rather than reading its half-made copy."""
     import threading
 
     rows = list(csv.DictReader(open(tiny_catalog, newline="")))
@@ -215,18 +216,19 @@ def test_threads_reading_one_index_while_it_grows_see_one_version_at_a_time(tiny
     reader, writer = Index.open(tmp_path / "idx"), Index.open(tmp_path / "idx")
     errors, stop = [], threading.Event()
 
-    def read(search: bool):
+    def read(idx: Index, search: bool):
         rng = np.random.default_rng(int(search))
         while not stop.is_set():
             try:
                 if search:
-                    reader.records([h.item for h in reader.search(texts=["Acme navy tee"], k=5)[0]])
+                    idx.records([h.item for h in idx.search(texts=["Acme navy tee"], k=5)[0]])
                 else:
-                    reader.records([int(rng.integers(len(reader)))])
+                    idx.records([int(rng.integers(len(idx)))])
             except Exception as e:  # noqa: BLE001 - any failure is the finding
                 errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=read, args=(s,)) for s in (True, False, False)]
+    threads = [threading.Thread(target=read, args=a) for a in ((reader, True), (reader, False), (reader, False),
+                                                                (writer, True))]
     for t in threads:
         t.start()
     try:
