@@ -47,7 +47,7 @@ import numpy as np
 from huse.runtime._lazy import lazy_import
 from huse.runtime._priority import PRIORITIES, set_thread_priority
 from huse.runtime.bundle import has_visual, is_multi_label
-from huse.runtime.catalog import Record, Shard, count_rows, iter_catalog, plan_shards
+from huse.runtime.catalog import Record, Shard, check_catalog_file, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError, row_error
 from huse.runtime.files import is_own_jsonl, one_writer, sha256_file
@@ -886,8 +886,7 @@ def _check_job(job: BulkJob) -> None:
                         "HEAD:6379, the catalog, bundle and --out on paths every node sees")
     if job.address:
         _check_reachable(job.address)
-    if not Path(job.data).is_file():
-        raise HuseError(f"catalog {job.data} does not exist")
+    check_catalog_file(job.data)
     if not Path(job.bundle).is_dir():
         raise HuseError(f"bundle {job.bundle} is not a folder; create one with `huse-export RUN --out BUNDLE`")
 

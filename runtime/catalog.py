@@ -35,7 +35,7 @@ from huse.runtime.labels import cell_text, parse_paths
 from huse.runtime.preprocess import confine_path, is_url
 
 __all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "records_from_rows", "plan_shards",
-           "count_rows"]
+           "count_rows", "check_catalog_file"]
 
 COLUMNS = ("image", "name", "classes", "product_id", "split")
 SPLITS = ("train", "val", "test")
@@ -100,7 +100,13 @@ def _format(path: Path) -> str:
     return fmt
 
 
-def _check_file(path: Path) -> None:
+def check_catalog_file(path: str | Path) -> None:
+    """Raise HuseError unless `path` is a file: a folder is named as one, with the command that makes a catalog
+    of the photos in it."""
+    path = Path(path)
+    if path.is_dir():
+        raise HuseError(f"catalog {path} is a folder; huse reads a catalog file (CSV, JSON Lines or Parquet). For a "
+                        f"folder of photos, write one first: huse data catalog {path}")
     if not path.is_file():
         raise HuseError(f"catalog {path} does not exist")
 
@@ -320,7 +326,7 @@ def iter_catalog(path: str | Path, images: str | Path | None = None, *, encoding
             (`title` without `name`), a wrong encoding.
     """
     path = Path(path)
-    _check_file(path)
+    check_catalog_file(path)
     base = str(images) if images is not None else str(path.parent)
     fmt = _format(path)
     if fmt == "parquet":
@@ -516,7 +522,7 @@ def plan_shards(path: str | Path, shard_rows: int, *, encoding: str | None = Non
     decoded or kept), so any worker can then read its block by seeking to its offset.
     """
     path = Path(path)
-    _check_file(path)
+    check_catalog_file(path)
     if _format(path) == "parquet":
         n = lazy_import("pyarrow.parquet", "scale").ParquetFile(path).metadata.num_rows
         return [Shard(k, s, min(shard_rows, n - s), 0, s + 1) for k, s in enumerate(range(0, n, shard_rows))]

@@ -108,7 +108,7 @@ def _bulk_options(fn):
     """The options `huse classify` and `huse embed` share (one copy, applied to both)."""
     options = [
         click.argument("bundle", type=click.Path(file_okay=False)),
-        click.option("--data", "data", type=click.Path(dir_okay=False),
+        click.option("--data", "data", type=click.Path(),
                      help="Products CSV, JSONL or Parquet with image and/or name columns.  [required]"),
         click.option("--images", type=click.Path(file_okay=False), help="Folder image paths resolve against (default: the file's folder)."),
         click.option("--encoding", help="Text encoding of a CSV/JSONL catalog (default UTF-8; e.g. latin-1, cp1252, utf-16)."),
@@ -368,7 +368,7 @@ def _data_or_embeddings(data, embeddings, data_options: tuple[str, ...]) -> None
 
 @index_group.command("build", context_settings={"show_default": True})
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
+@click.option("--data", type=click.Path(), help="Catalog CSV, JSONL or Parquet (image, name, classes, product_id).")
 @click.option("--embeddings", type=click.Path(file_okay=False),
               help="Instead of --data: the output folder of `huse embed BUNDLE --mode index` (run on a Ray cluster, or "
                    "resumed after a crash), read a shard at a time.")
@@ -411,7 +411,7 @@ def index_build(bundle, data, embeddings, images, out, kind, max_memory, precisi
 
 @index_group.command("add")
 @click.argument("index", type=click.Path(file_okay=False))
-@click.option("--data", type=click.Path(dir_okay=False), help="Catalog CSV, JSONL or Parquet of the products to add.")
+@click.option("--data", type=click.Path(), help="Catalog CSV, JSONL or Parquet of the products to add.")
 @click.option("--embeddings", type=click.Path(file_okay=False),
               help="Instead of --data: the output folder of `huse embed BUNDLE --mode index` (the index's bundle, at "
                    "its precision).")

@@ -11,7 +11,7 @@ from huse.runtime.cli import run_cli
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", "data", type=click.Path(dir_okay=False), multiple=True,
+@click.option("--data", "data", type=click.Path(), multiple=True,
               help="Catalog CSV, JSONL or Parquet: image,name,classes[,product_id,split] (a Parquet image column may hold "
                    "the photos themselves). Repeat it to train on several catalogs as one, e.g. yours and the "
                    "corrections `huse review export` wrote.")

@@ -97,3 +97,13 @@ def test_refusals_name_what_to_do(tmp_path, tiny_catalog):
         write_folder_catalog(folder)
     with pytest.raises(HuseError, match="is not a folder of photos"):
         write_folder_catalog(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("command", [["classify", "BUNDLE", "--out", "o.jsonl"], ["embed", "BUNDLE", "--out", "o"],
+                                     ["index", "build", "BUNDLE", "--out", "idx"], ["train", "--out", "run"]])
+def test_a_folder_given_as_the_catalog_names_the_command_that_makes_one(tiny_bundle, tmp_path, command):
+    args = [tiny_bundle if a == "BUNDLE" else tmp_path / a if a in ("o.jsonl", "o", "idx", "run") else a for a in command]
+    r = _run(*args, "--data", tmp_path)
+    assert r.exit_code == 1, r.output
+    assert f"catalog {tmp_path} is a folder; huse reads a catalog file (CSV, JSON Lines or Parquet). For a folder of " \
+           f"photos, write one first: huse data catalog {tmp_path}" in r.output
