@@ -175,8 +175,14 @@ def test_multi_label_run_reports_against_the_one_vs_rest_baseline(tiny_multi_run
 def test_printed_table_is_multi_label(tiny_multi_run):
     from huse.train.cli import format_metrics
 
-    text = format_metrics(json.loads((tiny_multi_run / "metrics.json").read_text()))
+    m = json.loads((tiny_multi_run / "metrics.json").read_text())
+    text = format_metrics(m)
     assert "micro-F1" in text and "mAP" in text and "one-vs-rest" in text and "top1" not in text
+    m["verdict"]["worse_modes"] = {}  # the verdict's line when no mode is below the baseline on val
+    for mode in ("image", "text", "fused"):
+        m["val"][mode]["micro_f1"] = m["baseline"]["val"][mode]["micro_f1"] + 0.01
+    assert format_metrics(m).splitlines()[-1].startswith(
+        "HUSE's micro-F1 beats the one-vs-rest logistic-regression baseline's on val in every mode.")
 
 
 def test_single_label_run_is_unchanged(tiny_run):

@@ -177,6 +177,29 @@ def test_run_reports_baselines_calibration_and_keeps_the_best_epoch(tiny_run):
     assert f"fused {min(folds):.2f}-{max(folds):.2f}" in format_metrics(m)  # the printed report shows the spread
 
 
+def test_the_verdict_says_beats_only_when_every_mode_is_above_and_names_a_test_split_that_disagrees(tiny_run):
+    """A tie on val is not a win, and a report whose test rows show HUSE below the baseline says so in words."""
+    import copy
+
+    from huse.train.cli import format_metrics
+
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    m["verdict"]["worse_modes"] = {}
+    for split in ("val", "test"):
+        for mode in ("image", "text", "fused"):
+            m[split][mode]["top1"], m["baseline"][split][mode]["top1"] = 0.9, 0.8
+    last = lambda metrics: format_metrics(metrics).splitlines()[-1]  # noqa: E731
+    assert last(m) == "HUSE beats the tuned logistic-regression baseline on val in every mode."
+    tied = copy.deepcopy(m)
+    tied["val"]["image"]["top1"] = 0.8
+    assert last(tied) == ("HUSE matches or beats the tuned logistic-regression baseline on val in every mode (equal in "
+                          "image).")
+    tied["test"]["fused"]["top1"] = 0.75
+    n = m["split_sizes"]["test"]
+    assert last(tied).endswith(f"(equal in image). On test it is below in fused (0.7500 < 0.8000) ({n} test items: "
+                               "small splits are noisy, and the settings were not chosen on test).")
+
+
 def test_early_stopping_stops_after_patience(tiny_catalog, tmp_path):
     from huse.train.data import load_catalog_dataset
 
