@@ -54,8 +54,6 @@ def _title_of_file_name(stem: str) -> str:
 
 def _sidecar_title(photo: Path) -> str | None:
     txt = photo.with_suffix(".txt")
-    if not txt.is_file():
-        return None
     try:
         text = txt.read_text(encoding="utf-8")[:MAX_TITLE_CHARS]
     except (OSError, UnicodeDecodeError) as e:
@@ -82,7 +80,7 @@ def write_folder_catalog(folder: str | Path, out: str | Path | None = None, *, c
     out = Path(out) if out is not None else folder / "catalog.csv"
     if out.exists():
         raise HuseError(f"{out} exists; choose another --out, or remove it to write it again")
-    base = out.resolve().parent
+    base, root = out.resolve().parent, folder.resolve()
     done = FolderCatalog(out)
     tmp = out.with_name(f".{out.name}.partial")
     try:
@@ -92,6 +90,11 @@ def write_folder_catalog(folder: str | Path, out: str | Path | None = None, *, c
             for here, dirs, files in os.walk(folder):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 rel = Path(here).relative_to(folder)
+                # paths are made per folder, not per photo (a million photos: a stat less each)
+                place = root / rel
+                prefix = f"{place.relative_to(base).as_posix()}/" if place.is_relative_to(base) else f"{place}{os.sep}"
+                prefix = "" if prefix == "./" else prefix
+                texts = {name[:-4] for name in files if name.endswith(".txt")}
                 cls = None
                 if classes_from_folders and rel.parts:
                     cls = SEPARATOR.join(rel.parts)
@@ -112,11 +115,11 @@ def write_folder_catalog(folder: str | Path, out: str | Path | None = None, *, c
                         elif suffix != ".txt":
                             done.other[suffix or "(none)"] = done.other.get(suffix or "(none)", 0) + 1
                         continue
-                    title = _sidecar_title(photo)
+                    stem = name[: len(name) - len(suffix)]
+                    title = _sidecar_title(photo) if stem in texts else None
                     if title is None and names_from_file_names:
-                        title = _title_of_file_name(photo.stem) or None
-                    absolute = photo.resolve()
-                    image = absolute.relative_to(base).as_posix() if absolute.is_relative_to(base) else str(absolute)
+                        title = _title_of_file_name(stem) or None
+                    image = prefix + name
                     w.writerow([image, title or "", cls or ""] if classes_from_folders else [image, title or ""])
                     done.photos += 1
                     done.titled += title is not None
