@@ -1558,8 +1558,8 @@ def _embed(clf, records, vecs: dict[str, np.ndarray], start: int, total: int, pr
         if s + len(chunk) > total:
             raise _changed(total)
         got, why = embed_products(clf, chunk)
-        for m, v in got.items():
-            vecs[m][s:s + len(chunk)] = v
+        for m, v in vecs.items():  # the index's modalities (one built without the bundle's visual vectors has none)
+            v[s:s + len(chunk)] = got[m]
         excluded.add({"item": start + s + i, "row": chunk[i].row, "product_id": chunk[i].product_id, "modality": mod,
                       "error": err} for i in range(len(chunk)) for mod in MODALITIES
                      if (err := why[mod].get(i)) is not None)

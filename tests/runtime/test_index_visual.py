@@ -113,6 +113,9 @@ def test_from_embeddings_without_visual_vectors_refuses_the_visual_space(tiny_bu
                                 progress=False)
     with pytest.raises(HuseError, match=r"has no visual vectors"):
         idx.search(images=[records[0].image], space="visual")
+    # an add embeds with the bundle, which has visual vectors: the index keeps its own modalities (a KeyError before)
+    assert idx.add(records[:3], replace=True, progress=False)["replaced"] == 3
+    assert set(idx.manifest["modalities"]) == {"image", "text"} and len(idx) == len(records) + 3
     # With them, a photo whose image or visual row failed is in neither index.
     image, visual = img.vectors.copy(), vis.vectors.copy()
     image[2], visual[5] = np.nan, np.nan
