@@ -203,6 +203,19 @@ print(calls[0])
 """
 
 
+def test_add_and_remove_find_products_whatever_their_ids_hold(tiny_bundle, tmp_path):
+    """An add or remove reads product ids off the start of each item's line: quotes, backslashes, other scripts
+    and ids that look like JSON are found as they are, and products without an id are never matched."""
+    ids = ['say "hi"', "C:\\tee", "tée-1", '{"row": 1}', "p, q"]
+    rows = [{"name": f"Acme navy tee {i}", "product_id": pid, "classes": "clothing<tops"} for i, pid in enumerate(ids)]
+    idx = Index.build(tiny_bundle, rows + [{"name": "Acme black tee"}], tmp_path / "idx", kind="flat", progress=False)
+    with pytest.raises(HuseError, match=r"5 product\(s\) of this catalog are already in the index"):
+        idx.add(rows, progress=False)
+    assert idx.add(rows[:2], replace=True, progress=False)["replaced"] == 2
+    assert idx.remove(ids + [""]) == {"removed": 5, "unknown": [""]}
+    assert [it["product_id"] for it in idx.items()] == ids + [None] + ids[:2]
+
+
 def test_threads_reading_one_index_while_it_grows_see_one_version_at_a_time(tiny_bundle, tiny_catalog, tmp_path):
     """`huse serve` searches on one thread and reads records and photos for the page on others: a search that
     reads the grown manifest again must not leave another thread's read with the item table cached before; and
