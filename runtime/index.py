@@ -1703,9 +1703,10 @@ class _Items:
                 shutil.copyfileobj(old, self.lines)
             self.offsets = array.array("q", previous._array("items.offsets.npy").astype(np.int64).tobytes())
             self.class_of = array.array("i", previous._array("items.class.npy").astype(np.int32).tobytes())
-            self.product = array.array("i", previous._array("items.product.npy").astype(np.int32).tobytes())
+            product = previous._array("items.product.npy").astype(np.int32)
+            self.product = array.array("i", product.tobytes())
             self.classes = {c: i for i, c in enumerate(previous.classes)}
-            self.n_products = max(self.product, default=-1) + 1
+            self.n_products = int(product.max()) + 1 if len(product) else 0
             if self.lines.tell() != self.offsets[-1]:
                 raise HuseError(f"index {previous.folder}: items.jsonl does not end where items.offsets.npy says; "
                                 "rebuild the index")
