@@ -365,7 +365,12 @@ def test_ray_engine_joins_a_running_cluster_and_starts_its_own_beside_one(tiny_b
             assert read_predictions(tmp_path / name) == read_predictions(tmp_path / "local")
     finally:
         os.killpg(head.pid, signal.SIGINT)  # --block: the head stops what it started (SIGTERM: after ~30 s)
-        head.wait(timeout=60)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # its shutdown, slow on a loaded machine, is not what this test checks
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+            subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)  # its daemons
         shutil.rmtree(temp, ignore_errors=True)
 
 
