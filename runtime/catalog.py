@@ -10,10 +10,11 @@ lacks, a wrong encoding found in the first 64 KiB) raise. Columns huse does not 
 a pandas index) are ignored: a catalog exported from a shop system is read as it is. `read_catalog`
 is the list form training uses; it stops at the first bad row, as training always has. With
 `confine=True` (for catalogs from third parties) an image path that is absolute, climbs out with `..`
-or resolves through a link outside the images folder is that row's error (preprocess.confine_path); off by default. A Parquet catalog may hold the photos
-themselves: an `image` column of binary values, or of structs {bytes, path} as Hugging Face `datasets`
-writes its Image feature (the bytes are used; a null `bytes` falls back to `path`). `plan_shards` finds where every block of N records starts
-(a byte offset for CSV/JSONL), so a worker can read its block without parsing the file before it.
+or resolves through a link outside the images folder is that row's error (preprocess.confine_path); off
+by default. A Parquet catalog may hold the photos themselves: an `image` column of binary values, or of
+structs {bytes, path} as Hugging Face `datasets` writes its Image feature (the bytes are used; a null
+`bytes` falls back to `path`). `plan_shards` finds where every block of N records starts (a byte offset
+for CSV/JSONL), so a worker can read its block without parsing the file before it.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def check_catalog_file(path: str | Path) -> None:
 _OTHER_NAMES = {"title": "name", "product_name": "name", "category": "classes", "categories": "classes",
                 "class": "classes", "label": "classes", "labels": "classes", "path": "image", "photo": "image",
                 "image_path": "image", "filename": "image", "file": "image", "id": "product_id", "sku": "product_id"}
+_MEANS = {**{c: c for c in COLUMNS}, **_OTHER_NAMES}  # a lower-case name -> the column it means
 log = logging.getLogger("huse.runtime")
 
 
@@ -123,10 +125,9 @@ def _meant(col: str) -> str | None:
     """The column huse reads that `col` most likely means (a case or spelling variant, another catalog's name
     for it, or its first word: `Image URL` -> image), or None."""
     key = str(col).strip().lower().replace(" ", "_").replace("-", "_")
-    first = key.split("_")[0]
-    for k in (key, first):
-        if k in COLUMNS or k in _OTHER_NAMES:
-            return k if k in COLUMNS else _OTHER_NAMES[k]
+    for k in (key, key.split("_")[0]):
+        if k in _MEANS:
+            return _MEANS[k]
     close = difflib.get_close_matches(key, COLUMNS, n=1, cutoff=0.8)  # clases, imgae, splits
     return close[0] if close else None
 

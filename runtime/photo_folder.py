@@ -108,7 +108,7 @@ def write_folder_catalog(folder: str | Path, out: str | Path | None = None, *, c
                 for name in sorted(files):
                     if name.startswith("."):
                         continue
-                    photo, suffix = Path(here) / name, Path(name).suffix.lower()
+                    suffix = Path(name).suffix.lower()
                     if suffix not in PHOTO_SUFFIXES:
                         if suffix in _HEIF_SUFFIXES:
                             done.heif += 1
@@ -116,7 +116,7 @@ def write_folder_catalog(folder: str | Path, out: str | Path | None = None, *, c
                             done.other[suffix or "(none)"] = done.other.get(suffix or "(none)", 0) + 1
                         continue
                     stem = name[: len(name) - len(suffix)]
-                    title = _sidecar_title(photo) if stem in texts else None
+                    title = _sidecar_title(Path(here) / name) if stem in texts else None
                     if title is None and names_from_file_names:
                         title = _title_of_file_name(stem) or None
                     image = prefix + name

@@ -471,11 +471,11 @@ def _decode(source: ImageInput, name: str | None, max_pixels: int, max_bytes: in
             raise HuseError(f"image {name}: {e}") from None
         if isinstance(e, Image.DecompressionBombError):
             raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
-        # Pillow names an in-memory file by its repr: an address that differs per process
-        # and tells a server's client nothing.
         what = _what_it_is(_head(source))
         if what:
             raise HuseError(f"image {name} could not be decoded: it is {what}") from None
+        # Pillow names an in-memory file by its repr: an address that differs per process
+        # and tells a server's client nothing.
         said = _OBJECT_REPR.sub("<bytes>", str(e))
         raise HuseError(f"image {name} could not be decoded ({type(e).__name__}: {said}); "
                         "check that the file is a complete JPEG/PNG/WebP image") from None
