@@ -14,6 +14,8 @@ Layout of an output directory (the clip-retrieval / autofaiss habit):
     _manifest.json            settings, and per finished shard: row range, counts, sha256 of its files
     _SUCCESS                  written last: the output is complete
 
+`--out X.jsonl` or `X.csv` (classify): the same shards in `X.shards/`, joined into that one file at the end.
+
 Shard k holds catalog records [k * shard_rows, (k + 1) * shard_rows). Work happens in
 `OUT.partial/`; a shard's files are written to temporary names and renamed, then listed in the
 manifest (itself replaced atomically), so a killed job never leaves a half shard that looks
@@ -29,6 +31,7 @@ while the model runs; the Ray engine runs it in a `map_batches` actor per worker
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -60,6 +63,7 @@ __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk"
 
 TASKS = ("classify", "embed")
 FORMATS = ("parquet", "jsonl")
+SINGLE_FILES = (".jsonl", ".csv")  # classify --out FILE: one file instead of a shard folder
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 LAYOUT_VERSION = 1
@@ -323,6 +327,51 @@ def _table_bytes(rows: list[dict[str, Any]], task: str, fmt: str, multi_label: b
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
+
+
+# `huse classify --out preds.csv`: one flat row per prediction, for spreadsheets (programs: JSONL or Parquet). A
+# list becomes one cell, its items joined by "|" (the separator of a catalog's class paths, so no label holds it),
+# its scores in a second cell in the same order; floats as Python writes them (they read back exactly).
+CSV_COLUMNS = ("row", "product_id", "image", "name", "classes", "mode", "label", "score", "needs_review", "top_k",
+               "top_k_scores", "path", "path_scores")
+CSV_MULTI_LABEL = ("labels", "label_scores")
+CSV_TAIL = ("warning", "error")
+
+
+def csv_header(multi_label: bool) -> list[str]:
+    return [*CSV_COLUMNS, *(CSV_MULTI_LABEL if multi_label else ()), *CSV_TAIL]
+
+
+def csv_cells(row: dict[str, Any], header: list[str]) -> list[str]:
+    """A prediction row (as the JSONL shards hold it) as the cells of `header`."""
+    flat = dict(row)
+    for key, scores in (("top_k", "top_k_scores"), ("path", "path_scores"), ("labels", "label_scores")):
+        if row.get(key) is not None:
+            flat[key] = "|".join(x["label"] for x in row[key])
+            flat[scores] = "|".join(repr(float(x["score"])) for x in row[key])
+    if row.get("needs_review") is not None:
+        flat["needs_review"] = "true" if row["needs_review"] else "false"
+    return ["" if flat.get(k) is None else str(flat[k]) for k in header]
+
+
+def _from_csv(cells: dict[str, str]) -> dict[str, Any]:
+    """A CSV prediction row back in the shape `iter_predictions` yields (the JSONL rows' shape)."""
+    def pairs(key: str, scores: str) -> list[dict[str, Any]]:
+        labels, values = cells.get(key) or "", cells.get(scores) or ""
+        return [{"label": a, "score": float(b)} for a, b in zip(labels.split("|"), values.split("|"))] if labels else []
+
+    row: dict[str, Any] = {k: v for k, v in cells.items() if v != "" and k in (*CSV_COLUMNS[:7], *CSV_TAIL)}
+    row["row"] = int(cells["row"])
+    if cells.get("score"):
+        row["score"] = float(cells["score"])
+    if cells.get("needs_review"):
+        row["needs_review"] = cells["needs_review"] == "true"
+    if cells.get("top_k"):
+        row["top_k"] = pairs("top_k", "top_k_scores")
+        row["path"] = [{"level": i, **p} for i, p in enumerate(pairs("path", "path_scores"), 1)]
+    if cells.get("labels"):
+        row["labels"] = pairs("labels", "label_scores")
+    return row
 
 
 def _npy_bytes(vectors: np.ndarray) -> bytes:
@@ -765,16 +814,18 @@ def run_bulk(job: BulkJob) -> BulkResult:
     """
     _check_job(job)
     target = Path(job.out)
-    single = target.suffix.lower() == ".jsonl"
-    if job.task != "classify" and target.suffix.lower() in (".jsonl", ".npy", ".parquet"):
+    suffix = target.suffix.lower()
+    single = suffix in SINGLE_FILES
+    if job.task != "classify" and suffix in (*SINGLE_FILES, ".npy", ".parquet"):
         raise HuseError(f"--out {target} names a file, but huse embed writes a folder (.npy vectors + a metadata "
                         f"table per shard); give --out a folder name such as {target.with_suffix('')}/, and read it "
                         "with huse.runtime.bulk.read_embeddings(FOLDER)")
-    if single:  # one JSONL file for small jobs: shards in OUT.shards, joined and renamed at the end
+    if single:  # one JSONL or CSV file: shards (JSONL) in OUT.shards, joined and renamed at the end
         _check_not_input(target, job)
         if target.is_dir():
-            raise HuseError(f"--out {target} is a folder; give a .jsonl file name or a folder name without .jsonl")
-        if not is_own_jsonl(target, "row", ("top_k", "error")):  # as a folder that is not a huse output is refused
+            raise HuseError(f"--out {target} is a folder; give a {suffix} file name or a folder name without {suffix}")
+        own = is_own_jsonl(target, "row", ("top_k", "error")) if suffix == ".jsonl" else _is_own_csv(target)
+        if not own:  # as a folder that is not a huse output is refused
             raise HuseError(f"--out {target} exists and is not predictions of huse classify; choose another path "
                             "(a previous output is replaced only when the new one is complete)")
         job = replace(job, out=str(target.with_name(target.name + ".shards")), format="jsonl")
@@ -828,7 +879,7 @@ def _run_bulk(job: BulkJob, target: Path, single: bool) -> BulkResult:
     else:
         result.out = output.partial
     if single and result.out == Path(job.out):
-        result.out = _join_jsonl(result.out, target)
+        result.out = _join(result.out, target, job)
     return result
 
 
@@ -840,20 +891,40 @@ def _check_not_input(out: Path, job: BulkJob) -> None:
         raise HuseError(f"--out {out} is the images folder; choose another path")
 
 
-def _join_jsonl(folder: Path, target: Path) -> Path:
-    """The shards of a complete output, in order, as one file (temp + rename), then the folder goes."""
+def _join(folder: Path, target: Path, job: BulkJob) -> Path:
+    """The JSONL shards of a complete output, in order, as one file (temp + rename), then the folder goes: the
+    shards' bytes as they are for a .jsonl target; a .csv one gets a header and a flat row per prediction, in
+    UTF-8 with a byte-order mark (without it, Excel reads non-ASCII titles as Windows-1252)."""
     m = _complete(folder)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
-            for fname in e["files"]:
-                with open(folder / fname, "rb") as part:
-                    shutil.copyfileobj(part, f)
-        f.flush()
-        os.fsync(f.fileno())
+    if target.suffix.lower() == ".csv":
+        header = csv_header(is_multi_label(json.loads((Path(job.bundle) / "manifest.json").read_text())))
+        with open(tmp, "w", encoding="utf-8-sig", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(csv_cells(row, header) for row in iter_predictions(folder))
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        with open(tmp, "wb") as f:
+            for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
+                for fname in e["files"]:
+                    with open(folder / fname, "rb") as part:
+                        shutil.copyfileobj(part, f)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, target)
     shutil.rmtree(folder)
     return target
+
+
+def _is_own_csv(path: Path) -> bool:
+    """Whether a CSV --out may be replaced: it is missing or empty, or a previous `huse classify` CSV."""
+    if not path.is_file():
+        return True
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        first = f.readline(1 << 16)
+    return not first.strip() or first.rstrip("\r\n").startswith(",".join(CSV_COLUMNS))
 
 
 def _check_job(job: BulkJob) -> None:
@@ -903,8 +974,12 @@ def _complete(folder: Path) -> dict[str, Any]:
 
 def iter_predictions(folder: str | Path) -> Iterator[dict[str, Any]]:
     """The rows of a complete output (predictions, or an embed output's metadata) in catalog order, streamed a
-    shard and a Parquet batch at a time: memory stays that of one batch, whatever the output's size."""
+    shard and a Parquet batch at a time: memory stays that of one batch, whatever the output's size. `folder`
+    may also be the one file `huse classify --out X.jsonl` or `X.csv` writes."""
     folder = Path(folder)
+    if folder.is_file():
+        yield from _iter_prediction_file(folder)
+        return
     m = _complete(folder)
     for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
         for fname in e["files"]:
@@ -915,6 +990,20 @@ def iter_predictions(folder: str | Path) -> Iterator[dict[str, Any]]:
                 pq = lazy_import("pyarrow.parquet", "scale")
                 for batch in pq.ParquetFile(folder / fname).iter_batches(batch_size=4096):
                     yield from batch.to_pylist()
+
+
+def _iter_prediction_file(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix.lower() == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            yield from (_from_csv(cells) for cells in csv.DictReader(f))
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HuseError(f"predictions {path}, line {n}: not JSON ({e.msg})") from None
 
 
 def read_predictions(folder: str | Path) -> list[dict[str, Any]]:

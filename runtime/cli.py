@@ -118,7 +118,7 @@ def _bulk_options(fn):
                           "an error naming it and its image is never read. Off by default: your own catalog may name "
                           "images anywhere."),
         click.option("--out", type=click.Path(),
-                     help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes a .jsonl file for small jobs.  [required]"),
+                     help="Output folder of shards + _manifest.json (+ _SUCCESS when complete); classify also takes one file: .jsonl, or .csv (a flat row per product, for spreadsheets).  [required]"),
         click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default="parquet", help="Shard file format."),
         click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int8-cpu"]), default="fp32",
@@ -269,20 +269,17 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
 
 
 def _first_rows(out, n: int) -> list[dict]:
-    """The first n rows of a classify output (a JSONL file or a shard folder), read no further than them."""
+    """The first n rows of a classify output (a JSONL or CSV file, or a shard folder), read no further than them."""
     import itertools
 
     from huse.runtime.bulk import iter_predictions
 
-    out = Path(out)
-    if out.is_file():
-        with open(out, encoding="utf-8") as f:
-            return [json.loads(line) for line in itertools.islice(f, n)]
     return list(itertools.islice(iter_predictions(out), n))
 
 
 def _describe_row(row: dict, truth: str | None, head: str | None = None) -> str:
-    head = head or f"row {row['row']}: {row['name']!r}"
+    # JSONL rows leave out what a row lacks: a photo-only product has no name (shown by its photo instead)
+    head = head or f"row {row['row']}: " + (repr(row["name"]) if row.get("name") else row.get("image") or "(no title)")
     if row.get("error"):
         return f"{head} -> error: {row['error']}"
     best = row["top_k"][0]
@@ -676,7 +673,7 @@ def _search_chunk(idx, chunk: list[tuple], batch: str | None, f, show: bool, **s
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="Ed25519 public key (PEM, repeatable): refuse the bundle and index unless signed by one.")
 @click.option("--review", type=click.Path(), help="Review queue at /#review: PREDS from `huse classify "
-              "--min-confidence P` (JSONL file or shard folder); its needs_review rows, least confident first.")
+              "--min-confidence P` (JSONL or CSV file, or shard folder); its needs_review rows, least confident first.")
 @click.option("--catalog", type=click.Path(dir_okay=False), help="The catalog PREDS was made from (with --review).")
 @click.option("--images", type=click.Path(file_okay=False), help="The only folder the page shows photos from "
               "(review rows, search results) (default: --catalog's folder).")

@@ -193,17 +193,8 @@ def last_decisions(entries: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def _prediction_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a `huse classify` output: one JSONL file (streamed), or a shard folder."""
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise HuseError(f"predictions {path}, line {n}: not JSON ({e.msg})") from None
-        return
-    if not path.is_dir():
+    """Rows of a `huse classify` output: one JSONL or CSV file, or a shard folder (streamed)."""
+    if not path.exists():
         raise HuseError(f"predictions {path} do not exist; make them with "
                         f"`huse classify BUNDLE --data CATALOG --out PREDS --min-confidence P`")
     from huse.runtime.bulk import iter_predictions

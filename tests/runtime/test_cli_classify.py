@@ -248,12 +248,82 @@ def test_info_verifies_the_bundle(tiny_bundle):
     assert r.exit_code == 0 and "files verified" in r.output
 
 
-@pytest.mark.parametrize("name", ["emb.npy", "emb.jsonl", "emb.parquet"])
+@pytest.mark.parametrize("name", ["emb.npy", "emb.jsonl", "emb.parquet", "emb.csv"])
 def test_embed_into_a_file_name_is_refused_naming_a_folder(tiny_bundle, catalog, tmp_path, name):
     r = _run("embed", tiny_bundle, "--data", catalog, "--out", tmp_path / name, "--no-progress")
     assert r.exit_code == 1 and "names a file, but huse embed writes a folder" in r.output, r.output
     assert f"such as {tmp_path / 'emb'}/" in r.output and "read_embeddings" in r.output
     assert [p.name for p in tmp_path.iterdir()] == ["cat"]  # nothing written beside the catalog
+
+
+def _odd_rows(catalog):
+    """The catalog with a row whose photo is missing (classified by its title, with a warning), one that has
+    nothing to classify (an error), one without a title and one with a non-ASCII title."""
+    rows = list(csv.DictReader(open(catalog, newline="", encoding="utf-8")))
+    rows[3]["name"] = ""
+    rows[5]["name"] = "Café crème tee «naïve», 日本製"
+    rows.append({**rows[0], "image": "images/does_not_exist.png", "product_id": "p-missing"})
+    rows.append({**rows[0], "image": "images/does_not_exist.png", "name": "", "product_id": "p-nothing"})
+    with open(catalog, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
+def test_classify_into_a_csv_file_gives_the_jsonl_answers_as_flat_cells(tiny_bundle, catalog, tmp_path):
+    """`--out preds.csv` is one spreadsheet-ready file (it used to be a folder of Parquet shards named preds.csv)."""
+    n = _odd_rows(catalog)
+    for name in ("preds.jsonl", "preds.csv"):
+        r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / name, "--min-confidence", 0.9,
+                 "--no-progress")
+        assert r.exit_code == 0, r.output
+    out = tmp_path / "preds.csv"
+    assert out.is_file() and not (tmp_path / "preds.csv.shards").exists()
+    assert out.read_bytes().startswith(b"\xef\xbb\xbfrow,product_id,image,name,classes,mode,label,score,")  # BOM: Excel
+    cells = list(csv.DictReader(open(out, encoding="utf-8-sig", newline="")))
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert len(cells) == len(preds) == n and list(cells[0]) == [
+        "row", "product_id", "image", "name", "classes", "mode", "label", "score", "needs_review", "top_k",
+        "top_k_scores", "path", "path_scores", "warning", "error"]
+    for c, p in zip(cells, preds):
+        assert int(c["row"]) == p["row"] and c["name"] == (p.get("name") or "") and c["error"] == p.get("error", "")
+        if "error" in p:
+            assert c["label"] == c["top_k"] == c["score"] == ""
+            continue
+        assert c["label"] == p["label"] and float(c["score"]) == p["score"]  # floats read back exactly
+        assert c["needs_review"] == ("true" if p["needs_review"] else "false")
+        assert c["top_k"].split("|") == [t["label"] for t in p["top_k"]]
+        assert [float(x) for x in c["top_k_scores"].split("|")] == [t["score"] for t in p["top_k"]]
+        assert c["path"].split("|") == [x["label"] for x in p["path"]]
+    assert cells[5]["name"] == "Café crème tee «naïve», 日本製"
+    assert "does_not_exist.png" in cells[-2]["warning"] and cells[-2]["label"] and not cells[-2]["error"]
+    assert "does_not_exist.png" in cells[-1]["error"]
+    # the file reads back as the JSONL rows do (--show, the review queue)
+    assert read_predictions(out) == read_predictions(tmp_path / "preds.jsonl")
+
+
+@pytest.mark.parametrize("out", ["preds.jsonl", "preds.csv", "preds"])
+def test_show_prints_rows_without_a_title_by_their_photo(tiny_bundle, catalog, tmp_path, out):
+    _odd_rows(catalog)
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / out, "--show", 6, "--no-progress")
+    assert r.exit_code == 0, r.output  # a JSONL row leaves the missing name out: --show raised KeyError
+    shown = [line for line in r.output.splitlines() if line.startswith("row ")]
+    assert len(shown) == 6 and shown[3].startswith("row 4: ") and "images/" in shown[3].split(" -> ")[0]
+    assert shown[5].startswith("row 6: 'Café crème tee «naïve», 日本製' -> ")
+
+
+def test_a_csv_out_that_is_not_predictions_is_never_replaced(tiny_bundle, catalog, tmp_path):
+    precious = tmp_path / "products.csv"  # the user's own sheet, say
+    precious.write_text("sku,price\nA1,9.99\n")
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", precious, "--no-progress")
+    assert r.exit_code == 1 and "exists and is not predictions of huse classify" in r.output, r.output
+    assert precious.read_text() == "sku,price\nA1,9.99\n"
+    preds = tmp_path / "preds.csv"
+    for _ in range(2):  # huse's own predictions are replaced by the next run
+        r = _run("classify", tiny_bundle, "--data", catalog, "--out", preds, "--no-progress")
+        assert r.exit_code == 0, r.output
+    assert len(preds.read_text(encoding="utf-8-sig").splitlines()) == 121
 
 
 def test_a_jsonl_out_that_is_not_predictions_is_never_replaced(tiny_bundle, catalog, tmp_path):

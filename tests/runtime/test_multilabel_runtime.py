@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -89,6 +90,21 @@ def test_bulk_shards_carry_labels_reviewed_per_label(tiny_multi_bundle, tiny_mul
         assert r["needs_review"] == any(x["needs_review"] for x in r["labels"])
     assert 0 < result.needs_review == sum(r["needs_review"] for r in rows) < 120
     assert result.known == 120  # rows with several paths are valid rows with classes
+
+
+def test_a_csv_output_lists_every_label_in_one_cell(tiny_multi_bundle, tiny_multi_catalog, tmp_path):
+    out = tmp_path / "preds.csv"
+    run_bulk(BulkJob(bundle=str(tiny_multi_bundle), data=str(tiny_multi_catalog), out=str(out), threads=1,
+                     progress=False))
+    run_bulk(BulkJob(bundle=str(tiny_multi_bundle), data=str(tiny_multi_catalog), out=str(tmp_path / "p.jsonl"),
+                     threads=1, progress=False))
+    cells = list(csv.DictReader(open(out, encoding="utf-8-sig", newline="")))
+    rows = read_predictions(tmp_path / "p.jsonl")
+    assert len(cells) == 120 and "labels" in cells[0] and "label_scores" in cells[0]
+    for c, r in zip(cells, rows):
+        assert c["labels"].split("|") == [x["label"] for x in r["labels"]]
+        assert [float(x) for x in c["label_scores"].split("|")] == [x["score"] for x in r["labels"]]
+    assert any("|" in c["labels"] for c in cells)  # some products get several paths
 
 
 def test_search_filter_matches_any_path(tiny_multi_bundle, tiny_multi_catalog, tmp_path):

@@ -37,6 +37,14 @@ def test_queue_lists_needs_review_rows_least_confident_first(preds, review_catal
                             "accept": 0, "correct": 0, "skip": 0}
 
 
+def test_a_csv_of_predictions_gives_the_same_queue(tiny_bundle, preds, review_catalog, labels, tmp_path):
+    threshold = min(p["score"] for p in _pred_rows(preds) if not p.get("needs_review"))  # preds' own --min-confidence
+    sheet = classify(tiny_bundle, review_catalog, tmp_path / "preds.csv", "--min-confidence", threshold)
+    a = ReviewQueue(preds, review_catalog, labels, journal=tmp_path / "a.jsonl")
+    b = ReviewQueue(sheet, review_catalog, labels, journal=tmp_path / "b.jsonl")
+    assert len(a.items) > 0 and b.items == a.items
+
+
 def test_a_catalog_named_by_a_relative_path_shows_its_photos(preds, review_catalog, labels, tmp_path, monkeypatch):
     from huse.runtime.serve.page import image_response
     from huse.runtime.serve.thumbs import Thumbnails
