@@ -53,7 +53,7 @@ from huse.runtime.bundle import has_visual, is_multi_label
 from huse.runtime.catalog import Record, Shard, check_catalog_file, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError, row_error
-from huse.runtime.files import is_own_jsonl, one_writer, sha256_file
+from huse.runtime.files import is_own_csv, is_own_jsonl, one_writer, sha256_file
 from huse.runtime.labels import parse_paths
 from huse.runtime.preprocess import is_url
 from huse.runtime.product_vectors import MODALITIES, embed_products, vector_widths
@@ -824,7 +824,8 @@ def run_bulk(job: BulkJob) -> BulkResult:
         _check_not_input(target, job)
         if target.is_dir():
             raise HuseError(f"--out {target} is a folder; give a {suffix} file name or a folder name without {suffix}")
-        own = is_own_jsonl(target, "row", ("top_k", "error")) if suffix == ".jsonl" else _is_own_csv(target)
+        own = (is_own_jsonl(target, "row", ("top_k", "error")) if suffix == ".jsonl"
+               else is_own_csv(target, CSV_COLUMNS))
         if not own:  # as a folder that is not a huse output is refused
             raise HuseError(f"--out {target} exists and is not predictions of huse classify; choose another path "
                             "(a previous output is replaced only when the new one is complete)")
@@ -916,15 +917,6 @@ def _join(folder: Path, target: Path, job: BulkJob) -> Path:
     os.replace(tmp, target)
     shutil.rmtree(folder)
     return target
-
-
-def _is_own_csv(path: Path) -> bool:
-    """Whether a CSV --out may be replaced: it is missing or empty, or a previous `huse classify` CSV."""
-    if not path.is_file():
-        return True
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        first = f.readline(1 << 16)
-    return not first.strip() or first.rstrip("\r\n").startswith(",".join(CSV_COLUMNS))
 
 
 def _check_job(job: BulkJob) -> None:

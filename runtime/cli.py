@@ -493,16 +493,45 @@ def index_info(index, trusted_keys) -> None:
     run_cli(body)
 
 
+# `huse search --out hits.csv`: a row per hit (rank 1..k of each query), for spreadsheets; a query without hits or
+# with an error is one row. `--out hits.jsonl` (any other name): one JSON object per query.
+HITS_CSV = ("query", "text", "image", "rank", "score", "product_id", "row", "name", "hit_image", "classes", "modality",
+            "item", "error")
+
+
 def _check_hits_out(out: Path, batch: str | None) -> None:
     """`huse search --out` replaces only earlier hits (or an empty file), never the queries it reads."""
-    from huse.runtime.files import is_own_jsonl
+    from huse.runtime.files import is_own_csv, is_own_jsonl
 
     if batch and out.resolve() == Path(batch).resolve():
         raise HuseError(f"--out {out} is the --batch file; choose another file")
     if out.is_dir():
-        raise HuseError(f"--out {out} is a folder; give a .jsonl file name")
-    if not is_own_jsonl(out, "query", ("hits", "error")):
+        raise HuseError(f"--out {out} is a folder; give a .jsonl or .csv file name")
+    own = is_own_csv(out, HITS_CSV) if out.suffix.lower() == ".csv" else is_own_jsonl(out, "query", ("hits", "error"))
+    if not own:
         raise HuseError(f"--out {out} exists and is not hits of huse search; choose another file")
+
+
+def _hits_writer(f, csv_out: bool):
+    """write(query, text, image, hits or None, error or None) for the --out file `f`: JSONL or CSV rows."""
+    if not csv_out:
+        def write(query, text, image, hits, error):
+            answer = {"error": error} if error else {"hits": [h.to_dict() for h in hits]}
+            f.write(json.dumps({"query": query, "text": text, "image": image, **answer}, ensure_ascii=False) + "\n")
+        return write
+    import csv
+
+    w = csv.writer(f)
+    w.writerow(HITS_CSV)
+
+    def write(query, text, image, hits, error):
+        head = [query, text or "", image or ""]
+        if error or not hits:
+            w.writerow(head + [""] * (len(HITS_CSV) - 4) + [error or ""])
+        for rank, h in enumerate(hits or (), 1):
+            w.writerow(head + [rank, repr(float(h.score)), h.product_id or "", "" if h.row is None else h.row,
+                               h.name or "", h.image or "", h.classes or "", h.modality, h.item, ""])
+    return write
 
 
 def _warn_unusable_images(failed: int, rows: int, first: str | None) -> None:
@@ -553,7 +582,8 @@ def _echo_index(idx) -> None:
                    "of --batch; --target image or product; an index built with a bundle that has visual vectors).")
 @click.option("--filter", "prefix", help="Only products under this hierarchy prefix, e.g. 'clothing<tops'.")
 @click.option("-k", "k", default=10, help="Hits per query.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the hits as JSONL (one object per query).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the hits to a file: JSONL (one object per "
+              "query), or with a .csv name a row per hit (query, rank, score, the product), for spreadsheets.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")
 @click.option("--threads", type=int, help="FAISS threads.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the index files used (trusted, read-only media).")
@@ -586,14 +616,16 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
             _check_hits_out(Path(out), batch)
         idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
                          trusted_keys=list(trusted_keys) or None)
-        f = open(out, "w", encoding="utf-8") if out else None
+        csv_out = bool(out) and Path(out).suffix.lower() == ".csv"  # with a BOM, for Excel (as classify's)
+        f = open(out, "w", encoding="utf-8-sig" if csv_out else "utf-8", newline="" if csv_out else None) if out else None
+        write = _hits_writer(f, csv_out) if f is not None else None
         n, failed, first_error = 0, 0, None
         try:
             chunk, following = next(chunks, []), None
             while chunk:
                 following = next(chunks, [])
-                errors = _search_chunk(idx, chunk, batch, f, show=f is None or (n == 0 and len(chunk) == 1
-                                                                                and not following),
+                errors = _search_chunk(idx, chunk, batch, write, show=f is None or (n == 0 and len(chunk) == 1
+                                                                                    and not following),
                                        k=k, target=target, filter=prefix, space=space)
                 n, failed = n + len(chunk), failed + len(errors)
                 first_error = first_error or (errors[min(errors)] if errors else None)
@@ -615,9 +647,9 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
 SEARCH_CHUNK = 1024  # queries of a --batch file searched at once
 
 
-def _search_chunk(idx, chunk: list[tuple], batch: str | None, f, show: bool, **search) -> dict[int, str]:
-    """Search one chunk of (label, title, photo, the row's own error) queries; write each query's hits (or error) to
-    `f`, print them when `show`, and each error to stderr. Returns the errors by position."""
+def _search_chunk(idx, chunk: list[tuple], batch: str | None, write, show: bool, **search) -> dict[int, str]:
+    """Search one chunk of (label, title, photo, the row's own error) queries; `write` each query's hits (or error)
+    (`_hits_writer`), print them when `show`, and each error to stderr. Returns the errors by position."""
     labels, texts, images = [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]
     errors = {i: c[3] for i, c in enumerate(chunk) if c[3]}
     # A --batch file's titles are not queries in the visual space: its photos are.
@@ -633,9 +665,8 @@ def _search_chunk(idx, chunk: list[tuple], batch: str | None, f, show: bool, **s
         q_image = q_image if isinstance(q_image, str) else None  # a photo held in a Parquet file: its row
         if i in errors:
             click.echo(errors[i], err=True)
-        if f is not None:
-            answer = {"error": errors[i]} if i in errors else {"hits": [h.to_dict() for h in hits[i]]}
-            f.write(json.dumps({"query": label, "text": q_text, "image": q_image, **answer}, ensure_ascii=False) + "\n")
+        if write is not None:
+            write(label, q_text, q_image, None if i in errors else hits[i], errors.get(i))
         if show and i not in errors:
             click.echo(f"{label}: {q_text or ''} {q_image or ''}".rstrip())
             for rank, h in enumerate(hits[i], 1):

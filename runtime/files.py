@@ -79,6 +79,16 @@ def is_own_jsonl(path: str | Path, key: str, any_of: tuple[str, ...]) -> bool:
     return isinstance(row, dict) and key in row and any(k in row for k in any_of)
 
 
+def is_own_csv(path: str | Path, header: tuple[str, ...]) -> bool:
+    """`is_own_jsonl` for a CSV output: missing or empty, or its first line starts with the `header` its command
+    writes (a byte-order mark before it is allowed: huse writes one for Excel)."""
+    if not Path(path).is_file():
+        return True
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        first = f.readline(1 << 16)
+    return not first.strip() or first.startswith(",".join(header))
+
+
 @contextlib.contextmanager
 def one_writer(lock: str | Path, busy: str, remove: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on the file `lock` (created if missing) for the block; while another process

@@ -610,6 +610,39 @@ def test_search_batch_reads_and_answers_its_queries_a_chunk_at_a_time(flat_index
     assert (tmp_path / "chunks.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
 
 
+def test_search_batch_into_a_csv_gives_a_row_per_hit(flat_index, tiny_catalog, tmp_path):
+    """`--out hits.csv`: the JSONL answers as a spreadsheet, a row per hit; a failed query is one row with its error.
+    Only an earlier hits CSV is replaced."""
+    from click.testing import CliRunner
+
+    from huse.runtime.cli import main
+
+    rows = list(csv.DictReader(open(tiny_catalog)))[:4]
+    rows[2] = {"name": "", "image": "gone.png"}  # fails: the photo is missing and there is no title
+    write_rows(tmp_path / "q.csv", rows)
+    args = ["search", str(flat_index), "--batch", str(tmp_path / "q.csv"), "-k", "3", "--out"]
+    for name in ("h.jsonl", "h.csv"):
+        r = CliRunner().invoke(main, [*args, str(tmp_path / name)])
+        assert r.exit_code == 0 and "4 queries -> " in r.output and "1 failed" in r.output, r.output
+    answers = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert (tmp_path / "h.csv").read_bytes().startswith(b"\xef\xbb\xbfquery,text,image,rank,score,product_id,")
+    cells = list(csv.DictReader(open(tmp_path / "h.csv", encoding="utf-8-sig", newline="")))
+    assert len(cells) == 3 + 3 + 1 + 3
+    for a in answers:
+        mine = [c for c in cells if c["query"] == a["query"]]
+        if "error" in a:
+            assert len(mine) == 1 and mine[0]["error"] == a["error"] and mine[0]["rank"] == ""
+            continue
+        assert [int(c["rank"]) for c in mine] == [1, 2, 3] and all(c["text"] == a["text"] for c in mine)
+        assert [(int(c["item"]), float(c["score"]), c["product_id"], c["hit_image"], c["classes"]) for c in mine] == [
+            (h["item"], h["score"], h["product_id"], h["image"], h["classes"]) for h in a["hits"]]
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("sku,price\nA1,9.99\n")
+    r = CliRunner().invoke(main, [*args, str(sheet)])
+    assert r.exit_code == 1 and "exists and is not hits of huse search" in r.output, r.output
+    assert sheet.read_text() == "sku,price\nA1,9.99\n"
+
+
 def test_index_build_and_add_warn_when_most_photos_fail(tiny_bundle, tiny_catalog, tmp_path):
     """A wrong --images leaves every photo out: the index is still written (titles work), with a warning."""
     from click.testing import CliRunner
