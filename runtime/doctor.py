@@ -12,8 +12,11 @@ machine without a usable GPU it says why and exits 1: it never reports a GPU res
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,46 @@ import click
 from huse.runtime._lazy import lazy_import
 from huse.runtime.cli import run_cli
 
-__all__ = ["engine_lines", "environment", "main"]
+__all__ = ["engine_lines", "environment", "extras", "main", "summary"]
+
+
+# Extras for people who develop huse itself, left out of the report.
+_DEV_EXTRAS = ("dev", "bench", "decoders")
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*([^;]*?)\s*(?:;(.*))?$")
+
+
+def extras() -> dict[str, Any]:
+    """Each extra of the installed huse-edge (from its own metadata: pyproject.toml's lists), with the version of each
+    package it needs here, None where one is missing, and whether a version is outside the range asked for."""
+    try:
+        requires = importlib.metadata.requires("huse-edge") or []
+    except importlib.metadata.PackageNotFoundError:
+        return {"error": "huse-edge is not installed as a package (run from a source tree?): pip install -e ."}
+    try:
+        from packaging.specifiers import SpecifierSet  # pip's own dependency; present in nearly every venv
+    except ImportError:
+        SpecifierSet = None  # noqa: N806 (presence is still checked)
+    out: dict[str, Any] = {}
+    for line in requires:
+        m = _REQUIREMENT.match(line)
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", (m.group(3) or "") if m else "")
+        if not m or not extra or extra.group(1) in _DEV_EXTRAS:
+            continue
+        name, spec = m.group(1), m.group(2).strip()
+        entry = out.setdefault(extra.group(1), {"packages": {}, "outdated": [], "installed": True})
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+            if name.startswith("tensorrt") and importlib.util.find_spec("tensorrt") is not None:
+                version = "from the system (JetPack's python3-libnvinfer, not pip)"  # what Jetsons have
+        entry["packages"][name] = version
+        if version is None:
+            entry["installed"] = False
+        elif (SpecifierSet is not None and spec and version[0].isdigit()
+              and not SpecifierSet(spec).contains(version, prereleases=True)):
+            entry["outdated"].append(f"{name} {version} (needs {spec})")
+    return out
 
 
 def environment() -> dict[str, Any]:
@@ -34,7 +76,8 @@ def environment() -> dict[str, Any]:
 
     usable, reason, info = gpu_status()
     env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
-                           "jetson": Path("/etc/nv_tegra_release").exists(), "gpu": {"usable": usable, "reason": reason, **info}}
+                           "jetson": Path("/etc/nv_tegra_release").exists(), "extras": extras(),
+                           "gpu": {"usable": usable, "reason": reason, **info}}
     try:
         import onnxruntime as ort
 
@@ -76,18 +119,58 @@ def engine_lines(manifest: dict) -> list[str]:
     return lines or ["no TensorRT engines in this bundle (the runtime builds them on first use)"]
 
 
+def summary(env: dict[str, Any]) -> list[str]:
+    """`environment()` for people: what is installed, what runs the graphs, and why the rest cannot."""
+    try:
+        version = importlib.metadata.version("huse-edge")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(not installed)"
+    lines = [f"huse-edge {version}, Python {env['python']} on {env['machine']}" + (", Jetson" if env["jetson"] else "")]
+    ex = env["extras"]
+    if "error" in ex:
+        lines.append(f"extras: {ex['error']}")
+    else:
+        lines.append("extras (pip install 'huse-edge[NAME]'):")
+        for name, e in ex.items():
+            if e["installed"]:
+                state = "yes  " + ", ".join(f"{p} {v}" for p, v in e["packages"].items())
+                if e["outdated"]:
+                    state += "; too old or new: " + ", ".join(e["outdated"])
+            else:
+                state = "no   missing " + ", ".join(p for p, v in e["packages"].items() if v is None)
+            lines.append(f"  {name:9}{state}")
+    ort = env["onnxruntime"]
+    if "error" in ort:
+        lines.append(f"onnxruntime: {ort['error']}")
+    else:
+        cuda = "yes" if ort["cuda"]["usable"] else f"no ({ort['cuda']['reason']})"
+        lines.append(f"onnxruntime {ort['version']}: {', '.join(ort['providers'])}; CUDA: {cuda}")
+    gpu, build = env["gpu"], env["tensorrt_build"]
+    lines.append("GPU: " + ("yes" if gpu["usable"] else f"no ({gpu['reason']})"))
+    if gpu.get("driver_mismatch"):
+        lines.append(f"  {gpu['driver_mismatch']}")
+    lines.append("TensorRT engine builds: " + ("yes" if build["supported"] else
+                                               "no (the GPU's reason)" if build["reason"] == gpu["reason"] else
+                                               f"no ({build['reason']})"))
+    return lines
+
+
 @click.command()
 @click.option("--gpu", "bundle", type=click.Path(exists=True, file_okay=False),
               help="Run the GPU acceptance on this bundle (needs an NVIDIA GPU or Jetson with TensorRT).")
 @click.option("--out", default="gpu-acceptance", type=click.Path(file_okay=False), show_default=True)
 @click.option("--eval-size", default=1000, show_default=True)
-def main(bundle, out, eval_size) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the machine's report as JSON (for scripts) instead of lines.")
+def main(bundle, out, eval_size, as_json) -> None:
     """Check this machine; with --gpu BUNDLE, run the one-time GPU acceptance and write a report."""
     def body():
         env = environment()
-        click.echo(json.dumps(env, indent=1))
         auto = env["auto_backend"]
-        click.echo(f"backend: {auto['backend']} on {auto['device']} ({auto['reason']})")
+        if as_json:  # auto_backend is in it
+            click.echo(json.dumps(env, indent=1))
+        else:
+            click.echo("\n".join(summary(env)))
+            click.echo(f"backend: {auto['backend']} on {auto['device']} ({auto['reason']})")
         if bundle is None:
             return
         from huse.runtime.bundle import load_manifest
