@@ -461,7 +461,8 @@ def _iter_parquet(path: Path, base: str, shard: Shard | None, confine: bool) -> 
 
 
 def read_catalog(path: str | Path, images: str | Path | None = None, *, require: tuple[str, ...] = (),
-                 encoding: str | None = None, confine: bool = False, keep_bad_rows: bool = False) -> list[Record]:
+                 encoding: str | None = None, confine: bool = False, keep_bad_rows: bool = False,
+                 why: str = "") -> list[Record]:
     """Read a whole catalog file (for training: it stops at the first bad row).
 
     Args:
@@ -470,6 +471,7 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
         require: columns that must be present (e.g. ("classes",) for training).
         encoding, confine: see `iter_catalog`.
         keep_bad_rows: return a bad row's Record with its `error` (the caller skips or stops) instead of raising.
+        why: what the caller needs the required columns for, added to the error naming the missing ones.
     Returns:
         One Record per data row, in file order.
     Raises:
@@ -477,7 +479,7 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
     """
     path = Path(path)
     records = []
-    for r in iter_catalog(path, images, encoding=encoding, confine=confine):
+    for r in iter_catalog(path, images, encoding=encoding, confine=confine):  # first: it names misnamed columns
         if r.error and not keep_bad_rows:
             raise HuseError(f"{path}, {r.error}")
         records.append(r)
@@ -485,7 +487,8 @@ def read_catalog(path: str | Path, images: str | Path | None = None, *, require:
         present = _present_columns(path, encoding)
         missing = [c for c in require if c not in present]
         if missing:
-            raise HuseError(f"{path}: column(s) {missing} are required; the file has {sorted(present)}")
+            raise HuseError(f"{path}: column(s) {missing} are required; the file has {sorted(present)}"
+                            + (f". {why}" if why else ""))
     return records
 
 

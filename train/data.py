@@ -112,10 +112,16 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
     return ds
 
 
+# Why training needs both columns, and what works without one of them.
+TWO_TOWERS = ("huse-train trains an image tower and a text tower on the same products, so it needs their photos "
+              "(column image) and titles (column name); it does not train on titles alone or photos alone. A model "
+              "trained on both classifies titles alone (huse classify --mode text) and photos alone (--mode image)")
+
+
 def _read_rows(ds: Dataset, path: str | Path, images: str | Path | None, skip_bad_rows: bool, several: bool) -> None:
     """Append one catalog's rows to `ds` (split "" where the catalog gives none); a bad row raises, or is
     skipped and recorded with `skip_bad_rows` (with its catalog when there are `several`)."""
-    records = read_catalog(path, images, require=("image", "name", "classes"), keep_bad_rows=True)  # both towers
+    records = read_catalog(path, images, require=("image", "name", "classes"), keep_bad_rows=True, why=TWO_TOWERS)
     first = len(ds.images)
     for r in records:
         try:

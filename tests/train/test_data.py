@@ -158,8 +158,11 @@ def test_training_needs_photos_and_titles_and_says_so(tmp_path, tiny_catalog):
             for r in rows:
                 w.writerow([str(tiny_catalog.parent / r[c]) if c == "image" else r[c] for c in columns])
         missing = ({"image", "name"} - set(columns)).pop()
-        with pytest.raises(HuseError, match=rf"{name}: column\(s\) \['{missing}'\] are required"):
+        with pytest.raises(HuseError, match=rf"{name}: column\(s\) \['{missing}'\] are required") as e:
             load_catalog_dataset(tmp_path / name)
+        # why, and what works without one of them (a title-only feed is a common first catalog)
+        assert "does not train on titles alone or photos alone" in str(e.value)
+        assert "huse classify --mode text" in str(e.value)
     with open(tmp_path / "untitled.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "name", "classes"])
