@@ -82,6 +82,7 @@ rename (`Index._writing`), so a kill at any instant leaves the index as it was o
 
 from __future__ import annotations
 
+import difflib
 import array
 import contextlib
 import itertools
@@ -721,8 +722,14 @@ class Index:
             # a class code is a product's whole set of paths: it matches if any of its paths does
             codes = [i for i, c in enumerate(self.classes) if matches_prefix(c, prefix)]
             if not codes:
-                roots = sorted({p.split(SEPARATOR)[0] for c in self.classes for p in c.split(PATH_SEPARATOR)})
-                raise HuseError(f"filter {filter!r} matches no class in index {self.folder}; top-level classes: {roots}")
+                paths = {p for c in self.classes for p in c.split(PATH_SEPARATOR)}
+                roots = sorted({p.split(SEPARATOR)[0] for p in paths})
+                nodes = {SEPARATOR.join(p.split(SEPARATOR)[:n]) for p in paths for n in range(1, p.count(SEPARATOR) + 2)}
+                close = difflib.get_close_matches(prefix, nodes, n=1, cutoff=0.8) or [
+                    n for n in sorted(nodes) if n.lower() == prefix.lower()]
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise HuseError(f"filter {filter!r} matches no class in index {self.folder}; {hint}"
+                                f"top-level classes: {roots}")
             under = np.isin(self._array("items.class.npy"), codes)
             mask = under if mask is None else mask & under
         return mask

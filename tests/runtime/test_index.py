@@ -73,8 +73,12 @@ def test_filter_restricts_to_hierarchy_prefix(flat_index, records):
     hits = idx.search(texts=["Acme black boots"], k=50, target="image", filter="clothing<tops")[0]
     n_tops = sum(r.classes.startswith("clothing<tops<") for r in records)
     assert len(hits) == min(50, n_tops) and all(h.classes.startswith("clothing<tops<") for h in hits)
-    with pytest.raises(HuseError, match="matches no class"):
+    with pytest.raises(HuseError, match="matches no class") as e:
         idx.search(texts=["x"], k=5, filter="furniture")
+    assert "did you mean" not in str(e.value)
+    for typo, meant in (("clothing<top", "clothing<tops"), ("Clothing<Tops", "clothing<tops"), ("Shoes", "shoes")):
+        with pytest.raises(HuseError, match=f"did you mean '{meant}'\\? top-level classes: "):
+            idx.search(texts=["x"], k=5, filter=typo)
 
 
 def test_k_larger_than_index(flat_index, records):
