@@ -338,11 +338,11 @@ CSV_MULTI_LABEL = ("labels", "label_scores")
 CSV_TAIL = ("warning", "error")
 
 
-def csv_header(multi_label: bool) -> list[str]:
+def _csv_header(multi_label: bool) -> list[str]:
     return [*CSV_COLUMNS, *(CSV_MULTI_LABEL if multi_label else ()), *CSV_TAIL]
 
 
-def csv_cells(row: dict[str, Any], header: list[str]) -> list[str]:
+def _csv_cells(row: dict[str, Any], header: list[str]) -> list[str]:
     """A prediction row (as the JSONL shards hold it) as the cells of `header`."""
     flat = dict(row)
     for key, scores in (("top_k", "top_k_scores"), ("path", "path_scores"), ("labels", "label_scores")):
@@ -360,8 +360,8 @@ def _from_csv(cells: dict[str, str]) -> dict[str, Any]:
         labels, values = cells.get(key) or "", cells.get(scores) or ""
         return [{"label": a, "score": float(b)} for a, b in zip(labels.split("|"), values.split("|"))] if labels else []
 
-    row: dict[str, Any] = {k: v for k, v in cells.items() if v != "" and k in (*CSV_COLUMNS[:7], *CSV_TAIL)}
-    row["row"] = int(cells["row"])
+    text = ("product_id", "image", "name", "classes", "mode", "label", "warning", "error")  # as written
+    row: dict[str, Any] = {"row": int(cells["row"]), **{k: cells[k] for k in text if cells.get(k)}}
     if cells.get("score"):
         row["score"] = float(cells["score"])
     if cells.get("needs_review"):
@@ -899,11 +899,11 @@ def _join(folder: Path, target: Path, job: BulkJob) -> Path:
     m = _complete(folder)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if target.suffix.lower() == ".csv":
-        header = csv_header(is_multi_label(json.loads((Path(job.bundle) / "manifest.json").read_text())))
+        header = _csv_header(is_multi_label(json.loads((Path(job.bundle) / "manifest.json").read_text())))
         with open(tmp, "w", encoding="utf-8-sig", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
-            w.writerows(csv_cells(row, header) for row in iter_predictions(folder))
+            w.writerows(_csv_cells(row, header) for row in iter_predictions(folder))
             f.flush()
             os.fsync(f.fileno())
     else:
