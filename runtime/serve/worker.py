@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gc
 import io
 import itertools
@@ -396,13 +397,12 @@ async def _serve(sock: socket.socket) -> None:
                    traceback="".join(traceback.format_exception(e)))
         return frame({"t": "done", "id": rid, "error": "internal", "message": f"{type(e).__name__}: {e}"})
 
-    async def handle(rid: int, model: str, items: Items) -> None:
-        try:
-            outcome = await batchers[model].submit(items, len(items))
-        except (asyncio.CancelledError, Exception) as e:  # cancelled: the front stopped waiting
-            outcome = e
-        finally:
-            tasks.pop(rid, None)
+    def finished(rid: int, model: str, task: asyncio.Task) -> None:
+        """Every request's task ends with its "done" frame, which is what frees its place in the front's queue:
+        also one cancelled before it ever ran (the front's cancel read in the same turn as the request, as when a
+        large request outlives its deadline while it arrives), whose coroutine never reaches a try block."""
+        tasks.pop(rid, None)
+        outcome = asyncio.CancelledError() if task.cancelled() else task.exception() or task.result()
         writer.write(answer(rid, model, outcome))
 
     loop = asyncio.get_running_loop()
@@ -420,7 +420,8 @@ async def _serve(sock: socket.socket) -> None:
                     if done:
                         writer.write(answer(rid, model, outcome))
                         continue
-                tasks[rid] = loop.create_task(handle(rid, model, items))
+                tasks[rid] = task = loop.create_task(batchers[model].submit(items, len(items)))
+                task.add_done_callback(functools.partial(finished, rid, model))
             elif kind == "cancel":
                 task = tasks.get(head["id"])
                 if task is not None:
