@@ -293,6 +293,18 @@ def test_full_queue_refuses_before_reading_the_body(start_server):
     assert metric(s.url, "huse_errors_total", kind="overloaded") >= 1
 
 
+def test_a_refused_client_that_sends_its_whole_body_first_gets_the_503(start_server):
+    """A client that closes after one request (`Connection: close`, as Python's urllib sends) and writes its
+    whole body before it reads: the 503 written from the headers reaches it. The server used to close the
+    connection at once, and the kernel answered the rest of the body with a reset, which lost the 503 (10 of
+    20 such 23 MB requests in a flood got ECONNRESET instead of 503 + Retry-After)."""
+    s = start_server("--max-batch", "1", "--max-queue", "1")
+    with queue_held(s):
+        status, headers, body = post(s.url + "/v1/classify", b"x" * 20_000_000, None, 30)
+    assert status == 503 and b"at capacity" in body, (status, body[:200])
+    assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+
+
 def test_flooded_server_sheds_load_and_stays_live(start_server, tmp_path):
     """A bounded flood (hey, 64 connections, 3 s, loopback) against a small queue: every request gets
     200, 503 or 504, liveness answers throughout, and the server answers normally afterwards.
