@@ -53,7 +53,7 @@ from huse.runtime.bundle import has_visual, is_multi_label
 from huse.runtime.catalog import Record, Shard, check_catalog_file, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError, row_error
-from huse.runtime.files import is_own_csv, is_own_jsonl, one_writer, sha256_file
+from huse.runtime.files import CSV_ENCODING, is_own_csv, is_own_jsonl, one_writer, sha256_file
 from huse.runtime.labels import parse_paths
 from huse.runtime.preprocess import is_url
 from huse.runtime.product_vectors import MODALITIES, embed_products, vector_widths
@@ -894,13 +894,11 @@ def _check_not_input(out: Path, job: BulkJob) -> None:
 
 def _join(folder: Path, target: Path, job: BulkJob) -> Path:
     """The JSONL shards of a complete output, in order, as one file (temp + rename), then the folder goes: the
-    shards' bytes as they are for a .jsonl target; a .csv one gets a header and a flat row per prediction, in
-    UTF-8 with a byte-order mark (without it, Excel reads non-ASCII titles as Windows-1252)."""
-    m = _complete(folder)
+    shards' bytes as they are for a .jsonl target; a .csv one gets a header and a flat row per prediction."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if target.suffix.lower() == ".csv":
         header = _csv_header(is_multi_label(json.loads((Path(job.bundle) / "manifest.json").read_text())))
-        with open(tmp, "w", encoding="utf-8-sig", newline="") as f:
+        with open(tmp, "w", encoding=CSV_ENCODING, newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(_csv_cells(row, header) for row in iter_predictions(folder))
@@ -908,7 +906,7 @@ def _join(folder: Path, target: Path, job: BulkJob) -> Path:
             os.fsync(f.fileno())
     else:
         with open(tmp, "wb") as f:
-            for e in sorted(m["shards"].values(), key=lambda e: e["shard"]):
+            for e in sorted(_complete(folder)["shards"].values(), key=lambda e: e["shard"]):
                 for fname in e["files"]:
                     with open(folder / fname, "rb") as part:
                         shutil.copyfileobj(part, f)
@@ -986,7 +984,7 @@ def iter_predictions(folder: str | Path) -> Iterator[dict[str, Any]]:
 
 def _iter_prediction_file(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding=CSV_ENCODING, newline="") as f:
             yield from (_from_csv(cells) for cells in csv.DictReader(f))
         return
     with open(path, encoding="utf-8") as f:

@@ -512,15 +512,21 @@ def _check_hits_out(out: Path, batch: str | None) -> None:
         raise HuseError(f"--out {out} exists and is not hits of huse search; choose another file")
 
 
-def _hits_writer(f, csv_out: bool):
-    """write(query, text, image, hits or None, error or None) for the --out file `f`: JSONL or CSV rows."""
-    if not csv_out:
+def _hits_file(out: str):
+    """The --out file, opened, and write(query, text, image, hits or None, error or None) for it: JSONL lines, or
+    with a .csv name CSV rows (HITS_CSV)."""
+    from huse.runtime.files import CSV_ENCODING
+
+    if Path(out).suffix.lower() != ".csv":
+        f = open(out, "w", encoding="utf-8")
+
         def write(query, text, image, hits, error):
             answer = {"error": error} if error else {"hits": [h.to_dict() for h in hits]}
             f.write(json.dumps({"query": query, "text": text, "image": image, **answer}, ensure_ascii=False) + "\n")
-        return write
+        return f, write
     import csv
 
+    f = open(out, "w", encoding=CSV_ENCODING, newline="")
     w = csv.writer(f)
     w.writerow(HITS_CSV)
 
@@ -531,7 +537,7 @@ def _hits_writer(f, csv_out: bool):
         for rank, h in enumerate(hits or (), 1):
             w.writerow(head + [rank, repr(float(h.score)), h.product_id or "", "" if h.row is None else h.row,
                                h.name or "", h.image or "", h.classes or "", h.modality, h.item, ""])
-    return write
+    return f, write
 
 
 def _warn_unusable_images(failed: int, rows: int, first: str | None) -> None:
@@ -616,9 +622,7 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
             _check_hits_out(Path(out), batch)
         idx = Index.open(index, bundle=bundle, verify=not no_verify, threads=threads,
                          trusted_keys=list(trusted_keys) or None)
-        csv_out = bool(out) and Path(out).suffix.lower() == ".csv"  # with a BOM, for Excel (as classify's)
-        f = open(out, "w", encoding="utf-8-sig" if csv_out else "utf-8", newline="" if csv_out else None) if out else None
-        write = _hits_writer(f, csv_out) if f is not None else None
+        f, write = _hits_file(out) if out else (None, None)
         n, failed, first_error = 0, 0, None
         try:
             chunk, following = next(chunks, []), None
@@ -649,7 +653,7 @@ SEARCH_CHUNK = 1024  # queries of a --batch file searched at once
 
 def _search_chunk(idx, chunk: list[tuple], batch: str | None, write, show: bool, **search) -> dict[int, str]:
     """Search one chunk of (label, title, photo, the row's own error) queries; `write` each query's hits (or error)
-    (`_hits_writer`), print them when `show`, and each error to stderr. Returns the errors by position."""
+    (`_hits_file`), print them when `show`, and each error to stderr. Returns the errors by position."""
     labels, texts, images = [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk]
     errors = {i: c[3] for i, c in enumerate(chunk) if c[3]}
     # A --batch file's titles are not queries in the visual space: its photos are.

@@ -31,6 +31,7 @@ __all__ = ["engine_lines", "environment", "extras", "main", "summary"]
 # Extras for people who develop huse itself, left out of the report.
 _DEV_EXTRAS = ("dev", "bench", "decoders")
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*([^;]*?)\s*(?:;(.*))?$")
+_EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
 def extras() -> dict[str, Any]:
@@ -47,7 +48,7 @@ def extras() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for line in requires:
         m = _REQUIREMENT.match(line)
-        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", (m.group(3) or "") if m else "")
+        extra = _EXTRA.search((m.group(3) or "") if m else "")
         if not m or not extra or extra.group(1) in _DEV_EXTRAS:
             continue
         name, spec = m.group(1), m.group(2).strip()

@@ -79,12 +79,17 @@ def is_own_jsonl(path: str | Path, key: str, any_of: tuple[str, ...]) -> bool:
     return isinstance(row, dict) and key in row and any(k in row for k in any_of)
 
 
+# huse's CSV outputs (classify's predictions, search's hits): UTF-8 with a byte-order mark, without which Excel
+# reads non-ASCII titles as Windows-1252 (Python reads them with this codec too).
+CSV_ENCODING = "utf-8-sig"
+
+
 def is_own_csv(path: str | Path, header: tuple[str, ...]) -> bool:
     """`is_own_jsonl` for a CSV output: missing or empty, or its first line starts with the `header` its command
-    writes (a byte-order mark before it is allowed: huse writes one for Excel)."""
+    writes (after the byte-order mark of CSV_ENCODING)."""
     if not Path(path).is_file():
         return True
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    with open(path, encoding=CSV_ENCODING, errors="replace") as f:
         first = f.readline(1 << 16)
     return not first.strip() or first.startswith(",".join(header))
 

@@ -82,9 +82,9 @@ rename (`Index._writing`), so a kill at any instant leaves the index as it was o
 
 from __future__ import annotations
 
-import difflib
 import array
 import contextlib
+import difflib
 import itertools
 import json
 import math
