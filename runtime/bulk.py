@@ -144,6 +144,10 @@ class BulkResult:
     first_image_error: str | None = None
     known: int = 0  # rows with classes the bundle has that were classified
     right: int = 0  # of those, top-1 == classes
+    # multi-label: over those rows, predicted labels among the row's classes, labels predicted, classes given
+    labels_right: int = 0
+    labels_predicted: int = 0
+    labels_given: int = 0
     unknown_classes: int = 0  # rows classified whose classes the bundle does not have (not in the accuracy)
 
     @property
@@ -425,10 +429,14 @@ def _counts(rows: list[dict[str, Any]], labels: set[str]) -> dict[str, Any]:
     # Accuracy counts the rows whose classes the bundle has: a class it never learnt (another taxonomy, a new
     # category) cannot be its answer, and is counted apart rather than as wrong.
     known = [(r, paths) for r, paths in given if labels.intersection(paths)]
+    # A multi-label row's predicted set against its classes (those the bundle has): micro-F1's three counts.
+    sets = [({x["label"] for x in r["labels"]}, labels.intersection(paths)) for r, paths in known if "labels" in r]
     return {"errors": sum(r.get("error") is not None for r in rows), "warnings": len(warn),
             # right: the top-1 label is one of the row's classes (for one path: equal to it)
             "known": len(known), "right": sum(r["label"] in paths for r, paths in known),
             "unknown_classes": len(given) - len(known),
+            **({"labels_right": sum(len(p & t) for p, t in sets), "labels_predicted": sum(len(p) for p, _ in sets),
+                "labels_given": sum(len(t) for _, t in sets)} if sets else {}),
             "needs_review": sum(bool(r.get("needs_review")) for r in rows),
             "image_failures": len(img_fail), "first_image_error": img_fail[0] if img_fail else None}
 
@@ -872,6 +880,8 @@ def _run_bulk(job: BulkJob, target: Path, single: bool) -> BulkResult:
     result.first_image_error = next((e["first_image_error"] for e in entries if e.get("first_image_error")), None)
     result.known = sum(e.get("known", 0) for e in entries)
     result.right = sum(e.get("right", 0) for e in entries)
+    for key in ("labels_right", "labels_predicted", "labels_given"):
+        setattr(result, key, sum(e.get(key, 0) for e in entries))
     result.unknown_classes = sum(e.get("unknown_classes", 0) for e in entries)
     result.classified = result.rows - result.errors
     if job.max_shards is None or output.partial == output.out:

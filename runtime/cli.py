@@ -253,6 +253,9 @@ def _bulk(task, *, bundle, data, images, encoding, confine_images, out, fmt, bac
         msg += f"; {r.items_per_s:.0f} items/s"
     if r.known:
         msg += f"; top-1 accuracy on rows with classes: {r.right / r.known:.4f}"
+    if r.labels_given:  # a multi-label bundle: how its label sets match the rows' classes
+        msg += (f"; label sets: micro-F1 {2 * r.labels_right / (r.labels_predicted + r.labels_given):.4f} "
+                f"(precision {r.labels_right / max(r.labels_predicted, 1):.4f}, recall {r.labels_right / r.labels_given:.4f})")
     if r.unknown_classes:
         msg += (f"; {r.unknown_classes} rows have classes the bundle does not have (left out of the accuracy: "
                 "another taxonomy, or classes it was not trained on)")

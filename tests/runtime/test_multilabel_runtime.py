@@ -90,6 +90,11 @@ def test_bulk_shards_carry_labels_reviewed_per_label(tiny_multi_bundle, tiny_mul
         assert r["needs_review"] == any(x["needs_review"] for x in r["labels"])
     assert 0 < result.needs_review == sum(r["needs_review"] for r in rows) < 120
     assert result.known == 120  # rows with several paths are valid rows with classes
+    # the summary's label-set counts (micro-F1 of `huse classify`), recounted from the rows
+    sets = [({x["label"] for x in r["labels"]}, set(parse_paths(r["classes"]))) for r in rows]
+    assert (result.labels_right, result.labels_predicted, result.labels_given) == (
+        sum(len(p & t) for p, t in sets), sum(len(p) for p, _ in sets), sum(len(t) for _, t in sets))
+    assert 0 < result.labels_right < result.labels_given and any(len(t) > 1 for _, t in sets)
 
 
 def test_a_csv_output_lists_every_label_in_one_cell(tiny_multi_bundle, tiny_multi_catalog, tmp_path):
