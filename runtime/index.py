@@ -7,8 +7,9 @@
     idx.search(texts=["black leather ankle boots"], k=10, target="image", filter="shoes<boots")
 
 HUSE puts photos and titles in one L2-normalised space, so any query modality can search any
-target. There is one FAISS index per target modality (image, text); `target="product"` searches
-both and keeps one hit per product_id (the best of its photos and title). A query with both a
+target. There is one FAISS index per target modality (image, text); `target="text"` lists each product's
+title once (its photos' rows share it), and `target="product"` searches both and keeps one hit per
+product_id (the best of its photos and title). A query with both a
 photo and a title is the fused query: normalise(w * image + (1 - w) * text), w being the
 bundle's fusion weight.
 
@@ -657,7 +658,7 @@ class Index:
             texts: query titles (None entries where a query has only a photo).
             images: query photos (paths, bytes, PIL images, arrays; None where a query has only a title).
             k: hits per query (fewer when the index, or the filter, holds fewer).
-            target: "image" (product photos), "text" (product titles) or "product" (one hit per
+            target: "image" (product photos), "text" (product titles, each product's once) or "product" (one hit per
                 product_id, the best of its photos and title).
             filter: a hierarchy prefix, e.g. "clothing<tops": only products of that subtree.
             space: "universal" (the default): products of this kind, class level, any query modality against
@@ -708,6 +709,8 @@ class Index:
             raise HuseError(f"query vectors have dim {queries.shape[1]}; the index holds dim {self._width(name)} "
                             f"in space {space!r}")
         allowed = self._allowed(filter)
+        if target == "text":
+            return self._search_titles(queries, k, allowed)
         if target != "product":
             scores, ids = self._search_mod(name, queries, k, allowed)
             return [self._hits(s, i, name) for s, i in zip(scores, ids)]
@@ -725,8 +728,9 @@ class Index:
                 paths = {p for c in self.classes for p in c.split(PATH_SEPARATOR)}
                 roots = sorted({p.split(SEPARATOR)[0] for p in paths})
                 nodes = {SEPARATOR.join(p.split(SEPARATOR)[:n]) for p in paths for n in range(1, p.count(SEPARATOR) + 2)}
+                # a misspelling, another case, or the start of a longer name ('health' for 'health & wellness')
                 close = difflib.get_close_matches(prefix, nodes, n=1, cutoff=0.8) or [
-                    n for n in sorted(nodes) if n.lower() == prefix.lower()]
+                    n for n in sorted(nodes, key=len) if n.lower().startswith(prefix.lower())]
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise HuseError(f"filter {filter!r} matches no class in index {self.folder}; {hint}"
                                 f"top-level classes: {roots}")
@@ -785,6 +789,31 @@ class Index:
             ranked = sorted(best.values(), key=lambda t: -t[0])[:k]
             items = self._items([i for _, i, _ in ranked])
             out.append([Hit(item=i, score=s, modality=m, **items[i]) for s, i, m in ranked])
+        return out
+
+    def _search_titles(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[list[Hit]]:
+        """target "text": each product's title once. A product's photos are rows that usually share its title,
+        so the text index holds that title once per photo: k hits of one product's six rows would be one answer
+        six times. A hit is the best-scoring row of its (product, title); more candidates are read until k are
+        distinct or the index has no more."""
+        product = self._array("items.product.npy")
+        n = max(self.manifest["modalities"]["text"]["count"] - self._removed_in("text"), 1)
+        out: list[list[Hit] | None] = [None] * len(queries)
+        todo, kk = np.arange(len(queries)), min(4 * k, n)
+        while len(todo):
+            scores, ids = self._search_mod("text", queries[todo], kk, allowed)
+            items = self._items(sorted({int(i) for i in ids.ravel() if i >= 0}))
+            short = []
+            for q, row_scores, row_ids in zip(todo.tolist(), scores, ids):
+                hits, seen = [], set()
+                for s, i in zip(row_scores.tolist(), row_ids.tolist()):
+                    if i >= 0 and (product[i], items[i]["name"]) not in seen:
+                        seen.add((product[i], items[i]["name"]))
+                        hits.append(Hit(item=i, score=s, modality="text", **items[i]))
+                if len(hits) < k and kk < n:
+                    short.append(q)
+                out[q] = hits[:k]
+            todo, kk = np.asarray(short, dtype=np.int64), min(2 * kk, n)
         return out
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray, mod: str) -> list[Hit]:

@@ -76,9 +76,41 @@ def test_filter_restricts_to_hierarchy_prefix(flat_index, records):
     with pytest.raises(HuseError, match="matches no class") as e:
         idx.search(texts=["x"], k=5, filter="furniture")
     assert "did you mean" not in str(e.value)
-    for typo, meant in (("clothing<top", "clothing<tops"), ("Clothing<Tops", "clothing<tops"), ("Shoes", "shoes")):
+    for typo, meant in (("clothing<top", "clothing<tops"), ("Clothing<Tops", "clothing<tops"), ("Shoes", "shoes"),
+                        ("clo", "clothing")):  # the start of a longer name
         with pytest.raises(HuseError, match=f"did you mean '{meant}'\\? top-level classes: "):
             idx.search(texts=["x"], k=5, filter=typo)
+
+
+def test_text_target_gives_each_product_title_once(tiny_bundle, tiny_catalog, tmp_path):
+    """A product's photos share its title, so the text index holds that title once per photo; a search for
+    titles lists it once (the best of its rows), and k hits are k titles."""
+    from huse.runtime import Classifier
+
+    rows = list(csv.DictReader(open(tiny_catalog, newline="")))[:60]
+    for i, r in enumerate(rows):  # products of three photos and one title each
+        first = rows[i - i % 3]
+        r.update(product_id=f"p{i // 3}", name=first["name"], classes=first["classes"])
+    idx = Index.build(tiny_bundle, rows, tmp_path / "idx", images=tiny_catalog.parent, kind="flat", progress=False)
+    query = "Acme black boots"
+    hits = idx.search(texts=[query], k=8, target="text")[0]
+    keys = [(h.product_id, h.name) for h in hits]
+    assert len(keys) == 8 == len(set(keys))
+    # exact scores of every row's title; the hits are the 8 best distinct (product, title) pairs
+    q = idx.embed_queries(texts=[query])[0]
+    with Classifier(tiny_bundle, threads=1) as clf:
+        scores = clf.embed_text([r["name"] for r in rows]).vectors @ q
+    order = np.argsort(-scores, kind="stable")
+    assert len({(rows[i]["product_id"], rows[i]["name"]) for i in order[:8]}) < 8  # rows alone repeat titles
+    best = {}
+    for i in order:
+        best.setdefault((rows[i]["product_id"], rows[i]["name"]), float(scores[i]))
+    np.testing.assert_allclose([h.score for h in hits], sorted(best.values(), reverse=True)[:8], atol=1e-5)
+    assert all(best[key] == pytest.approx(h.score, abs=1e-5) for key, h in zip(keys, hits))
+    # under a filter, and for many queries at once, the same rule
+    for hits in idx.search(texts=[query, "Birch navy tee"], k=5, target="text", filter="clothing"):
+        keys = [(h.product_id, h.name) for h in hits]
+        assert len(keys) == 5 == len(set(keys)) and all(h.classes.startswith("clothing<") for h in hits)
 
 
 def test_k_larger_than_index(flat_index, records):
@@ -133,10 +165,12 @@ def test_adding_products_already_in_the_index_is_refused_unless_replacing(tiny_b
                                          replace=True)
     assert r["added"] == r["replaced"] == len(updated)
     idx = Index.open(tmp_path / "idx")
-    hits = idx.search(texts=["Zanzibar quilted tote"], k=len(rows), target="text")[0]
+    hits = idx.search(texts=["Zanzibar quilted tote"], k=len(rows), target="image")[0]
     assert [h.product_id for h in hits].count(product) == len(updated)  # once per row, not twice
     assert {h.name for h in hits if h.product_id == product} == {"Zanzibar quilted tote"}
     assert len(hits) == len(rows[::2])
+    titles = idx.search(texts=["Zanzibar quilted tote"], k=len(rows), target="text")[0]
+    assert [(h.product_id, h.name) for h in titles if h.product_id == product] == [(product, "Zanzibar quilted tote")]
 
     # A row without product_id cannot be an update (it was added as a new product, again at each run).
     before = files()
