@@ -797,7 +797,12 @@ class Index:
         six times. A hit is the best-scoring row of its (product, title); more candidates are read until k are
         distinct or the index has no more."""
         product = self._array("items.product.npy")
-        n = max(self.manifest["modalities"]["text"]["count"] - self._removed_in("text"), 1)
+        if allowed is None:
+            n = self.manifest["modalities"]["text"]["count"] - self._removed_in("text")
+        else:  # the rows a filtered search can return: no candidate list longer than them
+            n = int((allowed & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF["text"]]) > 0)).sum())
+        if n == 0:
+            return [[] for _ in queries]
         out: list[list[Hit] | None] = [None] * len(queries)
         todo, kk = np.arange(len(queries)), min(4 * k, n)
         while len(todo):
