@@ -794,9 +794,8 @@ class Index:
     def _search_titles(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[list[Hit]]:
         """target "text": each product's title once. A product's photos are rows that usually share its title,
         so the text index holds that title once per photo: k hits of one product's six rows would be one answer
-        six times. A hit is the best-scoring row of its (product, title); more candidates are read until k are
-        distinct or the index has no more."""
-        product = self._array("items.product.npy")
+        six times. A hit is the best-scoring row of its (product_id, title), rows without a product_id sharing one
+        (a title is the answer here); more candidates are read until k are distinct or the index has no more."""
         if allowed is None:
             n = self.manifest["modalities"]["text"]["count"] - self._removed_in("text")
         else:  # the rows a filtered search can return: no candidate list longer than them
@@ -812,8 +811,9 @@ class Index:
             for q, row_scores, row_ids in zip(todo.tolist(), scores, ids):
                 hits, seen = [], set()
                 for s, i in zip(row_scores.tolist(), row_ids.tolist()):
-                    if i >= 0 and (product[i], items[i]["name"]) not in seen:
-                        seen.add((product[i], items[i]["name"]))
+                    key = (items[i]["product_id"], items[i]["name"]) if i >= 0 else None
+                    if key is not None and key not in seen:
+                        seen.add(key)
                         hits.append(Hit(item=i, score=s, modality="text", **items[i]))
                 if len(hits) < k and kk < n:
                     short.append(q)

@@ -111,6 +111,11 @@ def test_text_target_gives_each_product_title_once(tiny_bundle, tiny_catalog, tm
     for hits in idx.search(texts=[query, "Birch navy tee"], k=5, target="text", filter="clothing"):
         keys = [(h.product_id, h.name) for h in hits]
         assert len(keys) == 5 == len(set(keys)) and all(h.classes.startswith("clothing<") for h in hits)
+    # rows without a product_id: each is a product of its own, and each title is listed once all the same
+    rows = [{key: v for key, v in r.items() if key != "product_id"} for r in rows]
+    idx = Index.build(tiny_bundle, rows, tmp_path / "idx2", images=tiny_catalog.parent, kind="flat", progress=False)
+    names = [h.name for h in idx.search(texts=[query], k=6, target="text")[0]]
+    assert len(names) == 6 == len(set(names)) and len(idx.search(texts=[query], k=6, target="product")[0]) == 6
 
 
 def test_k_larger_than_index(flat_index, records):
