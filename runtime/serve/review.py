@@ -239,6 +239,13 @@ class ReviewQueue:
         preds: dict[int, dict[str, Any]] = {}
         for p in _prediction_rows(self.predictions):
             if p.get("needs_review") and not p.get("error") and p.get("top_k"):
+                if p.get("labels"):  # a decision here is one class: accepting would drop the product's others
+                    raise HuseError(
+                        f"{self.predictions} holds a multi-label bundle's predictions (row {p['row']} has a `labels` "
+                        "set); the review page decides one class per row, and its export would keep only that class "
+                        "of each product, so it reviews single-label predictions only. Review label sets in the "
+                        "predictions file itself (`huse classify ... --out preds.csv`: the labels, label_scores and "
+                        "needs_review columns)")
                 # only what a reviewer sees: the queue of a million-row output stays small
                 preds[int(p["row"])] = {"name": p.get("name"), "label": p["label"], "score": p["score"],
                                         "mode": p.get("mode"), "top_k": p["top_k"][:TOP]}

@@ -278,3 +278,18 @@ def test_export_of_a_missing_or_foreign_file_is_one_line(tmp_path):
     other.write_text('{"row": 1}\n')
     with pytest.raises(HuseError, match="not a huse review journal"):
         read_journal(other)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_multi_label_predictions_are_refused_not_reviewed_one_class_a_row(tiny_multi_bundle, tiny_multi_catalog,
+                                                                         tmp_path, fmt):
+    """Accepting a row decides one class, and the export would write it alone: a product's other labels lost."""
+    from huse.runtime.bulk import BulkJob, run_bulk
+
+    out = tmp_path / f"preds.{fmt}"
+    run_bulk(BulkJob(bundle=str(tiny_multi_bundle), data=str(tiny_multi_catalog), out=str(out), min_confidence=0.8,
+                     threads=1, progress=False))
+    with pytest.raises(HuseError, match=r"multi-label bundle's predictions \(row \d+ has a `labels` set\).*"
+                                        r"reviews single-label predictions only"):
+        ReviewQueue(out, tiny_multi_catalog, ["x"], journal=tmp_path / "j.jsonl")
+    assert not (tmp_path / "j.jsonl").exists()
