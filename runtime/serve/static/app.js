@@ -108,9 +108,20 @@ function renderPrediction(r) {
   const problem = r.error || r.warning || "";
   $("pred-problem").hidden = !problem;
   $("pred-problem").textContent = problem;
-  const path = $("class-path"), topk = $("topk");
+  const path = $("class-path"), topk = $("topk"), labels = $("labels");
   path.replaceChildren();
   topk.replaceChildren();
+  labels.replaceChildren();
+  // A multi-label bundle's answer is a set: every class at or above its own threshold (none: the best alone).
+  $("h-labels").hidden = labels.hidden = !r.labels;
+  const alone = (r.labels || []).some((x) => x.score < x.threshold);
+  $("labels-note").textContent = alone ? "(no class reached its threshold: the best one alone)"
+                                       : "(each class at or above its threshold)";
+  for (const x of r.labels || []) {
+    labels.append(el("li", {"data-label": x.label, "data-score": String(x.score)},
+      el("span", {class: "name", title: `${x.label} (threshold ${fmt(x.threshold)})`, text: x.label}), bar(x.score),
+      el("span", {class: "score", text: fmt(x.score)})));
+  }
   for (const p of r.path || []) {
     path.append(el("li", {"data-label": p.label, "data-score": String(p.score)},
       el("span", {class: "name", title: p.label},

@@ -263,6 +263,31 @@ def test_a_dropped_photo_is_the_query(browser, search_server, tiny_bundle, tiny_
         want = clf.classify(images=[photo.read_bytes()])[0]
     assert [li.get_attribute("data-label") for li in css(browser, "#topk li")] == [t["label"] for t in want["top_k"]]
     assert by_id(browser, "pred-mode").text == "(image)"
+    assert not by_id(browser, "labels").is_displayed()  # a single-label bundle has no label set
+
+
+def test_a_multi_label_bundle_shows_its_label_set(browser, tiny_multi_bundle, tiny_multi_catalog):
+    from tests.runtime.serve.conftest import ServerProcess
+
+    titles = [r["name"] for r in csv.DictReader(open(tiny_multi_catalog, newline=""))]
+    with Classifier(tiny_multi_bundle, backend="onnxruntime", threads=1) as clf:
+        title, want = next((t, r) for t, r in zip(titles, clf.classify(titles=titles)) if len(r["labels"]) > 1)
+    s = ServerProcess(tiny_multi_bundle)
+    try:
+        open_page(browser, s.url + "/")
+        wait(browser, lambda d: d.execute_script("return document.querySelectorAll('#prefixes option').length > 0"))
+        by_id(browser, "title").send_keys(title)
+        by_id(browser, "go").click()
+        wait(browser, lambda d: css(d, "#labels li"), what="the label set")
+        shown = [(li.get_attribute("data-label"), float(li.get_attribute("data-score")))
+                 for li in css(browser, "#labels li")]
+        assert [label for label, _ in shown] == [x["label"] for x in want["labels"]]
+        np.testing.assert_allclose([score for _, score in shown], [x["score"] for x in want["labels"]], atol=SCORE_TOL)
+        assert by_id(browser, "h-labels").is_displayed() and by_id(browser, "pred-mode").text == "(text)"
+        assert by_id(browser, "labels-note").get_attribute("textContent") == "(each class at or above its threshold)"
+    finally:
+        s.stop()
+        s.log.close()
 
 
 def test_every_control_has_a_label(browser, search_server):
