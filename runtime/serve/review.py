@@ -10,6 +10,10 @@ at once each append their own lines, so nothing is overwritten: the last decisio
 and every decision stays in the file. Its first line is a header naming the catalog (and its
 sha256, so a journal is never continued against a catalog that changed under it).
 
+A multi-label bundle's row (a `labels` set in PREDS) is decided as a set: accepting keeps the predicted
+set, correcting gives another ("a<b|c"), and the journal and the export hold it as a `classes` cell, so a
+product keeps all its labels.
+
 `export_corrections(JOURNAL, OUT)` (`huse review export`) writes the accepted and corrected rows
 as a catalog `huse-train` reads: image,name,classes,product_id, with the image paths as the
 catalog names them (train with `--images` set to the catalog's images folder).
@@ -35,6 +39,7 @@ from huse.runtime.catalog import iter_catalog
 from huse.runtime.errors import HuseError
 from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.hierarchy import canonical
+from huse.runtime.labels import PATH_SEPARATOR, parse_paths
 
 __all__ = ["ACTIONS", "ReviewItem", "Journal", "ReviewQueue", "export_corrections", "default_journal"]
 
@@ -62,6 +67,14 @@ class ReviewItem:
     top_k: list[dict[str, Any]]  # up to TOP {label, score}
     problem: str | None = None  # why the photo cannot be shown (a refused or missing path)
     held: bool = False  # the catalog holds the photo itself (Parquet bytes): shown from its copy
+    # A multi-label bundle's predicted label set, best first (None: single-label). Its `top_k` then holds
+    # these and the top TOP, and a decision is a set: accept keeps this one, correct gives another.
+    labels: list[str] | None = None
+
+    @property
+    def predicted(self) -> str:
+        """What accepting decides: the top-1, or the label set as a catalog's `classes` cell."""
+        return self.label if self.labels is None else PATH_SEPARATOR.join(parse_paths(PATH_SEPARATOR.join(self.labels)))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -239,21 +252,21 @@ class ReviewQueue:
         preds: dict[int, dict[str, Any]] = {}
         for p in _prediction_rows(self.predictions):
             if p.get("needs_review") and not p.get("error") and p.get("top_k"):
-                if p.get("labels"):  # a decision here is one class: accepting would drop the product's others
-                    raise HuseError(
-                        f"{self.predictions} holds a multi-label bundle's predictions (row {p['row']} has a `labels` "
-                        "set); the review page decides one class per row, and its export would keep only that class "
-                        "of each product, so it reviews single-label predictions only. Review label sets in the "
-                        "predictions file itself (`huse classify ... --out preds.csv`: the labels, label_scores and "
-                        "needs_review columns)")
                 # only what a reviewer sees: the queue of a million-row output stays small
+                top_k, labels, order = p["top_k"][:TOP], None, float(p["score"])
+                if p.get("labels"):  # a label set: its labels and the top TOP are the choices, by score
+                    labels = [x["label"] for x in p["labels"]]
+                    scores = {t["label"]: t["score"] for t in p["top_k"]} | {x["label"]: x["score"] for x in p["labels"]}
+                    top_k = [{"label": c, "score": scores[c]} for c in sorted(
+                        set(labels) | {t["label"] for t in top_k}, key=lambda c: (-float(scores[c]), c))]
+                    order = min(float(x["score"]) for x in p["labels"])  # its least confident label first
                 preds[int(p["row"])] = {"name": p.get("name"), "label": p["label"], "score": p["score"],
-                                        "mode": p.get("mode"), "top_k": p["top_k"][:TOP]}
+                                        "mode": p.get("mode"), "top_k": top_k, "labels": labels, "order": order}
         if not preds:
             raise HuseError(f"no row of {self.predictions} is marked needs_review; classify with "
                             f"`huse classify BUNDLE --data CATALOG --out PREDS --min-confidence P` (rows whose "
                             f"top-1 score is below P need review)")
-        order = sorted(preds, key=lambda r: (float(preds[r]["score"]), r))
+        order = sorted(preds, key=lambda r: (preds[r]["order"], r))
         base = os.path.abspath(self.images)
         found: dict[int, Any] = {}
         for rec in iter_catalog(self.catalog, self.images, confine=True):
@@ -277,8 +290,8 @@ class ReviewQueue:
             items.append(ReviewItem(pos=pos, row=row, name=rec.name if rec.name is not None else p.get("name"),
                                     product_id=rec.product_id, image=rel, classes=rec.classes, label=p["label"],
                                     score=float(p["score"]), mode=p.get("mode"),
-                                    top_k=[{"label": t["label"], "score": float(t["score"])} for t in p["top_k"][:TOP]],
-                                    problem=rec.error, held=isinstance(rec.image, bytes)))
+                                    top_k=[{"label": t["label"], "score": float(t["score"])} for t in p["top_k"]],
+                                    problem=rec.error, held=isinstance(rec.image, bytes), labels=p["labels"]))
         return items, paths
 
     # -- reading -----------------------------------------------------------------------------
@@ -342,9 +355,10 @@ class ReviewQueue:
 
         Args:
             row: the catalog row.
-            action: "accept" (the top-1 is right), "correct" (with `label`) or "skip".
-            label: the right class, for "correct": one of the bundle's classes. Correcting to the
-                top-1 is recorded as accept.
+            action: "accept" (the top-1 is right; for a multi-label row, its label set), "correct" (with
+                `label`) or "skip".
+            label: the right class, for "correct": one of the bundle's classes (a multi-label row: one or
+                several, separated by "|"). Correcting to the prediction is recorded as accept.
             reviewer: who decided (free text, kept in the journal).
         Returns:
             {"saved": True, "entry": the journal line, "previous": the row's earlier decision or
@@ -355,18 +369,20 @@ class ReviewQueue:
             raise HuseError(f"action {action!r} is not one of {list(ACTIONS)}")
         if action == "correct":
             if not label:
-                raise HuseError(f"row {row}: correct needs a label, one of the bundle's {len(self.labels)} classes")
-            try:
-                label = canonical(label)
+                raise HuseError(f"row {row}: correct needs a label, one of the bundle's {len(self.labels)} classes"
+                                + (f" (several separated by '{PATH_SEPARATOR}')" if it.labels is not None else ""))
+            try:  # a label set: its paths, canonical, sorted and unique, as a catalog's classes cell
+                label = canonical(label) if it.labels is None else PATH_SEPARATOR.join(parse_paths(label))
             except HuseError as e:
                 raise HuseError(f"row {row}: {e}") from None
-            if label not in self._known:
-                raise HuseError(f"row {row}: {label!r} is not one of the bundle's classes; pick one of them "
-                                f"(e.g. {self.labels[0]!r})")
-            if label == it.label:
+            for one in ([label] if it.labels is None else label.split(PATH_SEPARATOR)):
+                if one not in self._known:
+                    raise HuseError(f"row {row}: {one!r} is not one of the bundle's classes; pick one of them "
+                                    f"(e.g. {self.labels[0]!r})")
+            if label == it.predicted:
                 action = "accept"
-        final = it.label if action == "accept" else (label if action == "correct" else None)
-        entry = {"row": row, "action": action, "label": final, "predicted": it.label, "score": it.score,
+        final = it.predicted if action == "accept" else (label if action == "correct" else None)
+        entry = {"row": row, "action": action, "label": final, "predicted": it.predicted, "score": it.score,
                  "image": it.image, "name": it.name, "product_id": it.product_id,
                  "reviewer": (reviewer or "").strip()[:100] or None, "time": _now()}
         with self._lock:

@@ -288,16 +288,11 @@ const Review = {
     if (item.classes) meta.push(`catalog class ${item.classes}`);
     meta.push(`model: ${item.mode || "?"}`);
     $("review-meta").textContent = meta.join(" · ");
-    const choices = $("choices");
-    choices.replaceChildren();
-    item.top_k.forEach((t, i) => {
-      const b = el("button", {type: "button", "data-label": t.label,
-                              "aria-label": `Pick ${t.label}, score ${fmt(t.score)} (key ${i + 1})`},
-        el("span", {class: "key", text: String(i + 1)}), el("span", {class: "name", title: t.label, text: t.label}),
-        bar(t.score), el("span", {class: "score", text: fmt(t.score)}));
-      b.addEventListener("click", () => this.pick(i));
-      choices.append(el("li", {}, b));
-    });
+    // A multi-label row is decided as a set: the keys and clicks put classes in or out, Enter saves it.
+    this.chosen = item.labels ? new Set(item.labels) : null;
+    $("accept").firstChild.textContent = this.chosen ? "Save these classes " : "Accept top class ";
+    $("correct-label").firstChild.textContent = this.chosen ? "Add a class " : "Correct class ";
+    this.drawChoices();
     this.closeList();
     $("correct").value = "";
     const img = $("review-photo"), nophoto = $("review-nophoto");
@@ -313,6 +308,37 @@ const Review = {
     await new Promise((resolve) => requestAnimationFrame(() => resolve()));
   },
 
+  drawChoices() {
+    const item = this.current, choices = $("choices");
+    choices.replaceChildren();
+    item.top_k.forEach((t, i) => {
+      const inSet = this.chosen ? {"aria-pressed": String(this.chosen.has(t.label))} : {};
+      const verb = this.chosen ? (this.chosen.has(t.label) ? "Take out" : "Put in") : "Pick";
+      const b = el("button", {type: "button", "data-label": t.label, ...inSet,
+                              "aria-label": `${verb} ${t.label}, score ${fmt(t.score)} (key ${i + 1})`},
+        el("span", {class: "key", text: String(i + 1)}), el("span", {class: "name", title: t.label, text: t.label}),
+        bar(t.score), el("span", {class: "score", text: fmt(t.score)}));
+      b.addEventListener("click", () => this.pick(i));
+      choices.append(el("li", {}, b));
+    });
+  },
+
+  toggle(label) {  // a multi-label row: put a class in its set, or take it out
+    const item = this.current;
+    if (this.chosen.has(label)) this.chosen.delete(label);
+    else this.chosen.add(label);
+    if (!item.top_k.some((t) => t.label === label)) item.top_k.push({label: label, score: 0});  // from the typeahead
+    this.drawChoices();
+  },
+
+  accept() {  // Enter: the top-1, or a multi-label row's set as it stands (the predicted one: accept)
+    if (!this.chosen) return this.decide("accept");
+    const chosen = [...this.chosen];
+    if (!chosen.length) return setStatus("review-status", "Put at least one class in the set, or skip the row.", true);
+    const same = chosen.length === this.current.labels.length && this.current.labels.every((l) => this.chosen.has(l));
+    return same ? this.decide("accept") : this.decide("correct", chosen.join("|"));
+  },
+
   focusCard() { if (!$("card").hidden) $("card").focus({preventScroll: true}); },
   typing: () => document.activeElement === $("correct") || document.activeElement === $("reviewer"),
 
@@ -326,6 +352,7 @@ const Review = {
   pick(i) {
     const item = this.current;
     if (!item || i >= item.top_k.length) return;
+    if (this.chosen) return this.toggle(item.top_k[i].label);
     return i === 0 ? this.decide("accept") : this.decide("correct", item.top_k[i].label);
   },
 
@@ -388,7 +415,8 @@ const Review = {
     $("correct").value = "";
     this.closeList();
     this.focusCard();
-    this.decide("correct", label);
+    if (this.chosen) this.toggle(label);  // a multi-label row: into the set, saved with Enter
+    else this.decide("correct", label);
   },
 
   closeList() { this.matches = []; this.active = -1; this.drawList(); },
@@ -421,14 +449,14 @@ const Review = {
     }
     if (["INPUT", "SELECT", "TEXTAREA"].includes(t.tagName)) return;
     if (["BUTTON", "A"].includes(t.tagName) && (e.key === "Enter" || e.key === " ")) return;  // it acts itself
-    if (e.key === "Enter") { e.preventDefault(); this.decide("accept"); }
-    else if (e.key === "1" || e.key === "2" || e.key === "3") { e.preventDefault(); this.pick(Number(e.key) - 1); }
+    if (e.key === "Enter") { e.preventDefault(); this.accept(); }
+    else if (/^[1-9]$/.test(e.key)) { e.preventDefault(); this.pick(Number(e.key) - 1); }
     else if (e.key === "s" || e.key === "S") { e.preventDefault(); this.decide("skip"); }
     else if (e.key === "/") { e.preventDefault(); $("correct").focus(); }
   },
 
   init() {
-    $("accept").addEventListener("click", () => this.decide("accept"));
+    $("accept").addEventListener("click", () => this.accept());
     $("skip").addEventListener("click", () => this.decide("skip"));
     $("correct").addEventListener("input", () => this.search($("correct").value));
     $("reviewer").addEventListener("change", () => localStorage.setItem("huse-reviewer", $("reviewer").value.trim()));

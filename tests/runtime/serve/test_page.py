@@ -406,6 +406,47 @@ def test_review_from_the_keyboard_alone(browser, review_server, preds, labels, t
     assert entries[2]["action"] == ("accept" if entries[2]["label"] == entries[2]["predicted"] else "correct")
 
 
+def test_review_a_multi_label_row_as_a_set(browser, start_server, tiny_multi_bundle, tiny_multi_catalog, tmp_path):
+    """Keys put classes in and out of a row's set; Enter saves the set (unchanged: an accept)."""
+    out = classify(tiny_multi_bundle, tiny_multi_catalog, tmp_path / "preds.jsonl", "--min-confidence", 0.8)
+    journal = tmp_path / "journal.jsonl"
+    server = start_server("--review", str(out), "--catalog", str(tiny_multi_catalog), "--journal", str(journal),
+                          bundle=tiny_multi_bundle)
+    open_page(browser, server.url + "/#review")
+    wait(browser, lambda d: by_id(d, "card").is_displayed(), what="the first row")
+
+    def shown() -> tuple[list[str], set[str]]:
+        buttons = css(browser, "#choices button")
+        return ([b.get_attribute("data-label") for b in buttons],
+                {b.get_attribute("data-label") for b in buttons if b.get_attribute("aria-pressed") == "true"})
+
+    def saved(n: int) -> None:
+        wait(browser, lambda d: progress(d)["done"] == n, what=f"decision {n} saved")
+
+    choices, first = shown()
+    assert first and by_id(browser, "accept").text.startswith("Save these classes")
+    keys(browser, "\ue007")  # Enter: the predicted set as it is
+    saved(1)
+    choices, predicted = shown()
+    keys(browser, "2")  # the second choice in or out of the set
+    toggled = predicted ^ {choices[1]}
+    wait(browser, lambda d: shown()[1] == toggled, what="the second choice put in or taken out")
+    # the typeahead adds one more: a class no other class's name contains, so it is the only match
+    labels = json.loads((tiny_multi_bundle / "manifest.json").read_text())["labels"]
+    extra = next(c for c in labels if c not in shown()[1] and not any(c in o for o in labels if o != c))
+    keys(browser, "/")
+    keys(browser, extra)
+    wait(browser, lambda d: [li.text for li in css(d, "#correct-list li")] == [extra], what="the typeahead")
+    keys(browser, "\ue007")
+    wait(browser, lambda d: extra in shown()[1], what="the typed class in the set")
+    keys(browser, "\ue007")  # Enter: save the set
+    saved(2)
+    entries = journal_entries(journal)
+    assert entries[0]["action"] == "accept" and entries[0]["label"] == "|".join(sorted(first))
+    assert entries[1]["action"] == "correct"
+    assert entries[1]["label"] == "|".join(sorted(toggled | {extra}))
+
+
 def test_an_acknowledged_decision_survives_sigkill(browser, review_server, preds, tmp_path):
     journal = tmp_path / "journal.jsonl"
     server = review_server(journal)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from huse.runtime.bulk import iter_predictions
 from huse.runtime.catalog import read_catalog
 from huse.runtime.cli import main
 from huse.runtime.errors import HuseError
@@ -281,15 +282,42 @@ def test_export_of_a_missing_or_foreign_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
-def test_multi_label_predictions_are_refused_not_reviewed_one_class_a_row(tiny_multi_bundle, tiny_multi_catalog,
-                                                                         tmp_path, fmt):
-    """Accepting a row decides one class, and the export would write it alone: a product's other labels lost."""
+def test_a_multi_label_row_is_decided_and_exported_as_a_label_set(tiny_multi_bundle, tiny_multi_catalog, tmp_path,
+                                                                  fmt):
+    """Accepting keeps the predicted set; correcting gives another; the export writes the sets as classes, so
+    no product loses a label (deciding one class a row kept the top-1 alone)."""
     from huse.runtime.bulk import BulkJob, run_bulk
+    from huse.runtime.labels import parse_paths
 
     out = tmp_path / f"preds.{fmt}"
     run_bulk(BulkJob(bundle=str(tiny_multi_bundle), data=str(tiny_multi_catalog), out=str(out), min_confidence=0.8,
                      threads=1, progress=False))
-    with pytest.raises(HuseError, match=r"multi-label bundle's predictions \(row \d+ has a `labels` set\).*"
-                                        r"reviews single-label predictions only"):
-        ReviewQueue(out, tiny_multi_catalog, ["x"], journal=tmp_path / "j.jsonl")
-    assert not (tmp_path / "j.jsonl").exists()
+    preds = {p["row"]: p for p in iter_predictions(out)}
+    labels = json.loads((tiny_multi_bundle / "manifest.json").read_text())["labels"]
+    q = ReviewQueue(out, tiny_multi_catalog, labels, journal=tmp_path / "j.jsonl")
+    items = q.page(limit=100)
+    assert items and all(it.labels == [x["label"] for x in preds[it.row]["labels"]] for it in items)
+    weakest = [min(x["score"] for x in preds[it.row]["labels"]) for it in items]
+    assert weakest == sorted(weakest)  # the least confident label first
+    for it in items:  # the choices: the set and the top TOP, best first
+        assert set(it.labels) <= {t["label"] for t in it.top_k} and [t["score"] for t in it.top_k] == sorted(
+            (t["score"] for t in it.top_k), reverse=True)
+    several = next(it for it in items if len(it.labels) > 1)
+    a = q.decide(several.row, "accept")["entry"]
+    assert a["label"] == a["predicted"] == "|".join(sorted(several.labels))
+    other = next(it for it in items if it.row != several.row)
+    extra = next(c for c in labels if c not in other.labels)
+    wanted = "|".join([extra, *other.labels])
+    c = q.decide(other.row, "correct", wanted)["entry"]
+    assert c["action"] == "correct" and parse_paths(c["label"]) == tuple(sorted({extra, *other.labels}))
+    same = q.decide(other.row, "correct", " | ".join(reversed(other.labels)))["entry"]  # the prediction itself
+    assert same["action"] == "accept" and same["label"] == other.predicted
+    with pytest.raises(HuseError, match=r"'nope<x>' is not one of the bundle's classes"):
+        q.decide(other.row, "correct", f"{other.labels[0]}|nope<x>")
+    with pytest.raises(HuseError, match=r"several separated by '\|'"):
+        q.decide(other.row, "correct", "")
+    q.decide(other.row, "correct", wanted)
+    export_corrections(tmp_path / "j.jsonl", tmp_path / "fixed.csv")
+    got = list(csv.DictReader(open(tmp_path / "fixed.csv", newline="")))
+    assert sorted(parse_paths(r["classes"]) for r in got) == sorted(
+        [parse_paths(a["label"]), tuple(sorted({extra, *other.labels}))])
