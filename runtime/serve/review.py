@@ -64,7 +64,7 @@ class ReviewItem:
     label: str  # the model's top-1
     score: float
     mode: str | None
-    top_k: list[dict[str, Any]]  # up to TOP {label, score}
+    top_k: list[dict[str, Any]]  # the choices: up to TOP {label, score} (a label set: its labels too)
     problem: str | None = None  # why the photo cannot be shown (a refused or missing path)
     held: bool = False  # the catalog holds the photo itself (Parquet bytes): shown from its copy
     # A multi-label bundle's predicted label set, best first (None: single-label). Its `top_k` then holds

@@ -314,10 +314,11 @@ const Review = {
     item.top_k.forEach((t, i) => {
       const inSet = this.chosen ? {"aria-pressed": String(this.chosen.has(t.label))} : {};
       const verb = this.chosen ? (this.chosen.has(t.label) ? "Take out" : "Put in") : "Pick";
+      const score = t.score === null ? "—" : fmt(t.score);  // null: a class added by name, not among the scores
       const b = el("button", {type: "button", "data-label": t.label, ...inSet,
-                              "aria-label": `${verb} ${t.label}, score ${fmt(t.score)} (key ${i + 1})`},
+                              "aria-label": `${verb} ${t.label}, score ${score} (key ${i + 1})`},
         el("span", {class: "key", text: String(i + 1)}), el("span", {class: "name", title: t.label, text: t.label}),
-        bar(t.score), el("span", {class: "score", text: fmt(t.score)}));
+        bar(t.score || 0), el("span", {class: "score", text: score}));
       b.addEventListener("click", () => this.pick(i));
       choices.append(el("li", {}, b));
     });
@@ -327,7 +328,7 @@ const Review = {
     const item = this.current;
     if (this.chosen.has(label)) this.chosen.delete(label);
     else this.chosen.add(label);
-    if (!item.top_k.some((t) => t.label === label)) item.top_k.push({label: label, score: 0});  // from the typeahead
+    if (!item.top_k.some((t) => t.label === label)) item.top_k.push({label: label, score: null});  // typed
     this.drawChoices();
   },
 
