@@ -64,6 +64,9 @@ __all__ = ["BulkJob", "BulkResult", "prepare_batch", "process_batch", "run_bulk"
 TASKS = ("classify", "embed")
 FORMATS = ("parquet", "jsonl")
 SINGLE_FILES = (".jsonl", ".csv")  # classify --out FILE: one file instead of a shard folder
+# File names classify does not write (a spreadsheet, plain JSON): refused, not made a folder of Parquet shards by
+# that name. `X.parquet` stays a folder name, as Spark and Ray name datasets.
+NOT_WRITTEN = (".xlsx", ".xls", ".ods", ".json", ".ndjson", ".tsv", ".txt")
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 LAYOUT_VERSION = 1
@@ -828,6 +831,10 @@ def run_bulk(job: BulkJob) -> BulkResult:
         raise HuseError(f"--out {target} names a file, but huse embed writes a folder (.npy vectors + a metadata "
                         f"table per shard); give --out a folder name such as {target.with_suffix('')}/, and read it "
                         "with huse.runtime.bulk.read_embeddings(FOLDER)")
+    if job.task == "classify" and suffix in NOT_WRITTEN:
+        stem = target.with_suffix("")
+        raise HuseError(f"--out {target}: huse classify writes one file as .jsonl or .csv (a spreadsheet opens the "
+                        f".csv), or Parquet shards into a folder; give --out {stem}.csv, {stem}.jsonl or {stem}/")
     if single:  # one JSONL or CSV file: shards (JSONL) in OUT.shards, joined and renamed at the end
         _check_not_input(target, job)
         if target.is_dir():

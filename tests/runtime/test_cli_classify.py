@@ -336,3 +336,12 @@ def test_a_jsonl_out_that_is_not_predictions_is_never_replaced(tiny_bundle, cata
     for _ in range(2):  # huse's own predictions are replaced by the next run
         r = _run("classify", tiny_bundle, "--data", catalog, "--out", preds, "--no-progress")
         assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("name", ["preds.xlsx", "preds.json", "preds.tsv"])
+def test_an_out_file_of_a_format_classify_does_not_write_is_refused(tiny_bundle, catalog, tmp_path, name):
+    """It became a folder of Parquet shards by that name, where the user expected a spreadsheet or a JSON file."""
+    r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / name, "--no-progress")
+    assert r.exit_code == 1 and "huse classify writes one file as .jsonl or .csv" in r.output, r.output
+    assert f"give --out {tmp_path / 'preds'}.csv, {tmp_path / 'preds'}.jsonl or {tmp_path / 'preds'}/" in r.output
+    assert not (tmp_path / name).exists()
