@@ -219,6 +219,9 @@ def load_manifest(folder: str | Path, verify: bool = True, trusted_keys: Sequenc
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
+        if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():  # huse-train's output
+            raise HuseError(f"{folder} is a training run, not a bundle: export it first, `huse-export {folder} --out "
+                            f"bundles/{folder.name}`, and use bundles/{folder.name}")
         raise HuseError(f"{folder} is not a huse bundle: {MANIFEST} is missing; create one with `huse-export RUN --out {folder}`")
     data = path.read_bytes()
     if trusted_keys:

@@ -94,6 +94,13 @@ def test_missing_manifest_says_how_to_create_one(tmp_path):
     assert f"huse-export RUN --out {tmp_path}" in msg
 
 
+def test_a_training_run_given_as_a_bundle_says_to_export_it(tiny_run):
+    """Its suggestion was `huse-export RUN --out RUN`: the run folder as the bundle's."""
+    with pytest.raises(HuseError, match=f"{tiny_run} is a training run, not a bundle: export it first, "
+                                        f"`huse-export {tiny_run} --out bundles/{tiny_run.name}`"):
+        load_manifest(tiny_run)
+
+
 @pytest.mark.parametrize("change", [{"format_version": FORMAT_VERSION + 1}, {"format": "other-bundle"},
                                     {"format_version": None}],
                          ids=["newer-version", "other-format", "no-version"])
