@@ -53,7 +53,8 @@ from huse.runtime.bundle import has_visual, is_multi_label
 from huse.runtime.catalog import Record, Shard, check_catalog_file, count_rows, iter_catalog, plan_shards
 from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError, row_error
-from huse.runtime.files import CSV_ENCODING, is_own_csv, is_own_jsonl, one_writer, sha256_file
+from huse.runtime.files import (CSV_ENCODING, from_sheet_cell, is_own_csv, is_own_jsonl, one_writer, sha256_file,
+                                sheet_cell)
 from huse.runtime.labels import parse_paths
 from huse.runtime.preprocess import is_url
 from huse.runtime.product_vectors import MODALITIES, embed_products, vector_widths
@@ -358,11 +359,12 @@ def _csv_cells(row: dict[str, Any], header: list[str]) -> list[str]:
             flat[scores] = "|".join(repr(float(x["score"])) for x in row[key])
     if row.get("needs_review") is not None:
         flat["needs_review"] = "true" if row["needs_review"] else "false"
-    return ["" if flat.get(k) is None else str(flat[k]) for k in header]
+    return ["" if flat.get(k) is None else sheet_cell(str(flat[k])) for k in header]
 
 
 def _from_csv(cells: dict[str, str]) -> dict[str, Any]:
     """A CSV prediction row back in the shape `iter_predictions` yields (the JSONL rows' shape)."""
+    cells = {k: from_sheet_cell(v) for k, v in cells.items() if v is not None}
     def pairs(key: str, scores: str) -> list[dict[str, Any]]:
         labels, values = cells.get(key) or "", cells.get(scores) or ""
         return [{"label": a, "score": float(b)} for a, b in zip(labels.split("|"), values.split("|"))] if labels else []

@@ -518,7 +518,7 @@ def _check_hits_out(out: Path, batch: str | None) -> None:
 def _hits_file(out: str):
     """The --out file, opened, and write(query, text, image, hits or None, error or None) for it: JSONL lines, or
     with a .csv name CSV rows (HITS_CSV)."""
-    from huse.runtime.files import CSV_ENCODING
+    from huse.runtime.files import CSV_ENCODING, sheet_cell
 
     if Path(out).suffix.lower() != ".csv":
         f = open(out, "w", encoding="utf-8")
@@ -536,10 +536,11 @@ def _hits_file(out: str):
     def write(query, text, image, hits, error):
         head = [query, text or "", image or ""]
         if error or not hits:
-            w.writerow(head + [""] * (len(HITS_CSV) - 4) + [error or ""])
+            w.writerow([sheet_cell(str(c)) for c in head + [""] * (len(HITS_CSV) - 4) + [error or ""]])
         for rank, h in enumerate(hits or (), 1):
-            w.writerow(head + [rank, repr(float(h.score)), h.product_id or "", "" if h.row is None else h.row,
-                               h.name or "", h.image or "", h.classes or "", h.modality, h.item, ""])
+            w.writerow([sheet_cell(str(c)) for c in head + [
+                rank, repr(float(h.score)), h.product_id or "", "" if h.row is None else h.row, h.name or "",
+                h.image or "", h.classes or "", h.modality, h.item, ""]])
     return f, write
 
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -82,6 +83,21 @@ def is_own_jsonl(path: str | Path, key: str, any_of: tuple[str, ...]) -> bool:
 # huse's CSV outputs (classify's predictions, search's hits): UTF-8 with a byte-order mark, without which Excel
 # reads non-ASCII titles as Windows-1252 (Python reads them with this codec too).
 CSV_ENCODING = "utf-8-sig"
+# A cell a spreadsheet would run as a formula (OWASP's "CSV injection"): a title from a marketplace feed such as
+# '=HYPERLINK("http://...")'. The CSV outputs write such a cell behind a "'" (a spreadsheet shows it as text), and
+# huse reads it back without: one "'" goes before any run of "'" that ends in a formula start, so every cell reads
+# back exactly as it was.
+_FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
+
+
+def sheet_cell(value: str) -> str:
+    """`value` as a CSV output writes it (behind a "'" where a spreadsheet would take it for a formula)."""
+    return "'" + value if _FORMULA_START.match(value) else value
+
+
+def from_sheet_cell(value: str) -> str:
+    """The value `sheet_cell` wrote."""
+    return value[1:] if value.startswith("'") and _FORMULA_START.match(value, 1) else value
 
 
 def is_own_csv(path: str | Path, header: tuple[str, ...]) -> bool:

@@ -345,3 +345,22 @@ def test_an_out_file_of_a_format_classify_does_not_write_is_refused(tiny_bundle,
     assert r.exit_code == 1 and "huse classify writes one file as .jsonl or .csv" in r.output, r.output
     assert f"give --out {tmp_path / 'preds'}.csv, {tmp_path / 'preds'}.jsonl or {tmp_path / 'preds'}/" in r.output
     assert not (tmp_path / name).exists()
+
+
+def test_a_csv_output_writes_formula_like_cells_as_text_and_reads_them_back(tiny_bundle, catalog, tmp_path):
+    """A title from a marketplace feed such as '=HYPERLINK(...)' would run as a formula in a spreadsheet: the CSV
+    holds it behind a "'", and huse (--show, the review queue) reads every cell back exactly."""
+    titles = ['=HYPERLINK("http://example.com", "Acme")', "+1 black tee", "-20% navy shirt", "@home boots",
+              "'=already quoted", "'plain quote", "Acme black boots"]
+    rows = list(csv.DictReader(open(catalog, newline="", encoding="utf-8")))
+    for r, t in zip(rows, titles):
+        r["name"] = t
+    write_rows(catalog, rows)
+    for name in ("preds.jsonl", "preds.csv"):
+        r = _run("classify", tiny_bundle, "--data", catalog, "--out", tmp_path / name, "--no-progress")
+        assert r.exit_code == 0, r.output
+    cells = list(csv.DictReader(open(tmp_path / "preds.csv", encoding="utf-8-sig", newline="")))
+    assert [c["name"] for c in cells[:len(titles)]] == [
+        "'" + titles[0], "'+1 black tee", "'-20% navy shirt", "'@home boots", "''=already quoted", "'plain quote",
+        "Acme black boots"]
+    assert read_predictions(tmp_path / "preds.csv") == read_predictions(tmp_path / "preds.jsonl")

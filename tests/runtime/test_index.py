@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not installed")
 
 from huse.runtime import HuseError, Index  # noqa: E402
+from huse.runtime.files import from_sheet_cell  # noqa: E402
 from huse.runtime.index import choose_kind, parse_memory  # noqa: E402
 from tests.models.make_data import split_catalog, write_rows  # noqa: E402
 
@@ -662,6 +663,7 @@ def test_search_batch_into_a_csv_gives_a_row_per_hit(flat_index, tiny_catalog, t
 
     rows = list(csv.DictReader(open(tiny_catalog)))[:4]
     rows[2] = {"name": "", "image": "gone.png"}  # fails: the photo is missing and there is no title
+    rows[3]["name"] = '=HYPERLINK("http://example.com", "Acme")'  # a spreadsheet would run it as a formula
     write_rows(tmp_path / "q.csv", rows)
     args = ["search", str(flat_index), "--batch", str(tmp_path / "q.csv"), "-k", "3", "--out"]
     for name in ("h.jsonl", "h.csv"):
@@ -676,7 +678,8 @@ def test_search_batch_into_a_csv_gives_a_row_per_hit(flat_index, tiny_catalog, t
         if "error" in a:
             assert len(mine) == 1 and mine[0]["error"] == a["error"] and mine[0]["rank"] == ""
             continue
-        assert [int(c["rank"]) for c in mine] == [1, 2, 3] and all(c["text"] == a["text"] for c in mine)
+        assert [int(c["rank"]) for c in mine] == [1, 2, 3] and all(from_sheet_cell(c["text"]) == a["text"] for c in mine)
+        assert all(c["text"] == ("'" if a["text"].startswith("=") else "") + a["text"] for c in mine)  # text, not a formula
         assert [(int(c["item"]), float(c["score"]), c["product_id"], c["hit_image"], c["classes"]) for c in mine] == [
             (h["item"], h["score"], h["product_id"], h["image"], h["classes"]) for h in a["hits"]]
     sheet = tmp_path / "sheet.csv"
