@@ -206,7 +206,13 @@ def test_deadline_answers_504_and_drops_the_work(start_server):
     # 503.)
     assert metric(s.url, "huse_queue_items", model="huse") == 0
     assert metric(s.url, "huse_batch_items_count", model="huse") == 0  # it never reached the model
-    status, out = post_json(s.url + "/v1/classify", {"items": [{"title": "Acme black tee"}]})
+    # And it answers again. One title takes milliseconds, but its deadline is this server's 0.15 s, which a busy
+    # 2-core machine (the whole suite) can outlast once: a 504 then, so ask a few times; a server that kept
+    # answering 504 (a place never freed) fails all of them.
+    for _ in range(5):
+        status, out = post_json(s.url + "/v1/classify", {"items": [{"title": "Acme black tee"}]})
+        if status != 504:
+            break
     assert status == 200 and out["results"][0]["top_k"]
 
 
