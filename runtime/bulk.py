@@ -364,7 +364,9 @@ def _csv_cells(row: dict[str, Any], header: list[str]) -> list[str]:
 
 def _from_csv(cells: dict[str, str]) -> dict[str, Any]:
     """A CSV prediction row back in the shape `iter_predictions` yields (the JSONL rows' shape)."""
-    cells = {k: from_sheet_cell(v) for k, v in cells.items() if v is not None}
+    # (a short row's missing cells are None, a long row's extra ones a list under None: neither is a column's value)
+    cells = {k: from_sheet_cell(v) for k, v in cells.items() if isinstance(v, str)}
+
     def pairs(key: str, scores: str) -> list[dict[str, Any]]:
         labels, values = cells.get(key) or "", cells.get(scores) or ""
         return [{"label": a, "score": float(b)} for a, b in zip(labels.split("|"), values.split("|"))] if labels else []

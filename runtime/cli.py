@@ -533,14 +533,16 @@ def _hits_file(out: str):
     w = csv.writer(f)
     w.writerow(HITS_CSV)
 
+    def row(cells: list) -> None:
+        w.writerow([sheet_cell(str(c)) for c in cells])
+
     def write(query, text, image, hits, error):
         head = [query, text or "", image or ""]
         if error or not hits:
-            w.writerow([sheet_cell(str(c)) for c in head + [""] * (len(HITS_CSV) - 4) + [error or ""]])
+            row(head + [""] * (len(HITS_CSV) - 4) + [error or ""])
         for rank, h in enumerate(hits or (), 1):
-            w.writerow([sheet_cell(str(c)) for c in head + [
-                rank, repr(float(h.score)), h.product_id or "", "" if h.row is None else h.row, h.name or "",
-                h.image or "", h.classes or "", h.modality, h.item, ""]])
+            row(head + [rank, repr(float(h.score)), h.product_id or "", "" if h.row is None else h.row, h.name or "",
+                        h.image or "", h.classes or "", h.modality, h.item, ""])
     return f, write
 
 

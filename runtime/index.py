@@ -744,7 +744,7 @@ class Index:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         cand = None
         if allowed is not None:
-            cand = np.flatnonzero(allowed & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0))
+            cand = np.flatnonzero(allowed & self._rows_of(mod))
             if len(cand) <= EXACT_FALLBACK:
                 return _exact_topk(queries, self._vectors_of(mod), cand, k)
         selector, keep = None, None
@@ -759,11 +759,14 @@ class Index:
         short = np.flatnonzero((ids >= 0).sum(1) < n_possible)
         if len(short):
             if cand is None:
-                cand = np.flatnonzero(self._array("items.alive.npy").astype(bool)
-                                      & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0))
+                cand = np.flatnonzero(self._array("items.alive.npy").astype(bool) & self._rows_of(mod))
             s2, i2 = _exact_topk(queries[short], self._vectors_of(mod), cand, k)
             scores[short], ids[short] = s2, i2
         return scores, ids
+
+    def _rows_of(self, mod: str) -> np.ndarray:
+        """Mask of the items that have a vector in index `mod` (a photo for image and visual, a title for text)."""
+        return (self._array("items.mods.npy") & MOD_BIT[ROWS_OF[mod]]) > 0
 
     def _removed_in(self, mod: str) -> int:
         return int(self.manifest["modalities"][mod].get("tombstones", 0))
@@ -799,7 +802,7 @@ class Index:
         if allowed is None:
             n = self.manifest["modalities"]["text"]["count"] - self._removed_in("text")
         else:  # the rows a filtered search can return: no candidate list longer than them
-            n = int((allowed & ((self._array("items.mods.npy") & MOD_BIT[ROWS_OF["text"]]) > 0)).sum())
+            n = int((allowed & self._rows_of("text")).sum())
         if n == 0:
             return [[] for _ in queries]
         out: list[list[Hit] | None] = [None] * len(queries)

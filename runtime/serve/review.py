@@ -39,7 +39,7 @@ from huse.runtime.catalog import iter_catalog
 from huse.runtime.errors import HuseError
 from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.hierarchy import canonical
-from huse.runtime.labels import PATH_SEPARATOR, parse_paths
+from huse.runtime.labels import PATH_SEPARATOR, join_paths, parse_paths
 
 __all__ = ["ACTIONS", "ReviewItem", "Journal", "ReviewQueue", "export_corrections", "default_journal"]
 
@@ -74,7 +74,7 @@ class ReviewItem:
     @property
     def predicted(self) -> str:
         """What accepting decides: the top-1, or the label set as a catalog's `classes` cell."""
-        return self.label if self.labels is None else PATH_SEPARATOR.join(parse_paths(PATH_SEPARATOR.join(self.labels)))
+        return self.label if self.labels is None else join_paths(self.labels)  # the bundle's labels: canonical
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -372,7 +372,7 @@ class ReviewQueue:
                 raise HuseError(f"row {row}: correct needs a label, one of the bundle's {len(self.labels)} classes"
                                 + (f" (several separated by '{PATH_SEPARATOR}')" if it.labels is not None else ""))
             try:  # a label set: its paths, canonical, sorted and unique, as a catalog's classes cell
-                label = canonical(label) if it.labels is None else PATH_SEPARATOR.join(parse_paths(label))
+                label = canonical(label) if it.labels is None else join_paths(parse_paths(label))
             except HuseError as e:
                 raise HuseError(f"row {row}: {e}") from None
             for one in ([label] if it.labels is None else label.split(PATH_SEPARATOR)):

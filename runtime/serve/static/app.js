@@ -117,22 +117,17 @@ function renderPrediction(r) {
   const alone = (r.labels || []).some((x) => x.score < x.threshold);
   $("labels-note").textContent = alone ? "(no class reached its threshold: the best one alone)"
                                        : "(each class at or above its threshold)";
+  // One row of a list: the class's name, a bar and the score.
+  const row = (x, name) => el("li", {"data-label": x.label, "data-score": String(x.score)},
+    name, bar(x.score), el("span", {class: "score", text: fmt(x.score)}));
   for (const x of r.labels || []) {
-    labels.append(el("li", {"data-label": x.label, "data-score": String(x.score)},
-      el("span", {class: "name", title: `${x.label} (threshold ${fmt(x.threshold)})`, text: x.label}), bar(x.score),
-      el("span", {class: "score", text: fmt(x.score)})));
+    labels.append(row(x, el("span", {class: "name", title: `${x.label} (threshold ${fmt(x.threshold)})`, text: x.label})));
   }
   for (const p of r.path || []) {
-    path.append(el("li", {"data-label": p.label, "data-score": String(p.score)},
-      el("span", {class: "name", title: p.label},
-        el("span", {class: "level", text: `level ${p.level}`}), " ", leaf(p.label)),
-      bar(p.score), el("span", {class: "score", text: fmt(p.score)})));
+    path.append(row(p, el("span", {class: "name", title: p.label},
+      el("span", {class: "level", text: `level ${p.level}`}), " ", leaf(p.label))));
   }
-  for (const t of r.top_k || []) {
-    topk.append(el("li", {"data-label": t.label, "data-score": String(t.score)},
-      el("span", {class: "name", title: t.label, text: t.label}), bar(t.score),
-      el("span", {class: "score", text: fmt(t.score)})));
-  }
+  for (const t of r.top_k || []) topk.append(row(t, el("span", {class: "name", title: t.label, text: t.label})));
 }
 
 async function runSearch(image, title) {
