@@ -16,8 +16,8 @@ Admission is bounded: a request whose items would take the queue past `max_queue
 expected wait (the items admitted ahead of it times the recent seconds per answered item while
 busy: decoding, model, hand-offs, all of it) is past `max_wait`, is refused at once
 (`Overloaded`), never buffered. A caller that stops waiting (its deadline passed, its
-client disconnected: the awaiting task is cancelled) has its queued items dropped before they
-reach the model.
+client disconnected: the awaiting task is cancelled) has its items dropped: never decoded while they
+still wait for a prepare thread, never run once queued.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class Batcher:
                  on_batch: Callable[[int], None] | None = None):
         self.stages, self.instances, self.pool = stages, instances, pool
         self.max_batch, self.max_delay = max_batch, max_delay
-        # items being prepared, queued or run (abandoned ones until their prepare ends)
+        # items being prepared, queued or run (abandoned ones until a prepare already under way ends)
         self.admission = Admission(max_queue, max_wait)
         self.on_batch = on_batch or (lambda n: None)
         self.preparing = 0  # items being prepared: what a forming batch may still wait for
@@ -246,8 +246,24 @@ class Batcher:
             future.cancel()  # a caller that stopped waiting: the dispatcher skips its entry
             if raw.prepared:
                 self.admission.release(n)
-            else:  # a thread cannot be stopped: its items still hold their place until it ends
-                raw.abandoned = True
+            else:
+                self._abandon(raw)
+
+    def _abandon(self, raw: "_Raw") -> None:
+        """A caller stopped waiting before its request was prepared. Still waiting for a prepare thread, it is
+        taken out (nothing decoded) and its items released; being prepared (a thread cannot be stopped), its
+        items hold their place until that prepare ends and are then dropped."""
+        with self._raw_lock:
+            try:
+                self._raw.remove(raw)
+                waiting = True
+            except ValueError:  # a prepare thread has it
+                waiting = False
+            raw.abandoned = True
+        if waiting:
+            self.preparing -= raw.n
+            self.admission.release(raw.n)
+            self._arrived.set()  # a forming batch need not wait for these items
 
     def _prepare_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """One turn of a prepare thread: takes every request waiting (up to max_batch items) and

@@ -1,5 +1,6 @@
 """The dynamic batcher's prepare stage: requests waiting are prepared together, each keeps its own
-answer or error, and an abandoned one holds its place until its prepare ends."""
+answer or error, and an abandoned one is never prepared if it still waits, or holds its place until
+a prepare under way ends."""
 
 from __future__ import annotations
 
@@ -87,24 +88,50 @@ def test_a_prepare_call_takes_at_most_max_batch_items():
 
 
 def test_an_abandoned_request_holds_its_place_until_prepared_and_never_runs():
+    """Abandoned while its prepare runs: a thread cannot be stopped, so its items count until it ends."""
     async def main():
         stages, pool = Stages(), ThreadPoolExecutor(1)
         b = _batcher(stages, pool)
-        first, (gone,) = await _behind_a_held_call(b, [(5, 2)])
-        gone.cancel()  # its client went away while it waited for the prepare thread
+        b.start()
+        gone = asyncio.ensure_future(b.submit(5, 2))  # takes the one prepare thread and holds it (Stages.gate)
+        await asyncio.sleep(0.05)
+        gone.cancel()  # its client went away while its photos were being decoded
         await asyncio.sleep(0.01)
         held = b.admitted
         stages.gate.set()
-        assert await first == 1
         await asyncio.sleep(0.1)
+        after = await b.submit(1, 1)
         await b.stop()
         pool.shutdown()
-        return stages, held, b.admitted
+        return stages, held, b.admitted, after
 
-    stages, held, admitted = asyncio.run(main())
-    assert held == 3, "the abandoned request's 2 items still count while they are being prepared"
+    stages, held, admitted, after = asyncio.run(main())
+    assert held == 2, "the abandoned request's 2 items still count while they are being prepared"
     assert admitted == 0, "and are released once their prepare ends"
-    assert [p for batch in stages.ran for p in batch] == [0], "an abandoned request never reaches the model"
+    assert after == 3 and [p for batch in stages.ran for p in batch] == [2], "an abandoned request never reaches the model"
+
+
+def test_a_request_abandoned_before_its_prepare_is_never_prepared():
+    """Abandoned while it waits for a prepare thread (deadline, disconnect): never decoded, its items
+    released at once, and the requests around it answered."""
+    async def main():
+        stages, pool = Stages(), ThreadPoolExecutor(1)
+        b = _batcher(stages, pool)
+        first, (gone, kept) = await _behind_a_held_call(b, [(5, 2), (6, 1)])
+        before = b.admitted
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        released = b.admitted
+        stages.gate.set()
+        got = await asyncio.gather(first, kept)
+        await b.stop()
+        pool.shutdown()
+        return stages, before, released, got, b.admitted
+
+    stages, before, released, got, admitted = asyncio.run(main())
+    assert (before, released) == (4, 2), "its 2 items are released as soon as its caller stops waiting"
+    assert stages.calls == [[0], [6]], "it is never prepared"
+    assert got == [1, 13] and admitted == 0
 
 
 def test_a_lone_clients_third_request_runs_on_the_calling_thread():
