@@ -308,6 +308,12 @@ def keygen(stem, force) -> None:
     run_cli(body)
 
 
+def _spread(values: list[float]) -> str:
+    """One mode's per-class thresholds: the value they share, or their range."""
+    lo, hi = min(values), max(values)
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g} ({len(set(values))} values over {len(values)} classes)"
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 def info(bundle) -> None:
@@ -322,8 +328,10 @@ def info(bundle) -> None:
         click.echo(f"precisions: {', '.join(sorted(m['models']))}; engines: {len(m.get('engines', []))}")
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
                    f"fusion image weight {m['fusion']['image_weight']}")
-        temps = m.get("calibration", {}).get("temperature", {})
-        if temps:
+        if is_multi_label(m):  # scores are per-class sigmoids read against thresholds; no temperature applies
+            click.echo("thresholds (tuned on val; a class is given at or above its own): " + ", ".join(
+                f"{mode} {_spread(t)}" for mode, t in m["multilabel"]["thresholds"].items()))
+        elif temps := m.get("calibration", {}).get("temperature", {}):
             click.echo("calibration temperatures (fitted on val): " + ", ".join(f"{k} {v:g}" for k, v in temps.items()))
         for p, acc in m.get("accuracy", {}).items():  # the whole record is in manifest.json
             modes = acc.get("modes", {})

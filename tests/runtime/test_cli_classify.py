@@ -246,6 +246,20 @@ def test_huse_error_is_one_line_and_exit_1(tmp_path):
 def test_info_verifies_the_bundle(tiny_bundle):
     r = CliRunner().invoke(main, ["info", str(tiny_bundle)])
     assert r.exit_code == 0 and "files verified" in r.output
+    assert "calibration temperatures (fitted on val): image " in r.output
+
+
+def test_info_of_a_multi_label_bundle_shows_its_thresholds(tiny_multi_bundle):
+    """Its scores are sigmoids read against thresholds: those, not the (unused) temperatures, are what a user
+    choosing --min-confidence needs."""
+    thresholds = json.loads((tiny_multi_bundle / "manifest.json").read_text())["multilabel"]["thresholds"]
+    r = CliRunner().invoke(main, ["info", str(tiny_multi_bundle)])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("thresholds (tuned on val"))
+    for mode, t in thresholds.items():
+        shown = f"{min(t):g}" if min(t) == max(t) else f"{min(t):g}-{max(t):g}"
+        assert f"{mode} {shown}" in line
+    assert "temperatures" not in r.output
 
 
 @pytest.mark.parametrize("name", ["emb.npy", "emb.jsonl", "emb.parquet", "emb.csv"])
