@@ -32,6 +32,7 @@ while the model runs; the Ray engine runs it in a `map_batches` actor per worker
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from huse.runtime._collector import THRESHOLDS, fewer_collections
 from huse.runtime._lazy import lazy_import
 from huse.runtime._priority import PRIORITIES, set_thread_priority
 from huse.runtime.bundle import has_visual, is_multi_label
@@ -689,6 +691,7 @@ def _make_classifier(job: BulkJob, threads: int | None) -> Classifier:
                       trusted_keys=list(job.trusted_keys) or None)
 
 
+@fewer_collections()
 def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progress, result: BulkResult) -> None:
     # One thread reads the next shard's records and writes the last shard's files while the model runs
     # this shard's (the first shard is read while the model loads): on the calling thread both kept the
@@ -736,6 +739,7 @@ class RayShardWorker:
     on the worker), `run_shard` on each shard descriptor, the shard written to the shared output."""
 
     def __init__(self, job: dict[str, Any], folder: str):
+        gc.set_threshold(*THRESHOLDS)  # the actor's process is its own: as `_run_local` runs (`_collector`)
         self.job = BulkJob(**job)
         self.folder = Path(folder)
         self.clf = _make_classifier(self.job, self.job.threads or 1)

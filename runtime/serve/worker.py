@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from huse.runtime._collector import THRESHOLDS
 from huse.runtime.errors import HuseError
 from huse.runtime.serve.batcher import Admission, Overloaded
 from huse.runtime.serve.protocol import CLASSIFY_MODEL, EMBED_MODEL, Items, RequestError
@@ -303,12 +304,13 @@ def freeze_loaded() -> None:
     """Once a process of `huse serve` has loaded what it serves (modules, labels, sessions).
 
     What is loaded lives as long as the server: frozen, the collector stops re-scanning it, and a
-    young generation of 50,000 objects lets most collections find requests already answered.
+    young generation of 50,000 objects (`_collector.THRESHOLDS`) lets most collections find requests
+    already answered.
     Collecting was 17% of the event loop's samples at concurrency 64 before (py-spy).
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(*THRESHOLDS)
 
 
 def _log_error(kind: str, route: str, status: int, message: str, **extra) -> None:

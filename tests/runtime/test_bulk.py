@@ -468,3 +468,31 @@ def test_embed_a_row_without_a_photo(tiny_bundle, tiny_catalog, tmp_path, mode):
         np.testing.assert_allclose(vectors[1], title, atol=1e-6)
     for v, m in zip(vectors, meta):  # a vector is finite exactly when its row has no error
         assert np.isfinite(v).all() == (m["error"] is None)
+
+
+def test_a_local_run_collects_young_objects_less_often_and_restores_the_callers_setting(tiny_bundle, tiny_catalog,
+                                                                                          tmp_path):
+    """A batch's results die by reference counting; the default thresholds scanned the shard being filled
+    again and again (runtime/_collector.py). The setting is the whole process's: the caller's comes back."""
+    import gc
+
+    from huse.runtime._collector import THRESHOLDS
+    from huse.runtime.classifier import Classifier
+
+    seen = []
+
+    class Records(Classifier):
+        def infer(self, *a, **k):
+            seen.append(gc.get_threshold())
+            return super().infer(*a, **k)
+
+    before = gc.get_threshold()
+    gc.set_threshold(600, 9, 8)
+    try:
+        run_bulk(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o"), batch_size=50,
+                         threads=1, progress=False, classifier=lambda: Records(str(tiny_bundle), threads=1)))
+        after = gc.get_threshold()
+    finally:
+        gc.set_threshold(*before)
+    assert seen and set(seen) == {THRESHOLDS}
+    assert after == (600, 9, 8)

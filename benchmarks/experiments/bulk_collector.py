@@ -1,0 +1,96 @@
+"""What the garbage collector costs the bulk engine, with the default thresholds and with `_collector.THRESHOLDS`.
+
+    python benchmarks/experiments/bulk_collector.py bundles/demo --data data/fashion-products/catalog.csv \
+        --out benchmarks/results/cpu-2core/bulk-collector.json
+
+A catalog's rows repeated to `--rows` (images shared), classified by the local engine in this process: titles
+only (`--mode text`, where the model is cheap and a batch's result objects are most of the work) and photos with
+titles (the default mode), each with both settings in interleaved rounds. Reports wall time, the time spent in
+collections by generation (gc.callbacks), and the ratio of each round's two wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import huse.runtime._collector as collector
+from huse.benchmarks.machine import machine_info
+from huse.runtime.bulk import BulkJob, run_bulk
+from huse.runtime.catalog import iter_catalog
+
+SETTINGS = {"default": gc.get_threshold(), "huse": collector.THRESHOLDS}
+
+
+def _catalog(source: Path, rows: int, folder: Path) -> Path:
+    recs = [r for r in iter_catalog(source) if not r.error]
+    path = folder / f"catalog-{rows}.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "product_id"])
+        for i in range(rows):
+            r = recs[i % len(recs)]
+            w.writerow([os.path.abspath(r.image), r.name, f"{r.product_id or 'p'}-{i}"])
+    return path
+
+
+def _run(bundle: str, catalog: Path, mode: str, precision: str, out: Path) -> dict:
+    spent = collections.Counter()
+    start = {}
+
+    def timer(phase, info):
+        if phase == "start":
+            start["t"] = time.perf_counter()
+        else:
+            spent[info["generation"]] += time.perf_counter() - start["t"]
+
+    gc.callbacks.append(timer)
+    try:
+        t0 = time.perf_counter()
+        r = run_bulk(BulkJob(bundle=bundle, data=str(catalog), out=str(out), mode=mode, precision=precision,
+                             progress=False))
+        wall = time.perf_counter() - t0
+    finally:
+        gc.callbacks.remove(timer)
+    assert r.errors == r.warnings == 0, r  # every photo read: a run that fell back to titles measures nothing
+    return {"wall_s": wall, "collect_s": {str(g): s for g, s in sorted(spent.items())}, "items_per_s": r.rows / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle")
+    ap.add_argument("--data", required=True, type=Path, help="a catalog with photos and titles (repeated)")
+    ap.add_argument("--rows", type=int, default=100_000, help="rows of the titles-only runs (photos: a fifth)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precision", default="int8-cpu")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    runs = {(mode, s): [] for mode in ("text", "auto") for s in SETTINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        catalogs = {"text": _catalog(a.data, a.rows, tmp), "auto": _catalog(a.data, a.rows // 5, tmp)}
+        for rnd in range(a.rounds):
+            for mode, name in runs:
+                collector.THRESHOLDS = SETTINGS[name]  # what `fewer_collections` sets for the run
+                runs[(mode, name)].append(_run(a.bundle, catalogs[mode], mode, a.precision, tmp / f"o-{rnd}-{mode}-{name}"))
+                print(mode, name, rnd, json.dumps(runs[(mode, name)][-1]), flush=True)
+    result = {"machine": machine_info(), "bundle": a.bundle, "precision": a.precision, "rows": {"text": a.rows, "auto": a.rows // 5},
+              "settings": {k: list(v) for k, v in SETTINGS.items()}, "runs": {f"{m}/{s}": v for (m, s), v in runs.items()}}
+    for mode in ("text", "auto"):
+        ratios = [d["wall_s"] / h["wall_s"] for d, h in zip(runs[(mode, "default")], runs[(mode, "huse")])]
+        result[f"{mode}_default_over_huse"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print({k: v for k, v in result.items() if k.endswith("_over_huse")})
+
+
+if __name__ == "__main__":
+    main()
