@@ -155,6 +155,9 @@ class Classifier:
         device: "cpu" or "cuda" for onnxruntime; None lets `backend` decide.
         batch_size: items per model call; larger inputs are split.
         threads: onnxruntime intra-op threads (None: all cores).
+        row_parts: into how many parts by rows a word-CNN text batch is cut, the parts run at once (None:
+            one per thread, `graph_row_parts`; 1: whole batches, for callers that keep the other cores
+            busy themselves, as `huse classify`'s prepare pool does).
         spinning: onnxruntime's intra-op thread spinning (None: its default, on); off costs a
             little alone and saves a lot when other work shares the cores (TOOLCHAIN.md).
         verify: check every bundle file's sha256 before loading (on by default).
@@ -167,7 +170,8 @@ class Classifier:
 
     def __init__(self, bundle: str | Path, backend: str = "auto", precision: str = "fp32", device: str | None = None,
                  batch_size: int = 64, threads: int | None = None, verify: bool = True,
-                 spinning: bool | None = None, trusted_keys: Sequence[str | Path] | None = None):
+                 spinning: bool | None = None, trusted_keys: Sequence[str | Path] | None = None,
+                 row_parts: int | None = None):
         self.bundle = Path(bundle)
         self.batch_size = _positive_int(batch_size, "batch_size")
         if device not in (None, "cpu", "cuda"):
@@ -190,6 +194,7 @@ class Classifier:
         self.thresholds = {k: np.asarray(v, dtype=np.float32)
                            for k, v in m.get("multilabel", {}).get("thresholds", {}).items()}
         self.threads = threads
+        self.row_parts = None if row_parts is None else _positive_int(row_parts, "row_parts")
         self.spinning = spinning
         if precision in CPU_ONLY_PRECISIONS:
             if backend == "tensorrt" or device == "cuda":
@@ -229,8 +234,9 @@ class Classifier:
                     encoder = self.manifest.get("model", {}).get("text_encoder")
                     path, weights = onnx_files(self.manifest["models"], self.precision, graph, self.device)
                     onnx_file = self.bundle / path
+                    parts = graph_row_parts(graph, encoder, self.threads)
                     runner = cls(onnx_file, device=self.device, threads=graph_threads(graph, encoder, self.threads),
-                                 spinning=self.spinning, row_parts=graph_row_parts(graph, encoder, self.threads),
+                                 spinning=self.spinning, row_parts=min(parts, self.row_parts or parts),
                                  weights=self.bundle / weights if weights else None)
                 else:
                     runner = cls.for_bundle(self.bundle, self.manifest, graph, self.precision)

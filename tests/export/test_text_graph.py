@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from huse.export.graphs import FoldedWordCNN
+from huse.runtime.errors import HuseError
 from huse.train.model import HuseConfig, WordCNN
 
 
@@ -91,3 +92,23 @@ def test_word_cnn_text_batches_are_cut_by_rows_across_cores_with_the_same_result
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
         np.testing.assert_array_equal(small[name], want[name][:MIN_ROWS_PER_PART + 1])
+
+
+def test_a_caller_that_keeps_the_cores_busy_asks_for_whole_text_batches(tiny_bundle, tiny_catalog, tmp_path):
+    """Classifier(row_parts=1) runs word-CNN text batches whole (bulk work: its prepare pool has the other cores),
+    caps the parts otherwise, and leaves the other graphs as they are; huse classify asks for it."""
+    from huse.runtime import Classifier
+    from huse.runtime.bulk import BulkJob, _make_classifier
+
+    with Classifier(tiny_bundle, backend="onnxruntime", threads=3, row_parts=1) as clf:
+        assert clf._runner("text").row_parts == 1 and clf._runner("text")._pool is None
+        assert clf._runner("image").row_parts == 1 and clf._runner("image").threads == 3
+    with Classifier(tiny_bundle, backend="onnxruntime", threads=3, row_parts=2) as clf:
+        assert clf._runner("text").row_parts == 2
+    with Classifier(tiny_bundle, backend="onnxruntime", threads=3, row_parts=5) as clf:
+        assert clf._runner("text").row_parts == 3, "never more parts than threads"
+    with pytest.raises(HuseError, match="row_parts must be a positive integer"):
+        Classifier(tiny_bundle, backend="onnxruntime", row_parts=0)
+    clf = _make_classifier(BulkJob(bundle=str(tiny_bundle), data=str(tiny_catalog), out=str(tmp_path / "o")), None)
+    with clf:
+        assert clf.row_parts == 1 and clf._runner("text").row_parts == 1

@@ -1,12 +1,16 @@
-"""What the garbage collector costs the bulk engine, with the default thresholds and with `_collector.THRESHOLDS`.
+"""The bulk engine on a titles-only catalog: what the garbage collector and cutting text batches by rows cost.
 
-    python benchmarks/experiments/bulk_collector.py bundles/demo --data data/fashion-products/catalog.csv \
-        --out benchmarks/results/cpu-2core/bulk-collector.json
+    python benchmarks/experiments/bulk_titles.py bundles/demo --data data/fashion-products/catalog.csv \
+        --out benchmarks/results/cpu-2core/bulk-titles.json
 
 A catalog's rows repeated to `--rows` (images shared), classified by the local engine in this process: titles
 only (`--mode text`, where the model is cheap and a batch's result objects are most of the work) and photos with
-titles (the default mode), each with both settings in interleaved rounds. Reports wall time, the time spent in
-collections by generation (gc.callbacks), and the ratio of each round's two wall times.
+titles (the default mode, a fifth of the rows), in interleaved rounds, three ways:
+- before: Python's default collector thresholds, word-CNN text batches cut by rows, a part per core;
+- collector: `_collector.THRESHOLDS` (a young generation of 50,000 objects), batches still cut;
+- now: those thresholds and whole text batches (`Classifier(row_parts=1)`, what `huse classify` uses).
+Reports wall time, the time spent in collections by generation (gc.callbacks), and per round each way's wall
+time over now's.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import huse.runtime._collector as collector
 from huse.benchmarks.machine import machine_info
 from huse.runtime.bulk import BulkJob, run_bulk
 from huse.runtime.catalog import iter_catalog
+from huse.runtime.classifier import Classifier
 
-SETTINGS = {"default": gc.get_threshold(), "huse": collector.THRESHOLDS}
+# way -> (collector thresholds, Classifier row_parts; None: a part per core)
+WAYS = {"before": (gc.get_threshold(), None), "collector": (collector.THRESHOLDS, None), "now": (collector.THRESHOLDS, 1)}
 
 
 def _catalog(source: Path, rows: int, folder: Path) -> Path:
@@ -42,7 +48,7 @@ def _catalog(source: Path, rows: int, folder: Path) -> Path:
     return path
 
 
-def _run(bundle: str, catalog: Path, mode: str, precision: str, out: Path) -> dict:
+def _run(bundle: str, catalog: Path, mode: str, precision: str, row_parts: int | None, out: Path) -> dict:
     spent = collections.Counter()
     start = {}
 
@@ -56,7 +62,8 @@ def _run(bundle: str, catalog: Path, mode: str, precision: str, out: Path) -> di
     try:
         t0 = time.perf_counter()
         r = run_bulk(BulkJob(bundle=bundle, data=str(catalog), out=str(out), mode=mode, precision=precision,
-                             progress=False))
+                             progress=False, classifier=lambda: Classifier(bundle, precision=precision,
+                                                                           spinning=False, row_parts=row_parts)))
         wall = time.perf_counter() - t0
     finally:
         gc.callbacks.remove(timer)
@@ -73,23 +80,26 @@ def main() -> None:
     ap.add_argument("--precision", default="int8-cpu")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    runs = {(mode, s): [] for mode in ("text", "auto") for s in SETTINGS}
+    runs = {(mode, w): [] for mode in ("text", "auto") for w in WAYS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         catalogs = {"text": _catalog(a.data, a.rows, tmp), "auto": _catalog(a.data, a.rows // 5, tmp)}
         for rnd in range(a.rounds):
             for mode, name in runs:
-                collector.THRESHOLDS = SETTINGS[name]  # what `fewer_collections` sets for the run
-                runs[(mode, name)].append(_run(a.bundle, catalogs[mode], mode, a.precision, tmp / f"o-{rnd}-{mode}-{name}"))
+                collector.THRESHOLDS, row_parts = WAYS[name]  # THRESHOLDS: what `fewer_collections` sets for the run
+                runs[(mode, name)].append(_run(a.bundle, catalogs[mode], mode, a.precision, row_parts,
+                                               tmp / f"o-{rnd}-{mode}-{name}"))
                 print(mode, name, rnd, json.dumps(runs[(mode, name)][-1]), flush=True)
     result = {"machine": machine_info(), "bundle": a.bundle, "precision": a.precision, "rows": {"text": a.rows, "auto": a.rows // 5},
-              "settings": {k: list(v) for k, v in SETTINGS.items()}, "runs": {f"{m}/{s}": v for (m, s), v in runs.items()}}
+              "ways": {k: {"thresholds": list(t), "row_parts": p} for k, (t, p) in WAYS.items()},
+              "runs": {f"{m}/{w}": v for (m, w), v in runs.items()}}
     for mode in ("text", "auto"):
-        ratios = [d["wall_s"] / h["wall_s"] for d, h in zip(runs[(mode, "default")], runs[(mode, "huse")])]
-        result[f"{mode}_default_over_huse"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        for way in ("before", "collector"):
+            ratios = [b["wall_s"] / n["wall_s"] for b, n in zip(runs[(mode, way)], runs[(mode, "now")])]
+            result[f"{mode}_{way}_over_now"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print({k: v for k, v in result.items() if k.endswith("_over_huse")})
+    print({k: v for k, v in result.items() if k.endswith("_over_now")})
 
 
 if __name__ == "__main__":
