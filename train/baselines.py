@@ -91,6 +91,23 @@ def _fit_predict(c: float, x_train, y_train: np.ndarray, n_classes: int, x_eval:
     return [_proba(clf, x, n_classes) for x in x_eval]
 
 
+def _tuned_fit(c: float, x_train, y_train: np.ndarray, sample: np.ndarray):
+    """The tuned fit on every training row, lbfgs started from the fit on `sample` (the cross-validation rows).
+
+    The same optimum to the solver's tolerance, in fewer passes over the rows: fashion-products' image LR
+    (55,000 x 1,984, C=0.01) took 153 iterations and 41 s from the sample's fit (2.3-2.9 s of it) against
+    273 and 70 s from zero, test top-1 90.70% against 90.68%. A fit at scikit-learn's default C starts from
+    zero as before: converged within the defaults' 100 iterations it is their fit too (`_defaults_fit`). So
+    does a fit whose sample is every row, or lacks a class.
+    """
+    if c == 1.0 or len(sample) == len(y_train) or len(np.unique(y_train[sample])) != len(np.unique(y_train)):
+        return _fit(c, x_train, y_train)
+    clf = _lr(c)
+    clf.warm_start = True
+    clf.fit(x_train[sample], y_train[sample])
+    return clf.fit(x_train, y_train)
+
+
 def _defaults_fit(tuned, c: float, x_train, y_train: np.ndarray):
     """scikit-learn's `LogisticRegression()` on the rows given; the tuned fit itself when that is the same fit.
 
@@ -228,7 +245,7 @@ def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y:
     settings["fused"] = {"image_weight": w, "cv_top1": fused_acc,
                          "fold_top1": fold_top1(w * oof_best["image"] + (1 - w) * oof_best["text"])}
 
-    fits = {m: _fit(settings[m]["C"], feats[m][0], y_tr) for m in ("image", "text")}
+    fits = {m: _tuned_fit(settings[m]["C"], feats[m][0], y_tr, rows) for m in ("image", "text")}
     tuned = {m: [_proba(fits[m], x, n_classes) for x in feats[m][1:]] for m in ("image", "text")}
     default_fits = {m: _defaults_fit(fits[m], settings[m]["C"], feats[m][0], y_tr) for m in ("image", "text")}
     defaults = {m: [_proba(default_fits[m], x, n_classes) for x in feats[m][1:]] for m in ("image", "text")}

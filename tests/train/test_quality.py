@@ -90,6 +90,29 @@ def test_defaults_baseline_reuses_the_tuned_fit_only_when_it_is_the_same_fit(mon
         assert np.allclose(b["defaults"]["test"][mode], b["tuned"]["test"][mode], atol=1e-6) == (cap == 100)
 
 
+def test_a_tuned_fit_on_more_rows_than_were_tuned_starts_from_the_samples_fit(monkeypatch):
+    # Large catalogs tune C on a sample; the final fit on every row starts lbfgs from the sample's fit (on
+    # fashion-products 153 iterations instead of 273), the same optimum to the solver's tolerance. At C=1 (the
+    # defaults' C) it starts from zero.
+    from sklearn.linear_model import LogisticRegression
+
+    import huse.train.baselines as bl
+
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(4), 300)
+    x = rng.normal(size=(1200, 40)) + 0.6 * np.eye(4, 40)[y]
+    monkeypatch.setattr(bl, "CV_MAX_ROWS", 300)
+    rows, _ = bl.product_folds(y, np.arange(1200), 3, seed=0)
+    assert len(rows) == 300
+    cold = LogisticRegression(C=0.03, max_iter=2000).fit(x, y)
+    warm = bl._tuned_fit(0.03, x, y, rows)
+    assert warm.warm_start and warm.coef_.shape == cold.coef_.shape
+    np.testing.assert_allclose(warm.predict_proba(x), cold.predict_proba(x), atol=1e-2)
+    assert not bl._tuned_fit(1.0, x, y, rows).warm_start
+    assert not bl._tuned_fit(0.03, x, y, np.arange(1200)).warm_start  # tuned on every row: nothing to start from
+    assert not bl._tuned_fit(0.03, x, y, rows[y[rows] != 3]).warm_start  # the sample lacks a class
+
+
 def test_cross_validation_folds_keep_products_whole(monkeypatch):
     import huse.train.baselines as bl
 
