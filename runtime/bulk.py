@@ -686,7 +686,7 @@ class _Progress:
 def _make_classifier(job: BulkJob, threads: int | None) -> Classifier:
     if job.classifier is not None:
         return job.classifier()
-    # Whole text batches: cut by rows (what a lone caller's batch gets), a titles-only catalog ran 1.35x slower
+    # Whole text batches: cut by rows (what a lone caller's batch gets), a titles-only catalog took 1.29x the time
     # here, its second part and the prepare pool taking turns on the same cores (README "Catalog scale").
     return Classifier(job.bundle, backend=job.backend, precision=job.precision, device=job.device,
                       batch_size=job.batch_size, threads=threads, spinning=job.spinning,
