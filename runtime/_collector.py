@@ -3,9 +3,9 @@
 A batch's results are dicts and lists that die by reference counting, yet each allocation counts
 towards the next collection. With the default thresholds (700, 10, 10) a young collection ran every
 two batches of 64 titles and a full one re-scanned every row of the shard being filled, 13 times in
-100,000 titles: 0.58-0.69 of 3.4-3.7 s (the local engine, titles only, int8-cpu, 2 cores). A young
-generation of 50,000 objects lets most collections find those results already freed: 1.18x there, photos
-with titles unchanged (benchmarks/experiments/bulk_titles.py, README "Catalog scale"). Collections still
+100,000 titles: 0.75-0.93 of 4.3-4.6 s (the local engine, titles only, int8-cpu, 2 cores). A young
+generation of 50,000 objects lets most collections find those results already freed: 1.28x there, photos
+with titles within noise (benchmarks/experiments/bulk_titles.py, README "Catalog scale"). Collections still
 run; only cyclic garbage waits longer.
 """
 
