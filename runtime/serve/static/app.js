@@ -327,12 +327,10 @@ const Review = {
     this.drawChoices();
   },
 
-  accept() {  // Enter: the top-1, or a multi-label row's set as it stands (the predicted one: accept)
+  accept() {  // Enter: the top-1, or a multi-label row's set as it stands (the server records the predicted set as accept)
     if (!this.chosen) return this.decide("accept");
-    const chosen = [...this.chosen];
-    if (!chosen.length) return setStatus("review-status", "Put at least one class in the set, or skip the row.", true);
-    const same = chosen.length === this.current.labels.length && this.current.labels.every((l) => this.chosen.has(l));
-    return same ? this.decide("accept") : this.decide("correct", chosen.join("|"));
+    if (!this.chosen.size) return setStatus("review-status", "Put at least one class in the set, or skip the row.", true);
+    return this.decide("correct", [...this.chosen].join("|"));
   },
 
   focusCard() { if (!$("card").hidden) $("card").focus({preventScroll: true}); },
