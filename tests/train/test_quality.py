@@ -92,7 +92,7 @@ def test_defaults_baseline_reuses_the_tuned_fit_only_when_it_is_the_same_fit(mon
 
 def test_a_tuned_fit_on_more_rows_than_were_tuned_starts_from_the_samples_fit(monkeypatch):
     # Large catalogs tune C on a sample; the final fit on every row starts lbfgs from the sample's fit (on
-    # fashion-products 153 iterations instead of 273), the same optimum to the solver's tolerance. At C=1 (the
+    # fashion-products 244 iterations instead of 273), the same optimum to the solver's tolerance. At C=1 (the
     # defaults' C) it starts from zero.
     from sklearn.linear_model import LogisticRegression
 
