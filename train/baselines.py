@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from huse.runtime.classifier import temperature_scale
+from huse.runtime.errors import HuseError
 
 MODES = ("image", "text", "fused")
 COVERAGES = (0.5, 0.8, 0.95)
@@ -157,6 +158,12 @@ def baseline_features(image_feats: np.ndarray, text: np.ndarray | list[str], tra
     return {"image": img, "text": txt}
 
 
+def fold_count(y: np.ndarray, groups: np.ndarray, folds: int) -> int:
+    """How many of `folds` product folds rows with classes `y` and products `groups` allow: one product cannot be
+    cut, and scikit-learn's StratifiedGroupKFold refuses more folds than the largest class has rows."""
+    return int(min(folds, len(np.unique(groups)), np.bincount(y).max(initial=0)))
+
+
 def product_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int,
                   sample: bool = True) -> tuple[np.ndarray, list]:
     """Cross-validation folds grouped by product (stratified by class where the products allow it).
@@ -164,7 +171,7 @@ def product_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int,
     Args:
         y: (N,) class index of each row.
         groups: (N,) product of each row: a product's rows are always in one fold.
-        folds: number of folds.
+        folds: number of folds; fewer where the rows allow fewer (`fold_count`).
         seed: the fold assignment and the sample.
         sample: above CV_MAX_ROWS rows (the baselines' tuning budget), use a seeded sample of whole products of
             about that many rows; False: every row.
@@ -178,9 +185,14 @@ def product_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int,
         products = np.unique(groups)
         keep = np.random.default_rng(seed).permutation(products)[:max(1, int(len(products) * CV_MAX_ROWS / len(rows)))]
         rows = rows[np.isin(groups, keep)]
+    k = fold_count(y[rows], groups[rows], folds)
+    if k < 2:
+        raise HuseError(f"cross-validation by product needs 2 products or more, and a class with 2 rows or more; "
+                        f"these {len(rows)} training rows hold {len(np.unique(groups[rows]))} products and at most "
+                        f"{np.bincount(y[rows]).max(initial=0)} rows a class: add products to the catalog")
     with warnings.catch_warnings():  # "the least populated class has fewer members than n_splits": expected on small catalogs
         warnings.simplefilter("ignore", UserWarning)
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         return rows, list(splitter.split(rows, y[rows], groups[rows]))
 
 
@@ -229,7 +241,7 @@ def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y:
     rows, cv = product_folds(y_tr, (groups if groups is not None else np.arange(len(y)))[train], folds, seed)
     y_cv = y_tr[rows]
     y_oof = np.concatenate([y_cv[b] for _, b in cv])
-    settings: dict[str, Any] = {"folds": folds, "cv_rows": int(len(rows)), "train_rows": int(len(train)),
+    settings: dict[str, Any] = {"folds": len(cv), "cv_rows": int(len(rows)), "train_rows": int(len(train)),
                                 "c_grid": list(C_GRID)}
     bounds = np.cumsum([0] + [len(b) for _, b in cv])
 

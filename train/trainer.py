@@ -38,8 +38,8 @@ from huse.runtime.labels import PATH_SEPARATOR, is_multi_label
 from huse.runtime.preprocess import ImageSpec, load_image
 from huse.runtime.tokenizer import WordTokenizer, normalise_title, words
 from huse.train.backbones import backbone_info
-from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_report, fit_temperature, logistic_baselines,
-                                  nll, product_folds)
+from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_report, fit_temperature, fold_count,
+                                  logistic_baselines, nll, product_folds)
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
@@ -424,19 +424,23 @@ class Trainer:
 
     def _cv_plan(self) -> dict[str, Any]:
         """How many cross-validation folds this run uses (TrainConfig.cv_folds), and why."""
-        rows, asked = len(self.split["train"]) + len(self.split["val"]), self.tc.cv_folds
-        products = len(np.unique(self.product[torch.cat([self.split["train"], self.split["val"]])].numpy()))
+        idx, asked = torch.cat([self.split["train"], self.split["val"]]), self.tc.cv_folds
+        rows, products = len(idx), len(np.unique(self.product[idx].numpy()))
+        y = self.y[idx].numpy()
+        y = y.argmax(1) if self.multi else y  # multi-label rows are stratified by their first class (_product_folds)
+        allowed = fold_count(y, self.product[idx].numpy(), max(asked or 0, CV_FOLDS))
         if asked is None:
             if rows >= KFOLD_MAX_ROWS:
                 return {"folds": 0, "reason": f"auto: {rows} train + val rows >= {KFOLD_MAX_ROWS}"}
-            if products < CV_FOLDS:
-                return {"folds": 0, "reason": f"auto: {products} train + val products, fewer than {CV_FOLDS} folds"}
+            if allowed < CV_FOLDS:
+                return {"folds": 0, "reason": f"auto: {products} train + val products allow {allowed} folds by product, "
+                                              f"fewer than {CV_FOLDS}"}
             return {"folds": CV_FOLDS, "reason": f"auto: {rows} train + val rows < {KFOLD_MAX_ROWS}"}
-        plan = {"folds": asked, "reason": f"cv_folds={asked}"}
-        if plan["folds"] > products:
-            raise HuseError(f"--cv-folds {plan['folds']}: train + val hold only {products} products, fewer than the "
-                            "folds; pass fewer folds, or --cv-folds 0")
-        return plan
+        if asked > allowed:
+            raise HuseError(f"--cv-folds {asked}: train + val ({products} products, at most "
+                            f"{np.bincount(y).max(initial=0)} rows a class) allow only "
+                            f"{allowed} folds by product; pass fewer folds, or --cv-folds 0")
+        return {"folds": asked, "reason": f"cv_folds={asked}"}
 
     # -- class-name prior ----------------------------------------------------------------
     def _class_name_plan(self) -> dict[str, Any]:

@@ -238,6 +238,22 @@ def test_the_final_one_vs_rest_lr_reads_its_weight_and_thresholds_off_the_folds(
     assert f1["fused"] > 0.7 and f1["fused"] > f1["image"] + 0.1
 
 
+def test_a_catalog_whose_classes_all_have_under_five_rows_trains_and_says_why_no_folds_ran(tiny_catalog, tmp_path):
+    # A first try of a dozen photos (`huse data catalog`): scikit-learn refused 5 stratified folds after training.
+    rows = [r for r in csv.DictReader(open(tiny_catalog, newline=""))]
+    small = []
+    for label in sorted({r["classes"] for r in rows})[:3]:
+        small += [dict(r, image=str(tiny_catalog.parent / r["image"])) for r in rows if r["classes"] == label][:4]
+    for r in small:
+        r.pop("split", None)
+    path = tmp_path / "catalog.csv"
+    write_rows(path, small)
+    ds, trainer = _trainer(path, tmp_path / "run", epochs=1)
+    assert trainer.cv["folds"] == 0 and "allow" in trainer.cv["reason"]
+    metrics = trainer.fit(progress=False)
+    assert metrics["baseline_settings"]["folds"] < 5 and metrics["cv"]["folds"] == 0
+
+
 def test_bad_fold_counts_say_what_to_do(grouped_catalog, tmp_path):
     from huse.runtime.errors import HuseError
     from huse.train.cli import main
@@ -245,7 +261,8 @@ def test_bad_fold_counts_say_what_to_do(grouped_catalog, tmp_path):
 
     with pytest.raises(HuseError, match="not a number of folds"):
         TrainConfig(cv_folds=1)
-    with pytest.raises(HuseError, match="hold only .* products, fewer than the folds"):
+    with pytest.raises(HuseError, match=r"--cv-folds 500: train \+ val \(\d+ products, at most \d+ rows a class\) allow "
+                                        r"only \d+ folds by product; pass fewer folds"):
         _trainer(grouped_catalog, tmp_path / "many", epochs=1, cv_folds=500)
     r = CliRunner().invoke(main, ["--data", str(grouped_catalog), "--out", str(tmp_path / "x"), "--cv-folds", "five"])
     assert r.exit_code == 1 and r.output.strip() == ("error: --cv-folds 'five' is not a number of folds; pass 0 (never), "

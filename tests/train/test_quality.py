@@ -128,6 +128,18 @@ def test_cross_validation_folds_keep_products_whole(monkeypatch):
     assert sorted(np.concatenate([rows[b] for _, b in folds]).tolist()) == rows.tolist()
 
 
+def test_a_catalog_too_small_for_five_folds_gets_the_folds_it_allows_or_a_clear_error():
+    import huse.train.baselines as bl
+    from huse.runtime.errors import HuseError
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])  # every class under 5 rows: scikit-learn refused 5 folds
+    rows, folds = bl.product_folds(y, np.arange(11), 5, seed=0)
+    assert len(folds) == 4 and sorted(np.concatenate([b for _, b in folds]).tolist()) == list(range(11))
+    assert bl.fold_count(y, np.arange(11) // 4, 5) == 3  # 3 products
+    with pytest.raises(HuseError, match="needs 2 products or more.* 11 training rows hold 1 products"):
+        bl.product_folds(y, np.zeros(11, dtype=int), 5, seed=0)
+
+
 def test_temperature_is_recovered_and_calibration_gets_better():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4000, 5)) * 3
