@@ -87,7 +87,12 @@ def _fit(c: float, x_train, y_train: np.ndarray, max_iter: int = TUNED_MAX_ITER)
 
 def _fit_predict(c: float, x_train, y_train: np.ndarray, n_classes: int, x_eval: list,
                  max_iter: int = TUNED_MAX_ITER) -> list[np.ndarray]:
-    """Fit LogisticRegression(C=c, max_iter) and return the probabilities (N, n_classes) of each of `x_eval`."""
+    """Fit LogisticRegression(C=c, max_iter) and return the probabilities (N, n_classes) of each of `x_eval`.
+
+    Rows of one class (a fold's training side on a catalog of a few products) predict that class: scikit-learn
+    refuses to fit them."""
+    if len(only := np.unique(y_train)) == 1:
+        return [np.eye(n_classes, dtype=np.float32)[np.full(x.shape[0], only[0])] for x in x_eval]
     clf = _fit(c, x_train, y_train, max_iter)
     return [_proba(clf, x, n_classes) for x in x_eval]
 

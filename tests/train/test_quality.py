@@ -138,6 +138,12 @@ def test_a_catalog_too_small_for_five_folds_gets_the_folds_it_allows_or_a_clear_
     assert bl.fold_count(y, np.arange(11) // 4, 5) == 3  # 3 products
     with pytest.raises(HuseError, match="needs 2 products or more.* 11 training rows hold 1 products"):
         bl.product_folds(y, np.zeros(11, dtype=int), 5, seed=0)
+    # One class with a single product: the fold that holds it out trains on the other class alone.
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 8 + [1])
+    feats = rng.normal(size=(9, 4)) + 3 * np.eye(2, 4)[y]
+    b = bl.logistic_baselines(feats, feats, y, 2, np.arange(9), {"val": np.arange(9)}, folds=5)
+    assert b["settings"]["folds"] == 5 and b["tuned"]["val"]["fused"].shape == (9, 2)
 
 
 def test_temperature_is_recovered_and_calibration_gets_better():
