@@ -134,13 +134,23 @@ def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _tfidf(train: list[str], *others: list[str]):
-    from scipy.sparse import hstack
+    """TF-IDF of words and of character 3-5-grams (those in 2 titles or more). A half that finds no term in the
+    training titles (names such as 'a1', 'a2': no word of 2 letters, no n-gram shared) is left out; with neither,
+    one constant feature (the LR then answers the classes' frequencies)."""
+    from scipy.sparse import csr_matrix, hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    words = TfidfVectorizer(lowercase=True, ngram_range=(1, 2), sublinear_tf=True)
-    chars = TfidfVectorizer(lowercase=True, analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2)
-    out = [hstack([words.fit_transform(train), chars.fit_transform(train)]).tocsr()]
-    out += [hstack([words.transform(t), chars.transform(t)]).tocsr() for t in others]
+    fitted = []
+    for vec in (TfidfVectorizer(lowercase=True, ngram_range=(1, 2), sublinear_tf=True),
+                TfidfVectorizer(lowercase=True, analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2)):
+        try:
+            fitted.append((vec, vec.fit_transform(train)))
+        except ValueError:  # scikit-learn's "empty vocabulary" / "no terms remain"
+            continue
+    if not fitted:
+        return [csr_matrix(np.ones((len(t), 1), dtype=np.float32)) for t in (train, *others)]
+    out = [hstack([m for _, m in fitted]).tocsr()]
+    out += [hstack([vec.transform(t) for vec, _ in fitted]).tocsr() for t in others]
     return out
 
 

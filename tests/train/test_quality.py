@@ -146,6 +146,17 @@ def test_a_catalog_too_small_for_five_folds_gets_the_folds_it_allows_or_a_clear_
     assert b["settings"]["folds"] == 5 and b["tuned"]["val"]["fused"].shape == (9, 2)
 
 
+def test_titles_without_words_or_shared_ngrams_still_give_text_baseline_features():
+    import huse.train.baselines as bl
+
+    both = bl._tfidf(["red wool coat", "red wool scarf"], ["blue coat"])
+    assert both[0].shape[1] > 5 and both[1].shape == (1, both[0].shape[1])
+    names = bl._tfidf(["a1", "a2", "b1"], ["a1"])  # file-name titles: words of 2 letters, no 3-gram in 2 titles
+    assert names[0].shape == (3, 3) and names[1].toarray().tolist() == [[1.0, 0.0, 0.0]]
+    letters = bl._tfidf(["a", "b"], ["c"])  # nothing at all: one constant feature
+    assert letters[0].shape == (2, 1) and letters[1].toarray().tolist() == [[1.0]]
+
+
 def test_temperature_is_recovered_and_calibration_gets_better():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4000, 5)) * 3
