@@ -425,10 +425,9 @@ class Trainer:
     def _cv_plan(self) -> dict[str, Any]:
         """How many cross-validation folds this run uses (TrainConfig.cv_folds), and why."""
         idx, asked = torch.cat([self.split["train"], self.split["val"]]), self.tc.cv_folds
-        rows, products = len(idx), len(np.unique(self.product[idx].numpy()))
-        y = self.y[idx].numpy()
+        groups, y = self.product[idx].numpy(), self.y[idx].numpy()
         y = y.argmax(1) if self.multi else y  # multi-label rows are stratified by their first class (_product_folds)
-        allowed = fold_count(y, self.product[idx].numpy(), max(asked or 0, CV_FOLDS))
+        rows, products, allowed = len(idx), len(np.unique(groups)), fold_count(y, groups, asked or CV_FOLDS)
         if asked is None:
             if rows >= KFOLD_MAX_ROWS:
                 return {"folds": 0, "reason": f"auto: {rows} train + val rows >= {KFOLD_MAX_ROWS}"}
