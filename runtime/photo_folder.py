@@ -130,28 +130,34 @@ def write_folder_catalog(folder: str | Path, out: str | Path | None = None, *, c
                             done.unclassed += 1
         if not done.photos:
             raise HuseError(f"no photos under {folder} (looked for {', '.join(sorted(PHOTO_SUFFIXES))})"
-                            + (f"; {done.heif} HEIC/HEIF photos: convert them to JPEG" if done.heif else ""))
+                            + (f"; {_n(done.heif, 'HEIC/HEIF photo')}: convert them to JPEG" if done.heif else ""))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return done
 
 
+def _n(count: int, noun: str, plural: str | None = None) -> str:
+    """'1 photo', '2 photos': a count with its noun."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def summary(done: FolderCatalog) -> str:
     """The lines the CLI prints: what was written, and what was left out and why."""
-    lines = [f"wrote {done.path}: {done.photos} photos, {done.titled} with a title"]
+    lines = [f"wrote {done.path}: {_n(done.photos, 'photo')}, {done.titled} with a title"]
     if done.classes or done.unclassed:
-        lines[0] += f", {len(done.classes)} classes from their folders"
+        lines[0] += f", {_n(len(done.classes), 'class', 'classes')} from their folders"
         if done.unclassed:
-            lines.append(f"note: {done.unclassed} photos sit at the top of the folder and have no class "
-                         "(training skips them only with --skip-bad-rows)")
+            lines.append(f"note: {_n(done.unclassed, 'photo')} at the top of the folder "
+                         f"{'has' if done.unclassed == 1 else 'have'} no class (training skips them only with --skip-bad-rows)")
     if done.titled < done.photos:
-        lines.append(f"note: {done.photos - done.titled} photos have no title: they are classified by photo alone, and "
-                     "huse-train needs titles (a .txt beside each photo, or --names-from-file-names)")
+        untitled = done.photos - done.titled
+        lines.append(f"note: {_n(untitled, 'photo')} {'has' if untitled == 1 else 'have'} no title: classified by photo "
+                     "alone, and huse-train needs titles (a .txt beside each photo, or --names-from-file-names)")
     if done.heif:
-        lines.append(f"skipped {done.heif} HEIC/HEIF photos: Pillow does not read them; convert them to JPEG "
+        lines.append(f"skipped {_n(done.heif, 'HEIC/HEIF photo')}: Pillow does not read HEIC; convert them to JPEG "
                      "(e.g. heif-convert, from Debian's libheif-examples) and run this again")
     if done.other:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(done.other.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines.append(f"skipped {sum(done.other.values())} files that are not photos by their suffix ({kinds})")
+        lines.append(f"skipped {_n(sum(done.other.values()), 'file')} without a photo's suffix ({kinds})")
     return "\n".join(lines)

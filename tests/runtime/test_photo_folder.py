@@ -73,20 +73,36 @@ def test_titles_from_file_names_hidden_files_heic_and_other_files(tmp_path, tiny
     assert (done.photos, done.titled, done.heif, done.other) == (2, 2, 2, {".json": 1, "(none)": 1})
     r = _run("data", "catalog", folder, "--out", tmp_path / "plain.csv")  # no names from file names: untitled
     assert r.exit_code == 0, r.output
-    assert "1 photos have no title: they are classified by photo alone" in r.output
-    assert "skipped 2 HEIC/HEIF photos: Pillow does not read them; convert them to JPEG" in r.output
+    assert "1 photo has no title: classified by photo alone" in r.output
+    assert "skipped 2 HEIC/HEIF photos: Pillow does not read HEIC; convert them to JPEG" in r.output
     # the first catalog.csv is a file like any other there
-    assert "skipped 3 files that are not photos by their suffix ((none) 1, .csv 1, .json 1)" in r.output
+    assert "skipped 3 files without a photo's suffix ((none) 1, .csv 1, .json 1)" in r.output
     # photos outside the catalog's folder are named by absolute paths, and resolve
     assert [rec.image for rec in read_catalog(tmp_path / "plain.csv")] == \
         [str(folder.resolve() / "black-leather_boot.png"), str(folder.resolve() / "titled.PNG")]
+
+
+def test_the_summary_counts_one_of_a_kind_in_the_singular(tmp_path, tiny_catalog):
+    folder = tmp_path / "photos"
+    (folder / "shoes").mkdir(parents=True)
+    png = next((tiny_catalog.parent / "images").glob("*.png"))
+    shutil.copy(png, folder / "shoes" / "boot.png")
+    shutil.copy(png, folder / "loose.png")
+    for name in ("a.heic", "notes.json"):
+        (folder / name).write_bytes(b"x")
+    r = _run("data", "catalog", folder, "--classes-from-folders")
+    assert r.exit_code == 0, r.output
+    assert f"wrote {folder / 'catalog.csv'}: 2 photos, 0 with a title, 1 class from their folders" in r.output
+    for line in ("note: 1 photo at the top of the folder has no class", "note: 2 photos have no title",
+                 "skipped 1 HEIC/HEIF photo:", "skipped 1 file without a photo's suffix (.json 1)"):
+        assert line in r.output, r.output
 
 
 def test_refusals_name_what_to_do(tmp_path, tiny_catalog):
     folder = tmp_path / "photos"
     (folder / "shoes>boots").mkdir(parents=True)
     (folder / "a.heic").write_bytes(b"x")
-    with pytest.raises(HuseError, match=r"no photos under .*; 1 HEIC/HEIF photos: convert them to JPEG"):
+    with pytest.raises(HuseError, match=r"no photos under .*; 1 HEIC/HEIF photo: convert them to JPEG"):
         write_folder_catalog(folder)
     assert not (folder / "catalog.csv").exists() and not list(folder.glob(".catalog.csv*"))
     shutil.copy(next((tiny_catalog.parent / "images").glob("*.png")), folder / "shoes>boots" / "x.png")
