@@ -261,18 +261,25 @@ class _TorchRunner:
 
 
 def check_parity(module: nn.Module, onnx_path: Path, feeds: list[dict[str, np.ndarray]], inputs: list[str],
-                 outputs: list[str], atol: float) -> dict[str, float]:
+                 outputs: list[str], atol: float) -> dict[str, dict[str, float]]:
     """Compare torch and onnxruntime on real inputs with Polygraphy's Comparator, output by output.
+
+    Each output's limit is `atol` of its scale: its largest magnitude under torch on these inputs, at least 1.
+    Unit-norm embeddings and probabilities are held to `atol` itself; logits, which the shared layer's learned
+    scale takes to 10-30, to `atol` of their range. (Rounding grows with the values: an absolute 1e-4 refused
+    default-recipe mdi-icons and fine-tuned phosphor-icons models whose embeddings matched torch within 3e-6 but
+    whose logits, that embedding's dot products with the shared layer times a learned scale of ~11, differed by
+    1.0-1.3e-4 at magnitudes of 11-14.)
 
     Args:
         module: the torch graph.
         onnx_path: its exported ONNX.
         feeds: real input batches.
-        atol: the largest allowed absolute difference on any output.
+        atol: the largest allowed difference on any output, as a fraction of its scale.
     Returns:
-        {output name: the max absolute difference seen on it}.
+        {output name: {"max_abs_diff": the largest absolute difference seen, "limit": what it was held to}}.
     Raises:
-        HuseError: when one exceeds atol, naming the output, with the figure.
+        HuseError: when one exceeds its limit, naming the output, with the figures.
     """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, SimpleCompareFunc
@@ -282,15 +289,18 @@ def check_parity(module: nn.Module, onnx_path: Path, feeds: list[dict[str, np.nd
     runners = [_TorchRunner(module, inputs, outputs, "torch", feeds[0]),
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxruntime")]
     results = Comparator.run(runners, data_loader=feeds)
-    ok = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
     (_, torch_iters), (_, ort_iters) = results
+    scale = {n: max(1.0, max(float(np.abs(t[n]).max()) for t in torch_iters)) for n in outputs}
+    limits = {n: atol * scale[n] for n in outputs}
+    ok = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=limits, rtol=0.0))
     diffs = {n: max(float(np.abs(np.asarray(t[n], np.float64) - np.asarray(o[n], np.float64)).max())
                     for t, o in zip(torch_iters, ort_iters)) for n in outputs}
-    worst = max(diffs, key=diffs.get)
-    if not ok or diffs[worst] > atol:
-        raise HuseError(f"{onnx_path.name}: onnxruntime differs from torch by up to {diffs[worst]:.3g} (> {atol:g}) "
-                        f"on output {worst!r} on real test inputs; the export is refused")
-    return diffs
+    worst = max(outputs, key=lambda n: diffs[n] / limits[n])
+    if not ok or diffs[worst] > limits[worst]:
+        raise HuseError(f"{onnx_path.name}: onnxruntime differs from torch by up to {diffs[worst]:.3g} on output {worst!r} "
+                        f"(limit {limits[worst]:.3g}: {atol:g} of its largest magnitude, {scale[worst]:.3g}) on real "
+                        "test inputs; the export is refused")
+    return {n: {"max_abs_diff": diffs[n], "limit": limits[n]} for n in outputs}
 
 
 def optimize_onnx(path: Path) -> None:

@@ -22,8 +22,9 @@ def test_bundle_describes_itself(tiny_bundle):
     assert 0.0 <= m["fusion"]["image_weight"] <= 1.0
     assert {"torch", "onnx", "onnxruntime", "polygraphy"} <= set(m["versions"])
     assert set(m["files"]) == {"image.onnx", "text.onnx", "fused.onnx", "vocab.json"}
-    for graph, diff in m["parity"]["max_abs_diff"].items():
-        assert diff <= 1e-4, graph  # fp32 parity tolerance of the export
+    for graph, diffs in m["parity"]["per_output"].items():  # the fp32 parity limits of the export
+        assert all(diffs[o] <= m["parity"]["limits"][graph][o] for o in diffs), graph
+    assert m["parity"]["limits"]["fused"]["probs"] == 1e-4  # probabilities: 1e-4 itself
     assert m["graphs"]["image"]["outputs"] == ["embedding", "logits", "visual"]
     assert m["visual_dim"] == 32 == m["visual"]["features"]  # the tiny backbone's width, under 256 whitened dims
     assert m["visual"]["fitted_on"].endswith("train photos")
@@ -51,11 +52,42 @@ def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
     path = tmp_path / "image.onnx"
     outputs = ["embedding", "logits", "visual"]
     export_onnx(image_graph, feeds[0], ["image"], outputs, path)
-    diffs = check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
-    assert set(diffs) == set(outputs) and max(diffs.values()) <= 1e-4
+    parity = check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
+    assert set(parity) == set(outputs)
+    # unit-norm outputs are held to 1e-4 itself; logits to 1e-4 of their largest magnitude
+    assert parity["embedding"]["limit"] == parity["visual"]["limit"] == 1e-4
+    with torch.no_grad():
+        largest = float(image_graph(torch.from_numpy(feeds[0]["image"]))[1].abs().max())
+    assert parity["logits"]["limit"] == pytest.approx(1e-4 * max(1.0, largest))
+    assert all(c["max_abs_diff"] <= c["limit"] for c in parity.values())
     with torch.no_grad():
         model.classifier.linear.bias += 1e-2  # the torch model moves; the ONNX file does not
-    with pytest.raises(HuseError, match=r"differs from torch by up to .* \(> 0.0001\) on output 'logits'"):
+    with pytest.raises(HuseError, match=r"differs from torch by up to .* on output 'logits' \(limit .*: 0.0001 of its "
+                                        r"largest magnitude"):
+        check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
+
+
+def test_parity_holds_logits_to_their_scale_so_rounding_of_large_logits_passes(tiny_run, tmp_path):
+    """Logits 1e6 times larger carry float32 rounding far above an absolute 1e-4 (one ulp at 1e6 is 0.06); the
+    same graph, no error in it, passes because its limit is 1e-4 of the logits' magnitude. A wrong bias of 1% of
+    that magnitude is still refused."""
+    from huse.export.graphs import check_parity, export_onnx, graph_specs
+    from huse.train.trainer import load_run
+
+    model, _ = load_run(tiny_run)
+    with torch.no_grad():
+        model.classifier.linear.weight *= 1e6
+        model.classifier.linear.bias *= 1e6
+    image_graph = graph_specs(model, 0.5)["image"]["module"]
+    feeds = [{"image": np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)}]
+    path = tmp_path / "image.onnx"
+    outputs = ["embedding", "logits", "visual"]
+    export_onnx(image_graph, feeds[0], ["image"], outputs, path)
+    parity = check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
+    assert parity["logits"]["max_abs_diff"] > 1e-4 and parity["logits"]["limit"] > 1e-2
+    with torch.no_grad():
+        model.classifier.linear.bias += 0.01 * parity["logits"]["limit"] / 1e-4
+    with pytest.raises(HuseError, match="on output 'logits'"):
         check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
 
 
