@@ -44,7 +44,8 @@ def make_pre_visual_bundle(bundle: Path, out: Path) -> Path:
         onnx.save(model, str(path))
     m.pop("visual_dim")
     m["graphs"]["image"]["outputs"] = ["embedding", "logits"]
-    m["parity"].pop("per_output", None)
+    for key in ("per_output", "limits", "rule"):  # an old bundle's parity held one figure a graph
+        m["parity"].pop(key, None)
     for key in ("format", "format_version", "files"):
         m.pop(key)
     write_manifest(out, m)
