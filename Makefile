@@ -45,7 +45,7 @@ demo: $(VENV)/.installed-demo data
 	$(BIN)/huse data export fashion-products data/fashion-products --limit 200
 	$(BIN)/huse classify $(BUNDLE) --data data/fashion-products/catalog.csv --out data/predictions.jsonl --show 5
 	$(BIN)/huse index build $(BUNDLE) --data data/fashion-products/catalog.csv --out data/index --overwrite
-	$(BIN)/huse search data/index --text "black leather ankle boots" -k 5
+	$(BIN)/huse search data/index --title "black leather ankle boots" -k 5
 	$(BIN)/huse search data/index --image data/fashion-products/images/fm-t10k-00000.png --space visual -k 5
 	$(BIN)/python -m huse.benchmarks.accuracy $(BUNDLE) --precisions fp32,int8-cpu --out bench-results/accuracy.json
 	$(BIN)/huse-bench $(BUNDLE) --out bench-results/demo --batches 1,64 --precisions fp32,int8-cpu --repeats 3 --eval-size 500

@@ -591,8 +591,9 @@ def _echo_index(idx) -> None:
 
 @main.command(context_settings={"show_default": True})
 @click.argument("index", type=click.Path(file_okay=False))
-@click.option("--text", help="Query title.")
-@click.option("--image", type=click.Path(dir_okay=False), help="Query photo (with --text: a fused query).")
+@click.option("--title", "--text", "text", help="Query title, as `huse classify --title` and /v1/search name it "
+                                                "(--text is the same option).")
+@click.option("--image", type=click.Path(dir_okay=False), help="Query photo (with --title: a fused query).")
 @click.option("--batch", type=click.Path(dir_okay=False), help="CSV/JSONL of queries (columns image and/or name).")
 @click.option("--target", type=click.Choice(["image", "text", "product"]), default="image",
               help="What is searched: product photos, product titles, or products (best of both).")
@@ -616,7 +617,7 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
 
         if batch:
             if text or image:
-                raise HuseError("give --batch or --text/--image, not both")
+                raise HuseError("give --batch or --title/--image, not both")
             import itertools
 
             from huse.runtime.catalog import iter_catalog
@@ -628,7 +629,7 @@ def search(index, text, image, batch, target, space, prefix, k, out, bundle, thr
         elif text or image:
             chunks = iter([[("query", text, image, None)]])
         else:
-            raise HuseError("search needs --text, --image (both: a fused query) or --batch FILE")
+            raise HuseError("search needs --title, --image (both: a fused query) or --batch FILE")
         if no_verify and trusted_keys:
             raise HuseError("--no-verify and --trusted-key contradict each other: a signature vouches for files only "
                             "through their sha256; drop --no-verify")

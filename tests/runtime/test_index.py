@@ -377,8 +377,11 @@ def test_cli_build_search_info_remove(tiny_bundle, tiny_catalog, records, tmp_pa
     assert r.exit_code == 0, r.output
     out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert out[0]["hits"][0]["product_id"] == q.product_id and len(out[0]["hits"]) == 3
-    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--text", "Acme black tee", "--filter", "bags", "--target", "product"])
+    r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--title", "Acme black tee", "--filter", "bags", "--target", "product"])
     assert r.exit_code == 0 and "bags<handbags<handbags" in r.output and "clothing" not in r.output, r.output
+    # --title as `huse classify` names it; --text, its first name, is the same option
+    same = cli.invoke(main, ["search", str(tmp_path / "idx"), "--text", "Acme black tee", "--filter", "bags", "--target", "product"])
+    assert same.exit_code == 0 and same.output == r.output
     r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx"), "--product-id", q.product_id])
     assert r.exit_code == 0 and "removed 1 items" in r.output, r.output
     r = cli.invoke(main, ["index", "info", str(tmp_path / "idx")])
