@@ -226,6 +226,9 @@ class Server:
         await self.worker.stop(self.config.grace_s)
         if self._search_thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._search_thread.shutdown, True)
+        if self.failed is None:  # a failure has said why in its own error line
+            code = self.worker.proc.returncode if self.worker.proc is not None else None
+            log.info(json.dumps({"event": "stopped", "model_process_exit": code}))
 
     # -- work ------------------------------------------------------------------------
     async def run(self, receive, model: str, items: Items, started: float | None = None) -> Any:

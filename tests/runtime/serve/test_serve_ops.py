@@ -233,6 +233,8 @@ def test_ctrl_c_stops_the_server_cleanly_with_exit_0(start_server):
     s.proc.send_signal(signal.SIGINT)
     assert s.proc.wait(60) == 0, s.output()
     assert "Aborted" not in s.output() and "Traceback" not in s.output()
+    # the log's last line says it stopped, and that the model process exited cleanly
+    assert json.loads(s.output().strip().splitlines()[-1]) == {"event": "stopped", "model_process_exit": 0}, s.output()
 
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_bundle):
