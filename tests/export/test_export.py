@@ -42,18 +42,26 @@ def test_graphs_have_a_dynamic_batch_axis(tiny_bundle):
             assert i.type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
+IMAGE_OUTPUTS = ["embedding", "logits", "visual"]
+
+
+def _checked_image_graph(model, tmp_path, batch: int, seed: int):
+    """`model`'s image graph exported on random inputs; (graph, feeds, check): check() is check_parity at 1e-4."""
     from huse.export.graphs import check_parity, export_onnx, graph_specs
+
+    graph = graph_specs(model, 0.5)["image"]["module"]
+    feeds = [{"image": np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)}]
+    export_onnx(graph, feeds[0], ["image"], IMAGE_OUTPUTS, tmp_path / "image.onnx")
+    return graph, feeds, lambda: check_parity(graph, tmp_path / "image.onnx", feeds, ["image"], IMAGE_OUTPUTS, atol=1e-4)
+
+
+def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
     from huse.train.trainer import load_run
 
-    model, cfg = load_run(tiny_run)
-    image_graph = graph_specs(model, 0.5)["image"]["module"]
-    feeds = [{"image": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}]
-    path = tmp_path / "image.onnx"
-    outputs = ["embedding", "logits", "visual"]
-    export_onnx(image_graph, feeds[0], ["image"], outputs, path)
-    parity = check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
-    assert set(parity) == set(outputs)
+    model, _ = load_run(tiny_run)
+    image_graph, feeds, check = _checked_image_graph(model, tmp_path, batch=4, seed=0)
+    parity = check()
+    assert set(parity) == set(IMAGE_OUTPUTS)
     # unit-norm outputs are held to 1e-4 itself; logits to 1e-4 of their largest magnitude
     assert parity["embedding"]["limit"] == parity["visual"]["limit"] == 1e-4
     with torch.no_grad():
@@ -64,31 +72,26 @@ def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
         model.classifier.linear.bias += 1e-2  # the torch model moves; the ONNX file does not
     with pytest.raises(HuseError, match=r"differs from torch by up to .* on output 'logits' \(limit .*: 0.0001 of its "
                                         r"largest magnitude"):
-        check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
+        check()
 
 
 def test_parity_holds_logits_to_their_scale_so_rounding_of_large_logits_passes(tiny_run, tmp_path):
     """Logits 1e6 times larger carry float32 rounding far above an absolute 1e-4 (one ulp at 1e6 is 0.06); the
     same graph, no error in it, passes because its limit is 1e-4 of the logits' magnitude. A wrong bias of 1% of
     that magnitude is still refused."""
-    from huse.export.graphs import check_parity, export_onnx, graph_specs
     from huse.train.trainer import load_run
 
     model, _ = load_run(tiny_run)
     with torch.no_grad():
         model.classifier.linear.weight *= 1e6
         model.classifier.linear.bias *= 1e6
-    image_graph = graph_specs(model, 0.5)["image"]["module"]
-    feeds = [{"image": np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)}]
-    path = tmp_path / "image.onnx"
-    outputs = ["embedding", "logits", "visual"]
-    export_onnx(image_graph, feeds[0], ["image"], outputs, path)
-    parity = check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
+    _, _, check = _checked_image_graph(model, tmp_path, batch=8, seed=1)
+    parity = check()
     assert parity["logits"]["max_abs_diff"] > 1e-4 and parity["logits"]["limit"] > 1e-2
     with torch.no_grad():
         model.classifier.linear.bias += 0.01 * parity["logits"]["limit"] / 1e-4
     with pytest.raises(HuseError, match="on output 'logits'"):
-        check_parity(image_graph, path, feeds, ["image"], outputs, atol=1e-4)
+        check()
 
 
 def test_visual_output_is_the_whitened_centred_backbone_features_of_torch(tiny_run, tiny_bundle, tiny_catalog):
