@@ -243,13 +243,16 @@ def _sigmoid_probs(logits: torch.Tensor) -> np.ndarray:
 
 
 def accuracy_report(probs: np.ndarray, y: np.ndarray, hierarchy: Hierarchy) -> dict[str, Any]:
-    """top-1/top-5 on leaves and top-1 per hierarchy level."""
+    """top-1/top-5 on leaves and top-1 per hierarchy level. Level k counts the items whose class reaches it (a leaf
+    of depth d counts toward levels 1..d); a level no item reaches is left out."""
     top5 = np.argsort(-probs, axis=1)[:, :5]
     report = {"top1": float((top5[:, 0] == y).mean()), "top5": float((top5 == y[:, None]).any(axis=1).mean()), "levels": {}}
     for k in range(1, hierarchy.depth + 1):
         m = hierarchy.levels[k - 1][1]
-        pred, true = (probs @ m).argmax(1), m[y].argmax(1)
-        report["levels"][str(k)] = float((pred == true).mean())
+        reach = m[y].any(axis=1)
+        if reach.any():
+            pred, true = (probs[reach] @ m).argmax(1), m[y[reach]].argmax(1)
+            report["levels"][str(k)] = float((pred == true).mean())
     return report
 
 

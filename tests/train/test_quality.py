@@ -355,3 +355,21 @@ def test_final_fit_refits_on_train_and_val_with_the_chosen_settings(tiny_catalog
 def test_final_fit_train_ships_the_held_out_model(tiny_run):
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert m["final_fit"]["splits"] == ["train"] and "test" not in m["final_fit"]
+
+
+def test_level_accuracy_counts_only_the_items_whose_class_reaches_that_level():
+    """A ragged hierarchy (a shop's taxonomy, or a new class that only test rows carry): level 2 is read over the
+    items whose class has a level 2. Before, every item of a one-level class counted as right at level 2, so a
+    run whose only two-level class was never predicted reported L2=1.000."""
+    from huse.runtime.hierarchy import Hierarchy
+    from huse.train.trainer import accuracy_report
+
+    h = Hierarchy(["arrows", "brand new<class", "shapes", "tools<hammers", "tools<saws"])
+    y = np.array([0, 2, 1, 3, 4, 4])
+    probs = np.eye(5)[[0, 2, 0, 3, 3, 4]] * 0.9 + 0.02  # item 2 (brand new<class) read as arrows, item 4 as hammers
+    probs[2, 4] += 0.01  # what item 2 gives level 2 goes to tools<saws, not its own class: no tie to read as right
+    r = accuracy_report(probs, y, h)
+    assert r["top1"] == pytest.approx(4 / 6)
+    assert r["levels"]["1"] == pytest.approx(5 / 6)  # item 2's first level is wrong; item 4's (tools) right
+    assert r["levels"]["2"] == pytest.approx(2 / 4)  # items 2-5 reach level 2: 3 and 5 right
+    assert accuracy_report(probs[[0, 1]], y[[0, 1]], h)["levels"] == {"1": 1.0}  # no item reaches level 2
