@@ -427,9 +427,8 @@ class Trainer:
 
     def _cv_plan(self) -> dict[str, Any]:
         """How many cross-validation folds this run uses (TrainConfig.cv_folds), and why."""
-        idx, asked = torch.cat([self.split["train"], self.split["val"]]), self.tc.cv_folds
-        groups, y = self.product[idx].numpy(), self.y[idx].numpy()
-        y = y.argmax(1) if self.multi else y  # multi-label rows are stratified by their first class (_product_folds)
+        idx, asked = torch.cat([self.split["train"], self.split["val"]]).numpy(), self.tc.cv_folds
+        y, groups = self._fold_labels(idx)
         rows, products, allowed = len(idx), len(np.unique(groups)), fold_count(y, groups, asked or CV_FOLDS)
         if asked is None:
             if rows >= KFOLD_MAX_ROWS:
@@ -795,11 +794,16 @@ class Trainer:
             return self.refit(w, progress, cv["epochs"] if cv else None, thresholds)
         return {"rows": "train", "splits": ["train"], "items": len(self.split["train"]), "epochs": self.best["epoch"]}
 
+    def _fold_labels(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What folds of `rows` are stratified by and grouped by: each row's class (multi-label: its first class)
+        and its product."""
+        y = self.y[rows].numpy()
+        return (y.argmax(1) if self.multi else y), self.product.numpy()[rows]
+
     def _product_folds(self, rows: np.ndarray, k: int) -> list:
         """k folds of `rows` (positions into them) that never split a product, stratified by class (multi-label:
         by each row's first class)."""
-        y = self.y[rows].numpy()
-        return product_folds(y.argmax(1) if self.multi else y, self.product.numpy()[rows], k, self.tc.seed, sample=False)[1]
+        return product_folds(*self._fold_labels(rows), k, self.tc.seed, sample=False)[1]
 
     def cross_validate(self, progress: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Choose the epochs, the fusion weight and the temperatures by k-fold cross-validation by product.
