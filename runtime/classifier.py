@@ -160,6 +160,8 @@ class Classifier:
             busy themselves, as `huse classify`'s prepare pool does).
         spinning: onnxruntime's intra-op thread spinning (None: its default, on); off costs a
             little alone and saves a lot when other work shares the cores (TOOLCHAIN.md).
+            In a process that called `huse.runtime.share_threads`, onnxruntime CPU sessions run on its one
+            pool, and `threads`, `row_parts` and `spinning` do not apply to them.
         verify: check every bundle file's sha256 before loading (on by default).
         trusted_keys: Ed25519 public key files (PEM); when given, an unsigned or badly signed
             bundle is refused (extra `sign`). None: unsigned bundles load.

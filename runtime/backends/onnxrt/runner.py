@@ -13,7 +13,12 @@ from huse.runtime._lazy import lazy_import
 from huse.runtime.backends.base import BaseRunner
 from huse.runtime.errors import HuseError
 
-__all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_row_parts", "graph_threads", "onnx_files"]
+__all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_row_parts", "graph_threads", "onnx_files", "share_threads"]
+
+# The size of the one intra-op thread pool all of this process's sessions share (`share_threads`), or None:
+# each session has its own. Whether this process has made a session yet (the pool must come first).
+_shared_threads: int | None = None
+_made_a_session = False
 
 # Fewest rows a part of a split batch gets: below it the hand-off to another thread costs more than
 # the rows (the word-CNN text graph: about 9 us a row on one core, a hand-off tens of us).
@@ -53,8 +58,11 @@ def cuda_provider_status() -> tuple[bool, str]:
         return False, f"onnxruntime is not importable ({e})"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "onnxruntime has no CUDAExecutionProvider (CPU-only onnxruntime installed)"
+    global _made_a_session
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.use_per_session_threads = _shared_threads is None
+    _made_a_session = True
     try:
         session = ort.InferenceSession(PROBE_MODEL, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     except Exception as e:
@@ -65,13 +73,56 @@ def cuda_provider_status() -> tuple[bool, str]:
     return True, "onnxruntime CUDAExecutionProvider starts"
 
 
+def share_threads(threads: int | None = None) -> int:
+    """Run every onnxruntime session this process makes on one shared pool of intra-op threads
+    (onnxruntime's global thread pool) instead of a pool per session.
+
+    Each session's own pool spins for a while after its Run (onnxruntime's default, which keeps a lone
+    caller's latency low), so when a process runs one graph after another (the fused graph, then the text
+    graph for the items without a photo) the pools spin against each other on the same cores. That is why,
+    with pools per session, the small word-CNN text graph runs on one thread, cut by rows (`graph_row_parts`).
+    One shared pool has no such neighbour, so text batches run whole on all of its threads: on a 2-core Intel
+    Xeon, titles alone took 0.76-0.81x the time and the rest 0.96-1.02x (README, "Title-only classification";
+    benchmarks/experiments/text_session_pools.py).
+
+    Call it once, before the process's first onnxruntime session (`huse-bench run --shared-threads` does).
+    Then every onnxruntime session in the process must use the shared pool (onnxruntime refuses the others),
+    so call it only in a process whose sessions huse makes. The pool spins (onnxruntime's default): a
+    Classifier's `threads`, `row_parts` and `spinning` no longer apply to its sessions.
+
+    Args:
+        threads: the pool's intra-op threads (None: one per core).
+    Returns:
+        The pool's size.
+    Raises:
+        HuseError: this process has made an onnxruntime session already, or shares a pool already.
+    """
+    global _shared_threads
+    if _shared_threads is not None:
+        raise HuseError(f"this process already shares one pool of {_shared_threads} onnxruntime threads")
+    if _made_a_session:
+        raise HuseError("share_threads must come before the process's first onnxruntime session "
+                        "(call it before the first Classifier runs a graph)")
+    size = int(threads or os.cpu_count() or 1)
+    state = lazy_import("onnxruntime.capi._pybind_state", "ort")
+    try:
+        state.set_global_thread_pool_sizes(size, 1)
+    except Exception as e:
+        raise HuseError(f"onnxruntime could not share one thread pool ({e})") from None
+    _shared_threads = size
+    return size
+
+
 def graph_threads(graph: str, text_encoder: str | None, threads: int | None) -> int | None:
     """Intra-op threads for one bundle graph's session: each graph's own, not one setting for all.
 
     The word-CNN text graph is a few small ops per title (after export folds the embedding into the
     convolution, a Gather per kernel tap and three Gemms): handing each op to a second thread costs
     more than the op. Measured on 2 cores, batch 64, spinning off, interleaved rounds: the folded graph
-    on 1 thread took 0.86x the time it took on 2 (the Conv form it replaced: 1.53 vs 2.36 ms). The image,
+    on 1 thread took 0.86x the time it took on 2 (the Conv form it replaced: 1.53 vs 2.36 ms). With
+    spinning on, a session of its own on every core runs titles alone faster on some machines (a 2-core
+    Intel Xeon: 0.74x the time at batch 1, 0.80x at 64), but its threads spin after each Run against the
+    next graph's: a batch with and without photos then took 1.82x the time (`share_threads`, which avoids both). The image,
     fused and MiniLM text graphs have the arithmetic to share, so they get `threads` (None: all cores).
     Graph optimisation stays at ORT_ENABLE_ALL and execution sequential for every graph. The fused graph's
     image and text branches could run at once under the parallel executor (ORT_PARALLEL), but it took
@@ -102,6 +153,7 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     whole batch on two (benchmarks/experiments/text_graph_options.py, results/cpu-2core/text-options).
     MiniLM: 1 part. Its matmuls already keep both cores busy; cut in two on its 2-thread session it
     took 1.22x (1.11-1.26) the whole batch on an idle machine, and on 1-thread sessions 1.01x.
+    In a process that shares one pool (`share_threads`): 1 part, whole batches on the pool's threads.
     Rows are independent in these graphs, so the outputs are the whole batch's. Image and fused
     graphs: 1 (their convolutions keep both cores busy already).
 
@@ -112,7 +164,7 @@ def graph_row_parts(graph: str, text_encoder: str | None, threads: int | None) -
     Returns:
         The number of parts (1: whole batches).
     """
-    if graph == "text" and text_encoder != "minilm":
+    if graph == "text" and text_encoder != "minilm" and _shared_threads is None:
         return int(threads or os.cpu_count() or 1)
     return 1
 
@@ -174,10 +226,13 @@ class OnnxrtRunner(BaseRunner):
         # Full graph optimisation: ORT_DISABLE_ALL is 2-3x slower on these models.
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
-        if self.spinning is not None:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        if _shared_threads is not None:  # the process's one pool (`share_threads`)
+            opts.use_per_session_threads = False
+        else:
+            if self.threads:
+                opts.intra_op_num_threads = int(self.threads)
+            if self.spinning is not None:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         model: str | bytes = str(self.path)
         if self.weights is not None:  # an FP16 bundle on a CPU: the float32 graph with the float16 weights
             from huse.runtime.backends.onnxrt.weights import float32_model_with_float16_weights
@@ -189,6 +244,8 @@ class OnnxrtRunner(BaseRunner):
                 raise HuseError("onnxruntime has no CUDA provider here; install onnxruntime-gpu "
                                 "or use device='cpu'")
             providers.insert(0, "CUDAExecutionProvider")
+        global _made_a_session
+        _made_a_session = True
         try:
             session = ort.InferenceSession(model, opts, providers=providers)
         except Exception as e:
