@@ -67,8 +67,10 @@ def _names(*choices: str):
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch baseline.")
 @click.option("--torch-compile", is_flag=True, help="Also measure torch.compile (minutes of compilation on small CPUs).")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurements.")
+@click.option("--shared-threads", is_flag=True, help="Run every onnxruntime session on one shared thread pool "
+              "(huse.runtime.share_threads); the one-core stage costs are then skipped.")
 def run(bundle, out, batches, modes, precisions, repeats, seconds, eval_size, threads, run_dir, no_torch, torch_compile,
-        no_cold_start) -> None:
+        no_cold_start, shared_threads) -> None:
     """Measure latency, throughput, memory and accuracy of BUNDLE on every available backend."""
     def body():
         from huse.benchmarks.report import to_markdown
@@ -76,7 +78,8 @@ def run(bundle, out, batches, modes, precisions, repeats, seconds, eval_size, th
 
         cfg = BenchConfig(batches=batches, modes=modes, precisions=precisions, repeats=repeats,
                           seconds=seconds, eval_size=eval_size, threads=threads, run=run_dir, torch_baseline=not no_torch,
-                          torch_compile=torch_compile, cold_start=not no_cold_start)
+                          torch_compile=torch_compile, cold_start=not no_cold_start,
+                          shared_threads=shared_threads)
         result = run_suite(bundle, cfg)
         result["import_time"] = import_time()
         files = write_outputs(result, out)

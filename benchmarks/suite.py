@@ -49,6 +49,7 @@ class BenchConfig:
     torch_baseline: bool = True
     torch_compile: bool = False  # minutes of compilation on 2 cores; opt in
     cold_start: bool = True
+    shared_threads: bool = False  # every onnxruntime session on one pool (huse.runtime.share_threads)
     run: str | None = None  # training run for the torch baseline (default: the bundle's source run)
     progress: bool = True
 
@@ -250,6 +251,10 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
     bundle = Path(bundle)
     manifest = load_manifest(bundle)
     started = time.time()
+    if cfg.shared_threads:  # before the first session: the Classifiers' sessions then share one pool
+        from huse.runtime.backends.onnxrt.runner import share_threads
+
+        share_threads(cfg.threads)
     clfs, skipped = _classifiers(bundle, manifest, cfg)
     any_clf = next(iter(clfs.values()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,7 +293,8 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         accuracy = _accuracy(clfs, data)
         memory = _memory(clfs, bundle, manifest, cfg, data.paths[0], data.titles[0])
         gpu_phases = _gpu_phases(clfs, data, cfg)
-        stage_costs = stage_costs_one_core(bundle, manifest, data, cfg)
+        # one core per stage: a shared pool has every core (its size is the process's)
+        stage_costs = None if cfg.shared_threads else stage_costs_one_core(bundle, manifest, data, cfg)
     for c in clfs.values():
         c.close()
     # A MiniLM graph's work follows the title length: counted at the width of the headline batch's titles.
@@ -305,7 +311,8 @@ def run_suite(bundle: str | Path, cfg: BenchConfig | None = None) -> dict[str, A
         "config": {"bundle": str(bundle), "backends": sorted({b for b, _ in clfs}),
                    "precisions": sorted({p for _, p in clfs}), "modes": list(cfg.modes), "batches": list(cfg.batches),
                    "kinds": list(cfg.kinds), "repeats": cfg.repeats, "seconds_per_round": cfg.seconds,
-                   "threads": cfg.threads or os.cpu_count(), "eval_size": len(data.labels)},
+                   "threads": cfg.threads or os.cpu_count(), "shared_threads": cfg.shared_threads,
+                   "eval_size": len(data.labels)},
         "results": results,
         "headline": headline,
         "cpu_int8_headline": int8_headline,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -174,3 +176,16 @@ def test_the_pytorch_baseline_pads_titles_as_a_hugging_face_user_does(tiny_minil
         feed = base.tokenizer.inputs(titles)
         assert feed["input_ids"].shape[1] == feed["attention_mask"].sum(1).max() == 4
         np.testing.assert_allclose(base.predict_proba(titles=titles), ours.predict_proba(titles=titles), atol=1e-4)
+
+
+def test_a_shared_thread_pool_run_says_so_and_skips_the_one_core_stage_costs(tiny_bundle, tmp_path):
+    # onnxruntime's shared pool is chosen before a process's first session: a fresh process, as huse-bench is
+    out = tmp_path / "shared"
+    done = subprocess.run([sys.executable, "-m", "huse.benchmarks.cli", "run", str(tiny_bundle), "--out", str(out),
+                           "--batches", "1", "--modes", "text", "--precisions", "fp32", "--repeats", "1",
+                           "--seconds", "0.05", "--eval-size", "8", "--no-torch", "--no-cold-start", "--shared-threads"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["shared_threads"] is True and result["stage_costs"] is None
+    assert [r["status"] for r in result["results"] if r["backend"] == "onnxruntime"] == ["ok", "ok"]
