@@ -602,7 +602,7 @@ def _echo_index(idx) -> None:
                    "title). visual: this same product or its duplicates, from a photo (--image, or the photos "
                    "of --batch; --target image or product; an index built with a bundle that has visual vectors).")
 @click.option("--filter", "prefix", help="Only products under this hierarchy prefix, e.g. 'clothing<tops'.")
-@click.option("-k", "k", default=10, help="Hits per query.")
+@click.option("-k", "--k", "--top-k", "k", default=10, help="Hits per query (-k, --k as /v1/search names it, or --top-k as `huse classify`).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the hits to a file: JSONL (one object per "
               "query), or with a .csv name a row per hit (query, rank, score, the product), for spreadsheets.")
 @click.option("--bundle", type=click.Path(file_okay=False), help="The index's bundle, if it moved.")

@@ -382,6 +382,11 @@ def test_cli_build_search_info_remove(tiny_bundle, tiny_catalog, records, tmp_pa
     # --title as `huse classify` names it; --text, its first name, is the same option
     same = cli.invoke(main, ["search", str(tmp_path / "idx"), "--text", "Acme black tee", "--filter", "bags", "--target", "product"])
     assert same.exit_code == 0 and same.output == r.output
+    # how many hits: -k, --k as /v1/search names it, --top-k as `huse classify` does
+    for flag in ("--k", "--top-k"):
+        r = cli.invoke(main, ["search", str(tmp_path / "idx"), "--image", q.image, flag, "2", "--out", str(tmp_path / "k.jsonl")])
+        assert r.exit_code == 0, r.output
+        assert len(json.loads((tmp_path / "k.jsonl").read_text())["hits"]) == 2
     r = cli.invoke(main, ["index", "remove", str(tmp_path / "idx"), "--product-id", q.product_id])
     assert r.exit_code == 0 and "removed 1 items" in r.output, r.output
     r = cli.invoke(main, ["index", "info", str(tmp_path / "idx")])
