@@ -382,13 +382,17 @@ def model_metadata(model: str, depth: int, multi_label: bool = False) -> dict[st
 
 # -- /v1 JSON --------------------------------------------------------------------------------
 def parse_v1_items(req: Any, max_items: int | None = None) -> Items:
-    """`{"items": [{"image": base64, "title": str}, ...], ...other parameters}` -> Items.
+    """`{"items": [{"image": base64, "title": str}, ...], ...other parameters}` -> Items; one item may also
+    come as the object itself, `{"image": base64, "title": str, ...other parameters}` (as a /v1/search query).
 
     Raises:
         RequestError: not an object, no items, an item that is not an object, bad base64.
     """
+    if isinstance(req, dict) and "items" not in req and any(k in req for k in ITEM_FIELDS):
+        req = {k: v for k, v in req.items() if k not in ITEM_FIELDS} | {"items": [{k: req[k] for k in ITEM_FIELDS if k in req}]}
     if not isinstance(req, dict) or not isinstance(req.get("items"), list) or not req["items"]:
-        raise RequestError('expected a JSON object {"items": [{"image": "<base64>", "title": "..."}, ...]}')
+        raise RequestError('expected a JSON object {"items": [{"image": "<base64>", "title": "..."}, ...]}, '
+                           'or one item {"image": "<base64>", "title": "..."}')
     items = req["items"]
     if max_items is not None and len(items) > max_items:
         raise RequestError(f"the request holds {len(items)} items; this server takes at most {max_items} per request "

@@ -82,6 +82,14 @@ def test_v1_fields_a_route_does_not_take_are_refused_by_name(server):
     status, got = post_json(server.url + "/v1/classify", {"items": [{"title": "Acme navy tee"}], "top_k": 2,
                                                           "mode": "text"})
     assert status == 200 and len(got["results"][0]["top_k"]) == 2, got
+    # one item as the object itself (as a /v1/search query): the same answer as a list of one
+    status, one = post_json(server.url + "/v1/classify", {"title": "Acme navy tee", "top_k": 2, "mode": "text"})
+    assert status == 200 and one == got, one
+    status, emb = post_json(server.url + "/v1/embed", {"title": "Acme navy tee"})
+    status_list, emb_list = post_json(server.url + "/v1/embed", {"items": [{"title": "Acme navy tee"}]})
+    assert status == status_list == 200 and emb == emb_list and len(emb["results"]) == 1, emb
+    status, bad = post_json(server.url + "/v1/classify", {"name": "Acme navy tee"})  # neither items nor an item
+    assert status == 400 and 'or one item {"image"' in bad["error"], bad
 
 
 def test_v1_classify_multipart_upload(server, clf, items):
