@@ -82,8 +82,9 @@ def share_threads(threads: int | None = None) -> int:
     graph for the items without a photo) the pools spin against each other on the same cores. That is why,
     with pools per session, the small word-CNN text graph runs on one thread, cut by rows (`graph_row_parts`).
     One shared pool has no such neighbour, so text batches run whole on all of its threads: on a 2-core Intel
-    Xeon, titles alone took 0.76-0.81x the time and the rest 0.96-1.02x (README, "Title-only classification";
-    benchmarks/experiments/text_session_pools.py).
+    Xeon, titles alone took 0.76-0.81x the time and the rest 0.96-1.02x for a caller classifying one batch after
+    another (README, "Title-only classification"; benchmarks/experiments/text_session_pools.py). Beside other busy
+    threads (`huse serve`'s decoding pool) its spinning competes with them: the server answered 4-7% fewer requests.
 
     Call it once, before the process's first onnxruntime session (`huse-bench run --shared-threads` does).
     Then every onnxruntime session in the process must use the shared pool (onnxruntime refuses the others),
