@@ -11,8 +11,8 @@ interleaved rounds of fresh processes:
 - "rows" (the runtime's plan): the text session on one intra-op thread, a batch cut into one row part per core;
 - "whole, spinning": the text session on every core, whole batches, onnxruntime's default spinning;
 - "whole, spin stops after Run": the same with `session.force_spinning_stop` (its threads spin within a Run only);
-- "global pool": every session of the process on onnxruntime's global thread pool (one per core, spinning),
-  text batches whole (`set_global_thread_pool_sizes`, `use_per_session_threads = False`);
+- "global pool": every session of the process on onnxruntime's global thread pool (one thread per core, spinning),
+  text batches whole (`huse.runtime.share_threads`);
 - "torch": PyTorch eager (`TorchClassifier`), titles only: what the text ratios are read against.
 
 Workloads on the catalog's first 64 products (a row each): titles only at batch 1 and 64; photo + title at batch 1 and 64; a
@@ -68,19 +68,10 @@ def _child(bundle: str, run: str | None, catalog: str, plan: str, seconds: float
     import onnxruntime as ort
 
     cores = os.cpu_count() or 1
-    if plan == "global pool":
-        from onnxruntime.capi import _pybind_state
+    if plan == "global pool":  # before the first session; the runtime then runs text batches whole on it
+        from huse.runtime import share_threads
 
-        _pybind_state.set_global_thread_pool_sizes(cores, 1)
-        session_class = ort.InferenceSession
-
-        class Shared(session_class):  # every session of this process, the runtime's included
-            def __init__(self, path, opts=None, *args, **kwargs):
-                opts = opts or ort.SessionOptions()
-                opts.use_per_session_threads = False
-                super().__init__(path, opts, *args, **kwargs)
-
-        ort.InferenceSession = Shared
+        share_threads(cores)
     from huse.runtime.classifier import Classifier
 
     first: dict[str, dict] = {}  # one row per product (its first photo): 64 distinct titles
@@ -97,17 +88,16 @@ def _child(bundle: str, run: str | None, catalog: str, plan: str, seconds: float
     else:
         clf = Classifier(bundle)
         runner = clf._runner("text")
-        if plan != "rows":  # the same graph file, whole batches on every core
+        if plan not in ("rows", "global pool"):  # the same graph file, whole batches on a 2-thread pool of its own
             if runner._pool is not None:
                 runner._pool.shutdown()
             runner._pool, runner.row_parts = None, 1
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
+            opts.intra_op_num_threads = cores
             if plan == "whole, spin stops after Run":
                 opts.add_session_config_entry("session.force_spinning_stop", "1")
-            if plan != "global pool":
-                opts.intra_op_num_threads = cores
             runner.session = ort.InferenceSession(str(runner.path), opts, providers=["CPUExecutionProvider"])
     loads = _workloads(clf, images, titles, text_only=plan == "torch")
     return {name: _p50_ms(fn, seconds) for name, fn in loads.items()}

@@ -20,6 +20,15 @@ __all__ = ["OnnxrtRunner", "cuda_provider_status", "graph_row_parts", "graph_thr
 _shared_threads: int | None = None
 _made_a_session = False
 
+
+def _new_session(ort, model, opts, providers: list[str]):
+    """Every onnxruntime session of the runtime starts here: on the process's shared pool if there is one."""
+    global _made_a_session
+    _made_a_session = True
+    if _shared_threads is not None:  # onnxruntime refuses a session with a pool of its own then
+        opts.use_per_session_threads = False
+    return ort.InferenceSession(model, opts, providers=providers)
+
 # Fewest rows a part of a split batch gets: below it the hand-off to another thread costs more than
 # the rows (the word-CNN text graph: about 9 us a row on one core, a hand-off tens of us).
 MIN_ROWS_PER_PART = 16
@@ -58,13 +67,10 @@ def cuda_provider_status() -> tuple[bool, str]:
         return False, f"onnxruntime is not importable ({e})"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "onnxruntime has no CUDAExecutionProvider (CPU-only onnxruntime installed)"
-    global _made_a_session
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.use_per_session_threads = _shared_threads is None
-    _made_a_session = True
     try:
-        session = ort.InferenceSession(PROBE_MODEL, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        session = _new_session(ort, PROBE_MODEL, opts, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     except Exception as e:
         return False, f"onnxruntime's CUDA provider failed to start ({type(e).__name__}: {e}); {CUDA_HINT}"
     if not _cuda_active(session):
@@ -227,9 +233,7 @@ class OnnxrtRunner(BaseRunner):
         # Full graph optimisation: ORT_DISABLE_ALL is 2-3x slower on these models.
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        if _shared_threads is not None:  # the process's one pool (`share_threads`)
-            opts.use_per_session_threads = False
-        else:
+        if _shared_threads is None:  # else the process's one pool (`share_threads`) has its own settings
             if self.threads:
                 opts.intra_op_num_threads = int(self.threads)
             if self.spinning is not None:
@@ -245,10 +249,8 @@ class OnnxrtRunner(BaseRunner):
                 raise HuseError("onnxruntime has no CUDA provider here; install onnxruntime-gpu "
                                 "or use device='cpu'")
             providers.insert(0, "CUDAExecutionProvider")
-        global _made_a_session
-        _made_a_session = True
         try:
-            session = ort.InferenceSession(model, opts, providers=providers)
+            session = _new_session(ort, model, opts, providers)
         except Exception as e:
             raise HuseError(f"onnxruntime could not load {self.path} ({e})") from None
         if self.device == "cuda" and not _cuda_active(session):
