@@ -467,8 +467,9 @@ def _decode(source: ImageInput, name: str | None, max_pixels: int, max_bytes: in
             return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else _to_rgb(img)
     except (HuseError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         name = name or _describe(source)
-        if isinstance(e, HuseError):
-            raise HuseError(f"image {name}: {e}") from None
+        if isinstance(e, HuseError):  # opening it: the message names it already unless `name` is the caller's
+            raise HuseError(str(e) if f"image {name} " in str(e) or f"image file {name} " in str(e)
+                            else f"image {name}: {e}") from None
         if isinstance(e, Image.DecompressionBombError):
             raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
         what = _what_it_is(_head(source))
