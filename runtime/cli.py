@@ -316,12 +316,16 @@ def _spread(values: list[float]) -> str:
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
-def info(bundle) -> None:
-    """Show what a bundle holds (and verify its files)."""
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Ed25519 public key (PEM, repeatable): refuse the bundle unless its manifest is signed by one.")
+def info(bundle, trusted_keys) -> None:
+    """Show what a bundle holds (and verify its files and, with --trusted-key, its signature)."""
     def body():
         from huse.runtime.bundle import check_bundle_graphs, is_multi_label, load_manifest
+        from huse.runtime.files import MANIFEST
+        from huse.runtime.signing import describe_signature
 
-        m = load_manifest(bundle)
+        m = load_manifest(bundle, trusted_keys=list(trusted_keys) or None)
         graphs = check_bundle_graphs(bundle, m)
         task = " (multi-label: every class above its threshold)" if is_multi_label(m) else ""
         click.echo(f"bundle {bundle}: {len(m['labels'])} classes{task}, embedding dim {m['embedding_dim']}")
@@ -343,6 +347,7 @@ def info(bundle) -> None:
                        f"{fused.get('cand_accuracy', float('nan')):.2f}% vs {fused.get('ref_accuracy', float('nan')):.2f}%; "
                        f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32")
         click.echo(f"{len(m['files'])} files verified (sha256); labels match the stamp in {graphs} graphs")
+        click.echo(f"signature: {describe_signature(bundle, (Path(bundle) / MANIFEST).read_bytes(), bool(trusted_keys))}")
     run_cli(body)
 
 

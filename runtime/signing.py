@@ -60,7 +60,7 @@ def write_keypair(stem: str | Path, force: bool = False) -> tuple[Path, Path]:
     """Create an Ed25519 keypair: STEM.key (PKCS#8 PEM, mode 0600) and STEM.pub (SubjectPublicKeyInfo PEM).
 
     Args:
-        stem: path without suffix, e.g. "keys/huse".
+        stem: path without suffix, e.g. "keys/huse" (a missing folder is created, mode 0700).
         force: replace existing files.
     Returns:
         (private key path, public key path).
@@ -71,8 +71,9 @@ def write_keypair(stem: str | Path, force: bool = False) -> tuple[Path, Path]:
     for p in (priv_path, pub_path):
         if p.exists() and not force:
             raise HuseError(f"{p} exists; pass --force to replace the keypair (bundles signed with it stop verifying)")
-    if not priv_path.parent.is_dir():
-        raise HuseError(f"folder {priv_path.parent} does not exist; create it first")
+    if priv_path.parent.exists() and not priv_path.parent.is_dir():
+        raise HuseError(f"{priv_path.parent} is not a folder; name a folder for the keypair")
+    priv_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new folder for a private key: the owner's only
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     if force:
@@ -234,6 +235,19 @@ def verify_signature(folder: str | Path, manifest_bytes: bytes, trusted_keys: Se
         raise HuseError(f"{folder}: bad signature: the signature of {what} in {sig_name} does not verify with "
                         f"trusted key {signer}; refusing it") from None
     return signer
+
+
+def describe_signature(folder: str | Path, manifest_bytes: bytes, verified: bool = False,
+                       sig_name: str = SIGNATURE) -> str:
+    """What `sig_name` in `folder` says about `manifest_bytes`, for people; `verified`: `verify_signature`
+    passed (only a trusted key checks a signature)."""
+    sig = _read_sig(Path(folder), sig_name)
+    if not sig:
+        return "unsigned"
+    if hashlib.sha256(manifest_bytes).hexdigest() not in sig["signatures"]:
+        return f"{sig_name} holds no signature of this manifest (changed after signing by key {sig.get('key_id')})"
+    return f"signed by key {sig.get('key_id')}, " + ("verified with a trusted key" if verified else
+                                                    "not checked (pass --trusted-key PUB to check it)")
 
 
 def _as_list(keys: Iterable[str | Path] | str | Path) -> list:

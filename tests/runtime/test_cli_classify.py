@@ -378,3 +378,30 @@ def test_a_csv_output_writes_formula_like_cells_as_text_and_reads_them_back(tiny
         "'" + titles[0], "'+1 black tee", "'-20% navy shirt", "'@home boots", "''=already quoted", "'plain quote",
         "Acme black boots"]
     assert read_predictions(tmp_path / "preds.csv") == read_predictions(tmp_path / "preds.jsonl")
+
+
+def test_keygen_makes_its_folder_and_info_says_whether_a_bundle_is_signed(tiny_bundle, tmp_path):
+    """The README's `huse keygen keys/release` works without a `mkdir keys`, and `huse info` tells an unsigned
+    bundle from a signed one, checking the signature only against a trusted key."""
+    from huse.runtime.signing import add_signature, key_id, _load_public
+
+    cli = CliRunner()
+    r = cli.invoke(main, ["keygen", str(tmp_path / "keys" / "release")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    priv, pub = tmp_path / "keys" / "release.key", tmp_path / "keys" / "release.pub"
+    assert cli.invoke(main, ["keygen", str(tmp_path / "other")]).exit_code == 0
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+
+    def info(*keys):
+        return cli.invoke(main, ["info", str(bundle), *[a for k in keys for a in ("--trusted-key", str(k))]])
+
+    assert "signature: unsigned" in info().output
+    assert "is not signed" in info(pub).output and info(pub).exit_code == 1
+    add_signature(bundle, (bundle / "manifest.json").read_bytes(), priv)
+    kid = key_id(_load_public(pub))
+    assert f"signature: signed by key {kid}, not checked (pass --trusted-key PUB to check it)" in info().output
+    r = info(pub)
+    assert r.exit_code == 0 and f"signature: signed by key {kid}, verified with a trusted key" in r.output
+    r = info(tmp_path / "other.pub")
+    assert r.exit_code == 1 and "not among the trusted keys" in r.output
