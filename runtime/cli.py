@@ -337,13 +337,16 @@ def info(bundle, trusted_keys) -> None:
                 f"{mode} {_spread(t)}" for mode, t in m["multilabel"]["thresholds"].items()))
         elif temps := m.get("calibration", {}).get("temperature", {}):
             click.echo("calibration temperatures (fitted on val): " + ", ".join(f"{k} {v:g}" for k, v in temps.items()))
+        # the gate's figures (export/precision.py): a multi-label bundle's compare label sets, by micro-F1
+        agreement, score = (("label-set agreement (mean Jaccard)", "micro-F1") if is_multi_label(m)
+                            else ("top-1 agreement", "top-1"))
         for p, acc in m.get("accuracy", {}).items():  # the whole record is in manifest.json
             modes = acc.get("modes", {})
             figures = ", ".join(f"{mode} {modes[mode]['agreement']:.2f}%" for mode in ("fused", "image", "text")
                                 if mode in modes)
             fused = modes.get("fused", {})
             click.echo(f"{p}: gate {'passed' if acc.get('passed') else 'FAILED (overridden)'} on {acc.get('n')} "
-                       f"{acc.get('split')} products; top-1 agreement with fp32: {figures}; fused top-1 "
+                       f"{acc.get('split')} items; {agreement} with fp32: {figures}; fused {score} "
                        f"{fused.get('cand_accuracy', float('nan')):.2f}% vs {fused.get('ref_accuracy', float('nan')):.2f}%; "
                        f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32")
         click.echo(f"{len(m['files'])} files verified (sha256); labels match the stamp in {graphs} graphs")

@@ -201,7 +201,7 @@ def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_
     fused = m["accuracy"]["int8-cpu"]["modes"]["fused"]
     assert info.exit_code == 0, info.output
     assert (f"int8-cpu: gate {'passed' if fused['passed'] else 'FAILED (overridden)'} on "
-            f"{m['accuracy']['int8-cpu']['n']} test products; top-1 agreement with fp32: fused {fused['agreement']:.2f}%") in info.output
+            f"{m['accuracy']['int8-cpu']['n']} test items; top-1 agreement with fp32: fused {fused['agreement']:.2f}%") in info.output
 
 
 @pytest.mark.parametrize("options, says", [

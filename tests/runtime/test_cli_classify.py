@@ -260,6 +260,10 @@ def test_info_of_a_multi_label_bundle_shows_its_thresholds(tiny_multi_bundle):
         shown = f"{min(t):g}" if min(t) == max(t) else f"{min(t):g}-{max(t):g}"
         assert f"{mode} {shown}" in line
     assert "temperatures" not in r.output
+    # its precisions' gates compare label sets by micro-F1 (export/precision.multilabel_gate), and say so
+    gates = [x for x in r.output.splitlines() if x.startswith(("fp16: gate", "int8-cpu: gate"))]
+    assert len(gates) == 2 and all("label-set agreement (mean Jaccard) with fp32: fused " in x and "fused micro-F1 " in x
+                                   and "top-1" not in x for x in gates), gates
 
 
 @pytest.mark.parametrize("name", ["emb.npy", "emb.jsonl", "emb.parquet", "emb.csv"])
