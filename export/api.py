@@ -172,7 +172,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         parity[name] = check_parity(g["module"], path, feeds, g["inputs"], g["outputs"], opts.parity_atol)
         opts.say(f"  {name}.onnx: max |onnxruntime - torch| = "
                  + ", ".join(f"{o} {c['max_abs_diff']:.2e} (limit {c['limit']:.2g})" for o, c in parity[name].items())
-                 + f" on {len(data)} real {split} products")
+                 + f" on {len(data)} real {split} items")
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "labels": cfg["labels"],

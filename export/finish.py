@@ -221,8 +221,8 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
         multi = is_multi_label(manifest)
         evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"], multi=multi)
         calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"], multi=multi) if {"int8", "int8-cpu"} & set(wanted) else None
-        say(f"accuracy gate on {len(evald)} held-out {evald.split} products"
-            + (f"; INT8 calibration on {len(calib)} train products ({opts.calib_method or 'percentile'})" if calib else ""))
+        say(f"accuracy gate on {len(evald)} held-out {evald.split} items"
+            + (f"; INT8 calibration on {len(calib)} train items ({opts.calib_method or 'percentile'})" if calib else ""))
         ref = _predict(bundle, manifest["models"], "fp32", manifest["graphs"], evald, _activation(manifest))
         fp32_size = sum((bundle / f).stat().st_size for f in manifest["models"]["fp32"].values())
         manifest.setdefault("accuracy", {})
