@@ -157,13 +157,25 @@ def _open(source: ImageInput, stack: contextlib.ExitStack) -> Image.Image:
         return source
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (1, 3, 4)):
-            raise HuseError(f"array image must be uint8 HxW, HxWx1, HxWx3 or HxWx4; got {source.dtype} {source.shape}")
+            raise HuseError(f"array image must be uint8 HxW, HxWx1, HxWx3 or HxWx4; got {source.dtype} {source.shape}"
+                            + _array_hint(source))
         arr = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
         return Image.fromarray(arr)
     data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(source, stack)
     if not isinstance(data, bytes):  # streamed: the header is checked against the caps before the rest is read
         return Image.open(data)
     return Image.open(io.BytesIO(data), formats=_formats(data))
+
+
+def _array_hint(a: np.ndarray) -> str:
+    """What a refused array most likely is, as torch and torchvision pipelines hand them over."""
+    hints = []
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+        hints.append("it looks channels-first (CxHxW): pass a.transpose(1, 2, 0)")
+    if a.dtype.kind == "f":
+        hints.append("floats: pass the photo's uint8 pixels (from [0, 1]: (a * 255).round().astype(np.uint8)), "
+                     "not a normalised tensor")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def _read_file(path: str | Path, stack: contextlib.ExitStack | None) -> "bytes | io.RawIOBase | None":

@@ -204,6 +204,24 @@ def test_other_arrays_are_refused(arr):
     assert str(arr.shape) in str(e.value)
 
 
+@pytest.mark.parametrize("arr, hint", [
+    (np.zeros((3, 8, 8), dtype=np.uint8), "channels-first (CxHxW): pass a.transpose(1, 2, 0)"),
+    (np.zeros((8, 8, 3), dtype=np.float32), "(a * 255).round().astype(np.uint8)"),
+    (np.zeros((3, 8, 8), dtype=np.float32), "channels-first"),
+], ids=["chw", "float", "chw-float"])
+def test_a_tensor_handed_over_as_an_image_is_refused_with_the_fix(arr, hint):
+    """What torch pipelines hold (CxHxW, floats in [0, 1]) is refused, saying how to pass it instead."""
+    with pytest.raises(HuseError, match=re.escape(hint)):
+        decode_image(arr)
+    assert "channels-first" not in _refusal(np.zeros((8, 8, 2), dtype=np.uint8))
+
+
+def _refusal(arr) -> str:
+    with pytest.raises(HuseError) as e:
+        decode_image(arr)
+    return str(e.value)
+
+
 # --- refusals -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source", [np.zeros((0, 5), dtype=np.uint8), Image.new("RGB", (0, 0))],
