@@ -596,7 +596,8 @@ class Index:
         q, failed = self._query_vectors(texts, images, space)
         if failed:
             i, why = next(iter(failed.items()))
-            raise HuseError(f"query {i} has {why}; {len(failed)} of {len(q)} queries failed")
+            raise HuseError(f"query {i} has {why}; {len(failed)} of {len(q)} queries failed"
+                            + ("" if len(q) == 1 else " (search_batch answers the others and gives each failure)"))
         return q
 
     def _query_vectors(self, texts: Sequence[str | None] | None, images: Sequence[Any] | None,
@@ -667,6 +668,8 @@ class Index:
                 bundle that has visual vectors). Anything else raises HuseError saying what is allowed.
         Returns:
             Per query, its hits best first.
+        Raises:
+            HuseError: a query without a usable photo or title (named); `search_batch` answers the rest instead.
         """
         self._check_space(space, target, texts)
         return self.search_vectors(self.embed_queries(texts=texts, images=images, space=space), k=k, target=target,
