@@ -178,31 +178,35 @@ def _array_hint(a: np.ndarray) -> str:
     return "; " + "; ".join(hints) if hints else ""
 
 
+class _FileError(HuseError):
+    """`_read_file`'s refusal of a path: its message names the file already (`_decode` adds no name to it)."""
+
+
 def _read_file(path: str | Path, stack: contextlib.ExitStack | None) -> "bytes | io.RawIOBase | None":
     """An image file's bytes, read in one call (Pillow reads a file object in a dozen small calls, a third of
     a small PNG's preparation). A file over `_READ_WHOLE` comes back open, to be streamed and closed with
     `stack` (Pillow keeps multi-frame files open otherwise); without a stack, None.
 
     Raises:
-        HuseError: the file does not exist or is not a regular file.
+        _FileError: the file does not exist or is not a regular file.
     """
     try:
         # Non-blocking, so that a FIFO named by a catalog cannot hang the open; fstat then refuses it.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         if is_url(str(path)):
-            raise HuseError(f"image {path} is a URL: huse reads photos from files or bytes, never from the network; "
+            raise _FileError(f"image {path} is a URL: huse reads photos from files or bytes, never from the network; "
                             "download them first and name the files (or hold them in a Parquet catalog)") from None
         hint = "; it has backslashes: a Windows path? write / between folders" if "\\" in str(path) else ""
-        raise HuseError(f"image file {path} does not exist{hint}") from None
+        raise _FileError(f"image file {path} does not exist{hint}") from None
     except OSError:
         if os.path.exists(path) and not os.path.isfile(path):  # a folder, on Windows
-            raise HuseError(f"image file {path} is not a file") from None
+            raise _FileError(f"image file {path} is not a file") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # never read a FIFO, a device or a folder named by a catalog
-            raise HuseError(f"image file {path} is not a file")
+            raise _FileError(f"image file {path} is not a file")
         if st.st_size > _READ_WHOLE:
             if stack is None:
                 return None
@@ -477,11 +481,12 @@ def _decode(source: ImageInput, name: str | None, max_pixels: int, max_bytes: in
             # L stays L: resizing one plane and repeating it gives the same bytes as resizing its RGB
             # copy (tests/runtime/test_preprocess.py), for a third of the work.
             return img if img.mode == "RGB" or (img.mode == "L" and not rgb) else _to_rgb(img)
+    except _FileError:
+        raise
     except (HuseError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         name = name or _describe(source)
-        if isinstance(e, HuseError):  # opening it: the message names it already unless `name` is the caller's
-            raise HuseError(str(e) if f"image {name} " in str(e) or f"image file {name} " in str(e)
-                            else f"image {name}: {e}") from None
+        if isinstance(e, HuseError):
+            raise HuseError(f"image {name}: {e}") from None
         if isinstance(e, Image.DecompressionBombError):
             raise HuseError(f"image {name}: {e} (refused before decoding; the cap here is {max_pixels} pixels)") from None
         what = _what_it_is(_head(source))
