@@ -651,8 +651,10 @@ class Trainer:
                 self.best = {"val_loss": val_loss, "epoch": self.epoch}
                 save_safetensors_atomic(self._trainable_state(), self.out / "best.safetensors")
             shown = ("val_image_map", "val_text_map") if self.multi else ("val_image_top1", "val_text_top1")
+            # refresh=False: shown at the bar's next timed refresh (mininterval), not at once; a small catalog's
+            # epoch is one step, and refreshing on each wrote every step into a log file.
             bar.set_postfix(loss=f"{sums['loss']:.3f}", val_loss=f"{val_loss:.3f}", val_img=f"{sums[shown[0]]:.3f}",
-                            val_txt=f"{sums[shown[1]]:.3f}")
+                            val_txt=f"{sums[shown[1]]:.3f}", refresh=False)
             self._save_checkpoint()
         bar.close()
         # The best epoch's weights, not the last: early stopping's point.

@@ -203,3 +203,22 @@ def test_train_on_a_catalog_and_its_review_corrections(tiny_catalog, tmp_path):
     data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert data["catalogs"] == [str(tiny_catalog.resolve()), str(corrections.resolve())]
     assert sum(json.loads((tmp_path / "run" / "metrics.json").read_text())["split_sizes"].values()) == len(rows) + 12
+
+
+def test_training_progress_is_written_at_its_interval_not_every_epoch(tiny_catalog, tmp_path):
+    """A log file (stderr not a terminal) gets the training bar about every 2 s (tqdm's mininterval), not once per
+    epoch: a small catalog's epoch is one step, and forcing a refresh with each epoch's figures wrote every step."""
+    import time
+
+    from huse.train.cli import main
+
+    start = time.monotonic()
+    r = CliRunner().invoke(main, ["--data", str(tiny_catalog), "--out", str(tmp_path / "run"), "--backbone", "tiny",
+                                  "--image-size", "32", "--epochs", "40", "--batch-size", "512", "--embed-dim", "32",
+                                  "--cv-folds", "0"])
+    elapsed = time.monotonic() - start
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 40  # 40 epochs of one step each
+    updates = r.stderr.count("training:")
+    assert 1 <= updates <= 3 + elapsed / 2, (updates, elapsed)
