@@ -267,6 +267,10 @@ class Classifier:
             finally:
                 self._closing = False
 
+    def __repr__(self) -> str:
+        return (f"Classifier({str(self.bundle)!r}, backend={self.backend!r}, device={self.device!r}, "
+                f"precision={self.precision!r}, classes={len(self.labels)}{', multi_label=True' if self.multi_label else ''})")
+
     def __enter__(self) -> "Classifier":
         return self
 

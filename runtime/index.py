@@ -556,6 +556,10 @@ class Index:
     def __len__(self) -> int:
         return int(self.manifest["counts"]["items"])
 
+    def __repr__(self) -> str:
+        return (f"Index({str(self.folder)!r}, kind={self.kind!r}, items={len(self)}, dim={self.dim}, "
+                f"modalities={self._indexes()})")
+
     @property
     def has_visual(self) -> bool:
         """Whether the index holds visual-similarity vectors (built with a bundle that has them)."""

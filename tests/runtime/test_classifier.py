@@ -42,6 +42,11 @@ def test_each_mode_returns_ranked_probabilities(clf, items, mode):
         assert all(0.0 <= s <= 1.0 for s in scores)
 
 
+def test_repr_names_the_bundle_and_how_it_runs(clf, tiny_bundle):
+    assert repr(clf) == (f"Classifier({str(tiny_bundle)!r}, backend='onnxruntime', device='cpu', precision='fp32', "
+                         f"classes={len(clf.labels)})")
+
+
 def test_modes_follow_what_each_item_has(clf, items):
     images, titles = items
     out = clf.classify(images=[images[0], None, images[2]], titles=[titles[0], titles[1], None])

@@ -38,6 +38,8 @@ def test_own_photo_is_its_own_nearest_image(flat_index, records):
         assert h[0].score >= h[1].score >= h[2].score
     m = idx.manifest
     assert m["kind"] == "flat" and m["counts"]["items"] == len(records) and m["modalities"]["image"]["recall_at_10"] == 1.0
+    assert repr(idx) == (f"Index({str(flat_index)!r}, kind='flat', items={len(records)}, dim={idx.dim}, "
+                         f"modalities=['image', 'text', 'visual'])")
 
 
 def test_cross_modal_title_finds_photos_of_its_class(flat_index, records):
