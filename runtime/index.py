@@ -919,6 +919,24 @@ class Index:
                 if line.strip():
                     yield json.loads(line)
 
+    def _refuse_rows_held(self, by_photo: dict[tuple[str, str | None], int], alive: np.ndarray) -> None:
+        """Refuse an add whose rows without a product_id are already in the index: an item without one, with the
+        same photo file and title. Such a row has no other identity, so a catalog added twice (a photo folder's,
+        say, written again after new photos came) would otherwise hold every earlier photo twice."""
+        held = []
+        for i, it in enumerate(self._stored_items()):
+            if alive[i] and it.get("product_id") is None and isinstance(it.get("image"), str):
+                row = by_photo.get((_same_file(self._image_path(it["image"])), it.get("name")))
+                if row is not None:
+                    held.append((row, it["image"]))
+        if held:
+            held.sort()
+            shown = ", ".join(f"row {row} ({image})" for row, image in held[:3]) + (", ..." if len(held) > 3 else "")
+            raise HuseError(f"{len(held)} row(s) of this catalog have no product_id and are already in the index (the "
+                            f"same photo file and title): {shown}; adding them again would return each one twice. "
+                            "Leave them out of the catalog, or give every row a product_id (a catalog with product ids "
+                            "can update its products with --replace)")
+
     def _product_ids(self) -> Iterator[str | None]:
         """Each item's product_id in position order, read off the start of its line (an add or remove looks up a
         few products among millions of items: 3x faster than parsing each line)."""
@@ -1119,7 +1137,9 @@ class Index:
 
         A catalog that holds products already in the index is refused before anything is embedded (adding
         them again would return each one twice); with `replace` their items in the index are removed and
-        the catalog's rows added in their place: an update. With `sign_key` the updated manifest is
+        the catalog's rows added in their place: an update. A row without a product_id has no identity but its
+        photo: one whose photo file and title an item without a product_id already has is refused too (never with
+        `replace`, which needs product ids). With `sign_key` the updated manifest is
         re-signed; without it a signature is dropped. `confine_images` and `keep_photos` as for `build`.
 
         Returns:
@@ -1154,12 +1174,15 @@ class Index:
         file is streamed), embedded here or read from `embedded()` (`_embedded`'s shards). The new rows' vectors go
         straight into the grown vector files, as `build` writes them."""
         n, ids, no_id = 0, set(), []
+        by_photo: dict[tuple[str, str | None], int] = {}  # rows without a product_id, by photo file and title: their row
         for r in catalog():
             n += 1
             if r.product_id:
                 ids.add(r.product_id)
             else:
                 no_id.append(r.row)
+                if isinstance(r.image, str):
+                    by_photo.setdefault((_same_file(r.image), r.name), r.row)
         if not n:
             raise HuseError("the catalog to add has no rows")
         widths = {m: self._width(m) for m in self._indexes()}
@@ -1182,6 +1205,8 @@ class Index:
                 raise HuseError(f"{len(known)} product(s) of this catalog are already in the index ({shown}); "
                                 "to update them, pass --replace (Python: replace=True), which removes their items "
                                 "and adds this catalog's; or leave them out of the catalog")
+            if by_photo and not replace:
+                self._refuse_rows_held(by_photo, alive)
             # On the next version of the folder: a failure anywhere below leaves the index as it was
             replaced = self._remove(known, sign_key)["removed"] if known else 0
             n0 = len(self)
@@ -1678,6 +1703,11 @@ def _centre_in_place(visual: np.ndarray, centre: np.ndarray) -> None:
 def _mod_bits(usable: dict[str, np.ndarray]) -> np.ndarray:
     """Each item's modality bits (items.mods.npy) from which of its image and text rows are usable."""
     return sum(np.where(usable[m], MOD_BIT[m], 0) for m in MODALITIES).astype(np.uint8)
+
+
+def _same_file(path: str) -> str:
+    """A photo path in one form, whichever way a catalog or the item table wrote it (relative or absolute)."""
+    return os.path.normpath(os.path.abspath(path))
 
 
 def _item_image(image: str | bytes | None, base: str | None) -> str | None:

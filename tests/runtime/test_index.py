@@ -188,6 +188,24 @@ def test_adding_products_already_in_the_index_is_refused_unless_replacing(tiny_b
     assert files() == before
 
 
+def test_rows_without_a_product_id_already_in_the_index_are_refused(tiny_bundle, tiny_catalog, tmp_path):
+    """A photo folder's catalog (`huse data catalog`: no product_id) written again after new photos came, and
+    added: its earlier photos are refused, named by row, not held twice; rows new to the index go in."""
+    rows = [{k: r[k] for k in ("image", "name", "classes")} for r in csv.DictReader(open(tiny_catalog, newline=""))]
+    write_rows(tmp_path / "first.csv", rows[:20])
+    idx = Index.build(tiny_bundle, tmp_path / "first.csv", tmp_path / "idx", images=tiny_catalog.parent,
+                      kind="flat", progress=False)
+    write_rows(tmp_path / "again.csv", rows[:30])
+    with pytest.raises(HuseError, match=r"20 row\(s\) of this catalog have no product_id and are already in the "
+                                        r"index \(the same photo file and title\): row 1 \("):
+        idx.add(tmp_path / "again.csv", images=tiny_catalog.parent, progress=False)
+    assert len(Index.open(tmp_path / "idx")) == 20
+    # the same photo under another title, and the new photos, are new rows
+    retitled = [dict(rows[0], name="Zanzibar quilted tote")]
+    assert idx.add(retitled + rows[20:30], images=tiny_catalog.parent, progress=False)["added"] == 11
+    assert len(Index.open(tmp_path / "idx")) == 31
+
+
 def test_refuses_a_mismatched_bundle(flat_index, tiny_bundle, tmp_path):
     other = _copy(tiny_bundle, tmp_path)
     m = json.loads((other / "manifest.json").read_text())
