@@ -712,11 +712,11 @@ def _run_local(job: BulkJob, output: _Output, done: set[int], progress: _Progres
     try:
         clf = _make_classifier(job, job.threads)
         result.backend = f"{clf.backend} ({clf.device}, {job.precision})"
-        progress.show()
         workers = default_workers(job.threads) if job.workers is None else job.workers
         prefetch = _Prefetcher(clf, workers, job)
         n_shards, t0 = 0, time.perf_counter()
         while (item := upcoming.result()) is not None:
+            progress.show()  # once the first shard is read: a catalog refused at its first rows is one line too
             if job.max_shards is not None and n_shards >= job.max_shards:
                 break
             upcoming = io_thread.submit(next, shards, None)

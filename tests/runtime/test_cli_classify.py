@@ -243,6 +243,14 @@ def test_huse_error_is_one_line_and_exit_1(tmp_path):
     assert r.output.startswith("error: ") and "Traceback" not in r.output
 
 
+def test_a_catalog_refused_at_its_first_rows_is_one_line_without_a_progress_bar(tiny_bundle, catalog, tmp_path):
+    latin = catalog.parent / "latin.csv"
+    latin.write_bytes("image,name\na.jpg,Café crème\n".encode("latin-1"))
+    r = _run("classify", tiny_bundle, "--data", latin, "--out", tmp_path / "o.jsonl")
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "--encoding latin-1" in r.output
+    assert r.output.count("\n") == 1, r.output
+
+
 def test_info_verifies_the_bundle(tiny_bundle):
     r = CliRunner().invoke(main, ["info", str(tiny_bundle)])
     assert r.exit_code == 0 and "files verified" in r.output
