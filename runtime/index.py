@@ -924,8 +924,8 @@ class Index:
         same photo file and title. Such a row has no other identity, so a catalog added twice (a photo folder's,
         say, written again after new photos came) would otherwise hold every earlier photo twice."""
         held = []
-        for i, it in enumerate(self._stored_items()):
-            if alive[i] and it.get("product_id") is None and isinstance(it.get("image"), str):
+        for i, it in self._items_without_id():
+            if alive[i] and isinstance(it.get("image"), str):
                 row = by_photo.get((_same_file(self._image_path(it["image"])), it.get("name")))
                 if row is not None:
                     held.append((row, it["image"]))
@@ -936,6 +936,21 @@ class Index:
                             f"same photo file and title): {shown}; adding them again would return each one twice. "
                             "Leave them out of the catalog, or give every row a product_id (a catalog with product ids "
                             "can update its products with --replace)")
+
+    def _items_without_id(self) -> Iterator[tuple[int, dict]]:
+        """(position, item) of each item without a product_id; the others are passed over by the start of their
+        line, as `_product_ids` reads it (most of a catalog of millions has ids)."""
+        with open(self._file("items.jsonl"), "rb") as f:
+            i = -1
+            for line in f:
+                if not line.strip():
+                    continue
+                i += 1
+                m = _PRODUCT_ID.match(line)
+                if m is None or m.group(1) == b"null":
+                    it = json.loads(line)
+                    if it.get("product_id") is None:
+                        yield i, it
 
     def _product_ids(self) -> Iterator[str | None]:
         """Each item's product_id in position order, read off the start of its line (an add or remove looks up a
