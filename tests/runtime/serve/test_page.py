@@ -161,6 +161,26 @@ def test_search_and_classify_from_a_photo_and_a_title(browser, search_server, ti
     assert filtered and all(h["classes"].startswith("bags<") for h in filtered)
 
 
+def test_on_a_phone_sized_window_the_form_fits_its_column(browser, search_server):
+    """The search form and its results fit a 390 px wide window (a phone held upright): no sideways scrolling, no
+    control wider than the form's column (the space list was), and the photo picker says its state in full (it
+    was cut to "N...en" at every width)."""
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, search_server.url + "/")
+        by_id(browser, "title").send_keys("navy boots")
+        run_query(browser)
+        width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], width
+        inside = browser.execute_script(  # the widest control of the form's column against the column's own box
+            "const q = document.querySelector('#query-form .fields'); return [Math.max(...[...q.querySelectorAll('*')]"
+            ".map((e) => e.getBoundingClientRect().right)), q.getBoundingClientRect().right]")
+        assert inside[0] <= inside[1] + 0.5, inside
+        assert by_id(browser, "photo").size["width"] >= 200
+    finally:
+        browser.set_window_size(1200, 900)
+
+
 def test_clicking_a_result_searches_from_it(browser, search_server, tiny_catalog):
     from selenium.webdriver.support.ui import Select
 
