@@ -914,10 +914,12 @@ class Index:
 
     def _stored_items(self):
         """The item table as stored, an item at a time (a catalog of millions is never held as dicts)."""
+        return (json.loads(line) for line in self._item_lines())
+
+    def _item_lines(self) -> Iterator[bytes]:
+        """items.jsonl's lines, one per item in position order."""
         with open(self._file("items.jsonl"), "rb") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+            yield from (line for line in f if line.strip())
 
     def _refuse_rows_held(self, by_photo: dict[tuple[str, str | None], int], alive: np.ndarray) -> None:
         """Refuse an add whose rows without a product_id are already in the index: an item without one, with the
@@ -939,32 +941,15 @@ class Index:
 
     def _items_without_id(self) -> Iterator[tuple[int, dict]]:
         """(position, item) of each item without a product_id; the others are passed over by the start of their
-        line, as `_product_ids` reads it (most of a catalog of millions has ids)."""
-        with open(self._file("items.jsonl"), "rb") as f:
-            i = -1
-            for line in f:
-                if not line.strip():
-                    continue
-                i += 1
-                m = _PRODUCT_ID.match(line)
-                if m is None or m.group(1) == b"null":
-                    it = json.loads(line)
-                    if it.get("product_id") is None:
-                        yield i, it
+        line (`_line_product_id`: most of a catalog of millions has ids)."""
+        for i, line in enumerate(self._item_lines()):
+            if _line_product_id(line) is None:
+                yield i, json.loads(line)
 
     def _product_ids(self) -> Iterator[str | None]:
         """Each item's product_id in position order, read off the start of its line (an add or remove looks up a
         few products among millions of items: 3x faster than parsing each line)."""
-        with open(self._file("items.jsonl"), "rb") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                m = _PRODUCT_ID.match(line)
-                if m is None:  # not as _Items writes a line: read it whole
-                    yield json.loads(line).get("product_id")
-                    continue
-                pid = m.group(1)
-                yield None if pid == b"null" else json.loads(pid) if b"\\" in pid else pid[1:-1].decode("utf-8")
+        return map(_line_product_id, self._item_lines())
 
     def excluded(self) -> Iterator[dict]:
         """Rows left out of a modality's index, a line of excluded.jsonl at a time (a catalog of millions can leave
@@ -1760,6 +1745,15 @@ def _warn_memory(n: int) -> None:
 # The start of an item's line as _Items writes it (json.dumps of row, product_id, ...): its product_id, a JSON string
 # or null, read without parsing the rest.
 _PRODUCT_ID = re.compile(rb'\{"row": [^,]*, "product_id": ("(?:[^"\\]|\\.)*"|null)[,}]')
+
+
+def _line_product_id(line: bytes) -> str | None:
+    """The product_id of an items.jsonl line, read off its start as `_Items` writes it (else the whole line)."""
+    m = _PRODUCT_ID.match(line)
+    if m is None:  # not as _Items writes a line: read it whole
+        return json.loads(line).get("product_id")
+    pid = m.group(1)
+    return None if pid == b"null" else json.loads(pid) if b"\\" in pid else pid[1:-1].decode("utf-8")
 
 
 def _is_photos_file(name: str) -> bool:
