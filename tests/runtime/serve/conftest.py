@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +32,7 @@ class ServerProcess:
     def __init__(self, bundle: Path, *args: str, env: dict | None = None, ready: bool = True, timeout: float = 90):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"huse-serve-{self.port}.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")  # its output, for failure messages; gone once closed
         cmd = [sys.executable, "-m", "huse.runtime.cli", "serve", str(bundle), "--port", str(self.port),
                "--threads", "1", "--workers", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
