@@ -22,6 +22,8 @@ thread, `make demo`'s step): tuning 60 fits on 2,000 rows 26 s, the tuned text f
 image fit (C=0.01, 274 iterations) 84-119 s, the defaults' image fit 29 s. That fit ran 262 s
 when the defaults had the tuned fits' 2,000-iteration cap: C=1 converges slowly, and the cap is not
 what a user's ten lines get (with it: image test top-1 88.5%; scikit-learn's own 100: 89.8%).
+With BLAS's default threads (two on the 2-core machine) the whole step took 143-149 s; at one thread,
+how it runs now (`one_blas_thread`), 93-94 s.
 
 One regression on both feature sets side by side was tried as the fused baseline and dropped:
 its cross-validated top-1 (best C) was 9-10 points below the mixed probabilities on all three
@@ -36,6 +38,7 @@ single logit vector), i.e. p -> p^(1/T), renormalised.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -60,6 +63,27 @@ WEIGHT_GRID = np.round(np.linspace(0, 1, 21), 2)  # the image weight of a fused 
 # for 0.04 points of image top-1, and subsampling its 55,000 rows to 20,000 cost 1.2 points: neither is used.
 TUNED_MAX_ITER = 2000
 SKLEARN_MAX_ITER = 100  # LogisticRegression's default
+
+
+def one_blas_thread(fit):
+    """Run `fit` (the baselines' solver fits) with numpy's and scipy's BLAS limited to one thread.
+
+    scipy's L-BFGS-B (rewritten in C in scipy 1.15) calls BLAS vector routines on the F x C weights at every
+    step, and with OpenBLAS's threads those calls cost more than the work they share (scipy/scipy#22438,
+    #23191; OpenMathLib/OpenBLAS#5383, where OPENBLAS_NUM_THREADS=1 is the known remedy). On the 2-core
+    machine the baselines took 57-58 s with two threads and 18 s with one on 3,000 fashion-products rows (3.2x),
+    143-149 s and 93-94 s on its 55,000 (1.56x), with the same choices and test top-1 within 0.02 points
+    (`benchmarks/experiments/baseline_threads.py`).
+    torch and onnxruntime keep their own pools; the limit ends when `fit` returns.
+    """
+    @functools.wraps(fit)
+    def limited(*args, **kwargs):
+        import scipy.optimize  # noqa: F401  (loads scipy's own OpenBLAS, which the limit must see)
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fit(*args, **kwargs)
+    return limited
 
 
 def _lr(c: float, max_iter: int = TUNED_MAX_ITER):
@@ -228,6 +252,7 @@ def _pick_c(oof: dict[float, np.ndarray], y_oof: np.ndarray) -> tuple[float, dic
     return min(c for c, a in acc.items() if a == best), {str(c): a for c, a in acc.items()}
 
 
+@one_blas_thread
 def logistic_baselines(image_feats: np.ndarray, text: np.ndarray | list[str], y: np.ndarray, n_classes: int,
                        train: np.ndarray, evals: dict[str, np.ndarray], groups: np.ndarray | None = None,
                        folds: int = CV_FOLDS, seed: int = 0, final: np.ndarray | None = None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.labels import PATH_SEPARATOR, predict_sets
+from huse.train.baselines import one_blas_thread
 
 MODES = ("image", "text", "fused")
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.025), 3)
@@ -310,6 +311,7 @@ def ovr_fit(x_train, y_train: np.ndarray, groups: np.ndarray, x_eval: list) -> t
     return [_ovr_predict(x, theta) for x in x_eval], {"C": best, "cv_map": scores}
 
 
+@one_blas_thread
 def ovr_baselines(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarray, train: np.ndarray,
                   evals: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Probabilities of the tuned one-vs-rest logistic regressions on each evaluation split.
@@ -344,6 +346,7 @@ def ovr_baselines(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarr
     return out, info
 
 
+@one_blas_thread
 def ovr_final(image_feats: np.ndarray, text, y: np.ndarray, groups: np.ndarray, rows: np.ndarray, folds: list,
               test: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The tuned one-vs-rest baseline fitted on `rows` (train + val), as a refitted HUSE is: the LR a careful

@@ -113,6 +113,35 @@ def test_a_tuned_fit_on_more_rows_than_were_tuned_starts_from_the_samples_fit(mo
     assert not bl._tuned_fit(0.03, x, y, rows[y[rows] != 3]).warm_start  # the sample lacks a class
 
 
+def test_the_baselines_fit_with_one_blas_thread_and_give_the_threads_back(monkeypatch):
+    # scipy's L-BFGS-B with OpenBLAS's threads made the baselines 3.2x slower on the 2-core machine
+    # (baselines.one_blas_thread): every solver fit, single- and multi-label, sees each BLAS the process has
+    # (numpy's and scipy's own OpenBLAS) at one thread, and the caller's threads come back afterwards.
+    import scipy.optimize  # noqa: F401  (its BLAS loaded, so that `before` lists it)
+    from threadpoolctl import threadpool_info
+
+    import huse.train.baselines as bl
+    from huse.train import multilabel
+
+    def blas() -> dict[str, int]:
+        return {p["filepath"]: p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    seen: list[dict[str, int]] = []
+    for module, name in ((bl, "_fit"), (multilabel, "_fit_ovr")):
+        fit = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fit=fit, **k: (seen.append(blas()), _fit(*a, **k))[1])
+    before = blas()
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    img = rng.normal(size=(120, 8)) + 4 * np.eye(3, 8)[y]
+    txt = [f"item {['red', 'green', 'blue'][c]} {i}" for i, c in enumerate(y)]
+    logistic_baselines(img, txt, y, 3, np.arange(80), {"val": np.arange(80, 120)}, groups=np.arange(120), folds=3)
+    multilabel.ovr_baselines(img, img, np.eye(3)[y], np.arange(120), np.arange(80), {"val": np.arange(80, 120)})
+    assert len(seen) > 20  # the cross-validation fits and the final ones, both kinds
+    assert all(s.keys() == before.keys() and set(s.values()) == {1} for s in seen)
+    assert blas() == before
+
+
 def test_cross_validation_folds_keep_products_whole(monkeypatch):
     import huse.train.baselines as bl
 
