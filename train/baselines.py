@@ -72,8 +72,8 @@ def one_blas_thread(fit):
     step, and with OpenBLAS's threads those calls cost more than the work they share (scipy/scipy#22438,
     #23191; OpenMathLib/OpenBLAS#5383, where OPENBLAS_NUM_THREADS=1 is the known remedy). On the 2-core
     machine the baselines took 57-58 s with two threads and 18 s with one on 3,000 fashion-products rows (3.2x),
-    143-149 s and 93-94 s on its 55,000 (1.56x), with the same choices and test top-1 within 0.02 points
-    (`benchmarks/experiments/baseline_threads.py`).
+    143-149 s and 93-94 s on its 55,000 (1.56x), 2.6-4.0x less on the three small icon catalogs, with the same
+    test top-1 (`benchmarks/experiments/baseline_threads.py`; docs/quality.md).
     torch and onnxruntime keep their own pools; the limit ends when `fit` returns.
     """
     @functools.wraps(fit)
