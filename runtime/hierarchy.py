@@ -49,14 +49,20 @@ class Hierarchy:
                 if len(p) > k:
                     m[i, col[SEPARATOR.join(p[: k + 1])]] = 1.0
             self.levels.append((nodes, m))
+        # _runs[k] = (leaves in node order, where each node's run starts, every run one leaf): level k's scores as
+        # sums of runs of leaves (np.add.reduceat), not a product with the 0/1 matrix, whose cost grows with
+        # classes x nodes (at 4,000 classes, a batch of 64 took 18-34 ms; benchmarks/experiments/describe_classes.py)
+        self._runs = []
+        for _, m in self.levels:
+            node, leaf = np.nonzero(m.T)  # node-major, leaves ascending within a node; every node has a leaf
+            starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
+            self._runs.append((leaf, starts, len(starts) == len(leaf)))
         # _parent[k][j] = index, among the nodes of level k, of the parent of node j of level k+1
         self._parent = [np.zeros(0, dtype=np.int64)] + [
             np.array([self.levels[k - 1][0].index(n.rsplit(SEPARATOR, 1)[0]) for n in self.levels[k][0]], dtype=np.int64)
             for k in range(1, self.depth)]
         # For top_down_dicts, precomputed so that describing a batch is a few array operations: per level
         # below the root a (parents, nodes) table that adds 0 to the chosen parent's children, -inf to the rest.
-        # (The levels' products stay one per level: one product over all levels sums in another order and
-        # changes scores in the last bit.)
         self._outside = [None] + [
             np.where(self._parent[k][None, :] == np.arange(len(self.levels[k - 1][0]))[:, None], 0.0, -np.inf)
             for k in range(1, self.depth)]
@@ -73,8 +79,10 @@ class Hierarchy:
         self._uniform = all(len(p) == self.depth for p in self.paths)
 
     def level_probs(self, probs: np.ndarray, level: int) -> np.ndarray:
-        """Scores of the nodes at `level` (1-based): each node is the sum of its leaves."""
-        return probs @ self.levels[level - 1][1]
+        """Scores (N, nodes) of the nodes at `level` (1-based): each node is the sum of its leaves."""
+        leaves, starts, single = self._runs[level - 1]
+        taken = probs[..., leaves]
+        return taken if single else np.add.reduceat(taken, starts, axis=-1)
 
     def path(self, probs: np.ndarray) -> list[tuple[str, float]]:
         """`top_down` for one item: probs (num_leaves,) -> [(node path, score), ...]."""
@@ -97,8 +105,8 @@ class Hierarchy:
         every = np.arange(n)
         columns: list[list[dict]] = []  # per level, the dict of each item's chosen node
         depth, chosen = np.full(n, self.depth), None
-        for k, (nodes, m) in enumerate(self.levels):
-            scores = probs @ m
+        for k, (nodes, _) in enumerate(self.levels):
+            scores = self.level_probs(probs, k + 1)
             if chosen is not None:  # only the children of the node chosen one level up
                 if not self._uniform:
                     depth[(depth > k) & ~self._has_children[k - 1][chosen]] = k  # it was a leaf: the path ended

@@ -69,6 +69,19 @@ def test_title_only_batch_names_each_unusable_title_and_classifies_the_rest_as_a
     assert clf.classify(titles=batch, mode=mode, top_k=3)[0]["top_k"][0]["score"] >= 0
 
 
+@pytest.mark.parametrize("rows,classes", [(1, 10), (64, 10), (1, 5000), (64, 1000), (3, 4000)])
+def test_top_classes_are_a_stable_sorts_first_k(rows, classes):
+    """Large batches are partitioned before sorting; the answer is still the stable sort's, ties to the lower class."""
+    from huse.runtime.classifier import top_classes
+
+    rng = np.random.default_rng(classes + rows)
+    probs = rng.random((rows, classes), dtype=np.float32)
+    probs[::2] = np.round(probs[::2], 2)  # ties, at the k-th score too
+    probs[-1, :7] = probs[-1].max()  # a row whose best 7 all tie
+    for k in (1, 5, 7, classes + 3):
+        np.testing.assert_array_equal(top_classes(probs, k), np.argsort(-probs, axis=1, kind="stable")[:, :k])
+
+
 def test_parent_score_is_sum_of_children(clf, items):
     images, titles = items
     probs = clf.predict_proba(images=images[:4], titles=titles[:4])

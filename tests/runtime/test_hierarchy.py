@@ -81,7 +81,8 @@ def test_top_down_of_a_batch_is_each_row_s_path(h):
 
 def _path_one_item(labels: list[str], row: np.ndarray) -> list[dict]:
     """The top-down rule written plainly for one item: at each level the best child of the node chosen above
-    (a node's score is the sum of its leaves, in float32 as the runtime sums them; ties to the first in order),
+    (a node's score is the sum of its leaves, in float32 and class order as the runtime sums them, with
+    np.add.reduceat, whose order differs from ndarray.sum's in the last bit; ties to the first in order),
     unless the node chosen above is a class itself whose own probability is at least that child's."""
     out, parent = [], None
     for level in range(1, max(l.count("<") + 1 for l in labels) + 1):
@@ -90,8 +91,8 @@ def _path_one_item(labels: list[str], row: np.ndarray) -> list[dict]:
             nodes = [n for n in nodes if n.rsplit("<", 1)[0] == parent]
         if not nodes:
             break
-        member = np.array([[l == n or l.startswith(n + "<") for n in nodes] for l in labels], np.float32)
-        scores = (row[None, :] @ member)[0]
+        scores = np.array([np.add.reduceat(row[[i for i, l in enumerate(labels) if l == n or l.startswith(n + "<")]], [0])[0]
+                           for n in nodes])
         best = int(scores.argmax())
         if parent in labels and row[labels.index(parent)] >= scores[best]:
             break
@@ -122,6 +123,20 @@ def test_top_down_dicts_follow_the_rule_on_random_hierarchies():
         got, want = h.top_down_dicts(probs), [_path_one_item(labels, row) for row in probs]
         assert [[(d["level"], d["label"]) for d in p] for p in got] == [[(d["level"], d["label"]) for d in p] for p in want]
         assert [d["score"] for p in got for d in p] == pytest.approx([d["score"] for p in want for d in p], rel=1e-6)
+        assert got == [h.top_down_dicts(probs[r:r + 1])[0] for r in range(len(probs))]  # each row's, alone or batched
+
+
+def test_level_scores_of_a_large_taxonomy_are_its_membership_sums():
+    """4,000 leaves under 20 x 10 nodes (level scores are sums of runs of leaves, not a matrix product)."""
+    labels = [f"a{i}<b{j}<c{k}" for i in range(20) for j in range(10) for k in range(20)]
+    h = Hierarchy(labels)
+    probs = np.random.default_rng(1).dirichlet(np.ones(len(labels)), size=64).astype(np.float32)
+    for level, (nodes, m) in enumerate(h.levels, start=1):
+        got = h.level_probs(probs, level)
+        assert got.shape == (64, len(nodes)) and got.dtype == np.float32
+        np.testing.assert_allclose(got, probs.astype(np.float64) @ m, rtol=1e-5, atol=1e-7)
+    leaves = [labels.index(n) for n in h.levels[2][0]]  # nodes sort by name: c10 before c2
+    np.testing.assert_array_equal(h.level_probs(probs, 3), probs[:, leaves])  # one leaf a node: the leaves themselves
 
 
 def test_distance_matrix_values(h):
