@@ -1,0 +1,98 @@
+"""Describing a batch (top-k classes and the top-down path) as the taxonomy grows: before and after.
+
+    python benchmarks/experiments/describe_classes.py --out benchmarks/results/cpu-2core/describe_classes.json
+
+After the model, `Classifier.classify` turns each row of probabilities into its top-k leaves and its top-down
+path (`Classifier._top_k_and_paths`). Real taxonomies hold thousands of leaves (Google's product taxonomy
+about 5,500). This times that step on synthetic three-level taxonomies of 10 to 4,000 leaves, batch 1 and
+64, in one process, interleaved rounds, BLAS at its default threads:
+
+- before: a full stable argsort for the top-k, and every level's scores as a product with its 0/1 membership
+  matrix (what the runtime did before session 32);
+- after: `top_classes` (a partition first, for large batches) and `Hierarchy.level_probs` (sums of runs of
+  leaves), what it does now.
+
+Both give the same top-k and paths (checked here on every configuration; scores to float32 rounding). Timings
+are only meaningful on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from huse.runtime.cli import run_cli
+
+TAXONOMIES = {10: (2, 5, 1), 100: (5, 4, 5), 1000: (10, 10, 10), 4000: (20, 10, 20)}  # leaves: nodes per level
+
+
+def run(batches: tuple[int, ...] = (1, 64), rounds: int = 5, top_k: int = 5) -> dict:
+    from huse.runtime.classifier import top_classes
+    from huse.runtime.hierarchy import Hierarchy
+
+    class BeforeHierarchy(Hierarchy):
+        def level_probs(self, probs, level):
+            return probs @ self.levels[level - 1][1]
+
+    def describe(h, labels, probs, top):
+        order = top(probs, top_k)
+        scores = probs[np.arange(len(probs))[:, None], order]
+        flat = [{"label": labels[j], "score": s} for j, s in zip(order.ravel().tolist(), scores.ravel().tolist())]
+        k = order.shape[1]
+        return [dict(top_k=flat[i:i + k], path=p) for i, p in zip(range(0, len(flat), k), h.top_down_dicts(probs))]
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_classes, (a, b, c) in TAXONOMIES.items():
+        labels = [f"a{i}<b{j}<c{k}" for i in range(a) for j in range(b) for k in range(c)]
+        forms = {"before": (BeforeHierarchy(labels), lambda p, k: np.argsort(-p, axis=1, kind="stable")[:, :k]),
+                 "after": (Hierarchy(labels), top_classes)}
+        for batch in batches:
+            probs = rng.dirichlet(np.ones(len(labels)), size=batch).astype(np.float32)
+            out = {name: describe(h, labels, probs, top) for name, (h, top) in forms.items()}
+            same = all(_same(x, y) for x, y in zip(out["before"], out["after"]))
+            reps = max(3, int(2000 / (batch * max(1, n_classes // 100))))
+            us: dict[str, list[float]] = {name: [] for name in forms}
+            for _ in range(rounds):
+                for name, (h, top) in forms.items():
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        describe(h, labels, probs, top)
+                    us[name].append(1e6 * (time.perf_counter() - t) / reps)
+            ratio = [x / y for x, y in zip(us["before"], us["after"])]
+            row = {"classes": len(labels), "batch": batch, "reps": reps, "same_answers": bool(same),
+                   "us_per_batch": {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in us.items()},
+                   "before_over_after": {"median": float(np.median(ratio)), "min": min(ratio), "max": max(ratio)}}
+            click.echo(f"{len(labels)} classes, batch {batch}: before {row['us_per_batch']['before']['median']:.0f} us, "
+                       f"after {row['us_per_batch']['after']['median']:.0f} us ({row['before_over_after']['median']:.2f}x)",
+                       err=True)
+            rows.append(row)
+    return {"rounds": rounds, "top_k": top_k, "rows": rows}
+
+
+def _same(x: dict, y: dict) -> bool:
+    """The same top-k labels and path labels, scores equal to float32 rounding."""
+    labels = [t["label"] for t in x["top_k"]] == [t["label"] for t in y["top_k"]]
+    path = [p["label"] for p in x["path"]] == [p["label"] for p in y["path"]]
+    scores = np.allclose([p["score"] for p in x["path"]], [p["score"] for p in y["path"]], rtol=1e-5, atol=1e-7)
+    return labels and path and scores
+
+
+@click.command()
+@click.option("--rounds", default=5, show_default=True)
+@click.option("--out", default="bench-results/describe_classes.json", type=click.Path(dir_okay=False), show_default=True)
+def main(rounds, out) -> None:
+    def body():
+        r = run(rounds=rounds)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(r, indent=1))
+        click.echo(f"wrote {out}")
+    run_cli(body)
+
+
+if __name__ == "__main__":
+    main()
