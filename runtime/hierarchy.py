@@ -39,40 +39,40 @@ class Hierarchy:
         self.labels = list(labels)
         self.paths = [split_path(l) for l in self.labels]
         self.depth = max(len(p) for p in self.paths)
-        # levels[k] = (node names at level k+1, matrix (num_leaves, num_nodes) of 0/1 membership)
-        self.levels: list[tuple[list[str], np.ndarray]] = []
+        # nodes[k] = the node names at level k+1; _runs[k] = (the leaves in node order, where each node's run of
+        # leaves starts, whether every run is one leaf). A level's scores are sums of runs of leaves
+        # (np.add.reduceat), not a product with a 0/1 membership matrix: that matrix is classes x nodes (at 10,000
+        # leaves, 400 MiB) and so is the product's cost (4,000 leaves, a batch of 64: 18-34 ms;
+        # benchmarks/experiments/describe_classes.py). `membership` builds one for training's metrics.
+        self.nodes: list[list[str]] = []
+        self._runs: list[tuple[np.ndarray, np.ndarray, bool]] = []
         for k in range(self.depth):
-            nodes = sorted({SEPARATOR.join(p[: k + 1]) for p in self.paths if len(p) > k})
-            col = {n: i for i, n in enumerate(nodes)}
-            m = np.zeros((len(self.labels), len(nodes)), dtype=np.float32)
-            for i, p in enumerate(self.paths):
-                if len(p) > k:
-                    m[i, col[SEPARATOR.join(p[: k + 1])]] = 1.0
-            self.levels.append((nodes, m))
-        # _runs[k] = (leaves in node order, where each node's run starts, every run one leaf): level k's scores as
-        # sums of runs of leaves (np.add.reduceat), not a product with the 0/1 matrix, whose cost grows with
-        # classes x nodes (at 4,000 classes, a batch of 64 took 18-34 ms; benchmarks/experiments/describe_classes.py)
-        self._runs = []
-        for _, m in self.levels:
-            node, leaf = np.nonzero(m.T)  # node-major, leaves ascending within a node; every node has a leaf
-            starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
+            names = sorted({SEPARATOR.join(p[: k + 1]) for p in self.paths if len(p) > k})
+            col = {n: i for i, n in enumerate(names)}
+            leaf = np.array([i for i, p in enumerate(self.paths) if len(p) > k], dtype=np.int64)
+            node = np.array([col[SEPARATOR.join(self.paths[i][: k + 1])] for i in leaf], dtype=np.int64)
+            order = np.argsort(node, kind="stable")  # node-major, leaves ascending within a node
+            leaf, node = leaf[order], node[order]
+            starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])  # every node has a leaf
+            self.nodes.append(names)
             self._runs.append((leaf, starts, len(starts) == len(leaf)))
         # _parent[k][j] = index, among the nodes of level k, of the parent of node j of level k+1
-        self._parent = [np.zeros(0, dtype=np.int64)] + [
-            np.array([self.levels[k - 1][0].index(n.rsplit(SEPARATOR, 1)[0]) for n in self.levels[k][0]], dtype=np.int64)
-            for k in range(1, self.depth)]
+        self._parent = [np.zeros(0, dtype=np.int64)]
+        for k in range(1, self.depth):
+            up = {n: i for i, n in enumerate(self.nodes[k - 1])}
+            self._parent.append(np.array([up[n.rsplit(SEPARATOR, 1)[0]] for n in self.nodes[k]], dtype=np.int64))
         # For top_down_dicts, precomputed so that describing a batch is a few array operations: per level
         # below the root a (parents, nodes) table that adds 0 to the chosen parent's children, -inf to the rest.
         self._outside = [None] + [
-            np.where(self._parent[k][None, :] == np.arange(len(self.levels[k - 1][0]))[:, None], 0.0, -np.inf)
+            np.where(self._parent[k][None, :] == np.arange(len(self.nodes[k - 1]))[:, None], 0.0, -np.inf)
             for k in range(1, self.depth)]
         # _has_children[k][i]: node i of level k has children at level k+1 (else it is a leaf: a path ends there)
-        self._has_children = [np.isin(np.arange(len(self.levels[k][0])), self._parent[k + 1]) for k in range(self.depth - 1)]
+        self._has_children = [np.isin(np.arange(len(self.nodes[k])), self._parent[k + 1]) for k in range(self.depth - 1)]
         # _own[k][i]: the class index of node i of level k when that node is a class itself as well as a parent
         # (products filed under "clothing" beside others under "clothing<tops", as taxonomies have it), else -1
         index = {label: i for i, label in enumerate(self.labels)}
         self._own = [np.array([index[n] if n in index and has else -1 for n, has in zip(nodes, children)])
-                     for (nodes, _), children in zip(self.levels, self._has_children)]
+                     for nodes, children in zip(self.nodes, self._has_children)]
         self._inner_classes = any((own >= 0).any() for own in self._own)
         # Every leaf as deep as the deepest (the usual catalog): no path ends early, so top_down_dicts skips
         # the bookkeeping of where each path ends (five array operations a level, a third of a batch of 1's time).
@@ -83,6 +83,14 @@ class Hierarchy:
         leaves, starts, single = self._runs[level - 1]
         taken = probs[..., leaves]
         return taken if single else np.add.reduceat(taken, starts, axis=-1)
+
+    def membership(self, level: int) -> np.ndarray:
+        """The 0/1 matrix (classes, nodes) of which leaves sum into each node at `level` (1-based); built per
+        call, for training's metrics (the runtime sums runs of leaves instead: `level_probs`)."""
+        leaves, starts, _ = self._runs[level - 1]
+        m = np.zeros((len(self.labels), len(self.nodes[level - 1])), dtype=np.float32)
+        m[leaves, np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(leaves)]))] = 1.0
+        return m
 
     def path(self, probs: np.ndarray) -> list[tuple[str, float]]:
         """`top_down` for one item: probs (num_leaves,) -> [(node path, score), ...]."""
@@ -105,7 +113,7 @@ class Hierarchy:
         every = np.arange(n)
         columns: list[list[dict]] = []  # per level, the dict of each item's chosen node
         depth, chosen = np.full(n, self.depth), None
-        for k, (nodes, _) in enumerate(self.levels):
+        for k, nodes in enumerate(self.nodes):
             scores = self.level_probs(probs, k + 1)
             if chosen is not None:  # only the children of the node chosen one level up
                 if not self._uniform:

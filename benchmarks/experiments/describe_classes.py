@@ -34,9 +34,13 @@ def run(batches: tuple[int, ...] = (1, 64), rounds: int = 5, top_k: int = 5) -> 
     from huse.runtime.classifier import top_classes
     from huse.runtime.hierarchy import Hierarchy
 
-    class BeforeHierarchy(Hierarchy):
+    class BeforeHierarchy(Hierarchy):  # the dense 0/1 matrices it kept, and their products
+        def __init__(self, labels):
+            super().__init__(labels)
+            self.matrices = [self.membership(k) for k in range(1, self.depth + 1)]
+
         def level_probs(self, probs, level):
-            return probs @ self.levels[level - 1][1]
+            return probs @ self.matrices[level - 1]
 
     def describe(h, labels, probs, top):
         order = top(probs, top_k)

@@ -20,7 +20,7 @@ def h() -> Hierarchy:
 
 def test_levels_and_depth(h):
     assert h.depth == 3
-    assert [nodes for nodes, _ in h.levels] == [["a", "f"], ["a<b", "a<e"], ["a<b<c", "a<b<d"]]
+    assert h.nodes == [["a", "f"], ["a<b", "a<e"], ["a<b<c", "a<b<d"]]
 
 
 def test_level_probs_sum_leaves_into_parents(h):
@@ -131,11 +131,12 @@ def test_level_scores_of_a_large_taxonomy_are_its_membership_sums():
     labels = [f"a{i}<b{j}<c{k}" for i in range(20) for j in range(10) for k in range(20)]
     h = Hierarchy(labels)
     probs = np.random.default_rng(1).dirichlet(np.ones(len(labels)), size=64).astype(np.float32)
-    for level, (nodes, m) in enumerate(h.levels, start=1):
+    for level, nodes in enumerate(h.nodes, start=1):
+        m = h.membership(level)
         got = h.level_probs(probs, level)
         assert got.shape == (64, len(nodes)) and got.dtype == np.float32
         np.testing.assert_allclose(got, probs.astype(np.float64) @ m, rtol=1e-5, atol=1e-7)
-    leaves = [labels.index(n) for n in h.levels[2][0]]  # nodes sort by name: c10 before c2
+    leaves = [labels.index(n) for n in h.nodes[2]]  # nodes sort by name: c10 before c2
     np.testing.assert_array_equal(h.level_probs(probs, 3), probs[:, leaves])  # one leaf a node: the leaves themselves
 
 

@@ -14,7 +14,7 @@ def test_hierarchy_is_three_levels_and_ten_classes():
     labels = [c[0] for c in fashion.CLASSES]
     h = Hierarchy(labels)
     assert len(set(labels)) == 10 and h.depth == 3
-    assert [len(h.levels[k][0]) for k in range(3)] == [3, 8, 10]
+    assert [len(h.nodes[k]) for k in range(3)] == [3, 8, 10]
 
 
 def _names_own_class(title: str, label: int) -> bool:
