@@ -39,22 +39,23 @@ class Hierarchy:
         self.labels = list(labels)
         self.paths = [split_path(l) for l in self.labels]
         self.depth = max(len(p) for p in self.paths)
-        # nodes[k] = the node names at level k+1; _runs[k] = (the leaves in node order, where each node's run of
-        # leaves starts, whether every run is one leaf). A level's scores are sums of runs of leaves
-        # (np.add.reduceat), not a product with a 0/1 membership matrix: that matrix is classes x nodes (at 10,000
-        # leaves, 400 MiB) and so is the product's cost (4,000 leaves, a batch of 64: 18-34 ms;
-        # benchmarks/experiments/describe_classes.py). `membership` builds one for training's metrics.
+        # nodes[k] = the node names at level k+1; _node[k] = each class's node there (-1: its path ends above);
+        # _runs[k] = (the leaves in node order, where each node's run of leaves starts, whether every run is one
+        # leaf). A level's scores are sums of runs of leaves (np.add.reduceat), not a product with a 0/1
+        # membership matrix: that matrix is classes x nodes (at 10,000 leaves, 400 MiB) and so is the product's
+        # cost (4,000 leaves, a batch of 64: 18-34 ms; benchmarks/experiments/describe_classes.py).
         self.nodes: list[list[str]] = []
+        self._node: list[np.ndarray] = []
         self._runs: list[tuple[np.ndarray, np.ndarray, bool]] = []
         for k in range(self.depth):
             names = sorted({SEPARATOR.join(p[: k + 1]) for p in self.paths if len(p) > k})
             col = {n: i for i, n in enumerate(names)}
-            leaf = np.array([i for i, p in enumerate(self.paths) if len(p) > k], dtype=np.int64)
-            node = np.array([col[SEPARATOR.join(self.paths[i][: k + 1])] for i in leaf], dtype=np.int64)
-            order = np.argsort(node, kind="stable")  # node-major, leaves ascending within a node
-            leaf, node = leaf[order], node[order]
-            starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])  # every node has a leaf
+            node = np.array([col[SEPARATOR.join(p[: k + 1])] if len(p) > k else -1 for p in self.paths], dtype=np.int64)
+            leaf = np.flatnonzero(node >= 0)
+            leaf = leaf[np.argsort(node[leaf], kind="stable")]  # node-major, leaves ascending within a node
+            starts = np.flatnonzero(np.r_[True, node[leaf][1:] != node[leaf][:-1]])  # every node has a leaf
             self.nodes.append(names)
+            self._node.append(node)
             self._runs.append((leaf, starts, len(starts) == len(leaf)))
         # _parent[k][j] = index, among the nodes of level k, of the parent of node j of level k+1
         self._parent = [np.zeros(0, dtype=np.int64)]
@@ -84,13 +85,10 @@ class Hierarchy:
         taken = probs[..., leaves]
         return taken if single else np.add.reduceat(taken, starts, axis=-1)
 
-    def membership(self, level: int) -> np.ndarray:
-        """The 0/1 matrix (classes, nodes) of which leaves sum into each node at `level` (1-based); built per
-        call, for training's metrics (the runtime sums runs of leaves instead: `level_probs`)."""
-        leaves, starts, _ = self._runs[level - 1]
-        m = np.zeros((len(self.labels), len(self.nodes[level - 1])), dtype=np.float32)
-        m[leaves, np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(leaves)]))] = 1.0
-        return m
+    def class_nodes(self, level: int) -> np.ndarray:
+        """(C,) each class's node at `level` (1-based; an index into `nodes[level - 1]`), -1 where its path ends
+        above that level. Read-only."""
+        return self._node[level - 1]
 
     def path(self, probs: np.ndarray) -> list[tuple[str, float]]:
         """`top_down` for one item: probs (num_leaves,) -> [(node path, score), ...]."""

@@ -202,7 +202,7 @@ def set_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 def level_sets(mask: np.ndarray, hierarchy: Hierarchy, level: int) -> np.ndarray:
     """Leaf sets (N, C) -> the sets of their level-`level` nodes (N, nodes)."""
-    return (mask.astype(np.float32) @ hierarchy.membership(level)) > 0
+    return hierarchy.level_probs(mask.astype(np.float32), level) > 0
 
 
 def multilabel_report(p: np.ndarray, y: np.ndarray, thresholds: np.ndarray, hierarchy: Hierarchy) -> dict[str, Any]:

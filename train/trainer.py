@@ -248,10 +248,10 @@ def accuracy_report(probs: np.ndarray, y: np.ndarray, hierarchy: Hierarchy) -> d
     top5 = np.argsort(-probs, axis=1)[:, :5]
     report = {"top1": float((top5[:, 0] == y).mean()), "top5": float((top5 == y[:, None]).any(axis=1).mean()), "levels": {}}
     for k in range(1, hierarchy.depth + 1):
-        m = hierarchy.membership(k)
-        reach = m[y].any(axis=1)
+        node = hierarchy.class_nodes(k)
+        reach = node[y] >= 0
         if reach.any():
-            pred, true = (probs[reach] @ m).argmax(1), m[y[reach]].argmax(1)
+            pred, true = hierarchy.level_probs(probs[reach], k).argmax(1), node[y[reach]]
             report["levels"][str(k)] = float((pred == true).mean())
     return report
 
