@@ -362,6 +362,7 @@ def index_group() -> None:
 
 # `huse index build` and `add`: one copy of the option
 _NO_PHOTOS = click.option("--no-photos", "keep_photos", is_flag=True, flag_value=False, default=True,
+                          show_default=False,  # "[default: True]" read as if --no-photos were on by default
                           help="Keep no copy of the photos a Parquet catalog holds as bytes (they are embedded all the "
                                "same; by default the index keeps them, so that the page can show them: as many bytes "
                                "as the photos).")
