@@ -7,8 +7,9 @@ works without torch.
 from huse.runtime._lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "huse.train.model": ["HUSE", "HuseConfig", "build_model"],
-    "huse.train.trainer": ["TrainConfig", "Trainer", "backbone_features", "load_run"],
+    "huse.train.config": ["HuseConfig", "TrainConfig"],
+    "huse.train.model": ["HUSE", "build_model"],
+    "huse.train.trainer": ["Trainer", "backbone_features", "load_run"],
     "huse.train.data": ["Dataset", "load_builtin", "load_catalog_dataset", "load_source"],
     "huse.train.backbones": ["backbone_info", "create_backbone", "list_backbones", "register"],
 })

@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 from huse.runtime.cli import run_cli
+from huse.train.baselines import CV_FOLDS
+from huse.train.config import FINAL_FITS, KFOLD_MAX_ROWS, HuseConfig, TrainConfig
+
+# Every default below is read from the configs (one copy of each); they import neither torch nor scikit-learn.
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -21,13 +25,13 @@ from huse.runtime.cli import run_cli
               help="Folder image paths resolve against (default: the catalog's folder); with several --data, once for "
                    "all of them or once per --data, in the same order.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
-@click.option("--backbone", default="efficientnet_lite0", help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
+@click.option("--backbone", default=HuseConfig.backbone, help="Image backbone: efficientnet_lite0, mobilenet_v2, vgg16 or tiny (tests).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), help="Weights file for backbones that ship none (mobilenet_v2, vgg16).")
-@click.option("--image-size", default="64", metavar="N|auto",
+@click.option("--image-size", default=str(HuseConfig.image_size), metavar="N|auto",
               help="Square input size of the image graph; auto: from the training photos' median size (64-224).")
 @click.option("--fine-tune", is_flag=True,
               help="Train the backbone too (slow on CPU: use --device cuda; features are not cached).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=TrainConfig.device,
               help="Where torch trains: cuda needs a CUDA build of torch and an NVIDIA GPU.")
 @click.option("--text-encoder", type=click.Choice(["auto", "cnn", "minilm"]), default="auto",
               help="Word CNN trained from scratch, or pretrained frozen MiniLM; auto: MiniLM when more than 10% of the "
@@ -35,50 +39,52 @@ from huse.runtime.cli import run_cli
 @click.option("--arch", type=click.Choice(["compact", "paper"]), default="compact",
               help="Tower sizes: compact (one 512-wide image layer, a linear text projection, dropout 0.5) or the "
                    "paper's (image 5x512, text 2x512, dropout 0.15); README, 'Model quality'.")
-@click.option("--embed-dim", default=512, help="Dimension D of the universal embedding.")
+@click.option("--embed-dim", default=HuseConfig.embed_dim, help="Dimension D of the universal embedding.")
 @click.option("--epochs", type=int, help="Exactly this many epochs (default: a budget of max(2,000 steps, 10 epochs) "
                                           "with early stopping on val loss; the best epoch is kept).")
-@click.option("--patience", type=int, help="Steps (at least 3 epochs) without a better val loss before stopping; 0: never. "
-                                            "[default: TrainConfig.patience]")
-@click.option("--batch-size", default=256)
-@click.option("--lr", default=1e-3)
-@click.option("--weight-decay", type=float, help="AdamW's decoupled weight decay of the towers and the shared layer "
-              "(default 1e-4).")
-@click.option("--alpha", default=1.0, help="Classification loss weight.")
-@click.option("--beta", default=1.0, help="Semantic-graph loss weight.")
-@click.option("--gamma", default=0.2, help="Cross-modal gap loss weight.")
-@click.option("--delta", type=float, help="Instance-level contrastive (InfoNCE) weight between image and title "
-                                                    "embeddings, for finding products; 0: the paper's losses only. [default: TrainConfig.delta]")
-@click.option("--margin", "zeta", default=0.7, help="Semantic-graph margin zeta.")
-@click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default="hierarchy", help="Where A_ij comes from.")
-@click.option("--class-name-init", is_flag=True, default=None,
+@click.option("--patience", default=TrainConfig.patience,
+              help="Steps (at least 3 epochs) without a better val loss before stopping; 0: never.")
+@click.option("--batch-size", default=TrainConfig.batch_size)
+@click.option("--lr", default=TrainConfig.lr)
+@click.option("--weight-decay", default=TrainConfig.weight_decay,
+              help="AdamW's decoupled weight decay of the towers and the shared layer.")
+@click.option("--alpha", default=TrainConfig.alpha, help="Classification loss weight.")
+@click.option("--beta", default=TrainConfig.beta, help="Semantic-graph loss weight.")
+@click.option("--gamma", default=TrainConfig.gamma, help="Cross-modal gap loss weight.")
+@click.option("--delta", default=TrainConfig.delta, help="Instance-level contrastive (InfoNCE) weight between image and "
+                                                         "title embeddings, for finding products; 0: the paper's losses only.")
+@click.option("--margin", "zeta", default=TrainConfig.margin, help="Semantic-graph margin zeta.")
+@click.option("--class-distance", type=click.Choice(["hierarchy", "minilm"]), default=TrainConfig.class_distance,
+              help="Where A_ij comes from.")
+@click.option("--class-name-init", is_flag=True, default=TrainConfig.class_name_init, show_default=False,
               help="Start each class's row of the shared layer at the text tower's embedding of its path's words "
-                   "(a CLIP-style prior from the class names). [default: TrainConfig.class_name_init]")
-@click.option("--class-name-prior", type=float, help="Weight of a loss pulling each class's row towards its name's "
-                                                     "embedding; 0: none. [default: TrainConfig.class_name_prior]")
-@click.option("--image-views", type=int, help="Random crops of each training photo through the frozen backbone (cached; "
-                                             "each step trains on one of them or the photo); 0: the photo only. "
-                                             "[default: TrainConfig.image_views]")
+                   "(a CLIP-style prior from the class names).")
+@click.option("--class-name-prior", default=TrainConfig.class_name_prior,
+              help="Weight of a loss pulling each class's row towards its name's embedding; 0: none.")
+@click.option("--image-views", default=TrainConfig.image_views,
+              help="Random crops of each training photo through the frozen backbone (cached; each step trains on one "
+                   "of them or the photo); 0: the photo only.")
 @click.option("--multi-label", is_flag=True, help="A sigmoid per class and per-class thresholds, even if no product lists "
                                                 "several classes (a catalog whose 'classes' hold 'a<b|c<d' is multi-label without it).")
-@click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default="sigmoid",
+@click.option("--multi-label-head", type=click.Choice(["sigmoid", "softmax"]), default=HuseConfig.label_head,
               help="Multi-label catalogs: a sigmoid per class, or a softmax trained on the multi-hot target "
                    "spread over the product's classes.")
-@click.option("--multi-label-loss", type=click.Choice(["asl", "bce"]),
+@click.option("--multi-label-loss", type=click.Choice(["asl", "bce"]), default=HuseConfig.label_loss,
               help="Multi-label catalogs, sigmoid head: the asymmetric loss (Ridnik et al. 2021; better on both multi-label "
-                   "catalogs measured) or plain binary cross-entropy. [default: HuseConfig.label_loss]")
-@click.option("--final-fit", type=click.Choice(["train", "train+val", "all"]),
+                   "catalogs measured) or plain binary cross-entropy.")
+@click.option("--final-fit", type=click.Choice(list(FINAL_FITS)), default=TrainConfig.final_fit,
               help="Rows the shipped model is trained on, once epochs, fusion weight and temperatures are chosen on val and "
                    "test is reported: train (the held-out model itself), train+val (a fresh model refitted on both with "
-                   "those settings), all (test too: read the report first). [default: TrainConfig.final_fit]")
-@click.option("--cv-folds", "cv_folds", metavar="K|auto",
+                   "those settings), all (test too: read the report first). Under --cv-folds the shipped model is "
+                   "refitted on train+val at least.")
+@click.option("--cv-folds", "cv_folds", metavar="K|auto", default="auto" if TrainConfig.cv_folds is None else str(TrainConfig.cv_folds),
               help="Choose the epochs, the fusion weight and the temperatures by K-fold cross-validation by product "
                    "over train+val instead of on val alone, then refit the shipped model on train+val (all with "
-                   "--final-fit all); 0: never; auto: 5 folds below 5,000 train+val rows (KFOLD_MAX_ROWS), else none. "
-                   "K+1 more trainings. [default: auto (TrainConfig.cv_folds)]")
+                   f"--final-fit all); 0: never; auto: {CV_FOLDS} folds below {KFOLD_MAX_ROWS:,} train+val rows, else "
+                   "none. K+1 more trainings.")
 @click.option("--skip-bad-rows", is_flag=True, help="Skip and count bad catalog rows instead of stopping at the first.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
-@click.option("--seed", default=0)
+@click.option("--seed", default=TrainConfig.seed)
 @click.option("--train-size", type=click.IntRange(min=1), help="fashion-products: products in train (default: all 55,000).")
 @click.option("--val-size", default=5000, type=click.IntRange(min=1), help="fashion-products: products in val.")
 @click.option("--test-size", type=click.IntRange(min=1), help="fashion-products: products in test (default: all 10,000).")
@@ -91,23 +97,19 @@ def main(**o) -> None:
 def _train(o: dict) -> None:
     from huse.runtime.errors import HuseError
     from huse.train.data import load_builtin, load_catalog_dataset
-    from huse.train.model import HuseConfig
-    from huse.train.trainer import TrainConfig, Trainer
+    from huse.train.trainer import Trainer
 
     if bool(o["data"]) == bool(o["dataset"]):
         raise HuseError("pass --data CATALOG (repeatable) or --dataset NAME, not both")
-    # Options without a CLI default take TrainConfig's: one copy of each default.
-    given = {k: o[k] for k in ("epochs", "patience", "delta", "weight_decay", "final_fit", "class_name_init",
-                                   "class_name_prior", "image_views") if o[k] is not None}
-    if o["cv_folds"] is not None:
-        given["cv_folds"] = _cv_folds(o["cv_folds"])
     # The settings are checked (by the configs) before the catalog is read, so a typo fails at once.
     mc = HuseConfig(num_classes=0, backbone=o["backbone"], image_size=_image_size(o["image_size"]), freeze_backbone=not o["fine_tune"],
                     embed_dim=o["embed_dim"], text_encoder=o["text_encoder"], arch=o["arch"],
-                    multi_label=o["multi_label"], label_head=o["multi_label_head"],
-                    **({"label_loss": o["multi_label_loss"]} if o["multi_label_loss"] else {}))
-    tc = TrainConfig(batch_size=o["batch_size"], lr=o["lr"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"],
-                     margin=o["zeta"], class_distance=o["class_distance"], seed=o["seed"], device=o["device"], **given)
+                    multi_label=o["multi_label"], label_head=o["multi_label_head"], label_loss=o["multi_label_loss"])
+    tc = TrainConfig(epochs=o["epochs"], patience=o["patience"], batch_size=o["batch_size"], lr=o["lr"],
+                     weight_decay=o["weight_decay"], alpha=o["alpha"], beta=o["beta"], gamma=o["gamma"], delta=o["delta"],
+                     margin=o["zeta"], class_distance=o["class_distance"], class_name_init=o["class_name_init"],
+                     class_name_prior=o["class_name_prior"], image_views=o["image_views"], final_fit=o["final_fit"],
+                     cv_folds=_cv_folds(o["cv_folds"]), seed=o["seed"], device=o["device"])
     if o["dataset"]:
         ds = load_builtin(o["dataset"], fmnist_dir=o["fmnist_dir"], train_size=o["train_size"], val_size=o["val_size"],
                           test_size=o["test_size"], seed=o["seed"])

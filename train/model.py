@@ -9,78 +9,14 @@ fused prediction = w * softmax(image logits) + (1 - w) * softmax(text logits)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from huse.runtime.errors import HuseError, check_ranges
+from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import split_path
-
-
-@dataclass
-class HuseConfig:
-    num_classes: int
-    backbone: str = "efficientnet_lite0"
-    # Fashion-MNIST photos are 28x28; 64x64 keeps EfficientNet-Lite0's last stages above 1x1
-    # while costing ~1/12 of 224x224. Catalog photos can use 224 (--image-size).
-    image_size: int | str = 64  # "auto": resolved by the trainer from the photos (choose_image_size)
-    freeze_backbone: bool = True  # the paper trains towers over frozen features; fast on CPU
-    embed_dim: int = 512  # D of the universal embedding space (paper: 512)
-    hidden: int = 512  # tower width (paper: 512)
-    image_layers: int = 5  # paper: 5 hidden layers in the image tower
-    text_layers: int = 2  # paper: 2 hidden layers in the text tower
-    dropout: float = 0.15  # paper: 0.15
-    # "custom": the tower fields above as given; "paper" or "compact" (huse-train's default) set them
-    # (ARCHS, resolve_arch; README "Model quality").
-    arch: str = "custom"
-    text_encoder: str = "cnn"  # "cnn" (original project's word CNN), "minilm", or "auto" (resolved by the trainer)
-    vocab_size: int = 0  # word-CNN vocabulary incl. padding and OOV ids
-    max_len: int = 24  # tokens per title: product titles are short
-    word_dim: int = 64  # word-CNN embedding width: titles use a few hundred words
-    conv_channels: int = 128  # word-CNN filters
-    conv_kernel: int = 3  # word-CNN n-gram width
-    text_feature_dim: int = 512  # word-CNN Dense output (MiniLM: 384)
-    # Several class paths per product (train/multilabel.py): a sigmoid per class instead of one softmax.
-    multi_label: bool = False
-    # Its head: "sigmoid" (a probability per class) or "softmax" (cross-entropy against the multi-hot
-    # target spread evenly over the product's classes; Mahajan et al. 2018 found it better for tags).
-    label_head: str = "sigmoid"
-    # The sigmoid head's training loss: "asl" (asymmetric loss) or "bce" (train/multilabel.py, LOSSES).
-    label_loss: str = "asl"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        # 32 px: the backbones downsample 32x, so smaller photos leave them nothing to read
-        check_ranges(self, {"embed_dim": (1, True), "image_size": (32, True)})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not self.multi_label:  # single-label runs' config.json stays what it always was
-            del d["multi_label"], d["label_head"], d["label_loss"]
-        return d
-
-
-# Tower presets. "paper": 5 x 512 image layers, 2 x 512 text layers, dropout 0.15. "compact" (huse-train's
-# default): one 512-wide image layer, a linear text projection, dropout 0.5. Measured with the default
-# recipe (README, "Model quality"): on phosphor-icons (1,600 training images) the paper's image tower
-# memorised the training set within a few epochs (val image top-1 20%) and its embeddings found another
-# photo of the same product at rank 1 for 70% of queries against 90% for compact; on fashion-products
-# (55,000) compact classifies as well (fused 97.2% vs 97.3%) and keeps more of each product apart.
-ARCHS = {"paper": {"image_layers": 5, "text_layers": 2, "dropout": 0.15},
-         "compact": {"image_layers": 1, "text_layers": 0, "dropout": 0.5}}
-
-
-def resolve_arch(cfg: HuseConfig) -> None:
-    """Set the tower sizes of cfg.arch (in place); "custom" keeps the fields as given."""
-    if cfg.arch == "custom":
-        return
-    if cfg.arch not in ARCHS:
-        raise HuseError(f"arch {cfg.arch!r} not found; available = {[*ARCHS, 'custom']}")
-    for k, v in ARCHS[cfg.arch].items():
-        setattr(cfg, k, v)
+from huse.train.config import HuseConfig
 
 
 def mlp(in_dim: int, hidden: int, layers: int, out_dim: int, dropout: float) -> nn.Sequential:

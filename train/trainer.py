@@ -20,7 +20,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from huse.runtime.bundle import package_versions
 from huse.runtime.files import sha256_file, write_atomic, write_json_atomic
 from huse.runtime.classifier import temperature_scale
-from huse.runtime.errors import HuseError, check_ranges
+from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
 from huse.runtime.labels import PATH_SEPARATOR, is_multi_label
 from huse.runtime.preprocess import ImageSpec, load_image
@@ -43,11 +43,10 @@ from huse.train.baselines import (CV_FOLDS, MODES, best_weight, calibration_repo
 from huse.train.data import Dataset
 from huse.train.losses import huse_loss
 import huse.train.multilabel as multilabel
-from huse.train.model import (HUSE, HuseConfig, build_model, class_name_loss, class_name_title,
-                              init_classifier_from_names, resolve_arch)
+from huse.train.config import FINAL_FITS, KFOLD_MAX_ROWS, HuseConfig, TrainConfig, resolve_arch
+from huse.train.model import HUSE, build_model, class_name_loss, class_name_title, init_classifier_from_names
 
 
-FINAL_FITS = {"train": ("train",), "train+val": ("train", "val"), "all": ("train", "val", "test")}
 # What a run directory holds (the module docstring), its "cv" folds' runs included.
 RUN_ENTRIES = frozenset({"config.json", "vocab.json", "tokenizer.json", "model.safetensors", "best.safetensors",
                          "checkpoint.safetensors", "optimizer.safetensors", "state.json", "metrics.json",
@@ -60,77 +59,6 @@ def _run_entry(name: str) -> str:
     for suffix in (".tmp", ".next"):
         name = name.removesuffix(suffix)
     return name
-
-
-# Below this many train + val rows, `cv_folds=None` ("auto") chooses the epochs, the fusion weight and the
-# temperatures by k-fold cross-validation by product instead of on the one val split. On the small real
-# catalogs (616-1,986 train + val rows) val holds 55-64 products, one product moves val top-1 by 1.6-1.8
-# points, and the tuned LR's top-1 moves 4-17 points between folds of ~50 products (docs/quality.md,
-# "Small catalogs"). fashion-products (60,000 rows) has a 5,000-product val split where one product is 0.02
-# points, and each of k+1 more trainings would cost what its one training does. 5,000 rows (a 15% val
-# split of 125-190 products at 4-6 images each, one product 0.5-0.8 points) lies between the two; no
-# catalog between 2,000 and 55,000 rows has been measured, so the exact value is not tuned.
-KFOLD_MAX_ROWS = 5000
-
-
-@dataclass
-class TrainConfig:
-    # None: a budget of steps, not epochs, so a 1,600-image catalog gets as many optimisation
-    # steps as fashion-products (10 epochs of 55,000 = 2,150 steps; 10 epochs of 1,600 would be
-    # 70), with early stopping on validation loss and the best checkpoint restored.
-    epochs: int | None = None
-    min_steps: int = 2000  # the step budget when epochs is None: max(min_steps, 10 epochs)
-    patience: int = 300  # steps (at least 3 epochs) without a better val loss before stopping; 0: never
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    alpha: float = 1.0  # classification loss weight
-    beta: float = 1.0  # semantic-graph loss weight
-    gamma: float = 0.2  # cross-modal gap loss weight (large values pull the towers to one mode)
-    # Instance-level contrastive (InfoNCE) weight: image vs title and image vs a second dropout view. 0.5
-    # took fashion-products' multi-view "same product" I->I R@1 from 0.16 to 0.38 at the same fused
-    # top-1 (97.2%); on phosphor-icons fused 72.3% vs 74.1% without, within one test-set standard error.
-    delta: float = 0.5
-    tau: float = 0.1  # temperature of the instance-level contrastive term
-    margin: float = 0.7  # zeta: hierarchy distances are 0 (same), 1/3 (siblings), 2/3, 1
-    class_distance: str = "hierarchy"  # or "minilm": cosine distance of class-name embeddings
-    # Class-name prior (as CLIP classifies with its prompts): start each class's row of the shared layer at the
-    # text tower's embedding of its path's words ("clothing tops t-shirts"), and with a weight > 0 keep pulling it
-    # there (model.class_name_loss). The tuned LR cannot read class names; HUSE's shared space can.
-    class_name_init: bool = False
-    class_name_prior: float = 0.0
-    # Image views (train/views.py): K random crops of each training photo through the frozen backbone, computed once
-    # and cached; each step trains on one of the K + 1 (plain included) per row. 0: the plain photo only.
-    image_views: int = 0
-    # Which rows the shipped model is trained on once the epochs, the fusion weight and the temperatures
-    # have been chosen on val and test has been reported (FINAL_FITS): "train" ships the held-out model
-    # itself; "train+val" refits a fresh model on both with those settings; "all" folds in test too.
-    final_fit: str = "train"
-    # k-fold cross-validation by product over train + val for the epochs, the fusion weight and the
-    # temperatures (then the shipped model is refitted on train + val, or all with final_fit="all"):
-    # 0 never, K >= 2 always with K folds, None ("auto", the default) with CV_FOLDS folds below KFOLD_MAX_ROWS
-    # rows (multi-label too: the thresholds come from the folds). README, "Model quality" and "Multi-label
-    # products", and docs/quality.md say what it measured and what it costs.
-    cv_folds: int | None = None
-    seed: int = 0
-    feature_batch: int = 128  # images per backbone call during feature extraction
-    device: str = "cpu"  # or "cuda": an NVIDIA GPU (where fine-tuning the backbone becomes practical)
-
-    def __post_init__(self):
-        if self.final_fit not in FINAL_FITS:
-            raise HuseError(f"final fit {self.final_fit!r} not found; available = {list(FINAL_FITS)}")
-        check_ranges(self, {"epochs": (1, True), "patience": (0, True), "batch_size": (1, True), "lr": (0, False),
-                            "weight_decay": (0, True), "alpha": (0, True), "beta": (0, True), "gamma": (0, True),
-                            "delta": (0, True), "margin": (0, False), "class_name_prior": (0, True),
-                            "image_views": (0, True)})
-        if self.cv_folds is not None and (self.cv_folds < 0 or self.cv_folds == 1):
-            raise HuseError(f"cv folds {self.cv_folds} is not a number of folds; pass 0 (no cross-validation), "
-                            "2 or more, or auto")
-
-    def total_epochs(self, steps_per_epoch: int) -> int:
-        if self.epochs is not None:
-            return self.epochs
-        return max(10, math.ceil(self.min_steps / steps_per_epoch))
 
 
 # ----------------------------------------------------------------------------------------

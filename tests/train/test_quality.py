@@ -323,7 +323,7 @@ def test_resume_is_bit_exact(tiny_catalog, tmp_path, monkeypatch):
 
 def test_arch_presets_set_the_towers_and_custom_keeps_them():
     from huse.runtime.errors import HuseError
-    from huse.train.model import HuseConfig, resolve_arch
+    from huse.train.config import HuseConfig, resolve_arch
 
     cfg = HuseConfig(num_classes=3, arch="compact", image_layers=5)
     resolve_arch(cfg)

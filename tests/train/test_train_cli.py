@@ -107,9 +107,27 @@ def test_every_command_has_help():
 
     for cmd, args in ((huse, []), (huse, ["classify"]), (huse, ["info"]), (huse, ["data", "export"]), (huse, ["doctor"]),
                       (huse, ["train"]), (huse, ["export"]), (huse, ["bench"]), (train, []), (export, []), (bench, ["run"]),
-                      (bench, ["compare"]), (bench, ["serve"])):
+                      (bench, ["compare"]), (bench, ["serve"]), (huse, ["index", "build"]), (huse, ["index", "add"]),
+                      (huse, ["serve"]), (huse, ["search"])):
         r = CliRunner().invoke(cmd, [*args, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
+        # a flag's default reads as if the flag were on or off ("--no-photos ... [default: True]")
+        assert "[default: True]" not in r.output and "[default: False]" not in r.output, (args, r.output)
+
+
+def test_train_help_shows_the_configs_defaults():
+    """Each default is read from the configs, and the help shows its value (it printed 'TrainConfig.patience')."""
+    from huse.train.cli import main
+    from huse.train.config import HuseConfig, TrainConfig
+
+    r = CliRunner().invoke(main, ["--help"], terminal_width=400)
+    assert r.exit_code == 0 and "Config." not in r.output, r.output
+    entries = {"-" + e.split()[0]: " ".join(e.split()) for e in r.output.split("\n  -")[1:]}  # option: its help, one line
+    for option, value in (("--patience", TrainConfig.patience), ("--weight-decay", TrainConfig.weight_decay),
+                          ("--delta", TrainConfig.delta), ("--final-fit", TrainConfig.final_fit),
+                          ("--image-views", TrainConfig.image_views), ("--multi-label-loss", HuseConfig.label_loss),
+                          ("--cv-folds", "auto")):
+        assert f"[default: {value}]" in entries[option], entries[option]
 
 
 def test_train_on_cuda_without_a_gpu_says_why(tiny_catalog, tmp_path):
