@@ -49,12 +49,12 @@ class ExportOptions:
     fp16: bool = False
     int8: bool = False
     int8_cpu: bool = False  # INT8 for onnxruntime's CPU kernels (uint8 activations); not for TensorRT
-    calib_size: int = 512  # training-split products used to calibrate INT8
+    calib_size: int = 512  # training-split items (rows) used to calibrate INT8
     calib_method: str | None = None  # None: percentile, which measured best here (export/precision.py)
     int8_exclude: tuple[str, ...] = ()
     quantizer: str = "ort"
     accuracy_gate: bool = True
-    eval_size: int = 2000  # held-out products the accuracy gate runs on (0: the whole split)
+    eval_size: int = 2000  # held-out items (rows) the accuracy gates run on (0: the whole split)
     engine: str = "auto"  # auto: build where possible; require: fail without; skip
     batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max); None: 1:8:64 (8:8:8 on DLA)
     workspace_mib: int | None = None
@@ -81,7 +81,7 @@ class EvalData:
     Args:
         source: the data source recorded in the run / bundle.
         split: "train", "val" or "test".
-        n: at most this many products (seeded choice; 0 or None: all).
+        n: at most this many items (rows; a seeded choice; 0 or None: all).
         spec, tokenizer: the bundle's preprocessing and tokenizer.
         labels: the bundle's labels (class index order).
         multi: a multi-label bundle: `labels` becomes the (n, C) multi-hot label sets.

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from huse.export.api import ExportOptions
 from huse.runtime.cli import run_cli
 
 
@@ -28,15 +29,17 @@ def _batch(value: str | None) -> tuple[int, int, int] | None:
                                               "(multi-label: micro-F1 drop and label-set agreement).")
 @click.option("--int8-cpu", is_flag=True, help="Add INT8 graphs for onnxruntime on CPUs (uint8 activations: faster "
               "there, not for TensorRT), with the same gate.")
-@click.option("--calib-size", default=512, help="Train-split products used for INT8 calibration.")
+@click.option("--calib-size", default=ExportOptions.calib_size, help="Training items (photos with their titles) used for "
+              "INT8 calibration.")
 @click.option("--calib-method", type=click.Choice(["entropy", "percentile", "minmax"]),
               help="Activation range method (default: percentile for onnxruntime, minmax for modelopt: measured best).")
 @click.option("--int8-exclude", multiple=True, help="ONNX node names to keep in float (repeatable); default: "
               "the fewest early convolutions (+ the shared classifier) that pass the gate, found by measurement.")
-@click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default="ort", help="onnxruntime.quantization, or nvidia-modelopt when installed.")
-@click.option("--eval-size", default=2000, help="Held-out products for the accuracy gate (0: the whole split).")
+@click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default=ExportOptions.quantizer, help="onnxruntime.quantization, or nvidia-modelopt when installed.")
+@click.option("--eval-size", default=ExportOptions.eval_size, help="Held-out items (photos with their titles) the accuracy "
+              "gates run on (0: the whole split).")
 @click.option("--no-accuracy-gate", is_flag=True, help="Keep a precision even when its gate fails (reported, not silent).")
-@click.option("--engine", type=click.Choice(["auto", "require", "skip"]), default="auto",
+@click.option("--engine", type=click.Choice(["auto", "require", "skip"]), default=ExportOptions.engine,
               help="TensorRT engines: build where TensorRT and a GPU are usable; require: fail otherwise.")
 @click.option("--batch", help="TensorRT optimisation profile MIN:OPT:MAX batch (default 1:8:64; with --dla-core a "
               "fixed N:N:N, default 8:8:8).")

@@ -35,7 +35,7 @@ class Dataset:
         return np.asarray([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
 
     def heldout(self, split: str, n: int | None, seed: int = 0) -> tuple[str, np.ndarray]:
-        """A seeded sample of at most `n` products of `split` (0 or None: all), sorted.
+        """A seeded sample of at most `n` rows (items) of `split` (0 or None: all), sorted.
 
         A catalog too small to have test products falls back to val. Returns (split used, indices).
         """
