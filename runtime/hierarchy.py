@@ -56,17 +56,25 @@ class Hierarchy:
             starts = np.flatnonzero(np.r_[True, node[leaf][1:] != node[leaf][:-1]])  # every node has a leaf
             self.nodes.append(names)
             self._node.append(node)
-            self._runs.append((leaf, starts, len(starts) == len(leaf)))
+            # leaves already in node order (sorted labels, the usual case): no gather, the columns are used as they are
+            in_order = len(leaf) == len(node) and (leaf == np.arange(len(node))).all()
+            self._runs.append((None if in_order else leaf, starts, len(starts) == len(leaf)))
         # _parent[k][j] = index, among the nodes of level k, of the parent of node j of level k+1
         self._parent = [np.zeros(0, dtype=np.int64)]
         for k in range(1, self.depth):
             up = {n: i for i, n in enumerate(self.nodes[k - 1])}
             self._parent.append(np.array([up[n.rsplit(SEPARATOR, 1)[0]] for n in self.nodes[k]], dtype=np.int64))
-        # For top_down_dicts, precomputed so that describing a batch is a few array operations: per level
-        # below the root a (parents, nodes) table that adds 0 to the chosen parent's children, -inf to the rest.
-        self._outside = [None] + [
-            np.where(self._parent[k][None, :] == np.arange(len(self.nodes[k - 1]))[:, None], 0.0, -np.inf)
-            for k in range(1, self.depth)]
+        # For top_down_dicts: a node's children are a run of the next level's sorted names (all start with
+        # "node<"), so choosing among the chosen parent's children reads that run's columns, not the whole level
+        # (a (parents, nodes) 0/-inf table was 38 MiB at 10,000 leaves, and a batch's cost grew with it). Per level
+        # below the root: (each parent's first child, its number of children, arange(the most children of any
+        # parent), whether some parent has fewer).
+        self._children: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = [(np.zeros(0, np.int64),) * 3 + (False,)]
+        for k in range(1, self.depth):
+            count = np.bincount(self._parent[k], minlength=len(self.nodes[k - 1]))
+            first = np.zeros(len(count), dtype=np.int64)
+            first[self._parent[k][::-1]] = np.arange(len(self._parent[k]))[::-1]  # each parent's lowest child index
+            self._children.append((first, count, np.arange(count.max()), bool((count < count.max()).any())))
         # _has_children[k][i]: node i of level k has children at level k+1 (else it is a leaf: a path ends there)
         self._has_children = [np.isin(np.arange(len(self.nodes[k])), self._parent[k + 1]) for k in range(self.depth - 1)]
         # _own[k][i]: the class index of node i of level k when that node is a class itself as well as a parent
@@ -80,9 +88,10 @@ class Hierarchy:
         self._uniform = all(len(p) == self.depth for p in self.paths)
 
     def level_probs(self, probs: np.ndarray, level: int) -> np.ndarray:
-        """Scores (N, nodes) of the nodes at `level` (1-based): each node is the sum of its leaves."""
+        """Scores (N, nodes) of the nodes at `level` (1-based): each node is the sum of its leaves. Where each
+        node of the level is one leaf, in order, this is `probs` itself: do not write to it."""
         leaves, starts, single = self._runs[level - 1]
-        taken = probs[..., leaves]
+        taken = probs if leaves is None else probs[..., leaves]
         return taken if single else np.add.reduceat(taken, starts, axis=-1)
 
     def class_nodes(self, level: int) -> np.ndarray:
@@ -109,19 +118,28 @@ class Hierarchy:
         """`top_down` as the runtime returns it: for each item [{"level", "label", "score"}, ...]."""
         n = len(probs)
         every = np.arange(n)
+        rows = every[:, None]
         columns: list[list[dict]] = []  # per level, the dict of each item's chosen node
         depth, chosen = np.full(n, self.depth), None
         for k, nodes in enumerate(self.nodes):
-            scores = self.level_probs(probs, k + 1)
-            if chosen is not None:  # only the children of the node chosen one level up
+            scores = self.level_probs(probs, k + 1)  # may be probs itself: never written to
+            if chosen is None:
+                chosen = scores.argmax(axis=1)
+            else:  # only the children of the node chosen one level up: (n, most children) of the level's columns
                 if not self._uniform:
                     depth[(depth > k) & ~self._has_children[k - 1][chosen]] = k  # it was a leaf: the path ended
-                scores += self._outside[k][chosen]
+                first, count, offsets, uneven = self._children[k]
+                start = first[chosen]
+                if uneven:  # a parent with fewer children reads past its run, and past the level for the last one
+                    sub = scores[rows, np.minimum(start[:, None] + offsets, len(nodes) - 1)]
+                    sub[offsets >= count[chosen][:, None]] = -np.inf
+                else:
+                    sub = scores[rows, start[:, None] + offsets]
                 if self._inner_classes:  # a parent that is a class too: the path ends there if it beats every child
                     own = self._own[k - 1][chosen]
-                    stay = np.where(own >= 0, probs[every, np.maximum(own, 0)], -np.inf) >= scores.max(axis=1)
+                    stay = np.where(own >= 0, probs[every, np.maximum(own, 0)], -np.inf) >= sub.max(axis=1)
                     depth[(depth > k) & stay] = k
-            chosen = scores.argmax(axis=1)
+                chosen = start + sub.argmax(axis=1)  # a leaf's row has no children: 0, cut off by depth
             level = k + 1
             columns.append([{"level": level, "label": nodes[j], "score": s}
                             for j, s in zip(chosen.tolist(), scores[every, chosen].tolist())])

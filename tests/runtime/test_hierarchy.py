@@ -112,15 +112,21 @@ def test_a_class_that_is_also_a_parent_ends_the_path_when_it_beats_its_children(
 
 def test_top_down_dicts_follow_the_rule_on_random_hierarchies():
     rng = np.random.default_rng(0)
-    for i in range(40):
+    for i in range(80):
         depth = rng.integers(1, 5)  # half the hierarchies have every leaf at one depth (top_down_dicts' fast case)
-        labels = sorted({"<".join(f"n{rng.integers(3)}" for _ in range(depth if i % 2 else rng.integers(1, 5)))
+        # "n1 x" sorts between "n1" and "n1<...": a node's children must still be found as its own
+        labels = sorted({"<".join(f"n{rng.integers(3)}{' x' * (rng.random() < 0.2)}"
+                                  for _ in range(depth if i % 2 else rng.integers(1, 5)))
                          for _ in range(rng.integers(2, 30))})
+        if i % 4 >= 2:  # a model's classes in another order than sorted
+            labels = [labels[j] for j in rng.permutation(len(labels))]
         h = Hierarchy(labels)
         assert h._uniform == (len({l.count("<") for l in labels}) == 1)
         probs = rng.random((40, len(labels)), dtype=np.float32)
         probs[::3] = np.round(probs[::3], 1)  # ties
+        before = probs.copy()
         got, want = h.top_down_dicts(probs), [_path_one_item(labels, row) for row in probs]
+        np.testing.assert_array_equal(probs, before)  # the caller's probabilities are read, never written
         assert [[(d["level"], d["label"]) for d in p] for p in got] == [[(d["level"], d["label"]) for d in p] for p in want]
         assert [d["score"] for p in got for d in p] == pytest.approx([d["score"] for p in want for d in p], rel=1e-6)
         assert got == [h.top_down_dicts(probs[r:r + 1])[0] for r in range(len(probs))]  # each row's, alone or batched
@@ -138,6 +144,26 @@ def test_level_scores_of_a_large_taxonomy_are_its_membership_sums():
         np.testing.assert_allclose(got, probs.astype(np.float64) @ m, rtol=1e-5, atol=1e-7)
     leaves = [labels.index(n) for n in h.nodes[2]]  # nodes sort by name: c10 before c2
     np.testing.assert_array_equal(h.level_probs(probs, 3), probs[:, leaves])  # one leaf a node: the leaves themselves
+
+
+def test_a_large_taxonomy_holds_no_table_of_its_size():
+    """10,000 leaves: what Hierarchy keeps grows with the classes, not with classes x nodes (a (parents, nodes)
+    table per level for the top-down step held 38 MiB here, and 0/1 membership matrices 400 MiB before that)."""
+    labels = [f"a{i}<b{j}<c{k}" for i in range(25) for j in range(20) for k in range(20)]
+    h = Hierarchy(labels)
+
+    def arrays(x):
+        if isinstance(x, np.ndarray):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                yield from arrays(y)
+
+    held = sum(a.nbytes for v in vars(h).values() for a in arrays(v))
+    assert held < 100 * len(labels), held  # bytes: a few int64 per class and node
+    probs = np.random.default_rng(2).dirichlet(np.ones(len(labels)), size=8).astype(np.float32)
+    want = [_path_one_item(labels, row) for row in probs]
+    assert [[d["label"] for d in p] for p in h.top_down_dicts(probs)] == [[d["label"] for d in p] for p in want]
 
 
 def test_distance_matrix_values(h):
