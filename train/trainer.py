@@ -584,6 +584,9 @@ class Trainer:
             bar.set_postfix(loss=f"{sums['loss']:.3f}", val_loss=f"{val_loss:.3f}", val_img=f"{sums[shown[0]]:.3f}",
                             val_txt=f"{sums[shown[1]]:.3f}", refresh=False)
             self._save_checkpoint()
+        if self.epoch < epochs:  # say why the bar ends short of its total (it read as a run that died)
+            bar.set_description(f"{desc}: stopped early, no better val loss in {patience} steps; best epoch "
+                                f"{self.best['epoch']} of {self.epoch}", refresh=False)
         bar.close()
         # The best epoch's weights, not the last: early stopping's point.
         self.model.load_state_dict(load_file(str(self.out / "best.safetensors")), strict=False)
