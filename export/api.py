@@ -79,7 +79,8 @@ class EvalData:
     """Real products of one split, preprocessed exactly as the runtime does.
 
     Args:
-        source: the data source recorded in the run / bundle.
+        source: the data source recorded in the run / bundle, or its Dataset already loaded (`load_source`: one
+            load for several splits; fashion-products takes ~2 s each time).
         split: "train", "val" or "test".
         n: at most this many items (rows; a seeded choice; 0 or None: all).
         spec, tokenizer: the bundle's preprocessing and tokenizer.
@@ -87,11 +88,11 @@ class EvalData:
         multi: a multi-label bundle: `labels` becomes the (n, C) multi-hot label sets.
     """
 
-    def __init__(self, source: dict[str, Any], split: str, n: int | None, spec: ImageSpec, tokenizer, labels: list[str],
+    def __init__(self, source, split: str, n: int | None, spec: ImageSpec, tokenizer, labels: list[str],
                  multi: bool = False):
         from huse.train.data import load_source
 
-        ds = load_source(source)
+        ds = load_source(source) if isinstance(source, dict) else source
         self.split, idx = ds.heldout(split, n)
         self.images = np.stack([load_image(ds.images[i], spec) for i in idx])
         self.text = tokenizer.inputs([normalise_title(ds.titles[i]) or "" for i in idx])
@@ -133,6 +134,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
     from huse.export.finish import stamp_labels
     from huse.export.graphs import (VISUAL_FIT_PHOTOS, check_parity, export_onnx, fit_visual_whitening, graph_specs,
                                     optimize_onnx)
+    from huse.train.data import load_source
     from huse.train.trainer import load_run
 
     model, cfg = load_run(run)
@@ -149,15 +151,16 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         tok_spec = dict(tok_spec, pad="longest", pad_multiple=PAD_MULTIPLE)
     weight = cfg["fusion"]["image_weight"]
     multi = bool(cfg["model"].get("multi_label"))
-    data = EvalData(cfg["data"], "test", 64, spec, tokenizer, cfg["labels"], multi=multi)
+    ds = load_source(cfg["data"])
+    data = EvalData(ds, "test", 64, spec, tokenizer, cfg["labels"], multi=multi)
     split = data.split
-    photos = EvalData(cfg["data"], "train", VISUAL_FIT_PHOTOS, spec, tokenizer, cfg["labels"], multi=multi)
+    photos = EvalData(ds, "train", VISUAL_FIT_PHOTOS, spec, tokenizer, cfg["labels"], multi=multi)
     whitening = fit_visual_whitening(model, photos.images)
     visual_dim = int(whitening.projection.shape[1])
     opts.say(f"  visual vector: PCA-whitened to {visual_dim} dims, fitted on {len(photos)} {photos.split} photos")
     specs = graph_specs(model, weight, whitening)
     # Titles padded as the bundle pads them (a batch's longest), checked beside the full length.
-    short = EvalData(cfg["data"], "test", 64, spec, load_tokenizer(tok_spec, tmp), cfg["labels"], multi=multi) \
+    short = EvalData(ds, "test", 64, spec, load_tokenizer(tok_spec, tmp), cfg["labels"], multi=multi) \
         if dynamic_length else None
     parity = {}
     for name, g in specs.items():

@@ -210,6 +210,7 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
     """Add the requested precisions (gated), check TensorRT compatibility, build engines, rewrite the manifest."""
     from huse.export.api import EvalData
     from huse.export.precision import accuracy_gate, visual_agreement
+    from huse.train.data import load_source
 
     say = opts.say
     _leftovers(bundle, manifest)
@@ -219,8 +220,9 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
         spec = ImageSpec.from_dict(manifest["preprocessing"])
         tokenizer = load_tokenizer(manifest["tokenizer"], bundle)
         multi = is_multi_label(manifest)
-        evald = EvalData(manifest["data"], "test", opts.eval_size, spec, tokenizer, manifest["labels"], multi=multi)
-        calib = EvalData(manifest["data"], "train", opts.calib_size, spec, tokenizer, manifest["labels"], multi=multi) if {"int8", "int8-cpu"} & set(wanted) else None
+        ds = load_source(manifest["data"])
+        evald = EvalData(ds, "test", opts.eval_size, spec, tokenizer, manifest["labels"], multi=multi)
+        calib = EvalData(ds, "train", opts.calib_size, spec, tokenizer, manifest["labels"], multi=multi) if {"int8", "int8-cpu"} & set(wanted) else None
         say(f"accuracy gate on {len(evald)} held-out {evald.split} items"
             + (f"; INT8 calibration on {len(calib)} train items ({opts.calib_method or 'percentile'})" if calib else ""))
         ref = _predict(bundle, manifest["models"], "fp32", manifest["graphs"], evald, _activation(manifest))

@@ -439,6 +439,19 @@ def test_int8_cpu_graph_has_uint8_activations_and_stays_close(graphs, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
 
 
+def test_int8_cpu_fused_probabilities_stay_float(graphs, tmp_path):
+    """The fused graph ends in an Add (the two modalities' probabilities, weighted). Quantised, it rounded every
+    probability to a step of its range / 255: most became 0 and rows no longer summed to 1."""
+    feeds = [{"image": _images(16, k), "input_ids": _ids(16, k)} for k in range(8)]
+    info = P.quantize_int8_cpu(graphs["fused"], tmp_path / "fused8.onnx", feeds, method="minmax")
+    assert info["quantized_node_names"]  # the convs are quantised
+    x, ids = _images(64, 99), _ids(64, 99)
+    ref, out = _run(graphs["fused"], {"image": x, "input_ids": ids}), _run(info["path"], {"image": x, "input_ids": ids})
+    np.testing.assert_allclose(out["probs"].sum(axis=1), 1.0, atol=1e-6)
+    assert (out["probs"] > 0).all() and len(np.unique(out["probs"])) > 0.9 * out["probs"].size
+    assert (out["probs"].argmax(1) == ref["probs"].argmax(1)).mean() > 0.9
+
+
 @pytest.mark.parametrize("form", ["int8", "int8-cpu"])
 def test_a_ranges_file_from_another_rung_gives_the_graph_a_fresh_calibration_gives(graphs, tmp_path, form):
     # The export's float-convs ladder quantises one graph with more convs left in float at each rung; the
