@@ -268,7 +268,9 @@ def finish_bundle(bundle: Path, manifest: dict[str, Any], opts) -> dict[str, Any
                 "modes": {m: {k: gates[m][k] for k in ("agreement", "ref_accuracy", "cand_accuracy", "drop_points", "passed")}
                           for m in GRAPHS},
                 **({"visual": visual} if visual is not None else {}),
-                "conversion": {g: _jsonable(i) for g, i in info.items()},
+                # without the quantizers' `path`: the folder they wrote in (a new bundle's OUT.partial) is gone once
+                # published, and the graphs' files are `models` above, relative to the bundle wherever it moves
+                "conversion": {g: _jsonable({k: v for k, v in i.items() if k != "path"}) for g, i in info.items()},
             }
     manifest["trt_compat"] = _check_compat(bundle, manifest, say)
     old_engines = {e["file"].split("/")[0] for e in manifest.get("engines", [])}
