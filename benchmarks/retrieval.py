@@ -414,8 +414,9 @@ def fresh_process_search(folder: Path, text: str, threads: int | None = None) ->
 # -- the run ----------------------------------------------------------------------------------------------
 def run(bundle: str | Path, data=None, images=None, baselines=(), views: int = 4, scale: int = 200_000,
         limit: int | None = None, threads: int | None = None, backbone: bool = True, out: str | Path = "bench-results/retrieval",
-        cold_start: bool = True) -> dict[str, Any]:
-    """Quality rows for the bundle and baselines, on the test catalog and its multi-view form, then speed."""
+        cold_start: bool = True, precisions: tuple[str, ...] = ("fp32",)) -> dict[str, Any]:
+    """Quality rows for the bundle (at each of `precisions`: what an index built at that precision finds) and the
+    baselines (fp32), on the test catalog and its multi-view form, then speed (fp32)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = load_items(bundle, data, images, limit)
@@ -424,16 +425,20 @@ def run(bundle: str | Path, data=None, images=None, baselines=(), views: int = 4
                               "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                                           "threads": threads}, "quality": {}, "multiview": {}}
     emb = {}
-    for b in (bundle, *baselines):
-        click.echo(f"embedding {len(items.classes)} test items with {b}", err=True)
-        emb[str(b)] = embed_bundle(b, items, threads=threads)
-        result["quality"][f"huse {b}"] = evaluate(emb[str(b)], items)
+    runs = [(bundle, p) for p in precisions] + [(b, "fp32") for b in baselines]
+    for b, precision in runs:
+        name = f"huse {b}" + ("" if precision == "fp32" else f" ({precision})")
+        click.echo(f"embedding {len(items.classes)} test items with {b} at {precision}", err=True)
+        embedded = embed_bundle(b, items, precision=precision, threads=threads)
+        if precision == "fp32":
+            emb[str(b)] = embedded
+        result["quality"][name] = evaluate(embedded, items)
         if mv is not None:
-            mv_emb = embed_bundle(b, mv, threads=threads)
-            result["multiview"][f"huse {b}"] = evaluate(mv_emb, mv)
+            mv_emb = embed_bundle(b, mv, precision=precision, threads=threads)
+            result["multiview"][name] = evaluate(mv_emb, mv)
             if "visual" in mv_emb:  # photo->photo in the visual space, through the lean runtime
-                result["multiview"][f"huse {b} (visual space)"] = evaluate({"image": mv_emb["visual"]}, mv,
-                                                                           pairs=(("image", "image"),))
+                result["multiview"][f"{name} (visual space)"] = evaluate({"image": mv_emb["visual"]}, mv,
+                                                                         pairs=(("image", "image"),))
     result["quality"]["random"] = evaluate(random_embeddings(len(items.classes)), items)
     if mv is not None:
         result["multiview"]["random"] = evaluate(random_embeddings(len(mv.classes)), mv)
@@ -442,7 +447,7 @@ def run(bundle: str | Path, data=None, images=None, baselines=(), views: int = 4
         if mv is not None:
             result["multiview"]["frozen backbone"] = evaluate(backbone_embeddings(bundle, mv), mv, pairs=(("image", "image"),))
             result["instance_bar"] = instance_bar(result["multiview"], bundle)
-    if scale:
+    if scale and str(bundle) in emb:
         result["speed"] = {}
         base = emb[str(bundle)]
         n_real = int(np.isfinite(base["image"]).all(1).sum())
@@ -510,13 +515,16 @@ def to_markdown(result: dict[str, Any]) -> str:
 @click.option("--scale", default=200_000, help="Synthetic catalog size for speed (0: skip speed).")
 @click.option("--limit", type=int, help="Use only the first N test items (a quick check).")
 @click.option("--threads", type=int, help="onnxruntime and FAISS threads.")
+@click.option("--precisions", default="fp32", help="The bundle's precisions to embed with, comma-separated (e.g. "
+              "fp32,int8-cpu): the quality an index built at each finds; speed uses fp32.")
 @click.option("--no-backbone", is_flag=True, help="Skip the frozen-backbone baseline (it needs torch).")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process `huse search` timings.")
 @click.option("--out", default="bench-results/retrieval", type=click.Path(file_okay=False))
-def main(bundle, data, images, baselines, views, scale, limit, threads, no_backbone, no_cold_start, out) -> None:
+def main(bundle, data, images, baselines, views, scale, limit, threads, precisions, no_backbone, no_cold_start, out) -> None:
     """Retrieval quality (R@K, mAP@10, HP@K, instance recall) and index speed/size for BUNDLE."""
     def body():
-        r = run(bundle, data, images, baselines, views, scale, limit, threads, not no_backbone, out, not no_cold_start)
+        r = run(bundle, data, images, baselines, views, scale, limit, threads, not no_backbone, out, not no_cold_start,
+                precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()))
         click.echo(to_markdown(r))
         click.echo(f"wrote {', '.join(r['files'])}")
     run_cli(body)

@@ -348,7 +348,10 @@ def info(bundle, trusted_keys) -> None:
             click.echo(f"{p}: gate {'passed' if acc.get('passed') else 'FAILED (overridden)'} on {acc.get('n')} "
                        f"{acc.get('split')} items; {agreement} with fp32: {figures}; fused {score} "
                        f"{fused.get('cand_accuracy', float('nan')):.2f}% vs {fused.get('ref_accuracy', float('nan')):.2f}%; "
-                       f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32")
+                       f"size {100 * acc.get('size_ratio_vs_fp32', float('nan')):.1f}% of fp32"
+                       # what an index built at this precision finds by photo (--space visual)
+                       + (f"; visual vectors: nearest other photo as fp32's for {acc['visual']['nn_agreement']:.2f}%"
+                          if "visual" in acc else ""))
         click.echo(f"{len(m['files'])} files verified (sha256); labels match the stamp in {graphs} graphs")
         click.echo(f"signature: {describe_signature(bundle, (Path(bundle) / MANIFEST).read_bytes(), bool(trusted_keys))}")
     run_cli(body)

@@ -93,3 +93,22 @@ def test_benchmark_runs_at_a_tiny_scale(tiny_bundle, tiny_catalog, tmp_path):
     assert rows[0]["visual_recall_at_10_vs_exact"] == 1.0  # flat: exact
     assert "visual space" in (tmp_path / "retrieval.md").read_text()
     assert (tmp_path / "retrieval.json").is_file() and (tmp_path / "retrieval.md").is_file()
+
+
+def test_benchmark_measures_each_precision_asked(tiny_bundle, tiny_catalog, tmp_path):
+    """--precisions fp32,fp16: what an index built at each finds, side by side (int8-cpu's visual vectors move)."""
+    pytest.importorskip("faiss", reason="the [index] extra (faiss-cpu) is not installed")
+    import shutil
+
+    from huse.benchmarks.retrieval import run
+    from huse.export.api import ExportOptions, export
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    export(bundle, None, ExportOptions(fp16=True, engine="skip", accuracy_gate=False, say=lambda s: None))
+    r = run(bundle, tiny_catalog, views=2, scale=0, threads=1, backbone=False, out=tmp_path / "out", cold_start=False,
+            precisions=("fp32", "fp16"))
+    fp32, fp16 = r["quality"][f"huse {bundle}"], r["quality"][f"huse {bundle} (fp16)"]
+    assert fp16.keys() == fp32.keys() and abs(fp16["I->I"]["R@1"] - fp32["I->I"]["R@1"]) < 0.1
+    assert f"huse {bundle} (fp16) (visual space)" in r["multiview"] and "speed" not in r
+    assert "(fp16)" in (tmp_path / "out" / "retrieval.md").read_text()
