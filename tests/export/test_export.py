@@ -203,6 +203,8 @@ def test_int8_cpu_variant_is_gated_and_kept_away_from_tensorrt(tiny_bundle, tmp_
     assert info.exit_code == 0, info.output
     assert (f"int8-cpu: gate {'passed' if fused['passed'] else 'FAILED (overridden)'} on "
             f"{m['accuracy']['int8-cpu']['n']} test items; top-1 agreement with fp32: fused {fused['agreement']:.2f}%") in info.output
+    visual = m["accuracy"]["int8-cpu"]["visual"]  # what an index built at int8-cpu finds by photo
+    assert f"visual vectors: nearest other photo as fp32's for {visual['nn_agreement']:.2f}%" in info.output
 
 
 @pytest.mark.parametrize("options, says", [
