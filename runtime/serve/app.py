@@ -167,13 +167,14 @@ class Server:
             self.metrics.queue.labels(name).set_function(lambda b=b: b.admitted)
         self._search_thread: ThreadPoolExecutor | None = None
         self._warm: asyncio.Task | None = None
-        self._index_warm = index is None
+        self._loaded = False  # the models and the index loaded and warmed, and the "ready" line logged
         self._stopping = False
 
     @property
     def ready(self) -> bool:
-        """The models loaded and warmed in the model process, the index (if any) here, and not stopping."""
-        return self.worker.ready and self._index_warm and not self._stopping
+        """The models loaded and warmed in the model process, the index (if any) here, and not stopping. It turns
+        true after the "ready" log line, so that whoever sees ready also finds the line (its model process pid)."""
+        return self.worker.ready and self._loaded and not self._stopping
 
     # -- lifetime --------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,7 +191,6 @@ class Server:
             await self.worker.loaded()
             if self.index is not None:
                 await loop.run_in_executor(self._search_thread, _warm_index, self.index)
-                self._index_warm = True
         except Exception as e:  # a bundle that cannot run: say so and stop, never serve half a model
             what = str(e) if isinstance(e, HuseError) else f"{type(e).__name__}: {e}"
             self._stop_with(f"the bundle could not be loaded: {what}", "load", "startup")
@@ -201,6 +201,7 @@ class Server:
                              "precision": c.precision, "instances": c.instances, "max_batch": c.max_batch,
                              "max_delay_ms": c.max_delay_ms, "search": self.index is not None,
                              "model_process": self.worker.proc.pid}))
+        self._loaded = True
 
     def _ran(self, model: str, n: int) -> None:
         """The model process ran a batch of n items of `model`."""

@@ -31,12 +31,22 @@ SCORE_TOL = 1e-5  # fp32 through the server vs the Python API
 
 def wait(browser, condition, timeout: float = WAIT, what: str = "the page"):
     """Poll `condition` until it holds. An element found while the page reloads (signing in reloads it) goes stale
-    between finding it and reading it: that poll counts as not yet, not as a failure."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    between finding it and reading it: that poll counts as not yet, not as a failure. Chromium reports some such
+    reads not as a stale element but as an "unknown error: ... Node with given id does not belong to the document"
+    (a CI run on a busy host hit it): the same case, so also not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def poll(d):
+        try:
+            return condition(d)
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e):
+                return False
+            raise
+
     return WebDriverWait(browser, timeout, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
-                         ).until(lambda d: condition(d), message=f"{what} did not happen")
+                         ).until(poll, message=f"{what} did not happen")
 
 
 def by_id(browser, id_: str):
