@@ -76,7 +76,7 @@ class Hierarchy:
             first[self._parent[k][::-1]] = np.arange(len(self._parent[k]))[::-1]  # each parent's lowest child index
             self._children.append((first, count, np.arange(count.max()), bool((count < count.max()).any())))
         # _has_children[k][i]: node i of level k has children at level k+1 (else it is a leaf: a path ends there)
-        self._has_children = [np.isin(np.arange(len(self.nodes[k])), self._parent[k + 1]) for k in range(self.depth - 1)]
+        self._has_children = [count > 0 for _, count, _, _ in self._children[1:]]
         # _own[k][i]: the class index of node i of level k when that node is a class itself as well as a parent
         # (products filed under "clothing" beside others under "clothing<tops", as taxonomies have it), else -1
         index = {label: i for i, label in enumerate(self.labels)}
