@@ -125,6 +125,12 @@ def _train(o: dict) -> None:
         click.echo(f"WARNING: {len(untrained)} class(es) have rows only in val or test, none in train, so the model "
                    f"never learns them: {shown}{', ...' if len(untrained) > 5 else ''}. Move some of their products "
                    "into train (or drop the split column to split by product).")
+    apart = ds.classes_spelled_apart()
+    if apart:  # trained as written: case may matter to someone, but most often it is one class typed two ways
+        shown = "; ".join(" / ".join(f"{c!r} ({n} rows)" for c, n in g.items()) for g in apart[:5])
+        click.echo(f"WARNING: {len(apart)} class name(s) are written in more than one way (case, spaces, '-' or '_'), and "
+                   f"each spelling is trained as a class of its own: {shown}{'; ...' if len(apart) > 5 else ''}. If they "
+                   "are one class, write it one way in the catalog.")
     try:
         metrics = Trainer(ds, o["out"], mc, tc, backbone_weights=o["backbone_weights"], resume=o["resume"]).fit()
     except KeyboardInterrupt:  # Ctrl+C: say how to go on (not click's bare "Aborted!")

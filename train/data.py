@@ -66,6 +66,30 @@ class Dataset:
         return dict(sorted(out.items()))
 
 
+    def classes_spelled_apart(self) -> list[dict[str, int]]:
+        """Taxonomy nodes written in more than one way, each spelling with its row count.
+
+        Two spellings of one node (`Shoes` and `shoes`, `T-Shirts` and `t shirts`: the same words but for case,
+        spaces, '-' and '_') become two classes, and the model splits the products between them. Each group is a
+        node whose spellings share their parent as written, so `Shoes<Boots` beside `shoes<boots` is reported
+        once, at `Shoes` / `shoes`. Sorted by the group's rows, most first.
+        """
+        rows: dict[str, int] = {}  # node prefix as written -> rows under it
+        for c in self.classes:
+            seen = set()
+            for p in parse_paths(c):
+                levels = p.split("<")
+                seen.update("<".join(levels[:k]) for k in range(1, len(levels) + 1))
+            for node in seen:
+                rows[node] = rows.get(node, 0) + 1
+        groups: dict[tuple[str, str], dict[str, int]] = {}
+        for node, n in rows.items():
+            parent, _, name = node.rpartition("<")
+            groups.setdefault((parent, " ".join(name.casefold().replace("-", " ").replace("_", " ").split())), {})[node] = n
+        found = [dict(sorted(g.items())) for g in groups.values() if len(g) > 1]
+        return sorted(found, key=lambda g: (-sum(g.values()), sorted(g)))
+
+
 def _assign_split(group: str, seed: int, val_frac: float, test_frac: float) -> str:
     # A hash of (seed, product) — not a shuffle — so adding rows never moves old products.
     u = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64

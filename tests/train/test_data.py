@@ -149,6 +149,48 @@ def test_classes_only_val_or_test_rows_carry_are_named(tmp_path, tiny_catalog):
     assert load_catalog_dataset(tiny_catalog).classes_without_training_rows() == {}
 
 
+def test_a_class_written_two_ways_is_named_once_at_its_node():
+    from huse.train.data import Dataset
+
+    classes = ["Shoes<Boots", "shoes<boots", "shoes<boots", "clothing<T-Shirts", "clothing<t shirts|bags",
+               "clothing<t_shirts", "clothing<dresses", "bags"]
+    ds = Dataset(images=[None] * 8, titles=[""] * 8, classes=classes, product_ids=[str(i) for i in range(8)],
+                 splits=["train"] * 8, source={})
+    assert ds.classes_spelled_apart() == [{"Shoes": 1, "shoes": 2},  # not again at Shoes<Boots / shoes<boots
+                                          {"clothing<T-Shirts": 1, "clothing<t shirts": 1, "clothing<t_shirts": 1}]
+    ds.classes = ["clothing<tops", "clothing<tops<tees", "shoes<tops", "Bags|bags-x"]
+    assert ds.classes_spelled_apart() == []  # the same name under two parents, and different words, are not one
+
+
+def test_huse_train_warns_of_a_class_written_two_ways(tmp_path, tiny_catalog, monkeypatch):
+    from click.testing import CliRunner
+
+    from huse.train import trainer
+    from huse.train.cli import main
+
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow({**r, "image": str(tiny_catalog.parent / r["image"]),
+                        "classes": r["classes"].upper() if i % 7 == 0 else r["classes"]})
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop  # the warning comes before training; nothing needs to train
+
+    monkeypatch.setattr(trainer, "Trainer", stop)
+    r = CliRunner().invoke(main, ["--data", str(path), "--out", str(tmp_path / "run"), "--backbone", "tiny"])
+    assert isinstance(r.exception, Stop), r.output
+    assert "class name(s) are written in more than one way" in r.output
+    top = rows[0]["classes"].split("<")[0]
+    assert f"{top.upper()!r} (" in r.output and f"{top!r} (" in r.output
+
+
 def test_training_needs_photos_and_titles_and_says_so(tmp_path, tiny_catalog):
     rows = list(csv.DictReader(open(tiny_catalog)))
     for name, columns in (("no_name.csv", ["image", "classes"]), ("no_image.csv", ["name", "classes"])):
