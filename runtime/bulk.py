@@ -57,7 +57,7 @@ from huse.runtime.classifier import Classifier, Decoded, Prepared
 from huse.runtime.errors import HuseError, row_error
 from huse.runtime.files import (CSV_ENCODING, from_sheet_cell, is_own_csv, is_own_jsonl, one_writer, sha256_file,
                                 sheet_cell)
-from huse.runtime.labels import parse_paths
+from huse.runtime.labels import needs_review, parse_paths
 from huse.runtime.preprocess import is_url
 from huse.runtime.product_vectors import MODALITIES, embed_products, vector_widths
 
@@ -174,15 +174,14 @@ def _valid(records: list[Record]) -> tuple[list[int], dict[int, str]]:
 
 def prediction_fields(res: dict[str, Any], min_confidence: float) -> dict[str, Any]:
     """An output row's prediction fields from one `Classifier.classify` result (not an error): mode, the
-    top-1 label and score, top_k, path and needs_review (top-1 below `min_confidence`; a multi-label
-    bundle adds every predicted class in `labels`, each reviewed on its own score)."""
+    top-1 label and score, top_k, path and needs_review (`labels.needs_review`; a multi-label bundle adds
+    every predicted class in `labels`, each reviewed on its own score)."""
     best = res["top_k"][0]
     out = dict(mode=res["mode"], label=best["label"], score=best["score"], top_k=res["top_k"], path=res["path"],
-               needs_review=bool(best["score"] < min_confidence))
+               needs_review=needs_review(res, min_confidence))
     if "labels" in res:
         out["labels"] = [{"label": x["label"], "score": x["score"], "needs_review": bool(x["score"] < min_confidence)}
                          for x in res["labels"]]
-        out["needs_review"] = any(x["needs_review"] for x in out["labels"])
     return out
 
 

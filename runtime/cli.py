@@ -729,7 +729,8 @@ def _search_chunk(idx, chunk: list[tuple], batch: str | None, write, show: bool,
 @click.option("--max-items", default=256, help="Most items per request (413 beyond).")
 @click.option("--timeout", "timeout_s", default=30.0, help="Per-request deadline in seconds (504 and its work dropped beyond).")
 @click.option("--grace", "grace_s", default=30.0, help="On SIGTERM: seconds for in-flight requests to finish.")
-@click.option("--min-confidence", default=0.0, help="Top-1 below this sets needs_review.")
+@click.option("--min-confidence", default=0.0, help="Top-1 below this sets needs_review (a multi-label bundle: any "
+              "label below it, as `huse classify`).")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the bearer token clients must send.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token (a trusted network only).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),

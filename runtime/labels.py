@@ -23,7 +23,7 @@ from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import SEPARATOR, canonical
 
 __all__ = ["PATH_SEPARATOR", "parse_paths", "join_paths", "cell_text", "is_multi_label", "predict_sets",
-           "sigmoid", "label_path", "matches_prefix"]
+           "sigmoid", "label_path", "matches_prefix", "needs_review"]
 
 PATH_SEPARATOR = "|"
 
@@ -85,6 +85,21 @@ def predict_sets(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     if empty.any():
         pred[np.flatnonzero(empty), probs[empty].argmax(axis=1)] = True
     return pred
+
+
+def needs_review(result: dict[str, Any], min_confidence: float) -> bool:
+    """Whether a `Classifier.classify` result is below `--min-confidence`: its top-1 score, or with a
+    multi-label bundle any label's, since a set is only as sure as its least confident label. The one
+    rule of `huse classify`, `huse serve` (/v1, /v2, the page) and the Triton model.
+
+    Args:
+        result: one item's result (an item that failed, without `top_k`, never needs review).
+        min_confidence: the score below which a person should look.
+    """
+    if "top_k" not in result:
+        return False
+    scores = [x["score"] for x in result.get("labels") or result["top_k"][:1]]
+    return bool(min(scores) < min_confidence)
 
 
 def label_path(label: str, probs: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ One file serves both models of the repository, chosen by the config parameter `t
   padding), `mode`, `error`, `warning` BYTES [N, 1] ("" when none) and `needs_review` BOOL [N, 1].
   K is 5 unless the request parameter `top_k` says otherwise (at most the number of classes); `mode`
   (auto, fused, image, text) as in `huse classify`; the config's `min_confidence` marks top-1 scores
-  below it `needs_review`.
+  below it `needs_review` (a multi-label bundle: any label's score).
 - `huse_embed` (embed): the same inputs; outputs `embedding` FP32 [N, D] (the photo's universal
   embedding, else the title's, as `huse embed` does; NaN for a failed item; request parameter
   `space` "visual": the photo's visual-similarity vector) and `error` BYTES [N, 1].

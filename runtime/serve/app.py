@@ -29,11 +29,12 @@ from huse.runtime._priority import lower_thread_priority
 from huse.runtime.bundle import is_multi_label, load_manifest, require_precision
 from huse.runtime.errors import HuseError
 from huse.runtime.hierarchy import Hierarchy
+from huse.runtime.labels import needs_review
 from huse.runtime.serve.batcher import Admission, Overloaded
 from huse.runtime.serve.protocol import (CLASSIFY_MODEL, CLASSIFY_PARAMETERS, EMBED_MODEL, EMBED_PARAMETERS,
                                          ITEM_FIELDS, MODELS, PROTOCOL_PARAMETERS, RequestError, classify_parameters,
                                          classify_tensors, dumps, embed_parameters, embed_tensors,
-                                         encode_infer_response, model_metadata, needs_review, parse_infer_request,
+                                         encode_infer_response, model_metadata, parse_infer_request,
                                          parse_json_body, parse_v1_items, refuse_unknown, Items)
 from huse.runtime.serve.worker import (RemoteBatcher, Worker, WorkerExited, _log_error, _log_json_lines,
                                        freeze_loaded, log, worker_config)

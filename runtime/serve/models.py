@@ -45,7 +45,7 @@ class ClassifyModel:
 
     Args:
         classifier: the instance whose thread-safe `prepare`/`describe` serve every instance.
-        min_confidence: top-1 below it sets `needs_review`, for whoever encodes the answers (the
+        min_confidence: top-1 below it (a multi-label item: any of its labels) sets `needs_review`, for whoever encodes the answers (the
             Triton repository's model.py; `huse serve`'s front has it from its own options).
     """
 

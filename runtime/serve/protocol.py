@@ -24,6 +24,7 @@ import numpy as np
 
 from huse.runtime.classifier import MODES
 from huse.runtime.errors import HuseError
+from huse.runtime.labels import needs_review
 from huse.runtime.preprocess import is_url
 
 CLASSIFY_MODEL, EMBED_MODEL = "huse", "huse_embed"
@@ -263,7 +264,7 @@ def classify_tensors(results: list[dict[str, Any]], depth: int, min_confidence: 
     Args:
         results: one dict per item (top_k, path, mode, error, warning; labels for multi-label).
         depth: the hierarchy's depth L (path columns; shorter paths padded with "" and 0).
-        min_confidence: top-1 below it sets needs_review.
+        min_confidence: top-1 below it (a multi-label item: any of its labels) sets needs_review.
         multi_label: the bundle is multi-label: add `labels`, each item's label set as the JSON
             /v1/classify gives ([{"label", "score", "threshold", "path"}], "" for a failed item),
             since a set of any size with its paths fits no fixed-shape tensor.
@@ -416,11 +417,6 @@ def parse_v1_items(req: Any, max_items: int | None = None) -> Items:
 def parse_json_body(body: bytes) -> Any:
     """The JSON of a /v1 request body (RequestError when it is not JSON)."""
     return _json(body)
-
-
-def needs_review(result: dict[str, Any], min_confidence: float) -> bool:
-    """A classified item whose top-1 score is below `--min-confidence`."""
-    return "top_k" in result and result["top_k"][0]["score"] < min_confidence
 
 
 def dumps(obj: Any) -> bytes:

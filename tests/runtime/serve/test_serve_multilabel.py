@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from huse.runtime import Classifier
+from tests.runtime.serve.conftest import post_json
 
 SCORE_TOL = 1e-5
 
@@ -63,3 +64,29 @@ def test_tritonclient_reads_the_label_sets_of_a_multi_label_bundle(start_server,
 def test_single_label_model_has_no_labels_output(server):
     with urllib.request.urlopen(server.url + "/v2/models/huse") as r:
         assert "labels" not in {o["name"] for o in json.load(r)["outputs"]}
+
+
+def test_needs_review_is_the_same_rule_as_huse_classify(start_server, tiny_multi_bundle, tiny_multi_catalog):
+    """`--min-confidence P` marks an item needs_review in /v1/classify and /v2 exactly where `huse classify`
+    does: with a label set, when any label is below P. The server once read the top-1 alone, so a product
+    whose second label was unsure went to the review queue from `huse classify` and passed as sure here."""
+    from huse.runtime.bulk import prediction_fields
+
+    rows = list(csv.DictReader(open(tiny_multi_catalog)))[:60]
+    titles = [r["name"] for r in rows]
+    with Classifier(tiny_multi_bundle, threads=1) as clf:
+        want = clf.classify(titles=titles)
+    # P between the top-1 and the least confident label of a product with several labels
+    split = [w for w in want if len(w["labels"]) > 1 and w["labels"][-1]["score"] < w["labels"][0]["score"] - 1e-3]
+    assert split, "no title here gets several labels of different scores"
+    p = (split[0]["labels"][-1]["score"] + split[0]["labels"][0]["score"]) / 2
+    expected = [prediction_fields(w, p)["needs_review"] for w in want]
+    assert any(expected) and not all(expected)
+    s = start_server("--min-confidence", str(p), bundle=tiny_multi_bundle)
+    status, v1 = post_json(s.url + "/v1/classify", {"items": [{"title": t} for t in titles]})
+    assert status == 200
+    assert [r["needs_review"] for r in v1["results"]] == expected
+    status, v2 = post_json(s.url + "/v2/models/huse/infer", {"inputs": [
+        {"name": "title", "datatype": "BYTES", "shape": [len(titles)], "data": titles}]})
+    assert status == 200
+    assert {o["name"]: o for o in v2["outputs"]}["needs_review"]["data"] == expected
