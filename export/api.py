@@ -190,9 +190,10 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         "preprocessing": spec.to_dict(),
         "tokenizer": tok_spec,
         "fusion": {"image_weight": weight, "rule": "w * softmax(image logits) + (1 - w) * softmax(text logits)"},
-        # Temperatures fitted on val by the training run; runs from before calibration get 1 (none).
+        # Temperatures fitted by the training run (on val, or on its folds); runs from before calibration get 1 (none).
         "calibration": {"temperature": cfg.get("calibration", {}).get("temperature", {m: 1.0 for m in GRAPHS}),
-                        "rule": "p -> p^(1/T) renormalised, per mode (image/text: softmax(logits / T))"},
+                        "rule": "p -> p^(1/T) renormalised, per mode (image/text: softmax(logits / T))",
+                        **({} if multi else {"fitted_on": _fitted_on(run)})},
         "models": {"fp32": {g: f"{g}.onnx" for g in GRAPHS}},
         "graphs": {g: {"inputs": s["inputs"], "outputs": s["outputs"]} for g, s in specs.items()},
         "parity": {"reference": "torch eager", "atol": opts.parity_atol,
@@ -205,7 +206,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         "data": cfg["data"],
         "source_run": str(run.resolve()),  # the torch model, for benchmarks' PyTorch baseline
         "engines": [],
-        **(_multilabel_manifest(cfg) if multi else {}),
+        **(_multilabel_manifest(cfg, _fitted_on(run)) if multi else {}),
         "versions": package_versions("huse-edge", "torch", "onnx", "onnxruntime", "polygraphy",
                                      "onnxconverter-common", "numpy", "tensorrt"),
     }
@@ -267,12 +268,20 @@ def _run_metrics(run: Path) -> dict[str, Any]:
     return {s: {mode: r[key] for mode, r in m[s].items()} for s in ("val", "test") if s in m}
 
 
-def _multilabel_manifest(cfg: dict[str, Any]) -> dict[str, Any]:
+def _fitted_on(run: Path) -> str:
+    """What the run tuned the shipped temperatures (multi-label: thresholds) on, for `huse info`: val, or with
+    k-fold cross-validation (the default below 5,000 train + val rows) the folds' pooled out-of-fold predictions."""
+    p = run / "metrics.json"
+    folds = (json.loads(p.read_text()).get("cv") or {}).get("folds", 0) if p.is_file() else 0
+    return f"the out-of-fold predictions of {folds} folds of train + val" if folds else "val"
+
+
+def _multilabel_manifest(cfg: dict[str, Any], tuned_on: str) -> dict[str, Any]:
     """What a multi-label bundle's manifest adds (runtime/labels.py reads it): the task, the head's
-    activation, the per-class thresholds per mode tuned on val, and the fusion rule."""
+    activation, the per-class thresholds per mode and what they were tuned on, and the fusion rule."""
     act = cfg["model"].get("label_head", "sigmoid")
     return {"task": "multi-label",
-            "multilabel": {"thresholds": cfg["thresholds"], "path_separator": "|", "activation": act,
+            "multilabel": {"thresholds": cfg["thresholds"], "tuned_on": tuned_on, "path_separator": "|", "activation": act,
                            "rule": "every class with probability >= its threshold; none: the best class alone"},
             "fusion": {"image_weight": cfg["fusion"]["image_weight"],
                        "rule": f"w * {act}(image logits) + (1 - w) * {act}(text logits)"}}

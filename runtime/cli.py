@@ -333,10 +333,14 @@ def info(bundle, trusted_keys) -> None:
         click.echo(f"image input {m['preprocessing']['size']}, tokenizer {m['tokenizer']['type']}, "
                    f"fusion image weight {m['fusion']['image_weight']}")
         if is_multi_label(m):  # scores are per-class sigmoids read against thresholds; no temperature applies
-            click.echo("thresholds (tuned on val; a class is given at or above its own): " + ", ".join(
-                f"{mode} {_spread(t)}" for mode, t in m["multilabel"]["thresholds"].items()))
+            # bundles exported before the manifest said where: the training run's choice, val or its folds
+            tuned = m["multilabel"].get("tuned_on")
+            click.echo(f"thresholds ({f'tuned on {tuned}' if tuned else 'tuned by training'}; a class is given at or "
+                       "above its own): " + ", ".join(f"{mode} {_spread(t)}" for mode, t in m["multilabel"]["thresholds"].items()))
         elif temps := m.get("calibration", {}).get("temperature", {}):
-            click.echo("calibration temperatures (fitted on val): " + ", ".join(f"{k} {v:g}" for k, v in temps.items()))
+            fitted = m["calibration"].get("fitted_on")
+            click.echo(f"calibration temperatures ({f'fitted on {fitted}' if fitted else 'fitted by training'}): "
+                       + ", ".join(f"{k} {v:g}" for k, v in temps.items()))
         # the gate's figures (export/precision.py): a multi-label bundle's compare label sets, by micro-F1
         agreement, score = (("label-set agreement (mean Jaccard)", "micro-F1") if is_multi_label(m)
                             else ("top-1 agreement", "top-1"))

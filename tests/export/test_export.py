@@ -55,6 +55,30 @@ def _checked_image_graph(model, tmp_path, batch: int, seed: int):
     return graph, feeds, lambda: check_parity(graph, tmp_path / "image.onnx", feeds, ["image"], IMAGE_OUTPUTS, atol=1e-4)
 
 
+@pytest.mark.parametrize("multi", [False, True], ids=["single-label", "multi-label"])
+def test_info_says_the_folds_tuned_what_the_bundle_ships(multi, tiny_catalog, tiny_multi_catalog, tmp_path):
+    """Below 5,000 train + val rows a run tunes its temperatures (multi-label: thresholds) on its folds' pooled
+    out-of-fold predictions and ships a model refitted on train + val; `huse info` said "on val" for those too."""
+    from click.testing import CliRunner
+
+    from huse.export.api import ExportOptions, export
+    from huse.runtime.cli import main
+    from huse.train.data import load_catalog_dataset
+    from huse.train.model import HuseConfig
+    from huse.train.trainer import TrainConfig, Trainer
+
+    run, out = tmp_path / "run", tmp_path / "bundle"
+    Trainer(load_catalog_dataset(tiny_multi_catalog if multi else tiny_catalog), run,
+            HuseConfig(num_classes=0, backbone="tiny", image_size=32, embed_dim=32, hidden=32, max_len=8),
+            TrainConfig(epochs=2, patience=0, batch_size=32, lr=3e-3, cv_folds=3)).fit(progress=False)
+    export(run, out, ExportOptions(say=lambda s: None, engine="skip"))
+    r = CliRunner().invoke(main, ["info", str(out)])
+    assert r.exit_code == 0, r.output
+    folds = "the out-of-fold predictions of 3 folds of train + val"
+    line = "thresholds (tuned on " if multi else "calibration temperatures (fitted on "
+    assert line + folds in r.output and "on val" not in r.output, r.output
+
+
 def test_parity_check_refuses_a_graph_that_differs(tiny_run, tmp_path):
     from huse.train.trainer import load_run
 
