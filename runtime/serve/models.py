@@ -45,8 +45,9 @@ class ClassifyModel:
 
     Args:
         classifier: the instance whose thread-safe `prepare`/`describe` serve every instance.
-        min_confidence: top-1 below it (a multi-label item: any of its labels) sets `needs_review`, for whoever encodes the answers (the
-            Triton repository's model.py; `huse serve`'s front has it from its own options).
+        min_confidence: top-1 below it (a multi-label item: any of its labels) sets `needs_review`, for
+            whoever encodes the answers (the Triton repository's model.py; `huse serve`'s front has it from
+            its own options).
     """
 
     def __init__(self, classifier: Classifier, min_confidence: float = 0.0):
