@@ -36,7 +36,7 @@ from huse.runtime.labels import cell_text, parse_paths
 from huse.runtime.preprocess import confine_path, is_url
 
 __all__ = ["COLUMNS", "SPLITS", "Record", "Shard", "iter_catalog", "read_catalog", "records_from_rows", "plan_shards",
-           "count_rows", "check_catalog_file"]
+           "count_rows", "check_catalog_file", "catalog_format"]
 
 COLUMNS = ("image", "name", "classes", "product_id", "split")
 SPLITS = ("train", "val", "test")
@@ -87,12 +87,22 @@ _NOT_A_CATALOG = {**dict.fromkeys((".xlsx", ".xls", ".ods"), "a spreadsheet work
                                   "offset)")}
 
 
-def _format(path: Path) -> str:
-    """csv, jsonl or parquet by the file's name (anything else is read as CSV)."""
-    suffix = path.suffix.lower()
+def catalog_format(path: str | Path) -> str:
+    """How huse reads a catalog file, by its name: csv, jsonl or parquet (anything else is read as CSV), so
+    that whoever writes a catalog for huse writes what it will read.
+
+    Raises:
+        HuseError: a name that is no catalog (a spreadsheet workbook, a compressed file).
+    """
+    suffix = Path(path).suffix.lower()
     if suffix in _NOT_A_CATALOG:
         raise HuseError(f"catalog {path} is {_NOT_A_CATALOG[suffix]}; huse reads CSV, JSON Lines and Parquet")
-    fmt = _FORMATS.get(suffix, "csv")
+    return _FORMATS.get(suffix, "csv")
+
+
+def _format(path: Path) -> str:
+    """csv, jsonl or parquet by the file's name (`catalog_format`), refusing a JSON array named as JSON Lines."""
+    fmt = catalog_format(path)
     if fmt == "jsonl" and path.is_file():
         with open(path, "rb") as f:
             if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):

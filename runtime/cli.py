@@ -777,7 +777,7 @@ def review_group() -> None:
 
 @review_group.command("export")
 @click.argument("journal", type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The corrections catalog to write: CSV, or .parquet (which also holds photos a Parquet catalog holds as bytes).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The corrections catalog to write: CSV, .jsonl, or .parquet (which also holds photos a Parquet catalog holds as bytes).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (never the reviewed catalog or the journal).")
 def review_export(journal, out, force) -> None:
     """Write the accepted and corrected rows of JOURNAL as a catalog huse-train reads.

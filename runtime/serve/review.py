@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from huse.runtime._lazy import lazy_import
-from huse.runtime.catalog import iter_catalog
+from huse.runtime.catalog import catalog_format, iter_catalog
 from huse.runtime.errors import HuseError
 from huse.runtime.files import sha256_file, write_atomic
 from huse.runtime.hierarchy import canonical
@@ -412,12 +412,13 @@ def export_corrections(journal: str | Path, out: str | Path, force: bool = False
     label a person confirmed), skipped rows are not. Image paths are as the catalog names them,
     relative to its images folder (`images` in the result). A photo the reviewed catalog holds as
     bytes (Parquet) is copied into a Parquet `out` ({bytes, path} structs, as the catalog reader
-    takes them); a CSV cannot hold one, so such rows need `out` to end in .parquet.
+    takes them); a CSV or JSON Lines file cannot hold one, so such rows need `out` to end in .parquet.
 
     Args:
         journal: the review journal.
-        out: the CSV or Parquet file to write (image,name,classes,product_id), replaced atomically. Never
-            the journal, the reviewed catalog or its predictions; another existing file only with `force`.
+        out: the CSV, JSON Lines (.jsonl) or Parquet file to write (image,name,classes,product_id), chosen by
+            its name as a catalog's format is read, replaced atomically. Never the journal, the reviewed catalog
+            or its predictions; another existing file only with `force`.
     Returns:
         {"out", "written", "accept", "correct", "skip", "images": the folder image paths resolve against}.
     """
@@ -434,10 +435,11 @@ def export_corrections(journal: str | Path, out: str | Path, force: bool = False
             raise HuseError(f"--out {out} is {what}; choose another file")
     if out.exists() and not force:
         raise HuseError(f"--out {out} exists; choose another file, or pass --force to replace it")
+    fmt = catalog_format(out)  # written as huse-train will read it: a CSV named .jsonl read as no column at all
     held = _held_photos(header, {e["row"] for e in kept if not e.get("image")})
     columns = {"image": [e.get("image") or "" for e in kept], "name": [e.get("name") or "" for e in kept],
                "classes": [e["label"] for e in kept], "product_id": [e.get("product_id") or "" for e in kept]}
-    if out.suffix.lower() == ".parquet":
+    if fmt == "parquet":
         pa = lazy_import("pyarrow", "scale")
         pq = lazy_import("pyarrow.parquet", "scale")
         columns["image"] = [{"bytes": held.get(e["row"]), "path": e.get("image")} for e in kept]
@@ -446,8 +448,11 @@ def export_corrections(journal: str | Path, out: str | Path, force: bool = False
         write_atomic(out, buf.getvalue().to_pybytes())
     elif held:
         raise HuseError(f"{len(held)} of the {len(kept)} rows to export have their photo inside the reviewed "
-                        f"catalog {header.get('catalog')} (Parquet bytes), which a CSV cannot hold; export to a "
-                        f"Parquet file instead: --out {out.with_suffix('.parquet')}")
+                        f"catalog {header.get('catalog')} (Parquet bytes), which a {fmt.upper()} file cannot hold; "
+                        f"export to a Parquet file instead: --out {out.with_suffix('.parquet')}")
+    elif fmt == "jsonl":
+        write_atomic(out, "".join(json.dumps(dict(zip(columns, row)), ensure_ascii=False) + "\n"
+                                  for row in zip(*columns.values())))
     else:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

@@ -235,6 +235,21 @@ def test_export_writes_a_catalog_huse_train_reads(preds, review_catalog, labels,
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("name", ["corrections.jsonl", "corrections.ndjson", "corrections.pq"])
+def test_export_writes_the_format_its_name_says(preds, review_catalog, labels, tmp_path, name):
+    """A catalog's format is read off its name, so the export writes by the same rule: `--out corrections.jsonl`
+    once held CSV text, which huse-train then read as JSON Lines with no columns at all."""
+    journal = tmp_path / "j.jsonl"
+    q = ReviewQueue(preds, review_catalog, labels, journal=journal)
+    q.decide(q.items[0].row, "accept")
+    q.decide(q.items[1].row, "correct", next(l for l in labels if l != q.items[1].label))
+    export_corrections(journal, tmp_path / "c.csv")
+    r = CliRunner().invoke(main, ["review", "export", str(journal), "--out", str(tmp_path / name)])
+    assert r.exit_code == 0, r.output
+    want = read_catalog(tmp_path / "c.csv", images=review_catalog.parent, require=("classes",))
+    assert len(want) == 2 and read_catalog(tmp_path / name, images=review_catalog.parent, require=("classes",)) == want
+
+
 def test_a_catalog_holding_its_photos_is_reviewed_and_exported_with_them(tiny_bundle, review_catalog, labels,
                                                                          tmp_path):
     """A Parquet catalog with the photos' bytes: the queue shows each from a copy beside the journal, a
