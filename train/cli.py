@@ -41,9 +41,10 @@ from huse.train.config import FINAL_FITS, KFOLD_MAX_ROWS, HuseConfig, TrainConfi
                    "paper's (image 5x512, text 2x512, dropout 0.15); README, 'Model quality'.")
 @click.option("--embed-dim", default=HuseConfig.embed_dim, help="Dimension D of the universal embedding.")
 @click.option("--epochs", type=int, help="Exactly this many epochs (default: a budget of max(2,000 steps, 10 epochs) "
-                                          "with early stopping on val loss; the best epoch is kept).")
+                                          "with early stopping on val loss, multi-label: val mAP; the best epoch is kept).")
 @click.option("--patience", default=TrainConfig.patience,
-              help="Steps (at least 3 epochs) without a better val loss before stopping; 0: never.")
+              help="Steps (at least 3 epochs) without a better val loss (multi-label: val mAP) before "
+                   "stopping; 0: never.")
 @click.option("--batch-size", default=TrainConfig.batch_size)
 @click.option("--lr", default=TrainConfig.lr)
 @click.option("--weight-decay", default=TrainConfig.weight_decay,

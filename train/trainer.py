@@ -585,7 +585,8 @@ class Trainer:
                             val_txt=f"{sums[shown[1]]:.3f}", refresh=False)
             self._save_checkpoint()
         if self.epoch < epochs:  # say why the bar ends short of its total (it read as a run that died)
-            bar.set_description(f"{desc}: stopped early, no better val loss in {patience} steps; best epoch "
+            watched = "val mAP" if self.multi else "val loss"  # what early stopping reads (the loop above)
+            bar.set_description(f"{desc}: stopped early, no better {watched} in {patience} steps; best epoch "
                                 f"{self.best['epoch']} of {self.epoch}", refresh=False)
         bar.close()
         # The best epoch's weights, not the last: early stopping's point.

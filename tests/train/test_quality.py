@@ -281,16 +281,19 @@ def test_the_verdict_says_beats_only_when_every_mode_is_above_and_names_a_test_s
                                "small splits are noisy, and the settings were not chosen on test).")
 
 
-def test_early_stopping_stops_after_patience(tiny_catalog, tmp_path, capsys):
+@pytest.mark.parametrize("multi", [False, True], ids=["single-label", "multi-label"])
+def test_early_stopping_stops_after_patience(multi, tiny_catalog, tiny_multi_catalog, tmp_path, capsys):
     from huse.train.data import load_catalog_dataset
 
-    ds = load_catalog_dataset(tiny_catalog)
+    ds = load_catalog_dataset(tiny_multi_catalog if multi else tiny_catalog)
     m = _trainer(ds, tmp_path / "run", epochs=200, patience=1, lr=3e-3).fit()
     # patience is at least 3 epochs: the run ends 3 epochs after its best one, long before 200
     assert m["epochs_run"] == m["best_epoch"] + 3 < 200
-    # and its progress bar says why it ends short of its total (it read as a run that died)
+    # and its progress bar says why it ends short of its total (it read as a run that died), naming what it
+    # watched: a multi-label run stops on val mAP, which the bar called "val loss"
     steps = 3 * -(-len(ds.indices("train")) // 32)  # patience 1 step is at least 3 epochs of ceil(rows / 32) steps
-    assert (f"training: stopped early, no better val loss in {steps} steps; best epoch {m['best_epoch']} of "
+    watched = "val mAP" if multi else "val loss"
+    assert (f"training: stopped early, no better {watched} in {steps} steps; best epoch {m['best_epoch']} of "
             f"{m['epochs_run']}") in capsys.readouterr().err
 
 
