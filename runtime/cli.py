@@ -526,10 +526,17 @@ HITS_CSV = ("query", "text", "image", "rank", "score", "product_id", "row", "nam
             "item", "error")
 
 
+# --out names of formats huse search does not write: refused, not filled with JSON Lines under that name.
+NOT_HITS = (".parquet", ".pq", ".xlsx", ".xls", ".ods", ".tsv")
+
+
 def _check_hits_out(out: Path, batch: str | None) -> None:
     """`huse search --out` replaces only earlier hits (or an empty file), never the queries it reads."""
     from huse.runtime.files import is_own_csv, is_own_jsonl
 
+    if out.suffix.lower() in NOT_HITS:
+        raise HuseError(f"--out {out}: huse search writes JSON Lines (one object per query) or, with a .csv name, a row "
+                        f"per hit for spreadsheets; give --out {out.with_suffix('.jsonl')} or {out.with_suffix('.csv')}")
     if batch and out.resolve() == Path(batch).resolve():
         raise HuseError(f"--out {out} is the --batch file; choose another file")
     if out.is_dir():

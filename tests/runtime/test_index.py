@@ -774,9 +774,13 @@ def test_search_out_replaces_only_earlier_hits(flat_index, tmp_path):
     queries.write_text(json.dumps({"name": "Acme black boots"}) + "\n")
     catalog = tmp_path / "products.jsonl"
     catalog.write_text(json.dumps({"image": "a.png", "name": "Acme tee"}) + "\n")
-    for out, says in ((queries, "is the --batch file"), (catalog, "exists and is not hits of huse search")):
+    # a name promising another format: refused before any search (hits.parquet held JSON Lines)
+    for out, says in ((queries, "is the --batch file"), (catalog, "exists and is not hits of huse search"),
+                      (tmp_path / "hits.parquet", "huse search writes JSON Lines"),
+                      (tmp_path / "hits.xlsx", f"give --out {tmp_path / 'hits.jsonl'} or {tmp_path / 'hits.csv'}")):
         r = CliRunner().invoke(main, ["search", str(flat_index), "--batch", str(queries), "--out", str(out)])
         assert r.exit_code == 1 and says in r.output, r.output
+    assert not (tmp_path / "hits.parquet").exists() and not (tmp_path / "hits.xlsx").exists()
     assert catalog.read_text() == json.dumps({"image": "a.png", "name": "Acme tee"}) + "\n"
     assert queries.read_text() == json.dumps({"name": "Acme black boots"}) + "\n"
     for _ in range(2):  # its own hits are replaced by the next search
