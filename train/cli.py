@@ -118,6 +118,9 @@ def _train(o: dict) -> None:
         images = o["images"][0] if len(o["images"]) == 1 else list(o["images"]) or None
         ds = load_catalog_dataset(list(o["data"]), images, skip_bad_rows=o["skip_bad_rows"], seed=o["seed"])
     click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
+    if ds.moved_to_train:
+        click.echo(f"  moved into train: {len(ds.moved_to_train)} product(s) whose class had no other product there "
+                   "(a class that only val or test rows carry is never learned)")
     for s in ds.skipped[:10]:
         click.echo(f"  skipped {s['catalog'] + ', ' if 'catalog' in s else ''}row {s['row']}: {s['reason']}")
     untrained = ds.classes_without_training_rows()

@@ -30,6 +30,7 @@ class Dataset:
     splits: list[str]
     source: dict[str, Any]  # how to load it again (recorded in the run for export)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # rows left out, with the reason
+    moved_to_train: list[str] = field(default_factory=list)  # products the split moved so that every class trains
 
     def indices(self, split: str) -> np.ndarray:
         return np.asarray([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
@@ -90,10 +91,45 @@ class Dataset:
         return sorted(found, key=lambda g: (-sum(g.values()), sorted(g)))
 
 
-def _assign_split(group: str, seed: int, val_frac: float, test_frac: float) -> str:
+def _split_hash(group: str, seed: int) -> float:
     # A hash of (seed, product) — not a shuffle — so adding rows never moves old products.
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
+    return int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") / 2**64
+
+
+def _assign_split(group: str, seed: int, val_frac: float, test_frac: float) -> str:
+    u = _split_hash(group, seed)
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+def _train_every_class(ds: Dataset, rows: range, seed: int) -> list[str]:
+    """Move into train, for each class that no train row carries, the one of its products in `rows` (rows split by
+    hash) that hashes lowest; return the products moved.
+
+    A class of one or two products lands wholly in val or test one time in ten or more, and then neither the
+    held-out model nor the shipped one (refitted on train + val) ever learns it. Val keeps its last product.
+    """
+    trained = ds.split_classes("train")
+    products: dict[str, list[int]] = {}
+    for i in rows:
+        products.setdefault(ds.product_ids[i], []).append(i)
+    carriers: dict[str, list[str]] = {}  # class -> products (of `rows`) that carry it
+    for g, idx in products.items():
+        for c in sorted({p for i in idx for p in parse_paths(ds.classes[i])}):
+            carriers.setdefault(c, []).append(g)
+    moved: list[str] = []
+    val = {g for g, idx in products.items() if ds.splits[idx[0]] == "val"}
+    for c in sorted(carriers):
+        if c in trained:
+            continue
+        g = min((g for g in carriers[c] if g not in val or len(val) > 1), key=lambda g: _split_hash(g, seed), default=None)
+        if g is None:
+            continue
+        val.discard(g)
+        for i in products[g]:
+            ds.splits[i] = "train"
+            trained.update(parse_paths(ds.classes[i]))
+        moved.append(g)
+    return moved
 
 
 def load_catalog_dataset(path: str | Path | Sequence[str | Path],
@@ -102,7 +138,8 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
     """Read, validate and split a catalog, or several as one (yours and `huse review export`'s corrections).
 
     Splits come from the `split` column where every row of a catalog has one; otherwise each product
-    (product_id, else the normalised title, else the photo) goes wholly to train, val or test, seeded.
+    (product_id, else the normalised title, else the photo) goes wholly to train, val or test, seeded, and a
+    class whose products all landed in val or test has one of them moved to train (`moved_to_train`).
 
     Args:
         path: catalog CSV/JSONL/Parquet with image, name, classes (+ product_id, split); or a list of them.
@@ -128,6 +165,7 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
         _read_rows(ds, p, folder, skip_bad_rows, several=len(paths) > 1)
         if not all(ds.splits[first:]):  # a product's split must be unanimous: decided per group, never per image
             ds.splits[first:] = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids[first:]]
+            ds.moved_to_train += _train_every_class(ds, range(first, len(ds.images)), seed)
     name = paths[0] if len(paths) == 1 else " + ".join(map(str, paths))
     if not any(ds.titles):  # some rows without one are fine (their text tower sees an empty title); none is not
         raise HuseError(f"{name}: no row has a title (column name); huse-train trains a text tower beside the "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
 
 import pytest
@@ -147,6 +148,39 @@ def test_classes_only_val_or_test_rows_carry_are_named(tmp_path, tiny_catalog):
     ds = load_catalog_dataset(path)
     assert ds.classes_without_training_rows() == {rare: sum(r["classes"] == rare for r in rows)}
     assert load_catalog_dataset(tiny_catalog).classes_without_training_rows() == {}
+
+
+def test_the_split_gives_every_class_a_product_in_train(tmp_path, tiny_catalog):
+    from huse.train.data import _assign_split
+
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    # two products of a class of its own whose ids both hash into val or test at seed 0
+    ids = [f"rare-{k}" for k in range(200) if _assign_split(f"rare-{k}", 0, 0.1, 0.1) != "train"][:2]
+    path = tmp_path / "c.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id"])
+        for r in rows:
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"]])
+        for pid in ids:
+            for view in range(2):
+                w.writerow([str(tiny_catalog.parent / rows[view]["image"]), "rare thing", "rare<one", pid])
+    ds = load_catalog_dataset(path)
+    assert ds.classes_without_training_rows() == {}
+    assert ds.moved_to_train == [min(ids, key=lambda g: hashlib.sha256(f"0:{g}".encode()).digest())]
+    split = {g: s for g, s in zip(ds.product_ids, ds.splits)}
+    assert split[ds.moved_to_train[0]] == "train"
+    assert [split[g] for g in ids if g not in ds.moved_to_train][0] in ("val", "test")  # one is enough
+    plain = load_catalog_dataset(tiny_catalog)
+    assert plain.moved_to_train == []  # every class already trains: the hash split is untouched
+    with open(tmp_path / "own.csv", "w", newline="") as f:  # a catalog's own split column is its own: nothing moves
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(rows):
+            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"], ["train", "train", "val"][i % 3]])
+        w.writerow([str(tiny_catalog.parent / rows[0]["image"]), "rare thing", "rare<one", "rare", "test"])
+    own = load_catalog_dataset(tmp_path / "own.csv")
+    assert own.moved_to_train == [] and own.classes_without_training_rows() == {"rare<one": 1}
 
 
 def test_a_class_written_two_ways_is_named_once_at_its_node():
