@@ -118,6 +118,9 @@ def _train(o: dict) -> None:
         images = o["images"][0] if len(o["images"]) == 1 else list(o["images"]) or None
         ds = load_catalog_dataset(list(o["data"]), images, skip_bad_rows=o["skip_bad_rows"], seed=o["seed"])
     click.echo(f"data: {ds.split_sizes()} (split by product); skipped rows: {len(ds.skipped)}")
+    if ds.replaced:
+        click.echo(f"  {ds.replaced} row(s) of a later --data catalog give new classes to a photo an earlier one holds "
+                   "(review corrections): the photo trains under the later catalog's classes, in its first split")
     if ds.moved_to_train:
         click.echo(f"  moved into train: {len(ds.moved_to_train)} product(s) whose class had no other product there "
                    "(a class that only val or test rows carry is never learned)")

@@ -31,6 +31,7 @@ class Dataset:
     source: dict[str, Any]  # how to load it again (recorded in the run for export)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # rows left out, with the reason
     moved_to_train: list[str] = field(default_factory=list)  # products the split moved so that every class trains
+    replaced: int = 0  # rows of a later catalog that replaced an earlier catalog's row of the same photo
 
     def indices(self, split: str) -> np.ndarray:
         return np.asarray([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
@@ -163,6 +164,7 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
     for p, folder in zip(paths, folders):
         first = len(ds.images)
         _read_rows(ds, p, folder, skip_bad_rows, several=len(paths) > 1)
+        ds.replaced += _replace_earlier_rows(ds, first)
         if not all(ds.splits[first:]):  # a product's split must be unanimous: decided per group, never per image
             ds.splits[first:] = [_assign_split(g, seed, val_frac, test_frac) for g in ds.product_ids[first:]]
             ds.moved_to_train += _train_every_class(ds, range(first, len(ds.images)), seed)
@@ -172,6 +174,31 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
                         "image tower, so it needs titles")
     _check_splits(ds, name)
     return ds
+
+
+def _photo_key(image: Any) -> str:
+    return image if isinstance(image, str) else "sha256 " + hashlib.sha256(image).hexdigest()
+
+
+def _replace_earlier_rows(ds: Dataset, first: int) -> int:
+    """Rows from `first` on (a later --data catalog) whose photo an earlier catalog's row has: that row takes their
+    classes and title, keeping its product and split, and they are dropped. Returns how many.
+
+    A review of the training catalog itself (`huse review export`) gives corrected rows of photos the catalog
+    already holds; added beside them, each photo would train under its old label and its corrected one at once
+    (and, hashed into another split than its product's, stop training with a split conflict).
+    """
+    earlier = {_photo_key(ds.images[j]): j for j in range(first)}
+    drop = []
+    for i in range(first, len(ds.images)):
+        j = earlier.get(_photo_key(ds.images[i]))
+        if j is not None:
+            ds.classes[j], ds.titles[j] = ds.classes[i], ds.titles[i] or ds.titles[j]
+            drop.append(i)
+    for i in reversed(drop):
+        for column in (ds.images, ds.titles, ds.classes, ds.product_ids, ds.splits):
+            del column[i]
+    return len(drop)
 
 
 # Why training needs both columns, and what works without one of them.

@@ -183,6 +183,32 @@ def test_the_split_gives_every_class_a_product_in_train(tmp_path, tiny_catalog):
     assert own.moved_to_train == [] and own.classes_without_training_rows() == {"rare<one": 1}
 
 
+def test_corrections_of_the_training_catalog_replace_its_rows(tmp_path, tiny_catalog):
+    """`huse review export` of the training catalog itself, trained on beside it: each corrected photo trains once,
+    under its corrected classes, in its product's split (it stopped with a split conflict, or trained twice)."""
+    rows = list(csv.DictReader(open(tiny_catalog)))
+    own = tmp_path / "own.csv"
+    with open(own, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id", "split"])
+        for i, r in enumerate(rows):
+            w.writerow([r["image"], r["name"], r["classes"], r["product_id"], ["train", "train", "val"][i % 3]])
+    other = [r["classes"] for r in rows]
+    fixed = {i: next(c for c in other if c != rows[i]["classes"]) for i in (2, 5, 9)}  # two val rows, one train
+    corrections = tmp_path / "corrections.csv"
+    with open(corrections, "w", newline="") as f:  # as huse review export writes it: no split column
+        w = csv.writer(f)
+        w.writerow(["image", "name", "classes", "product_id"])
+        for i, c in fixed.items():
+            w.writerow([rows[i]["image"], rows[i]["name"], c, rows[i]["product_id"]])
+    alone = load_catalog_dataset(own, tiny_catalog.parent)
+    ds = load_catalog_dataset([own, corrections], [tiny_catalog.parent, tiny_catalog.parent])
+    assert ds.replaced == 3 and len(ds.images) == len(rows)
+    assert ds.splits == alone.splits and ds.images == alone.images and ds.product_ids == alone.product_ids
+    assert [i for i, (a, b) in enumerate(zip(ds.classes, alone.classes)) if a != b] == sorted(fixed)
+    assert all(ds.classes[i] == c for i, c in fixed.items())
+
+
 def test_a_class_written_two_ways_is_named_once_at_its_node():
     from huse.train.data import Dataset
 
