@@ -153,54 +153,32 @@ def test_classes_only_val_or_test_rows_carry_are_named(tmp_path, tiny_catalog):
 def test_the_split_gives_every_class_a_product_in_train(tmp_path, tiny_catalog):
     from huse.train.data import _assign_split
 
-    rows = list(csv.DictReader(open(tiny_catalog)))
+    rows = [dict(r, image=str(tiny_catalog.parent / r["image"])) for r in csv.DictReader(open(tiny_catalog))]
     # two products of a class of its own whose ids both hash into val or test at seed 0
     ids = [f"rare-{k}" for k in range(200) if _assign_split(f"rare-{k}", 0, 0.1, 0.1) != "train"][:2]
-    path = tmp_path / "c.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "name", "classes", "product_id"])
-        for r in rows:
-            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"]])
-        for pid in ids:
-            for view in range(2):
-                w.writerow([str(tiny_catalog.parent / rows[view]["image"]), "rare thing", "rare<one", pid])
-    ds = load_catalog_dataset(path)
+    rare = [dict(rows[view], name="rare thing", classes="rare<one", product_id=pid) for pid in ids for view in range(2)]
+    ds = load_catalog_dataset(write_rows(tmp_path / "c.csv", rows + rare))
     assert ds.classes_without_training_rows() == {}
     assert ds.moved_to_train == [min(ids, key=lambda g: hashlib.sha256(f"0:{g}".encode()).digest())]
     split = {g: s for g, s in zip(ds.product_ids, ds.splits)}
     assert split[ds.moved_to_train[0]] == "train"
     assert [split[g] for g in ids if g not in ds.moved_to_train][0] in ("val", "test")  # one is enough
-    plain = load_catalog_dataset(tiny_catalog)
-    assert plain.moved_to_train == []  # every class already trains: the hash split is untouched
-    with open(tmp_path / "own.csv", "w", newline="") as f:  # a catalog's own split column is its own: nothing moves
-        w = csv.writer(f)
-        w.writerow(["image", "name", "classes", "product_id", "split"])
-        for i, r in enumerate(rows):
-            w.writerow([str(tiny_catalog.parent / r["image"]), r["name"], r["classes"], r["product_id"], ["train", "train", "val"][i % 3]])
-        w.writerow([str(tiny_catalog.parent / rows[0]["image"]), "rare thing", "rare<one", "rare", "test"])
-    own = load_catalog_dataset(tmp_path / "own.csv")
+    assert load_catalog_dataset(tiny_catalog).moved_to_train == []  # every class trains: the hash split stands
+    # a catalog's own split column is its own: nothing moves
+    own = [dict(r, split=["train", "train", "val"][i % 3]) for i, r in enumerate(rows)] + [dict(rare[0], split="test")]
+    own = load_catalog_dataset(write_rows(tmp_path / "own.csv", own))
     assert own.moved_to_train == [] and own.classes_without_training_rows() == {"rare<one": 1}
 
 
 def test_corrections_of_the_training_catalog_replace_its_rows(tmp_path, tiny_catalog):
     """`huse review export` of the training catalog itself, trained on beside it: each corrected photo trains once,
     under its corrected classes, in its product's split (it stopped with a split conflict, or trained twice)."""
-    rows = list(csv.DictReader(open(tiny_catalog)))
-    own = tmp_path / "own.csv"
-    with open(own, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "name", "classes", "product_id", "split"])
-        for i, r in enumerate(rows):
-            w.writerow([r["image"], r["name"], r["classes"], r["product_id"], ["train", "train", "val"][i % 3]])
-    other = [r["classes"] for r in rows]
-    fixed = {i: next(c for c in other if c != rows[i]["classes"]) for i in (2, 5, 9)}  # two val rows, one train
-    corrections = tmp_path / "corrections.csv"
-    with open(corrections, "w", newline="") as f:  # as huse review export writes it: no split column
-        w = csv.writer(f)
-        w.writerow(["image", "name", "classes", "product_id"])
-        for i, c in fixed.items():
-            w.writerow([rows[i]["image"], rows[i]["name"], c, rows[i]["product_id"]])
+    rows = [dict(r, split=["train", "train", "val"][i % 3]) for i, r in enumerate(csv.DictReader(open(tiny_catalog)))]
+    own = write_rows(tmp_path / "own.csv", rows)
+    fixed = {i: next(r["classes"] for r in rows if r["classes"] != rows[i]["classes"]) for i in (2, 5, 9)}  # 2 val, 1 train
+    # as huse review export writes them: no split column
+    corrections = write_rows(tmp_path / "corrections.csv", [
+        {k: v for k, v in dict(rows[i], classes=c).items() if k != "split"} for i, c in fixed.items()])
     alone = load_catalog_dataset(own, tiny_catalog.parent)
     ds = load_catalog_dataset([own, corrections], [tiny_catalog.parent, tiny_catalog.parent])
     assert ds.replaced == 3 and len(ds.images) == len(rows)
