@@ -176,6 +176,9 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         opts.say(f"  {name}.onnx: max |onnxruntime - torch| = "
                  + ", ".join(f"{o} {c['max_abs_diff']:.2e} (limit {c['limit']:.2g})" for o, c in parity[name].items())
                  + f" on {len(data)} real {split} items")
+    metrics_file = run / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    fitted_on = _fitted_on(metrics)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "labels": cfg["labels"],
@@ -193,7 +196,7 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
         # Temperatures fitted by the training run (on val, or on its folds); runs from before calibration get 1 (none).
         "calibration": {"temperature": cfg.get("calibration", {}).get("temperature", {m: 1.0 for m in GRAPHS}),
                         "rule": "p -> p^(1/T) renormalised, per mode (image/text: softmax(logits / T))",
-                        **({} if multi else {"fitted_on": _fitted_on(run)})},
+                        **({} if multi else {"fitted_on": fitted_on})},
         "models": {"fp32": {g: f"{g}.onnx" for g in GRAPHS}},
         "graphs": {g: {"inputs": s["inputs"], "outputs": s["outputs"]} for g, s in specs.items()},
         "parity": {"reference": "torch eager", "atol": opts.parity_atol,
@@ -202,11 +205,11 @@ def export_fp32(run: Path, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
                    "per_output": {g: {o: c["max_abs_diff"] for o, c in d.items()} for g, d in parity.items()},
                    "limits": {g: {o: c["limit"] for o, c in d.items()} for g, d in parity.items()}},
         "model": {k: cfg["model"][k] for k in ("backbone", "image_size", "text_encoder", "embed_dim")},
-        "metrics": _run_metrics(run),
+        "metrics": _run_metrics(metrics),
         "data": cfg["data"],
         "source_run": str(run.resolve()),  # the torch model, for benchmarks' PyTorch baseline
         "engines": [],
-        **(_multilabel_manifest(cfg, _fitted_on(run)) if multi else {}),
+        **(_multilabel_manifest(cfg, fitted_on) if multi else {}),
         "versions": package_versions("huse-edge", "torch", "onnx", "onnxruntime", "polygraphy",
                                      "onnxconverter-common", "numpy", "tensorrt"),
     }
@@ -259,20 +262,19 @@ def _check_dla(src: Path, opts: ExportOptions) -> None:
                  "dynamic shapes; choose with --batch N:N:N); FP32 engines stay on the GPU with 1:8:64")
 
 
-def _run_metrics(run: Path) -> dict[str, Any]:
-    p = run / "metrics.json"
-    if not p.is_file():
+def _run_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """The run's val and test figures per mode (its metrics.json; {} for a run without one)."""
+    if not m:
         return {}
-    m = json.loads(p.read_text())
     key = "micro_f1" if is_multi_label(m) else "top1"
     return {s: {mode: r[key] for mode, r in m[s].items()} for s in ("val", "test") if s in m}
 
 
-def _fitted_on(run: Path) -> str:
-    """What the run tuned the shipped temperatures (multi-label: thresholds) on, for `huse info`: val, or with
-    k-fold cross-validation (the default below 5,000 train + val rows) the folds' pooled out-of-fold predictions."""
-    p = run / "metrics.json"
-    folds = (json.loads(p.read_text()).get("cv") or {}).get("folds", 0) if p.is_file() else 0
+def _fitted_on(m: dict[str, Any]) -> str:
+    """What the run (its metrics.json) tuned the shipped temperatures (multi-label: thresholds) on, for `huse info`:
+    val, or with k-fold cross-validation (the default below 5,000 train + val rows) the folds' pooled out-of-fold
+    predictions."""
+    folds = (m.get("cv") or {}).get("folds", 0)
     return f"the out-of-fold predictions of {folds} folds of train + val" if folds else "val"
 
 

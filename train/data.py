@@ -177,6 +177,7 @@ def load_catalog_dataset(path: str | Path | Sequence[str | Path],
 
 
 def _photo_key(image: Any) -> str:
+    """A photo by its path, or one held as bytes (Parquet) by its sha256: what makes two rows one photo."""
     return image if isinstance(image, str) else "sha256 " + hashlib.sha256(image).hexdigest()
 
 
@@ -235,8 +236,7 @@ def _read_rows(ds: Dataset, path: str | Path, images: str | Path | None, skip_ba
             continue
         title = normalise_title(r.name) or ""
         # no id, no title: the photo is the product (a photo held as bytes, by its sha256)
-        photo = r.image if isinstance(r.image, str) else f"sha256 {hashlib.sha256(r.image).hexdigest()}"
-        group = r.product_id or title.lower() or f"image {photo}"
+        group = r.product_id or title.lower() or f"image {_photo_key(r.image)}"
         ds.images.append(r.image)
         ds.titles.append(title)
         ds.classes.append(cls)
